@@ -1,0 +1,127 @@
+"""The daemon's configuration: a tree of frozen msgspec Structs decoded from TOML.
+
+Unknown keys and bad types fail at start with the key's location (`$.server.port`), because a
+typo that silently falls back to a default is how a production processor ends up on the wrong port
+or without fsync. Secrets are never in this file: it only names the environment variables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from processor import limits
+
+Port = Annotated[int, Meta(ge=0, le=65535)]
+Mcc = Annotated[str, Meta(pattern=r"^[0-9]{4}$")]
+Seconds = Annotated[int, Meta(gt=0)]
+
+
+class ConfigError(Exception):
+    """A configuration file or flag that cannot be used; the message names the key."""
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8583
+    framing: Literal["len2", "ascii4"] = "len2"
+    # Fixed-length network header between the length prefix and the MTI, echoed back unchanged.
+    header_bytes: Annotated[int, Meta(ge=0, le=limits.header_bytes_max)] = 0
+    max_frame_bytes: Annotated[int, Meta(ge=64, le=limits.frame_bytes_ceiling)] = (
+        limits.frame_bytes_max
+    )
+    bitmap: Literal["ascii", "binary"] = "ascii"
+    bad_message_budget: Annotated[int, Meta(ge=1)] = limits.bad_messages_per_link_default
+    in_flight_per_link_max: Annotated[int, Meta(ge=1, le=limits.in_flight_per_link_max)] = (
+        limits.in_flight_per_link_max
+    )
+
+
+class HttpConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+
+
+class LedgerConfig(_Section):
+    path: str = "var/ledger"
+    map_size_bytes: Annotated[int, Meta(ge=1 << 20)] = limits.map_size_bytes_default
+    # fsync: a response leaves only after its batch is on disk (survives power loss).
+    # process: committed to the OS page cache only (survives a crash of the daemon, not of the
+    # machine); for benchmarks and test rigs where the disk is the bottleneck.
+    durability: Literal["fsync", "process"] = "fsync"
+    batch_size_max: Annotated[int, Meta(ge=1, le=limits.batch_size_max)] = limits.batch_size_max
+    # Load the packaged demo accounts and cards when the ledger holds no account yet.
+    seed_demo_data: bool = True
+
+
+class SecurityConfig(_Section):
+    pan_key_env: str = "PROCESSOR_PAN_KEY"
+
+
+class ProgrammeConfig(_Section):
+    blocked_mccs: tuple[Mcc, ...] = ("7995",)
+    hold_lifetime_seconds: Seconds = 7 * 24 * 3600
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    http: HttpConfig = HttpConfig()
+    ledger: LedgerConfig = LedgerConfig()
+    security: SecurityConfig = SecurityConfig()
+    programme: ProgrammeConfig = ProgrammeConfig()
+    log: LogConfig = LogConfig()
+
+
+def parse_config(text: bytes | str, source: str = "<config>") -> Config:
+    try:
+        return msgspec.toml.decode(text, type=Config)
+    except msgspec.ValidationError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    except msgspec.DecodeError as error:
+        raise ConfigError(f"{source}: not valid TOML: {error}") from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read `path`, or return the embedded defaults when no file is given."""
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config: {error.strerror}") from None
+    return parse_config(text, str(path))
+
+
+def with_overrides(
+    config: Config,
+    *,
+    ledger_path: str | None = None,
+    port: int | None = None,
+    http_port: int | None = None,
+) -> Config:
+    """Apply command-line flags that isolate an instance (tests, tools) on top of the file."""
+    server, http, ledger = config.server, config.http, config.ledger
+    if port is not None:
+        server = msgspec.structs.replace(server, port=_port("--port", port))
+    if http_port is not None:
+        http = msgspec.structs.replace(http, port=_port("--http-port", http_port))
+    if ledger_path is not None:
+        ledger = msgspec.structs.replace(ledger, path=ledger_path)
+    return msgspec.structs.replace(config, server=server, http=http, ledger=ledger)
+
+
+def _port(flag: str, value: int) -> int:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{flag}: port {value} is outside 0..65535")
+    return value

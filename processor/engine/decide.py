@@ -1,0 +1,116 @@
+"""decide(): one authorisation request against one card and account, as of `now_yymm`.
+
+A ladder of early returns in the precedence of specs/decision_precedence.toml (a test walks that
+table against this function). Declines are values, never exceptions. Time is passed in so the
+same inputs always give the same decision.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Final
+
+import msgspec
+
+from processor.currency import alpha_code
+from processor.ledger.records import Account, Card
+from processor.wire.messages import AuthorizationRequest
+
+
+class Decision(msgspec.Struct, frozen=True, gc=False):
+    response_code: str  # ISO 8583 field 39
+    reason: str  # machine reason, stable: programmes and dashboards key on it
+    hold_amount: int = 0  # minor units of the account currency to hold when approved
+    balance_inquiry: bool = False
+
+    @property
+    def approved(self) -> bool:
+        return self.response_code in ("00", "10")
+
+
+class ProgrammeRules(msgspec.Struct, frozen=True):
+    blocked_mccs: frozenset[str] = frozenset()
+
+
+PURCHASE: Final = "00"
+CASH: Final = "01"
+PURCHASE_WITH_CASHBACK: Final = "09"
+BALANCE_INQUIRY: Final = "31"
+SUPPORTED_TRANSACTION_TYPES: Final = frozenset({PURCHASE, CASH, PURCHASE_WITH_CASHBACK, BALANCE_INQUIRY})
+
+# Preallocated: a decline allocates nothing on the hot path.
+UNKNOWN_CARD: Final = Decision("14", "card_not_found")
+ACCOUNT_MISSING: Final = Decision("96", "card_account_missing")
+CARD_LOST: Final = Decision("41", "card_lost")
+CARD_STOLEN: Final = Decision("43", "card_stolen")
+CARD_RESTRICTED: Final = {
+    "frozen": Decision("62", "card_frozen"),
+    "inactive": Decision("62", "card_inactive"),
+    "closed": Decision("62", "card_closed"),
+}
+ACCOUNT_RESTRICTED: Final = {
+    "frozen": Decision("62", "account_frozen"),
+    "closed": Decision("62", "account_closed"),
+}
+CARD_EXPIRED: Final = Decision("54", "card_expired")
+EXPIRY_MISMATCH: Final = Decision("54", "expiry_mismatch")
+UNSUPPORTED_PROCESSING_CODE: Final = Decision("12", "unsupported_processing_code")
+CURRENCY_MISMATCH: Final = Decision("12", "currency_mismatch")
+BALANCE: Final = Decision("00", "balance_inquiry", balance_inquiry=True)
+INVALID_AMOUNT: Final = Decision("13", "invalid_amount")
+MCC_BLOCKED: Final = Decision("57", "mcc_blocked")
+MCC_BLOCKED_BY_CARD: Final = Decision("57", "mcc_blocked_by_card")
+OVER_TRANSACTION_LIMIT: Final = Decision("61", "per_transaction_limit")
+INSUFFICIENT_FUNDS: Final = Decision("51", "insufficient_funds")
+
+
+def yymm(now: datetime) -> int:
+    """2026-11-24 -> 2611, comparable with a card expiry read as an integer."""
+    return (now.year % 100) * 100 + now.month
+
+
+def decide(
+    request: AuthorizationRequest,
+    card: Card | None,
+    account: Account | None,
+    rules: ProgrammeRules,
+    now_yymm: int,
+) -> Decision:
+    if card is None:
+        return UNKNOWN_CARD
+    if account is None:
+        return ACCOUNT_MISSING
+    status = card.status
+    if status != "active":
+        if status == "lost":
+            return CARD_LOST
+        if status == "stolen":
+            return CARD_STOLEN
+        return CARD_RESTRICTED[status]
+    if account.status != "active":
+        return ACCOUNT_RESTRICTED[account.status]
+    # A card is valid through the last day of its expiry month.
+    if int(card.expiry) < now_yymm:
+        return CARD_EXPIRED
+    if request.expiry is not None and request.expiry != card.expiry:
+        return EXPIRY_MISMATCH
+    transaction_type = request.processing_code[:2]
+    if transaction_type not in SUPPORTED_TRANSACTION_TYPES:
+        return UNSUPPORTED_PROCESSING_CODE
+    if alpha_code(request.currency) != account.currency:
+        return CURRENCY_MISMATCH
+    if transaction_type == BALANCE_INQUIRY:
+        return BALANCE
+    amount = request.amount
+    if not amount:  # absent, not digits, or zero
+        return INVALID_AMOUNT
+    if request.mcc in rules.blocked_mccs:
+        return MCC_BLOCKED
+    if request.mcc in card.blocked_mccs:
+        return MCC_BLOCKED_BY_CARD
+    limit = card.per_transaction_limit
+    if limit is not None and amount > limit:
+        return OVER_TRANSACTION_LIMIT
+    if amount > account.posted + account.credit_limit - account.held:
+        return INSUFFICIENT_FUNDS
+    return Decision("00", "approved", hold_amount=amount)

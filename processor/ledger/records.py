@@ -1,0 +1,75 @@
+"""Ledger records: msgspec Structs stored as msgpack arrays.
+
+`array_like=True` keeps records small and fast to decode; the price is that fields may only ever
+be appended, each with a default, so older records still decode.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+CardStatus = Literal["active", "inactive", "frozen", "lost", "stolen", "closed"]
+AccountStatus = Literal["active", "frozen", "closed"]
+HoldStatus = Literal["open", "released", "captured", "expired"]
+
+
+class Account(msgspec.Struct, array_like=True, kw_only=True, gc=False):
+    id: str
+    currency: str  # ISO 4217 alphabetic
+    posted: int  # minor units
+    held: int = 0  # sum of this account's open holds, kept in step with them
+    credit_limit: int = 0
+    status: AccountStatus = "active"
+
+    @property
+    def available(self) -> int:
+        return self.posted + self.credit_limit - self.held
+
+
+class Card(msgspec.Struct, array_like=True, kw_only=True, gc=False):
+    card_id: str  # derived from the keyed PAN hash; safe to show
+    account_id: str
+    bin: str  # first six digits, for display
+    last4: str
+    pan_length: int
+    expiry: str  # YYMM
+    status: CardStatus = "active"
+    per_transaction_limit: int | None = None
+    blocked_mccs: tuple[str, ...] = ()
+
+    @property
+    def masked_pan(self) -> str:
+        return f"{self.bin}{'*' * (self.pan_length - 10)}{self.last4}"
+
+
+class Hold(msgspec.Struct, array_like=True, kw_only=True, gc=False):
+    hold_id: int
+    account_id: str
+    card_id: str
+    amount: int
+    currency: str
+    created_ms: int
+    expires_ms: int
+    approval_code: str
+    identity: bytes  # acquirer|STAN|transmission date-time of the authorisation
+    mcc: str
+    rrn: str | None = None
+    status: HoldStatus = "open"
+
+
+class StoredAnswer(msgspec.Struct, array_like=True, kw_only=True, gc=False):
+    """The answer given to a request, replayed byte for byte on retransmission.
+
+    `response` holds the response's fields without the PAN (field 2), which the replay takes
+    from the retransmitted request itself: its content must match `fingerprint` anyway.
+    """
+
+    fingerprint: bytes
+    response: dict[str, str]
+    response_code: str
+    reason: str
+    answered_ms: int
+    card_id: str | None = None
+    hold_id: int | None = None

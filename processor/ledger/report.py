@@ -1,0 +1,64 @@
+"""`processor ledger show`: balances, open holds and card state as a person reads them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from processor.currency import exponent
+from processor.ledger.records import Account, Card
+from processor.ledger.store import Reader
+
+
+def money(amount: int, currency: str) -> str:
+    digits = exponent(currency)
+    if digits == 0:
+        return f"{amount} {currency}"
+    sign = "-" if amount < 0 else ""
+    whole, fraction = divmod(abs(amount), 10**digits)
+    return f"{sign}{whole}.{fraction:0{digits}d} {currency}"
+
+
+def _age(milliseconds: int) -> str:
+    seconds = max(0, milliseconds // 1000)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s"
+
+
+def describe_account(reader: Reader, account: Account, now: datetime) -> list[str]:
+    now_ms = int(now.timestamp() * 1000)
+    c = account.currency
+    lines = [
+        f"account {account.id}  status {account.status}  currency {c}",
+        f"  posted       {money(account.posted, c):>24}",
+        f"  held         {money(account.held, c):>24}",
+        f"  credit limit {money(account.credit_limit, c):>24}",
+        f"  available    {money(account.available, c):>24}",
+    ]
+    holds = reader.account_holds(account.id)
+    lines.append(f"  open holds: {len(holds)}")
+    for hold in holds:
+        expires = datetime.fromtimestamp(hold.expires_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+        lines.append(
+            f"    hold {hold.hold_id:>8}  {money(hold.amount, hold.currency):>18}  "
+            f"approval {hold.approval_code}  mcc {hold.mcc}  age {_age(now_ms - hold.created_ms)}  "
+            f"expires {expires}Z"
+        )
+    cards = reader.account_cards(account.id)
+    lines.append(f"  cards: {len(cards)}")
+    lines.extend("    " + describe_card(card) for card in cards)
+    return lines
+
+
+def describe_card(card: Card) -> str:
+    limit = "none" if card.per_transaction_limit is None else str(card.per_transaction_limit)
+    blocked = ",".join(card.blocked_mccs) or "none"
+    return (
+        f"card {card.card_id}  {card.masked_pan}  status {card.status}  expiry {card.expiry}  "
+        f"per-transaction limit {limit}  blocked MCCs {blocked}"
+    )

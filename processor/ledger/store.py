@@ -1,0 +1,241 @@
+"""The LMDB environment and typed access to its named databases.
+
+One `Writer` is one LMDB write transaction: the server applies a whole batch of requests in one,
+so the fsync at commit is shared by the batch (group commit). LMDB serialises writers across
+processes, so `processor ledger load` may run beside the daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import lmdb
+import msgspec
+
+from processor import limits
+from processor.ledger.records import Account, Card, Hold, StoredAnswer
+
+SCHEMA_VERSION = b"1"
+_U64 = struct.Struct(">Q")
+_DATABASES = ("accounts", "cards", "account_cards", "holds", "account_holds", "answers", "meta")
+
+
+class LedgerError(Exception):
+    """An operating error of the ledger (unavailable, full, wrong key): answer 96, keep serving."""
+
+
+class _Codecs:
+    __slots__ = ("account", "answer", "card", "encoder", "hold")
+
+    def __init__(self) -> None:
+        self.encoder = msgspec.msgpack.Encoder()
+        self.account = msgspec.msgpack.Decoder(Account)
+        self.card = msgspec.msgpack.Decoder(Card)
+        self.hold = msgspec.msgpack.Decoder(Hold)
+        self.answer = msgspec.msgpack.Decoder(StoredAnswer)
+
+
+class Ledger:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        map_size_bytes: int = limits.map_size_bytes_default,
+        durability: Literal["fsync", "process"] = "fsync",
+        readonly: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        if not readonly:
+            self.path.mkdir(parents=True, exist_ok=True)
+        durable = durability == "fsync"
+        try:
+            self.env = lmdb.open(
+                str(self.path),
+                map_size=map_size_bytes,
+                max_dbs=limits.ledger_databases_max,
+                sync=durable,
+                metasync=durable,
+                readonly=readonly,
+                readahead=False,
+                lock=True,
+            )
+        except lmdb.Error as error:
+            raise LedgerError(f"ledger {self.path}: cannot open: {error}") from None
+        self.durability = durability
+        self._codecs = _Codecs()
+        try:
+            with self.env.begin(write=not readonly) as txn:
+                self._dbs = {
+                    name: self.env.open_db(name.encode(), txn=txn, create=not readonly)
+                    for name in _DATABASES
+                }
+                if not readonly:
+                    stored = txn.get(b"schema", db=self._dbs["meta"])
+                    if stored is None:
+                        txn.put(b"schema", SCHEMA_VERSION, db=self._dbs["meta"])
+                    elif stored != SCHEMA_VERSION:
+                        raise LedgerError(
+                            f"ledger {self.path}: schema {stored!r}, this build reads "
+                            f"{SCHEMA_VERSION!r}"
+                        )
+        except lmdb.Error as error:
+            self.env.close()
+            raise LedgerError(f"ledger {self.path}: {error}") from None
+
+    def close(self) -> None:
+        self.env.close()
+
+    def bind_pan_key(self, fingerprint: str) -> None:
+        """Refuse a ledger whose cards were keyed with another PAN key."""
+        with self.env.begin(write=True) as txn:
+            meta = self._dbs["meta"]
+            stored = txn.get(b"pan_key_fingerprint", db=meta)
+            if stored is None:
+                txn.put(b"pan_key_fingerprint", fingerprint.encode(), db=meta)
+            elif stored.decode() != fingerprint:
+                raise LedgerError(
+                    f"ledger {self.path}: cards were keyed with another PAN key "
+                    f"(fingerprint {stored.decode()}, this key {fingerprint}); set the "
+                    "environment variable the config names to the key the ledger was built with"
+                )
+
+    @contextmanager
+    def write(self) -> Iterator[Writer]:
+        """One write transaction: commits (durably, per `durability`) unless the block raises."""
+        txn = self.env.begin(write=True)
+        writer = Writer(txn, self._dbs, self._codecs)
+        try:
+            yield writer
+            writer.flush_sequences()
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+
+    @contextmanager
+    def read(self) -> Iterator[Reader]:
+        with self.env.begin(write=False) as txn:
+            yield Reader(txn, self._dbs, self._codecs)
+
+    def map_usage(self) -> tuple[int, int]:
+        """(bytes in use, map size)."""
+        info = self.env.info()
+        stat = self.env.stat()
+        return (info["last_pgno"] + 1) * stat["psize"], info["map_size"]
+
+
+def _prefix_key(prefix: str, suffix: bytes) -> bytes:
+    return prefix.encode() + b"\x00" + suffix
+
+
+class Reader:
+    __slots__ = ("_codecs", "_dbs", "_txn")
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any], codecs: _Codecs) -> None:
+        self._txn = txn
+        self._dbs = dbs
+        self._codecs = codecs
+
+    def account(self, account_id: str) -> Account | None:
+        raw = self._txn.get(account_id.encode(), db=self._dbs["accounts"])
+        return None if raw is None else self._codecs.account.decode(raw)
+
+    def card(self, card_key: bytes) -> Card | None:
+        raw = self._txn.get(card_key, db=self._dbs["cards"])
+        return None if raw is None else self._codecs.card.decode(raw)
+
+    def answer(self, identity: bytes) -> StoredAnswer | None:
+        raw = self._txn.get(identity, db=self._dbs["answers"])
+        return None if raw is None else self._codecs.answer.decode(raw)
+
+    def hold(self, hold_id: int) -> Hold | None:
+        raw = self._txn.get(_U64.pack(hold_id), db=self._dbs["holds"])
+        return None if raw is None else self._codecs.hold.decode(raw)
+
+    def account_count(self) -> int:
+        return int(self._txn.stat(self._dbs["accounts"])["entries"])
+
+    def accounts(self) -> Iterator[Account]:
+        for _, raw in self._txn.cursor(db=self._dbs["accounts"]):
+            yield self._codecs.account.decode(raw)
+
+    def account_holds(self, account_id: str, limit: int = limits.holds_listed_max) -> list[Hold]:
+        """Open holds of an account, oldest first."""
+        prefix = _prefix_key(account_id, b"")
+        holds: list[Hold] = []
+        cursor = self._txn.cursor(db=self._dbs["account_holds"])
+        if cursor.set_range(prefix):
+            for key in cursor.iternext(keys=True, values=False):
+                if not key.startswith(prefix) or len(holds) >= limit:
+                    break
+                hold = self.hold(_U64.unpack(key[len(prefix) :])[0])
+                if hold is not None:
+                    holds.append(hold)
+        return holds
+
+    def account_cards(self, account_id: str) -> list[Card]:
+        prefix = _prefix_key(account_id, b"")
+        cards: list[Card] = []
+        cursor = self._txn.cursor(db=self._dbs["account_cards"])
+        if cursor.set_range(prefix):
+            for key in cursor.iternext(keys=True, values=False):
+                if not key.startswith(prefix):
+                    break
+                card = self.card(key[len(prefix) :])
+                if card is not None:
+                    cards.append(card)
+        return cards
+
+
+class Writer(Reader):
+    __slots__ = ("_next_hold_id",)
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any], codecs: _Codecs) -> None:
+        super().__init__(txn, dbs, codecs)
+        self._next_hold_id: int | None = None
+
+    def put_account(self, account: Account) -> None:
+        assert account.held >= 0, f"account {account.id}: held {account.held} below zero"
+        self._txn.put(
+            account.id.encode(), self._codecs.encoder.encode(account), db=self._dbs["accounts"]
+        )
+
+    def put_card(self, card_key: bytes, card: Card, previous_account: str | None) -> None:
+        if previous_account is not None and previous_account != card.account_id:
+            self._txn.delete(_prefix_key(previous_account, card_key), db=self._dbs["account_cards"])
+        self._txn.put(card_key, self._codecs.encoder.encode(card), db=self._dbs["cards"])
+        self._txn.put(_prefix_key(card.account_id, card_key), b"", db=self._dbs["account_cards"])
+
+    def put_answer(self, identity: bytes, answer: StoredAnswer) -> None:
+        self._txn.put(identity, self._codecs.encoder.encode(answer), db=self._dbs["answers"])
+
+    def open_hold(self, account: Account, hold: Hold) -> None:
+        """Record an open hold and raise the account's held amount by it (caller puts account)."""
+        assert hold.status == "open" and hold.amount > 0, hold
+        assert hold.account_id == account.id, (hold.account_id, account.id)
+        key = _U64.pack(hold.hold_id)
+        self._txn.put(key, self._codecs.encoder.encode(hold), db=self._dbs["holds"])
+        self._txn.put(_prefix_key(account.id, key), b"", db=self._dbs["account_holds"])
+        account.held += hold.amount
+
+    def next_hold_id(self) -> int:
+        """Sequence read once per transaction; LMDB's single writer keeps it unique."""
+        if self._next_hold_id is None:
+            raw = self._txn.get(b"seq:hold", db=self._dbs["meta"])
+            self._next_hold_id = 1 if raw is None else _U64.unpack(raw)[0]
+        hold_id = self._next_hold_id
+        self._next_hold_id += 1
+        return hold_id
+
+    def flush_sequences(self) -> None:
+        if self._next_hold_id is not None:
+            self._txn.put(b"seq:hold", _U64.pack(self._next_hold_id), db=self._dbs["meta"])
+
+
+def ledger_exists(path: str | Path) -> bool:
+    return os.path.exists(os.path.join(path, "data.mdb"))

@@ -1,0 +1,38 @@
+"""Named upper bounds for every buffer, batch and loop in the daemon.
+
+Units and qualifiers come last in each name. The relations between the bounds are asserted once,
+at import, so a change that breaks one fails at start rather than under load.
+"""
+
+from typing import Final
+
+# Wire
+frame_bytes_max: Final = 8192  # default for `server.max_frame_bytes`
+frame_bytes_ceiling: Final = 65535  # what a len2 prefix can express at all
+header_bytes_max: Final = 64  # optional fixed-length network header echoed back
+bad_messages_per_link_default: Final = 20
+
+# Server
+in_flight_per_link_max: Final = 1024  # read pauses past this many undecided requests on a link
+links_max: Final = 1024
+write_buffer_high_bytes: Final = 1 << 20  # pause reading a link whose peer stops reading
+shutdown_drain_seconds_max: Final = 10.0
+
+# Group commit
+batch_size_max: Final = 256  # requests decided and applied in one LMDB write transaction
+
+# Ledger
+map_size_bytes_default: Final = 1 << 30
+ledger_databases_max: Final = 16
+account_id_bytes_max: Final = 64
+holds_listed_max: Final = 1000  # `ledger show` lists at most this many holds
+
+# Simulator
+sim_connections_max: Final = 64
+sim_rate_per_second_max: Final = 50_000
+sim_duration_seconds_max: Final = 600.0
+
+assert frame_bytes_max <= frame_bytes_ceiling
+assert header_bytes_max < frame_bytes_max
+assert batch_size_max <= in_flight_per_link_max
+assert links_max * 1 >= sim_connections_max

@@ -1,0 +1,155 @@
+"""Decode ISO 8583 frames into typed requests and encode responses, via pyiso8583.
+
+Validation happens here, before anything reaches the engine: a request class MTI, a STAN, the
+mandatory fields of its MTI and ASCII digits in every numeric field. The one exception is the
+amount (field 4): a malformed amount is answered 13 (invalid amount) by the engine, the more
+precise code, rather than 30.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import iso8583
+from iso8583.decoder import DecodeError
+from iso8583.encoder import EncodeError
+
+from processor.wire.errors import InvalidMessage, UndecodableMessage
+from processor.wire.messages import (
+    AuthorizationRequest,
+    NetworkManagementRequest,
+    Request,
+    UnsupportedRequest,
+)
+from processor.wire.spec import Spec
+
+# Responses to financial-class requests echo these (DESIGN.md, wire contract).
+AUTHORIZATION_ECHO: Final = ("2", "3", "4", "6", "7", "11", "12", "13", "32", "37", "41", "42", "49", "51")
+NETWORK_ECHO: Final = ("7", "11", "70")
+MANDATORY: Final[dict[str, tuple[str, ...]]] = {
+    "0800": ("7", "11", "70"),
+    "0100": ("2", "3", "7", "11", "18", "32", "49"),
+    "0101": ("2", "3", "7", "11", "18", "32", "49"),
+}
+# Field 4 is checked by the engine (answer 13), not by the generic digit rule (answer 30).
+_SEMANTIC_NUMERIC: Final = frozenset({"4"})
+
+
+def response_mti(mti: str) -> str:
+    """0100/0101 -> 0110, 0800 -> 0810, 0420/0421 -> 0430."""
+    return f"{mti[:2]}{int(mti[2]) + 1}0"
+
+
+def is_request_mti(mti: str) -> bool:
+    # Third digit: message function (0 request, 2 advice, 4 notification); fourth: origin
+    # (0 acquirer, 1 acquirer repeat). Responses (odd function) are not ours to answer.
+    return len(mti) == 4 and mti.isdigit() and mti[2] in "024" and mti[3] in "01"
+
+
+class Codec:
+    __slots__ = ("_digit_fields", "_iso", "spec")
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self._iso = spec.iso
+        self._digit_fields = spec.numeric_fields - _SEMANTIC_NUMERIC
+
+    def decode(self, message: bytes) -> Request:
+        """Raise UndecodableMessage (drop) or InvalidMessage (answer 30); nothing else."""
+        mti_bytes = message[:4]
+        if len(mti_bytes) < 4 or not mti_bytes.isdigit():
+            raise UndecodableMessage("MTI is not 4 ASCII digits", "t", 0)
+        mti = mti_bytes.decode("ascii")
+        if not is_request_mti(mti):
+            raise UndecodableMessage(f"MTI {mti} is not a request this side answers", "t", 0)
+        try:
+            fields, _ = iso8583.decode(message, self._iso)
+        except DecodeError as error:
+            # Never quote the error itself: its document holds whatever decoded, PAN included.
+            partial = {k: v for k, v in error.doc_dec.items() if isinstance(v, str)}
+            raise self._invalid(mti, partial, error.msg, error.field, error.pos) from None
+        stan = fields.get("11")
+        if stan is None or len(stan) != 6 or not stan.isdigit():
+            raise UndecodableMessage("STAN (field 11) missing or not 6 digits", "11")
+        for key in fields:
+            if key in self._digit_fields and not fields[key].isdigit():
+                raise InvalidMessage("not ASCII digits", key, mti, self._echo(mti, fields))
+        mandatory = MANDATORY.get(mti)
+        if mandatory is None:
+            return UnsupportedRequest(mti=mti, stan=stan, echo=self._echo(mti, fields))
+        for key in mandatory:
+            if key not in fields:
+                raise InvalidMessage("mandatory field missing", key, mti, self._echo(mti, fields))
+        if mti == "0800":
+            return NetworkManagementRequest(
+                mti=mti,
+                stan=stan,
+                code=fields["70"],
+                echo={k: fields[k] for k in NETWORK_ECHO if k in fields},
+            )
+        get = fields.get
+        amount_text = get("4")
+        return AuthorizationRequest(
+            mti=mti,
+            pan=fields["2"],
+            processing_code=fields["3"],
+            amount=int(amount_text) if amount_text and amount_text.isdigit() else None,
+            transmission_datetime=fields["7"],
+            stan=stan,
+            expiry=get("14"),
+            mcc=fields["18"],
+            pos_entry_mode=get("22"),
+            pos_condition=get("25"),
+            acquirer=fields["32"],
+            forwarding=get("33"),
+            rrn=get("37"),
+            terminal=get("41"),
+            merchant_id=get("42"),
+            merchant_name_location=get("43"),
+            additional_data=get("48"),
+            currency=fields["49"],
+            billing_amount=get("6"),
+            billing_currency=get("51"),
+            echo={k: fields[k] for k in AUTHORIZATION_ECHO if k in fields},
+        )
+
+    def _invalid(
+        self, mti: str, partial: dict[str, str], reason: str, field: str, position: int
+    ) -> UndecodableMessage | InvalidMessage:
+        stan = partial.get("11")
+        if stan is None or len(stan) != 6 or not stan.isdigit():
+            return UndecodableMessage(reason, field, position)
+        echo = self._echo(mti, partial)
+        return InvalidMessage(reason, field, mti, echo)
+
+    def _echo(self, mti: str, fields: dict[str, str]) -> dict[str, str]:
+        """Echo-able fields of a bad message: only those that decoded and are well formed."""
+        keys = NETWORK_ECHO if mti.startswith("08") else AUTHORIZATION_ECHO
+        echo = {}
+        for key in keys:
+            value = fields.get(key)
+            if value is None or (key in self.spec.numeric_fields and not value.isdigit()):
+                continue
+            echo[key] = value
+        return echo
+
+    def encode(self, fields: dict[str, str]) -> bytes:
+        """Encode a response; `fields` holds "t" and the data elements by number."""
+        try:
+            data, _ = iso8583.encode(dict(fields), self._iso)
+        except EncodeError as error:
+            raise ValueError(f"cannot encode response field {error.field}: {error.msg}") from None
+        return bytes(data)
+
+
+def format_error_response(error: InvalidMessage) -> dict[str, str]:
+    fields = dict(error.echo)
+    fields["t"] = response_mti(error.mti)
+    fields["39"] = "30"
+    return fields
+
+
+def balance_block(account_type: str, amount_type: str, currency: str, amount: int) -> str:
+    """One 20-character field 54 block: account type, amount type, currency, C/D, 12 digits."""
+    sign = "C" if amount >= 0 else "D"
+    return f"{account_type}{amount_type}{currency}{sign}{abs(amount):012d}"

@@ -1,0 +1,88 @@
+"""Sans-I/O framing of ISO 8583 messages on a TCP byte stream.
+
+`len2`: 2-byte big-endian length of what follows. `ascii4`: 4 ASCII digits. An optional fixed
+header (e.g. a network's routing header) may sit between the prefix and the MTI; it is handed out
+with each message so the server can echo it. The buffer is bounded: a prefix announcing more than
+`max_frame_bytes` is a FramingError before any of that frame is buffered.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from processor.wire.errors import FramingError
+
+Prefix = Literal["len2", "ascii4"]
+
+
+class Framer:
+    __slots__ = ("_buffer", "_header_bytes", "_max_frame_bytes", "_prefix_bytes", "_prefix")
+
+    def __init__(self, prefix: Prefix = "len2", *, header_bytes: int = 0, max_frame_bytes: int):
+        if prefix not in ("len2", "ascii4"):
+            raise ValueError(f"framing: unknown prefix {prefix!r}")
+        ceiling = 65535 if prefix == "len2" else 9999
+        if not 0 < max_frame_bytes <= ceiling:
+            raise ValueError(f"framing: max_frame_bytes {max_frame_bytes} outside 1..{ceiling}")
+        if not 0 <= header_bytes < max_frame_bytes:
+            raise ValueError(f"framing: header_bytes {header_bytes} not below max_frame_bytes")
+        self._prefix = prefix
+        self._prefix_bytes = 2 if prefix == "len2" else 4
+        self._header_bytes = header_bytes
+        self._max_frame_bytes = max_frame_bytes
+        self._buffer = bytearray()
+
+    @property
+    def buffered_bytes(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        """Add received bytes; return the complete frames as (header, message) pairs.
+
+        Zero-length frames are keep-alives some networks send; they produce nothing.
+        """
+        buffer = self._buffer
+        buffer += data
+        frames: list[tuple[bytes, bytes]] = []
+        offset = 0
+        size = len(buffer)
+        prefix_bytes = self._prefix_bytes
+        while size - offset >= prefix_bytes:
+            length = self._length(buffer, offset)
+            if length > self._max_frame_bytes:
+                raise FramingError(
+                    f"frame length {length} exceeds max_frame_bytes {self._max_frame_bytes}"
+                )
+            end = offset + prefix_bytes + length
+            if end > size:
+                break
+            if length:
+                if length < self._header_bytes:
+                    raise FramingError(
+                        f"frame length {length} shorter than header_bytes {self._header_bytes}"
+                    )
+                body_start = offset + prefix_bytes + self._header_bytes
+                frames.append(
+                    (bytes(buffer[offset + prefix_bytes : body_start]), bytes(buffer[body_start:end]))
+                )
+            offset = end
+        if offset:
+            del buffer[:offset]
+        return frames
+
+    def _length(self, buffer: bytearray, offset: int) -> int:
+        if self._prefix == "len2":
+            return (buffer[offset] << 8) | buffer[offset + 1]
+        digits = buffer[offset : offset + 4]
+        if not digits.isdigit():
+            raise FramingError("ascii4 length prefix is not 4 ASCII digits")
+        return int(digits)
+
+    def frame(self, header: bytes, message: bytes) -> bytes:
+        """Prefix `header + message` with its length."""
+        length = len(header) + len(message)
+        if length > self._max_frame_bytes:
+            raise FramingError(f"outgoing frame {length} exceeds max_frame_bytes")
+        if self._prefix == "len2":
+            return length.to_bytes(2, "big") + header + message
+        return b"%04d" % length + header + message
