@@ -72,7 +72,9 @@ class Authorizer:
         fields = dict(request.echo)
         fields["t"] = "0810"
         fields["39"] = code
-        return Outcome(self._codec.encode(fields), "0800", code, reason or "unsupported_network_code")
+        return Outcome(
+            self._codec.encode(fields), "0800", code, reason or "unsupported_network_code"
+        )
 
     def unsupported(self, request: UnsupportedRequest) -> Outcome:
         fields = dict(request.echo)

@@ -24,7 +24,9 @@ class PanHasher:
         self.insecure = insecure
         # Stored in the ledger so a restart with another key refuses to run instead of silently
         # answering 14 (no such card) for every card.
-        self.fingerprint = hmac.new(key, b"processor/pan-key-fingerprint", "sha256").hexdigest()[:16]
+        self.fingerprint = hmac.new(key, b"processor/pan-key-fingerprint", "sha256").hexdigest()[
+            :16
+        ]
 
     def card_key(self, pan: str) -> bytes:
         return hmac.new(self._key, pan.encode("ascii"), hashlib.sha256).digest()

@@ -36,7 +36,9 @@ PURCHASE: Final = "00"
 CASH: Final = "01"
 PURCHASE_WITH_CASHBACK: Final = "09"
 BALANCE_INQUIRY: Final = "31"
-SUPPORTED_TRANSACTION_TYPES: Final = frozenset({PURCHASE, CASH, PURCHASE_WITH_CASHBACK, BALANCE_INQUIRY})
+SUPPORTED_TRANSACTION_TYPES: Final = frozenset(
+    {PURCHASE, CASH, PURCHASE_WITH_CASHBACK, BALANCE_INQUIRY}
+)
 
 # Preallocated: a decline allocates nothing on the hot path.
 UNKNOWN_CARD: Final = Decision("14", "card_not_found")

@@ -41,7 +41,9 @@ def describe_account(reader: Reader, account: Account, now: datetime) -> list[st
         f"  available    {money(account.available, c):>24}",
     ]
     holds = reader.account_holds(account.id)
-    lines.append(f"  open holds: {len(holds)}")
+    total = reader.account_hold_count(account.id)
+    shown = "" if total == len(holds) else f" (oldest {len(holds)} listed)"
+    lines.append(f"  open holds: {total}{shown}")
     for hold in holds:
         expires = datetime.fromtimestamp(hold.expires_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
         lines.append(

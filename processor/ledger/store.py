@@ -69,12 +69,18 @@ class Ledger:
         self.durability = durability
         self._codecs = _Codecs()
         try:
-            with self.env.begin(write=not readonly) as txn:
+            if readonly:
+                # A read-only environment opens each database in a transaction of its own;
+                # handles opened inside a shared read transaction are unusable after it ends.
                 self._dbs = {
-                    name: self.env.open_db(name.encode(), txn=txn, create=not readonly)
-                    for name in _DATABASES
+                    name: self.env.open_db(name.encode(), create=False) for name in _DATABASES
                 }
-                if not readonly:
+            else:
+                with self.env.begin(write=True) as txn:
+                    self._dbs = {
+                        name: self.env.open_db(name.encode(), txn=txn, create=True)
+                        for name in _DATABASES
+                    }
                     stored = txn.get(b"schema", db=self._dbs["meta"])
                     if stored is None:
                         txn.put(b"schema", SCHEMA_VERSION, db=self._dbs["meta"])
@@ -86,6 +92,9 @@ class Ledger:
         except lmdb.Error as error:
             self.env.close()
             raise LedgerError(f"ledger {self.path}: {error}") from None
+        except LedgerError:
+            self.env.close()
+            raise
 
     def close(self) -> None:
         self.env.close()
@@ -177,6 +186,17 @@ class Reader:
                 if hold is not None:
                     holds.append(hold)
         return holds
+
+    def account_hold_count(self, account_id: str) -> int:
+        prefix = _prefix_key(account_id, b"")
+        count = 0
+        cursor = self._txn.cursor(db=self._dbs["account_holds"])
+        if cursor.set_range(prefix):
+            for key in cursor.iternext(keys=True, values=False):
+                if not key.startswith(prefix):
+                    break
+                count += 1
+        return count
 
     def account_cards(self, account_id: str) -> list[Card]:
         prefix = _prefix_key(account_id, b"")

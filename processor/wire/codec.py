@@ -24,7 +24,22 @@ from processor.wire.messages import (
 from processor.wire.spec import Spec
 
 # Responses to financial-class requests echo these (DESIGN.md, wire contract).
-AUTHORIZATION_ECHO: Final = ("2", "3", "4", "6", "7", "11", "12", "13", "32", "37", "41", "42", "49", "51")
+AUTHORIZATION_ECHO: Final = (
+    "2",
+    "3",
+    "4",
+    "6",
+    "7",
+    "11",
+    "12",
+    "13",
+    "32",
+    "37",
+    "41",
+    "42",
+    "49",
+    "51",
+)
 NETWORK_ECHO: Final = ("7", "11", "70")
 MANDATORY: Final[dict[str, tuple[str, ...]]] = {
     "0800": ("7", "11", "70"),

@@ -16,7 +16,7 @@ Prefix = Literal["len2", "ascii4"]
 
 
 class Framer:
-    __slots__ = ("_buffer", "_header_bytes", "_max_frame_bytes", "_prefix_bytes", "_prefix")
+    __slots__ = ("_buffer", "_header_bytes", "_max_frame_bytes", "_prefix", "_prefix_bytes")
 
     def __init__(self, prefix: Prefix = "len2", *, header_bytes: int = 0, max_frame_bytes: int):
         if prefix not in ("len2", "ascii4"):
@@ -63,7 +63,10 @@ class Framer:
                     )
                 body_start = offset + prefix_bytes + self._header_bytes
                 frames.append(
-                    (bytes(buffer[offset + prefix_bytes : body_start]), bytes(buffer[body_start:end]))
+                    (
+                        bytes(buffer[offset + prefix_bytes : body_start]),
+                        bytes(buffer[body_start:end]),
+                    )
                 )
             offset = end
         if offset:

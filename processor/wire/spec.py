@@ -37,7 +37,13 @@ def load_spec(bitmap: Bitmap = "ascii", file_name: str = "iso8583_1987_ascii.tom
     """The ASCII spec, with hex-ASCII bitmaps or (bitmap="binary") 8-byte binary bitmaps."""
     data = msgspec.toml.decode(spec_path(file_name).read_bytes(), type=SpecFile)
     iso: dict[str, dict[str, Any]] = {
-        "h": {"data_enc": "ascii", "len_enc": "ascii", "len_type": 0, "max_len": 0, "desc": "Header"}
+        "h": {
+            "data_enc": "ascii",
+            "len_enc": "ascii",
+            "len_type": 0,
+            "max_len": 0,
+            "desc": "Header",
+        }
     }
     for key, field in data.fields.items():
         iso[key] = {

@@ -1,0 +1,1 @@
+"""HTTP side port: /metrics, /healthz (and, later, the control API)."""

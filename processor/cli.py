@@ -1,0 +1,212 @@
+"""`processor`: serve, ledger load/show, sim. The CLI only builds a config and calls a module."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from processor.config import Config, ConfigError, load_config, with_overrides
+
+
+def _common_config(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    return with_overrides(
+        config,
+        ledger_path=getattr(args, "ledger", None),
+        port=getattr(args, "port", None),
+        http_port=getattr(args, "http_port", None),
+    )
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from processor.server.daemon import run
+
+    config = _common_config(args)
+    _setup_logging(config.log.level)
+    return run(config)
+
+
+def cmd_ledger_load(args: argparse.Namespace) -> int:
+    from processor.ledger.load import load_path
+    from processor.security import hasher_from_environment
+    from processor.server.daemon import open_ledger
+
+    config = _common_config(args)
+    _setup_logging(config.log.level)
+    hasher = hasher_from_environment(config.security.pan_key_env)
+    if hasher.insecure:
+        logging.warning(
+            "%s is not set: using the insecure development PAN key", config.security.pan_key_env
+        )
+    ledger = open_ledger(_no_seed(config), hasher)
+    try:
+        summary = load_path(ledger, args.file, hasher)
+    finally:
+        ledger.close()
+    print(
+        f"loaded {args.file}: accounts {summary.accounts_created} created, "
+        f"{summary.accounts_updated} updated; cards {summary.cards_created} created, "
+        f"{summary.cards_updated} updated"
+    )
+    return 0
+
+
+def _no_seed(config: Config) -> Config:
+    import msgspec
+
+    return msgspec.structs.replace(
+        config, ledger=msgspec.structs.replace(config.ledger, seed_demo_data=False)
+    )
+
+
+def cmd_ledger_show(args: argparse.Namespace) -> int:
+    from processor.ledger.report import describe_account, describe_card
+    from processor.ledger.store import Ledger, ledger_exists
+    from processor.security import hasher_from_environment
+
+    config = _common_config(args)
+    if not ledger_exists(config.ledger.path):
+        print(f"processor: no ledger at {config.ledger.path}", file=sys.stderr)
+        return 1
+    ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
+    now = datetime.now(UTC)
+    try:
+        with ledger.read() as reader:
+            if args.account is not None:
+                account = reader.account(args.account)
+                if account is None:
+                    print(f"processor: no account {args.account!r}", file=sys.stderr)
+                    return 1
+                print("\n".join(describe_account(reader, account, now)))
+                return 0
+            hasher = hasher_from_environment(config.security.pan_key_env)
+            card = reader.card(hasher.card_key(args.pan))
+            if card is None:
+                print("processor: no card with that PAN", file=sys.stderr)
+                return 1
+            print(describe_card(card))
+            account = reader.account(card.account_id)
+            if account is not None:
+                print("\n".join(describe_account(reader, account, now)))
+            return 0
+    finally:
+        ledger.close()
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from processor.sim.scenarios import run_scenarios
+
+    return run_scenarios(args.host, args.port, args.scenarios, framing=args.framing)
+
+
+def cmd_sim_load(args: argparse.Namespace) -> int:
+    from processor.sim.load import LoadSpec, run_load
+
+    spec = LoadSpec(
+        host=args.host,
+        port=args.port,
+        rate=args.rate,
+        duration=args.duration,
+        connections=args.connections,
+        framing=args.framing,
+        pan=args.pan,
+        amount=args.amount,
+        json_out=args.json,
+    )
+    return run_load(spec)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="processor", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="TOML config file (default: embedded defaults)")
+
+    serve = sub.add_parser("serve", help="run the authorisation daemon")
+    config_flag(serve)
+    serve.add_argument("--ledger", help="LMDB directory (overrides ledger.path)")
+    serve.add_argument("--port", type=int, help="ISO 8583 port; 0 picks a free one")
+    serve.add_argument("--http-port", type=int, help="HTTP port; 0 picks a free one")
+    serve.set_defaults(func=cmd_serve)
+
+    ledger = sub.add_parser("ledger", help="load or inspect the ledger")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    load = ledger_sub.add_parser("load", help="upsert accounts and cards from a TOML file")
+    config_flag(load)
+    load.add_argument("--ledger", help="LMDB directory")
+    load.add_argument("file")
+    load.set_defaults(func=cmd_ledger_load)
+    show = ledger_sub.add_parser("show", help="print balances, holds and card state")
+    config_flag(show)
+    show.add_argument("--ledger", help="LMDB directory")
+    which = show.add_mutually_exclusive_group(required=True)
+    which.add_argument("--account")
+    which.add_argument("--pan")
+    show.set_defaults(func=cmd_ledger_show)
+
+    def target(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=8583)
+        p.add_argument("--framing", choices=("len2", "ascii4"), default="len2")
+
+    sim = sub.add_parser(
+        "sim", help="network simulator: scenarios (default: all), or `sim load ...`"
+    )
+    target(sim)
+    sim.add_argument("scenarios", nargs="*", help="scenario names; `list` to list them")
+    sim.set_defaults(func=cmd_sim)
+    return parser
+
+
+def build_load_parser() -> argparse.ArgumentParser:
+    load = argparse.ArgumentParser(
+        prog="processor sim load", description="open-loop load generator, HDR latency report"
+    )
+    load.add_argument("--host", default="127.0.0.1")
+    load.add_argument("--port", type=int, default=8583)
+    load.add_argument("--framing", choices=("len2", "ascii4"), default="len2")
+    load.add_argument("--rate", type=float, required=True, help="requests per second, in total")
+    load.add_argument("--duration", type=float, required=True, help="seconds")
+    load.add_argument("--connections", type=int, default=1)
+    load.add_argument("--pan", default="4761739001010085", help="card to authorise against")
+    load.add_argument("--amount", type=int, default=100, help="minor units per authorisation")
+    load.add_argument("--json", help="also write the report as JSON to this file")
+    load.set_defaults(func=cmd_sim_load)
+    return load
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "sim" and argv[1] == "load":
+        args = build_load_parser().parse_args(argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as error:
+        print(f"processor: config error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # operating errors of a CLI: one line, no traceback with data
+        from processor.ledger.load import LoadError
+        from processor.ledger.store import LedgerError
+
+        if isinstance(error, LoadError | LedgerError):
+            print(f"processor: {error}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Server layer: links, batching, group commit, write-back, shutdown. No business rules."""

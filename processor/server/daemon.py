@@ -1,0 +1,268 @@
+"""The daemon: shared server state, request dispatch, group commit and shutdown.
+
+Group commit runs on the event-loop thread: authorisations that arrive while a batch is being
+committed queue up and form the next batch, so one fsync serves many requests. (A writer thread
+measured worse: handing the GIL back costs milliseconds; DESIGN.md, performance model.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+
+from processor import limits
+from processor.authorizer import Authorizer, Outcome
+from processor.config import Config
+from processor.engine import ProgrammeRules
+from processor.ledger.load import load_path
+from processor.ledger.store import Ledger
+from processor.metrics import Metrics
+from processor.resources import demo_data_path
+from processor.security import PanHasher, hasher_from_environment
+from processor.server.link import Link
+from processor.wire.codec import Codec
+from processor.wire.errors import FramingError, InvalidMessage, UndecodableMessage
+from processor.wire.messages import AuthorizationRequest, NetworkManagementRequest
+from processor.wire.spec import load_spec
+
+log = logging.getLogger("processor.daemon")
+
+Pending = tuple[Link, bytes, AuthorizationRequest, int]
+
+
+class Daemon:
+    def __init__(self, config: Config, ledger: Ledger, hasher: PanHasher, metrics: Metrics):
+        self.config = config
+        self.ledger = ledger
+        self.metrics = metrics
+        self.codec = Codec(load_spec(config.server.bitmap))
+        self.authorizer = Authorizer(
+            ledger,
+            self.codec,
+            hasher,
+            ProgrammeRules(blocked_mccs=frozenset(config.programme.blocked_mccs)),
+            hold_lifetime_seconds=config.programme.hold_lifetime_seconds,
+        )
+        self.links: set[Link] = set()
+        self.stopping = False
+        self.write_buffer_high_bytes = limits.write_buffer_high_bytes
+        self._pending: list[Pending] = []
+        self._flush_scheduled = False
+        self._batch_size_max = config.ledger.batch_size_max
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- links -------------------------------------------------------------------------------
+
+    def link_opened(self, link: Link) -> None:
+        if len(self.links) >= limits.links_max or self.stopping:
+            self.metrics.links_closed.labels(
+                "over_capacity" if not self.stopping else "stopping"
+            ).inc()
+            link.close()
+            return
+        self.links.add(link)
+        self.metrics.open_links.inc()
+        log.info("link opened from %s", link.peer)
+
+    def link_closed(self, link: Link) -> None:
+        if link in self.links:
+            self.links.discard(link)
+            self.metrics.open_links.dec()
+            log.info("link from %s closed", link.peer)
+
+    def framing_error(self, link: Link, error: FramingError) -> None:
+        log.warning("link %s: framing error, closing: %s", link.peer, error)
+        self.metrics.bad_messages.labels("framing").inc()
+        self.metrics.links_closed.labels("framing_error").inc()
+        link.close()
+
+    # --- dispatch ----------------------------------------------------------------------------
+
+    def on_message(self, link: Link, header: bytes, message: bytes, received_ns: int) -> None:
+        try:
+            request = self.codec.decode(message)
+        except UndecodableMessage as error:
+            self.metrics.bad_messages.labels("undecodable").inc()
+            log.warning("link %s: dropped undecodable message: %s", link.peer, error)
+            self._bad_message(link)
+            return
+        except InvalidMessage as error:
+            self.metrics.bad_messages.labels("format_error").inc()
+            log.warning("link %s: format error (MTI %s): %s", link.peer, error.mti, error)
+            self._send(link, header, self.authorizer.format_error(error), received_ns)
+            self._bad_message(link)
+            return
+        if isinstance(request, AuthorizationRequest):
+            self._pending.append((link, header, request, received_ns))
+            link.request_started()
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+        elif isinstance(request, NetworkManagementRequest):
+            outcome = self.authorizer.network_management(request)
+            if outcome.reason in ("sign_on", "sign_off"):
+                link.signed_on = outcome.reason == "sign_on"
+                log.info("link %s: %s", link.peer, outcome.reason.replace("_", "-"))
+            self._send(link, header, outcome, received_ns)
+        else:
+            self._send(link, header, self.authorizer.unsupported(request), received_ns)
+
+    def _bad_message(self, link: Link) -> None:
+        link.bad_messages += 1
+        if link.bad_messages >= self.config.server.bad_message_budget:
+            log.warning("link %s: %d bad messages, closing", link.peer, link.bad_messages)
+            self.metrics.links_closed.labels("bad_message_budget").inc()
+            link.close()
+
+    def _send(self, link: Link, header: bytes, outcome: Outcome, received_ns: int) -> None:
+        link.write(link.framer.frame(header, outcome.response))
+        self.metrics.answered(
+            outcome.mti, outcome.response_code, (time.perf_counter_ns() - received_ns) / 1e9
+        )
+
+    # --- group commit ------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Decide, apply and durably commit one bounded batch, then write its responses."""
+        self._flush_scheduled = False
+        if not self._pending:
+            return
+        batch = self._pending[: self._batch_size_max]
+        del self._pending[: self._batch_size_max]
+        if self._pending:
+            # Let the loop poll the sockets between batches; the rest goes in the next one.
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        started = time.perf_counter()
+        outcomes = self.authorizer.authorize_batch(
+            [request for _, _, request, _ in batch], datetime.now(UTC)
+        )
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(batch))
+        # One transport.write per link per batch.
+        by_link: dict[Link, list[bytes]] = defaultdict(list)
+        for (link, header, _, _), outcome in zip(batch, outcomes, strict=True):
+            by_link[link].append(link.framer.frame(header, outcome.response))
+        for link, frames in by_link.items():
+            link.write(b"".join(frames))
+            link.requests_finished(len(frames))
+        done_ns = time.perf_counter_ns()
+        answered = self.metrics.answered
+        for (_, _, _, received_ns), outcome in zip(batch, outcomes, strict=True):
+            answered(outcome.mti, outcome.response_code, (done_ns - received_ns) / 1e9)
+            if outcome.response_code == "96":
+                log.error("answered 96: %s", outcome.reason)
+
+    def flush_all(self) -> None:
+        while self._pending:
+            self._flush()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+
+def open_ledger(config: Config, hasher: PanHasher) -> Ledger:
+    ledger = Ledger(
+        config.ledger.path,
+        map_size_bytes=config.ledger.map_size_bytes,
+        durability=config.ledger.durability,
+    )
+    try:
+        ledger.bind_pan_key(hasher.fingerprint)
+        if config.ledger.seed_demo_data:
+            with ledger.read() as reader:
+                empty = reader.account_count() == 0
+            if empty:
+                summary = load_path(ledger, demo_data_path(), hasher)
+                log.info(
+                    "empty ledger: loaded demo data (%d accounts, %d cards)",
+                    summary.accounts_created,
+                    summary.cards_created,
+                )
+    except BaseException:
+        ledger.close()
+        raise
+    return ledger
+
+
+def announce(text: str) -> None:
+    """Lines on stdout that people and test harnesses read (ports are chosen at run time)."""
+    print(f"processor: {text}", flush=True)
+
+
+async def serve(config: Config) -> int:
+    # Imported here so the wire/engine/ledger layers never pull in the HTTP stack.
+    from processor.api.http import start_http
+
+    hasher = hasher_from_environment(config.security.pan_key_env)
+    if hasher.insecure:
+        log.warning(
+            "!!! %s is not set: using the INSECURE built-in development PAN key. Card keys in this "
+            "ledger are guessable. Never run like this with real cards. !!!",
+            config.security.pan_key_env,
+        )
+    ledger = open_ledger(config, hasher)
+    metrics = Metrics()
+    metrics.watch_ledger(ledger.map_usage)
+    daemon = Daemon(config, ledger, hasher, metrics)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: Link(daemon), config.server.host, config.server.port, reuse_address=True
+    )
+    host, port = server.sockets[0].getsockname()[:2]
+    http_runner, http_port = await start_http(config.http.host, config.http.port, daemon)
+    with ledger.read() as reader:
+        accounts = reader.account_count()
+    announce(
+        f"ISO 8583 listening on {host}:{port} (framing {config.server.framing}, "
+        f"{config.server.bitmap} bitmap, header {config.server.header_bytes} bytes)"
+    )
+    announce(f"HTTP listening on {config.http.host}:{http_port} (/metrics, /healthz)")
+    announce(
+        f"ledger {config.ledger.path} (durability {config.ledger.durability}, {accounts} accounts)"
+    )
+    announce("ready")
+
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+    announce("stopping: no new links, finishing requests in flight")
+    daemon.stopping = True
+    server.close()
+    for link in list(daemon.links):
+        if link.transport is not None and not link.transport.is_closing():
+            link.transport.pause_reading()
+    daemon.flush_all()
+    deadline = loop.time() + limits.shutdown_drain_seconds_max
+    while loop.time() < deadline and any(
+        link.transport is not None and link.transport.get_write_buffer_size()
+        for link in daemon.links
+    ):
+        await asyncio.sleep(0.01)
+    for link in list(daemon.links):
+        link.close()
+    await asyncio.sleep(0)
+    await http_runner.cleanup()
+    ledger.close()
+    announce("stopped")
+    return 0
+
+
+def run(config: Config) -> int:
+    if not __debug__:
+        print(
+            "processor: refusing to run under python -O (assertions guard the ledger)",
+            file=sys.stderr,
+        )
+        return 2
+    import uvloop
+
+    return uvloop.run(serve(config))

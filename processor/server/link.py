@@ -1,0 +1,120 @@
+"""One network link: an asyncio Protocol that frames bytes and hands messages to the daemon.
+
+Flow control both ways: reading pauses while the link has `in_flight_max` undecided requests or
+while the peer is not reading our responses (transport write buffer over its high-water mark).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, cast
+
+from processor.wire.errors import FramingError
+from processor.wire.framing import Framer
+
+if TYPE_CHECKING:
+    from processor.server.daemon import Daemon
+
+log = logging.getLogger("processor.link")
+
+
+class Link(asyncio.Protocol):
+    __slots__ = (
+        "_daemon",
+        "_paused_for_in_flight",
+        "_paused_for_writes",
+        "bad_messages",
+        "framer",
+        "in_flight",
+        "peer",
+        "signed_on",
+        "transport",
+    )
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        server = daemon.config.server
+        self.framer = Framer(
+            server.framing, header_bytes=server.header_bytes, max_frame_bytes=server.max_frame_bytes
+        )
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.in_flight = 0
+        self.bad_messages = 0
+        self.signed_on = False
+        self._paused_for_in_flight = False
+        self._paused_for_writes = False
+
+    # --- asyncio callbacks -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        transport.set_write_buffer_limits(high=self._daemon.write_buffer_high_bytes)
+        self._daemon.link_opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        received_ns = time.perf_counter_ns()
+        try:
+            frames = self.framer.feed(data)
+        except FramingError as error:
+            self._daemon.framing_error(self, error)
+            return
+        on_message = self._daemon.on_message
+        for header, message in frames:
+            on_message(self, header, message, received_ns)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; in-flight answers are stored for a retransmission
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._daemon.link_closed(self)
+
+    def pause_writing(self) -> None:
+        self._paused_for_writes = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_for_writes = False
+        self._update_reading()
+
+    # --- used by the daemon ------------------------------------------------------------------
+
+    @property
+    def open(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+        if self.in_flight >= self._daemon.config.server.in_flight_per_link_max:
+            self._paused_for_in_flight = True
+            self._update_reading()
+
+    def requests_finished(self, count: int) -> None:
+        self.in_flight -= count
+        assert self.in_flight >= 0, self.in_flight
+        if self._paused_for_in_flight and self.in_flight < (
+            self._daemon.config.server.in_flight_per_link_max // 2 or 1
+        ):
+            self._paused_for_in_flight = False
+            self._update_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self._paused_for_in_flight or self._paused_for_writes:
+            self.transport.pause_reading()
+        elif not self._daemon.stopping:
+            self.transport.resume_reading()

@@ -1,0 +1,1 @@
+"""Network simulator: scenarios and an open-loop load generator. Speaks only the wire."""
