@@ -9,6 +9,7 @@ omission). Every run is bounded in count (rate x duration) and in time (duration
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -175,10 +176,8 @@ async def generate(spec: LoadSpec) -> LoadReport:
         if index < total:
             await asyncio.sleep(max(0.0, start + index * interval - time.perf_counter()))
     end_sending = time.perf_counter()
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(all_answered, GRACE_SECONDS)
-    except TimeoutError:
-        pass
     finished = max([t for t in answered_at if t] or [end_sending])
     for link in links:
         if link.transport is not None:
