@@ -123,6 +123,7 @@ def cmd_sim_load(args: argparse.Namespace) -> int:
         pan=args.pan,
         amount=args.amount,
         json_out=args.json,
+        message=args.message,
     )
     return run_load(spec)
 
@@ -183,6 +184,12 @@ def build_load_parser() -> argparse.ArgumentParser:
     load.add_argument("--pan", default="4761739001010085", help="card to authorise against")
     load.add_argument("--amount", type=int, default=100, help="minor units per authorisation")
     load.add_argument("--json", help="also write the report as JSON to this file")
+    load.add_argument(
+        "--message",
+        choices=("auth", "echo"),
+        default="auth",
+        help="auth: 0100 purchases; echo: 0800 echo tests, a baseline without the ledger",
+    )
     load.set_defaults(func=cmd_sim_load)
     return load
 

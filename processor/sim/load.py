@@ -41,6 +41,7 @@ class LoadSpec:
     pan: str = "4761739001010085"
     amount: int = 100
     json_out: str | None = None
+    message: str = "auth"  # auth: 0100 purchases | echo: 0800 echo tests (no ledger; a baseline)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class LoadReport:
     answered: int
     unanswered: int
     throughput_per_second: float
+    unmatched: int = 0  # responses whose STAN names no request of this run, or a repeat
     response_codes: dict[str, int] = field(default_factory=dict)
     latency_us: dict[str, float] = field(default_factory=dict)
 
@@ -61,6 +63,7 @@ class LoadReport:
             f"offered {self.offered_rate:.0f}/s for {self.duration_seconds:.1f}s on "
             f"{self.connections} connection(s)",
             f"sent {self.sent}  answered {self.answered}  unanswered {self.unanswered}  "
+            f"unmatched {self.unmatched}  "
             f"throughput {self.throughput_per_second:.0f}/s",
             "response codes "
             + " ".join(f"{k}:{v}" for k, v in sorted(self.response_codes.items())),
@@ -101,6 +104,8 @@ def _validate(spec: LoadSpec) -> None:
         raise ValueError(
             f"--connections {spec.connections}: must be 1..{limits.sim_connections_max}"
         )
+    if spec.message not in ("auth", "echo"):
+        raise ValueError(f"--message {spec.message!r}: must be auth or echo")
     if spec.rate * spec.duration > 999_999:
         raise ValueError("rate x duration exceeds the 999999 distinct STANs of one run")
 
@@ -113,8 +118,10 @@ async def generate(spec: LoadSpec) -> LoadReport:
     total = int(spec.rate * spec.duration)
     # One template; only the STAN changes per request. A fresh acquirer id per run keeps the
     # transaction identities (acquirer + STAN + date-time) of two runs apart.
-    template = codec.encode(
-        {
+    if spec.message == "echo":
+        fields = {"t": "0800", "7": transmission_datetime(), "11": "999999", "70": "301"}
+    else:
+        fields = {
             "t": "0100",
             "2": spec.pan,
             "3": "000000",
@@ -127,24 +134,27 @@ async def generate(spec: LoadSpec) -> LoadReport:
             "41": "LOADTEST",
             "49": "978",
         }
-    )
+    template = codec.encode(fields)
     stan_at = template.index(b"999999")
     scheduled = [0.0] * total
     answered_at = [0.0] * total
     codes: dict[str, int] = {}
     histogram = HdrHistogram(1, LATENCY_MICROSECONDS_MAX, 3)
     answered = 0
+    unmatched = 0
     all_answered = loop.create_future()
 
     def on_response(message: bytes, now: float) -> None:
-        nonlocal answered
+        nonlocal answered, unmatched
         fields, _ = iso8583.decode(message, iso_spec)
         index = int(fields["11"])
-        if index >= total or answered_at[index]:
+        if index >= total or answered_at[index] or not scheduled[index]:
+            unmatched += 1
             return
         answered_at[index] = now
         codes[fields.get("39", "--")] = codes.get(fields.get("39", "--"), 0) + 1
-        histogram.record_value(max(1, int((now - scheduled[index]) * 1e6)))
+        latency_us = int((now - scheduled[index]) * 1e6)
+        histogram.record_value(min(max(1, latency_us), LATENCY_MICROSECONDS_MAX))
         answered += 1
         if answered == total and not all_answered.done():
             all_answered.set_result(None)
@@ -197,6 +207,7 @@ async def generate(spec: LoadSpec) -> LoadReport:
         sent=total,
         answered=answered,
         unanswered=total - answered,
+        unmatched=unmatched,
         throughput_per_second=answered / elapsed,
         response_codes=codes,
         latency_us={k: float(v) for k, v in latency.items()},

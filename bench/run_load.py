@@ -1,0 +1,136 @@
+"""Start the real daemon on a scratch ledger and drive it with `processor sim load`.
+
+Each rate is run twice in the same session: 0800 echo tests (the baseline: framing, codec and
+the event loop, no ledger) and 0100 authorisations (plus decide, ledger and a durable commit),
+so the ratio of the two is meaningful on a noisy shared machine. Bounded: every run has a fixed
+rate and duration and talks only to 127.0.0.1.
+
+    python bench/run_load.py --rates 500,2000,5000 --duration 10 --connections 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def start_daemon(ledger: Path, durability: str) -> tuple[subprocess.Popen[str], int]:
+    config = ledger.parent / "bench.toml"
+    config.write_text(f'[ledger]\ndurability = "{durability}"\n[log]\nlevel = "warning"\n')
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "processor.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--ledger",
+            str(ledger),
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=dict(os.environ, PROCESSOR_PAN_KEY="bench-key"),
+    )
+    assert process.stdout is not None
+    port = 0
+    for line in process.stdout:
+        if match := re.search(r"ISO 8583 listening on [\d.]+:(\d+)", line):
+            port = int(match.group(1))
+        if line.strip() == "processor: ready":
+            return process, port
+    raise RuntimeError("daemon did not start")
+
+
+def load(port: int, rate: int, duration: float, connections: int, message: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "processor.cli",
+                "sim",
+                "load",
+                "--port",
+                str(port),
+                "--rate",
+                str(rate),
+                "--duration",
+                str(duration),
+                "--connections",
+                str(connections),
+                "--message",
+                message,
+                "--json",
+                out.name,
+            ],
+            check=False,
+            capture_output=True,
+            timeout=duration + 60,
+        )
+        return json.loads(Path(out.name).read_text())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rates", default="500,2000,5000")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--durability", default="fsync", choices=("fsync", "process"))
+    args = parser.parse_args()
+    machine = f"{platform.platform()}, {os.cpu_count()} cores"
+    print(f"machine: {machine}, Python {platform.python_version()}")
+    print(f"durability {args.durability}, {args.connections} connections, {args.duration}s per run")
+    columns = (
+        "rate/s",
+        "message",
+        "answered",
+        "throughput/s",
+        "p50 us",
+        "p90 us",
+        "p99 us",
+        "p99.9 us",
+        "max us",
+    )
+    print("| " + " | ".join(columns) + " |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as scratch:
+        process, port = start_daemon(Path(scratch) / "ledger", args.durability)
+        try:
+            for rate in (int(r) for r in args.rates.split(",")):
+                results = {}
+                for message in ("echo", "auth"):
+                    r = load(port, rate, args.duration, args.connections, message)
+                    results[message] = r
+                    lat = r["latency_us"]
+                    print(
+                        f"| {rate} | {message} | {r['answered']}/{r['sent']} | "
+                        f"{r['throughput_per_second']:.0f} | {lat['p50']:.0f} | {lat['p90']:.0f} | "
+                        f"{lat['p99']:.0f} | {lat['p99.9']:.0f} | {lat['max']:.0f} |",
+                        flush=True,
+                    )
+                ratio = results["auth"]["latency_us"]["p50"] / max(
+                    1, results["echo"]["latency_us"]["p50"]
+                )
+                print(f"|  | auth/echo p50 | {ratio:.2f}x |  |  |  |  |  |  |", flush=True)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

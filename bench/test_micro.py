@@ -1,0 +1,109 @@
+"""Micro-benchmarks of the hot path's pieces (pytest-benchmark; not part of the test suite).
+
+pytest bench/test_micro.py --benchmark-only --benchmark-columns=min,median,mean,max,rounds
+"""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from processor.authorizer import Authorizer
+from processor.engine import ProgrammeRules, decide, yymm
+from processor.ledger.load import load_path
+from processor.ledger.store import Ledger
+from processor.resources import demo_data_path
+from processor.security import PanHasher
+from processor.wire.codec import Codec
+from processor.wire.framing import Framer
+from processor.wire.spec import load_spec
+
+CODEC = Codec(load_spec())
+HASHER = PanHasher(b"bench-key")
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+FIELDS = {
+    "t": "0100",
+    "2": "4761739001010085",
+    "3": "000000",
+    "4": "000000000100",
+    "7": "1124101010",
+    "11": "000001",
+    "12": "101010",
+    "13": "1124",
+    "18": "5411",
+    "22": "051",
+    "25": "00",
+    "32": "123456",
+    "37": "000000000001",
+    "41": "TERM0001",
+    "42": "MERCHANT0000001",
+    "43": "DEMO SHOP              BERLIN       DE  ",
+    "49": "978",
+}
+MESSAGE = CODEC.encode(FIELDS)
+
+
+def test_decode_0100(benchmark) -> None:  # type: ignore[no-untyped-def]
+    benchmark(CODEC.decode, MESSAGE)
+
+
+def test_encode_0110(benchmark) -> None:  # type: ignore[no-untyped-def]
+    response = {k: v for k, v in FIELDS.items() if k not in ("12", "13", "18", "22", "25", "43")}
+    response.update({"t": "0110", "39": "00", "38": "123456"})
+    benchmark(CODEC.encode, response)
+
+
+def test_frame_feed_64(benchmark) -> None:  # type: ignore[no-untyped-def]
+    framer = Framer("len2", max_frame_bytes=8192)
+    stream = framer.frame(b"", MESSAGE) * 64
+    benchmark(framer.feed, stream)
+
+
+@pytest.fixture
+def ledger(tmp_path: Path):  # type: ignore[no-untyped-def]
+    ledger = Ledger(tmp_path, durability="fsync", map_size_bytes=1 << 30)
+    load_path(ledger, demo_data_path(), HASHER)
+    yield ledger
+    ledger.close()
+
+
+def test_decide(benchmark, ledger) -> None:  # type: ignore[no-untyped-def]
+    request = CODEC.decode(MESSAGE)
+    with ledger.read() as reader:
+        card = reader.card(HASHER.card_key(request.pan))
+        account = reader.account(card.account_id)
+    rules = ProgrammeRules(blocked_mccs=frozenset({"7995"}))
+    benchmark(decide, request, card, account, rules, yymm(NOW))
+
+
+def test_hmac_card_key(benchmark) -> None:  # type: ignore[no-untyped-def]
+    benchmark(HASHER.card_key, "4761739001010085")
+
+
+@pytest.mark.parametrize("batch", [1, 16, 64, 256])
+def test_authorize_batch_fsync(benchmark, ledger, batch: int) -> None:  # type: ignore[no-untyped-def]
+    """Decide + apply + stored answer + durable commit of a batch; divide by `batch` per request."""
+    authorizer = Authorizer(
+        ledger,
+        CODEC,
+        HASHER,
+        ProgrammeRules(blocked_mccs=frozenset({"7995"})),
+        hold_lifetime_seconds=7 * 86400,
+    )
+    stans = itertools.count(1)
+
+    def one_batch() -> None:
+        requests = [
+            CODEC.decode(
+                CODEC.encode(
+                    dict(FIELDS, **{"11": f"{next(stans) % 1_000_000:06d}", "32": f"{next(stans)}"})
+                )
+            )
+            for _ in range(batch)
+        ]
+        authorizer.authorize_batch(requests, NOW)
+
+    benchmark.pedantic(one_batch, rounds=40, iterations=1, warmup_rounds=2)

@@ -1,0 +1,310 @@
+"""The real daemon over a real socket: authorisations, bad input, durability, shutdown."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from harness import (
+    PAN_KEY,
+    Link,
+    RunningDaemon,
+    authorization,
+    decode,
+    echo_test,
+    next_stan,
+    run_cli,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def test_echo_and_sign_on(link: Link) -> None:
+    response = link.exchange(echo_test())
+    assert (response["t"], response["39"], response["70"]) == ("0810", "00", "301")
+    sign_on = {"t": "0800", "7": "1124101010", "11": next_stan(), "70": "001"}
+    assert link.exchange(sign_on)["39"] == "00"
+    unknown = {"t": "0800", "7": "1124101010", "11": next_stan(), "70": "999"}
+    assert link.exchange(unknown)["39"] == "12"
+
+
+def test_approval_echoes_fields_and_holds(daemon: RunningDaemon, link: Link) -> None:
+    request = authorization(amount=2500)
+    response = link.exchange(request)
+    assert response["t"] == "0110"
+    assert response["39"] == "00"
+    assert re.fullmatch(r"[0-9A-Z]{6}", response["38"])
+    for field in ("2", "3", "4", "7", "11", "32", "37", "41", "42", "49"):
+        assert response[field] == request[field], field
+    shown = run_cli("ledger", "show", "--ledger", str(daemon.ledger), "--account", "demo-main")
+    assert shown.returncode == 0, shown.stderr
+    assert "25.00 EUR" in shown.stdout
+    assert response["38"] in shown.stdout
+
+
+def test_balance_inquiry_returns_field_54(link: Link) -> None:
+    response = link.exchange(authorization(amount=0, **{"3": "310000"}))
+    assert response["39"] == "00"
+    blocks = [response["54"][i : i + 20] for i in range(0, len(response["54"]), 20)]
+    assert [block[2:4] for block in blocks] == ["01", "02"]
+    assert all(block[4:7] == "978" and block[7] == "C" for block in blocks)
+    assert "38" not in response
+
+
+def test_many_requests_in_flight_on_several_links(daemon: RunningDaemon) -> None:
+    links = [daemon.connect() for _ in range(4)]
+    try:
+        sent: dict[int, set[str]] = {}
+        for number, link in enumerate(links):
+            stans = set()
+            for _ in range(150):
+                request = authorization(pan="4761739001010085", amount=1)
+                link.send_fields(request)
+                stans.add(request["11"])
+            sent[number] = stans
+        for number, link in enumerate(links):
+            answered = {link.receive_fields()["11"] for _ in range(150)}
+            assert answered == sent[number]
+    finally:
+        for link in links:
+            link.close()
+    metrics = http_get(daemon, "/metrics")
+    batch_count = metric_value(metrics, "processor_commit_batch_size_count")
+    assert batch_count < 600  # group commit: fewer commits than requests
+
+
+def test_format_error_is_answered_30_and_link_survives(link: Link) -> None:
+    request = authorization()
+    del request["18"]  # MCC is mandatory in an 0100
+    response = link.exchange(request)
+    assert (response["t"], response["39"], response["11"]) == ("0110", "30", request["11"])
+    # bad digits in a numeric field
+    bad = authorization()
+    message = link.codec.encode(dict(bad, **{"3": "000000"})).replace(b"000000", b"00A000", 1)
+    link.send_message(message)
+    response = decode(link.receive())
+    assert (response["39"], response["11"]) == ("30", bad["11"])
+    assert link.exchange(echo_test())["39"] == "00"
+
+
+def test_undecodable_message_is_dropped_and_link_survives(
+    daemon: RunningDaemon, link: Link
+) -> None:
+    link.send_message(b"GARBAGE!")
+    link.send_message(b"0100zzzz")
+    assert link.exchange(echo_test())["39"] == "00"
+    metrics = http_get(daemon, "/metrics")
+    assert metric_value(metrics, 'processor_bad_messages_total{kind="undecodable"}') == 2
+
+
+def test_bad_message_budget_closes_the_link(tmp_path: Path) -> None:
+    config = tmp_path / "processor.toml"
+    config.write_text("[server]\nbad_message_budget = 3\n")
+    running = RunningDaemon(tmp_path / "ledger", config=config).start()
+    try:
+        link = running.connect()
+        for _ in range(3):
+            link.send_message(b"NOT ISO")
+        assert link.is_closed_by_peer()
+        link.close()
+        other = running.connect()
+        assert other.exchange(echo_test())["39"] == "00"
+        other.close()
+    finally:
+        running.stop()
+
+
+def test_oversize_frame_closes_only_that_link(daemon: RunningDaemon) -> None:
+    bad, good = daemon.connect(), daemon.connect()
+    try:
+        bad.send_raw(b"\xff\xff" + b"0" * 100)
+        assert bad.is_closed_by_peer()
+        assert good.exchange(echo_test())["39"] == "00"
+    finally:
+        bad.close()
+        good.close()
+
+
+def test_kill9_after_approval_keeps_the_hold(daemon: RunningDaemon) -> None:
+    link = daemon.connect()
+    request = authorization(amount=4321)
+    first = link.send_fields(request) and link.receive()
+    fields = decode(first)
+    assert fields["39"] == "00"
+    daemon.kill9()  # no chance to flush anything: what was answered must already be on disk
+    link.close()
+
+    restarted = RunningDaemon(daemon.ledger).start()
+    try:
+        shown = run_cli("ledger", "show", "--ledger", str(daemon.ledger), "--account", "demo-main")
+        assert "43.21 EUR" in shown.stdout
+        assert fields["38"] in shown.stdout
+        again = restarted.connect()
+        again.send_fields(request)
+        assert again.receive() == first  # retransmission after restart: same bytes
+        again.close()
+        shown_after = run_cli(
+            "ledger", "show", "--ledger", str(daemon.ledger), "--account", "demo-main"
+        )
+        assert "open holds: 1\n" in shown_after.stdout
+    finally:
+        restarted.stop()
+
+
+def test_sigterm_finishes_in_flight_and_closes_cleanly(daemon: RunningDaemon) -> None:
+    link = daemon.connect()
+    requests = [authorization(pan="4761739001010085", amount=1) for _ in range(50)]
+    for request in requests:
+        link.send_fields(request)
+    answered = {link.receive_fields()["11"] for _ in requests}
+    assert answered == {r["11"] for r in requests}
+    assert daemon.terminate() == 0
+    assert "processor: stopped" in "".join(daemon.stdout)
+    link.close()
+    shown = run_cli("ledger", "show", "--ledger", str(daemon.ledger), "--account", "demo-main")
+    assert "open holds: 50\n" in shown.stdout
+
+
+def test_ledger_load_while_running(daemon: RunningDaemon, link: Link, tmp_path: Path) -> None:
+    cards = tmp_path / "cards.toml"
+    cards.write_text(
+        '[[accounts]]\nid = "acct-new"\ncurrency = "EUR"\nbalance = 10000\n\n'
+        '[[cards]]\npan = "4761739001010093"\naccount = "acct-new"\nexpiry = "3012"\n'
+    )
+    assert link.exchange(authorization(pan="4761739001010093"))["39"] == "14"
+    loaded = run_cli("ledger", "load", "--ledger", str(daemon.ledger), str(cards))
+    assert loaded.returncode == 0, loaded.stderr
+    assert "accounts 1 created" in loaded.stdout
+    assert link.exchange(authorization(pan="4761739001010093", amount=10000))["39"] == "00"
+    assert link.exchange(authorization(pan="4761739001010093", amount=1))["39"] == "51"
+    again = run_cli("ledger", "load", "--ledger", str(daemon.ledger), str(cards))
+    assert "accounts 0 created, 1 updated; cards 0 created, 1 updated" in again.stdout
+    shown = run_cli("ledger", "show", "--ledger", str(daemon.ledger), "--pan", "4761739001010093")
+    assert "476173******0093" in shown.stdout
+    assert "4761739001010093" not in shown.stdout
+    assert "100.00 EUR" in shown.stdout  # held; loading twice doubled nothing
+
+
+def test_metrics_and_health(daemon: RunningDaemon, link: Link) -> None:
+    link.exchange(authorization())
+    link.exchange(authorization(pan="4761739001010028"))
+    metrics = http_get(daemon, "/metrics")
+    assert metric_value(metrics, 'processor_requests_total{mti="0100",response_code="00"}') == 1
+    assert metric_value(metrics, 'processor_requests_total{mti="0100",response_code="41"}') == 1
+    assert 'processor_request_latency_seconds_bucket{le="0.0001",mti="0100"}' in metrics
+    assert metric_value(metrics, "processor_open_links") == 1
+    assert metric_value(metrics, "processor_commit_seconds_count") >= 1
+    assert metric_value(metrics, "processor_ledger_map_used_bytes") > 0
+    assert "4761739001010" not in metrics
+    health = json.loads(http_get(daemon, "/healthz"))
+    assert health["status"] == "ok" and health["links"] == 1
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        http_get(daemon, "/nope")
+    assert caught.value.code == 404
+    assert json.loads(caught.value.read())["error"]["code"] == "not_found"
+
+
+def test_simulator_scenarios_pass(daemon: RunningDaemon) -> None:
+    for _ in range(2):  # scenarios leave the demo data usable for another run
+        result = run_cli("sim", "--port", str(daemon.port))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert " 0 failed" in result.stdout
+        assert "MISMATCH" not in result.stdout
+
+
+def test_simulator_reports_a_mismatch(daemon: RunningDaemon, tmp_path: Path) -> None:
+    # Freeze the card the "approve" scenario uses: the simulator must notice and fail.
+    frozen = tmp_path / "freeze.toml"
+    frozen.write_text(
+        '[[accounts]]\nid = "demo-main"\ncurrency = "EUR"\nbalance = 100000000000\n\n'
+        '[[cards]]\npan = "4761739001010010"\naccount = "demo-main"\nexpiry = "3012"\n'
+        'status = "frozen"\n'
+    )
+    assert run_cli("ledger", "load", "--ledger", str(daemon.ledger), str(frozen)).returncode == 0
+    result = run_cli("sim", "--port", str(daemon.port), "approve", "echo")
+    assert result.returncode == 1
+    assert "MISMATCH" in result.stdout
+
+
+def test_load_generator_reports_percentiles(daemon: RunningDaemon, tmp_path: Path) -> None:
+    report = tmp_path / "load.json"
+    result = run_cli(
+        "sim",
+        "load",
+        "--port",
+        str(daemon.port),
+        "--rate",
+        "500",
+        "--duration",
+        "1",
+        "--connections",
+        "2",
+        "--json",
+        str(report),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr + daemon.stderr()
+    data = json.loads(report.read_text())
+    assert data["sent"] == data["answered"] == 500
+    assert data["response_codes"] == {"00": 500}
+    assert set(data["latency_us"]) == {"p50", "p90", "p99", "p99.9", "max"}
+    assert 0 < data["latency_us"]["p50"] <= data["latency_us"]["max"]
+
+
+def test_bad_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[ledger]\ndurabilty = 'fsync'\n")
+    result = run_cli("serve", "--config", str(config), "--ledger", str(tmp_path / "l"))
+    assert result.returncode == 2
+    assert "durabilty" in result.stderr and "$.ledger" in result.stderr
+
+
+def test_insecure_key_warning_and_key_mismatch(tmp_path: Path) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PROCESSOR_PAN_KEY"}
+    running = RunningDaemon(tmp_path / "ledger", env=env).start()
+    running.stop()
+    assert "INSECURE" in running.stderr()
+    # The ledger was keyed with the development key: another key must be refused, loudly.
+    result = run_cli(
+        "serve",
+        "--ledger",
+        str(tmp_path / "ledger"),
+        "--port",
+        "0",
+        "--http-port",
+        "0",
+        env=dict(env, PROCESSOR_PAN_KEY=PAN_KEY + "-other"),
+    )
+    assert result.returncode == 1
+    assert "another PAN key" in result.stderr
+
+
+def test_ascii4_framing_and_binary_bitmap(tmp_path: Path) -> None:
+    config = tmp_path / "processor.toml"
+    config.write_text('[server]\nframing = "ascii4"\nbitmap = "binary"\nheader_bytes = 0\n')
+    running = RunningDaemon(tmp_path / "ledger", config=config).start()
+    try:
+        link = Link(running.port, prefix="ascii4", bitmap="binary")
+        response = link.exchange(authorization())
+        assert response["39"] == "00"
+        assert link.exchange(echo_test())["39"] == "00"
+        link.close()
+    finally:
+        running.stop()
+
+
+def http_get(daemon: RunningDaemon, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.http_port}{path}", timeout=10) as r:
+        return r.read().decode()
+
+
+def metric_value(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name} not exposed")

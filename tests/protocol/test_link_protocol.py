@@ -1,0 +1,228 @@
+"""The Link protocol and the daemon's dispatch, driven with a fake transport (no socket)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import iso8583
+import msgspec
+
+from processor.config import Config
+from processor.ledger.load import load_path
+from processor.ledger.store import Ledger
+from processor.metrics import Metrics
+from processor.resources import demo_data_path
+from processor.security import PanHasher
+from processor.server.daemon import Daemon
+from processor.server.link import Link
+from processor.wire.codec import Codec
+from processor.wire.framing import Framer
+from processor.wire.spec import load_spec
+
+SPEC = load_spec()
+CODEC = Codec(SPEC)
+FRAMER = Framer("len2", max_frame_bytes=8192)
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+        self.reading = True
+
+    def get_extra_info(self, name: str) -> object:
+        return ("127.0.0.1", 40000) if name == "peername" else None
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def frames(self) -> list[dict[str, str]]:
+        framer = Framer("len2", max_frame_bytes=8192)
+        out = []
+        for data in self.writes:
+            for _, message in framer.feed(data):
+                out.append(iso8583.decode(message, SPEC.iso)[0])
+        return out
+
+
+def make_daemon(tmp_path: Path, **server: object) -> Daemon:
+    config = Config()
+    config = msgspec.structs.replace(
+        config,
+        server=msgspec.structs.replace(config.server, **server),
+        ledger=msgspec.structs.replace(config.ledger, path=str(tmp_path), durability="process"),
+    )
+    hasher = PanHasher(b"protocol-test-key")
+    ledger = Ledger(tmp_path, durability="process", map_size_bytes=64 << 20)
+    load_path(ledger, demo_data_path(), hasher)
+    return Daemon(config, ledger, hasher, Metrics())
+
+
+def auth_frame(stan: int, pan: str = "4761739001010085", amount: int = 100) -> bytes:
+    message = CODEC.encode(
+        {
+            "t": "0100",
+            "2": pan,
+            "3": "000000",
+            "4": f"{amount:012d}",
+            "7": "1124101010",
+            "11": f"{stan:06d}",
+            "18": "5411",
+            "32": "123456",
+            "49": "978",
+        }
+    )
+    return FRAMER.frame(b"", message)
+
+
+def run(coroutine_body):  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        coroutine_body()
+        for _ in range(5):  # let call_soon'd group commits run
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
+
+
+def test_frames_arriving_together_commit_once_and_write_once(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path)
+    link, transport = Link(daemon), FakeTransport()
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(b"".join(auth_frame(stan) for stan in range(1, 11)))
+
+    run(body)
+    assert len(transport.writes) == 1  # one transport.write per link per batch
+    frames = transport.frames()
+    assert [f["11"] for f in frames] == [f"{s:06d}" for s in range(1, 11)]
+    assert {f["39"] for f in frames} == {"00"}
+    assert daemon.metrics.batch_size._sum.get() == 10  # one batch of ten
+    daemon.ledger.close()
+
+
+def test_batches_are_bounded(tmp_path: Path) -> None:
+    config_batch = 4
+    daemon = make_daemon(tmp_path)
+    daemon._batch_size_max = config_batch
+    link, transport = Link(daemon), FakeTransport()
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(b"".join(auth_frame(stan) for stan in range(1, 11)))
+
+    run(body)
+    assert len(transport.frames()) == 10
+    assert len(transport.writes) == 3  # 4 + 4 + 2
+    daemon.ledger.close()
+
+
+def test_in_flight_limit_pauses_reading_until_answered(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path, in_flight_per_link_max=4)
+    link, transport = Link(daemon), FakeTransport()
+    paused_after_feed: list[bool] = []
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(b"".join(auth_frame(stan) for stan in range(1, 6)))
+        paused_after_feed.append(transport.reading)
+
+    run(body)
+    assert paused_after_feed == [False]
+    assert transport.reading  # resumed once the batch was answered
+    assert link.in_flight == 0
+    daemon.ledger.close()
+
+
+def test_bad_messages_answered_or_dropped_then_budget_closes(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path, bad_message_budget=3)
+    link, transport = Link(daemon), FakeTransport()
+    missing_mcc = CODEC.encode(
+        {
+            "t": "0100",
+            "2": "4761739001010085",
+            "3": "000000",
+            "4": "000000000100",
+            "7": "1124101010",
+            "11": "000077",
+            "32": "123456",
+            "49": "978",
+        }
+    )
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(FRAMER.frame(b"", missing_mcc))  # answered 30
+        link.data_received(FRAMER.frame(b"", b"XXXX"))  # dropped
+        assert not transport.closed
+        link.data_received(FRAMER.frame(b"", b"0100"))  # dropped; third: budget spent
+
+    run(body)
+    frames = transport.frames()
+    assert [(f["t"], f["11"], f["39"]) for f in frames] == [("0110", "000077", "30")]
+    assert transport.closed
+    daemon.ledger.close()
+
+
+def test_framing_error_closes_the_link(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path, max_frame_bytes=512)
+    link, transport = Link(daemon), FakeTransport()
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(b"\x02\x01" + b"0" * 10)  # 513 > 512
+
+    run(body)
+    assert transport.closed and transport.writes == []
+    daemon.ledger.close()
+
+
+def test_header_bytes_are_echoed(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path, header_bytes=4)
+    link, transport = Link(daemon), FakeTransport()
+    message = CODEC.encode({"t": "0800", "7": "1124101010", "11": "000001", "70": "301"})
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(
+            Framer("len2", header_bytes=0, max_frame_bytes=8192).frame(b"HDR1", message)
+        )
+
+    run(body)
+    framed = Framer("len2", header_bytes=4, max_frame_bytes=8192).feed(transport.writes[0])
+    assert [header for header, _ in framed] == [b"HDR1"]
+    daemon.ledger.close()
+
+
+def test_link_closed_before_commit_still_records_the_decision(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path)
+    link, transport = Link(daemon), FakeTransport()
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(auth_frame(5, amount=700))
+        transport.close()  # peer gone before the group commit runs
+
+    run(body)
+    assert transport.writes == []
+    with daemon.ledger.read() as reader:
+        account = reader.account("demo-main")
+        assert account is not None and account.held == 700  # a retransmission will get it
+    daemon.ledger.close()

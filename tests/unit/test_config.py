@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+
+from processor.config import Config, ConfigError, load_config, parse_config, with_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_config_equals_embedded_defaults() -> None:
+    assert load_config(ROOT / "config" / "processor.toml") == Config()
+
+
+def test_no_file_means_defaults() -> None:
+    assert load_config(None) == Config()
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("[server]\nprot = 1\n", "$.server"),
+        ("[server]\nport = 'x'\n", "$.server.port"),
+        ("[server]\nport = 70000\n", "$.server.port"),
+        ("[server]\nframing = 'len3'\n", "$.server.framing"),
+        ("[ledger]\ndurability = 'maybe'\n", "$.ledger.durability"),
+        ("[programme]\nblocked_mccs = ['79951']\n", "$.programme.blocked_mccs[0]"),
+        ("[nope]\n", "nope"),
+    ],
+)
+def test_bad_config_names_the_key(text: str, named: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "test.toml")
+    assert named in str(caught.value)
+    assert "test.toml" in str(caught.value)
+
+
+def test_unknown_key_is_named() -> None:
+    with pytest.raises(ConfigError, match="prot"):
+        parse_config("[server]\nprot = 1\n")
+
+
+def test_invalid_toml() -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse_config("[server\n")
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config("/nonexistent/processor.toml")
+
+
+def test_overrides_isolate_an_instance() -> None:
+    config = with_overrides(Config(), ledger_path="/tmp/x", port=0, http_port=0)
+    assert (config.ledger.path, config.server.port, config.http.port) == ("/tmp/x", 0, 0)
+    assert config.server.framing == Config().server.framing
+
+
+def test_override_port_range() -> None:
+    with pytest.raises(ConfigError, match="--port"):
+        with_overrides(Config(), port=70000)
