@@ -171,6 +171,9 @@ class Authorizer:
         )
         return Outcome(response, request.mti, decision.response_code, decision.reason)
 
+    def system_error(self, request: AuthorizationRequest) -> Outcome:
+        return self._answer(request, "96", "internal_error")
+
     def _answer(self, request: AuthorizationRequest, code: str, reason: str) -> Outcome:
         fields = dict(request.echo)
         fields["t"] = response_mti(request.mti)

@@ -87,6 +87,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.internal_errors = Counter(
+            "processor_internal_errors",
+            "Batches that failed on a bug and were answered 96",
+            registry=r,
+        )
         self.ledger_map_used = Gauge(
             "processor_ledger_map_used_bytes", "Bytes of the LMDB map in use", registry=r
         )

@@ -139,9 +139,16 @@ class Daemon:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
         started = time.perf_counter()
-        outcomes = self.authorizer.authorize_batch(
-            [request for _, _, request, _ in batch], datetime.now(UTC)
-        )
+        requests = [request for _, _, request, _ in batch]
+        try:
+            outcomes = self.authorizer.authorize_batch(requests, datetime.now(UTC))
+        except Exception:
+            # A bug, not an operating error: the write transaction was aborted, so nothing of
+            # this batch was applied. Say so loudly and answer 96 rather than leave the network
+            # waiting; a retransmission will be decided afresh.
+            log.exception("batch of %d failed; answering 96, nothing applied", len(batch))
+            self.metrics.internal_errors.inc()
+            outcomes = [self.authorizer.system_error(request) for request in requests]
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))
         # One transport.write per link per batch.

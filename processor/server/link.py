@@ -65,7 +65,10 @@ class Link(asyncio.Protocol):
             self._daemon.framing_error(self, error)
             return
         on_message = self._daemon.on_message
+        transport = self.transport
         for header, message in frames:
+            if transport is None or transport.is_closing():
+                break  # closed (bad-message budget): apply nothing that cannot be answered
             on_message(self, header, message, received_ns)
 
     def eof_received(self) -> bool:

@@ -226,3 +226,49 @@ def test_link_closed_before_commit_still_records_the_decision(tmp_path: Path) ->
         account = reader.account("demo-main")
         assert account is not None and account.held == 700  # a retransmission will get it
     daemon.ledger.close()
+
+
+def test_a_failing_batch_is_answered_96_and_applies_nothing(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path)
+    link, transport = Link(daemon), FakeTransport()
+    real = daemon.authorizer.authorize_batch
+
+    def broken(requests, now):  # type: ignore[no-untyped-def]
+        with daemon.ledger.write() as writer:  # a bug half-way through a write transaction
+            account = writer.account("demo-main")
+            assert account is not None
+            account.held += 999
+            writer.put_account(account)
+            raise AssertionError("simulated bug")
+        return real(requests, now)
+
+    daemon.authorizer.authorize_batch = broken  # type: ignore[method-assign]
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(auth_frame(1) + auth_frame(2))
+
+    run(body)
+    assert [(f["11"], f["39"]) for f in transport.frames()] == [("000001", "96"), ("000002", "96")]
+    assert link.in_flight == 0
+    assert daemon.metrics.internal_errors._value.get() == 1
+    with daemon.ledger.read() as reader:
+        account = reader.account("demo-main")
+        assert account is not None and account.held == 0  # the transaction was aborted
+    daemon.ledger.close()
+
+
+def test_frames_after_the_budget_closes_the_link_are_not_applied(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path, bad_message_budget=1)
+    link, transport = Link(daemon), FakeTransport()
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(FRAMER.frame(b"", b"JUNK") + auth_frame(9, amount=500))
+
+    run(body)
+    assert transport.closed
+    with daemon.ledger.read() as reader:
+        account = reader.account("demo-main")
+        assert account is not None and account.held == 0
+    daemon.ledger.close()
