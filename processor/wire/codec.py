@@ -77,12 +77,21 @@ class Codec:
         mti = mti_bytes.decode("ascii")
         if not is_request_mti(mti):
             raise UndecodableMessage(f"MTI {mti} is not a request this side answers", "t", 0)
+        failure: UndecodableMessage | InvalidMessage | None = None
         try:
             fields, _ = iso8583.decode(message, self._iso)
         except DecodeError as error:
             # Never quote the error itself: its document holds whatever decoded, PAN included.
             partial = {k: v for k, v in error.doc_dec.items() if isinstance(v, str)}
-            raise self._invalid(mti, partial, error.msg, error.field, error.pos) from None
+            failure = self._invalid(mti, partial, error.msg, error.field, error.pos)
+        except KeyError:
+            # Bit 65 set: pyiso8583 then reads a tertiary bitmap and looks up fields 129-192,
+            # which a 1987 spec does not define. Nothing past field 128 can be read: drop it.
+            failure = UndecodableMessage("bitmap names fields beyond 128", "65")
+        if failure is not None:
+            # Raised outside the except block so pyiso8583's error (which holds the raw
+            # message, PAN included) is not chained as __context__ into our logs.
+            raise failure
         stan = fields.get("11")
         if stan is None or len(stan) != 6 or not stan.isdigit():
             raise UndecodableMessage("STAN (field 11) missing or not 6 digits", "11")
@@ -143,10 +152,18 @@ class Codec:
         echo = {}
         for key in keys:
             value = fields.get(key)
-            if value is None or (key in self.spec.numeric_fields and not value.isdigit()):
+            if value is None or not self._well_formed(key, value):
                 continue
             echo[key] = value
         return echo
+
+    def _well_formed(self, key: str, value: str) -> bool:
+        # pyiso8583 leaves the field it failed on in the partial document as "": echoing that
+        # would make the format-error response itself unencodable.
+        field = self._iso[key]
+        if field["len_type"] == 0 and len(value) != field["max_len"]:
+            return False
+        return key not in self.spec.numeric_fields or value.isdigit()
 
     def encode(self, fields: dict[str, str]) -> bytes:
         """Encode a response; `fields` holds "t" and the data elements by number."""
@@ -167,4 +184,5 @@ def format_error_response(error: InvalidMessage) -> dict[str, str]:
 def balance_block(account_type: str, amount_type: str, currency: str, amount: int) -> str:
     """One 20-character field 54 block: account type, amount type, currency, C/D, 12 digits."""
     sign = "C" if amount >= 0 else "D"
-    return f"{account_type}{amount_type}{currency}{sign}{abs(amount):012d}"
+    # The amount is n12 by the standard; a balance beyond it is shown as the largest it can say.
+    return f"{account_type}{amount_type}{currency}{sign}{min(abs(amount), 999_999_999_999):012d}"

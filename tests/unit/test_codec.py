@@ -1,0 +1,728 @@
+"""Codec: ISO 8583:1987 ASCII messages written out by hand, decoded into typed requests.
+
+The golden messages below are byte literals field by field; `bitmap()` only sets bits, and is
+itself checked against bitmaps worked out by hand. Nothing here is produced by Codec.encode.
+"""
+
+import traceback
+
+import pytest
+
+from processor.wire.codec import (
+    Codec,
+    balance_block,
+    format_error_response,
+    response_mti,
+)
+from processor.wire.errors import InvalidMessage, UndecodableMessage, WireError
+from processor.wire.messages import (
+    AuthorizationRequest,
+    NetworkManagementRequest,
+    UnsupportedRequest,
+)
+from processor.wire.spec import load_spec
+
+PAN = "4111111111111111"
+
+
+def bitmap(*bits: int, lower: bool = False) -> bytes:
+    """Hex-ASCII primary bitmap, plus the secondary (and bit 1) when any bit is above 64."""
+    fields = set(bits)
+    if any(bit > 64 for bit in fields):
+        fields.add(1)
+    width = 128 if 1 in fields else 64
+    value = 0
+    for bit in fields:
+        value |= 1 << (width - bit)
+    text = f"{value:0{width // 4}X}"
+    return (text.lower() if lower else text).encode("ascii")
+
+
+def binary_bitmap(*bits: int) -> bytes:
+    return bytes.fromhex(bitmap(*bits).decode("ascii"))
+
+
+def build(mti: bytes, parts: dict[int, bytes], *, binary: bool = False) -> bytes:
+    """MTI + bitmap of the fields in `parts` + their hand-written wire bytes in field order."""
+    head = binary_bitmap(*parts) if binary else bitmap(*parts)
+    return mti + head + b"".join(parts[key] for key in sorted(parts))
+
+
+# Wire bytes of each field of a full 0100, LL/LLL length digits included.
+FIELDS_0100: dict[int, bytes] = {
+    2: b"16" + PAN.encode(),
+    3: b"000000",
+    4: b"000000012345",
+    6: b"000000013579",
+    7: b"0612143015",
+    11: b"004711",
+    12: b"143015",
+    13: b"0612",
+    14: b"2712",
+    18: b"5411",
+    22: b"051",
+    25: b"00",
+    32: b"06123456",
+    33: b"049876",
+    37: b"416314123456",
+    41: b"TERM0001",
+    42: b"MERCHANT0000001",
+    43: b"ACME GROCERY #12         BERLIN       DE",
+    48: b"008R9203123",
+    49: b"978",
+    51: b"840",
+}
+
+GOLDEN_0100 = (
+    b"0100"
+    b"763C448188E1A000"
+    b"164111111111111111"
+    b"000000"
+    b"000000012345"
+    b"000000013579"
+    b"0612143015"
+    b"004711"
+    b"143015"
+    b"0612"
+    b"2712"
+    b"5411"
+    b"051"
+    b"00"
+    b"06123456"
+    b"049876"
+    b"416314123456"
+    b"TERM0001"
+    b"MERCHANT0000001"
+    b"ACME GROCERY #12         BERLIN       DE"
+    b"008R9203123"
+    b"978"
+    b"840"
+)
+
+# 0800 sign-on: bits 1 (secondary present), 7, 11 and 70.
+GOLDEN_0800 = b"0800822000000000000004000000000000000612143015000042001"
+
+MANDATORY_0100 = (2, 3, 7, 11, 18, 32, 49)
+
+
+@pytest.fixture(scope="module")
+def codec() -> Codec:
+    return Codec(load_spec())
+
+
+@pytest.fixture(scope="module")
+def binary_codec() -> Codec:
+    return Codec(load_spec("binary"))
+
+
+def without(*keys: int) -> dict[int, bytes]:
+    return {k: v for k, v in FIELDS_0100.items() if k not in keys}
+
+
+def with_field(key: int, value: bytes) -> dict[int, bytes]:
+    return {**FIELDS_0100, key: value}
+
+
+def assert_no_pan(error: BaseException, pan: str = PAN) -> None:
+    """The PAN must not reach a log line: not the message, args, attributes or traceback."""
+    assert pan not in str(error)
+    assert pan not in repr(error)
+    assert pan not in repr(error.args)
+    attributes = {k: v for k, v in vars(error).items() if k != "echo"}
+    assert pan not in repr(attributes)
+    assert error.__cause__ is None
+    formatted = "".join(traceback.format_exception(error))
+    assert pan not in formatted
+
+
+# --- the test helpers themselves -----------------------------------------------------------
+
+
+def test_bitmap_helper_matches_hand_computed_bitmaps() -> None:
+    # 2,3,4,6,7 -> 0111 0110; 11..14 -> 0011 1100; 18,22 -> 0100 0100; 25,32 -> 1000 0001;
+    # 33,37 -> 1000 1000; 41,42,43,48 -> 1110 0001; 49,51 -> 1010 0000; none -> 0000 0000.
+    assert bitmap(*FIELDS_0100) == b"763C448188E1A000"
+    assert bitmap(7, 11, 70) == b"8220000000000000" + b"0400000000000000"
+    assert bitmap(7, 11, 39, 70) == b"8220000002000000" + b"0400000000000000"
+    assert binary_bitmap(7, 11, 70) == b"\x82\x20" + b"\x00" * 6 + b"\x04" + b"\x00" * 7
+
+
+def test_build_helper_matches_golden_literal() -> None:
+    assert build(b"0100", FIELDS_0100) == GOLDEN_0100
+    assert build(b"0800", {7: b"0612143015", 11: b"000042", 70: b"001"}) == GOLDEN_0800
+    assert len(FIELDS_0100[43]) == 40
+
+
+# --- 0100 authorisation --------------------------------------------------------------------
+
+
+def test_decode_0100_names_every_field(codec: Codec) -> None:
+    request = codec.decode(GOLDEN_0100)
+    assert isinstance(request, AuthorizationRequest)
+    assert request.mti == "0100"
+    assert request.pan == PAN
+    assert request.processing_code == "000000"
+    assert request.transaction_type == "00"
+    assert request.amount == 12345
+    assert request.billing_amount == "000000013579"
+    assert request.transmission_datetime == "0612143015"
+    assert request.stan == "004711"
+    assert request.expiry == "2712"
+    assert request.mcc == "5411"
+    assert request.pos_entry_mode == "051"
+    assert request.pos_condition == "00"
+    assert request.acquirer == "123456"
+    assert request.forwarding == "9876"
+    assert request.rrn == "416314123456"
+    assert request.terminal == "TERM0001"
+    assert request.merchant_id == "MERCHANT0000001"
+    assert request.merchant_name_location == "ACME GROCERY #12         BERLIN       DE"
+    assert request.additional_data == "R9203123"
+    assert request.currency == "978"
+    assert request.billing_currency == "840"
+    assert request.identity == b"123456|004711|0612143015"
+    assert request.echo == {
+        "2": PAN,
+        "3": "000000",
+        "4": "000000012345",
+        "6": "000000013579",
+        "7": "0612143015",
+        "11": "004711",
+        "12": "143015",
+        "13": "0612",
+        "32": "123456",
+        "37": "416314123456",
+        "41": "TERM0001",
+        "42": "MERCHANT0000001",
+        "49": "978",
+        "51": "840",
+    }
+
+
+def test_decode_0101_repeat(codec: Codec) -> None:
+    request = codec.decode(b"0101" + GOLDEN_0100[4:])
+    assert isinstance(request, AuthorizationRequest)
+    assert request.mti == "0101"
+    assert request.stan == "004711"
+
+
+def test_decode_minimal_0100_leaves_optional_fields_none(codec: Codec) -> None:
+    # Worked out by hand: 2,3,7 -> 0x62; 11 -> 0x20; 18 -> 0x40; 32 -> 0x01; 49 -> 0x80.
+    message = b"010062204001000080001641111111111111113100000612143015000001601103999826"
+    assert message[4:20] == bitmap(*MANDATORY_0100)
+    request = codec.decode(message)
+    assert isinstance(request, AuthorizationRequest)
+    assert (request.pan, request.processing_code, request.transaction_type) == (
+        PAN,
+        "310000",
+        "31",
+    )
+    assert (request.stan, request.mcc, request.acquirer, request.currency) == (
+        "000001",
+        "6011",
+        "999",
+        "826",
+    )
+    assert request.amount is None
+    for name in (
+        "expiry",
+        "pos_entry_mode",
+        "pos_condition",
+        "forwarding",
+        "rrn",
+        "terminal",
+        "merchant_id",
+        "merchant_name_location",
+        "additional_data",
+        "billing_amount",
+        "billing_currency",
+    ):
+        assert getattr(request, name) is None, name
+    assert set(request.echo) == {"2", "3", "7", "11", "32", "49"}
+
+
+def test_decode_lower_case_bitmap(codec: Codec) -> None:
+    message = b"0100" + b"763c448188e1a000" + GOLDEN_0100[20:]
+    assert bitmap(*FIELDS_0100, lower=True) == b"763c448188e1a000"
+    assert codec.decode(message) == codec.decode(GOLDEN_0100)
+
+
+def test_decode_all_zero_secondary_bitmap(codec: Codec) -> None:
+    # Bit 1 says a secondary bitmap follows; it names no field. Still a valid 0100.
+    message = b"0100" + b"F63C448188E1A000" + b"0000000000000000" + GOLDEN_0100[20:]
+    request = codec.decode(message)
+    assert isinstance(request, AuthorizationRequest)
+    assert request == codec.decode(GOLDEN_0100)
+
+
+@pytest.mark.parametrize(
+    "amount", [b"00000001234A", b"       12345", b"-00000012345", b"+00000012345"]
+)
+def test_non_digit_amount_is_not_a_format_error(codec: Codec, amount: bytes) -> None:
+    # The engine answers 13 (invalid amount) for this: more precise than 30.
+    request = codec.decode(build(b"0100", with_field(4, amount)))
+    assert isinstance(request, AuthorizationRequest)
+    assert request.amount is None
+    assert request.stan == "004711"
+
+
+def test_zero_amount_is_zero_not_none(codec: Codec) -> None:
+    request = codec.decode(build(b"0100", with_field(4, b"000000000000")))
+    assert isinstance(request, AuthorizationRequest)
+    assert request.amount == 0
+
+
+def test_absent_amount_is_none(codec: Codec) -> None:
+    request = codec.decode(build(b"0100", without(4)))
+    assert isinstance(request, AuthorizationRequest)
+    assert request.amount is None
+    assert "4" not in request.echo
+
+
+# --- 0800 network management ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [b"001", b"002", b"301"])
+def test_decode_0800(codec: Codec, code: bytes) -> None:
+    message = b"0800" + b"8220000000000000" + b"0400000000000000" + b"0612143015000042" + code
+    request = codec.decode(message)
+    assert isinstance(request, NetworkManagementRequest)
+    assert request.mti == "0800"
+    assert request.stan == "000042"
+    assert request.code == code.decode()
+    assert request.echo == {"7": "0612143015", "11": "000042", "70": code.decode()}
+
+
+def test_decode_0800_lower_case_secondary_bitmap(codec: Codec) -> None:
+    # Secondary bitmap naming fields 69 and 70: 0000 1100 -> "0c" in lower case.
+    assert bitmap(7, 11, 69, 70, lower=True) == b"8220000000000000" + b"0c00000000000000"
+    message = b"0800" + b"8220000000000000" + b"0c00000000000000" + b"0612143015000042978301"
+    request = codec.decode(message)
+    assert isinstance(request, NetworkManagementRequest)
+    assert (request.stan, request.code) == ("000042", "301")
+
+
+def test_decode_0800_missing_field_70_is_format_error(codec: Codec) -> None:
+    message = b"0800" + b"8220000000000000" + b"0000000000000000" + b"0612143015000042"
+    with pytest.raises(InvalidMessage) as caught:
+        codec.decode(message)
+    assert caught.value.field == "70"
+    assert caught.value.mti == "0800"
+    assert caught.value.echo == {"7": "0612143015", "11": "000042"}
+
+
+# --- binary-bitmap variant -----------------------------------------------------------------
+
+
+def test_binary_bitmap_spec_decodes_0100(codec: Codec, binary_codec: Codec) -> None:
+    message = b"0100" + b"\x76\x3c\x44\x81\x88\xe1\xa0\x00" + GOLDEN_0100[20:]
+    assert message == build(b"0100", FIELDS_0100, binary=True)
+    request = binary_codec.decode(message)
+    assert isinstance(request, AuthorizationRequest)
+    assert request == codec.decode(GOLDEN_0100)
+
+
+def test_binary_bitmap_spec_decodes_0800(binary_codec: Codec) -> None:
+    message = (
+        b"0800"
+        + b"\x82\x20\x00\x00\x00\x00\x00\x00"
+        + b"\x04\x00\x00\x00\x00\x00\x00\x00"
+        + b"0612143015000042301"
+    )
+    request = binary_codec.decode(message)
+    assert isinstance(request, NetworkManagementRequest)
+    assert (request.stan, request.code) == ("000042", "301")
+
+
+def test_binary_codec_does_not_read_a_hex_bitmap(binary_codec: Codec) -> None:
+    with pytest.raises(WireError):
+        binary_codec.decode(GOLDEN_0100)
+
+
+def test_hex_codec_does_not_read_a_binary_bitmap(codec: Codec) -> None:
+    with pytest.raises(WireError):
+        codec.decode(build(b"0100", FIELDS_0100, binary=True))
+
+
+def test_encode_0810_binary_bitmap_golden(binary_codec: Codec) -> None:
+    encoded = binary_codec.encode(
+        {"t": "0810", "7": "0612143015", "11": "000042", "39": "00", "70": "301"}
+    )
+    assert encoded == (
+        b"0810\x82\x20\x00\x00\x02\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00\x00061214301500004200301"
+    )
+
+
+# --- format errors (answered 30) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", [2, 3, 7, 18, 32, 49])
+def test_missing_mandatory_field(codec: Codec, missing: int) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        codec.decode(build(b"0100", without(missing)))
+    error = caught.value
+    assert error.field == str(missing)
+    assert error.mti == "0100"
+    assert error.echo["11"] == "004711"
+    assert str(missing) not in error.echo
+    assert_no_pan(error)
+
+
+def test_missing_mandatory_field_response_golden(codec: Codec) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        codec.decode(build(b"0100", without(6, 12, 13, 18, 33, 37, 41, 42, 43, 48, 51)))
+    response = format_error_response(caught.value)
+    assert response == {
+        "t": "0110",
+        "2": PAN,
+        "3": "000000",
+        "4": "000000012345",
+        "7": "0612143015",
+        "11": "004711",
+        "32": "123456",
+        "39": "30",
+        "49": "978",
+    }
+    # 2,3,4,7 -> 0x72; 11 -> 0x20; 32 -> 0x01; 39 -> 0x02; 49 -> 0x80.
+    assert codec.encode(response) == (
+        b"0110722000010200800016411111111111111100000000000001234506121430150047110612345630978"
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        (3, b"00A000"),
+        (3, b"00 000"),
+        (6, b"00000001357X"),
+        (7, b"06121430 5"),
+        (12, b"14:015"),
+        (13, b"O612"),
+        (14, b"27l2"),
+        (18, b"54I1"),
+        (22, b"05-"),
+        (25, b"0 "),
+        (32, b"0612345X"),
+        (33, b"04987."),
+        (2, b"16411111111111111X"),
+    ],
+)
+def test_non_digit_numeric_field_is_format_error(codec: Codec, field: int, value: bytes) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        codec.decode(build(b"0100", with_field(field, value)))
+    error = caught.value
+    assert error.field == str(field)
+    assert error.mti == "0100"
+    assert error.echo["11"] == "004711"
+    assert str(field) not in error.echo  # a malformed value is never echoed
+    assert_no_pan(error)
+    assert_no_pan(error, "411111111111111")
+    assert codec.encode(format_error_response(error)).startswith(b"0110")
+
+
+def test_empty_llvar_pan_is_format_error(codec: Codec) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        codec.decode(build(b"0100", with_field(2, b"00")))
+    assert caught.value.field == "2"
+
+
+def test_pan_longer_than_19_is_undecodable(codec: Codec) -> None:
+    # Field 2 comes before the STAN: with its length unreadable, nothing after it can be read.
+    long_pan = "41111111111111111111"
+    with pytest.raises(UndecodableMessage) as caught:
+        codec.decode(build(b"0100", with_field(2, b"20" + long_pan.encode())))
+    assert caught.value.field == "2"
+    assert_no_pan(caught.value, long_pan)
+
+
+def test_non_digit_llvar_length_is_format_error(codec: Codec) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        codec.decode(build(b"0100", with_field(32, b"0A123456")))
+    assert caught.value.field == "32"
+    assert caught.value.echo["11"] == "004711"
+
+
+def test_non_ascii_byte_is_format_error(codec: Codec) -> None:
+    name = b"CAF\xc9 DE PARIS" + b" " * 12 + b"PARIS" + b" " * 8 + b"FR"
+    assert len(name) == 40
+    with pytest.raises(InvalidMessage) as caught:
+        codec.decode(build(b"0100", with_field(43, name)))
+    assert caught.value.field == "43"
+    assert_no_pan(caught.value)
+
+
+def test_trailing_bytes_are_format_error(codec: Codec) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        codec.decode(GOLDEN_0100 + b"XX")
+    error = caught.value
+    assert error.mti == "0100"
+    assert error.echo["49"] == "978"
+    assert error.echo["11"] == "004711"
+    assert_no_pan(error)
+    assert codec.encode(format_error_response(error)).startswith(b"0110")
+
+
+# Offset just past field 11 in GOLDEN_0100.
+END_OF_STAN = GOLDEN_0100.index(b"004711") + 6
+
+
+@pytest.mark.parametrize("cut", range(END_OF_STAN, len(GOLDEN_0100)))
+def test_truncated_after_stan_is_answered_30(codec: Codec, cut: int) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        codec.decode(GOLDEN_0100[:cut])
+    error = caught.value
+    assert error.mti == "0100"
+    assert error.echo["11"] == "004711"
+    assert_no_pan(error)
+    # The echo must make an encodable 0110: a half-read field must not be echoed.
+    response = format_error_response(error)
+    assert response["39"] == "30"
+    encoded = codec.encode(response)
+    assert encoded.startswith(b"0110")
+
+
+@pytest.mark.parametrize("cut", range(4, END_OF_STAN))
+def test_truncated_before_end_of_stan_is_undecodable(codec: Codec, cut: int) -> None:
+    with pytest.raises(UndecodableMessage) as caught:
+        codec.decode(GOLDEN_0100[:cut])
+    assert_no_pan(caught.value)
+
+
+# --- undecodable (dropped) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"",
+        b"0",
+        b"010",
+        b"01O0" + GOLDEN_0100[4:],
+        b" 100" + GOLDEN_0100[4:],
+        b"\x00\x01\x00\x00" + GOLDEN_0100[4:],
+        b"\xd9\xa0100" + GOLDEN_0100[4:],
+        b"\xff" * 40,
+    ],
+)
+def test_unreadable_mti_is_undecodable(codec: Codec, message: bytes) -> None:
+    with pytest.raises(UndecodableMessage) as caught:
+        codec.decode(message)
+    assert caught.value.field == "t"
+
+
+@pytest.mark.parametrize("mti", [b"0110", b"0810", b"0130", b"0210", b"0410", b"0430", b"0102"])
+def test_response_mti_is_undecodable(codec: Codec, mti: bytes) -> None:
+    with pytest.raises(UndecodableMessage) as caught:
+        codec.decode(mti + GOLDEN_0100[4:])
+    assert caught.value.field == "t"
+    assert_no_pan(caught.value)
+
+
+def test_missing_stan_is_undecodable(codec: Codec) -> None:
+    with pytest.raises(UndecodableMessage) as caught:
+        codec.decode(build(b"0100", without(11)))
+    assert caught.value.field == "11"
+    assert_no_pan(caught.value)
+
+
+@pytest.mark.parametrize("stan", [b"00471A", b"     1", b"-00471"])
+def test_non_digit_stan_is_undecodable(codec: Codec, stan: bytes) -> None:
+    with pytest.raises(UndecodableMessage) as caught:
+        codec.decode(build(b"0100", with_field(11, stan)))
+    assert caught.value.field == "11"
+
+
+def test_short_stan_is_undecodable(codec: Codec) -> None:
+    # Field 11 is the last field and only 4 of its 6 digits arrived.
+    message = b"0800" + b"8220000000000000" + b"0400000000000000" + b"0612143015" + b"0000"
+    with pytest.raises(UndecodableMessage) as caught:
+        codec.decode(message)
+    assert caught.value.field == "11"
+
+
+def test_non_hex_bitmap_is_undecodable(codec: Codec) -> None:
+    with pytest.raises(UndecodableMessage) as caught:
+        codec.decode(b"0100" + b"763C4481G8E1A000" + GOLDEN_0100[20:])
+    assert caught.value.field == "p"
+    assert_no_pan(caught.value)
+
+
+def test_tertiary_bitmap_is_a_wire_error(codec: Codec) -> None:
+    # Bit 65 set in the secondary bitmap makes pyiso8583 read a third bitmap naming fields
+    # 129-192, which the 1987 spec does not define: a typed error, not a KeyError.
+    message = (
+        b"0800"
+        b"8220000000000000"
+        b"8400000000000000"  # 65 and 70
+        b"8000000000000000"  # 129
+        b"0612143015"
+        b"000042"
+        b"301"
+        b"X"
+    )
+    with pytest.raises(WireError) as caught:
+        codec.decode(message)
+    assert isinstance(caught.value, UndecodableMessage | InvalidMessage)
+
+
+def test_all_zero_tertiary_bitmap_is_harmless(codec: Codec) -> None:
+    message = (
+        b"0800"
+        b"8220000000000000"
+        b"8400000000000000"  # 65 and 70
+        b"0000000000000000"
+        b"0612143015"
+        b"000042"
+        b"301"
+    )
+    request = codec.decode(message)
+    assert isinstance(request, NetworkManagementRequest)
+
+
+# --- request types this processor does not handle ------------------------------------------
+
+
+@pytest.mark.parametrize("mti", [b"0200", b"0400", b"0420", b"0120", b"0220", b"0421"])
+def test_unsupported_request(codec: Codec, mti: bytes) -> None:
+    request = codec.decode(mti + GOLDEN_0100[4:])
+    assert isinstance(request, UnsupportedRequest)
+    assert request.mti == mti.decode()
+    assert request.stan == "004711"
+    assert request.echo["11"] == "004711"
+    assert request.echo["7"] == "0612143015"
+
+
+def test_unsupported_request_is_still_digit_checked(codec: Codec) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        codec.decode(build(b"0200", with_field(3, b"00A000")))
+    assert caught.value.field == "3"
+    assert caught.value.mti == "0200"
+
+
+def test_unsupported_request_without_stan_is_undecodable(codec: Codec) -> None:
+    with pytest.raises(UndecodableMessage):
+        codec.decode(build(b"0400", without(11)))
+
+
+# --- encoding responses --------------------------------------------------------------------
+
+
+def test_encode_0810_golden(codec: Codec) -> None:
+    encoded = codec.encode(
+        {"t": "0810", "7": "0612143015", "11": "000042", "39": "00", "70": "301"}
+    )
+    assert encoded == (b"081082200000020000000400000000000000061214301500004200301")
+    assert isinstance(encoded, bytes)
+
+
+def test_encode_0110_approval_golden(codec: Codec) -> None:
+    encoded = codec.encode(
+        {
+            "t": "0110",
+            "2": PAN,
+            "3": "000000",
+            "4": "000000012345",
+            "7": "0612143015",
+            "11": "004711",
+            "32": "123456",
+            "37": "416314123456",
+            "38": "A1B2C3",
+            "39": "00",
+            "41": "TERM0001",
+            "49": "978",
+        }
+    )
+    # 2,3,4,7 -> 0x72; 11 -> 0x20; 32 -> 0x01; 37,38,39 -> 0x0E; 41 -> 0x80; 49 -> 0x80.
+    assert encoded == (
+        b"0110"
+        b"722000010E808000"
+        b"164111111111111111"
+        b"000000"
+        b"000000012345"
+        b"0612143015"
+        b"004711"
+        b"06123456"
+        b"416314123456"
+        b"A1B2C3"
+        b"00"
+        b"TERM0001"
+        b"978"
+    )
+
+
+def test_encode_0110_balance_golden(codec: Codec) -> None:
+    balances = balance_block("00", "01", "978", 12345) + balance_block("00", "02", "978", -500)
+    encoded = codec.encode({"t": "0110", "3": "310000", "11": "004711", "39": "00", "54": balances})
+    # 3 -> 0x20; 11 -> 0x20; 39 -> 0x02; 54 -> 0x04.
+    assert encoded == (
+        b"01102020000002000400310000004711000400001978C0000000123450002978D000000000500"
+    )
+
+
+def test_encode_rejects_a_malformed_response_with_value_error(codec: Codec) -> None:
+    with pytest.raises(ValueError, match="39") as caught:
+        codec.encode({"t": "0110", "11": "004711", "39": "000"})
+    assert not isinstance(caught.value, WireError)  # our bug, not the peer's
+    with pytest.raises(ValueError):
+        codec.encode({"t": "0110", "2": "1" * 20, "11": "004711", "39": "30"})
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_mti", "expected"),
+    [
+        ("0100", "0110"),
+        ("0101", "0110"),
+        ("0120", "0130"),
+        ("0200", "0210"),
+        ("0220", "0230"),
+        ("0400", "0410"),
+        ("0420", "0430"),
+        ("0421", "0430"),
+        ("0800", "0810"),
+    ],
+)
+def test_response_mti(request_mti: str, expected: str) -> None:
+    assert response_mti(request_mti) == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("00", "01", "978", 12345), "0001978C000000012345"),
+        (("10", "02", "840", -1), "1002840D000000000001"),
+        (("20", "01", "826", 0), "2001826C000000000000"),
+        (("00", "01", "978", 999_999_999_999), "0001978C999999999999"),
+        (("00", "02", "978", -999_999_999_999), "0002978D999999999999"),
+    ],
+)
+def test_balance_block(args: tuple[str, str, str, int], expected: str) -> None:
+    block = balance_block(*args)
+    assert block == expected
+    assert len(block) == 20
+
+
+def test_decode_errors_do_not_chain_the_pyiso8583_error() -> None:
+    """pyiso8583's DecodeError holds the whole message (PAN included): it must not be chained."""
+    codec = Codec(load_spec())
+    good = codec.encode(
+        {
+            "t": "0100",
+            "2": PAN,
+            "3": "000000",
+            "4": "000000001000",
+            "7": "1124101010",
+            "11": "000001",
+            "18": "5411",
+            "32": "123456",
+            "37": "000000000001",
+            "49": "978",
+        }
+    )
+    for cut in (len(good) - 2, len(good) - 20, 30):
+        with pytest.raises(WireError) as caught:
+            codec.decode(good[:cut])
+        assert caught.value.__context__ is None
+        assert caught.value.__cause__ is None
