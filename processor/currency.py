@@ -26,7 +26,12 @@ def alpha_code(numeric: str) -> str | None:
 
 
 def exponent(alpha: str) -> int:
+    """Minor-unit digits: EUR 2, JPY 0, BHD 3. Codes without one (XXX, XAU, XDR) raise."""
     currency = _BY_ALPHA.get(alpha)
     if currency is None:
         raise UnknownCurrency(f"currency {alpha!r} is not an ISO 4217 alphabetic code")
-    return int(currency.exponent or 0)
+    if currency.exponent is None:
+        raise UnknownCurrency(
+            f"currency {alpha!r} has no minor unit in ISO 4217 (N.A.); accounts need one"
+        )
+    return int(currency.exponent)

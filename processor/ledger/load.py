@@ -14,7 +14,7 @@ import msgspec
 from msgspec import Meta
 
 from processor import limits
-from processor.currency import UnknownCurrency, numeric_code
+from processor.currency import UnknownCurrency, exponent, numeric_code
 from processor.ledger.records import Account, AccountStatus, Card, CardStatus
 from processor.ledger.store import Ledger
 from processor.security import PanHasher, luhn_valid
@@ -38,7 +38,8 @@ class AccountEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 
 class CardEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pan: Annotated[str, Meta(pattern=r"^[0-9]{12,19}$")]
+    # 13-19 digits: for shorter PANs the display rule (first 6, last 4) would reveal most digits.
+    pan: Annotated[str, Meta(pattern=r"^[0-9]{13,19}$")]
     account: AccountId
     expiry: Annotated[str, Meta(pattern=r"^[0-9]{2}(0[1-9]|1[0-2])$")]
     status: CardStatus = "active"
@@ -72,6 +73,7 @@ def parse_load_file(text: bytes, source: str) -> LoadFile:
     for index, account in enumerate(data.accounts):
         try:
             numeric_code(account.currency)
+            exponent(account.currency)
         except UnknownCurrency as error:
             raise LoadError(f"{source}: $.accounts[{index}].currency: {error}") from None
     return data

@@ -41,6 +41,9 @@ class Card(msgspec.Struct, array_like=True, kw_only=True, gc=False):
 
     @property
     def masked_pan(self) -> str:
+        # Same rule as security.mask_pan: first 6 and last 4, and nothing of a short PAN.
+        if self.pan_length < 13:
+            return "*" * self.pan_length
         return f"{self.bin}{'*' * (self.pan_length - 10)}{self.last4}"
 
 

@@ -1,0 +1,381 @@
+"""Table-driven tests of the pure decide(): one row per outcome of specs/decision_precedence.toml.
+
+Every row builds a request, a card and an account from a known-good baseline that approves, changes
+only what the row is about, and states the exact decision expected.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import msgspec
+import pytest
+
+from processor.engine import Decision, ProgrammeRules, decide, yymm
+from processor.ledger.records import Account, Card
+from processor.wire.messages import AuthorizationRequest
+
+NOW_YYMM = 2611  # November 2026
+MISSING = None
+NO_RULES = ProgrammeRules()
+PAWN_SHOPS_BLOCKED = ProgrammeRules(blocked_mccs=frozenset({"5933"}))
+
+
+def make_request(**changes: Any) -> AuthorizationRequest:
+    fields: dict[str, Any] = {
+        "mti": "0100",
+        "pan": "4761739001010010",
+        "processing_code": "000000",
+        "amount": 1_000,
+        "transmission_datetime": "1124120000",
+        "stan": "000001",
+        "expiry": None,
+        "mcc": "5411",
+        "pos_entry_mode": "051",
+        "pos_condition": "00",
+        "acquirer": "123456",
+        "forwarding": None,
+        "rrn": "000000000001",
+        "terminal": "TERM0001",
+        "merchant_id": "MERCHANT0000001",
+        "merchant_name_location": None,
+        "additional_data": None,
+        "currency": "978",
+        "billing_amount": None,
+        "billing_currency": None,
+        "echo": {},
+    }
+    fields.update(changes)
+    return AuthorizationRequest(**fields)
+
+
+def make_card(**changes: Any) -> Card:
+    fields: dict[str, Any] = {
+        "card_id": "card_00112233445566778899",
+        "account_id": "acct-1",
+        "bin": "476173",
+        "last4": "0010",
+        "pan_length": 16,
+        "expiry": "3012",
+        "status": "active",
+        "per_transaction_limit": None,
+        "blocked_mccs": (),
+    }
+    fields.update(changes)
+    return Card(**fields)
+
+
+def make_account(**changes: Any) -> Account:
+    fields: dict[str, Any] = {
+        "id": "acct-1",
+        "currency": "EUR",
+        "posted": 100_000,
+        "held": 0,
+        "credit_limit": 0,
+        "status": "active",
+    }
+    fields.update(changes)
+    return Account(**fields)
+
+
+class Case(NamedTuple):
+    name: str
+    code: str
+    reason: str
+    request: dict[str, Any] = {}
+    card: dict[str, Any] | None = {}  # None: no such card
+    account: dict[str, Any] | None = {}  # None: no such account
+    rules: ProgrammeRules = NO_RULES
+    now_yymm: int = NOW_YYMM
+    hold: int = 0
+    balance_inquiry: bool = False
+
+
+CASES = [
+    # 14: the card is not in the ledger (with or without an account to go with it).
+    Case("unknown card", "14", "card_not_found", card=None, account=None),
+    Case("unknown card, account present", "14", "card_not_found", card=None),
+    # 96: a card whose account record is missing is a ledger inconsistency.
+    Case("card without account", "96", "card_account_missing", account=None),
+    # 41 / 43 / 62: card and account status.
+    Case("lost card", "41", "card_lost", card={"status": "lost"}),
+    Case("stolen card", "43", "card_stolen", card={"status": "stolen"}),
+    Case("frozen card", "62", "card_frozen", card={"status": "frozen"}),
+    Case("inactive card", "62", "card_inactive", card={"status": "inactive"}),
+    Case("closed card", "62", "card_closed", card={"status": "closed"}),
+    Case("frozen account", "62", "account_frozen", account={"status": "frozen"}),
+    Case("closed account", "62", "account_closed", account={"status": "closed"}),
+    # 54: a card is valid THROUGH its expiry month.
+    Case(
+        "expires this month",
+        "00",
+        "approved",
+        card={"expiry": "2611"},
+        now_yymm=2611,
+        hold=1_000,
+    ),
+    Case("expired last month", "54", "card_expired", card={"expiry": "2611"}, now_yymm=2612),
+    Case(
+        "expires in December, still December",
+        "00",
+        "approved",
+        card={"expiry": "2612"},
+        now_yymm=2612,
+        hold=1_000,
+    ),
+    Case(
+        "expired at the year boundary", "54", "card_expired", card={"expiry": "2612"}, now_yymm=2701
+    ),
+    Case("expired long ago", "54", "card_expired", card={"expiry": "2401"}),
+    Case(
+        "field 14 equals the card expiry",
+        "00",
+        "approved",
+        request={"expiry": "3012"},
+        hold=1_000,
+    ),
+    Case(
+        "field 14 differs from the card expiry", "54", "expiry_mismatch", request={"expiry": "3011"}
+    ),
+    # 12: transaction type and currency.
+    Case(
+        "refund not supported",
+        "12",
+        "unsupported_processing_code",
+        request={"processing_code": "200000"},
+    ),
+    Case(
+        "unknown transaction type",
+        "12",
+        "unsupported_processing_code",
+        request={"processing_code": "990000"},
+    ),
+    Case("USD on a EUR account", "12", "currency_mismatch", request={"currency": "840"}),
+    Case("unknown numeric currency", "12", "currency_mismatch", request={"currency": "000"}),
+    Case(
+        "EUR on a USD account",
+        "12",
+        "currency_mismatch",
+        account={"currency": "USD"},
+    ),
+    Case(
+        "USD on a USD account",
+        "00",
+        "approved",
+        request={"currency": "840"},
+        account={"currency": "USD"},
+        hold=1_000,
+    ),
+    # 00 balance inquiry: nothing held, whatever the amount says.
+    Case(
+        "balance inquiry without amount",
+        "00",
+        "balance_inquiry",
+        request={"processing_code": "310000", "amount": None},
+        balance_inquiry=True,
+    ),
+    Case(
+        "balance inquiry with an amount",
+        "00",
+        "balance_inquiry",
+        request={"processing_code": "312000", "amount": 5_000_000},
+        balance_inquiry=True,
+    ),
+    # 13: amount.
+    Case("zero amount", "13", "invalid_amount", request={"amount": 0}),
+    Case("absent amount", "13", "invalid_amount", request={"amount": None}),
+    # 57: MCC rules, programme first.
+    Case(
+        "MCC blocked by the programme",
+        "57",
+        "mcc_blocked",
+        request={"mcc": "5933"},
+        rules=PAWN_SHOPS_BLOCKED,
+    ),
+    Case(
+        "MCC blocked by the card",
+        "57",
+        "mcc_blocked_by_card",
+        request={"mcc": "7995"},
+        card={"blocked_mccs": ("7995", "5933")},
+    ),
+    Case(
+        "MCC blocked by both: programme wins",
+        "57",
+        "mcc_blocked",
+        request={"mcc": "5933"},
+        card={"blocked_mccs": ("5933",)},
+        rules=PAWN_SHOPS_BLOCKED,
+    ),
+    Case(
+        "other MCC passes both blocks",
+        "00",
+        "approved",
+        request={"mcc": "5411"},
+        card={"blocked_mccs": ("5933",)},
+        rules=PAWN_SHOPS_BLOCKED,
+        hold=1_000,
+    ),
+    # 61: per-transaction limit (inclusive).
+    Case(
+        "amount equal to the per-transaction limit",
+        "00",
+        "approved",
+        request={"amount": 50_000},
+        card={"per_transaction_limit": 50_000},
+        hold=50_000,
+    ),
+    Case(
+        "amount one above the per-transaction limit",
+        "61",
+        "per_transaction_limit",
+        request={"amount": 50_001},
+        card={"per_transaction_limit": 50_000},
+    ),
+    Case(
+        "zero per-transaction limit",
+        "61",
+        "per_transaction_limit",
+        request={"amount": 1},
+        card={"per_transaction_limit": 0},
+    ),
+    # 51: available = posted + credit_limit - held (inclusive).
+    Case(
+        "amount equal to available",
+        "00",
+        "approved",
+        request={"amount": 100_000},
+        hold=100_000,
+    ),
+    Case("amount one above available", "51", "insufficient_funds", request={"amount": 100_001}),
+    Case(
+        "credit limit extends available",
+        "00",
+        "approved",
+        request={"amount": 150_000},
+        account={"credit_limit": 50_000},
+        hold=150_000,
+    ),
+    Case(
+        "one above posted plus credit limit",
+        "51",
+        "insufficient_funds",
+        request={"amount": 150_001},
+        account={"credit_limit": 50_000},
+    ),
+    Case(
+        "held reduces available: exactly what is left",
+        "00",
+        "approved",
+        request={"amount": 70_000},
+        account={"held": 30_000},
+        hold=70_000,
+    ),
+    Case(
+        "held reduces available: one above what is left",
+        "51",
+        "insufficient_funds",
+        request={"amount": 70_001},
+        account={"held": 30_000},
+    ),
+    Case(
+        "overdrawn account within its credit limit",
+        "00",
+        "approved",
+        request={"amount": 300},
+        account={"posted": -200, "credit_limit": 500},
+        hold=300,
+    ),
+    Case(
+        "overdrawn account beyond what its credit limit leaves",
+        "51",
+        "insufficient_funds",
+        request={"amount": 301},
+        account={"posted": -200, "credit_limit": 500},
+    ),
+    # 00: approval holds exactly the amount, for every supported transaction type.
+    Case("purchase", "00", "approved", hold=1_000),
+    Case("cash", "00", "approved", request={"processing_code": "010000"}, hold=1_000),
+    Case(
+        "purchase with cashback",
+        "00",
+        "approved",
+        request={"processing_code": "090000"},
+        hold=1_000,
+    ),
+    Case("1-unit purchase", "00", "approved", request={"amount": 1}, hold=1),
+]
+
+
+def inputs(case: Case) -> tuple[AuthorizationRequest, Card | None, Account | None]:
+    request = make_request(**case.request)
+    card = None if case.card is None else make_card(**case.card)
+    account = None if case.account is None else make_account(**case.account)
+    return request, card, account
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_decision_table(case: Case) -> None:
+    request, card, account = inputs(case)
+
+    decision = decide(request, card, account, case.rules, case.now_yymm)
+
+    assert decision == Decision(
+        case.code, case.reason, hold_amount=case.hold, balance_inquiry=case.balance_inquiry
+    )
+    assert decision.approved is (case.code == "00")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_every_decision_has_a_machine_reason(case: Case) -> None:
+    request, card, account = inputs(case)
+
+    decision = decide(request, card, account, case.rules, case.now_yymm)
+
+    assert re.fullmatch(r"[a-z][a-z_]*[a-z]", decision.reason), decision.reason
+    # Only approvals hold; a decline never carries an amount to hold.
+    assert (decision.hold_amount > 0) is (decision.reason == "approved")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_decide_is_deterministic_and_does_not_mutate_inputs(case: Case) -> None:
+    request, card, account = inputs(case)
+    before = msgspec.msgpack.encode((request, card, account, case.rules))
+
+    first = decide(request, card, account, case.rules, case.now_yymm)
+    second = decide(request, card, account, case.rules, case.now_yymm)
+    # Equal inputs built afresh give the equal decision: nothing depends on identity or state.
+    fresh = decide(*inputs(case), case.rules, case.now_yymm)
+
+    assert first == second == fresh
+    assert msgspec.msgpack.encode((request, card, account, case.rules)) == before
+
+
+def test_table_covers_every_response_code_of_the_precedence() -> None:
+    codes = {case.code for case in CASES}
+    assert codes == {"00", "12", "13", "14", "41", "43", "51", "54", "57", "61", "62", "96"}
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        (datetime(2026, 11, 24, 12, 0, tzinfo=UTC), 2611),
+        (datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC), 2612),
+        (datetime(2027, 1, 1, 0, 0, tzinfo=UTC), 2701),
+        (datetime(2030, 5, 1, tzinfo=UTC), 3005),
+    ],
+)
+def test_yymm(now: datetime, expected: int) -> None:
+    assert yymm(now) == expected
+
+
+def test_expiry_comparison_across_year_boundary_uses_yymm() -> None:
+    # December 2026 card: good on the last second of 2026, expired on the first of 2027.
+    request, card, account = make_request(), make_card(expiry="2612"), make_account()
+    last_second = yymm(datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC))
+    first_second = yymm(datetime(2027, 1, 1, 0, 0, 0, tzinfo=UTC))
+
+    assert decide(request, card, account, NO_RULES, last_second).response_code == "00"
+    assert decide(request, card, account, NO_RULES, first_second).reason == "card_expired"

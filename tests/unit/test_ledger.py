@@ -1,0 +1,989 @@
+"""The LMDB ledger: load files, PAN protection, reports, and the Authorizer that applies batches.
+
+Every test works on a fresh ledger in tmp_path with durability="process" (no fsync).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import iso8583
+import lmdb
+import msgspec
+import pytest
+
+from processor.authorizer import Authorizer, Outcome, approval_code
+from processor.engine import ProgrammeRules
+from processor.ledger.load import (
+    LoadError,
+    LoadSummary,
+    apply_load_file,
+    card_id_for,
+    load_path,
+    parse_load_file,
+)
+from processor.ledger.records import Card
+from processor.ledger.report import describe_account, describe_card, money
+from processor.ledger.store import Ledger, LedgerError
+from processor.resources import demo_data_path
+from processor.security import PanHasher, luhn_valid, mask_pan
+from processor.wire.codec import Codec
+from processor.wire.messages import AuthorizationRequest
+from processor.wire.spec import load_spec
+
+HASHER = PanHasher(b"test-key")
+CODEC = Codec(load_spec())
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+LATER = NOW + timedelta(minutes=5)
+MAP_SIZE = 64 << 20
+HOLD_LIFETIME_SECONDS = 7 * 86400
+
+MAIN = "5200001111222233"  # acct-main, per-transaction limit 500.00, MCC 5933 blocked
+FROZEN = "5200001111222241"  # acct-main, frozen
+CREDIT = "5200001111222258"  # acct-credit (20.00 + 30.00 credit), expires November 2026
+YEN = "520000111122227772"  # acct-yen, 18 digits
+UNKNOWN = "5200001111222266"  # Luhn-valid, never loaded
+PANS = (MAIN, FROZEN, CREDIT, YEN)
+
+LOAD_FILE = f"""
+[[accounts]]
+id = "acct-main"
+currency = "EUR"
+balance = 100000
+credit_limit = 0
+
+[[accounts]]
+id = "acct-credit"
+currency = "EUR"
+balance = 2000
+credit_limit = 3000
+
+[[accounts]]
+id = "acct-yen"
+currency = "JPY"
+balance = 50000
+
+[[cards]]
+pan = "{MAIN}"
+account = "acct-main"
+expiry = "3012"
+per_transaction_limit = 50000
+blocked_mccs = ["5933"]
+
+[[cards]]
+pan = "{FROZEN}"
+account = "acct-main"
+expiry = "3012"
+status = "frozen"
+
+[[cards]]
+pan = "{CREDIT}"
+account = "acct-credit"
+expiry = "2611"
+
+[[cards]]
+pan = "{YEN}"
+account = "acct-yen"
+expiry = "3012"
+""".encode()
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    led = Ledger(tmp_path, durability="process", map_size_bytes=MAP_SIZE)
+    yield led
+    led.close()
+
+
+@pytest.fixture
+def loaded(ledger: Ledger) -> Ledger:
+    apply_load_file(ledger, parse_load_file(LOAD_FILE, "test.toml"), HASHER, "test.toml")
+    return ledger
+
+
+@pytest.fixture
+def authorizer(loaded: Ledger) -> Authorizer:
+    return make_authorizer(loaded)
+
+
+def make_authorizer(ledger: Ledger, rules: ProgrammeRules | None = None) -> Authorizer:
+    return Authorizer(
+        ledger,
+        CODEC,
+        HASHER,
+        rules or ProgrammeRules(),
+        hold_lifetime_seconds=HOLD_LIFETIME_SECONDS,
+    )
+
+
+def load_text(ledger: Ledger, text: bytes) -> LoadSummary:
+    return apply_load_file(ledger, parse_load_file(text, "extra.toml"), HASHER, "extra.toml")
+
+
+def auth_request(
+    pan: str = MAIN,
+    amount: int | None = 1_000,
+    *,
+    stan: str = "000001",
+    transmission: str = "1124120000",
+    acquirer: str = "123456",
+    mti: str = "0100",
+    processing_code: str = "000000",
+    currency: str = "978",
+    mcc: str = "5411",
+    rrn: str = "633012000001",
+    expiry: str | None = None,
+) -> AuthorizationRequest:
+    """A request as the wire decodes it: encoded, then decoded by the real codec."""
+    fields = {
+        "t": mti,
+        "2": pan,
+        "3": processing_code,
+        "7": transmission,
+        "11": stan,
+        "18": mcc,
+        "22": "051",
+        "25": "00",
+        "32": acquirer,
+        "37": rrn,
+        "41": "TERM0001",
+        "42": "MERCHANT0000001",
+        "43": "TEST SHOP              BERLIN         DE",
+        "49": currency,
+    }
+    if amount is not None:
+        fields["4"] = f"{amount:012d}"
+    if expiry is not None:
+        fields["14"] = expiry
+    request = CODEC.decode(CODEC.encode(fields))
+    assert isinstance(request, AuthorizationRequest)
+    return request
+
+
+def response_fields(outcome: Outcome) -> dict[str, str]:
+    fields, _ = iso8583.decode(outcome.response, CODEC.spec.iso)
+    return fields
+
+
+def card_of(ledger: Ledger, pan: str) -> Card | None:
+    with ledger.read() as reader:
+        return reader.card(HASHER.card_key(pan))
+
+
+def account_state(ledger: Ledger, account_id: str) -> tuple[int, int, int]:
+    """(posted, held, available)"""
+    with ledger.read() as reader:
+        account = reader.account(account_id)
+        assert account is not None
+        return account.posted, account.held, account.available
+
+
+def open_holds(ledger: Ledger, account_id: str) -> list[Any]:
+    with ledger.read() as reader:
+        return reader.account_holds(account_id, limit=10_000)
+
+
+def card_count(ledger: Ledger) -> int:
+    with ledger.read() as reader:
+        return sum(len(reader.account_cards(a.id)) for a in reader.accounts())
+
+
+# --- load files -----------------------------------------------------------------------------------
+
+
+def test_test_pans_are_luhn_valid() -> None:
+    assert all(luhn_valid(pan) for pan in (*PANS, UNKNOWN))
+
+
+def test_load_creates_accounts_and_cards(ledger: Ledger) -> None:
+    data = parse_load_file(LOAD_FILE, "test.toml")
+    assert [a.id for a in data.accounts] == ["acct-main", "acct-credit", "acct-yen"]
+    assert len(data.cards) == 4
+
+    summary = apply_load_file(ledger, data, HASHER, "test.toml")
+
+    assert summary == LoadSummary(
+        accounts_created=3, accounts_updated=0, cards_created=4, cards_updated=0
+    )
+    with ledger.read() as reader:
+        assert reader.account_count() == 3
+        main = reader.account("acct-main")
+        assert main is not None
+        assert (main.currency, main.posted, main.held, main.credit_limit, main.status) == (
+            "EUR",
+            100000,
+            0,
+            0,
+            "active",
+        )
+        credit = reader.account("acct-credit")
+        assert credit is not None and credit.available == 5000
+        key = HASHER.card_key(MAIN)
+        card = reader.card(key)
+        assert card == Card(
+            card_id=card_id_for(key),
+            account_id="acct-main",
+            bin="520000",
+            last4="2233",
+            pan_length=16,
+            expiry="3012",
+            status="active",
+            per_transaction_limit=50000,
+            blocked_mccs=("5933",),
+        )
+        assert {c.card_id for c in reader.account_cards("acct-main")} == {
+            card_id_for(HASHER.card_key(MAIN)),
+            card_id_for(HASHER.card_key(FROZEN)),
+        }
+        yen = reader.card(HASHER.card_key(YEN))
+        assert yen is not None and yen.pan_length == 18 and yen.account_id == "acct-yen"
+        assert reader.card(HASHER.card_key(UNKNOWN)) is None
+
+
+def test_cards_are_keyed_by_the_hasher_key(loaded: Ledger) -> None:
+    with loaded.read() as reader:
+        assert reader.card(PanHasher(b"another-key").card_key(MAIN)) is None
+
+
+def test_loading_the_same_file_twice_doubles_nothing(loaded: Ledger) -> None:
+    def snapshot() -> tuple[Any, ...]:
+        with loaded.read() as reader:
+            accounts = sorted(msgspec.to_builtins(a) for a in reader.accounts())
+            index = {
+                a.id: sorted(c.card_id for c in reader.account_cards(a.id))
+                for a in reader.accounts()
+            }
+            return accounts, index, reader.account_count()
+
+    before = snapshot()
+    summary = load_text(loaded, LOAD_FILE)
+
+    assert summary == LoadSummary(
+        accounts_created=0, accounts_updated=3, cards_created=0, cards_updated=4
+    )
+    assert snapshot() == before
+    assert card_count(loaded) == 4
+
+
+def test_reload_keeps_held_from_open_holds_not_from_the_file(
+    loaded: Ledger, authorizer: Authorizer
+) -> None:
+    [outcome] = authorizer.authorize_batch([auth_request(MAIN, 2_500)], NOW)
+    assert outcome.response_code == "00"
+
+    load_text(loaded, LOAD_FILE.replace(b"balance = 100000", b"balance = 90000"))
+
+    assert account_state(loaded, "acct-main") == (90000, 2_500, 87_500)
+    assert len(open_holds(loaded, "acct-main")) == 1
+
+
+def test_updating_a_cards_account_moves_it(loaded: Ledger) -> None:
+    moved = f"""
+[[cards]]
+pan = "{MAIN}"
+account = "acct-credit"
+expiry = "3101"
+status = "frozen"
+""".encode()
+    summary = load_text(loaded, moved)
+
+    assert summary.cards_updated == 1 and summary.cards_created == 0
+    card = card_of(loaded, MAIN)
+    assert card is not None
+    assert (card.account_id, card.expiry, card.status) == ("acct-credit", "3101", "frozen")
+    # Fields the file leaves out go back to their defaults: a load entry is the whole card.
+    assert card.per_transaction_limit is None and card.blocked_mccs == ()
+    with loaded.read() as reader:
+        assert [c.last4 for c in reader.account_cards("acct-main")] == ["2241"]
+        assert sorted(c.last4 for c in reader.account_cards("acct-credit")) == ["2233", "2258"]
+    assert card_count(loaded) == 4
+
+
+def test_load_path_loads_the_demo_data(ledger: Ledger) -> None:
+    summary = load_path(ledger, demo_data_path(), HASHER)
+
+    assert summary == LoadSummary(
+        accounts_created=3, accounts_updated=0, cards_created=8, cards_updated=0
+    )
+    card = card_of(ledger, "4761739001010010")
+    assert card is not None and card.account_id == "demo-main"
+    assert card.per_transaction_limit == 500000 and card.blocked_mccs == ("5933",)
+
+
+def test_load_path_of_a_missing_file(ledger: Ledger, tmp_path: Path) -> None:
+    with pytest.raises(LoadError, match=r"nowhere\.toml: cannot read"):
+        load_path(ledger, tmp_path / "nowhere.toml", HASHER)
+
+
+def test_load_path_reads_a_file(ledger: Ledger, tmp_path: Path) -> None:
+    path = tmp_path / "cards.toml"
+    path.write_bytes(LOAD_FILE)
+    assert load_path(ledger, path, HASHER).cards_created == 4
+
+
+ACCOUNT = b'[[accounts]]\nid = "a"\ncurrency = "EUR"\nbalance = 100\n'
+
+
+def card_entry(pan: str, extra: str = "") -> bytes:
+    return f'[[cards]]\npan = "{pan}"\naccount = "a"\nexpiry = "3012"\n{extra}'.encode()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            ACCOUNT + card_entry("52000011112222x3"),
+            "Expected `str` matching regex '^[0-9]{13,19}$' - at `$.cards[0].pan`",
+            id="pan-not-digits",
+        ),
+        pytest.param(
+            ACCOUNT + card_entry("52000011112"),
+            "- at `$.cards[0].pan`",
+            id="pan-too-short",
+        ),
+        pytest.param(
+            ACCOUNT + card_entry(MAIN) + b"\n" + card_entry("52000011112222334444"),
+            "- at `$.cards[1].pan`",
+            id="second-pan-too-long",
+        ),
+        pytest.param(
+            ACCOUNT + card_entry(MAIN, 'colour = "red"\n'),
+            "Object contains unknown field `colour` - at `$.cards[0]`",
+            id="unknown-card-key",
+        ),
+        pytest.param(
+            ACCOUNT + b"overdraft = 5\n",
+            "Object contains unknown field `overdraft` - at `$.accounts[0]`",
+            id="unknown-account-key",
+        ),
+        pytest.param(
+            b'[[merchants]]\nid = "m"\n',
+            "Object contains unknown field `merchants`",
+            id="unknown-top-level-key",
+        ),
+        pytest.param(
+            ACCOUNT.replace(b"EUR", b"ABC"),
+            "$.accounts[0].currency: currency 'ABC' is not an ISO 4217 alphabetic code",
+            id="unknown-currency",
+        ),
+        pytest.param(
+            ACCOUNT.replace(b"EUR", b"eur"),
+            "- at `$.accounts[0].currency`",
+            id="lowercase-currency",
+        ),
+        pytest.param(
+            ACCOUNT + card_entry(MAIN).replace(b"3012", b"3013"),
+            "- at `$.cards[0].expiry`",
+            id="expiry-month-13",
+        ),
+        pytest.param(
+            ACCOUNT + card_entry(MAIN, 'status = "misplaced"\n'),
+            "- at `$.cards[0].status`",
+            id="bad-card-status",
+        ),
+        pytest.param(
+            ACCOUNT + card_entry(MAIN, 'blocked_mccs = ["59"]\n'),
+            "- at `$.cards[0].blocked_mccs[0]`",
+            id="bad-mcc",
+        ),
+        pytest.param(
+            ACCOUNT + card_entry(MAIN, "per_transaction_limit = -1\n"),
+            "Expected `int` >= 0 - at `$.cards[0].per_transaction_limit`",
+            id="negative-limit",
+        ),
+        pytest.param(
+            ACCOUNT.replace(b"balance = 100", b"balance = 100\ncredit_limit = -5"),
+            "Expected `int` >= 0 - at `$.accounts[0].credit_limit`",
+            id="negative-credit-limit",
+        ),
+        pytest.param(
+            ACCOUNT.replace(b'id = "a"', b'id = "a b"'),
+            "- at `$.accounts[0].id`",
+            id="account-id-with-space",
+        ),
+        pytest.param(
+            ACCOUNT.replace(b'currency = "EUR"\n', b""),
+            "Object missing required field `currency` - at `$.accounts[0]`",
+            id="missing-currency",
+        ),
+        pytest.param(b"accounts = [", "not valid TOML", id="not-toml"),
+    ],
+)
+def test_bad_load_files_name_the_field(text: bytes, expected: str) -> None:
+    with pytest.raises(LoadError) as raised:
+        parse_load_file(text, "bad.toml")
+    message = str(raised.value)
+    assert message.startswith("bad.toml: ")
+    assert expected in message
+
+
+@pytest.mark.parametrize("currency", [b"XXX", b"XTS"])
+def test_currency_without_minor_units_is_refused(currency: bytes) -> None:
+    with pytest.raises(LoadError, match=r"\$\.accounts\[0\]\.currency"):
+        parse_load_file(ACCOUNT.replace(b"EUR", currency), "bad.toml")
+
+
+@pytest.mark.parametrize(
+    "pan",
+    [
+        "5200001111222234",  # MAIN with the last digit changed
+        "4761739001010011",
+        "5200001111222",  # 13 digits
+        "5200001111222233441",  # 19 digits
+    ],
+)
+def test_non_luhn_pan_is_named_by_path_without_the_pan(pan: str) -> None:
+    assert not luhn_valid(pan)
+    text = ACCOUNT + card_entry(MAIN) + b"\n" + card_entry(pan)
+
+    with pytest.raises(LoadError) as raised:
+        parse_load_file(text, "bad.toml")
+
+    message = str(raised.value)
+    assert message == "bad.toml: $.cards[1].pan fails the Luhn check"
+    assert pan not in message and pan[-4:] not in message
+
+
+def test_pattern_error_does_not_echo_the_pan() -> None:
+    pan = "52000011112222339999x"
+    with pytest.raises(LoadError) as raised:
+        parse_load_file(ACCOUNT + card_entry(pan), "bad.toml")
+    assert "$.cards[0].pan" in str(raised.value)
+    assert "5200001111" not in str(raised.value)
+
+
+def test_card_for_a_missing_account_is_refused_and_nothing_is_applied(ledger: Ledger) -> None:
+    text = ACCOUNT + card_entry(MAIN).replace(b'account = "a"', b'account = "nope"')
+    data = parse_load_file(text, "bad.toml")  # parses: the account is checked against the ledger
+
+    with pytest.raises(LoadError) as raised:
+        apply_load_file(ledger, data, HASHER, "bad.toml")
+
+    assert str(raised.value) == "bad.toml: $.cards[0].account: no account 'nope'"
+    assert MAIN not in str(raised.value)
+    # One transaction: the account loaded earlier in the same file is rolled back as well.
+    with ledger.read() as reader:
+        assert reader.account_count() == 0
+        assert reader.card(HASHER.card_key(MAIN)) is None
+
+
+def test_card_may_reference_an_account_loaded_earlier(loaded: Ledger) -> None:
+    summary = load_text(
+        loaded, card_entry(UNKNOWN).replace(b'account = "a"', b'account = "acct-yen"')
+    )
+    assert summary.cards_created == 1
+    card = card_of(loaded, UNKNOWN)
+    assert card is not None and card.account_id == "acct-yen"
+
+
+def test_currency_of_an_account_with_open_holds_cannot_change(
+    loaded: Ledger, authorizer: Authorizer
+) -> None:
+    [outcome] = authorizer.authorize_batch([auth_request(MAIN, 100)], NOW)
+    assert outcome.response_code == "00"
+    with pytest.raises(LoadError, match=r"\$\.accounts\[0\]\.currency: account acct-main"):
+        load_text(loaded, LOAD_FILE.replace(b'currency = "EUR"', b'currency = "USD"', 1))
+    assert account_state(loaded, "acct-main") == (100000, 100, 99900)
+
+
+# --- PAN protection -----------------------------------------------------------------------------
+
+
+def test_no_pan_in_the_ledger_file_after_loading(loaded: Ledger, tmp_path: Path) -> None:
+    data = (tmp_path / "data.mdb").read_bytes()
+    assert b"acct-main" in data and b"520000" in data  # the file really holds the records
+    for pan in PANS:
+        assert pan.encode("ascii") not in data
+        assert pan[6:].encode("ascii") not in data  # not even the digits after the BIN
+
+
+def test_no_pan_in_the_ledger_file_after_authorising(
+    loaded: Ledger, authorizer: Authorizer, tmp_path: Path
+) -> None:
+    requests = [
+        auth_request(MAIN, 1_000, stan="000001"),
+        auth_request(CREDIT, 99_999, stan="000002"),  # declined 51
+        auth_request(UNKNOWN, 1_000, stan="000003"),  # declined 14
+        auth_request(YEN, None, stan="000004", processing_code="310000", currency="392"),
+    ]
+    outcomes = authorizer.authorize_batch(requests, NOW)
+    assert [o.response_code for o in outcomes] == ["00", "51", "14", "00"]
+    authorizer.authorize_batch(requests, LATER)  # retransmissions
+
+    data = (tmp_path / "data.mdb").read_bytes()
+    assert b"TERM0001" in data  # the stored answers are in this file
+    for pan in (*PANS, UNKNOWN):
+        assert pan.encode("ascii") not in data
+
+
+def test_bind_pan_key(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, durability="process", map_size_bytes=MAP_SIZE)
+    try:
+        ledger.bind_pan_key(HASHER.fingerprint)
+        ledger.bind_pan_key(HASHER.fingerprint)  # the same key again is fine
+        other = PanHasher(b"another-key")
+        assert other.fingerprint != HASHER.fingerprint
+        with pytest.raises(LedgerError, match="another PAN key"):
+            ledger.bind_pan_key(other.fingerprint)
+    finally:
+        ledger.close()
+
+    # The binding is durable: a reopened ledger refuses the other key too.
+    reopened = Ledger(tmp_path, durability="process", map_size_bytes=MAP_SIZE)
+    try:
+        with pytest.raises(LedgerError, match=other.fingerprint):
+            reopened.bind_pan_key(other.fingerprint)
+        reopened.bind_pan_key(HASHER.fingerprint)
+    finally:
+        reopened.close()
+
+
+def test_readonly_ledger_can_read(tmp_path: Path) -> None:
+    writable = Ledger(tmp_path, durability="process", map_size_bytes=MAP_SIZE)
+    load_text(writable, LOAD_FILE)
+    writable.close()
+
+    readonly = Ledger(tmp_path, readonly=True, map_size_bytes=MAP_SIZE)
+    try:
+        with readonly.read() as reader:
+            assert reader.account_count() == 3
+            account = reader.account("acct-credit")
+            assert account is not None and account.available == 5000
+            card = reader.card(HASHER.card_key(CREDIT))
+            assert card is not None and card.expiry == "2611"
+            assert len(reader.account_cards("acct-main")) == 2
+        with pytest.raises(lmdb.ReadonlyError), readonly.write():
+            pass
+    finally:
+        readonly.close()
+
+
+def test_readonly_ledger_that_does_not_exist(tmp_path: Path) -> None:
+    with pytest.raises(LedgerError, match="cannot open"):
+        Ledger(tmp_path / "absent", readonly=True)
+    assert not (tmp_path / "absent").exists()
+
+
+def test_schema_version_mismatch_is_refused(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, durability="process", map_size_bytes=MAP_SIZE)
+    with ledger.env.begin(write=True) as txn:
+        txn.put(b"schema", b"999", db=ledger._dbs["meta"])
+    ledger.close()
+    with pytest.raises(LedgerError, match="schema"):
+        Ledger(tmp_path, durability="process", map_size_bytes=MAP_SIZE)
+
+
+# --- reports ------------------------------------------------------------------------------------
+
+
+def test_describe_account_masks_pans_and_lists_holds(
+    loaded: Ledger, authorizer: Authorizer
+) -> None:
+    [outcome] = authorizer.authorize_batch([auth_request(MAIN, 1_234)], NOW)
+    code = response_fields(outcome)["38"]
+
+    with loaded.read() as reader:
+        account = reader.account("acct-main")
+        assert account is not None
+        lines = describe_account(reader, account, NOW + timedelta(hours=2, minutes=3))
+    text = "\n".join(lines)
+
+    assert lines[0] == "account acct-main  status active  currency EUR"
+    assert "posted" in lines[1] and lines[1].endswith("1000.00 EUR")
+    assert lines[2].endswith("12.34 EUR")
+    assert lines[4].endswith("987.66 EUR")
+    assert "open holds: 1" in text
+    assert (
+        f"approval {code}" in text and "age 2h03m" in text and "expires 2026-12-01 12:00Z" in text
+    )
+    assert "cards: 2" in text
+    assert "520000******2233" in text and "520000******2241" in text
+    for pan in (MAIN, FROZEN):
+        assert pan not in text
+        assert pan[6:12] not in text  # the hidden middle digits
+
+
+def card_for(pan: str) -> Card:
+    return Card(
+        card_id="card_x",
+        account_id="a",
+        bin=pan[:6],
+        last4=pan[-4:],
+        pan_length=len(pan),
+        expiry="3012",
+    )
+
+
+@pytest.mark.parametrize("pan", [MAIN, YEN, "5200001111222", "5200001111222233444"])
+def test_describe_card_shows_first_six_and_last_four_only(pan: str) -> None:
+    card = card_for(pan)
+    line = describe_card(card)
+    assert card.masked_pan == mask_pan(pan)
+    assert f"{pan[:6]}{'*' * (len(pan) - 10)}{pan[-4:]}" in line
+    assert pan not in line
+    assert "per-transaction limit none  blocked MCCs none" in line
+
+
+def test_short_pan_is_masked_like_mask_pan() -> None:
+    pan = "520000111122"
+    assert card_for(pan).masked_pan == mask_pan(pan) == "************"
+
+
+def test_load_file_refuses_pans_shorter_than_13_digits() -> None:
+    with pytest.raises(LoadError, match=r"\$\.cards\[0\]\.pan"):
+        parse_load_file(ACCOUNT + card_entry("520000111122"), "short.toml")
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency", "expected"),
+    [
+        (123456, "EUR", "1234.56 EUR"),
+        (5, "EUR", "0.05 EUR"),
+        (0, "EUR", "0.00 EUR"),
+        (-5, "EUR", "-0.05 EUR"),
+        (-123456, "EUR", "-1234.56 EUR"),
+        (-100, "EUR", "-1.00 EUR"),
+        (500, "JPY", "500 JPY"),
+        (-500, "JPY", "-500 JPY"),
+        (0, "JPY", "0 JPY"),
+        (1234, "BHD", "1.234 BHD"),
+        (1, "BHD", "0.001 BHD"),
+        (-1, "BHD", "-0.001 BHD"),
+        (-1005, "BHD", "-1.005 BHD"),
+        (10**15, "USD", "10000000000000.00 USD"),
+    ],
+)
+def test_money(amount: int, currency: str, expected: str) -> None:
+    assert money(amount, currency) == expected
+
+
+# --- the Authorizer on the ledger ------------------------------------------------------------
+
+
+def test_approval_creates_a_hold(loaded: Ledger, authorizer: Authorizer) -> None:
+    request = auth_request(MAIN, 2_500)
+
+    [outcome] = authorizer.authorize_batch([request], NOW)
+
+    assert (outcome.mti, outcome.response_code, outcome.reason) == ("0100", "00", "approved")
+    fields = response_fields(outcome)
+    assert fields["t"] == "0110" and fields["39"] == "00"
+    assert len(fields["38"]) == 6
+    for key in ("2", "3", "4", "7", "11", "32", "37", "41", "42", "49"):
+        assert fields[key] == request.echo[key], key
+    assert "54" not in fields
+    assert account_state(loaded, "acct-main") == (100000, 2_500, 97_500)
+    [hold] = open_holds(loaded, "acct-main")
+    assert hold.amount == 2_500 and hold.currency == "EUR" and hold.status == "open"
+    assert hold.approval_code == fields["38"] == approval_code(hold.hold_id)
+    assert hold.identity == b"0100|" + request.identity == b"0100|123456|000001|1124120000"
+    assert hold.card_id == card_id_for(HASHER.card_key(MAIN))
+    assert (hold.mcc, hold.rrn) == ("5411", "633012000001")
+    now_ms = int(NOW.timestamp() * 1000)
+    assert hold.created_ms == now_ms
+    assert hold.expires_ms == now_ms + HOLD_LIFETIME_SECONDS * 1000
+
+
+def test_declines_hold_nothing(loaded: Ledger, authorizer: Authorizer) -> None:
+    requests = [
+        auth_request(MAIN, 50_001, stan="000001"),  # 61 over the per-transaction limit
+        auth_request(MAIN, 1_000, stan="000002", mcc="5933"),  # 57 blocked by the card
+        auth_request(FROZEN, 1_000, stan="000003"),  # 62
+        auth_request(UNKNOWN, 1_000, stan="000004"),  # 14
+        auth_request(MAIN, 0, stan="000005"),  # 13
+        auth_request(MAIN, 1_000, stan="000006", currency="840"),  # 12
+    ]
+    outcomes = authorizer.authorize_batch(requests, NOW)
+
+    assert [(o.response_code, o.reason) for o in outcomes] == [
+        ("61", "per_transaction_limit"),
+        ("57", "mcc_blocked_by_card"),
+        ("62", "card_frozen"),
+        ("14", "card_not_found"),
+        ("13", "invalid_amount"),
+        ("12", "currency_mismatch"),
+    ]
+    for outcome in outcomes:
+        assert "38" not in response_fields(outcome)
+    assert account_state(loaded, "acct-main") == (100000, 0, 100000)
+    assert open_holds(loaded, "acct-main") == []
+
+
+def test_programme_rules_reach_the_decision(loaded: Ledger) -> None:
+    authorizer = make_authorizer(loaded, ProgrammeRules(blocked_mccs=frozenset({"7995"})))
+    [outcome] = authorizer.authorize_batch([auth_request(CREDIT, 100, mcc="7995")], NOW)
+    assert (outcome.response_code, outcome.reason) == ("57", "mcc_blocked")
+
+
+def test_unknown_card_answer_is_stored_without_card(loaded: Ledger, authorizer: Authorizer) -> None:
+    request = auth_request(UNKNOWN, 1_000)
+    [outcome] = authorizer.authorize_batch([request], NOW)
+    assert outcome.response_code == "14"
+    with loaded.read() as reader:
+        stored = reader.answer(b"0100|" + request.identity)
+    assert stored is not None
+    assert (stored.response_code, stored.reason, stored.card_id, stored.hold_id) == (
+        "14",
+        "card_not_found",
+        None,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("now", "code"),
+    [
+        (datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC), "00"),
+        (datetime(2026, 12, 1, 0, 0, 0, tzinfo=UTC), "54"),
+        # 00:30 on 1 December in UTC+1 is still 30 November in UTC: the card is valid.
+        (datetime(2026, 12, 1, 0, 30, tzinfo=timezone(timedelta(hours=1))), "00"),
+        # 23:30 on 30 November in UTC-1 is already December in UTC.
+        (datetime(2026, 11, 30, 23, 30, tzinfo=timezone(timedelta(hours=-1))), "54"),
+    ],
+)
+def test_expiry_is_judged_in_utc(authorizer: Authorizer, now: datetime, code: str) -> None:
+    [outcome] = authorizer.authorize_batch([auth_request(CREDIT, 100)], now)
+    assert outcome.response_code == code
+
+
+def test_retransmission_in_a_later_batch_gets_identical_bytes(
+    loaded: Ledger, authorizer: Authorizer
+) -> None:
+    request = auth_request(MAIN, 2_500)
+    [first] = authorizer.authorize_batch([request], NOW)
+    assert first.reason == "approved"
+    with loaded.read() as reader:
+        stored_before = reader.answer(b"0100|" + request.identity)
+
+    [again] = authorizer.authorize_batch([auth_request(MAIN, 2_500)], LATER)
+
+    assert again.response == first.response
+    assert (again.response_code, again.reason) == ("00", "retransmission")
+    assert account_state(loaded, "acct-main") == (100000, 2_500, 97_500)
+    assert len(open_holds(loaded, "acct-main")) == 1
+    with loaded.read() as reader:
+        assert reader.answer(b"0100|" + request.identity) == stored_before
+
+
+def test_repeat_0101_gets_identical_bytes(loaded: Ledger, authorizer: Authorizer) -> None:
+    [first] = authorizer.authorize_batch([auth_request(MAIN, 2_500)], NOW)
+
+    [repeat] = authorizer.authorize_batch([auth_request(MAIN, 2_500, mti="0101")], LATER)
+
+    assert repeat.response == first.response
+    assert repeat.mti == "0101" and repeat.reason == "retransmission"
+    assert response_fields(repeat)["t"] == "0110"
+    assert len(open_holds(loaded, "acct-main")) == 1
+
+
+def test_first_0101_without_an_original_is_decided(loaded: Ledger, authorizer: Authorizer) -> None:
+    [outcome] = authorizer.authorize_batch([auth_request(MAIN, 700, mti="0101")], NOW)
+    assert (outcome.response_code, outcome.reason) == ("00", "approved")
+    assert response_fields(outcome)["t"] == "0110"
+    assert account_state(loaded, "acct-main")[1] == 700
+
+
+def test_retransmitted_decline_stays_declined_after_funding(
+    loaded: Ledger, authorizer: Authorizer
+) -> None:
+    [first] = authorizer.authorize_batch([auth_request(CREDIT, 6_000)], NOW)
+    assert first.response_code == "51"
+    load_text(loaded, LOAD_FILE.replace(b"balance = 2000", b"balance = 20000"))
+
+    [again] = authorizer.authorize_batch([auth_request(CREDIT, 6_000)], LATER)
+
+    assert again.response == first.response
+    assert again.response_code == "51"
+    assert open_holds(loaded, "acct-credit") == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"amount": 2_501},
+        {"pan": CREDIT},
+        {"mcc": "5999"},
+        {"processing_code": "010000"},
+        {"rrn": "633012999999"},
+        {"currency": "840"},
+    ],
+    ids=lambda change: next(iter(change)),
+)
+def test_same_identity_different_content_gets_94(
+    loaded: Ledger, authorizer: Authorizer, change: dict[str, Any]
+) -> None:
+    original = auth_request(MAIN, 2_500)
+    [first] = authorizer.authorize_batch([original], NOW)
+    assert first.response_code == "00"
+    with loaded.read() as reader:
+        stored_before = reader.answer(b"0100|" + original.identity)
+    held_before = {a: account_state(loaded, a)[1] for a in ("acct-main", "acct-credit")}
+
+    arguments: dict[str, Any] = {"pan": MAIN, "amount": 2_500, **change}
+    conflicting = auth_request(**arguments)
+    assert conflicting.identity == original.identity
+    [outcome] = authorizer.authorize_batch([conflicting], LATER)
+
+    assert (outcome.response_code, outcome.reason) == ("94", "duplicate_different_content")
+    fields = response_fields(outcome)
+    assert fields["39"] == "94" and fields["t"] == "0110" and "38" not in fields
+    assert fields["2"] == conflicting.pan  # the answer echoes the conflicting request
+    assert {a: account_state(loaded, a)[1] for a in held_before} == held_before
+    assert len(open_holds(loaded, "acct-main")) + len(open_holds(loaded, "acct-credit")) == 1
+    with loaded.read() as reader:
+        assert reader.answer(b"0100|" + original.identity) == stored_before
+    # The original's own retransmission still gets the original answer.
+    [again] = authorizer.authorize_batch([original], LATER)
+    assert again.response == first.response
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"stan": "000002"}, {"transmission": "1124120001"}, {"acquirer": "654321"}],
+    ids=lambda change: next(iter(change)),
+)
+def test_any_part_of_the_identity_makes_a_new_transaction(
+    loaded: Ledger, authorizer: Authorizer, change: dict[str, str]
+) -> None:
+    outcomes = authorizer.authorize_batch(
+        [auth_request(MAIN, 2_500), auth_request(MAIN, 2_500, **change)], NOW
+    )
+    assert [o.reason for o in outcomes] == ["approved", "approved"]
+    assert response_fields(outcomes[0])["38"] != response_fields(outcomes[1])["38"]
+    assert account_state(loaded, "acct-main")[1] == 5_000
+    assert len(open_holds(loaded, "acct-main")) == 2
+
+
+def test_identical_requests_in_one_batch(loaded: Ledger, authorizer: Authorizer) -> None:
+    first, second = authorizer.authorize_batch(
+        [auth_request(MAIN, 2_500), auth_request(MAIN, 2_500)], NOW
+    )
+    assert first.reason == "approved"
+    assert second.reason == "retransmission"
+    assert second.response == first.response
+    assert account_state(loaded, "acct-main")[1] == 2_500
+    assert len(open_holds(loaded, "acct-main")) == 1
+
+
+def test_conflict_inside_one_batch(loaded: Ledger, authorizer: Authorizer) -> None:
+    first, second = authorizer.authorize_batch(
+        [auth_request(MAIN, 2_500), auth_request(MAIN, 9_999)], NOW
+    )
+    assert first.reason == "approved"
+    assert second.response_code == "94"
+    assert account_state(loaded, "acct-main")[1] == 2_500
+
+
+def test_batch_approves_only_what_fits(loaded: Ledger, authorizer: Authorizer) -> None:
+    # acct-credit: posted 20.00 + credit limit 30.00 = 50.00 available.
+    amounts = [2_000, 2_000, 2_000, 1_000, 1]
+    requests = [auth_request(CREDIT, a, stan=f"{i + 1:06d}") for i, a in enumerate(amounts)]
+
+    outcomes = authorizer.authorize_batch(requests, NOW)
+
+    assert [o.response_code for o in outcomes] == ["00", "00", "51", "00", "51"]
+    assert account_state(loaded, "acct-credit") == (2_000, 5_000, 0)
+    holds = open_holds(loaded, "acct-credit")
+    assert [h.amount for h in holds] == [2_000, 2_000, 1_000]
+    codes = [response_fields(o).get("38") for o in outcomes]
+    assert [h.approval_code for h in holds] == [codes[0], codes[1], codes[3]]
+
+
+def test_hold_ids_and_approval_codes_continue_across_batches_and_reopen(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path, durability="process", map_size_bytes=MAP_SIZE)
+    load_text(ledger, LOAD_FILE)
+    make_authorizer(ledger).authorize_batch([auth_request(MAIN, 100, stan="000001")], NOW)
+    make_authorizer(ledger).authorize_batch([auth_request(MAIN, 100, stan="000002")], NOW)
+    ledger.close()
+    ledger = Ledger(tmp_path, durability="process", map_size_bytes=MAP_SIZE)
+    try:
+        make_authorizer(ledger).authorize_batch([auth_request(MAIN, 100, stan="000003")], NOW)
+        holds = open_holds(ledger, "acct-main")
+    finally:
+        ledger.close()
+    assert [h.hold_id for h in holds] == [1, 2, 3]
+    assert len({h.approval_code for h in holds}) == 3
+
+
+def test_stored_answer_has_no_pan(loaded: Ledger, authorizer: Authorizer) -> None:
+    request = auth_request(MAIN, 2_500)
+    [outcome] = authorizer.authorize_batch([request], NOW)
+
+    with loaded.read() as reader:
+        stored = reader.answer(b"0100|" + request.identity)
+    assert stored is not None
+    assert "2" not in stored.response
+    assert MAIN not in msgspec.json.encode(stored).decode()
+    fields = response_fields(outcome)
+    assert stored.response == {k: v for k, v in fields.items() if k not in ("2", "p")}
+    assert (stored.response_code, stored.reason) == ("00", "approved")
+    assert stored.card_id == card_id_for(HASHER.card_key(MAIN))
+    [hold] = open_holds(loaded, "acct-main")
+    assert stored.hold_id == hold.hold_id
+    assert len(stored.fingerprint) == 16
+
+
+def test_balance_inquiry_answers_field_54_and_holds_nothing(
+    loaded: Ledger, authorizer: Authorizer
+) -> None:
+    authorizer.authorize_batch([auth_request(CREDIT, 1_500, stan="000001")], NOW)
+    request = auth_request(CREDIT, None, stan="000002", processing_code="310000")
+
+    [outcome] = authorizer.authorize_batch([request], NOW)
+
+    assert (outcome.response_code, outcome.reason) == ("00", "balance_inquiry")
+    fields = response_fields(outcome)
+    assert "38" not in fields and "4" not in fields
+    balances = fields["54"]
+    assert len(balances) == 40
+    ledger_block, available_block = balances[:20], balances[20:]
+    # account type 00, amount type 01 ledger / 02 available, currency 978, C/D, 12 digits
+    assert ledger_block == "0001978C000000002000"
+    assert available_block == "0002978C000000003500"  # 20.00 + 30.00 credit - 15.00 held
+    assert account_state(loaded, "acct-credit") == (2_000, 1_500, 3_500)
+    assert len(open_holds(loaded, "acct-credit")) == 1
+
+
+def test_balance_inquiry_of_an_overdrawn_account(loaded: Ledger, authorizer: Authorizer) -> None:
+    load_text(loaded, LOAD_FILE.replace(b"balance = 2000", b"balance = -1000"))
+    request = auth_request(CREDIT, None, processing_code="312000")
+
+    [outcome] = authorizer.authorize_batch([request], NOW)
+
+    assert response_fields(outcome)["54"] == "2001978D000000001000" + "2002978C000000002000"
+
+
+def test_balance_inquiry_in_yen(authorizer: Authorizer) -> None:
+    request = auth_request(YEN, None, processing_code="310000", currency="392")
+    [outcome] = authorizer.authorize_batch([request], NOW)
+    assert response_fields(outcome)["54"] == "0001392C000000050000" + "0002392C000000050000"
+
+
+def test_ledger_failure_answers_96_for_the_whole_batch(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, durability="process", map_size_bytes=MAP_SIZE)
+    load_text(ledger, LOAD_FILE)
+    authorizer = make_authorizer(ledger)
+    ledger.close()  # every transaction now fails
+
+    outcomes = authorizer.authorize_batch(
+        [auth_request(MAIN, 100, stan="000001"), auth_request(CREDIT, 100, stan="000002")], NOW
+    )
+
+    assert [o.response_code for o in outcomes] == ["96", "96"]
+    assert all(o.reason.startswith("ledger_error:") for o in outcomes)
+    assert all(response_fields(o)["39"] == "96" for o in outcomes)
+    reopened = Ledger(tmp_path, durability="process", map_size_bytes=MAP_SIZE)
+    try:
+        assert account_state(reopened, "acct-main")[1] == 0
+        with reopened.read() as reader:
+            assert reader.answer(b"0100|123456|000001|1124120000") is None
+    finally:
+        reopened.close()
