@@ -93,6 +93,18 @@ class _Link(asyncio.Protocol):
             self.closed.set_result(None)
 
 
+def stan_offset(codec: Codec, fields: dict[str, str]) -> int:
+    """Where field 11 sits in the encoded template: the first byte two STANs change.
+
+    (Searching for the STAN's digits is wrong: they can also run across the end of field 7.)
+    """
+    first = codec.encode(dict(fields, **{"11": "000000"}))
+    second = codec.encode(dict(fields, **{"11": "111111"}))
+    offset = next(i for i, (a, b) in enumerate(zip(first, second, strict=True)) if a != b)
+    assert first[offset : offset + 6] == b"000000" and second[offset : offset + 6] == b"111111"
+    return offset
+
+
 def _validate(spec: LoadSpec) -> None:
     if not 0 < spec.rate <= limits.sim_rate_per_second_max:
         raise ValueError(f"--rate {spec.rate}: must be in (0, {limits.sim_rate_per_second_max}]")
@@ -135,7 +147,7 @@ async def generate(spec: LoadSpec) -> LoadReport:
             "49": "978",
         }
     template = codec.encode(fields)
-    stan_at = template.index(b"999999")
+    stan_at = stan_offset(codec, fields)
     scheduled = [0.0] * total
     answered_at = [0.0] * total
     codes: dict[str, int] = {}
