@@ -15,6 +15,7 @@ from iso8583.decoder import DecodeError
 from iso8583.encoder import EncodeError
 
 from processor.wire.errors import InvalidMessage, UndecodableMessage
+from processor.wire.fastcodec import FastCodec
 from processor.wire.messages import (
     AuthorizationRequest,
     NetworkManagementRequest,
@@ -62,12 +63,13 @@ def is_request_mti(mti: str) -> bool:
 
 
 class Codec:
-    __slots__ = ("_digit_fields", "_iso", "spec")
+    __slots__ = ("_digit_fields", "_fast", "_iso", "spec")
 
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
         self._iso = spec.iso
         self._digit_fields = spec.numeric_fields - _SEMANTIC_NUMERIC
+        self._fast = FastCodec(spec)
 
     def decode(self, message: bytes) -> Request:
         """Raise UndecodableMessage (drop) or InvalidMessage (answer 30); nothing else."""
@@ -77,21 +79,9 @@ class Codec:
         mti = mti_bytes.decode("ascii")
         if not is_request_mti(mti):
             raise UndecodableMessage(f"MTI {mti} is not a request this side answers", "t", 0)
-        failure: UndecodableMessage | InvalidMessage | None = None
-        try:
-            fields, _ = iso8583.decode(message, self._iso)
-        except DecodeError as error:
-            # Never quote the error itself: its document holds whatever decoded, PAN included.
-            partial = {k: v for k, v in error.doc_dec.items() if isinstance(v, str)}
-            failure = self._invalid(mti, partial, error.msg, error.field, error.pos)
-        except KeyError:
-            # Bit 65 set: pyiso8583 then reads a tertiary bitmap and looks up fields 129-192,
-            # which a 1987 spec does not define. Nothing past field 128 can be read: drop it.
-            failure = UndecodableMessage("bitmap names fields beyond 128", "65")
-        if failure is not None:
-            # Raised outside the except block so pyiso8583's error (which holds the raw
-            # message, PAN included) is not chained as __context__ into our logs.
-            raise failure
+        fields = self._fast.decode(message)
+        if fields is None:
+            fields = self._decode_slowly(mti, message)
         stan = fields.get("11")
         if stan is None or len(stan) != 6 or not stan.isdigit():
             raise UndecodableMessage("STAN (field 11) missing or not 6 digits", "11")
@@ -137,6 +127,25 @@ class Codec:
             echo={k: fields[k] for k in AUTHORIZATION_ECHO if k in fields},
         )
 
+    def _decode_slowly(self, mti: str, message: bytes) -> dict[str, str]:
+        """pyiso8583: for what the fast codec would not vouch for, and for its precise errors."""
+        failure: UndecodableMessage | InvalidMessage | None = None
+        try:
+            fields, _ = iso8583.decode(message, self._iso)
+        except DecodeError as error:
+            # Never quote the error itself: its document holds whatever decoded, PAN included.
+            partial = {k: v for k, v in error.doc_dec.items() if isinstance(v, str)}
+            failure = self._invalid(mti, partial, error.msg, error.field, error.pos)
+        except KeyError:
+            # Bit 65 set: pyiso8583 then reads a tertiary bitmap and looks up fields 129-192,
+            # which a 1987 spec does not define. Nothing past field 128 can be read: drop it.
+            failure = UndecodableMessage("bitmap names fields beyond 128", "65")
+        if failure is not None:
+            # Raised outside the except block so pyiso8583's error (which holds the raw
+            # message, PAN included) is not chained as __context__ into our logs.
+            raise failure
+        return fields
+
     def _invalid(
         self, mti: str, partial: dict[str, str], reason: str, field: str, position: int
     ) -> UndecodableMessage | InvalidMessage:
@@ -167,6 +176,9 @@ class Codec:
 
     def encode(self, fields: dict[str, str]) -> bytes:
         """Encode a response; `fields` holds "t" and the data elements by number."""
+        fast = self._fast.encode(fields)
+        if fast is not None:
+            return fast
         try:
             data, _ = iso8583.encode(dict(fields), self._iso)
         except EncodeError as error:
