@@ -91,6 +91,14 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
                 print("\n".join(describe_account(reader, account, now)))
                 return 0
             hasher = hasher_from_environment(config.security.pan_key_env)
+            bound = ledger.pan_key_fingerprint()
+            if bound is not None and bound != hasher.fingerprint:
+                print(
+                    f"processor: this ledger's cards were keyed with another PAN key; set "
+                    f"{config.security.pan_key_env} to the key the ledger was built with",
+                    file=sys.stderr,
+                )
+                return 1
             card = reader.card(hasher.card_key(args.pan))
             if card is None:
                 print("processor: no card with that PAN", file=sys.stderr)

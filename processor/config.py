@@ -24,11 +24,7 @@ class ConfigError(Exception):
     """A configuration file or flag that cannot be used; the message names the key."""
 
 
-class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pass
-
-
-class ServerConfig(_Section):
+class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Port = 8583
     framing: Literal["len2", "ascii4"] = "len2"
@@ -44,12 +40,12 @@ class ServerConfig(_Section):
     )
 
 
-class HttpConfig(_Section):
+class HttpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Port = 8080
 
 
-class LedgerConfig(_Section):
+class LedgerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     path: str = "var/ledger"
     map_size_bytes: Annotated[int, Meta(ge=1 << 20)] = limits.map_size_bytes_default
     # fsync: a response leaves only after its batch is on disk (survives power loss).
@@ -61,20 +57,20 @@ class LedgerConfig(_Section):
     seed_demo_data: bool = True
 
 
-class SecurityConfig(_Section):
+class SecurityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pan_key_env: str = "PROCESSOR_PAN_KEY"
 
 
-class ProgrammeConfig(_Section):
+class ProgrammeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     blocked_mccs: tuple[Mcc, ...] = ("7995",)
     hold_lifetime_seconds: Seconds = 7 * 24 * 3600
 
 
-class LogConfig(_Section):
+class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class Config(_Section):
+class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     server: ServerConfig = ServerConfig()
     http: HttpConfig = HttpConfig()
     ledger: LedgerConfig = LedgerConfig()

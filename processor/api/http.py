@@ -5,6 +5,7 @@ Handlers only read counters and states; nothing here blocks the loop.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -16,8 +17,11 @@ if TYPE_CHECKING:
 DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon")
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 @web.middleware
-async def json_errors(request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error leaves as JSON with a stable code, never as an HTML page."""
     try:
         return await handler(request)

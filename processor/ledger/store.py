@@ -68,6 +68,9 @@ class Ledger:
             raise LedgerError(f"ledger {self.path}: cannot open: {error}") from None
         self.durability = durability
         self._codecs = _Codecs()
+        if not readonly:
+            # Reader slots of processes that died (kill -9) would pin old pages forever.
+            self.env.reader_check()
         try:
             if readonly:
                 # A read-only environment opens each database in a transaction of its own;
@@ -98,6 +101,11 @@ class Ledger:
 
     def close(self) -> None:
         self.env.close()
+
+    def pan_key_fingerprint(self) -> str | None:
+        with self.env.begin(write=False) as txn:
+            stored = txn.get(b"pan_key_fingerprint", db=self._dbs["meta"])
+        return None if stored is None else bytes(stored).decode()
 
     def bind_pan_key(self, fingerprint: str) -> None:
         """Refuse a ledger whose cards were keyed with another PAN key."""
@@ -180,7 +188,7 @@ class Reader:
         cursor = self._txn.cursor(db=self._dbs["account_holds"])
         if cursor.set_range(prefix):
             for key in cursor.iternext(keys=True, values=False):
-                if not key.startswith(prefix) or len(holds) >= limit:
+                if not bytes(key).startswith(prefix) or len(holds) >= limit:
                     break
                 hold = self.hold(_U64.unpack(key[len(prefix) :])[0])
                 if hold is not None:
@@ -193,7 +201,7 @@ class Reader:
         cursor = self._txn.cursor(db=self._dbs["account_holds"])
         if cursor.set_range(prefix):
             for key in cursor.iternext(keys=True, values=False):
-                if not key.startswith(prefix):
+                if not bytes(key).startswith(prefix):
                     break
                 count += 1
         return count
@@ -204,9 +212,9 @@ class Reader:
         cursor = self._txn.cursor(db=self._dbs["account_cards"])
         if cursor.set_range(prefix):
             for key in cursor.iternext(keys=True, values=False):
-                if not key.startswith(prefix):
+                if not bytes(key).startswith(prefix):
                     break
-                card = self.card(key[len(prefix) :])
+                card = self.card(bytes(key[len(prefix) :]))
                 if card is not None:
                     cards.append(card)
         return cards

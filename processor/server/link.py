@@ -54,7 +54,7 @@ class Link(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        transport.set_write_buffer_limits(high=self._daemon.write_buffer_high_bytes)
+        self.transport.set_write_buffer_limits(high=self._daemon.write_buffer_high_bytes)
         self._daemon.link_opened(self)
 
     def data_received(self, data: bytes) -> None:

@@ -44,9 +44,10 @@ class WireClient:
                 return
             for _, message in self.framer.feed(data):
                 fields, _ = iso8583.decode(message, self._spec)
-                future = self._waiting.pop(fields.get("11", ""), None)
-                if future is not None and not future.done():
-                    future.set_result((message, fields))
+                stan = fields.get("11", "")
+                waiter = self._waiting.pop(stan) if stan in self._waiting else None
+                if waiter is not None and not waiter.done():
+                    waiter.set_result((message, fields))
 
     def send_raw(self, message: bytes) -> None:
         self._writer.write(self.framer.frame(b"", message))

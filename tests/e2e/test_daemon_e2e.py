@@ -308,3 +308,14 @@ def metric_value(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"metric {name} not exposed")
+
+
+def test_ledger_show_refuses_another_pan_key(daemon: RunningDaemon) -> None:
+    import os
+
+    other = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY + "-other")
+    shown = run_cli(
+        "ledger", "show", "--ledger", str(daemon.ledger), "--pan", "4761739001010010", env=other
+    )
+    assert shown.returncode == 1
+    assert "another PAN key" in shown.stderr
