@@ -26,7 +26,7 @@ def alpha_code(numeric: str) -> str | None:
 
 
 def exponent(alpha: str) -> int:
-    """Minor-unit digits: EUR 2, JPY 0, BHD 3. Codes without one (XXX, XAU, XDR) raise."""
+    """Minor-unit digits: EUR 2, JPY 0, BHD 3. Codes without one (no-currency, gold, SDR) raise."""
     currency = _BY_ALPHA.get(alpha)
     if currency is None:
         raise UnknownCurrency(f"currency {alpha!r} is not an ISO 4217 alphabetic code")
