@@ -1,27 +1,28 @@
 """Applies decoded requests to the ledger: prefetch, decide, apply, answer.
 
-A batch of authorisations is handled in ONE LMDB write transaction: for each request in arrival
-order, look up a stored answer (retransmission), the card and the account, call the pure
-`decide()`, apply the hold and store the answer. Requests later in the batch see the changes of
-earlier ones because they read through the same write transaction. Nothing here awaits, so what
+A batch of financial-class requests is handled in ONE LMDB write transaction: for each request
+in arrival order, look up a stored answer (retransmission, or 94 when the content differs), run
+the handler of its message class (processor/lifecycle.py) and store the answer. Requests later
+in the batch see the changes of earlier ones because they read through the same write
+transaction. Nothing here awaits, so what
 was checked stays true until it is written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Final
 
 import lmdb
 import msgspec
 
-from processor.currency import numeric_code
-from processor.engine import ProgrammeRules, decide, yymm
-from processor.ledger.records import Account, Hold, StoredAnswer
+from processor.engine import ProgrammeRules, yymm
+from processor.ledger.records import Account, StoredAnswer
 from processor.ledger.store import Ledger, LedgerError, Writer
+from processor.lifecycle import ORIGINAL_CLASSES, Lifecycle, rrn_lookup
 from processor.security import PanHasher
-from processor.wire.codec import Codec, balance_block, format_error_response, response_mti
+from processor.wire.codec import Codec, format_error_response, response_mti
 from processor.wire.errors import InvalidMessage
 from processor.wire.messages import (
     AuthorizationRequest,
@@ -41,12 +42,6 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
     reason: str
 
 
-def approval_code(hold_id: int) -> str:
-    # Multiplying by a number coprime to 10**6 permutes 0..999999: codes stay unique for a
-    # million holds without reading as a plain counter on receipts.
-    return f"{(hold_id * 7_919) % 1_000_000:06d}"
-
-
 class Authorizer:
     def __init__(
         self,
@@ -56,12 +51,16 @@ class Authorizer:
         rules: ProgrammeRules,
         *,
         hold_lifetime_seconds: int,
+        hold_lifetime_by_mcc: Mapping[str, int] | None = None,
     ) -> None:
         self._ledger = ledger
         self._codec = codec
         self._hasher = hasher
-        self._rules = rules
-        self._hold_lifetime_ms = hold_lifetime_seconds * 1000
+        self._lifecycle = Lifecycle(
+            rules,
+            hold_lifetime_seconds=hold_lifetime_seconds,
+            hold_lifetime_by_mcc=hold_lifetime_by_mcc or {},
+        )
         self._fingerprint_encoder = msgspec.msgpack.Encoder()
 
     # --- messages that never touch the ledger -------------------------------------------------
@@ -100,18 +99,19 @@ class Authorizer:
         now_yymm = yymm(now.astimezone(UTC))
         try:
             with self._ledger.write() as writer:
-                return [self._authorize(writer, request, now_ms, now_yymm) for request in requests]
+                return [self._process(writer, request, now_ms, now_yymm) for request in requests]
         except (lmdb.Error, LedgerError) as error:
             reason = f"ledger_error:{type(error).__name__}"
             return [self._answer(request, "96", reason) for request in requests]
 
-    def _authorize(
+    def _process(
         self, writer: Writer, request: AuthorizationRequest, now_ms: int, now_yymm: int
     ) -> Outcome:
         card_key = self._hasher.card_key(request.pan)
         fingerprint = self._fingerprint(card_key, request)
-        identity = b"0100|" + request.identity
-        stored = writer.answer(identity)
+        message_class = request.message_class
+        key = message_class.encode("ascii") + b"|" + request.identity
+        stored = writer.answer(key)
         if stored is not None:
             if stored.fingerprint != fingerprint:
                 return self._answer(request, "94", "duplicate_different_content")
@@ -121,55 +121,50 @@ class Authorizer:
                 self._codec.encode(fields), request.mti, stored.response_code, "retransmission"
             )
 
-        card = writer.card(card_key)
-        account = writer.account(card.account_id) if card is not None else None
-        decision = decide(request, card, account, self._rules, now_yymm)
-
+        handler = self._lifecycle.handlers[message_class]
+        result = handler(writer, request, card_key, key, now_ms, now_yymm)
         fields = dict(request.echo)
-        fields["t"] = "0110"
-        fields["39"] = decision.response_code
-        hold_id: int | None = None
-        if decision.hold_amount:
-            assert account is not None and card is not None
-            hold_id = writer.next_hold_id()
-            code = approval_code(hold_id)
-            writer.open_hold(
-                account,
-                Hold(
-                    hold_id=hold_id,
-                    account_id=account.id,
-                    card_id=card.card_id,
-                    amount=decision.hold_amount,
-                    currency=account.currency,
-                    created_ms=now_ms,
-                    expires_ms=now_ms + self._hold_lifetime_ms,
-                    approval_code=code,
-                    identity=identity,
-                    mcc=request.mcc,
-                    rrn=request.rrn,
-                ),
-            )
-            writer.put_account(account)
-            fields["38"] = code
-        elif decision.balance_inquiry:
-            assert account is not None
-            fields["54"] = _balances(request.processing_code[2:4], account)
-
+        fields["t"] = response_mti(request.mti)
+        fields["39"] = result.response_code
+        if result.extra:
+            fields.update(result.extra)
         response = self._codec.encode(fields)
         del fields["2"]
         writer.put_answer(
-            identity,
+            key,
             StoredAnswer(
                 fingerprint=fingerprint,
                 response=fields,
-                response_code=decision.response_code,
-                reason=decision.reason,
+                response_code=result.response_code,
+                reason=result.reason,
                 answered_ms=now_ms,
-                card_id=card.card_id if card is not None else None,
-                hold_id=hold_id,
+                card_id=result.card_id,
+                hold_id=result.hold_id,
+                account_id=result.account_id,
+                posted_amount=result.posted_amount,
+                mti=request.mti,
             ),
         )
-        return Outcome(response, request.mti, decision.response_code, decision.reason)
+        if message_class in ORIGINAL_CLASSES:
+            lookup = rrn_lookup(request)
+            if lookup is not None:
+                writer.index_rrn(lookup, key)
+        return Outcome(response, request.mti, result.response_code, result.reason)
+
+    def sweep_expired(self, now: datetime, limit: int) -> int:
+        """Release at most `limit` holds whose expiry has passed, in one write transaction."""
+        now_ms = int(now.timestamp() * 1000)
+        with self._ledger.write() as writer:
+            expired = writer.expired_holds(now_ms, limit)
+            accounts: dict[str, Account] = {}
+            for hold in expired:
+                account = accounts.get(hold.account_id) or writer.account(hold.account_id)
+                assert account is not None, hold.account_id
+                accounts[account.id] = account
+                writer.close_hold(account, hold, "expired", now_ms)
+            for account in accounts.values():
+                writer.put_account(account)
+        return len(expired)
 
     def system_error(self, request: AuthorizationRequest) -> Outcome:
         return self._answer(request, "96", "internal_error")
@@ -202,10 +197,3 @@ class Authorizer:
             request.billing_currency,
         )
         return self._hasher.digest(self._fingerprint_encoder.encode(content))
-
-
-def _balances(account_type: str, account: Account) -> str:
-    currency = numeric_code(account.currency)
-    return balance_block(account_type, "01", currency, account.posted) + balance_block(
-        account_type, "02", currency, account.available
-    )

@@ -64,6 +64,11 @@ class SecurityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 class ProgrammeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     blocked_mccs: tuple[Mcc, ...] = ("7995",)
     hold_lifetime_seconds: Seconds = 7 * 24 * 3600
+    # Merchants that authorise an estimate and complete much later hold longer.
+    hold_lifetime_by_mcc: dict[Mcc, Seconds] = msgspec.field(
+        default_factory=lambda: {"7011": 30 * 86400, "7512": 30 * 86400, "3351": 30 * 86400}
+    )
+    sweep_interval_seconds: Seconds = 60  # how often expired holds are released
 
 
 class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

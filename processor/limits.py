@@ -21,6 +21,10 @@ shutdown_drain_seconds_max: Final = 10.0
 # Group commit
 batch_size_max: Final = 256  # requests decided and applied in one LMDB write transaction
 
+# Hold expiry: holds released per sweep transaction; a backlog is worked off a batch at a time
+# so one sweep never holds the event loop for long.
+sweep_holds_max: Final = 512
+
 # Ledger
 map_size_bytes_default: Final = 1 << 30
 ledger_databases_max: Final = 16

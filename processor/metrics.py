@@ -92,6 +92,9 @@ class Metrics:
             "Batches that failed on a bug and were answered 96",
             registry=r,
         )
+        self.holds_expired = Counter(
+            "processor_holds_expired", "Holds released by the expiry sweeper", registry=r
+        )
         self.ledger_map_used = Gauge(
             "processor_ledger_map_used_bytes", "Bytes of the LMDB map in use", registry=r
         )

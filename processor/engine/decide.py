@@ -113,6 +113,9 @@ def decide(
     limit = card.per_transaction_limit
     if limit is not None and amount > limit:
         return OVER_TRANSACTION_LIMIT
-    if amount > account.posted + account.credit_limit - account.held:
+    available = account.posted + account.credit_limit - account.held
+    if amount > available:
+        if available > 0 and transaction_type == PURCHASE and request.partial_approval_supported:
+            return Decision("10", "partial_approval", hold_amount=available)
         return INSUFFICIENT_FUNDS
     return Decision("00", "approved", hold_amount=amount)

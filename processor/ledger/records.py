@@ -60,6 +60,8 @@ class Hold(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     mcc: str
     rrn: str | None = None
     status: HoldStatus = "open"
+    resolved_ms: int = 0  # when it was released, captured or expired
+    captured_amount: int = 0  # the final amount a completion posted for it
 
 
 class StoredAnswer(msgspec.Struct, array_like=True, kw_only=True, gc=False):
@@ -76,3 +78,7 @@ class StoredAnswer(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     answered_ms: int
     card_id: str | None = None
     hold_id: int | None = None
+    account_id: str | None = None
+    posted_amount: int = 0  # debited from posted at once (0200 approval, force post)
+    reversed_amount: int = 0  # credited back so far by reversals
+    mti: str = ""  # the request's MTI

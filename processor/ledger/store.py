@@ -18,11 +18,21 @@ import lmdb
 import msgspec
 
 from processor import limits
-from processor.ledger.records import Account, Card, Hold, StoredAnswer
+from processor.ledger.records import Account, Card, Hold, HoldStatus, StoredAnswer
 
 SCHEMA_VERSION = b"1"
 _U64 = struct.Struct(">Q")
-_DATABASES = ("accounts", "cards", "account_cards", "holds", "account_holds", "answers", "meta")
+_DATABASES = (
+    "accounts",
+    "cards",
+    "account_cards",
+    "holds",
+    "account_holds",  # account id + hold id -> b"": the account's open holds
+    "hold_expiry",  # expiry ms + hold id -> b"": open holds in the order they expire
+    "answers",  # message class + identity -> StoredAnswer
+    "rrn_index",  # acquirer|STAN|RRN -> answer key: reversal matching without field 90
+    "meta",
+)
 
 
 class LedgerError(Exception):
@@ -170,6 +180,10 @@ class Reader:
         raw = self._txn.get(identity, db=self._dbs["answers"])
         return None if raw is None else self._codecs.answer.decode(raw)
 
+    def answer_by_rrn(self, lookup: bytes) -> bytes | None:
+        raw = self._txn.get(lookup, db=self._dbs["rrn_index"])
+        return None if raw is None else bytes(raw)
+
     def hold(self, hold_id: int) -> Hold | None:
         raw = self._txn.get(_U64.pack(hold_id), db=self._dbs["holds"])
         return None if raw is None else self._codecs.hold.decode(raw)
@@ -249,7 +263,51 @@ class Writer(Reader):
         key = _U64.pack(hold.hold_id)
         self._txn.put(key, self._codecs.encoder.encode(hold), db=self._dbs["holds"])
         self._txn.put(_prefix_key(account.id, key), b"", db=self._dbs["account_holds"])
+        self._txn.put(_U64.pack(hold.expires_ms) + key, b"", db=self._dbs["hold_expiry"])
         account.held += hold.amount
+
+    def close_hold(self, account: Account, hold: Hold, status: HoldStatus, now_ms: int) -> None:
+        """Resolve an open hold (released, captured or expired) and lower held by it."""
+        assert hold.status == "open", hold
+        assert hold.account_id == account.id, (hold.account_id, account.id)
+        key = _U64.pack(hold.hold_id)
+        account.held -= hold.amount
+        hold.status = status
+        hold.resolved_ms = now_ms
+        self._txn.put(key, self._codecs.encoder.encode(hold), db=self._dbs["holds"])
+        self._txn.delete(_prefix_key(account.id, key), db=self._dbs["account_holds"])
+        self._txn.delete(_U64.pack(hold.expires_ms) + key, db=self._dbs["hold_expiry"])
+
+    def shrink_hold(self, account: Account, hold: Hold, amount: int) -> None:
+        """Lower an open hold to `amount` (partial reversal)."""
+        assert hold.status == "open" and 0 < amount <= hold.amount, (hold, amount)
+        account.held -= hold.amount - amount
+        hold.amount = amount
+        self._txn.put(
+            _U64.pack(hold.hold_id), self._codecs.encoder.encode(hold), db=self._dbs["holds"]
+        )
+
+    def put_hold(self, hold: Hold) -> None:
+        self._txn.put(
+            _U64.pack(hold.hold_id), self._codecs.encoder.encode(hold), db=self._dbs["holds"]
+        )
+
+    def expired_holds(self, now_ms: int, limit: int) -> list[Hold]:
+        """Open holds whose expiry has passed, oldest expiry first, at most `limit`."""
+        holds: list[Hold] = []
+        cursor = self._txn.cursor(db=self._dbs["hold_expiry"])
+        if cursor.first():
+            for key in cursor.iternext(keys=True, values=False):
+                raw = bytes(key)
+                if _U64.unpack(raw[:8])[0] > now_ms or len(holds) >= limit:
+                    break
+                hold = self.hold(_U64.unpack(raw[8:])[0])
+                if hold is not None and hold.status == "open":
+                    holds.append(hold)
+        return holds
+
+    def index_rrn(self, lookup: bytes, answer_key: bytes) -> None:
+        self._txn.put(lookup, answer_key, db=self._dbs["rrn_index"])
 
     def next_hold_id(self) -> int:
         """Sequence read once per transaction; LMDB's single writer keeps it unique."""

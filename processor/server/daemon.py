@@ -47,6 +47,7 @@ class Daemon:
             hasher,
             ProgrammeRules(blocked_mccs=frozenset(config.programme.blocked_mccs)),
             hold_lifetime_seconds=config.programme.hold_lifetime_seconds,
+            hold_lifetime_by_mcc=config.programme.hold_lifetime_by_mcc,
         )
         self.links: set[Link] = set()
         self.stopping = False
@@ -54,7 +55,7 @@ class Daemon:
         self._pending: list[Pending] = []
         self._flush_scheduled = False
         self._batch_size_max = config.ledger.batch_size_max
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweep_handle: asyncio.TimerHandle | None = None
 
     # --- links -------------------------------------------------------------------------------
 
@@ -165,6 +166,29 @@ class Daemon:
             if outcome.response_code == "96":
                 log.error("answered 96: %s", outcome.reason)
 
+    def sweep(self) -> None:
+        """Release expired holds, one bounded transaction per call; reschedules itself."""
+        loop = asyncio.get_running_loop()
+        if self.stopping:
+            return
+        delay = float(self.config.programme.sweep_interval_seconds)
+        try:
+            released = self.authorizer.sweep_expired(datetime.now(UTC), limits.sweep_holds_max)
+        except Exception:
+            log.exception("hold sweep failed; retrying at the next interval")
+            released = 0
+        if released:
+            self.metrics.holds_expired.inc(released)
+            log.info("released %d expired holds", released)
+            if released == limits.sweep_holds_max:
+                delay = 0.01  # more are due: continue soon, letting requests in between
+        self._sweep_handle = loop.call_later(delay, self.sweep)
+
+    def stop_sweeping(self) -> None:
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
+
     def flush_all(self) -> None:
         while self._pending:
             self._flush()
@@ -235,6 +259,7 @@ async def serve(config: Config) -> int:
         f"ledger {config.ledger.path} (durability {config.ledger.durability}, {accounts} accounts)"
     )
     announce("ready")
+    daemon.sweep()
 
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -243,6 +268,7 @@ async def serve(config: Config) -> int:
 
     announce("stopping: no new links, finishing requests in flight")
     daemon.stopping = True
+    daemon.stop_sweeping()
     server.close()
     for link in list(daemon.links):
         if link.transport is not None and not link.transport.is_closing():

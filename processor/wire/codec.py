@@ -40,12 +40,28 @@ AUTHORIZATION_ECHO: Final = (
     "42",
     "49",
     "51",
+    "90",
+    "95",
 )
 NETWORK_ECHO: Final = ("7", "11", "70")
+_REQUEST: Final = ("2", "3", "7", "11", "18", "32", "49")
+_ADVICE: Final = ("2", "3", "4", "7", "11", "32", "49")
 MANDATORY: Final[dict[str, tuple[str, ...]]] = {
     "0800": ("7", "11", "70"),
-    "0100": ("2", "3", "7", "11", "18", "32", "49"),
-    "0101": ("2", "3", "7", "11", "18", "32", "49"),
+    # Authorisations and financial requests: decided, so the MCC is needed.
+    "0100": _REQUEST,
+    "0101": _REQUEST,
+    "0200": _REQUEST,
+    "0201": _REQUEST,
+    # Advices and reversals: recorded as told; the amount is what they are about.
+    "0120": (*_ADVICE, "18"),
+    "0121": (*_ADVICE, "18"),
+    "0220": _ADVICE,
+    "0221": _ADVICE,
+    "0400": _ADVICE,
+    "0401": _ADVICE,
+    "0420": _ADVICE,
+    "0421": _ADVICE,
 }
 # Field 4 is checked by the engine (answer 13), not by the generic digit rule (answer 30).
 _SEMANTIC_NUMERIC: Final = frozenset({"4"})
@@ -111,7 +127,7 @@ class Codec:
             transmission_datetime=fields["7"],
             stan=stan,
             expiry=get("14"),
-            mcc=fields["18"],
+            mcc=get("18") or "",
             pos_entry_mode=get("22"),
             pos_condition=get("25"),
             acquirer=fields["32"],
@@ -125,6 +141,9 @@ class Codec:
             billing_amount=get("6"),
             billing_currency=get("51"),
             echo={k: fields[k] for k in AUTHORIZATION_ECHO if k in fields},
+            original_data=get("90"),
+            network_response_code=get("39"),
+            replacement_amounts=get("95"),
         )
 
     def _decode_slowly(self, mti: str, message: bytes) -> dict[str, str]:

@@ -13,7 +13,9 @@ class NetworkManagementRequest(msgspec.Struct, frozen=True, gc=False):
 
 
 class AuthorizationRequest(msgspec.Struct, frozen=True, gc=False):
-    mti: str  # 0100, or 0101 repeat
+    """Any financial-class message: 0100/0120/0200/0220/0400/0420 and their repeats."""
+
+    mti: str  # 0100, 0101 repeat, 0120, 0200, 0220, 0400, 0420, ...
     pan: str  # field 2: in memory for one batch only; never stored, logged or emitted
     processing_code: str  # field 3: transaction type (2) + from account (2) + to account (2)
     amount: int | None  # field 4, minor units of `currency`; None when absent or not digits
@@ -33,16 +35,52 @@ class AuthorizationRequest(msgspec.Struct, frozen=True, gc=False):
     currency: str  # field 49, ISO 4217 numeric
     billing_amount: str | None  # field 6
     billing_currency: str | None  # field 51
-    echo: dict[str, str]  # fields the 0110 carries back (includes the PAN: do not store)
+    echo: dict[str, str]  # fields the response carries back (includes the PAN: do not store)
+    original_data: str | None = None  # field 90: MTI 4, STAN 6, date-time 10, acquirer 11, fwd 11
+    replacement_amounts: str | None = None  # field 95: first 12 digits = actual amount
+    network_response_code: str | None = None  # field 39 of an advice: what stand-in answered
 
     @property
     def transaction_type(self) -> str:
         return self.processing_code[:2]
 
     @property
+    def message_class(self) -> str:
+        """0101 -> 0100, 0421 -> 0420: repeats share their original's class."""
+        return self.mti[:3] + "0"
+
+    @property
     def identity(self) -> bytes:
-        """Acquirer + STAN + transmission date-time: what a repeat or a reversal points at."""
-        return f"{self.acquirer}|{self.stan}|{self.transmission_datetime}".encode("ascii")
+        """Acquirer + STAN + transmission date-time: what a repeat or a reversal points at.
+
+        The acquirer is compared as a number: field 32 is LLVAR ("123456") while field 90
+        carries it zero-padded to 11 digits ("00000123456").
+        """
+        acquirer = self.acquirer.lstrip("0") or "0"
+        return f"{acquirer}|{self.stan}|{self.transmission_datetime}".encode("ascii")
+
+    def original_identity(self) -> tuple[str, bytes] | None:
+        """(original message class, identity) from field 90, or None when absent or unusable."""
+        data = self.original_data
+        if data is None or len(data) != 42 or not data.isdigit():
+            return None
+        mti, stan, datetime, acquirer = data[:4], data[4:10], data[10:20], data[20:31]
+        return mti[:3] + "0", f"{acquirer.lstrip('0') or '0'}|{stan}|{datetime}".encode("ascii")
+
+    @property
+    def partial_approval_supported(self) -> bool:
+        """Field 48 subelement 61, position 1 = 1: the terminal can take a partial approval."""
+        data = self.additional_data
+        if not data or "61" not in data:
+            return False
+        return additional_data_subelements(data).get("61", "")[:1] == "1"
+
+    def replacement_amount(self) -> int | None:
+        """Field 95's actual transaction amount (partial reversal), when present and digits."""
+        data = self.replacement_amounts
+        if data is None or len(data) < 12 or not data[:12].isdigit():
+            return None
+        return int(data[:12])
 
 
 class UnsupportedRequest(msgspec.Struct, frozen=True, gc=False):
@@ -54,3 +92,22 @@ class UnsupportedRequest(msgspec.Struct, frozen=True, gc=False):
 
 
 Request = NetworkManagementRequest | AuthorizationRequest | UnsupportedRequest
+
+
+def additional_data_subelements(data: str) -> dict[str, str]:
+    """Field 48, Mastercard layout: a transaction category code, then `TTLLvalue` subelements.
+
+    Parsing stops at the first malformed subelement; what came before it still counts.
+    """
+    subelements: dict[str, str] = {}
+    index = 1
+    while index + 4 <= len(data):
+        tag, length = data[index : index + 2], data[index + 2 : index + 4]
+        if not (tag.isdigit() and length.isdigit()):
+            break
+        end = index + 4 + int(length)
+        if end > len(data):
+            break
+        subelements[tag] = data[index + 4 : end]
+        index = end
+    return subelements

@@ -582,7 +582,15 @@ def test_all_zero_tertiary_bitmap_is_harmless(codec: Codec) -> None:
 # --- request types this processor does not handle ------------------------------------------
 
 
-@pytest.mark.parametrize("mti", [b"0200", b"0400", b"0420", b"0120", b"0220", b"0421"])
+@pytest.mark.parametrize("mti", [b"0200", b"0400", b"0420", b"0120", b"0220", b"0421", b"0401"])
+def test_lifecycle_messages_decode_as_transactions(codec: Codec, mti: bytes) -> None:
+    request = codec.decode(mti + GOLDEN_0100[4:])
+    assert isinstance(request, AuthorizationRequest)
+    assert request.mti == mti.decode()
+    assert request.message_class == mti.decode()[:3] + "0"
+
+
+@pytest.mark.parametrize("mti", [b"0300", b"0500", b"0600", b"0620"])
 def test_unsupported_request(codec: Codec, mti: bytes) -> None:
     request = codec.decode(mti + GOLDEN_0100[4:])
     assert isinstance(request, UnsupportedRequest)
@@ -594,14 +602,14 @@ def test_unsupported_request(codec: Codec, mti: bytes) -> None:
 
 def test_unsupported_request_is_still_digit_checked(codec: Codec) -> None:
     with pytest.raises(InvalidMessage) as caught:
-        codec.decode(build(b"0200", with_field(3, b"00A000")))
+        codec.decode(build(b"0600", with_field(3, b"00A000")))
     assert caught.value.field == "3"
-    assert caught.value.mti == "0200"
+    assert caught.value.mti == "0600"
 
 
 def test_unsupported_request_without_stan_is_undecodable(codec: Codec) -> None:
     with pytest.raises(UndecodableMessage):
-        codec.decode(build(b"0400", without(11)))
+        codec.decode(build(b"0600", without(11)))
 
 
 # --- encoding responses --------------------------------------------------------------------

@@ -15,7 +15,7 @@ import lmdb
 import msgspec
 import pytest
 
-from processor.authorizer import Authorizer, Outcome, approval_code
+from processor.authorizer import Authorizer, Outcome
 from processor.engine import ProgrammeRules
 from processor.ledger.load import (
     LoadError,
@@ -28,6 +28,7 @@ from processor.ledger.load import (
 from processor.ledger.records import Card
 from processor.ledger.report import describe_account, describe_card, money
 from processor.ledger.store import Ledger, LedgerError
+from processor.lifecycle import approval_code
 from processor.resources import demo_data_path
 from processor.security import PanHasher, luhn_valid, mask_pan
 from processor.wire.codec import Codec

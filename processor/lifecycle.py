@@ -1,0 +1,363 @@
+"""What each financial-class message does to the ledger, inside the batch's write transaction.
+
+One handler per message class, each returning a `Result` (the answer and what it touched); the
+Authorizer wraps them with retransmission handling and answer storage. Semantics follow
+DESIGN.md's two-phase model: an authorisation holds (pending), a completion posts and closes the
+hold, a reversal voids or shrinks it, a 0200 posts at once, an advice records what the network
+already told the cardholder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Final
+
+import msgspec
+
+from processor.currency import alpha_code, numeric_code
+from processor.engine import Decision, ProgrammeRules, decide
+from processor.ledger.records import Account, Card, Hold, StoredAnswer
+from processor.ledger.store import Writer
+from processor.wire.codec import balance_block
+from processor.wire.messages import AuthorizationRequest
+
+# Message classes whose answers a reversal or completion may point at.
+ORIGINAL_CLASSES: Final = ("0100", "0200", "0120")
+
+
+class _Answer(msgspec.Struct, gc=False):
+    response_code: str
+    reason: str
+
+
+class Result(_Answer, kw_only=True, gc=False):
+    extra: dict[str, str] | None = None  # response fields beyond the echo and 39
+    account_id: str | None = None
+    card_id: str | None = None
+    hold_id: int | None = None
+    posted_amount: int = 0
+
+
+def approval_code(hold_id: int) -> str:
+    # Multiplying by a number coprime to 10**6 permutes 0..999999: codes stay unique for a
+    # million holds without reading as a plain counter on receipts.
+    return f"{(hold_id * 7_919) % 1_000_000:06d}"
+
+
+def rrn_lookup(request: AuthorizationRequest) -> bytes | None:
+    """acquirer|STAN|RRN: how a reversal without field 90 finds its original."""
+    if not request.rrn:
+        return None
+    acquirer = request.acquirer.lstrip("0") or "0"
+    return f"{acquirer}|{request.stan}|{request.rrn}".encode("ascii")
+
+
+def _balances(account_type: str, account: Account) -> str:
+    currency = numeric_code(account.currency)
+    return balance_block(account_type, "01", currency, account.posted) + balance_block(
+        account_type, "02", currency, account.available
+    )
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        rules: ProgrammeRules,
+        *,
+        hold_lifetime_seconds: int,
+        hold_lifetime_by_mcc: Mapping[str, int],
+    ) -> None:
+        self._rules = rules
+        self._hold_lifetime_ms = hold_lifetime_seconds * 1000
+        self._hold_lifetime_by_mcc_ms = {
+            mcc: seconds * 1000 for mcc, seconds in hold_lifetime_by_mcc.items()
+        }
+        self.handlers: dict[
+            str, Callable[[Writer, AuthorizationRequest, bytes, bytes, int, int], Result]
+        ] = {
+            "0100": self.authorization,
+            "0200": self.financial,
+            "0120": self.stand_in_advice,
+            "0220": self.completion,
+            "0400": self.reversal,
+            "0420": self.reversal,
+        }
+
+    # --- holds ---------------------------------------------------------------------------------
+
+    def _hold(
+        self,
+        writer: Writer,
+        account: Account,
+        card: Card,
+        request: AuthorizationRequest,
+        amount: int,
+        key: bytes,
+        now_ms: int,
+    ) -> Hold:
+        hold_id = writer.next_hold_id()
+        lifetime = self._hold_lifetime_by_mcc_ms.get(request.mcc, self._hold_lifetime_ms)
+        hold = Hold(
+            hold_id=hold_id,
+            account_id=account.id,
+            card_id=card.card_id,
+            amount=amount,
+            currency=account.currency,
+            created_ms=now_ms,
+            expires_ms=now_ms + lifetime,
+            approval_code=approval_code(hold_id),
+            identity=key,
+            mcc=request.mcc,
+            rrn=request.rrn,
+        )
+        writer.open_hold(account, hold)
+        writer.put_account(account)
+        return hold
+
+    def _decided(
+        self,
+        writer: Writer,
+        request: AuthorizationRequest,
+        card_key: bytes,
+        now_yymm: int,
+    ) -> tuple[Card | None, Account | None, Decision]:
+        card = writer.card(card_key)
+        account = writer.account(card.account_id) if card is not None else None
+        return card, account, decide(request, card, account, self._rules, now_yymm)
+
+    @staticmethod
+    def _approved_fields(decision: Decision, request: AuthorizationRequest) -> dict[str, str]:
+        extra: dict[str, str] = {}
+        if decision.response_code == "10":  # partial approval: field 4 carries what was approved
+            extra["4"] = f"{decision.hold_amount:012d}"
+        return extra
+
+    # --- 0100: authorisation -------------------------------------------------------------------
+
+    def authorization(
+        self,
+        writer: Writer,
+        request: AuthorizationRequest,
+        card_key: bytes,
+        key: bytes,
+        now_ms: int,
+        now_yymm: int,
+    ) -> Result:
+        card, account, decision = self._decided(writer, request, card_key, now_yymm)
+        result = Result(
+            decision.response_code,
+            decision.reason,
+            account_id=account.id if account is not None else None,
+            card_id=card.card_id if card is not None else None,
+        )
+        if decision.hold_amount:
+            assert account is not None and card is not None
+            hold = self._hold(writer, account, card, request, decision.hold_amount, key, now_ms)
+            result.hold_id = hold.hold_id
+            result.extra = self._approved_fields(decision, request)
+            result.extra["38"] = hold.approval_code
+        elif decision.balance_inquiry:
+            assert account is not None
+            result.extra = {"54": _balances(request.processing_code[2:4], account)}
+        return result
+
+    # --- 0200: financial request, posts at once ------------------------------------------------
+
+    def financial(
+        self,
+        writer: Writer,
+        request: AuthorizationRequest,
+        card_key: bytes,
+        key: bytes,
+        now_ms: int,
+        now_yymm: int,
+    ) -> Result:
+        card, account, decision = self._decided(writer, request, card_key, now_yymm)
+        result = Result(
+            decision.response_code,
+            decision.reason,
+            account_id=account.id if account is not None else None,
+            card_id=card.card_id if card is not None else None,
+        )
+        if decision.hold_amount:
+            assert account is not None
+            account.posted -= decision.hold_amount
+            writer.put_account(account)
+            result.posted_amount = decision.hold_amount
+            result.extra = self._approved_fields(decision, request)
+            result.extra["38"] = approval_code(writer.next_hold_id())
+        elif decision.balance_inquiry:
+            assert account is not None
+            result.extra = {"54": _balances(request.processing_code[2:4], account)}
+        return result
+
+    # --- 0120: the network stood in and approved -----------------------------------------------
+
+    def stand_in_advice(
+        self,
+        writer: Writer,
+        request: AuthorizationRequest,
+        card_key: bytes,
+        key: bytes,
+        now_ms: int,
+        now_yymm: int,
+    ) -> Result:
+        # Advices are always acknowledged (00): the cardholder already has the goods. What we
+        # could not record is flagged in the reason, never refused.
+        if request.network_response_code not in (None, "00", "10"):
+            return Result("00", "advice_of_decline")
+        card = writer.card(card_key)
+        if card is None:
+            return Result("00", "advice_unknown_card")
+        account = writer.account(card.account_id)
+        if account is None:
+            return Result("00", "advice_account_missing", card_id=card.card_id)
+        amount = request.amount
+        if not amount:
+            return Result(
+                "00", "advice_invalid_amount", account_id=account.id, card_id=card.card_id
+            )
+        if alpha_code(request.currency) != account.currency:
+            return Result(
+                "00", "advice_currency_mismatch", account_id=account.id, card_id=card.card_id
+            )
+        hold = self._hold(writer, account, card, request, amount, key, now_ms)
+        reason = "stand_in_approved" if account.available >= 0 else "stand_in_overdrawn"
+        return Result(
+            "00", reason, account_id=account.id, card_id=card.card_id, hold_id=hold.hold_id
+        )
+
+    # --- matching an original ------------------------------------------------------------------
+
+    def _original(
+        self, writer: Writer, request: AuthorizationRequest
+    ) -> tuple[bytes, StoredAnswer] | None:
+        pointed = request.original_identity()
+        if pointed is not None:
+            message_class, identity = pointed
+            key = message_class.encode() + b"|" + identity
+            answer = writer.answer(key)
+            if answer is not None:
+                return key, answer
+        lookup = rrn_lookup(request)
+        if lookup is not None:
+            indexed = writer.answer_by_rrn(lookup)
+            if indexed is not None:
+                answer = writer.answer(indexed)
+                if answer is not None:
+                    return indexed, answer
+        return None
+
+    # --- 0220: completion advice ----------------------------------------------------------------
+
+    def completion(
+        self,
+        writer: Writer,
+        request: AuthorizationRequest,
+        card_key: bytes,
+        key: bytes,
+        now_ms: int,
+        now_yymm: int,
+    ) -> Result:
+        amount = request.amount
+        if amount is None:
+            return Result("00", "completion_invalid_amount")
+        found = self._original(writer, request)
+        if found is not None and found[1].hold_id is not None:
+            hold = writer.hold(found[1].hold_id)
+            if hold is not None and hold.status == "open":
+                account = writer.account(hold.account_id)
+                assert account is not None, hold.account_id
+                writer.close_hold(account, hold, "captured", now_ms)
+                hold.captured_amount = amount
+                writer.put_hold(hold)
+                account.posted -= amount
+                writer.put_account(account)
+                return Result(
+                    "00",
+                    "captured",
+                    account_id=account.id,
+                    card_id=hold.card_id,
+                    hold_id=hold.hold_id,
+                    posted_amount=amount,
+                )
+        # No open hold to capture: the network's word stands, post it as it is.
+        card = writer.card(card_key)
+        account = writer.account(card.account_id) if card is not None else None
+        if card is None or account is None:
+            return Result("00", "completion_unknown_card")
+        account.posted -= amount
+        writer.put_account(account)
+        return Result(
+            "00", "force_post", account_id=account.id, card_id=card.card_id, posted_amount=amount
+        )
+
+    # --- 0400 / 0420: reversal and reversal advice ----------------------------------------------
+
+    def reversal(
+        self,
+        writer: Writer,
+        request: AuthorizationRequest,
+        card_key: bytes,
+        key: bytes,
+        now_ms: int,
+        now_yymm: int,
+    ) -> Result:
+        advice = request.message_class == "0420"
+        found = self._original(writer, request)
+        if found is None:
+            return Result("00", "orphan_reversal") if advice else Result("25", "original_not_found")
+        original_key, original = found
+        account_id, card_id = original.account_id, original.card_id
+        if original.response_code not in ("00", "10"):
+            return Result("00", "original_declined", account_id=account_id, card_id=card_id)
+        replacement = request.replacement_amount()
+        target = replacement if replacement else 0  # what the transaction should now be worth
+        if original.hold_id is not None:
+            hold = writer.hold(original.hold_id)
+            if hold is None or hold.status != "open":
+                return Result(
+                    "00",
+                    "already_resolved",
+                    hold_id=original.hold_id,
+                    account_id=account_id,
+                    card_id=card_id,
+                )
+            account = writer.account(hold.account_id)
+            assert account is not None, hold.account_id
+            if target == 0:
+                writer.close_hold(account, hold, "released", now_ms)
+                reason = "reversed"
+            elif target < hold.amount:
+                writer.shrink_hold(account, hold, target)
+                reason = "partially_reversed"
+            else:
+                return Result(
+                    "00",
+                    "reversal_no_change",
+                    hold_id=hold.hold_id,
+                    account_id=account_id,
+                    card_id=card_id,
+                )
+            writer.put_account(account)
+            return Result(
+                "00", reason, hold_id=hold.hold_id, account_id=account_id, card_id=card_id
+            )
+        if original.posted_amount:
+            standing = original.posted_amount - original.reversed_amount
+            credit = standing - target
+            if credit <= 0 or original.account_id is None:
+                return Result("00", "already_resolved", account_id=account_id, card_id=card_id)
+            account = writer.account(original.account_id)
+            assert account is not None, original.account_id
+            account.posted += credit
+            writer.put_account(account)
+            original.reversed_amount += credit
+            writer.put_answer(original_key, original)
+            return Result(
+                "00",
+                "reversed" if target == 0 else "partially_reversed",
+                account_id=account_id,
+                card_id=card_id,
+            )
+        return Result("00", "nothing_to_reverse", account_id=account_id, card_id=card_id)
