@@ -1,0 +1,236 @@
+"""The transaction lifecycle over a real socket: financials, reversals, advices, completions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from harness import Link, RunningDaemon, authorization, decode, next_stan
+
+from processor.ledger.store import Ledger
+
+pytestmark = pytest.mark.e2e
+
+MAIN = "4761739001010010"  # demo-main, EUR, per-transaction limit 500000
+LOAD = "4761739001010085"  # demo-main, no limit
+LOW = "4761739001010069"  # demo-low, 50.00 EUR
+
+
+def balances(daemon: RunningDaemon, account: str = "demo-main") -> tuple[int, int]:
+    ledger = Ledger(daemon.ledger, readonly=True)
+    try:
+        with ledger.read() as reader:
+            found = reader.account(account)
+            assert found is not None
+            return found.posted, found.held
+    finally:
+        ledger.close()
+
+
+def original_data(request: dict[str, str]) -> str:
+    """Field 90 pointing at `request`: MTI, STAN, field 7, acquirer and forwarder (11 each)."""
+    return f"{request['t']}{request['11']}{request['7']}{int(request['32']):011d}{0:011d}"
+
+
+def follow_up(mti: str, original: dict[str, str], amount: int, **extra: str) -> dict[str, str]:
+    message = authorization(pan=original["2"], amount=amount)
+    message.update({"t": mti, "37": original.get("37", "000000000001")})
+    message.update(extra)
+    return message
+
+
+def test_financial_0200_posts_at_once(daemon: RunningDaemon, link: Link) -> None:
+    posted, held = balances(daemon)
+    response = link.exchange(authorization(pan=LOAD, amount=1234, t="0200"))
+    assert (response["t"], response["39"]) == ("0210", "00")
+    assert "38" in response
+    assert balances(daemon) == (posted - 1234, held)
+    declined = link.exchange(authorization(pan=LOW, amount=999_999, t="0200"))
+    assert (declined["t"], declined["39"]) == ("0210", "51")
+    assert balances(daemon, "demo-low") == (5000, 0)
+
+
+def test_full_reversal_through_field_90_voids_the_hold_once(
+    daemon: RunningDaemon, link: Link
+) -> None:
+    posted, held = balances(daemon)
+    original = authorization(pan=LOAD, amount=5000)
+    assert link.exchange(original)["39"] == "00"
+    assert balances(daemon) == (posted, held + 5000)
+    reversal = follow_up("0400", original, 5000, **{"90": original_data(original)})
+    response = link.exchange(reversal)
+    assert (response["t"], response["39"], response["90"]) == ("0410", "00", reversal["90"])
+    assert balances(daemon) == (posted, held)
+    # A second, distinct reversal of the same original changes nothing.
+    again = follow_up("0400", original, 5000, **{"90": original_data(original)})
+    assert link.exchange(again)["39"] == "00"
+    assert balances(daemon) == (posted, held)
+    # A repeat (0401) of the first reversal gets its answer byte for byte.
+    link.send_fields(reversal)
+    first = link.receive()
+    link.send_fields(dict(reversal, t="0401"))
+    assert link.receive() == first
+
+
+def test_reversal_without_field_90_matches_on_acquirer_stan_rrn(
+    daemon: RunningDaemon, link: Link
+) -> None:
+    posted, held = balances(daemon)
+    original = authorization(pan=LOAD, amount=700, **{"37": "123456789012"})
+    assert link.exchange(original)["39"] == "00"
+    reversal = dict(original, t="0400", **{"7": "1124111111"})  # same 32, 11, 37
+    assert link.exchange(reversal)["39"] == "00"
+    assert balances(daemon) == (posted, held)
+
+
+def test_partial_reversal_shrinks_the_hold(daemon: RunningDaemon, link: Link) -> None:
+    posted, held = balances(daemon)
+    original = authorization(pan=LOAD, amount=10_000)
+    assert link.exchange(original)["39"] == "00"
+    reversal = follow_up(
+        "0400", original, 10_000, **{"90": original_data(original), "95": f"{6000:012d}" + "0" * 30}
+    )
+    assert link.exchange(reversal)["39"] == "00"
+    assert balances(daemon) == (posted, held + 6000)
+
+
+def test_reversal_of_a_financial_credits_it_back(daemon: RunningDaemon, link: Link) -> None:
+    posted, held = balances(daemon)
+    original = authorization(pan=LOAD, amount=2500, t="0200")
+    assert link.exchange(original)["39"] == "00"
+    partial = follow_up(
+        "0400", original, 2500, **{"90": original_data(original), "95": f"{1000:012d}" + "0" * 30}
+    )
+    assert link.exchange(partial)["39"] == "00"
+    assert balances(daemon) == (posted - 1000, held)
+    full = follow_up("0420", original, 2500, **{"90": original_data(original)})
+    assert link.exchange(full)["39"] == "00"
+    assert balances(daemon) == (posted, held)
+
+
+def test_unknown_and_declined_originals(daemon: RunningDaemon, link: Link) -> None:
+    posted, held = balances(daemon)
+    ghost = authorization(pan=LOAD, amount=100)  # never sent
+    orphan = follow_up("0400", ghost, 100, **{"90": original_data(ghost)})
+    assert link.exchange(orphan)["39"] == "25"
+    orphan_advice = follow_up("0420", ghost, 100, **{"90": original_data(ghost)})
+    response = link.exchange(orphan_advice)
+    assert (response["t"], response["39"]) == ("0430", "00")
+    declined = authorization(pan=MAIN, amount=100, **{"18": "7995"})  # blocked MCC: 57
+    assert link.exchange(declined)["39"] == "57"
+    reversal = follow_up("0400", declined, 100, **{"90": original_data(declined)})
+    assert link.exchange(reversal)["39"] == "00"
+    assert balances(daemon) == (posted, held)
+
+
+def test_stand_in_advice_is_recorded_even_when_it_overdraws(
+    daemon: RunningDaemon, link: Link
+) -> None:
+    advice = authorization(pan=LOW, amount=8000, t="0120", **{"39": "00"})
+    response = link.exchange(advice)
+    assert (response["t"], response["39"]) == ("0130", "00")
+    assert balances(daemon, "demo-low") == (5000, 8000)  # available is now -30.00 EUR
+
+
+def test_completion_captures_the_hold_for_its_final_amount(
+    daemon: RunningDaemon, link: Link
+) -> None:
+    posted, held = balances(daemon)
+    original = authorization(pan=LOAD, amount=4000)  # e.g. a restaurant, before the tip
+    assert link.exchange(original)["39"] == "00"
+    completion = follow_up("0220", original, 4600, **{"90": original_data(original)})
+    response = link.exchange(completion)
+    assert (response["t"], response["39"]) == ("0230", "00")
+    assert balances(daemon) == (posted - 4600, held)
+    # Without a matching hold the completion is a force post.
+    ghost = authorization(pan=LOAD, amount=300)
+    force = follow_up("0220", ghost, 300, **{"90": original_data(ghost)})
+    assert link.exchange(force)["39"] == "00"
+    assert balances(daemon) == (posted - 4900, held)
+
+
+def test_partial_approval_when_the_terminal_supports_it(daemon: RunningDaemon, link: Link) -> None:
+    supported = "R" + "61" + "03" + "100"  # field 48: TCC, subelement 61 position 1 = 1
+    response = link.exchange(authorization(pan=LOW, amount=8000, **{"48": supported}))
+    assert (response["39"], response["4"]) == ("10", f"{5000:012d}")
+    assert balances(daemon, "demo-low") == (5000, 5000)
+    unsupported = link.exchange(authorization(pan=LOW, amount=8000))
+    assert unsupported["39"] == "51"
+
+
+def test_hold_lifetime_by_mcc(daemon: RunningDaemon, link: Link) -> None:
+    hotel = authorization(pan=LOAD, amount=100, **{"18": "7011"})
+    shop = authorization(pan=LOAD, amount=100, **{"18": "5411"})
+    assert link.exchange(hotel)["39"] == link.exchange(shop)["39"] == "00"
+    ledger = Ledger(daemon.ledger, readonly=True)
+    try:
+        with ledger.read() as reader:
+            holds = {h.mcc: h.expires_ms - h.created_ms for h in reader.account_holds("demo-main")}
+    finally:
+        ledger.close()
+    assert holds == {"7011": 30 * 86400 * 1000, "5411": 7 * 86400 * 1000}
+
+
+def test_kill9_mid_stream_loses_no_answered_change(daemon: RunningDaemon) -> None:
+    link = daemon.connect()
+    posted, held = balances(daemon)
+    expected_posted, expected_held = posted, held
+    originals = [authorization(pan=LOAD, amount=100 + n) for n in range(30)]
+    for request in originals:
+        link.send_fields(request)
+    answers = {link.receive_fields()["11"]: None for _ in originals}
+    assert len(answers) == 30
+    expected_held += sum(100 + n for n in range(30))
+    stream: list[dict[str, str]] = []
+    for n, original in enumerate(originals):
+        if n % 3 == 0:
+            stream.append(follow_up("0400", original, 100 + n, **{"90": original_data(original)}))
+            expected_held -= 100 + n
+        elif n % 3 == 1:
+            stream.append(follow_up("0220", original, 200 + n, **{"90": original_data(original)}))
+            expected_held -= 100 + n
+            expected_posted -= 200 + n
+        else:
+            stream.append(authorization(pan=LOAD, amount=50, t="0200"))
+            expected_posted -= 50
+    for request in stream:
+        link.send_fields(request)
+    codes = [link.receive_fields()["39"] for _ in stream]
+    assert codes == ["00"] * len(stream)
+    daemon.kill9()  # every answer above was sent after its commit
+    link.close()
+    assert balances(daemon) == (expected_posted, expected_held)
+    restarted = RunningDaemon(daemon.ledger).start()
+    try:
+        again = restarted.connect()
+        again.send_fields(stream[0])
+        assert decode(again.receive())["39"] == "00"  # a retransmission: nothing changes
+        again.close()
+        assert balances(restarted) == (expected_posted, expected_held)
+    finally:
+        restarted.stop()
+
+
+def test_sweeper_releases_expired_holds(tmp_path: Path) -> None:
+    config = tmp_path / "processor.toml"
+    config.write_text(
+        "[programme]\nhold_lifetime_seconds = 1\nsweep_interval_seconds = 1\n"
+        "[programme.hold_lifetime_by_mcc]\n"
+    )
+    running = RunningDaemon(tmp_path / "ledger", config=config).start()
+    try:
+        link = running.connect()
+        posted, held = balances(running)
+        assert (
+            link.exchange(authorization(pan=LOAD, amount=900, **{"11": next_stan()}))["39"] == "00"
+        )
+        assert balances(running) == (posted, held + 900)
+        import time
+
+        deadline = time.monotonic() + 10
+        while balances(running) != (posted, held) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert balances(running) == (posted, held)
+        link.close()
+    finally:
+        running.stop()
