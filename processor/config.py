@@ -69,6 +69,10 @@ class ProgrammeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         default_factory=lambda: {"7011": 30 * 86400, "7512": 30 * 86400, "3351": 30 * 86400}
     )
     sweep_interval_seconds: Seconds = 60  # how often expired holds are released
+    # FX for transactions in another currency than the account's (when the network sends no
+    # cardholder billing amount in the account currency); "" = no rates, such requests get 57.
+    rates_file: str = ""
+    fx_markup_bps: Annotated[int, Meta(ge=0, le=10_000)] = 0
 
 
 class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

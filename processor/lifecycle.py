@@ -14,8 +14,10 @@ from typing import Final
 
 import msgspec
 
-from processor.currency import alpha_code, numeric_code
+from processor.currency import numeric_code
 from processor.engine import Decision, ProgrammeRules, decide
+from processor.engine.decide import billing_amount
+from processor.engine.fx import scale
 from processor.ledger.records import Account, Card, Hold, StoredAnswer
 from processor.ledger.store import Writer
 from processor.wire.codec import balance_block
@@ -126,10 +128,13 @@ class Lifecycle:
         return card, account, decide(request, card, account, self._rules, now_yymm)
 
     @staticmethod
-    def _approved_fields(decision: Decision, request: AuthorizationRequest) -> dict[str, str]:
+    def _approved_fields(decision: Decision, account: Account) -> dict[str, str]:
         extra: dict[str, str] = {}
         if decision.response_code == "10":  # partial approval: field 4 carries what was approved
             extra["4"] = f"{decision.hold_amount:012d}"
+        if decision.billing_amount is not None:  # converted: the cardholder billing amount
+            extra["6"] = f"{decision.billing_amount:012d}"
+            extra["51"] = numeric_code(account.currency)
         return extra
 
     # --- 0100: authorisation -------------------------------------------------------------------
@@ -154,7 +159,7 @@ class Lifecycle:
             assert account is not None and card is not None
             hold = self._hold(writer, account, card, request, decision.hold_amount, key, now_ms)
             result.hold_id = hold.hold_id
-            result.extra = self._approved_fields(decision, request)
+            result.extra = self._approved_fields(decision, account)
             result.extra["38"] = hold.approval_code
         elif decision.balance_inquiry:
             assert account is not None
@@ -184,7 +189,7 @@ class Lifecycle:
             account.posted -= decision.hold_amount
             writer.put_account(account)
             result.posted_amount = decision.hold_amount
-            result.extra = self._approved_fields(decision, request)
+            result.extra = self._approved_fields(decision, account)
             result.extra["38"] = approval_code(writer.next_hold_id())
         elif decision.balance_inquiry:
             assert account is not None
@@ -212,14 +217,14 @@ class Lifecycle:
         account = writer.account(card.account_id)
         if account is None:
             return Result("00", "advice_account_missing", card_id=card.card_id)
-        amount = request.amount
-        if not amount:
+        if not request.amount:
             return Result(
                 "00", "advice_invalid_amount", account_id=account.id, card_id=card.card_id
             )
-        if alpha_code(request.currency) != account.currency:
+        amount = billing_amount(request, account, self._rules)
+        if amount is None:
             return Result(
-                "00", "advice_currency_mismatch", account_id=account.id, card_id=card.card_id
+                "00", "advice_currency_not_supported", account_id=account.id, card_id=card.card_id
             )
         hold = self._hold(writer, account, card, request, amount, key, now_ms)
         reason = "stand_in_approved" if account.available >= 0 else "stand_in_overdrawn"
@@ -259,8 +264,7 @@ class Lifecycle:
         now_ms: int,
         now_yymm: int,
     ) -> Result:
-        amount = request.amount
-        if amount is None:
+        if request.amount is None:
             return Result("00", "completion_invalid_amount")
         found = self._original(writer, request)
         if found is not None and found[1].hold_id is not None:
@@ -268,6 +272,10 @@ class Lifecycle:
             if hold is not None and hold.status == "open":
                 account = writer.account(hold.account_id)
                 assert account is not None, hold.account_id
+                amount = billing_amount(request, account, self._rules)
+                if amount is None:
+                    # No way to price the final amount: capture what was held, and say so.
+                    amount = hold.amount
                 writer.close_hold(account, hold, "captured", now_ms)
                 hold.captured_amount = amount
                 writer.put_hold(hold)
@@ -286,6 +294,14 @@ class Lifecycle:
         account = writer.account(card.account_id) if card is not None else None
         if card is None or account is None:
             return Result("00", "completion_unknown_card")
+        amount = billing_amount(request, account, self._rules)
+        if amount is None:
+            return Result(
+                "00",
+                "completion_currency_not_supported",
+                account_id=account.id,
+                card_id=card.card_id,
+            )
         account.posted -= amount
         writer.put_account(account)
         return Result(
@@ -313,6 +329,11 @@ class Lifecycle:
             return Result("00", "original_declined", account_id=account_id, card_id=card_id)
         replacement = request.replacement_amount()
         target = replacement if replacement else 0  # what the transaction should now be worth
+        original_amount, billed = original.response.get("4"), original.response.get("6")
+        if target and billed and original_amount and original_amount.isdigit():
+            # The original was converted: field 95 is in the transaction currency, the hold in
+            # the account's. Scale by the original's own rate, not today's.
+            target = scale(target, int(billed), int(original_amount))
         if original.hold_id is not None:
             hold = writer.hold(original.hold_id)
             if hold is None or hold.status != "open":

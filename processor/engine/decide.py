@@ -8,11 +8,13 @@ same inputs always give the same decision.
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Final
 
 import msgspec
 
 from processor.currency import alpha_code
+from processor.engine.fx import convert
 from processor.ledger.records import Account, Card
 from processor.wire.messages import AuthorizationRequest
 
@@ -22,6 +24,9 @@ class Decision(msgspec.Struct, frozen=True, gc=False):
     reason: str  # machine reason, stable: programmes and dashboards key on it
     hold_amount: int = 0  # minor units of the account currency to hold when approved
     balance_inquiry: bool = False
+    # Set when the transaction currency differs from the account's: the amount in the account
+    # currency, answered in fields 6 and 51.
+    billing_amount: int | None = None
 
     @property
     def approved(self) -> bool:
@@ -30,6 +35,36 @@ class Decision(msgspec.Struct, frozen=True, gc=False):
 
 class ProgrammeRules(msgspec.Struct, frozen=True):
     blocked_mccs: frozenset[str] = frozenset()
+    # (transaction currency, account currency) -> account units per transaction unit
+    rates: dict[tuple[str, str], Decimal] = msgspec.field(default_factory=dict)
+    fx_markup_bps: int = 0
+
+
+def billing_amount(
+    request: AuthorizationRequest, account: Account, rules: ProgrammeRules
+) -> int | None:
+    """The request's amount in the account currency, or None when it cannot be known.
+
+    Same currency: field 4. Otherwise the network's cardholder billing amount (field 6) when it
+    is in the account currency (field 51), else a conversion with the programme's rates.
+    """
+    amount = request.amount
+    if amount is None:
+        return None
+    source = alpha_code(request.currency)
+    if source == account.currency:
+        return amount
+    billing = request.billing_amount
+    if (
+        billing is not None
+        and billing.isdigit()
+        and request.billing_currency is not None
+        and alpha_code(request.billing_currency) == account.currency
+    ):
+        return int(billing)
+    if source is None:
+        return None
+    return convert(amount, source, account.currency, rules.rates, rules.fx_markup_bps)
 
 
 PURCHASE: Final = "00"
@@ -57,7 +92,8 @@ ACCOUNT_RESTRICTED: Final = {
 CARD_EXPIRED: Final = Decision("54", "card_expired")
 EXPIRY_MISMATCH: Final = Decision("54", "expiry_mismatch")
 UNSUPPORTED_PROCESSING_CODE: Final = Decision("12", "unsupported_processing_code")
-CURRENCY_MISMATCH: Final = Decision("12", "currency_mismatch")
+UNKNOWN_CURRENCY: Final = Decision("12", "unknown_currency")
+CURRENCY_NOT_SUPPORTED: Final = Decision("57", "currency_not_supported")
 BALANCE: Final = Decision("00", "balance_inquiry", balance_inquiry=True)
 INVALID_AMOUNT: Final = Decision("13", "invalid_amount")
 MCC_BLOCKED: Final = Decision("57", "mcc_blocked")
@@ -99,13 +135,19 @@ def decide(
     transaction_type = request.processing_code[:2]
     if transaction_type not in SUPPORTED_TRANSACTION_TYPES:
         return UNSUPPORTED_PROCESSING_CODE
-    if alpha_code(request.currency) != account.currency:
-        return CURRENCY_MISMATCH
+    source = alpha_code(request.currency)
+    if source is None:
+        return UNKNOWN_CURRENCY
     if transaction_type == BALANCE_INQUIRY:
         return BALANCE
     amount = request.amount
     if not amount:  # absent, not digits, or zero
         return INVALID_AMOUNT
+    converted = source != account.currency
+    if converted:
+        amount = billing_amount(request, account, rules)
+        if amount is None:
+            return CURRENCY_NOT_SUPPORTED
     if request.mcc in rules.blocked_mccs:
         return MCC_BLOCKED
     if request.mcc in card.blocked_mccs:
@@ -115,7 +157,16 @@ def decide(
         return OVER_TRANSACTION_LIMIT
     available = account.posted + account.credit_limit - account.held
     if amount > available:
-        if available > 0 and transaction_type == PURCHASE and request.partial_approval_supported:
+        # Partial approvals answer an amount in field 4, the transaction currency: only
+        # offered when no conversion stands between the two.
+        if (
+            available > 0
+            and not converted
+            and transaction_type == PURCHASE
+            and request.partial_approval_supported
+        ):
             return Decision("10", "partial_approval", hold_amount=available)
         return INSUFFICIENT_FUNDS
+    if converted:
+        return Decision("00", "approved", hold_amount=amount, billing_amount=amount)
     return Decision("00", "approved", hold_amount=amount)

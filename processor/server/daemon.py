@@ -14,6 +14,7 @@ import sys
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
+from decimal import Decimal
 
 from processor import limits
 from processor.authorizer import Authorizer, Outcome
@@ -22,6 +23,7 @@ from processor.engine import ProgrammeRules
 from processor.ledger.load import load_path
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
+from processor.rates import load_rates
 from processor.resources import demo_data_path
 from processor.security import PanHasher, hasher_from_environment
 from processor.server.link import Link
@@ -36,7 +38,14 @@ Pending = tuple[Link, bytes, AuthorizationRequest, int]
 
 
 class Daemon:
-    def __init__(self, config: Config, ledger: Ledger, hasher: PanHasher, metrics: Metrics):
+    def __init__(
+        self,
+        config: Config,
+        ledger: Ledger,
+        hasher: PanHasher,
+        metrics: Metrics,
+        rates: dict[tuple[str, str], Decimal] | None = None,
+    ):
         self.config = config
         self.ledger = ledger
         self.metrics = metrics
@@ -45,7 +54,11 @@ class Daemon:
             ledger,
             self.codec,
             hasher,
-            ProgrammeRules(blocked_mccs=frozenset(config.programme.blocked_mccs)),
+            ProgrammeRules(
+                blocked_mccs=frozenset(config.programme.blocked_mccs),
+                rates=rates or {},
+                fx_markup_bps=config.programme.fx_markup_bps,
+            ),
             hold_lifetime_seconds=config.programme.hold_lifetime_seconds,
             hold_lifetime_by_mcc=config.programme.hold_lifetime_by_mcc,
         )
@@ -231,6 +244,7 @@ async def serve(config: Config) -> int:
     # Imported here so the wire/engine/ledger layers never pull in the HTTP stack.
     from processor.api.http import start_http
 
+    rates = load_rates(config.programme.rates_file) if config.programme.rates_file else {}
     hasher = hasher_from_environment(config.security.pan_key_env)
     if hasher.insecure:
         log.warning(
@@ -241,7 +255,7 @@ async def serve(config: Config) -> int:
     ledger = open_ledger(config, hasher)
     metrics = Metrics()
     metrics.watch_ledger(ledger.map_usage)
-    daemon = Daemon(config, ledger, hasher, metrics)
+    daemon = Daemon(config, ledger, hasher, metrics, rates)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: Link(daemon), config.server.host, config.server.port, reuse_address=True

@@ -174,7 +174,9 @@ SCENARIOS: dict[str, Check] = {
     "unsupported_processing_code": _auth_check(
         "unsupported_processing_code", "12", ACTIVE, processing_code="400000"
     ),
-    "currency_mismatch": _auth_check("currency_mismatch", "12", USD_ACCOUNT, currency="978"),
+    "currency_not_supported": _auth_check(
+        "currency_not_supported", "57", USD_ACCOUNT, currency="978"
+    ),
     "zero_amount": _auth_check("zero_amount", "13", ACTIVE, amount=0),
     "blocked_mcc": _auth_check("blocked_mcc", "57", ACTIVE, mcc="7995"),
     "blocked_mcc_by_card": _auth_check("blocked_mcc_by_card", "57", ACTIVE, mcc="5933"),

@@ -234,3 +234,30 @@ def test_sweeper_releases_expired_holds(tmp_path: Path) -> None:
         link.close()
     finally:
         running.stop()
+
+
+def test_foreign_currency_authorisations(tmp_path: Path) -> None:
+    rates = tmp_path / "rates.toml"
+    rates.write_text('[[rates]]\nfrom = "USD"\nto = "EUR"\nrate = "0.92"\n')
+    config = tmp_path / "processor.toml"
+    config.write_text(f'[programme]\nrates_file = "{rates}"\nfx_markup_bps = 100\n')
+    running = RunningDaemon(tmp_path / "ledger", config=config).start()
+    try:
+        link = running.connect()
+        posted, held = balances(running)
+        # 10.00 USD at 0.92 + 1 % markup = 9.29 EUR held; the answer carries 6 and 51.
+        converted = link.exchange(authorization(pan=LOAD, amount=1000, **{"49": "840"}))
+        assert (converted["39"], converted["6"], converted["51"]) == ("00", f"{929:012d}", "978")
+        assert converted["4"] == f"{1000:012d}"
+        # The network's own billing amount in the account currency wins over our rate.
+        billed = link.exchange(
+            authorization(pan=LOAD, amount=1000, **{"49": "840", "6": f"{950:012d}", "51": "978"})
+        )
+        assert (billed["39"], billed["6"]) == ("00", f"{950:012d}")
+        assert balances(running) == (posted, held + 929 + 950)
+        # No rate and no billing amount: declined 57.
+        no_rate = link.exchange(authorization(pan=LOAD, amount=1000, **{"49": "826"}))
+        assert no_rate["39"] == "57"
+        link.close()
+    finally:
+        running.stop()

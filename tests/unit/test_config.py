@@ -58,3 +58,38 @@ def test_overrides_isolate_an_instance() -> None:
 def test_override_port_range() -> None:
     with pytest.raises(ConfigError, match="--port"):
         with_overrides(Config(), port=70000)
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('[[rates]]\nfrom = "USD"\nto = "EUR"\nrate = "abc"\n', "$.rates[0].rate"),
+        ('[[rates]]\nfrom = "USD"\nto = "EUR"\nrate = "-1"\n', "$.rates[0].rate"),
+        ('[[rates]]\nfrom = "XXX"\nto = "EUR"\nrate = "1"\n', "$.rates[0].from"),
+        ('[[rates]]\nfrom = "USD"\nto = "EUX"\nrate = "1"\n', "$.rates[0].to"),
+        ('[[rates]]\nfrom = "USD"\nto = "EUR"\nrate = 0.92\n', "$.rates[0].rate"),
+        ('[[rates]]\nfrom = "USD"\nto = "EUR"\nrat = "1"\n', "$.rates[0]"),
+        (
+            '[[rates]]\nfrom = "USD"\nto = "EUR"\nrate = "1"\n'
+            '[[rates]]\nfrom = "USD"\nto = "EUR"\nrate = "2"\n',
+            "$.rates[1]",
+        ),
+    ],
+)
+def test_bad_rates_file_names_the_entry(tmp_path: Path, text: str, named: str) -> None:
+    from processor.rates import load_rates
+
+    path = tmp_path / "rates.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_rates(path)
+    assert named in str(caught.value)
+
+
+def test_example_rates_file_loads() -> None:
+    from decimal import Decimal
+
+    from processor.rates import load_rates
+
+    rates = load_rates(ROOT / "config" / "rates.example.toml")
+    assert rates[("USD", "EUR")] == Decimal("0.9200")

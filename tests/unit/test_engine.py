@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 import msgspec
@@ -91,7 +92,12 @@ class Case(NamedTuple):
     now_yymm: int = NOW_YYMM
     hold: int = 0
     balance_inquiry: bool = False
+    billing: int | None = None  # fields 6/51 of the answer when the amount was converted
 
+
+FX_RULES = ProgrammeRules(
+    rates={("USD", "EUR"): Decimal("0.92"), ("JPY", "EUR"): Decimal("0.0062")}, fx_markup_bps=100
+)
 
 CASES = [
     # 14: the card is not in the ledger (with or without an account to go with it).
@@ -152,13 +158,60 @@ CASES = [
         "unsupported_processing_code",
         request={"processing_code": "990000"},
     ),
-    Case("USD on a EUR account", "12", "currency_mismatch", request={"currency": "840"}),
-    Case("unknown numeric currency", "12", "currency_mismatch", request={"currency": "000"}),
+    Case("unknown numeric currency", "12", "unknown_currency", request={"currency": "000"}),
+    # 57: another currency with neither a billing amount in the account currency nor a rate.
     Case(
-        "EUR on a USD account",
-        "12",
-        "currency_mismatch",
+        "USD on a EUR account, no rate",
+        "57",
+        "currency_not_supported",
+        request={"currency": "840"},
+    ),
+    Case(
+        "EUR on a USD account, no rate",
+        "57",
+        "currency_not_supported",
         account={"currency": "USD"},
+    ),
+    Case(
+        "USD on a EUR account, billing amount in EUR from the network",
+        "00",
+        "approved",
+        request={"currency": "840", "billing_amount": "000000000920", "billing_currency": "978"},
+        hold=920,
+        billing=920,
+    ),
+    # 10.00 USD at 0.92 plus 1 % markup = 9.292 EUR, rounded half up to 9.29.
+    Case(
+        "USD on a EUR account at the programme's rate",
+        "00",
+        "approved",
+        request={"currency": "840", "amount": 1_000},
+        rules=FX_RULES,
+        hold=929,
+        billing=929,
+    ),
+    # 1000 JPY (no minor unit) at 0.0062 plus 1 % = 6.262 EUR -> 626 cents.
+    Case(
+        "JPY on a EUR account at the programme's rate",
+        "00",
+        "approved",
+        request={"currency": "392", "amount": 1_000},
+        rules=FX_RULES,
+        hold=626,
+        billing=626,
+    ),
+    Case(
+        "GBP on a EUR account, rates for other pairs only",
+        "57",
+        "currency_not_supported",
+        request={"currency": "826"},
+        rules=FX_RULES,
+    ),
+    Case(
+        "USD on a EUR account, billing amount in another currency: still no rate",
+        "57",
+        "currency_not_supported",
+        request={"currency": "840", "billing_amount": "000000000920", "billing_currency": "826"},
     ),
     Case(
         "USD on a USD account",
@@ -323,7 +376,11 @@ def test_decision_table(case: Case) -> None:
     decision = decide(request, card, account, case.rules, case.now_yymm)
 
     assert decision == Decision(
-        case.code, case.reason, hold_amount=case.hold, balance_inquiry=case.balance_inquiry
+        case.code,
+        case.reason,
+        hold_amount=case.hold,
+        balance_inquiry=case.balance_inquiry,
+        billing_amount=case.billing,
     )
     assert decision.approved is (case.code == "00")
 

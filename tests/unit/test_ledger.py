@@ -698,7 +698,7 @@ def test_declines_hold_nothing(loaded: Ledger, authorizer: Authorizer) -> None:
         auth_request(FROZEN, 1_000, stan="000003"),  # 62
         auth_request(UNKNOWN, 1_000, stan="000004"),  # 14
         auth_request(MAIN, 0, stan="000005"),  # 13
-        auth_request(MAIN, 1_000, stan="000006", currency="840"),  # 12
+        auth_request(MAIN, 1_000, stan="000006", currency="840"),  # 57: no USD->EUR rate
     ]
     outcomes = authorizer.authorize_batch(requests, NOW)
 
@@ -708,7 +708,7 @@ def test_declines_hold_nothing(loaded: Ledger, authorizer: Authorizer) -> None:
         ("62", "card_frozen"),
         ("14", "card_not_found"),
         ("13", "invalid_amount"),
-        ("12", "currency_mismatch"),
+        ("57", "currency_not_supported"),
     ]
     for outcome in outcomes:
         assert "38" not in response_fields(outcome)
