@@ -267,8 +267,23 @@ class Lifecycle:
         if request.amount is None:
             return Result("00", "completion_invalid_amount")
         found = self._original(writer, request)
+        if found is not None and found[1].posted_amount:
+            # A single-message original (0200) already posted: capturing again would double it.
+            original = found[1]
+            return Result(
+                "00", "already_posted", account_id=original.account_id, card_id=original.card_id
+            )
         if found is not None and found[1].hold_id is not None:
             hold = writer.hold(found[1].hold_id)
+            if hold is not None and hold.status == "captured":
+                # A second completion of the same authorisation: the first one posted it.
+                return Result(
+                    "00",
+                    "already_captured",
+                    account_id=hold.account_id,
+                    card_id=hold.card_id,
+                    hold_id=hold.hold_id,
+                )
             if hold is not None and hold.status == "open":
                 account = writer.account(hold.account_id)
                 assert account is not None, hold.account_id
@@ -289,7 +304,8 @@ class Lifecycle:
                     hold_id=hold.hold_id,
                     posted_amount=amount,
                 )
-        # No open hold to capture: the network's word stands, post it as it is.
+        # No original, or its hold was reversed or expired before the merchant completed: the
+        # network's word stands, post it as it is.
         card = writer.card(card_key)
         account = writer.account(card.account_id) if card is not None else None
         if card is None or account is None:

@@ -261,3 +261,18 @@ def test_foreign_currency_authorisations(tmp_path: Path) -> None:
         link.close()
     finally:
         running.stop()
+
+
+def test_a_second_completion_does_not_post_twice(daemon: RunningDaemon, link: Link) -> None:
+    posted, held = balances(daemon)
+    original = authorization(pan=LOAD, amount=1000)
+    assert link.exchange(original)["39"] == "00"
+    first = follow_up("0220", original, 1100, **{"90": original_data(original)})
+    second = follow_up("0220", original, 1100, **{"90": original_data(original)})
+    assert link.exchange(first)["39"] == link.exchange(second)["39"] == "00"
+    assert balances(daemon) == (posted - 1100, held)
+    single = authorization(pan=LOAD, amount=500, t="0200")
+    assert link.exchange(single)["39"] == "00"
+    completion = follow_up("0220", single, 500, **{"90": original_data(single)})
+    assert link.exchange(completion)["39"] == "00"
+    assert balances(daemon) == (posted - 1600, held)
