@@ -1,4 +1,4 @@
-"""`processor`: serve, ledger load/show, sim. The CLI only builds a config and calls a module."""
+"""`processor`: serve, ledger, clearing, sim. The CLI only builds a config and calls a module."""
 
 from __future__ import annotations
 
@@ -112,6 +112,34 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
         ledger.close()
 
 
+def cmd_clearing_ingest(args: argparse.Namespace) -> int:
+    from processor.clearing import ClearingError, describe_summary, ingest_path
+    from processor.ledger.store import ledger_exists
+    from processor.security import hasher_from_environment
+    from processor.server.daemon import open_ledger
+
+    config = _common_config(args)
+    _setup_logging(config.log.level)
+    if not ledger_exists(config.ledger.path):
+        print(f"processor: no ledger at {config.ledger.path}", file=sys.stderr)
+        return 1
+    hasher = hasher_from_environment(config.security.pan_key_env)
+    if hasher.insecure:
+        logging.warning(
+            "%s is not set: using the insecure development PAN key", config.security.pan_key_env
+        )
+    ledger = open_ledger(_no_seed(config), hasher)
+    try:
+        summary = ingest_path(ledger, args.file, hasher, datetime.now(UTC))
+    except ClearingError as error:
+        print(f"processor: {error}", file=sys.stderr)
+        return 1
+    finally:
+        ledger.close()
+    print("\n".join(describe_summary(args.file, summary)))
+    return 0
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     from processor.sim.scenarios import run_scenarios
 
@@ -164,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--account")
     which.add_argument("--pan")
     show.set_defaults(func=cmd_ledger_show)
+
+    clearing = sub.add_parser("clearing", help="apply clearing (presentment) files")
+    clearing_sub = clearing.add_subparsers(dest="clearing_command", required=True)
+    ingest = clearing_sub.add_parser(
+        "ingest", help="apply a JSON Lines presentment file (specs/clearing.md)"
+    )
+    config_flag(ingest)
+    ingest.add_argument("--ledger", help="LMDB directory")
+    ingest.add_argument("file")
+    ingest.set_defaults(func=cmd_clearing_ingest)
 
     def target(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1")

@@ -82,3 +82,20 @@ class StoredAnswer(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     posted_amount: int = 0  # debited from posted at once (0200 approval, force post)
     reversed_amount: int = 0  # credited back so far by reversals
     mti: str = ""  # the request's MTI
+
+
+class ClearedRecord(msgspec.Struct, array_like=True, kw_only=True, gc=False):
+    """A clearing (presentment) record applied to the ledger, kept under its record id.
+
+    Its presence makes ingesting the record again a no-op; `fingerprint` tells a true duplicate
+    from another record that reuses the id.
+    """
+
+    outcome: Literal["matched", "already_captured", "already_posted", "force_posted", "refund"]
+    fingerprint: bytes  # keyed digest of the record's content, the PAN only as its card key
+    processed_ms: int
+    card_id: str
+    account_id: str
+    amount: int  # the record's amount, minor units of `currency`
+    currency: str
+    hold_id: int | None = None  # the hold it matched, captured or found captured

@@ -18,7 +18,7 @@ import lmdb
 import msgspec
 
 from processor import limits
-from processor.ledger.records import Account, Card, Hold, HoldStatus, StoredAnswer
+from processor.ledger.records import Account, Card, ClearedRecord, Hold, HoldStatus, StoredAnswer
 
 SCHEMA_VERSION = b"1"
 _U64 = struct.Struct(">Q")
@@ -32,6 +32,7 @@ _DATABASES = (
     "answers",  # message class + identity -> StoredAnswer
     "rrn_index",  # acquirer|STAN|RRN -> answer key: reversal matching without field 90
     "meta",
+    "clearing",  # clearing record id -> ClearedRecord: presentments applied once each
 )
 
 
@@ -40,7 +41,7 @@ class LedgerError(Exception):
 
 
 class _Codecs:
-    __slots__ = ("account", "answer", "card", "encoder", "hold")
+    __slots__ = ("account", "answer", "card", "cleared", "encoder", "hold")
 
     def __init__(self) -> None:
         self.encoder = msgspec.msgpack.Encoder()
@@ -48,6 +49,7 @@ class _Codecs:
         self.card = msgspec.msgpack.Decoder(Card)
         self.hold = msgspec.msgpack.Decoder(Hold)
         self.answer = msgspec.msgpack.Decoder(StoredAnswer)
+        self.cleared = msgspec.msgpack.Decoder(ClearedRecord)
 
 
 class Ledger:
@@ -188,6 +190,11 @@ class Reader:
         raw = self._txn.get(_U64.pack(hold_id), db=self._dbs["holds"])
         return None if raw is None else self._codecs.hold.decode(raw)
 
+    def clearing_record(self, record_id: str) -> ClearedRecord | None:
+        """What the clearing record with this id did when it was applied; None if it never was."""
+        raw = self._txn.get(record_id.encode(), db=self._dbs["clearing"])
+        return None if raw is None else self._codecs.cleared.decode(raw)
+
     def account_count(self) -> int:
         return int(self._txn.stat(self._dbs["accounts"])["entries"])
 
@@ -305,6 +312,11 @@ class Writer(Reader):
                 if hold is not None and hold.status == "open":
                     holds.append(hold)
         return holds
+
+    def put_clearing_record(self, record_id: str, outcome: ClearedRecord) -> None:
+        self._txn.put(
+            record_id.encode(), self._codecs.encoder.encode(outcome), db=self._dbs["clearing"]
+        )
 
     def index_rrn(self, lookup: bytes, answer_key: bytes) -> None:
         self._txn.put(lookup, answer_key, db=self._dbs["rrn_index"])

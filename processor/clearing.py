@@ -1,0 +1,392 @@
+"""Batch clearing: apply a presentment file (JSON Lines) to the ledger; specs/clearing.md.
+
+Clearing is the network's word on what was spent: a purchase captures the open hold of its
+original authorisation for the final amount, or is posted without one; a refund credits the
+account. Each record is applied once: its `record_id` is kept with the outcome, so ingesting a
+file again changes nothing. Records are applied a chunk at a time, each chunk in ONE LMDB write
+transaction, so a huge file never builds one giant transaction and a daemon writing to the same
+ledger waits at most one chunk.
+
+Parsing is pure (`parse_record`, `parse_lines`); `apply_clearing` is the only part that writes.
+The PAN finds the card through its keyed hash and is never stored or printed; everything shown
+to a person goes through `shown`, which masks anything shaped like a PAN.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from itertools import islice
+from pathlib import Path
+from typing import Annotated, BinaryIO, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+from processor.currency import UnknownCurrency, exponent
+from processor.ledger.records import Card, ClearedRecord, StoredAnswer
+from processor.ledger.store import Ledger, Writer
+from processor.security import PanHasher, luhn_valid, mask_pan
+
+CHUNK_RECORDS: Final = 500  # records applied per write transaction
+LINE_BYTES_MAX: Final = 16 * 1024  # a record is a few hundred bytes; longer lines are refused
+RECORD_ID_CHARS_MAX: Final = 128
+
+Outcome = Literal["matched", "already_captured", "already_posted", "force_posted", "refund"]
+
+
+class ClearingError(Exception):
+    """A clearing file that cannot be read at all (missing, unreadable, a read failing midway)."""
+
+
+class InvalidRecord(ValueError):
+    """A line that is not a valid clearing record; the message names the field, never a PAN."""
+
+
+class ClearingRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Closed sets are patterns rather than Literals: msgspec echoes a bad enum value in its
+    # message, and a PAN in the wrong field must not be echoed.
+    record_id: Annotated[
+        str, Meta(min_length=1, max_length=RECORD_ID_CHARS_MAX, pattern=r"^[!-~]+$")
+    ]
+    type: Annotated[str, Meta(pattern=r"^(purchase|refund)$")]
+    pan: Annotated[str, Meta(pattern=r"^[0-9]{13,19}$")]
+    acquirer: Annotated[str, Meta(pattern=r"^[0-9]{1,11}$")]  # field 32
+    stan: Annotated[str, Meta(pattern=r"^[0-9]{6}$")]  # field 11
+    transmission_datetime: Annotated[str, Meta(pattern=r"^[0-9]{10}$")]  # field 7, MMDDhhmmss
+    amount: Annotated[int, Meta(gt=0, le=10**15)]  # final amount, minor units of `currency`
+    currency: Annotated[str, Meta(pattern=r"^[A-Z]{3}$")]  # ISO 4217 alphabetic
+    rrn: Annotated[str, Meta(pattern=r"^[0-9A-Za-z]{12}$")] | None = None  # field 37
+    original_mti: Annotated[str, Meta(pattern=r"^(0100|0120|0200)$")] = "0100"
+
+    def __repr__(self) -> str:  # a record in a traceback or a log shows no PAN
+        return f"ClearingRecord(record_id={self.record_id!r}, pan={mask_pan(self.pan)!r}, ...)"
+
+    @property
+    def acquirer_number(self) -> str:
+        """Field 32 compared as a number, as the authoriser keys its answers."""
+        return self.acquirer.lstrip("0") or "0"
+
+    def original_key(self) -> bytes:
+        """The authoriser's answer key of the original: class|acquirer|STAN|field 7."""
+        return (
+            f"{self.original_mti}|{self.acquirer_number}|{self.stan}|{self.transmission_datetime}"
+        ).encode("ascii")
+
+    def rrn_lookup(self) -> bytes | None:
+        """acquirer|STAN|RRN: the authoriser's index of originals, for when the key misses."""
+        if self.rrn is None:
+            return None
+        return f"{self.acquirer_number}|{self.stan}|{self.rrn}".encode("ascii")
+
+
+class _RecordIdOnly(msgspec.Struct):
+    record_id: str | None = None
+
+
+class Entry(msgspec.Struct, frozen=True, gc=False):
+    """One non-blank line of a clearing file: a record, or why it is not one."""
+
+    line: int  # 1-based line number in the file
+    record: ClearingRecord | None
+    problem: str | None = None  # set when `record` is None
+    record_id: str | None = None  # as shown to a person (masked), when readable
+
+
+class Rejection(msgspec.Struct, frozen=True, gc=False):
+    line: int
+    record_id: str | None  # as shown to a person (masked), when readable
+    reason: str
+
+
+class ClearingSummary(msgspec.Struct, kw_only=True, gc=False):
+    records: int = 0  # non-blank lines read
+    transactions: int = 0  # write transactions committed
+    matched: int = 0
+    already_captured: int = 0
+    already_posted: int = 0
+    force_posted: int = 0
+    refunds: int = 0
+    duplicates: int = 0
+    rejections: list[Rejection] = msgspec.field(default_factory=list)
+
+    @property
+    def rejected(self) -> int:
+        return len(self.rejections)
+
+
+# --- parsing (pure) ------------------------------------------------------------------------------
+
+_DECODER: Final = msgspec.json.Decoder(ClearingRecord)
+_ID_DECODER: Final = msgspec.json.Decoder(_RecordIdOnly)
+_PAN_SHAPED: Final = re.compile(r"(?<![0-9])[0-9]{13,19}(?![0-9])")
+_UNPRINTABLE: Final = re.compile(r"[^!-~]")
+
+
+def shown(text: str) -> str:
+    """`text` fit for a person: every run of 13-19 digits masked like a PAN (first 6, last 4)."""
+    return _PAN_SHAPED.sub(lambda match: mask_pan(match.group()), text)
+
+
+def parse_record(line: bytes) -> ClearingRecord:
+    """One JSON Lines record; InvalidRecord names what is wrong (msgspec's `$.field` path)."""
+    try:
+        record = _DECODER.decode(line)
+    except (msgspec.ValidationError, msgspec.DecodeError) as error:
+        # msgspec names the path ($.amount) and never echoes a string value; an unknown key is
+        # named, though, and could be a PAN: mask anything shaped like one.
+        raise InvalidRecord(shown(str(error))) from None
+    if not luhn_valid(record.pan):
+        raise InvalidRecord("$.pan fails the Luhn check")
+    if record.pan in record.record_id:
+        raise InvalidRecord("$.record_id contains the PAN; record ids are kept and printed")
+    try:
+        exponent(record.currency)
+    except UnknownCurrency as error:
+        raise InvalidRecord(f"$.currency: {error}") from None
+    return record
+
+
+def _readable_record_id(line: bytes) -> str | None:
+    try:
+        record_id = _ID_DECODER.decode(line).record_id
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    if not record_id:
+        return None
+    return shown(_UNPRINTABLE.sub("?", record_id[:RECORD_ID_CHARS_MAX]))
+
+
+def parse_lines(lines: Iterable[bytes]) -> Iterator[Entry]:
+    """Entries of the non-blank lines, numbered from 1 (blank lines count, yield nothing)."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if len(line) > LINE_BYTES_MAX:
+            yield Entry(number, None, f"line longer than {LINE_BYTES_MAX} bytes")
+            continue
+        try:
+            record = parse_record(line)
+        except InvalidRecord as error:
+            yield Entry(number, None, str(error), _readable_record_id(line))
+            continue
+        yield Entry(number, record, None, shown(record.record_id))
+
+
+def read_lines(stream: BinaryIO) -> Iterator[bytes]:
+    """Lines of a binary stream, none longer than LINE_BYTES_MAX + 1 (the rest is skipped)."""
+    while line := stream.readline(LINE_BYTES_MAX + 1):
+        if len(line) > LINE_BYTES_MAX and not line.endswith(b"\n"):
+            while (rest := stream.readline(LINE_BYTES_MAX + 1)) and not rest.endswith(b"\n"):
+                pass
+        yield line
+
+
+# --- applying (one write transaction per chunk) --------------------------------------------------
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _fingerprint(hasher: PanHasher, card_key: bytes, record: ClearingRecord) -> bytes:
+    content = (
+        card_key,
+        record.type,
+        record.acquirer_number,
+        record.stan,
+        record.transmission_datetime,
+        record.rrn,
+        record.original_mti,
+        record.amount,
+        record.currency,
+    )
+    return hasher.digest(msgspec.msgpack.encode(content))
+
+
+def _original(writer: Writer, record: ClearingRecord) -> StoredAnswer | None:
+    """The authoriser's stored answer to the original: by its key, else by acquirer|STAN|RRN."""
+    answer = writer.answer(record.original_key())
+    if answer is not None:
+        return answer
+    lookup = record.rrn_lookup()
+    if lookup is None:
+        return None
+    indexed = writer.answer_by_rrn(lookup)
+    return None if indexed is None else writer.answer(indexed)
+
+
+def _purchase(
+    writer: Writer, record: ClearingRecord, card: Card, now_ms: int
+) -> tuple[Outcome, str, int | None]:
+    """(outcome, account posted to or found, hold id) of a purchase on `card`."""
+    original = _original(writer, record)
+    if original is not None and original.hold_id is not None:
+        hold = writer.hold(original.hold_id)
+        if hold is not None:
+            if hold.card_id != card.card_id:
+                raise _Rejected("card_mismatch")  # the original is another card's
+            if hold.status == "captured":
+                return "already_captured", hold.account_id, hold.hold_id
+            if hold.status == "open":
+                if hold.currency != record.currency:
+                    raise _Rejected("currency_mismatch")
+                account = writer.account(hold.account_id)
+                assert account is not None, hold.account_id
+                writer.close_hold(account, hold, "captured", now_ms)
+                hold.captured_amount = record.amount
+                writer.put_hold(hold)
+                account.posted -= record.amount
+                writer.put_account(account)
+                return "matched", account.id, hold.hold_id
+            # Released (reversed) or expired: the hold is gone but the network says the money
+            # was spent. Its word stands: post it like an unmatched purchase.
+    elif original is not None and original.posted_amount:
+        if original.card_id != card.card_id:
+            raise _Rejected("card_mismatch")
+        return "already_posted", original.account_id or card.account_id, None
+    account = writer.account(card.account_id)
+    assert account is not None  # checked by the caller
+    account.posted -= record.amount
+    writer.put_account(account)
+    return "force_posted", account.id, None
+
+
+def _apply_record(
+    writer: Writer, record: ClearingRecord, hasher: PanHasher, now_ms: int
+) -> Outcome | Literal["duplicate"]:
+    card_key = hasher.card_key(record.pan)
+    fingerprint = _fingerprint(hasher, card_key, record)
+    stored = writer.clearing_record(record.record_id)
+    if stored is not None:
+        if stored.fingerprint != fingerprint:
+            raise _Rejected("record_id_reused")  # another record was ingested under this id
+        return "duplicate"
+    card = writer.card(card_key)
+    if card is None:
+        raise _Rejected("unknown_card")
+    account = writer.account(card.account_id)
+    if account is None:
+        raise _Rejected("account_missing")
+    if record.currency != account.currency:
+        raise _Rejected("currency_mismatch")
+    hold_id: int | None = None
+    outcome: Outcome
+    if record.type == "refund":
+        account.posted += record.amount
+        writer.put_account(account)
+        outcome, account_id = "refund", account.id
+    else:
+        outcome, account_id, hold_id = _purchase(writer, record, card, now_ms)
+    writer.put_clearing_record(
+        record.record_id,
+        ClearedRecord(
+            outcome=outcome,
+            fingerprint=fingerprint,
+            processed_ms=now_ms,
+            card_id=card.card_id,
+            account_id=account_id,
+            amount=record.amount,
+            currency=record.currency,
+            hold_id=hold_id,
+        ),
+    )
+    return outcome
+
+
+_COUNTERS: Final = {
+    "matched": "matched",
+    "already_captured": "already_captured",
+    "already_posted": "already_posted",
+    "force_posted": "force_posted",
+    "refund": "refunds",
+    "duplicate": "duplicates",
+}
+
+
+def apply_clearing(
+    ledger: Ledger,
+    entries: Iterable[Entry],
+    hasher: PanHasher,
+    now: datetime,
+    *,
+    chunk_size: int = CHUNK_RECORDS,
+) -> ClearingSummary:
+    """Apply `entries` in order, `chunk_size` per write transaction; counts only what committed.
+
+    A failure (ledger full, file unreadable midway) aborts the current chunk only: the chunks
+    before it stay applied, and ingesting the file again skips them as duplicates.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size {chunk_size}: must be at least 1")
+    now_ms = int(now.timestamp() * 1000)
+    summary = ClearingSummary()
+    iterator = iter(entries)
+    while chunk := list(islice(iterator, chunk_size)):
+        rejected: list[tuple[Entry, str]] = []  # entry, reason
+        outcomes: list[str] = []
+        with ledger.write() as writer:
+            for entry in chunk:
+                if entry.record is None:
+                    rejected.append((entry, f"invalid_record: {entry.problem}"))
+                    continue
+                try:
+                    outcomes.append(_apply_record(writer, entry.record, hasher, now_ms))
+                except _Rejected as error:
+                    rejected.append((entry, error.reason))
+        summary.transactions += 1
+        summary.records += len(chunk)
+        summary.rejections.extend(
+            Rejection(entry.line, entry.record_id, reason) for entry, reason in rejected
+        )
+        for outcome in outcomes:
+            counter = _COUNTERS[outcome]
+            setattr(summary, counter, getattr(summary, counter) + 1)
+    return summary
+
+
+def ingest_path(
+    ledger: Ledger,
+    path: str | Path,
+    hasher: PanHasher,
+    now: datetime,
+    *,
+    chunk_size: int = CHUNK_RECORDS,
+) -> ClearingSummary:
+    """Parse and apply the clearing file at `path`; ClearingError when it cannot be read."""
+    try:
+        stream = Path(path).open("rb")  # noqa: SIM115 - closed below; errors need their own message
+    except OSError as error:
+        raise ClearingError(f"{path}: cannot read: {error.strerror}") from None
+    with stream:
+        try:
+            return apply_clearing(
+                ledger, parse_lines(read_lines(stream)), hasher, now, chunk_size=chunk_size
+            )
+        except OSError as error:
+            raise ClearingError(
+                f"{path}: read failed midway: {error.strerror}; the chunks before it are "
+                "applied, ingesting the file again skips them"
+            ) from None
+
+
+def describe_summary(source: str, summary: ClearingSummary) -> list[str]:
+    """What `processor clearing ingest` prints: the counts, then one line per rejected record."""
+    lines = [
+        f"clearing {source}: {summary.records} records in {summary.transactions} "
+        f"transaction{'' if summary.transactions == 1 else 's'}",
+        f"  matched           {summary.matched}",
+        f"  already_captured  {summary.already_captured}",
+        f"  already_posted    {summary.already_posted}",
+        f"  force_posted      {summary.force_posted}",
+        f"  refunds           {summary.refunds}",
+        f"  duplicates        {summary.duplicates}",
+        f"  rejected          {summary.rejected}",
+    ]
+    for rejection in summary.rejections:
+        record = "" if rejection.record_id is None else f" record_id {rejection.record_id}"
+        lines.append(f"  rejected line {rejection.line}{record}: {rejection.reason}")
+    return lines

@@ -1,0 +1,753 @@
+"""Batch clearing (processor/clearing.py, specs/clearing.md): parsing, outcomes, idempotency.
+
+Originals are made by running real 0100/0120/0200/0220/0400 requests through the Authorizer on a
+fresh ledger in tmp_path with durability="process" (no fsync).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from processor.authorizer import Authorizer
+from processor.clearing import (
+    LINE_BYTES_MAX,
+    ClearingError,
+    ClearingRecord,
+    ClearingSummary,
+    Entry,
+    InvalidRecord,
+    apply_clearing,
+    describe_summary,
+    ingest_path,
+    parse_lines,
+    parse_record,
+    read_lines,
+    shown,
+)
+from processor.cli import main
+from processor.engine import ProgrammeRules
+from processor.ledger.load import apply_load_file, card_id_for, parse_load_file
+from processor.ledger.records import Card
+from processor.ledger.store import Ledger
+from processor.security import PanHasher, mask_pan
+from processor.wire.codec import Codec
+from processor.wire.messages import AuthorizationRequest
+from processor.wire.spec import load_spec
+
+PAN_KEY = "clearing-test-key"
+HASHER = PanHasher(PAN_KEY.encode())
+CODEC = Codec(load_spec())
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+LATER = NOW + timedelta(days=1)
+MAP_SIZE = 64 << 20
+
+MAIN = "5200001111222233"  # acct-main, EUR
+OTHER = "5200001111222258"  # acct-other, EUR
+YEN = "520000111122227772"  # acct-yen, JPY
+UNKNOWN = "5200001111222266"  # Luhn-valid, never loaded
+NOT_LUHN = "5200001111222234"
+
+LOAD_FILE = f"""
+[[accounts]]
+id = "acct-main"
+currency = "EUR"
+balance = 100000
+
+[[accounts]]
+id = "acct-other"
+currency = "EUR"
+balance = 5000
+
+[[accounts]]
+id = "acct-yen"
+currency = "JPY"
+balance = 50000
+
+[[cards]]
+pan = "{MAIN}"
+account = "acct-main"
+expiry = "3012"
+
+[[cards]]
+pan = "{OTHER}"
+account = "acct-other"
+expiry = "3012"
+
+[[cards]]
+pan = "{YEN}"
+account = "acct-yen"
+expiry = "3012"
+""".encode()
+
+ACCOUNTS = ("acct-main", "acct-other", "acct-yen")
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    led = Ledger(tmp_path / "ledger", durability="process", map_size_bytes=MAP_SIZE)
+    apply_load_file(led, parse_load_file(LOAD_FILE, "test.toml"), HASHER, "test.toml")
+    yield led
+    led.close()
+
+
+@pytest.fixture
+def authorizer(ledger: Ledger) -> Authorizer:
+    return Authorizer(ledger, CODEC, HASHER, ProgrammeRules(), hold_lifetime_seconds=7 * 86400)
+
+
+def request(
+    pan: str = MAIN,
+    amount: int = 1_000,
+    *,
+    mti: str = "0100",
+    stan: str = "000001",
+    transmission: str = "1124120000",
+    acquirer: str = "123456",
+    rrn: str = "633012000001",
+    currency: str = "978",
+    mcc: str = "5411",
+    **extra: str,
+) -> AuthorizationRequest:
+    """A request as the wire decodes it: encoded, then decoded by the real codec."""
+    fields = {
+        "t": mti,
+        "2": pan,
+        "3": "000000",
+        "4": f"{amount:012d}",
+        "7": transmission,
+        "11": stan,
+        "18": mcc,
+        "22": "051",
+        "25": "00",
+        "32": acquirer,
+        "37": rrn,
+        "41": "TERM0001",
+        "42": "MERCHANT0000001",
+        "49": currency,
+    }
+    fields.update(extra)
+    decoded = CODEC.decode(CODEC.encode(fields))
+    assert isinstance(decoded, AuthorizationRequest)
+    return decoded
+
+
+def field_90(mti: str = "0100", stan: str = "000001", transmission: str = "1124120000") -> str:
+    return f"{mti}{stan}{transmission}{123456:011d}{0:011d}"
+
+
+def authorise(authorizer: Authorizer, *requests: AuthorizationRequest) -> list[str]:
+    """Response codes, each request in a batch (transaction) of its own."""
+    return [authorizer.authorize_batch([r], NOW)[0].response_code for r in requests]
+
+
+def record(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "record_id": "clr-1",
+        "type": "purchase",
+        "pan": MAIN,
+        "acquirer": "123456",
+        "stan": "000001",
+        "transmission_datetime": "1124120000",
+        "amount": 1_000,
+        "currency": "EUR",
+    }
+    base.update(overrides)
+    return {key: value for key, value in base.items() if value is not None}
+
+
+def lines_of(*records: dict[str, Any] | str) -> list[bytes]:
+    return [
+        (item if isinstance(item, str) else json.dumps(item)).encode() + b"\n" for item in records
+    ]
+
+
+def ingest(
+    ledger: Ledger, *records: dict[str, Any] | str, chunk_size: int = 500, now: datetime = LATER
+) -> ClearingSummary:
+    return apply_clearing(
+        ledger, parse_lines(lines_of(*records)), HASHER, now, chunk_size=chunk_size
+    )
+
+
+def counts(summary: ClearingSummary) -> dict[str, int]:
+    return {
+        name: value
+        for name, value in (
+            ("matched", summary.matched),
+            ("already_captured", summary.already_captured),
+            ("already_posted", summary.already_posted),
+            ("force_posted", summary.force_posted),
+            ("refunds", summary.refunds),
+            ("duplicates", summary.duplicates),
+            ("rejected", summary.rejected),
+        )
+        if value
+    }
+
+
+def state(ledger: Ledger, account_id: str = "acct-main") -> tuple[int, int]:
+    """(posted, held)"""
+    with ledger.read() as reader:
+        account = reader.account(account_id)
+        assert account is not None
+        return account.posted, account.held
+
+
+def snapshot(ledger: Ledger) -> list[Any]:
+    """Every account with its open holds: what a second ingest must leave alone."""
+    with ledger.read() as reader:
+        return [(reader.account(a), reader.account_holds(a, limit=10_000)) for a in ACCOUNTS]
+
+
+def assert_held_is_sum_of_open_holds(ledger: Ledger) -> None:
+    with ledger.read() as reader:
+        for account in reader.accounts():
+            holds = reader.account_holds(account.id, limit=10_000)
+            assert account.held == sum(h.amount for h in holds), account.id
+
+
+def hold_of(ledger: Ledger, hold_id: int) -> Any:
+    with ledger.read() as reader:
+        return reader.hold(hold_id)
+
+
+# --- parsing --------------------------------------------------------------------------------------
+
+
+def test_a_valid_record_parses_with_defaults() -> None:
+    parsed = parse_record(json.dumps(record()).encode())
+    assert parsed.record_id == "clr-1"
+    assert (parsed.type, parsed.amount, parsed.currency) == ("purchase", 1_000, "EUR")
+    assert parsed.original_mti == "0100"
+    assert parsed.rrn is None
+    assert parsed.original_key() == b"0100|123456|000001|1124120000"
+    assert parsed.rrn_lookup() is None
+
+
+def test_keys_compare_the_acquirer_as_a_number() -> None:
+    parsed = parse_record(
+        json.dumps(record(acquirer="000123456", rrn="633012000001", original_mti="0200")).encode()
+    )
+    assert parsed.original_key() == b"0200|123456|000001|1124120000"
+    assert parsed.rrn_lookup() == b"123456|000001|633012000001"
+
+
+def test_repr_of_a_record_masks_the_pan() -> None:
+    parsed = parse_record(json.dumps(record()).encode())
+    assert MAIN not in repr(parsed)
+    assert mask_pan(MAIN) in repr(parsed)
+
+
+BAD_RECORDS = [
+    (record(record_id=None), "missing required field `record_id`"),
+    (record(record_id=""), "$.record_id"),
+    (record(record_id="has space"), "$.record_id"),
+    (record(record_id="x" * 129), "$.record_id"),
+    (record(record_id=7), "$.record_id"),
+    (record(type="chargeback"), "$.type"),
+    (record(type=MAIN), "$.type"),
+    (record(pan=None), "missing required field `pan`"),
+    (record(pan=int(MAIN)), "$.pan"),
+    (record(pan="520000111122"), "$.pan"),
+    (record(pan=MAIN + "1234"), "$.pan"),
+    (record(pan=MAIN[:-1] + "X"), "$.pan"),
+    (record(pan=NOT_LUHN), "$.pan fails the Luhn check"),
+    (record(acquirer="12345A"), "$.acquirer"),
+    (record(acquirer="123456789012"), "$.acquirer"),
+    (record(acquirer=123456), "$.acquirer"),
+    (record(stan="00001"), "$.stan"),
+    (record(transmission_datetime="112412000"), "$.transmission_datetime"),
+    (record(rrn="63301200000"), "$.rrn"),
+    (record(rrn=MAIN), "$.rrn"),
+    (record(original_mti="0220"), "$.original_mti"),
+    (record(amount=0), "$.amount"),
+    (record(amount=-5), "$.amount"),
+    (record(amount=10.5), "$.amount"),
+    (record(amount="1000"), "$.amount"),
+    (record(amount=True), "$.amount"),
+    (record(amount=10**16), "$.amount"),
+    (record(amount=None), "missing required field `amount`"),
+    (record(currency="eur"), "$.currency"),
+    (record(currency="ABC"), "$.currency"),
+    (record(currency="XXX"), "$.currency"),
+    (record(merchant="SHOP"), "unknown field `merchant`"),
+    (record(record_id=f"clr-{MAIN}"), "$.record_id contains the PAN"),
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), BAD_RECORDS)
+def test_bad_records_name_the_field_and_never_the_pan(data: dict[str, Any], expected: str) -> None:
+    with pytest.raises(InvalidRecord) as caught:
+        parse_record(json.dumps(data).encode())
+    message = str(caught.value)
+    assert expected in message
+    for pan in (MAIN, NOT_LUHN, MAIN + "1234", "520000111122"):
+        assert pan not in message
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"{",
+        b'{"record_id": "clr-1", ',
+        b"not json",
+        b"\xff\xfe{}",
+        b"[1, 2]",
+        b'"' + MAIN.encode() + b'"',
+        b"null",
+        json.dumps(record()).encode() + b" {}",
+    ],
+)
+def test_malformed_json_is_an_invalid_record(line: bytes) -> None:
+    with pytest.raises(InvalidRecord) as caught:
+        parse_record(line)
+    assert MAIN not in str(caught.value)
+
+
+def test_an_unknown_key_shaped_like_a_pan_is_masked() -> None:
+    data = record()
+    data[MAIN] = 1
+    with pytest.raises(InvalidRecord) as caught:
+        parse_record(json.dumps(data).encode())
+    assert MAIN not in str(caught.value)
+    assert mask_pan(MAIN) in str(caught.value)
+
+
+def test_shown_masks_pan_shaped_digit_runs_only() -> None:
+    assert shown(f"id-{MAIN}-x") == f"id-{mask_pan(MAIN)}-x"
+    assert shown("clr-633012000001") == "clr-633012000001"  # 12 digits: an RRN, not a PAN
+    arn = "74567896123456789012345"  # 23 digits: an acquirer reference number
+    assert shown(arn) == arn
+
+
+def test_parse_lines_numbers_lines_skips_blanks_and_reads_ids_of_bad_records() -> None:
+    lines = [
+        b"\n",
+        json.dumps(record(record_id="a")).encode() + b"\n",
+        b"   \r\n",
+        json.dumps(record(record_id="b", amount=0)).encode() + b"\n",
+        json.dumps(record(record_id=f"c{MAIN}", pan=UNKNOWN, amount="x")).encode() + b"\n",
+        b"{broken\n",
+        json.dumps(record(record_id=None, amount=0)).encode(),
+    ]
+    entries = list(parse_lines(lines))
+    assert [e.line for e in entries] == [2, 4, 5, 6, 7]
+    assert isinstance(entries[0].record, ClearingRecord)
+    assert (entries[0].record_id, entries[0].problem) == ("a", None)
+    assert entries[1].record is None
+    assert entries[1].record_id == "b"
+    assert entries[1].problem is not None and "$.amount" in entries[1].problem
+    assert entries[2].record_id == f"c{mask_pan(MAIN)}"
+    assert entries[3].record_id is None
+    assert entries[4].record_id is None
+    assert all(MAIN not in str(entry) and UNKNOWN not in str(entry) for entry in entries)
+
+
+def test_an_over_long_line_is_rejected_and_the_next_line_still_read() -> None:
+    long_line = b'{"record_id": "' + b"x" * (LINE_BYTES_MAX * 3) + b'"}\n'
+    stream = io.BytesIO(long_line + json.dumps(record()).encode() + b"\n")
+    entries = list(parse_lines(read_lines(stream)))
+    assert [(e.line, e.record is None) for e in entries] == [(1, True), (2, False)]
+    assert entries[0].problem == f"line longer than {LINE_BYTES_MAX} bytes"
+
+
+def test_read_lines_keeps_a_last_line_without_newline() -> None:
+    assert list(read_lines(io.BytesIO(b"a\nb"))) == [b"a\n", b"b"]
+
+
+# --- outcomes ------------------------------------------------------------------------------------
+
+
+def test_purchase_captures_the_open_hold_for_the_final_amount(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    assert authorise(authorizer, request(amount=1_000)) == ["00"]
+    assert state(ledger) == (100_000, 1_000)
+    summary = ingest(ledger, record(amount=1_250))
+    assert counts(summary) == {"matched": 1}
+    assert state(ledger) == (98_750, 0)
+    with ledger.read() as reader:
+        cleared = reader.clearing_record("clr-1")
+        assert reader.account_holds("acct-main") == []
+    assert cleared is not None
+    assert (cleared.outcome, cleared.amount, cleared.currency) == ("matched", 1_250, "EUR")
+    assert (cleared.account_id, cleared.card_id) == (
+        "acct-main",
+        card_id_for(HASHER.card_key(MAIN)),
+    )
+    assert cleared.processed_ms == int(LATER.timestamp() * 1000)
+    assert cleared.hold_id is not None
+    hold = hold_of(ledger, cleared.hold_id)
+    assert (hold.status, hold.captured_amount, hold.amount) == ("captured", 1_250, 1_000)
+    assert hold.resolved_ms == int(LATER.timestamp() * 1000)
+
+
+def test_purchase_matches_through_the_rrn_when_the_key_misses(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    assert authorise(authorizer, request(amount=800, rrn="RRN000000042")) == ["00"]
+    wrong_time = record(transmission_datetime="1124235959", rrn="RRN000000042", amount=800)
+    assert counts(ingest(ledger, wrong_time)) == {"matched": 1}
+    assert state(ledger) == (99_200, 0)
+
+
+def test_acquirer_with_leading_zeros_matches(ledger: Ledger, authorizer: Authorizer) -> None:
+    assert authorise(authorizer, request(amount=500)) == ["00"]
+    assert counts(ingest(ledger, record(acquirer="00000123456", amount=500))) == {"matched": 1}
+    assert state(ledger) == (99_500, 0)
+
+
+def test_purchase_of_a_stand_in_advice_hold_is_matched(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    assert authorise(authorizer, request(mti="0120", amount=600)) == ["00"]
+    assert state(ledger) == (100_000, 600)
+    assert counts(ingest(ledger, record(original_mti="0120", amount=600))) == {"matched": 1}
+    assert state(ledger) == (99_400, 0)
+
+
+def test_purchase_already_captured_by_a_completion_changes_nothing(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    completion = request(mti="0220", amount=1_100, stan="000002", **{"90": field_90()})
+    assert authorise(authorizer, request(amount=1_000), completion) == ["00", "00"]
+    assert state(ledger) == (98_900, 0)
+    summary = ingest(ledger, record(amount=1_200))
+    assert counts(summary) == {"already_captured": 1}
+    assert state(ledger) == (98_900, 0)
+    with ledger.read() as reader:
+        cleared = reader.clearing_record("clr-1")
+    assert cleared is not None and cleared.outcome == "already_captured"
+
+
+def test_purchase_of_a_0200_changes_nothing(ledger: Ledger, authorizer: Authorizer) -> None:
+    assert authorise(authorizer, request(mti="0200", amount=700)) == ["00"]
+    assert state(ledger) == (99_300, 0)
+    by_key = record(original_mti="0200", amount=700)
+    by_rrn = record(record_id="clr-2", rrn="633012000001", transmission_datetime="0101000000")
+    assert counts(ingest(ledger, by_key, by_rrn)) == {"already_posted": 2}
+    assert state(ledger) == (99_300, 0)
+
+
+def test_purchase_without_an_original_is_force_posted(ledger: Ledger) -> None:
+    summary = ingest(ledger, record(amount=2_000, rrn="633012999999"))
+    assert counts(summary) == {"force_posted": 1}
+    assert state(ledger) == (98_000, 0)
+
+
+def test_purchase_of_a_declined_original_is_force_posted(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    assert authorise(authorizer, request(amount=500_000)) == ["51"]
+    assert counts(ingest(ledger, record(amount=300))) == {"force_posted": 1}
+    assert state(ledger) == (99_700, 0)
+
+
+def test_purchase_of_a_reversed_hold_is_force_posted(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    reversal = request(mti="0400", stan="000002", **{"90": field_90()})
+    assert authorise(authorizer, request(amount=1_000), reversal) == ["00", "00"]
+    assert state(ledger) == (100_000, 0)
+    assert counts(ingest(ledger, record(amount=1_000))) == {"force_posted": 1}
+    assert state(ledger) == (99_000, 0)
+
+
+def test_purchase_of_an_expired_hold_is_force_posted(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    assert authorise(authorizer, request(amount=1_000)) == ["00"]
+    assert authorizer.sweep_expired(NOW + timedelta(days=8), limit=10) == 1
+    assert counts(ingest(ledger, record(amount=1_000))) == {"force_posted": 1}
+    assert state(ledger) == (99_000, 0)
+
+
+def test_clearing_is_not_declined_by_balance(ledger: Ledger) -> None:
+    assert counts(ingest(ledger, record(pan=OTHER, amount=9_000))) == {"force_posted": 1}
+    assert state(ledger, "acct-other") == (-4_000, 0)
+
+
+def test_refund_credits_the_account(ledger: Ledger, authorizer: Authorizer) -> None:
+    assert authorise(authorizer, request(amount=1_000)) == ["00"]
+    summary = ingest(ledger, record(type="refund", amount=450, stan="000099"))
+    assert counts(summary) == {"refunds": 1}
+    assert state(ledger) == (100_450, 1_000)  # the open hold is not touched
+
+
+def test_refund_in_yen(ledger: Ledger) -> None:
+    summary = ingest(ledger, record(type="refund", pan=YEN, amount=300, currency="JPY"))
+    assert counts(summary) == {"refunds": 1}
+    assert state(ledger, "acct-yen") == (50_300, 0)
+
+
+def test_rejections_are_counted_and_the_rest_of_the_file_goes_on(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    assert authorise(authorizer, request(amount=1_000)) == ["00"]
+    summary = ingest(
+        ledger,
+        record(record_id="r-unknown", pan=UNKNOWN),
+        record(record_id="r-currency", pan=YEN, currency="EUR"),
+        record(record_id="r-zero", amount=0),
+        "{not json",
+        record(record_id="r-other-card", pan=OTHER),
+        record(record_id="r-ok", amount=1_000),
+        record(record_id="r-refund-currency", type="refund", currency="USD"),
+    )
+    assert counts(summary) == {"matched": 1, "rejected": 6}
+    assert [(r.line, r.record_id, r.reason.split(":")[0]) for r in summary.rejections] == [
+        (1, "r-unknown", "unknown_card"),
+        (2, "r-currency", "currency_mismatch"),
+        (3, "r-zero", "invalid_record"),
+        (4, None, "invalid_record"),
+        (5, "r-other-card", "card_mismatch"),
+        (7, "r-refund-currency", "currency_mismatch"),
+    ]
+    assert "$.amount" in summary.rejections[2].reason
+    assert state(ledger) == (99_000, 0)
+    assert state(ledger, "acct-other") == (5_000, 0)
+    assert state(ledger, "acct-yen") == (50_000, 0)
+    with ledger.read() as reader:  # rejected records are not remembered
+        assert reader.clearing_record("r-unknown") is None
+        assert reader.clearing_record("r-ok") is not None
+
+
+def test_card_on_a_missing_account_is_rejected(ledger: Ledger) -> None:
+    with ledger.write() as writer:
+        key = HASHER.card_key(UNKNOWN)
+        writer.put_card(
+            key,
+            Card(
+                card_id=card_id_for(key),
+                account_id="acct-gone",
+                bin=UNKNOWN[:6],
+                last4=UNKNOWN[-4:],
+                pan_length=len(UNKNOWN),
+                expiry="3012",
+            ),
+            None,
+        )
+    summary = ingest(ledger, record(pan=UNKNOWN))
+    assert [r.reason for r in summary.rejections] == ["account_missing"]
+
+
+def test_a_rejected_record_can_be_ingested_once_its_card_exists(ledger: Ledger) -> None:
+    first = ingest(ledger, record(pan=UNKNOWN, amount=100))
+    assert [r.reason for r in first.rejections] == ["unknown_card"]
+    extra = f'[[cards]]\npan = "{UNKNOWN}"\naccount = "acct-other"\nexpiry = "3012"\n'
+    apply_load_file(ledger, parse_load_file(extra.encode(), "x.toml"), HASHER, "x.toml")
+    assert counts(ingest(ledger, record(pan=UNKNOWN, amount=100))) == {"force_posted": 1}
+    assert state(ledger, "acct-other") == (4_900, 0)
+
+
+# --- idempotency and transactions ----------------------------------------------------------------
+
+
+def mixed_file(authorizer: Authorizer) -> list[dict[str, Any] | str]:
+    completion = request(mti="0220", amount=900, stan="000003", **{"90": field_90(stan="000002")})
+    assert (
+        authorise(
+            authorizer,
+            request(amount=1_000),  # matched below
+            request(amount=900, stan="000002"),  # captured by the completion
+            completion,
+            request(mti="0200", amount=300, stan="000004"),  # already posted
+            request(amount=200, stan="000005"),  # left open: no clearing for it
+            request(pan=OTHER, amount=100, stan="000006"),  # matched through the RRN
+        )
+        == ["00"] * 6
+    )
+    return [
+        record(record_id="c1", amount=1_100),
+        record(record_id="c2", stan="000002", amount=900),
+        record(record_id="c3", stan="000004", original_mti="0200", amount=300),
+        record(record_id="c4", stan="000777", amount=50),
+        record(record_id="c5", type="refund", stan="000778", amount=25),
+        record(record_id="c6", pan=UNKNOWN),
+        record(
+            record_id="c7",
+            pan=OTHER,
+            stan="000006",
+            transmission_datetime="0000000000",
+            rrn="633012000001",
+            amount=100,
+        ),
+        "{}",
+    ]
+
+
+def test_ingesting_the_same_file_twice_changes_nothing_the_second_time(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    records = mixed_file(authorizer)
+    first = ingest(ledger, *records)
+    assert counts(first) == {
+        "matched": 2,
+        "already_captured": 1,
+        "already_posted": 1,
+        "force_posted": 1,
+        "refunds": 1,
+        "rejected": 2,
+    }
+    # posted: 100000 - 1100 (c1) - 900 (completion) - 300 (0200) - 50 (c4) + 25 (c5)
+    assert state(ledger) == (97_675, 200)
+    assert state(ledger, "acct-other") == (4_900, 0)
+    assert_held_is_sum_of_open_holds(ledger)
+    after_first = snapshot(ledger)
+
+    second = ingest(ledger, *records, now=LATER + timedelta(hours=1))
+    assert counts(second) == {"duplicates": 6, "rejected": 2}
+    assert second.rejections == first.rejections
+    assert snapshot(ledger) == after_first
+    assert_held_is_sum_of_open_holds(ledger)
+
+
+def test_a_record_id_reused_with_other_content_is_rejected(ledger: Ledger) -> None:
+    assert counts(ingest(ledger, record(amount=100))) == {"force_posted": 1}
+    summary = ingest(ledger, record(amount=999))
+    assert [r.reason for r in summary.rejections] == ["record_id_reused"]
+    assert state(ledger) == (99_900, 0)
+    with ledger.read() as reader:
+        cleared = reader.clearing_record("clr-1")
+    assert cleared is not None and cleared.amount == 100
+
+
+def test_a_record_id_repeated_within_a_file_is_a_duplicate(ledger: Ledger) -> None:
+    for chunk_size in (500, 1):
+        summary = ingest(
+            ledger,
+            record(record_id=f"d{chunk_size}", amount=10),
+            record(record_id=f"d{chunk_size}", amount=10),
+            chunk_size=chunk_size,
+        )
+        assert counts(summary) == {"force_posted": 1, "duplicates": 1}
+    assert state(ledger) == (99_980, 0)
+
+
+def test_records_are_applied_a_chunk_per_transaction(ledger: Ledger) -> None:
+    records = [record(record_id=f"k{i}", amount=1) for i in range(5)]
+    summary = ingest(ledger, *records, chunk_size=2)
+    assert (summary.records, summary.transactions, summary.force_posted) == (5, 3, 5)
+    assert state(ledger) == (99_995, 0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ingest(ledger, *records, chunk_size=0)
+
+
+def test_a_failure_midway_keeps_the_chunks_before_it(ledger: Ledger) -> None:
+    def entries() -> Iterator[Entry]:
+        yield from parse_lines(lines_of(*(record(record_id=f"f{i}", amount=1) for i in range(3))))
+        raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError):
+        apply_clearing(ledger, entries(), HASHER, LATER, chunk_size=2)
+    assert state(ledger) == (99_998, 0)  # f0 and f1 committed, f2's chunk never did
+    rerun = [record(record_id=f"f{i}", amount=1) for i in range(3)]
+    assert counts(ingest(ledger, *rerun)) == {"duplicates": 2, "force_posted": 1}
+
+
+def test_no_pan_is_stored_by_clearing(ledger: Ledger, authorizer: Authorizer) -> None:
+    ingest(ledger, *mixed_file(authorizer))
+    data = (ledger.path / "data.mdb").read_bytes()
+    for pan in (MAIN, OTHER, UNKNOWN):
+        assert pan.encode() not in data
+
+
+# --- files and the summary ---------------------------------------------------------------------
+
+
+def test_ingest_path_reads_a_file(ledger: Ledger, tmp_path: Path) -> None:
+    path = tmp_path / "clearing.jsonl"
+    path.write_bytes(b"".join(lines_of(record(amount=5), record(record_id="r2", pan=UNKNOWN))))
+    summary = ingest_path(ledger, path, HASHER, LATER)
+    assert counts(summary) == {"force_posted": 1, "rejected": 1}
+    text = "\n".join(describe_summary(str(path), summary))
+    assert "records in 1 transaction\n" in text
+    assert "  force_posted      1" in text
+    assert "  rejected          1" in text
+    assert "rejected line 2 record_id r2: unknown_card" in text
+    assert UNKNOWN not in text
+
+
+@pytest.mark.parametrize("name", ["missing.jsonl", "."])
+def test_ingest_path_of_an_unreadable_file(ledger: Ledger, tmp_path: Path, name: str) -> None:
+    with pytest.raises(ClearingError, match="cannot read"):
+        ingest_path(ledger, tmp_path / name, HASHER, LATER)
+
+
+def test_ingest_path_of_an_empty_file(ledger: Ledger, tmp_path: Path) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(b"")
+    summary = ingest_path(ledger, path, HASHER, LATER)
+    assert (summary.records, summary.transactions, counts(summary)) == (0, 0, {})
+
+
+# --- the CLI, in process -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PROCESSOR_PAN_KEY", PAN_KEY)
+    load_file = tmp_path / "load.toml"
+    load_file.write_bytes(LOAD_FILE)
+    path = tmp_path / "cli-ledger"
+    assert main(["ledger", "load", "--ledger", str(path), str(load_file)]) == 0
+    return path
+
+
+def test_cli_ingests_and_prints_the_summary(
+    cli_ledger: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(
+        b"".join(lines_of(record(amount=5), record(record_id="r2", amount=-1), record(pan=OTHER)))
+    )
+    capsys.readouterr()
+    assert main(["clearing", "ingest", "--ledger", str(cli_ledger), str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "  force_posted      1" in out
+    assert "  rejected          2" in out
+    assert (
+        "rejected line 2 record_id r2: invalid_record: Expected `int` >= 1 - at `$.amount`" in out
+    )
+    assert "rejected line 3 record_id clr-1: record_id_reused" in out
+    assert MAIN not in out and OTHER not in out
+    assert main(["clearing", "ingest", "--ledger", str(cli_ledger), str(path)]) == 0
+    assert "  duplicates        1" in capsys.readouterr().out
+
+
+def test_cli_exit_codes(
+    cli_ledger: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["clearing", "ingest", "--ledger", str(cli_ledger), str(tmp_path / "no")]) == 1
+    assert "cannot read" in capsys.readouterr().err
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"")
+    assert main(["clearing", "ingest", "--ledger", str(tmp_path / "nowhere"), str(path)]) == 1
+    assert "no ledger" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()
+    with pytest.raises(SystemExit) as usage:
+        main(["clearing", "ingest", "--ledger", str(cli_ledger)])
+    assert usage.value.code == 2
+
+
+def test_cli_refuses_a_ledger_keyed_with_another_pan_key(
+    cli_ledger: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"".join(lines_of(record())))
+    monkeypatch.setenv("PROCESSOR_PAN_KEY", "another-key")
+    assert main(["clearing", "ingest", "--ledger", str(cli_ledger), str(path)]) == 1
+    assert "another PAN key" in capsys.readouterr().err
