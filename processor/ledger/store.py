@@ -87,9 +87,16 @@ class Ledger:
             if readonly:
                 # A read-only environment opens each database in a transaction of its own;
                 # handles opened inside a shared read transaction are unusable after it ends.
-                self._dbs = {
-                    name: self.env.open_db(name.encode(), create=False) for name in _DATABASES
-                }
+                self._dbs = {}
+                for name in _DATABASES:
+                    try:
+                        self._dbs[name] = self.env.open_db(name.encode(), create=False)
+                    except lmdb.NotFoundError:
+                        raise LedgerError(
+                            f"ledger {self.path}: has no '{name}' database yet (made by an "
+                            "older version); open it read-write once, e.g. by starting the "
+                            "daemon or `processor ledger load`, to add it"
+                        ) from None
             else:
                 with self.env.begin(write=True) as txn:
                     self._dbs = {
