@@ -145,6 +145,8 @@ class Authorizer:
                 mti=request.mti,
             ),
         )
+        if result.card_id is not None:
+            writer.index_card_answer(result.card_id, now_ms, key)
         if message_class in ORIGINAL_CLASSES:
             lookup = rrn_lookup(request)
             if lookup is not None:

@@ -71,7 +71,7 @@ def _no_seed(config: Config) -> Config:
 
 
 def cmd_ledger_show(args: argparse.Namespace) -> int:
-    from processor.ledger.report import describe_account, describe_card
+    from processor.ledger.report import describe_account, describe_card, describe_history
     from processor.ledger.store import Ledger, ledger_exists
     from processor.security import hasher_from_environment
 
@@ -89,6 +89,8 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
                     print(f"processor: no account {args.account!r}", file=sys.stderr)
                     return 1
                 print("\n".join(describe_account(reader, account, now)))
+                for held_card in reader.account_cards(account.id):
+                    print("\n".join(describe_history(reader, held_card)))
                 return 0
             hasher = hasher_from_environment(config.security.pan_key_env)
             bound = ledger.pan_key_fingerprint()
@@ -104,6 +106,7 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
                 print("processor: no card with that PAN", file=sys.stderr)
                 return 1
             print(describe_card(card))
+            print("\n".join(describe_history(reader, card)))
             account = reader.account(card.account_id)
             if account is not None:
                 print("\n".join(describe_account(reader, account, now)))

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from processor.currency import exponent
+from processor.currency import UnknownCurrency, alpha_code, exponent
 from processor.ledger.records import Account, Card
 from processor.ledger.store import Reader
 
 
 def money(amount: int, currency: str) -> str:
-    digits = exponent(currency)
+    try:
+        digits = exponent(currency)
+    except UnknownCurrency:
+        return f"{amount} {currency}"
     if digits == 0:
         return f"{amount} {currency}"
     sign = "-" if amount < 0 else ""
@@ -53,7 +56,29 @@ def describe_account(reader: Reader, account: Account, now: datetime) -> list[st
         )
     cards = reader.account_cards(account.id)
     lines.append(f"  cards: {len(cards)}")
-    lines.extend("    " + describe_card(card) for card in cards)
+    for card in cards:
+        lines.append("    " + describe_card(card))
+    return lines
+
+
+RECENT_MAX = 20
+
+
+def describe_history(reader: Reader, card: Card, limit: int = RECENT_MAX) -> list[str]:
+    """The card's latest answered messages: when, MTI, amount, answer, reason, approval code."""
+    history = reader.card_history(card.card_id, limit)
+    lines = [f"  recent transactions of {card.masked_pan}: {len(history)}"]
+    for _, answer in history:
+        fields = answer.response
+        when = datetime.fromtimestamp(answer.answered_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        currency = alpha_code(fields.get("49", "")) or fields.get("49", "?")
+        amount = fields.get("4", "")
+        shown = money(int(amount), currency) if amount.isdigit() and currency != "?" else "-"
+        approval = f"  approval {fields['38']}" if "38" in fields else ""
+        lines.append(
+            f"    {when}Z  {answer.mti or '?':4}  {shown:>18}  {answer.response_code} "
+            f"{answer.reason}{approval}"
+        )
     return lines
 
 

@@ -33,6 +33,7 @@ _DATABASES = (
     "rrn_index",  # acquirer|STAN|RRN -> answer key: reversal matching without field 90
     "meta",
     "clearing",  # clearing record id -> ClearedRecord: presentments applied once each
+    "card_answers",  # card id + answered ms + answer key -> b"": a card's recent history
 )
 
 
@@ -202,6 +203,29 @@ class Reader:
         raw = self._txn.get(record_id.encode(), db=self._dbs["clearing"])
         return None if raw is None else self._codecs.cleared.decode(raw)
 
+    def card_history(self, card_id: str, limit: int) -> list[tuple[bytes, StoredAnswer]]:
+        """The card's most recent answers, newest first: (answer key, answer)."""
+        prefix = _prefix_key(card_id, b"")
+        found: list[tuple[bytes, StoredAnswer]] = []
+        cursor = self._txn.cursor(db=self._dbs["card_answers"])
+        # Position past the last key of this card, then walk backwards.
+        if not cursor.set_range(_prefix_key(card_id, b"\xff" * 9)):
+            if not cursor.last():
+                return found
+        elif not cursor.prev():
+            return found
+        while len(found) < limit:
+            key = bytes(cursor.key())
+            if not key.startswith(prefix):
+                break
+            answer_key = key[len(prefix) + 8 :]
+            answer = self.answer(answer_key)
+            if answer is not None:
+                found.append((answer_key, answer))
+            if not cursor.prev():
+                break
+        return found
+
     def account_count(self) -> int:
         return int(self._txn.stat(self._dbs["accounts"])["entries"])
 
@@ -324,6 +348,10 @@ class Writer(Reader):
         self._txn.put(
             record_id.encode(), self._codecs.encoder.encode(outcome), db=self._dbs["clearing"]
         )
+
+    def index_card_answer(self, card_id: str, answered_ms: int, answer_key: bytes) -> None:
+        key = _prefix_key(card_id, _U64.pack(answered_ms) + answer_key)
+        self._txn.put(key, b"", db=self._dbs["card_answers"])
 
     def index_rrn(self, lookup: bytes, answer_key: bytes) -> None:
         self._txn.put(lookup, answer_key, db=self._dbs["rrn_index"])

@@ -97,7 +97,8 @@ def test_clearing_captures_the_hold_while_the_daemon_runs(
 
     after = show_main(daemon)
     assert "open holds: 0" in after
-    assert response["38"] not in after
+    holds_section = after.split("open holds:")[1].split("  cards:")[0]
+    assert response["38"] not in holds_section  # listed in the card's history, not as a hold
     assert re.search(r"^  held +0\.00 EUR$", after, re.MULTILINE)
     assert re.search(r"^  posted +999999982\.50 EUR$", after, re.MULTILINE)  # -27.50 +10.00
     assert ledger_balance(link) == posted - 2750 + 1000  # the daemon sees the new balance
@@ -106,7 +107,8 @@ def test_clearing_captures_the_hold_while_the_daemon_runs(
     again = ingest(daemon, path)
     assert "  duplicates        2" in again
     assert "  matched           0" in again
-    assert show_main(daemon) == after
+    # Balances and holds unchanged (the card histories grow with the balance inquiries above).
+    assert show_main(daemon).split("  cards:")[0] == after.split("  cards:")[0]
     assert ledger_balance(link) == posted - 1750
 
     # The daemon keeps deciding on the same ledger.

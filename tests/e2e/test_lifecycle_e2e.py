@@ -276,3 +276,22 @@ def test_a_second_completion_does_not_post_twice(daemon: RunningDaemon, link: Li
     completion = follow_up("0220", single, 500, **{"90": original_data(single)})
     assert link.exchange(completion)["39"] == "00"
     assert balances(daemon) == (posted - 1600, held)
+
+
+def test_ledger_show_lists_a_cards_recent_transactions(daemon: RunningDaemon, link: Link) -> None:
+    from harness import run_cli
+
+    original = authorization(pan=MAIN, amount=1234)
+    approved = link.exchange(original)
+    assert approved["39"] == "00"
+    assert link.exchange(authorization(pan=MAIN, amount=600_000))["39"] == "61"
+    reversal = follow_up("0400", original, 1234, **{"90": original_data(original)})
+    assert link.exchange(reversal)["39"] == "00"
+    shown = run_cli("ledger", "show", "--ledger", str(daemon.ledger), "--pan", MAIN)
+    assert shown.returncode == 0, shown.stderr
+    history = shown.stdout.split("recent transactions of 476173******0010: 3\n")[1]
+    lines = history.splitlines()[:3]
+    assert any("0100" in line and "12.34 EUR" in line and approved["38"] in line for line in lines)
+    assert any("61 per_transaction_limit" in line for line in lines)
+    assert any("0400" in line and "00 reversed" in line for line in lines)
+    assert MAIN not in shown.stdout
