@@ -20,7 +20,7 @@ import msgspec
 from processor.engine import ProgrammeRules, yymm
 from processor.ledger.records import Account, StoredAnswer
 from processor.ledger.store import Ledger, LedgerError, Writer
-from processor.lifecycle import ORIGINAL_CLASSES, Lifecycle, rrn_lookup
+from processor.lifecycle import ADVICE_CLASSES, ORIGINAL_CLASSES, Lifecycle, rrn_lookup
 from processor.security import PanHasher
 from processor.wire.codec import Codec, format_error_response, response_mti
 from processor.wire.errors import InvalidMessage
@@ -114,7 +114,11 @@ class Authorizer:
         stored = writer.answer(key)
         if stored is not None:
             if stored.fingerprint != fingerprint:
-                return self._answer(request, "94", "duplicate_different_content")
+                # Same identity, other content: applied never. A request is declined 94; an
+                # advice is acknowledged (a 94 would only make the network resend it forever)
+                # and the conflict flagged.
+                code = "00" if message_class in ADVICE_CLASSES else "94"
+                return self._answer(request, code, "duplicate_different_content")
             fields = dict(stored.response)
             fields["2"] = request.pan
             return Outcome(
@@ -197,5 +201,8 @@ class Authorizer:
             request.currency,
             request.billing_amount,
             request.billing_currency,
+            request.original_data,
+            request.replacement_amounts,
+            request.network_response_code,
         )
         return self._hasher.digest(self._fingerprint_encoder.encode(content))

@@ -25,6 +25,8 @@ from processor.wire.messages import AuthorizationRequest
 
 # Message classes whose answers a reversal or completion may point at.
 ORIGINAL_CLASSES: Final = ("0100", "0200", "0120")
+# Advices tell what already happened: always acknowledged with 00.
+ADVICE_CLASSES: Final = ("0120", "0220", "0420")
 
 
 class _Answer(msgspec.Struct, gc=False):
@@ -239,11 +241,14 @@ class Lifecycle:
     ) -> tuple[bytes, StoredAnswer] | None:
         pointed = request.original_identity()
         if pointed is not None:
+            # A usable field 90 decides alone: falling back to acquirer + STAN + RRN after it
+            # named something else could reverse or capture the wrong transaction.
             message_class, identity = pointed
+            if message_class not in ORIGINAL_CLASSES:
+                return None  # a reversal or completion is nobody's original
             key = message_class.encode() + b"|" + identity
             answer = writer.answer(key)
-            if answer is not None:
-                return key, answer
+            return None if answer is None else (key, answer)
         lookup = rrn_lookup(request)
         if lookup is not None:
             indexed = writer.answer_by_rrn(lookup)

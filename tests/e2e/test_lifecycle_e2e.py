@@ -295,3 +295,16 @@ def test_ledger_show_lists_a_cards_recent_transactions(daemon: RunningDaemon, li
     assert any("61 per_transaction_limit" in line for line in lines)
     assert any("0400" in line and "00 reversed" in line for line in lines)
     assert MAIN not in shown.stdout
+
+
+def test_a_usable_field_90_is_never_second_guessed_by_rrn(
+    daemon: RunningDaemon, link: Link
+) -> None:
+    posted, held = balances(daemon)
+    original = authorization(pan=LOAD, amount=800, **{"37": "555555555555"})
+    assert link.exchange(original)["39"] == "00"
+    ghost = authorization(pan=LOAD, amount=800)  # never sent
+    # Same acquirer, STAN and RRN as the original, but field 90 names the ghost: no match.
+    reversal = dict(original, t="0400", **{"7": "1124122222", "90": original_data(ghost)})
+    assert link.exchange(reversal)["39"] == "25"
+    assert balances(daemon) == (posted, held + 800)
