@@ -33,7 +33,7 @@ _SET_BITS: Final = tuple(
 
 
 class FastCodec:
-    __slots__ = ("_binary_bitmap", "_bitmap_bytes", "_plan")
+    __slots__ = ("_binary_bitmap", "_bitmap_bytes", "_numbers", "_plan")
 
     def __init__(self, spec: Spec) -> None:
         iso = spec.iso
@@ -51,6 +51,8 @@ class FastCodec:
         self._plan: list[tuple[str, int, int]] = [("", 0, 0), ("1", 0, 0)] + [
             (str(n), iso[str(n)]["len_type"], iso[str(n)]["max_len"]) for n in range(2, 129)
         ]
+        # Document key -> field number, for the keys a response may carry (2..128).
+        self._numbers: dict[str, int] = {str(n): n for n in range(2, 129)}
 
     def _bitmap(self, data: bytes) -> tuple[bytes, str] | None:
         """Bitmap as raw bytes, and the string pyiso8583 puts in its document."""
@@ -85,6 +87,13 @@ class FastCodec:
             fields["1"] = secondary[1]
             bitmap += secondary[0]
             index += width
+        # One decode of the whole body, then str slices: ASCII, so characters are bytes.
+        try:
+            body = message[index:].decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        size = len(body)
+        index = 0
         plan = self._plan
         for position, byte in enumerate(bitmap):
             if not byte:
@@ -94,8 +103,8 @@ class FastCodec:
                     continue
                 key, length_type, length = plan[number]
                 if length_type:
-                    prefix = message[index : index + length_type]
-                    if len(prefix) != length_type or prefix.translate(None, _ASCII_DIGITS):
+                    prefix = body[index : index + length_type]
+                    if len(prefix) != length_type or not prefix.isdigit():
                         return None
                     maximum = length
                     length = int(prefix)
@@ -105,45 +114,49 @@ class FastCodec:
                 end = index + length
                 if end > size:
                     return None
-                try:
-                    fields[key] = message[index:end].decode("ascii")
-                except UnicodeDecodeError:
-                    return None
+                fields[key] = body[index:end]
                 index = end
         if index != size:
             return None
         return fields
 
     def encode(self, fields: dict[str, str]) -> bytes | None:
+        numbers_by_key = self._numbers
         try:
-            numbers = sorted(int(key) for key in fields if key != "t")
-            mti = fields["t"].encode("ascii")
-        except (ValueError, KeyError, UnicodeEncodeError):
+            numbers = sorted(numbers_by_key[key] for key in fields if key != "t")
+            mti = fields["t"]
+        except KeyError:
             return None
-        if len(mti) != 4 or (numbers and (numbers[0] < 2 or numbers[-1] > 128)):
+        if len(mti) != 4 or (numbers and numbers[0] < 2):
             return None
         extended = bool(numbers) and numbers[-1] > 64
         count = 128 if extended else 64
         bits = 1 << 127 if extended else 0
         plan = self._plan
-        parts = [mti, b""]
+        parts = [mti, ""]
         for number in numbers:
             bits |= 1 << (count - number)
             key, length_type, length = plan[number]
-            try:
-                data = fields[key].encode("ascii")
-            except UnicodeEncodeError:
-                return None
+            data = fields[key]
             if length_type:
                 if len(data) > length:
                     return None
-                parts.append(b"%0*d" % (length_type, len(data)))
+                parts.append(f"{len(data):0{length_type}d}")
             elif len(data) != length:
                 return None
             parts.append(data)
         width = count // 8
         if self._binary_bitmap:
-            parts[1] = bits.to_bytes(width, "big")
-        else:
-            parts[1] = b"%0*X" % (width * 2, bits)
-        return b"".join(parts)
+            parts[1] = ""
+            try:
+                text = "".join(parts).encode("ascii")
+            except UnicodeEncodeError:
+                return None
+            return text[:4] + bits.to_bytes(width, "big") + text[4:]
+        parts[1] = f"{bits:0{width * 2}X}"
+        try:
+            # One encode of the whole message: it also proves every value was ASCII, which
+            # the length checks above (in characters) rely on.
+            return "".join(parts).encode("ascii")
+        except UnicodeEncodeError:
+            return None
