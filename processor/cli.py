@@ -7,8 +7,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from processor.config import Config, ConfigError, load_config, with_overrides
+
+if TYPE_CHECKING:
+    from processor.ledger.store import Ledger
+    from processor.security import PanHasher
 
 
 def _common_config(args: argparse.Namespace) -> Config:
@@ -37,19 +42,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(config)
 
 
-def cmd_ledger_load(args: argparse.Namespace) -> int:
-    from processor.ledger.load import load_path
+def _writable_ledger(config: Config) -> tuple[Ledger, PanHasher]:
+    """The ledger and PAN hasher a tool writes with (no demo seeding; the PAN key checked)."""
     from processor.security import hasher_from_environment
     from processor.server.daemon import open_ledger
 
-    config = _common_config(args)
-    _setup_logging(config.log.level)
     hasher = hasher_from_environment(config.security.pan_key_env)
     if hasher.insecure:
         logging.warning(
             "%s is not set: using the insecure development PAN key", config.security.pan_key_env
         )
-    ledger = open_ledger(_no_seed(config), hasher)
+    return open_ledger(_no_seed(config), hasher), hasher
+
+
+def cmd_ledger_load(args: argparse.Namespace) -> int:
+    from processor.ledger.load import load_path
+
+    config = _common_config(args)
+    _setup_logging(config.log.level)
+    ledger, hasher = _writable_ledger(config)
     try:
         summary = load_path(ledger, args.file, hasher)
     finally:
@@ -118,20 +129,13 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
 def cmd_clearing_ingest(args: argparse.Namespace) -> int:
     from processor.clearing import ClearingError, describe_summary, ingest_path
     from processor.ledger.store import ledger_exists
-    from processor.security import hasher_from_environment
-    from processor.server.daemon import open_ledger
 
     config = _common_config(args)
     _setup_logging(config.log.level)
     if not ledger_exists(config.ledger.path):
         print(f"processor: no ledger at {config.ledger.path}", file=sys.stderr)
         return 1
-    hasher = hasher_from_environment(config.security.pan_key_env)
-    if hasher.insecure:
-        logging.warning(
-            "%s is not set: using the insecure development PAN key", config.security.pan_key_env
-        )
-    ledger = open_ledger(_no_seed(config), hasher)
+    ledger, hasher = _writable_ledger(config)
     try:
         summary = ingest_path(ledger, args.file, hasher, datetime.now(UTC))
     except ClearingError as error:

@@ -139,7 +139,7 @@ class Lifecycle:
             extra["51"] = numeric_code(account.currency)
         return extra
 
-    # --- 0100: authorisation -------------------------------------------------------------------
+    # --- 0100 authorisation (holds) and 0200 financial request (posts at once) -----------------
 
     def authorization(
         self,
@@ -150,25 +150,7 @@ class Lifecycle:
         now_ms: int,
         now_yymm: int,
     ) -> Result:
-        card, account, decision = self._decided(writer, request, card_key, now_yymm)
-        result = Result(
-            decision.response_code,
-            decision.reason,
-            account_id=account.id if account is not None else None,
-            card_id=card.card_id if card is not None else None,
-        )
-        if decision.hold_amount:
-            assert account is not None and card is not None
-            hold = self._hold(writer, account, card, request, decision.hold_amount, key, now_ms)
-            result.hold_id = hold.hold_id
-            result.extra = self._approved_fields(decision, account)
-            result.extra["38"] = hold.approval_code
-        elif decision.balance_inquiry:
-            assert account is not None
-            result.extra = {"54": _balances(request.processing_code[2:4], account)}
-        return result
-
-    # --- 0200: financial request, posts at once ------------------------------------------------
+        return self._decided_result(writer, request, card_key, key, now_ms, now_yymm, post=False)
 
     def financial(
         self,
@@ -179,6 +161,19 @@ class Lifecycle:
         now_ms: int,
         now_yymm: int,
     ) -> Result:
+        return self._decided_result(writer, request, card_key, key, now_ms, now_yymm, post=True)
+
+    def _decided_result(
+        self,
+        writer: Writer,
+        request: AuthorizationRequest,
+        card_key: bytes,
+        key: bytes,
+        now_ms: int,
+        now_yymm: int,
+        *,
+        post: bool,
+    ) -> Result:
         card, account, decision = self._decided(writer, request, card_key, now_yymm)
         result = Result(
             decision.response_code,
@@ -187,12 +182,18 @@ class Lifecycle:
             card_id=card.card_id if card is not None else None,
         )
         if decision.hold_amount:
-            assert account is not None
-            account.posted -= decision.hold_amount
-            writer.put_account(account)
-            result.posted_amount = decision.hold_amount
+            assert account is not None and card is not None
             result.extra = self._approved_fields(decision, account)
-            result.extra["38"] = approval_code(writer.next_hold_id())
+            if post:
+                account.posted -= decision.hold_amount
+                writer.put_account(account)
+                result.posted_amount = decision.hold_amount
+                # No hold, but approval codes come from the same sequence so they never repeat.
+                result.extra["38"] = approval_code(writer.next_hold_id())
+            else:
+                hold = self._hold(writer, account, card, request, decision.hold_amount, key, now_ms)
+                result.hold_id = hold.hold_id
+                result.extra["38"] = hold.approval_code
         elif decision.balance_inquiry:
             assert account is not None
             result.extra = {"54": _balances(request.processing_code[2:4], account)}
