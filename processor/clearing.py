@@ -224,11 +224,13 @@ def _purchase(
 ) -> tuple[Outcome, str, int | None]:
     """(outcome, account posted to or found, hold id) of a purchase on `card`."""
     original = _original(writer, record)
+    if original is not None and original.card_id != card.card_id:
+        # The original is another card's, whatever became of it (held, posted or declined), or
+        # was on a card unknown at the time: not this record's to capture or to post against.
+        raise _Rejected("card_mismatch")
     if original is not None and original.hold_id is not None:
         hold = writer.hold(original.hold_id)
         if hold is not None:
-            if hold.card_id != card.card_id:
-                raise _Rejected("card_mismatch")  # the original is another card's
             if hold.status == "captured":
                 return "already_captured", hold.account_id, hold.hold_id
             if hold.status == "open":
@@ -245,8 +247,6 @@ def _purchase(
             # Released (reversed) or expired: the hold is gone but the network says the money
             # was spent. Its word stands: post it like an unmatched purchase.
     elif original is not None and original.posted_amount:
-        if original.card_id != card.card_id:
-            raise _Rejected("card_mismatch")
         return "already_posted", original.account_id or card.account_id, None
     account = writer.account(card.account_id)
     assert account is not None  # checked by the caller

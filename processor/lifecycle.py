@@ -212,9 +212,11 @@ class Lifecycle:
     ) -> Result:
         # Advices are always acknowledged (00): the cardholder already has the goods. What we
         # could not record is flagged in the reason, never refused.
-        if request.network_response_code not in (None, "00", "10"):
-            return Result("00", "advice_of_decline")
         card = writer.card(card_key)
+        if request.network_response_code not in (None, "00", "10"):
+            return Result(
+                "00", "advice_of_decline", card_id=card.card_id if card is not None else None
+            )
         if card is None:
             return Result("00", "advice_unknown_card")
         account = writer.account(card.account_id)
