@@ -18,9 +18,10 @@ import lmdb
 import msgspec
 
 from processor.engine import ProgrammeRules, yymm
-from processor.ledger.records import Account, StoredAnswer
+from processor.ledger.records import OutboxRecord, StoredAnswer
 from processor.ledger.store import Ledger, LedgerError, Writer
 from processor.lifecycle import ADVICE_CLASSES, ORIGINAL_CLASSES, Lifecycle, rrn_lookup
+from processor.outbox import emit, event_type, request_facts
 from processor.security import PanHasher
 from processor.wire.codec import Codec, format_error_response, response_mti
 from processor.wire.errors import InvalidMessage
@@ -149,6 +150,14 @@ class Authorizer:
                 mti=request.mti,
             ),
         )
+        facts = request_facts(request, key, now_ms, fields)
+        facts.type = event_type(message_class, result.response_code, result.reason)
+        facts.account_id = result.account_id
+        facts.card_id = result.card_id
+        facts.hold_id = result.hold_id
+        facts.response_code = result.response_code
+        facts.reason = result.reason
+        emit(writer, facts)
         if result.card_id is not None:
             writer.index_card_answer(result.card_id, now_ms, key)
         if message_class in ORIGINAL_CLASSES:
@@ -162,14 +171,28 @@ class Authorizer:
         now_ms = int(now.timestamp() * 1000)
         with self._ledger.write() as writer:
             expired = writer.expired_holds(now_ms, limit)
-            accounts: dict[str, Account] = {}
             for hold in expired:
-                account = accounts.get(hold.account_id) or writer.account(hold.account_id)
+                account = writer.account(hold.account_id)
                 assert account is not None, hold.account_id
-                accounts[account.id] = account
                 writer.close_hold(account, hold, "expired", now_ms)
-            for account in accounts.values():
                 writer.put_account(account)
+                emit(
+                    writer,
+                    OutboxRecord(
+                        sequence=0,
+                        type="authorization.expired",
+                        created_ms=now_ms,
+                        account_id=account.id,
+                        card_id=hold.card_id,
+                        answer_key=hold.identity.decode("ascii"),
+                        amount=hold.amount,
+                        reason="hold_expired",
+                        approval_code=hold.approval_code,
+                        hold_id=hold.hold_id,
+                        mcc=hold.mcc,
+                        rrn=hold.rrn,
+                    ),
+                )
         return len(expired)
 
     def system_error(self, request: AuthorizationRequest) -> Outcome:

@@ -24,9 +24,10 @@ from typing import Annotated, BinaryIO, Final, Literal
 import msgspec
 from msgspec import Meta
 
-from processor.currency import UnknownCurrency, exponent
-from processor.ledger.records import Card, ClearedRecord, StoredAnswer
+from processor.currency import UnknownCurrency, exponent, numeric_code
+from processor.ledger.records import Card, ClearedRecord, OutboxRecord, StoredAnswer
 from processor.ledger.store import Ledger, Writer
+from processor.outbox import emit
 from processor.security import PanHasher, luhn_valid, mask_pan
 
 CHUNK_RECORDS: Final = 500  # records applied per write transaction
@@ -281,6 +282,25 @@ def _apply_record(
         outcome, account_id = "refund", account.id
     else:
         outcome, account_id, hold_id = _purchase(writer, record, card, now_ms)
+    emit(
+        writer,
+        OutboxRecord(
+            sequence=0,
+            type="transaction.refunded" if outcome == "refund" else "transaction.cleared",
+            created_ms=now_ms,
+            account_id=account_id,
+            card_id=card.card_id,
+            masked_pan=card.masked_pan,
+            answer_key=record.original_key().decode("ascii") if record.type == "purchase" else None,
+            amount=record.amount,
+            currency=numeric_code(record.currency),
+            reason=outcome,
+            stan=record.stan,
+            rrn=record.rrn,
+            acquirer=record.acquirer,
+            hold_id=hold_id,
+        ),
+    )
     writer.put_clearing_record(
         record.record_id,
         ClearedRecord(

@@ -147,6 +147,27 @@ def cmd_clearing_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_events_list(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from processor.events import render
+    from processor.ledger.store import Ledger, ledger_exists
+
+    config = _common_config(args)
+    if not ledger_exists(config.ledger.path):
+        print(f"processor: no ledger at {config.ledger.path}", file=sys.stderr)
+        return 1
+    ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
+    try:
+        with ledger.read() as reader:
+            ledger_id = reader.ledger_id()
+            for record in reader.outbox(args.first, args.limit):
+                sys.stdout.write(msgspec.json.encode(render(record, ledger_id)).decode() + "\n")
+    finally:
+        ledger.close()
+    return 0
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     from processor.sim.scenarios import run_scenarios
 
@@ -209,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--ledger", help="LMDB directory")
     ingest.add_argument("file")
     ingest.set_defaults(func=cmd_clearing_ingest)
+
+    events = sub.add_parser("events", help="the outbox: events for the programme")
+    events_sub = events.add_subparsers(dest="events_command", required=True)
+    listing = events_sub.add_parser("list", help="print outbox events as JSON lines, in order")
+    config_flag(listing)
+    listing.add_argument("--ledger", help="LMDB directory")
+    listing.add_argument("--from", dest="first", type=int, default=1, help="first sequence")
+    listing.add_argument("--limit", type=int, default=1000)
+    listing.set_defaults(func=cmd_events_list)
 
     def target(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1")

@@ -90,25 +90,28 @@ def apply_load_file(ledger: Ledger, data: LoadFile, hasher: PanHasher, source: s
             existing = writer.account(entry.id)
             if existing is None:
                 counts["accounts_created"] += 1
-                held = 0
-            else:
-                counts["accounts_updated"] += 1
-                held = existing.held
-                if existing.currency != entry.currency and held:
-                    raise LoadError(
-                        f"{source}: $.accounts[{index}].currency: account {entry.id} has open "
-                        f"holds in {existing.currency}; cannot change it to {entry.currency}"
+                writer.put_account(
+                    Account(
+                        id=entry.id,
+                        currency=entry.currency,
+                        posted=entry.balance,
+                        credit_limit=entry.credit_limit,
+                        status=entry.status,
                     )
-            writer.put_account(
-                Account(
-                    id=entry.id,
-                    currency=entry.currency,
-                    posted=entry.balance,
-                    held=held,
-                    credit_limit=entry.credit_limit,
-                    status=entry.status,
                 )
-            )
+                continue
+            counts["accounts_updated"] += 1
+            if existing.currency != entry.currency and existing.held:
+                raise LoadError(
+                    f"{source}: $.accounts[{index}].currency: account {entry.id} has open "
+                    f"holds in {existing.currency}; cannot change it to {entry.currency}"
+                )
+            # Updated in place: held (the open holds) and the event sequence are the ledger's.
+            existing.currency = entry.currency
+            existing.posted = entry.balance
+            existing.credit_limit = entry.credit_limit
+            existing.status = entry.status
+            writer.put_account(existing)
         for index, card_entry in enumerate(data.cards):
             if writer.account(card_entry.account) is None:
                 raise LoadError(

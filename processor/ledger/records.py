@@ -22,6 +22,7 @@ class Account(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     held: int = 0  # sum of this account's open holds, kept in step with them
     credit_limit: int = 0
     status: AccountStatus = "active"
+    event_sequence: int = 0  # the last per-account sequence number given to an outbox event
 
     @property
     def available(self) -> int:
@@ -99,3 +100,40 @@ class ClearedRecord(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     amount: int  # the record's amount, minor units of `currency`
     currency: str
     hold_id: int | None = None  # the hold it matched, captured or found captured
+
+
+class OutboxRecord(msgspec.Struct, array_like=True, kw_only=True, gc=False):
+    """The facts of one event for the programme, appended in the transaction of the change.
+
+    Compact on purpose: the write path stores facts; processor/events.py renders the JSON
+    event (masked PAN, amounts with currency and exponent, balances) off the hot path.
+    """
+
+    sequence: int  # global, gap-free within a ledger: the outbox key
+    type: str
+    created_ms: int
+    account_id: str | None = None
+    account_sequence: int = 0  # per account, so receivers can order
+    card_id: str | None = None
+    masked_pan: str | None = None
+    answer_key: str | None = None  # the authorisation (message class|identity) it is about
+    mti: str = ""
+    processing_code: str | None = None
+    amount: int | None = None  # field 4, minor units of `currency`
+    currency: str | None = None  # field 49, ISO 4217 numeric
+    billing_amount: int | None = None  # in the account currency, when converted
+    mcc: str | None = None
+    merchant_name_location: str | None = None
+    terminal: str | None = None
+    merchant_id: str | None = None
+    response_code: str = ""
+    reason: str = ""
+    stan: str | None = None
+    rrn: str | None = None
+    acquirer: str | None = None
+    approval_code: str | None = None
+    hold_id: int | None = None
+    posted_after: int | None = None
+    held_after: int | None = None
+    credit_limit: int | None = None
+    account_currency: str | None = None

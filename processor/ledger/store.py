@@ -18,7 +18,15 @@ import lmdb
 import msgspec
 
 from processor import limits
-from processor.ledger.records import Account, Card, ClearedRecord, Hold, HoldStatus, StoredAnswer
+from processor.ledger.records import (
+    Account,
+    Card,
+    ClearedRecord,
+    Hold,
+    HoldStatus,
+    OutboxRecord,
+    StoredAnswer,
+)
 
 SCHEMA_VERSION = b"1"
 _U64 = struct.Struct(">Q")
@@ -34,6 +42,7 @@ _DATABASES = (
     "meta",
     "clearing",  # clearing record id -> ClearedRecord: presentments applied once each
     "card_answers",  # card id + answered ms + answer key -> b"": a card's recent history
+    "outbox",  # event sequence -> OutboxRecord: events for the programme, same txn as changes
 )
 
 
@@ -42,7 +51,7 @@ class LedgerError(Exception):
 
 
 class _Codecs:
-    __slots__ = ("account", "answer", "card", "cleared", "encoder", "hold")
+    __slots__ = ("account", "answer", "card", "cleared", "encoder", "hold", "outbox")
 
     def __init__(self) -> None:
         self.encoder = msgspec.msgpack.Encoder()
@@ -51,6 +60,7 @@ class _Codecs:
         self.hold = msgspec.msgpack.Decoder(Hold)
         self.answer = msgspec.msgpack.Decoder(StoredAnswer)
         self.cleared = msgspec.msgpack.Decoder(ClearedRecord)
+        self.outbox = msgspec.msgpack.Decoder(OutboxRecord)
 
 
 class Ledger:
@@ -105,6 +115,9 @@ class Ledger:
                         for name in _DATABASES
                     }
                     stored = txn.get(b"schema", db=self._dbs["meta"])
+                    if txn.get(b"ledger_id", db=self._dbs["meta"]) is None:
+                        # Prefixes event ids, so two ledgers never issue the same id.
+                        txn.put(b"ledger_id", os.urandom(4).hex().encode(), db=self._dbs["meta"])
                     if stored is None:
                         txn.put(b"schema", SCHEMA_VERSION, db=self._dbs["meta"])
                     elif stored != SCHEMA_VERSION:
@@ -148,7 +161,7 @@ class Ledger:
         writer = Writer(txn, self._dbs, self._codecs)
         try:
             yield writer
-            writer.flush_sequences()
+            writer.flush()
             txn.commit()
         except BaseException:
             txn.abort()
@@ -226,6 +239,21 @@ class Reader:
                 break
         return found
 
+    def ledger_id(self) -> str:
+        raw = self._txn.get(b"ledger_id", db=self._dbs["meta"])
+        return "" if raw is None else bytes(raw).decode()
+
+    def outbox(self, first_sequence: int, limit: int) -> list[OutboxRecord]:
+        """Outbox records from `first_sequence` on, in order, at most `limit`."""
+        records: list[OutboxRecord] = []
+        cursor = self._txn.cursor(db=self._dbs["outbox"])
+        if cursor.set_range(_U64.pack(first_sequence)):
+            for value in cursor.iternext(keys=False, values=True):
+                records.append(self._codecs.outbox.decode(value))
+                if len(records) >= limit:
+                    break
+        return records
+
     def account_count(self) -> int:
         return int(self._txn.stat(self._dbs["accounts"])["entries"])
 
@@ -273,17 +301,35 @@ class Reader:
 
 
 class Writer(Reader):
-    __slots__ = ("_next_hold_id",)
+    """One write transaction.
+
+    Accounts are cached for the transaction: a batch of requests on one account decodes it
+    once and writes it once, at commit (`flush`), however many requests changed it. The cached
+    object is the one callers mutate, so `put_account` only marks it to be written.
+    """
+
+    __slots__ = ("_accounts", "_dirty", "_next_event", "_next_hold_id")
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any], codecs: _Codecs) -> None:
         super().__init__(txn, dbs, codecs)
         self._next_hold_id: int | None = None
+        self._next_event: int | None = None
+        self._accounts: dict[str, Account | None] = {}
+        self._dirty: set[str] = set()
+
+    def account(self, account_id: str) -> Account | None:
+        if account_id in self._accounts:
+            return self._accounts[account_id]
+        account = super().account(account_id)
+        self._accounts[account_id] = account
+        return account
 
     def put_account(self, account: Account) -> None:
         assert account.held >= 0, f"account {account.id}: held {account.held} below zero"
-        self._txn.put(
-            account.id.encode(), self._codecs.encoder.encode(account), db=self._dbs["accounts"]
-        )
+        cached = self._accounts.get(account.id)
+        assert cached is None or cached is account, f"account {account.id}: two live copies"
+        self._accounts[account.id] = account
+        self._dirty.add(account.id)
 
     def put_card(self, card_key: bytes, card: Card, previous_account: str | None) -> None:
         if previous_account is not None and previous_account != card.account_id:
@@ -365,9 +411,31 @@ class Writer(Reader):
         self._next_hold_id += 1
         return hold_id
 
-    def flush_sequences(self) -> None:
+    def next_event_sequence(self) -> int:
+        if self._next_event is None:
+            raw = self._txn.get(b"seq:event", db=self._dbs["meta"])
+            self._next_event = 1 if raw is None else _U64.unpack(raw)[0]
+        sequence = self._next_event
+        self._next_event += 1
+        return sequence
+
+    def append_event(self, record: OutboxRecord) -> None:
+        self._txn.put(
+            _U64.pack(record.sequence), self._codecs.encoder.encode(record), db=self._dbs["outbox"]
+        )
+
+    def flush(self) -> None:
+        """Write what the transaction kept in memory: changed accounts, sequence counters."""
+        encode = self._codecs.encoder.encode
+        for account_id in self._dirty:
+            account = self._accounts[account_id]
+            assert account is not None and account.held >= 0, account
+            self._txn.put(account_id.encode(), encode(account), db=self._dbs["accounts"])
+        self._dirty.clear()
         if self._next_hold_id is not None:
             self._txn.put(b"seq:hold", _U64.pack(self._next_hold_id), db=self._dbs["meta"])
+        if self._next_event is not None:
+            self._txn.put(b"seq:event", _U64.pack(self._next_event), db=self._dbs["meta"])
 
 
 def ledger_exists(path: str | Path) -> bool:

@@ -1,0 +1,94 @@
+"""Append events for the programme to the outbox, in the write transaction of the change.
+
+Because the event is written by the same LMDB transaction as the hold or posting it describes,
+there is never a change without its event nor an event for a change that was not committed.
+Only facts are stored here (processor.ledger.records.OutboxRecord); rendering the JSON event
+happens when it is read (processor/events.py), off the authorisation path.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+from processor.ledger.records import OutboxRecord
+from processor.ledger.store import Writer
+from processor.security import mask_pan
+from processor.wire.messages import AuthorizationRequest
+
+# The event type of an answered message, by message class and whether it was approved.
+APPROVED_TYPES: Final = {
+    "0100": "authorization.approved",
+    "0200": "transaction.posted",
+    "0120": "authorization.advice",
+    "0220": "transaction.completed",
+    "0400": "authorization.reversed",
+    "0420": "authorization.reversed",
+}
+DECLINED_TYPES: Final = {
+    "0100": "authorization.declined",
+    "0200": "authorization.declined",
+    "0120": "authorization.advice",
+    "0220": "transaction.completed",
+    "0400": "reversal.orphaned",
+    "0420": "authorization.reversed",
+}
+ORPHAN_REASONS: Final = frozenset({"orphan_reversal", "original_not_found"})
+
+
+def event_type(message_class: str, response_code: str, reason: str) -> str:
+    if reason == "balance_inquiry":
+        return "authorization.balance_inquiry"
+    if reason in ORPHAN_REASONS:
+        return "reversal.orphaned"
+    if response_code in ("00", "10"):
+        return APPROVED_TYPES[message_class]
+    return DECLINED_TYPES[message_class]
+
+
+def emit(writer: Writer, record: OutboxRecord) -> None:
+    """Number the event (globally and per account), stamp the balances after, append it."""
+    record.sequence = writer.next_event_sequence()
+    if record.account_id is not None:
+        account = writer.account(record.account_id)
+        if account is not None:
+            account.event_sequence += 1
+            writer.put_account(account)
+            record.account_sequence = account.event_sequence
+            record.posted_after = account.posted
+            record.held_after = account.held
+            record.credit_limit = account.credit_limit
+            record.account_currency = account.currency
+    writer.append_event(record)
+
+
+def request_facts(
+    request: AuthorizationRequest, answer_key: bytes, now_ms: int, response: dict[str, str]
+) -> OutboxRecord:
+    """What the event says about the message; the PAN only masked."""
+    billing = response.get("6")
+    return OutboxRecord(
+        sequence=0,
+        type="",
+        created_ms=now_ms,
+        masked_pan=mask_pan(request.pan),
+        answer_key=answer_key.decode("ascii"),
+        mti=request.mti,
+        processing_code=request.processing_code,
+        amount=request.amount,
+        currency=request.currency,
+        billing_amount=int(billing) if billing is not None and billing.isdigit() else None,
+        mcc=request.mcc or None,
+        merchant_name_location=request.merchant_name_location,
+        terminal=request.terminal,
+        merchant_id=request.merchant_id,
+        stan=request.stan,
+        rrn=request.rrn,
+        acquirer=request.acquirer,
+        approval_code=response.get("38"),
+    )
+
+
+def with_outcome(record: OutboxRecord, **changes: object) -> OutboxRecord:
+    return msgspec.structs.replace(record, **changes)
