@@ -75,6 +75,21 @@ class ProgrammeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     fx_markup_bps: Annotated[int, Meta(ge=0, le=10_000)] = 0
 
 
+class WebhookEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,40}$")]
+    url: Annotated[str, Meta(pattern=r"^https?://")]
+    secret_env: Annotated[str, Meta(min_length=1)]  # env var holding the whsec_ signing secret
+    event_types: tuple[str, ...] = ("*",)  # "*" or exact types, e.g. "authorization.approved"
+    timeout_seconds: Annotated[float, Meta(gt=0, le=60)] = 5.0
+    retry_max_age_seconds: Annotated[int, Meta(gt=0)] = 86400  # then the event is dead-lettered
+
+
+class WebhooksConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    endpoints: tuple[WebhookEndpoint, ...] = ()
+    backoff_initial_seconds: Annotated[float, Meta(gt=0)] = 1.0
+    backoff_max_seconds: Annotated[float, Meta(gt=0)] = 300.0
+
+
 class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -86,6 +101,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     security: SecurityConfig = SecurityConfig()
     programme: ProgrammeConfig = ProgrammeConfig()
     log: LogConfig = LogConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
 
 
 def parse_config(text: bytes | str, source: str = "<config>") -> Config:

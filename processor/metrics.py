@@ -95,6 +95,31 @@ class Metrics:
         self.holds_expired = Counter(
             "processor_holds_expired", "Holds released by the expiry sweeper", registry=r
         )
+        self.webhook_delivered = Counter(
+            "processor_webhook_delivered",
+            "Events delivered (2xx), by endpoint",
+            ["endpoint"],
+            registry=r,
+        )
+        self.webhook_failures = Counter(
+            "processor_webhook_failures",
+            "Failed delivery attempts, by endpoint and error",
+            ["endpoint", "error"],
+            registry=r,
+        )
+        self.webhook_dead_letters = Counter(
+            "processor_webhook_dead_letters",
+            "Events given up on after their retry age",
+            ["endpoint"],
+            registry=r,
+        )
+        self.webhook_delivery_seconds = Histogram(
+            "processor_webhook_delivery_seconds",
+            "Commit of an event to its 2xx, by endpoint",
+            ["endpoint"],
+            buckets=(*COMMIT_BUCKETS_SECONDS, 2.5, 5.0, 10.0, 30.0, 60.0),
+            registry=r,
+        )
         self.ledger_map_used = Gauge(
             "processor_ledger_map_used_bytes", "Bytes of the LMDB map in use", registry=r
         )

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from processor import limits
 from processor.authorizer import Authorizer, Outcome
-from processor.config import Config
+from processor.config import Config, ConfigError
 from processor.engine import ProgrammeRules
 from processor.ledger.load import load_path
 from processor.ledger.store import Ledger
@@ -31,6 +35,9 @@ from processor.wire.codec import Codec
 from processor.wire.errors import FramingError, InvalidMessage, UndecodableMessage
 from processor.wire.messages import AuthorizationRequest, NetworkManagementRequest
 from processor.wire.spec import load_spec
+
+if TYPE_CHECKING:
+    from processor.webhooks.dispatcher import Dispatcher
 
 log = logging.getLogger("processor.daemon")
 
@@ -69,6 +76,7 @@ class Daemon:
         self._flush_scheduled = False
         self._batch_size_max = config.ledger.batch_size_max
         self._sweep_handle: asyncio.TimerHandle | None = None
+        self.on_commit: Callable[[], None] | None = None  # e.g. wake the webhook dispatcher
 
     # --- links -------------------------------------------------------------------------------
 
@@ -164,6 +172,8 @@ class Daemon:
             self.metrics.internal_errors.inc()
             outcomes = [self.authorizer.system_error(request) for request in requests]
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        if self.on_commit is not None:
+            self.on_commit()
         self.metrics.batch_size.observe(len(batch))
         # One transport.write per link per batch.
         by_link: dict[Link, list[bytes]] = defaultdict(list)
@@ -235,6 +245,35 @@ def open_ledger(config: Config, hasher: PanHasher) -> Ledger:
     return ledger
 
 
+async def start_webhooks(config: Config, ledger: Ledger, metrics: Metrics) -> Dispatcher | None:
+    """The dispatcher for the configured endpoints; secrets from the environment, checked now."""
+    from processor.webhooks.dispatcher import Dispatcher, Endpoint
+    from processor.webhooks.signing import SecretError, parse_secret
+    from processor.webhooks.state import DeliveryState
+
+    if not config.webhooks.endpoints:
+        return None
+    endpoints = []
+    for index, endpoint in enumerate(config.webhooks.endpoints):
+        where = f"$.webhooks.endpoints[{index}].secret_env"
+        value = os.environ.get(endpoint.secret_env)
+        if not value:
+            raise ConfigError(f"{where}: environment variable {endpoint.secret_env} is not set")
+        try:
+            endpoints.append(
+                Endpoint(endpoint, parse_secret(value, f"{where} ({endpoint.secret_env})"))
+            )
+        except SecretError as error:
+            raise ConfigError(str(error)) from None
+    state = DeliveryState(Path(config.ledger.path) / "webhooks")
+    dispatcher = Dispatcher(ledger, state, endpoints, config.webhooks, metrics)
+    await dispatcher.start()
+    announce(
+        f"webhooks: {len(endpoints)} endpoint(s): " + ", ".join(e.config.name for e in endpoints)
+    )
+    return dispatcher
+
+
 def announce(text: str) -> None:
     """Lines on stdout that people and test harnesses read (ports are chosen at run time)."""
     print(f"processor: {text}", flush=True)
@@ -272,6 +311,9 @@ async def serve(config: Config) -> int:
     announce(
         f"ledger {config.ledger.path} (durability {config.ledger.durability}, {accounts} accounts)"
     )
+    dispatcher = await start_webhooks(config, ledger, metrics)
+    if dispatcher is not None:
+        daemon.on_commit = dispatcher.notify
     announce("ready")
     daemon.sweep()
 
@@ -298,6 +340,9 @@ async def serve(config: Config) -> int:
         link.close()
     await asyncio.sleep(0)
     await http_runner.cleanup()
+    if dispatcher is not None:
+        await dispatcher.stop()
+        dispatcher.state.close()
     ledger.close()
     announce("stopped")
     return 0

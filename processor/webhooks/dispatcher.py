@@ -1,0 +1,156 @@
+"""Deliver outbox events to the programme's endpoints: signed, retried, in order.
+
+One task per endpoint walks the outbox from that endpoint's position. Each event is retried
+with exponential back-off and jitter until a 2xx or until it is older than the endpoint's
+`retry_max_age_seconds`, when it goes to the dead letters and the walk goes on. Events are
+delivered in outbox order, so per-account order holds; a slow or dead endpoint holds back only
+its own task. Ledger access is read transactions only; positions live in DeliveryState.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+
+import aiohttp
+import msgspec
+
+from processor.config import WebhookEndpoint, WebhooksConfig
+from processor.events import render
+from processor.ledger.records import OutboxRecord
+from processor.ledger.store import Ledger
+from processor.metrics import Metrics
+from processor.webhooks.signing import headers
+from processor.webhooks.state import DeadLetter, DeliveryState
+
+log = logging.getLogger("processor.webhooks")
+
+READ_BATCH = 100  # outbox records read per read transaction
+IDLE_POLL_SECONDS = 1.0  # also picks up events committed by other processes (clearing ingest)
+
+
+class Endpoint(msgspec.Struct, frozen=True):
+    config: WebhookEndpoint
+    secret: bytes
+
+    def wants(self, event_type: str) -> bool:
+        types = self.config.event_types
+        return "*" in types or event_type in types
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        ledger: Ledger,
+        state: DeliveryState,
+        endpoints: list[Endpoint],
+        config: WebhooksConfig,
+        metrics: Metrics,
+    ) -> None:
+        self._ledger = ledger
+        self._state = state
+        self._endpoints = endpoints
+        self._config = config
+        self._metrics = metrics
+        self._wakes = {endpoint.config.name: asyncio.Event() for endpoint in endpoints}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self.state = state
+
+    def notify(self) -> None:
+        """New events were committed: wake the endpoint tasks."""
+        for wake in self._wakes.values():
+            wake.set()
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit_per_host=4, keepalive_timeout=60)
+        )
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(endpoint)) for endpoint in self._endpoints]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._session is not None:
+            await self._session.close()
+
+    async def _run(self, endpoint: Endpoint) -> None:
+        name = endpoint.config.name
+        wake = self._wakes[name]
+        position = self._state.position(name)
+        while True:
+            wake.clear()
+            with self._ledger.read() as reader:
+                ledger_id = reader.ledger_id()
+                records = reader.outbox(position, READ_BATCH)
+            if not records:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), IDLE_POLL_SECONDS)
+                continue
+            for record in records:
+                if endpoint.wants(record.type):
+                    await self._deliver(endpoint, record, ledger_id)
+                position = record.sequence + 1
+                self._state.advance(name, position)
+
+    async def _deliver(self, endpoint: Endpoint, record: OutboxRecord, ledger_id: str) -> None:
+        assert self._session is not None
+        event = render(record, ledger_id)
+        body = msgspec.json.encode(event)
+        name = endpoint.config.name
+        timeout = aiohttp.ClientTimeout(total=endpoint.config.timeout_seconds)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self._session.post(
+                    endpoint.config.url,
+                    data=body,
+                    headers=headers(endpoint.secret, event.id, int(time.time()), body),
+                    timeout=timeout,
+                ) as response:
+                    await response.read()
+                    if 200 <= response.status < 300:
+                        self._metrics.webhook_delivered.labels(name).inc()
+                        self._metrics.webhook_delivery_seconds.labels(name).observe(
+                            max(0.0, time.time() - record.created_ms / 1000)
+                        )
+                        return
+                    error = f"http_{response.status}"
+            except (aiohttp.ClientError, TimeoutError) as failure:
+                error = type(failure).__name__
+            self._metrics.webhook_failures.labels(name, error).inc()
+            age_seconds = time.time() - record.created_ms / 1000
+            if age_seconds >= endpoint.config.retry_max_age_seconds:
+                log.warning(
+                    "endpoint %s: %s dead-lettered after %d attempts (%s)",
+                    name,
+                    event.id,
+                    attempt,
+                    error,
+                )
+                self._metrics.webhook_dead_letters.labels(name).inc()
+                self._state.bury(
+                    name,
+                    DeadLetter(
+                        sequence=record.sequence,
+                        event_id=event.id,
+                        attempts=attempt,
+                        last_error=error,
+                        dead_ms=int(time.time() * 1000),
+                    ),
+                    record.sequence + 1,
+                )
+                return
+            delay = min(
+                self._config.backoff_max_seconds,
+                self._config.backoff_initial_seconds * 2 ** (attempt - 1),
+            )
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter spreads retries

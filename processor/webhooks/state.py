@@ -1,0 +1,76 @@
+"""Delivery state: per endpoint the next outbox sequence to deliver, and dead letters.
+
+A separate LMDB environment without fsync: losing its last writes only means redelivering
+events (same ids: receivers deduplicate), and its commits never take the ledger's write lock.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import lmdb
+import msgspec
+
+_U64 = struct.Struct(">Q")
+
+
+class DeadLetter(msgspec.Struct, array_like=True, kw_only=True):
+    sequence: int
+    event_id: str
+    attempts: int
+    last_error: str
+    dead_ms: int
+
+
+class DeliveryState:
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True) if not readonly else None
+        self.env = lmdb.open(
+            str(path),
+            map_size=64 << 20,
+            max_dbs=4,
+            sync=False,
+            metasync=False,
+            readonly=readonly,
+            lock=True,
+        )
+        create = not readonly
+        self._positions = self.env.open_db(b"positions", create=create)
+        self._dead = self.env.open_db(b"dead_letters", create=create)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._dead_decoder = msgspec.msgpack.Decoder(DeadLetter)
+
+    def close(self) -> None:
+        self.env.close()
+
+    def position(self, endpoint: str) -> int:
+        with self.env.begin() as txn:
+            raw = txn.get(endpoint.encode(), db=self._positions)
+        return 1 if raw is None else _U64.unpack(raw)[0]
+
+    def advance(self, endpoint: str, next_sequence: int) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(endpoint.encode(), _U64.pack(next_sequence), db=self._positions)
+
+    def bury(self, endpoint: str, letter: DeadLetter, next_sequence: int) -> None:
+        with self.env.begin(write=True) as txn:
+            key = endpoint.encode() + b"\x00" + _U64.pack(letter.sequence)
+            txn.put(key, self._encoder.encode(letter), db=self._dead)
+            txn.put(endpoint.encode(), _U64.pack(next_sequence), db=self._positions)
+
+    def dead_letters(self, endpoint: str) -> list[DeadLetter]:
+        prefix = endpoint.encode() + b"\x00"
+        letters: list[DeadLetter] = []
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._dead)
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if not bytes(key).startswith(prefix):
+                        break
+                    letters.append(self._dead_decoder.decode(value))
+        return letters
+
+    def forget_dead_letter(self, endpoint: str, sequence: int) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.delete(endpoint.encode() + b"\x00" + _U64.pack(sequence), db=self._dead)

@@ -1,0 +1,152 @@
+"""Signed webhooks from the real daemon to real HTTP receivers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from pathlib import Path
+
+import pytest
+from harness import PAN_KEY, RunningDaemon, authorization
+from receiver import Receiver
+from standardwebhooks.webhooks import Webhook
+
+from processor.webhooks.state import DeliveryState
+
+pytestmark = pytest.mark.e2e
+
+SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+
+
+def start(tmp_path: Path, endpoints: str, **env: str) -> RunningDaemon:
+    config = tmp_path / "processor.toml"
+    config.write_text(
+        "[webhooks]\nbackoff_initial_seconds = 0.05\nbackoff_max_seconds = 0.2\n" + endpoints
+    )
+    environment = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, HOOK_SECRET=SECRET, **env)
+    return RunningDaemon(tmp_path / "ledger", config=config, env=environment).start()
+
+
+def endpoint(name: str, url: str, extra: str = "") -> str:
+    return (
+        f'[[webhooks.endpoints]]\nname = "{name}"\nurl = "{url}"\nsecret_env = "HOOK_SECRET"\n'
+        + extra
+    )
+
+
+def test_every_event_arrives_signed_once_in_order(tmp_path: Path) -> None:
+    receiver = Receiver()
+    daemon = start(tmp_path, endpoint("main", receiver.url))
+    try:
+        link = daemon.connect()
+        for n in range(12):
+            pan = "4761739001010085" if n % 4 else "4761739001010028"  # some declined 41
+            assert link.exchange(authorization(pan=pan, amount=100))["39"] in ("00", "41")
+        link.close()
+        events = receiver.wait_for(12)
+        assert len(events) == 12
+        verifier = Webhook(SECRET)
+        for headers, body in receiver.received:
+            verified = verifier.verify(body, headers)  # raises on a bad signature
+            assert verified["id"] == headers["webhook-id"]
+        assert len({e["id"] for e in events}) == 12
+        assert {e["type"] for e in events} == {"authorization.approved", "authorization.declined"}
+        sequences = [
+            e["account_sequence"] for e in events if e["data"]["account_id"] == "demo-main"
+        ]
+        assert sequences == sorted(sequences) == list(range(1, len(sequences) + 1))
+        assert "4761739001010085" not in str(events)
+    finally:
+        daemon.stop()
+        receiver.close()
+
+
+def test_failing_receiver_gets_everything_after_retries_same_ids(tmp_path: Path) -> None:
+    receiver = Receiver(fail_first=5)
+    daemon = start(tmp_path, endpoint("flaky", receiver.url))
+    try:
+        link = daemon.connect()
+        for _ in range(4):
+            assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
+        link.close()
+        events = receiver.wait_for(4)
+        assert len(events) == 4 and receiver.calls >= 9
+        sequences = [e["account_sequence"] for e in events]
+        assert sequences == sorted(sequences)
+    finally:
+        daemon.stop()
+        receiver.close()
+
+
+def test_a_dead_endpoint_does_not_hold_back_another_and_dead_letters(tmp_path: Path) -> None:
+    good = Receiver()
+    dead_url = "http://127.0.0.1:9/hook"  # nothing listens on the discard port
+    daemon = start(
+        tmp_path,
+        endpoint("good", good.url)
+        + endpoint("dead", dead_url, "retry_max_age_seconds = 1\ntimeout_seconds = 0.5\n"),
+    )
+    try:
+        link = daemon.connect()
+        started = time.monotonic()
+        for _ in range(3):
+            assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
+        link.close()
+        assert len(good.wait_for(3, timeout=5)) == 3
+        assert time.monotonic() - started < 5
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            state = DeliveryState(daemon.ledger / "webhooks", readonly=True)
+            try:
+                letters = state.dead_letters("dead")
+            finally:
+                state.close()
+            if len(letters) == 3:
+                break
+            time.sleep(0.2)
+        assert [letter.sequence for letter in letters] == [1, 2, 3]
+        assert all(letter.last_error for letter in letters)
+    finally:
+        daemon.stop()
+        good.close()
+
+
+def test_event_type_filter(tmp_path: Path) -> None:
+    receiver = Receiver()
+    daemon = start(
+        tmp_path, endpoint("declines", receiver.url, 'event_types = ["authorization.declined"]\n')
+    )
+    try:
+        link = daemon.connect()
+        assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
+        assert link.exchange(authorization(pan="4761739001010028", amount=100))["39"] == "41"
+        link.close()
+        receiver.wait_for(1)
+        time.sleep(0.5)
+        assert [e["type"] for e in receiver.events()] == ["authorization.declined"]
+    finally:
+        daemon.stop()
+        receiver.close()
+
+
+def test_missing_secret_fails_at_start_naming_the_variable(tmp_path: Path) -> None:
+    from harness import run_cli
+
+    config = tmp_path / "processor.toml"
+    config.write_text(
+        endpoint("main", "http://127.0.0.1:9/", "").replace("HOOK_SECRET", "NOPE_SECRET")
+    )
+    result = run_cli(
+        "serve",
+        "--config",
+        str(config),
+        "--ledger",
+        str(tmp_path / "l"),
+        "--port",
+        "0",
+        "--http-port",
+        "0",
+    )
+    assert result.returncode == 2
+    assert "NOPE_SECRET" in result.stderr and "$.webhooks.endpoints[0].secret_env" in result.stderr
