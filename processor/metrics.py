@@ -51,8 +51,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "processor_requests",
-            "Requests answered, by request MTI and response code (field 39)",
-            ["mti", "response_code"],
+            "Requests answered, by request MTI, response code (field 39) and machine reason",
+            ["mti", "response_code", "reason"],
             registry=r,
         )
         self.latency = Histogram(
@@ -120,20 +120,32 @@ class Metrics:
             buckets=(*COMMIT_BUCKETS_SECONDS, 2.5, 5.0, 10.0, 30.0, 60.0),
             registry=r,
         )
+        self.outbox_backlog = Gauge(
+            "processor_outbox_backlog",
+            "Outbox events not yet delivered, by endpoint",
+            ["endpoint"],
+            registry=r,
+        )
+        self.outbox_oldest_undelivered = Gauge(
+            "processor_outbox_oldest_undelivered_seconds",
+            "Age of the oldest event not yet delivered, by endpoint",
+            ["endpoint"],
+            registry=r,
+        )
         self.ledger_map_used = Gauge(
             "processor_ledger_map_used_bytes", "Bytes of the LMDB map in use", registry=r
         )
         self.ledger_map_size = Gauge(
             "processor_ledger_map_size_bytes", "Size of the LMDB map", registry=r
         )
-        self._answered: dict[tuple[str, str], Callable[[], None]] = {}
+        self._answered: dict[tuple[str, str, str], Callable[[], None]] = {}
         self._latency: dict[str, Callable[[float], None]] = {}
 
-    def answered(self, mti: str, response_code: str, latency_seconds: float) -> None:
-        key = (mti, response_code)
+    def answered(self, mti: str, response_code: str, reason: str, latency_seconds: float) -> None:
+        key = (mti, response_code, reason)
         count = self._answered.get(key)
         if count is None:
-            count = self._answered[key] = self.requests.labels(mti, response_code).inc
+            count = self._answered[key] = self.requests.labels(mti, response_code, reason).inc
         count()
         observe = self._latency.get(mti)
         if observe is None:

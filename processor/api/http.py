@@ -51,11 +51,27 @@ async def healthz(request: web.Request) -> web.Response:
     )
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """Ready while accepting and the ledger answers a read transaction."""
+    daemon = request.app[DAEMON_KEY]
+    if daemon.stopping:
+        return web.json_response({"ready": False, "reason": "stopping"}, status=503)
+    try:
+        with daemon.ledger.read() as reader:
+            reader.account_count()
+    except Exception as error:  # any failure to read means not ready; say which
+        return web.json_response(
+            {"ready": False, "reason": f"ledger unavailable: {type(error).__name__}"}, status=503
+        )
+    return web.json_response({"ready": True})
+
+
 def build_app(daemon: Daemon) -> web.Application:
     app = web.Application(middlewares=[json_errors])
     app[DAEMON_KEY] = daemon
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     return app
 
 

@@ -254,6 +254,10 @@ class Reader:
                     break
         return records
 
+    def outbox_last_sequence(self) -> int:
+        cursor = self._txn.cursor(db=self._dbs["outbox"])
+        return _U64.unpack(bytes(cursor.key()))[0] if cursor.last() else 0
+
     def account_count(self) -> int:
         return int(self._txn.stat(self._dbs["accounts"])["entries"])
 

@@ -144,7 +144,10 @@ class Daemon:
     def _send(self, link: Link, header: bytes, outcome: Outcome, received_ns: int) -> None:
         link.write(link.framer.frame(header, outcome.response))
         self.metrics.answered(
-            outcome.mti, outcome.response_code, (time.perf_counter_ns() - received_ns) / 1e9
+            outcome.mti,
+            outcome.response_code,
+            outcome.reason,
+            (time.perf_counter_ns() - received_ns) / 1e9,
         )
 
     # --- group commit ------------------------------------------------------------------------
@@ -185,7 +188,9 @@ class Daemon:
         done_ns = time.perf_counter_ns()
         answered = self.metrics.answered
         for (_, _, _, received_ns), outcome in zip(batch, outcomes, strict=True):
-            answered(outcome.mti, outcome.response_code, (done_ns - received_ns) / 1e9)
+            answered(
+                outcome.mti, outcome.response_code, outcome.reason, (done_ns - received_ns) / 1e9
+            )
             if outcome.response_code == "96":
                 log.error("answered 96: %s", outcome.reason)
 

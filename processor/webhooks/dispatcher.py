@@ -14,6 +14,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 
 import aiohttp
 import msgspec
@@ -59,13 +60,32 @@ class Dispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self.state = state
+        self._positions: dict[str, int] = {}
 
     def notify(self) -> None:
         """New events were committed: wake the endpoint tasks."""
         for wake in self._wakes.values():
             wake.set()
 
+    def backlog(self, name: str) -> tuple[int, float]:
+        """(events not yet delivered, age in seconds of the oldest) for an endpoint."""
+        position = self._positions.get(name, 1)
+        with self._ledger.read() as reader:
+            last = reader.outbox_last_sequence()
+            waiting = reader.outbox(position, 1) if last >= position else []
+        age = time.time() - waiting[0].created_ms / 1000 if waiting else 0.0
+        return max(0, last - position + 1), max(0.0, age)
+
+    def _gauge(self, name: str, which: int) -> Callable[[], float]:
+        return lambda: float(self.backlog(name)[which])
+
     async def start(self) -> None:
+        for endpoint in self._endpoints:
+            name = endpoint.config.name
+            self._positions[name] = self.state.position(name)
+            # Computed when scraped, from the ledger's outbox and the task's position.
+            self._metrics.outbox_backlog.labels(name).set_function(self._gauge(name, 0))
+            self._metrics.outbox_oldest_undelivered.labels(name).set_function(self._gauge(name, 1))
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit_per_host=4, keepalive_timeout=60)
         )
@@ -98,6 +118,7 @@ class Dispatcher:
                 if endpoint.wants(record.type):
                     await self._deliver(endpoint, record, ledger_id)
                 position = record.sequence + 1
+                self._positions[name] = position
                 self._state.advance(name, position)
 
     async def _deliver(self, endpoint: Endpoint, record: OutboxRecord, ledger_id: str) -> None:

@@ -193,13 +193,16 @@ def test_metrics_and_health(daemon: RunningDaemon, link: Link) -> None:
     link.exchange(authorization())
     link.exchange(authorization(pan="4761739001010028"))
     metrics = http_get(daemon, "/metrics")
-    assert metric_value(metrics, 'processor_requests_total{mti="0100",response_code="00"}') == 1
-    assert metric_value(metrics, 'processor_requests_total{mti="0100",response_code="41"}') == 1
+    approved = 'processor_requests_total{mti="0100",reason="approved",response_code="00"}'
+    lost = 'processor_requests_total{mti="0100",reason="card_lost",response_code="41"}'
+    assert metric_value(metrics, approved) == 1
+    assert metric_value(metrics, lost) == 1
     assert 'processor_request_latency_seconds_bucket{le="0.0001",mti="0100"}' in metrics
     assert metric_value(metrics, "processor_open_links") == 1
     assert metric_value(metrics, "processor_commit_seconds_count") >= 1
     assert metric_value(metrics, "processor_ledger_map_used_bytes") > 0
     assert "4761739001010" not in metrics
+    assert json.loads(http_get(daemon, "/readyz")) == {"ready": True}
     health = json.loads(http_get(daemon, "/healthz"))
     assert health["status"] == "ok" and health["links"] == 1
     with pytest.raises(urllib.error.HTTPError) as caught:

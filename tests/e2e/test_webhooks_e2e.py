@@ -150,3 +150,28 @@ def test_missing_secret_fails_at_start_naming_the_variable(tmp_path: Path) -> No
     )
     assert result.returncode == 2
     assert "NOPE_SECRET" in result.stderr and "$.webhooks.endpoints[0].secret_env" in result.stderr
+
+
+def test_backlog_metrics_while_an_endpoint_is_down(tmp_path: Path) -> None:
+    import urllib.request
+
+    daemon = start(tmp_path, endpoint("down", "http://127.0.0.1:9/hook", "timeout_seconds = 0.5\n"))
+    try:
+        link = daemon.connect()
+        for _ in range(3):
+            assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
+        link.close()
+        time.sleep(1.2)
+        url = f"http://127.0.0.1:{daemon.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        values = {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in text.splitlines()
+            if line.startswith("processor_outbox_")
+        }
+        assert values['processor_outbox_backlog{endpoint="down"}'] == 3
+        assert values['processor_outbox_oldest_undelivered_seconds{endpoint="down"}'] >= 1.0
+        assert 'processor_webhook_failures_total{endpoint="down"' in text
+    finally:
+        daemon.stop()
