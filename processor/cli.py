@@ -27,11 +27,9 @@ def _common_config(args: argparse.Namespace) -> Config:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    from processor.logs import setup_logging
+
+    setup_logging(level)  # JSON lines on stderr; the "processor: ..." stdout lines are not logs
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -319,12 +319,12 @@ async def serve(config: Config) -> int:
     dispatcher = await start_webhooks(config, ledger, metrics)
     if dispatcher is not None:
         daemon.on_commit = dispatcher.notify
-    announce("ready")
-    daemon.sweep()
-
+    # Signal handlers before "ready": whoever waits for ready may stop us at once.
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    announce("ready")
+    daemon.sweep()
     await stop.wait()
 
     announce("stopping: no new links, finishing requests in flight")
