@@ -107,6 +107,7 @@ class Dispatcher:
         position = self._state.position(name)
         while True:
             wake.clear()
+            position = await self._replay(endpoint, position)
             with self._ledger.read() as reader:
                 ledger_id = reader.ledger_id()
                 records = reader.outbox(position, READ_BATCH)
@@ -121,7 +122,25 @@ class Dispatcher:
                 self._positions[name] = position
                 self._state.advance(name, position)
 
-    async def _deliver(self, endpoint: Endpoint, record: OutboxRecord, ledger_id: str) -> None:
+    async def _replay(self, endpoint: Endpoint, position: int) -> int:
+        """Apply `processor webhooks replay` requests: rewind, or deliver single events again."""
+        name = endpoint.config.name
+        for sequence, kind in self.state.take_replays(name):
+            if kind == "from":
+                position = min(position, sequence)
+                self.state.advance(name, position)
+                continue
+            with self._ledger.read() as reader:
+                ledger_id = reader.ledger_id()
+                records = reader.outbox(sequence, 1)
+            found = records[0] if records and records[0].sequence == sequence else None
+            if found is not None and await self._deliver(endpoint, found, ledger_id):
+                self.state.forget_dead_letter(name, sequence)
+        self._positions[name] = position
+        return position
+
+    async def _deliver(self, endpoint: Endpoint, record: OutboxRecord, ledger_id: str) -> bool:
+        """True once delivered; False when it went to the dead letters instead."""
         assert self._session is not None
         event = render(record, ledger_id)
         body = msgspec.json.encode(event)
@@ -143,7 +162,7 @@ class Dispatcher:
                         self._metrics.webhook_delivery_seconds.labels(name).observe(
                             max(0.0, time.time() - record.created_ms / 1000)
                         )
-                        return
+                        return True
                     error = f"http_{response.status}"
             except (aiohttp.ClientError, TimeoutError) as failure:
                 error = type(failure).__name__
@@ -167,9 +186,8 @@ class Dispatcher:
                         last_error=error,
                         dead_ms=int(time.time() * 1000),
                     ),
-                    record.sequence + 1,
                 )
-                return
+                return False
             delay = min(
                 self._config.backoff_max_seconds,
                 self._config.backoff_initial_seconds * 2 ** (attempt - 1),

@@ -38,6 +38,8 @@ class DeliveryState:
         create = not readonly
         self._positions = self.env.open_db(b"positions", create=create)
         self._dead = self.env.open_db(b"dead_letters", create=create)
+        # endpoint + sequence -> b"from" (rewind to it) | b"one" (deliver that event again)
+        self._replays = self.env.open_db(b"replays", create=create)
         self._encoder = msgspec.msgpack.Encoder()
         self._dead_decoder = msgspec.msgpack.Decoder(DeadLetter)
 
@@ -53,11 +55,10 @@ class DeliveryState:
         with self.env.begin(write=True) as txn:
             txn.put(endpoint.encode(), _U64.pack(next_sequence), db=self._positions)
 
-    def bury(self, endpoint: str, letter: DeadLetter, next_sequence: int) -> None:
+    def bury(self, endpoint: str, letter: DeadLetter) -> None:
         with self.env.begin(write=True) as txn:
             key = endpoint.encode() + b"\x00" + _U64.pack(letter.sequence)
             txn.put(key, self._encoder.encode(letter), db=self._dead)
-            txn.put(endpoint.encode(), _U64.pack(next_sequence), db=self._positions)
 
     def dead_letters(self, endpoint: str) -> list[DeadLetter]:
         prefix = endpoint.encode() + b"\x00"
@@ -74,3 +75,37 @@ class DeliveryState:
     def forget_dead_letter(self, endpoint: str, sequence: int) -> None:
         with self.env.begin(write=True) as txn:
             txn.delete(endpoint.encode() + b"\x00" + _U64.pack(sequence), db=self._dead)
+
+    def request_replay(self, endpoint: str, sequence: int, kind: str) -> None:
+        assert kind in ("from", "one"), kind
+        with self.env.begin(write=True) as txn:
+            key = endpoint.encode() + b"\x00" + _U64.pack(sequence)
+            txn.put(key, kind.encode(), db=self._replays)
+
+    def take_replays(self, endpoint: str) -> list[tuple[int, str]]:
+        """Replay requests for the endpoint, oldest sequence first; removed as they are taken."""
+        prefix = endpoint.encode() + b"\x00"
+        taken: list[tuple[int, str]] = []
+        with self.env.begin(write=True) as txn:
+            cursor = txn.cursor(db=self._replays)
+            if cursor.set_range(prefix):
+                while bytes(cursor.key()).startswith(prefix):
+                    key = bytes(cursor.key())
+                    taken.append(
+                        (_U64.unpack(key[len(prefix) :])[0], bytes(cursor.value()).decode())
+                    )
+                    if not cursor.delete():
+                        break
+        return taken
+
+    def pending_replays(self, endpoint: str) -> int:
+        prefix = endpoint.encode() + b"\x00"
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._replays)
+            count = 0
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(keys=True, values=False):
+                    if not bytes(key).startswith(prefix):
+                        break
+                    count += 1
+        return count

@@ -1,0 +1,147 @@
+"""`processor webhooks status | replay | listen`: operating the delivery of events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import os
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from processor.config import Config
+from processor.events import event_id
+from processor.ledger.store import Ledger
+from processor.webhooks.signing import SecretError, parse_secret, sign
+from processor.webhooks.state import DeliveryState
+
+REPLAY_WINDOW_SECONDS = 300  # the Standard Webhooks default tolerance
+
+
+def _state_path(config: Config) -> Path:
+    return Path(config.ledger.path) / "webhooks"
+
+
+def status(config: Config) -> int:
+    ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
+    state_path = _state_path(config)
+    state = DeliveryState(state_path, readonly=True) if (state_path / "data.mdb").exists() else None
+    try:
+        with ledger.read() as reader:
+            last = reader.outbox_last_sequence()
+            names = [endpoint.name for endpoint in config.webhooks.endpoints]
+            print(f"outbox: {last} events")
+            if not names:
+                print("no endpoints configured (webhooks.endpoints)")
+            for name in names:
+                position = state.position(name) if state is not None else 1
+                backlog = max(0, last - position + 1)
+                waiting = reader.outbox(position, 1) if backlog else []
+                age = time.time() - waiting[0].created_ms / 1000 if waiting else 0.0
+                dead = state.dead_letters(name) if state is not None else []
+                print(
+                    f"endpoint {name}: delivered up to {position - 1}, backlog {backlog}, "
+                    f"oldest undelivered {age:.1f}s, dead letters {len(dead)}"
+                )
+                ledger_id = reader.ledger_id()
+                for letter in dead:
+                    print(
+                        f"  dead {event_id(ledger_id, letter.sequence)} (sequence "
+                        f"{letter.sequence}): {letter.attempts} attempts, {letter.last_error}"
+                    )
+    finally:
+        ledger.close()
+        if state is not None:
+            state.close()
+    return 0
+
+
+def replay(config: Config, endpoint: str, first: int | None, event: str | None) -> int:
+    names = {e.name for e in config.webhooks.endpoints}
+    if endpoint not in names:
+        print(f"processor: no endpoint {endpoint!r} in webhooks.endpoints", file=sys.stderr)
+        return 2
+    if event is not None:
+        ledger = Ledger(config.ledger.path, readonly=True)
+        try:
+            with ledger.read() as reader:
+                prefix = f"evt_{reader.ledger_id()}"
+        finally:
+            ledger.close()
+        if not event.startswith(prefix) or len(event) != len(prefix) + 12:
+            print(f"processor: {event!r} is not an event id of this ledger", file=sys.stderr)
+            return 2
+        sequence, kind = int(event[len(prefix) :], 16), "one"
+    else:
+        assert first is not None
+        sequence, kind = first, "from"
+    state = DeliveryState(_state_path(config))
+    try:
+        state.request_replay(endpoint, sequence, kind)
+    finally:
+        state.close()
+    what = f"event {event}" if event else f"every event from sequence {first}"
+    print(f"replay of {what} to {endpoint} requested; the running daemon delivers it")
+    return 0
+
+
+def verify(secret: bytes, headers: dict[str, str], body: bytes, now: float) -> bool:
+    """Standard Webhooks verification: signature over id.timestamp.body, timestamp in window."""
+    message_id = headers.get("webhook-id", "")
+    timestamp = headers.get("webhook-timestamp", "")
+    if not message_id or not timestamp.isdigit():
+        return False
+    if abs(now - int(timestamp)) > REPLAY_WINDOW_SECONDS:
+        return False
+    expected = sign(secret, message_id, int(timestamp), body).encode()
+    offered = [s.encode() for s in headers.get("webhook-signature", "").split(" ") if s]
+    return any(hmac.compare_digest(expected, candidate) for candidate in offered)
+
+
+def listen(host: str, port: int, secret_env: str) -> int:
+    from aiohttp import web
+
+    value = os.environ.get(secret_env, "")
+    try:
+        secret = parse_secret(value, secret_env) if value else None
+    except SecretError as error:
+        print(f"processor: {error}", file=sys.stderr)
+        return 2
+    if secret is None:
+        print(f"processor: environment variable {secret_env} is not set", file=sys.stderr)
+        return 2
+
+    async def receive(request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        if not verify(secret, headers, body, time.time()):
+            print(f"REJECTED {headers.get('webhook-id', '?')}: bad signature", flush=True)
+            return web.json_response({"error": {"code": "bad_signature"}}, status=400)
+        try:
+            event = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            return web.json_response({"error": {"code": "not_json"}}, status=400)
+        print(msgspec.json.encode(event).decode(), flush=True)
+        return web.Response(status=204)
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", receive)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        print(
+            f"listening on {host}:{runner.addresses[0][1]}, verifying with {secret_env}", flush=True
+        )
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+    return 0
