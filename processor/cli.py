@@ -166,6 +166,34 @@ def cmd_events_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_webhooks_status(args: argparse.Namespace) -> int:
+    from processor.ledger.store import ledger_exists
+    from processor.webhooks.commands import status
+
+    config = _common_config(args)
+    if not ledger_exists(config.ledger.path):
+        print(f"processor: no ledger at {config.ledger.path}", file=sys.stderr)
+        return 1
+    return status(config)
+
+
+def cmd_webhooks_replay(args: argparse.Namespace) -> int:
+    from processor.ledger.store import ledger_exists
+    from processor.webhooks.commands import replay
+
+    config = _common_config(args)
+    if not ledger_exists(config.ledger.path):
+        print(f"processor: no ledger at {config.ledger.path}", file=sys.stderr)
+        return 1
+    return replay(config, args.endpoint, args.first, args.event)
+
+
+def cmd_webhooks_listen(args: argparse.Namespace) -> int:
+    from processor.webhooks.commands import listen
+
+    return listen(args.host, args.port, args.secret_env)
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     from processor.sim.scenarios import run_scenarios
 
@@ -237,6 +265,30 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--from", dest="first", type=int, default=1, help="first sequence")
     listing.add_argument("--limit", type=int, default=1000)
     listing.set_defaults(func=cmd_events_list)
+
+    webhooks = sub.add_parser("webhooks", help="event delivery: status, replay, a local receiver")
+    webhooks_sub = webhooks.add_subparsers(dest="webhooks_command", required=True)
+    hook_status = webhooks_sub.add_parser(
+        "status", help="per endpoint: delivered position, backlog, oldest age, dead letters"
+    )
+    config_flag(hook_status)
+    hook_status.add_argument("--ledger", help="LMDB directory")
+    hook_status.set_defaults(func=cmd_webhooks_status)
+    hook_replay = webhooks_sub.add_parser("replay", help="deliver events again (the daemon does)")
+    config_flag(hook_replay)
+    hook_replay.add_argument("--ledger", help="LMDB directory")
+    hook_replay.add_argument("--endpoint", required=True)
+    what = hook_replay.add_mutually_exclusive_group(required=True)
+    what.add_argument("--from", dest="first", type=int, help="every event from this sequence")
+    what.add_argument("--event", help="one event, by id (a dead letter, say)")
+    hook_replay.set_defaults(func=cmd_webhooks_replay)
+    hook_listen = webhooks_sub.add_parser(
+        "listen", help="a local receiver: verify signatures, print events"
+    )
+    hook_listen.add_argument("--host", default="127.0.0.1")
+    hook_listen.add_argument("--port", type=int, required=True)
+    hook_listen.add_argument("--secret-env", required=True, help="variable with the whsec_ secret")
+    hook_listen.set_defaults(func=cmd_webhooks_listen)
 
     def target(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1")

@@ -209,6 +209,7 @@ def test_metrics_and_health(daemon: RunningDaemon, link: Link) -> None:
         http_get(daemon, "/nope")
     assert caught.value.code == 404
     assert json.loads(caught.value.read())["error"]["code"] == "not_found"
+    caught.value.close()
 
 
 def test_simulator_scenarios_pass(daemon: RunningDaemon) -> None:

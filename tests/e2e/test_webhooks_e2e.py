@@ -175,3 +175,105 @@ def test_backlog_metrics_while_an_endpoint_is_down(tmp_path: Path) -> None:
         assert 'processor_webhook_failures_total{endpoint="down"' in text
     finally:
         daemon.stop()
+
+
+def test_status_shows_dead_letters_and_replay_delivers_them(tmp_path: Path) -> None:
+    from harness import run_cli
+
+    receiver = Receiver()
+    # The endpoint is down (nothing on its port) until we point a receiver there: use a
+    # receiver that fails everything first, with a short retry age, then recovers.
+    receiver.fail_first = 10**6
+    config_endpoint = endpoint(
+        "main", receiver.url, "retry_max_age_seconds = 1\ntimeout_seconds = 0.5\n"
+    )
+    daemon = start(tmp_path, config_endpoint)
+    env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, HOOK_SECRET=SECRET)
+    config_args = ["--config", str(tmp_path / "processor.toml"), "--ledger", str(daemon.ledger)]
+    try:
+        link = daemon.connect()
+        assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
+        link.close()
+        deadline = time.monotonic() + 20
+        shown = ""
+        while time.monotonic() < deadline:
+            shown = run_cli("webhooks", "status", *config_args, env=env).stdout
+            if "dead letters 1" in shown:
+                break
+            time.sleep(0.3)
+        assert "endpoint main: delivered up to 1, backlog 0" in shown, shown
+        assert "dead letters 1" in shown
+        dead_id = shown.split("  dead ")[1].split(" ")[0]
+        assert receiver.received == []
+
+        receiver.fail_first = 0  # the receiver is back
+        replayed = run_cli(
+            "webhooks", "replay", *config_args, "--endpoint", "main", "--event", dead_id, env=env
+        )
+        assert replayed.returncode == 0, replayed.stderr
+        events = receiver.wait_for(1, timeout=10)
+        assert [e["id"] for e in events] == [dead_id]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            shown = run_cli("webhooks", "status", *config_args, env=env).stdout
+            if "dead letters 0" in shown:
+                break
+            time.sleep(0.2)
+        assert "dead letters 0" in shown
+        # Replay from a sequence: everything from it again, same ids.
+        again = run_cli(
+            "webhooks", "replay", *config_args, "--endpoint", "main", "--from", "1", env=env
+        )
+        assert again.returncode == 0
+        assert [e["id"] for e in receiver.wait_for(2, timeout=10)] == [dead_id, dead_id]
+    finally:
+        daemon.stop()
+        receiver.close()
+
+
+def test_listen_verifies_signatures_and_prints_events(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from processor.webhooks.signing import headers, parse_secret
+
+    env = dict(os.environ, HOOK_SECRET=SECRET)
+    listener = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "processor.cli",
+            "webhooks",
+            "listen",
+            "--port",
+            "0",
+            "--secret-env",
+            "HOOK_SECRET",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert listener.stdout is not None
+        line = listener.stdout.readline()
+        port = int(line.split("listening on 127.0.0.1:")[1].split(",")[0])
+        body = b'{"id":"evt_x","type":"authorization.approved"}'
+        signed = headers(parse_secret(SECRET, "t"), "evt_x", int(time.time()), body)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, headers=signed)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 204
+        assert '"evt_x"' in listener.stdout.readline()
+        forged = dict(signed, **{"webhook-signature": "v1,AAAA"})
+        bad = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, headers=forged)
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(bad, timeout=10)
+        assert caught.value.code == 400
+        caught.value.close()
+        assert "REJECTED evt_x" in listener.stdout.readline()
+    finally:
+        listener.terminate()
+        listener.communicate(timeout=10)
