@@ -82,6 +82,8 @@ class WebhookEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     event_types: tuple[str, ...] = ("*",)  # "*" or exact types, e.g. "authorization.approved"
     timeout_seconds: Annotated[float, Meta(gt=0, le=60)] = 5.0
     retry_max_age_seconds: Annotated[int, Meta(gt=0)] = 86400  # then the event is dead-lettered
+    # Requests in flight at once; never two for one account, so per-account order holds.
+    in_flight_max: Annotated[int, Meta(ge=1, le=64)] = 16
 
 
 class WebhooksConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

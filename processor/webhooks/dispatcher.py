@@ -102,25 +102,69 @@ class Dispatcher:
             await self._session.close()
 
     async def _run(self, endpoint: Endpoint) -> None:
+        """Deliver in outbox order with up to `in_flight_max` requests at once.
+
+        Per-account order holds because an account never has two events in flight: a later
+        event of a busy account waits, events of other accounts go ahead. The stored position
+        only advances over a contiguous run of finished events, so a restart redelivers
+        (same ids) rather than skips.
+        """
         name = endpoint.config.name
         wake = self._wakes[name]
+        window = endpoint.config.in_flight_max
         position = self._state.position(name)
+        waiting: list[OutboxRecord] = []  # read, not started, in sequence order
+        read_up_to = position - 1
+        running: dict[asyncio.Task[bool], OutboxRecord] = {}
+        busy: set[str] = set()
+        finished: set[int] = set()
+        ledger_id = ""
         while True:
             wake.clear()
-            position = await self._replay(endpoint, position)
-            with self._ledger.read() as reader:
-                ledger_id = reader.ledger_id()
-                records = reader.outbox(position, READ_BATCH)
-            if not records:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), IDLE_POLL_SECONDS)
-                continue
-            for record in records:
-                if endpoint.wants(record.type):
-                    await self._deliver(endpoint, record, ledger_id)
-                position = record.sequence + 1
+            if not running:
+                rewound = await self._replay(endpoint, position)
+                if rewound < position:
+                    position, read_up_to, waiting, finished = rewound, rewound - 1, [], set()
+            if len(waiting) < READ_BATCH:
+                with self._ledger.read() as reader:
+                    ledger_id = reader.ledger_id()
+                    fresh = reader.outbox(read_up_to + 1, READ_BATCH)
+                if fresh:
+                    read_up_to = fresh[-1].sequence
+                    waiting.extend(fresh)
+            still_waiting: list[OutboxRecord] = []
+            blocked: set[str] = set()
+            for record in waiting:
+                key = record.account_id or f"#{record.sequence}"
+                if not endpoint.wants(record.type):
+                    finished.add(record.sequence)
+                elif len(running) < window and key not in busy and key not in blocked:
+                    busy.add(key)
+                    task = asyncio.get_running_loop().create_task(
+                        self._deliver(endpoint, record, ledger_id)
+                    )
+                    running[task] = record
+                else:
+                    blocked.add(key)  # keeps this account's later events behind this one
+                    still_waiting.append(record)
+            waiting = still_waiting
+            while position in finished:
+                finished.discard(position)
+                position += 1
+            if position != self._positions.get(name):
                 self._positions[name] = position
                 self._state.advance(name, position)
+            if running:
+                done, _ = await asyncio.wait(
+                    running, timeout=IDLE_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    record = running.pop(task)
+                    busy.discard(record.account_id or f"#{record.sequence}")
+                    finished.add(record.sequence)
+            elif not waiting:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), IDLE_POLL_SECONDS)
 
     async def _replay(self, endpoint: Endpoint, position: int) -> int:
         """Apply `processor webhooks replay` requests: rewind, or deliver single events again."""

@@ -277,3 +277,37 @@ def test_listen_verifies_signatures_and_prints_events(tmp_path: Path) -> None:
     finally:
         listener.terminate()
         listener.communicate(timeout=10)
+
+
+def test_kill9_with_a_receiver_attached_every_answered_request_arrives(tmp_path: Path) -> None:
+    receiver = Receiver(delay_seconds=0.01)  # slow enough that a backlog is pending at the kill
+    daemon = start(tmp_path, endpoint("main", receiver.url))
+    try:
+        link = daemon.connect()
+        requests = [
+            authorization(pan="4761739001010085" if n % 4 else "4761739001010028", amount=100)
+            for n in range(40)
+        ]
+        for request in requests:
+            link.send_fields(request)
+        answered = {}
+        for _ in requests:
+            response = link.receive_fields()
+            answered[response["11"]] = response["39"]
+        daemon.kill9()
+        link.close()
+        assert set(answered.values()) == {"00", "41"}
+
+        restarted = RunningDaemon(daemon.ledger, config=daemon.config, env=daemon.env).start()
+        try:
+            events = receiver.wait_for(len(requests), timeout=30)
+            by_stan: dict[str, set[str]] = {}
+            for event in events:
+                by_stan.setdefault(event["data"]["network"]["stan"], set()).add(event["id"])
+            assert set(by_stan) == set(answered)  # every answered request has its event
+            assert all(len(ids) == 1 for ids in by_stan.values())  # duplicates share the id
+        finally:
+            restarted.stop()
+    finally:
+        daemon.stop()
+        receiver.close()
