@@ -12,12 +12,19 @@ from typing import Any
 class Receiver:
     """`fail_first` requests are answered 500; `delay_seconds` is slept before each answer."""
 
-    def __init__(self, fail_first: int = 0, delay_seconds: float = 0.0, status: int = 204):
+    def __init__(
+        self,
+        fail_first: int = 0,
+        delay_seconds: float = 0.0,
+        status: int = 204,
+        slow_first: int | None = None,
+    ):
         self.received: list[tuple[dict[str, str], bytes]] = []
         self.fail_first = fail_first
         self.delay_seconds = delay_seconds
         self.status = status
         self.calls = 0
+        self.slow_first = slow_first  # only the first N requests are delayed (None: all)
         self._lock = threading.Lock()
         receiver = self
 
@@ -27,8 +34,11 @@ class Receiver:
                 with receiver._lock:
                     receiver.calls += 1
                     failing = receiver.calls <= receiver.fail_first
-                if receiver.delay_seconds:
+                    slow = receiver.slow_first is None or receiver.calls <= receiver.slow_first
+                if receiver.delay_seconds and slow:
                     time.sleep(receiver.delay_seconds)
+                    if receiver.slow_first is not None:
+                        return  # the client gave up waiting: answer nothing, record nothing
                 if failing:
                     self.send_response(500)
                 else:

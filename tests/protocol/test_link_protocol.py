@@ -272,3 +272,23 @@ def test_frames_after_the_budget_closes_the_link_are_not_applied(tmp_path: Path)
         account = reader.account("demo-main")
         assert account is not None and account.held == 0
     daemon.ledger.close()
+
+
+def test_readyz_is_not_ready_while_the_ledger_is_unavailable(tmp_path: Path) -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from processor.api.http import build_app, readyz
+
+    daemon = make_daemon(tmp_path)
+    app = build_app(daemon)
+
+    async def ask() -> tuple[int, bytes]:
+        response = await readyz(make_mocked_request("GET", "/readyz", app=app))
+        return response.status, response.body  # type: ignore[return-value]
+
+    assert asyncio.run(ask())[0] == 200
+    daemon.ledger.env.close()  # the ledger goes away
+    status, body = asyncio.run(ask())
+    assert status == 503 and b"ledger unavailable" in body
+    daemon.stopping = True
+    assert asyncio.run(ask())[0] == 503
