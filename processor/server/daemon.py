@@ -312,7 +312,7 @@ async def serve(config: Config) -> int:
         f"ISO 8583 listening on {host}:{port} (framing {config.server.framing}, "
         f"{config.server.bitmap} bitmap, header {config.server.header_bytes} bytes)"
     )
-    announce(f"HTTP listening on {config.http.host}:{http_port} (/metrics, /healthz)")
+    announce(f"HTTP listening on {config.http.host}:{http_port} (/metrics, /healthz, /readyz)")
     announce(
         f"ledger {config.ledger.path} (durability {config.ledger.durability}, {accounts} accounts)"
     )
