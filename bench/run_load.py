@@ -22,9 +22,12 @@ import tempfile
 from pathlib import Path
 
 
-def start_daemon(ledger: Path, durability: str) -> tuple[subprocess.Popen[str], int]:
-    config = ledger.parent / "bench.toml"
-    config.write_text(f'[ledger]\ndurability = "{durability}"\n[log]\nlevel = "warning"\n')
+def start_daemon(
+    ledger: Path, config_text: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], int]:
+    """The real daemon on a scratch ledger, port 0; returns it and its ISO 8583 port."""
+    config = ledger.parent / f"{ledger.name}.toml"
+    config.write_text(config_text)
     process = subprocess.Popen(
         [
             sys.executable,
@@ -43,7 +46,7 @@ def start_daemon(ledger: Path, durability: str) -> tuple[subprocess.Popen[str], 
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=dict(os.environ, PROCESSOR_PAN_KEY="bench-key"),
+        env=dict(os.environ, PROCESSOR_PAN_KEY="bench-key", **(env or {})),
     )
     assert process.stdout is not None
     port = 0
@@ -108,7 +111,8 @@ def main() -> int:
     print("| " + " | ".join(columns) + " |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as scratch:
-        process, port = start_daemon(Path(scratch) / "ledger", args.durability)
+        config = f'[ledger]\ndurability = "{args.durability}"\n[log]\nlevel = "warning"\n'
+        process, port = start_daemon(Path(scratch) / "ledger", config)
         try:
             for rate in (int(r) for r in args.rates.split(",")):
                 results = {}

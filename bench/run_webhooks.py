@@ -15,9 +15,7 @@ import base64
 import json
 import os
 import platform
-import re
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,6 +23,8 @@ import time
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from run_load import load, start_daemon  # same folder: the one daemon launcher
 
 SECRET = "whsec_" + base64.b64encode(b"bench-secret-bench-secret-000000").decode()
 
@@ -58,68 +58,17 @@ class Receiver:
 
 
 def run(scratch: Path, name: str, url: str | None, rate: int, duration: float) -> dict:
-    config = scratch / f"{name}.toml"
     text = '[ledger]\ndurability = "fsync"\n[log]\nlevel = "warning"\n'
     if url:
         text += (
             f'[[webhooks.endpoints]]\nname = "{name}"\nurl = "{url}"\nsecret_env = "BENCH_SECRET"\n'
         )
-    config.write_text(text)
-    env = dict(os.environ, PROCESSOR_PAN_KEY="bench-key", BENCH_SECRET=SECRET)
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "processor.cli",
-            "serve",
-            "--config",
-            str(config),
-            "--ledger",
-            str(scratch / name),
-            "--port",
-            "0",
-            "--http-port",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    assert process.stdout is not None
-    port = 0
-    for line in process.stdout:
-        if match := re.search(r"ISO 8583 listening on [\d.]+:(\d+)", line):
-            port = int(match.group(1))
-        if line.strip() == "processor: ready":
-            break
-    out = scratch / f"{name}.json"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "processor.cli",
-            "sim",
-            "load",
-            "--port",
-            str(port),
-            "--rate",
-            str(rate),
-            "--duration",
-            str(duration),
-            "--connections",
-            "4",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        timeout=duration + 60,
-        check=False,
-    )
+    process, port = start_daemon(scratch / name, text, {"BENCH_SECRET": SECRET})
+    result = load(port, rate, duration, 4, "auth")
     time.sleep(2.0)  # let a fast receiver catch up before the daemon stops
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=30)
-    return json.loads(out.read_text())
+    return result
 
 
 def percentile(values: list[float], fraction: float) -> float:

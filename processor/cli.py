@@ -71,6 +71,16 @@ def cmd_ledger_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_ledger(config: Config) -> bool:
+    """True (and said on stderr) when there is no ledger where the config points."""
+    from processor.ledger.store import ledger_exists
+
+    if ledger_exists(config.ledger.path):
+        return False
+    print(f"processor: no ledger at {config.ledger.path}", file=sys.stderr)
+    return True
+
+
 def _no_seed(config: Config) -> Config:
     import msgspec
 
@@ -81,12 +91,11 @@ def _no_seed(config: Config) -> Config:
 
 def cmd_ledger_show(args: argparse.Namespace) -> int:
     from processor.ledger.report import describe_account, describe_card, describe_history
-    from processor.ledger.store import Ledger, ledger_exists
+    from processor.ledger.store import Ledger
     from processor.security import hasher_from_environment
 
     config = _common_config(args)
-    if not ledger_exists(config.ledger.path):
-        print(f"processor: no ledger at {config.ledger.path}", file=sys.stderr)
+    if _no_ledger(config):
         return 1
     ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
     now = datetime.now(UTC)
@@ -126,12 +135,10 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
 
 def cmd_clearing_ingest(args: argparse.Namespace) -> int:
     from processor.clearing import ClearingError, describe_summary, ingest_path
-    from processor.ledger.store import ledger_exists
 
     config = _common_config(args)
     _setup_logging(config.log.level)
-    if not ledger_exists(config.ledger.path):
-        print(f"processor: no ledger at {config.ledger.path}", file=sys.stderr)
+    if _no_ledger(config):
         return 1
     ledger, hasher = _writable_ledger(config)
     try:
@@ -149,11 +156,10 @@ def cmd_events_list(args: argparse.Namespace) -> int:
     import msgspec
 
     from processor.events import render
-    from processor.ledger.store import Ledger, ledger_exists
+    from processor.ledger.store import Ledger
 
     config = _common_config(args)
-    if not ledger_exists(config.ledger.path):
-        print(f"processor: no ledger at {config.ledger.path}", file=sys.stderr)
+    if _no_ledger(config):
         return 1
     ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
     try:
@@ -167,23 +173,19 @@ def cmd_events_list(args: argparse.Namespace) -> int:
 
 
 def cmd_webhooks_status(args: argparse.Namespace) -> int:
-    from processor.ledger.store import ledger_exists
     from processor.webhooks.commands import status
 
     config = _common_config(args)
-    if not ledger_exists(config.ledger.path):
-        print(f"processor: no ledger at {config.ledger.path}", file=sys.stderr)
+    if _no_ledger(config):
         return 1
     return status(config)
 
 
 def cmd_webhooks_replay(args: argparse.Namespace) -> int:
-    from processor.ledger.store import ledger_exists
     from processor.webhooks.commands import replay
 
     config = _common_config(args)
-    if not ledger_exists(config.ledger.path):
-        print(f"processor: no ledger at {config.ledger.path}", file=sys.stderr)
+    if _no_ledger(config):
         return 1
     return replay(config, args.endpoint, args.first, args.event)
 
