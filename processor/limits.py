@@ -39,4 +39,4 @@ sim_duration_seconds_max: Final = 600.0
 assert frame_bytes_max <= frame_bytes_ceiling
 assert header_bytes_max < frame_bytes_max
 assert batch_size_max <= in_flight_per_link_max
-assert links_max * 1 >= sim_connections_max
+assert links_max >= sim_connections_max

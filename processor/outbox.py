@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Final
 
-import msgspec
-
 from processor.ledger.records import OutboxRecord
 from processor.ledger.store import Writer
 from processor.security import mask_pan
@@ -88,7 +86,3 @@ def request_facts(
         acquirer=request.acquirer,
         approval_code=response.get("38"),
     )
-
-
-def with_outcome(record: OutboxRecord, **changes: object) -> OutboxRecord:
-    return msgspec.structs.replace(record, **changes)

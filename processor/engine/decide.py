@@ -132,7 +132,7 @@ def decide(
         return CARD_EXPIRED
     if request.expiry is not None and request.expiry != card.expiry:
         return EXPIRY_MISMATCH
-    transaction_type = request.processing_code[:2]
+    transaction_type = request.transaction_type
     if transaction_type not in SUPPORTED_TRANSACTION_TYPES:
         return UNSUPPORTED_PROCESSING_CODE
     source = alpha_code(request.currency)

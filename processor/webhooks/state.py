@@ -97,15 +97,3 @@ class DeliveryState:
                     if not cursor.delete():
                         break
         return taken
-
-    def pending_replays(self, endpoint: str) -> int:
-        prefix = endpoint.encode() + b"\x00"
-        with self.env.begin() as txn:
-            cursor = txn.cursor(db=self._replays)
-            count = 0
-            if cursor.set_range(prefix):
-                for key in cursor.iternext(keys=True, values=False):
-                    if not bytes(key).startswith(prefix):
-                        break
-                    count += 1
-        return count

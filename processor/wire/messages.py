@@ -42,6 +42,7 @@ class AuthorizationRequest(msgspec.Struct, frozen=True, gc=False):
 
     @property
     def transaction_type(self) -> str:
+        """Field 3 positions 1-2: 00 purchase, 01 cash, 09 cashback, 31 balance inquiry, ..."""
         return self.processing_code[:2]
 
     @property
