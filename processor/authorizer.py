@@ -20,7 +20,7 @@ import msgspec
 from processor.engine import ProgrammeRules, yymm
 from processor.ledger.records import OutboxRecord, StoredAnswer
 from processor.ledger.store import Ledger, LedgerError, Writer
-from processor.lifecycle import ADVICE_CLASSES, ORIGINAL_CLASSES, Lifecycle, rrn_lookup
+from processor.lifecycle import ADVICE_CLASSES, ORIGINAL_CLASSES, Lifecycle
 from processor.outbox import emit, event_type, request_facts
 from processor.security import PanHasher
 from processor.wire.codec import Codec, format_error_response, response_mti
@@ -111,7 +111,7 @@ class Authorizer:
         card_key = self._hasher.card_key(request.pan)
         fingerprint = self._fingerprint(card_key, request)
         message_class = request.message_class
-        key = message_class.encode("ascii") + b"|" + request.identity
+        key = request.answer_key
         stored = writer.answer(key)
         if stored is not None:
             if stored.fingerprint != fingerprint:
@@ -161,7 +161,7 @@ class Authorizer:
         if result.card_id is not None:
             writer.index_card_answer(result.card_id, now_ms, key)
         if message_class in ORIGINAL_CLASSES:
-            lookup = rrn_lookup(request)
+            lookup = request.rrn_key
             if lookup is not None:
                 writer.index_rrn(lookup, key)
         return Outcome(response, request.mti, result.response_code, result.reason)

@@ -29,6 +29,7 @@ from processor.ledger.records import Card, ClearedRecord, OutboxRecord, StoredAn
 from processor.ledger.store import Ledger, Writer
 from processor.outbox import emit
 from processor.security import PanHasher, luhn_valid, mask_pan
+from processor.wire.messages import acquirer_number, rrn_key, transaction_key
 
 CHUNK_RECORDS: Final = 500  # records applied per write transaction
 LINE_BYTES_MAX: Final = 16 * 1024  # a record is a few hundred bytes; longer lines are refused
@@ -64,22 +65,15 @@ class ClearingRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     def __repr__(self) -> str:  # a record in a traceback or a log shows no PAN
         return f"ClearingRecord(record_id={self.record_id!r}, pan={mask_pan(self.pan)!r}, ...)"
 
-    @property
-    def acquirer_number(self) -> str:
-        """Field 32 compared as a number, as the authoriser keys its answers."""
-        return self.acquirer.lstrip("0") or "0"
-
     def original_key(self) -> bytes:
         """The authoriser's answer key of the original: class|acquirer|STAN|field 7."""
-        return (
-            f"{self.original_mti}|{self.acquirer_number}|{self.stan}|{self.transmission_datetime}"
-        ).encode("ascii")
+        return transaction_key(
+            self.original_mti, self.acquirer, self.stan, self.transmission_datetime
+        )
 
     def rrn_lookup(self) -> bytes | None:
         """acquirer|STAN|RRN: the authoriser's index of originals, for when the key misses."""
-        if self.rrn is None:
-            return None
-        return f"{self.acquirer_number}|{self.stan}|{self.rrn}".encode("ascii")
+        return None if self.rrn is None else rrn_key(self.acquirer, self.stan, self.rrn)
 
 
 class _RecordIdOnly(msgspec.Struct):
@@ -197,7 +191,7 @@ def _fingerprint(hasher: PanHasher, card_key: bytes, record: ClearingRecord) -> 
     content = (
         card_key,
         record.type,
-        record.acquirer_number,
+        acquirer_number(record.acquirer),
         record.stan,
         record.transmission_datetime,
         record.rrn,

@@ -48,14 +48,6 @@ def approval_code(hold_id: int) -> str:
     return f"{(hold_id * 7_919) % 1_000_000:06d}"
 
 
-def rrn_lookup(request: AuthorizationRequest) -> bytes | None:
-    """acquirer|STAN|RRN: how a reversal without field 90 finds its original."""
-    if not request.rrn:
-        return None
-    acquirer = request.acquirer.lstrip("0") or "0"
-    return f"{acquirer}|{request.stan}|{request.rrn}".encode("ascii")
-
-
 def _balances(account_type: str, account: Account) -> str:
     currency = numeric_code(account.currency)
     return balance_block(account_type, "01", currency, account.posted) + balance_block(
@@ -242,17 +234,16 @@ class Lifecycle:
     def _original(
         self, writer: Writer, request: AuthorizationRequest
     ) -> tuple[bytes, StoredAnswer] | None:
-        pointed = request.original_identity()
+        pointed = request.original_key()
         if pointed is not None:
             # A usable field 90 decides alone: falling back to acquirer + STAN + RRN after it
             # named something else could reverse or capture the wrong transaction.
-            message_class, identity = pointed
+            message_class, key = pointed
             if message_class not in ORIGINAL_CLASSES:
                 return None  # a reversal or completion is nobody's original
-            key = message_class.encode() + b"|" + identity
             answer = writer.answer(key)
             return None if answer is None else (key, answer)
-        lookup = rrn_lookup(request)
+        lookup = request.rrn_key
         if lookup is not None:
             indexed = writer.answer_by_rrn(lookup)
             if indexed is not None:

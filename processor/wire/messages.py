@@ -52,21 +52,28 @@ class AuthorizationRequest(msgspec.Struct, frozen=True, gc=False):
 
     @property
     def identity(self) -> bytes:
-        """Acquirer + STAN + transmission date-time: what a repeat or a reversal points at.
+        """Acquirer + STAN + transmission date-time: what a repeat or a reversal points at."""
+        return transaction_identity(self.acquirer, self.stan, self.transmission_datetime)
 
-        The acquirer is compared as a number: field 32 is LLVAR ("123456") while field 90
-        carries it zero-padded to 11 digits ("00000123456").
-        """
-        acquirer = self.acquirer.lstrip("0") or "0"
-        return f"{acquirer}|{self.stan}|{self.transmission_datetime}".encode("ascii")
+    @property
+    def answer_key(self) -> bytes:
+        """Under which the answer to this message is stored: its class, then its identity."""
+        return transaction_key(
+            self.message_class, self.acquirer, self.stan, self.transmission_datetime
+        )
 
-    def original_identity(self) -> tuple[str, bytes] | None:
-        """(original message class, identity) from field 90, or None when absent or unusable."""
+    @property
+    def rrn_key(self) -> bytes | None:
+        """acquirer|STAN|RRN: how a reversal without field 90 finds its original."""
+        return None if not self.rrn else rrn_key(self.acquirer, self.stan, self.rrn)
+
+    def original_key(self) -> tuple[str, bytes] | None:
+        """(original message class, answer key) from field 90, or None when absent or unusable."""
         data = self.original_data
         if data is None or len(data) != 42 or not data.isdigit():
             return None
-        mti, stan, datetime, acquirer = data[:4], data[4:10], data[10:20], data[20:31]
-        return mti[:3] + "0", f"{acquirer.lstrip('0') or '0'}|{stan}|{datetime}".encode("ascii")
+        message_class = data[:3] + "0"  # 0101 -> 0100: a repeat shares its original's class
+        return message_class, transaction_key(message_class, data[20:31], data[4:10], data[10:20])
 
     @property
     def partial_approval_supported(self) -> bool:
@@ -112,3 +119,30 @@ def additional_data_subelements(data: str) -> dict[str, str]:
         subelements[tag] = data[index + 4 : end]
         index = end
     return subelements
+
+
+def acquirer_number(acquirer: str) -> str:
+    """The acquirer compared as a number: field 32 is LLVAR ("123456"), field 90 carries it
+    zero-padded to 11 digits ("00000123456")."""
+    return acquirer.lstrip("0") or "0"
+
+
+def transaction_identity(acquirer: str, stan: str, transmission_datetime: str) -> bytes:
+    """acquirer|STAN|field 7: a transaction as the network identifies it."""
+    return f"{acquirer_number(acquirer)}|{stan}|{transmission_datetime}".encode("ascii")
+
+
+def transaction_key(
+    message_class: str, acquirer: str, stan: str, transmission_datetime: str
+) -> bytes:
+    """The one format of a transaction's key: class|acquirer|STAN|field 7."""
+    return (
+        message_class.encode("ascii")
+        + b"|"
+        + transaction_identity(acquirer, stan, transmission_datetime)
+    )
+
+
+def rrn_key(acquirer: str, stan: str, rrn: str) -> bytes:
+    """The one format of the RRN lookup key: acquirer|STAN|RRN."""
+    return f"{acquirer_number(acquirer)}|{stan}|{rrn}".encode("ascii")
