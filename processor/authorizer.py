@@ -68,19 +68,12 @@ class Authorizer:
 
     def network_management(self, request: NetworkManagementRequest) -> Outcome:
         reason = NETWORK_CODES.get(request.code)
-        code = "00" if reason is not None else "12"
-        fields = dict(request.echo)
-        fields["t"] = "0810"
-        fields["39"] = code
-        return Outcome(
-            self._codec.encode(fields), "0800", code, reason or "unsupported_network_code"
-        )
+        if reason is None:
+            return self._reply(request.echo, request.mti, "12", "unsupported_network_code")
+        return self._reply(request.echo, request.mti, "00", reason)
 
     def unsupported(self, request: UnsupportedRequest) -> Outcome:
-        fields = dict(request.echo)
-        fields["t"] = response_mti(request.mti)
-        fields["39"] = "12"
-        return Outcome(self._codec.encode(fields), request.mti, "12", "unsupported_mti")
+        return self._reply(request.echo, request.mti, "12", "unsupported_mti")
 
     def format_error(self, error: InvalidMessage) -> Outcome:
         response = self._codec.encode(format_error_response(error))
@@ -103,7 +96,7 @@ class Authorizer:
                 return [self._process(writer, request, now_ms, now_yymm) for request in requests]
         except (lmdb.Error, LedgerError) as error:
             reason = f"ledger_error:{type(error).__name__}"
-            return [self._answer(request, "96", reason) for request in requests]
+            return [self._reply(request.echo, request.mti, "96", reason) for request in requests]
 
     def _process(
         self, writer: Writer, request: AuthorizationRequest, now_ms: int, now_yymm: int
@@ -119,7 +112,7 @@ class Authorizer:
                 # advice is acknowledged (a 94 would only make the network resend it forever)
                 # and the conflict flagged.
                 code = "00" if message_class in ADVICE_CLASSES else "94"
-                return self._answer(request, code, "duplicate_different_content")
+                return self._reply(request.echo, request.mti, code, "duplicate_different_content")
             fields = dict(stored.response)
             fields["2"] = request.pan
             return Outcome(
@@ -150,14 +143,21 @@ class Authorizer:
                 mti=request.mti,
             ),
         )
-        facts = request_facts(request, key, now_ms, fields)
-        facts.type = event_type(message_class, result.response_code, result.reason)
-        facts.account_id = result.account_id
-        facts.card_id = result.card_id
-        facts.hold_id = result.hold_id
-        facts.response_code = result.response_code
-        facts.reason = result.reason
-        emit(writer, facts)
+        emit(
+            writer,
+            request_facts(
+                request,
+                key,
+                now_ms,
+                fields,
+                type=event_type(message_class, result.response_code, result.reason),
+                account_id=result.account_id,
+                card_id=result.card_id,
+                hold_id=result.hold_id,
+                response_code=result.response_code,
+                reason=result.reason,
+            ),
+        )
         if result.card_id is not None:
             writer.index_card_answer(result.card_id, now_ms, key)
         if message_class in ORIGINAL_CLASSES:
@@ -196,13 +196,14 @@ class Authorizer:
         return len(expired)
 
     def system_error(self, request: AuthorizationRequest) -> Outcome:
-        return self._answer(request, "96", "internal_error")
+        return self._reply(request.echo, request.mti, "96", "internal_error")
 
-    def _answer(self, request: AuthorizationRequest, code: str, reason: str) -> Outcome:
-        fields = dict(request.echo)
-        fields["t"] = response_mti(request.mti)
+    def _reply(self, echo: dict[str, str], mti: str, code: str, reason: str) -> Outcome:
+        """The response MTI, the echoed fields and field 39; nothing stored, nothing applied."""
+        fields = dict(echo)
+        fields["t"] = response_mti(mti)
         fields["39"] = code
-        return Outcome(self._codec.encode(fields), request.mti, code, reason)
+        return Outcome(self._codec.encode(fields), mti, code, reason)
 
     def _fingerprint(self, card_key: bytes, request: AuthorizationRequest) -> bytes:
         # What makes two requests with one identity "the same": everything the decision reads,

@@ -62,14 +62,29 @@ def emit(writer: Writer, record: OutboxRecord) -> None:
 
 
 def request_facts(
-    request: AuthorizationRequest, answer_key: bytes, now_ms: int, response: dict[str, str]
+    request: AuthorizationRequest,
+    answer_key: bytes,
+    now_ms: int,
+    response: dict[str, str],
+    *,
+    type: str,
+    account_id: str | None,
+    card_id: str | None,
+    hold_id: int | None,
+    response_code: str,
+    reason: str,
 ) -> OutboxRecord:
-    """What the event says about the message; the PAN only masked."""
+    """What the event says about the message and its answer; the PAN only masked."""
     billing = response.get("6")
     return OutboxRecord(
         sequence=0,
-        type="",
+        type=type,
         created_ms=now_ms,
+        account_id=account_id,
+        card_id=card_id,
+        hold_id=hold_id,
+        response_code=response_code,
+        reason=reason,
         masked_pan=mask_pan(request.pan),
         answer_key=answer_key.decode("ascii"),
         mti=request.mti,
