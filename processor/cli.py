@@ -227,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     def config_flag(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help="TOML config file (default: embedded defaults)")
 
+    def ledger_command(
+        parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+    ) -> argparse.ArgumentParser:
+        """A subcommand working on a ledger: --config and --ledger, like every tool."""
+        command = parent.add_parser(name, help=help)
+        config_flag(command)
+        command.add_argument("--ledger", help="LMDB directory (overrides ledger.path)")
+        return command
+
     serve = sub.add_parser("serve", help="run the authorisation daemon")
     config_flag(serve)
     serve.add_argument("--ledger", help="LMDB directory (overrides ledger.path)")
@@ -236,14 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ledger = sub.add_parser("ledger", help="load or inspect the ledger")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
-    load = ledger_sub.add_parser("load", help="upsert accounts and cards from a TOML file")
-    config_flag(load)
-    load.add_argument("--ledger", help="LMDB directory")
+    load = ledger_command(ledger_sub, "load", "upsert accounts and cards from a TOML file")
     load.add_argument("file")
     load.set_defaults(func=cmd_ledger_load)
-    show = ledger_sub.add_parser("show", help="print balances, holds and card state")
-    config_flag(show)
-    show.add_argument("--ledger", help="LMDB directory")
+    show = ledger_command(ledger_sub, "show", "print balances, holds and card state")
     which = show.add_mutually_exclusive_group(required=True)
     which.add_argument("--account")
     which.add_argument("--pan")
@@ -251,34 +256,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     clearing = sub.add_parser("clearing", help="apply clearing (presentment) files")
     clearing_sub = clearing.add_subparsers(dest="clearing_command", required=True)
-    ingest = clearing_sub.add_parser(
-        "ingest", help="apply a JSON Lines presentment file (specs/clearing.md)"
+    ingest = ledger_command(
+        clearing_sub, "ingest", "apply a JSON Lines presentment file (specs/clearing.md)"
     )
-    config_flag(ingest)
-    ingest.add_argument("--ledger", help="LMDB directory")
     ingest.add_argument("file")
     ingest.set_defaults(func=cmd_clearing_ingest)
 
     events = sub.add_parser("events", help="the outbox: events for the programme")
     events_sub = events.add_subparsers(dest="events_command", required=True)
-    listing = events_sub.add_parser("list", help="print outbox events as JSON lines, in order")
-    config_flag(listing)
-    listing.add_argument("--ledger", help="LMDB directory")
+    listing = ledger_command(events_sub, "list", "print outbox events as JSON lines, in order")
     listing.add_argument("--from", dest="first", type=int, default=1, help="first sequence")
     listing.add_argument("--limit", type=int, default=1000)
     listing.set_defaults(func=cmd_events_list)
 
     webhooks = sub.add_parser("webhooks", help="event delivery: status, replay, a local receiver")
     webhooks_sub = webhooks.add_subparsers(dest="webhooks_command", required=True)
-    hook_status = webhooks_sub.add_parser(
-        "status", help="per endpoint: delivered position, backlog, oldest age, dead letters"
+    hook_status = ledger_command(
+        webhooks_sub,
+        "status",
+        "per endpoint: delivered position, backlog, oldest age, dead letters",
     )
-    config_flag(hook_status)
-    hook_status.add_argument("--ledger", help="LMDB directory")
     hook_status.set_defaults(func=cmd_webhooks_status)
-    hook_replay = webhooks_sub.add_parser("replay", help="deliver events again (the daemon does)")
-    config_flag(hook_replay)
-    hook_replay.add_argument("--ledger", help="LMDB directory")
+    hook_replay = ledger_command(webhooks_sub, "replay", "deliver events again (the daemon does)")
     hook_replay.add_argument("--endpoint", required=True)
     what = hook_replay.add_mutually_exclusive_group(required=True)
     what.add_argument("--from", dest="first", type=int, help="every event from this sequence")
