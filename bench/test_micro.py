@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 from processor.authorizer import Authorizer
-from processor.engine import ProgrammeRules, decide, yymm
+from processor.catalog import default_catalog
+from processor.engine import ProgrammeRules, Spend, decide, yymm
+from processor.engine.controls import periods_at, record_usage
+from processor.ledger.controls import AmountLimit, Controls, CountLimit, Usage
 from processor.ledger.load import load_path
 from processor.ledger.store import Ledger
 from processor.resources import demo_data_path
@@ -24,6 +27,8 @@ from processor.wire.spec import load_spec
 CODEC = Codec(load_spec())
 HASHER = PanHasher(b"bench-key")
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+NOW_MS = int(NOW.timestamp() * 1000)
+RULES = ProgrammeRules(catalog=default_catalog())
 FIELDS = {
     "t": "0100",
     "2": "4761739001010085",
@@ -40,7 +45,7 @@ FIELDS = {
     "37": "000000000001",
     "41": "TERM0001",
     "42": "MERCHANT0000001",
-    "43": "DEMO SHOP              BERLIN       DE  ",
+    "43": f"{'DEMO SHOP':<25}{'BERLIN':<13}DE",  # name 25, city 13, country 2
     "49": "978",
 }
 MESSAGE = CODEC.encode(FIELDS)
@@ -71,12 +76,59 @@ def ledger(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_decide(benchmark, ledger) -> None:  # type: ignore[no-untyped-def]
+    """The demo's programme controls (a category block) and a card without controls."""
     request = CODEC.decode(MESSAGE)
     with ledger.read() as reader:
         card = reader.card(HASHER.card_key(request.pan))
         account = reader.account(card.account_id)
-    rules = ProgrammeRules(blocked_mccs=frozenset({"7995"}))
-    benchmark(decide, request, card, account, rules, yymm(NOW))
+        spend = Spend(
+            reader.programme_controls(),
+            reader.usage("c:" + card.card_id),
+            reader.usage("a:" + account.id),
+            periods_at(NOW_MS),
+        )
+    benchmark(decide, request, card, account, RULES, yymm(NOW), spend)
+
+
+# A card with a limit of every kind and a busy history: the slowest controls path.
+BUSY_CONTROLS = Controls(
+    amount_limits=(
+        AmountLimit(interval="daily", amount=10**12, currency="EUR"),
+        AmountLimit(interval="monthly", amount=10**12, currency="EUR", categories=("groceries",)),
+    ),
+    count_limits=(
+        CountLimit(count=1_000, window_seconds=86_400),
+        CountLimit(count=10**6, interval="weekly", categories=("groceries",)),
+    ),
+    blocked_categories=("gambling", "adult"),
+    allowed_countries=("eea",),
+)
+
+
+def busy_usage() -> Usage:
+    usage = Usage()
+    for second in range(900):  # 900 approvals in the last 15 minutes
+        record_usage(usage, 100, "groceries", periods_at(NOW_MS - 900_000 + second * 1000))
+    return usage
+
+
+def test_decide_busy_card_with_controls(benchmark, ledger) -> None:  # type: ignore[no-untyped-def]
+    request = CODEC.decode(MESSAGE)
+    with ledger.read() as reader:
+        card = reader.card(HASHER.card_key(request.pan))
+        account = reader.account(card.account_id)
+        programme = reader.programme_controls()
+    card.controls = BUSY_CONTROLS
+    usage = busy_usage()
+    spend = Spend(programme, usage, usage, periods_at(NOW_MS))
+    assert decide(request, card, account, RULES, yymm(NOW), spend).approved
+    benchmark(decide, request, card, account, RULES, yymm(NOW), spend)
+
+
+def test_record_usage_busy_card(benchmark) -> None:  # type: ignore[no-untyped-def]
+    usage = busy_usage()
+    periods = periods_at(NOW_MS)
+    benchmark(record_usage, usage, 100, "groceries", periods)
 
 
 def test_hmac_card_key(benchmark) -> None:  # type: ignore[no-untyped-def]
@@ -90,7 +142,7 @@ def test_authorize_batch_fsync(benchmark, ledger, batch: int) -> None:  # type: 
         ledger,
         CODEC,
         HASHER,
-        ProgrammeRules(blocked_mccs=frozenset({"7995"})),
+        RULES,
         hold_lifetime_seconds=7 * 86400,
     )
     stans = itertools.count(1)

@@ -10,17 +10,18 @@ was checked stays true until it is written.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, tzinfo
 from typing import Final
 
 import lmdb
 import msgspec
 
 from processor.engine import ProgrammeRules, yymm
+from processor.engine.controls import periods_at
 from processor.ledger.records import OutboxRecord, StoredAnswer
 from processor.ledger.store import Ledger, LedgerError, Writer
-from processor.lifecycle import ADVICE_CLASSES, ORIGINAL_CLASSES, Lifecycle
+from processor.lifecycle import ADVICE_CLASSES, ORIGINAL_CLASSES, Batch, Lifecycle
 from processor.outbox import emit, event_type, request_facts
 from processor.security import PanHasher
 from processor.wire.codec import Codec, format_error_response, response_mti
@@ -32,6 +33,20 @@ from processor.wire.messages import (
 )
 
 NETWORK_CODES: Final = {"001": "sign_on", "002": "sign_off", "301": "echo"}
+
+
+class CommandRefused(Exception):
+    """A control-API command that found it cannot apply; raised before it wrote anything."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+# A change from the control API, applied inside a batch's write transaction at `now_ms`.
+Command = Callable[[Writer, int], object]
 
 
 class Outcome(msgspec.Struct, frozen=True, gc=False):
@@ -53,14 +68,17 @@ class Authorizer:
         *,
         hold_lifetime_seconds: int,
         hold_lifetime_by_mcc: Mapping[str, int] | None = None,
+        zone: tzinfo = UTC,
     ) -> None:
         self._ledger = ledger
         self._codec = codec
         self._hasher = hasher
+        self._zone = zone
         self._lifecycle = Lifecycle(
             rules,
             hold_lifetime_seconds=hold_lifetime_seconds,
             hold_lifetime_by_mcc=hold_lifetime_by_mcc or {},
+            zone=zone,
         )
         self._fingerprint_encoder = msgspec.msgpack.Encoder()
 
@@ -89,18 +107,41 @@ class Authorizer:
         Returns one outcome per request, in order, only after the commit; on a ledger failure
         nothing is applied and every request is answered 96.
         """
+        return self.run_batch(requests, (), now)[0]
+
+    def run_batch(
+        self,
+        requests: Sequence[AuthorizationRequest],
+        commands: Sequence[Command],
+        now: datetime,
+    ) -> tuple[list[Outcome], list[object]]:
+        """Control-API commands, then requests, in one durable write transaction.
+
+        Commands go first, so an authorisation in the same batch already sees a freeze or a
+        new control. Each command's result is its return value or the CommandRefused it
+        raised (a command checks before it writes, so a refusal leaves nothing behind). On a
+        ledger failure nothing is applied: requests are answered 96 and every command's result
+        is the error.
+        """
         now_ms = int(now.timestamp() * 1000)
         now_yymm = yymm(now.astimezone(UTC))
+        periods = periods_at(now_ms, self._zone)
         try:
             with self._ledger.write() as writer:
-                return [self._process(writer, request, now_ms, now_yymm) for request in requests]
+                results: list[object] = []
+                for command in commands:
+                    try:
+                        results.append(command(writer, now_ms))
+                    except CommandRefused as refused:
+                        results.append(refused)
+                batch = Batch(now_ms, now_yymm, periods, writer.programme_controls())
+                return [self._process(writer, request, batch) for request in requests], results
         except (lmdb.Error, LedgerError) as error:
             reason = f"ledger_error:{type(error).__name__}"
-            return [self._reply(request.echo, request.mti, "96", reason) for request in requests]
+            outcomes = [self._reply(r.echo, r.mti, "96", reason) for r in requests]
+            return outcomes, [error] * len(commands)
 
-    def _process(
-        self, writer: Writer, request: AuthorizationRequest, now_ms: int, now_yymm: int
-    ) -> Outcome:
+    def _process(self, writer: Writer, request: AuthorizationRequest, batch: Batch) -> Outcome:
         card_key = self._hasher.card_key(request.pan)
         fingerprint = self._fingerprint(card_key, request)
         message_class = request.message_class
@@ -120,7 +161,8 @@ class Authorizer:
             )
 
         handler = self._lifecycle.handlers[message_class]
-        result = handler(writer, request, card_key, key, now_ms, now_yymm)
+        result = handler(writer, request, card_key, key, batch)
+        now_ms = batch.now_ms
         fields = dict(request.echo)
         fields["t"] = response_mti(request.mti)
         fields["39"] = result.response_code
@@ -141,6 +183,8 @@ class Authorizer:
                 account_id=result.account_id,
                 posted_amount=result.posted_amount,
                 mti=request.mti,
+                usage_amount=result.usage_amount,
+                usage_mcc=result.usage_mcc,
             ),
         )
         emit(
@@ -160,6 +204,8 @@ class Authorizer:
         )
         if result.card_id is not None:
             writer.index_card_answer(result.card_id, now_ms, key)
+        if result.account_id is not None:
+            writer.index_account_answer(result.account_id, now_ms, key)
         if message_class in ORIGINAL_CLASSES:
             lookup = request.rrn_key
             if lookup is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 from msgspec import Meta
@@ -43,6 +44,9 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 class HttpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Port = 8080
+    # The control API's bearer token is read from this environment variable; unset, the
+    # control API answers 503 (metrics and health stay up).
+    api_token_env: Annotated[str, Meta(min_length=1)] = "PROCESSOR_API_TOKEN"
 
 
 class LedgerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -61,8 +65,22 @@ class SecurityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     pan_key_env: str = "PROCESSOR_PAN_KEY"
 
 
+class CardIssuingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Virtual cards: PANs drawn at random in this BIN range, Luhn-valid, never reused."""
+
+    bin_prefix: Annotated[str, Meta(pattern=r"^[0-9]{6,11}$")] = "476173"
+    pan_length: Annotated[int, Meta(ge=13, le=19)] = 16
+    expiry_months: Annotated[int, Meta(ge=1, le=120)] = 36  # from the month of issue
+
+    def __post_init__(self) -> None:
+        if self.pan_length - len(self.bin_prefix) < 4:
+            raise ValueError("pan_length leaves fewer than 4 digits after bin_prefix")
+
+
 class ProgrammeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    blocked_mccs: tuple[Mcc, ...] = ("7995",)
+    # Calendar windows of spend controls (daily, weekly from Monday, monthly, yearly) reset at
+    # midnight in this IANA time zone.
+    time_zone: Annotated[str, Meta(min_length=1)] = "UTC"
     hold_lifetime_seconds: Seconds = 7 * 24 * 3600
     # Merchants that authorise an estimate and complete much later hold longer.
     hold_lifetime_by_mcc: dict[Mcc, Seconds] = msgspec.field(
@@ -73,6 +91,17 @@ class ProgrammeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # cardholder billing amount in the account currency); "" = no rates, such requests get 57.
     rates_file: str = ""
     fx_markup_bps: Annotated[int, Meta(ge=0, le=10_000)] = 0
+    card_issuing: CardIssuingConfig = CardIssuingConfig()
+
+    def __post_init__(self) -> None:
+        try:
+            ZoneInfo(self.time_zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"time_zone {self.time_zone!r} is not an IANA time zone") from None
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.time_zone)
 
 
 class WebhookEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

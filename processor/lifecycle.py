@@ -10,14 +10,17 @@ already told the cardholder.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from datetime import UTC, tzinfo
 from typing import Final
 
 import msgspec
 
 from processor.currency import numeric_code
-from processor.engine import Decision, ProgrammeRules, decide
+from processor.engine import Decision, ProgrammeRules, Spend, decide
+from processor.engine.controls import Periods, periods_at, record_usage, release_usage
 from processor.engine.decide import billing_amount
 from processor.engine.fx import scale
+from processor.ledger.controls import Controls
 from processor.ledger.records import Account, Card, Hold, StoredAnswer
 from processor.ledger.store import Writer
 from processor.wire.codec import balance_block
@@ -27,6 +30,15 @@ from processor.wire.messages import AuthorizationRequest
 ORIGINAL_CLASSES: Final = ("0100", "0200", "0120")
 # Advices tell what already happened: always acknowledged with 00.
 ADVICE_CLASSES: Final = ("0120", "0220", "0420")
+
+
+class Batch(msgspec.Struct, frozen=True, gc=False):
+    """What every request of one batch shares: its time, read once, and programme controls."""
+
+    now_ms: int
+    now_yymm: int
+    periods: Periods  # calendar periods of now_ms in the programme's time zone
+    programme: Controls | None  # read inside the batch's transaction: never stale
 
 
 class _Answer(msgspec.Struct, gc=False):
@@ -40,6 +52,8 @@ class Result(_Answer, kw_only=True, gc=False):
     card_id: str | None = None
     hold_id: int | None = None
     posted_amount: int = 0
+    usage_amount: int = 0  # counted in the card's and account's spend-control usage
+    usage_mcc: str = ""
 
 
 def approval_code(hold_id: int) -> str:
@@ -62,14 +76,16 @@ class Lifecycle:
         *,
         hold_lifetime_seconds: int,
         hold_lifetime_by_mcc: Mapping[str, int],
+        zone: tzinfo = UTC,
     ) -> None:
         self._rules = rules
+        self._zone = zone
         self._hold_lifetime_ms = hold_lifetime_seconds * 1000
         self._hold_lifetime_by_mcc_ms = {
             mcc: seconds * 1000 for mcc, seconds in hold_lifetime_by_mcc.items()
         }
         self.handlers: dict[
-            str, Callable[[Writer, AuthorizationRequest, bytes, bytes, int, int], Result]
+            str, Callable[[Writer, AuthorizationRequest, bytes, bytes, Batch], Result]
         ] = {
             "0100": self.authorization,
             "0200": self.financial,
@@ -115,11 +131,51 @@ class Lifecycle:
         writer: Writer,
         request: AuthorizationRequest,
         card_key: bytes,
-        now_yymm: int,
+        batch: Batch,
     ) -> tuple[Card | None, Account | None, Decision]:
         card = writer.card(card_key)
-        account = writer.account(card.account_id) if card is not None else None
-        return card, account, decide(request, card, account, self._rules, now_yymm)
+        if card is None:
+            return None, None, decide(request, None, None, self._rules, batch.now_yymm)
+        account = writer.account(card.account_id)
+        if account is None:
+            return card, None, decide(request, card, None, self._rules, batch.now_yymm)
+        spend = Spend(
+            batch.programme,
+            writer.usage("c:" + card.card_id),
+            writer.usage("a:" + account.id),
+            batch.periods,
+        )
+        return card, account, decide(request, card, account, self._rules, batch.now_yymm, spend)
+
+    # --- spend-control usage --------------------------------------------------------------------
+
+    def _count_usage(
+        self, writer: Writer, card_id: str, account_id: str, amount: int, mcc: str, batch: Batch
+    ) -> None:
+        category = self._rules.catalog.category(mcc)
+        for scope in ("c:" + card_id, "a:" + account_id):
+            record_usage(writer.usage(scope), amount, category, batch.periods)
+            writer.touch_usage(scope)
+
+    def _give_back_usage(
+        self, writer: Writer, original: StoredAnswer, amount: int, full: bool, batch: Batch
+    ) -> None:
+        """A reversal returns what the original counted: `amount`, and the approval when full."""
+        if not original.usage_mcc or original.card_id is None or original.account_id is None:
+            return  # never counted (declined, or answered before controls existed)
+        amount = min(amount, original.usage_amount)
+        if amount <= 0 and not full:
+            return
+        category = self._rules.catalog.category(original.usage_mcc)
+        approved = periods_at(original.answered_ms, self._zone)
+        for scope in ("c:" + original.card_id, "a:" + original.account_id):
+            release_usage(
+                writer.usage(scope), amount, 1 if full else 0, category, approved, batch.periods
+            )
+            writer.touch_usage(scope)
+        original.usage_amount -= amount
+        if full:
+            original.usage_mcc = ""  # given back whole: nothing more to return, ever
 
     @staticmethod
     def _approved_fields(decision: Decision, account: Account) -> dict[str, str]:
@@ -139,10 +195,9 @@ class Lifecycle:
         request: AuthorizationRequest,
         card_key: bytes,
         key: bytes,
-        now_ms: int,
-        now_yymm: int,
+        batch: Batch,
     ) -> Result:
-        return self._decided_result(writer, request, card_key, key, now_ms, now_yymm, post=False)
+        return self._decided_result(writer, request, card_key, key, batch, post=False)
 
     def financial(
         self,
@@ -150,10 +205,9 @@ class Lifecycle:
         request: AuthorizationRequest,
         card_key: bytes,
         key: bytes,
-        now_ms: int,
-        now_yymm: int,
+        batch: Batch,
     ) -> Result:
-        return self._decided_result(writer, request, card_key, key, now_ms, now_yymm, post=True)
+        return self._decided_result(writer, request, card_key, key, batch, post=True)
 
     def _decided_result(
         self,
@@ -161,12 +215,11 @@ class Lifecycle:
         request: AuthorizationRequest,
         card_key: bytes,
         key: bytes,
-        now_ms: int,
-        now_yymm: int,
+        batch: Batch,
         *,
         post: bool,
     ) -> Result:
-        card, account, decision = self._decided(writer, request, card_key, now_yymm)
+        card, account, decision = self._decided(writer, request, card_key, batch)
         result = Result(
             decision.response_code,
             decision.reason,
@@ -176,6 +229,11 @@ class Lifecycle:
         if decision.hold_amount:
             assert account is not None and card is not None
             result.extra = self._approved_fields(decision, account)
+            self._count_usage(
+                writer, card.card_id, account.id, decision.hold_amount, request.mcc, batch
+            )
+            result.usage_amount = decision.hold_amount
+            result.usage_mcc = request.mcc
             if post:
                 account.posted -= decision.hold_amount
                 writer.put_account(account)
@@ -183,7 +241,9 @@ class Lifecycle:
                 # No hold, but approval codes come from the same sequence so they never repeat.
                 result.extra["38"] = approval_code(writer.next_hold_id())
             else:
-                hold = self._hold(writer, account, card, request, decision.hold_amount, key, now_ms)
+                hold = self._hold(
+                    writer, account, card, request, decision.hold_amount, key, batch.now_ms
+                )
                 result.hold_id = hold.hold_id
                 result.extra["38"] = hold.approval_code
         elif decision.balance_inquiry:
@@ -199,8 +259,7 @@ class Lifecycle:
         request: AuthorizationRequest,
         card_key: bytes,
         key: bytes,
-        now_ms: int,
-        now_yymm: int,
+        batch: Batch,
     ) -> Result:
         # Advices are always acknowledged (00): the cardholder already has the goods. What we
         # could not record is flagged in the reason, never refused.
@@ -223,10 +282,19 @@ class Lifecycle:
             return Result(
                 "00", "advice_currency_not_supported", account_id=account.id, card_id=card.card_id
             )
-        hold = self._hold(writer, account, card, request, amount, key, now_ms)
+        hold = self._hold(writer, account, card, request, amount, key, batch.now_ms)
+        # Spent is spent: a stand-in approval counts against the controls' usage (it was never
+        # checked against them), so later authorisations see it.
+        self._count_usage(writer, card.card_id, account.id, amount, request.mcc, batch)
         reason = "stand_in_approved" if account.available >= 0 else "stand_in_overdrawn"
         return Result(
-            "00", reason, account_id=account.id, card_id=card.card_id, hold_id=hold.hold_id
+            "00",
+            reason,
+            account_id=account.id,
+            card_id=card.card_id,
+            hold_id=hold.hold_id,
+            usage_amount=amount,
+            usage_mcc=request.mcc,
         )
 
     # --- matching an original ------------------------------------------------------------------
@@ -260,8 +328,7 @@ class Lifecycle:
         request: AuthorizationRequest,
         card_key: bytes,
         key: bytes,
-        now_ms: int,
-        now_yymm: int,
+        batch: Batch,
     ) -> Result:
         if request.amount is None:
             return Result("00", "completion_invalid_amount")
@@ -290,7 +357,7 @@ class Lifecycle:
                 if amount is None:
                     # No way to price the final amount: capture what was held, and say so.
                     amount = hold.amount
-                writer.close_hold(account, hold, "captured", now_ms)
+                writer.close_hold(account, hold, "captured", batch.now_ms)
                 hold.captured_amount = amount
                 writer.put_hold(hold)
                 account.posted -= amount
@@ -331,8 +398,7 @@ class Lifecycle:
         request: AuthorizationRequest,
         card_key: bytes,
         key: bytes,
-        now_ms: int,
-        now_yymm: int,
+        batch: Batch,
     ) -> Result:
         advice = request.message_class == "0420"
         found = self._original(writer, request)
@@ -362,9 +428,11 @@ class Lifecycle:
             account = writer.account(hold.account_id)
             assert account is not None, hold.account_id
             if target == 0:
-                writer.close_hold(account, hold, "released", now_ms)
+                self._give_back_usage(writer, original, hold.amount, True, batch)
+                writer.close_hold(account, hold, "released", batch.now_ms)
                 reason = "reversed"
             elif target < hold.amount:
+                self._give_back_usage(writer, original, hold.amount - target, False, batch)
                 writer.shrink_hold(account, hold, target)
                 reason = "partially_reversed"
             else:
@@ -376,6 +444,7 @@ class Lifecycle:
                     card_id=card_id,
                 )
             writer.put_account(account)
+            writer.put_answer(original_key, original)  # what is left of its usage
             return Result(
                 "00", reason, hold_id=hold.hold_id, account_id=account_id, card_id=card_id
             )
@@ -388,6 +457,7 @@ class Lifecycle:
             assert account is not None, original.account_id
             account.posted += credit
             writer.put_account(account)
+            self._give_back_usage(writer, original, credit, target == 0, batch)
             original.reversed_amount += credit
             writer.put_answer(original_key, original)
             return Result(

@@ -21,13 +21,16 @@ shutdown_drain_seconds_max: Final = 10.0
 # Group commit
 batch_size_max: Final = 256  # requests decided and applied in one LMDB write transaction
 
+# Control-API changes applied in one write transaction, ahead of that batch's requests.
+commands_per_batch_max: Final = 64
+
 # Hold expiry: holds released per sweep transaction; a backlog is worked off a batch at a time
 # so one sweep never holds the event loop for long.
 sweep_holds_max: Final = 512
 
 # Ledger
 map_size_bytes_default: Final = 1 << 30
-ledger_databases_max: Final = 16
+ledger_databases_max: Final = 32
 account_id_bytes_max: Final = 64
 holds_listed_max: Final = 1000  # `ledger show` lists at most this many holds
 

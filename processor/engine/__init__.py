@@ -1,5 +1,5 @@
 """Engine layer: the authorisation decision as a pure function. No I/O, no clock, no logging."""
 
-from processor.engine.decide import Decision, ProgrammeRules, decide, yymm
+from processor.engine.decide import Decision, ProgrammeRules, Spend, decide, yymm
 
-__all__ = ["Decision", "ProgrammeRules", "decide", "yymm"]
+__all__ = ["Decision", "ProgrammeRules", "Spend", "decide", "yymm"]

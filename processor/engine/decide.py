@@ -14,7 +14,16 @@ from typing import Final
 import msgspec
 
 from processor.currency import alpha_code
+from processor.engine.controls import (
+    EMPTY_CATALOG,
+    Catalog,
+    Periods,
+    channels_of,
+    check_controls,
+    country_of,
+)
 from processor.engine.fx import convert
+from processor.ledger.controls import Controls, Usage
 from processor.ledger.records import Account, Card
 from processor.wire.messages import AuthorizationRequest
 
@@ -34,10 +43,19 @@ class Decision(msgspec.Struct, frozen=True, gc=False):
 
 
 class ProgrammeRules(msgspec.Struct, frozen=True):
-    blocked_mccs: frozenset[str] = frozenset()
     # (transaction currency, account currency) -> account units per transaction unit
     rates: dict[tuple[str, str], Decimal] = msgspec.field(default_factory=dict)
     fx_markup_bps: int = 0
+    catalog: Catalog = EMPTY_CATALOG  # MCC categories and country groups the controls name
+
+
+class Spend(msgspec.Struct, frozen=True, gc=False):
+    """What the spend controls need beyond the request, card and account."""
+
+    programme: Controls | None  # programme-level controls, read in the batch's transaction
+    card_usage: Usage
+    account_usage: Usage
+    periods: Periods  # the calendar periods of "now" in the programme's time zone
 
 
 def billing_amount(
@@ -96,9 +114,6 @@ UNKNOWN_CURRENCY: Final = Decision("12", "unknown_currency")
 CURRENCY_NOT_SUPPORTED: Final = Decision("57", "currency_not_supported")
 BALANCE: Final = Decision("00", "balance_inquiry", balance_inquiry=True)
 INVALID_AMOUNT: Final = Decision("13", "invalid_amount")
-MCC_BLOCKED: Final = Decision("57", "mcc_blocked")
-MCC_BLOCKED_BY_CARD: Final = Decision("57", "mcc_blocked_by_card")
-OVER_TRANSACTION_LIMIT: Final = Decision("61", "per_transaction_limit")
 INSUFFICIENT_FUNDS: Final = Decision("51", "insufficient_funds")
 
 
@@ -113,7 +128,9 @@ def decide(
     account: Account | None,
     rules: ProgrammeRules,
     now_yymm: int,
+    spend: Spend | None = None,
 ) -> Decision:
+    """`spend` None: no controls at any level (tests of the other checks, tools)."""
     if card is None:
         return UNKNOWN_CARD
     if account is None:
@@ -148,13 +165,29 @@ def decide(
         amount = billing_amount(request, account, rules)
         if amount is None:
             return CURRENCY_NOT_SUPPORTED
-    if request.mcc in rules.blocked_mccs:
-        return MCC_BLOCKED
-    if request.mcc in card.blocked_mccs:
-        return MCC_BLOCKED_BY_CARD
-    limit = card.per_transaction_limit
-    if limit is not None and amount > limit:
-        return OVER_TRANSACTION_LIMIT
+    if spend is not None:
+        levels: list[tuple[Controls, Usage]] = []
+        if spend.programme is not None:
+            levels.append((spend.programme, spend.card_usage))
+        if account.controls is not None:
+            levels.append((account.controls, spend.account_usage))
+        if card.controls is not None:
+            levels.append((card.controls, spend.card_usage))
+        if levels:
+            refusal = check_controls(
+                levels,
+                mcc=request.mcc,
+                country=country_of(request.merchant_name_location),
+                channels=channels_of(
+                    request.processing_code, request.pos_entry_mode, request.pos_condition
+                ),
+                amount=amount,
+                currency=account.currency,
+                periods=spend.periods,
+                catalog=rules.catalog,
+            )
+            if refusal is not None:
+                return Decision(refusal.response_code, refusal.reason)
     available = account.posted + account.credit_limit - account.held
     if amount > available:
         # Partial approvals answer an amount in field 4, the transaction currency: only

@@ -15,6 +15,7 @@ from msgspec import Meta
 
 from processor import limits
 from processor.currency import UnknownCurrency, exponent, numeric_code
+from processor.ledger.controls import AmountLimit, Catalog, Controls, control_errors
 from processor.ledger.records import Account, AccountStatus, Card, CardStatus
 from processor.ledger.store import Ledger
 from processor.security import PanHasher, luhn_valid
@@ -35,6 +36,7 @@ class AccountEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     balance: Annotated[int, Meta(ge=-(10**15), le=10**15)]
     credit_limit: MinorUnits = 0
     status: AccountStatus = "active"
+    controls: Controls | None = None
 
 
 class CardEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -43,11 +45,15 @@ class CardEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     account: AccountId
     expiry: Annotated[str, Meta(pattern=r"^[0-9]{2}(0[1-9]|1[0-2])$")]
     status: CardStatus = "active"
+    # Shorthands kept from before `controls`: folded into the card's controls on load.
     per_transaction_limit: MinorUnits | None = None
     blocked_mccs: tuple[Annotated[str, Meta(pattern=r"^[0-9]{4}$")], ...] = ()
+    controls: Controls | None = None
 
 
 class LoadFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Programme-level spend controls; absent = leave the ledger's as they are.
+    programme_controls: Controls | None = None
     accounts: tuple[AccountEntry, ...] = ()
     cards: tuple[CardEntry, ...] = ()
 
@@ -57,6 +63,43 @@ class LoadSummary(msgspec.Struct, frozen=True):
     accounts_updated: int
     cards_created: int
     cards_updated: int
+
+
+def card_controls(entry: CardEntry, currency: str) -> Controls | None:
+    """The card's controls with the legacy shorthands folded in."""
+    controls = entry.controls
+    if entry.per_transaction_limit is None and not entry.blocked_mccs:
+        return controls
+    controls = controls or Controls()
+    limits_ = controls.amount_limits
+    if entry.per_transaction_limit is not None:
+        limits_ += (
+            AmountLimit(
+                interval="per_authorization", amount=entry.per_transaction_limit, currency=currency
+            ),
+        )
+    blocked = controls.blocked_mccs + tuple(
+        mcc for mcc in entry.blocked_mccs if mcc not in controls.blocked_mccs
+    )
+    return msgspec.structs.replace(controls, amount_limits=limits_, blocked_mccs=blocked)
+
+
+def controls_errors(data: LoadFile, catalog: Catalog, source: str) -> list[str]:
+    errors: list[str] = []
+    if data.programme_controls is not None:
+        errors += control_errors(data.programme_controls, catalog, None, "$.programme_controls")
+    currencies = {account.id: account.currency for account in data.accounts}
+    for index, account in enumerate(data.accounts):
+        if account.controls is not None:
+            errors += control_errors(
+                account.controls, catalog, account.currency, f"$.accounts[{index}].controls"
+            )
+    for index, card in enumerate(data.cards):
+        if card.controls is not None:
+            errors += control_errors(
+                card.controls, catalog, currencies.get(card.account), f"$.cards[{index}].controls"
+            )
+    return [f"{source}: {error}" for error in errors]
 
 
 def parse_load_file(text: bytes, source: str) -> LoadFile:
@@ -83,9 +126,22 @@ def card_id_for(card_key: bytes) -> str:
     return "card_" + card_key[:10].hex()
 
 
-def apply_load_file(ledger: Ledger, data: LoadFile, hasher: PanHasher, source: str) -> LoadSummary:
+def apply_load_file(
+    ledger: Ledger,
+    data: LoadFile,
+    hasher: PanHasher,
+    source: str,
+    catalog: Catalog | None = None,
+) -> LoadSummary:
+    from processor.catalog import default_catalog
+
+    errors = controls_errors(data, catalog or default_catalog(), source)
+    if errors:
+        raise LoadError("\n".join(errors))
     counts = {"accounts_created": 0, "accounts_updated": 0, "cards_created": 0, "cards_updated": 0}
     with ledger.write() as writer:
+        if data.programme_controls is not None:
+            writer.put_programme_controls(data.programme_controls)
         for index, entry in enumerate(data.accounts):
             existing = writer.account(entry.id)
             if existing is None:
@@ -97,6 +153,7 @@ def apply_load_file(ledger: Ledger, data: LoadFile, hasher: PanHasher, source: s
                         posted=entry.balance,
                         credit_limit=entry.credit_limit,
                         status=entry.status,
+                        controls=entry.controls,
                     )
                 )
                 continue
@@ -111,12 +168,24 @@ def apply_load_file(ledger: Ledger, data: LoadFile, hasher: PanHasher, source: s
             existing.posted = entry.balance
             existing.credit_limit = entry.credit_limit
             existing.status = entry.status
+            existing.controls = entry.controls
             writer.put_account(existing)
         for index, card_entry in enumerate(data.cards):
-            if writer.account(card_entry.account) is None:
+            account = writer.account(card_entry.account)
+            if account is None:
                 raise LoadError(
                     f"{source}: $.cards[{index}].account: no account {card_entry.account!r}"
                 )
+            controls = card_controls(card_entry, account.currency)
+            if controls is not None and card_entry.controls is not None:
+                errors = control_errors(
+                    controls,
+                    catalog or default_catalog(),
+                    account.currency,
+                    f"$.cards[{index}].controls",
+                )
+                if errors:
+                    raise LoadError("\n".join(f"{source}: {error}" for error in errors))
             card_key = hasher.card_key(card_entry.pan)
             previous = writer.card(card_key)
             counts["cards_created" if previous is None else "cards_updated"] += 1
@@ -131,8 +200,9 @@ def apply_load_file(ledger: Ledger, data: LoadFile, hasher: PanHasher, source: s
                     pan_length=len(pan),
                     expiry=card_entry.expiry,
                     status=card_entry.status,
-                    per_transaction_limit=card_entry.per_transaction_limit,
-                    blocked_mccs=card_entry.blocked_mccs,
+                    controls=controls,
+                    created_ms=previous.created_ms if previous is not None else 0,
+                    virtual=previous.virtual if previous is not None else False,
                 ),
                 previous.account_id if previous is not None else None,
             )

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import msgspec
+
 from processor.currency import UnknownCurrency, alpha_code, exponent
+from processor.ledger.controls import NO_CONTROLS, Controls
 from processor.ledger.records import Account, Card
 from processor.ledger.store import Reader
 
@@ -42,6 +45,7 @@ def describe_account(reader: Reader, account: Account, now: datetime) -> list[st
         f"  held         {money(account.held, c):>24}",
         f"  credit limit {money(account.credit_limit, c):>24}",
         f"  available    {money(account.available, c):>24}",
+        f"  controls     {describe_controls(account.controls)}",
     ]
     holds = reader.account_holds(account.id)
     total = reader.account_hold_count(account.id)
@@ -83,9 +87,19 @@ def describe_history(reader: Reader, card: Card, limit: int = RECENT_MAX) -> lis
 
 
 def describe_card(card: Card) -> str:
-    limit = "none" if card.per_transaction_limit is None else str(card.per_transaction_limit)
-    blocked = ",".join(card.blocked_mccs) or "none"
     return (
         f"card {card.card_id}  {card.masked_pan}  status {card.status}  expiry {card.expiry}  "
-        f"per-transaction limit {limit}  blocked MCCs {blocked}"
+        f"controls {describe_controls(card.controls)}"
     )
+
+
+def describe_controls(controls: Controls | None) -> str:
+    """One line, only what is set: JSON of the fields that differ from no controls."""
+    if controls is None or controls.empty:
+        return "none"
+    set_fields = {
+        name: value
+        for name, value in msgspec.structs.asdict(controls).items()
+        if value != getattr(NO_CONTROLS, name)
+    }
+    return msgspec.json.encode(set_fields).decode()

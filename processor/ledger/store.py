@@ -18,12 +18,14 @@ import lmdb
 import msgspec
 
 from processor import limits
+from processor.ledger.controls import Controls, Usage
 from processor.ledger.records import (
     Account,
     Card,
     ClearedRecord,
     Hold,
     HoldStatus,
+    LedgerEntry,
     OutboxRecord,
     StoredAnswer,
 )
@@ -43,6 +45,11 @@ _DATABASES = (
     "clearing",  # clearing record id -> ClearedRecord: presentments applied once each
     "card_answers",  # card id + answered ms + answer key -> b"": a card's recent history
     "outbox",  # event sequence -> OutboxRecord: events for the programme, same txn as changes
+    "usage",  # "c:" card id | "a:" account id -> Usage: spend-control counters
+    "card_ids",  # card id -> card key: the API names cards by id, the ledger keys them by HMAC
+    "account_answers",  # account id + answered ms + answer key -> b"": authorisations by account
+    "entries",  # account id + u64 sequence -> LedgerEntry: funding and debits via the API
+    "idempotency",  # Idempotency-Key scope -> IdempotentResponse: API POSTs applied once
 )
 
 
@@ -51,7 +58,18 @@ class LedgerError(Exception):
 
 
 class _Codecs:
-    __slots__ = ("account", "answer", "card", "cleared", "encoder", "hold", "outbox")
+    __slots__ = (
+        "account",
+        "answer",
+        "card",
+        "cleared",
+        "controls",
+        "encoder",
+        "entry",
+        "hold",
+        "outbox",
+        "usage",
+    )
 
     def __init__(self) -> None:
         self.encoder = msgspec.msgpack.Encoder()
@@ -61,6 +79,9 @@ class _Codecs:
         self.answer = msgspec.msgpack.Decoder(StoredAnswer)
         self.cleared = msgspec.msgpack.Decoder(ClearedRecord)
         self.outbox = msgspec.msgpack.Decoder(OutboxRecord)
+        self.usage = msgspec.msgpack.Decoder(Usage)
+        self.controls = msgspec.msgpack.Decoder(Controls)
+        self.entry = msgspec.msgpack.Decoder(LedgerEntry)
 
 
 class Ledger:
@@ -118,6 +139,7 @@ class Ledger:
                     if txn.get(b"ledger_id", db=self._dbs["meta"]) is None:
                         # Prefixes event ids, so two ledgers never issue the same id.
                         txn.put(b"ledger_id", os.urandom(4).hex().encode(), db=self._dbs["meta"])
+                    _index_card_ids(txn, self._dbs)
                     if stored is None:
                         txn.put(b"schema", SCHEMA_VERSION, db=self._dbs["meta"])
                     elif stored != SCHEMA_VERSION:
@@ -183,6 +205,34 @@ def _prefix_key(prefix: str, suffix: bytes) -> bytes:
     return prefix.encode() + b"\x00" + suffix
 
 
+def _index_card_ids(txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
+    """Ledgers written before the card-id index get it built once, at the first writable open."""
+    if txn.stat(dbs["card_ids"])["entries"] or not txn.stat(dbs["cards"])["entries"]:
+        return
+    decode = msgspec.msgpack.Decoder(Card).decode
+    for key, raw in txn.cursor(db=dbs["cards"]):
+        txn.put(decode(raw).card_id.encode(), bytes(key), db=dbs["card_ids"])
+
+
+def _walk_prefix_backwards(
+    cursor: lmdb.Cursor, prefix: bytes, before: bytes | None
+) -> Iterator[bytes]:
+    """Keys starting with `prefix`, newest (largest) first, those below `before` when given."""
+    start = before if before is not None else prefix + b"\xff" * 32
+    if not cursor.set_range(start):
+        if not cursor.last():
+            return
+    elif not cursor.prev():
+        return
+    while True:
+        key = bytes(cursor.key())
+        if not key.startswith(prefix):
+            return
+        yield key
+        if not cursor.prev():
+            return
+
+
 class Reader:
     __slots__ = ("_codecs", "_dbs", "_txn")
 
@@ -218,26 +268,57 @@ class Reader:
 
     def card_history(self, card_id: str, limit: int) -> list[tuple[bytes, StoredAnswer]]:
         """The card's most recent answers, newest first: (answer key, answer)."""
-        prefix = _prefix_key(card_id, b"")
-        found: list[tuple[bytes, StoredAnswer]] = []
-        cursor = self._txn.cursor(db=self._dbs["card_answers"])
-        # Position past the last key of this card, then walk backwards.
-        if not cursor.set_range(_prefix_key(card_id, b"\xff" * 9)):
-            if not cursor.last():
-                return found
-        elif not cursor.prev():
-            return found
-        while len(found) < limit:
-            key = bytes(cursor.key())
-            if not key.startswith(prefix):
-                break
+        return [(key, answer) for key, answer, _ in self.history("card", card_id, limit)]
+
+    def history(
+        self, of: Literal["card", "account"], owner_id: str, limit: int, before: bytes | None = None
+    ) -> list[tuple[bytes, StoredAnswer, bytes]]:
+        """Answers of a card or an account, newest first: (answer key, answer, page key).
+
+        `before` is the page key of the last item of the previous page.
+        """
+        prefix = _prefix_key(owner_id, b"")
+        db = self._dbs["card_answers" if of == "card" else "account_answers"]
+        found: list[tuple[bytes, StoredAnswer, bytes]] = []
+        for key in _walk_prefix_backwards(self._txn.cursor(db=db), prefix, before):
             answer_key = key[len(prefix) + 8 :]
             answer = self.answer(answer_key)
             if answer is not None:
-                found.append((answer_key, answer))
-            if not cursor.prev():
+                found.append((answer_key, answer, key))
+            if len(found) >= limit:
                 break
         return found
+
+    def programme_controls(self) -> Controls | None:
+        raw = self._txn.get(b"controls", db=self._dbs["meta"])
+        return None if raw is None else self._codecs.controls.decode(raw)
+
+    def card_key_by_id(self, card_id: str) -> bytes | None:
+        raw = self._txn.get(card_id.encode(), db=self._dbs["card_ids"])
+        return None if raw is None else bytes(raw)
+
+    def usage(self, scope: str) -> Usage:
+        """Spend-control usage of "c:<card id>" or "a:<account id>" (empty when none yet)."""
+        raw = self._txn.get(scope.encode(), db=self._dbs["usage"])
+        return Usage() if raw is None else self._codecs.usage.decode(raw)
+
+    def entries(self, account_id: str, limit: int, before: int | None = None) -> list[LedgerEntry]:
+        """The account's ledger entries (funding, debits), newest first."""
+        prefix = _prefix_key(account_id, b"")
+        start = None if before is None else prefix + _U64.pack(before)
+        cursor = self._txn.cursor(db=self._dbs["entries"])
+        found: list[LedgerEntry] = []
+        for key in _walk_prefix_backwards(cursor, prefix, start):
+            raw = self._txn.get(key, db=self._dbs["entries"])
+            assert raw is not None, key
+            found.append(self._codecs.entry.decode(raw))
+            if len(found) >= limit:
+                break
+        return found
+
+    def idempotent(self, scope: bytes) -> bytes | None:
+        raw = self._txn.get(scope, db=self._dbs["idempotency"])
+        return None if raw is None else bytes(raw)
 
     def ledger_id(self) -> str:
         raw = self._txn.get(b"ledger_id", db=self._dbs["meta"])
@@ -312,7 +393,7 @@ class Writer(Reader):
     object is the one callers mutate, so `put_account` only marks it to be written.
     """
 
-    __slots__ = ("_accounts", "_dirty", "_next_event", "_next_hold_id")
+    __slots__ = ("_accounts", "_dirty", "_dirty_usage", "_next_event", "_next_hold_id", "_usage")
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any], codecs: _Codecs) -> None:
         super().__init__(txn, dbs, codecs)
@@ -320,6 +401,8 @@ class Writer(Reader):
         self._next_event: int | None = None
         self._accounts: dict[str, Account | None] = {}
         self._dirty: set[str] = set()
+        self._usage: dict[str, Usage] = {}
+        self._dirty_usage: set[str] = set()
 
     def account(self, account_id: str) -> Account | None:
         if account_id in self._accounts:
@@ -340,6 +423,41 @@ class Writer(Reader):
             self._txn.delete(_prefix_key(previous_account, card_key), db=self._dbs["account_cards"])
         self._txn.put(card_key, self._codecs.encoder.encode(card), db=self._dbs["cards"])
         self._txn.put(_prefix_key(card.account_id, card_key), b"", db=self._dbs["account_cards"])
+        self._txn.put(card.card_id.encode(), card_key, db=self._dbs["card_ids"])
+
+    def usage(self, scope: str) -> Usage:
+        """Cached like accounts: the object returned is the one to change, then `touch_usage`."""
+        usage = self._usage.get(scope)
+        if usage is None:
+            usage = self._usage[scope] = super().usage(scope)
+        return usage
+
+    def touch_usage(self, scope: str) -> None:
+        self._dirty_usage.add(scope)
+
+    def put_programme_controls(self, controls: Controls) -> None:
+        self._txn.put(b"controls", self._codecs.encoder.encode(controls), db=self._dbs["meta"])
+
+    def append_entry(
+        self, account: Account, kind: str, amount: int, reason: str, now_ms: int
+    ) -> LedgerEntry:
+        """Move posted by `amount` (negative for a debit) and record why (caller puts account)."""
+        account.posted += amount
+        account.entry_sequence += 1
+        entry = LedgerEntry(
+            sequence=account.entry_sequence,
+            kind=kind,  # type: ignore[arg-type]  # checked by the callers' own Literal types
+            amount=abs(amount),
+            reason=reason,
+            created_ms=now_ms,
+            posted_after=account.posted,
+        )
+        key = _prefix_key(account.id, _U64.pack(entry.sequence))
+        self._txn.put(key, self._codecs.encoder.encode(entry), db=self._dbs["entries"])
+        return entry
+
+    def put_idempotent(self, scope: bytes, value: bytes) -> None:
+        self._txn.put(scope, value, db=self._dbs["idempotency"])
 
     def put_answer(self, identity: bytes, answer: StoredAnswer) -> None:
         self._txn.put(identity, self._codecs.encoder.encode(answer), db=self._dbs["answers"])
@@ -403,6 +521,10 @@ class Writer(Reader):
         key = _prefix_key(card_id, _U64.pack(answered_ms) + answer_key)
         self._txn.put(key, b"", db=self._dbs["card_answers"])
 
+    def index_account_answer(self, account_id: str, answered_ms: int, answer_key: bytes) -> None:
+        key = _prefix_key(account_id, _U64.pack(answered_ms) + answer_key)
+        self._txn.put(key, b"", db=self._dbs["account_answers"])
+
     def index_rrn(self, lookup: bytes, answer_key: bytes) -> None:
         self._txn.put(lookup, answer_key, db=self._dbs["rrn_index"])
 
@@ -436,6 +558,9 @@ class Writer(Reader):
             assert account is not None and account.held >= 0, account
             self._txn.put(account_id.encode(), encode(account), db=self._dbs["accounts"])
         self._dirty.clear()
+        for scope in self._dirty_usage:
+            self._txn.put(scope.encode(), encode(self._usage[scope]), db=self._dbs["usage"])
+        self._dirty_usage.clear()
         if self._next_hold_id is not None:
             self._txn.put(b"seq:hold", _U64.pack(self._next_hold_id), db=self._dbs["meta"])
         if self._next_event is not None:

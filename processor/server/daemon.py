@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from processor import limits
-from processor.authorizer import Authorizer, Outcome
+from processor.authorizer import Authorizer, Command, CommandRefused, Outcome
+from processor.catalog import default_catalog
 from processor.config import Config, ConfigError
 from processor.engine import ProgrammeRules
 from processor.ledger.load import load_path
@@ -55,6 +56,7 @@ class Daemon:
     ):
         self.config = config
         self.ledger = ledger
+        self.hasher = hasher
         self.metrics = metrics
         self.codec = Codec(load_spec(config.server.bitmap))
         self.authorizer = Authorizer(
@@ -62,17 +64,19 @@ class Daemon:
             self.codec,
             hasher,
             ProgrammeRules(
-                blocked_mccs=frozenset(config.programme.blocked_mccs),
                 rates=rates or {},
                 fx_markup_bps=config.programme.fx_markup_bps,
+                catalog=default_catalog(),
             ),
             hold_lifetime_seconds=config.programme.hold_lifetime_seconds,
             hold_lifetime_by_mcc=config.programme.hold_lifetime_by_mcc,
+            zone=config.programme.zone,
         )
         self.links: set[Link] = set()
         self.stopping = False
         self.write_buffer_high_bytes = limits.write_buffer_high_bytes
         self._pending: list[Pending] = []
+        self._commands: list[tuple[Command, asyncio.Future[object]]] = []
         self._flush_scheduled = False
         self._batch_size_max = config.ledger.batch_size_max
         self._sweep_handle: asyncio.TimerHandle | None = None
@@ -150,30 +154,63 @@ class Daemon:
             (time.perf_counter_ns() - received_ns) / 1e9,
         )
 
+    # --- control-API changes -----------------------------------------------------------------
+
+    async def execute(self, command: Command) -> object:
+        """Apply a control-API change in the next batch's write transaction.
+
+        Returns once it is durable, like an authorisation's answer: the change is then in
+        force for every later request on any link (the ledger is read afresh per request, so
+        there is no cache to go stale). Returns the command's result or its CommandRefused;
+        raises the ledger's error when the batch could not be committed.
+        """
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._commands.append((command, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await future
+
     # --- group commit ------------------------------------------------------------------------
 
     def _flush(self) -> None:
         """Decide, apply and durably commit one bounded batch, then write its responses."""
         self._flush_scheduled = False
-        if not self._pending:
+        if not self._pending and not self._commands:
             return
         batch = self._pending[: self._batch_size_max]
         del self._pending[: self._batch_size_max]
-        if self._pending:
+        commands = self._commands[: limits.commands_per_batch_max]
+        del self._commands[: limits.commands_per_batch_max]
+        if self._pending or self._commands:
             # Let the loop poll the sockets between batches; the rest goes in the next one.
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
         started = time.perf_counter()
         requests = [request for _, _, request, _ in batch]
         try:
-            outcomes = self.authorizer.authorize_batch(requests, datetime.now(UTC))
-        except Exception:
+            outcomes, results = self.authorizer.run_batch(
+                requests, [command for command, _ in commands], datetime.now(UTC)
+            )
+        except Exception as error:
             # A bug, not an operating error: the write transaction was aborted, so nothing of
             # this batch was applied. Say so loudly and answer 96 rather than leave the network
             # waiting; a retransmission will be decided afresh.
-            log.exception("batch of %d failed; answering 96, nothing applied", len(batch))
+            log.exception(
+                "batch of %d requests and %d commands failed; answering 96, nothing applied",
+                len(batch),
+                len(commands),
+            )
             self.metrics.internal_errors.inc()
             outcomes = [self.authorizer.system_error(request) for request in requests]
+            results = [error] * len(commands)
+        for (_, future), result in zip(commands, results, strict=True):
+            if future.done():
+                continue  # the API caller went away; the change stands regardless
+            if isinstance(result, Exception) and not isinstance(result, CommandRefused):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         if self.on_commit is not None:
             self.on_commit()
@@ -218,7 +255,7 @@ class Daemon:
             self._sweep_handle = None
 
     def flush_all(self) -> None:
-        while self._pending:
+        while self._pending or self._commands:
             self._flush()
 
     @property
@@ -312,7 +349,7 @@ async def serve(config: Config) -> int:
         f"ISO 8583 listening on {host}:{port} (framing {config.server.framing}, "
         f"{config.server.bitmap} bitmap, header {config.server.header_bytes} bytes)"
     )
-    announce(f"HTTP listening on {config.http.host}:{http_port} (/metrics, /healthz, /readyz)")
+    announce(f"HTTP listening on {config.http.host}:{http_port} (/metrics, /healthz, /readyz, /v1)")
     announce(
         f"ledger {config.ledger.path} (durability {config.ledger.durability}, {accounts} accounts)"
     )

@@ -292,7 +292,7 @@ def test_ledger_show_lists_a_cards_recent_transactions(daemon: RunningDaemon, li
     history = shown.stdout.split("recent transactions of 476173******0010: 3\n")[1]
     lines = history.splitlines()[:3]
     assert any("0100" in line and "12.34 EUR" in line and approved["38"] in line for line in lines)
-    assert any("61 per_transaction_limit" in line for line in lines)
+    assert any("61 per_authorization_amount_limit" in line for line in lines)
     assert any("0400" in line and "00 reversed" in line for line in lines)
     assert MAIN not in shown.stdout
 

@@ -163,7 +163,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if amount == 0:
             return Expectation("new", sent, "13", "invalid_amount")
         if card.limit is not None and amount > card.limit:
-            return Expectation("new", sent, "61", "per_transaction_limit")
+            return Expectation("new", sent, "61", "per_authorization_amount_limit")
         if amount > self.available(card.account):
             return Expectation("new", sent, "51", "insufficient_funds")
         self.held[card.account] += amount

@@ -57,6 +57,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from processor.authorizer import Authorizer, Outcome
+from processor.catalog import default_catalog
 from processor.clearing import apply_clearing, parse_lines
 from processor.engine import ProgrammeRules
 from processor.ledger.load import apply_load_file, parse_load_file
@@ -69,7 +70,9 @@ from processor.wire.spec import load_spec
 
 HASHER = PanHasher(b"test-key")
 CODEC = Codec(load_spec())
-RULES = ProgrammeRules(blocked_mccs=frozenset({"7995"}))
+RULES = ProgrammeRules(catalog=default_catalog())
+# Programme-level spend controls (loaded with the accounts): one MCC blocked by itself.
+PROGRAMME_BLOCKED_MCCS: Final = ("7995",)
 START = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 HOLD_LIFETIME_S = 7 * 86400
 HOLD_LIFETIME_BY_MCC_S = {"7011": 30 * 86400, "4121": 3600}
@@ -117,6 +120,9 @@ ACQUIRERS = ("123456", "00654321")  # the second is sent zero-padded: compared a
 
 LOAD_FILE = "\n".join(
     [
+        "[programme_controls]\nblocked_mccs = ["
+        + ", ".join(f'"{mcc}"' for mcc in PROGRAMME_BLOCKED_MCCS)
+        + "]\n",
         *(
             f'[[accounts]]\nid = "{a.id}"\ncurrency = "EUR"\nbalance = {a.posted}\n'
             f"credit_limit = {a.credit_limit}\n"
@@ -534,10 +540,10 @@ class LifecycleMachine(RuleBasedStateMachine):
         amount = int(fields.get("4", "0"))
         if amount == 0:
             return "13", "invalid_amount", 0, {}
-        if fields["18"] in RULES.blocked_mccs:
+        if fields["18"] in PROGRAMME_BLOCKED_MCCS:
             return "57", "mcc_blocked", 0, {}
         if card.limit is not None and amount > card.limit:
-            return "61", "per_transaction_limit", 0, {}
+            return "61", "per_authorization_amount_limit", 0, {}
         available = account.available
         if amount > available:
             if available > 0 and transaction_type == "00" and fields.get("48") == PARTIAL_OK:

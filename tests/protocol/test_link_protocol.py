@@ -231,18 +231,18 @@ def test_link_closed_before_commit_still_records_the_decision(tmp_path: Path) ->
 def test_a_failing_batch_is_answered_96_and_applies_nothing(tmp_path: Path) -> None:
     daemon = make_daemon(tmp_path)
     link, transport = Link(daemon), FakeTransport()
-    real = daemon.authorizer.authorize_batch
+    real = daemon.authorizer.run_batch
 
-    def broken(requests, now):  # type: ignore[no-untyped-def]
+    def broken(requests, commands, now):  # type: ignore[no-untyped-def]
         with daemon.ledger.write() as writer:  # a bug half-way through a write transaction
             account = writer.account("demo-main")
             assert account is not None
             account.held += 999
             writer.put_account(account)
             raise AssertionError("simulated bug")
-        return real(requests, now)
+        return real(requests, commands, now)
 
-    daemon.authorizer.authorize_batch = broken  # type: ignore[method-assign]
+    daemon.authorizer.run_batch = broken  # type: ignore[method-assign]
 
     def body() -> None:
         link.connection_made(transport)  # type: ignore[arg-type]

@@ -23,7 +23,11 @@ def test_no_file_means_defaults() -> None:
         ("[server]\nport = 70000\n", "$.server.port"),
         ("[server]\nframing = 'len3'\n", "$.server.framing"),
         ("[ledger]\ndurability = 'maybe'\n", "$.ledger.durability"),
-        ("[programme]\nblocked_mccs = ['79951']\n", "$.programme.blocked_mccs[0]"),
+        ("[programme]\ntime_zone = 'Mars/Olympus'\n", "$.programme"),
+        (
+            "[programme.card_issuing]\nbin_prefix = '47617x'\n",
+            "$.programme.card_issuing.bin_prefix",
+        ),
         ("[nope]\n", "nope"),
     ],
 )
@@ -32,6 +36,20 @@ def test_bad_config_names_the_key(text: str, named: str) -> None:
         parse_config(text, "test.toml")
     assert named in str(caught.value)
     assert "test.toml" in str(caught.value)
+
+
+def test_bad_time_zone_names_the_key_and_the_value() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config("[programme]\ntime_zone = 'Mars/Olympus'\n", "test.toml")
+    message = str(caught.value)
+    assert "$.programme" in message and "time_zone" in message and "Mars/Olympus" in message
+
+
+def test_programme_blocked_mccs_is_no_longer_a_config_key() -> None:
+    # Programme-level MCC blocks are programme controls in the ledger now; a config that still
+    # names the old key must fail loudly rather than be silently ignored.
+    with pytest.raises(ConfigError, match=r"unknown field `blocked_mccs` - at `\$\.programme`"):
+        parse_config("[programme]\nblocked_mccs = ['7995']\n", "test.toml")
 
 
 def test_unknown_key_is_named() -> None:

@@ -1,7 +1,9 @@
 """Table-driven tests of the pure decide(): one row per outcome of specs/decision_precedence.toml.
 
 Every row builds a request, a card and an account from a known-good baseline that approves, changes
-only what the row is about, and states the exact decision expected.
+only what the row is about, and states the exact decision expected. Spend controls are passed the
+way the lifecycle passes them: programme controls in `Spend`, card controls on the card record,
+with empty usage (tests/unit/test_controls.py covers usage, intervals and levels in depth).
 """
 
 from __future__ import annotations
@@ -14,14 +16,27 @@ from typing import Any, NamedTuple
 import msgspec
 import pytest
 
-from processor.engine import Decision, ProgrammeRules, decide, yymm
+from processor.catalog import default_catalog
+from processor.engine import Decision, ProgrammeRules, Spend, decide, yymm
+from processor.engine.controls import periods_at
+from processor.ledger.controls import AmountLimit, Controls, CountLimit, Usage
 from processor.ledger.records import Account, Card
 from processor.wire.messages import AuthorizationRequest
 
 NOW_YYMM = 2611  # November 2026
 MISSING = None
+NOW_MS = int(datetime(2026, 11, 24, 12, 0, tzinfo=UTC).timestamp() * 1000)
+PERIODS = periods_at(NOW_MS)
 NO_RULES = ProgrammeRules()
-PAWN_SHOPS_BLOCKED = ProgrammeRules(blocked_mccs=frozenset({"5933"}))
+CATALOG_RULES = ProgrammeRules(catalog=default_catalog())
+PAWN_SHOPS_BLOCKED = Controls(blocked_mccs=("5933",))
+GAMBLING_BLOCKED = Controls(blocked_categories=("gambling",))
+
+
+def per_authorization(amount: int, currency: str = "EUR") -> Controls:
+    return Controls(
+        amount_limits=(AmountLimit(interval="per_authorization", amount=amount, currency=currency),)
+    )
 
 
 def make_request(**changes: Any) -> AuthorizationRequest:
@@ -61,8 +76,7 @@ def make_card(**changes: Any) -> Card:
         "pan_length": 16,
         "expiry": "3012",
         "status": "active",
-        "per_transaction_limit": None,
-        "blocked_mccs": (),
+        "controls": None,
     }
     fields.update(changes)
     return Card(**fields)
@@ -89,6 +103,7 @@ class Case(NamedTuple):
     card: dict[str, Any] | None = {}  # None: no such card
     account: dict[str, Any] | None = {}  # None: no such account
     rules: ProgrammeRules = NO_RULES
+    programme: Controls | None = None  # programme-level spend controls
     now_yymm: int = NOW_YYMM
     hold: int = 0
     balance_inquiry: bool = False
@@ -239,60 +254,142 @@ CASES = [
     # 13: amount.
     Case("zero amount", "13", "invalid_amount", request={"amount": 0}),
     Case("absent amount", "13", "invalid_amount", request={"amount": None}),
-    # 57: MCC rules, programme first.
+    # 57: MCC rules, programme first (spend controls; the full matrix is in test_controls.py).
     Case(
         "MCC blocked by the programme",
         "57",
         "mcc_blocked",
         request={"mcc": "5933"},
-        rules=PAWN_SHOPS_BLOCKED,
+        programme=PAWN_SHOPS_BLOCKED,
+    ),
+    Case(
+        "MCC blocked by the programme through its category",
+        "57",
+        "mcc_category_blocked:gambling",
+        request={"mcc": "7995"},
+        rules=CATALOG_RULES,
+        programme=GAMBLING_BLOCKED,
     ),
     Case(
         "MCC blocked by the card",
         "57",
-        "mcc_blocked_by_card",
+        "mcc_blocked",
         request={"mcc": "7995"},
-        card={"blocked_mccs": ("7995", "5933")},
+        card={"controls": Controls(blocked_mccs=("7995", "5933"))},
     ),
     Case(
         "MCC blocked by both: programme wins",
         "57",
-        "mcc_blocked",
-        request={"mcc": "5933"},
-        card={"blocked_mccs": ("5933",)},
-        rules=PAWN_SHOPS_BLOCKED,
+        "mcc_category_blocked:gambling",
+        request={"mcc": "7995"},
+        card={"controls": Controls(blocked_mccs=("7995",))},
+        rules=CATALOG_RULES,
+        programme=GAMBLING_BLOCKED,
     ),
     Case(
         "other MCC passes both blocks",
         "00",
         "approved",
         request={"mcc": "5411"},
-        card={"blocked_mccs": ("5933",)},
-        rules=PAWN_SHOPS_BLOCKED,
+        card={"controls": Controls(blocked_mccs=("5933",))},
+        rules=CATALOG_RULES,
+        programme=GAMBLING_BLOCKED,
         hold=1_000,
     ),
-    # 61: per-transaction limit (inclusive).
     Case(
-        "amount equal to the per-transaction limit",
+        "legacy card record fields are not read by decide()",
+        "00",
+        "approved",
+        request={"mcc": "5933", "amount": 2_000},
+        card={"per_transaction_limit": 1, "blocked_mccs": ("5933",)},
+        hold=2_000,
+    ),
+    # 61: per-authorisation amount limit (inclusive).
+    Case(
+        "amount equal to the per-authorisation limit",
         "00",
         "approved",
         request={"amount": 50_000},
-        card={"per_transaction_limit": 50_000},
+        card={"controls": per_authorization(50_000)},
         hold=50_000,
     ),
     Case(
-        "amount one above the per-transaction limit",
+        "amount one above the per-authorisation limit",
         "61",
-        "per_transaction_limit",
+        "per_authorization_amount_limit",
         request={"amount": 50_001},
-        card={"per_transaction_limit": 50_000},
+        card={"controls": per_authorization(50_000)},
     ),
     Case(
-        "zero per-transaction limit",
+        "zero per-authorisation limit",
         "61",
-        "per_transaction_limit",
+        "per_authorization_amount_limit",
         request={"amount": 1},
-        card={"per_transaction_limit": 0},
+        card={"controls": per_authorization(0)},
+    ),
+    Case(
+        "per-authorisation limit of the programme",
+        "61",
+        "per_authorization_amount_limit",
+        request={"amount": 50_001},
+        programme=per_authorization(50_000),
+    ),
+    Case(
+        "limit in another currency than the account's does not apply",
+        "00",
+        "approved",
+        request={"amount": 50_001},
+        programme=per_authorization(50_000, "USD"),
+        hold=50_001,
+    ),
+    # The limit is checked on the amount in the account currency: 10.00 USD -> 9.29 EUR.
+    Case(
+        "converted amount exactly at the limit",
+        "00",
+        "approved",
+        request={"currency": "840", "amount": 1_000},
+        rules=FX_RULES,
+        card={"controls": per_authorization(929)},
+        hold=929,
+        billing=929,
+    ),
+    Case(
+        "converted amount one above the limit",
+        "61",
+        "per_authorization_amount_limit",
+        request={"currency": "840", "amount": 1_000},
+        rules=FX_RULES,
+        card={"controls": per_authorization(928)},
+    ),
+    Case(
+        "over the limit and over the balance: the limit answers",
+        "61",
+        "per_authorization_amount_limit",
+        request={"amount": 100_001},
+        card={"controls": per_authorization(50_000)},
+    ),
+    Case(
+        "within the limit, over the balance",
+        "51",
+        "insufficient_funds",
+        request={"amount": 100_001},
+        card={"controls": per_authorization(200_000)},
+    ),
+    # 65: count limit (none used yet, so only a zero limit refuses the first approval).
+    Case(
+        "zero daily count limit",
+        "65",
+        "daily_count_limit",
+        card={"controls": Controls(count_limits=(CountLimit(count=0, interval="daily"),))},
+    ),
+    Case(
+        "balance inquiry is not subject to controls",
+        "00",
+        "balance_inquiry",
+        request={"processing_code": "310000", "amount": None, "mcc": "5933"},
+        programme=Controls(blocked_mccs=("5933",), allowed_mccs=("0001",)),
+        card={"controls": per_authorization(0)},
+        balance_inquiry=True,
     ),
     # 51: available = posted + credit_limit - held (inclusive).
     Case(
@@ -369,11 +466,15 @@ def inputs(case: Case) -> tuple[AuthorizationRequest, Card | None, Account | Non
     return request, card, account
 
 
+def spend(case: Case) -> Spend:
+    return Spend(case.programme, Usage(), Usage(), PERIODS)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_decision_table(case: Case) -> None:
     request, card, account = inputs(case)
 
-    decision = decide(request, card, account, case.rules, case.now_yymm)
+    decision = decide(request, card, account, case.rules, case.now_yymm, spend(case))
 
     assert decision == Decision(
         case.code,
@@ -389,9 +490,10 @@ def test_decision_table(case: Case) -> None:
 def test_every_decision_has_a_machine_reason(case: Case) -> None:
     request, card, account = inputs(case)
 
-    decision = decide(request, card, account, case.rules, case.now_yymm)
+    decision = decide(request, card, account, case.rules, case.now_yymm, spend(case))
 
-    assert re.fullmatch(r"[a-z][a-z_]*[a-z]", decision.reason), decision.reason
+    # snake_case, optionally qualified: mcc_category_blocked:gambling, daily_amount_limit:cash.
+    assert re.fullmatch(r"[a-z][a-z_]*[a-z](:[A-Za-z0-9_+]+)?", decision.reason), decision.reason
     # Only approvals hold; a decline never carries an amount to hold.
     assert (decision.hold_amount > 0) is (decision.reason == "approved")
 
@@ -399,20 +501,38 @@ def test_every_decision_has_a_machine_reason(case: Case) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_decide_is_deterministic_and_does_not_mutate_inputs(case: Case) -> None:
     request, card, account = inputs(case)
-    before = msgspec.msgpack.encode((request, card, account, case.rules))
+    spent = spend(case)
+    before = msgspec.msgpack.encode((request, card, account, case.rules, spent))
 
-    first = decide(request, card, account, case.rules, case.now_yymm)
-    second = decide(request, card, account, case.rules, case.now_yymm)
+    first = decide(request, card, account, case.rules, case.now_yymm, spent)
+    second = decide(request, card, account, case.rules, case.now_yymm, spent)
     # Equal inputs built afresh give the equal decision: nothing depends on identity or state.
-    fresh = decide(*inputs(case), case.rules, case.now_yymm)
+    fresh = decide(*inputs(case), case.rules, case.now_yymm, spend(case))
 
     assert first == second == fresh
-    assert msgspec.msgpack.encode((request, card, account, case.rules)) == before
+    assert msgspec.msgpack.encode((request, card, account, case.rules, spent)) == before
+
+
+CONTROLLED = [c for c in CASES if c.programme is not None or "controls" in (c.card or {})]
+
+
+@pytest.mark.parametrize("case", CONTROLLED, ids=[case.name for case in CONTROLLED])
+def test_without_spend_no_controls_apply(case: Case) -> None:
+    # spend=None (tools, tests of the other checks) means no controls at any level, card
+    # controls included: the decision equals the row's with every control removed.
+    request, card, account = inputs(case)
+    card_fields = {k: v for k, v in (case.card or {}).items() if k != "controls"}
+    plain = case._replace(programme=None, card=card_fields)
+
+    expected = decide(*inputs(plain), case.rules, case.now_yymm, spend(plain))
+
+    assert decide(request, card, account, case.rules, case.now_yymm) == expected
+    assert expected.response_code not in ("61", "65")
 
 
 def test_table_covers_every_response_code_of_the_precedence() -> None:
     codes = {case.code for case in CASES}
-    assert codes == {"00", "12", "13", "14", "41", "43", "51", "54", "57", "61", "62", "96"}
+    assert codes == {"00", "12", "13", "14", "41", "43", "51", "54", "57", "61", "62", "65", "96"}
 
 
 @pytest.mark.parametrize(

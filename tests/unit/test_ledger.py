@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import iso8583
 import lmdb
@@ -16,7 +17,10 @@ import msgspec
 import pytest
 
 from processor.authorizer import Authorizer, Outcome
+from processor.catalog import default_catalog
 from processor.engine import ProgrammeRules
+from processor.engine.controls import periods_at, used
+from processor.ledger.controls import AmountLimit, Controls
 from processor.ledger.load import (
     LoadError,
     LoadSummary,
@@ -42,7 +46,7 @@ LATER = NOW + timedelta(minutes=5)
 MAP_SIZE = 64 << 20
 HOLD_LIFETIME_SECONDS = 7 * 86400
 
-MAIN = "5200001111222233"  # acct-main, per-transaction limit 500.00, MCC 5933 blocked
+MAIN = "5200001111222233"  # acct-main, per-authorisation limit 500.00, MCC 5933 blocked
 FROZEN = "5200001111222241"  # acct-main, frozen
 CREDIT = "5200001111222258"  # acct-credit (20.00 + 30.00 credit), expires November 2026
 YEN = "520000111122227772"  # acct-yen, 18 digits
@@ -235,8 +239,14 @@ def test_load_creates_accounts_and_cards(ledger: Ledger) -> None:
             pan_length=16,
             expiry="3012",
             status="active",
-            per_transaction_limit=50000,
-            blocked_mccs=("5933",),
+            # The load file's shorthand keys are folded into the card's controls; the legacy
+            # record fields stay empty (decide() no longer reads them).
+            controls=Controls(
+                amount_limits=(
+                    AmountLimit(interval="per_authorization", amount=50000, currency="EUR"),
+                ),
+                blocked_mccs=("5933",),
+            ),
         )
         assert {c.card_id for c in reader.account_cards("acct-main")} == {
             card_id_for(HASHER.card_key(MAIN)),
@@ -299,6 +309,7 @@ status = "frozen"
     assert card is not None
     assert (card.account_id, card.expiry, card.status) == ("acct-credit", "3101", "frozen")
     # Fields the file leaves out go back to their defaults: a load entry is the whole card.
+    assert card.controls is None
     assert card.per_transaction_limit is None and card.blocked_mccs == ()
     with loaded.read() as reader:
         assert [c.last4 for c in reader.account_cards("acct-main")] == ["2241"]
@@ -310,11 +321,16 @@ def test_load_path_loads_the_demo_data(ledger: Ledger) -> None:
     summary = load_path(ledger, demo_data_path(), HASHER)
 
     assert summary == LoadSummary(
-        accounts_created=3, accounts_updated=0, cards_created=8, cards_updated=0
+        accounts_created=4, accounts_updated=0, cards_created=19, cards_updated=0
     )
     card = card_of(ledger, "4761739001010010")
     assert card is not None and card.account_id == "demo-main"
-    assert card.per_transaction_limit == 500000 and card.blocked_mccs == ("5933",)
+    assert card.controls == Controls(
+        amount_limits=(AmountLimit(interval="per_authorization", amount=500000, currency="EUR"),),
+        blocked_mccs=("5933",),
+    )
+    with ledger.read() as reader:
+        assert reader.programme_controls() == Controls(blocked_categories=("gambling",))
 
 
 def test_load_path_of_a_missing_file(ledger: Ledger, tmp_path: Path) -> None:
@@ -628,7 +644,7 @@ def test_describe_card_shows_first_six_and_last_four_only(pan: str) -> None:
     assert card.masked_pan == mask_pan(pan)
     assert f"{pan[:6]}{'*' * (len(pan) - 10)}{pan[-4:]}" in line
     assert pan not in line
-    assert "per-transaction limit none  blocked MCCs none" in line
+    assert line.endswith("controls none")
 
 
 def test_short_pan_is_masked_like_mask_pan() -> None:
@@ -693,7 +709,7 @@ def test_approval_creates_a_hold(loaded: Ledger, authorizer: Authorizer) -> None
 
 def test_declines_hold_nothing(loaded: Ledger, authorizer: Authorizer) -> None:
     requests = [
-        auth_request(MAIN, 50_001, stan="000001"),  # 61 over the per-transaction limit
+        auth_request(MAIN, 50_001, stan="000001"),  # 61 over the per-authorisation limit
         auth_request(MAIN, 1_000, stan="000002", mcc="5933"),  # 57 blocked by the card
         auth_request(FROZEN, 1_000, stan="000003"),  # 62
         auth_request(UNKNOWN, 1_000, stan="000004"),  # 14
@@ -703,8 +719,8 @@ def test_declines_hold_nothing(loaded: Ledger, authorizer: Authorizer) -> None:
     outcomes = authorizer.authorize_batch(requests, NOW)
 
     assert [(o.response_code, o.reason) for o in outcomes] == [
-        ("61", "per_transaction_limit"),
-        ("57", "mcc_blocked_by_card"),
+        ("61", "per_authorization_amount_limit"),
+        ("57", "mcc_blocked"),
         ("62", "card_frozen"),
         ("14", "card_not_found"),
         ("13", "invalid_amount"),
@@ -716,10 +732,104 @@ def test_declines_hold_nothing(loaded: Ledger, authorizer: Authorizer) -> None:
     assert open_holds(loaded, "acct-main") == []
 
 
-def test_programme_rules_reach_the_decision(loaded: Ledger) -> None:
-    authorizer = make_authorizer(loaded, ProgrammeRules(blocked_mccs=frozenset({"7995"})))
-    [outcome] = authorizer.authorize_batch([auth_request(CREDIT, 100, mcc="7995")], NOW)
+def test_programme_controls_reach_the_decision(loaded: Ledger, authorizer: Authorizer) -> None:
+    # CREDIT has no controls of its own: only the programme's can refuse it.
+    [before] = authorizer.authorize_batch([auth_request(CREDIT, 100, mcc="7995")], NOW)
+    assert before.response_code == "00"
+
+    load_text(loaded, b'[programme_controls]\nblocked_mccs = ["7995"]\n')
+    [outcome] = authorizer.authorize_batch(
+        [auth_request(CREDIT, 100, mcc="7995", stan="000002")], NOW
+    )
     assert (outcome.response_code, outcome.reason) == ("57", "mcc_blocked")
+
+
+def test_programme_category_block_reaches_the_decision(loaded: Ledger) -> None:
+    authorizer = make_authorizer(loaded, ProgrammeRules(catalog=default_catalog()))
+    load_text(loaded, b'[programme_controls]\nblocked_categories = ["gambling"]\n')
+    outcomes = authorizer.authorize_batch(
+        [
+            auth_request(CREDIT, 100, mcc="7995", stan="000001"),
+            auth_request(CREDIT, 100, mcc="7801", stan="000002"),
+            auth_request(CREDIT, 100, mcc="5411", stan="000003"),
+        ],
+        NOW,
+    )
+    assert [(o.response_code, o.reason) for o in outcomes] == [
+        ("57", "mcc_category_blocked:gambling"),
+        ("57", "mcc_category_blocked:gambling"),
+        ("00", "approved"),
+    ]
+
+
+def test_load_file_without_programme_controls_leaves_them(loaded: Ledger) -> None:
+    load_text(loaded, b'[programme_controls]\nblocked_mccs = ["7995"]\n')
+    load_text(loaded, LOAD_FILE)  # no [programme_controls] table
+    with loaded.read() as reader:
+        assert reader.programme_controls() == Controls(blocked_mccs=("7995",))
+
+
+def test_card_controls_table_and_shorthand_keys_are_merged(ledger: Ledger) -> None:
+    text = ACCOUNT + card_entry(
+        MAIN,
+        'per_transaction_limit = 700\nblocked_mccs = ["5933", "7995"]\n'
+        '[cards.controls]\nblocked_mccs = ["7995"]\n'
+        '[[cards.controls.amount_limits]]\ninterval = "daily"\namount = 5000\n'
+        'currency = "EUR"\n',
+    )
+    load_text(ledger, text)
+    card = card_of(ledger, MAIN)
+    assert card is not None
+    assert card.controls == Controls(
+        amount_limits=(
+            AmountLimit(interval="daily", amount=5000, currency="EUR"),
+            AmountLimit(interval="per_authorization", amount=700, currency="EUR"),
+        ),
+        blocked_mccs=("7995", "5933"),  # each MCC once
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            b'[programme_controls]\nblocked_categories = ["casinos"]\n',
+            "$.programme_controls.blocked_categories[0]: unknown MCC category 'casinos'",
+            id="unknown-programme-category",
+        ),
+        pytest.param(
+            b'[programme_controls]\nallowed_countries = ["atlantis"]\n',
+            "$.programme_controls.allowed_countries[0]: 'atlantis'",
+            id="unknown-country-group",
+        ),
+        pytest.param(
+            ACCOUNT + b"[accounts.controls]\n[[accounts.controls.amount_limits]]\n"
+            b'interval = "daily"\namount = 100\ncurrency = "USD"\n',
+            "$.accounts[0].controls.amount_limits[0].currency: 'USD' is not the account's "
+            "currency 'EUR'",
+            id="account-limit-in-another-currency",
+        ),
+        pytest.param(
+            ACCOUNT
+            + card_entry(
+                MAIN,
+                "[cards.controls]\n[[cards.controls.count_limits]]\ncount = 3\n"
+                'categories = ["gambling", "spaceflight"]\ninterval = "daily"\n',
+            ),
+            "$.cards[0].controls.count_limits[0].categories[1]: unknown MCC category 'spaceflight'",
+            id="unknown-limit-category",
+        ),
+    ],
+)
+def test_bad_controls_in_a_load_file_name_the_path(
+    ledger: Ledger, text: bytes, expected: str
+) -> None:
+    with pytest.raises(LoadError) as raised:
+        load_text(ledger, text)
+    assert expected in str(raised.value)
+    with ledger.read() as reader:  # nothing applied
+        assert reader.account_count() == 0
+        assert reader.programme_controls() is None
 
 
 def test_unknown_card_answer_is_stored_without_card(loaded: Ledger, authorizer: Authorizer) -> None:
@@ -988,3 +1098,190 @@ def test_ledger_failure_answers_96_for_the_whole_batch(tmp_path: Path) -> None:
             assert reader.answer(b"0100|123456|000001|1124120000") is None
     finally:
         reopened.close()
+
+
+# --- spend-control usage through the Authorizer ---------------------------------------------------
+
+LIMITED = "5200001111222274"  # a card with a daily amount limit of 100.00 EUR
+LIMITED_FILE = f"""
+[[accounts]]
+id = "acct-limits"
+currency = "EUR"
+balance = 1000000
+
+[[cards]]
+pan = "{LIMITED}"
+account = "acct-limits"
+expiry = "3012"
+controls.amount_limits = [{{ interval = "daily", amount = 10000, currency = "EUR" }}]
+""".encode()
+
+
+def message(mti: str, amount: int, stan: str, at: datetime, **extra: str) -> AuthorizationRequest:
+    fields = {
+        "t": mti,
+        "2": LIMITED,
+        "3": "000000",
+        "4": f"{amount:012d}",
+        "7": at.strftime("%m%d%H%M%S"),
+        "11": stan,
+        "18": "5411",
+        "22": "051",
+        "32": "123456",
+        "37": f"{int(stan):012d}",
+        "41": "TERM0001",
+        "42": "MERCHANT0000001",
+        "49": "978",
+        **extra,
+    }
+    request = CODEC.decode(CODEC.encode(fields))
+    assert isinstance(request, AuthorizationRequest)
+    return request
+
+
+def pointing_at(original: AuthorizationRequest) -> str:
+    """Field 90 naming `original`: MTI, STAN, field 7, acquirer, forwarding institution."""
+    return (
+        f"{original.mti}{original.stan}{original.transmission_datetime}"
+        f"{int(original.acquirer):011d}{0:011d}"
+    )
+
+
+def daily_usage(ledger: Ledger, at: datetime, zone: Any = UTC) -> tuple[int, int]:
+    card_id = card_id_for(HASHER.card_key(LIMITED))
+    with ledger.read() as reader:
+        card = used(reader.usage("c:" + card_id), "daily", periods_at(_ms(at), zone))
+        account = used(reader.usage("a:acct-limits"), "daily", periods_at(_ms(at), zone))
+    assert card == account  # the account's only card
+    return card
+
+
+def _ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
+def answers(
+    authorizer: Authorizer, requests: list[AuthorizationRequest], at: datetime
+) -> list[tuple[str, str]]:
+    return [(o.response_code, o.reason) for o in authorizer.authorize_batch(requests, at)]
+
+
+def test_approvals_count_against_limits_and_declines_do_not(ledger: Ledger) -> None:
+    load_text(ledger, LIMITED_FILE)
+    authorizer = make_authorizer(ledger)
+
+    assert answers(
+        authorizer,
+        [
+            message("0100", 6_000, "000001", NOW),
+            message("0100", 4_001, "000002", NOW),  # 6 000 + 4 001 > 10 000
+            message("0200", 4_000, "000003", NOW),  # a financial request counts too
+            message("0100", 1, "000004", NOW),
+        ],
+        NOW,
+    ) == [
+        ("00", "approved"),
+        ("61", "daily_amount_limit"),
+        ("00", "approved"),
+        ("61", "daily_amount_limit"),
+    ]
+    assert daily_usage(ledger, NOW) == (10_000, 2)
+    # The next local day starts afresh.
+    tomorrow = NOW + timedelta(days=1)
+    assert answers(authorizer, [message("0100", 10_000, "000005", tomorrow)], tomorrow) == [
+        ("00", "approved")
+    ]
+
+
+def test_a_stand_in_approval_counts_although_no_control_was_asked(ledger: Ledger) -> None:
+    load_text(ledger, LIMITED_FILE)
+    authorizer = make_authorizer(ledger)
+
+    advice = message("0120", 12_000, "000001", NOW, **{"39": "00"})
+    assert answers(authorizer, [advice], NOW) == [("00", "stand_in_approved")]
+    assert daily_usage(ledger, NOW) == (12_000, 1)
+    assert answers(authorizer, [message("0100", 1, "000002", NOW)], NOW) == [
+        ("61", "daily_amount_limit")
+    ]
+
+
+def test_a_reversal_gives_usage_back_in_the_programme_zone(ledger: Ledger) -> None:
+    # 23:30 UTC on 24 November is already 25 November in Berlin: the approval and its
+    # reversal at 08:00 UTC fall on the same Berlin day, so the day's allowance comes back.
+    load_text(ledger, LIMITED_FILE)
+    berlin = ZoneInfo("Europe/Berlin")
+    authorizer = Authorizer(
+        ledger, CODEC, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600, zone=berlin
+    )
+    late = datetime(2026, 11, 24, 23, 30, tzinfo=UTC)
+    morning = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
+    original = message("0100", 10_000, "000001", late)
+    assert answers(authorizer, [original], late) == [("00", "approved")]
+    assert daily_usage(ledger, morning, berlin) == (10_000, 1)
+
+    reversal = message("0400", 10_000, "000002", morning, **{"90": pointing_at(original)})
+    assert answers(authorizer, [reversal], morning) == [("00", "reversed")]
+
+    assert daily_usage(ledger, morning, berlin) == (0, 0)
+    assert answers(authorizer, [message("0100", 10_000, "000003", morning)], morning) == [
+        ("00", "approved")
+    ]
+
+
+def test_a_partial_reversal_gives_back_the_amount_it_reverses(ledger: Ledger) -> None:
+    load_text(ledger, LIMITED_FILE)
+    authorizer = make_authorizer(ledger)
+    original = message("0100", 10_000, "000001", NOW)
+    assert answers(authorizer, [original], NOW) == [("00", "approved")]
+
+    partial = message(
+        "0400",
+        10_000,
+        "000002",
+        NOW,
+        **{"90": pointing_at(original), "95": "000000003000" + "0" * 30},
+    )
+    assert answers(authorizer, [partial], NOW) == [("00", "partially_reversed")]
+    assert daily_usage(ledger, NOW) == (3_000, 1)  # the approval itself still counts
+    assert answers(
+        authorizer,
+        [message("0100", 7_001, "000003", NOW), message("0100", 7_000, "000004", NOW)],
+        NOW,
+    ) == [("61", "daily_amount_limit"), ("00", "approved")]
+
+
+def test_a_reversal_of_yesterdays_approval_does_not_raise_todays_allowance(
+    ledger: Ledger,
+) -> None:
+    load_text(ledger, LIMITED_FILE)
+    authorizer = make_authorizer(ledger)
+    tomorrow = NOW + timedelta(days=1)
+    original = message("0100", 8_000, "000001", NOW)
+    assert answers(authorizer, [original], NOW) == [("00", "approved")]
+    assert answers(authorizer, [message("0100", 6_000, "000002", tomorrow)], tomorrow) == [
+        ("00", "approved")
+    ]
+
+    reversal = message("0400", 8_000, "000003", tomorrow, **{"90": pointing_at(original)})
+    assert answers(authorizer, [reversal], tomorrow) == [("00", "reversed")]
+
+    assert daily_usage(ledger, tomorrow) == (6_000, 1)
+
+
+def test_completion_and_expiry_change_no_usage(ledger: Ledger) -> None:
+    load_text(ledger, LIMITED_FILE)
+    authorizer = make_authorizer(ledger)
+    first = message("0100", 6_000, "000001", NOW)
+    second = message("0100", 2_000, "000002", NOW)
+    assert answers(authorizer, [first, second], NOW) == [("00", "approved"), ("00", "approved")]
+
+    completion = message("0220", 9_000, "000003", NOW, **{"90": pointing_at(first)})
+    assert answers(authorizer, [completion], NOW) == [("00", "captured")]
+    expired_at = NOW + timedelta(seconds=HOLD_LIFETIME_SECONDS + 1)
+    assert authorizer.sweep_expired(expired_at, 10) == 1
+
+    card_id = card_id_for(HASHER.card_key(LIMITED))
+    with ledger.read() as reader:
+        usage = reader.usage("c:" + card_id)
+    assert used(usage, "daily", periods_at(_ms(NOW))) == (8_000, 2)
+    assert used(usage, "all_time", periods_at(_ms(expired_at))) == (8_000, 2)
