@@ -1,1 +1,1 @@
-"""HTTP side port: /metrics, /healthz (and, later, the control API)."""
+"""HTTP side port: the control API (/v1), /metrics, /healthz, /readyz."""

@@ -1,37 +1,141 @@
 """The HTTP side port, on aiohttp in the daemon's own event loop.
 
-Handlers only read counters and states; nothing here blocks the loop.
+/metrics, /healthz and /readyz are open (scrapers and orchestrators); everything under /v1 is
+the programme control API (processor/api/control.py, specs/openapi.yaml) and needs the bearer
+token named by `http.api_token_env`. Handlers only read or enqueue; nothing here blocks the loop.
 """
 
 from __future__ import annotations
 
+import hmac
+import logging
+import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
+import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from processor.api.control import BODY_BYTES_MAX, ApiError, ControlApi
+from processor.api.views import ErrorBody, ErrorDetail
+from processor.security import PanHasher
 
 if TYPE_CHECKING:
     from processor.server.daemon import Daemon
 
-DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon")
+log = logging.getLogger("processor.api")
 
+DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon")
+TOKEN_KEY: web.AppKey[str | None] = web.AppKey("api_token")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# aiohttp's own errors (unknown route, wrong method, body too large) under stable codes.
+STATUS_CODES: Final = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+# Kept from aiohttp's error responses: they tell the client what to do next.
+PASSED_HEADERS: Final = ("Allow", "WWW-Authenticate", "Retry-After")
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    field: str | None = None,
+    details: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message, field=field, details=details))
+    return web.Response(
+        body=msgspec.json.encode(body),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def is_control_api(request: web.Request) -> bool:
+    return request.path == "/v1" or request.path.startswith("/v1/")
 
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error leaves as JSON with a stable code, never as an HTML page."""
+    response = await _json_errors(request, handler)
+    if is_control_api(request):
+        response.headers["Cache-Control"] = "no-store"  # one answer carries a card number
+    return response
+
+
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except ApiError as error:
+        return error_response(
+            error.status,
+            error.code,
+            error.message,
+            field=error.field,
+            details=error.details,
+            headers=error.headers,
+        )
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        return web.json_response(
-            {"error": {"code": error.reason.lower().replace(" ", "_"), "message": error.text}},
-            status=error.status,
+        code = STATUS_CODES.get(error.status) or error.reason.lower().replace(" ", "_")
+        headers = {name: error.headers[name] for name in PASSED_HEADERS if name in error.headers}
+        message = error.text or error.reason
+        if error.status == 404:
+            message = f"no such resource: {request.method} {request.rel_url.path[:200]}"
+        elif error.status == 405:
+            message = f"{request.method} is not allowed here; allowed: {headers.get('Allow', '')}"
+        return error_response(error.status, code, message, headers=headers)
+    except Exception:
+        # A bug, not bad input (input errors are ApiErrors): say so without details.
+        log.exception("%s %s failed", request.method, request.rel_url.path[:200])
+        return error_response(
+            500, "internal_error", "the processor failed on this request; it is logged"
         )
+
+
+@web.middleware
+async def control_api_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """/v1 needs the bearer token (compared in constant time)."""
+    if not is_control_api(request):
+        return await handler(request)
+    token = request.app[TOKEN_KEY]
+    if token is None:
+        variable = request.app[DAEMON_KEY].config.http.api_token_env
+        raise ApiError(
+            503,
+            "api_disabled",
+            f"the control API is disabled: set {variable} (PROCESSOR_API_TOKEN by default) "
+            "in the daemon's environment to a secret token and restart it",
+        )
+    presented = request.headers.get("Authorization", "")
+    scheme, _, credentials = presented.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        credentials.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")
+    ):
+        challenge = 'Bearer realm="processor"'
+        if presented:
+            challenge += ', error="invalid_token"'
+        raise ApiError(
+            401,
+            "unauthorized",
+            "send Authorization: Bearer <token> with the control API token",
+            headers={"WWW-Authenticate": challenge},
+        )
+    return await handler(request)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -66,12 +170,33 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"ready": True})
 
 
-def build_app(daemon: Daemon) -> web.Application:
-    app = web.Application(middlewares=[json_errors])
+def api_token(daemon: Daemon) -> str | None:
+    """The control API's token, read once at start; None (API disabled) when unset or empty."""
+    variable = daemon.config.http.api_token_env
+    token = os.environ.get(variable, "")
+    if not token:
+        log.warning(
+            "%s is not set: the control API (/v1) is disabled and answers 503; "
+            "/metrics, /healthz and /readyz are served",
+            variable,
+        )
+        return None
+    return token
+
+
+def build_app(daemon: Daemon, *, hasher: PanHasher | None = None) -> web.Application:
+    """The side port's app; the API token (and by default the PAN key) from the environment."""
+    app = web.Application(
+        middlewares=[json_errors, control_api_guard], client_max_size=BODY_BYTES_MAX
+    )
     app[DAEMON_KEY] = daemon
+    app[TOKEN_KEY] = api_token(daemon)
+    if hasher is None:
+        hasher = daemon.hasher  # the key the ledger is bound to
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_routes(ControlApi(daemon, hasher).routes())
     return app
 
 

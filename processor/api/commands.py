@@ -1,0 +1,405 @@
+"""The control API's changes to the ledger: functions of (writer, now_ms), run by the daemon.
+
+Each one runs inside a group-commit write transaction (`Daemon.execute`), before that batch's
+ISO 8583 requests, so a change answered to the programme is in force for the next message on
+any link. A command checks everything first and raises `Refused` only before it writes (the
+Authorizer's contract: a refusal must leave nothing behind); its result is a `Reply`, the JSON
+the API answers.
+
+Idempotency-Key: `idempotent` wraps a command so that, in the same transaction as the effect,
+the outcome is kept under the key's scope; a repeat finds it there and gets it back without a
+second effect. Because the record is read and written inside the (single-writer) transaction,
+two concurrent repeats cannot both apply.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Final, Literal
+
+import msgspec
+
+from processor.api.views import (
+    MovementResult,
+    account_view,
+    card_view,
+    entry_view,
+    issued_card,
+)
+from processor.authorizer import Command, CommandRefused
+from processor.config import CardIssuingConfig
+from processor.ledger.controls import Controls
+from processor.ledger.load import card_id_for
+from processor.ledger.records import Account, Card, CardStatus
+from processor.ledger.store import Writer
+from processor.security import PanHasher
+
+# Random numbers drawn before giving up on a free card number: with a sane BIN range a
+# collision is rare, and many in a row mean the range is nearly used up.
+PAN_ATTEMPTS_MAX: Final = 32
+
+_encode = msgspec.json.encode
+
+
+class Refused(CommandRefused):
+    """A command that cannot apply, with what the API's error body needs beyond the code."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        details: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(status, code, message)
+        self.field = field
+        self.details = details
+
+
+class Reply(msgspec.Struct, kw_only=True):
+    """What the API answers: status and JSON body."""
+
+    status: int
+    body: bytes
+    replayed: bool = False  # taken from an earlier request with the same Idempotency-Key
+    # What a replay answers when it must differ from `body` (a new card's number is given once).
+    kept: bytes | None = None
+
+
+Operation = Callable[[Writer, int], Reply]
+
+
+# --- idempotency -----------------------------------------------------------------------------
+
+
+class IdempotentResponse(msgspec.Struct, array_like=True, kw_only=True):
+    """Stored under the key's scope: the request's body digest and the answer it got."""
+
+    body_digest: bytes
+    status: int
+    body: bytes
+    created_ms: int
+
+
+class Idempotency(msgspec.Struct, frozen=True, kw_only=True):
+    scope: bytes  # digest of method + path + key: bounded size, whatever the key
+    body_digest: bytes  # keyed digest: a registration body holds a PAN, never kept in clear
+
+
+_stored = msgspec.msgpack.Decoder(IdempotentResponse)
+_msgpack = msgspec.msgpack.Encoder()
+
+
+def idempotent(key: Idempotency | None, operation: Operation) -> Command:
+    """The operation applied at most once per key; without a key, as often as asked.
+
+    Only successful outcomes are kept: a refusal (409 insufficient funds, ...) changed
+    nothing, so retrying with the same key after fixing the cause is allowed.
+    """
+
+    def run(writer: Writer, now_ms: int) -> Reply:
+        if key is None:
+            return operation(writer, now_ms)
+        raw = writer.idempotent(key.scope)
+        if raw is not None:
+            stored = _stored.decode(raw)
+            if stored.body_digest != key.body_digest:
+                raise Refused(
+                    409,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used for a request with another body; "
+                    "use a new key for a new request",
+                    field="Idempotency-Key",
+                )
+            return Reply(status=stored.status, body=stored.body, replayed=True)
+        reply = operation(writer, now_ms)
+        writer.put_idempotent(
+            key.scope,
+            _msgpack.encode(
+                IdempotentResponse(
+                    body_digest=key.body_digest,
+                    status=reply.status,
+                    body=reply.kept if reply.kept is not None else reply.body,
+                    created_ms=now_ms,
+                )
+            ),
+        )
+        return reply
+
+    return run
+
+
+# --- lookups that refuse ---------------------------------------------------------------------
+
+
+def _account(writer: Writer, account_id: str, *, field: str | None = None) -> Account:
+    account = writer.account(account_id)
+    if account is None:
+        raise Refused(404, "account_not_found", f"no account {account_id!r}", field=field)
+    return account
+
+
+def _open_account(writer: Writer, account_id: str, *, field: str | None = None) -> Account:
+    account = _account(writer, account_id, field=field)
+    if account.status == "closed":
+        raise Refused(409, "account_closed", f"account {account_id!r} is closed", field=field)
+    return account
+
+
+def _card(writer: Writer, card_id: str) -> tuple[bytes, Card]:
+    card_key = writer.card_key_by_id(card_id)
+    card = None if card_key is None else writer.card(card_key)
+    if card_key is None or card is None:
+        raise Refused(404, "card_not_found", f"no card {card_id!r}")
+    return card_key, card
+
+
+def _stored_controls(controls: Controls | None) -> Controls | None:
+    return None if controls is None or controls.empty else controls
+
+
+# --- accounts --------------------------------------------------------------------------------
+
+
+def create_account(
+    account_id: str, currency: str, credit_limit: int, controls: Controls | None
+) -> Operation:
+    def run(writer: Writer, now_ms: int) -> Reply:
+        if writer.account(account_id) is not None:
+            raise Refused(
+                409, "account_exists", f"account {account_id!r} already exists", field="$.id"
+            )
+        account = Account(
+            id=account_id,
+            currency=currency,
+            posted=0,
+            credit_limit=credit_limit,
+            controls=_stored_controls(controls),
+            created_ms=now_ms,
+        )
+        writer.put_account(account)
+        return Reply(status=201, body=_encode(account_view(account)))
+
+    return run
+
+
+def move_funds(
+    account_id: str, kind: Literal["fund", "debit"], amount: int, reason: str
+) -> Operation:
+    """Fund (credit) or debit the posted balance, recorded as a ledger entry."""
+
+    def run(writer: Writer, now_ms: int) -> Reply:
+        account = _open_account(writer, account_id)
+        if kind == "debit" and amount > account.available:
+            raise Refused(
+                409,
+                "insufficient_funds",
+                f"debit of {amount} exceeds the available {account.available} "
+                f"{account.currency} minor units of account {account_id!r}",
+                field="$.amount",
+            )
+        entry = writer.append_entry(
+            account, kind, amount if kind == "fund" else -amount, reason, now_ms
+        )
+        writer.put_account(account)
+        result = MovementResult(entry=entry_view(entry), account=account_view(account))
+        return Reply(status=200, body=_encode(result))
+
+    return run
+
+
+def close_account(account_id: str) -> Operation:
+    def run(writer: Writer, now_ms: int) -> Reply:
+        account = _open_account(writer, account_id)
+        if account.posted != 0 or account.held != 0:
+            raise Refused(
+                409,
+                "account_not_empty",
+                f"account {account_id!r} has posted {account.posted} and held {account.held} "
+                "minor units; debit or fund it to zero and wait for its holds to close first",
+            )
+        account.status = "closed"
+        writer.put_account(account)
+        return Reply(status=200, body=_encode(account_view(account)))
+
+    return run
+
+
+# --- controls --------------------------------------------------------------------------------
+
+
+def set_programme_controls(controls: Controls) -> Operation:
+    def run(writer: Writer, now_ms: int) -> Reply:
+        writer.put_programme_controls(controls)
+        return Reply(status=200, body=_encode(controls))
+
+    return run
+
+
+def set_account_controls(account_id: str, controls: Controls) -> Operation:
+    def run(writer: Writer, now_ms: int) -> Reply:
+        account = _account(writer, account_id)
+        account.controls = _stored_controls(controls)
+        writer.put_account(account)
+        return Reply(status=200, body=_encode(controls))
+
+    return run
+
+
+def set_card_controls(card_id: str, controls: Controls) -> Operation:
+    def run(writer: Writer, now_ms: int) -> Reply:
+        card_key, card = _card(writer, card_id)
+        changed = msgspec.structs.replace(card, controls=_stored_controls(controls))
+        writer.put_card(card_key, changed, card.account_id)
+        return Reply(status=200, body=_encode(controls))
+
+    return run
+
+
+# --- cards -----------------------------------------------------------------------------------
+
+CardAction = Literal["freeze", "unfreeze", "report-lost", "report-stolen", "close"]
+CARD_ACTIONS: Final[tuple[CardAction, ...]] = (
+    "freeze",
+    "unfreeze",
+    "report-lost",
+    "report-stolen",
+    "close",
+)
+
+# action -> (states it may start from, the state it leads to). lost, stolen and closed are
+# terminal: a card reported lost stays lost (the network may still see its number used).
+TRANSITIONS: Final[dict[str, tuple[frozenset[CardStatus], CardStatus]]] = {
+    "freeze": (frozenset({"active"}), "frozen"),
+    "unfreeze": (frozenset({"frozen"}), "active"),
+    "report-lost": (frozenset({"active", "inactive", "frozen"}), "lost"),
+    "report-stolen": (frozenset({"active", "inactive", "frozen"}), "stolen"),
+    "close": (frozenset({"active", "inactive", "frozen"}), "closed"),
+}
+
+
+def change_card_status(card_id: str, action: CardAction) -> Operation:
+    starts, target = TRANSITIONS[action]
+
+    def run(writer: Writer, now_ms: int) -> Reply:
+        card_key, card = _card(writer, card_id)
+        if card.status not in starts:
+            raise Refused(
+                409,
+                "invalid_card_transition",
+                f"card {card_id} is {card.status}; {action} needs it "
+                f"{' or '.join(sorted(starts))} (lost, stolen and closed are final)",
+                details={"from": card.status, "to": target},
+            )
+        changed = msgspec.structs.replace(card, status=target)
+        writer.put_card(card_key, changed, card.account_id)
+        return Reply(status=200, body=_encode(card_view(changed)))
+
+    return run
+
+
+def luhn_check_digit(digits: str) -> str:
+    """The digit that makes `digits` + it pass the Luhn check."""
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        digit = ord(char) - 48
+        if index % 2 == 0:  # doubled: these are the odd positions once the check digit is on
+            digit *= 2
+            if digit > 9:
+                digit -= 9
+        total += digit
+    return str((10 - total % 10) % 10)
+
+
+def random_pan(bin_prefix: str, length: int) -> str:
+    free = length - len(bin_prefix) - 1
+    body = bin_prefix + f"{secrets.randbelow(10**free):0{free}d}"
+    return body + luhn_check_digit(body)
+
+
+def expiry_after(now_ms: int, months: int) -> str:
+    """YYMM `months` after the month of `now_ms` (UTC); a card is valid to that month's end."""
+    now = datetime.fromtimestamp(now_ms / 1000, UTC)
+    index = now.year * 12 + (now.month - 1) + months
+    return f"{(index // 12) % 100:02d}{index % 12 + 1:02d}"
+
+
+def issue_virtual_card(
+    account_id: str,
+    controls: Controls | None,
+    hasher: PanHasher,
+    issuing: CardIssuingConfig,
+    draw: Callable[[str, int], str] = random_pan,
+) -> Operation:
+    """A new card number in the programme's BIN range, never one already in the ledger.
+
+    The reply carries the full number; the copy kept for idempotent replays does not.
+    """
+
+    def run(writer: Writer, now_ms: int) -> Reply:
+        account = _open_account(writer, account_id, field="$.account_id")
+        for _ in range(PAN_ATTEMPTS_MAX):
+            pan = draw(issuing.bin_prefix, issuing.pan_length)
+            card_key = hasher.card_key(pan)
+            if writer.card(card_key) is None:
+                break
+        else:
+            raise Refused(
+                503,
+                "card_numbers_exhausted",
+                f"no free card number found in {PAN_ATTEMPTS_MAX} draws in BIN range "
+                f"{issuing.bin_prefix}; widen programme.card_issuing",
+            )
+        card = Card(
+            card_id=card_id_for(card_key),
+            account_id=account.id,
+            bin=pan[:6],
+            last4=pan[-4:],
+            pan_length=len(pan),
+            expiry=expiry_after(now_ms, issuing.expiry_months),
+            controls=_stored_controls(controls),
+            created_ms=now_ms,
+            virtual=True,
+        )
+        writer.put_card(card_key, card, None)
+        return Reply(
+            status=201, body=_encode(issued_card(card, pan)), kept=_encode(card_view(card))
+        )
+
+    return run
+
+
+def register_card(
+    pan: str, expiry: str, account_id: str, controls: Controls | None, hasher: PanHasher
+) -> Operation:
+    """A card with a number issued elsewhere; the number is kept only as its keyed hash."""
+    card_key = hasher.card_key(pan)
+
+    def run(writer: Writer, now_ms: int) -> Reply:
+        account = _open_account(writer, account_id, field="$.account_id")
+        existing = writer.card(card_key)
+        if existing is not None:
+            raise Refused(
+                409,
+                "card_exists",
+                f"a card with this number is already registered as {existing.card_id}",
+                field="$.pan",
+            )
+        card = Card(
+            card_id=card_id_for(card_key),
+            account_id=account.id,
+            bin=pan[:6],
+            last4=pan[-4:],
+            pan_length=len(pan),
+            expiry=expiry,
+            controls=_stored_controls(controls),
+            created_ms=now_ms,
+        )
+        writer.put_card(card_key, card, None)
+        return Reply(status=201, body=_encode(card_view(card)))
+
+    return run

@@ -1,0 +1,437 @@
+"""Bodies of the control API: what it reads (requests) and what it answers (views).
+
+These Structs are the contract of specs/openapi.yaml: the document's component schemas are
+generated from them (`python -m processor.api.views` rewrites that section), and
+tests/unit/test_api_openapi.py fails when the two drift. Views are rendered from ledger
+records here, so no handler or command formats a record by hand (and none can put a PAN where
+only a masked one belongs).
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from processor.currency import alpha_code
+from processor.engine.controls import Periods, period_start, recent_count, used
+from processor.ledger.controls import (
+    NO_CONTROLS,
+    TRAILING_WINDOW_SECONDS_MAX,
+    Controls,
+    Usage,
+)
+from processor.ledger.records import (
+    Account,
+    AccountStatus,
+    Card,
+    CardStatus,
+    HoldStatus,
+    LedgerEntry,
+    StoredAnswer,
+)
+
+# --- field types -----------------------------------------------------------------------------
+
+# The load file's account-id rule (processor/ledger/load.py), with its length bound spelt into
+# the pattern so the document states it once.
+ACCOUNT_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
+CARD_ID_PATTERN: Final = r"^card_[0-9a-f]{20}$"
+AccountId = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=64,
+        pattern=ACCOUNT_ID_PATTERN,
+        description="Letters, digits and `_ . : -`, at most 64.",
+    ),
+]
+CardId = Annotated[str, Meta(pattern=CARD_ID_PATTERN)]
+CurrencyCode = Annotated[
+    str,
+    Meta(
+        pattern=r"^[A-Z]{3}$",
+        description="ISO 4217 alphabetic code of a currency with a minor unit (EUR, JPY, BHD).",
+    ),
+]
+MinorUnits = Annotated[
+    int, Meta(ge=0, le=10**15, description="Minor units (cents), never a float.")
+]
+PositiveMinorUnits = Annotated[
+    int, Meta(ge=1, le=10**15, description="Minor units of the account currency, above zero.")
+]
+SignedMinorUnits = Annotated[int, Meta(description="Minor units; negative when overdrawn.")]
+Reason = Annotated[
+    str,
+    Meta(min_length=1, max_length=200, description="Why, for the ledger entry (1-200 chars)."),
+]
+Pan = Annotated[
+    str,
+    Meta(
+        pattern=r"^[0-9]{13,19}$",
+        description="The full card number, 13-19 digits, Luhn-valid. Never answered back.",
+    ),
+]
+Expiry = Annotated[
+    str, Meta(pattern=r"^[0-9]{2}(0[1-9]|1[0-2])$", description="YYMM, valid to month end.")
+]
+Timestamp = Annotated[datetime, Meta(tz=True, description="RFC 3339, UTC.")]
+# In answers: no upper bound (a sum of many amounts may pass what one request may carry).
+Amount = Annotated[int, Meta(ge=0, description="Minor units of the currency, never a float.")]
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+class ErrorDetail(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What went wrong: `code` is stable (program against it), `message` is for people."""
+
+    code: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]*$")]
+    message: str
+    # The one input at fault: a JSON path into the body ($.amount_limits[0].currency), or the
+    # name of the query parameter or header (limit, Idempotency-Key).
+    field: str | None = None
+    details: dict[str, str] | None = None  # e.g. {"from": "lost", "to": "active"}
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    error: ErrorDetail
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+class NewAccount(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """An account to open, with a zero balance (fund it with POST .../fund)."""
+
+    id: AccountId | None = None  # absent: the processor makes one ("acct_" + 24 hex digits)
+    currency: CurrencyCode
+    credit_limit: MinorUnits = 0
+    controls: Controls | None = None
+
+
+class Movement(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Funds in (fund) or out (debit) of an account's posted balance, as a ledger entry."""
+
+    amount: PositiveMinorUnits
+    reason: Reason
+
+
+class NewVirtualCard(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    account_id: AccountId
+    controls: Controls | None = None
+
+
+class CardRegistration(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A card whose number was issued elsewhere (a card manufacturer, another processor)."""
+
+    pan: Pan
+    expiry: Expiry
+    account_id: AccountId
+    controls: Controls | None = None
+
+
+# --- views -----------------------------------------------------------------------------------
+
+
+class AccountView(msgspec.Struct, kw_only=True):
+    """An account; `available` = posted + credit_limit - held."""
+
+    id: str
+    currency: str
+    posted: SignedMinorUnits
+    held: Amount
+    available: SignedMinorUnits
+    credit_limit: Amount
+    status: AccountStatus
+    controls: Controls
+    created: Timestamp | None  # null for accounts loaded from a file before this was recorded
+
+
+class EntryView(msgspec.Struct, kw_only=True):
+    """One change of an account's posted balance made through the API (never an overwrite)."""
+
+    sequence: Annotated[int, Meta(ge=1)]
+    kind: Literal["fund", "debit", "opening_balance"]
+    amount: Amount  # positive; `kind` says the direction
+    reason: str
+    created: Timestamp
+    posted_after: SignedMinorUnits
+
+
+class MovementResult(msgspec.Struct, kw_only=True):
+    entry: EntryView
+    account: AccountView
+
+
+class EntriesPage(msgspec.Struct, kw_only=True):
+    items: list[EntryView]  # newest first
+    next_cursor: str | None  # pass as ?cursor= for the next page; null on the last page
+
+
+class CardView(msgspec.Struct, kw_only=True):
+    """A card as anyone may see it: the number masked (first six, last four)."""
+
+    id: str
+    account_id: str
+    masked_pan: str
+    expiry: Expiry
+    status: CardStatus
+    controls: Controls
+    virtual: bool  # its number was generated by this processor
+    created: Timestamp | None  # null for cards loaded from a file before this was recorded
+
+
+class IssuedCard(CardView, kw_only=True):
+    """A new virtual card. `pan` is answered exactly once, in the response that created it.
+
+    A replay of the request (same Idempotency-Key, same body) answers the same card WITHOUT
+    `pan`: the processor never stores a card number, so it cannot give it again.
+    """
+
+    pan: Annotated[str, Meta(pattern=r"^[0-9]{13,19}$")] | UnsetType = UNSET
+
+
+class CategoryUsage(msgspec.Struct, kw_only=True):
+    amount: Amount
+    count: Annotated[int, Meta(ge=0)]
+
+
+class PeriodView(msgspec.Struct, kw_only=True):
+    """Approved spend in the current period; 0 when nothing was approved in it yet."""
+
+    start: date | None  # the period's first local day; null for all_time
+    amount: Amount  # all spend, in the account currency
+    count: Annotated[int, Meta(ge=0)]
+    categories: dict[str, CategoryUsage]  # MCC category -> its share of the above
+
+
+class TrailingView(msgspec.Struct, kw_only=True):
+    """Approvals in the last 24 hours, what trailing-window count limits count."""
+
+    window_seconds: int
+    count: Annotated[int, Meta(ge=0)]
+    categories: dict[str, Annotated[int, Meta(ge=0)]]
+
+
+class UsageView(msgspec.Struct, kw_only=True):
+    """What a card or an account has used against its spend controls, now.
+
+    Calendar periods are those of the programme's time zone; a period that has ended shows 0.
+    """
+
+    scope: Literal["card", "account"]
+    id: str
+    currency: str  # the account currency, in which all amounts are
+    time_zone: str
+    as_of: Timestamp
+    daily: PeriodView
+    weekly: PeriodView
+    monthly: PeriodView
+    yearly: PeriodView
+    all_time: PeriodView
+    trailing: TrailingView
+
+
+class AuthorizationView(msgspec.Struct, kw_only=True):
+    """The processor's answer to one ISO 8583 request (authorisation, reversal, advice, ...)."""
+
+    id: str  # message class|acquirer|STAN|transmission date-time; URL-encode it in paths
+    mti: str  # the request's message type
+    card_id: str | None
+    account_id: str | None
+    response_code: Annotated[str, Meta(pattern=r"^[0-9A-Z]{2}$")]  # field 39
+    reason: str  # machine reason: approved, card_frozen, daily_amount_limit, ...
+    amount: Amount | None  # field 4 of the answer (a partial approval's approved amount)
+    currency: str | None  # ISO 4217 alphabetic, from field 49
+    approval_code: str | None  # field 38
+    hold_id: int | None
+    hold_status: HoldStatus | None
+    posted_amount: Amount
+    reversed_amount: Amount
+    created: Timestamp
+
+
+class AuthorizationsPage(msgspec.Struct, kw_only=True):
+    items: list[AuthorizationView]  # newest first
+    next_cursor: str | None  # pass as ?cursor= for the next page; null on the last page
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+def timestamp(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _created(ms: int) -> datetime | None:
+    return timestamp(ms) if ms else None
+
+
+def account_view(account: Account) -> AccountView:
+    return AccountView(
+        id=account.id,
+        currency=account.currency,
+        posted=account.posted,
+        held=account.held,
+        available=account.available,
+        credit_limit=account.credit_limit,
+        status=account.status,
+        controls=account.controls or NO_CONTROLS,
+        created=_created(account.created_ms),
+    )
+
+
+def entry_view(entry: LedgerEntry) -> EntryView:
+    return EntryView(
+        sequence=entry.sequence,
+        kind=entry.kind,
+        amount=entry.amount,
+        reason=entry.reason,
+        created=timestamp(entry.created_ms),
+        posted_after=entry.posted_after,
+    )
+
+
+def card_view(card: Card) -> CardView:
+    return CardView(
+        id=card.card_id,
+        account_id=card.account_id,
+        masked_pan=card.masked_pan,
+        expiry=card.expiry,
+        status=card.status,
+        controls=card.controls or NO_CONTROLS,
+        virtual=card.virtual,
+        created=_created(card.created_ms),
+    )
+
+
+def issued_card(card: Card, pan: str) -> IssuedCard:
+    view = card_view(card)
+    return IssuedCard(**msgspec.structs.asdict(view), pan=pan)
+
+
+def _period_view(usage: Usage, interval: str, periods: Periods) -> PeriodView:
+    amount, count = used(usage, interval, periods)
+    categories: dict[str, CategoryUsage] = {}
+    for name in sorted(usage.counters):
+        if name:
+            spent, times = used(usage, interval, periods, (name,))
+            if times or spent:
+                categories[name] = CategoryUsage(amount=spent, count=times)
+    start = None if interval == "all_time" else period_start(periods, interval)
+    return PeriodView(start=start, amount=amount, count=count, categories=categories)
+
+
+def usage_view(
+    scope: Literal["card", "account"],
+    owner_id: str,
+    currency: str,
+    usage: Usage,
+    periods: Periods,
+    time_zone: str,
+) -> UsageView:
+    since = periods.at_ms - TRAILING_WINDOW_SECONDS_MAX * 1000
+    categories = {}
+    for name in sorted(usage.recent):
+        if name:
+            count = recent_count(usage, since, (name,))
+            if count:
+                categories[name] = count
+    return UsageView(
+        scope=scope,
+        id=owner_id,
+        currency=currency,
+        time_zone=time_zone,
+        as_of=timestamp(periods.at_ms),
+        daily=_period_view(usage, "daily", periods),
+        weekly=_period_view(usage, "weekly", periods),
+        monthly=_period_view(usage, "monthly", periods),
+        yearly=_period_view(usage, "yearly", periods),
+        all_time=_period_view(usage, "all_time", periods),
+        trailing=TrailingView(
+            window_seconds=TRAILING_WINDOW_SECONDS_MAX,
+            count=recent_count(usage, since, ()),
+            categories=categories,
+        ),
+    )
+
+
+def authorization_view(
+    key: bytes, answer: StoredAnswer, hold_status: HoldStatus | None
+) -> AuthorizationView:
+    response = answer.response
+    amount = response.get("4")
+    currency = response.get("49")
+    return AuthorizationView(
+        id=key.decode("ascii"),
+        mti=answer.mti or "",
+        card_id=answer.card_id,
+        account_id=answer.account_id,
+        response_code=answer.response_code,
+        reason=answer.reason,
+        amount=int(amount) if amount is not None and amount.isdigit() else None,
+        currency=alpha_code(currency) if currency is not None else None,
+        approval_code=response.get("38"),
+        hold_id=answer.hold_id,
+        hold_status=hold_status,
+        posted_amount=answer.posted_amount,
+        reversed_amount=answer.reversed_amount,
+        created=timestamp(answer.answered_ms),
+    )
+
+
+# --- the OpenAPI document's component schemas ------------------------------------------------
+
+SCHEMA_TYPES: Final[tuple[Any, ...]] = (
+    ErrorBody,
+    NewAccount,
+    Movement,
+    NewVirtualCard,
+    CardRegistration,
+    AccountView,
+    MovementResult,
+    EntriesPage,
+    CardView,
+    IssuedCard,
+    UsageView,
+    AuthorizationView,
+    AuthorizationsPage,
+    Controls,
+)
+
+
+def component_schemas() -> dict[str, Any]:
+    """The `components.schemas` of specs/openapi.yaml, generated from the Structs above."""
+    _, components = msgspec.json.schema_components(
+        SCHEMA_TYPES, ref_template="#/components/schemas/{name}"
+    )
+    # Through JSON and back: defaults such as () become the [] a YAML or JSON reader sees.
+    normalised: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(components))
+    return dict(sorted(normalised.items()))
+
+
+SCHEMAS_MARKER: Final = "  schemas:"
+
+
+def write_component_schemas(path: Path) -> None:
+    """Rewrite the document's `components.schemas` (its last section) from the Structs."""
+    import yaml  # a development tool's dependency (the `test` extra), not the daemon's
+
+    text = path.read_text()
+    head, found, _ = text.rpartition("\n" + SCHEMAS_MARKER)
+    if not found:
+        raise SystemExit(f"{path}: no line {SCHEMAS_MARKER!r} to replace")
+    schemas = yaml.safe_dump(
+        {"schemas": component_schemas()}, sort_keys=False, width=96, allow_unicode=True
+    )
+    path.write_text(head + "\n" + textwrap.indent(schemas, "  "))
+
+
+if __name__ == "__main__":
+    write_component_schemas(Path(sys.argv[1] if len(sys.argv) > 1 else "specs/openapi.yaml"))
