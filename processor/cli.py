@@ -90,7 +90,12 @@ def _no_seed(config: Config) -> Config:
 
 
 def cmd_ledger_show(args: argparse.Namespace) -> int:
-    from processor.ledger.report import describe_account, describe_card, describe_history
+    from processor.ledger.report import (
+        describe_account,
+        describe_card,
+        describe_controls,
+        describe_history,
+    )
     from processor.ledger.store import Ledger
     from processor.security import hasher_from_environment
 
@@ -101,6 +106,7 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     try:
         with ledger.read() as reader:
+            print(f"programme controls {describe_controls(reader.programme_controls())}")
             if args.account is not None:
                 account = reader.account(args.account)
                 if account is None:
@@ -197,9 +203,27 @@ def cmd_webhooks_listen(args: argparse.Namespace) -> int:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
+    import os
+
     from processor.sim.scenarios import run_scenarios
 
-    return run_scenarios(args.host, args.port, args.scenarios, framing=args.framing)
+    token = ""
+    if args.api is not None:
+        token = os.environ.get(args.api_token_env, "")
+        if not token:
+            print(
+                f"processor sim: --api needs the control API token in ${args.api_token_env}",
+                file=sys.stderr,
+            )
+            return 2
+    return run_scenarios(
+        args.host,
+        args.port,
+        args.scenarios,
+        framing=args.framing,
+        api_url=args.api,
+        api_token=token,
+    )
 
 
 def cmd_sim_load(args: argparse.Namespace) -> int:
@@ -300,6 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
         "sim", help="network simulator: scenarios (default: all), or `sim load ...`"
     )
     target(sim)
+    sim.add_argument(
+        "--api",
+        metavar="URL",
+        help="control API base URL, e.g. http://127.0.0.1:8080; without it the scenarios "
+        "that need the API are skipped",
+    )
+    sim.add_argument(
+        "--api-token-env",
+        default="PROCESSOR_API_TOKEN",
+        metavar="VAR",
+        help="environment variable holding the API bearer token (default: %(default)s)",
+    )
     sim.add_argument("scenarios", nargs="*", help="scenario names; `list` to list them")
     sim.set_defaults(func=cmd_sim)
     return parser

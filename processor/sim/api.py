@@ -1,0 +1,150 @@
+"""A tiny client for the processor's control API, as a programme backend would call it.
+
+The simulator uses it for the scenarios that need the programme's side of the story (register a
+card, freeze it, swipe it). It speaks plain HTTP + JSON to the URL given; it knows nothing of how
+the daemon serves it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import msgspec
+
+REQUEST_SECONDS = 10.0  # one API call; a slow answer is a failure, not a hang
+
+
+class ApiProblem(Exception):
+    """An API call that did not answer as the scenario needed; says which call and why."""
+
+
+class _ErrorDetail(msgspec.Struct, frozen=True):
+    code: str
+    message: str = ""
+
+
+class _ErrorBody(msgspec.Struct, frozen=True):
+    error: _ErrorDetail
+
+
+class CardCreated(msgspec.Struct, frozen=True):
+    id: str  # the card id; everything else in the body is not needed here
+
+
+class ApiAnswer(msgspec.Struct, frozen=True):
+    status: int
+    body: bytes
+
+    @property
+    def error_code(self) -> str | None:
+        """`error.code` of an error body, None when the body is not one."""
+        try:
+            return msgspec.json.decode(self.body, type=_ErrorBody).error.code
+        except msgspec.DecodeError:
+            return None
+
+    def describe(self) -> str:
+        try:
+            error = msgspec.json.decode(self.body, type=_ErrorBody).error
+        except msgspec.DecodeError:
+            return f"HTTP {self.status}"
+        return f"HTTP {self.status} {error.code}: {error.message}"[:160]
+
+
+class ControlApi:
+    """One HTTP session against `base_url` (e.g. http://127.0.0.1:8080) with a bearer token."""
+
+    def __init__(self, base_url: str, token: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._session = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=aiohttp.ClientTimeout(total=REQUEST_SECONDS),
+        )
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> ApiAnswer:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        data = msgspec.json.encode(body) if body is not None else None
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            async with self._session.request(
+                method, self.base_url + path, data=data, headers=headers
+            ) as response:
+                return ApiAnswer(response.status, await response.read())
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise ApiProblem(f"{method} {path}: {type(error).__name__}: {error}") from None
+
+    async def expect(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        ok: tuple[int, ...] = (200,),
+        idempotency_key: str | None = None,
+    ) -> ApiAnswer:
+        """The answer when its status is in `ok`; ApiProblem naming the call otherwise."""
+        answer = await self.call(method, path, body, idempotency_key=idempotency_key)
+        if answer.status not in ok:
+            raise ApiProblem(f"{method} {path}: {answer.describe()}")
+        return answer
+
+    # --- the calls the scenarios make ------------------------------------------------------------
+
+    async def ensure_account(self, account_id: str, currency: str) -> bool:
+        """Create the account; True when created now, False when it already existed."""
+        answer = await self.call("POST", "/v1/accounts", {"id": account_id, "currency": currency})
+        if answer.status == 201:
+            return True
+        if answer.status == 409 and answer.error_code == "account_exists":
+            return False
+        raise ApiProblem(f"POST /v1/accounts: {answer.describe()}")
+
+    async def fund(self, account_id: str, amount: int, reason: str, idempotency_key: str) -> None:
+        await self.expect(
+            "POST",
+            f"/v1/accounts/{account_id}/fund",
+            {"amount": amount, "reason": reason},
+            ok=(200, 201),
+            idempotency_key=idempotency_key,
+        )
+
+    async def register_card(
+        self, pan: str, expiry: str, account_id: str, idempotency_key: str
+    ) -> str:
+        """The card id. The same key on a rerun replays the first 201, id included."""
+        answer = await self.expect(
+            "POST",
+            "/v1/cards",
+            {"pan": pan, "expiry": expiry, "account_id": account_id},
+            ok=(200, 201),
+            idempotency_key=idempotency_key,
+        )
+        try:
+            return msgspec.json.decode(answer.body, type=CardCreated).id
+        except msgspec.DecodeError as error:
+            raise ApiProblem(f"POST /v1/cards: answer without a card id: {error}") from None
+
+    async def freeze(self, card_id: str) -> None:
+        await self.expect("POST", f"/v1/cards/{card_id}/freeze")
+
+    async def unfreeze(self, card_id: str) -> None:
+        await self.expect("POST", f"/v1/cards/{card_id}/unfreeze")
+
+    async def unfreeze_if_frozen(self, card_id: str) -> None:
+        """Unfreeze; a card that is not frozen (409 invalid_card_transition) is left as it is."""
+        path = f"/v1/cards/{card_id}/unfreeze"
+        answer = await self.call("POST", path)
+        if answer.status != 200 and answer.error_code != "invalid_card_transition":
+            raise ApiProblem(f"POST {path}: {answer.describe()}")
