@@ -164,9 +164,11 @@ assert sys.byteorder == "little", "Usage.recent is stored little-endian"
 _U64: Final = struct.Struct("<Q")
 
 
-def _bisect_packed(packed: bytes, value: int) -> int:
+def _bisect_packed(packed: bytearray, value: int) -> int:
     """How many of the packed times are <= value (bisect_right)."""
-    return bisect_right(memoryview(packed).cast("Q"), value)
+    # The views are released when this returns, so the bytearray may grow again afterwards.
+    with memoryview(packed) as view, view.cast("Q") as times:
+        return bisect_right(times, value)
 
 
 def recent_count(usage: Usage, since_ms: int, categories: Sequence[str]) -> int:
@@ -304,23 +306,24 @@ def record_usage(usage: Usage, amount: int, category: str | None, periods: Perio
         row[7] += 1
         row[8] += amount
         row[9] += 1
-        packed = recent.get(key, b"")
+        packed = recent.get(key)
+        if packed is None:
+            packed = recent[key] = bytearray()
         if not packed or _U64.unpack_from(packed, len(packed) - 8)[0] <= at_ms:
-            packed += entry  # the usual case: time moves forward
+            packed += entry  # the usual case: time moves forward; appends in place
         else:  # the clock stepped back: keep the times sorted
             index = _bisect_packed(packed, at_ms) << 3
-            packed = packed[:index] + entry + packed[index:]
+            packed[index:index] = entry
         # Drop what no window can reach: older than the longest window, or beyond the largest
         # count a window may have (only the newest TRAILING_COUNT_MAX can decide a refusal).
         entries = len(packed) >> 3
         if entries > TRAILING_COUNT_MAX + _TRIM_SLACK:
             cut = (entries - TRAILING_COUNT_MAX) << 3
             usage.trimmed[key] = _U64.unpack_from(packed, cut - 8)[0]
-            packed = packed[cut:]
+            del packed[:cut]
         keep_since = at_ms - TRAILING_WINDOW_SECONDS_MAX * 1000
         if _U64.unpack_from(packed)[0] <= keep_since:
-            packed = packed[_bisect_packed(packed, keep_since) << 3 :]
-        recent[key] = packed
+            del packed[: _bisect_packed(packed, keep_since) << 3]
 
 
 def release_usage(
@@ -356,4 +359,4 @@ def release_usage(
         if count and packed:
             index = _bisect_packed(packed, approved.at_ms) - 1
             if index >= 0 and _U64.unpack_from(packed, index << 3)[0] == approved.at_ms:
-                usage.recent[key] = packed[: index << 3] + packed[(index + 1) << 3 :]
+                del packed[index << 3 : (index + 1) << 3]

@@ -145,7 +145,8 @@ class Usage(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     counters: dict[str, list[int]] = msgspec.field(default_factory=dict)
     # Category ("" = all) -> approval times in ms, packed little-endian u64, oldest first: packed
     # so a busy card decodes its history as one bytes object, not a thousand integers.
-    recent: dict[str, bytes] = msgspec.field(default_factory=dict)
+    # A bytearray so an approval appends in place instead of copying the whole history.
+    recent: dict[str, bytearray] = msgspec.field(default_factory=dict)
     # Category -> the newest time dropped from `recent` to keep it bounded (see recent_count).
     trimmed: dict[str, int] = msgspec.field(default_factory=dict)
 
