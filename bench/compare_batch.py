@@ -1,0 +1,95 @@
+"""Per-request cost of `Authorizer.authorize_batch` on a ledger without controls, on any tree.
+
+Runs against whichever `processor` is first on the path, so the same script measures an older
+commit checked out in a worktree and the current one, alternately, in the same session:
+
+    git worktree add /tmp/base <commit>
+    PYTHONPATH=/tmp/base python bench/compare_batch.py 30 process
+    PYTHONPATH=.         python bench/compare_batch.py 30 process
+
+Prints the median and p90 microseconds per request of `rounds` batches of 256 fresh 0100s
+(after two warm-up batches). Bounded by `rounds`; no network.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from processor.authorizer import Authorizer
+from processor.engine import ProgrammeRules
+from processor.ledger.load import load_path
+from processor.ledger.store import Ledger
+from processor.security import PanHasher
+from processor.wire.codec import Codec
+from processor.wire.spec import load_spec
+
+PAN = "4761739001010085"
+BATCH = 256
+
+
+def rules() -> ProgrammeRules:
+    try:
+        from processor.catalog import default_catalog
+    except ImportError:  # a tree from before spend controls
+        return ProgrammeRules()
+    return ProgrammeRules(catalog=default_catalog())  # type: ignore[call-arg, unused-ignore]
+
+
+def main() -> int:
+    rounds, durability = int(sys.argv[1]), sys.argv[2]
+    codec, hasher = Codec(load_spec()), PanHasher(b"bench-key")
+    stans = itertools.count(1)
+    now = datetime(2026, 11, 24, 12, tzinfo=UTC)
+    per_request: list[float] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        source = Path(scratch) / "ledger.toml"
+        source.write_text(
+            f'[[accounts]]\nid = "bench"\ncurrency = "EUR"\nbalance = 100000000000000\n'
+            f'[[cards]]\npan = "{PAN}"\naccount = "bench"\nexpiry = "3012"\n'
+        )
+        ledger = Ledger(Path(scratch) / "ledger", durability=durability)  # type: ignore[arg-type]
+        load_path(ledger, source, hasher)
+        authorizer = Authorizer(ledger, codec, hasher, rules(), hold_lifetime_seconds=7 * 86400)
+        for round_index in range(rounds + 2):
+            requests = []
+            for _ in range(BATCH):
+                stan = next(stans)
+                fields = {
+                    "t": "0100",
+                    "2": PAN,
+                    "3": "000000",
+                    "4": "000000000100",
+                    "7": "1124120000",
+                    "11": f"{stan % 1_000_000:06d}",
+                    "18": "5411",
+                    "22": "051",
+                    "25": "00",
+                    "32": f"{stan}",
+                    "41": "TERM0001",
+                    "43": f"{'DEMO SHOP':<25}{'BERLIN':<13}DE",
+                    "49": "978",
+                }
+                requests.append(codec.decode(codec.encode(fields)))
+            started = time.perf_counter()
+            outcomes = authorizer.authorize_batch(
+                requests, now + timedelta(seconds=2 * round_index)
+            )
+            elapsed = time.perf_counter() - started
+            assert all(o.response_code == "00" for o in outcomes), {o.reason for o in outcomes}
+            if round_index >= 2:
+                per_request.append(elapsed / BATCH * 1e6)
+        ledger.close()
+    per_request.sort()
+    p90 = per_request[int(len(per_request) * 0.9) - 1]
+    print(f"median {statistics.median(per_request):.2f} us/request, p90 {p90:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
