@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import iso8583
 import msgspec
+import pytest
 
+from processor.authorizer import CommandRefused
 from processor.config import Config
 from processor.ledger.load import load_path
-from processor.ledger.store import Ledger
+from processor.ledger.store import Ledger, Writer
 from processor.metrics import Metrics
 from processor.resources import demo_data_path
 from processor.security import PanHasher
@@ -292,3 +295,60 @@ def test_readyz_is_not_ready_while_the_ledger_is_unavailable(tmp_path: Path) -> 
     assert status == 503 and b"ledger unavailable" in body
     daemon.stopping = True
     assert asyncio.run(ask())[0] == 503
+
+
+def freeze_card(pan: str) -> Callable[[Writer, int], str]:
+    """A control-API style command: freeze the card, say which."""
+
+    def command(writer: Writer, now_ms: int) -> str:
+        key = PanHasher(b"protocol-test-key").card_key(pan)
+        card = writer.card(key)
+        assert card is not None
+        card.status = "frozen"
+        writer.put_card(key, card, card.account_id)
+        return card.card_id
+
+    return command
+
+
+def refuse(writer: Writer, now_ms: int) -> None:
+    raise CommandRefused(409, "nope", "refused before writing")
+
+
+def test_a_command_is_applied_ahead_of_the_requests_of_its_batch(tmp_path: Path) -> None:
+    """A change queued while requests wait goes first: they already see the card frozen."""
+    daemon = make_daemon(tmp_path)
+    link, transport = Link(daemon), FakeTransport()
+    results: list[object] = []
+
+    async def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(auth_frame(1) + auth_frame(2))  # queued, not yet committed
+        results.append(await daemon.execute(freeze_card("4761739001010085")))
+        results.append(await daemon.execute(refuse))
+
+    asyncio.run(body())
+    assert [(f["11"], f["39"]) for f in transport.frames()] == [("000001", "62"), ("000002", "62")]
+    assert isinstance(results[0], str) and results[0].startswith("card_")
+    refusal = results[1]
+    assert isinstance(refusal, CommandRefused) and (refusal.status, refusal.code) == (409, "nope")
+    assert daemon.metrics.batch_size._sum.get() == 2  # the two requests, in one batch
+    daemon.ledger.close()
+
+
+def test_a_command_in_a_failing_batch_raises_and_applies_nothing(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path)
+
+    def broken(writer: Writer, now_ms: int) -> None:
+        freeze_card("4761739001010085")(writer, now_ms)
+        raise RuntimeError("a bug after writing")
+
+    async def body() -> None:
+        with pytest.raises(RuntimeError, match="a bug after writing"):
+            await daemon.execute(broken)
+
+    asyncio.run(body())
+    with daemon.ledger.read() as reader:
+        card = reader.card(PanHasher(b"protocol-test-key").card_key("4761739001010085"))
+        assert card is not None and card.status == "active"  # the transaction was aborted
+    daemon.ledger.close()
