@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from processor.ledger.load import load_path
 from processor.ledger.store import Ledger
 from processor.security import PanHasher
 from processor.wire.codec import Codec
+from processor.wire.messages import AuthorizationRequest
 from processor.wire.spec import load_spec
 
 PAN = "4761739001010085"
@@ -39,6 +41,32 @@ def rules() -> ProgrammeRules:
     except ImportError:  # a tree from before spend controls
         return ProgrammeRules()
     return ProgrammeRules(catalog=default_catalog())  # type: ignore[call-arg, unused-ignore]
+
+
+def fresh_requests(codec: Codec, stans: Iterator[int], count: int) -> list[AuthorizationRequest]:
+    """`count` 0100s of 1.00 EUR at a grocery, each with a new identity (no retransmissions)."""
+    requests = []
+    for _ in range(count):
+        stan = next(stans)
+        fields = {
+            "t": "0100",
+            "2": PAN,
+            "3": "000000",
+            "4": "000000000100",
+            "7": "1124120000",
+            "11": f"{stan % 1_000_000:06d}",
+            "18": "5411",
+            "22": "051",
+            "25": "00",
+            "32": f"{stan}",
+            "41": "TERM0001",
+            "43": f"{'DEMO SHOP':<25}{'BERLIN':<13}DE",
+            "49": "978",
+        }
+        request = codec.decode(codec.encode(fields))
+        assert isinstance(request, AuthorizationRequest)
+        requests.append(request)
+    return requests
 
 
 def main() -> int:
@@ -57,25 +85,7 @@ def main() -> int:
         load_path(ledger, source, hasher)
         authorizer = Authorizer(ledger, codec, hasher, rules(), hold_lifetime_seconds=7 * 86400)
         for round_index in range(rounds + 2):
-            requests = []
-            for _ in range(BATCH):
-                stan = next(stans)
-                fields = {
-                    "t": "0100",
-                    "2": PAN,
-                    "3": "000000",
-                    "4": "000000000100",
-                    "7": "1124120000",
-                    "11": f"{stan % 1_000_000:06d}",
-                    "18": "5411",
-                    "22": "051",
-                    "25": "00",
-                    "32": f"{stan}",
-                    "41": "TERM0001",
-                    "43": f"{'DEMO SHOP':<25}{'BERLIN':<13}DE",
-                    "49": "978",
-                }
-                requests.append(codec.decode(codec.encode(fields)))
+            requests = fresh_requests(codec, stans, BATCH)
             started = time.perf_counter()
             outcomes = authorizer.authorize_batch(
                 requests, now + timedelta(seconds=2 * round_index)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from compare_batch import PAN, fresh_requests
 from run_load import load, start_daemon
 
 from processor.authorizer import Authorizer
@@ -40,7 +41,6 @@ from processor.security import PanHasher
 from processor.wire.codec import Codec
 from processor.wire.spec import load_spec
 
-PAN = "4761739001010085"  # `processor sim load`'s default card
 BASE = """
 [[accounts]]
 id = "bench"
@@ -117,25 +117,7 @@ def in_process(rounds: int, batch: int, durability: str) -> dict[str, list[float
             # 2 s between rounds: the card's 1000-per-second trailing window never trips.
             at = now + timedelta(seconds=2 * round_index)
             for variant in ("none", "ten") if round_index % 2 else ("ten", "none"):
-                requests = []
-                for _ in range(batch):
-                    stan = next(stans)
-                    fields = {
-                        "t": "0100",
-                        "2": PAN,
-                        "3": "000000",
-                        "4": "000000000100",
-                        "7": "1124120000",
-                        "11": f"{stan % 1_000_000:06d}",
-                        "18": "5411",
-                        "22": "051",
-                        "25": "00",
-                        "32": f"{stan}",
-                        "41": "TERM0001",
-                        "43": f"{'DEMO SHOP':<25}{'BERLIN':<13}DE",
-                        "49": "978",
-                    }
-                    requests.append(codec.decode(codec.encode(fields)))
+                requests = fresh_requests(codec, stans, batch)
                 started = time.perf_counter()
                 outcomes = authorizers[variant].authorize_batch(requests, at)
                 elapsed = time.perf_counter() - started
