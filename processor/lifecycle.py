@@ -17,7 +17,7 @@ import msgspec
 
 from processor.currency import numeric_code
 from processor.engine import Decision, ProgrammeRules, Spend, decide
-from processor.engine.controls import Periods, periods_at, record_usage, release_usage
+from processor.engine.controls import Periods, periods_at, record_usages, release_usage
 from processor.engine.decide import billing_amount
 from processor.engine.fx import scale
 from processor.ledger.controls import Controls
@@ -152,10 +152,15 @@ class Lifecycle:
     def _count_usage(
         self, writer: Writer, card_id: str, account_id: str, amount: int, mcc: str, batch: Batch
     ) -> None:
-        category = self._rules.catalog.category(mcc)
-        for scope in ("c:" + card_id, "a:" + account_id):
-            record_usage(writer.usage(scope), amount, category, batch.periods)
-            writer.touch_usage(scope)
+        card_scope, account_scope = "c:" + card_id, "a:" + account_id
+        record_usages(
+            (writer.usage(card_scope), writer.usage(account_scope)),
+            amount,
+            self._rules.catalog.category(mcc),
+            batch.periods,
+        )
+        writer.touch_usage(card_scope)
+        writer.touch_usage(account_scope)
 
     def _give_back_usage(
         self, writer: Writer, original: StoredAnswer, amount: int, full: bool, batch: Batch

@@ -285,45 +285,55 @@ def _roll(usage: Usage, current: list[int]) -> None:
 
 def record_usage(usage: Usage, amount: int, category: str | None, periods: Periods) -> None:
     """Count one approval of `amount` at `periods.at_ms`, in place."""
+    record_usages((usage,), amount, category, periods)
+
+
+def record_usages(
+    usages: Sequence[Usage], amount: int, category: str | None, periods: Periods
+) -> None:
+    """Count one approval in each of `usages` (a card's and its account's): one call, not two,
+    because this runs for every approval and its set-up is a good part of its cost."""
     current = periods.numbers
-    if usage.periods != current:
-        _roll(usage, current)
-    counters = usage.counters
-    recent = usage.recent
     at_ms = periods.at_ms
     entry = _U64.pack(at_ms)
-    for key in ("", category) if category else ("",):
-        row = counters.get(key)
-        if row is None:
-            row = counters[key] = [0] * COUNTER_ROW_LENGTH
-        row[0] += amount
-        row[1] += 1
-        row[2] += amount
-        row[3] += 1
-        row[4] += amount
-        row[5] += 1
-        row[6] += amount
-        row[7] += 1
-        row[8] += amount
-        row[9] += 1
-        packed = recent.get(key)
-        if packed is None:
-            packed = recent[key] = bytearray()
-        if not packed or _U64.unpack_from(packed, len(packed) - 8)[0] <= at_ms:
-            packed += entry  # the usual case: time moves forward; appends in place
-        else:  # the clock stepped back: keep the times sorted
-            index = _bisect_packed(packed, at_ms) << 3
-            packed[index:index] = entry
-        # Drop what no window can reach: older than the longest window, or beyond the largest
-        # count a window may have (only the newest TRAILING_COUNT_MAX can decide a refusal).
-        entries = len(packed) >> 3
-        if entries > TRAILING_COUNT_MAX + _TRIM_SLACK:
-            cut = (entries - TRAILING_COUNT_MAX) << 3
-            usage.trimmed[key] = _U64.unpack_from(packed, cut - 8)[0]
-            del packed[:cut]
-        keep_since = at_ms - TRAILING_WINDOW_SECONDS_MAX * 1000
-        if _U64.unpack_from(packed)[0] <= keep_since:
-            del packed[: _bisect_packed(packed, keep_since) << 3]
+    keep_since = at_ms - TRAILING_WINDOW_SECONDS_MAX * 1000
+    keys = ("", category) if category else ("",)
+    for usage in usages:
+        if usage.periods != current:
+            _roll(usage, current)
+        counters = usage.counters
+        recent = usage.recent
+        for key in keys:
+            row = counters.get(key)
+            if row is None:
+                row = counters[key] = [0] * COUNTER_ROW_LENGTH
+            row[0] += amount
+            row[1] += 1
+            row[2] += amount
+            row[3] += 1
+            row[4] += amount
+            row[5] += 1
+            row[6] += amount
+            row[7] += 1
+            row[8] += amount
+            row[9] += 1
+            packed = recent.get(key)
+            if packed is None:
+                packed = recent[key] = bytearray()
+            if not packed or _U64.unpack_from(packed, len(packed) - 8)[0] <= at_ms:
+                packed += entry  # the usual case: time moves forward; appends in place
+            else:  # the clock stepped back: keep the times sorted
+                index = _bisect_packed(packed, at_ms) << 3
+                packed[index:index] = entry
+            # Drop what no window can reach: older than the longest window, or beyond the
+            # largest count a window may have (only the newest TRAILING_COUNT_MAX can decide).
+            entries = len(packed) >> 3
+            if entries > TRAILING_COUNT_MAX + _TRIM_SLACK:
+                cut = (entries - TRAILING_COUNT_MAX) << 3
+                usage.trimmed[key] = _U64.unpack_from(packed, cut - 8)[0]
+                del packed[:cut]
+            if _U64.unpack_from(packed)[0] <= keep_since:
+                del packed[: _bisect_packed(packed, keep_since) << 3]
 
 
 def release_usage(
