@@ -20,7 +20,7 @@ from processor.engine import Decision, ProgrammeRules, Spend, decide
 from processor.engine.controls import Periods, periods_at, record_usages, release_usage
 from processor.engine.decide import billing_amount
 from processor.engine.fx import scale
-from processor.ledger.controls import Controls
+from processor.ledger.controls import Controls, account_scope, card_scope
 from processor.ledger.records import Account, Card, Hold, StoredAnswer
 from processor.ledger.store import Writer
 from processor.wire.codec import balance_block
@@ -141,8 +141,8 @@ class Lifecycle:
             return card, None, decide(request, card, None, self._rules, batch.now_yymm)
         spend = Spend(
             batch.programme,
-            writer.usage("c:" + card.card_id),
-            writer.usage("a:" + account.id),
+            writer.usage(card_scope(card.card_id)),
+            writer.usage(account_scope(account.id)),
             batch.periods,
         )
         return card, account, decide(request, card, account, self._rules, batch.now_yymm, spend)
@@ -152,15 +152,15 @@ class Lifecycle:
     def _count_usage(
         self, writer: Writer, card_id: str, account_id: str, amount: int, mcc: str, batch: Batch
     ) -> None:
-        card_scope, account_scope = "c:" + card_id, "a:" + account_id
+        of_card, of_account = card_scope(card_id), account_scope(account_id)
         record_usages(
-            (writer.usage(card_scope), writer.usage(account_scope)),
+            (writer.usage(of_card), writer.usage(of_account)),
             amount,
             self._rules.catalog.category(mcc),
             batch.periods,
         )
-        writer.touch_usage(card_scope)
-        writer.touch_usage(account_scope)
+        writer.touch_usage(of_card)
+        writer.touch_usage(of_account)
 
     def _give_back_usage(
         self, writer: Writer, original: StoredAnswer, amount: int, full: bool, batch: Batch
@@ -173,7 +173,7 @@ class Lifecycle:
             return
         category = self._rules.catalog.category(original.usage_mcc)
         approved = periods_at(original.answered_ms, self._zone)
-        for scope in ("c:" + original.card_id, "a:" + original.account_id):
+        for scope in (card_scope(original.card_id), account_scope(original.account_id)):
             release_usage(
                 writer.usage(scope), amount, 1 if full else 0, category, approved, batch.periods
             )

@@ -71,15 +71,24 @@ def mask_pan(pan: str) -> str:
     return f"{pan[:6]}{'*' * (len(pan) - 10)}{pan[-4:]}"
 
 
-def luhn_valid(pan: str) -> bool:
-    if not pan.isdigit():
-        return False
+def _luhn_sum(digits: str, doubled_parity: int) -> int:
+    """The Luhn sum of `digits`, doubling those whose index from the right has this parity."""
     total = 0
-    for index, char in enumerate(reversed(pan)):
+    for index, char in enumerate(reversed(digits)):
         digit = ord(char) - 48
-        if index % 2 == 1:
+        if index % 2 == doubled_parity:
             digit *= 2
             if digit > 9:
                 digit -= 9
         total += digit
-    return total % 10 == 0
+    return total
+
+
+def luhn_valid(pan: str) -> bool:
+    return pan.isdigit() and _luhn_sum(pan, 1) % 10 == 0
+
+
+def luhn_check_digit(digits: str) -> str:
+    """The digit that makes `digits` + it pass the Luhn check (the check digit is not yet there,
+    so the digits doubled are those at even indexes from the right)."""
+    return str((10 - _luhn_sum(digits, 0) % 10) % 10)

@@ -31,10 +31,10 @@ from processor.api.views import (
 from processor.authorizer import Command, CommandRefused
 from processor.config import CardIssuingConfig
 from processor.ledger.controls import Controls
-from processor.ledger.load import card_id_for
+from processor.ledger.load import card_record
 from processor.ledger.records import Account, Card, CardStatus
 from processor.ledger.store import Writer
-from processor.security import PanHasher
+from processor.security import PanHasher, luhn_check_digit
 
 # Random numbers drawn before giving up on a free card number: with a sane BIN range a
 # collision is rare, and many in a row mean the range is nearly used up.
@@ -151,11 +151,10 @@ def _open_account(writer: Writer, account_id: str, *, field: str | None = None) 
 
 
 def _card(writer: Writer, card_id: str) -> tuple[bytes, Card]:
-    card_key = writer.card_key_by_id(card_id)
-    card = None if card_key is None else writer.card(card_key)
-    if card_key is None or card is None:
+    found = writer.card_by_id(card_id)
+    if found is None:
         raise Refused(404, "card_not_found", f"no card {card_id!r}")
-    return card_key, card
+    return found
 
 
 def _stored_controls(controls: Controls | None) -> Controls | None:
@@ -302,19 +301,6 @@ def change_card_status(card_id: str, action: CardAction) -> Operation:
     return run
 
 
-def luhn_check_digit(digits: str) -> str:
-    """The digit that makes `digits` + it pass the Luhn check."""
-    total = 0
-    for index, char in enumerate(reversed(digits)):
-        digit = ord(char) - 48
-        if index % 2 == 0:  # doubled: these are the odd positions once the check digit is on
-            digit *= 2
-            if digit > 9:
-                digit -= 9
-        total += digit
-    return str((10 - total % 10) % 10)
-
-
 def random_pan(bin_prefix: str, length: int) -> str:
     free = length - len(bin_prefix) - 1
     body = bin_prefix + f"{secrets.randbelow(10**free):0{free}d}"
@@ -354,12 +340,10 @@ def issue_virtual_card(
                 f"no free card number found in {PAN_ATTEMPTS_MAX} draws in BIN range "
                 f"{issuing.bin_prefix}; widen programme.card_issuing",
             )
-        card = Card(
-            card_id=card_id_for(card_key),
+        card = card_record(
+            card_key,
+            pan,
             account_id=account.id,
-            bin=pan[:6],
-            last4=pan[-4:],
-            pan_length=len(pan),
             expiry=expiry_after(now_ms, issuing.expiry_months),
             controls=_stored_controls(controls),
             created_ms=now_ms,
@@ -389,12 +373,10 @@ def register_card(
                 f"a card with this number is already registered as {existing.card_id}",
                 field="$.pan",
             )
-        card = Card(
-            card_id=card_id_for(card_key),
+        card = card_record(
+            card_key,
+            pan,
             account_id=account.id,
-            bin=pan[:6],
-            last4=pan[-4:],
-            pan_length=len(pan),
             expiry=expiry,
             controls=_stored_controls(controls),
             created_ms=now_ms,

@@ -43,7 +43,7 @@ from processor.authorizer import Command, CommandRefused
 from processor.catalog import default_catalog
 from processor.currency import UnknownCurrency, exponent, numeric_code
 from processor.engine.controls import Periods, control_errors, periods_at
-from processor.ledger.controls import NO_CONTROLS, Controls
+from processor.ledger.controls import NO_CONTROLS, Controls, account_scope, card_scope
 from processor.ledger.records import Card
 from processor.ledger.store import LedgerError, Reader
 from processor.security import PanHasher, luhn_valid
@@ -408,7 +408,7 @@ class ControlApi:
             account = reader.account(account_id)
             if account is None:
                 raise ApiError(404, "account_not_found", f"no account {account_id!r}")
-            usage = reader.usage(f"a:{account_id}")
+            usage = reader.usage(account_scope(account_id))
         return json_response(
             usage_view(
                 "account", account_id, account.currency, usage, self._periods(), self._zone_name
@@ -468,11 +468,10 @@ class ControlApi:
 
     @staticmethod
     def _read_card(reader: Reader, card_id: str) -> Card:
-        card_key = reader.card_key_by_id(card_id)
-        card = None if card_key is None else reader.card(card_key)
-        if card is None:
+        found = reader.card_by_id(card_id)
+        if found is None:
             raise ApiError(404, "card_not_found", f"no card {card_id!r}")
-        return card
+        return found[1]
 
     def _card_action(self, action: CardAction) -> Handler:
         async def handle(request: web.Request) -> web.Response:
@@ -487,7 +486,7 @@ class ControlApi:
         with self.daemon.ledger.read() as reader:
             card = self._read_card(reader, card_id)
             account = reader.account(card.account_id)
-            usage = reader.usage(f"c:{card_id}")
+            usage = reader.usage(card_scope(card_id))
         currency = account.currency if account is not None else ""
         return json_response(
             usage_view("card", card_id, currency, usage, self._periods(), self._zone_name)

@@ -151,6 +151,16 @@ class Usage(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     trimmed: dict[str, int] = msgspec.field(default_factory=dict)
 
 
+def card_scope(card_id: str) -> str:
+    """Key of a card's Usage in the ledger's `usage` database."""
+    return "c:" + card_id
+
+
+def account_scope(account_id: str) -> str:
+    """Key of an account's Usage (all its cards together)."""
+    return "a:" + account_id
+
+
 # --- the catalog the controls name ---------------------------------------------------------
 
 

@@ -126,6 +126,33 @@ def card_id_for(card_key: bytes) -> str:
     return "card_" + card_key[:10].hex()
 
 
+def card_record(
+    card_key: bytes,
+    pan: str,
+    *,
+    account_id: str,
+    expiry: str,
+    status: CardStatus = "active",
+    controls: Controls | None = None,
+    created_ms: int = 0,
+    virtual: bool = False,
+) -> Card:
+    """The one way a PAN becomes a card record: its id from the keyed hash, and of the number
+    only what may be shown (BIN, last four, length)."""
+    return Card(
+        card_id=card_id_for(card_key),
+        account_id=account_id,
+        bin=pan[:6],
+        last4=pan[-4:],
+        pan_length=len(pan),
+        expiry=expiry,
+        status=status,
+        controls=controls,
+        created_ms=created_ms,
+        virtual=virtual,
+    )
+
+
 def apply_load_file(
     ledger: Ledger,
     data: LoadFile,
@@ -189,15 +216,12 @@ def apply_load_file(
             card_key = hasher.card_key(card_entry.pan)
             previous = writer.card(card_key)
             counts["cards_created" if previous is None else "cards_updated"] += 1
-            pan = card_entry.pan
             writer.put_card(
                 card_key,
-                Card(
-                    card_id=card_id_for(card_key),
+                card_record(
+                    card_key,
+                    card_entry.pan,
                     account_id=card_entry.account,
-                    bin=pan[:6],
-                    last4=pan[-4:],
-                    pan_length=len(pan),
                     expiry=card_entry.expiry,
                     status=card_entry.status,
                     controls=controls,

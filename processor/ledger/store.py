@@ -45,7 +45,7 @@ _DATABASES = (
     "clearing",  # clearing record id -> ClearedRecord: presentments applied once each
     "card_answers",  # card id + answered ms + answer key -> b"": a card's recent history
     "outbox",  # event sequence -> OutboxRecord: events for the programme, same txn as changes
-    "usage",  # "c:" card id | "a:" account id -> Usage: spend-control counters
+    "usage",  # controls.card_scope / account_scope -> Usage: spend-control counters
     "card_ids",  # card id -> card key: the API names cards by id, the ledger keys them by HMAC
     "account_answers",  # account id + answered ms + answer key -> b"": authorisations by account
     "entries",  # account id + u64 sequence -> LedgerEntry: funding and debits via the API
@@ -289,16 +289,22 @@ class Reader:
                 break
         return found
 
-    def programme_controls(self) -> Controls | None:
-        raw = self._txn.get(b"controls", db=self._dbs["meta"])
-        return None if raw is None else self._codecs.controls.decode(raw)
-
     def card_key_by_id(self, card_id: str) -> bytes | None:
         raw = self._txn.get(card_id.encode(), db=self._dbs["card_ids"])
         return None if raw is None else bytes(raw)
 
+    def card_by_id(self, card_id: str) -> tuple[bytes, Card] | None:
+        """(card key, card) of the card the API names by id."""
+        card_key = self.card_key_by_id(card_id)
+        card = None if card_key is None else self.card(card_key)
+        return None if card_key is None or card is None else (card_key, card)
+
+    def programme_controls(self) -> Controls | None:
+        raw = self._txn.get(b"controls", db=self._dbs["meta"])
+        return None if raw is None else self._codecs.controls.decode(raw)
+
     def usage(self, scope: str) -> Usage:
-        """Spend-control usage of "c:<card id>" or "a:<account id>" (empty when none yet)."""
+        """Spend-control usage under a card_scope or account_scope key (empty when none yet)."""
         raw = self._txn.get(scope.encode(), db=self._dbs["usage"])
         return Usage() if raw is None else self._codecs.usage.decode(raw)
 
