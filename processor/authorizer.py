@@ -36,13 +36,27 @@ NETWORK_CODES: Final = {"001": "sign_on", "002": "sign_off", "301": "echo"}
 
 
 class CommandRefused(Exception):
-    """A control-API command that found it cannot apply; raised before it wrote anything."""
+    """A control-API command that found it cannot apply; raised before it wrote anything.
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    Carries what the API's error body says: HTTP status, stable code, message, and the field
+    at fault and further details when there are.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        details: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.field = field
+        self.details = details
 
 
 # A change from the control API, applied inside a batch's write transaction at `now_ms`.

@@ -28,7 +28,8 @@ from processor.api.views import (
     entry_view,
     issued_card,
 )
-from processor.authorizer import Command, CommandRefused
+from processor.authorizer import Command
+from processor.authorizer import CommandRefused as Refused  # returned to the API as the result
 from processor.config import CardIssuingConfig
 from processor.ledger.controls import Controls
 from processor.ledger.load import card_record
@@ -41,23 +42,6 @@ from processor.security import PanHasher, luhn_check_digit
 PAN_ATTEMPTS_MAX: Final = 32
 
 _encode = msgspec.json.encode
-
-
-class Refused(CommandRefused):
-    """A command that cannot apply, with what the API's error body needs beyond the code."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        field: str | None = None,
-        details: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(status, code, message)
-        self.field = field
-        self.details = details
 
 
 class Reply(msgspec.Struct, kw_only=True):

@@ -23,7 +23,7 @@ import msgspec
 from aiohttp import web
 
 from processor.api import commands
-from processor.api.commands import CARD_ACTIONS, CardAction, Idempotency, Operation, Refused, Reply
+from processor.api.commands import CARD_ACTIONS, CardAction, Idempotency, Operation, Reply
 from processor.api.views import (
     ACCOUNT_ID_PATTERN,
     CARD_ID_PATTERN,
@@ -307,7 +307,7 @@ class ControlApi:
                 "nothing was applied, retry later",
                 headers={"Retry-After": "1"},
             ) from None
-        if isinstance(result, Refused):
+        if isinstance(result, CommandRefused):
             raise ApiError(
                 result.status,
                 result.code,
@@ -315,14 +315,16 @@ class ControlApi:
                 field=result.field,
                 details=result.details,
             )
-        if isinstance(result, CommandRefused):
-            raise ApiError(result.status, result.code, result.message)
         assert isinstance(result, Reply), result
         return result
 
-    async def _apply(self, request: web.Request, raw: bytes, operation: Operation) -> web.Response:
-        """Run the operation in the next write transaction (once per Idempotency-Key)."""
-        key = idempotency(request, raw, self.hasher)
+    async def _apply(
+        self, request: web.Request, raw: bytes | None, operation: Operation
+    ) -> web.Response:
+        """Run the operation in the next write transaction: once per Idempotency-Key for a POST
+        (`raw`, its body, goes into the key's digest), plain for a PUT (`raw` None), which
+        replaces a whole set and so may be repeated harmlessly."""
+        key = None if raw is None else idempotency(request, raw, self.hasher)
         reply = await self._run(commands.idempotent(key, operation))
         audit(request, reply)
         response = web.Response(
@@ -331,12 +333,6 @@ class ControlApi:
         if reply.replayed:
             response.headers["Idempotent-Replayed"] = "true"
         return response
-
-    async def _apply_put(self, request: web.Request, operation: Operation) -> web.Response:
-        # PUT replaces the whole set: repeating it is harmless, so no Idempotency-Key record.
-        reply = await self._run(commands.idempotent(None, operation))
-        audit(request, reply)
-        return web.Response(body=reply.body, status=reply.status, content_type="application/json")
 
     # --- accounts ------------------------------------------------------------------------------
 
@@ -543,7 +539,7 @@ class ControlApi:
     async def put_programme_controls(self, request: web.Request) -> web.Response:
         _, controls = await json_body(request, Controls)
         check_controls(controls, None, "$")
-        return await self._apply_put(request, commands.set_programme_controls(controls))
+        return await self._apply(request, None, commands.set_programme_controls(controls))
 
     async def get_account_controls(self, request: web.Request) -> web.Response:
         account_id = account_id_of(request)
@@ -558,7 +554,7 @@ class ControlApi:
         currency = self._account_currency(account_id, None)
         _, controls = await json_body(request, Controls)
         check_controls(controls, currency, "$")
-        return await self._apply_put(request, commands.set_account_controls(account_id, controls))
+        return await self._apply(request, None, commands.set_account_controls(account_id, controls))
 
     async def get_card_controls(self, request: web.Request) -> web.Response:
         card_id = card_id_of(request)
@@ -573,7 +569,7 @@ class ControlApi:
             account = reader.account(card.account_id)
         _, controls = await json_body(request, Controls)
         check_controls(controls, account.currency if account is not None else None, "$")
-        return await self._apply_put(request, commands.set_card_controls(card_id, controls))
+        return await self._apply(request, None, commands.set_card_controls(card_id, controls))
 
     # --- helpers -------------------------------------------------------------------------------
 
