@@ -217,9 +217,9 @@ class Authorizer:
             ),
         )
         if result.card_id is not None:
-            writer.index_card_answer(result.card_id, now_ms, key)
+            writer.index_answer("card", result.card_id, now_ms, key)
         if result.account_id is not None:
-            writer.index_account_answer(result.account_id, now_ms, key)
+            writer.index_answer("account", result.account_id, now_ms, key)
         if message_class in ORIGINAL_CLASSES:
             lookup = request.rrn_key
             if lookup is not None:

@@ -31,6 +31,7 @@ from processor.ledger.records import (
     AccountStatus,
     Card,
     CardStatus,
+    EntryKind,
     HoldStatus,
     LedgerEntry,
     StoredAnswer,
@@ -157,7 +158,7 @@ class EntryView(msgspec.Struct, kw_only=True):
     """One change of an account's posted balance made through the API (never an overwrite)."""
 
     sequence: Annotated[int, Meta(ge=1)]
-    kind: Literal["fund", "debit", "opening_balance"]
+    kind: EntryKind
     amount: Amount  # positive; `kind` says the direction
     reason: str
     created: Timestamp

@@ -98,9 +98,6 @@ class Channels(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     manual: bool = True  # manual key entry, mail and telephone orders
     atm_cash: bool = True  # cash withdrawals (processing code 01)
 
-    def blocked(self) -> frozenset[str]:
-        return frozenset(name for name in CHANNELS if not getattr(self, name))
-
 
 ALL_CHANNELS_ON: Final = Channels()
 

@@ -15,6 +15,7 @@ from processor.ledger.controls import Controls
 CardStatus = Literal["active", "inactive", "frozen", "lost", "stolen", "closed"]
 AccountStatus = Literal["active", "frozen", "closed"]
 HoldStatus = Literal["open", "released", "captured", "expired"]
+EntryKind = Literal["fund", "debit"]  # a ledger entry made through the control API
 
 
 class Account(msgspec.Struct, array_like=True, kw_only=True, gc=False):
@@ -103,7 +104,7 @@ class LedgerEntry(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     """A change to an account's posted balance made through the control API (never silent)."""
 
     sequence: int  # per account
-    kind: Literal["fund", "debit", "opening_balance"]
+    kind: EntryKind
     amount: int  # minor units, positive; the kind says the direction
     reason: str
     created_ms: int

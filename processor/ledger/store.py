@@ -23,6 +23,7 @@ from processor.ledger.records import (
     Account,
     Card,
     ClearedRecord,
+    EntryKind,
     Hold,
     HoldStatus,
     LedgerEntry,
@@ -445,14 +446,14 @@ class Writer(Reader):
         self._txn.put(b"controls", self._codecs.encoder.encode(controls), db=self._dbs["meta"])
 
     def append_entry(
-        self, account: Account, kind: str, amount: int, reason: str, now_ms: int
+        self, account: Account, kind: EntryKind, amount: int, reason: str, now_ms: int
     ) -> LedgerEntry:
         """Move posted by `amount` (negative for a debit) and record why (caller puts account)."""
         account.posted += amount
         account.entry_sequence += 1
         entry = LedgerEntry(
             sequence=account.entry_sequence,
-            kind=kind,  # type: ignore[arg-type]  # checked by the callers' own Literal types
+            kind=kind,
             amount=abs(amount),
             reason=reason,
             created_ms=now_ms,
@@ -523,13 +524,12 @@ class Writer(Reader):
             record_id.encode(), self._codecs.encoder.encode(outcome), db=self._dbs["clearing"]
         )
 
-    def index_card_answer(self, card_id: str, answered_ms: int, answer_key: bytes) -> None:
-        key = _prefix_key(card_id, _U64.pack(answered_ms) + answer_key)
-        self._txn.put(key, b"", db=self._dbs["card_answers"])
-
-    def index_account_answer(self, account_id: str, answered_ms: int, answer_key: bytes) -> None:
-        key = _prefix_key(account_id, _U64.pack(answered_ms) + answer_key)
-        self._txn.put(key, b"", db=self._dbs["account_answers"])
+    def index_answer(
+        self, of: Literal["card", "account"], owner_id: str, answered_ms: int, answer_key: bytes
+    ) -> None:
+        """List an answer in its card's or account's history (read back by `history`)."""
+        key = _prefix_key(owner_id, _U64.pack(answered_ms) + answer_key)
+        self._txn.put(key, b"", db=self._dbs["card_answers" if of == "card" else "account_answers"])
 
     def index_rrn(self, lookup: bytes, answer_key: bytes) -> None:
         self._txn.put(lookup, answer_key, db=self._dbs["rrn_index"])
