@@ -214,7 +214,8 @@ class Daemon:
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         if self.on_commit is not None:
             self.on_commit()
-        self.metrics.batch_size.observe(len(batch))
+        if batch:  # a batch of control-API commands only is not a batch of requests
+            self.metrics.batch_size.observe(len(batch))
         # One transport.write per link per batch.
         by_link: dict[Link, list[bytes]] = defaultdict(list)
         for (link, header, _, _), outcome in zip(batch, outcomes, strict=True):
