@@ -14,6 +14,7 @@ import msgspec
 
 from processor.currency import UnknownCurrency, alpha_code, exponent
 from processor.ledger.records import OutboxRecord
+from processor.schemas import normalise_descriptions
 
 EventType = Literal[
     "authorization.approved",
@@ -150,7 +151,8 @@ def render(record: OutboxRecord, ledger_id: str) -> Event:
 
 
 def schema() -> dict[str, object]:
-    return msgspec.json.schema(Event)
+    normalised: dict[str, object] = normalise_descriptions(msgspec.json.schema(Event))
+    return normalised
 
 
 if __name__ == "__main__":

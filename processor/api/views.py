@@ -36,6 +36,7 @@ from processor.ledger.records import (
     LedgerEntry,
     StoredAnswer,
 )
+from processor.schemas import normalise_descriptions
 
 # --- field types -----------------------------------------------------------------------------
 
@@ -413,7 +414,9 @@ def component_schemas() -> dict[str, Any]:
         SCHEMA_TYPES, ref_template="#/components/schemas/{name}"
     )
     # Through JSON and back: defaults such as () become the [] a YAML or JSON reader sees.
-    normalised: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(components))
+    normalised: dict[str, Any] = normalise_descriptions(
+        msgspec.json.decode(msgspec.json.encode(components))
+    )
     return dict(sorted(normalised.items()))
 
 
