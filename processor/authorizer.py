@@ -184,7 +184,7 @@ class Authorizer:
             fields.update(result.extra)
         response = self._codec.encode(fields)
         del fields["2"]
-        writer.put_answer(
+        writer.record_answer(
             key,
             StoredAnswer(
                 fingerprint=fingerprint,
@@ -200,6 +200,7 @@ class Authorizer:
                 usage_amount=result.usage_amount,
                 usage_mcc=result.usage_mcc,
             ),
+            card_key,
         )
         emit(
             writer,
@@ -216,10 +217,6 @@ class Authorizer:
                 reason=result.reason,
             ),
         )
-        if result.card_id is not None:
-            writer.index_answer("card", result.card_id, now_ms, key)
-        if result.account_id is not None:
-            writer.index_answer("account", result.account_id, now_ms, key)
         if message_class in ORIGINAL_CLASSES:
             lookup = request.rrn_key
             if lookup is not None:

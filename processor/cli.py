@@ -71,6 +71,27 @@ def cmd_ledger_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ledger_migrate(args: argparse.Namespace) -> int:
+    from processor.ledger.store import SCHEMA_VERSION, Ledger
+
+    config = _common_config(args)
+    if _no_ledger(config):
+        return 1
+    # Opening for writing migrates (the daemon does the same at start, with a log line).
+    ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes)
+    migrated_from = ledger.migrated_from
+    ledger.close()
+    schema = SCHEMA_VERSION.decode()
+    if migrated_from is None:
+        print(f"ledger {config.ledger.path}: schema {schema}, nothing to migrate")
+    else:
+        print(
+            f"ledger {config.ledger.path}: migrated from schema "
+            f"{migrated_from.decode()} to {schema}"
+        )
+    return 0
+
+
 def _no_ledger(config: Config) -> bool:
     """True (and said on stderr) when there is no ledger where the config points."""
     from processor.ledger.store import ledger_exists
@@ -277,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--account")
     which.add_argument("--pan")
     show.set_defaults(func=cmd_ledger_show)
+    migrate = ledger_command(
+        ledger_sub, "migrate", "bring a ledger written by an older release to this schema"
+    )
+    migrate.set_defaults(func=cmd_ledger_migrate)
 
     clearing = sub.add_parser("clearing", help="apply clearing (presentment) files")
     clearing_sub = clearing.add_subparsers(dest="clearing_command", required=True)

@@ -20,7 +20,7 @@ from processor.engine import Decision, ProgrammeRules, Spend, decide
 from processor.engine.controls import Periods, periods_at, record_usages, release_usage
 from processor.engine.decide import billing_amount
 from processor.engine.fx import scale
-from processor.ledger.controls import Controls, account_scope, card_scope
+from processor.ledger.controls import Controls, Usage
 from processor.ledger.records import Account, Card, Hold, StoredAnswer
 from processor.ledger.store import Writer
 from processor.wire.codec import balance_block
@@ -60,6 +60,13 @@ def approval_code(hold_id: int) -> str:
     # Multiplying by a number coprime to 10**6 permutes 0..999999: codes stay unique for a
     # million holds without reading as a plain counter on receipts.
     return f"{(hold_id * 7_919) % 1_000_000:06d}"
+
+
+def usage_of(record: Card | Account) -> Usage:
+    """The usage kept with a card or an account, made empty on first use."""
+    if record.usage is None:
+        record.usage = Usage()
+    return record.usage
 
 
 def _balances(account_type: str, account: Account) -> str:
@@ -139,31 +146,38 @@ class Lifecycle:
         account = writer.account(card.account_id)
         if account is None:
             return card, None, decide(request, card, None, self._rules, batch.now_yymm)
-        spend = Spend(
-            batch.programme,
-            writer.usage(card_scope(card.card_id)),
-            writer.usage(account_scope(account.id)),
-            batch.periods,
-        )
+        spend = Spend(batch.programme, usage_of(card), usage_of(account), batch.periods)
         return card, account, decide(request, card, account, self._rules, batch.now_yymm, spend)
 
     # --- spend-control usage --------------------------------------------------------------------
 
     def _count_usage(
-        self, writer: Writer, card_id: str, account_id: str, amount: int, mcc: str, batch: Batch
+        self,
+        writer: Writer,
+        card_key: bytes,
+        card: Card,
+        account: Account,
+        amount: int,
+        mcc: str,
+        batch: Batch,
     ) -> None:
-        of_card, of_account = card_scope(card_id), account_scope(account_id)
         record_usages(
-            (writer.usage(of_card), writer.usage(of_account)),
+            (usage_of(card), usage_of(account)),
             amount,
             self._rules.catalog.category(mcc),
             batch.periods,
         )
-        writer.touch_usage(of_card)
-        writer.touch_usage(of_account)
+        writer.touch_card(card_key, card)
+        writer.put_account(account)
 
     def _give_back_usage(
-        self, writer: Writer, original: StoredAnswer, amount: int, full: bool, batch: Batch
+        self,
+        writer: Writer,
+        card_key: bytes,
+        original: StoredAnswer,
+        amount: int,
+        full: bool,
+        batch: Batch,
     ) -> None:
         """A reversal returns what the original counted: `amount`, and the approval when full."""
         if not original.usage_mcc or original.card_id is None or original.account_id is None:
@@ -173,11 +187,15 @@ class Lifecycle:
             return
         category = self._rules.catalog.category(original.usage_mcc)
         approved = periods_at(original.answered_ms, self._zone)
-        for scope in (card_scope(original.card_id), account_scope(original.account_id)):
-            release_usage(
-                writer.usage(scope), amount, 1 if full else 0, category, approved, batch.periods
-            )
-            writer.touch_usage(scope)
+        count = 1 if full else 0
+        found = writer.card_of(original.card_id, card_key)
+        if found is not None:
+            release_usage(usage_of(found[1]), amount, count, category, approved, batch.periods)
+            writer.touch_card(*found)
+        account = writer.account(original.account_id)
+        if account is not None:
+            release_usage(usage_of(account), amount, count, category, approved, batch.periods)
+            writer.put_account(account)
         original.usage_amount -= amount
         if full:
             original.usage_mcc = ""  # given back whole: nothing more to return, ever
@@ -235,7 +253,7 @@ class Lifecycle:
             assert account is not None and card is not None
             result.extra = self._approved_fields(decision, account)
             self._count_usage(
-                writer, card.card_id, account.id, decision.hold_amount, request.mcc, batch
+                writer, card_key, card, account, decision.hold_amount, request.mcc, batch
             )
             result.usage_amount = decision.hold_amount
             result.usage_mcc = request.mcc
@@ -290,7 +308,7 @@ class Lifecycle:
         hold = self._hold(writer, account, card, request, amount, key, batch.now_ms)
         # Spent is spent: a stand-in approval counts against the controls' usage (it was never
         # checked against them), so later authorisations see it.
-        self._count_usage(writer, card.card_id, account.id, amount, request.mcc, batch)
+        self._count_usage(writer, card_key, card, account, amount, request.mcc, batch)
         reason = "stand_in_approved" if account.available >= 0 else "stand_in_overdrawn"
         return Result(
             "00",
@@ -433,11 +451,13 @@ class Lifecycle:
             account = writer.account(hold.account_id)
             assert account is not None, hold.account_id
             if target == 0:
-                self._give_back_usage(writer, original, hold.amount, True, batch)
+                self._give_back_usage(writer, card_key, original, hold.amount, True, batch)
                 writer.close_hold(account, hold, "released", batch.now_ms)
                 reason = "reversed"
             elif target < hold.amount:
-                self._give_back_usage(writer, original, hold.amount - target, False, batch)
+                self._give_back_usage(
+                    writer, card_key, original, hold.amount - target, False, batch
+                )
                 writer.shrink_hold(account, hold, target)
                 reason = "partially_reversed"
             else:
@@ -462,7 +482,7 @@ class Lifecycle:
             assert account is not None, original.account_id
             account.posted += credit
             writer.put_account(account)
-            self._give_back_usage(writer, original, credit, target == 0, batch)
+            self._give_back_usage(writer, card_key, original, credit, target == 0, batch)
             original.reversed_amount += credit
             writer.put_answer(original_key, original)
             return Result(

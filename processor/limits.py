@@ -33,6 +33,9 @@ map_size_bytes_default: Final = 1 << 30
 ledger_databases_max: Final = 32
 account_id_bytes_max: Final = 64
 holds_listed_max: Final = 1000  # `ledger show` lists at most this many holds
+# Listing an account's open holds walks its answers back to the oldest open hold; holds expire
+# within weeks, so this bounds a listing of a very busy account, never a decision.
+history_walk_max: Final = 1_000_000
 
 # Simulator
 sim_connections_max: Final = 64

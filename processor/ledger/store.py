@@ -7,6 +7,7 @@ processes, so `processor ledger load` may run beside the daemon.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from collections.abc import Iterator
@@ -31,27 +32,32 @@ from processor.ledger.records import (
     StoredAnswer,
 )
 
-SCHEMA_VERSION = b"1"
+log = logging.getLogger("processor.ledger")
+
+# Schema 2 (issue 9, the write path at realistic card spread): an approval dirtied a leaf page
+# in ten B-trees, nearly all under random keys, and LMDB copies and the synced commit writes
+# every dirtied page. Usage counters, history heads and the open-hold count now live in the
+# card and account records an approval rewrites anyway; histories are chains through the
+# answers; keys that only grow (holds, outbox) are appended. Schema 1 is migrated on open.
+SCHEMA_VERSION = b"2"
 _U64 = struct.Struct(">Q")
 _DATABASES = (
     "accounts",
     "cards",
     "account_cards",
-    "holds",
-    "account_holds",  # account id + hold id -> b"": the account's open holds
+    "holds",  # hold id (u64, increasing: appended) -> Hold
     "hold_expiry",  # expiry ms + hold id -> b"": open holds in the order they expire
-    "answers",  # message class + identity -> StoredAnswer
+    "answers",  # message class + identity -> StoredAnswer (and the history chains)
     "rrn_index",  # acquirer|STAN|RRN -> answer key: reversal matching without field 90
     "meta",
     "clearing",  # clearing record id -> ClearedRecord: presentments applied once each
-    "card_answers",  # card id + answered ms + answer key -> b"": a card's recent history
-    "outbox",  # event sequence -> OutboxRecord: events for the programme, same txn as changes
-    "usage",  # controls.card_scope / account_scope -> Usage: spend-control counters
+    "outbox",  # event sequence (appended) -> OutboxRecord: events, same txn as the changes
     "card_ids",  # card id -> card key: the API names cards by id, the ledger keys them by HMAC
-    "account_answers",  # account id + answered ms + answer key -> b"": authorisations by account
     "entries",  # account id + u64 sequence -> LedgerEntry: funding and debits via the API
     "idempotency",  # Idempotency-Key scope -> IdempotentResponse: API POSTs applied once
 )
+# Databases of schema 1 whose content schema 2 keeps in other records; dropped by the migration.
+_RETIRED_DATABASES = ("usage", "card_answers", "account_answers", "account_holds")
 
 
 class LedgerError(Exception):
@@ -112,6 +118,7 @@ class Ledger:
         except lmdb.Error as error:
             raise LedgerError(f"ledger {self.path}: cannot open: {error}") from None
         self.durability = durability
+        self.migrated_from: bytes | None = None  # the schema this open migrated from, if any
         self._codecs = _Codecs()
         if not readonly:
             # Reader slots of processes that died (kill -9) would pin old pages forever.
@@ -130,6 +137,14 @@ class Ledger:
                             "older version); open it read-write once, e.g. by starting the "
                             "daemon or `processor ledger load`, to add it"
                         ) from None
+                with self.env.begin(write=False) as txn:
+                    stored = txn.get(b"schema", db=self._dbs["meta"])
+                if stored is not None and bytes(stored) != SCHEMA_VERSION:
+                    raise LedgerError(
+                        f"ledger {self.path}: schema {bytes(stored)!r}, this build reads "
+                        f"{SCHEMA_VERSION!r}; open it read-write once (start the daemon or run "
+                        "`processor ledger migrate`) to migrate it"
+                    )
             else:
                 with self.env.begin(write=True) as txn:
                     self._dbs = {
@@ -141,6 +156,10 @@ class Ledger:
                         # Prefixes event ids, so two ledgers never issue the same id.
                         txn.put(b"ledger_id", os.urandom(4).hex().encode(), db=self._dbs["meta"])
                     _index_card_ids(txn, self._dbs)
+                    if stored == b"1":
+                        _migrate_1_to_2(self.env, txn, self._dbs, self._codecs)
+                        log.warning("ledger %s: migrated from schema 1 to 2", self.path)
+                        self.migrated_from, stored = stored, SCHEMA_VERSION
                     if stored is None:
                         txn.put(b"schema", SCHEMA_VERSION, db=self._dbs["meta"])
                     elif stored != SCHEMA_VERSION:
@@ -276,18 +295,29 @@ class Reader:
     ) -> list[tuple[bytes, StoredAnswer, bytes]]:
         """Answers of a card or an account, newest first: (answer key, answer, page key).
 
-        `before` is the page key of the last item of the previous page.
+        Walks the chain of answers from the owner's `last_answer` back through each answer's
+        previous one. `before` is the page key of the last item of the previous page.
         """
         prefix = _prefix_key(owner_id, b"")
-        db = self._dbs["card_answers" if of == "card" else "account_answers"]
+        if before is None:
+            if of == "card":
+                found_card = self.card_by_id(owner_id)
+                key = None if found_card is None else found_card[1].last_answer
+            else:
+                account = self.account(owner_id)
+                key = None if account is None else account.last_answer
+        else:
+            last = self.answer(before[len(prefix) :])
+            if last is None or (last.card_id if of == "card" else last.account_id) != owner_id:
+                return []
+            key = last.previous_for_card if of == "card" else last.previous_for_account
         found: list[tuple[bytes, StoredAnswer, bytes]] = []
-        for key in _walk_prefix_backwards(self._txn.cursor(db=db), prefix, before):
-            answer_key = key[len(prefix) + 8 :]
-            answer = self.answer(answer_key)
-            if answer is not None:
-                found.append((answer_key, answer, key))
-            if len(found) >= limit:
-                break
+        while key is not None and len(found) < limit:
+            answer = self.answer(key)
+            if answer is None:
+                break  # the chain reaches past what the ledger still keeps
+            found.append((key, answer, prefix + key))
+            key = answer.previous_for_card if of == "card" else answer.previous_for_account
         return found
 
     def card_key_by_id(self, card_id: str) -> bytes | None:
@@ -305,9 +335,18 @@ class Reader:
         return None if raw is None else self._codecs.controls.decode(raw)
 
     def usage(self, scope: str) -> Usage:
-        """Spend-control usage under a card_scope or account_scope key (empty when none yet)."""
-        raw = self._txn.get(scope.encode(), db=self._dbs["usage"])
-        return Usage() if raw is None else self._codecs.usage.decode(raw)
+        """Spend-control usage of the card or account a card_scope or account_scope names.
+
+        Empty when none was counted yet, or when the card or account does not exist.
+        """
+        kind, _, owner_id = scope.partition(":")
+        record: Card | Account | None
+        if kind == "c":
+            found = self.card_by_id(owner_id)
+            record = None if found is None else found[1]
+        else:
+            record = self.account(owner_id)
+        return Usage() if record is None or record.usage is None else record.usage
 
     def entries(self, account_id: str, limit: int, before: int | None = None) -> list[LedgerEntry]:
         """The account's ledger entries (funding, debits), newest first."""
@@ -354,29 +393,36 @@ class Reader:
             yield self._codecs.account.decode(raw)
 
     def account_holds(self, account_id: str, limit: int = limits.holds_listed_max) -> list[Hold]:
-        """Open holds of an account, oldest first."""
-        prefix = _prefix_key(account_id, b"")
+        """Open holds of an account, oldest first, at most `limit`.
+
+        Found by walking the account's answers back from the newest until all `open_holds`
+        are seen; holds expire, so the walk ends at the oldest open hold's age.
+        """
+        account = self.account(account_id)
+        if account is None or not account.open_holds:
+            return []
         holds: list[Hold] = []
-        cursor = self._txn.cursor(db=self._dbs["account_holds"])
-        if cursor.set_range(prefix):
-            for key in cursor.iternext(keys=True, values=False):
-                if not bytes(key).startswith(prefix) or len(holds) >= limit:
-                    break
-                hold = self.hold(_U64.unpack(key[len(prefix) :])[0])
-                if hold is not None:
+        key = account.last_answer
+        walked = 0
+        while key is not None and len(holds) < account.open_holds:
+            walked += 1
+            if walked > limits.history_walk_max:
+                break  # a listing, not a decision: show what a bounded walk found
+            answer = self.answer(key)
+            if answer is None:
+                break
+            if answer.hold_id is not None:
+                hold = self.hold(answer.hold_id)
+                # Only the answer that opened the hold: a reversal's answer names it too.
+                if hold is not None and hold.status == "open" and hold.identity == key:
                     holds.append(hold)
-        return holds
+            key = answer.previous_for_account
+        holds.reverse()
+        return holds[:limit]
 
     def account_hold_count(self, account_id: str) -> int:
-        prefix = _prefix_key(account_id, b"")
-        count = 0
-        cursor = self._txn.cursor(db=self._dbs["account_holds"])
-        if cursor.set_range(prefix):
-            for key in cursor.iternext(keys=True, values=False):
-                if not bytes(key).startswith(prefix):
-                    break
-                count += 1
-        return count
+        account = self.account(account_id)
+        return 0 if account is None else account.open_holds
 
     def account_cards(self, account_id: str) -> list[Card]:
         prefix = _prefix_key(account_id, b"")
@@ -395,12 +441,20 @@ class Reader:
 class Writer(Reader):
     """One write transaction.
 
-    Accounts are cached for the transaction: a batch of requests on one account decodes it
-    once and writes it once, at commit (`flush`), however many requests changed it. The cached
-    object is the one callers mutate, so `put_account` only marks it to be written.
+    Accounts and cards are cached for the transaction: a batch of requests on one account
+    decodes it once and writes it once, at commit (`flush`), however many requests changed it.
+    The cached object is the one callers mutate, so `put_account` and `touch_card` only mark it
+    to be written.
     """
 
-    __slots__ = ("_accounts", "_dirty", "_dirty_usage", "_next_event", "_next_hold_id", "_usage")
+    __slots__ = (
+        "_accounts",
+        "_cards",
+        "_dirty",
+        "_dirty_cards",
+        "_next_event",
+        "_next_hold_id",
+    )
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any], codecs: _Codecs) -> None:
         super().__init__(txn, dbs, codecs)
@@ -408,8 +462,20 @@ class Writer(Reader):
         self._next_event: int | None = None
         self._accounts: dict[str, Account | None] = {}
         self._dirty: set[str] = set()
-        self._usage: dict[str, Usage] = {}
-        self._dirty_usage: set[str] = set()
+        self._cards: dict[bytes, Card | None] = {}
+        self._dirty_cards: set[bytes] = set()
+
+    def card(self, card_key: bytes) -> Card | None:
+        if card_key in self._cards:
+            return self._cards[card_key]
+        card = super().card(card_key)
+        self._cards[card_key] = card
+        return card
+
+    def touch_card(self, card_key: bytes, card: Card) -> None:
+        """Mark a cached card changed (its usage or history head): written at commit."""
+        assert self._cards.get(card_key) is card, f"card {card.card_id}: not the cached copy"
+        self._dirty_cards.add(card_key)
 
     def account(self, account_id: str) -> Account | None:
         if account_id in self._accounts:
@@ -426,21 +492,45 @@ class Writer(Reader):
         self._dirty.add(account.id)
 
     def put_card(self, card_key: bytes, card: Card, previous_account: str | None) -> None:
+        """Store a card's descriptive fields (status, expiry, controls, account).
+
+        Its usage and history head are the ledger's: kept from the stored record whatever the
+        caller built, so a reload or an API change never forgets what was spent.
+        """
+        stored = self.card(card_key)
+        if stored is not None and stored is not card:
+            card.usage = stored.usage
+            card.last_answer = stored.last_answer
         if previous_account is not None and previous_account != card.account_id:
             self._txn.delete(_prefix_key(previous_account, card_key), db=self._dbs["account_cards"])
-        self._txn.put(card_key, self._codecs.encoder.encode(card), db=self._dbs["cards"])
+        self._cards[card_key] = card
+        self._dirty_cards.add(card_key)
         self._txn.put(_prefix_key(card.account_id, card_key), b"", db=self._dbs["account_cards"])
         self._txn.put(card.card_id.encode(), card_key, db=self._dbs["card_ids"])
 
-    def usage(self, scope: str) -> Usage:
-        """Cached like accounts: the object returned is the one to change, then `touch_usage`."""
-        usage = self._usage.get(scope)
-        if usage is None:
-            usage = self._usage[scope] = super().usage(scope)
-        return usage
+    def card_of(self, card_id: str, card_key_hint: bytes) -> tuple[bytes, Card] | None:
+        """(card key, card) of `card_id`, looked up through `card_key_hint` when that is it."""
+        card = self.card(card_key_hint)
+        if card is not None and card.card_id == card_id:
+            return card_key_hint, card
+        return self.card_by_id(card_id)
 
-    def touch_usage(self, scope: str) -> None:
-        self._dirty_usage.add(scope)
+    def record_answer(self, identity: bytes, answer: StoredAnswer, card_key_hint: bytes) -> None:
+        """Store a new answer at the head of its card's and its account's history chains."""
+        if answer.card_id is not None:
+            found = self.card_of(answer.card_id, card_key_hint)
+            if found is not None:
+                card_key, card = found
+                answer.previous_for_card = card.last_answer
+                card.last_answer = identity
+                self._dirty_cards.add(card_key)
+        if answer.account_id is not None:
+            account = self.account(answer.account_id)
+            if account is not None:
+                answer.previous_for_account = account.last_answer
+                account.last_answer = identity
+                self.put_account(account)
+        self.put_answer(identity, answer)
 
     def put_programme_controls(self, controls: Controls) -> None:
         self._txn.put(b"controls", self._codecs.encoder.encode(controls), db=self._dbs["meta"])
@@ -474,10 +564,14 @@ class Writer(Reader):
         assert hold.status == "open" and hold.amount > 0, hold
         assert hold.account_id == account.id, (hold.account_id, account.id)
         key = _U64.pack(hold.hold_id)
-        self._txn.put(key, self._codecs.encoder.encode(hold), db=self._dbs["holds"])
-        self._txn.put(_prefix_key(account.id, key), b"", db=self._dbs["account_holds"])
+        # Hold ids only grow: appended at the right edge of the tree, no page split in between.
+        appended = self._txn.put(
+            key, self._codecs.encoder.encode(hold), db=self._dbs["holds"], append=True
+        )
+        assert appended, f"hold {hold.hold_id}: not above every stored hold id"
         self._txn.put(_U64.pack(hold.expires_ms) + key, b"", db=self._dbs["hold_expiry"])
         account.held += hold.amount
+        account.open_holds += 1
 
     def close_hold(self, account: Account, hold: Hold, status: HoldStatus, now_ms: int) -> None:
         """Resolve an open hold (released, captured or expired) and lower held by it."""
@@ -485,10 +579,11 @@ class Writer(Reader):
         assert hold.account_id == account.id, (hold.account_id, account.id)
         key = _U64.pack(hold.hold_id)
         account.held -= hold.amount
+        account.open_holds -= 1
+        assert account.open_holds >= 0, f"account {account.id}: open holds below zero"
         hold.status = status
         hold.resolved_ms = now_ms
         self._txn.put(key, self._codecs.encoder.encode(hold), db=self._dbs["holds"])
-        self._txn.delete(_prefix_key(account.id, key), db=self._dbs["account_holds"])
         self._txn.delete(_U64.pack(hold.expires_ms) + key, db=self._dbs["hold_expiry"])
 
     def shrink_hold(self, account: Account, hold: Hold, amount: int) -> None:
@@ -524,13 +619,6 @@ class Writer(Reader):
             record_id.encode(), self._codecs.encoder.encode(outcome), db=self._dbs["clearing"]
         )
 
-    def index_answer(
-        self, of: Literal["card", "account"], owner_id: str, answered_ms: int, answer_key: bytes
-    ) -> None:
-        """List an answer in its card's or account's history (read back by `history`)."""
-        key = _prefix_key(owner_id, _U64.pack(answered_ms) + answer_key)
-        self._txn.put(key, b"", db=self._dbs["card_answers" if of == "card" else "account_answers"])
-
     def index_rrn(self, lookup: bytes, answer_key: bytes) -> None:
         self._txn.put(lookup, answer_key, db=self._dbs["rrn_index"])
 
@@ -552,25 +640,109 @@ class Writer(Reader):
         return sequence
 
     def append_event(self, record: OutboxRecord) -> None:
-        self._txn.put(
-            _U64.pack(record.sequence), self._codecs.encoder.encode(record), db=self._dbs["outbox"]
+        appended = self._txn.put(
+            _U64.pack(record.sequence),
+            self._codecs.encoder.encode(record),
+            db=self._dbs["outbox"],
+            append=True,
         )
+        assert appended, f"event {record.sequence}: not above every stored sequence"
 
     def flush(self) -> None:
-        """Write what the transaction kept in memory: changed accounts, sequence counters."""
+        """Write what the transaction kept in memory: changed accounts and cards, sequences.
+
+        In key order: neighbouring keys then share their leaf page's copy.
+        """
         encode = self._codecs.encoder.encode
-        for account_id in self._dirty:
+        put = self._txn.put
+        accounts_db = self._dbs["accounts"]
+        for account_id in sorted(self._dirty):
             account = self._accounts[account_id]
-            assert account is not None and account.held >= 0, account
-            self._txn.put(account_id.encode(), encode(account), db=self._dbs["accounts"])
+            assert account is not None and account.held >= 0 <= account.open_holds, account
+            put(account_id.encode(), encode(account), db=accounts_db)
         self._dirty.clear()
-        for scope in self._dirty_usage:
-            self._txn.put(scope.encode(), encode(self._usage[scope]), db=self._dbs["usage"])
-        self._dirty_usage.clear()
+        cards_db = self._dbs["cards"]
+        for card_key in sorted(self._dirty_cards):
+            card = self._cards[card_key]
+            assert card is not None, card_key
+            put(card_key, encode(card), db=cards_db)
+        self._dirty_cards.clear()
         if self._next_hold_id is not None:
             self._txn.put(b"seq:hold", _U64.pack(self._next_hold_id), db=self._dbs["meta"])
         if self._next_event is not None:
             self._txn.put(b"seq:event", _U64.pack(self._next_event), db=self._dbs["meta"])
+
+
+def _migrate_1_to_2(
+    env: lmdb.Environment, txn: lmdb.Transaction, dbs: dict[str, Any], codecs: _Codecs
+) -> None:
+    """Schema 1 -> 2, in the opening write transaction (all or nothing).
+
+    Usage records move into their card and account; the open-hold index becomes a count on
+    the account; the card and account history indexes become chains through the answers,
+    linked oldest to newest in the order the indexes kept. Then the old databases go.
+    """
+    retired = {
+        name: env.open_db(name.encode(), txn=txn, create=True) for name in _RETIRED_DATABASES
+    }
+    encode = codecs.encoder.encode
+    for raw_scope, raw in txn.cursor(db=retired["usage"]):
+        scope, usage = bytes(raw_scope).decode(), codecs.usage.decode(raw)
+        kind, _, owner_id = scope.partition(":")
+        if kind == "c":
+            card_key = txn.get(owner_id.encode(), db=dbs["card_ids"])
+            raw_card = None if card_key is None else txn.get(card_key, db=dbs["cards"])
+            if card_key is not None and raw_card is not None:
+                card = codecs.card.decode(raw_card)
+                card.usage = usage
+                txn.put(card_key, encode(card), db=dbs["cards"])
+        elif (raw_account := txn.get(owner_id.encode(), db=dbs["accounts"])) is not None:
+            account = codecs.account.decode(raw_account)
+            account.usage = usage
+            txn.put(owner_id.encode(), encode(account), db=dbs["accounts"])
+    open_holds: dict[str, int] = {}
+    for key in txn.cursor(db=retired["account_holds"]).iternext(keys=True, values=False):
+        account_id = bytes(key)[:-9].decode()  # account id, NUL, u64 hold id
+        open_holds[account_id] = open_holds.get(account_id, 0) + 1
+    for account_id, count in open_holds.items():
+        raw_account = txn.get(account_id.encode(), db=dbs["accounts"])
+        if raw_account is not None:
+            account = codecs.account.decode(raw_account)
+            account.open_holds = count
+            txn.put(account_id.encode(), encode(account), db=dbs["accounts"])
+    for of in ("card", "account"):
+        heads: dict[str, bytes] = {}
+        for index_key in txn.cursor(db=retired[f"{of}_answers"]).iternext(values=False):
+            owner, _, rest = bytes(index_key).partition(b"\x00")
+            answer_key = rest[8:]
+            raw_answer = txn.get(answer_key, db=dbs["answers"])
+            if raw_answer is None:
+                continue
+            answer = codecs.answer.decode(raw_answer)
+            previous = heads.get(owner.decode())
+            if of == "card":
+                answer.previous_for_card = previous
+            else:
+                answer.previous_for_account = previous
+            txn.put(answer_key, encode(answer), db=dbs["answers"])
+            heads[owner.decode()] = answer_key
+        for owner_id, head in heads.items():
+            if of == "account":
+                raw_account = txn.get(owner_id.encode(), db=dbs["accounts"])
+                if raw_account is not None:
+                    account = codecs.account.decode(raw_account)
+                    account.last_answer = head
+                    txn.put(owner_id.encode(), encode(account), db=dbs["accounts"])
+                continue
+            card_key = txn.get(owner_id.encode(), db=dbs["card_ids"])
+            raw_card = None if card_key is None else txn.get(card_key, db=dbs["cards"])
+            if card_key is not None and raw_card is not None:
+                card = codecs.card.decode(raw_card)
+                card.last_answer = head
+                txn.put(card_key, encode(card), db=dbs["cards"])
+    for db in retired.values():
+        txn.drop(db, delete=True)
+    txn.put(b"schema", SCHEMA_VERSION, db=dbs["meta"])
 
 
 def ledger_exists(path: str | Path) -> bool:
