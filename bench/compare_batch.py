@@ -59,21 +59,27 @@ def rules() -> ProgrammeRules:
 def fresh_requests(
     codec: Codec, stans: Iterator[int], count: int, pans: list[str], draw: random.Random
 ) -> list[AuthorizationRequest]:
-    """`count` 0100s of 1.00 EUR at a grocery, each with a new identity (no retransmissions)."""
+    """`count` 0100s of 1.00 EUR at a grocery, each with a new identity (no retransmissions).
+
+    Identities as a network mixes them: one of 500 acquirers, a STAN that looks random (a
+    counter scrambled by an odd multiplier mod 10^6, so none repeats within a run) and field 7
+    moving with time, one second per batch.
+    """
     requests = []
     for _ in range(count):
         stan = next(stans)
+        moment = datetime(2026, 11, 24, 12, tzinfo=UTC) + timedelta(seconds=stan // BATCH)
         fields = {
             "t": "0100",
             "2": draw.choice(pans),
             "3": "000000",
             "4": "000000000100",
-            "7": "1124120000",
-            "11": f"{stan % 1_000_000:06d}",
+            "7": moment.strftime("%m%d%H%M%S"),
+            "11": f"{stan * 7_919 % 1_000_000:06d}",
             "18": "5411",
             "22": "051",
             "25": "00",
-            "32": f"{stan}",
+            "32": f"{400_000 + draw.randrange(500)}",
             "41": "TERM0001",
             "43": f"{'DEMO SHOP':<25}{'BERLIN':<13}DE",
             "49": "978",
