@@ -47,7 +47,7 @@ _DATABASES = (
     "account_cards",
     "holds",  # hold id (u64, increasing: appended) -> Hold
     "hold_expiry",  # expiry ms + hold id -> b"": open holds in the order they expire
-    "answers",  # message class + identity -> StoredAnswer (and the history chains)
+    "answers",  # stored_answer_key(answer key) -> StoredAnswer (and the history chains)
     "rrn_index",  # acquirer|STAN|RRN -> answer key: reversal matching without field 90
     "meta",
     "clearing",  # clearing record id -> ClearedRecord: presentments applied once each
@@ -221,6 +221,22 @@ class Ledger:
         return (info["last_pgno"] + 1) * stat["psize"], info["map_size"]
 
 
+def stored_answer_key(answer_key: bytes) -> bytes:
+    """Where an answer is kept: its answer key (class|acquirer|STAN|field 7) with field 7 first.
+
+    Field 7, the transmission date-time, is close to now for everything arriving now, so new
+    answers land next to each other at one place in the tree and share their leaf pages,
+    instead of each dirtying a page at a random place (the key as the network names it is
+    random in acquirer and STAN). Lookups are exact, so any order of the same parts works; the
+    authorisation id the API and the events show stays the answer key.
+    """
+    parts = answer_key.split(b"|")
+    if len(parts) != 4:
+        return b"?" + answer_key  # not an answer key (an id made up by an API caller): no match
+    message_class, acquirer, stan, transmitted = parts
+    return b"|".join((transmitted, message_class, acquirer, stan))
+
+
 def _prefix_key(prefix: str, suffix: bytes) -> bytes:
     return prefix.encode() + b"\x00" + suffix
 
@@ -270,7 +286,7 @@ class Reader:
         return None if raw is None else self._codecs.card.decode(raw)
 
     def answer(self, identity: bytes) -> StoredAnswer | None:
-        raw = self._txn.get(identity, db=self._dbs["answers"])
+        raw = self._txn.get(stored_answer_key(identity), db=self._dbs["answers"])
         return None if raw is None else self._codecs.answer.decode(raw)
 
     def answer_by_rrn(self, lookup: bytes) -> bytes | None:
@@ -557,7 +573,11 @@ class Writer(Reader):
         self._txn.put(scope, value, db=self._dbs["idempotency"])
 
     def put_answer(self, identity: bytes, answer: StoredAnswer) -> None:
-        self._txn.put(identity, self._codecs.encoder.encode(answer), db=self._dbs["answers"])
+        self._txn.put(
+            stored_answer_key(identity),
+            self._codecs.encoder.encode(answer),
+            db=self._dbs["answers"],
+        )
 
     def open_hold(self, account: Account, hold: Hold) -> None:
         """Record an open hold and raise the account's held amount by it (caller puts account)."""
@@ -710,12 +730,18 @@ def _migrate_1_to_2(
             account = codecs.account.decode(raw_account)
             account.open_holds = count
             txn.put(account_id.encode(), encode(account), db=dbs["accounts"])
+    # Answers move to their stored key (field 7 first); the chains below then link them there.
+    moved = [(bytes(key), bytes(value)) for key, value in txn.cursor(db=dbs["answers"])]
+    for key, _ in moved:
+        txn.delete(key, db=dbs["answers"])
+    for key, value in moved:
+        txn.put(stored_answer_key(key), value, db=dbs["answers"])
     for of in ("card", "account"):
         heads: dict[str, bytes] = {}
         for index_key in txn.cursor(db=retired[f"{of}_answers"]).iternext(values=False):
             owner, _, rest = bytes(index_key).partition(b"\x00")
             answer_key = rest[8:]
-            raw_answer = txn.get(answer_key, db=dbs["answers"])
+            raw_answer = txn.get(stored_answer_key(answer_key), db=dbs["answers"])
             if raw_answer is None:
                 continue
             answer = codecs.answer.decode(raw_answer)
@@ -724,7 +750,7 @@ def _migrate_1_to_2(
                 answer.previous_for_card = previous
             else:
                 answer.previous_for_account = previous
-            txn.put(answer_key, encode(answer), db=dbs["answers"])
+            txn.put(stored_answer_key(answer_key), encode(answer), db=dbs["answers"])
             heads[owner.decode()] = answer_key
         for owner_id, head in heads.items():
             if of == "account":
