@@ -39,6 +39,10 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     in_flight_per_link_max: Annotated[int, Meta(ge=1, le=limits.in_flight_per_link_max)] = (
         limits.in_flight_per_link_max
     )
+    # Processes serving links (1 = the primary alone). More overlap one worker's durable commit
+    # with the others' decoding and encoding; the HTTP port, webhooks and the hold sweeper
+    # stay in the primary.
+    workers: Annotated[int, Meta(ge=1, le=limits.workers_max)] = 1
 
 
 class HttpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

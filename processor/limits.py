@@ -17,6 +17,13 @@ in_flight_per_link_max: Final = 1024  # read pauses past this many undecided req
 links_max: Final = 1024
 write_buffer_high_bytes: Final = 1 << 20  # pause reading a link whose peer stops reading
 shutdown_drain_seconds_max: Final = 10.0
+# Worker processes (server.workers): each serves links with its own event loop and GIL and
+# commits through the one LMDB environment, whose writer lock serialises their transactions.
+workers_max: Final = 16
+worker_start_seconds_max: Final = 30.0  # a worker that is not ready by then fails the start
+worker_report_seconds: Final = 1.0  # how often a worker sends its metrics to the primary
+worker_restarts_per_minute_max: Final = 5  # past this a crashing worker stays down (logged)
+worker_report_bytes_max: Final = 4 << 20  # a report larger than this is a bug: worker dropped
 
 # Group commit
 batch_size_max: Final = 256  # requests decided and applied in one LMDB write transaction

@@ -6,9 +6,21 @@ Label children are resolved once and cached, because `labels()` costs more than 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+# One sample as a worker process reports it: family, sample name, labels, value.
+Sample = tuple[str, str, tuple[tuple[str, str], ...], float]
 
 # The *_created series double the exposition size and no dashboard of ours reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -140,6 +152,7 @@ class Metrics:
         )
         self._answered: dict[tuple[str, str, str], Callable[[], None]] = {}
         self._latency: dict[str, Callable[[float], None]] = {}
+        self.workers = WorkerSamples()
 
     def answered(self, mti: str, response_code: str, reason: str, latency_seconds: float) -> None:
         key = (mti, response_code, reason)
@@ -152,6 +165,81 @@ class Metrics:
             observe = self._latency[mti] = self.latency.labels(mti).observe
         observe(latency_seconds)
 
+    def snapshot(self) -> list[Sample]:
+        """Every sample of this process's registry, for the primary to add to its /metrics."""
+        return [
+            (family.name, sample.name, tuple(sorted(sample.labels.items())), sample.value)
+            for family in self.registry.collect()
+            for sample in family.samples
+        ]
+
+    def exposition(self) -> bytes:
+        """The Prometheus text of this process plus what the worker processes reported."""
+        if not self.workers.reported:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry(auto_describe=False)
+        merged.register(_Merged(self.registry, self.workers))
+        return generate_latest(merged)
+
     def watch_ledger(self, usage: Callable[[], tuple[int, int]]) -> None:
         self.ledger_map_used.set_function(lambda: usage()[0])
         self.ledger_map_size.set_function(lambda: usage()[1])
+
+
+class WorkerSamples:
+    """The latest samples of each worker process (server.workers > 1), summed into /metrics.
+
+    A worker reports its whole registry every second; counters and histograms are totals since
+    it started, so the sum over workers is the daemon's total. When a worker exits its last
+    report is kept as retired, so a restarted worker never makes a total go backwards.
+    """
+
+    def __init__(self) -> None:
+        self._latest: dict[int, list[Sample]] = {}
+        self._retired: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+
+    @property
+    def reported(self) -> bool:
+        return bool(self._latest or self._retired)
+
+    def update(self, worker: int, samples: list[Sample]) -> None:
+        self._latest[worker] = samples
+
+    def retire(self, worker: int, *, keep_gauges: bool = False) -> None:
+        for family, name, labels, value in self._latest.pop(worker, []):
+            if keep_gauges or not _is_gauge_sample(family, name):
+                key = (family, name, labels)
+                self._retired[key] = self._retired.get(key, 0.0) + value
+
+    def totals(self) -> dict[tuple[str, str, tuple[tuple[str, str], ...]], float]:
+        summed = dict(self._retired)
+        for samples in self._latest.values():
+            for family, name, labels, value in samples:
+                key = (family, name, labels)
+                summed[key] = summed.get(key, 0.0) + value
+        return summed
+
+
+def _is_gauge_sample(family: str, name: str) -> bool:
+    # A gauge's sample is named like its family; counters and histograms add a suffix.
+    return family == name
+
+
+class _Merged(Collector):
+    """This process's families with every worker's samples added, label set by label set."""
+
+    def __init__(self, registry: CollectorRegistry, workers: WorkerSamples) -> None:
+        self._registry = registry
+        self._workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        extra = self._workers.totals()
+        for family in self._registry.collect():
+            merged = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
+                merged.add_sample(sample.name, sample.labels, sample.value + extra.pop(key, 0.0))
+            for key in [key for key in extra if key[0] == family.name]:
+                _, name, labels = key
+                merged.add_sample(name, dict(labels), extra.pop(key))
+            yield merged

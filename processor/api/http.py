@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 
 import msgspec
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from processor.api.control import BODY_BYTES_MAX, ApiError, ControlApi
 from processor.api.views import ErrorBody, ErrorDetail
@@ -140,7 +140,7 @@ async def control_api_guard(request: web.Request, handler: Handler) -> web.Strea
 
 async def metrics(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON_KEY]
-    body = generate_latest(daemon.metrics.registry)
+    body = daemon.metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

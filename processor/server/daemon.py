@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections import defaultdict
@@ -317,6 +318,34 @@ async def start_webhooks(config: Config, ledger: Ledger, metrics: Metrics) -> Di
     return dispatcher
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The ISO 8583 listening socket, bound before any worker starts so that all accept on it."""
+    listener = socket.create_server((host, port), backlog=limits.links_max)
+    listener.setblocking(False)
+    return listener
+
+
+async def drain(daemon: Daemon, server: asyncio.Server) -> None:
+    """Stop accepting, answer what is in flight, then close the links."""
+    loop = asyncio.get_running_loop()
+    daemon.stopping = True
+    daemon.stop_sweeping()
+    server.close()
+    for link in list(daemon.links):
+        if link.transport is not None and not link.transport.is_closing():
+            link.transport.pause_reading()
+    daemon.flush_all()
+    deadline = loop.time() + limits.shutdown_drain_seconds_max
+    while loop.time() < deadline and any(
+        link.transport is not None and link.transport.get_write_buffer_size()
+        for link in daemon.links
+    ):
+        await asyncio.sleep(0.01)
+    for link in list(daemon.links):
+        link.close()
+    await asyncio.sleep(0)
+
+
 def announce(text: str) -> None:
     """Lines on stdout that people and test harnesses read (ports are chosen at run time)."""
     print(f"processor: {text}", flush=True)
@@ -339,16 +368,22 @@ async def serve(config: Config) -> int:
     metrics.watch_ledger(ledger.map_usage)
     daemon = Daemon(config, ledger, hasher, metrics, rates)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: Link(daemon), config.server.host, config.server.port, reuse_address=True
-    )
-    host, port = server.sockets[0].getsockname()[:2]
+    listener = listen(config.server.host, config.server.port)
+    server = await loop.create_server(lambda: Link(daemon), sock=listener)
+    host, port = listener.getsockname()[:2]
+    pool = None
+    if config.server.workers > 1:
+        from processor.server.workers import WorkerPool
+
+        pool = WorkerPool(config, listener, metrics.workers)
+        await pool.start()
     http_runner, http_port = await start_http(config.http.host, config.http.port, daemon)
     with ledger.read() as reader:
         accounts = reader.account_count()
+    workers = f", {config.server.workers} worker processes" if pool is not None else ""
     announce(
         f"ISO 8583 listening on {host}:{port} (framing {config.server.framing}, "
-        f"{config.server.bitmap} bitmap, header {config.server.header_bytes} bytes)"
+        f"{config.server.bitmap} bitmap, header {config.server.header_bytes} bytes{workers})"
     )
     announce(f"HTTP listening on {config.http.host}:{http_port} (/metrics, /healthz, /readyz, /v1)")
     announce(
@@ -366,22 +401,11 @@ async def serve(config: Config) -> int:
     await stop.wait()
 
     announce("stopping: no new links, finishing requests in flight")
-    daemon.stopping = True
-    daemon.stop_sweeping()
-    server.close()
-    for link in list(daemon.links):
-        if link.transport is not None and not link.transport.is_closing():
-            link.transport.pause_reading()
-    daemon.flush_all()
-    deadline = loop.time() + limits.shutdown_drain_seconds_max
-    while loop.time() < deadline and any(
-        link.transport is not None and link.transport.get_write_buffer_size()
-        for link in daemon.links
-    ):
-        await asyncio.sleep(0.01)
-    for link in list(daemon.links):
-        link.close()
-    await asyncio.sleep(0)
+    if pool is not None:
+        pool.signal_stop()  # the workers drain theirs meanwhile
+    await drain(daemon, server)
+    if pool is not None:
+        await pool.stop()
     await http_runner.cleanup()
     if dispatcher is not None:
         await dispatcher.stop()

@@ -1,0 +1,250 @@
+"""Worker processes: more event loops (and GILs) serving links on the one LMDB ledger.
+
+With `server.workers = N > 1` the primary process (which also runs the HTTP port, webhooks and
+the hold sweeper) starts N - 1 workers. Each is a fresh interpreter (`python -m
+processor.server.workers`), never a fork of the primary: an LMDB environment and a running event
+loop must not cross a fork. Every worker accepts on the primary's listening socket (passed as a
+file descriptor), decodes, decides and encodes on its own core, and commits its batches through
+its own LMDB environment on the same files; LMDB's writer lock serialises the transactions, so
+one worker's durable commit (held through fsync) overlaps the others' decoding and encoding.
+
+Each worker talks to the primary over a socket pair: one `ready` report once it accepts, then
+its metrics every `worker_report_seconds`, summed into the primary's /metrics. The config goes
+over stdin (never argv); secrets stay in the environment the worker inherits. A worker whose
+primary goes away (the socket pair closes) drains and exits; a worker that dies is restarted,
+at most `worker_restarts_per_minute_max` times a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from collections import deque
+
+import msgspec
+
+from processor import limits
+from processor.config import Config
+from processor.metrics import Metrics, Sample, WorkerSamples
+
+log = logging.getLogger("processor.workers")
+
+_LENGTH = struct.Struct(">I")
+
+
+class WorkerReport(msgspec.Struct, frozen=True):
+    kind: str  # "ready" | "metrics"
+    samples: list[Sample] = []
+
+
+_encode_report = msgspec.msgpack.Encoder().encode
+_decode_report = msgspec.msgpack.Decoder(WorkerReport).decode
+
+
+async def _send(writer: asyncio.StreamWriter, report: WorkerReport) -> None:
+    body = _encode_report(report)
+    writer.write(_LENGTH.pack(len(body)) + body)
+    await writer.drain()
+
+
+async def _receive(reader: asyncio.StreamReader) -> WorkerReport | None:
+    """The next report, or None when the worker closed its end (it exited)."""
+    try:
+        length = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))[0]
+        if length > limits.worker_report_bytes_max:
+            raise ValueError(f"worker report of {length} bytes")
+        return _decode_report(await reader.readexactly(length))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+
+
+class _Worker:
+    __slots__ = ("channel", "index", "process", "ready", "reports")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: asyncio.subprocess.Process | None = None
+        self.channel: asyncio.StreamWriter | None = None
+        self.ready = asyncio.Event()
+        self.reports: asyncio.Task[None] | None = None
+
+
+class WorkerPool:
+    """The primary's side: start, supervise and stop the workers."""
+
+    def __init__(self, config: Config, listener: socket.socket, samples: WorkerSamples) -> None:
+        assert config.server.workers > 1, config.server.workers
+        self._config = config
+        self._listener = listener
+        self._samples = samples
+        self._workers = [_Worker(index) for index in range(1, config.server.workers)]
+        self._stopping = False
+        self._restarts: deque[float] = deque()
+        self._supervisors: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Start every worker and return once all accept links; raise if one does not."""
+        for worker in self._workers:
+            await self._spawn(worker)
+        for worker in self._workers:
+            try:
+                await asyncio.wait_for(worker.ready.wait(), limits.worker_start_seconds_max)
+            except TimeoutError:
+                await self.stop()
+                raise RuntimeError(f"worker {worker.index} did not start") from None
+        self._supervisors = [asyncio.create_task(self._supervise(w)) for w in self._workers]
+
+    async def _spawn(self, worker: _Worker) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "processor.server.workers",
+                str(worker.index),
+                str(self._listener.fileno()),
+                str(theirs.fileno()),
+                stdin=asyncio.subprocess.PIPE,
+                pass_fds=(self._listener.fileno(), theirs.fileno()),
+            )
+        finally:
+            theirs.close()
+        assert process.stdin is not None
+        process.stdin.write(msgspec.json.encode(self._config))
+        await process.stdin.drain()
+        process.stdin.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        worker.process, worker.channel = process, writer
+        worker.ready.clear()
+        worker.reports = asyncio.create_task(self._read_reports(worker, reader))
+
+    async def _read_reports(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
+        while (report := await _receive(reader)) is not None:
+            if report.kind == "ready":
+                worker.ready.set()
+            elif report.kind == "metrics":
+                self._samples.update(worker.index, report.samples)
+
+    async def _supervise(self, worker: _Worker) -> None:
+        while True:
+            assert worker.process is not None
+            code = await worker.process.wait()
+            if worker.reports is not None:
+                await worker.reports  # its last report counts
+            self._samples.retire(worker.index)
+            if worker.channel is not None:
+                worker.channel.close()
+            if self._stopping:
+                return
+            now = time.monotonic()
+            while self._restarts and self._restarts[0] < now - 60:
+                self._restarts.popleft()
+            if len(self._restarts) >= limits.worker_restarts_per_minute_max:
+                log.error(
+                    "worker %d exited (code %s); %d restarts in the last minute, leaving it down",
+                    worker.index,
+                    code,
+                    len(self._restarts),
+                )
+                return
+            self._restarts.append(now)
+            log.error("worker %d exited (code %s); restarting it", worker.index, code)
+            await self._spawn(worker)
+
+    def signal_stop(self) -> None:
+        """Ask every worker to drain (SIGTERM); they do it while the primary drains its own."""
+        self._stopping = True
+        for worker in self._workers:
+            if worker.process is not None and worker.process.returncode is None:
+                worker.process.send_signal(signal.SIGTERM)
+
+    async def stop(self) -> None:
+        """Stop the workers: drained within the shutdown bound, else killed."""
+        self.signal_stop()
+        for worker in self._workers:
+            if worker.process is None:
+                continue
+            try:
+                await asyncio.wait_for(worker.process.wait(), limits.shutdown_drain_seconds_max)
+            except TimeoutError:
+                log.error("worker %d did not stop in time; killing it", worker.index)
+                worker.process.kill()
+                await worker.process.wait()
+        for task in self._supervisors:
+            await task
+
+
+# --- the worker's side -------------------------------------------------------------------------
+
+
+async def serve_worker(config: Config, index: int, listener: socket.socket, channel_fd: int) -> int:
+    from processor.ledger.store import Ledger
+    from processor.rates import load_rates
+    from processor.security import hasher_from_environment
+    from processor.server.daemon import Daemon, drain
+    from processor.server.link import Link
+
+    hasher = hasher_from_environment(config.security.pan_key_env)
+    rates = load_rates(config.programme.rates_file) if config.programme.rates_file else {}
+    # The primary opened the ledger first: it migrated it, bound the PAN key and seeded it.
+    ledger = Ledger(
+        config.ledger.path,
+        map_size_bytes=config.ledger.map_size_bytes,
+        durability=config.ledger.durability,
+    )
+    metrics = Metrics()
+    daemon = Daemon(config, ledger, hasher, metrics, rates)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Link(daemon), sock=listener)
+    reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=channel_fd))
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await _send(writer, WorkerReport("ready"))
+    log.info("worker %d: serving links", index)
+
+    async def primary_gone() -> None:
+        await reader.read()  # the primary never writes: this returns at EOF only
+        log.error("worker %d: the primary went away; stopping", index)
+        stop.set()
+
+    watcher = asyncio.create_task(primary_gone())
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), limits.worker_report_seconds)
+        except TimeoutError:
+            await _send(writer, WorkerReport("metrics", metrics.snapshot()))
+    await drain(daemon, server)
+    ledger.close()
+    watcher.cancel()
+    try:
+        await _send(writer, WorkerReport("metrics", metrics.snapshot()))
+        writer.close()
+    except ConnectionError:
+        pass  # the primary is gone: nobody to report to
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    import uvloop
+
+    from processor.logs import setup_logging
+
+    index, listen_fd, channel_fd = (int(value) for value in argv)
+    config = msgspec.json.decode(sys.stdin.buffer.read(), type=Config)
+    setup_logging(config.log.level)
+    if not __debug__:
+        return 2  # assertions guard the ledger (the primary refuses -O too)
+    listener = socket.socket(fileno=listen_fd)
+    os.set_inheritable(channel_fd, False)
+    return uvloop.run(serve_worker(config, index, listener, channel_fd))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,137 @@
+"""server.workers > 1: several processes serve links on the one ledger, as one daemon."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import RunningDaemon, authorization, decode, echo_test, run_cli
+
+pytestmark = pytest.mark.e2e
+
+WORKERS = 2
+LINKS = 12
+
+
+def worker_pids(primary: int) -> list[int]:
+    children = Path(f"/proc/{primary}/task/{primary}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def open_link_sockets(pid: int) -> int:
+    """TCP sockets a process holds besides its listener and its channel to the primary."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd).startswith("socket:"):
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+def metric(daemon: RunningDaemon, pattern: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.http_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(m.group(1)) for m in re.finditer(pattern + r" ([0-9.e+]+)$", text, re.M))
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[RunningDaemon]:
+    config = tmp_path / "workers.toml"
+    config.write_text(f"[server]\nworkers = {WORKERS}\n")
+    running = RunningDaemon(tmp_path / "ledger", config).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_links_are_served_by_every_process_on_one_ledger(pool: RunningDaemon) -> None:
+    assert pool.process is not None
+    assert f"{WORKERS} worker processes" in "".join(pool.stdout)
+    [worker] = worker_pids(pool.process.pid)
+    idle_sockets = open_link_sockets(worker)
+    links = [pool.connect() for _ in range(LINKS)]
+    try:
+        requests = [authorization(amount=100 + index) for index in range(LINKS)]
+        answers = [link.exchange(request) for link, request in zip(links, requests, strict=True)]
+        assert [answer["39"] for answer in answers] == ["00"] * LINKS
+        # Approval codes come from one sequence in the one ledger: never the same twice.
+        assert len({answer["38"] for answer in answers}) == LINKS
+        # A retransmission on every other link, whichever process serves it, gets the same
+        # bytes: the answers live in the shared ledger, not in a process.
+        for index, request in enumerate(requests):
+            other = links[(index + 1) % LINKS]
+            first = other.send_fields(request)
+            assert first  # what went out
+            assert decode(other.receive()) == answers[index]
+        # The worker holds some of the links (the kernel hands each accept to one process).
+        assert open_link_sockets(worker) > idle_sockets
+        # /metrics sums every process: each worker reports within a second.
+        deadline = time.monotonic() + 10
+        approved = 0.0
+        while time.monotonic() < deadline:
+            approved = metric(
+                pool, r'processor_requests_total\{mti="0100",reason="approved",response_code="00"\}'
+            )
+            if approved == LINKS:
+                break
+            time.sleep(0.2)
+        assert approved == LINKS
+    finally:
+        for link in links:
+            link.close()
+
+
+def test_a_killed_worker_is_restarted_and_the_daemon_keeps_answering(
+    pool: RunningDaemon,
+) -> None:
+    assert pool.process is not None
+    [worker] = worker_pids(pool.process.pid)
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    restarted: list[int] = []
+    while time.monotonic() < deadline:
+        restarted = [pid for pid in worker_pids(pool.process.pid) if pid != worker]
+        if restarted and "worker 1 exited" in pool.stderr():
+            break
+        time.sleep(0.1)
+    assert restarted, pool.stderr()
+    time.sleep(1.0)  # let it reach ready
+    links = [pool.connect() for _ in range(LINKS)]
+    try:
+        for link in links:
+            assert link.exchange(echo_test())["39"] == "00"
+            assert link.exchange(authorization())["39"] == "00"
+    finally:
+        for link in links:
+            link.close()
+
+
+def test_stopping_the_primary_stops_every_worker(pool: RunningDaemon) -> None:
+    assert pool.process is not None
+    workers = worker_pids(pool.process.pid)
+    link = pool.connect()
+    assert link.exchange(authorization())["39"] == "00"
+    link.close()
+    assert pool.terminate() == 0
+    for pid in workers:
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )
+    assert "processor: stopped" in "".join(pool.stdout)
+
+
+def test_a_bad_worker_count_names_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[server]\nworkers = 0\n")
+    result = run_cli("serve", "--config", str(config), "--ledger", str(tmp_path / "ledger"))
+    assert result.returncode == 2
+    assert "$.server.workers" in result.stderr

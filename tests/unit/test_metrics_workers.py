@@ -1,0 +1,65 @@
+"""/metrics of a daemon with worker processes: every process's samples, summed."""
+
+from __future__ import annotations
+
+import re
+
+from processor.metrics import Metrics
+
+
+def value(text: str, sample: str) -> float:
+    match = re.search("^" + re.escape(sample) + r" ([0-9.e+]+)$", text, re.M)
+    assert match is not None, sample
+    return float(match.group(1))
+
+
+APPROVED = 'processor_requests_total{mti="0100",reason="approved",response_code="00"}'
+DECLINED = 'processor_requests_total{mti="0100",reason="insufficient_funds",response_code="51"}'
+
+
+def test_without_workers_the_exposition_is_the_processs_own() -> None:
+    primary = Metrics()
+    primary.answered("0100", "00", "approved", 0.001)
+    assert value(primary.exposition().decode(), APPROVED) == 1
+
+
+def test_worker_samples_add_up_label_set_by_label_set() -> None:
+    primary, worker = Metrics(), Metrics()
+    primary.answered("0100", "00", "approved", 0.001)
+    worker.answered("0100", "00", "approved", 0.002)
+    worker.answered("0100", "00", "approved", 0.2)
+    worker.answered("0100", "51", "insufficient_funds", 0.002)  # only the worker has seen it
+    worker.open_links.inc(3)
+    primary.open_links.inc(1)
+    primary.workers.update(1, worker.snapshot())
+    text = primary.exposition().decode()
+    assert value(text, APPROVED) == 3
+    assert value(text, DECLINED) == 1
+    assert value(text, 'processor_request_latency_seconds_count{mti="0100"}') == 4
+    assert value(text, 'processor_request_latency_seconds_bucket{le="0.0015",mti="0100"}') == 1
+    assert value(text, 'processor_request_latency_seconds_bucket{le="+Inf",mti="0100"}') == 4
+    assert value(text, "processor_open_links") == 4
+    # Each family is exposed once, with its HELP and TYPE.
+    assert text.count("# TYPE processor_requests_total counter") == 1
+
+
+def test_a_newer_report_replaces_the_older_one() -> None:
+    primary, worker = Metrics(), Metrics()
+    worker.answered("0100", "00", "approved", 0.001)
+    primary.workers.update(1, worker.snapshot())
+    worker.answered("0100", "00", "approved", 0.001)
+    primary.workers.update(1, worker.snapshot())
+    assert value(primary.exposition().decode(), APPROVED) == 2
+
+
+def test_a_retired_worker_keeps_its_counts_but_not_its_gauges() -> None:
+    primary, worker, restarted = Metrics(), Metrics(), Metrics()
+    worker.answered("0100", "00", "approved", 0.001)
+    worker.open_links.inc(5)
+    primary.workers.update(1, worker.snapshot())
+    primary.workers.retire(1)  # it died; its replacement starts counting from zero
+    restarted.answered("0100", "00", "approved", 0.001)
+    primary.workers.update(1, restarted.snapshot())
+    text = primary.exposition().decode()
+    assert value(text, APPROVED) == 2  # a total never goes backwards
+    assert value(text, "processor_open_links") == 0  # its links died with it
