@@ -72,7 +72,7 @@ class ClearingRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         )
 
     def rrn_lookup(self) -> bytes | None:
-        """acquirer|STAN|RRN: the authoriser's index of originals, for when the key misses."""
+        """RRN|acquirer|STAN: the authoriser's index of originals, for when the key misses."""
         return None if self.rrn is None else rrn_key(self.acquirer, self.stan, self.rrn)
 
 

@@ -48,7 +48,7 @@ _DATABASES = (
     "holds",  # hold id (u64, increasing: appended) -> Hold
     "hold_expiry",  # expiry ms + hold id -> b"": open holds in the order they expire
     "answers",  # stored_answer_key(answer key) -> StoredAnswer (and the history chains)
-    "rrn_index",  # acquirer|STAN|RRN -> answer key: reversal matching without field 90
+    "rrn_index",  # RRN|acquirer|STAN -> answer key: reversal matching without field 90
     "meta",
     "clearing",  # clearing record id -> ClearedRecord: presentments applied once each
     "outbox",  # event sequence (appended) -> OutboxRecord: events, same txn as the changes
@@ -730,6 +730,13 @@ def _migrate_1_to_2(
             account = codecs.account.decode(raw_account)
             account.open_holds = count
             txn.put(account_id.encode(), encode(account), db=dbs["accounts"])
+    # The RRN index is keyed RRN first now (wire.messages.rrn_key): acquirer|STAN|RRN before.
+    indexed = [(bytes(key), bytes(value)) for key, value in txn.cursor(db=dbs["rrn_index"])]
+    for key, _ in indexed:
+        txn.delete(key, db=dbs["rrn_index"])
+    for key, value in indexed:
+        acquirer, stan, rrn = key.split(b"|", 2)
+        txn.put(b"|".join((rrn, acquirer, stan)), value, db=dbs["rrn_index"])
     # Answers move to their stored key (field 7 first); the chains below then link them there.
     moved = [(bytes(key), bytes(value)) for key, value in txn.cursor(db=dbs["answers"])]
     for key, _ in moved:

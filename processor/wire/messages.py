@@ -64,7 +64,7 @@ class AuthorizationRequest(msgspec.Struct, frozen=True, gc=False):
 
     @property
     def rrn_key(self) -> bytes | None:
-        """acquirer|STAN|RRN: how a reversal without field 90 finds its original."""
+        """RRN|acquirer|STAN: how a reversal without field 90 finds its original."""
         return None if not self.rrn else rrn_key(self.acquirer, self.stan, self.rrn)
 
     def original_key(self) -> tuple[str, bytes] | None:
@@ -144,5 +144,9 @@ def transaction_key(
 
 
 def rrn_key(acquirer: str, stan: str, rrn: str) -> bytes:
-    """The one format of the RRN lookup key: acquirer|STAN|RRN."""
-    return f"{acquirer_number(acquirer)}|{stan}|{rrn}".encode("ascii")
+    """The one format of the RRN lookup key: RRN|acquirer|STAN.
+
+    The RRN first because networks build it from the date and time (Visa: YDDDhh + sequence),
+    so keys of requests arriving together sort together and share the index's leaf pages.
+    """
+    return f"{rrn}|{acquirer_number(acquirer)}|{stan}".encode("ascii")

@@ -239,7 +239,7 @@ def test_keys_compare_the_acquirer_as_a_number() -> None:
         json.dumps(record(acquirer="000123456", rrn="633012000001", original_mti="0200")).encode()
     )
     assert parsed.original_key() == b"0200|123456|000001|1124120000"
-    assert parsed.rrn_lookup() == b"123456|000001|633012000001"
+    assert parsed.rrn_lookup() == b"633012000001|123456|000001"
 
 
 def test_repr_of_a_record_masks_the_pan() -> None:

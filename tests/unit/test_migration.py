@@ -136,3 +136,32 @@ def test_ledger_migrate_command(v1_copy: Path, capsys: pytest.CaptureFixture[str
     assert main(["ledger", "migrate", "--ledger", str(v1_copy)]) == 0
     assert "nothing to migrate" in capsys.readouterr().out
     Ledger(v1_copy, readonly=True).close()
+
+
+def test_a_reversal_without_field_90_still_finds_its_original_by_rrn(v1_copy: Path) -> None:
+    ledger = Ledger(v1_copy, durability="process", map_size_bytes=16 << 20)
+    codec = Codec(load_spec())
+    authorizer = Authorizer(
+        ledger,
+        codec,
+        HASHER,
+        ProgrammeRules(catalog=default_catalog()),
+        hold_lifetime_seconds=7 * 86400,
+    )
+    try:
+        # STAN 11 was an approved 0100 whose hold is still open; its RRN index entry was
+        # written by the old release under the old key layout.
+        [original] = [e["request"] for e in EXPECTED["exchanges"] if e["request"]["11"] == "000011"]
+        fields = dict(original, t="0400", **{"7": "1125090000"})
+        request = codec.decode(codec.encode(fields))
+        assert isinstance(request, AuthorizationRequest)
+        assert request.original_data is None
+        [outcome] = authorizer.authorize_batch([request], datetime(2026, 11, 25, tzinfo=UTC))
+        assert (outcome.response_code, outcome.reason) == ("00", "reversed")
+        with ledger.read() as reader:
+            account = reader.account("demo-main")
+            assert account is not None
+            was = EXPECTED["accounts"]["demo-main"]
+            assert account.held == was["held"] - int(original["4"])
+    finally:
+        ledger.close()
