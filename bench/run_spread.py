@@ -63,6 +63,9 @@ EXPIRY = "4912"  # YYMM, far in the future
 BALANCE = 10**14  # minor units per account: nothing is declined 51 during a run
 AMOUNT_MIN, AMOUNT_MAX = 100, 10_000  # minor units of one purchase
 STAN_VALUES = 1_000_000
+# Acquirers a request comes from, drawn at random per request as a network mixes them: keys
+# made of acquirer + STAN then arrive in no particular order, as they do in production.
+ACQUIRERS = tuple(str(410_000 + 37 * index) for index in range(200))
 LINKS_MAX = 64  # loadgen's LINKS_MAX
 DEPTH_MAX = 1024  # the daemon's in_flight_per_link_max
 MERCHANT = f"{'BENCH SHOP':<25}{'BERLIN':<13}DE"
@@ -192,6 +195,7 @@ class Original:
     amount: str
     stan: str
     transmitted: str
+    acquirer: str
 
 
 @dataclass
@@ -205,7 +209,7 @@ class RequestsFile:
 
 
 def transmitted_at(base: datetime, position: int) -> str:
-    """Field 7: one more second per STAN wrap, so acquirer + STAN + field 7 never repeats."""
+    """Field 7: one more second per STAN wrap, so STAN + field 7 never repeats in a run."""
     return (base + timedelta(seconds=position // STAN_VALUES)).strftime("%m%d%H%M%S")
 
 
@@ -225,16 +229,23 @@ def write_requests(
     base = datetime.now(UTC)
     result = RequestsFile(path, count)
     per_link: list[list[bytes]] = []
+    base += timedelta(seconds=run_number * (count // STAN_VALUES + 1))  # runs never overlap
     for link in range(links):
-        acquirer = str((run_number + 1) * 1000 + link)  # distinct per run and link
         terminal = f"T{link:07d}"
         originals: deque[Original] = deque()  # approvals not yet reversed or completed
         records: list[bytes] = []
         link_count = count // links + (1 if link < count % links else 0)
         for position in range(link_count):
-            stan_number = (position + 1) % STAN_VALUES
+            # Numbered across links, so STAN + field 7 is unique in the run whatever the
+            # acquirer; per link a STAN repeats only after STAN_VALUES / links requests.
+            number = position * links + link
+            stan_number = (number + 1) % STAN_VALUES
             stan = f"{stan_number:06d}"
-            transmitted = transmitted_at(base, position)
+            transmitted = transmitted_at(base, number)
+            acquirer = ACQUIRERS[rng.randrange(len(ACQUIRERS))]
+            # Field 37 as Visa builds it: year digit, day of year, hour, then a sequence.
+            moment = base + timedelta(seconds=number // STAN_VALUES)
+            rrn = f"{moment.strftime('%y')[1]}{moment.strftime('%j%H')}{number % 1_000_000:06d}"
             if profile == "echo":
                 mti = "0800"
                 fields = {"t": mti, "7": transmitted, "11": stan, "70": "301"}
@@ -257,7 +268,7 @@ def write_requests(
                     else:
                         mti = "0100"
                 if original is not None:
-                    pan, amount = original.pan, original.amount
+                    pan, amount, acquirer = original.pan, original.amount, original.acquirer
                     result.references.append((mti, acquirer, stan, transmitted))
                 else:
                     pan = pans[rng.randrange(len(pans))]
@@ -273,6 +284,7 @@ def write_requests(
                     "22": "051",
                     "25": "00",
                     "32": acquirer,
+                    "37": rrn,
                     "41": terminal,
                     "43": MERCHANT,
                     "49": "978",
@@ -284,7 +296,7 @@ def write_requests(
                         f"0100{original.stan}{original.transmitted}{int(acquirer):011d}" + "0" * 11
                     )
                 elif mti == "0100" and profile == "mixed":
-                    originals.append(Original(position, pan, amount, stan, transmitted))
+                    originals.append(Original(position, pan, amount, stan, transmitted, acquirer))
             message = codec.encode(fields)
             frame = len(message).to_bytes(2, "big") + message
             records.append(struct.pack("<HHI", link, len(frame), stan_number) + frame)
