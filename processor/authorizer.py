@@ -72,6 +72,15 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
     reason: str
 
 
+class _Decided(msgspec.Struct, gc=False):
+    """An answer decided inside the write transaction, encoded for the wire after the commit."""
+
+    fields: dict[str, str]  # the response's fields, the PAN (field 2) included
+    mti: str
+    response_code: str
+    reason: str
+
+
 class Authorizer:
     def __init__(
         self,
@@ -140,6 +149,13 @@ class Authorizer:
         now_ms = int(now.timestamp() * 1000)
         now_yymm = yymm(now.astimezone(UTC))
         periods = periods_at(now_ms, self._zone)
+        # Work that needs no ledger is done before the write transaction and its encoding
+        # after the commit: with worker processes the writer lock is held for the ledger work
+        # alone, so the other workers' hashing and encoding run meanwhile.
+        prepared = []
+        for request in requests:
+            card_key = self._hasher.card_key(request.pan)
+            prepared.append((request, card_key, self._fingerprint(card_key, request)))
         try:
             with self._ledger.write() as writer:
                 results: list[object] = []
@@ -149,15 +165,26 @@ class Authorizer:
                     except CommandRefused as refused:
                         results.append(refused)
                 batch = Batch(now_ms, now_yymm, periods, writer.programme_controls())
-                return [self._process(writer, request, batch) for request in requests], results
+                decided = [self._process(writer, *each, batch) for each in prepared]
         except (lmdb.Error, LedgerError) as error:
             reason = f"ledger_error:{type(error).__name__}"
             outcomes = [self._reply(r.echo, r.mti, "96", reason) for r in requests]
             return outcomes, [error] * len(commands)
+        encode = self._codec.encode
+        outcomes = [
+            Outcome(encode(each.fields), each.mti, each.response_code, each.reason)
+            for each in decided
+        ]
+        return outcomes, results
 
-    def _process(self, writer: Writer, request: AuthorizationRequest, batch: Batch) -> Outcome:
-        card_key = self._hasher.card_key(request.pan)
-        fingerprint = self._fingerprint(card_key, request)
+    def _process(
+        self,
+        writer: Writer,
+        request: AuthorizationRequest,
+        card_key: bytes,
+        fingerprint: bytes,
+        batch: Batch,
+    ) -> _Decided:
         message_class = request.message_class
         key = request.answer_key
         stored = writer.answer(key)
@@ -167,12 +194,13 @@ class Authorizer:
                 # advice is acknowledged (a 94 would only make the network resend it forever)
                 # and the conflict flagged.
                 code = "00" if message_class in ADVICE_CLASSES else "94"
-                return self._reply(request.echo, request.mti, code, "duplicate_different_content")
+                fields = dict(request.echo)
+                fields["t"] = response_mti(request.mti)
+                fields["39"] = code
+                return _Decided(fields, request.mti, code, "duplicate_different_content")
             fields = dict(stored.response)
             fields["2"] = request.pan
-            return Outcome(
-                self._codec.encode(fields), request.mti, stored.response_code, "retransmission"
-            )
+            return _Decided(fields, request.mti, stored.response_code, "retransmission")
 
         handler = self._lifecycle.handlers[message_class]
         result = handler(writer, request, card_key, key, batch)
@@ -182,8 +210,8 @@ class Authorizer:
         fields["39"] = result.response_code
         if result.extra:
             fields.update(result.extra)
-        response = self._codec.encode(fields)
-        del fields["2"]
+        # Stored without the PAN: a retransmission's own field 2 goes back in when replayed.
+        pan = fields.pop("2")
         writer.record_answer(
             key,
             StoredAnswer(
@@ -221,7 +249,8 @@ class Authorizer:
             lookup = request.rrn_key
             if lookup is not None:
                 writer.index_rrn(lookup, key)
-        return Outcome(response, request.mti, result.response_code, result.reason)
+        fields["2"] = pan  # the stored answer was serialised by record_answer already
+        return _Decided(fields, request.mti, result.response_code, result.reason)
 
     def sweep_expired(self, now: datetime, limit: int) -> int:
         """Release at most `limit` holds whose expiry has passed, in one write transaction."""
