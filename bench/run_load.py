@@ -23,9 +23,15 @@ from pathlib import Path
 
 
 def start_daemon(
-    ledger: Path, config_text: str, env: dict[str, str] | None = None
+    ledger: Path,
+    config_text: str,
+    env: dict[str, str] | None = None,
+    ports: dict[str, int] | None = None,
 ) -> tuple[subprocess.Popen[str], int]:
-    """The real daemon on a scratch ledger, port 0; returns it and its ISO 8583 port."""
+    """The real daemon on a scratch ledger, port 0; returns it and its ISO 8583 port.
+
+    `ports`, when given, also receives the HTTP port (key "http").
+    """
     config = ledger.parent / f"{ledger.name}.toml"
     config.write_text(config_text)
     process = subprocess.Popen(
@@ -53,6 +59,8 @@ def start_daemon(
     for line in process.stdout:
         if match := re.search(r"ISO 8583 listening on [\d.]+:(\d+)", line):
             port = int(match.group(1))
+        if ports is not None and (match := re.search(r"HTTP listening on [\d.]+:(\d+)", line)):
+            ports["http"] = int(match.group(1))
         if line.strip() == "processor: ready":
             return process, port
     raise RuntimeError("daemon did not start")

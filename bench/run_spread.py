@@ -20,6 +20,12 @@ message. Bounded: every run stops at its request count or its time limit, whiche
 first, and talks only to 127.0.0.1.
 
     python bench/run_spread.py --cards 10000 --duration 3 --rates 1000 --requests 50000
+
+A baseline tree is measured from its own directory (`python -m`, which starts the daemon, puts
+the working directory first on the module path):
+
+    git worktree add /tmp/base <commit>
+    cd /tmp/base && PYTHONPATH=/tmp/base python /path/to/bench/run_spread.py ...
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -101,9 +108,10 @@ def load_file_text(pans: list[str]) -> str:
 
 
 def daemon_config(durability: str, map_size_bytes: int, workers: int = 1) -> str:
+    # [server] only when asked for: an older tree, measured as the baseline, has no such key.
+    server = f"[server]\nworkers = {workers}\n" if workers > 1 else ""
     return (
-        f"[server]\nworkers = {workers}\n"
-        f'[ledger]\ndurability = "{durability}"\nseed_demo_data = false\n'
+        f'{server}[ledger]\ndurability = "{durability}"\nseed_demo_data = false\n'
         f"map_size_bytes = {map_size_bytes}\n"
         '[log]\nlevel = "warning"\n'
     )
@@ -383,6 +391,7 @@ def process_cpu_seconds(pid: int) -> float:
 class Session:
     port: int
     daemon_pid: int
+    http_port: int
     ledger: Path
     scratch: Path
     codec: Codec
@@ -423,12 +432,18 @@ def run_one(session: Session, workload: str, profile: str, mode: str, **load: fl
         session.rng,
     )
     session.run_number += 1
+    batches_before = batch_metrics(session.http_port)
     size_before = ledger_size(session.ledger)
     cpu_before = process_cpu_seconds(session.daemon_pid)
     result = run_loadgen(session.port, requests.path, arguments, time_bound)
     daemon_cpu = process_cpu_seconds(session.daemon_pid) - cpu_before
     size_after = ledger_size(session.ledger)
     requests.path.unlink()  # used once: a replay would be answered from the stored answers
+    time.sleep(WORKER_REPORT_WAIT_SECONDS)  # worker processes report their metrics each second
+    batches = {
+        name: value - batches_before.get(name, 0.0)
+        for name, value in batch_metrics(session.http_port).items()
+    }
     approvals = result["codes_by_mti"].get("0110:00", 0)  # 0100s approved: each made a hold
     growth = {
         "before": size_before,
@@ -456,6 +471,18 @@ def run_one(session: Session, workload: str, profile: str, mode: str, **load: fl
         "daemon_cpu_seconds": daemon_cpu,
         "daemon_cpu_us_per_message": daemon_cpu * 1e6 / max(1, result["answered"]),
         "ledger_growth": growth,
+        "batches": {
+            "count": batches.get("processor_commit_batch_size_count", 0.0),
+            "mean_size": batches.get("processor_commit_batch_size_sum", 0.0)
+            / max(1.0, batches.get("processor_commit_batch_size_count", 0.0)),
+            "mean_commit_ms": 1000
+            * batches.get("processor_commit_seconds_sum", 0.0)
+            / max(1.0, batches.get("processor_commit_seconds_count", 0.0)),
+            # Of the run's wall time, the share spent deciding, applying and committing
+            # batches (summed over worker processes): near 1, the writer lock is the limit.
+            "commit_share": batches.get("processor_commit_seconds_sum", 0.0)
+            / max(1e-9, result["wall_s"]),
+        },
     }
     if requests.references:
         record["stored_reasons"] = stored_reasons(session.ledger, requests.references)
@@ -463,6 +490,28 @@ def run_one(session: Session, workload: str, profile: str, mode: str, **load: fl
     session.runs.append(record)
     time.sleep(PAUSE_BETWEEN_RUNS_SECONDS)
     return record
+
+
+WORKER_REPORT_WAIT_SECONDS = 1.2
+
+
+def batch_metrics(http_port: int) -> dict[str, float]:
+    """The daemon's batch-size and commit-time histogram sums and counts, from /metrics."""
+    url = f"http://127.0.0.1:{http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    wanted = (
+        "processor_commit_batch_size_sum",
+        "processor_commit_batch_size_count",
+        "processor_commit_seconds_sum",
+        "processor_commit_seconds_count",
+    )
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            found[name] = float(value)
+    return found
 
 
 def check(session: Session, record: Json, count: int, mode: str) -> None:
@@ -506,6 +555,7 @@ COLUMNS = (
     "max us",
     "loadgen CPU us/msg (wakeups/msg)",
     "daemon CPU us/msg",
+    "batches: mean size, commit ms, commit share",
 )
 
 
@@ -523,6 +573,8 @@ def table_row(record: Json) -> str:
         *(f"{latency[k]:.0f}" for k in ("p50", "p90", "p99", "p99.9", "max")),
         f"{result['cpu_us_per_message']:.2f} ({result['wakeups'] / max(1, result['sent']):.2f})",
         f"{record['daemon_cpu_us_per_message']:.0f}",
+        f"{record['batches']['mean_size']:.0f}, {record['batches']['mean_commit_ms']:.2f}, "
+        f"{record['batches']['commit_share']:.2f}",
     )
     return "| " + " | ".join(cells) + " |"
 
@@ -602,9 +654,11 @@ def main() -> int:
             f"{args.loader} load {ledger_timing['load_seconds']:.2f}s)",
             flush=True,
         )
-        process, port = start_daemon(ledger, config_text)
+        ports: dict[str, int] = {}
+        process, port = start_daemon(ledger, config_text, ports=ports)
         session = Session(
             port=port,
+            http_port=ports["http"],
             daemon_pid=process.pid,
             ledger=ledger,
             scratch=scratch,

@@ -1285,3 +1285,22 @@ def test_completion_and_expiry_change_no_usage(ledger: Ledger) -> None:
         usage = reader.usage("c:" + card_id)
     assert used(usage, "daily", periods_at(_ms(NOW))) == (8_000, 2)
     assert used(usage, "all_time", periods_at(_ms(expired_at))) == (8_000, 2)
+
+
+def test_reloading_a_card_keeps_what_the_ledger_counted_for_it(
+    loaded: Ledger, authorizer: Authorizer
+) -> None:
+    # Usage and the history head live in the card record since schema 2; a load file builds a
+    # fresh record, which must not forget them.
+    [outcome] = authorizer.authorize_batch([auth_request(MAIN, 1_234)], NOW)
+    assert response_fields(outcome)["39"] == "00"
+    card = card_of(loaded, MAIN)
+    assert card is not None and card.usage is not None and card.last_answer is not None
+    before = (msgspec.to_builtins(card.usage), card.last_answer)
+    load_text(loaded, LOAD_FILE)  # the same cards again, as an operator reloads them
+    reloaded = card_of(loaded, MAIN)
+    assert reloaded is not None
+    assert (msgspec.to_builtins(reloaded.usage), reloaded.last_answer) == before
+    with loaded.read() as reader:
+        [(key, answer)] = reader.card_history(reloaded.card_id, 10)
+        assert answer.response_code == "00" and key == before[1]

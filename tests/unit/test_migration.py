@@ -30,6 +30,14 @@ EXPECTED: dict[str, Any] = json.loads((FIXTURES / "ledger_v1.json").read_text())
 HASHER = PanHasher(b"fixture-pan-key")
 
 
+CODEC = Codec(load_spec())
+
+
+def authorizer_on(ledger: Ledger) -> Authorizer:
+    rules = ProgrammeRules(catalog=default_catalog())
+    return Authorizer(ledger, CODEC, HASHER, rules, hold_lifetime_seconds=7 * 86400)
+
+
 @pytest.fixture
 def v1_copy(tmp_path: Path) -> Path:
     target = tmp_path / "ledger"
@@ -93,14 +101,7 @@ def test_migration_keeps_balances_holds_histories_and_usage(v1_copy: Path) -> No
 
 def test_every_request_answered_before_the_migration_gets_the_same_bytes(v1_copy: Path) -> None:
     ledger = Ledger(v1_copy, durability="process", map_size_bytes=16 << 20)
-    codec = Codec(load_spec())
-    authorizer = Authorizer(
-        ledger,
-        codec,
-        HASHER,
-        ProgrammeRules(catalog=default_catalog()),
-        hold_lifetime_seconds=7 * 86400,
-    )
+    codec, authorizer = CODEC, authorizer_on(ledger)
     try:
         requests = []
         for exchange in EXPECTED["exchanges"]:
@@ -140,14 +141,7 @@ def test_ledger_migrate_command(v1_copy: Path, capsys: pytest.CaptureFixture[str
 
 def test_a_reversal_without_field_90_still_finds_its_original_by_rrn(v1_copy: Path) -> None:
     ledger = Ledger(v1_copy, durability="process", map_size_bytes=16 << 20)
-    codec = Codec(load_spec())
-    authorizer = Authorizer(
-        ledger,
-        codec,
-        HASHER,
-        ProgrammeRules(catalog=default_catalog()),
-        hold_lifetime_seconds=7 * 86400,
-    )
+    codec, authorizer = CODEC, authorizer_on(ledger)
     try:
         # STAN 11 was an approved 0100 whose hold is still open; its RRN index entry was
         # written by the old release under the old key layout.
