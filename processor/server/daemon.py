@@ -318,9 +318,14 @@ async def start_webhooks(config: Config, ledger: Ledger, metrics: Metrics) -> Di
     return dispatcher
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The ISO 8583 listening socket, bound before any worker starts so that all accept on it."""
-    listener = socket.create_server((host, port), backlog=limits.links_max)
+def listen(host: str, port: int, *, shared: bool = False) -> socket.socket:
+    """An ISO 8583 listening socket; `shared` ones (SO_REUSEPORT) split links between processes.
+
+    Each worker process gets a socket of its own on the same port: the kernel then hands each
+    new link to one of them, spread by address, where processes accepting on one shared socket
+    race and the first awake takes a whole burst of links.
+    """
+    listener = socket.create_server((host, port), backlog=limits.links_max, reuse_port=shared)
     listener.setblocking(False)
     return listener
 
@@ -368,7 +373,7 @@ async def serve(config: Config) -> int:
     metrics.watch_ledger(ledger.map_usage)
     daemon = Daemon(config, ledger, hasher, metrics, rates)
     loop = asyncio.get_running_loop()
-    listener = listen(config.server.host, config.server.port)
+    listener = listen(config.server.host, config.server.port, shared=config.server.workers > 1)
     server = await loop.create_server(lambda: Link(daemon), sock=listener)
     host, port = listener.getsockname()[:2]
     pool = None

@@ -3,8 +3,10 @@
 With `server.workers = N > 1` the primary process (which also runs the HTTP port, webhooks and
 the hold sweeper) starts N - 1 workers. Each is a fresh interpreter (`python -m
 processor.server.workers`), never a fork of the primary: an LMDB environment and a running event
-loop must not cross a fork. Every worker accepts on the primary's listening socket (passed as a
-file descriptor), decodes, decides and encodes on its own core, and commits its batches through
+loop must not cross a fork. Every worker accepts on a listening socket of its own on the
+primary's port (SO_REUSEPORT; made and kept by the primary, passed as a file descriptor, so links
+that arrive while a worker restarts wait in its queue), decodes, decides and encodes on its own
+core, and commits its batches through
 its own LMDB environment on the same files; LMDB's writer lock serialises the transactions, so
 one worker's durable commit (held through fsync) overlaps the others' decoding and encoding.
 
@@ -65,10 +67,11 @@ async def _receive(reader: asyncio.StreamReader) -> WorkerReport | None:
 
 
 class _Worker:
-    __slots__ = ("channel", "index", "process", "ready", "reports")
+    __slots__ = ("channel", "index", "listener", "process", "ready", "reports")
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, listener: socket.socket) -> None:
         self.index = index
+        self.listener = listener
         self.process: asyncio.subprocess.Process | None = None
         self.channel: asyncio.StreamWriter | None = None
         self.ready = asyncio.Event()
@@ -79,11 +82,16 @@ class WorkerPool:
     """The primary's side: start, supervise and stop the workers."""
 
     def __init__(self, config: Config, listener: socket.socket, samples: WorkerSamples) -> None:
+        from processor.server.daemon import listen
+
         assert config.server.workers > 1, config.server.workers
         self._config = config
-        self._listener = listener
         self._samples = samples
-        self._workers = [_Worker(index) for index in range(1, config.server.workers)]
+        host, port = listener.getsockname()[:2]
+        self._workers = [
+            _Worker(index, listen(host, port, shared=True))
+            for index in range(1, config.server.workers)
+        ]
         self._stopping = False
         self._restarts: deque[float] = deque()
         self._supervisors: list[asyncio.Task[None]] = []
@@ -108,10 +116,10 @@ class WorkerPool:
                 "-m",
                 "processor.server.workers",
                 str(worker.index),
-                str(self._listener.fileno()),
+                str(worker.listener.fileno()),
                 str(theirs.fileno()),
                 stdin=asyncio.subprocess.PIPE,
-                pass_fds=(self._listener.fileno(), theirs.fileno()),
+                pass_fds=(worker.listener.fileno(), theirs.fileno()),
             )
         finally:
             theirs.close()
@@ -178,6 +186,8 @@ class WorkerPool:
                 await worker.process.wait()
         for task in self._supervisors:
             await task
+        for worker in self._workers:
+            worker.listener.close()
 
 
 # --- the worker's side -------------------------------------------------------------------------
