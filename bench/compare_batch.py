@@ -90,6 +90,15 @@ def fresh_requests(
     return requests
 
 
+def written_bytes() -> int:
+    """Bytes this process has sent to storage so far (Linux /proc/self/io): LMDB writes each
+    dirtied page at commit, so this counts pages per request, free of the machine's noise."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
 def main() -> int:
     rounds, durability = int(sys.argv[1]), sys.argv[2]
     cards = int(sys.argv[3]) if len(sys.argv) > 3 else 10_000
@@ -99,6 +108,7 @@ def main() -> int:
     stans = itertools.count(1)
     now = datetime(2026, 11, 24, 12, tzinfo=UTC)
     per_request: list[float] = []
+    bytes_per_request: list[float] = []
     with tempfile.TemporaryDirectory() as scratch:
         source = Path(scratch) / "ledger.toml"
         source.write_text(
@@ -118,6 +128,7 @@ def main() -> int:
         authorizer = Authorizer(ledger, codec, hasher, rules(), hold_lifetime_seconds=7 * 86400)
         for round_index in range(rounds + 2):
             requests = fresh_requests(codec, stans, BATCH, pans, draw)
+            written = written_bytes()
             started = time.perf_counter()
             outcomes = authorizer.authorize_batch(
                 requests, now + timedelta(seconds=2 * round_index)
@@ -126,10 +137,14 @@ def main() -> int:
             assert all(o.response_code == "00" for o in outcomes), {o.reason for o in outcomes}
             if round_index >= 2:
                 per_request.append(elapsed / BATCH * 1e6)
+                bytes_per_request.append((written_bytes() - written) / BATCH)
         ledger.close()
     per_request.sort()
     p90 = per_request[int(len(per_request) * 0.9) - 1]
-    print(f"{cards} cards: median {statistics.median(per_request):.2f} us/request, p90 {p90:.2f}")
+    print(
+        f"{cards} cards: median {statistics.median(per_request):.2f} us/request, p90 {p90:.2f}; "
+        f"written {statistics.median(bytes_per_request) / 1024:.1f} KiB/request"
+    )
     return 0
 
 

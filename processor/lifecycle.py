@@ -21,7 +21,7 @@ from processor.engine.controls import Periods, periods_at, record_usages, releas
 from processor.engine.decide import billing_amount
 from processor.engine.fx import scale
 from processor.ledger.controls import Controls, Usage
-from processor.ledger.records import Account, Card, Hold, StoredAnswer
+from processor.ledger.records import Account, Card, CardState, Hold, StoredAnswer
 from processor.ledger.store import Writer
 from processor.wire.codec import balance_block
 from processor.wire.messages import AuthorizationRequest
@@ -62,8 +62,8 @@ def approval_code(hold_id: int) -> str:
     return f"{(hold_id * 7_919) % 1_000_000:06d}"
 
 
-def usage_of(record: Card | Account) -> Usage:
-    """The usage kept with a card or an account, made empty on first use."""
+def usage_of(record: CardState | Account) -> Usage:
+    """The usage kept with a card's state or an account, made empty on first use."""
     if record.usage is None:
         record.usage = Usage()
     return record.usage
@@ -146,28 +146,23 @@ class Lifecycle:
         account = writer.account(card.account_id)
         if account is None:
             return card, None, decide(request, card, None, self._rules, batch.now_yymm)
-        spend = Spend(batch.programme, usage_of(card), usage_of(account), batch.periods)
+        spend = Spend(
+            batch.programme, usage_of(writer.card_state(card)), usage_of(account), batch.periods
+        )
         return card, account, decide(request, card, account, self._rules, batch.now_yymm, spend)
 
     # --- spend-control usage --------------------------------------------------------------------
 
     def _count_usage(
-        self,
-        writer: Writer,
-        card_key: bytes,
-        card: Card,
-        account: Account,
-        amount: int,
-        mcc: str,
-        batch: Batch,
+        self, writer: Writer, card: Card, account: Account, amount: int, mcc: str, batch: Batch
     ) -> None:
         record_usages(
-            (usage_of(card), usage_of(account)),
+            (usage_of(writer.card_state(card)), usage_of(account)),
             amount,
             self._rules.catalog.category(mcc),
             batch.periods,
         )
-        writer.touch_card(card_key, card)
+        writer.touch_card_state(card)
         writer.put_account(account)
 
     def _give_back_usage(
@@ -190,8 +185,9 @@ class Lifecycle:
         count = 1 if full else 0
         found = writer.card_of(original.card_id, card_key)
         if found is not None:
-            release_usage(usage_of(found[1]), amount, count, category, approved, batch.periods)
-            writer.touch_card(*found)
+            state = writer.card_state(found[1])
+            release_usage(usage_of(state), amount, count, category, approved, batch.periods)
+            writer.touch_card_state(found[1])
         account = writer.account(original.account_id)
         if account is not None:
             release_usage(usage_of(account), amount, count, category, approved, batch.periods)
@@ -252,9 +248,7 @@ class Lifecycle:
         if decision.hold_amount:
             assert account is not None and card is not None
             result.extra = self._approved_fields(decision, account)
-            self._count_usage(
-                writer, card_key, card, account, decision.hold_amount, request.mcc, batch
-            )
+            self._count_usage(writer, card, account, decision.hold_amount, request.mcc, batch)
             result.usage_amount = decision.hold_amount
             result.usage_mcc = request.mcc
             if post:
@@ -308,7 +302,7 @@ class Lifecycle:
         hold = self._hold(writer, account, card, request, amount, key, batch.now_ms)
         # Spent is spent: a stand-in approval counts against the controls' usage (it was never
         # checked against them), so later authorisations see it.
-        self._count_usage(writer, card_key, card, account, amount, request.mcc, batch)
+        self._count_usage(writer, card, account, amount, request.mcc, batch)
         reason = "stand_in_approved" if account.available >= 0 else "stand_in_overdrawn"
         return Result(
             "00",

@@ -23,6 +23,7 @@ from processor.ledger.controls import Controls, Usage
 from processor.ledger.records import (
     Account,
     Card,
+    CardState,
     ClearedRecord,
     EntryKind,
     Hold,
@@ -37,13 +38,14 @@ log = logging.getLogger("processor.ledger")
 # Schema 2 (issue 9, the write path at realistic card spread): an approval dirtied a leaf page
 # in ten B-trees, nearly all under random keys, and LMDB copies and the synced commit writes
 # every dirtied page. Usage counters, history heads and the open-hold count now live in the
-# card and account records an approval rewrites anyway; histories are chains through the
-# answers; keys that only grow (holds, outbox) are appended. Schema 1 is migrated on open.
+# account record and, for a card, in a state record right beside its account (one leaf page
+# for both); histories are chains through the answers; keys that only grow (holds, outbox)
+# are appended. specs/ledger.md has the layout. Schema 1 is migrated on open.
 SCHEMA_VERSION = b"2"
 _U64 = struct.Struct(">Q")
 _DATABASES = (
-    "accounts",
-    "cards",
+    "accounts",  # account id -> Account; account id, NUL, card id -> CardState (beside it)
+    "cards",  # HMAC-SHA256(PAN) -> Card (descriptive; an approval only reads it)
     "account_cards",
     "holds",  # hold id (u64, increasing: appended) -> Hold
     "hold_expiry",  # expiry ms + hold id -> b"": open holds in the order they expire
@@ -69,6 +71,7 @@ class _Codecs:
         "account",
         "answer",
         "card",
+        "card_state",
         "cleared",
         "controls",
         "encoder",
@@ -82,6 +85,7 @@ class _Codecs:
         self.encoder = msgspec.msgpack.Encoder()
         self.account = msgspec.msgpack.Decoder(Account)
         self.card = msgspec.msgpack.Decoder(Card)
+        self.card_state = msgspec.msgpack.Decoder(CardState)
         self.hold = msgspec.msgpack.Decoder(Hold)
         self.answer = msgspec.msgpack.Decoder(StoredAnswer)
         self.cleared = msgspec.msgpack.Decoder(ClearedRecord)
@@ -237,6 +241,11 @@ def stored_answer_key(answer_key: bytes) -> bytes:
     return b"|".join((transmitted, message_class, acquirer, stan))
 
 
+def card_state_key(card: Card) -> bytes:
+    """Where a card's CardState is kept: right after its account in the accounts database."""
+    return _prefix_key(card.account_id, card.card_id.encode())
+
+
 def _prefix_key(prefix: str, suffix: bytes) -> bytes:
     return prefix.encode() + b"\x00" + suffix
 
@@ -285,6 +294,10 @@ class Reader:
         raw = self._txn.get(card_key, db=self._dbs["cards"])
         return None if raw is None else self._codecs.card.decode(raw)
 
+    def card_state(self, card: Card) -> CardState:
+        raw = self._txn.get(card_state_key(card), db=self._dbs["accounts"])
+        return CardState() if raw is None else self._codecs.card_state.decode(raw)
+
     def answer(self, identity: bytes) -> StoredAnswer | None:
         raw = self._txn.get(stored_answer_key(identity), db=self._dbs["answers"])
         return None if raw is None else self._codecs.answer.decode(raw)
@@ -318,7 +331,7 @@ class Reader:
         if before is None:
             if of == "card":
                 found_card = self.card_by_id(owner_id)
-                key = None if found_card is None else found_card[1].last_answer
+                key = None if found_card is None else self.card_state(found_card[1]).last_answer
             else:
                 account = self.account(owner_id)
                 key = None if account is None else account.last_answer
@@ -356,10 +369,10 @@ class Reader:
         Empty when none was counted yet, or when the card or account does not exist.
         """
         kind, _, owner_id = scope.partition(":")
-        record: Card | Account | None
+        record: CardState | Account | None
         if kind == "c":
             found = self.card_by_id(owner_id)
-            record = None if found is None else found[1]
+            record = None if found is None else self.card_state(found[1])
         else:
             record = self.account(owner_id)
         return Usage() if record is None or record.usage is None else record.usage
@@ -401,12 +414,18 @@ class Reader:
         cursor = self._txn.cursor(db=self._dbs["outbox"])
         return _U64.unpack(bytes(cursor.key()))[0] if cursor.last() else 0
 
+    def has_accounts(self) -> bool:
+        return bool(self._txn.cursor(db=self._dbs["accounts"]).first())
+
     def account_count(self) -> int:
-        return int(self._txn.stat(self._dbs["accounts"])["entries"])
+        """Accounts (not their cards' states beside them); walks the keys: not for hot paths."""
+        cursor = self._txn.cursor(db=self._dbs["accounts"])
+        return sum(1 for key in cursor.iternext(keys=True, values=False) if b"\x00" not in key)
 
     def accounts(self) -> Iterator[Account]:
-        for _, raw in self._txn.cursor(db=self._dbs["accounts"]):
-            yield self._codecs.account.decode(raw)
+        for key, raw in self._txn.cursor(db=self._dbs["accounts"]):
+            if b"\x00" not in key:
+                yield self._codecs.account.decode(raw)
 
     def account_holds(self, account_id: str, limit: int = limits.holds_listed_max) -> list[Hold]:
         """Open holds of an account, oldest first, at most `limit`.
@@ -457,17 +476,18 @@ class Reader:
 class Writer(Reader):
     """One write transaction.
 
-    Accounts and cards are cached for the transaction: a batch of requests on one account
-    decodes it once and writes it once, at commit (`flush`), however many requests changed it.
-    The cached object is the one callers mutate, so `put_account` and `touch_card` only mark it
-    to be written.
+    Accounts and card states are cached for the transaction: a batch of requests on one
+    account decodes it once and writes it once, at commit (`flush`), however many requests
+    changed it. The cached object is the one callers mutate, so `put_account` and
+    `touch_card_state` only mark it to be written. Cards are cached for reading.
     """
 
     __slots__ = (
         "_accounts",
+        "_card_states",
         "_cards",
         "_dirty",
-        "_dirty_cards",
+        "_dirty_card_states",
         "_next_event",
         "_next_hold_id",
     )
@@ -479,7 +499,8 @@ class Writer(Reader):
         self._accounts: dict[str, Account | None] = {}
         self._dirty: set[str] = set()
         self._cards: dict[bytes, Card | None] = {}
-        self._dirty_cards: set[bytes] = set()
+        self._card_states: dict[bytes, CardState] = {}
+        self._dirty_card_states: set[bytes] = set()
 
     def card(self, card_key: bytes) -> Card | None:
         if card_key in self._cards:
@@ -488,10 +509,19 @@ class Writer(Reader):
         self._cards[card_key] = card
         return card
 
-    def touch_card(self, card_key: bytes, card: Card) -> None:
-        """Mark a cached card changed (its usage or history head): written at commit."""
-        assert self._cards.get(card_key) is card, f"card {card.card_id}: not the cached copy"
-        self._dirty_cards.add(card_key)
+    def card_state(self, card: Card) -> CardState:
+        """Cached like accounts: the object returned is the one to change, then touch it."""
+        key = card_state_key(card)
+        state = self._card_states.get(key)
+        if state is None:
+            state = self._card_states[key] = super().card_state(card)
+        return state
+
+    def touch_card_state(self, card: Card) -> None:
+        """Mark a card's cached state changed (usage or history head): written at commit."""
+        key = card_state_key(card)
+        assert key in self._card_states, f"card {card.card_id}: state not read in this txn"
+        self._dirty_card_states.add(key)
 
     def account(self, account_id: str) -> Account | None:
         if account_id in self._accounts:
@@ -510,17 +540,23 @@ class Writer(Reader):
     def put_card(self, card_key: bytes, card: Card, previous_account: str | None) -> None:
         """Store a card's descriptive fields (status, expiry, controls, account).
 
-        Its usage and history head are the ledger's: kept from the stored record whatever the
-        caller built, so a reload or an API change never forgets what was spent.
+        Its state (usage, history head) is the ledger's and stays as it is; when the card
+        moves to another account, the state moves with it, next to the new account.
         """
-        stored = self.card(card_key)
-        if stored is not None and stored is not card:
-            card.usage = stored.usage
-            card.last_answer = stored.last_answer
         if previous_account is not None and previous_account != card.account_id:
             self._txn.delete(_prefix_key(previous_account, card_key), db=self._dbs["account_cards"])
+            moved_from = _prefix_key(previous_account, card.card_id.encode())
+            state = self._card_states.pop(moved_from, None)
+            if state is None:
+                raw = self._txn.get(moved_from, db=self._dbs["accounts"])
+                state = None if raw is None else self._codecs.card_state.decode(raw)
+            self._dirty_card_states.discard(moved_from)
+            self._txn.delete(moved_from, db=self._dbs["accounts"])
+            if state is not None:
+                self._card_states[card_state_key(card)] = state
+                self._dirty_card_states.add(card_state_key(card))
         self._cards[card_key] = card
-        self._dirty_cards.add(card_key)
+        self._txn.put(card_key, self._codecs.encoder.encode(card), db=self._dbs["cards"])
         self._txn.put(_prefix_key(card.account_id, card_key), b"", db=self._dbs["account_cards"])
         self._txn.put(card.card_id.encode(), card_key, db=self._dbs["card_ids"])
 
@@ -536,10 +572,10 @@ class Writer(Reader):
         if answer.card_id is not None:
             found = self.card_of(answer.card_id, card_key_hint)
             if found is not None:
-                card_key, card = found
-                answer.previous_for_card = card.last_answer
-                card.last_answer = identity
-                self._dirty_cards.add(card_key)
+                state = self.card_state(found[1])
+                answer.previous_for_card = state.last_answer
+                state.last_answer = identity
+                self.touch_card_state(found[1])
         if answer.account_id is not None:
             account = self.account(answer.account_id)
             if account is not None:
@@ -669,24 +705,25 @@ class Writer(Reader):
         assert appended, f"event {record.sequence}: not above every stored sequence"
 
     def flush(self) -> None:
-        """Write what the transaction kept in memory: changed accounts and cards, sequences.
+        """Write what the transaction kept in memory: changed accounts and card states.
 
-        In key order: neighbouring keys then share their leaf page's copy.
+        In key order, accounts and the states of their cards together: an account and its
+        card share a leaf page, and neighbouring keys share their page's copy.
         """
         encode = self._codecs.encoder.encode
-        put = self._txn.put
-        accounts_db = self._dbs["accounts"]
-        for account_id in sorted(self._dirty):
+        changed: list[tuple[bytes, Account | CardState]] = []
+        for account_id in self._dirty:
             account = self._accounts[account_id]
             assert account is not None and account.held >= 0 <= account.open_holds, account
-            put(account_id.encode(), encode(account), db=accounts_db)
+            changed.append((account_id.encode(), account))
         self._dirty.clear()
-        cards_db = self._dbs["cards"]
-        for card_key in sorted(self._dirty_cards):
-            card = self._cards[card_key]
-            assert card is not None, card_key
-            put(card_key, encode(card), db=cards_db)
-        self._dirty_cards.clear()
+        changed.extend((key, self._card_states[key]) for key in self._dirty_card_states)
+        self._dirty_card_states.clear()
+        changed.sort(key=lambda item: item[0])
+        put = self._txn.put
+        accounts_db = self._dbs["accounts"]
+        for key, record in changed:
+            put(key, encode(record), db=accounts_db)
         if self._next_hold_id is not None:
             self._txn.put(b"seq:hold", _U64.pack(self._next_hold_id), db=self._dbs["meta"])
         if self._next_event is not None:
@@ -698,9 +735,10 @@ def _migrate_1_to_2(
 ) -> None:
     """Schema 1 -> 2, in the opening write transaction (all or nothing).
 
-    Usage records move into their card and account; the open-hold index becomes a count on
-    the account; the card and account history indexes become chains through the answers,
-    linked oldest to newest in the order the indexes kept. Then the old databases go.
+    Usage records move into the account and the card's state beside it; the open-hold index
+    becomes a count on the account; the card and account history indexes become chains
+    through the answers, linked oldest to newest in the order the indexes kept. Then the old
+    databases go.
     """
     retired = {
         name: env.open_db(name.encode(), txn=txn, create=True) for name in _RETIRED_DATABASES
@@ -710,12 +748,9 @@ def _migrate_1_to_2(
         scope, usage = bytes(raw_scope).decode(), codecs.usage.decode(raw)
         kind, _, owner_id = scope.partition(":")
         if kind == "c":
-            card_key = txn.get(owner_id.encode(), db=dbs["card_ids"])
-            raw_card = None if card_key is None else txn.get(card_key, db=dbs["cards"])
-            if card_key is not None and raw_card is not None:
-                card = codecs.card.decode(raw_card)
-                card.usage = usage
-                txn.put(card_key, encode(card), db=dbs["cards"])
+            card = _card_by_id(txn, dbs, codecs, owner_id)
+            if card is not None:
+                _put_card_state(txn, dbs, codecs, card, usage=usage)
         elif (raw_account := txn.get(owner_id.encode(), db=dbs["accounts"])) is not None:
             account = codecs.account.decode(raw_account)
             account.usage = usage
@@ -767,15 +802,40 @@ def _migrate_1_to_2(
                     account.last_answer = head
                     txn.put(owner_id.encode(), encode(account), db=dbs["accounts"])
                 continue
-            card_key = txn.get(owner_id.encode(), db=dbs["card_ids"])
-            raw_card = None if card_key is None else txn.get(card_key, db=dbs["cards"])
-            if card_key is not None and raw_card is not None:
-                card = codecs.card.decode(raw_card)
-                card.last_answer = head
-                txn.put(card_key, encode(card), db=dbs["cards"])
+            card = _card_by_id(txn, dbs, codecs, owner_id)
+            if card is not None:
+                _put_card_state(txn, dbs, codecs, card, last_answer=head)
     for db in retired.values():
         txn.drop(db, delete=True)
     txn.put(b"schema", SCHEMA_VERSION, db=dbs["meta"])
+
+
+def _card_by_id(
+    txn: lmdb.Transaction, dbs: dict[str, Any], codecs: _Codecs, card_id: str
+) -> Card | None:
+    card_key = txn.get(card_id.encode(), db=dbs["card_ids"])
+    raw = None if card_key is None else txn.get(card_key, db=dbs["cards"])
+    return None if raw is None else codecs.card.decode(raw)
+
+
+def _put_card_state(
+    txn: lmdb.Transaction,
+    dbs: dict[str, Any],
+    codecs: _Codecs,
+    card: Card,
+    *,
+    usage: Usage | None = None,
+    last_answer: bytes | None = None,
+) -> None:
+    """Set the usage or the history head of a card's state (the other part is kept)."""
+    key = card_state_key(card)
+    raw = txn.get(key, db=dbs["accounts"])
+    state = CardState() if raw is None else codecs.card_state.decode(raw)
+    if usage is not None:
+        state.usage = usage
+    if last_answer is not None:
+        state.last_answer = last_answer
+    txn.put(key, codecs.encoder.encode(state), db=dbs["accounts"])
 
 
 def ledger_exists(path: str | Path) -> bool:

@@ -275,7 +275,7 @@ def open_ledger(config: Config, hasher: PanHasher) -> Ledger:
         ledger.bind_pan_key(hasher.fingerprint)
         if config.ledger.seed_demo_data:
             with ledger.read() as reader:
-                empty = reader.account_count() == 0
+                empty = not reader.has_accounts()
             if empty:
                 summary = load_path(ledger, demo_data_path(), hasher)
                 log.info(

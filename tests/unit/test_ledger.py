@@ -1290,17 +1290,50 @@ def test_completion_and_expiry_change_no_usage(ledger: Ledger) -> None:
 def test_reloading_a_card_keeps_what_the_ledger_counted_for_it(
     loaded: Ledger, authorizer: Authorizer
 ) -> None:
-    # Usage and the history head live in the card record since schema 2; a load file builds a
-    # fresh record, which must not forget them.
+    # A card's usage and history head are the ledger's (its state beside the account); a load
+    # file rewrites the card record, which must not make the ledger forget them.
+    [outcome] = authorizer.authorize_batch([auth_request(MAIN, 1_234)], NOW)
+    assert response_fields(outcome)["39"] == "00"
+
+    def state() -> tuple[object, bytes | None]:
+        card = card_of(loaded, MAIN)
+        assert card is not None
+        with loaded.read() as reader:
+            kept = reader.card_state(card)
+            return msgspec.to_builtins(kept.usage), kept.last_answer
+
+    before = state()
+    assert before[0] is not None and before[1] is not None
+    load_text(loaded, LOAD_FILE)  # the same cards again, as an operator reloads them
+    assert state() == before
+    card = card_of(loaded, MAIN)
+    assert card is not None
+    with loaded.read() as reader:
+        [(key, answer)] = reader.card_history(card.card_id, 10)
+        assert answer.response_code == "00" and key == before[1]
+
+
+def test_a_card_moved_to_another_account_takes_its_state_along(
+    loaded: Ledger, authorizer: Authorizer
+) -> None:
     [outcome] = authorizer.authorize_batch([auth_request(MAIN, 1_234)], NOW)
     assert response_fields(outcome)["39"] == "00"
     card = card_of(loaded, MAIN)
-    assert card is not None and card.usage is not None and card.last_answer is not None
-    before = (msgspec.to_builtins(card.usage), card.last_answer)
-    load_text(loaded, LOAD_FILE)  # the same cards again, as an operator reloads them
-    reloaded = card_of(loaded, MAIN)
-    assert reloaded is not None
-    assert (msgspec.to_builtins(reloaded.usage), reloaded.last_answer) == before
+    assert card is not None
     with loaded.read() as reader:
-        [(key, answer)] = reader.card_history(reloaded.card_id, 10)
-        assert answer.response_code == "00" and key == before[1]
+        before = reader.card_state(card)
+        accounts_before = reader.account_count()
+    moved = LOAD_FILE.replace(
+        b'pan = "5200001111222233"\naccount = "acct-main"',
+        b'pan = "5200001111222233"\naccount = "acct-credit"',
+    )
+    assert moved != LOAD_FILE
+    load_text(loaded, moved)
+    card = card_of(loaded, MAIN)
+    assert card is not None and card.account_id == "acct-credit"
+    with loaded.read() as reader:
+        after = reader.card_state(card)
+        assert msgspec.to_builtins(after) == msgspec.to_builtins(before)
+        assert reader.account_count() == accounts_before  # states are not accounts
+        assert "acct-main" in {account.id for account in reader.accounts()}
+        assert [key for key, _ in reader.card_history(card.card_id, 10)] == [before.last_answer]
