@@ -403,8 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # operating errors of a CLI: one line, no traceback with data
         from processor.ledger.load import LoadError
         from processor.ledger.store import LedgerError
+        from processor.server.workers import WorkerError
 
-        if isinstance(error, LoadError | LedgerError):
+        if isinstance(error, LoadError | LedgerError | WorkerError):
             print(f"processor: {error}", file=sys.stderr)
             return 1
         raise

@@ -66,6 +66,10 @@ async def _receive(reader: asyncio.StreamReader) -> WorkerReport | None:
         return None
 
 
+class WorkerError(Exception):
+    """A worker process could not be started: the daemon does not start either."""
+
+
 class _Worker:
     __slots__ = ("channel", "index", "listener", "process", "ready", "reports")
 
@@ -101,11 +105,21 @@ class WorkerPool:
         for worker in self._workers:
             await self._spawn(worker)
         for worker in self._workers:
-            try:
-                await asyncio.wait_for(worker.ready.wait(), limits.worker_start_seconds_max)
-            except TimeoutError:
+            assert worker.process is not None
+            ready = asyncio.create_task(worker.ready.wait())
+            exited = asyncio.create_task(worker.process.wait())
+            await asyncio.wait(
+                (ready, exited),
+                timeout=limits.worker_start_seconds_max,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            ready.cancel()
+            exited.cancel()
+            if not worker.ready.is_set():
                 await self.stop()
-                raise RuntimeError(f"worker {worker.index} did not start") from None
+                code = worker.process.returncode
+                how = "did not start in time" if code is None else f"exited with code {code}"
+                raise WorkerError(f"worker process {worker.index} {how}; its log says why")
         self._supervisors = [asyncio.create_task(self._supervise(w)) for w in self._workers]
 
     async def _spawn(self, worker: _Worker) -> None:
