@@ -225,11 +225,11 @@ class Daemon:
             link.write(b"".join(frames))
             link.requests_finished(len(frames))
         done_ns = time.perf_counter_ns()
-        answered = self.metrics.answered
-        for (_, _, _, received_ns), outcome in zip(batch, outcomes, strict=True):
-            answered(
-                outcome.mti, outcome.response_code, outcome.reason, (done_ns - received_ns) / 1e9
-            )
+        self.metrics.answered_batch(
+            [(outcome.mti, outcome.response_code, outcome.reason) for outcome in outcomes],
+            [(done_ns - received_ns) / 1e9 for _, _, _, received_ns in batch],
+        )
+        for outcome in outcomes:
             if outcome.response_code == "96":
                 log.error("answered 96: %s", outcome.reason)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from processor.metrics import Metrics
 
 
@@ -63,3 +65,33 @@ def test_a_retired_worker_keeps_its_counts_but_not_its_gauges() -> None:
     text = primary.exposition().decode()
     assert value(text, APPROVED) == 2  # a total never goes backwards
     assert value(text, "processor_open_links") == 0  # its links died with it
+
+
+def test_a_batch_counts_like_its_answers_one_by_one() -> None:
+    one_by_one, batched = Metrics(), Metrics()
+    answers = [
+        ("0100", "00", "approved"),
+        ("0100", "51", "insufficient_funds"),
+        ("0100", "00", "approved"),
+        ("0200", "00", "approved"),
+    ]
+    latencies = [0.0004, 0.0021, 0.0009, 0.3]
+    for answer, latency in zip(answers, latencies, strict=True):
+        one_by_one.answered(*answer, latency)
+    batched.answered_batch(answers, latencies)
+
+    def samples(metrics: Metrics) -> dict[str, float]:
+        lines = metrics.exposition().decode().splitlines()
+        return {
+            name: float(number)
+            for name, _, number in (line.rpartition(" ") for line in lines)
+            if name and not name.startswith("#")
+        }
+
+    got, want = samples(batched), samples(one_by_one)
+    assert got.keys() == want.keys()
+    for name, number in want.items():
+        # Counts and buckets exactly; sums of latencies to float rounding (added in another order).
+        assert got[name] == pytest.approx(number, rel=1e-12, abs=1e-15), name
+    assert got['processor_request_latency_seconds_bucket{le="0.001",mti="0100"}'] == 2
+    assert value(batched.exposition().decode(), APPROVED) == 2
