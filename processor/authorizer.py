@@ -10,6 +10,7 @@ was checked stays true until it is written.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, tzinfo
 from typing import Final
@@ -92,6 +93,7 @@ class Authorizer:
         hold_lifetime_seconds: int,
         hold_lifetime_by_mcc: Mapping[str, int] | None = None,
         zone: tzinfo = UTC,
+        draw: Callable[[int], int] = secrets.randbelow,
     ) -> None:
         self._ledger = ledger
         self._codec = codec
@@ -102,6 +104,7 @@ class Authorizer:
             hold_lifetime_seconds=hold_lifetime_seconds,
             hold_lifetime_by_mcc=hold_lifetime_by_mcc or {},
             zone=zone,
+            draw=draw,
         )
         self._fingerprint_encoder = msgspec.msgpack.Encoder()
 

@@ -9,12 +9,14 @@ already told the cardholder.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Mapping
 from datetime import UTC, tzinfo
 from typing import Final
 
 import msgspec
 
+from processor import limits
 from processor.currency import numeric_code
 from processor.engine import Decision, ProgrammeRules, Spend, decide
 from processor.engine.controls import Periods, periods_at, record_usages, release_usage
@@ -56,10 +58,30 @@ class Result(_Answer, kw_only=True, gc=False):
     usage_mcc: str = ""
 
 
-def approval_code(hold_id: int) -> str:
-    # Multiplying by a number coprime to 10**6 permutes 0..999999: codes stay unique for a
-    # million holds without reading as a plain counter on receipts.
-    return f"{(hold_id * 7_919) % 1_000_000:06d}"
+APPROVAL_CODES: Final = 1_000_000  # six digits
+
+
+def new_approval_code(state: CardState, day: int, draw: Callable[[int], int]) -> str:
+    """Six digits nobody can predict, unlike the card's other codes of `day`.
+
+    A code proves to the merchant and the cardholder that this issuer approved: a sequence
+    (every fresh ledger issuing 007919, 015838, ...) could be guessed, so codes are drawn from
+    `draw` (secrets.randbelow in the daemon) and the card's codes of the day are remembered.
+    """
+    if state.approval_day != day:
+        state.approval_day, state.approval_codes = day, b""
+    issued = state.approval_codes
+    for _ in range(limits.approval_code_draws_max):
+        number = draw(APPROVAL_CODES)
+        packed = number.to_bytes(3, "big")
+        found = issued.find(packed)
+        while found != -1 and found % 3:  # a match across two codes is no match
+            found = issued.find(packed, found + 1)
+        if found == -1:
+            kept = limits.approval_codes_remembered_max * 3 - 3
+            state.approval_codes = (issued[-kept:] if len(issued) > kept else issued) + packed
+            return f"{number:06d}"
+    raise AssertionError(f"{limits.approval_code_draws_max} approval codes drawn, all taken")
 
 
 def usage_of(record: CardState | Account) -> Usage:
@@ -84,9 +106,11 @@ class Lifecycle:
         hold_lifetime_seconds: int,
         hold_lifetime_by_mcc: Mapping[str, int],
         zone: tzinfo = UTC,
+        draw: Callable[[int], int] = secrets.randbelow,
     ) -> None:
         self._rules = rules
         self._zone = zone
+        self._draw = draw  # approval codes: a CSPRNG, injected so tests can replay a draw
         self._hold_lifetime_ms = hold_lifetime_seconds * 1000
         self._hold_lifetime_by_mcc_ms = {
             mcc: seconds * 1000 for mcc, seconds in hold_lifetime_by_mcc.items()
@@ -112,9 +136,10 @@ class Lifecycle:
         request: AuthorizationRequest,
         amount: int,
         key: bytes,
-        now_ms: int,
+        batch: Batch,
     ) -> Hold:
         hold_id = writer.next_hold_id()
+        now_ms = batch.now_ms
         lifetime = self._hold_lifetime_by_mcc_ms.get(request.mcc, self._hold_lifetime_ms)
         hold = Hold(
             hold_id=hold_id,
@@ -124,7 +149,7 @@ class Lifecycle:
             currency=account.currency,
             created_ms=now_ms,
             expires_ms=now_ms + lifetime,
-            approval_code=approval_code(hold_id),
+            approval_code=self._approval_code(writer, card, batch),
             identity=key,
             mcc=request.mcc,
             rrn=request.rrn,
@@ -132,6 +157,11 @@ class Lifecycle:
         writer.open_hold(account, hold)
         writer.put_account(account)
         return hold
+
+    def _approval_code(self, writer: Writer, card: Card, batch: Batch) -> str:
+        code = new_approval_code(writer.card_state(card), batch.periods.daily, self._draw)
+        writer.touch_card_state(card)
+        return code
 
     def _decided(
         self,
@@ -255,12 +285,9 @@ class Lifecycle:
                 account.posted -= decision.hold_amount
                 writer.put_account(account)
                 result.posted_amount = decision.hold_amount
-                # No hold, but approval codes come from the same sequence so they never repeat.
-                result.extra["38"] = approval_code(writer.next_hold_id())
+                result.extra["38"] = self._approval_code(writer, card, batch)
             else:
-                hold = self._hold(
-                    writer, account, card, request, decision.hold_amount, key, batch.now_ms
-                )
+                hold = self._hold(writer, account, card, request, decision.hold_amount, key, batch)
                 result.hold_id = hold.hold_id
                 result.extra["38"] = hold.approval_code
         elif decision.balance_inquiry:
@@ -299,7 +326,7 @@ class Lifecycle:
             return Result(
                 "00", "advice_currency_not_supported", account_id=account.id, card_id=card.card_id
             )
-        hold = self._hold(writer, account, card, request, amount, key, batch.now_ms)
+        hold = self._hold(writer, account, card, request, amount, key, batch)
         # Spent is spent: a stand-in approval counts against the controls' usage (it was never
         # checked against them), so later authorisations see it.
         self._count_usage(writer, card, account, amount, request.mcc, batch)

@@ -35,6 +35,11 @@ commands_per_batch_max: Final = 64
 # so one sweep never holds the event loop for long.
 sweep_holds_max: Final = 512
 
+# Approval codes: drawn at random, unlike the card's codes of the same day; a card approved
+# more often than this in a day is kept unlike its newest ones only (3 bytes each in its state).
+approval_codes_remembered_max: Final = 1000
+approval_code_draws_max: Final = 64  # at most 1000 of 10^6 taken: 64 collisions in a row is a bug
+
 # Ledger
 map_size_bytes_default: Final = 1 << 30
 ledger_databases_max: Final = 32

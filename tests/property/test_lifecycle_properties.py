@@ -62,7 +62,6 @@ from processor.clearing import apply_clearing, parse_lines
 from processor.engine import ProgrammeRules
 from processor.ledger.load import apply_load_file, parse_load_file
 from processor.ledger.store import Ledger
-from processor.lifecycle import approval_code
 from processor.security import PanHasher, mask_pan
 from processor.wire.codec import Codec, response_mti
 from processor.wire.messages import AuthorizationRequest
@@ -75,6 +74,8 @@ RULES = ProgrammeRules(catalog=default_catalog())
 PROGRAMME_BLOCKED_MCCS: Final = ("7995",)
 START = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 HOLD_LIFETIME_S = 7 * 86400
+DAY_MS: Final = 86_400_000
+APPROVAL_CODE: Final = "<six digits, drawn at random>"  # expected in field 38 of an approval
 HOLD_LIFETIME_BY_MCC_S = {"7011": 30 * 86400, "4121": 3600}
 ORIGINAL_CLASSES: Final = ("0100", "0200", "0120")
 ADVICE_CLASSES: Final = ("0120", "0220", "0420")
@@ -439,6 +440,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.answers: dict[bytes, ModelAnswer] = {}
         self.rrn_index: dict[str, bytes] = {}
         self.next_hold_id = 1
+        self.approval_codes: dict[tuple[str, int], set[str]] = {}  # (PAN, day) -> codes given
         self.sent: list[Sent] = []  # every request sent, for retransmissions and conflicts
         self.originals: list[Sent] = []  # first arrivals of 0100/0200/0120
         self.followups: list[Sent] = []  # first arrivals of 0220/0400/0420
@@ -571,12 +573,11 @@ class LifecycleMachine(RuleBasedStateMachine):
                 if message_class == "0100":
                     hold = self.open_hold(card.account, key, approved, fields["18"], card.pan)
                     answer.hold_id = hold.hold_id
-                    response["38"] = approval_code(hold.hold_id)
+                    response["38"] = APPROVAL_CODE
                 else:
                     account.posted -= approved
                     answer.posted_amount = approved
-                    response["38"] = approval_code(self.next_hold_id)
-                    self.next_hold_id += 1
+                    response["38"] = APPROVAL_CODE
                 # Requests the processor decides never overdraw.
                 assert 0 <= account.available < before
         elif message_class == "0120":
@@ -1112,6 +1113,14 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert outcome.response == answer.response, "retransmission got other bytes"
             return
         for number_, value in expectation.response.items():
+            if value is APPROVAL_CODE:
+                # Drawn at random: six digits, never twice for one card on one day.
+                code = fields.get(number_)
+                assert code is not None and len(code) == 6 and code.isdigit(), fields
+                given = self.approval_codes.setdefault((request.pan, self.now_ms // DAY_MS), set())
+                assert code not in given, (code, request.pan)
+                given.add(code)
+                continue
             assert fields.get(number_) == value, (number_, expectation.fields, fields)
         if expectation.kind == "new":
             assert answer.response is None

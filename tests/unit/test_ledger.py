@@ -32,7 +32,6 @@ from processor.ledger.load import (
 from processor.ledger.records import Card
 from processor.ledger.report import describe_account, describe_card, money
 from processor.ledger.store import Ledger, LedgerError
-from processor.lifecycle import approval_code
 from processor.resources import demo_data_path
 from processor.security import PanHasher, luhn_valid, mask_pan
 from processor.wire.codec import Codec
@@ -698,7 +697,7 @@ def test_approval_creates_a_hold(loaded: Ledger, authorizer: Authorizer) -> None
     assert account_state(loaded, "acct-main") == (100000, 2_500, 97_500)
     [hold] = open_holds(loaded, "acct-main")
     assert hold.amount == 2_500 and hold.currency == "EUR" and hold.status == "open"
-    assert hold.approval_code == fields["38"] == approval_code(hold.hold_id)
+    assert hold.approval_code == fields["38"] and fields["38"].isdigit()
     assert hold.identity == b"0100|" + request.identity == b"0100|123456|000001|1124120000"
     assert hold.card_id == card_id_for(HASHER.card_key(MAIN))
     assert (hold.mcc, hold.rrn) == ("5411", "633012000001")
@@ -1337,3 +1336,65 @@ def test_a_card_moved_to_another_account_takes_its_state_along(
         assert reader.account_count() == accounts_before  # states are not accounts
         assert "acct-main" in {account.id for account in reader.accounts()}
         assert [key for key, _ in reader.card_history(card.card_id, 10)] == [before.last_answer]
+
+
+# --- approval codes -------------------------------------------------------------------------
+
+
+def test_approval_codes_come_from_the_random_source_and_differ_per_card_and_day() -> None:
+    from processor.ledger.records import CardState
+    from processor.lifecycle import new_approval_code
+
+    draws = iter([7, 7, 123_456, 7, 999_999])
+    state = CardState()
+    assert new_approval_code(state, 100, lambda bound: next(draws)) == "000007"
+    # The same number again that day is drawn anew, never answered twice.
+    assert new_approval_code(state, 100, lambda bound: next(draws)) == "123456"
+    # A new day forgets the old day's codes.
+    assert new_approval_code(state, 101, lambda bound: next(draws)) == "000007"
+    assert new_approval_code(state, 101, lambda bound: next(draws)) == "999999"
+    assert state.approval_codes == bytes.fromhex("000007 0f423f")
+
+
+def test_a_match_across_two_remembered_codes_is_no_collision() -> None:
+    from processor.ledger.records import CardState
+    from processor.lifecycle import new_approval_code
+
+    state = CardState(approval_day=5, approval_codes=bytes.fromhex("0000ab cd0000"))
+    # 0xabcd00 = 11259136 is outside six digits; take a code whose bytes straddle the two.
+    straddling = int.from_bytes(bytes.fromhex("00abcd"), "big")
+    assert new_approval_code(state, 5, lambda bound: straddling) == f"{straddling:06d}"
+
+
+def test_a_busy_card_remembers_its_newest_codes_only() -> None:
+    from processor import limits
+    from processor.ledger.records import CardState
+    from processor.lifecycle import new_approval_code
+
+    counter = iter(range(10**6))
+    state = CardState()
+    for _ in range(limits.approval_codes_remembered_max + 10):
+        new_approval_code(state, 1, lambda bound: next(counter))
+    assert len(state.approval_codes) == 3 * limits.approval_codes_remembered_max
+    assert state.approval_codes[-3:] == (limits.approval_codes_remembered_max + 9).to_bytes(3)
+
+
+def test_a_source_that_only_repeats_is_a_bug_not_an_answer() -> None:
+    from processor.ledger.records import CardState
+    from processor.lifecycle import new_approval_code
+
+    state = CardState()
+    new_approval_code(state, 1, lambda bound: 42)
+    with pytest.raises(AssertionError, match="approval codes drawn"):
+        new_approval_code(state, 1, lambda bound: 42)
+
+
+def test_every_fresh_ledger_gives_other_approval_codes(tmp_path: Path) -> None:
+    codes = []
+    for name in ("one", "two"):
+        ledger = Ledger(tmp_path / name, durability="process", map_size_bytes=MAP_SIZE)
+        load_text(ledger, LOAD_FILE)
+        [outcome] = make_authorizer(ledger).authorize_batch([auth_request(MAIN, 100)], NOW)
+        codes.append(response_fields(outcome)["38"])
+        ledger.close()
+    assert codes[0] != codes[1]  # 1 in 10^6 to fail by chance; a sequence always did
