@@ -10,6 +10,7 @@ already told the cardholder.
 from __future__ import annotations
 
 import secrets
+from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from datetime import UTC, tzinfo
 from typing import Final
@@ -66,20 +67,19 @@ def new_approval_code(state: CardState, day: int, draw: Callable[[int], int]) ->
 
     A code proves to the merchant and the cardholder that this issuer approved: a sequence
     (every fresh ledger issuing 007919, 015838, ...) could be guessed, so codes are drawn from
-    `draw` (secrets.randbelow in the daemon) and the card's codes of the day are remembered.
+    `draw` (secrets.randbelow in the daemon) and the card's codes of the day are remembered,
+    sorted (a bisection finds a repeat: searching packed bytes cost 2-3 us per approval on a
+    busy card). A card approved more often in a day is kept unlike its first ones only.
     """
     if state.approval_day != day:
-        state.approval_day, state.approval_codes = day, b""
+        state.approval_day, state.approval_codes = day, []
     issued = state.approval_codes
     for _ in range(limits.approval_code_draws_max):
         number = draw(APPROVAL_CODES)
-        packed = number.to_bytes(3, "big")
-        found = issued.find(packed)
-        while found != -1 and found % 3:  # a match across two codes is no match
-            found = issued.find(packed, found + 1)
-        if found == -1:
-            kept = limits.approval_codes_remembered_max * 3 - 3
-            state.approval_codes = (issued[-kept:] if len(issued) > kept else issued) + packed
+        index = bisect_left(issued, number)
+        if index == len(issued) or issued[index] != number:
+            if len(issued) < limits.approval_codes_remembered_max:
+                issued.insert(index, number)
             return f"{number:06d}"
     raise AssertionError(f"{limits.approval_code_draws_max} approval codes drawn, all taken")
 

@@ -36,7 +36,7 @@ commands_per_batch_max: Final = 64
 sweep_holds_max: Final = 512
 
 # Approval codes: drawn at random, unlike the card's codes of the same day; a card approved
-# more often than this in a day is kept unlike its newest ones only (3 bytes each in its state).
+# more often than this in a day is kept unlike its first ones only (kept in its state).
 approval_codes_remembered_max: Final = 1000
 approval_code_draws_max: Final = 64  # at most 1000 of 10^6 taken: 64 collisions in a row is a bug
 

@@ -74,10 +74,10 @@ class CardState(msgspec.Struct, array_like=True, kw_only=True, gc=False):
 
     usage: Usage | None = None  # spend-control usage of this card (None = none yet)
     last_answer: bytes | None = None  # newest answer about the card: head of its history chain
-    # Approval codes given on `approval_day` (the programme's day number), 3 bytes each, the
-    # newest limits.approval_codes_remembered_max: a new code is drawn unlike all of them.
+    # Approval codes given on `approval_day` (the programme's day number), sorted, the first
+    # limits.approval_codes_remembered_max of the day: a new code is drawn unlike them.
     approval_day: int = 0
-    approval_codes: bytes = b""
+    approval_codes: list[int] = msgspec.field(default_factory=list)
 
 
 class Hold(msgspec.Struct, array_like=True, kw_only=True, gc=False):

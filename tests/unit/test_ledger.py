@@ -1353,30 +1353,22 @@ def test_approval_codes_come_from_the_random_source_and_differ_per_card_and_day(
     # A new day forgets the old day's codes.
     assert new_approval_code(state, 101, lambda bound: next(draws)) == "000007"
     assert new_approval_code(state, 101, lambda bound: next(draws)) == "999999"
-    assert state.approval_codes == bytes.fromhex("000007 0f423f")
+    assert state.approval_codes == [7, 999_999]
 
 
-def test_a_match_across_two_remembered_codes_is_no_collision() -> None:
-    from processor.ledger.records import CardState
-    from processor.lifecycle import new_approval_code
-
-    state = CardState(approval_day=5, approval_codes=bytes.fromhex("0000ab cd0000"))
-    # 0xabcd00 = 11259136 is outside six digits; take a code whose bytes straddle the two.
-    straddling = int.from_bytes(bytes.fromhex("00abcd"), "big")
-    assert new_approval_code(state, 5, lambda bound: straddling) == f"{straddling:06d}"
-
-
-def test_a_busy_card_remembers_its_newest_codes_only() -> None:
+def test_a_busy_card_is_kept_unlike_its_first_codes_of_the_day() -> None:
     from processor import limits
     from processor.ledger.records import CardState
     from processor.lifecycle import new_approval_code
 
+    remembered = limits.approval_codes_remembered_max
     counter = iter(range(10**6))
     state = CardState()
-    for _ in range(limits.approval_codes_remembered_max + 10):
+    for _ in range(remembered + 10):
         new_approval_code(state, 1, lambda bound: next(counter))
-    assert len(state.approval_codes) == 3 * limits.approval_codes_remembered_max
-    assert state.approval_codes[-3:] == (limits.approval_codes_remembered_max + 9).to_bytes(3)
+    assert state.approval_codes == list(range(remembered))  # sorted, the first ones
+    again = iter([remembered - 1, 5, 999_999])  # two remembered codes, then a free one
+    assert new_approval_code(state, 1, lambda bound: next(again)) == "999999"
 
 
 def test_a_source_that_only_repeats_is_a_bug_not_an_answer() -> None:
