@@ -91,8 +91,9 @@ class Metrics:
         self.open_links = Gauge("processor_open_links", "Open network links", registry=r)
         self.bad_messages = Counter(
             "processor_bad_messages",
-            "Bad input: undecodable (dropped), format_error (answered 30), framing (link closed)",
-            ["kind"],
+            "Bad input: undecodable (dropped), format_error (answered 30), framing (link closed);"
+            " field: the ISO 8583 field at fault (t = the MTI), empty when none is known",
+            ["kind", "field"],
             registry=r,
         )
         self.links_closed = Counter(

@@ -104,7 +104,7 @@ class Daemon:
 
     def framing_error(self, link: Link, error: FramingError) -> None:
         log.warning("link %s: framing error, closing: %s", link.peer, error)
-        self.metrics.bad_messages.labels("framing").inc()
+        self.metrics.bad_messages.labels("framing", "").inc()
         self.metrics.links_closed.labels("framing_error").inc()
         link.close()
 
@@ -114,12 +114,12 @@ class Daemon:
         try:
             request = self.codec.decode(message)
         except UndecodableMessage as error:
-            self.metrics.bad_messages.labels("undecodable").inc()
+            self.metrics.bad_messages.labels("undecodable", error.field or "").inc()
             log.warning("link %s: dropped undecodable message: %s", link.peer, error)
             self._bad_message(link)
             return
         except InvalidMessage as error:
-            self.metrics.bad_messages.labels("format_error").inc()
+            self.metrics.bad_messages.labels("format_error", error.field or "").inc()
             log.warning("link %s: format error (MTI %s): %s", link.peer, error.mti, error)
             self._send(link, header, self.authorizer.format_error(error), received_ns)
             self._bad_message(link)

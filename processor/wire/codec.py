@@ -63,8 +63,15 @@ MANDATORY: Final[dict[str, tuple[str, ...]]] = {
     "0420": _ADVICE,
     "0421": _ADVICE,
 }
-# Field 4 is checked by the engine (answer 13), not by the generic digit rule (answer 30).
-_SEMANTIC_NUMERIC: Final = frozenset({"4"})
+# Date and time fields, checked as such beyond their digits: a minute of 80 is a format
+# error, not a time. Field -> (name, [(offset, lowest, highest) of each two-digit part]).
+_MONTH, _DAY, _HOUR, _MINUTE, _SECOND = (1, 12), (1, 31), (0, 23), (0, 59), (0, 59)
+_CALENDAR_FIELDS: Final = {
+    "7": ("MMDDhhmmss", (_MONTH, _DAY, _HOUR, _MINUTE, _SECOND)),
+    "12": ("hhmmss", (_HOUR, _MINUTE, _SECOND)),
+    "13": ("MMDD", (_MONTH, _DAY)),
+    "14": ("YYMM", ((0, 99), _MONTH)),
+}
 
 
 def response_mti(mti: str) -> str:
@@ -78,13 +85,23 @@ def is_request_mti(mti: str) -> bool:
     return len(mti) == 4 and mti.isdigit() and mti[2] in "024" and mti[3] in "01"
 
 
+def _in_calendar(value: str, parts: tuple[tuple[int, int], ...]) -> bool:
+    """Each two-digit part of `value` within its range (digits were checked before)."""
+    if len(value) != 2 * len(parts):
+        return False
+    for index, (lowest, highest) in enumerate(parts):
+        if not lowest <= int(value[2 * index : 2 * index + 2]) <= highest:
+            return False
+    return True
+
+
 class Codec:
     __slots__ = ("_digit_fields", "_fast", "_iso", "spec")
 
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
         self._iso = spec.iso
-        self._digit_fields = spec.numeric_fields - _SEMANTIC_NUMERIC
+        self._digit_fields = spec.numeric_fields
         self._fast = FastCodec(spec)
 
     def decode(self, message: bytes) -> Request:
@@ -104,6 +121,12 @@ class Codec:
         for key in fields:
             if key in self._digit_fields and not fields[key].isdigit():
                 raise InvalidMessage("not ASCII digits", key, mti, self._echo(mti, fields))
+        for key, (layout, parts) in _CALENDAR_FIELDS.items():
+            value = fields.get(key)
+            if value is not None and not _in_calendar(value, parts):
+                echo = self._echo(mti, fields)
+                echo.pop(key, None)  # digits of the right length, but not to repeat as a time
+                raise InvalidMessage(f"not a valid {layout}", key, mti, echo)
         mandatory = MANDATORY.get(mti)
         if mandatory is None:
             return UnsupportedRequest(mti=mti, stan=stan, echo=self._echo(mti, fields))

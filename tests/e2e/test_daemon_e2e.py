@@ -77,7 +77,7 @@ def test_many_requests_in_flight_on_several_links(daemon: RunningDaemon) -> None
     assert batch_count < 600  # group commit: fewer commits than requests
 
 
-def test_format_error_is_answered_30_and_link_survives(link: Link) -> None:
+def test_format_error_is_answered_30_and_link_survives(daemon: RunningDaemon, link: Link) -> None:
     request = authorization()
     del request["18"]  # MCC is mandatory in an 0100
     response = link.exchange(request)
@@ -88,7 +88,16 @@ def test_format_error_is_answered_30_and_link_survives(link: Link) -> None:
     link.send_message(message)
     response = decode(link.receive())
     assert (response["39"], response["11"]) == ("30", bad["11"])
+    # letters in the amount and a minute of 80 are format errors too, not 13 or a time
+    for field, value in (("4", "0000000012A4"), ("7", "1124108010")):
+        broken = authorization(**{field: value})
+        response = link.exchange(broken)
+        assert (response["39"], response["11"], response.get(field)) == ("30", broken["11"], None)
     assert link.exchange(echo_test())["39"] == "00"
+    metrics = http_get(daemon, "/metrics")
+    for field, count in (("18", 1), ("3", 1), ("4", 1), ("7", 1)):
+        series = f'processor_bad_messages_total{{field="{field}",kind="format_error"}}'
+        assert metric_value(metrics, series) == count, field
 
 
 def test_undecodable_message_is_dropped_and_link_survives(
@@ -98,7 +107,9 @@ def test_undecodable_message_is_dropped_and_link_survives(
     link.send_message(b"0100zzzz")
     assert link.exchange(echo_test())["39"] == "00"
     metrics = http_get(daemon, "/metrics")
-    assert metric_value(metrics, 'processor_bad_messages_total{kind="undecodable"}') == 2
+    # The field at fault is a label: t = the MTI, p = the primary bitmap.
+    assert metric_value(metrics, 'processor_bad_messages_total{field="t",kind="undecodable"}') == 1
+    assert metric_value(metrics, 'processor_bad_messages_total{field="p",kind="undecodable"}') == 1
 
 
 def test_bad_message_budget_closes_the_link(tmp_path: Path) -> None:

@@ -41,11 +41,21 @@ def text(alphabet: str, size: int) -> st.SearchStrategy[str]:
     return st.text(alphabet, min_size=size, max_size=size)
 
 
+def two_digit_parts(*ranges: tuple[int, int]) -> st.SearchStrategy[str]:
+    """A date or time: each two-digit part drawn within its range (days up to 31 in any month:
+    the wire contract checks each part's range, not the calendar)."""
+    return st.tuples(*(st.integers(low, high) for low, high in ranges)).map(
+        lambda parts: "".join(f"{part:02d}" for part in parts)
+    )
+
+
+MONTH, DAY, HOUR, MINUTE, SECOND = (1, 12), (1, 31), (0, 23), (0, 59), (0, 59)
+
 MANDATORY_0100 = {
     "2": digits(12, 19),
     "3": digits(6),
     "4": digits(12),
-    "7": digits(10),
+    "7": two_digit_parts(MONTH, DAY, HOUR, MINUTE, SECOND),
     "11": digits(6),
     "18": digits(4),
     "32": digits(1, 11),
@@ -53,9 +63,9 @@ MANDATORY_0100 = {
 }
 OPTIONAL_0100 = {
     "6": digits(12),
-    "12": digits(6),
-    "13": digits(4),
-    "14": digits(4),
+    "12": two_digit_parts(HOUR, MINUTE, SECOND),
+    "13": two_digit_parts(MONTH, DAY),
+    "14": two_digit_parts((0, 99), MONTH),
     "22": digits(3),
     "25": digits(2),
     "33": digits(1, 11),
@@ -123,7 +133,7 @@ def test_bitmap_variants_decode_alike(fields: dict[str, str]) -> None:
 @CODECS
 @SETTINGS
 @given(
-    datetime=digits(10),
+    datetime=two_digit_parts(MONTH, DAY, HOUR, MINUTE, SECOND),
     stan=digits(6),
     code=st.sampled_from(["001", "002", "301"]) | digits(3),
 )

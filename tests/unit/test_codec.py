@@ -258,12 +258,49 @@ def test_decode_all_zero_secondary_bitmap(codec: Codec) -> None:
 @pytest.mark.parametrize(
     "amount", [b"00000001234A", b"       12345", b"-00000012345", b"+00000012345"]
 )
-def test_non_digit_amount_is_not_a_format_error(codec: Codec, amount: bytes) -> None:
-    # The engine answers 13 (invalid amount) for this: more precise than 30.
-    request = codec.decode(build(b"0100", with_field(4, amount)))
+def test_non_digit_amount_is_a_format_error(codec: Codec, amount: bytes) -> None:
+    # A field the spec says is numeric and is not is a malformed message (30), like any other
+    # numeric field: 13 is for an amount that is well formed but not acceptable (zero).
+    with pytest.raises(InvalidMessage) as caught:
+        codec.decode(build(b"0100", with_field(4, amount)))
+    assert caught.value.field == "4"
+    assert "4" not in caught.value.echo  # never echo what is malformed
+    assert caught.value.echo["11"] == "004711"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "layout"),
+    [
+        (7, b"1324101010", "MMDDhhmmss"),  # month 13
+        (7, b"1100101010", "MMDDhhmmss"),  # day 0
+        (7, b"1132101010", "MMDDhhmmss"),  # day 32
+        (7, b"1124241010", "MMDDhhmmss"),  # hour 24
+        (7, b"1124108010", "MMDDhhmmss"),  # minute 80
+        (7, b"1124101060", "MMDDhhmmss"),  # second 60
+        (12, b"246000", "hhmmss"),
+        (13, b"0001", "MMDD"),  # month 0
+        (14, b"2813", "YYMM"),
+        (14, b"2800", "YYMM"),
+    ],
+)
+def test_dates_and_times_out_of_range_are_format_errors(
+    codec: Codec, field: int, value: bytes, layout: str
+) -> None:
+    with pytest.raises(InvalidMessage, match=layout) as caught:
+        codec.decode(build(b"0100", with_field(field, value)))
+    assert caught.value.field == str(field)
+    assert str(field) not in caught.value.echo  # the answer does not repeat it
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [(7, b"1231235959"), (7, b"0101000000"), (12, b"000000"), (13, b"0229"), (14, b"0001")],
+)
+def test_dates_and_times_at_their_bounds_are_accepted(
+    codec: Codec, field: int, value: bytes
+) -> None:
+    request = codec.decode(build(b"0100", with_field(field, value)))
     assert isinstance(request, AuthorizationRequest)
-    assert request.amount is None
-    assert request.stan == "004711"
 
 
 def test_zero_amount_is_zero_not_none(codec: Codec) -> None:
