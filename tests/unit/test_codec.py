@@ -771,3 +771,16 @@ def test_decode_errors_do_not_chain_the_pyiso8583_error() -> None:
             codec.decode(good[:cut])
         assert caught.value.__context__ is None
         assert caught.value.__cause__ is None
+
+
+def test_dates_remembered_as_valid_never_let_an_invalid_one_through(codec: Codec) -> None:
+    # Valid values are remembered (a set is cheaper than the pattern); invalid ones never are.
+    for second in range(60):
+        for minute in range(0, 60, 7):
+            value = b"112410" + f"{minute:02d}{second:02d}".encode()
+            assert isinstance(
+                codec.decode(build(b"0100", with_field(7, value))), AuthorizationRequest
+            )
+    for _ in range(2):
+        with pytest.raises(InvalidMessage, match="MMDDhhmmss"):
+            codec.decode(build(b"0100", with_field(7, b"1124108010")))
