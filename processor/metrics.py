@@ -9,17 +9,28 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Sequence
+from typing import Final
 
 from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    Info,
     disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+# Families a sum over processes would make meaningless: the primary's own stand for the daemon.
+NOT_SUMMED: Final = frozenset(
+    {"process_start_time_seconds", "process_max_fds", "python_info", "processor_build"}
+)
+ANSWER_KINDS_CACHED_MAX: Final = 4096  # cached label children of (MTI, code, reason) seen
 
 # One sample as a worker process reports it: family, sample name, labels, value.
 Sample = tuple[str, str, tuple[tuple[str, str], ...], float]
@@ -59,10 +70,31 @@ COMMIT_BUCKETS_SECONDS = (
 )
 
 
+# Label values a peer cannot multiply: an MTI this side does not answer counts as "other", and a
+# machine reason as its family (`country_not_allowed`, not `country_not_allowed:US`): a peer
+# inventing MTIs or merchant countries must not grow the number of series. The full reason is
+# in the stored answer, the event and the log.
+OTHER_MTI: Final = "other"
+
+
+def reason_family(reason: str) -> str:
+    return reason.partition(":")[0]
+
+
 class Metrics:
     def __init__(self) -> None:
+        from processor import __version__
+        from processor.wire.codec import MANDATORY
+
+        self._known_mtis = frozenset(MANDATORY)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # What any Python service exposes: CPU, memory, descriptors, GC, interpreter version.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
+        Info("processor_build", "The processor's version", registry=r).info(
+            {"version": __version__}
+        )
         self.requests = Counter(
             "processor_requests",
             "Requests answered, by request MTI, response code (field 39) and machine reason",
@@ -182,7 +214,7 @@ class Metrics:
         the counts. This reads the child's bounds and values, which the library does not
         document: tests/unit/test_metrics_workers.py compares the exposition with observe's.
         """
-        child = self.latency.labels(mti)
+        child = self._latency_child(mti)
         bounds: list[float] = child._upper_bounds
         counts = Tally(bisect_left(bounds, latency) for latency in latencies_seconds)
         buckets = child._buckets
@@ -194,20 +226,31 @@ class Metrics:
         key = (mti, response_code, reason)
         increment = self._answered.get(key)
         if increment is None:
-            increment = self._answered[key] = self.requests.labels(mti, response_code, reason).inc
+            label = mti if mti in self._known_mtis else OTHER_MTI
+            child = self.requests.labels(label, response_code, reason_family(reason))
+            increment = self._answered[key] = child.inc
+            if len(self._answered) > ANSWER_KINDS_CACHED_MAX:
+                self._answered.clear()  # invented reasons or MTIs: drop the cache, not memory
+                self._answered[key] = increment
         increment(count)
+
+    def _latency_child(self, mti: str) -> Histogram:
+        return self.latency.labels(mti if mti in self._known_mtis else OTHER_MTI)
 
     def _observe(self, mti: str) -> Callable[[float], None]:
         observe = self._latency.get(mti)
         if observe is None:
-            observe = self._latency[mti] = self.latency.labels(mti).observe
+            observe = self._latency_child(mti).observe
+            if mti in self._known_mtis:
+                self._latency[mti] = observe
         return observe
 
     def snapshot(self) -> list[Sample]:
-        """Every sample of this process's registry, for the primary to add to its /metrics."""
+        """This process's samples, for the primary to add to its /metrics (summed there)."""
         return [
             (family.name, sample.name, tuple(sorted(sample.labels.items())), sample.value)
             for family in self.registry.collect()
+            if family.name not in NOT_SUMMED
             for sample in family.samples
         ]
 

@@ -85,7 +85,7 @@ def test_a_batch_counts_like_its_answers_one_by_one() -> None:
         return {
             name: float(number)
             for name, _, number in (line.rpartition(" ") for line in lines)
-            if name and not name.startswith("#")
+            if name.startswith("processor_")  # not the process's CPU and memory: they move
         }
 
     got, want = samples(batched), samples(one_by_one)
@@ -95,3 +95,29 @@ def test_a_batch_counts_like_its_answers_one_by_one() -> None:
         assert got[name] == pytest.approx(number, rel=1e-12, abs=1e-15), name
     assert got['processor_request_latency_seconds_bucket{le="0.001",mti="0100"}'] == 2
     assert value(batched.exposition().decode(), APPROVED) == 2
+
+
+def test_peers_cannot_multiply_series_and_operators_get_the_usual_collectors() -> None:
+    metrics = Metrics()
+    metrics.answered("0100", "57", "country_not_allowed:US", 0.001)
+    metrics.answered("0100", "57", "country_not_allowed:FR", 0.001)
+    metrics.answered("0999", "12", "unsupported_mti", 0.001)  # an MTI a peer made up
+    metrics.answered("0777", "12", "unsupported_mti", 0.001)
+    text = metrics.exposition().decode()
+    family = 'processor_requests_total{mti="0100",reason="country_not_allowed",response_code="57"}'
+    assert value(text, family) == 2
+    other = 'processor_requests_total{mti="other",reason="unsupported_mti",response_code="12"}'
+    assert value(text, other) == 2
+    assert value(text, 'processor_request_latency_seconds_count{mti="other"}') == 2
+    assert "0999" not in text and ":US" not in text
+    for name in ("process_cpu_seconds_total", "python_gc_objects_collected_total", "python_info"):
+        assert name in text, name
+    from processor import __version__
+
+    assert f'processor_build_info{{version="{__version__}"}} 1.0' in text
+
+
+def test_worker_reports_leave_out_what_a_sum_would_garble() -> None:
+    families = {family for family, _, _, _ in Metrics().snapshot()}
+    assert "process_cpu_seconds" in families  # summed: the daemon's CPU in all
+    assert not families & {"process_start_time_seconds", "python_info", "processor_build"}
