@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 from processor.config import Config, ConfigError, load_config, with_overrides
 
 if TYPE_CHECKING:
-    from processor.ledger.store import Ledger
+    from processor.ledger.records import Card
+    from processor.ledger.store import Ledger, Reader
     from processor.security import PanHasher
 
 
@@ -113,7 +114,6 @@ def _no_seed(config: Config) -> Config:
 def cmd_ledger_show(args: argparse.Namespace) -> int:
     from processor.ledger.report import (
         describe_account,
-        describe_card,
         describe_controls,
         describe_history,
     )
@@ -121,6 +121,11 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
     from processor.security import hasher_from_environment
 
     config = _common_config(args)
+    pan = None
+    if args.account is None and args.card is None:
+        pan = _pan_from(args)
+        if pan is None:
+            return 2
     if _no_ledger(config):
         return 1
     ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
@@ -137,6 +142,13 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
                 for held_card in reader.account_cards(account.id):
                     print("\n".join(describe_history(reader, held_card)))
                 return 0
+            if args.card is not None:
+                found = reader.card_by_id(args.card)
+                if found is None:
+                    print(f"processor: no card {args.card!r}", file=sys.stderr)
+                    return 1
+                return _show_card(reader, found[1], now)
+            assert pan is not None  # read before the ledger was opened
             hasher = hasher_from_environment(config.security.pan_key_env)
             bound = ledger.pan_key_fingerprint()
             if bound is not None and bound != hasher.fingerprint:
@@ -146,18 +158,48 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return 1
-            card = reader.card(hasher.card_key(args.pan))
+            card = reader.card(hasher.card_key(pan))
             if card is None:
                 print("processor: no card with that PAN", file=sys.stderr)
                 return 1
-            print(describe_card(card))
-            print("\n".join(describe_history(reader, card)))
-            account = reader.account(card.account_id)
-            if account is not None:
-                print("\n".join(describe_account(reader, account, now)))
-            return 0
+            return _show_card(reader, card, now)
     finally:
         ledger.close()
+
+
+def _pan_from(args: argparse.Namespace) -> str | None:
+    """The PAN to look up, from stdin or a named environment variable: never from argv, which
+    every user of the machine can read (ps, /proc). None (said on stderr) when unusable."""
+    import os
+
+    if args.pan_argv is not None:
+        print(
+            "processor: a PAN on the command line is visible to every user of this machine; "
+            "pipe it in with --pan-stdin, or name a variable that holds it with --pan-env VAR",
+            file=sys.stderr,
+        )
+        return None
+    if args.pan_env is not None:
+        pan = os.environ.get(args.pan_env, "").strip()
+        where = f"${args.pan_env}"
+    else:
+        pan = sys.stdin.readline().strip()
+        where = "standard input"
+    if not (13 <= len(pan) <= 19 and pan.isdigit()):
+        print(f"processor: {where} does not hold a PAN (13 to 19 digits)", file=sys.stderr)
+        return None
+    return pan
+
+
+def _show_card(reader: Reader, card: Card, now: datetime) -> int:
+    from processor.ledger.report import describe_account, describe_card, describe_history
+
+    print(describe_card(card))
+    print("\n".join(describe_history(reader, card)))
+    account = reader.account(card.account_id)
+    if account is not None:
+        print("\n".join(describe_account(reader, account, now)))
+    return 0
 
 
 def cmd_clearing_ingest(args: argparse.Namespace) -> int:
@@ -266,7 +308,10 @@ def cmd_sim_load(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from processor import __version__
+
     parser = argparse.ArgumentParser(prog="processor", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"processor {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def config_flag(p: argparse.ArgumentParser) -> None:
@@ -295,8 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
     load.set_defaults(func=cmd_ledger_load)
     show = ledger_command(ledger_sub, "show", "print balances, holds and card state")
     which = show.add_mutually_exclusive_group(required=True)
-    which.add_argument("--account")
-    which.add_argument("--pan")
+    which.add_argument("--account", metavar="ID", help="an account, by id")
+    which.add_argument("--card", metavar="ID", help="a card, by card id (card_...)")
+    which.add_argument(
+        "--pan-stdin", action="store_true", help="a card, by the PAN read from standard input"
+    )
+    which.add_argument(
+        "--pan-env", metavar="VAR", help="a card, by the PAN in environment variable VAR"
+    )
+    # Refused with an explanation: argv is readable by every user of the machine.
+    which.add_argument("--pan", dest="pan_argv", help=argparse.SUPPRESS)
     show.set_defaults(func=cmd_ledger_show)
     migrate = ledger_command(
         ledger_sub, "migrate", "bring a ledger written by an older release to this schema"

@@ -189,11 +189,14 @@ def echo_test() -> dict[str, str]:
     return {"t": "0800", "7": "1124101010", "11": next_stan(), "70": "301"}
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "processor.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
+        input=stdin,
         env=dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY) if env is None else env,
     )

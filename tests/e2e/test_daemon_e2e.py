@@ -194,7 +194,9 @@ def test_ledger_load_while_running(daemon: RunningDaemon, link: Link, tmp_path: 
     assert link.exchange(authorization(pan="4761739001010093", amount=1))["39"] == "51"
     again = run_cli("ledger", "load", "--ledger", str(daemon.ledger), str(cards))
     assert "accounts 0 created, 1 updated; cards 0 created, 1 updated" in again.stdout
-    shown = run_cli("ledger", "show", "--ledger", str(daemon.ledger), "--pan", "4761739001010093")
+    shown = run_cli(
+        "ledger", "show", "--ledger", str(daemon.ledger), "--pan-stdin", stdin="4761739001010093\n"
+    )
     assert "476173******0093" in shown.stdout
     assert "4761739001010093" not in shown.stdout
     assert "100.00 EUR" in shown.stdout  # held; loading twice doubled nothing
@@ -329,8 +331,41 @@ def test_ledger_show_refuses_another_pan_key(daemon: RunningDaemon) -> None:
     import os
 
     other = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY + "-other")
+    other["CARD_TO_SHOW"] = "4761739001010010"
     shown = run_cli(
-        "ledger", "show", "--ledger", str(daemon.ledger), "--pan", "4761739001010010", env=other
+        "ledger", "show", "--ledger", str(daemon.ledger), "--pan-env", "CARD_TO_SHOW", env=other
     )
     assert shown.returncode == 1
     assert "another PAN key" in shown.stderr
+
+
+def test_ledger_show_never_takes_a_pan_from_argv(daemon: RunningDaemon) -> None:
+    pan = "4761739001010010"
+    refused = run_cli("ledger", "show", "--ledger", str(daemon.ledger), "--pan", pan)
+    assert refused.returncode == 2
+    assert "visible to every user" in refused.stderr and pan not in refused.stderr
+    assert refused.stdout == ""
+    for stdin in ("", "47617390\n", "4761739001010010 extra\n"):
+        bad = run_cli("ledger", "show", "--ledger", str(daemon.ledger), "--pan-stdin", stdin=stdin)
+        assert bad.returncode == 2 and "does not hold a PAN" in bad.stderr, stdin
+    by_stdin = run_cli(
+        "ledger", "show", "--ledger", str(daemon.ledger), "--pan-stdin", stdin=pan + "\n"
+    )
+    assert by_stdin.returncode == 0, by_stdin.stderr
+    card_id = by_stdin.stdout.split("card ", 1)[1].split()[0]
+    by_id = run_cli("ledger", "show", "--ledger", str(daemon.ledger), "--card", card_id)
+    assert by_id.returncode == 0 and by_id.stdout == by_stdin.stdout
+    assert pan not in by_stdin.stdout
+
+
+def test_version_and_python_dash_m() -> None:
+    import subprocess
+    import sys
+
+    from processor import __version__
+
+    for command in (["-m", "processor", "--version"], ["-m", "processor.cli", "--version"]):
+        shown = subprocess.run(
+            [sys.executable, *command], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert shown.returncode == 0 and shown.stdout.strip() == f"processor {__version__}"

@@ -287,7 +287,7 @@ def test_ledger_show_lists_a_cards_recent_transactions(daemon: RunningDaemon, li
     assert link.exchange(authorization(pan=MAIN, amount=600_000))["39"] == "61"
     reversal = follow_up("0400", original, 1234, **{"90": original_data(original)})
     assert link.exchange(reversal)["39"] == "00"
-    shown = run_cli("ledger", "show", "--ledger", str(daemon.ledger), "--pan", MAIN)
+    shown = run_cli("ledger", "show", "--ledger", str(daemon.ledger), "--pan-stdin", stdin=MAIN)
     assert shown.returncode == 0, shown.stderr
     history = shown.stdout.split("recent transactions of 476173******0010: 3\n")[1]
     lines = history.splitlines()[:3]
