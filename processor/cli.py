@@ -34,11 +34,18 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from processor.server.daemon import run
+    from processor.ledger.store import LedgerError
+    from processor.server.daemon import StartupError, run
+    from processor.server.workers import WorkerError
 
     config = _common_config(args)
     _setup_logging(config.log.level)
-    return run(config)
+    try:
+        return run(config)
+    except (StartupError, LedgerError, WorkerError) as error:
+        # Whatever keeps it from starting, in one line (no traceback): exit code 2.
+        print(f"processor: {error}", file=sys.stderr)
+        return 2
 
 
 def _writable_ledger(config: Config) -> tuple[Ledger, PanHasher]:

@@ -106,7 +106,10 @@ class Ledger:
     ) -> None:
         self.path = Path(path)
         if not readonly:
-            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise LedgerError(f"ledger {self.path}: cannot create: {error.strerror}") from None
         durable = durability == "fsync"
         try:
             self.env = lmdb.open(

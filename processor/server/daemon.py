@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("processor.daemon")
 
+EXIT_SOFTWARE = 70  # sysexits.h EX_SOFTWARE: an internal error (a failed assertion) stopped us
+
 Pending = tuple[Link, bytes, AuthorizationRequest, int]
 
 
@@ -82,6 +84,9 @@ class Daemon:
         self._batch_size_max = config.ledger.batch_size_max
         self._sweep_handle: asyncio.TimerHandle | None = None
         self.on_commit: Callable[[], None] | None = None  # e.g. wake the webhook dispatcher
+        # Called when an assertion fails: a programmer error stops the daemon (after answering
+        # the batch 96) rather than answering 96 forever with a ledger no check vouches for.
+        self.on_fatal: Callable[[], None] | None = None
 
     # --- links -------------------------------------------------------------------------------
 
@@ -205,6 +210,9 @@ class Daemon:
             self.metrics.internal_errors.inc()
             outcomes = [self.authorizer.system_error(request) for request in requests]
             results = [error] * len(commands)
+            if isinstance(error, AssertionError) and self.on_fatal is not None:
+                log.critical("an assertion failed: stopping the daemon (exit code 70)")
+                self.on_fatal()
         for (_, future), result in zip(commands, results, strict=True):
             if future.done():
                 continue  # the API caller went away; the change stands regardless
@@ -318,6 +326,10 @@ async def start_webhooks(config: Config, ledger: Ledger, metrics: Metrics) -> Di
     return dispatcher
 
 
+class StartupError(Exception):
+    """What keeps the daemon from starting (a port in use, say): one line, exit code 2."""
+
+
 def listen(host: str, port: int, *, shared: bool = False) -> socket.socket:
     """An ISO 8583 listening socket; `shared` ones (SO_REUSEPORT) split links between processes.
 
@@ -325,7 +337,10 @@ def listen(host: str, port: int, *, shared: bool = False) -> socket.socket:
     new link to one of them, spread by address, where processes accepting on one shared socket
     race and the first awake takes a whole burst of links.
     """
-    listener = socket.create_server((host, port), backlog=limits.links_max, reuse_port=shared)
+    try:
+        listener = socket.create_server((host, port), backlog=limits.links_max, reuse_port=shared)
+    except OSError as error:
+        raise StartupError(f"cannot listen on {host}:{port}: {error.strerror}") from None
     listener.setblocking(False)
     return listener
 
@@ -382,7 +397,11 @@ async def serve(config: Config) -> int:
 
         pool = WorkerPool(config, listener, metrics.workers)
         await pool.start()
-    http_runner, http_port = await start_http(config.http.host, config.http.port, daemon)
+    try:
+        http_runner, http_port = await start_http(config.http.host, config.http.port, daemon)
+    except OSError as error:
+        where = f"{config.http.host}:{config.http.port}"
+        raise StartupError(f"cannot listen on {where} (HTTP): {error.strerror}") from None
     with ledger.read() as reader:
         accounts = reader.account_count()
     workers = f", {config.server.workers} worker processes" if pool is not None else ""
@@ -401,6 +420,14 @@ async def serve(config: Config) -> int:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    exit_code = 0
+
+    def fatal() -> None:
+        nonlocal exit_code
+        exit_code = EXIT_SOFTWARE
+        stop.set()
+
+    daemon.on_fatal = fatal
     announce("ready")
     daemon.sweep()
     await stop.wait()
@@ -416,8 +443,8 @@ async def serve(config: Config) -> int:
         await dispatcher.stop()
         dispatcher.state.close()
     ledger.close()
-    announce("stopped")
-    return 0
+    announce("stopped" if exit_code == 0 else f"stopped after an assertion failed ({exit_code})")
+    return exit_code
 
 
 def run(config: Config) -> int:

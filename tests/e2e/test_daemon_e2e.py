@@ -297,7 +297,7 @@ def test_insecure_key_warning_and_key_mismatch(tmp_path: Path) -> None:
         "0",
         env=dict(env, PROCESSOR_PAN_KEY=PAN_KEY + "-other"),
     )
-    assert result.returncode == 1
+    assert result.returncode == 2  # what keeps the daemon from starting exits 2
     assert "another PAN key" in result.stderr
 
 
@@ -369,3 +369,23 @@ def test_version_and_python_dash_m() -> None:
             [sys.executable, *command], capture_output=True, text=True, timeout=60, check=False
         )
         assert shown.returncode == 0 and shown.stdout.strip() == f"processor {__version__}"
+
+
+def test_what_keeps_the_daemon_from_starting_is_one_line_and_exit_2(
+    daemon: RunningDaemon, tmp_path: Path
+) -> None:
+    # The ISO port of a running daemon is taken; a ledger under a file cannot be created.
+    taken = run_cli(
+        "serve", "--ledger", str(tmp_path / "other"), "--port", str(daemon.port), "--http-port", "0"
+    )
+    assert taken.returncode == 2
+    assert f"processor: cannot listen on 127.0.0.1:{daemon.port}: " in taken.stderr
+    assert "Traceback" not in taken.stderr
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    under_a_file = run_cli(
+        "serve", "--ledger", str(blocker / "ledger"), "--port", "0", "--http-port", "0"
+    )
+    assert under_a_file.returncode == 2
+    assert "processor: ledger " in under_a_file.stderr and "cannot create" in under_a_file.stderr
+    assert "Traceback" not in under_a_file.stderr

@@ -251,10 +251,13 @@ def test_a_failing_batch_is_answered_96_and_applies_nothing(tmp_path: Path) -> N
         link.connection_made(transport)  # type: ignore[arg-type]
         link.data_received(auth_frame(1) + auth_frame(2))
 
+    stopped: list[bool] = []
+    daemon.on_fatal = lambda: stopped.append(True)
     run(body)
     assert [(f["11"], f["39"]) for f in transport.frames()] == [("000001", "96"), ("000002", "96")]
     assert link.in_flight == 0
     assert daemon.metrics.internal_errors._value.get() == 1
+    assert stopped == [True]  # a failed assertion is a bug: the daemon is asked to stop
     with daemon.ledger.read() as reader:
         account = reader.account("demo-main")
         assert account is not None and account.held == 0  # the transaction was aborted
