@@ -110,6 +110,7 @@ class Case(NamedTuple):
     billing: int | None = None  # fields 6/51 of the answer when the amount was converted
 
 
+PARTIAL_OK = "R" + "61" + "03" + "100"  # field 48: category, subelement 61, position 1 = 1
 FX_RULES = ProgrammeRules(
     rates={("USD", "EUR"): Decimal("0.92"), ("JPY", "EUR"): Decimal("0.0062")}, fx_markup_bps=100
 )
@@ -159,6 +160,9 @@ CASES = [
     ),
     Case(
         "field 14 differs from the card expiry", "54", "expiry_mismatch", request={"expiry": "3011"}
+    ),
+    Case(
+        "field 14 later than the card expiry", "54", "expiry_mismatch", request={"expiry": "3101"}
     ),
     # 12: transaction type and currency.
     Case(
@@ -445,6 +449,69 @@ CASES = [
         request={"amount": 301},
         account={"posted": -200, "credit_limit": 500},
     ),
+    # 10: a partial approval for what is available, and every condition it needs (field 48
+    # subelement 61 position 1 = 1; a purchase; no conversion; something available).
+    Case(
+        "short, partial supported: partial approval for what is available",
+        "10",
+        "partial_approval",
+        request={"amount": 100_500, "additional_data": PARTIAL_OK},
+        hold=100_000,
+    ),
+    Case(
+        "short, partial supported, held reduces what is available",
+        "10",
+        "partial_approval",
+        request={"amount": 100_000, "additional_data": PARTIAL_OK},
+        account={"held": 99_999},
+        hold=1,
+    ),
+    Case(
+        "short, partial supported but nothing available",
+        "51",
+        "insufficient_funds",
+        request={"amount": 1, "additional_data": PARTIAL_OK},
+        account={"held": 100_000},
+    ),
+    Case(
+        "short, partial supported but the account is overdrawn",
+        "51",
+        "insufficient_funds",
+        request={"amount": 1, "additional_data": PARTIAL_OK},
+        account={"posted": -10},
+    ),
+    Case(
+        "short, partial supported but cash",
+        "51",
+        "insufficient_funds",
+        request={"amount": 100_500, "additional_data": PARTIAL_OK, "processing_code": "010000"},
+    ),
+    Case(
+        "short, partial supported but purchase with cashback",
+        "51",
+        "insufficient_funds",
+        request={"amount": 100_500, "additional_data": PARTIAL_OK, "processing_code": "090000"},
+    ),
+    Case(
+        "short, partial supported but converted from another currency",
+        "51",
+        "insufficient_funds",
+        request={"amount": 200_000, "currency": "840", "additional_data": PARTIAL_OK},
+        rules=FX_RULES,
+    ),
+    Case(
+        "short, partial not supported (position 1 = 0)",
+        "51",
+        "insufficient_funds",
+        request={"amount": 100_500, "additional_data": "R" + "61" + "03" + "000"},
+    ),
+    Case(
+        "within available, partial supported: a full approval",
+        "00",
+        "approved",
+        request={"amount": 1_000, "additional_data": PARTIAL_OK},
+        hold=1_000,
+    ),
     # 00: approval holds exactly the amount, for every supported transaction type.
     Case("purchase", "00", "approved", hold=1_000),
     Case("cash", "00", "approved", request={"processing_code": "010000"}, hold=1_000),
@@ -483,7 +550,7 @@ def test_decision_table(case: Case) -> None:
         balance_inquiry=case.balance_inquiry,
         billing_amount=case.billing,
     )
-    assert decision.approved is (case.code == "00")
+    assert decision.approved is (case.code in ("00", "10"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
@@ -495,7 +562,7 @@ def test_every_decision_has_a_machine_reason(case: Case) -> None:
     # snake_case, optionally qualified: mcc_category_blocked:gambling, daily_amount_limit:cash.
     assert re.fullmatch(r"[a-z][a-z_]*[a-z](:[A-Za-z0-9_+]+)?", decision.reason), decision.reason
     # Only approvals hold; a decline never carries an amount to hold.
-    assert (decision.hold_amount > 0) is (decision.reason == "approved")
+    assert (decision.hold_amount > 0) is (decision.reason in ("approved", "partial_approval"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
@@ -532,7 +599,9 @@ def test_without_spend_no_controls_apply(case: Case) -> None:
 
 def test_table_covers_every_response_code_of_the_precedence() -> None:
     codes = {case.code for case in CASES}
-    assert codes == {"00", "12", "13", "14", "41", "43", "51", "54", "57", "61", "62", "65", "96"}
+    assert codes == {
+        "00", "10", "12", "13", "14", "41", "43", "51", "54", "57", "61", "62", "65", "96"
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(
