@@ -12,6 +12,8 @@ import hashlib
 import hmac
 
 PREFIX = "whsec_"
+# Standard Webhooks: secrets of 24 to 64 random bytes. A shorter one is refused at start.
+SECRET_BYTES_MIN = 24
 
 
 class SecretError(ValueError):
@@ -24,8 +26,10 @@ def parse_secret(text: str, where: str) -> bytes:
         secret = base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
         raise SecretError(f"{where}: not a base64 (whsec_...) signing secret") from None
-    if len(secret) < 16:
-        raise SecretError(f"{where}: signing secret shorter than 16 bytes")
+    if len(secret) < SECRET_BYTES_MIN:
+        raise SecretError(
+            f"{where}: signing secret of {len(secret)} bytes, at least {SECRET_BYTES_MIN} needed"
+        )
     return secret
 
 

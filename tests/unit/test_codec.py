@@ -695,6 +695,19 @@ def test_encode_0110_approval_golden(codec: Codec) -> None:
     )
 
 
+def test_encode_up_to_field_64_has_no_secondary_bitmap(codec: Codec) -> None:
+    # Field 64 is the last of the primary bitmap: only a field above 64 needs a secondary one.
+    encoded = codec.encode({"t": "0110", "11": "004711", "39": "00", "64": "0123456789ABCDEF"})
+    # 11 -> byte 2 0x20; 39 -> byte 5 0x02; 64 -> byte 8 0x01; bit 1 (secondary) clear.
+    assert encoded == b"01100020000002000001004711000123456789ABCDEF"
+
+
+def test_encode_field_65_and_up_brings_the_secondary_bitmap(codec: Codec) -> None:
+    encoded = codec.encode({"t": "0810", "11": "004711", "39": "00", "70": "301"})
+    # bit 1 set (secondary follows): 0x80 | 11 -> 0x20 in byte 2; 70 -> secondary byte 1 0x04.
+    assert encoded == b"08108020000002000000040000000000000000471100301"
+
+
 def test_encode_0110_balance_golden(codec: Codec) -> None:
     balances = balance_block("00", "01", "978", 12345) + balance_block("00", "02", "978", -500)
     encoded = codec.encode({"t": "0110", "3": "310000", "11": "004711", "39": "00", "54": balances})

@@ -1390,3 +1390,34 @@ def test_every_fresh_ledger_gives_other_approval_codes(tmp_path: Path) -> None:
         codes.append(response_fields(outcome)["38"])
         ledger.close()
     assert codes[0] != codes[1]  # 1 in 10^6 to fail by chance; a sequence always did
+
+
+def test_the_stored_answer_keeps_what_is_left_to_give_back(ledger: Ledger) -> None:
+    # What a reversal gave back is taken off the original's stored usage, so a second
+    # reversal can never give it back twice.
+    load_text(ledger, LIMITED_FILE)
+    authorizer = make_authorizer(ledger)
+    original = message("0100", 10_000, "000001", NOW)
+    assert answers(authorizer, [original], NOW) == [("00", "approved")]
+    key = original.answer_key
+
+    def stored() -> tuple[int, str]:
+        with ledger.read() as reader:
+            answer = reader.answer(key)
+            assert answer is not None
+            return answer.usage_amount, answer.usage_mcc
+
+    assert stored() == (10_000, "5411")
+    partial = message(
+        "0400",
+        10_000,
+        "000002",
+        NOW,
+        **{"90": pointing_at(original), "95": "000000003000" + "0" * 30},
+    )
+    assert answers(authorizer, [partial], NOW) == [("00", "partially_reversed")]
+    assert stored() == (3_000, "5411")
+    full = message("0400", 10_000, "000003", NOW, **{"90": pointing_at(original)})
+    assert answers(authorizer, [full], NOW) == [("00", "reversed")]
+    assert stored() == (0, "")  # given back whole: nothing left to give
+    assert daily_usage(ledger, NOW) == (0, 0)

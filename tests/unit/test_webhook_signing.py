@@ -37,3 +37,11 @@ def test_reference_library_verifies_and_rejects_tampering() -> None:
 def test_bad_secrets_are_refused(bad: str) -> None:
     with pytest.raises(SecretError, match="ENV_NAME"):
         parse_secret(bad, "ENV_NAME")
+
+
+def test_the_shortest_secret_taken_is_24_bytes() -> None:
+    # The boundary itself, both sides: a lowered minimum or an off-by-one fails here.
+    shortest = "whsec_" + base64.b64encode(b"x" * 24).decode()
+    assert parse_secret(shortest, "ENV_NAME") == b"x" * 24
+    with pytest.raises(SecretError, match="ENV_NAME: signing secret of 23 bytes, at least 24"):
+        parse_secret("whsec_" + base64.b64encode(b"x" * 23).decode(), "ENV_NAME")
