@@ -10,7 +10,6 @@ was checked stays true until it is written.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, tzinfo
 from typing import Final
@@ -93,7 +92,7 @@ class Authorizer:
         hold_lifetime_seconds: int,
         hold_lifetime_by_mcc: Mapping[str, int] | None = None,
         zone: tzinfo = UTC,
-        draw: Callable[[int], int] = secrets.randbelow,
+        draw: Callable[[int], int] | None = None,
     ) -> None:
         self._ledger = ledger
         self._codec = codec

@@ -9,7 +9,6 @@ already told the cardholder.
 
 from __future__ import annotations
 
-import secrets
 from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from datetime import UTC, tzinfo
@@ -26,6 +25,7 @@ from processor.engine.fx import scale
 from processor.ledger.controls import Controls, Usage
 from processor.ledger.records import Account, Card, CardState, Hold, StoredAnswer
 from processor.ledger.store import Writer
+from processor.randomness import BufferedRandom
 from processor.wire.codec import balance_block
 from processor.wire.messages import AuthorizationRequest
 
@@ -67,7 +67,8 @@ def new_approval_code(state: CardState, day: int, draw: Callable[[int], int]) ->
 
     A code proves to the merchant and the cardholder that this issuer approved: a sequence
     (every fresh ledger issuing 007919, 015838, ...) could be guessed, so codes are drawn from
-    `draw` (secrets.randbelow in the daemon) and the card's codes of the day are remembered,
+    `draw` (the OS CSPRNG in the daemon, processor.randomness) and the card's codes of the day
+    are remembered,
     sorted (a bisection finds a repeat: searching packed bytes cost 2-3 us per approval on a
     busy card). A card approved more often in a day is kept unlike its first ones only.
     """
@@ -106,11 +107,12 @@ class Lifecycle:
         hold_lifetime_seconds: int,
         hold_lifetime_by_mcc: Mapping[str, int],
         zone: tzinfo = UTC,
-        draw: Callable[[int], int] = secrets.randbelow,
+        draw: Callable[[int], int] | None = None,
     ) -> None:
         self._rules = rules
         self._zone = zone
-        self._draw = draw  # approval codes: a CSPRNG, injected so tests can replay a draw
+        # Approval codes: the OS CSPRNG, read in bulk; injectable so tests can replay a draw.
+        self._draw = draw if draw is not None else BufferedRandom().below
         self._hold_lifetime_ms = hold_lifetime_seconds * 1000
         self._hold_lifetime_by_mcc_ms = {
             mcc: seconds * 1000 for mcc, seconds in hold_lifetime_by_mcc.items()
