@@ -68,9 +68,9 @@ def new_approval_code(state: CardState, day: int, draw: Callable[[int], int]) ->
     A code proves to the merchant and the cardholder that this issuer approved: a sequence
     (every fresh ledger issuing 007919, 015838, ...) could be guessed, so codes are drawn from
     `draw` (the OS CSPRNG in the daemon, processor.randomness) and the card's codes of the day
-    are remembered,
-    sorted (a bisection finds a repeat: searching packed bytes cost 2-3 us per approval on a
-    busy card). A card approved more often in a day is kept unlike its first ones only.
+    are remembered, sorted (a bisection finds a repeat: searching packed bytes cost 2-3 us per
+    approval on a busy card). A card approved more often in a day is kept unlike its first ones
+    only.
     """
     if state.approval_day != day:
         state.approval_day, state.approval_codes = day, []
@@ -161,9 +161,7 @@ class Lifecycle:
         return hold
 
     def _approval_code(self, writer: Writer, card: Card, batch: Batch) -> str:
-        code = new_approval_code(writer.card_state(card), batch.periods.daily, self._draw)
-        writer.touch_card_state(card)
-        return code
+        return new_approval_code(writer.changed_card_state(card), batch.periods.daily, self._draw)
 
     def _decided(
         self,
@@ -189,12 +187,11 @@ class Lifecycle:
         self, writer: Writer, card: Card, account: Account, amount: int, mcc: str, batch: Batch
     ) -> None:
         record_usages(
-            (usage_of(writer.card_state(card)), usage_of(account)),
+            (usage_of(writer.changed_card_state(card)), usage_of(account)),
             amount,
             self._rules.catalog.category(mcc),
             batch.periods,
         )
-        writer.touch_card_state(card)
         writer.put_account(account)
 
     def _give_back_usage(
@@ -215,11 +212,10 @@ class Lifecycle:
         category = self._rules.catalog.category(original.usage_mcc)
         approved = periods_at(original.answered_ms, self._zone)
         count = 1 if full else 0
-        found = writer.card_of(original.card_id, card_key)
-        if found is not None:
-            state = writer.card_state(found[1])
+        card = writer.card_of(original.card_id, card_key)
+        if card is not None:
+            state = writer.changed_card_state(card)
             release_usage(usage_of(state), amount, count, category, approved, batch.periods)
-            writer.touch_card_state(found[1])
         account = writer.account(original.account_id)
         if account is not None:
             release_usage(usage_of(account), amount, count, category, approved, batch.periods)

@@ -482,7 +482,7 @@ class Writer(Reader):
     Accounts and card states are cached for the transaction: a batch of requests on one
     account decodes it once and writes it once, at commit (`flush`), however many requests
     changed it. The cached object is the one callers mutate, so `put_account` and
-    `touch_card_state` only mark it to be written. Cards are cached for reading.
+    `changed_card_state` only mark it to be written. Cards are cached for reading.
     """
 
     __slots__ = (
@@ -513,18 +513,20 @@ class Writer(Reader):
         return card
 
     def card_state(self, card: Card) -> CardState:
-        """Cached like accounts: the object returned is the one to change, then touch it."""
+        """Cached like accounts; to change it, take it from `changed_card_state` instead."""
+        return self._cached_card_state(card_state_key(card), card)
+
+    def changed_card_state(self, card: Card) -> CardState:
+        """The card's cached state, marked to be written at commit: the caller changes it."""
         key = card_state_key(card)
+        self._dirty_card_states.add(key)
+        return self._cached_card_state(key, card)
+
+    def _cached_card_state(self, key: bytes, card: Card) -> CardState:
         state = self._card_states.get(key)
         if state is None:
             state = self._card_states[key] = super().card_state(card)
         return state
-
-    def touch_card_state(self, card: Card) -> None:
-        """Mark a card's cached state changed (usage or history head): written at commit."""
-        key = card_state_key(card)
-        assert key in self._card_states, f"card {card.card_id}: state not read in this txn"
-        self._dirty_card_states.add(key)
 
     def account(self, account_id: str) -> Account | None:
         if account_id in self._accounts:
@@ -563,22 +565,22 @@ class Writer(Reader):
         self._txn.put(_prefix_key(card.account_id, card_key), b"", db=self._dbs["account_cards"])
         self._txn.put(card.card_id.encode(), card_key, db=self._dbs["card_ids"])
 
-    def card_of(self, card_id: str, card_key_hint: bytes) -> tuple[bytes, Card] | None:
-        """(card key, card) of `card_id`, looked up through `card_key_hint` when that is it."""
+    def card_of(self, card_id: str, card_key_hint: bytes) -> Card | None:
+        """The card `card_id`, looked up through `card_key_hint` when that is its key."""
         card = self.card(card_key_hint)
         if card is not None and card.card_id == card_id:
-            return card_key_hint, card
-        return self.card_by_id(card_id)
+            return card
+        found = self.card_by_id(card_id)
+        return None if found is None else found[1]
 
     def record_answer(self, identity: bytes, answer: StoredAnswer, card_key_hint: bytes) -> None:
         """Store a new answer at the head of its card's and its account's history chains."""
         if answer.card_id is not None:
-            found = self.card_of(answer.card_id, card_key_hint)
-            if found is not None:
-                state = self.card_state(found[1])
+            card = self.card_of(answer.card_id, card_key_hint)
+            if card is not None:
+                state = self.changed_card_state(card)
                 answer.previous_for_card = state.last_answer
                 state.last_answer = identity
-                self.touch_card_state(found[1])
         if answer.account_id is not None:
             account = self.account(answer.account_id)
             if account is not None:
