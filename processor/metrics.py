@@ -186,12 +186,12 @@ class Metrics:
             "processor_ledger_map_size_bytes", "Size of the LMDB map", registry=r
         )
         self._answered: dict[tuple[str, str, str], Callable[[float], None]] = {}
-        self._latency: dict[str, Callable[[float], None]] = {}
+        self._latency: dict[str, Histogram] = {}  # label child per MTI label, resolved once
         self.workers = WorkerSamples()
 
     def answered(self, mti: str, response_code: str, reason: str, latency_seconds: float) -> None:
         self._count(mti, response_code, reason, 1)
-        self._observe(mti)(latency_seconds)
+        self._latency_child(mti).observe(latency_seconds)
 
     def answered_batch(
         self, answers: Sequence[tuple[str, str, str]], latencies_seconds: Sequence[float]
@@ -235,15 +235,11 @@ class Metrics:
         increment(count)
 
     def _latency_child(self, mti: str) -> Histogram:
-        return self.latency.labels(mti if mti in self._known_mtis else OTHER_MTI)
-
-    def _observe(self, mti: str) -> Callable[[float], None]:
-        observe = self._latency.get(mti)
-        if observe is None:
-            observe = self._latency_child(mti).observe
-            if mti in self._known_mtis:
-                self._latency[mti] = observe
-        return observe
+        label = mti if mti in self._known_mtis else OTHER_MTI
+        child = self._latency.get(label)
+        if child is None:
+            child = self._latency[label] = self.latency.labels(label)
+        return child
 
     def snapshot(self) -> list[Sample]:
         """This process's samples, for the primary to add to its /metrics (summed there)."""
@@ -286,9 +282,9 @@ class WorkerSamples:
     def update(self, worker: int, samples: list[Sample]) -> None:
         self._latest[worker] = samples
 
-    def retire(self, worker: int, *, keep_gauges: bool = False) -> None:
+    def retire(self, worker: int) -> None:
         for family, name, labels, value in self._latest.pop(worker, []):
-            if keep_gauges or not _is_gauge_sample(family, name):
+            if not _is_gauge_sample(family, name):  # its links and the like died with it
                 key = (family, name, labels)
                 self._retired[key] = self._retired.get(key, 0.0) + value
 
