@@ -81,6 +81,14 @@ class _Decided(msgspec.Struct, gc=False):
     reason: str
 
 
+def _reply_fields(echo: dict[str, str], mti: str, code: str) -> dict[str, str]:
+    """A response's fields: the request's echo set, the response MTI and field 39."""
+    fields = dict(echo)
+    fields["t"] = response_mti(mti)
+    fields["39"] = code
+    return fields
+
+
 class Authorizer:
     def __init__(
         self,
@@ -196,9 +204,7 @@ class Authorizer:
                 # advice is acknowledged (a 94 would only make the network resend it forever)
                 # and the conflict flagged.
                 code = "00" if message_class in ADVICE_CLASSES else "94"
-                fields = dict(request.echo)
-                fields["t"] = response_mti(request.mti)
-                fields["39"] = code
+                fields = _reply_fields(request.echo, request.mti, code)
                 return _Decided(fields, request.mti, code, "duplicate_different_content")
             fields = dict(stored.response)
             fields["2"] = request.pan
@@ -207,9 +213,7 @@ class Authorizer:
         handler = self._lifecycle.handlers[message_class]
         result = handler(writer, request, card_key, key, batch)
         now_ms = batch.now_ms
-        fields = dict(request.echo)
-        fields["t"] = response_mti(request.mti)
-        fields["39"] = result.response_code
+        fields = _reply_fields(request.echo, request.mti, result.response_code)
         if result.extra:
             fields.update(result.extra)
         # Stored without the PAN: a retransmission's own field 2 goes back in when replayed.
@@ -288,10 +292,7 @@ class Authorizer:
 
     def _reply(self, echo: dict[str, str], mti: str, code: str, reason: str) -> Outcome:
         """The response MTI, the echoed fields and field 39; nothing stored, nothing applied."""
-        fields = dict(echo)
-        fields["t"] = response_mti(mti)
-        fields["39"] = code
-        return Outcome(self._codec.encode(fields), mti, code, reason)
+        return Outcome(self._codec.encode(_reply_fields(echo, mti, code)), mti, code, reason)
 
     def _fingerprint(self, card_key: bytes, request: AuthorizationRequest) -> bytes:
         # What makes two requests with one identity "the same": everything the decision reads,
