@@ -24,7 +24,7 @@ from processor.ledger.store import Ledger, LedgerError, Writer
 from processor.lifecycle import ADVICE_CLASSES, ORIGINAL_CLASSES, Batch, Lifecycle
 from processor.outbox import emit, event_type, request_facts
 from processor.security import PanHasher
-from processor.wire.codec import Codec, format_error_response, response_mti
+from processor.wire.codec import format_error_response, response_mti
 from processor.wire.errors import InvalidMessage
 from processor.wire.messages import (
     AuthorizationRequest,
@@ -64,16 +64,8 @@ Command = Callable[[Writer, int], object]
 
 
 class Outcome(msgspec.Struct, frozen=True, gc=False):
-    """What was answered, for the link (bytes) and for metrics and logs (no PAN)."""
-
-    response: bytes
-    mti: str
-    response_code: str
-    reason: str
-
-
-class _Decided(msgspec.Struct, gc=False):
-    """An answer decided inside the write transaction, encoded for the wire after the commit."""
+    """What to answer: the response's fields, which the link encodes in its listener's dialect
+    after the commit, and for metrics and logs the request MTI, code and reason (no PAN)."""
 
     fields: dict[str, str]  # the response's fields, the PAN (field 2) included
     mti: str
@@ -93,7 +85,6 @@ class Authorizer:
     def __init__(
         self,
         ledger: Ledger,
-        codec: Codec,
         hasher: PanHasher,
         rules: ProgrammeRules,
         *,
@@ -103,7 +94,6 @@ class Authorizer:
         draw: Callable[[int], int] | None = None,
     ) -> None:
         self._ledger = ledger
-        self._codec = codec
         self._hasher = hasher
         self._zone = zone
         self._lifecycle = Lifecycle(
@@ -127,8 +117,7 @@ class Authorizer:
         return self._reply(request.echo, request.mti, "12", "unsupported_mti")
 
     def format_error(self, error: InvalidMessage) -> Outcome:
-        response = self._codec.encode(format_error_response(error))
-        return Outcome(response, error.mti, "30", "format_error")
+        return Outcome(format_error_response(error), error.mti, "30", "format_error")
 
     # --- authorisations ----------------------------------------------------------------------
 
@@ -159,9 +148,9 @@ class Authorizer:
         now_ms = int(now.timestamp() * 1000)
         now_yymm = yymm(now.astimezone(UTC))
         periods = periods_at(now_ms, self._zone)
-        # Work that needs no ledger is done before the write transaction and its encoding
-        # after the commit: with worker processes the writer lock is held for the ledger work
-        # alone, so the other workers' hashing and encoding run meanwhile.
+        # Work that needs no ledger is done before the write transaction, and the answers are
+        # encoded by the links after the commit: with worker processes the writer lock is held
+        # for the ledger work alone, so the other workers' hashing and encoding run meanwhile.
         prepared = []
         for request in requests:
             card_key = self._hasher.card_key(request.pan)
@@ -180,12 +169,7 @@ class Authorizer:
             reason = f"ledger_error:{type(error).__name__}"
             outcomes = [self._reply(r.echo, r.mti, "96", reason) for r in requests]
             return outcomes, [error] * len(commands)
-        encode = self._codec.encode
-        outcomes = [
-            Outcome(encode(each.fields), each.mti, each.response_code, each.reason)
-            for each in decided
-        ]
-        return outcomes, results
+        return decided, results
 
     def _process(
         self,
@@ -194,7 +178,7 @@ class Authorizer:
         card_key: bytes,
         fingerprint: bytes,
         batch: Batch,
-    ) -> _Decided:
+    ) -> Outcome:
         message_class = request.message_class
         key = request.answer_key
         stored = writer.answer(key)
@@ -205,10 +189,10 @@ class Authorizer:
                 # and the conflict flagged.
                 code = "00" if message_class in ADVICE_CLASSES else "94"
                 fields = _reply_fields(request.echo, request.mti, code)
-                return _Decided(fields, request.mti, code, "duplicate_different_content")
+                return Outcome(fields, request.mti, code, "duplicate_different_content")
             fields = dict(stored.response)
             fields["2"] = request.pan
-            return _Decided(fields, request.mti, stored.response_code, "retransmission")
+            return Outcome(fields, request.mti, stored.response_code, "retransmission")
 
         handler = self._lifecycle.handlers[message_class]
         result = handler(writer, request, card_key, key, batch)
@@ -256,7 +240,7 @@ class Authorizer:
             if lookup is not None:
                 writer.index_rrn(lookup, key)
         fields["2"] = pan  # the stored answer was serialised by record_answer already
-        return _Decided(fields, request.mti, result.response_code, result.reason)
+        return Outcome(fields, request.mti, result.response_code, result.reason)
 
     def sweep_expired(self, now: datetime, limit: int) -> int:
         """Release at most `limit` holds whose expiry has passed, in one write transaction."""
@@ -292,7 +276,7 @@ class Authorizer:
 
     def _reply(self, echo: dict[str, str], mti: str, code: str, reason: str) -> Outcome:
         """The response MTI, the echoed fields and field 39; nothing stored, nothing applied."""
-        return Outcome(self._codec.encode(_reply_fields(echo, mti, code)), mti, code, reason)
+        return Outcome(_reply_fields(echo, mti, code), mti, code, reason)
 
     def _fingerprint(self, card_key: bytes, request: AuthorizationRequest) -> bytes:
         # What makes two requests with one identity "the same": everything the decision reads,

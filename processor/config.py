@@ -8,13 +8,14 @@ or without fsync. Secrets are never in this file: it only names the environment 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 from msgspec import Meta
 
 from processor import limits
+from processor.wire.framing import FRAME_BYTES_CEILING, Prefix
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
 Mcc = Annotated[str, Meta(pattern=r"^[0-9]{4}$")]
@@ -25,20 +26,52 @@ class ConfigError(Exception):
     """A configuration file or flag that cannot be used; the message names the key."""
 
 
-class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+ListenerName = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,32}$")]
+
+
+class ListenerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One ISO 8583 port, speaking one peer's dialect (a network's channel).
+
+    The name labels its links in logs and metrics; each listener has its own framing, bitmap,
+    header and bad-message rate, because two networks on one processor rarely agree on any.
+    """
+
+    name: ListenerName
     host: str = "127.0.0.1"
     port: Port = 8583
-    framing: Literal["len2", "ascii4"] = "len2"
+    # len2: 2-byte big-endian length of what follows | len2_inclusive: the same, counting its
+    # own 2 bytes | ascii4: 4 ASCII digits.
+    framing: Prefix = "len2"
     # Fixed-length network header between the length prefix and the MTI, echoed back unchanged.
     header_bytes: Annotated[int, Meta(ge=0, le=limits.header_bytes_max)] = 0
     max_frame_bytes: Annotated[int, Meta(ge=64, le=limits.frame_bytes_ceiling)] = (
         limits.frame_bytes_max
     )
     bitmap: Literal["ascii", "binary"] = "ascii"
-    bad_message_budget: Annotated[int, Meta(ge=1)] = limits.bad_messages_per_link_default
+    # bad_messages_max bad messages within bad_message_window_seconds close a link: a rate, so
+    # a link that sends a malformed message now and then for weeks is never cut.
+    bad_messages_max: Annotated[int, Meta(ge=1)] = limits.bad_messages_per_window_default
+    bad_message_window_seconds: Annotated[float, Meta(gt=0, le=86400)] = (
+        limits.bad_message_window_seconds_default
+    )
     in_flight_per_link_max: Annotated[int, Meta(ge=1, le=limits.in_flight_per_link_max)] = (
         limits.in_flight_per_link_max
     )
+
+    def __post_init__(self) -> None:
+        ceiling = FRAME_BYTES_CEILING[self.framing]
+        if self.max_frame_bytes > ceiling:
+            raise ValueError(
+                f"max_frame_bytes {self.max_frame_bytes} exceeds what {self.framing} framing "
+                f"can express ({ceiling})"
+            )
+        if self.header_bytes >= self.max_frame_bytes:
+            raise ValueError(f"header_bytes {self.header_bytes} is not below max_frame_bytes")
+
+
+class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Process-wide settings of the ISO 8583 side; the ports are `[[listeners]]`."""
+
     # Processes serving links (1 = the primary alone). More overlap one worker's durable commit
     # with the others' decoding and encoding; the HTTP port, webhooks and the hold sweeper
     # stay in the primary.
@@ -129,8 +162,12 @@ class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+DEFAULT_LISTENERS: Final = (ListenerConfig(name="network"),)
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     server: ServerConfig = ServerConfig()
+    listeners: tuple[ListenerConfig, ...] = DEFAULT_LISTENERS
     http: HttpConfig = HttpConfig()
     ledger: LedgerConfig = LedgerConfig()
     security: SecurityConfig = SecurityConfig()
@@ -138,14 +175,53 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     log: LogConfig = LogConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
 
+    def __post_init__(self) -> None:
+        if not self.listeners:
+            raise ValueError("listeners: at least one [[listeners]] table is needed")
+        names: set[str] = set()
+        addresses: set[tuple[str, int]] = set()
+        for listener in self.listeners:
+            if listener.name in names:
+                raise ValueError(f"listeners: name {listener.name!r} is used twice")
+            names.add(listener.name)
+            address = (listener.host, listener.port)
+            if listener.port and address in addresses:
+                raise ValueError(f"listeners: {listener.host}:{listener.port} is used twice")
+            addresses.add(address)
+
+
+# Keys of the single `[server]` address before `[[listeners]]` (specs/configuration.md).
+_MOVED_TO_LISTENERS: Final = (
+    "host",
+    "port",
+    "framing",
+    "header_bytes",
+    "max_frame_bytes",
+    "bitmap",
+    "bad_message_budget",
+    "in_flight_per_link_max",
+)
+
 
 def parse_config(text: bytes | str, source: str = "<config>") -> Config:
     try:
-        return msgspec.toml.decode(text, type=Config)
-    except msgspec.ValidationError as error:
-        raise ConfigError(f"{source}: {error}") from None
+        raw = msgspec.toml.decode(text)
     except msgspec.DecodeError as error:
         raise ConfigError(f"{source}: not valid TOML: {error}") from None
+    server = raw.get("server") if isinstance(raw, dict) else None
+    if isinstance(server, dict):
+        for key in _MOVED_TO_LISTENERS:
+            if key in server:
+                raise ConfigError(
+                    f"{source}: $.server.{key} has moved: each ISO 8583 port is now a "
+                    f"[[listeners]] table with its own name, host, port, framing, bitmap and "
+                    f"header_bytes (bad_message_budget became bad_messages_max within "
+                    f"bad_message_window_seconds); see README, 'Listeners'"
+                )
+    try:
+        return msgspec.convert(raw, type=Config)
+    except msgspec.ValidationError as error:
+        raise ConfigError(f"{source}: {error}") from None
 
 
 def load_config(path: str | Path | None) -> Config:
@@ -166,15 +242,25 @@ def with_overrides(
     port: int | None = None,
     http_port: int | None = None,
 ) -> Config:
-    """Apply command-line flags that isolate an instance (tests, tools) on top of the file."""
-    server, http, ledger = config.server, config.http, config.ledger
+    """Apply command-line flags that isolate an instance (tests, tools) on top of the file.
+
+    `port` sets the one listener's port; with several listeners only 0 (every listener on a
+    free port of its own) is unambiguous.
+    """
+    listeners, http, ledger = config.listeners, config.http, config.ledger
     if port is not None:
-        server = msgspec.structs.replace(server, port=_port("--port", port))
+        _port("--port", port)
+        if port and len(listeners) > 1:
+            raise ConfigError(
+                f"--port {port}: the config has {len(listeners)} listeners; set their ports "
+                f"there (--port 0 gives each a free port)"
+            )
+        listeners = tuple(msgspec.structs.replace(each, port=port) for each in listeners)
     if http_port is not None:
         http = msgspec.structs.replace(http, port=_port("--http-port", http_port))
     if ledger_path is not None:
         ledger = msgspec.structs.replace(ledger, path=ledger_path)
-    return msgspec.structs.replace(config, server=server, http=http, ledger=ledger)
+    return msgspec.structs.replace(config, listeners=listeners, http=http, ledger=ledger)
 
 
 def _port(flag: str, value: int) -> int:

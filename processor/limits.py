@@ -10,7 +10,9 @@ from typing import Final
 frame_bytes_max: Final = 8192  # default for `server.max_frame_bytes`
 frame_bytes_ceiling: Final = 65535  # what a len2 prefix can express at all
 header_bytes_max: Final = 64  # optional fixed-length network header echoed back
-bad_messages_per_link_default: Final = 20
+# A link sending more bad messages than this within the window is closed (a listener's default).
+bad_messages_per_window_default: Final = 20
+bad_message_window_seconds_default: Final = 60.0
 
 # Server
 in_flight_per_link_max: Final = 1024  # read pauses past this many undecided requests on a link

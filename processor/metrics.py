@@ -120,18 +120,21 @@ class Metrics:
             buckets=COMMIT_BUCKETS_SECONDS,
             registry=r,
         )
-        self.open_links = Gauge("processor_open_links", "Open network links", registry=r)
+        # Per listener (its configured name): a bounded label, since only config adds one.
+        self.open_links = Gauge(
+            "processor_open_links", "Open network links", ["listener"], registry=r
+        )
         self.bad_messages = Counter(
             "processor_bad_messages",
             "Bad input: undecodable (dropped), format_error (answered 30), framing (link closed);"
             " field: the ISO 8583 field at fault (t = the MTI), empty when none is known",
-            ["kind", "field"],
+            ["listener", "kind", "field"],
             registry=r,
         )
         self.links_closed = Counter(
             "processor_links_closed",
             "Links closed by the processor, by reason",
-            ["reason"],
+            ["listener", "reason"],
             registry=r,
         )
         self.internal_errors = Counter(

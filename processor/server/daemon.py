@@ -32,11 +32,10 @@ from processor.metrics import Metrics
 from processor.rates import load_rates
 from processor.resources import demo_data_path
 from processor.security import PanHasher, hasher_from_environment
-from processor.server.link import Link
-from processor.wire.codec import Codec
-from processor.wire.errors import FramingError, InvalidMessage, UndecodableMessage
+from processor.server.link import Link, Listener
+from processor.wire.dialect import framing_cause, undecodable_cause
+from processor.wire.errors import FramingError, InvalidMessage, UndecodableMessage, WireError
 from processor.wire.messages import AuthorizationRequest, NetworkManagementRequest
-from processor.wire.spec import load_spec
 
 if TYPE_CHECKING:
     from processor.webhooks.dispatcher import Dispatcher
@@ -61,10 +60,11 @@ class Daemon:
         self.ledger = ledger
         self.hasher = hasher
         self.metrics = metrics
-        self.codec = Codec(load_spec(config.server.bitmap))
+        self.listeners = [Listener(each) for each in config.listeners]
+        for listener in self.listeners:
+            metrics.open_links.labels(listener.name)  # 0 from the start, not absent
         self.authorizer = Authorizer(
             ledger,
-            self.codec,
             hasher,
             ProgrammeRules(
                 rates=rates or {},
@@ -91,44 +91,69 @@ class Daemon:
     # --- links -------------------------------------------------------------------------------
 
     def link_opened(self, link: Link) -> None:
+        name = link.listener.name
         if len(self.links) >= limits.links_max or self.stopping:
             self.metrics.links_closed.labels(
-                "over_capacity" if not self.stopping else "stopping"
+                name, "over_capacity" if not self.stopping else "stopping"
             ).inc()
             link.close()
             return
         self.links.add(link)
-        self.metrics.open_links.inc()
+        self.metrics.open_links.labels(name).inc()
         log.info("link opened from %s", link.peer)
 
     def link_closed(self, link: Link) -> None:
         if link in self.links:
             self.links.discard(link)
-            self.metrics.open_links.dec()
+            self.metrics.open_links.labels(link.listener.name).dec()
             log.info("link from %s closed", link.peer)
 
     def framing_error(self, link: Link, error: FramingError) -> None:
-        log.warning("link %s: framing error, closing: %s", link.peer, error)
-        self.metrics.bad_messages.labels("framing", "").inc()
-        self.metrics.links_closed.labels("framing_error").inc()
+        name = link.listener.name
+        cause = None
+        if not link.decoded_any:
+            cause = framing_cause(link.framer.head(4), link.listener.config.framing)
+        if cause is not None:
+            log.warning(
+                "link %s: framing error, closing: %s; likely cause: %s", link.peer, error, cause
+            )
+        else:
+            log.warning("link %s: framing error, closing: %s", link.peer, error)
+        self.metrics.bad_messages.labels(name, "framing", "").inc()
+        self.metrics.links_closed.labels(name, "framing_error").inc()
         link.close()
 
     # --- dispatch ----------------------------------------------------------------------------
 
     def on_message(self, link: Link, header: bytes, message: bytes, received_ns: int) -> None:
         try:
-            request = self.codec.decode(message)
+            request = link.listener.codec.decode(message)
         except UndecodableMessage as error:
-            self.metrics.bad_messages.labels("undecodable", error.field or "").inc()
+            self.metrics.bad_messages.labels(
+                link.listener.name, "undecodable", error.field or ""
+            ).inc()
+            if not link.decoded_any:
+                self._wrong_dialect(link, header + message, error, certain=True)
+                return
             log.warning("link %s: dropped undecodable message: %s", link.peer, error)
             self._bad_message(link)
             return
         except InvalidMessage as error:
-            self.metrics.bad_messages.labels("format_error", error.field or "").inc()
+            if (
+                error.unparsed
+                and not link.decoded_any
+                and self._wrong_dialect(link, header + message, error)
+            ):
+                return
+            link.decoded_any = True
+            self.metrics.bad_messages.labels(
+                link.listener.name, "format_error", error.field or ""
+            ).inc()
             log.warning("link %s: format error (MTI %s): %s", link.peer, error.mti, error)
             self._send(link, header, self.authorizer.format_error(error), received_ns)
             self._bad_message(link)
             return
+        link.decoded_any = True
         if isinstance(request, AuthorizationRequest):
             self._pending.append((link, header, request, received_ns))
             link.request_started()
@@ -145,14 +170,45 @@ class Daemon:
             self._send(link, header, self.authorizer.unsupported(request), received_ns)
 
     def _bad_message(self, link: Link) -> None:
-        link.bad_messages += 1
-        if link.bad_messages >= self.config.server.bad_message_budget:
-            log.warning("link %s: %d bad messages, closing", link.peer, link.bad_messages)
-            self.metrics.links_closed.labels("bad_message_budget").inc()
+        if link.bad_message(time.monotonic()):
+            config = link.listener.config
+            log.warning(
+                "link %s: %d bad messages within %g s, closing",
+                link.peer,
+                config.bad_messages_max,
+                config.bad_message_window_seconds,
+            )
+            self.metrics.links_closed.labels(link.listener.name, "bad_message_rate").inc()
             link.close()
 
+    def _wrong_dialect(
+        self, link: Link, frame: bytes, error: WireError, *, certain: bool = False
+    ) -> bool:
+        """Close a link whose first message does not decode: it speaks another dialect.
+
+        Dropping its messages one by one would leave the peer waiting out its own timeout on
+        every one of them; a closed link is what its operators notice and fix. A first message
+        that parsed up to its STAN (`certain` False) is closed only when another dialect reads
+        it; otherwise it is answered 30 like any malformed message. Returns whether it closed.
+        """
+        config = link.listener.config
+        cause = undecodable_cause(
+            frame, bitmap=config.bitmap, header_bytes=config.header_bytes, framing=config.framing
+        )
+        if cause is None and not certain:
+            return False
+        log.warning(
+            "link %s: its first message does not decode (%s), closing; likely cause: %s",
+            link.peer,
+            error,
+            cause or "a framing, header_bytes or bitmap setting unlike the peer's",
+        )
+        self.metrics.links_closed.labels(link.listener.name, "dialect_mismatch").inc()
+        link.close()
+        return True
+
     def _send(self, link: Link, header: bytes, outcome: Outcome, received_ns: int) -> None:
-        link.write(link.framer.frame(header, outcome.response))
+        link.write(link.framer.frame(header, link.listener.codec.encode(outcome.fields)))
         self.metrics.answered(
             outcome.mti,
             outcome.response_code,
@@ -228,7 +284,9 @@ class Daemon:
         # One transport.write per link per batch.
         by_link: dict[Link, list[bytes]] = defaultdict(list)
         for (link, header, _, _), outcome in zip(batch, outcomes, strict=True):
-            by_link[link].append(link.framer.frame(header, outcome.response))
+            by_link[link].append(
+                link.framer.frame(header, link.listener.codec.encode(outcome.fields))
+            )
         for link, frames in by_link.items():
             link.write(b"".join(frames))
             link.requests_finished(len(frames))
@@ -330,7 +388,7 @@ class StartupError(Exception):
     """What keeps the daemon from starting (a port in use, say): one line, exit code 2."""
 
 
-def listen(host: str, port: int, *, shared: bool = False) -> socket.socket:
+def listen(host: str, port: int, *, shared: bool = False, name: str = "") -> socket.socket:
     """An ISO 8583 listening socket; `shared` ones (SO_REUSEPORT) split links between processes.
 
     Each worker process gets a socket of its own on the same port: the kernel then hands each
@@ -340,17 +398,32 @@ def listen(host: str, port: int, *, shared: bool = False) -> socket.socket:
     try:
         listener = socket.create_server((host, port), backlog=limits.links_max, reuse_port=shared)
     except OSError as error:
-        raise StartupError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+        which = f" (listener {name})" if name else ""
+        raise StartupError(f"cannot listen on {host}:{port}{which}: {error.strerror}") from None
     listener.setblocking(False)
     return listener
 
 
-async def drain(daemon: Daemon, server: asyncio.Server) -> None:
+async def start_listeners(daemon: Daemon, sockets: list[socket.socket]) -> list[asyncio.Server]:
+    """Accept links on each listener's socket (in config order), each link in its dialect."""
+    loop = asyncio.get_running_loop()
+    servers = []
+    for listener, sock in zip(daemon.listeners, sockets, strict=True):
+        servers.append(await loop.create_server(_link_factory(daemon, listener), sock=sock))
+    return servers
+
+
+def _link_factory(daemon: Daemon, listener: Listener) -> Callable[[], Link]:
+    return lambda: Link(daemon, listener)
+
+
+async def drain(daemon: Daemon, servers: list[asyncio.Server]) -> None:
     """Stop accepting, answer what is in flight, then close the links."""
     loop = asyncio.get_running_loop()
     daemon.stopping = True
     daemon.stop_sweeping()
-    server.close()
+    for server in servers:
+        server.close()
     for link in list(daemon.links):
         if link.transport is not None and not link.transport.is_closing():
             link.transport.pause_reading()
@@ -388,14 +461,21 @@ async def serve(config: Config) -> int:
     metrics.watch_ledger(ledger.map_usage)
     daemon = Daemon(config, ledger, hasher, metrics, rates)
     loop = asyncio.get_running_loop()
-    listener = listen(config.server.host, config.server.port, shared=config.server.workers > 1)
-    server = await loop.create_server(lambda: Link(daemon), sock=listener)
-    host, port = listener.getsockname()[:2]
+    shared = config.server.workers > 1
+    sockets = []
+    try:
+        for each in config.listeners:
+            sockets.append(listen(each.host, each.port, shared=shared, name=each.name))
+    except StartupError:
+        for sock in sockets:
+            sock.close()
+        raise
+    servers = await start_listeners(daemon, sockets)
     pool = None
-    if config.server.workers > 1:
+    if shared:
         from processor.server.workers import WorkerPool
 
-        pool = WorkerPool(config, listener, metrics.workers)
+        pool = WorkerPool(config, sockets, metrics.workers)
         await pool.start()
     try:
         http_runner, http_port = await start_http(config.http.host, config.http.port, daemon)
@@ -405,10 +485,12 @@ async def serve(config: Config) -> int:
     with ledger.read() as reader:
         accounts = reader.account_count()
     workers = f", {config.server.workers} worker processes" if pool is not None else ""
-    announce(
-        f"ISO 8583 listening on {host}:{port} (framing {config.server.framing}, "
-        f"{config.server.bitmap} bitmap, header {config.server.header_bytes} bytes{workers})"
-    )
+    for each, sock in zip(config.listeners, sockets, strict=True):
+        host, port = sock.getsockname()[:2]
+        announce(
+            f"ISO 8583 listening on {host}:{port} (listener {each.name}: framing {each.framing}, "
+            f"{each.bitmap} bitmap, header {each.header_bytes} bytes{workers})"
+        )
     announce(f"HTTP listening on {config.http.host}:{http_port} (/metrics, /healthz, /readyz, /v1)")
     announce(
         f"ledger {config.ledger.path} (durability {config.ledger.durability}, {accounts} accounts)"
@@ -435,7 +517,7 @@ async def serve(config: Config) -> int:
     announce("stopping: no new links, finishing requests in flight")
     if pool is not None:
         pool.signal_stop()  # the workers drain theirs meanwhile
-    await drain(daemon, server)
+    await drain(daemon, servers)
     if pool is not None:
         await pool.stop()
     await http_runner.cleanup()

@@ -2,6 +2,7 @@
 
 Flow control both ways: reading pauses while the link has `in_flight_max` undecided requests or
 while the peer is not reading our responses (transport write buffer over its high-water mark).
+Each link belongs to a Listener, whose dialect (framing, header, bitmap) it speaks.
 """
 
 from __future__ import annotations
@@ -9,10 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING, cast
 
+from processor.config import ListenerConfig
+from processor.wire.codec import Codec
 from processor.wire.errors import FramingError
 from processor.wire.framing import Framer
+from processor.wire.spec import load_spec
 
 if TYPE_CHECKING:
     from processor.server.daemon import Daemon
@@ -20,29 +25,45 @@ if TYPE_CHECKING:
 log = logging.getLogger("processor.link")
 
 
+class Listener:
+    """What the links of one configured listener share: its settings and its codec."""
+
+    __slots__ = ("codec", "config", "name")
+
+    def __init__(self, config: ListenerConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.codec = Codec(load_spec(config.bitmap))
+
+
 class Link(asyncio.Protocol):
     __slots__ = (
+        "_bad_times",
         "_daemon",
         "_paused_for_in_flight",
         "_paused_for_writes",
-        "bad_messages",
+        "decoded_any",
         "framer",
         "in_flight",
+        "listener",
         "peer",
         "signed_on",
         "transport",
     )
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, listener: Listener) -> None:
         self._daemon = daemon
-        server = daemon.config.server
+        self.listener = listener
+        config = listener.config
         self.framer = Framer(
-            server.framing, header_bytes=server.header_bytes, max_frame_bytes=server.max_frame_bytes
+            config.framing, header_bytes=config.header_bytes, max_frame_bytes=config.max_frame_bytes
         )
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.in_flight = 0
-        self.bad_messages = 0
+        # When the latest bad messages arrived (monotonic seconds), at most bad_messages_max.
+        self._bad_times: deque[float] = deque(maxlen=config.bad_messages_max)
+        self.decoded_any = False  # whether any message of this link has decoded
         self.signed_on = False
         self._paused_for_in_flight = False
         self._paused_for_writes = False
@@ -54,6 +75,7 @@ class Link(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.peer += f" ({self.listener.name})"
         self.transport.set_write_buffer_limits(high=self._daemon.write_buffer_high_bytes)
         self._daemon.link_opened(self)
 
@@ -95,9 +117,18 @@ class Link(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
+    def bad_message(self, now: float) -> bool:
+        """Count a bad message at `now`; True when the link is past its listener's rate."""
+        times = self._bad_times
+        times.append(now)
+        config = self.listener.config
+        return len(times) == config.bad_messages_max and (
+            now - times[0] < config.bad_message_window_seconds
+        )
+
     def request_started(self) -> None:
         self.in_flight += 1
-        if self.in_flight >= self._daemon.config.server.in_flight_per_link_max:
+        if self.in_flight >= self.listener.config.in_flight_per_link_max:
             self._paused_for_in_flight = True
             self._update_reading()
 
@@ -105,7 +136,7 @@ class Link(asyncio.Protocol):
         self.in_flight -= count
         assert self.in_flight >= 0, self.in_flight
         if self._paused_for_in_flight and self.in_flight < (
-            self._daemon.config.server.in_flight_per_link_max // 2 or 1
+            self.listener.config.in_flight_per_link_max // 2 or 1
         ):
             self._paused_for_in_flight = False
             self._update_reading()

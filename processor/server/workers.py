@@ -3,12 +3,12 @@
 With `server.workers = N > 1` the primary process (which also runs the HTTP port, webhooks and
 the hold sweeper) starts N - 1 workers. Each is a fresh interpreter (`python -m
 processor.server.workers`), never a fork of the primary: an LMDB environment and a running event
-loop must not cross a fork. Every worker accepts on a listening socket of its own on the
-primary's port (SO_REUSEPORT; made and kept by the primary, passed as a file descriptor, so links
-that arrive while a worker restarts wait in its queue), decodes, decides and encodes on its own
-core, and commits its batches through
-its own LMDB environment on the same files; LMDB's writer lock serialises the transactions, so
-one worker's durable commit (held through fsync) overlaps the others' decoding and encoding.
+loop must not cross a fork. Every worker accepts on listening sockets of its own on the
+primary's ports, one per listener (SO_REUSEPORT; made and kept by the primary, passed as file
+descriptors, so links that arrive while a worker restarts wait in its queue), decodes, decides
+and encodes on its own core, and commits its batches through its own LMDB environment on the
+same files; LMDB's writer lock serialises the transactions, so one worker's durable commit (held
+through fsync) overlaps the others' decoding and encoding.
 
 Each worker talks to the primary over a socket pair: one `ready` report once it accepts, then
 its metrics every `worker_report_seconds`, summed into the primary's /metrics. The config goes
@@ -71,11 +71,11 @@ class WorkerError(Exception):
 
 
 class _Worker:
-    __slots__ = ("channel", "index", "listener", "process", "ready", "reports")
+    __slots__ = ("channel", "index", "process", "ready", "reports", "sockets")
 
-    def __init__(self, index: int, listener: socket.socket) -> None:
+    def __init__(self, index: int, sockets: list[socket.socket]) -> None:
         self.index = index
-        self.listener = listener
+        self.sockets = sockets  # one per listener, in config order
         self.process: asyncio.subprocess.Process | None = None
         self.channel: asyncio.StreamWriter | None = None
         self.ready = asyncio.Event()
@@ -85,15 +85,18 @@ class _Worker:
 class WorkerPool:
     """The primary's side: start, supervise and stop the workers."""
 
-    def __init__(self, config: Config, listener: socket.socket, samples: WorkerSamples) -> None:
+    def __init__(
+        self, config: Config, listeners: list[socket.socket], samples: WorkerSamples
+    ) -> None:
         from processor.server.daemon import listen
 
         assert config.server.workers > 1, config.server.workers
         self._config = config
         self._samples = samples
-        host, port = listener.getsockname()[:2]
+        # The primary's sockets carry the ports chosen (a configured port 0 is chosen once).
+        addresses = [sock.getsockname()[:2] for sock in listeners]
         self._workers = [
-            _Worker(index, listen(host, port, shared=True))
+            _Worker(index, [listen(host, port, shared=True) for host, port in addresses])
             for index in range(1, config.server.workers)
         ]
         self._stopping = False
@@ -130,10 +133,10 @@ class WorkerPool:
                 "-m",
                 "processor.server.workers",
                 str(worker.index),
-                str(worker.listener.fileno()),
                 str(theirs.fileno()),
+                *(str(sock.fileno()) for sock in worker.sockets),
                 stdin=asyncio.subprocess.PIPE,
-                pass_fds=(worker.listener.fileno(), theirs.fileno()),
+                pass_fds=(theirs.fileno(), *(sock.fileno() for sock in worker.sockets)),
             )
         finally:
             theirs.close()
@@ -201,18 +204,20 @@ class WorkerPool:
         for task in self._supervisors:
             await task
         for worker in self._workers:
-            worker.listener.close()
+            for sock in worker.sockets:
+                sock.close()
 
 
 # --- the worker's side -------------------------------------------------------------------------
 
 
-async def serve_worker(config: Config, index: int, listener: socket.socket, channel_fd: int) -> int:
+async def serve_worker(
+    config: Config, index: int, sockets: list[socket.socket], channel_fd: int
+) -> int:
     from processor.ledger.store import Ledger
     from processor.rates import load_rates
     from processor.security import hasher_from_environment
-    from processor.server.daemon import Daemon, drain
-    from processor.server.link import Link
+    from processor.server.daemon import Daemon, drain, start_listeners
 
     hasher = hasher_from_environment(config.security.pan_key_env)
     rates = load_rates(config.programme.rates_file) if config.programme.rates_file else {}
@@ -225,7 +230,7 @@ async def serve_worker(config: Config, index: int, listener: socket.socket, chan
     metrics = Metrics()
     daemon = Daemon(config, ledger, hasher, metrics, rates)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Link(daemon), sock=listener)
+    servers = await start_listeners(daemon, sockets)
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=channel_fd))
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -244,7 +249,7 @@ async def serve_worker(config: Config, index: int, listener: socket.socket, chan
             await asyncio.wait_for(stop.wait(), limits.worker_report_seconds)
         except TimeoutError:
             await _send(writer, WorkerReport("metrics", metrics.snapshot()))
-    await drain(daemon, server)
+    await drain(daemon, servers)
     ledger.close()
     watcher.cancel()
     try:
@@ -260,14 +265,16 @@ def main(argv: list[str]) -> int:
 
     from processor.logs import setup_logging
 
-    index, listen_fd, channel_fd = (int(value) for value in argv)
+    index, channel_fd, *listen_fds = (int(value) for value in argv)
     config = msgspec.json.decode(sys.stdin.buffer.read(), type=Config)
     setup_logging(config.log.level)
     if not __debug__:
         return 2  # assertions guard the ledger (the primary refuses -O too)
-    listener = socket.socket(fileno=listen_fd)
+    if len(listen_fds) != len(config.listeners):
+        return 2  # the primary passes one socket per listener: anything else is a bug
+    sockets = [socket.socket(fileno=fd) for fd in listen_fds]
     os.set_inheritable(channel_fd, False)
-    return uvloop.run(serve_worker(config, index, listener, channel_fd))
+    return uvloop.run(serve_worker(config, index, sockets, channel_fd))
 
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ class Codec:
         if stan is None or len(stan) != 6 or not stan.isdigit():
             return UndecodableMessage(reason, field, position)
         echo = self._echo(mti, partial)
-        return InvalidMessage(reason, field, mti, echo)
+        return InvalidMessage(reason, field, mti, echo, unparsed=True)
 
     def _echo(self, mti: str, fields: dict[str, str]) -> dict[str, str]:
         """Echo-able fields of a bad message: only those that decoded and are well formed."""

@@ -29,11 +29,22 @@ class InvalidMessage(WireError):
     """A frame with a readable MTI and STAN that breaks the contract: answer it with 39 = 30.
 
     `echo` holds the fields that decoded and may be echoed in the format-error response.
+    `unparsed`: the message did not parse (not just a bad value in a field that did), which
+    on a link's first message may mean a peer in another dialect.
     """
 
-    def __init__(self, reason: str, field: str | None, mti: str, echo: dict[str, str]):
+    def __init__(
+        self,
+        reason: str,
+        field: str | None,
+        mti: str,
+        echo: dict[str, str],
+        *,
+        unparsed: bool = False,
+    ):
         super().__init__(reason if field is None else f"field {field}: {reason}")
         self.reason = reason
         self.field = field
         self.mti = mti
         self.echo = echo
+        self.unparsed = unparsed

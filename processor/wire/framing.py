@@ -1,6 +1,7 @@
 """Sans-I/O framing of ISO 8583 messages on a TCP byte stream.
 
-`len2`: 2-byte big-endian length of what follows. `ascii4`: 4 ASCII digits. An optional fixed
+`len2`: 2-byte big-endian length of what follows. `len2_inclusive`: the same, counting its own
+two bytes (some hosts and client libraries frame so). `ascii4`: 4 ASCII digits. An optional fixed
 header (e.g. a network's routing header) may sit between the prefix and the MTI; it is handed out
 with each message so the server can echo it. The buffer is bounded: a prefix announcing more than
 `max_frame_bytes` is a FramingError before any of that frame is buffered.
@@ -8,26 +9,41 @@ with each message so the server can echo it. The buffer is bounded: a prefix ann
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 from processor.wire.errors import FramingError
 
-Prefix = Literal["len2", "ascii4"]
+Prefix = Literal["len2", "len2_inclusive", "ascii4"]
+# The longest body (header + message) each prefix can announce.
+FRAME_BYTES_CEILING: Final[dict[str, int]] = {
+    "len2": 65535,
+    "len2_inclusive": 65533,
+    "ascii4": 9999,
+}
 
 
 class Framer:
-    __slots__ = ("_buffer", "_header_bytes", "_max_frame_bytes", "_prefix", "_prefix_bytes")
+    __slots__ = (
+        "_buffer",
+        "_counted",
+        "_header_bytes",
+        "_max_frame_bytes",
+        "_prefix",
+        "_prefix_bytes",
+    )
 
     def __init__(self, prefix: Prefix = "len2", *, header_bytes: int = 0, max_frame_bytes: int):
-        if prefix not in ("len2", "ascii4"):
+        if prefix not in ("len2", "len2_inclusive", "ascii4"):
             raise ValueError(f"framing: unknown prefix {prefix!r}")
-        ceiling = 65535 if prefix == "len2" else 9999
+        ceiling = FRAME_BYTES_CEILING[prefix]
         if not 0 < max_frame_bytes <= ceiling:
             raise ValueError(f"framing: max_frame_bytes {max_frame_bytes} outside 1..{ceiling}")
         if not 0 <= header_bytes < max_frame_bytes:
             raise ValueError(f"framing: header_bytes {header_bytes} not below max_frame_bytes")
         self._prefix = prefix
-        self._prefix_bytes = 2 if prefix == "len2" else 4
+        self._prefix_bytes = 4 if prefix == "ascii4" else 2
+        # What the prefix counts beyond the frame's body: its own bytes, for len2_inclusive.
+        self._counted = 2 if prefix == "len2_inclusive" else 0
         self._header_bytes = header_bytes
         self._max_frame_bytes = max_frame_bytes
         self._buffer = bytearray()
@@ -35,6 +51,10 @@ class Framer:
     @property
     def buffered_bytes(self) -> int:
         return len(self._buffer)
+
+    def head(self, count: int) -> bytes:
+        """The first `count` buffered bytes: where a frame that broke framing starts."""
+        return bytes(self._buffer[:count])
 
     def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
         """Add received bytes; return the complete frames as (header, message) pairs.
@@ -74,8 +94,11 @@ class Framer:
         return frames
 
     def _length(self, buffer: bytearray, offset: int) -> int:
-        if self._prefix == "len2":
-            return (buffer[offset] << 8) | buffer[offset + 1]
+        if self._prefix != "ascii4":
+            length = (buffer[offset] << 8) | buffer[offset + 1]
+            if length < self._counted:
+                raise FramingError(f"{self._prefix} length prefix {length} below its own 2 bytes")
+            return length - self._counted
         digits = buffer[offset : offset + 4]
         if not digits.isdigit():
             raise FramingError("ascii4 length prefix is not 4 ASCII digits")
@@ -86,6 +109,6 @@ class Framer:
         length = len(header) + len(message)
         if length > self._max_frame_bytes:
             raise FramingError(f"outgoing frame {length} exceeds max_frame_bytes")
-        if self._prefix == "len2":
-            return length.to_bytes(2, "big") + header + message
+        if self._prefix != "ascii4":
+            return (length + self._counted).to_bytes(2, "big") + header + message
         return b"%04d" % length + header + message

@@ -27,7 +27,8 @@ class RunningDaemon:
         self.config = config
         self.env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY) if env is None else env
         self.process: subprocess.Popen[str] | None = None
-        self.port = 0
+        self.port = 0  # the first listener's
+        self.ports: dict[str, int] = {}  # by listener name
         self.http_port = 0
         self.stdout: list[str] = []
 
@@ -62,8 +63,9 @@ class RunningDaemon:
             if not line:
                 raise RuntimeError(f"daemon exited during start-up:\n{self.stderr()}")
             self.stdout.append(line)
-            if match := re.search(r"ISO 8583 listening on [\d.]+:(\d+)", line):
-                self.port = int(match.group(1))
+            if match := re.search(r"ISO 8583 listening on [\d.]+:(\d+) \(listener ([\w-]+)", line):
+                self.ports[match.group(2)] = int(match.group(1))
+                self.port = self.port or int(match.group(1))
             if match := re.search(r"HTTP listening on [\d.]+:(\d+)", line):
                 self.http_port = int(match.group(1))
             if line.strip() == "processor: ready":
@@ -101,12 +103,14 @@ class RunningDaemon:
 class Link:
     """A blocking test link: len2 framing, ASCII spec; matches nothing, returns frames in order."""
 
-    def __init__(self, port: int, prefix: str = "len2", bitmap: str = "ascii"):
+    def __init__(self, port: int, prefix: str = "len2", bitmap: str = "ascii", header: bytes = b""):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.framer = Framer(prefix, max_frame_bytes=8192)  # type: ignore[arg-type]
+        self.framer = Framer(prefix, header_bytes=len(header), max_frame_bytes=8192)  # type: ignore[arg-type]
+        self.header = header  # sent before each message's MTI
+        self.last_header = b""  # the header of the latest frame received
         self.spec = load_spec(bitmap)  # type: ignore[arg-type]
         self.codec = Codec(self.spec)
-        self._frames: list[bytes] = []
+        self._frames: list[tuple[bytes, bytes]] = []
 
     def send_fields(self, fields: dict[str, str]) -> bytes:
         message = self.codec.encode(fields)
@@ -114,7 +118,7 @@ class Link:
         return message
 
     def send_message(self, message: bytes) -> None:
-        self.sock.sendall(self.framer.frame(b"", message))
+        self.sock.sendall(self.framer.frame(self.header, message))
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -124,8 +128,9 @@ class Link:
             data = self.sock.recv(65536)
             if not data:
                 raise ConnectionError("link closed by the processor")
-            self._frames.extend(message for _, message in self.framer.feed(data))
-        return self._frames.pop(0)
+            self._frames.extend(self.framer.feed(data))
+        self.last_header, message = self._frames.pop(0)
+        return message
 
     def receive_fields(self) -> dict[str, str]:
         return decode(self.receive(), self.spec.name.endswith("binary-bitmap"))

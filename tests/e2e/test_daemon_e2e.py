@@ -96,30 +96,49 @@ def test_format_error_is_answered_30_and_link_survives(daemon: RunningDaemon, li
     assert link.exchange(echo_test())["39"] == "00"
     metrics = http_get(daemon, "/metrics")
     for field, count in (("18", 1), ("3", 1), ("4", 1), ("7", 1)):
-        series = f'processor_bad_messages_total{{field="{field}",kind="format_error"}}'
+        labels = f'field="{field}",kind="format_error",listener="network"'
+        series = f"processor_bad_messages_total{{{labels}}}"
         assert metric_value(metrics, series) == count, field
 
 
 def test_undecodable_message_is_dropped_and_link_survives(
     daemon: RunningDaemon, link: Link
 ) -> None:
+    assert link.exchange(echo_test())["39"] == "00"  # the link speaks the listener's dialect
     link.send_message(b"GARBAGE!")
     link.send_message(b"0100zzzz")
     assert link.exchange(echo_test())["39"] == "00"
     metrics = http_get(daemon, "/metrics")
     # The field at fault is a label: t = the MTI, p = the primary bitmap.
-    assert metric_value(metrics, 'processor_bad_messages_total{field="t",kind="undecodable"}') == 1
-    assert metric_value(metrics, 'processor_bad_messages_total{field="p",kind="undecodable"}') == 1
+    for field in ("t", "p"):
+        series = f'{{field="{field}",kind="undecodable",listener="network"}}'
+        assert metric_value(metrics, "processor_bad_messages_total" + series) == 1
 
 
-def test_bad_message_budget_closes_the_link(tmp_path: Path) -> None:
+def test_a_peer_in_another_dialect_is_closed_at_once_with_the_cause_logged(
+    daemon: RunningDaemon,
+) -> None:
+    binary = Link(daemon.port, bitmap="binary")  # on the ascii listener
+    binary.send_fields(echo_test())
+    assert binary.is_closed_by_peer()  # closed, not left waiting for its own timeout
+    binary.close()
+    assert "likely cause: binary bitmap on an ascii listener" in daemon.stderr()
+    metrics = http_get(daemon, "/metrics")
+    series = 'processor_links_closed_total{listener="network",reason="dialect_mismatch"}'
+    assert metric_value(metrics, series) >= 1
+
+
+def test_bad_message_rate_closes_the_link(tmp_path: Path) -> None:
     config = tmp_path / "processor.toml"
-    config.write_text("[server]\nbad_message_budget = 3\n")
+    config.write_text("[[listeners]]\nname = 'network'\nbad_messages_max = 3\n")
     running = RunningDaemon(tmp_path / "ledger", config=config).start()
     try:
         link = running.connect()
-        for _ in range(3):
-            link.send_message(b"NOT ISO")
+        assert link.exchange(echo_test())["39"] == "00"
+        link.send_message(b"NOT ISO")
+        link.send_message(b"NOT ISO")
+        assert link.exchange(echo_test())["39"] == "00"  # two within the window: still up
+        link.send_message(b"NOT ISO")
         assert link.is_closed_by_peer()
         link.close()
         other = running.connect()
@@ -211,7 +230,7 @@ def test_metrics_and_health(daemon: RunningDaemon, link: Link) -> None:
     assert metric_value(metrics, approved) == 1
     assert metric_value(metrics, lost) == 1
     assert 'processor_request_latency_seconds_bucket{le="0.0001",mti="0100"}' in metrics
-    assert metric_value(metrics, "processor_open_links") == 1
+    assert metric_value(metrics, 'processor_open_links{listener="network"}') == 1
     assert metric_value(metrics, "processor_commit_seconds_count") >= 1
     assert metric_value(metrics, "processor_ledger_map_used_bytes") > 0
     assert "4761739001010" not in metrics
@@ -301,16 +320,50 @@ def test_insecure_key_warning_and_key_mismatch(tmp_path: Path) -> None:
     assert "another PAN key" in result.stderr
 
 
-def test_ascii4_framing_and_binary_bitmap(tmp_path: Path) -> None:
+THREE_LISTENERS = """
+[[listeners]]
+name = "network"
+port = 0
+[[listeners]]
+name = "binary-net"
+port = 0
+framing = "ascii4"
+bitmap = "binary"
+[[listeners]]
+name = "headered"
+port = 0
+framing = "len2_inclusive"
+header_bytes = 4
+"""
+
+
+def test_each_listener_speaks_its_own_dialect(tmp_path: Path) -> None:
     config = tmp_path / "processor.toml"
-    config.write_text('[server]\nframing = "ascii4"\nbitmap = "binary"\nheader_bytes = 0\n')
+    config.write_text(THREE_LISTENERS)
     running = RunningDaemon(tmp_path / "ledger", config=config).start()
     try:
-        link = Link(running.port, prefix="ascii4", bitmap="binary")
-        response = link.exchange(authorization())
-        assert response["39"] == "00"
-        assert link.exchange(echo_test())["39"] == "00"
-        link.close()
+        assert set(running.ports) == {"network", "binary-net", "headered"}
+        links = {
+            "network": Link(running.ports["network"]),
+            "binary-net": Link(running.ports["binary-net"], prefix="ascii4", bitmap="binary"),
+            "headered": Link(running.ports["headered"], prefix="len2_inclusive", header=b"HDR1"),
+        }
+        for name, link in links.items():
+            assert link.exchange(echo_test())["39"] == "00", name
+            assert link.exchange(authorization())["39"] == "00", name
+        assert links["headered"].last_header == b"HDR1"  # echoed back
+        # A peer in the ascii dialect on the binary listener is closed there, not elsewhere.
+        wrong = Link(running.ports["binary-net"], prefix="ascii4")
+        wrong.send_fields(echo_test())
+        assert wrong.is_closed_by_peer()
+        wrong.close()
+        assert "likely cause: ascii bitmap on a binary listener" in running.stderr()
+        metrics = http_get(running, "/metrics")
+        for name, link in links.items():
+            assert metric_value(metrics, f'processor_open_links{{listener="{name}"}}') == 1
+            link.close()
+        closed = 'processor_links_closed_total{listener="binary-net",reason="dialect_mismatch"}'
+        assert metric_value(metrics, closed) == 1
     finally:
         running.stop()
 
@@ -379,7 +432,9 @@ def test_what_keeps_the_daemon_from_starting_is_one_line_and_exit_2(
         "serve", "--ledger", str(tmp_path / "other"), "--port", str(daemon.port), "--http-port", "0"
     )
     assert taken.returncode == 2
-    assert f"processor: cannot listen on 127.0.0.1:{daemon.port}: " in taken.stderr
+    assert (
+        f"processor: cannot listen on 127.0.0.1:{daemon.port} (listener network): " in taken.stderr
+    )
     assert "Traceback" not in taken.stderr
     blocker = tmp_path / "a-file"
     blocker.write_text("")

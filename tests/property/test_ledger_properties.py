@@ -131,7 +131,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.ledger = Ledger(self.directory, durability="process", map_size_bytes=64 << 20)
         apply_load_file(self.ledger, parse_load_file(LOAD_FILE, "model"), HASHER, "model")
         self.authorizer = Authorizer(
-            self.ledger, CODEC, HASHER, ProgrammeRules(), hold_lifetime_seconds=7 * 86400
+            self.ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=7 * 86400
         )
         self.accounts = {a.id: a for a in ACCOUNTS}
         self.held = {a.id: 0 for a in ACCOUNTS}
@@ -228,7 +228,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert len(outcomes) == len(requests)
         for request, expectation, outcome in zip(requests, expectations, outcomes, strict=True):
             identity = expectation.sent.identity
-            fields = response_fields(outcome.response)
+            fields = response_fields(CODEC.encode(outcome.fields))
             event(f"{expectation.kind} {outcome.response_code}")
             assert fields["t"] == "0110"
             assert fields["2"] == request.pan
@@ -243,10 +243,10 @@ class LedgerMachine(RuleBasedStateMachine):
                     assert fields["54"] == expectation.balances
                 else:
                     assert "54" not in fields
-                self.first_answer[identity] = outcome.response
+                self.first_answer[identity] = CODEC.encode(outcome.fields)
             elif expectation.kind == "retransmit":
                 assert outcome.reason == "retransmission", identity
-                assert outcome.response == self.first_answer[identity], identity
+                assert CODEC.encode(outcome.fields) == self.first_answer[identity], identity
             else:
                 assert (outcome.response_code, outcome.reason) == (
                     "94",

@@ -347,7 +347,6 @@ def make_ledger(directory: str | Path) -> tuple[Ledger, Authorizer]:
     apply_load_file(ledger, parse_load_file(LOAD_FILE, "model"), HASHER, "model")
     authorizer = Authorizer(
         ledger,
-        CODEC,
         HASHER,
         RULES,
         hold_lifetime_seconds=HOLD_LIFETIME_S,
@@ -1091,7 +1090,7 @@ class LifecycleMachine(RuleBasedStateMachine):
     def check_outcome(
         self, request: AuthorizationRequest, expectation: Expectation, outcome: Outcome
     ) -> None:
-        fields = response_fields(outcome.response)
+        fields = response_fields(CODEC.encode(outcome.fields))
         message_class = request.mti[:3] + "0"
         event(
             f"{message_class} {expectation.kind} {outcome.response_code} {outcome.reason} "
@@ -1110,7 +1109,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert outcome.response_code == "00"  # advices are always acknowledged
         answer = self.answers[expectation.key]
         if expectation.kind == "retransmit":
-            assert outcome.response == answer.response, "retransmission got other bytes"
+            assert CODEC.encode(outcome.fields) == answer.response, "retransmission got other bytes"
             return
         for number_, value in expectation.response.items():
             if value is APPROVAL_CODE:
@@ -1124,7 +1123,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert fields.get(number_) == value, (number_, expectation.fields, fields)
         if expectation.kind == "new":
             assert answer.response is None
-            answer.response = outcome.response
+            answer.response = CODEC.encode(outcome.fields)
 
     def ledger_posted(self) -> dict[str, int]:
         with self.ledger.read() as reader:

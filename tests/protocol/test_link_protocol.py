@@ -18,7 +18,7 @@ from processor.metrics import Metrics
 from processor.resources import demo_data_path
 from processor.security import PanHasher
 from processor.server.daemon import Daemon
-from processor.server.link import Link
+from processor.server.link import Link, Listener
 from processor.wire.codec import Codec
 from processor.wire.framing import Framer
 from processor.wire.spec import load_spec
@@ -65,11 +65,11 @@ class FakeTransport:
         return out
 
 
-def make_daemon(tmp_path: Path, **server: object) -> Daemon:
+def make_daemon(tmp_path: Path, **listener: object) -> Daemon:
     config = Config()
     config = msgspec.structs.replace(
         config,
-        server=msgspec.structs.replace(config.server, **server),
+        listeners=(msgspec.structs.replace(config.listeners[0], **listener),),
         ledger=msgspec.structs.replace(config.ledger, path=str(tmp_path), durability="process"),
     )
     hasher = PanHasher(b"protocol-test-key")
@@ -95,6 +95,10 @@ def auth_frame(stan: int, pan: str = "4761739001010085", amount: int = 100) -> b
     return FRAMER.frame(b"", message)
 
 
+def new_link(daemon: Daemon) -> Link:
+    return Link(daemon, daemon.listeners[0])
+
+
 def run(coroutine_body):  # type: ignore[no-untyped-def]
     async def main() -> None:
         coroutine_body()
@@ -106,7 +110,7 @@ def run(coroutine_body):  # type: ignore[no-untyped-def]
 
 def test_frames_arriving_together_commit_once_and_write_once(tmp_path: Path) -> None:
     daemon = make_daemon(tmp_path)
-    link, transport = Link(daemon), FakeTransport()
+    link, transport = new_link(daemon), FakeTransport()
 
     def body() -> None:
         link.connection_made(transport)  # type: ignore[arg-type]
@@ -125,7 +129,7 @@ def test_batches_are_bounded(tmp_path: Path) -> None:
     config_batch = 4
     daemon = make_daemon(tmp_path)
     daemon._batch_size_max = config_batch
-    link, transport = Link(daemon), FakeTransport()
+    link, transport = new_link(daemon), FakeTransport()
 
     def body() -> None:
         link.connection_made(transport)  # type: ignore[arg-type]
@@ -139,7 +143,7 @@ def test_batches_are_bounded(tmp_path: Path) -> None:
 
 def test_in_flight_limit_pauses_reading_until_answered(tmp_path: Path) -> None:
     daemon = make_daemon(tmp_path, in_flight_per_link_max=4)
-    link, transport = Link(daemon), FakeTransport()
+    link, transport = new_link(daemon), FakeTransport()
     paused_after_feed: list[bool] = []
 
     def body() -> None:
@@ -154,9 +158,9 @@ def test_in_flight_limit_pauses_reading_until_answered(tmp_path: Path) -> None:
     daemon.ledger.close()
 
 
-def test_bad_messages_answered_or_dropped_then_budget_closes(tmp_path: Path) -> None:
-    daemon = make_daemon(tmp_path, bad_message_budget=3)
-    link, transport = Link(daemon), FakeTransport()
+def test_bad_messages_answered_or_dropped_then_the_rate_closes(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path, bad_messages_max=3)
+    link, transport = new_link(daemon), FakeTransport()
     missing_mcc = CODEC.encode(
         {
             "t": "0100",
@@ -186,7 +190,7 @@ def test_bad_messages_answered_or_dropped_then_budget_closes(tmp_path: Path) -> 
 
 def test_framing_error_closes_the_link(tmp_path: Path) -> None:
     daemon = make_daemon(tmp_path, max_frame_bytes=512)
-    link, transport = Link(daemon), FakeTransport()
+    link, transport = new_link(daemon), FakeTransport()
 
     def body() -> None:
         link.connection_made(transport)  # type: ignore[arg-type]
@@ -199,7 +203,7 @@ def test_framing_error_closes_the_link(tmp_path: Path) -> None:
 
 def test_header_bytes_are_echoed(tmp_path: Path) -> None:
     daemon = make_daemon(tmp_path, header_bytes=4)
-    link, transport = Link(daemon), FakeTransport()
+    link, transport = new_link(daemon), FakeTransport()
     message = CODEC.encode({"t": "0800", "7": "1124101010", "11": "000001", "70": "301"})
 
     def body() -> None:
@@ -216,7 +220,7 @@ def test_header_bytes_are_echoed(tmp_path: Path) -> None:
 
 def test_link_closed_before_commit_still_records_the_decision(tmp_path: Path) -> None:
     daemon = make_daemon(tmp_path)
-    link, transport = Link(daemon), FakeTransport()
+    link, transport = new_link(daemon), FakeTransport()
 
     def body() -> None:
         link.connection_made(transport)  # type: ignore[arg-type]
@@ -233,7 +237,7 @@ def test_link_closed_before_commit_still_records_the_decision(tmp_path: Path) ->
 
 def test_a_failing_batch_is_answered_96_and_applies_nothing(tmp_path: Path) -> None:
     daemon = make_daemon(tmp_path)
-    link, transport = Link(daemon), FakeTransport()
+    link, transport = new_link(daemon), FakeTransport()
     real = daemon.authorizer.run_batch
 
     def broken(requests, commands, now):  # type: ignore[no-untyped-def]
@@ -265,11 +269,13 @@ def test_a_failing_batch_is_answered_96_and_applies_nothing(tmp_path: Path) -> N
 
 
 def test_frames_after_the_budget_closes_the_link_are_not_applied(tmp_path: Path) -> None:
-    daemon = make_daemon(tmp_path, bad_message_budget=1)
-    link, transport = Link(daemon), FakeTransport()
+    daemon = make_daemon(tmp_path, bad_messages_max=1)
+    link, transport = new_link(daemon), FakeTransport()
+    echo = CODEC.encode({"t": "0800", "7": "1124101010", "11": "000001", "70": "301"})
 
     def body() -> None:
         link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(FRAMER.frame(b"", echo))
         link.data_received(FRAMER.frame(b"", b"JUNK") + auth_frame(9, amount=500))
 
     run(body)
@@ -321,7 +327,7 @@ def refuse(writer: Writer, now_ms: int) -> None:
 def test_a_command_is_applied_ahead_of_the_requests_of_its_batch(tmp_path: Path) -> None:
     """A change queued while requests wait goes first: they already see the card frozen."""
     daemon = make_daemon(tmp_path)
-    link, transport = Link(daemon), FakeTransport()
+    link, transport = new_link(daemon), FakeTransport()
     results: list[object] = []
 
     async def body() -> None:
@@ -354,4 +360,78 @@ def test_a_command_in_a_failing_batch_raises_and_applies_nothing(tmp_path: Path)
     with daemon.ledger.read() as reader:
         card = reader.card(PanHasher(b"protocol-test-key").card_key("4761739001010085"))
         assert card is not None and card.status == "active"  # the transaction was aborted
+    daemon.ledger.close()
+
+
+ECHO_FIELDS = {"t": "0800", "7": "1124101010", "11": "000001", "70": "301"}
+
+
+def test_bad_messages_close_a_link_only_at_their_rate() -> None:
+    # bad_messages_max within bad_message_window_seconds: spread out, they never close it.
+    listener = Listener(
+        msgspec.structs.replace(
+            Config().listeners[0], bad_messages_max=3, bad_message_window_seconds=60.0
+        )
+    )
+    link = Link(None, listener)  # type: ignore[arg-type]  # bad_message() reads no daemon
+    assert [link.bad_message(t) for t in (0.0, 30.0, 61.0, 100.0)] == [False] * 4
+    assert link.bad_message(110.0)  # 61, 100, 110: three within 49 s
+
+
+def test_a_first_message_in_another_dialect_closes_the_link_naming_the_cause(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = make_daemon(tmp_path)  # an ascii-bitmap listener
+    link, transport = new_link(daemon), FakeTransport()
+    binary = Codec(load_spec("binary")).encode(ECHO_FIELDS)
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(FRAMER.frame(b"", binary) + FRAMER.frame(b"", binary))
+
+    with caplog.at_level("WARNING", logger="processor.daemon"):
+        run(body)
+    assert transport.closed and transport.writes == []
+    assert "binary bitmap on an ascii listener" in caplog.text
+    closed = daemon.metrics.links_closed.labels("network", "dialect_mismatch")
+    assert closed._value.get() == 1
+    daemon.ledger.close()
+
+
+def test_an_undecodable_message_after_good_ones_is_only_counted(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path)
+    link, transport = new_link(daemon), FakeTransport()
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(FRAMER.frame(b"", CODEC.encode(ECHO_FIELDS)))
+        link.data_received(FRAMER.frame(b"", b"JUNK"))
+        link.data_received(auth_frame(3))
+
+    run(body)
+    assert not transport.closed
+    assert [(f["t"], f["39"]) for f in transport.frames()] == [("0810", "00"), ("0110", "00")]
+    dropped = daemon.metrics.bad_messages.labels("network", "undecodable", "t")
+    assert dropped._value.get() == 1
+    daemon.ledger.close()
+
+
+def test_a_binary_listener_answers_in_binary_behind_a_self_counting_length(
+    tmp_path: Path,
+) -> None:
+    daemon = make_daemon(tmp_path, bitmap="binary", framing="len2_inclusive")
+    link, transport = new_link(daemon), FakeTransport()
+    binary = Codec(load_spec("binary"))
+    framer = Framer("len2_inclusive", max_frame_bytes=8192)
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(framer.frame(b"", binary.encode(ECHO_FIELDS)))
+
+    run(body)
+    (written,) = transport.writes
+    assert int.from_bytes(written[:2], "big") == len(written)  # the prefix counts itself
+    ((_, message),) = framer.feed(written)
+    assert message[4:12] == bytes.fromhex("8220000002000000")  # bits 1, 7, 11, 39: 8 bytes
+    assert iso8583.decode(message, load_spec("binary").iso)[0]["39"] == "00"
     daemon.ledger.close()

@@ -102,7 +102,7 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
 
 @pytest.fixture
 def authorizer(ledger: Ledger) -> Authorizer:
-    return Authorizer(ledger, CODEC, HASHER, ProgrammeRules(), hold_lifetime_seconds=7 * 86400)
+    return Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=7 * 86400)
 
 
 def request(

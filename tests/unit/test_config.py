@@ -19,9 +19,19 @@ def test_no_file_means_defaults() -> None:
     ("text", "named"),
     [
         ("[server]\nprot = 1\n", "$.server"),
-        ("[server]\nport = 'x'\n", "$.server.port"),
-        ("[server]\nport = 70000\n", "$.server.port"),
-        ("[server]\nframing = 'len3'\n", "$.server.framing"),
+        ("[server]\nworkers = 0\n", "$.server.workers"),
+        ("[[listeners]]\nname = 'a'\nport = 'x'\n", "$.listeners[0].port"),
+        ("[[listeners]]\nname = 'a'\nport = 70000\n", "$.listeners[0].port"),
+        ("[[listeners]]\nname = 'a'\nframing = 'len3'\n", "$.listeners[0].framing"),
+        ("[[listeners]]\nport = 1\n", "$.listeners[0]"),  # no name
+        ("[[listeners]]\nname = 'A B'\n", "$.listeners[0].name"),
+        (
+            "[[listeners]]\nname = 'a'\nframing = 'ascii4'\nmax_frame_bytes = 20000\n",
+            "$.listeners[0]",
+        ),
+        ("listeners = []\n", "at least one [[listeners]]"),
+        ("[[listeners]]\nname = 'a'\n[[listeners]]\nname = 'a'\nport = 1\n", "'a' is used twice"),
+        ("[[listeners]]\nname = 'a'\n[[listeners]]\nname = 'b'\n", "127.0.0.1:8583 is used twice"),
         ("[ledger]\ndurability = 'maybe'\n", "$.ledger.durability"),
         ("[programme]\ntime_zone = 'Mars/Olympus'\n", "$.programme"),
         (
@@ -69,8 +79,46 @@ def test_missing_file() -> None:
 
 def test_overrides_isolate_an_instance() -> None:
     config = with_overrides(Config(), ledger_path="/tmp/x", port=0, http_port=0)
-    assert (config.ledger.path, config.server.port, config.http.port) == ("/tmp/x", 0, 0)
-    assert config.server.framing == Config().server.framing
+    assert (config.ledger.path, config.listeners[0].port, config.http.port) == ("/tmp/x", 0, 0)
+    assert config.listeners[0].framing == Config().listeners[0].framing
+
+
+TWO_LISTENERS = """
+[[listeners]]
+name = "visa"
+port = 8583
+[[listeners]]
+name = "acquirer-b"
+port = 8584
+framing = "len2_inclusive"
+bitmap = "binary"
+"""
+
+
+def test_several_listeners_each_keep_their_dialect() -> None:
+    config = parse_config(TWO_LISTENERS)
+    assert [(each.name, each.port, each.framing, each.bitmap) for each in config.listeners] == [
+        ("visa", 8583, "len2", "ascii"),
+        ("acquirer-b", 8584, "len2_inclusive", "binary"),
+    ]
+    isolated = with_overrides(config, port=0)
+    assert [each.port for each in isolated.listeners] == [0, 0]
+    assert isolated.listeners[1].bitmap == "binary"
+
+
+def test_a_nonzero_port_flag_is_ambiguous_with_several_listeners() -> None:
+    with pytest.raises(ConfigError, match="--port 9000: the config has 2 listeners"):
+        with_overrides(parse_config(TWO_LISTENERS), port=9000)
+
+
+@pytest.mark.parametrize(
+    "key", ["host", "port", "framing", "header_bytes", "bitmap", "bad_message_budget"]
+)
+def test_the_old_single_server_address_gets_a_migration_note(key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f"[server]\n{key} = 1\n", "old.toml")
+    message = str(caught.value)
+    assert f"old.toml: $.server.{key} has moved" in message and "[[listeners]]" in message
 
 
 def test_override_port_range() -> None:

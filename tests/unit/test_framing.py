@@ -280,3 +280,46 @@ def test_frame_oversize_raises(prefix: str) -> None:
 def test_bad_configuration_is_rejected(prefix: str, kwargs: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         Framer(prefix, **kwargs)  # type: ignore[arg-type]
+
+
+# --- len2_inclusive: the 2-byte length counts its own two bytes ----------------------------
+
+
+def test_len2_inclusive_golden_bytes_both_ways() -> None:
+    framer = Framer("len2_inclusive", max_frame_bytes=8192)
+    assert framer.frame(b"", b"hello") == b"\x00\x07hello"  # 5 + 2
+    assert framer.feed(b"\x00\x07hello\x00\x05two") == [(b"", b"hello"), (b"", b"two")]
+    assert framer.buffered_bytes == 0
+
+
+def test_len2_inclusive_keepalive_is_the_prefix_alone() -> None:
+    framer = Framer("len2_inclusive", max_frame_bytes=8192)
+    assert framer.feed(b"\x00\x02\x00\x02") == []
+
+
+@pytest.mark.parametrize("prefix", [b"\x00\x00", b"\x00\x01"])
+def test_len2_inclusive_length_below_its_own_size_raises(prefix: bytes) -> None:
+    framer = Framer("len2_inclusive", max_frame_bytes=8192)
+    with pytest.raises(FramingError, match="below its own 2 bytes"):
+        framer.feed(prefix + b"0800")
+
+
+def test_len2_inclusive_max_frame_counts_the_body_only() -> None:
+    framer = Framer("len2_inclusive", max_frame_bytes=10)
+    assert framer.feed(b"\x00\x0c" + b"x" * 10) == [(b"", b"x" * 10)]
+    with pytest.raises(FramingError, match="exceeds max_frame_bytes"):
+        framer.feed(b"\x00\x0d" + b"x" * 11)
+
+
+def test_len2_inclusive_ceiling_leaves_room_for_the_prefix() -> None:
+    with pytest.raises(ValueError, match="65534"):
+        Framer("len2_inclusive", max_frame_bytes=65534)
+    framer = Framer("len2_inclusive", max_frame_bytes=65533)
+    assert framer.frame(b"", b"x" * 65533)[:2] == b"\xff\xff"
+
+
+def test_head_shows_where_a_broken_frame_starts() -> None:
+    framer = Framer("len2", max_frame_bytes=64)
+    with pytest.raises(FramingError):
+        framer.feed(b"0123456")
+    assert framer.head(4) == b"0123"

@@ -31,8 +31,8 @@ def test_worker_samples_add_up_label_set_by_label_set() -> None:
     worker.answered("0100", "00", "approved", 0.002)
     worker.answered("0100", "00", "approved", 0.2)
     worker.answered("0100", "51", "insufficient_funds", 0.002)  # only the worker has seen it
-    worker.open_links.inc(3)
-    primary.open_links.inc(1)
+    worker.open_links.labels("network").inc(3)
+    primary.open_links.labels("network").inc(1)
     primary.workers.update(1, worker.snapshot())
     text = primary.exposition().decode()
     assert value(text, APPROVED) == 3
@@ -40,7 +40,7 @@ def test_worker_samples_add_up_label_set_by_label_set() -> None:
     assert value(text, 'processor_request_latency_seconds_count{mti="0100"}') == 4
     assert value(text, 'processor_request_latency_seconds_bucket{le="0.0015",mti="0100"}') == 1
     assert value(text, 'processor_request_latency_seconds_bucket{le="+Inf",mti="0100"}') == 4
-    assert value(text, "processor_open_links") == 4
+    assert value(text, 'processor_open_links{listener="network"}') == 4
     # Each family is exposed once, with its HELP and TYPE.
     assert text.count("# TYPE processor_requests_total counter") == 1
 
@@ -57,14 +57,15 @@ def test_a_newer_report_replaces_the_older_one() -> None:
 def test_a_retired_worker_keeps_its_counts_but_not_its_gauges() -> None:
     primary, worker, restarted = Metrics(), Metrics(), Metrics()
     worker.answered("0100", "00", "approved", 0.001)
-    worker.open_links.inc(5)
+    worker.open_links.labels("network").inc(5)
+    primary.open_links.labels("network")  # the daemon makes each listener's series at start
     primary.workers.update(1, worker.snapshot())
     primary.workers.retire(1)  # it died; its replacement starts counting from zero
     restarted.answered("0100", "00", "approved", 0.001)
     primary.workers.update(1, restarted.snapshot())
     text = primary.exposition().decode()
     assert value(text, APPROVED) == 2  # a total never goes backwards
-    assert value(text, "processor_open_links") == 0  # its links died with it
+    assert value(text, 'processor_open_links{listener="network"}') == 0  # died with it
 
 
 def test_a_batch_counts_like_its_answers_one_by_one() -> None:

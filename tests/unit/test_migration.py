@@ -35,7 +35,7 @@ CODEC = Codec(load_spec())
 
 def authorizer_on(ledger: Ledger) -> Authorizer:
     rules = ProgrammeRules(catalog=default_catalog())
-    return Authorizer(ledger, CODEC, HASHER, rules, hold_lifetime_seconds=7 * 86400)
+    return Authorizer(ledger, HASHER, rules, hold_lifetime_seconds=7 * 86400)
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_every_request_answered_before_the_migration_gets_the_same_bytes(v1_copy
         outcomes = authorizer.authorize_batch(requests, datetime(2026, 11, 25, tzinfo=UTC))
         for exchange, outcome in zip(EXPECTED["exchanges"], outcomes, strict=True):
             assert outcome.reason == "retransmission", exchange["request"]["11"]
-            assert outcome.response.hex() == exchange["response"]
+            assert CODEC.encode(outcome.fields).hex() == exchange["response"]
     finally:
         ledger.close()
 

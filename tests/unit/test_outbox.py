@@ -50,7 +50,7 @@ def message(mti: str, stan: str, amount: int, pan: str = LOAD, **extra: str):  #
 def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
     ledger = Ledger(tmp_path, durability="process", map_size_bytes=64 << 20)
     load_path(ledger, demo_data_path(), HASHER)
-    authorizer = Authorizer(ledger, CODEC, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600)
+    authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600)
     yield ledger, authorizer
     ledger.close()
 
