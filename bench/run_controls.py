@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare_batch import PAN, fresh_requests
-from run_load import load, start_daemon
+from run_load import BENCH_PAN_KEY, load, start_daemon
 
 from processor.authorizer import Authorizer
 from processor.engine import ProgrammeRules
@@ -96,7 +96,7 @@ def write_ledger(directory: Path, variant: str, hasher: PanHasher, durability: s
 
 def in_process(rounds: int, batch: int, durability: str) -> dict[str, list[float]]:
     codec = Codec(load_spec())
-    hasher = PanHasher(b"bench-key")
+    hasher = PanHasher(BENCH_PAN_KEY.encode())
     stans = itertools.count(1)
     now = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
     per_request: dict[str, list[float]] = {"none": [], "ten": []}
@@ -146,13 +146,10 @@ def over_the_wire(rate: int, duration: float, connections: int, durability: str)
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as scratch:
         daemons = {}
-        hasher = PanHasher(b"bench-key")
+        hasher = PanHasher(BENCH_PAN_KEY.encode())
         for variant in ("none", "ten"):
             write_ledger(Path(scratch), variant, hasher, durability).close()
-            config = (
-                f'[ledger]\ndurability = "{durability}"\nseed_demo_data = false\n'
-                '[log]\nlevel = "warning"\n'
-            )
+            config = f'[ledger]\ndurability = "{durability}"\n[log]\nlevel = "warning"\n'
             daemons[variant] = start_daemon(Path(scratch) / variant, config)
         try:
             for variant in ("none", "ten", "none", "ten"):

@@ -21,19 +21,28 @@ import sys
 import tempfile
 from pathlib import Path
 
+# What a production start needs (processor/server/startup.py), for ledgers benches build.
+BENCH_PAN_KEY = "bench-pan-key-of-at-least-32-bytes"
+BENCH_API_TOKEN = "bench-api-token-0123456789"
+BENCH_BIN = '[programme.card_issuing]\nbin_prefix = "476173"\n'
+
 
 def start_daemon(
     ledger: Path,
     config_text: str,
     env: dict[str, str] | None = None,
     ports: dict[str, int] | None = None,
+    *,
+    demo: bool = False,
 ) -> tuple[subprocess.Popen[str], int]:
     """The real daemon on a scratch ledger, port 0; returns it and its ISO 8583 port.
 
-    `ports`, when given, also receives the HTTP port (key "http").
+    `demo`: `serve --demo`, the demo cards in the empty ledger (which load tests send to);
+    otherwise a production start on a ledger the caller built. `ports`, when given, also
+    receives the HTTP port (key "http").
     """
     config = ledger.parent / f"{ledger.name}.toml"
-    config.write_text(config_text)
+    config.write_text(config_text if demo else config_text + BENCH_BIN)
     process = subprocess.Popen(
         [
             sys.executable,
@@ -48,11 +57,17 @@ def start_daemon(
             "0",
             "--http-port",
             "0",
+            *(["--demo"] if demo else []),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=dict(os.environ, PROCESSOR_PAN_KEY="bench-key", **(env or {})),
+        env=dict(
+            os.environ,
+            PROCESSOR_PAN_KEY=BENCH_PAN_KEY,
+            PROCESSOR_API_TOKEN=BENCH_API_TOKEN,
+            **(env or {}),
+        ),
     )
     assert process.stdout is not None
     port = 0
@@ -120,7 +135,7 @@ def main() -> int:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as scratch:
         config = f'[ledger]\ndurability = "{args.durability}"\n[log]\nlevel = "warning"\n'
-        process, port = start_daemon(Path(scratch) / "ledger", config)
+        process, port = start_daemon(Path(scratch) / "ledger", config, demo=True)
         try:
             for rate in (int(r) for r in args.rates.split(",")):
                 results = {}

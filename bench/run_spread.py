@@ -50,7 +50,10 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
-from run_load import start_daemon  # bench/ is on sys.path when this file is run as a script
+from run_load import (
+    BENCH_PAN_KEY,
+    start_daemon,
+)  # bench/ is on sys.path when this file is run as a script
 
 from processor.ledger.load import load_path
 from processor.ledger.store import Ledger
@@ -64,7 +67,7 @@ BENCH = Path(__file__).resolve().parent
 BUILD = BENCH / "build"
 LOADGEN_SOURCE = BENCH / "loadgen.c"
 LOADGEN = BUILD / "loadgen"
-PAN_KEY = b"bench-key"  # what start_daemon puts in PROCESSOR_PAN_KEY
+PAN_KEY = BENCH_PAN_KEY.encode()  # what start_daemon puts in PROCESSOR_PAN_KEY
 BIN = "476173"
 EXPIRY = "4912"  # YYMM, far in the future
 BALANCE = 10**14  # minor units per account: nothing is declined 51 during a run
@@ -111,7 +114,7 @@ def daemon_config(durability: str, map_size_bytes: int, workers: int = 1) -> str
     # [server] only when asked for: an older tree, measured as the baseline, has no such key.
     server = f"[server]\nworkers = {workers}\n" if workers > 1 else ""
     return (
-        f'{server}[ledger]\ndurability = "{durability}"\nseed_demo_data = false\n'
+        f'{server}[ledger]\ndurability = "{durability}"\n'
         f"map_size_bytes = {map_size_bytes}\n"
         '[log]\nlevel = "warning"\n'
     )

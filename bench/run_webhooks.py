@@ -63,7 +63,7 @@ def run(scratch: Path, name: str, url: str | None, rate: int, duration: float) -
         text += (
             f'[[webhooks.endpoints]]\nname = "{name}"\nurl = "{url}"\nsecret_env = "BENCH_SECRET"\n'
         )
-    process, port = start_daemon(scratch / name, text, {"BENCH_SECRET": SECRET})
+    process, port = start_daemon(scratch / name, text, {"BENCH_SECRET": SECRET}, demo=True)
     result = load(port, rate, duration, 4, "auth")
     time.sleep(2.0)  # let a fast receiver catch up before the daemon stops
     process.send_signal(signal.SIGTERM)

@@ -41,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _common_config(args)
     _setup_logging(config.log.level)
     try:
-        return run(config)
+        return run(config, demo=args.demo)
     except (StartupError, LedgerError, WorkerError) as error:
         # Whatever keeps it from starting, in one line (no traceback): exit code 2.
         print(f"processor: {error}", file=sys.stderr)
@@ -58,7 +58,7 @@ def _writable_ledger(config: Config) -> tuple[Ledger, PanHasher]:
         logging.warning(
             "%s is not set: using the insecure development PAN key", config.security.pan_key_env
         )
-    return open_ledger(_no_seed(config), hasher), hasher
+    return open_ledger(config, hasher), hasher
 
 
 def cmd_ledger_load(args: argparse.Namespace) -> int:
@@ -108,14 +108,6 @@ def _no_ledger(config: Config) -> bool:
         return False
     print(f"processor: no ledger at {config.ledger.path}", file=sys.stderr)
     return True
-
-
-def _no_seed(config: Config) -> Config:
-    import msgspec
-
-    return msgspec.structs.replace(
-        config, ledger=msgspec.structs.replace(config.ledger, seed_demo_data=False)
-    )
 
 
 def cmd_ledger_show(args: argparse.Namespace) -> int:
@@ -338,6 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ledger", help="LMDB directory (overrides ledger.path)")
     serve.add_argument("--port", type=int, help="ISO 8583 port; 0 picks a free one")
     serve.add_argument("--http-port", type=int, help="HTTP port; 0 picks a free one")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="try it out: demo cards into an empty ledger, the development PAN key and a "
+        "made-up control API token when none is set, virtual cards in a test BIN. Without it "
+        "the daemon needs PROCESSOR_PAN_KEY, PROCESSOR_API_TOKEN and "
+        "programme.card_issuing.bin_prefix",
+    )
     serve.set_defaults(func=cmd_serve)
 
     ledger = sub.add_parser("ledger", help="load or inspect the ledger")

@@ -81,8 +81,10 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 class HttpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Port = 8080
-    # The control API's bearer token is read from this environment variable; unset, the
-    # control API answers 503 (metrics and health stay up).
+    # The control API (/v1). Its bearer token is read from this environment variable; the
+    # daemon does not start without it (outside --demo) unless control_api = false, which
+    # switches /v1 off (it answers 503; metrics and health stay up).
+    control_api: bool = True
     api_token_env: Annotated[str, Meta(min_length=1)] = "PROCESSOR_API_TOKEN"
 
 
@@ -94,23 +96,28 @@ class LedgerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # machine); for benchmarks and test rigs where the disk is the bottleneck.
     durability: Literal["fsync", "process"] = "fsync"
     batch_size_max: Annotated[int, Meta(ge=1, le=limits.batch_size_max)] = limits.batch_size_max
-    # Load the packaged demo accounts and cards when the ledger holds no account yet.
-    seed_demo_data: bool = True
 
 
 class SecurityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pan_key_env: str = "PROCESSOR_PAN_KEY"
 
 
-class CardIssuingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Virtual cards: PANs drawn at random in this BIN range, Luhn-valid, never reused."""
+DEMO_BIN_PREFIX: Final = "476173"  # a test BIN: the demo cards' and `--demo` virtual cards'
 
-    bin_prefix: Annotated[str, Meta(pattern=r"^[0-9]{6,11}$")] = "476173"
+
+class CardIssuingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Virtual cards: PANs drawn at random in this BIN range, Luhn-valid, never reused.
+
+    bin_prefix has no default: issuing in someone else's BIN is worse than not starting, so the
+    daemon refuses to start without one (`--demo` uses DEMO_BIN_PREFIX, the demo cards' BIN).
+    """
+
+    bin_prefix: Annotated[str, Meta(pattern=r"^([0-9]{6,11})?$")] = ""
     pan_length: Annotated[int, Meta(ge=13, le=19)] = 16
     expiry_months: Annotated[int, Meta(ge=1, le=120)] = 36  # from the month of issue
 
     def __post_init__(self) -> None:
-        if self.pan_length - len(self.bin_prefix) < 4:
+        if self.bin_prefix and self.pan_length - len(self.bin_prefix) < 4:
             raise ValueError("pan_length leaves fewer than 4 digits after bin_prefix")
 
 
@@ -190,7 +197,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             addresses.add(address)
 
 
-# Keys of the single `[server]` address before `[[listeners]]` (specs/configuration.md).
+# Keys of the single `[server]` address before `[[listeners]]` (README, "Listeners").
 _MOVED_TO_LISTENERS: Final = (
     "host",
     "port",
@@ -201,6 +208,18 @@ _MOVED_TO_LISTENERS: Final = (
     "bad_message_budget",
     "in_flight_per_link_max",
 )
+_MOVED: Final = {
+    ("server", key): (
+        "each ISO 8583 port is now a [[listeners]] table with its own name, host, port, "
+        "framing, bitmap and header_bytes (bad_message_budget became bad_messages_max within "
+        "bad_message_window_seconds); see README, 'Listeners'"
+    )
+    for key in _MOVED_TO_LISTENERS
+} | {
+    ("ledger", "seed_demo_data"): (
+        "demo data is loaded by `processor serve --demo` (into an empty ledger), never otherwise"
+    ),
+}
 
 
 def parse_config(text: bytes | str, source: str = "<config>") -> Config:
@@ -208,16 +227,11 @@ def parse_config(text: bytes | str, source: str = "<config>") -> Config:
         raw = msgspec.toml.decode(text)
     except msgspec.DecodeError as error:
         raise ConfigError(f"{source}: not valid TOML: {error}") from None
-    server = raw.get("server") if isinstance(raw, dict) else None
-    if isinstance(server, dict):
-        for key in _MOVED_TO_LISTENERS:
-            if key in server:
-                raise ConfigError(
-                    f"{source}: $.server.{key} has moved: each ISO 8583 port is now a "
-                    f"[[listeners]] table with its own name, host, port, framing, bitmap and "
-                    f"header_bytes (bad_message_budget became bad_messages_max within "
-                    f"bad_message_window_seconds); see README, 'Listeners'"
-                )
+    if isinstance(raw, dict):
+        for (table, key), note in _MOVED.items():
+            section = raw.get(table)
+            if isinstance(section, dict) and key in section:
+                raise ConfigError(f"{source}: $.{table}.{key} has moved: {note}")
     try:
         return msgspec.convert(raw, type=Config)
     except msgspec.ValidationError as error:

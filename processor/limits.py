@@ -42,6 +42,10 @@ sweep_holds_max: Final = 512
 approval_codes_remembered_max: Final = 1000
 approval_code_draws_max: Final = 64  # at most 1000 of 10^6 taken: 64 collisions in a row is a bug
 
+# Secrets checked at start (outside --demo)
+pan_key_bytes_min: Final = 32  # the PAN-hashing HMAC-SHA256 key: at least its output size
+api_token_chars_min: Final = 16  # the control API's bearer token
+
 # Ledger
 map_size_bytes_default: Final = 1 << 30
 ledger_databases_max: Final = 32

@@ -2,14 +2,14 @@
 
 /metrics, /healthz and /readyz are open (scrapers and orchestrators); everything under /v1 is
 the programme control API (processor/api/control.py, specs/openapi.yaml) and needs the bearer
-token named by `http.api_token_env`. Handlers only read or enqueue; nothing here blocks the loop.
+token named by `http.api_token_env` (checked at start). Handlers only read or enqueue; nothing
+here blocks the loop.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
@@ -114,12 +114,10 @@ async def control_api_guard(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     token = request.app[TOKEN_KEY]
     if token is None:
-        variable = request.app[DAEMON_KEY].config.http.api_token_env
         raise ApiError(
             503,
             "api_disabled",
-            f"the control API is disabled: set {variable} (PROCESSOR_API_TOKEN by default) "
-            "in the daemon's environment to a secret token and restart it",
+            "the control API is switched off (http.control_api = false in the daemon's config)",
         )
     presented = request.headers.get("Authorization", "")
     scheme, _, credentials = presented.partition(" ")
@@ -170,27 +168,15 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"ready": True})
 
 
-def api_token(daemon: Daemon) -> str | None:
-    """The control API's token, read once at start; None (API disabled) when unset or empty."""
-    variable = daemon.config.http.api_token_env
-    token = os.environ.get(variable, "")
-    if not token:
-        log.warning(
-            "%s is not set: the control API (/v1) is disabled and answers 503; "
-            "/metrics, /healthz and /readyz are served",
-            variable,
-        )
-        return None
-    return token
-
-
-def build_app(daemon: Daemon, *, hasher: PanHasher | None = None) -> web.Application:
-    """The side port's app; the API token (and by default the PAN key) from the environment."""
+def build_app(
+    daemon: Daemon, api_token: str | None, *, hasher: PanHasher | None = None
+) -> web.Application:
+    """The side port's app; `api_token` None switches the control API off (it answers 503)."""
     app = web.Application(
         middlewares=[json_errors, control_api_guard], client_max_size=BODY_BYTES_MAX
     )
     app[DAEMON_KEY] = daemon
-    app[TOKEN_KEY] = api_token(daemon)
+    app[TOKEN_KEY] = api_token
     if hasher is None:
         hasher = daemon.hasher  # the key the ledger is bound to
     app.router.add_get("/metrics", metrics)
@@ -200,8 +186,10 @@ def build_app(daemon: Daemon, *, hasher: PanHasher | None = None) -> web.Applica
     return app
 
 
-async def start_http(host: str, port: int, daemon: Daemon) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(build_app(daemon), access_log=None)
+async def start_http(
+    host: str, port: int, daemon: Daemon, api_token: str | None
+) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(build_app(daemon, api_token), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

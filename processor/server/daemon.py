@@ -31,8 +31,9 @@ from processor.ledger.store import Ledger
 from processor.metrics import Metrics
 from processor.rates import load_rates
 from processor.resources import demo_data_path
-from processor.security import PanHasher, hasher_from_environment
+from processor.security import PanHasher
 from processor.server.link import Link, Listener
+from processor.server.startup import StartSettings, Unready, start_settings
 from processor.wire.dialect import framing_cause, undecodable_cause
 from processor.wire.errors import FramingError, InvalidMessage, UndecodableMessage, WireError
 from processor.wire.messages import AuthorizationRequest, NetworkManagementRequest
@@ -331,7 +332,8 @@ class Daemon:
         return len(self._pending)
 
 
-def open_ledger(config: Config, hasher: PanHasher) -> Ledger:
+def open_ledger(config: Config, hasher: PanHasher, *, demo: bool = False) -> Ledger:
+    """Open (create, migrate) the ledger, bind the PAN key; `demo` seeds an empty one."""
     ledger = Ledger(
         config.ledger.path,
         map_size_bytes=config.ledger.map_size_bytes,
@@ -339,7 +341,7 @@ def open_ledger(config: Config, hasher: PanHasher) -> Ledger:
     )
     try:
         ledger.bind_pan_key(hasher.fingerprint)
-        if config.ledger.seed_demo_data:
+        if demo:
             with ledger.read() as reader:
                 empty = not reader.has_accounts()
             if empty:
@@ -444,19 +446,13 @@ def announce(text: str) -> None:
     print(f"processor: {text}", flush=True)
 
 
-async def serve(config: Config) -> int:
+async def serve(settings: StartSettings) -> int:
     # Imported here so the wire/engine/ledger layers never pull in the HTTP stack.
     from processor.api.http import start_http
 
+    config, hasher = settings.config, settings.hasher
     rates = load_rates(config.programme.rates_file) if config.programme.rates_file else {}
-    hasher = hasher_from_environment(config.security.pan_key_env)
-    if hasher.insecure:
-        log.warning(
-            "!!! %s is not set: using the INSECURE built-in development PAN key. Card keys in this "
-            "ledger are guessable. Never run like this with real cards. !!!",
-            config.security.pan_key_env,
-        )
-    ledger = open_ledger(config, hasher)
+    ledger = open_ledger(config, hasher, demo=settings.demo)
     metrics = Metrics()
     metrics.watch_ledger(ledger.map_usage)
     daemon = Daemon(config, ledger, hasher, metrics, rates)
@@ -478,7 +474,9 @@ async def serve(config: Config) -> int:
         pool = WorkerPool(config, sockets, metrics.workers)
         await pool.start()
     try:
-        http_runner, http_port = await start_http(config.http.host, config.http.port, daemon)
+        http_runner, http_port = await start_http(
+            config.http.host, config.http.port, daemon, settings.api_token
+        )
     except OSError as error:
         where = f"{config.http.host}:{config.http.port}"
         raise StartupError(f"cannot listen on {where} (HTTP): {error.strerror}") from None
@@ -492,6 +490,16 @@ async def serve(config: Config) -> int:
             f"{each.bitmap} bitmap, header {each.header_bytes} bytes{workers})"
         )
     announce(f"HTTP listening on {config.http.host}:{http_port} (/metrics, /healthz, /readyz, /v1)")
+    if settings.demo:
+        made = [
+            "demo cards in an empty ledger",
+            "the INSECURE development PAN key" if hasher.insecure else "your PAN key",
+            f"virtual cards in BIN {config.programme.card_issuing.bin_prefix}",
+        ]
+        announce("DEMO mode, never for real cards: " + ", ".join(made))
+        if settings.generated_token:
+            # Printed once, here only: the token of this run, made up because none was set.
+            announce(f"demo control API token (this run only): {settings.api_token}")
     announce(
         f"ledger {config.ledger.path} (durability {config.ledger.durability}, {accounts} accounts)"
     )
@@ -529,7 +537,12 @@ async def serve(config: Config) -> int:
     return exit_code
 
 
-def run(config: Config) -> int:
+def run(config: Config, *, demo: bool = False) -> int:
+    """Serve until SIGTERM; raises StartupError (one line, exit 2) for what keeps it from it."""
+    try:
+        settings = start_settings(config, dict(os.environ), demo=demo)
+    except Unready as error:
+        raise StartupError(str(error)) from None
     if not __debug__:
         print(
             "processor: refusing to run under python -O (assertions guard the ledger)",
@@ -538,4 +551,4 @@ def run(config: Config) -> int:
         return 2
     import uvloop
 
-    return uvloop.run(serve(config))
+    return uvloop.run(serve(settings))

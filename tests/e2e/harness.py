@@ -17,14 +17,22 @@ from processor.wire.codec import Codec
 from processor.wire.framing import Framer
 from processor.wire.spec import load_spec
 
-PAN_KEY = "e2e-test-pan-key"
+PAN_KEY = "e2e-test-pan-key-of-at-least-32-bytes"
 STARTUP_SECONDS = 20.0
 
 
 class RunningDaemon:
-    def __init__(self, ledger: Path, config: Path | None = None, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        ledger: Path,
+        config: Path | None = None,
+        env: dict[str, str] | None = None,
+        *,
+        demo: bool = True,
+    ):
         self.ledger = ledger
         self.config = config
+        self.demo = demo  # --demo: demo cards; what is unset is filled in (tests mostly set it)
         self.env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY) if env is None else env
         self.process: subprocess.Popen[str] | None = None
         self.port = 0  # the first listener's
@@ -47,6 +55,8 @@ class RunningDaemon:
         ]
         if self.config is not None:
             command += ["--config", str(self.config)]
+        if self.demo:
+            command.append("--demo")
         return command
 
     def start(self) -> RunningDaemon:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import urllib.error
 import urllib.request
@@ -314,6 +315,7 @@ def test_insecure_key_warning_and_key_mismatch(tmp_path: Path) -> None:
         "0",
         "--http-port",
         "0",
+        "--demo",
         env=dict(env, PROCESSOR_PAN_KEY=PAN_KEY + "-other"),
     )
     assert result.returncode == 2  # what keeps the daemon from starting exits 2
@@ -429,7 +431,14 @@ def test_what_keeps_the_daemon_from_starting_is_one_line_and_exit_2(
 ) -> None:
     # The ISO port of a running daemon is taken; a ledger under a file cannot be created.
     taken = run_cli(
-        "serve", "--ledger", str(tmp_path / "other"), "--port", str(daemon.port), "--http-port", "0"
+        "serve",
+        "--ledger",
+        str(tmp_path / "other"),
+        "--port",
+        str(daemon.port),
+        "--http-port",
+        "0",
+        "--demo",
     )
     assert taken.returncode == 2
     assert (
@@ -439,8 +448,75 @@ def test_what_keeps_the_daemon_from_starting_is_one_line_and_exit_2(
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     under_a_file = run_cli(
-        "serve", "--ledger", str(blocker / "ledger"), "--port", "0", "--http-port", "0"
+        "serve", "--ledger", str(blocker / "ledger"), "--port", "0", "--http-port", "0", "--demo"
     )
     assert under_a_file.returncode == 2
     assert "processor: ledger " in under_a_file.stderr and "cannot create" in under_a_file.stderr
     assert "Traceback" not in under_a_file.stderr
+
+
+def test_a_production_start_refuses_what_is_missing_in_one_line(tmp_path: Path) -> None:
+    import os
+
+    bare = {
+        k: v for k, v in os.environ.items() if k not in ("PROCESSOR_PAN_KEY", "PROCESSOR_API_TOKEN")
+    }
+    refused = run_cli(
+        "serve", "--ledger", str(tmp_path / "ledger"), "--port", "0", "--http-port", "0", env=bare
+    )
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in refused.stderr
+    for named in ("PROCESSOR_PAN_KEY", "PROCESSOR_API_TOKEN", "card_issuing.bin_prefix", "--demo"):
+        assert named in lines[0], named
+    assert not (tmp_path / "ledger").exists()  # refused before anything was created
+    short_key = run_cli(
+        "serve",
+        "--ledger",
+        str(tmp_path / "ledger"),
+        "--port",
+        "0",
+        "--http-port",
+        "0",
+        env=dict(bare, PROCESSOR_PAN_KEY="too-short", PROCESSOR_API_TOKEN="a" * 32),
+    )
+    assert short_key.returncode == 2 and "PROCESSOR_PAN_KEY holds 9 bytes" in short_key.stderr
+    assert "too-short" not in short_key.stderr
+
+
+def test_a_production_start_has_no_demo_data(tmp_path: Path) -> None:
+    config = tmp_path / "processor.toml"
+    config.write_text("[programme.card_issuing]\nbin_prefix = '53999900'\n")
+    env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, PROCESSOR_API_TOKEN="p" * 24)
+    running = RunningDaemon(tmp_path / "ledger", config=config, env=env, demo=False).start()
+    try:
+        assert any("(durability fsync, 0 accounts)" in line for line in running.stdout)
+        assert not any("DEMO" in line or "token" in line for line in running.stdout)
+        link = running.connect()
+        assert link.exchange(authorization())["39"] == "14"  # no such card: nothing was seeded
+        link.close()
+    finally:
+        running.stop()
+    assert "INSECURE" not in running.stderr()
+
+
+def test_demo_announces_itself_and_a_token_made_up_for_this_run(tmp_path: Path) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PROCESSOR_API_TOKEN"}
+    env["PROCESSOR_PAN_KEY"] = PAN_KEY
+    running = RunningDaemon(tmp_path / "ledger", env=env).start()
+    try:
+        text = "".join(running.stdout)
+        assert "DEMO mode, never for real cards" in text and "BIN 476173" in text
+        token = text.split("demo control API token (this run only): ", 1)[1].split()[0]
+        assert len(token) >= 16
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{running.http_port}/v1/accounts/demo-main",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        running.stop()
+    assert token not in running.stderr()  # printed once, on stdout, never logged

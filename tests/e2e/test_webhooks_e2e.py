@@ -147,6 +147,7 @@ def test_missing_secret_fails_at_start_naming_the_variable(tmp_path: Path) -> No
         "0",
         "--http-port",
         "0",
+        "--demo",
     )
     assert result.returncode == 2
     assert "NOPE_SECRET" in result.stderr and "$.webhooks.endpoints[0].secret_env" in result.stderr

@@ -292,7 +292,7 @@ def test_readyz_is_not_ready_while_the_ledger_is_unavailable(tmp_path: Path) -> 
     from processor.api.http import build_app, readyz
 
     daemon = make_daemon(tmp_path)
-    app = build_app(daemon)
+    app = build_app(daemon, None)
 
     async def ask() -> tuple[int, bytes]:
         response = await readyz(make_mocked_request("GET", "/readyz", app=app))

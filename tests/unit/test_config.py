@@ -111,6 +111,16 @@ def test_a_nonzero_port_flag_is_ambiguous_with_several_listeners() -> None:
         with_overrides(parse_config(TWO_LISTENERS), port=9000)
 
 
+def test_seed_demo_data_is_no_longer_a_config_key() -> None:
+    with pytest.raises(ConfigError, match=r"\$\.ledger\.seed_demo_data has moved: .*--demo"):
+        parse_config("[ledger]\nseed_demo_data = true\n")
+
+
+def test_the_card_issuing_bin_has_no_default() -> None:
+    assert Config().programme.card_issuing.bin_prefix == ""
+    assert parse_config("[programme.card_issuing]\nbin_prefix = '476173'\n")
+
+
 @pytest.mark.parametrize(
     "key", ["host", "port", "framing", "header_bytes", "bitmap", "bad_message_budget"]
 )

@@ -189,7 +189,7 @@ def test_the_daemon_writes_only_json_lines_to_stderr(tmp_path: Path) -> None:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     stderr_path = tmp_path / "stderr.log"
     command = [sys.executable, "-m", "processor.cli", "serve", "--ledger", str(tmp_path / "l")]
-    command += ["--port", "0", "--http-port", "0"]
+    command += ["--port", "0", "--http-port", "0", "--demo"]
     with stderr_path.open("w") as stderr:
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=tmp_path

@@ -1,0 +1,96 @@
+"""What `processor serve` needs before it opens anything: secrets and the card-issuing BIN.
+
+Outside `--demo` a daemon without a PAN key of full strength, without a control API token (while
+the API is on) or without the BIN its virtual cards are issued in does not start: each would be
+a silent hazard in production (guessable card keys, an API nobody can use or anyone can guess,
+cards issued in a test BIN). `--demo` fills in what is missing instead, and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+import msgspec
+
+from processor import limits
+from processor.config import DEMO_BIN_PREFIX, Config
+from processor.security import INSECURE_DEVELOPMENT_KEY, PanHasher
+
+log = logging.getLogger("processor.daemon")
+
+
+class Unready(Exception):
+    """Settings missing for a production start; the message names each and how to set it."""
+
+
+class StartSettings(msgspec.Struct, frozen=True):
+    config: Config  # with the demo BIN filled in under --demo
+    hasher: PanHasher
+    api_token: str | None  # None: the control API is switched off (http.control_api = false)
+    demo: bool
+    generated_token: bool  # --demo made up the token: announce it once
+
+
+def start_settings(config: Config, environ: dict[str, str], *, demo: bool) -> StartSettings:
+    """Check (or, under `demo`, fill in) the PAN key, the API token and the card-issuing BIN."""
+    problems: list[str] = []
+    hasher = _pan_hasher(config, environ, demo, problems)
+    token, generated = _api_token(config, environ, demo, problems)
+    issuing = config.programme.card_issuing
+    if not issuing.bin_prefix:
+        if demo:
+            issuing = msgspec.structs.replace(issuing, bin_prefix=DEMO_BIN_PREFIX)
+            config = msgspec.structs.replace(
+                config, programme=msgspec.structs.replace(config.programme, card_issuing=issuing)
+            )
+        else:
+            problems.append(
+                "programme.card_issuing.bin_prefix is not set: the BIN (6 to 11 digits) your "
+                "virtual cards are issued in"
+            )
+    if problems:
+        raise Unready("; ".join(problems) + " (or run `processor serve --demo` to try it out)")
+    assert hasher is not None
+    return StartSettings(config, hasher, token, demo, generated)
+
+
+def _pan_hasher(
+    config: Config, environ: dict[str, str], demo: bool, problems: list[str]
+) -> PanHasher | None:
+    variable = config.security.pan_key_env
+    key = environ.get(variable, "").encode("utf-8")
+    if not key and demo:
+        log.warning(
+            "--demo: %s is not set: using the INSECURE built-in development PAN key; card keys "
+            "in this ledger are guessable. Never put real cards in it.",
+            variable,
+        )
+        return PanHasher(INSECURE_DEVELOPMENT_KEY, insecure=True)
+    if len(key) < limits.pan_key_bytes_min:
+        what = "is not set" if not key else f"holds {len(key)} bytes"
+        problems.append(
+            f"{variable} {what}: the PAN-hashing key must be a secret of at least "
+            f"{limits.pan_key_bytes_min} bytes (e.g. openssl rand -hex 32)"
+        )
+        return None
+    return PanHasher(key)
+
+
+def _api_token(
+    config: Config, environ: dict[str, str], demo: bool, problems: list[str]
+) -> tuple[str | None, bool]:
+    if not config.http.control_api:
+        return None, False
+    variable = config.http.api_token_env
+    token = environ.get(variable, "")
+    if not token and demo:
+        return secrets.token_urlsafe(24), True
+    if len(token) < limits.api_token_chars_min:
+        what = "is not set" if not token else f"holds {len(token)} characters"
+        problems.append(
+            f"{variable} {what}: the control API needs a bearer token of at least "
+            f"{limits.api_token_chars_min} characters (or set http.control_api = false)"
+        )
+        return None, False
+    return token, False

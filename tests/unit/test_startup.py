@@ -1,0 +1,89 @@
+"""What a production start requires, and what --demo fills in instead."""
+
+import msgspec
+import pytest
+
+from processor import limits
+from processor.config import DEMO_BIN_PREFIX, Config, parse_config
+from processor.security import INSECURE_DEVELOPMENT_KEY, PanHasher
+from processor.server.startup import Unready, start_settings
+
+KEY = "k" * limits.pan_key_bytes_min
+TOKEN = "t" * limits.api_token_chars_min
+WITH_BIN = parse_config("[programme.card_issuing]\nbin_prefix = '53999900'\n")
+READY = {"PROCESSOR_PAN_KEY": KEY, "PROCESSOR_API_TOKEN": TOKEN}
+
+
+def unready(config: Config, environ: dict[str, str]) -> str:
+    with pytest.raises(Unready) as caught:
+        start_settings(config, environ, demo=False)
+    return str(caught.value)
+
+
+def test_everything_set_starts_with_exactly_that() -> None:
+    settings = start_settings(WITH_BIN, READY, demo=False)
+    assert settings.hasher.fingerprint == PanHasher(KEY.encode()).fingerprint
+    assert not settings.hasher.insecure
+    assert settings.api_token == TOKEN and not settings.generated_token
+    assert settings.config == WITH_BIN and not settings.demo
+
+
+def test_nothing_set_names_all_three_in_one_line() -> None:
+    message = unready(Config(), {})
+    assert "\n" not in message
+    assert "PROCESSOR_PAN_KEY is not set" in message
+    assert "PROCESSOR_API_TOKEN is not set" in message
+    assert "programme.card_issuing.bin_prefix is not set" in message
+    assert "--demo" in message
+
+
+def test_a_pan_key_one_byte_short_is_refused() -> None:
+    short = dict(READY, PROCESSOR_PAN_KEY=KEY[:-1])
+    message = unready(WITH_BIN, short)
+    assert f"PROCESSOR_PAN_KEY holds {limits.pan_key_bytes_min - 1} bytes" in message
+    assert KEY[:-1] not in message  # a secret is never quoted
+
+
+def test_an_api_token_one_character_short_is_refused() -> None:
+    message = unready(WITH_BIN, dict(READY, PROCESSOR_API_TOKEN=TOKEN[:-1]))
+    assert f"PROCESSOR_API_TOKEN holds {limits.api_token_chars_min - 1} characters" in message
+    assert "http.control_api = false" in message
+
+
+def test_the_variables_named_in_the_config_are_the_ones_checked() -> None:
+    config = parse_config(
+        "[security]\npan_key_env = 'MY_KEY'\n[http]\napi_token_env = 'MY_TOKEN'\n"
+        "[programme.card_issuing]\nbin_prefix = '53999900'\n"
+    )
+    message = unready(config, READY)
+    assert "MY_KEY is not set" in message and "MY_TOKEN is not set" in message
+    settings = start_settings(config, {"MY_KEY": KEY, "MY_TOKEN": TOKEN}, demo=False)
+    assert settings.api_token == TOKEN
+
+
+def test_with_the_control_api_off_no_token_is_needed() -> None:
+    config = msgspec.structs.replace(
+        WITH_BIN, http=msgspec.structs.replace(WITH_BIN.http, control_api=False)
+    )
+    settings = start_settings(config, {"PROCESSOR_PAN_KEY": KEY}, demo=False)
+    assert settings.api_token is None
+
+
+def test_demo_fills_in_what_is_missing() -> None:
+    settings = start_settings(Config(), {}, demo=True)
+    assert settings.hasher.insecure
+    assert settings.hasher.fingerprint == PanHasher(INSECURE_DEVELOPMENT_KEY).fingerprint
+    assert settings.generated_token and settings.api_token is not None
+    assert len(settings.api_token) >= limits.api_token_chars_min
+    assert settings.config.programme.card_issuing.bin_prefix == DEMO_BIN_PREFIX
+    again = start_settings(Config(), {}, demo=True)
+    assert again.api_token != settings.api_token  # made up afresh, never a fixed demo secret
+
+
+def test_demo_keeps_what_is_set_and_still_refuses_a_short_key() -> None:
+    settings = start_settings(WITH_BIN, READY, demo=True)
+    assert not settings.hasher.insecure and settings.api_token == TOKEN
+    assert not settings.generated_token
+    assert settings.config.programme.card_issuing.bin_prefix == "53999900"
+    with pytest.raises(Unready, match="PROCESSOR_PAN_KEY holds 5 bytes"):
+        start_settings(WITH_BIN, dict(READY, PROCESSOR_PAN_KEY="short"), demo=True)
