@@ -106,7 +106,6 @@ def in_process(rounds: int, batch: int, durability: str) -> dict[str, list[float
         authorizers = {
             variant: Authorizer(
                 ledger,
-                codec,
                 hasher,
                 ProgrammeRules(catalog=_catalog()),
                 hold_lifetime_seconds=7 * 86400,

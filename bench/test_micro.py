@@ -140,7 +140,6 @@ def test_authorize_batch_fsync(benchmark, ledger, batch: int) -> None:  # type: 
     """Decide + apply + stored answer + durable commit of a batch; divide by `batch` per request."""
     authorizer = Authorizer(
         ledger,
-        CODEC,
         HASHER,
         RULES,
         hold_lifetime_seconds=7 * 86400,
