@@ -16,7 +16,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import lmdb
 import msgspec
@@ -24,6 +24,7 @@ from aiohttp import web
 
 from processor.api import commands
 from processor.api.commands import CARD_ACTIONS, CardAction, Idempotency, Operation, Reply
+from processor.api.port import Processor
 from processor.api.views import (
     ACCOUNT_ID_PATTERN,
     CARD_ID_PATTERN,
@@ -47,9 +48,6 @@ from processor.ledger.controls import NO_CONTROLS, Controls, account_scope, card
 from processor.ledger.records import Card
 from processor.ledger.store import LedgerError, Reader
 from processor.security import PanHasher, luhn_valid
-
-if TYPE_CHECKING:
-    from processor.server.daemon import Daemon
 
 log = logging.getLogger("processor.api")
 
@@ -257,7 +255,7 @@ def json_response(value: Any, status: int = 200) -> web.Response:
 
 
 class ControlApi:
-    def __init__(self, daemon: Daemon, hasher: PanHasher) -> None:
+    def __init__(self, daemon: Processor, hasher: PanHasher) -> None:
         self.daemon = daemon
         self.hasher = hasher
 

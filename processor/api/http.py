@@ -11,22 +11,20 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from processor.api.control import BODY_BYTES_MAX, ApiError, ControlApi
+from processor.api.port import Processor
 from processor.api.views import ErrorBody, ErrorDetail
 from processor.security import PanHasher
 
-if TYPE_CHECKING:
-    from processor.server.daemon import Daemon
-
 log = logging.getLogger("processor.api")
 
-DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon")
+DAEMON_KEY: web.AppKey[Processor] = web.AppKey("daemon")
 TOKEN_KEY: web.AppKey[str | None] = web.AppKey("api_token")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -147,7 +145,7 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "status": "stopping" if daemon.stopping else "ok",
-            "links": len(daemon.links),
+            "links": daemon.link_count,
             "pending": daemon.pending,
         }
     )
@@ -169,7 +167,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def build_app(
-    daemon: Daemon, api_token: str | None, *, hasher: PanHasher | None = None
+    daemon: Processor, api_token: str | None, *, hasher: PanHasher | None = None
 ) -> web.Application:
     """The side port's app; `api_token` None switches the control API off (it answers 503)."""
     app = web.Application(
@@ -187,7 +185,7 @@ def build_app(
 
 
 async def start_http(
-    host: str, port: int, daemon: Daemon, api_token: str | None
+    host: str, port: int, daemon: Processor, api_token: str | None
 ) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(build_app(daemon, api_token), access_log=None)
     await runner.setup()

@@ -331,6 +331,10 @@ class Daemon:
     def pending(self) -> int:
         return len(self._pending)
 
+    @property
+    def link_count(self) -> int:
+        return len(self.links)
+
 
 def open_ledger(config: Config, hasher: PanHasher, *, demo: bool = False) -> Ledger:
     """Open (create, migrate) the ledger, bind the PAN key; `demo` seeds an empty one."""
