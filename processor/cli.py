@@ -34,8 +34,9 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from processor.app import run
     from processor.ledger.store import LedgerError
-    from processor.server.daemon import StartupError, run
+    from processor.server.daemon import StartupError
     from processor.server.workers import WorkerError
 
     config = _common_config(args)
@@ -50,8 +51,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _writable_ledger(config: Config) -> tuple[Ledger, PanHasher]:
     """The ledger and PAN hasher a tool writes with (no demo seeding; the PAN key checked)."""
+    from processor.app import open_ledger
     from processor.security import hasher_from_environment
-    from processor.server.daemon import open_ledger
 
     hasher = hasher_from_environment(config.security.pan_key_env)
     if hasher.insecure:

@@ -15,7 +15,7 @@ import msgspec
 from msgspec import Meta
 
 from processor import limits
-from processor.wire.framing import FRAME_BYTES_CEILING, Prefix
+from processor.types import FRAME_BYTES_CEILING, Bitmap, Framing
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
 Mcc = Annotated[str, Meta(pattern=r"^[0-9]{4}$")]
@@ -41,13 +41,13 @@ class ListenerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     port: Port = 8583
     # len2: 2-byte big-endian length of what follows | len2_inclusive: the same, counting its
     # own 2 bytes | ascii4: 4 ASCII digits.
-    framing: Prefix = "len2"
+    framing: Framing = "len2"
     # Fixed-length network header between the length prefix and the MTI, echoed back unchanged.
     header_bytes: Annotated[int, Meta(ge=0, le=limits.header_bytes_max)] = 0
     max_frame_bytes: Annotated[int, Meta(ge=64, le=limits.frame_bytes_ceiling)] = (
         limits.frame_bytes_max
     )
-    bitmap: Literal["ascii", "binary"] = "ascii"
+    bitmap: Bitmap = "ascii"
     # bad_messages_max bad messages within bad_message_window_seconds close a link: a rate, so
     # a link that sends a malformed message now and then for weeks is never cut.
     bad_messages_max: Annotated[int, Meta(ge=1)] = limits.bad_messages_per_window_default

@@ -9,37 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import socket
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from processor import limits
 from processor.authorizer import Authorizer, Command, CommandRefused, Outcome
 from processor.catalog import default_catalog
-from processor.config import Config, ConfigError
+from processor.config import Config
 from processor.engine import ProgrammeRules
-from processor.ledger.load import load_path
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
-from processor.rates import load_rates
-from processor.resources import demo_data_path
 from processor.security import PanHasher
 from processor.server.link import Link, Listener
-from processor.server.startup import StartSettings, Unready, start_settings
 from processor.wire.dialect import framing_cause, undecodable_cause
 from processor.wire.errors import FramingError, InvalidMessage, UndecodableMessage, WireError
 from processor.wire.messages import AuthorizationRequest, NetworkManagementRequest
 
 if TYPE_CHECKING:
-    from processor.webhooks.dispatcher import Dispatcher
+    pass
 
 log = logging.getLogger("processor.daemon")
 
@@ -336,60 +328,6 @@ class Daemon:
         return len(self.links)
 
 
-def open_ledger(config: Config, hasher: PanHasher, *, demo: bool = False) -> Ledger:
-    """Open (create, migrate) the ledger, bind the PAN key; `demo` seeds an empty one."""
-    ledger = Ledger(
-        config.ledger.path,
-        map_size_bytes=config.ledger.map_size_bytes,
-        durability=config.ledger.durability,
-    )
-    try:
-        ledger.bind_pan_key(hasher.fingerprint)
-        if demo:
-            with ledger.read() as reader:
-                empty = not reader.has_accounts()
-            if empty:
-                summary = load_path(ledger, demo_data_path(), hasher)
-                log.info(
-                    "empty ledger: loaded demo data (%d accounts, %d cards)",
-                    summary.accounts_created,
-                    summary.cards_created,
-                )
-    except BaseException:
-        ledger.close()
-        raise
-    return ledger
-
-
-async def start_webhooks(config: Config, ledger: Ledger, metrics: Metrics) -> Dispatcher | None:
-    """The dispatcher for the configured endpoints; secrets from the environment, checked now."""
-    from processor.webhooks.dispatcher import Dispatcher, Endpoint
-    from processor.webhooks.signing import SecretError, parse_secret
-    from processor.webhooks.state import DeliveryState
-
-    if not config.webhooks.endpoints:
-        return None
-    endpoints = []
-    for index, endpoint in enumerate(config.webhooks.endpoints):
-        where = f"$.webhooks.endpoints[{index}].secret_env"
-        value = os.environ.get(endpoint.secret_env)
-        if not value:
-            raise ConfigError(f"{where}: environment variable {endpoint.secret_env} is not set")
-        try:
-            endpoints.append(
-                Endpoint(endpoint, parse_secret(value, f"{where} ({endpoint.secret_env})"))
-            )
-        except SecretError as error:
-            raise ConfigError(str(error)) from None
-    state = DeliveryState(Path(config.ledger.path) / "webhooks")
-    dispatcher = Dispatcher(ledger, state, endpoints, config.webhooks, metrics)
-    await dispatcher.start()
-    announce(
-        f"webhooks: {len(endpoints)} endpoint(s): " + ", ".join(e.config.name for e in endpoints)
-    )
-    return dispatcher
-
-
 class StartupError(Exception):
     """What keeps the daemon from starting (a port in use, say): one line, exit code 2."""
 
@@ -443,116 +381,3 @@ async def drain(daemon: Daemon, servers: list[asyncio.Server]) -> None:
     for link in list(daemon.links):
         link.close()
     await asyncio.sleep(0)
-
-
-def announce(text: str) -> None:
-    """Lines on stdout that people and test harnesses read (ports are chosen at run time)."""
-    print(f"processor: {text}", flush=True)
-
-
-async def serve(settings: StartSettings) -> int:
-    # Imported here so the wire/engine/ledger layers never pull in the HTTP stack.
-    from processor.api.http import start_http
-
-    config, hasher = settings.config, settings.hasher
-    rates = load_rates(config.programme.rates_file) if config.programme.rates_file else {}
-    ledger = open_ledger(config, hasher, demo=settings.demo)
-    metrics = Metrics()
-    metrics.watch_ledger(ledger.map_usage)
-    daemon = Daemon(config, ledger, hasher, metrics, rates)
-    loop = asyncio.get_running_loop()
-    shared = config.server.workers > 1
-    sockets = []
-    try:
-        for each in config.listeners:
-            sockets.append(listen(each.host, each.port, shared=shared, name=each.name))
-    except StartupError:
-        for sock in sockets:
-            sock.close()
-        raise
-    servers = await start_listeners(daemon, sockets)
-    pool = None
-    if shared:
-        from processor.server.workers import WorkerPool
-
-        pool = WorkerPool(config, sockets, metrics.workers)
-        await pool.start()
-    try:
-        http_runner, http_port = await start_http(
-            config.http.host, config.http.port, daemon, settings.api_token
-        )
-    except OSError as error:
-        where = f"{config.http.host}:{config.http.port}"
-        raise StartupError(f"cannot listen on {where} (HTTP): {error.strerror}") from None
-    with ledger.read() as reader:
-        accounts = reader.account_count()
-    workers = f", {config.server.workers} worker processes" if pool is not None else ""
-    for each, sock in zip(config.listeners, sockets, strict=True):
-        host, port = sock.getsockname()[:2]
-        announce(
-            f"ISO 8583 listening on {host}:{port} (listener {each.name}: framing {each.framing}, "
-            f"{each.bitmap} bitmap, header {each.header_bytes} bytes{workers})"
-        )
-    announce(f"HTTP listening on {config.http.host}:{http_port} (/metrics, /healthz, /readyz, /v1)")
-    if settings.demo:
-        made = [
-            "demo cards in an empty ledger",
-            "the INSECURE development PAN key" if hasher.insecure else "your PAN key",
-            f"virtual cards in BIN {config.programme.card_issuing.bin_prefix}",
-        ]
-        announce("DEMO mode, never for real cards: " + ", ".join(made))
-        if settings.generated_token:
-            # Printed once, here only: the token of this run, made up because none was set.
-            announce(f"demo control API token (this run only): {settings.api_token}")
-    announce(
-        f"ledger {config.ledger.path} (durability {config.ledger.durability}, {accounts} accounts)"
-    )
-    dispatcher = await start_webhooks(config, ledger, metrics)
-    if dispatcher is not None:
-        daemon.on_commit = dispatcher.notify
-    # Signal handlers before "ready": whoever waits for ready may stop us at once.
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    exit_code = 0
-
-    def fatal() -> None:
-        nonlocal exit_code
-        exit_code = EXIT_SOFTWARE
-        stop.set()
-
-    daemon.on_fatal = fatal
-    announce("ready")
-    daemon.sweep()
-    await stop.wait()
-
-    announce("stopping: no new links, finishing requests in flight")
-    if pool is not None:
-        pool.signal_stop()  # the workers drain theirs meanwhile
-    await drain(daemon, servers)
-    if pool is not None:
-        await pool.stop()
-    await http_runner.cleanup()
-    if dispatcher is not None:
-        await dispatcher.stop()
-        dispatcher.state.close()
-    ledger.close()
-    announce("stopped" if exit_code == 0 else f"stopped after an assertion failed ({exit_code})")
-    return exit_code
-
-
-def run(config: Config, *, demo: bool = False) -> int:
-    """Serve until SIGTERM; raises StartupError (one line, exit 2) for what keeps it from it."""
-    try:
-        settings = start_settings(config, dict(os.environ), demo=demo)
-    except Unready as error:
-        raise StartupError(str(error)) from None
-    if not __debug__:
-        print(
-            "processor: refusing to run under python -O (assertions guard the ledger)",
-            file=sys.stderr,
-        )
-        return 2
-    import uvloop
-
-    return uvloop.run(serve(settings))

@@ -13,10 +13,11 @@ from __future__ import annotations
 from functools import cache
 
 from processor import limits
+from processor.types import Bitmap
 from processor.wire.codec import Codec
 from processor.wire.errors import InvalidMessage, UndecodableMessage
 from processor.wire.framing import Prefix
-from processor.wire.spec import Bitmap, load_spec
+from processor.wire.spec import load_spec
 
 
 @cache

@@ -9,17 +9,10 @@ with each message so the server can echo it. The buffer is bounded: a prefix ann
 
 from __future__ import annotations
 
-from typing import Final, Literal
-
+from processor.types import FRAME_BYTES_CEILING, Framing
 from processor.wire.errors import FramingError
 
-Prefix = Literal["len2", "len2_inclusive", "ascii4"]
-# The longest body (header + message) each prefix can announce.
-FRAME_BYTES_CEILING: Final[dict[str, int]] = {
-    "len2": 65535,
-    "len2_inclusive": 65533,
-    "ascii4": 9999,
-}
+Prefix = Framing  # the name this module has always used
 
 
 class Framer:

@@ -8,8 +8,8 @@ from typing import Any, Literal
 import msgspec
 
 from processor.resources import spec_path
+from processor.types import Bitmap
 
-Bitmap = Literal["ascii", "binary"]
 _LENGTH_TYPES = {"fixed": 0, "LLVAR": 2, "LLLVAR": 3}
 
 
