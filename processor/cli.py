@@ -310,7 +310,15 @@ def cmd_sim_load(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from processor import __version__
 
-    parser = argparse.ArgumentParser(prog="processor", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="processor",
+        description="An issuer-side card authorisation processor: ISO 8583 links in, decisions "
+        "against an LMDB ledger, signed webhooks out, a control API on the HTTP port.",
+        epilog="Try it: `processor serve --demo`, then `processor sim` in another shell. "
+        "In production: set PROCESSOR_PAN_KEY and PROCESSOR_API_TOKEN in the environment and "
+        "programme.card_issuing.bin_prefix in a config (`processor serve --config FILE`). "
+        "`processor COMMAND --help` for each command.",
+    )
     parser.add_argument("--version", action="version", version=f"processor {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -326,7 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--ledger", help="LMDB directory (overrides ledger.path)")
         return command
 
-    serve = sub.add_parser("serve", help="run the authorisation daemon")
+    serve = sub.add_parser(
+        "serve",
+        help="run the authorisation daemon",
+        description="Run the daemon until SIGTERM or Ctrl-C: ISO 8583 listeners, the HTTP port "
+        "(control API, /metrics, /healthz, /readyz) and webhook delivery. Exit codes: 0 stopped, "
+        "2 could not start (one line on stderr says why), 70 stopped after an internal error.",
+    )
     config_flag(serve)
     serve.add_argument("--ledger", help="LMDB directory (overrides ledger.path)")
     serve.add_argument("--port", type=int, help="ISO 8583 port; 0 picks a free one")
