@@ -25,6 +25,7 @@ import msgspec
 from msgspec import Meta
 
 from processor.currency import UnknownCurrency, exponent, numeric_code
+from processor.engine.settle import capture_verdict
 from processor.ledger.records import Card, ClearedRecord, OutboxRecord, StoredAnswer
 from processor.ledger.store import Ledger, Writer
 from processor.outbox import emit
@@ -223,26 +224,27 @@ def _purchase(
         # The original is another card's, whatever became of it (held, posted or declined), or
         # was on a card unknown at the time: not this record's to capture or to post against.
         raise _Rejected("card_mismatch")
+    hold = None
     if original is not None and original.hold_id is not None:
         hold = writer.hold(original.hold_id)
-        if hold is not None:
-            if hold.status == "captured":
-                return "already_captured", hold.account_id, hold.hold_id
-            if hold.status == "open":
-                if hold.currency != record.currency:
-                    raise _Rejected("currency_mismatch")
-                account = writer.account(hold.account_id)
-                assert account is not None, hold.account_id
-                writer.close_hold(account, hold, "captured", now_ms)
-                hold.captured_amount = record.amount
-                writer.put_hold(hold)
-                account.posted -= record.amount
-                writer.put_account(account)
-                return "matched", account.id, hold.hold_id
-            # Released (reversed) or expired: the hold is gone but the network says the money
-            # was spent. Its word stands: post it like an unmatched purchase.
-    elif original is not None and original.posted_amount:
+    verdict = capture_verdict(original, hold)
+    if verdict == "already_posted":
+        assert original is not None
         return "already_posted", original.account_id or card.account_id, None
+    if verdict == "already_captured":
+        assert hold is not None
+        return "already_captured", hold.account_id, hold.hold_id
+    if verdict == "capture":
+        assert hold is not None
+        if hold.currency != record.currency:
+            raise _Rejected("currency_mismatch")
+        account = writer.account(hold.account_id)
+        assert account is not None, hold.account_id
+        writer.capture_hold(account, hold, record.amount, now_ms)
+        writer.put_account(account)
+        return "matched", account.id, hold.hold_id
+    # No original, or its hold was released (reversed) or expired: the hold is gone but the
+    # network says the money was spent. Its word stands: post it like an unmatched purchase.
     account = writer.account(card.account_id)
     assert account is not None  # checked by the caller
     account.posted -= record.amount

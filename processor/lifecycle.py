@@ -22,6 +22,7 @@ from processor.engine import Decision, ProgrammeRules, Spend, decide
 from processor.engine.controls import Periods, periods_at, record_usages, release_usage
 from processor.engine.decide import billing_amount
 from processor.engine.fx import scale
+from processor.engine.settle import capture_verdict, void_verdict
 from processor.ledger.controls import Controls, Usage
 from processor.ledger.records import Account, Card, CardState, Hold, StoredAnswer
 from processor.ledger.store import Writer
@@ -375,43 +376,43 @@ class Lifecycle:
         if request.amount is None:
             return Result("00", "completion_invalid_amount")
         found = self._original(writer, request)
-        if found is not None and found[1].posted_amount:
-            # A single-message original (0200) already posted: capturing again would double it.
-            original = found[1]
+        original = found[1] if found is not None else None
+        hold = None
+        if original is not None and original.hold_id is not None:
+            hold = writer.hold(original.hold_id)
+        verdict = capture_verdict(original, hold)
+        if verdict == "already_posted":
+            assert original is not None
             return Result(
                 "00", "already_posted", account_id=original.account_id, card_id=original.card_id
             )
-        if found is not None and found[1].hold_id is not None:
-            hold = writer.hold(found[1].hold_id)
-            if hold is not None and hold.status == "captured":
-                # A second completion of the same authorisation: the first one posted it.
-                return Result(
-                    "00",
-                    "already_captured",
-                    account_id=hold.account_id,
-                    card_id=hold.card_id,
-                    hold_id=hold.hold_id,
-                )
-            if hold is not None and hold.status == "open":
-                account = writer.account(hold.account_id)
-                assert account is not None, hold.account_id
-                amount = billing_amount(request, account, self._rules)
-                if amount is None:
-                    # No way to price the final amount: capture what was held, and say so.
-                    amount = hold.amount
-                writer.close_hold(account, hold, "captured", batch.now_ms)
-                hold.captured_amount = amount
-                writer.put_hold(hold)
-                account.posted -= amount
-                writer.put_account(account)
-                return Result(
-                    "00",
-                    "captured",
-                    account_id=account.id,
-                    card_id=hold.card_id,
-                    hold_id=hold.hold_id,
-                    posted_amount=amount,
-                )
+        if verdict == "already_captured":
+            assert hold is not None
+            return Result(
+                "00",
+                "already_captured",
+                account_id=hold.account_id,
+                card_id=hold.card_id,
+                hold_id=hold.hold_id,
+            )
+        if verdict == "capture":
+            assert hold is not None
+            account = writer.account(hold.account_id)
+            assert account is not None, hold.account_id
+            amount = billing_amount(request, account, self._rules)
+            if amount is None:
+                # No way to price the final amount: capture what was held, and say so.
+                amount = hold.amount
+            writer.capture_hold(account, hold, amount, batch.now_ms)
+            writer.put_account(account)
+            return Result(
+                "00",
+                "captured",
+                account_id=account.id,
+                card_id=hold.card_id,
+                hold_id=hold.hold_id,
+                posted_amount=amount,
+            )
         # No original, or its hold was reversed or expired before the merchant completed: the
         # network's word stands, post it as it is.
         card = writer.card(card_key)
@@ -448,8 +449,6 @@ class Lifecycle:
             return Result("00", "orphan_reversal") if advice else Result("25", "original_not_found")
         original_key, original = found
         account_id, card_id = original.account_id, original.card_id
-        if original.response_code not in ("00", "10"):
-            return Result("00", "original_declined", account_id=account_id, card_id=card_id)
         replacement = request.replacement_amount()
         target = replacement if replacement else 0  # what the transaction should now be worth
         original_amount, billed = original.response.get("4"), original.response.get("6")
@@ -457,57 +456,40 @@ class Lifecycle:
             # The original was converted: field 95 is in the transaction currency, the hold in
             # the account's. Scale by the original's own rate, not today's.
             target = scale(target, int(billed), int(original_amount))
-        if original.hold_id is not None:
-            hold = writer.hold(original.hold_id)
-            if hold is None or hold.status != "open":
-                return Result(
-                    "00",
-                    "already_resolved",
-                    hold_id=original.hold_id,
-                    account_id=account_id,
-                    card_id=card_id,
-                )
+        hold = writer.hold(original.hold_id) if original.hold_id is not None else None
+        verdict = void_verdict(original, hold, target)
+        if verdict.action in ("release", "shrink"):
+            assert hold is not None
             account = writer.account(hold.account_id)
             assert account is not None, hold.account_id
-            if target == 0:
-                self._give_back_usage(writer, card_key, original, hold.amount, True, batch)
+            self._give_back_usage(writer, card_key, original, verdict.amount, verdict.whole, batch)
+            if verdict.action == "release":
                 writer.close_hold(account, hold, "released", batch.now_ms)
-                reason = "reversed"
-            elif target < hold.amount:
-                self._give_back_usage(
-                    writer, card_key, original, hold.amount - target, False, batch
-                )
-                writer.shrink_hold(account, hold, target)
-                reason = "partially_reversed"
             else:
-                return Result(
-                    "00",
-                    "reversal_no_change",
-                    hold_id=hold.hold_id,
-                    account_id=account_id,
-                    card_id=card_id,
-                )
+                writer.shrink_hold(account, hold, verdict.remaining)
             writer.put_account(account)
             writer.put_answer(original_key, original)  # what is left of its usage
+            reason = "reversed" if verdict.whole else "partially_reversed"
             return Result(
                 "00", reason, hold_id=hold.hold_id, account_id=account_id, card_id=card_id
             )
-        if original.posted_amount:
-            standing = original.posted_amount - original.reversed_amount
-            credit = standing - target
-            if credit <= 0 or original.account_id is None:
-                return Result("00", "already_resolved", account_id=account_id, card_id=card_id)
+        if verdict.action == "credit":
+            assert original.account_id is not None
             account = writer.account(original.account_id)
             assert account is not None, original.account_id
-            account.posted += credit
+            account.posted += verdict.amount
             writer.put_account(account)
-            self._give_back_usage(writer, card_key, original, credit, target == 0, batch)
-            original.reversed_amount += credit
+            self._give_back_usage(writer, card_key, original, verdict.amount, verdict.whole, batch)
+            original.reversed_amount += verdict.amount
             writer.put_answer(original_key, original)
+            reason = "reversed" if verdict.whole else "partially_reversed"
+            return Result("00", reason, account_id=account_id, card_id=card_id)
+        if verdict.action == "original_declined":
+            return Result("00", "original_declined", account_id=account_id, card_id=card_id)
+        if verdict.action in ("already_resolved", "no_change"):
+            # Either way the hold (if any) is named, so the event ties it to the reversal.
+            reason = "reversal_no_change" if verdict.action == "no_change" else "already_resolved"
             return Result(
-                "00",
-                "reversed" if target == 0 else "partially_reversed",
-                account_id=account_id,
-                card_id=card_id,
+                "00", reason, hold_id=original.hold_id, account_id=account_id, card_id=card_id
             )
         return Result("00", "nothing_to_reverse", account_id=account_id, card_id=card_id)

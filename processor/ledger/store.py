@@ -647,6 +647,15 @@ class Writer(Reader):
         self._txn.put(key, self._codecs.encoder.encode(hold), db=self._dbs["holds"])
         self._txn.delete(_U64.pack(hold.expires_ms) + key, db=self._dbs["hold_expiry"])
 
+    def capture_hold(self, account: Account, hold: Hold, amount: int, now_ms: int) -> None:
+        """Post `amount` for an open hold and close it as captured (the final amount may differ).
+
+        The one way a completion and a clearing presentment post against a hold.
+        """
+        hold.captured_amount = amount
+        self.close_hold(account, hold, "captured", now_ms)
+        account.posted -= amount
+
     def shrink_hold(self, account: Account, hold: Hold, amount: int) -> None:
         """Lower an open hold to `amount` (partial reversal)."""
         assert hold.status == "open" and 0 < amount <= hold.amount, (hold, amount)

@@ -1,0 +1,76 @@
+"""Pure verdicts for what follows an authorisation: posting it (capture) and voiding it (reversal).
+
+The 0220 completion and a clearing presentment both post an earlier authorisation, and a
+0400/0420 reverses one; each used to decide between its ledger reads and writes, and the two
+posting paths repeated the same ladder. Here each is one function of values the caller has
+already read (the original's stored answer and its hold), returning what to do; the caller
+applies it with the ledger writer's one operation for it. Nothing here reads or writes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from processor.ledger.records import Hold, StoredAnswer
+
+# What posting a transaction does, given its original authorisation (if one was found):
+#   already_posted   a single-message original (0200) posted at once: posting again doubles it
+#   already_captured a completion or presentment of the same authorisation posted it already
+#   capture          the original's hold is open: close it and post the final amount
+#   post             no original, or its hold was released or expired: the network's word stands
+Capture = Literal["already_posted", "already_captured", "capture", "post"]
+
+
+def capture_verdict(original: StoredAnswer | None, hold: Hold | None) -> Capture:
+    """How to post a transaction whose original answer is `original` and its hold `hold`."""
+    if original is not None and original.posted_amount:
+        return "already_posted"
+    if hold is not None:
+        if hold.status == "captured":
+            return "already_captured"
+        if hold.status == "open":
+            return "capture"
+    return "post"
+
+
+class Void(msgspec.Struct, frozen=True, gc=False):
+    """What a reversal does. `amount`: what goes back to the cardholder (held or posted)."""
+
+    action: Literal[
+        "original_declined",  # nothing was approved: nothing to give back
+        "already_resolved",  # its hold is gone, or its posting was reversed already
+        "release",  # release the whole hold
+        "shrink",  # lower the hold to `remaining`
+        "no_change",  # the replacement amount is not below the hold
+        "credit",  # credit `amount` back to posted (a posted single-message original)
+        "nothing_to_reverse",  # approved, but neither held nor posted (e.g. balance inquiry)
+    ]
+    amount: int = 0
+    remaining: int = 0  # what the transaction is worth afterwards
+    whole: bool = False  # the whole transaction is voided (usage given back with its count)
+
+
+def void_verdict(original: StoredAnswer, hold: Hold | None, target: int) -> Void:
+    """How to reverse `original` (with its hold, if it had one) down to `target` (0: fully).
+
+    `target` is in the account's currency (the caller scales field 95 by the original's rate).
+    """
+    if original.response_code not in ("00", "10"):
+        return Void("original_declined")
+    if original.hold_id is not None:
+        if hold is None or hold.status != "open":
+            return Void("already_resolved")
+        if target == 0:
+            return Void("release", amount=hold.amount, whole=True)
+        if target < hold.amount:
+            return Void("shrink", amount=hold.amount - target, remaining=target)
+        return Void("no_change", remaining=hold.amount)
+    if original.posted_amount:
+        standing = original.posted_amount - original.reversed_amount
+        credit = standing - target
+        if credit <= 0 or original.account_id is None:
+            return Void("already_resolved")
+        return Void("credit", amount=credit, remaining=target, whole=target == 0)
+    return Void("nothing_to_reverse")

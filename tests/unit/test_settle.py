@@ -1,0 +1,89 @@
+"""The pure verdicts of posting (capture) and voiding (reversal): every branch of each ladder."""
+
+from __future__ import annotations
+
+import pytest
+
+from processor.engine.settle import Void, capture_verdict, void_verdict
+from processor.ledger.records import Hold, StoredAnswer
+
+
+def answer(code: str = "00", hold_id: int | None = None, posted: int = 0, reversed_: int = 0):  # type: ignore[no-untyped-def]
+    return StoredAnswer(
+        fingerprint=b"f" * 16,
+        response={},
+        response_code=code,
+        reason="approved",
+        answered_ms=1,
+        account_id="acct",
+        card_id="card",
+        hold_id=hold_id,
+        posted_amount=posted,
+        reversed_amount=reversed_,
+    )
+
+
+def hold(status: str = "open", amount: int = 1000) -> Hold:
+    return Hold(
+        hold_id=7,
+        account_id="acct",
+        card_id="card",
+        amount=amount,
+        currency="978",
+        created_ms=1,
+        expires_ms=2,
+        approval_code="123456",
+        identity=b"id",
+        mcc="5411",
+        status=status,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize(
+    ("original", "its_hold", "verdict"),
+    [
+        (None, None, "post"),  # no original: the network's word stands
+        (answer(posted=500), None, "already_posted"),  # a 0200 posted at once
+        (answer(hold_id=7), hold("open"), "capture"),
+        (answer(hold_id=7), hold("captured"), "already_captured"),
+        (answer(hold_id=7), hold("released"), "post"),  # reversed before it was completed
+        (answer(hold_id=7), hold("expired"), "post"),
+        (answer(hold_id=7), None, "post"),  # its hold record is gone
+        (answer("51"), None, "post"),  # a declined original holds nothing: post as told
+    ],
+)
+def test_capture_ladder(original, its_hold, verdict) -> None:  # type: ignore[no-untyped-def]
+    assert capture_verdict(original, its_hold) == verdict
+
+
+@pytest.mark.parametrize(
+    ("original", "its_hold", "target", "verdict"),
+    [
+        (answer("51"), None, 0, Void("original_declined")),
+        (answer("05", hold_id=7), hold(), 0, Void("original_declined")),  # code before hold
+        (answer("10", hold_id=7), hold(), 0, Void("release", amount=1000, whole=True)),
+        (answer(hold_id=7), hold(), 0, Void("release", amount=1000, whole=True)),
+        (answer(hold_id=7), hold(), 400, Void("shrink", amount=600, remaining=400)),
+        (answer(hold_id=7), hold(), 999, Void("shrink", amount=1, remaining=999)),
+        (answer(hold_id=7), hold(), 1000, Void("no_change", remaining=1000)),  # boundary
+        (answer(hold_id=7), hold(), 5000, Void("no_change", remaining=1000)),
+        (answer(hold_id=7), hold("released"), 0, Void("already_resolved")),
+        (answer(hold_id=7), hold("captured"), 0, Void("already_resolved")),
+        (answer(hold_id=7), hold("expired"), 400, Void("already_resolved")),
+        (answer(hold_id=7), None, 0, Void("already_resolved")),
+        (answer(posted=1000), None, 0, Void("credit", amount=1000, whole=True)),
+        (answer(posted=1000), None, 300, Void("credit", amount=700, remaining=300)),
+        (answer(posted=1000, reversed_=700), None, 0, Void("credit", amount=300, whole=True)),
+        (answer(posted=1000, reversed_=700), None, 300, Void("already_resolved")),  # boundary
+        (answer(posted=1000, reversed_=1000), None, 0, Void("already_resolved")),
+        (answer(), None, 0, Void("nothing_to_reverse")),  # approved, neither held nor posted
+    ],
+)
+def test_void_ladder(original, its_hold, target, verdict) -> None:  # type: ignore[no-untyped-def]
+    assert void_verdict(original, its_hold, target) == verdict
+
+
+def test_a_posted_original_without_an_account_cannot_be_credited() -> None:
+    orphan = answer(posted=1000)
+    orphan.account_id = None
+    assert void_verdict(orphan, None, 0) == Void("already_resolved")
