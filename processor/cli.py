@@ -254,7 +254,7 @@ def cmd_webhooks_status(args: argparse.Namespace) -> int:
     config = _common_config(args)
     if _no_ledger(config):
         return 1
-    return status(config)
+    return status(config, datetime.now(UTC).timestamp())
 
 
 def cmd_webhooks_replay(args: argparse.Namespace) -> int:

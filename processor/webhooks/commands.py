@@ -25,7 +25,8 @@ def _state_path(config: Config) -> Path:
     return Path(config.ledger.path) / "webhooks"
 
 
-def status(config: Config) -> int:
+def status(config: Config, now: float) -> int:
+    """Each endpoint's position, backlog and dead letters; `now` (Unix seconds) ages them."""
     ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
     state_path = _state_path(config)
     state = DeliveryState(state_path, readonly=True) if (state_path / "data.mdb").exists() else None
@@ -40,7 +41,7 @@ def status(config: Config) -> int:
                 position = state.position(name) if state is not None else 1
                 backlog = max(0, last - position + 1)
                 waiting = reader.outbox(position, 1) if backlog else []
-                age = time.time() - waiting[0].created_ms / 1000 if waiting else 0.0
+                age = now - waiting[0].created_ms / 1000 if waiting else 0.0
                 dead = state.dead_letters(name) if state is not None else []
                 print(
                     f"endpoint {name}: delivered up to {position - 1}, backlog {backlog}, "

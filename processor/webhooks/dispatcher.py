@@ -5,6 +5,11 @@ with exponential back-off and jitter until a 2xx or until it is older than the e
 `retry_max_age_seconds`, when it goes to the dead letters and the walk goes on. Events are
 delivered in outbox order, so per-account order holds; a slow or dead endpoint holds back only
 its own task. Ledger access is read transactions only; positions live in DeliveryState.
+
+Time comes from a `Clock` and jitter from a callable, both passed in: the signing timestamp,
+event ages, dead-letter times and back-off sleeps are all read from them, so tests run the
+retry policy on logical time. Only the idle polls below wait on the event loop's own clock:
+they bound how soon outside changes are noticed and decide nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import aiohttp
 import msgspec
@@ -31,6 +37,29 @@ log = logging.getLogger("processor.webhooks")
 
 READ_BATCH = 100  # outbox records read per read transaction
 IDLE_POLL_SECONDS = 1.0  # also picks up events committed by other processes (clearing ingest)
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Unix time in seconds."""
+        ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    """The wall clock and the event loop's sleep: what the daemon runs on."""
+
+    def now(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+def uniform_jitter() -> float:
+    """A factor for a back-off delay: spreads the retries of many events over time."""
+    return random.uniform(0.5, 1.0)
 
 
 class Endpoint(msgspec.Struct, frozen=True):
@@ -50,10 +79,15 @@ class Dispatcher:
         endpoints: list[Endpoint],
         config: WebhooksConfig,
         metrics: Metrics,
+        *,
+        clock: Clock | None = None,
+        jitter: Callable[[], float] = uniform_jitter,
     ) -> None:
         self._ledger = ledger
+        self._clock: Clock = SystemClock() if clock is None else clock
+        self._jitter = jitter
         self._state = state
-        self._endpoints = endpoints
+        self.endpoints = endpoints
         self._config = config
         self._metrics = metrics
         self._wakes = {endpoint.config.name: asyncio.Event() for endpoint in endpoints}
@@ -73,24 +107,29 @@ class Dispatcher:
         with self._ledger.read() as reader:
             last = reader.outbox_last_sequence()
             waiting = reader.outbox(position, 1) if last >= position else []
-        age = time.time() - waiting[0].created_ms / 1000 if waiting else 0.0
+        age = self._clock.now() - waiting[0].created_ms / 1000 if waiting else 0.0
         return max(0, last - position + 1), max(0.0, age)
 
     def _gauge(self, name: str, which: int) -> Callable[[], float]:
         return lambda: float(self.backlog(name)[which])
 
     async def start(self) -> None:
-        for endpoint in self._endpoints:
+        for endpoint in self.endpoints:
             name = endpoint.config.name
             self._positions[name] = self.state.position(name)
             # Computed when scraped, from the ledger's outbox and the task's position.
             self._metrics.outbox_backlog.labels(name).set_function(self._gauge(name, 0))
             self._metrics.outbox_oldest_undelivered.labels(name).set_function(self._gauge(name, 1))
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit_per_host=4, keepalive_timeout=60)
-        )
+        await self.open_session()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._run(endpoint)) for endpoint in self._endpoints]
+        self._tasks = [loop.create_task(self._run(endpoint)) for endpoint in self.endpoints]
+
+    async def open_session(self) -> None:
+        """The HTTP client the deliveries share (`start` opens it; tests may open it alone)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit_per_host=4, keepalive_timeout=60)
+            )
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -141,7 +180,7 @@ class Dispatcher:
                 elif len(running) < window and key not in busy and key not in blocked:
                     busy.add(key)
                     task = asyncio.get_running_loop().create_task(
-                        self._deliver(endpoint, record, ledger_id)
+                        self.deliver(endpoint, record, ledger_id)
                     )
                     running[task] = record
                 else:
@@ -178,13 +217,13 @@ class Dispatcher:
                 ledger_id = reader.ledger_id()
                 records = reader.outbox(sequence, 1)
             found = records[0] if records and records[0].sequence == sequence else None
-            if found is not None and await self._deliver(endpoint, found, ledger_id):
+            if found is not None and await self.deliver(endpoint, found, ledger_id):
                 self.state.forget_dead_letter(name, sequence)
         self._positions[name] = position
         return position
 
-    async def _deliver(self, endpoint: Endpoint, record: OutboxRecord, ledger_id: str) -> bool:
-        """True once delivered; False when it went to the dead letters instead."""
+    async def deliver(self, endpoint: Endpoint, record: OutboxRecord, ledger_id: str) -> bool:
+        """One event to one endpoint, retried until delivered (True) or dead-lettered (False)."""
         assert self._session is not None
         event = render(record, ledger_id)
         body = msgspec.json.encode(event)
@@ -197,21 +236,22 @@ class Dispatcher:
                 async with self._session.post(
                     endpoint.config.url,
                     data=body,
-                    headers=headers(endpoint.secret, event.id, int(time.time()), body),
+                    headers=headers(endpoint.secret, event.id, int(self._clock.now()), body),
                     timeout=timeout,
                 ) as response:
                     await response.read()
                     if 200 <= response.status < 300:
                         self._metrics.webhook_delivered.labels(name).inc()
                         self._metrics.webhook_delivery_seconds.labels(name).observe(
-                            max(0.0, time.time() - record.created_ms / 1000)
+                            max(0.0, self._clock.now() - record.created_ms / 1000)
                         )
                         return True
                     error = f"http_{response.status}"
             except (aiohttp.ClientError, TimeoutError) as failure:
                 error = type(failure).__name__
             self._metrics.webhook_failures.labels(name, error).inc()
-            age_seconds = time.time() - record.created_ms / 1000
+            now = self._clock.now()
+            age_seconds = now - record.created_ms / 1000
             if age_seconds >= endpoint.config.retry_max_age_seconds:
                 log.warning(
                     "endpoint %s: %s dead-lettered after %d attempts (%s)",
@@ -228,7 +268,7 @@ class Dispatcher:
                         event_id=event.id,
                         attempts=attempt,
                         last_error=error,
-                        dead_ms=int(time.time() * 1000),
+                        dead_ms=int(now * 1000),
                     ),
                 )
                 return False
@@ -236,4 +276,4 @@ class Dispatcher:
                 self._config.backoff_max_seconds,
                 self._config.backoff_initial_seconds * 2 ** (attempt - 1),
             )
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter spreads retries
+            await self._clock.sleep(delay * self._jitter())

@@ -1,0 +1,217 @@
+"""The dispatcher's retry policy on logical time, against a scripted HTTP receiver on 127.0.0.1.
+
+The receiver is a real aiohttp server (the client must really see redirects, statuses and
+headers); time is a `LogicalClock`, so back-off and waits are asserted as exact logical seconds,
+never measured. Waits for the receiver are bounded by real time only to fail instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from processor.config import WebhookEndpoint, WebhooksConfig
+from processor.ledger.records import OutboxRecord
+from processor.ledger.store import Ledger
+from processor.metrics import Metrics
+from processor.webhooks.dispatcher import Dispatcher, Endpoint
+from processor.webhooks.state import DeliveryState
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+T0 = 1_795_486_000.0  # 2026-11-24: every test starts its logical clock here
+WAIT_SECONDS_MAX = 10.0  # real time: a receiver that never sees what we wait for fails the test
+
+
+class LogicalClock:
+    """Time that passes only when the code under test sleeps: each sleep ends at once, with
+    the clock moved to the sleep's end (never backwards), and is recorded."""
+
+    def __init__(self, start: float = T0) -> None:
+        self.time = start
+        self.sleeps: list[float] = []
+
+    def now(self) -> float:
+        return self.time
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.time = max(self.time, self.time + seconds)
+        await asyncio.sleep(0)
+
+
+class Request(msgspec.Struct):
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+Answer = tuple[int, dict[str, str]]
+
+
+class ScriptedReceiver:
+    """Answers each request with the next scripted (status, headers), then with `otherwise`."""
+
+    def __init__(self, script: list[Answer], otherwise: Answer = (204, {})) -> None:
+        self.script = list(script)
+        self.otherwise = otherwise
+        self.requests: list[Request] = []
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._answer)
+        self.server = TestServer(app, host="127.0.0.1")
+
+    async def _answer(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.requests.append(Request(request.method, request.path, headers, body))
+        status, extra = self.script.pop(0) if self.script else self.otherwise
+        return web.Response(status=status, headers=extra)
+
+    def url(self, path: str = "/hook") -> str:
+        return str(self.server.make_url(path))
+
+    def timestamps(self) -> list[int]:
+        return [int(r.headers["webhook-timestamp"]) for r in self.requests]
+
+
+def endpoint_config(url: str, **overrides: object) -> WebhookEndpoint:
+    fields: dict[str, object] = {"name": "main", "url": url, "secret_env": "UNUSED"}
+    fields.update(overrides)
+    return msgspec.convert(fields, WebhookEndpoint)
+
+
+def add_events(ledger: Ledger, accounts: list[str], created: float = T0) -> None:
+    with ledger.write() as writer:
+        for number, account in enumerate(accounts):
+            writer.append_event(
+                OutboxRecord(
+                    sequence=writer.next_event_sequence(),
+                    type="authorization.approved",
+                    created_ms=int(created * 1000),
+                    account_id=account,
+                    account_sequence=number + 1,
+                )
+            )
+
+
+def first_record(ledger: Ledger) -> tuple[OutboxRecord, str]:
+    with ledger.read() as reader:
+        return reader.outbox(1, 1)[0], reader.ledger_id()
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_SECONDS_MAX
+    while not condition():
+        assert loop.time() < deadline, "the condition did not come true in time"
+        await asyncio.sleep(0.01)
+
+
+class Harness(msgspec.Struct):
+    ledger: Ledger
+    state: DeliveryState
+    dispatcher: Dispatcher
+    receiver: ScriptedReceiver
+    clock: LogicalClock
+    metrics: Metrics
+
+
+def run(
+    tmp_path: Path,
+    script: list[Answer],
+    test: Callable[[Harness], Awaitable[None]],
+    *,
+    otherwise: Answer = (204, {}),
+    accounts: tuple[str, ...] = ("acct-1",),
+    backoff_initial_seconds: float = 1.0,
+    backoff_max_seconds: float = 300.0,
+    **endpoint: object,
+) -> None:
+    """Run `test` with a dispatcher (not started unless the test starts it) and a receiver."""
+
+    async def main() -> None:
+        receiver = ScriptedReceiver(script, otherwise)
+        await receiver.server.start_server()
+        ledger = Ledger(tmp_path / "ledger", durability="process", map_size_bytes=64 << 20)
+        state = DeliveryState(tmp_path / "ledger" / "webhooks")
+        clock = LogicalClock()
+        metrics = Metrics()
+        config = WebhooksConfig(
+            backoff_initial_seconds=backoff_initial_seconds,
+            backoff_max_seconds=backoff_max_seconds,
+        )
+        add_events(ledger, list(accounts))
+        dispatcher = Dispatcher(
+            ledger,
+            state,
+            [Endpoint(endpoint_config(receiver.url(), **endpoint), SECRET)],
+            config,
+            metrics,
+            clock=clock,
+            jitter=lambda: 1.0,  # the longest delay of the jitter range: exact logical times
+        )
+        try:
+            await test(Harness(ledger, state, dispatcher, receiver, clock, metrics))
+        finally:
+            await dispatcher.stop()
+            await receiver.server.close()
+            state.close()
+            ledger.close()
+
+    asyncio.run(main())
+
+
+async def deliver_first(harness: Harness) -> bool:
+    """Deliver event 1 alone, as the endpoint's task would."""
+    await harness.dispatcher.open_session()
+    record, ledger_id = first_record(harness.ledger)
+    return await harness.dispatcher.deliver(harness.dispatcher.endpoints[0], record, ledger_id)
+
+
+def test_failures_back_off_doubling_on_logical_time(tmp_path: Path) -> None:
+    async def test(harness: Harness) -> None:
+        assert await deliver_first(harness) is True
+        assert harness.clock.sleeps == [1.0, 2.0, 4.0]
+        # Each attempt is signed with the logical time it was made at.
+        assert harness.receiver.timestamps() == [T0, T0 + 1, T0 + 3, T0 + 7]
+
+    run(tmp_path, [(500, {}), (502, {}), (500, {})], test)
+
+
+def test_the_back_off_stops_growing_at_its_maximum(tmp_path: Path) -> None:
+    async def test(harness: Harness) -> None:
+        assert await deliver_first(harness) is True
+        assert harness.clock.sleeps == [1.0, 2.0, 4.0, 5.0, 5.0]
+
+    run(tmp_path, [(500, {})] * 5, test, backoff_max_seconds=5.0)
+
+
+def test_an_event_older_than_its_retry_age_is_a_dead_letter(tmp_path: Path) -> None:
+    async def test(harness: Harness) -> None:
+        assert await deliver_first(harness) is False
+        # Attempts at +0, +1, +3, +7, +15: the fifth is the first at an age of 10 s or more.
+        assert harness.receiver.timestamps() == [T0, T0 + 1, T0 + 3, T0 + 7, T0 + 15]
+        (letter,) = harness.state.dead_letters("main")
+        assert (letter.sequence, letter.attempts, letter.last_error) == (1, 5, "http_500")
+        assert letter.dead_ms == int((T0 + 15) * 1000)
+
+    run(tmp_path, [], test, otherwise=(500, {}), retry_max_age_seconds=10)
+
+
+def test_the_signature_header_is_over_the_attempt_timestamp(tmp_path: Path) -> None:
+    from processor.webhooks.signing import sign
+
+    async def test(harness: Harness) -> None:
+        assert await deliver_first(harness) is True
+        (request,) = harness.receiver.requests
+        event_id = request.headers["webhook-id"]
+        assert request.headers["webhook-signature"] == sign(SECRET, event_id, int(T0), request.body)
+        assert base64.b64decode(request.headers["webhook-signature"][3:])  # v1,<base64>
+
+    run(tmp_path, [], test)
