@@ -269,7 +269,7 @@ def cmd_webhooks_replay(args: argparse.Namespace) -> int:
 def cmd_webhooks_listen(args: argparse.Namespace) -> int:
     from processor.webhooks.commands import listen
 
-    return listen(args.host, args.port, args.secret_env)
+    return listen(args.host, args.port, args.secret_envs)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -397,7 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hook_listen.add_argument("--host", default="127.0.0.1")
     hook_listen.add_argument("--port", type=int, required=True)
-    hook_listen.add_argument("--secret-env", required=True, help="variable with the whsec_ secret")
+    hook_listen.add_argument(
+        "--secret-env",
+        dest="secret_envs",
+        action="append",
+        required=True,
+        help="variable with a whsec_ secret; repeat it to accept any of several (a rotation)",
+    )
     hook_listen.set_defaults(func=cmd_webhooks_listen)
 
     def target(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ import hmac
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -89,36 +90,42 @@ def replay(config: Config, endpoint: str, first: int | None, event: str | None) 
     return 0
 
 
-def verify(secret: bytes, headers: dict[str, str], body: bytes, now: float) -> bool:
-    """Standard Webhooks verification: signature over id.timestamp.body, timestamp in window."""
+def verify(secrets: Sequence[bytes], headers: dict[str, str], body: bytes, now: float) -> bool:
+    """Standard Webhooks verification: timestamp in the window, and one of the offered
+    signatures over id.timestamp.body made with one of `secrets` (a rotation offers several)."""
     message_id = headers.get("webhook-id", "")
     timestamp = headers.get("webhook-timestamp", "")
     if not message_id or not timestamp.isdigit():
         return False
     if abs(now - int(timestamp)) > REPLAY_WINDOW_SECONDS:
         return False
-    expected = sign(secret, message_id, int(timestamp), body).encode()
     offered = [s.encode() for s in headers.get("webhook-signature", "").split(" ") if s]
-    return any(hmac.compare_digest(expected, candidate) for candidate in offered)
+    for secret in secrets:
+        expected = sign(secret, message_id, int(timestamp), body).encode()
+        if any(hmac.compare_digest(expected, candidate) for candidate in offered):
+            return True
+    return False
 
 
-def listen(host: str, port: int, secret_env: str) -> int:
+def listen(host: str, port: int, secret_envs: Sequence[str]) -> int:
     from aiohttp import web
 
-    value = os.environ.get(secret_env, "")
-    try:
-        secret = parse_secret(value, secret_env) if value else None
-    except SecretError as error:
-        print(f"processor: {error}", file=sys.stderr)
-        return 2
-    if secret is None:
-        print(f"processor: environment variable {secret_env} is not set", file=sys.stderr)
-        return 2
+    secrets: list[bytes] = []
+    for variable in secret_envs:
+        value = os.environ.get(variable, "")
+        if not value:
+            print(f"processor: environment variable {variable} is not set", file=sys.stderr)
+            return 2
+        try:
+            secrets.append(parse_secret(value, variable))
+        except SecretError as error:
+            print(f"processor: {error}", file=sys.stderr)
+            return 2
 
     async def receive(request: web.Request) -> web.Response:
         body = await request.read()
         headers = {k.lower(): v for k, v in request.headers.items()}
-        if not verify(secret, headers, body, time.time()):
+        if not verify(secrets, headers, body, time.time()):
             print(f"REJECTED {headers.get('webhook-id', '?')}: bad signature", flush=True)
             return web.json_response({"error": {"code": "bad_signature"}}, status=400)
         try:
@@ -136,7 +143,9 @@ def listen(host: str, port: int, secret_env: str) -> int:
         site = web.TCPSite(runner, host, port)
         await site.start()
         print(
-            f"listening on {host}:{runner.addresses[0][1]}, verifying with {secret_env}", flush=True
+            f"listening on {host}:{runner.addresses[0][1]}, verifying with "
+            + " or ".join(secret_envs),
+            flush=True,
         )
         try:
             await asyncio.Event().wait()

@@ -64,7 +64,7 @@ def uniform_jitter() -> float:
 
 class Endpoint(msgspec.Struct, frozen=True):
     config: WebhookEndpoint
-    secret: bytes
+    secrets: tuple[bytes, ...]  # one signature each, in the order of config.secret_envs
 
     def wants(self, event_type: str) -> bool:
         types = self.config.event_types
@@ -236,7 +236,7 @@ class Dispatcher:
                 async with self._session.post(
                     endpoint.config.url,
                     data=body,
-                    headers=headers(endpoint.secret, event.id, int(self._clock.now()), body),
+                    headers=headers(endpoint.secrets, event.id, int(self._clock.now()), body),
                     timeout=timeout,
                 ) as response:
                     await response.read()

@@ -19,6 +19,7 @@ from processor.webhooks.state import DeliveryState
 pytestmark = pytest.mark.e2e
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+SECRET_NEXT = "whsec_" + base64.b64encode(b"fedcba9876543210fedcba9876543210").decode()
 
 
 def start(tmp_path: Path, endpoints: str, **env: str) -> RunningDaemon:
@@ -26,7 +27,10 @@ def start(tmp_path: Path, endpoints: str, **env: str) -> RunningDaemon:
     config.write_text(
         "[webhooks]\nbackoff_initial_seconds = 0.05\nbackoff_max_seconds = 0.2\n" + endpoints
     )
-    environment = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, HOOK_SECRET=SECRET, **env)
+    environment = dict(
+        os.environ, PROCESSOR_PAN_KEY=PAN_KEY, HOOK_SECRET=SECRET, HOOK_SECRET_NEXT=SECRET_NEXT
+    )
+    environment.update(env)
     return RunningDaemon(tmp_path / "ledger", config=config, env=environment).start()
 
 
@@ -38,9 +42,9 @@ def signed_by(headers: dict[str, str], body: bytes, *secrets: str) -> bool:
     return headers["webhook-signature"] == " ".join(expected)
 
 
-def endpoint(name: str, url: str, extra: str = "") -> str:
+def endpoint(name: str, url: str, extra: str = "", secret_envs: str = '["HOOK_SECRET"]') -> str:
     return (
-        f'[[webhooks.endpoints]]\nname = "{name}"\nurl = "{url}"\nsecret_env = "HOOK_SECRET"\n'
+        f'[[webhooks.endpoints]]\nname = "{name}"\nurl = "{url}"\nsecret_envs = {secret_envs}\n'
         + extra
     )
 
@@ -158,7 +162,66 @@ def test_missing_secret_fails_at_start_naming_the_variable(tmp_path: Path) -> No
         "0",
     )
     assert result.returncode == 2
-    assert "NOPE_SECRET" in result.stderr and "$.webhooks.endpoints[0].secret_env" in result.stderr
+    assert (
+        "$.webhooks.endpoints[0].secret_envs[0]: environment variable NOPE_SECRET is not set"
+        in (result.stderr)
+    )
+
+
+def test_two_secrets_two_signatures_each_verifiable(tmp_path: Path) -> None:
+    receiver = Receiver()
+    daemon = start(
+        tmp_path,
+        endpoint("main", receiver.url, secret_envs='["HOOK_SECRET", "HOOK_SECRET_NEXT"]'),
+    )
+    try:
+        link = daemon.connect()
+        for _ in range(2):
+            assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
+        link.close()
+        assert len(receiver.wait_for(2)) == 2
+        other = "whsec_" + base64.b64encode(b"x" * 32).decode()
+        for headers, body in receiver.received:
+            assert len(headers["webhook-signature"].split(" ")) == 2
+            assert signed_by(headers, body, SECRET, SECRET_NEXT)  # both, in the order configured
+            assert not signed_by(headers, body, other, SECRET_NEXT)
+            # A receiver on either secret alone finds its signature among those offered.
+            offered = headers["webhook-signature"].split(" ")
+            for secret in (SECRET, SECRET_NEXT):
+                moment = datetime.fromtimestamp(int(headers["webhook-timestamp"]), UTC)
+                assert Webhook(secret).sign(headers["webhook-id"], moment, body.decode()) in offered
+    finally:
+        daemon.stop()
+        receiver.close()
+
+
+def test_a_second_secret_that_is_too_short_stops_the_start_naming_it(tmp_path: Path) -> None:
+    from harness import run_cli
+
+    config = tmp_path / "processor.toml"
+    config.write_text(
+        endpoint("main", "http://127.0.0.1:9/", secret_envs='["HOOK_SECRET", "HOOK_SHORT"]')
+    )
+    short = "whsec_" + base64.b64encode(b"s" * 16).decode()
+    env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, HOOK_SECRET=SECRET, HOOK_SHORT=short)
+    result = run_cli(
+        "serve",
+        "--config",
+        str(config),
+        "--ledger",
+        str(tmp_path / "l"),
+        "--port",
+        "0",
+        "--http-port",
+        "0",
+        env=env,
+    )
+    assert result.returncode == 2
+    assert (
+        "$.webhooks.endpoints[0].secret_envs[1] (HOOK_SHORT): signing secret of 16 bytes, "
+        "at least 24 needed" in result.stderr
+    )
+    assert short not in result.stderr and short[len("whsec_") :] not in result.stderr
 
 
 def test_backlog_metrics_while_an_endpoint_is_down(tmp_path: Path) -> None:
@@ -248,7 +311,7 @@ def test_listen_verifies_signatures_and_prints_events(tmp_path: Path) -> None:
 
     from processor.webhooks.signing import headers, parse_secret
 
-    env = dict(os.environ, HOOK_SECRET=SECRET)
+    env = dict(os.environ, HOOK_SECRET=SECRET, HOOK_SECRET_NEXT=SECRET_NEXT)
     listener = subprocess.Popen(
         [
             sys.executable,
@@ -260,6 +323,8 @@ def test_listen_verifies_signatures_and_prints_events(tmp_path: Path) -> None:
             "0",
             "--secret-env",
             "HOOK_SECRET",
+            "--secret-env",
+            "HOOK_SECRET_NEXT",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -270,14 +335,21 @@ def test_listen_verifies_signatures_and_prints_events(tmp_path: Path) -> None:
         assert listener.stdout is not None
         line = listener.stdout.readline()
         port = int(line.split("listening on 127.0.0.1:")[1].split(",")[0])
+        assert line.rstrip().endswith("verifying with HOOK_SECRET or HOOK_SECRET_NEXT")
         body = b'{"id":"evt_x","type":"authorization.approved"}'
         # The listener is a real receiver: it keeps the replay window on its own clock, so
         # this one request is signed at the shared clock's time (nothing asserts on time).
-        signed = headers(parse_secret(SECRET, "t"), "evt_x", int(time.time()), body)
+        signed = headers([parse_secret(SECRET, "t")], "evt_x", int(time.time()), body)
         request = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, headers=signed)
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 204
         assert '"evt_x"' in listener.stdout.readline()
+        # Signed with the second secret alone (the sender has rotated): accepted too.
+        rotated = headers([parse_secret(SECRET_NEXT, "t")], "evt_y", int(time.time()), body)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, headers=rotated)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 204
+        assert '"evt_x"' in listener.stdout.readline()  # the body printed again
         forged = dict(signed, **{"webhook-signature": "v1,AAAA"})
         bad = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, headers=forged)
         with pytest.raises(urllib.error.HTTPError) as caught:

@@ -24,6 +24,7 @@ from processor.webhooks.dispatcher import Dispatcher, Endpoint
 from processor.webhooks.state import DeliveryState
 
 SECRET = b"0123456789abcdef0123456789abcdef"
+SECRET_NEXT = b"fedcba9876543210fedcba9876543210"
 T0 = 1_795_486_000.0  # 2026-11-24: every test starts its logical clock here
 WAIT_SECONDS_MAX = 10.0  # real time: a receiver that never sees what we wait for fails the test
 
@@ -81,7 +82,7 @@ class ScriptedReceiver:
 
 
 def endpoint_config(url: str, **overrides: object) -> WebhookEndpoint:
-    fields: dict[str, object] = {"name": "main", "url": url, "secret_env": "UNUSED"}
+    fields: dict[str, object] = {"name": "main", "url": url, "secret_envs": ["UNUSED"]}
     fields.update(overrides)
     return msgspec.convert(fields, WebhookEndpoint)
 
@@ -129,6 +130,7 @@ def run(
     *,
     otherwise: Answer = (204, {}),
     accounts: tuple[str, ...] = ("acct-1",),
+    secrets: tuple[bytes, ...] = (SECRET,),
     backoff_initial_seconds: float = 1.0,
     backoff_max_seconds: float = 300.0,
     **endpoint: object,
@@ -150,7 +152,7 @@ def run(
         dispatcher = Dispatcher(
             ledger,
             state,
-            [Endpoint(endpoint_config(receiver.url(), **endpoint), SECRET)],
+            [Endpoint(endpoint_config(receiver.url(), **endpoint), secrets)],
             config,
             metrics,
             clock=clock,
@@ -204,14 +206,19 @@ def test_an_event_older_than_its_retry_age_is_a_dead_letter(tmp_path: Path) -> N
     run(tmp_path, [], test, otherwise=(500, {}), retry_max_age_seconds=10)
 
 
-def test_the_signature_header_is_over_the_attempt_timestamp(tmp_path: Path) -> None:
+def test_every_secret_signs_every_attempt_at_its_own_timestamp(tmp_path: Path) -> None:
     from processor.webhooks.signing import sign
 
     async def test(harness: Harness) -> None:
         assert await deliver_first(harness) is True
-        (request,) = harness.receiver.requests
-        event_id = request.headers["webhook-id"]
-        assert request.headers["webhook-signature"] == sign(SECRET, event_id, int(T0), request.body)
-        assert base64.b64decode(request.headers["webhook-signature"][3:])  # v1,<base64>
+        first, second = harness.receiver.requests
+        for request, timestamp in ((first, int(T0)), (second, int(T0) + 1)):
+            event_id = request.headers["webhook-id"]
+            offered = request.headers["webhook-signature"].split(" ")
+            assert offered == [
+                sign(SECRET, event_id, timestamp, request.body),
+                sign(SECRET_NEXT, event_id, timestamp, request.body),
+            ]
+            assert all(len(base64.b64decode(s[3:])) == 32 for s in offered)  # v1,<HMAC-SHA256>
 
-    run(tmp_path, [], test)
+    run(tmp_path, [(500, {})], test, secrets=(SECRET, SECRET_NEXT))
