@@ -21,6 +21,7 @@ import random
 import time
 from collections.abc import Callable
 from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import msgspec
@@ -224,32 +225,29 @@ class Dispatcher:
 
     async def deliver(self, endpoint: Endpoint, record: OutboxRecord, ledger_id: str) -> bool:
         """One event to one endpoint, retried until delivered (True) or dead-lettered (False)."""
-        assert self._session is not None
         event = render(record, ledger_id)
         body = msgspec.json.encode(event)
         name = endpoint.config.name
-        timeout = aiohttp.ClientTimeout(total=endpoint.config.timeout_seconds)
         attempt = 0
         while True:
             attempt += 1
-            try:
-                async with self._session.post(
-                    endpoint.config.url,
-                    data=body,
-                    headers=headers(endpoint.secrets, event.id, int(self._clock.now()), body),
-                    timeout=timeout,
-                ) as response:
-                    await response.read()
-                    if 200 <= response.status < 300:
-                        self._metrics.webhook_delivered.labels(name).inc()
-                        self._metrics.webhook_delivery_seconds.labels(name).observe(
-                            max(0.0, self._clock.now() - record.created_ms / 1000)
-                        )
-                        return True
-                    error = f"http_{response.status}"
-            except (aiohttp.ClientError, TimeoutError) as failure:
-                error = type(failure).__name__
-            self._metrics.webhook_failures.labels(name, error).inc()
+            answer = await self._attempt(endpoint, event.id, body)
+            if answer.delivered:
+                self._metrics.webhook_delivered.labels(name).inc()
+                self._metrics.webhook_delivery_seconds.labels(name).observe(
+                    max(0.0, self._clock.now() - record.created_ms / 1000)
+                )
+                return True
+            self._metrics.webhook_failures.labels(name, answer.error).inc()
+            if answer.redirect:
+                log.warning(
+                    "endpoint %s: %s answered %d, a redirect to %s: not followed, a failed "
+                    "attempt; set the endpoint's url to where it should deliver",
+                    name,
+                    event.id,
+                    answer.status,
+                    shown_location(answer.location),
+                )
             now = self._clock.now()
             age_seconds = now - record.created_ms / 1000
             if age_seconds >= endpoint.config.retry_max_age_seconds:
@@ -258,7 +256,7 @@ class Dispatcher:
                     name,
                     event.id,
                     attempt,
-                    error,
+                    answer.error,
                 )
                 self._metrics.webhook_dead_letters.labels(name).inc()
                 self._state.bury(
@@ -267,7 +265,7 @@ class Dispatcher:
                         sequence=record.sequence,
                         event_id=event.id,
                         attempts=attempt,
-                        last_error=error,
+                        last_error=answer.error,
                         dead_ms=int(now * 1000),
                     ),
                 )
@@ -277,3 +275,61 @@ class Dispatcher:
                 self._config.backoff_initial_seconds * 2 ** (attempt - 1),
             )
             await self._clock.sleep(delay * self._jitter())
+
+    async def _attempt(self, endpoint: Endpoint, event_id: str, body: bytes) -> Answer:
+        """One signed POST. Redirects are not followed (Standard Webhooks): a 3xx is answered
+        like any other failure, so a moved receiver is fixed in the config, never guessed."""
+        assert self._session is not None
+        try:
+            async with self._session.post(
+                endpoint.config.url,
+                data=body,
+                headers=headers(endpoint.secrets, event_id, int(self._clock.now()), body),
+                timeout=aiohttp.ClientTimeout(total=endpoint.config.timeout_seconds),
+                allow_redirects=False,
+            ) as response:
+                await response.read()
+                return Answer(
+                    status=response.status,
+                    location=response.headers.get("Location"),
+                )
+        except (aiohttp.ClientError, TimeoutError) as failure:
+            return Answer(status=0, failure=type(failure).__name__)
+
+
+class Answer(msgspec.Struct, frozen=True, kw_only=True):
+    """What one attempt got: an HTTP status and the headers the policy reads, or no answer
+    at all (status 0) and why."""
+
+    status: int
+    failure: str = ""  # the exception's type name when there was no answer
+    location: str | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def redirect(self) -> bool:
+        return 300 <= self.status < 400
+
+    @property
+    def error(self) -> str:
+        """The metric label and dead-letter reason: `http_503`, `ClientConnectorError`, ..."""
+        return self.failure if self.status == 0 else f"http_{self.status}"
+
+
+LOCATION_SHOWN_CHARACTERS_MAX = 200
+
+
+def shown_location(location: str | None) -> str:
+    """A Location header fit for a log line: without user info, query or fragment, which may
+    carry credentials, and cut to a bounded length."""
+    if not location:
+        return "(no Location)"
+    try:
+        parts = urlsplit(location)
+    except ValueError:
+        return "(an unreadable Location)"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))[:LOCATION_SHOWN_CHARACTERS_MAX]

@@ -417,3 +417,31 @@ def test_a_receiver_that_times_out_gets_every_event_after_retries(tmp_path: Path
     finally:
         daemon.stop()
         receiver.close()
+
+
+def test_redirects_are_not_followed_but_retried_and_logged(tmp_path: Path) -> None:
+    receiver = Receiver()
+    moved = receiver.url_for("/moved?token=s3cr3t")
+    receiver.answers = [(302, {"Location": moved}), (307, {"Location": moved})]
+    daemon = start(tmp_path, endpoint("main", receiver.url))
+    try:
+        link = daemon.connect()
+        assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
+        link.close()
+        (event,) = receiver.wait_for(1)
+        attempts = receiver.wait_for_attempts(3)
+        # Three POSTs to the configured path: two redirected, one delivered; /moved never asked.
+        assert [(a.method, a.path, a.status) for a in attempts] == [
+            ("POST", "/hook", 302),
+            ("POST", "/hook", 307),
+            ("POST", "/hook", 204),
+        ]
+        assert {a.headers["webhook-id"] for a in attempts} == {event["id"]}
+        logged = [line for line in daemon.stderr().splitlines() if "a redirect to" in line]
+        assert len(logged) == 2, daemon.stderr()
+        assert "answered 302, a redirect to http://127.0.0.1:" in logged[0]
+        assert "answered 307" in logged[1] and "not followed" in logged[1]
+        assert "s3cr3t" not in daemon.stderr()
+    finally:
+        daemon.stop()
+        receiver.close()

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -20,7 +22,7 @@ from processor.config import WebhookEndpoint, WebhooksConfig
 from processor.ledger.records import OutboxRecord
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
-from processor.webhooks.dispatcher import Dispatcher, Endpoint
+from processor.webhooks.dispatcher import Dispatcher, Endpoint, shown_location
 from processor.webhooks.state import DeliveryState
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -222,3 +224,56 @@ def test_every_secret_signs_every_attempt_at_its_own_timestamp(tmp_path: Path) -
             assert all(len(base64.b64decode(s[3:])) == 32 for s in offered)  # v1,<HMAC-SHA256>
 
     run(tmp_path, [(500, {})], test, secrets=(SECRET, SECRET_NEXT))
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_followed_but_a_failed_attempt_retried(
+    tmp_path: Path, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def test(harness: Harness) -> None:
+        moved = harness.receiver.url("/moved") + "?token=s3cr3t#part"
+        harness.receiver.script = [(status, {"Location": moved})]
+        with caplog.at_level(logging.WARNING, logger="processor.webhooks"):
+            assert await deliver_first(harness) is True
+        # Both attempts went to the configured url, as POSTs; /moved was never asked for.
+        assert [(r.method, r.path) for r in harness.receiver.requests] == [("POST", "/hook")] * 2
+        assert harness.clock.sleeps == [1.0]  # retried after the usual back-off
+        failures = harness.metrics.registry.get_sample_value(
+            "processor_webhook_failures_total", {"endpoint": "main", "error": f"http_{status}"}
+        )
+        assert failures == 1.0
+        (line,) = [r.getMessage() for r in caplog.records if "redirect" in r.getMessage()]
+        assert f"answered {status}, a redirect to http://127.0.0.1:" in line
+        assert "/moved: not followed, a failed attempt" in line
+        assert "s3cr3t" not in line and "part" not in line
+
+    run(tmp_path, [], test)
+
+
+def test_a_redirect_answered_until_the_retry_age_is_a_dead_letter(tmp_path: Path) -> None:
+    async def test(harness: Harness) -> None:
+        assert await deliver_first(harness) is False
+        assert {r.path for r in harness.receiver.requests} == {"/hook"}
+        (letter,) = harness.state.dead_letters("main")
+        assert letter.last_error == "http_302"
+
+    run(tmp_path, [], test, otherwise=(302, {"Location": "/moved"}), retry_max_age_seconds=3)
+
+
+@pytest.mark.parametrize(
+    ("location", "shown"),
+    [
+        (
+            "https://user:pw@hooks.example:8443/new/path?key=1#x",
+            "https://hooks.example:8443/new/path",
+        ),
+        ("/relative?x=1", "/relative"),
+        (None, "(no Location)"),
+        ("http://[::1", "(an unreadable Location)"),
+        ("https://h.example/" + "a" * 500, "https://h.example/" + "a" * 182),
+    ],
+)
+def test_a_location_is_logged_without_what_may_be_a_credential(
+    location: str | None, shown: str
+) -> None:
+    assert shown_location(location) == shown
