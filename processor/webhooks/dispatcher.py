@@ -2,9 +2,11 @@
 
 One task per endpoint walks the outbox from that endpoint's position. Each event is retried
 with exponential back-off and jitter until a 2xx or until it is older than the endpoint's
-`retry_max_age_seconds`, when it goes to the dead letters and the walk goes on. Events are
-delivered in outbox order, so per-account order holds; a slow or dead endpoint holds back only
-its own task. Ledger access is read transactions only; positions live in DeliveryState.
+`retry_max_age_seconds`, when it goes to the dead letters and the walk goes on. A 429 or 503
+with Retry-After pauses the whole endpoint, not only that event (processor/webhooks/policy.py):
+it is the receiver saying it is overloaded. Events are delivered in outbox order, so
+per-account order holds; a slow or dead endpoint holds back only its own task. Ledger access
+is read transactions only; positions live in DeliveryState.
 
 Time comes from a `Clock` and jitter from a callable, both passed in: the signing timestamp,
 event ages, dead-letter times and back-off sleeps are all read from them, so tests run the
@@ -31,6 +33,7 @@ from processor.events import render
 from processor.ledger.records import OutboxRecord
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
+from processor.webhooks.policy import RETRY_AFTER_STATUSES, backoff_seconds, pause_seconds
 from processor.webhooks.signing import headers
 from processor.webhooks.state import DeadLetter, DeliveryState
 
@@ -96,6 +99,8 @@ class Dispatcher:
         self._session: aiohttp.ClientSession | None = None
         self.state = state
         self._positions: dict[str, int] = {}
+        # Per endpoint, the clock time before which no attempt starts (from Retry-After).
+        self._paused_until: dict[str, float] = {}
 
     def notify(self) -> None:
         """New events were committed: wake the endpoint tasks."""
@@ -230,6 +235,7 @@ class Dispatcher:
         name = endpoint.config.name
         attempt = 0
         while True:
+            await self._pause_over(name)
             attempt += 1
             answer = await self._attempt(endpoint, event.id, body)
             if answer.delivered:
@@ -270,11 +276,45 @@ class Dispatcher:
                     ),
                 )
                 return False
-            delay = min(
-                self._config.backoff_max_seconds,
-                self._config.backoff_initial_seconds * 2 ** (attempt - 1),
+            self._pause(name, answer, now)
+            await self._clock.sleep(
+                backoff_seconds(
+                    attempt,
+                    self._config.backoff_initial_seconds,
+                    self._config.backoff_max_seconds,
+                    self._jitter(),
+                )
             )
-            await self._clock.sleep(delay * self._jitter())
+
+    def _pause(self, name: str, answer: Answer, now: float) -> None:
+        """Honour a 429's or 503's Retry-After: no attempt to the endpoint before it ends."""
+        if answer.status not in RETRY_AFTER_STATUSES or answer.retry_after is None:
+            return
+        maximum = self._config.backoff_max_seconds
+        pause = pause_seconds(answer.status, answer.retry_after, now, maximum)
+        shown = repr(answer.retry_after[:RETRY_AFTER_SHOWN_CHARACTERS_MAX])
+        if pause is None:
+            log.info(
+                "endpoint %s: answered %d with an unreadable Retry-After %s: the usual back-off",
+                name,
+                answer.status,
+                shown,
+            )
+            return
+        log.info(
+            "endpoint %s: answered %d with Retry-After %s: no attempt for %.1f s%s",
+            name,
+            answer.status,
+            shown,
+            pause,
+            " (the most webhooks.backoff_max_seconds allows)" if pause == maximum else "",
+        )
+        self._paused_until[name] = max(self._paused_until.get(name, 0.0), now + pause)
+
+    async def _pause_over(self, name: str) -> None:
+        """Wait out the endpoint's pause; another answer may lengthen it meanwhile."""
+        while (left := self._paused_until.get(name, 0.0) - self._clock.now()) > 0:
+            await self._clock.sleep(left)
 
     async def _attempt(self, endpoint: Endpoint, event_id: str, body: bytes) -> Answer:
         """One signed POST. Redirects are not followed (Standard Webhooks): a 3xx is answered
@@ -292,6 +332,7 @@ class Dispatcher:
                 return Answer(
                     status=response.status,
                     location=response.headers.get("Location"),
+                    retry_after=response.headers.get("Retry-After"),
                 )
         except (aiohttp.ClientError, TimeoutError) as failure:
             return Answer(status=0, failure=type(failure).__name__)
@@ -304,6 +345,7 @@ class Answer(msgspec.Struct, frozen=True, kw_only=True):
     status: int
     failure: str = ""  # the exception's type name when there was no answer
     location: str | None = None
+    retry_after: str | None = None
 
     @property
     def delivered(self) -> bool:
@@ -320,6 +362,7 @@ class Answer(msgspec.Struct, frozen=True, kw_only=True):
 
 
 LOCATION_SHOWN_CHARACTERS_MAX = 200
+RETRY_AFTER_SHOWN_CHARACTERS_MAX = 40
 
 
 def shown_location(location: str | None) -> str:

@@ -22,10 +22,13 @@ SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode
 SECRET_NEXT = "whsec_" + base64.b64encode(b"fedcba9876543210fedcba9876543210").decode()
 
 
-def start(tmp_path: Path, endpoints: str, **env: str) -> RunningDaemon:
+def start(
+    tmp_path: Path, endpoints: str, backoff_max_seconds: float = 0.2, **env: str
+) -> RunningDaemon:
     config = tmp_path / "processor.toml"
     config.write_text(
-        "[webhooks]\nbackoff_initial_seconds = 0.05\nbackoff_max_seconds = 0.2\n" + endpoints
+        "[webhooks]\nbackoff_initial_seconds = 0.05\n"
+        f"backoff_max_seconds = {backoff_max_seconds}\n" + endpoints
     )
     environment = dict(
         os.environ, PROCESSOR_PAN_KEY=PAN_KEY, HOOK_SECRET=SECRET, HOOK_SECRET_NEXT=SECRET_NEXT
@@ -442,6 +445,28 @@ def test_redirects_are_not_followed_but_retried_and_logged(tmp_path: Path) -> No
         assert "answered 302, a redirect to http://127.0.0.1:" in logged[0]
         assert "answered 307" in logged[1] and "not followed" in logged[1]
         assert "s3cr3t" not in daemon.stderr()
+    finally:
+        daemon.stop()
+        receiver.close()
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_is_honoured(tmp_path: Path, status: int) -> None:
+    receiver = Receiver(answers=[(status, {"Retry-After": "1"})])
+    # The back-off alone would retry after 0.025 to 0.05 s; Retry-After asks for 1 s.
+    daemon = start(tmp_path, endpoint("main", receiver.url), backoff_max_seconds=5.0)
+    try:
+        link = daemon.connect()
+        assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
+        link.close()
+        assert len(receiver.wait_for(1, timeout=10)) == 1
+        first, second = receiver.wait_for_attempts(2)
+        assert (first.status, second.status) == (status, 204)
+        assert first.headers["webhook-id"] == second.headers["webhook-id"]
+        # Arrival times at the receiver: the first is stamped before it is answered, so the
+        # daemon's wait of at least 1 s lies wholly between the two.
+        assert second.arrived - first.arrived >= 1.0
+        assert second.arrived - first.arrived < 5.0  # not parked beyond the cap either
     finally:
         daemon.stop()
         receiver.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -46,6 +47,34 @@ class LogicalClock:
         self.sleeps.append(seconds)
         self.time = max(self.time, self.time + seconds)
         await asyncio.sleep(0)
+
+
+class ManualClock:
+    """Time that passes only when the test moves it: sleepers wait until `advance_to` passes
+    their end. For tests of what happens while something else is still waiting."""
+
+    def __init__(self, start: float = T0) -> None:
+        self.time = start
+        self.sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def now(self) -> float:
+        return self.time
+
+    async def sleep(self, seconds: float) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.sleepers.append((self.time + seconds, future))
+        await future
+
+    def advance_to(self, moment: float) -> None:
+        self.time = moment
+        for end, future in list(self.sleepers):
+            if end <= moment:
+                self.sleepers.remove((end, future))
+                if not future.done():
+                    future.set_result(None)
+
+    def waiting(self) -> int:
+        return sum(1 for _, future in self.sleepers if not future.done())
 
 
 class Request(msgspec.Struct):
@@ -121,7 +150,7 @@ class Harness(msgspec.Struct):
     state: DeliveryState
     dispatcher: Dispatcher
     receiver: ScriptedReceiver
-    clock: LogicalClock
+    clock: LogicalClock | ManualClock
     metrics: Metrics
 
 
@@ -135,6 +164,7 @@ def run(
     secrets: tuple[bytes, ...] = (SECRET,),
     backoff_initial_seconds: float = 1.0,
     backoff_max_seconds: float = 300.0,
+    clock: LogicalClock | ManualClock | None = None,
     **endpoint: object,
 ) -> None:
     """Run `test` with a dispatcher (not started unless the test starts it) and a receiver."""
@@ -144,7 +174,7 @@ def run(
         await receiver.server.start_server()
         ledger = Ledger(tmp_path / "ledger", durability="process", map_size_bytes=64 << 20)
         state = DeliveryState(tmp_path / "ledger" / "webhooks")
-        clock = LogicalClock()
+        chosen = LogicalClock() if clock is None else clock
         metrics = Metrics()
         config = WebhooksConfig(
             backoff_initial_seconds=backoff_initial_seconds,
@@ -157,11 +187,11 @@ def run(
             [Endpoint(endpoint_config(receiver.url(), **endpoint), secrets)],
             config,
             metrics,
-            clock=clock,
+            clock=chosen,
             jitter=lambda: 1.0,  # the longest delay of the jitter range: exact logical times
         )
         try:
-            await test(Harness(ledger, state, dispatcher, receiver, clock, metrics))
+            await test(Harness(ledger, state, dispatcher, receiver, chosen, metrics))
         finally:
             await dispatcher.stop()
             await receiver.server.close()
@@ -277,3 +307,91 @@ def test_a_location_is_logged_without_what_may_be_a_credential(
     location: str | None, shown: str
 ) -> None:
     assert shown_location(location) == shown
+
+
+def http_date(moment: float) -> str:
+    return email.utils.formatdate(moment, usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("answer", "second_attempt"),
+    [
+        ((429, {"Retry-After": "30"}), T0 + 30),
+        ((503, {"Retry-After": "30"}), T0 + 30),
+        ((429, {"Retry-After": http_date(T0 + 45)}), T0 + 45),
+        ((503, {"Retry-After": http_date(T0 + 45)}), T0 + 45),
+        # Shorter than the back-off: the back-off (1 s) still applies.
+        ((429, {"Retry-After": "0"}), T0 + 1),
+        ((503, {"Retry-After": http_date(T0 - 60)}), T0 + 1),
+        # Longer than backoff_max_seconds (300): cut to it.
+        ((429, {"Retry-After": "3600"}), T0 + 300),
+        ((503, {"Retry-After": http_date(T0 + 86400)}), T0 + 300),
+        # Unreadable: the usual back-off.
+        ((429, {"Retry-After": "soon"}), T0 + 1),
+        ((503, {"Retry-After": "1.5"}), T0 + 1),
+        ((429, {}), T0 + 1),
+        # Only 429 and 503 are read for it.
+        ((500, {"Retry-After": "30"}), T0 + 1),
+    ],
+)
+def test_retry_after_sets_the_next_attempt(
+    tmp_path: Path, answer: Answer, second_attempt: float
+) -> None:
+    async def test(harness: Harness) -> None:
+        assert await deliver_first(harness) is True
+        assert harness.receiver.timestamps() == [T0, second_attempt]
+
+    run(tmp_path, [answer], test)
+
+
+def test_retry_after_logged_with_the_pause_or_as_unreadable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def test(harness: Harness) -> None:
+        with caplog.at_level(logging.INFO, logger="processor.webhooks"):
+            assert await deliver_first(harness) is True
+        lines = [r.getMessage() for r in caplog.records if "Retry-After" in r.getMessage()]
+        assert lines == [
+            "endpoint main: answered 429 with Retry-After '30': no attempt for 30.0 s",
+            "endpoint main: answered 503 with an unreadable Retry-After 'soon': the usual back-off",
+            "endpoint main: answered 429 with Retry-After '999': no attempt for 300.0 s"
+            " (the most webhooks.backoff_max_seconds allows)",
+        ]
+
+    script: list[Answer] = [
+        (429, {"Retry-After": "30"}),
+        (503, {"Retry-After": "soon"}),
+        (429, {"Retry-After": "999"}),
+    ]
+    run(tmp_path, script, test)
+
+
+def test_retry_after_pauses_every_event_of_the_endpoint(tmp_path: Path) -> None:
+    """A 429 on one event holds back the others' attempts too: the receiver is overloaded."""
+    clock = ManualClock()
+
+    async def test(harness: Harness) -> None:
+        await harness.dispatcher.open_session()
+        with harness.ledger.read() as reader:
+            first, second = reader.outbox(1, 2)
+            ledger_id = reader.ledger_id()
+        endpoint = harness.dispatcher.endpoints[0]
+        one = asyncio.create_task(harness.dispatcher.deliver(endpoint, first, ledger_id))
+        await wait_until(lambda: clock.waiting() == 1)  # answered 429, backing off
+        two = asyncio.create_task(harness.dispatcher.deliver(endpoint, second, ledger_id))
+        await wait_until(lambda: clock.waiting() == 2)  # a fresh event waits as well
+        assert len(harness.receiver.requests) == 1
+        clock.advance_to(T0 + 59)  # the first one's back-off is over, the pause is not
+        await wait_until(lambda: clock.waiting() == 2)
+        assert len(harness.receiver.requests) == 1
+        clock.advance_to(T0 + 60)
+        assert await one is True and await two is True
+        assert sorted(harness.receiver.timestamps()) == [T0, T0 + 60, T0 + 60]
+
+    run(
+        tmp_path,
+        [(429, {"Retry-After": "60"})],
+        test,
+        clock=clock,
+        accounts=("acct-1", "acct-2"),
+    )
