@@ -266,6 +266,15 @@ def cmd_webhooks_replay(args: argparse.Namespace) -> int:
     return replay(config, args.endpoint, args.first, args.event)
 
 
+def cmd_webhooks_enable(args: argparse.Namespace) -> int:
+    from processor.webhooks.commands import enable
+
+    config = _common_config(args)
+    if _no_ledger(config):
+        return 1
+    return enable(config, args.endpoint)
+
+
 def cmd_webhooks_listen(args: argparse.Namespace) -> int:
     from processor.webhooks.commands import listen
 
@@ -383,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     hook_status = ledger_command(
         webhooks_sub,
         "status",
-        "per endpoint: delivered position, backlog, oldest age, dead letters",
+        "per endpoint: delivered position, backlog, oldest age, dead letters, disabled",
     )
     hook_status.set_defaults(func=cmd_webhooks_status)
     hook_replay = ledger_command(webhooks_sub, "replay", "deliver events again (the daemon does)")
@@ -392,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--from", dest="first", type=int, help="every event from this sequence")
     what.add_argument("--event", help="one event, by id (a dead letter, say)")
     hook_replay.set_defaults(func=cmd_webhooks_replay)
+    hook_enable = ledger_command(
+        webhooks_sub, "enable", "deliver again to an endpoint a 410 Gone disabled"
+    )
+    hook_enable.add_argument("endpoint", metavar="NAME")
+    hook_enable.set_defaults(func=cmd_webhooks_enable)
     hook_listen = webhooks_sub.add_parser(
         "listen", help="a local receiver: verify signatures, print events"
     )

@@ -315,8 +315,11 @@ async def start_webhooks(config: Config, ledger: Ledger, metrics: Metrics) -> Di
     state = DeliveryState(Path(config.ledger.path) / "webhooks")
     dispatcher = Dispatcher(ledger, state, endpoints, config.webhooks, metrics)
     await dispatcher.start()
+    names = ", ".join(e.config.name for e in endpoints)
+    disabled = ", ".join(sorted(dispatcher.disabled))
     announce(
-        f"webhooks: {len(endpoints)} endpoint(s): " + ", ".join(e.config.name for e in endpoints)
+        f"webhooks: {len(endpoints)} endpoint(s): {names}"
+        + (f" (disabled after a 410 Gone: {disabled})" if disabled else "")
     )
     return dispatcher
 

@@ -1,4 +1,4 @@
-"""`processor webhooks status | replay | listen`: operating the delivery of events."""
+"""`processor webhooks status | replay | enable | listen`: operating the delivery of events."""
 
 from __future__ import annotations
 
@@ -48,6 +48,13 @@ def status(config: Config, now: float) -> int:
                     f"endpoint {name}: delivered up to {position - 1}, backlog {backlog}, "
                     f"oldest undelivered {age:.1f}s, dead letters {len(dead)}"
                 )
+                why = state.disabled(name) if state is not None else None
+                if why is not None:
+                    print(
+                        f"  disabled since {why.since}: {why.reason} answering "
+                        f"{why.event_id}; nothing is delivered to it until "
+                        f"`processor webhooks enable {name}`"
+                    )
                 ledger_id = reader.ledger_id()
                 for letter in dead:
                     print(
@@ -87,6 +94,28 @@ def replay(config: Config, endpoint: str, first: int | None, event: str | None) 
         state.close()
     what = f"event {event}" if event else f"every event from sequence {first}"
     print(f"replay of {what} to {endpoint} requested; the running daemon delivers it")
+    return 0
+
+
+def enable(config: Config, endpoint: str) -> int:
+    """Deliver to an endpoint a 410 Gone disabled: from where it stopped, the event answered
+    410 first. The running daemon notices within a second; a stopped one at its start."""
+    if endpoint not in {e.name for e in config.webhooks.endpoints}:
+        print(f"processor: no endpoint {endpoint!r} in webhooks.endpoints", file=sys.stderr)
+        return 2
+    state = DeliveryState(_state_path(config))
+    try:
+        why = state.enable(endpoint)
+        position = state.position(endpoint)
+    finally:
+        state.close()
+    if why is None:
+        print(f"endpoint {endpoint} is not disabled; nothing to do")
+        return 0
+    print(
+        f"endpoint {endpoint} enabled (disabled since {why.since}: {why.reason} "
+        f"answering {why.event_id}); delivery resumes from sequence {position}"
+    )
     return 0
 
 

@@ -4,9 +4,12 @@ One task per endpoint walks the outbox from that endpoint's position. Each event
 with exponential back-off and jitter until a 2xx or until it is older than the endpoint's
 `retry_max_age_seconds`, when it goes to the dead letters and the walk goes on. A 429 or 503
 with Retry-After pauses the whole endpoint, not only that event (processor/webhooks/policy.py):
-it is the receiver saying it is overloaded. Events are delivered in outbox order, so
-per-account order holds; a slow or dead endpoint holds back only its own task. Ledger access
-is read transactions only; positions live in DeliveryState.
+it is the receiver saying it is overloaded. A 410 Gone disables the endpoint (Standard
+Webhooks): its task stops delivering, in flight attempts are abandoned, and the state records
+it, so it stays disabled across restarts until `processor webhooks enable NAME`; delivery then
+resumes from its stored position, the event answered 410 first. Events are delivered in outbox
+order, so per-account order holds; a slow or dead endpoint holds back only its own task. Ledger
+access is read transactions only; positions live in DeliveryState.
 
 Time comes from a `Clock` and jitter from a callable, both passed in: the signing timestamp,
 event ages, dead-letter times and back-off sleeps are all read from them, so tests run the
@@ -22,7 +25,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -35,7 +38,7 @@ from processor.ledger.store import Ledger
 from processor.metrics import Metrics
 from processor.webhooks.policy import RETRY_AFTER_STATUSES, backoff_seconds, pause_seconds
 from processor.webhooks.signing import headers
-from processor.webhooks.state import DeadLetter, DeliveryState
+from processor.webhooks.state import DeadLetter, DeliveryState, Disabled
 
 log = logging.getLogger("processor.webhooks")
 
@@ -64,6 +67,11 @@ class SystemClock:
 def uniform_jitter() -> float:
     """A factor for a back-off delay: spreads the retries of many events over time."""
     return random.uniform(0.5, 1.0)
+
+
+# What became of one event at one endpoint: a 2xx, a dead letter after its retry age, or
+# nothing because the endpoint was disabled (a 410) before it got through.
+Outcome = Literal["delivered", "dead_letter", "disabled"]
 
 
 class Endpoint(msgspec.Struct, frozen=True):
@@ -101,6 +109,9 @@ class Dispatcher:
         self._positions: dict[str, int] = {}
         # Per endpoint, the clock time before which no attempt starts (from Retry-After).
         self._paused_until: dict[str, float] = {}
+        # Endpoints that answered 410, as in the state (which the CLI changes): read at start,
+        # written here on a 410, dropped when the state no longer has them.
+        self.disabled: dict[str, Disabled] = {}
 
     def notify(self) -> None:
         """New events were committed: wake the endpoint tasks."""
@@ -119,6 +130,9 @@ class Dispatcher:
     def _gauge(self, name: str, which: int) -> Callable[[], float]:
         return lambda: float(self.backlog(name)[which])
 
+    def _disabled_gauge(self, name: str) -> Callable[[], float]:
+        return lambda: 1.0 if name in self.disabled else 0.0
+
     async def start(self) -> None:
         for endpoint in self.endpoints:
             name = endpoint.config.name
@@ -126,6 +140,21 @@ class Dispatcher:
             # Computed when scraped, from the ledger's outbox and the task's position.
             self._metrics.outbox_backlog.labels(name).set_function(self._gauge(name, 0))
             self._metrics.outbox_oldest_undelivered.labels(name).set_function(self._gauge(name, 1))
+            self._metrics.webhook_endpoint_disabled.labels(name).set_function(
+                self._disabled_gauge(name)
+            )
+            why = self.state.disabled(name)
+            if why is not None:
+                self.disabled[name] = why
+                log.warning(
+                    "endpoint %s: disabled since %s (%s answering %s); nothing is delivered to "
+                    "it until `processor webhooks enable %s`",
+                    name,
+                    why.since,
+                    why.reason,
+                    why.event_id,
+                    name,
+                )
         await self.open_session()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run(endpoint)) for endpoint in self.endpoints]
@@ -160,12 +189,24 @@ class Dispatcher:
         position = self._state.position(name)
         waiting: list[OutboxRecord] = []  # read, not started, in sequence order
         read_up_to = position - 1
-        running: dict[asyncio.Task[bool], OutboxRecord] = {}
+        running: dict[asyncio.Task[Outcome], OutboxRecord] = {}
         busy: set[str] = set()
         finished: set[int] = set()
         ledger_id = ""
         while True:
             wake.clear()
+            if name in self.disabled:
+                # Abandon what is in flight: nothing more goes to a receiver that said Gone.
+                # Events finished past the stored position are delivered again once enabled.
+                for task in running:
+                    task.cancel()
+                for task in running:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                running, busy, waiting, finished = {}, set(), [], set()
+                read_up_to = position - 1
+                await self._until_enabled(name, position)
+                continue
             if not running:
                 rewound = await self._replay(endpoint, position)
                 if rewound < position:
@@ -206,15 +247,43 @@ class Dispatcher:
                 for task in done:
                     record = running.pop(task)
                     busy.discard(record.account_id or f"#{record.sequence}")
-                    finished.add(record.sequence)
+                    if self._outcome(task, name, record) != "disabled":
+                        finished.add(record.sequence)
             elif not waiting:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), IDLE_POLL_SECONDS)
 
+    @staticmethod
+    def _outcome(task: asyncio.Task[Outcome], name: str, record: OutboxRecord) -> Outcome | None:
+        """A finished delivery's outcome; None, logged with its traceback, if it raised."""
+        failure = task.exception()
+        if failure is None:
+            return task.result()
+        log.error(
+            "endpoint %s: delivering sequence %d failed: %r",
+            name,
+            record.sequence,
+            failure,
+            exc_info=failure,
+        )
+        return None
+
+    async def _until_enabled(self, name: str, position: int) -> None:
+        """Wait until `processor webhooks enable` has removed the endpoint's disabled mark."""
+        while self.state.disabled(name) is not None:
+            await asyncio.sleep(IDLE_POLL_SECONDS)
+        del self.disabled[name]
+        log.warning("endpoint %s: enabled again, delivering from sequence %d", name, position)
+
     async def _replay(self, endpoint: Endpoint, position: int) -> int:
         """Apply `processor webhooks replay` requests: rewind, or deliver single events again."""
         name = endpoint.config.name
-        for sequence, kind in self.state.take_replays(name):
+        requests = self.state.take_replays(name)
+        for index, (sequence, kind) in enumerate(requests):
+            if name in self.disabled:  # a 410 meanwhile: the rest wait until it is enabled
+                for kept in requests[index:]:
+                    self.state.request_replay(name, *kept)
+                break
             if kind == "from":
                 position = min(position, sequence)
                 self.state.advance(name, position)
@@ -223,19 +292,27 @@ class Dispatcher:
                 ledger_id = reader.ledger_id()
                 records = reader.outbox(sequence, 1)
             found = records[0] if records and records[0].sequence == sequence else None
-            if found is not None and await self.deliver(endpoint, found, ledger_id):
+            if found is None:
+                continue
+            outcome = await self.deliver(endpoint, found, ledger_id)
+            if outcome == "delivered":
                 self.state.forget_dead_letter(name, sequence)
+            elif outcome == "disabled":
+                self.state.request_replay(name, sequence, kind)
         self._positions[name] = position
         return position
 
-    async def deliver(self, endpoint: Endpoint, record: OutboxRecord, ledger_id: str) -> bool:
-        """One event to one endpoint, retried until delivered (True) or dead-lettered (False)."""
+    async def deliver(self, endpoint: Endpoint, record: OutboxRecord, ledger_id: str) -> Outcome:
+        """One event to one endpoint, retried until delivered or dead-lettered, or until the
+        endpoint is disabled (this event's 410, or another's)."""
         event = render(record, ledger_id)
         body = msgspec.json.encode(event)
         name = endpoint.config.name
         attempt = 0
         while True:
             await self._pause_over(name)
+            if name in self.disabled:
+                return "disabled"
             attempt += 1
             answer = await self._attempt(endpoint, event.id, body)
             if answer.delivered:
@@ -243,8 +320,11 @@ class Dispatcher:
                 self._metrics.webhook_delivery_seconds.labels(name).observe(
                     max(0.0, self._clock.now() - record.created_ms / 1000)
                 )
-                return True
+                return "delivered"
             self._metrics.webhook_failures.labels(name, answer.error).inc()
+            if answer.status == 410:
+                self._disable(name, answer, event.id)
+                return "disabled"
             if answer.redirect:
                 log.warning(
                     "endpoint %s: %s answered %d, a redirect to %s: not followed, a failed "
@@ -275,7 +355,7 @@ class Dispatcher:
                         dead_ms=int(now * 1000),
                     ),
                 )
-                return False
+                return "dead_letter"
             self._pause(name, answer, now)
             await self._clock.sleep(
                 backoff_seconds(
@@ -285,6 +365,23 @@ class Dispatcher:
                     self._jitter(),
                 )
             )
+
+    def _disable(self, name: str, answer: Answer, event_id: str) -> None:
+        """A 410 Gone: the receiver wants no more (Standard Webhooks). Recorded in the state so
+        that it holds across restarts; the first 410 is the reason kept."""
+        if name in self.disabled:
+            return
+        why = Disabled(
+            since_ms=int(self._clock.now() * 1000), reason=answer.error, event_id=event_id
+        )
+        self.disabled[name] = self.state.disable(name, why)
+        log.warning(
+            "endpoint %s: %s answered 410 Gone: endpoint disabled, nothing more is delivered to "
+            "it until `processor webhooks enable %s`",
+            name,
+            event_id,
+            name,
+        )
 
     def _pause(self, name: str, answer: Answer, now: float) -> None:
         """Honour a 429's or 503's Retry-After: no attempt to the endpoint before it ends."""

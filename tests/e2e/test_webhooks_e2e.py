@@ -470,3 +470,66 @@ def test_retry_after_is_honoured(tmp_path: Path, status: int) -> None:
     finally:
         daemon.stop()
         receiver.close()
+
+
+def test_410_disables_the_endpoint_across_a_restart_until_enabled(tmp_path: Path) -> None:
+    import urllib.request
+
+    from harness import run_cli
+
+    receiver = Receiver(answers=[(410, {})])
+    daemon = start(tmp_path, endpoint("main", receiver.url))
+    env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, HOOK_SECRET=SECRET)
+    config_args = ["--config", str(tmp_path / "processor.toml"), "--ledger", str(daemon.ledger)]
+    try:
+        link = daemon.connect()
+        assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
+        (gone,) = receiver.wait_for_attempts(1)
+        assert gone.status == 410
+        deadline = time.monotonic() + 10
+        shown = ""
+        while time.monotonic() < deadline and "disabled since" not in shown:
+            shown = run_cli("webhooks", "status", *config_args, env=env).stdout
+            time.sleep(0.1)
+        lines = shown.splitlines()
+        at = lines.index(next(line for line in lines if line.startswith("endpoint main:")))
+        assert lines[at + 1].startswith("  disabled since 20"), shown
+        assert lines[at + 1].endswith(
+            f"Z: http_410 answering {gone.headers['webhook-id']}; nothing is delivered to it "
+            "until `processor webhooks enable main`"
+        ), shown
+        url = f"http://127.0.0.1:{daemon.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert 'processor_webhook_endpoint_disabled{endpoint="main"} 1.0' in (
+                response.read().decode()
+            )
+        # More events while disabled: nothing goes out (the daemon polls its state each second).
+        for _ in range(2):
+            assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
+        link.close()
+        time.sleep(1.5)
+        assert len(receiver.attempts) == 1
+
+        # Persisted: a restarted daemon still delivers nothing to it.
+        daemon.stop()
+        daemon = RunningDaemon(daemon.ledger, config=daemon.config, env=daemon.env).start()
+        assert any("(disabled after a 410 Gone: main)" in line for line in daemon.stdout)
+        time.sleep(1.5)
+        assert len(receiver.attempts) == 1
+
+        enabled = run_cli("webhooks", "enable", "main", *config_args, env=env)
+        assert enabled.returncode == 0, enabled.stderr
+        assert enabled.stdout.startswith("endpoint main enabled (disabled since 20")
+        assert enabled.stdout.endswith(
+            f"http_410 answering {gone.headers['webhook-id']}); delivery resumes from sequence 1\n"
+        )
+        events = receiver.wait_for(3, timeout=15)
+        assert [e["account_sequence"] for e in events] == [1, 2, 3]
+        assert events[0]["id"] == gone.headers["webhook-id"]  # the event answered 410, first
+        shown = run_cli("webhooks", "status", *config_args, env=env).stdout
+        assert "disabled" not in shown and "endpoint main: delivered up to 3, backlog 0" in shown
+        again = run_cli("webhooks", "enable", "main", *config_args, env=env)
+        assert again.stdout == "endpoint main is not disabled; nothing to do\n"
+    finally:
+        daemon.stop()
+        receiver.close()

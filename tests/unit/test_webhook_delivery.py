@@ -23,8 +23,8 @@ from processor.config import WebhookEndpoint, WebhooksConfig
 from processor.ledger.records import OutboxRecord
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
-from processor.webhooks.dispatcher import Dispatcher, Endpoint, shown_location
-from processor.webhooks.state import DeliveryState
+from processor.webhooks.dispatcher import Dispatcher, Endpoint, Outcome, shown_location
+from processor.webhooks.state import DeliveryState, Disabled
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 SECRET_NEXT = b"fedcba9876543210fedcba9876543210"
@@ -201,7 +201,7 @@ def run(
     asyncio.run(main())
 
 
-async def deliver_first(harness: Harness) -> bool:
+async def deliver_first(harness: Harness) -> Outcome:
     """Deliver event 1 alone, as the endpoint's task would."""
     await harness.dispatcher.open_session()
     record, ledger_id = first_record(harness.ledger)
@@ -210,7 +210,7 @@ async def deliver_first(harness: Harness) -> bool:
 
 def test_failures_back_off_doubling_on_logical_time(tmp_path: Path) -> None:
     async def test(harness: Harness) -> None:
-        assert await deliver_first(harness) is True
+        assert await deliver_first(harness) == "delivered"
         assert harness.clock.sleeps == [1.0, 2.0, 4.0]
         # Each attempt is signed with the logical time it was made at.
         assert harness.receiver.timestamps() == [T0, T0 + 1, T0 + 3, T0 + 7]
@@ -220,7 +220,7 @@ def test_failures_back_off_doubling_on_logical_time(tmp_path: Path) -> None:
 
 def test_the_back_off_stops_growing_at_its_maximum(tmp_path: Path) -> None:
     async def test(harness: Harness) -> None:
-        assert await deliver_first(harness) is True
+        assert await deliver_first(harness) == "delivered"
         assert harness.clock.sleeps == [1.0, 2.0, 4.0, 5.0, 5.0]
 
     run(tmp_path, [(500, {})] * 5, test, backoff_max_seconds=5.0)
@@ -228,7 +228,7 @@ def test_the_back_off_stops_growing_at_its_maximum(tmp_path: Path) -> None:
 
 def test_an_event_older_than_its_retry_age_is_a_dead_letter(tmp_path: Path) -> None:
     async def test(harness: Harness) -> None:
-        assert await deliver_first(harness) is False
+        assert await deliver_first(harness) == "dead_letter"
         # Attempts at +0, +1, +3, +7, +15: the fifth is the first at an age of 10 s or more.
         assert harness.receiver.timestamps() == [T0, T0 + 1, T0 + 3, T0 + 7, T0 + 15]
         (letter,) = harness.state.dead_letters("main")
@@ -242,7 +242,7 @@ def test_every_secret_signs_every_attempt_at_its_own_timestamp(tmp_path: Path) -
     from processor.webhooks.signing import sign
 
     async def test(harness: Harness) -> None:
-        assert await deliver_first(harness) is True
+        assert await deliver_first(harness) == "delivered"
         first, second = harness.receiver.requests
         for request, timestamp in ((first, int(T0)), (second, int(T0) + 1)):
             event_id = request.headers["webhook-id"]
@@ -264,7 +264,7 @@ def test_a_redirect_is_not_followed_but_a_failed_attempt_retried(
         moved = harness.receiver.url("/moved") + "?token=s3cr3t#part"
         harness.receiver.script = [(status, {"Location": moved})]
         with caplog.at_level(logging.WARNING, logger="processor.webhooks"):
-            assert await deliver_first(harness) is True
+            assert await deliver_first(harness) == "delivered"
         # Both attempts went to the configured url, as POSTs; /moved was never asked for.
         assert [(r.method, r.path) for r in harness.receiver.requests] == [("POST", "/hook")] * 2
         assert harness.clock.sleeps == [1.0]  # retried after the usual back-off
@@ -282,7 +282,7 @@ def test_a_redirect_is_not_followed_but_a_failed_attempt_retried(
 
 def test_a_redirect_answered_until_the_retry_age_is_a_dead_letter(tmp_path: Path) -> None:
     async def test(harness: Harness) -> None:
-        assert await deliver_first(harness) is False
+        assert await deliver_first(harness) == "dead_letter"
         assert {r.path for r in harness.receiver.requests} == {"/hook"}
         (letter,) = harness.state.dead_letters("main")
         assert letter.last_error == "http_302"
@@ -338,7 +338,7 @@ def test_retry_after_sets_the_next_attempt(
     tmp_path: Path, answer: Answer, second_attempt: float
 ) -> None:
     async def test(harness: Harness) -> None:
-        assert await deliver_first(harness) is True
+        assert await deliver_first(harness) == "delivered"
         assert harness.receiver.timestamps() == [T0, second_attempt]
 
     run(tmp_path, [answer], test)
@@ -349,7 +349,7 @@ def test_retry_after_logged_with_the_pause_or_as_unreadable(
 ) -> None:
     async def test(harness: Harness) -> None:
         with caplog.at_level(logging.INFO, logger="processor.webhooks"):
-            assert await deliver_first(harness) is True
+            assert await deliver_first(harness) == "delivered"
         lines = [r.getMessage() for r in caplog.records if "Retry-After" in r.getMessage()]
         assert lines == [
             "endpoint main: answered 429 with Retry-After '30': no attempt for 30.0 s",
@@ -385,7 +385,7 @@ def test_retry_after_pauses_every_event_of_the_endpoint(tmp_path: Path) -> None:
         await wait_until(lambda: clock.waiting() == 2)
         assert len(harness.receiver.requests) == 1
         clock.advance_to(T0 + 60)
-        assert await one is True and await two is True
+        assert await one == "delivered" and await two == "delivered"
         assert sorted(harness.receiver.timestamps()) == [T0, T0 + 60, T0 + 60]
 
     run(
@@ -395,3 +395,113 @@ def test_retry_after_pauses_every_event_of_the_endpoint(tmp_path: Path) -> None:
         clock=clock,
         accounts=("acct-1", "acct-2"),
     )
+
+
+def disabled_gauge(harness: Harness) -> float | None:
+    return harness.metrics.registry.get_sample_value(
+        "processor_webhook_endpoint_disabled", {"endpoint": "main"}
+    )
+
+
+def test_410_disables_the_endpoint_and_records_why(tmp_path: Path) -> None:
+    async def test(harness: Harness) -> None:
+        assert await deliver_first(harness) == "disabled"
+        (request,) = harness.receiver.requests  # no retry
+        assert harness.clock.sleeps == []
+        why = Disabled(
+            since_ms=int(T0 * 1000), reason="http_410", event_id=request.headers["webhook-id"]
+        )
+        assert harness.state.disabled("main") == why
+        assert harness.dispatcher.disabled == {"main": why}
+        assert why.since == "2026-11-24T02:06:40Z"
+        assert harness.state.dead_letters("main") == []  # not given up on: kept for later
+        failures = harness.metrics.registry.get_sample_value(
+            "processor_webhook_failures_total", {"endpoint": "main", "error": "http_410"}
+        )
+        assert failures == 1.0
+        # Any later delivery to it stops before its first attempt.
+        record, ledger_id = first_record(harness.ledger)
+        endpoint = harness.dispatcher.endpoints[0]
+        assert await harness.dispatcher.deliver(endpoint, record, ledger_id) == "disabled"
+        assert len(harness.receiver.requests) == 1
+
+    run(tmp_path, [(410, {})], test)
+
+
+def test_a_disabled_endpoint_gets_nothing_until_enabled_then_resumes(tmp_path: Path) -> None:
+    async def test(harness: Harness) -> None:
+        await harness.dispatcher.start()
+        await wait_until(lambda: harness.state.disabled("main") is not None)
+        assert disabled_gauge(harness) == 1.0
+        add_events(harness.ledger, ["acct-1"])  # committed while disabled
+        harness.dispatcher.notify()
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert len(harness.receiver.requests) == 1
+        assert harness.state.position("main") == 1  # the event answered 410 is not passed
+        gone = harness.receiver.requests[0].headers["webhook-id"]
+
+        assert harness.state.enable("main") is not None  # what `webhooks enable` does
+        await wait_until(lambda: harness.state.position("main") == 5)
+        ids = [r.headers["webhook-id"] for r in harness.receiver.requests]
+        assert len(ids) == 5 and ids[0] == ids[1] == gone  # the 410'd event first, again
+        assert ids[1:] == sorted(ids[1:]) and len(set(ids[1:])) == 4  # then the rest, in order
+        assert harness.dispatcher.disabled == {}
+        assert disabled_gauge(harness) == 0.0
+
+    run(tmp_path, [(410, {})], test, accounts=("acct-1", "acct-1", "acct-1"))
+
+
+def test_a_410_abandons_the_endpoint_s_other_deliveries(tmp_path: Path) -> None:
+    clock = ManualClock()
+
+    async def test(harness: Harness) -> None:
+        await harness.dispatcher.start()
+        # Two accounts, two deliveries at once: one is answered 500 (and backs off), one 410.
+        await wait_until(lambda: harness.state.disabled("main") is not None)
+        await wait_until(lambda: len(harness.receiver.requests) == 2)
+        clock.advance_to(T0 + 1000)  # far past any back-off
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert len(harness.receiver.requests) == 2
+        assert harness.state.position("main") == 1
+
+        harness.state.enable("main")
+        await wait_until(lambda: harness.state.position("main") == 3)
+        assert len(harness.receiver.requests) == 4
+
+    run(
+        tmp_path,
+        [(410, {}), (500, {})],
+        test,
+        clock=clock,
+        accounts=("acct-1", "acct-2"),
+    )
+
+
+def test_a_replay_request_waits_while_the_endpoint_is_disabled(tmp_path: Path) -> None:
+    async def test(harness: Harness) -> None:
+        harness.state.advance("main", 2)  # event 1 delivered before
+        harness.state.request_replay("main", 1, "one")
+        await harness.dispatcher.start()
+        await wait_until(lambda: harness.state.disabled("main") is not None)
+        assert len(harness.receiver.requests) == 1
+        assert harness.state.take_replays("main") == [(1, "one")]  # kept, not lost
+
+    run(tmp_path, [(410, {})], test)
+
+
+def test_an_endpoint_disabled_before_a_start_stays_disabled(tmp_path: Path) -> None:
+    async def test(harness: Harness) -> None:
+        why = Disabled(since_ms=1, reason="http_410", event_id="evt_x")
+        harness.state.disable("main", why)
+        # A second 410 (another event, later) keeps the first reason.
+        assert harness.state.disable("main", Disabled(since_ms=2, reason="x", event_id="y")) == why
+        await harness.dispatcher.start()
+        assert harness.dispatcher.disabled == {"main": why}
+        assert disabled_gauge(harness) == 1.0
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert harness.receiver.requests == []
+
+    run(tmp_path, [], test)

@@ -26,7 +26,7 @@ from processor.webhooks.signing import (
 
 RAW = b"0123456789abcdef0123456789abcdef"
 SECRET = "whsec_" + base64.b64encode(RAW).decode()
-TIMESTAMP = 1_795_486_000  # 2026-11-24T22:06:40Z
+TIMESTAMP = 1_795_486_000  # 2026-11-24T02:06:40Z
 BODY = b'{"id":"evt_1","type":"authorization.approved"}'
 # HMAC-SHA256 of "evt_1.1795486000.{BODY}" with RAW, in base64, computed apart from our code:
 # printf '%s' 'evt_1.1795486000.{"id":...}' | openssl dgst -sha256 -hmac 0123...cdef -binary
