@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     hook_enable = ledger_command(
         webhooks_sub, "enable", "deliver again to an endpoint a 410 Gone disabled"
     )
-    hook_enable.add_argument("endpoint", metavar="NAME")
+    hook_enable.add_argument("endpoint", metavar="NAME", help="its name in webhooks.endpoints")
     hook_enable.set_defaults(func=cmd_webhooks_enable)
     hook_listen = webhooks_sub.add_parser(
         "listen", help="a local receiver: verify signatures, print events"

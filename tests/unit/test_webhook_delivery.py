@@ -316,22 +316,22 @@ def http_date(moment: float) -> str:
 @pytest.mark.parametrize(
     ("answer", "second_attempt"),
     [
-        ((429, {"Retry-After": "30"}), T0 + 30),
-        ((503, {"Retry-After": "30"}), T0 + 30),
-        ((429, {"Retry-After": http_date(T0 + 45)}), T0 + 45),
-        ((503, {"Retry-After": http_date(T0 + 45)}), T0 + 45),
+        pytest.param((429, {"Retry-After": "30"}), T0 + 30, id="429-seconds"),
+        pytest.param((503, {"Retry-After": "30"}), T0 + 30, id="503-seconds"),
+        pytest.param((429, {"Retry-After": http_date(T0 + 45)}), T0 + 45, id="429-date"),
+        pytest.param((503, {"Retry-After": http_date(T0 + 45)}), T0 + 45, id="503-date"),
         # Shorter than the back-off: the back-off (1 s) still applies.
-        ((429, {"Retry-After": "0"}), T0 + 1),
-        ((503, {"Retry-After": http_date(T0 - 60)}), T0 + 1),
+        pytest.param((429, {"Retry-After": "0"}), T0 + 1, id="429-zero"),
+        pytest.param((503, {"Retry-After": http_date(T0 - 60)}), T0 + 1, id="503-past-date"),
         # Longer than backoff_max_seconds (300): cut to it.
-        ((429, {"Retry-After": "3600"}), T0 + 300),
-        ((503, {"Retry-After": http_date(T0 + 86400)}), T0 + 300),
+        pytest.param((429, {"Retry-After": "3600"}), T0 + 300, id="429-capped"),
+        pytest.param((503, {"Retry-After": http_date(T0 + 86400)}), T0 + 300, id="503-capped"),
         # Unreadable: the usual back-off.
-        ((429, {"Retry-After": "soon"}), T0 + 1),
-        ((503, {"Retry-After": "1.5"}), T0 + 1),
-        ((429, {}), T0 + 1),
+        pytest.param((429, {"Retry-After": "soon"}), T0 + 1, id="429-words"),
+        pytest.param((503, {"Retry-After": "1.5"}), T0 + 1, id="503-fraction"),
+        pytest.param((429, {}), T0 + 1, id="429-absent"),
         # Only 429 and 503 are read for it.
-        ((500, {"Retry-After": "30"}), T0 + 1),
+        pytest.param((500, {"Retry-After": "30"}), T0 + 1, id="500-ignored"),
     ],
 )
 def test_retry_after_sets_the_next_attempt(
