@@ -60,9 +60,8 @@ class Receiver:
 def run(scratch: Path, name: str, url: str | None, rate: int, duration: float) -> dict:
     text = '[ledger]\ndurability = "fsync"\n[log]\nlevel = "warning"\n'
     if url:
-        text += (
-            f'[[webhooks.endpoints]]\nname = "{name}"\nurl = "{url}"\nsecret_env = "BENCH_SECRET"\n'
-        )
+        text += f'[[webhooks.endpoints]]\nname = "{name}"\nurl = "{url}"\n'
+        text += 'secret_envs = ["BENCH_SECRET"]\n'
     process, port = start_daemon(scratch / name, text, {"BENCH_SECRET": SECRET}, demo=True)
     result = load(port, rate, duration, 4, "auth")
     time.sleep(2.0)  # let a fast receiver catch up before the daemon stops

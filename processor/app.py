@@ -65,28 +65,26 @@ def open_ledger(config: Config, hasher: PanHasher, *, demo: bool = False) -> Led
 async def start_webhooks(config: Config, ledger: Ledger, metrics: Metrics) -> Dispatcher | None:
     """The dispatcher for the configured endpoints; secrets from the environment, checked now."""
     from processor.webhooks.dispatcher import Endpoint
-    from processor.webhooks.signing import SecretError, parse_secret
+    from processor.webhooks.signing import SecretError, endpoint_secrets
     from processor.webhooks.state import DeliveryState
 
     if not config.webhooks.endpoints:
         return None
     endpoints = []
     for index, endpoint in enumerate(config.webhooks.endpoints):
-        where = f"$.webhooks.endpoints[{index}].secret_env"
-        value = os.environ.get(endpoint.secret_env)
-        if not value:
-            raise ConfigError(f"{where}: environment variable {endpoint.secret_env} is not set")
         try:
-            endpoints.append(
-                Endpoint(endpoint, parse_secret(value, f"{where} ({endpoint.secret_env})"))
-            )
+            secrets = endpoint_secrets(endpoint, f"$.webhooks.endpoints[{index}]", os.environ)
         except SecretError as error:
             raise ConfigError(str(error)) from None
+        endpoints.append(Endpoint(endpoint, secrets))
     state = DeliveryState(Path(config.ledger.path) / "webhooks")
     dispatcher = Dispatcher(ledger, state, endpoints, config.webhooks, metrics)
     await dispatcher.start()
+    names = ", ".join(e.config.name for e in endpoints)
+    disabled = ", ".join(sorted(dispatcher.disabled))
     announce(
-        f"webhooks: {len(endpoints)} endpoint(s): " + ", ".join(e.config.name for e in endpoints)
+        f"webhooks: {len(endpoints)} endpoint(s): {names}"
+        + (f" (disabled after a 410 Gone: {disabled})" if disabled else "")
     )
     return dispatcher
 

@@ -247,7 +247,7 @@ def cmd_webhooks_status(args: argparse.Namespace) -> int:
     config = _common_config(args)
     if _no_ledger(config):
         return 1
-    return status(config)
+    return status(config, datetime.now(UTC).timestamp())
 
 
 def cmd_webhooks_replay(args: argparse.Namespace) -> int:
@@ -259,10 +259,19 @@ def cmd_webhooks_replay(args: argparse.Namespace) -> int:
     return replay(config, args.endpoint, args.first, args.event)
 
 
+def cmd_webhooks_enable(args: argparse.Namespace) -> int:
+    from processor.webhooks.commands import enable
+
+    config = _common_config(args)
+    if _no_ledger(config):
+        return 1
+    return enable(config, args.endpoint)
+
+
 def cmd_webhooks_listen(args: argparse.Namespace) -> int:
     from processor.webhooks.commands import listen
 
-    return listen(args.host, args.port, args.secret_env)
+    return listen(args.host, args.port, args.secret_envs)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -398,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     hook_status = ledger_command(
         webhooks_sub,
         "status",
-        "per endpoint: delivered position, backlog, oldest age, dead letters",
+        "per endpoint: delivered position, backlog, oldest age, dead letters, disabled",
     )
     hook_status.set_defaults(func=cmd_webhooks_status)
     hook_replay = ledger_command(webhooks_sub, "replay", "deliver events again (the daemon does)")
@@ -407,12 +416,23 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--from", dest="first", type=int, help="every event from this sequence")
     what.add_argument("--event", help="one event, by id (a dead letter, say)")
     hook_replay.set_defaults(func=cmd_webhooks_replay)
+    hook_enable = ledger_command(
+        webhooks_sub, "enable", "deliver again to an endpoint a 410 Gone disabled"
+    )
+    hook_enable.add_argument("endpoint", metavar="NAME", help="its name in webhooks.endpoints")
+    hook_enable.set_defaults(func=cmd_webhooks_enable)
     hook_listen = webhooks_sub.add_parser(
         "listen", help="a local receiver: verify signatures, print events"
     )
     hook_listen.add_argument("--host", default="127.0.0.1")
     hook_listen.add_argument("--port", type=int, required=True)
-    hook_listen.add_argument("--secret-env", required=True, help="variable with the whsec_ secret")
+    hook_listen.add_argument(
+        "--secret-env",
+        dest="secret_envs",
+        action="append",
+        required=True,
+        help="variable with a whsec_ secret; repeat it to accept any of several (a rotation)",
+    )
     hook_listen.set_defaults(func=cmd_webhooks_listen)
 
     def target(p: argparse.ArgumentParser) -> None:

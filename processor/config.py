@@ -151,12 +151,22 @@ class ProgrammeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 class WebhookEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,40}$")]
     url: Annotated[str, Meta(pattern=r"^https?://")]
-    secret_env: Annotated[str, Meta(min_length=1)]  # env var holding the whsec_ signing secret
+    # Environment variables holding the whsec_ signing secrets. Each delivery carries one
+    # signature per secret, so a secret is rotated by listing the new one beside the old.
+    secret_envs: Annotated[
+        tuple[Annotated[str, Meta(min_length=1)], ...],
+        Meta(min_length=1, max_length=limits.webhook_secrets_per_endpoint_max),
+    ]
     event_types: tuple[str, ...] = ("*",)  # "*" or exact types, e.g. "authorization.approved"
     timeout_seconds: Annotated[float, Meta(gt=0, le=60)] = 5.0
     retry_max_age_seconds: Annotated[int, Meta(gt=0)] = 86400  # then the event is dead-lettered
     # Requests in flight at once; never two for one account, so per-account order holds.
     in_flight_max: Annotated[int, Meta(ge=1, le=64)] = 16
+
+    def __post_init__(self) -> None:
+        for variable in self.secret_envs:
+            if self.secret_envs.count(variable) > 1:
+                raise ValueError(f"secret_envs names {variable!r} more than once")
 
 
 class WebhooksConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -222,6 +232,13 @@ _MOVED: Final = {
 }
 
 
+# Keys an earlier release took, and what replaces each: an old file still fails (an unknown
+# key), and its error says what to write instead.
+RENAMED_KEYS = {
+    "secret_env": 'secret_envs = ["VARIABLE"], a list (for secret rotation)',
+}
+
+
 def parse_config(text: bytes | str, source: str = "<config>") -> Config:
     try:
         raw = msgspec.toml.decode(text)
@@ -235,7 +252,11 @@ def parse_config(text: bytes | str, source: str = "<config>") -> Config:
     try:
         return msgspec.convert(raw, type=Config)
     except msgspec.ValidationError as error:
-        raise ConfigError(f"{source}: {error}") from None
+        message = f"{source}: {error}"
+        for old, new in RENAMED_KEYS.items():
+            if f"unknown field `{old}`" in str(error):
+                message += f"; `{old}` is now {new}"
+        raise ConfigError(message) from None
 
 
 def load_config(path: str | Path | None) -> Config:

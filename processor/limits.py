@@ -55,6 +55,11 @@ holds_listed_max: Final = 1000  # `ledger show` lists at most this many holds
 # within weeks, so this bounds a listing of a very busy account, never a decision.
 history_walk_max: Final = 1_000_000
 
+# Webhooks
+# Signing secrets per endpoint: every delivery carries one signature per secret, so a rotation
+# (old and new side by side) needs two; more only lengthen every request.
+webhook_secrets_per_endpoint_max: Final = 4
+
 # Simulator
 sim_connections_max: Final = 64
 sim_rate_per_second_max: Final = 50_000

@@ -170,6 +170,12 @@ class Metrics:
             buckets=(*COMMIT_BUCKETS_SECONDS, 2.5, 5.0, 10.0, 30.0, 60.0),
             registry=r,
         )
+        self.webhook_endpoint_disabled = Gauge(
+            "processor_webhook_endpoint_disabled",
+            "1 while an endpoint is disabled (it answered 410 Gone), until enabled again",
+            ["endpoint"],
+            registry=r,
+        )
         self.outbox_backlog = Gauge(
             "processor_outbox_backlog",
             "Outbox events not yet delivered, by endpoint",

@@ -1,4 +1,4 @@
-"""`processor webhooks status | replay | listen`: operating the delivery of events."""
+"""`processor webhooks status | replay | enable | listen`: operating the delivery of events."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import hmac
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -25,7 +26,8 @@ def _state_path(config: Config) -> Path:
     return Path(config.ledger.path) / "webhooks"
 
 
-def status(config: Config) -> int:
+def status(config: Config, now: float) -> int:
+    """Each endpoint's position, backlog and dead letters; `now` (Unix seconds) ages them."""
     ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
     state_path = _state_path(config)
     state = DeliveryState(state_path, readonly=True) if (state_path / "data.mdb").exists() else None
@@ -40,12 +42,19 @@ def status(config: Config) -> int:
                 position = state.position(name) if state is not None else 1
                 backlog = max(0, last - position + 1)
                 waiting = reader.outbox(position, 1) if backlog else []
-                age = time.time() - waiting[0].created_ms / 1000 if waiting else 0.0
+                age = now - waiting[0].created_ms / 1000 if waiting else 0.0
                 dead = state.dead_letters(name) if state is not None else []
                 print(
                     f"endpoint {name}: delivered up to {position - 1}, backlog {backlog}, "
                     f"oldest undelivered {age:.1f}s, dead letters {len(dead)}"
                 )
+                why = state.disabled(name) if state is not None else None
+                if why is not None:
+                    print(
+                        f"  disabled since {why.since}: {why.reason} answering "
+                        f"{why.event_id}; nothing is delivered to it until "
+                        f"`processor webhooks enable {name}`"
+                    )
                 ledger_id = reader.ledger_id()
                 for letter in dead:
                     print(
@@ -88,36 +97,64 @@ def replay(config: Config, endpoint: str, first: int | None, event: str | None) 
     return 0
 
 
-def verify(secret: bytes, headers: dict[str, str], body: bytes, now: float) -> bool:
-    """Standard Webhooks verification: signature over id.timestamp.body, timestamp in window."""
+def enable(config: Config, endpoint: str) -> int:
+    """Deliver to an endpoint a 410 Gone disabled: from where it stopped, the event answered
+    410 first. The running daemon notices within a second; a stopped one at its start."""
+    if endpoint not in {e.name for e in config.webhooks.endpoints}:
+        print(f"processor: no endpoint {endpoint!r} in webhooks.endpoints", file=sys.stderr)
+        return 2
+    state = DeliveryState(_state_path(config))
+    try:
+        why = state.enable(endpoint)
+        position = state.position(endpoint)
+    finally:
+        state.close()
+    if why is None:
+        print(f"endpoint {endpoint} is not disabled; nothing to do")
+        return 0
+    print(
+        f"endpoint {endpoint} enabled (disabled since {why.since}: {why.reason} "
+        f"answering {why.event_id}); delivery resumes from sequence {position}"
+    )
+    return 0
+
+
+def verify(secrets: Sequence[bytes], headers: dict[str, str], body: bytes, now: float) -> bool:
+    """Standard Webhooks verification: timestamp in the window, and one of the offered
+    signatures over id.timestamp.body made with one of `secrets` (a rotation offers several)."""
     message_id = headers.get("webhook-id", "")
     timestamp = headers.get("webhook-timestamp", "")
     if not message_id or not timestamp.isdigit():
         return False
     if abs(now - int(timestamp)) > REPLAY_WINDOW_SECONDS:
         return False
-    expected = sign(secret, message_id, int(timestamp), body).encode()
     offered = [s.encode() for s in headers.get("webhook-signature", "").split(" ") if s]
-    return any(hmac.compare_digest(expected, candidate) for candidate in offered)
+    for secret in secrets:
+        expected = sign(secret, message_id, int(timestamp), body).encode()
+        if any(hmac.compare_digest(expected, candidate) for candidate in offered):
+            return True
+    return False
 
 
-def listen(host: str, port: int, secret_env: str) -> int:
+def listen(host: str, port: int, secret_envs: Sequence[str]) -> int:
     from aiohttp import web
 
-    value = os.environ.get(secret_env, "")
-    try:
-        secret = parse_secret(value, secret_env) if value else None
-    except SecretError as error:
-        print(f"processor: {error}", file=sys.stderr)
-        return 2
-    if secret is None:
-        print(f"processor: environment variable {secret_env} is not set", file=sys.stderr)
-        return 2
+    secrets: list[bytes] = []
+    for variable in secret_envs:
+        value = os.environ.get(variable, "")
+        if not value:
+            print(f"processor: environment variable {variable} is not set", file=sys.stderr)
+            return 2
+        try:
+            secrets.append(parse_secret(value, variable))
+        except SecretError as error:
+            print(f"processor: {error}", file=sys.stderr)
+            return 2
 
     async def receive(request: web.Request) -> web.Response:
         body = await request.read()
         headers = {k.lower(): v for k, v in request.headers.items()}
-        if not verify(secret, headers, body, time.time()):
+        if not verify(secrets, headers, body, time.time()):
             print(f"REJECTED {headers.get('webhook-id', '?')}: bad signature", flush=True)
             return web.json_response({"error": {"code": "bad_signature"}}, status=400)
         try:
@@ -135,7 +172,9 @@ def listen(host: str, port: int, secret_env: str) -> int:
         site = web.TCPSite(runner, host, port)
         await site.start()
         print(
-            f"listening on {host}:{runner.addresses[0][1]}, verifying with {secret_env}", flush=True
+            f"listening on {host}:{runner.addresses[0][1]}, verifying with "
+            + " or ".join(secret_envs),
+            flush=True,
         )
         try:
             await asyncio.Event().wait()

@@ -2,9 +2,19 @@
 
 One task per endpoint walks the outbox from that endpoint's position. Each event is retried
 with exponential back-off and jitter until a 2xx or until it is older than the endpoint's
-`retry_max_age_seconds`, when it goes to the dead letters and the walk goes on. Events are
-delivered in outbox order, so per-account order holds; a slow or dead endpoint holds back only
-its own task. Ledger access is read transactions only; positions live in DeliveryState.
+`retry_max_age_seconds`, when it goes to the dead letters and the walk goes on. A 429 or 503
+with Retry-After pauses the whole endpoint, not only that event (processor/webhooks/policy.py):
+it is the receiver saying it is overloaded. A 410 Gone disables the endpoint (Standard
+Webhooks): its task stops delivering, in flight attempts are abandoned, and the state records
+it, so it stays disabled across restarts until `processor webhooks enable NAME`; delivery then
+resumes from its stored position, the event answered 410 first. Events are delivered in outbox
+order, so per-account order holds; a slow or dead endpoint holds back only its own task. Ledger
+access is read transactions only; positions live in DeliveryState.
+
+Time comes from a `Clock` and jitter from a callable, both passed in: the signing timestamp,
+event ages, dead-letter times and back-off sleeps are all read from them, so tests run the
+retry policy on logical time. Only the idle polls below wait on the event loop's own clock:
+they bound how soon outside changes are noticed and decide nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import Literal, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import msgspec
@@ -24,8 +36,9 @@ from processor.events import render
 from processor.ledger.records import OutboxRecord
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
+from processor.webhooks.policy import RETRY_AFTER_STATUSES, backoff_seconds, pause_seconds
 from processor.webhooks.signing import headers
-from processor.webhooks.state import DeadLetter, DeliveryState
+from processor.webhooks.state import DeadLetter, DeliveryState, Disabled
 
 log = logging.getLogger("processor.webhooks")
 
@@ -33,9 +46,37 @@ READ_BATCH = 100  # outbox records read per read transaction
 IDLE_POLL_SECONDS = 1.0  # also picks up events committed by other processes (clearing ingest)
 
 
+class Clock(Protocol):
+    def now(self) -> float:
+        """Unix time in seconds."""
+        ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    """The wall clock and the event loop's sleep: what the daemon runs on."""
+
+    def now(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+def uniform_jitter() -> float:
+    """A factor for a back-off delay: spreads the retries of many events over time."""
+    return random.uniform(0.5, 1.0)
+
+
+# What became of one event at one endpoint: a 2xx, a dead letter after its retry age, or
+# nothing because the endpoint was disabled (a 410) before it got through.
+Outcome = Literal["delivered", "dead_letter", "disabled"]
+
+
 class Endpoint(msgspec.Struct, frozen=True):
     config: WebhookEndpoint
-    secret: bytes
+    secrets: tuple[bytes, ...]  # one signature each, in the order of config.secret_envs
 
     def wants(self, event_type: str) -> bool:
         types = self.config.event_types
@@ -50,10 +91,15 @@ class Dispatcher:
         endpoints: list[Endpoint],
         config: WebhooksConfig,
         metrics: Metrics,
+        *,
+        clock: Clock | None = None,
+        jitter: Callable[[], float] = uniform_jitter,
     ) -> None:
         self._ledger = ledger
+        self._clock: Clock = SystemClock() if clock is None else clock
+        self._jitter = jitter
         self._state = state
-        self._endpoints = endpoints
+        self.endpoints = endpoints
         self._config = config
         self._metrics = metrics
         self._wakes = {endpoint.config.name: asyncio.Event() for endpoint in endpoints}
@@ -61,6 +107,11 @@ class Dispatcher:
         self._session: aiohttp.ClientSession | None = None
         self.state = state
         self._positions: dict[str, int] = {}
+        # Per endpoint, the clock time before which no attempt starts (from Retry-After).
+        self._paused_until: dict[str, float] = {}
+        # Endpoints that answered 410, as in the state (which the CLI changes): read at start,
+        # written here on a 410, dropped when the state no longer has them.
+        self.disabled: dict[str, Disabled] = {}
 
     def notify(self) -> None:
         """New events were committed: wake the endpoint tasks."""
@@ -73,24 +124,47 @@ class Dispatcher:
         with self._ledger.read() as reader:
             last = reader.outbox_last_sequence()
             waiting = reader.outbox(position, 1) if last >= position else []
-        age = time.time() - waiting[0].created_ms / 1000 if waiting else 0.0
+        age = self._clock.now() - waiting[0].created_ms / 1000 if waiting else 0.0
         return max(0, last - position + 1), max(0.0, age)
 
     def _gauge(self, name: str, which: int) -> Callable[[], float]:
         return lambda: float(self.backlog(name)[which])
 
+    def _disabled_gauge(self, name: str) -> Callable[[], float]:
+        return lambda: 1.0 if name in self.disabled else 0.0
+
     async def start(self) -> None:
-        for endpoint in self._endpoints:
+        for endpoint in self.endpoints:
             name = endpoint.config.name
             self._positions[name] = self.state.position(name)
             # Computed when scraped, from the ledger's outbox and the task's position.
             self._metrics.outbox_backlog.labels(name).set_function(self._gauge(name, 0))
             self._metrics.outbox_oldest_undelivered.labels(name).set_function(self._gauge(name, 1))
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit_per_host=4, keepalive_timeout=60)
-        )
+            self._metrics.webhook_endpoint_disabled.labels(name).set_function(
+                self._disabled_gauge(name)
+            )
+            why = self.state.disabled(name)
+            if why is not None:
+                self.disabled[name] = why
+                log.warning(
+                    "endpoint %s: disabled since %s (%s answering %s); nothing is delivered to "
+                    "it until `processor webhooks enable %s`",
+                    name,
+                    why.since,
+                    why.reason,
+                    why.event_id,
+                    name,
+                )
+        await self.open_session()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._run(endpoint)) for endpoint in self._endpoints]
+        self._tasks = [loop.create_task(self._run(endpoint)) for endpoint in self.endpoints]
+
+    async def open_session(self) -> None:
+        """The HTTP client the deliveries share (`start` opens it; tests may open it alone)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit_per_host=4, keepalive_timeout=60)
+            )
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -115,12 +189,24 @@ class Dispatcher:
         position = self._state.position(name)
         waiting: list[OutboxRecord] = []  # read, not started, in sequence order
         read_up_to = position - 1
-        running: dict[asyncio.Task[bool], OutboxRecord] = {}
+        running: dict[asyncio.Task[Outcome], OutboxRecord] = {}
         busy: set[str] = set()
         finished: set[int] = set()
         ledger_id = ""
         while True:
             wake.clear()
+            if name in self.disabled:
+                # Abandon what is in flight: nothing more goes to a receiver that said Gone.
+                # Events finished past the stored position are delivered again once enabled.
+                for task in running:
+                    task.cancel()
+                for task in running:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                running, busy, waiting, finished = {}, set(), [], set()
+                read_up_to = position - 1
+                await self._until_enabled(name, position)
+                continue
             if not running:
                 rewound = await self._replay(endpoint, position)
                 if rewound < position:
@@ -141,7 +227,7 @@ class Dispatcher:
                 elif len(running) < window and key not in busy and key not in blocked:
                     busy.add(key)
                     task = asyncio.get_running_loop().create_task(
-                        self._deliver(endpoint, record, ledger_id)
+                        self.deliver(endpoint, record, ledger_id)
                     )
                     running[task] = record
                 else:
@@ -161,15 +247,43 @@ class Dispatcher:
                 for task in done:
                     record = running.pop(task)
                     busy.discard(record.account_id or f"#{record.sequence}")
-                    finished.add(record.sequence)
+                    if self._outcome(task, name, record) != "disabled":
+                        finished.add(record.sequence)
             elif not waiting:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), IDLE_POLL_SECONDS)
 
+    @staticmethod
+    def _outcome(task: asyncio.Task[Outcome], name: str, record: OutboxRecord) -> Outcome | None:
+        """A finished delivery's outcome; None, logged with its traceback, if it raised."""
+        failure = task.exception()
+        if failure is None:
+            return task.result()
+        log.error(
+            "endpoint %s: delivering sequence %d failed: %r",
+            name,
+            record.sequence,
+            failure,
+            exc_info=failure,
+        )
+        return None
+
+    async def _until_enabled(self, name: str, position: int) -> None:
+        """Wait until `processor webhooks enable` has removed the endpoint's disabled mark."""
+        while self.state.disabled(name) is not None:
+            await asyncio.sleep(IDLE_POLL_SECONDS)
+        del self.disabled[name]
+        log.warning("endpoint %s: enabled again, delivering from sequence %d", name, position)
+
     async def _replay(self, endpoint: Endpoint, position: int) -> int:
         """Apply `processor webhooks replay` requests: rewind, or deliver single events again."""
         name = endpoint.config.name
-        for sequence, kind in self.state.take_replays(name):
+        requests = self.state.take_replays(name)
+        for index, (sequence, kind) in enumerate(requests):
+            if name in self.disabled:  # a 410 meanwhile: the rest wait until it is enabled
+                for kept in requests[index:]:
+                    self.state.request_replay(name, *kept)
+                break
             if kind == "from":
                 position = min(position, sequence)
                 self.state.advance(name, position)
@@ -178,47 +292,57 @@ class Dispatcher:
                 ledger_id = reader.ledger_id()
                 records = reader.outbox(sequence, 1)
             found = records[0] if records and records[0].sequence == sequence else None
-            if found is not None and await self._deliver(endpoint, found, ledger_id):
+            if found is None:
+                continue
+            outcome = await self.deliver(endpoint, found, ledger_id)
+            if outcome == "delivered":
                 self.state.forget_dead_letter(name, sequence)
+            elif outcome == "disabled":
+                self.state.request_replay(name, sequence, kind)
         self._positions[name] = position
         return position
 
-    async def _deliver(self, endpoint: Endpoint, record: OutboxRecord, ledger_id: str) -> bool:
-        """True once delivered; False when it went to the dead letters instead."""
-        assert self._session is not None
+    async def deliver(self, endpoint: Endpoint, record: OutboxRecord, ledger_id: str) -> Outcome:
+        """One event to one endpoint, retried until delivered or dead-lettered, or until the
+        endpoint is disabled (this event's 410, or another's)."""
         event = render(record, ledger_id)
         body = msgspec.json.encode(event)
         name = endpoint.config.name
-        timeout = aiohttp.ClientTimeout(total=endpoint.config.timeout_seconds)
         attempt = 0
         while True:
+            await self._pause_over(name)
+            if name in self.disabled:
+                return "disabled"
             attempt += 1
-            try:
-                async with self._session.post(
-                    endpoint.config.url,
-                    data=body,
-                    headers=headers(endpoint.secret, event.id, int(time.time()), body),
-                    timeout=timeout,
-                ) as response:
-                    await response.read()
-                    if 200 <= response.status < 300:
-                        self._metrics.webhook_delivered.labels(name).inc()
-                        self._metrics.webhook_delivery_seconds.labels(name).observe(
-                            max(0.0, time.time() - record.created_ms / 1000)
-                        )
-                        return True
-                    error = f"http_{response.status}"
-            except (aiohttp.ClientError, TimeoutError) as failure:
-                error = type(failure).__name__
-            self._metrics.webhook_failures.labels(name, error).inc()
-            age_seconds = time.time() - record.created_ms / 1000
+            answer = await self._attempt(endpoint, event.id, body)
+            if answer.delivered:
+                self._metrics.webhook_delivered.labels(name).inc()
+                self._metrics.webhook_delivery_seconds.labels(name).observe(
+                    max(0.0, self._clock.now() - record.created_ms / 1000)
+                )
+                return "delivered"
+            self._metrics.webhook_failures.labels(name, answer.error).inc()
+            if answer.status == 410:
+                self._disable(name, answer, event.id)
+                return "disabled"
+            if answer.redirect:
+                log.warning(
+                    "endpoint %s: %s answered %d, a redirect to %s: not followed, a failed "
+                    "attempt; set the endpoint's url to where it should deliver",
+                    name,
+                    event.id,
+                    answer.status,
+                    shown_location(answer.location),
+                )
+            now = self._clock.now()
+            age_seconds = now - record.created_ms / 1000
             if age_seconds >= endpoint.config.retry_max_age_seconds:
                 log.warning(
                     "endpoint %s: %s dead-lettered after %d attempts (%s)",
                     name,
                     event.id,
                     attempt,
-                    error,
+                    answer.error,
                 )
                 self._metrics.webhook_dead_letters.labels(name).inc()
                 self._state.bury(
@@ -227,13 +351,125 @@ class Dispatcher:
                         sequence=record.sequence,
                         event_id=event.id,
                         attempts=attempt,
-                        last_error=error,
-                        dead_ms=int(time.time() * 1000),
+                        last_error=answer.error,
+                        dead_ms=int(now * 1000),
                     ),
                 )
-                return False
-            delay = min(
-                self._config.backoff_max_seconds,
-                self._config.backoff_initial_seconds * 2 ** (attempt - 1),
+                return "dead_letter"
+            self._pause(name, answer, now)
+            await self._clock.sleep(
+                backoff_seconds(
+                    attempt,
+                    self._config.backoff_initial_seconds,
+                    self._config.backoff_max_seconds,
+                    self._jitter(),
+                )
             )
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter spreads retries
+
+    def _disable(self, name: str, answer: Answer, event_id: str) -> None:
+        """A 410 Gone: the receiver wants no more (Standard Webhooks). Recorded in the state so
+        that it holds across restarts; the first 410 is the reason kept."""
+        if name in self.disabled:
+            return
+        why = Disabled(
+            since_ms=int(self._clock.now() * 1000), reason=answer.error, event_id=event_id
+        )
+        self.disabled[name] = self.state.disable(name, why)
+        log.warning(
+            "endpoint %s: %s answered 410 Gone: endpoint disabled, nothing more is delivered to "
+            "it until `processor webhooks enable %s`",
+            name,
+            event_id,
+            name,
+        )
+
+    def _pause(self, name: str, answer: Answer, now: float) -> None:
+        """Honour a 429's or 503's Retry-After: no attempt to the endpoint before it ends."""
+        if answer.status not in RETRY_AFTER_STATUSES or answer.retry_after is None:
+            return
+        maximum = self._config.backoff_max_seconds
+        pause = pause_seconds(answer.status, answer.retry_after, now, maximum)
+        shown = repr(answer.retry_after[:RETRY_AFTER_SHOWN_CHARACTERS_MAX])
+        if pause is None:
+            log.info(
+                "endpoint %s: answered %d with an unreadable Retry-After %s: the usual back-off",
+                name,
+                answer.status,
+                shown,
+            )
+            return
+        log.info(
+            "endpoint %s: answered %d with Retry-After %s: no attempt for %.1f s%s",
+            name,
+            answer.status,
+            shown,
+            pause,
+            " (the most webhooks.backoff_max_seconds allows)" if pause == maximum else "",
+        )
+        self._paused_until[name] = max(self._paused_until.get(name, 0.0), now + pause)
+
+    async def _pause_over(self, name: str) -> None:
+        """Wait out the endpoint's pause; another answer may lengthen it meanwhile."""
+        while (left := self._paused_until.get(name, 0.0) - self._clock.now()) > 0:
+            await self._clock.sleep(left)
+
+    async def _attempt(self, endpoint: Endpoint, event_id: str, body: bytes) -> Answer:
+        """One signed POST. Redirects are not followed (Standard Webhooks): a 3xx is answered
+        like any other failure, so a moved receiver is fixed in the config, never guessed."""
+        assert self._session is not None
+        try:
+            async with self._session.post(
+                endpoint.config.url,
+                data=body,
+                headers=headers(endpoint.secrets, event_id, int(self._clock.now()), body),
+                timeout=aiohttp.ClientTimeout(total=endpoint.config.timeout_seconds),
+                allow_redirects=False,
+            ) as response:
+                await response.read()
+                return Answer(
+                    status=response.status,
+                    location=response.headers.get("Location"),
+                    retry_after=response.headers.get("Retry-After"),
+                )
+        except (aiohttp.ClientError, TimeoutError) as failure:
+            return Answer(status=0, failure=type(failure).__name__)
+
+
+class Answer(msgspec.Struct, frozen=True, kw_only=True):
+    """What one attempt got: an HTTP status and the headers the policy reads, or no answer
+    at all (status 0) and why."""
+
+    status: int
+    failure: str = ""  # the exception's type name when there was no answer
+    location: str | None = None
+    retry_after: str | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def redirect(self) -> bool:
+        return 300 <= self.status < 400
+
+    @property
+    def error(self) -> str:
+        """The metric label and dead-letter reason: `http_503`, `ClientConnectorError`, ..."""
+        return self.failure if self.status == 0 else f"http_{self.status}"
+
+
+LOCATION_SHOWN_CHARACTERS_MAX = 200
+RETRY_AFTER_SHOWN_CHARACTERS_MAX = 40
+
+
+def shown_location(location: str | None) -> str:
+    """A Location header fit for a log line: without user info, query or fragment, which may
+    carry credentials, and cut to a bounded length."""
+    if not location:
+        return "(no Location)"
+    try:
+        parts = urlsplit(location)
+    except ValueError:
+        return "(an unreadable Location)"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))[:LOCATION_SHOWN_CHARACTERS_MAX]

@@ -1,4 +1,5 @@
-"""Delivery state: per endpoint the next outbox sequence to deliver, and dead letters.
+"""Delivery state: per endpoint the next outbox sequence to deliver, dead letters, replay
+requests, and whether the endpoint is disabled (a 410 Gone) until an operator enables it.
 
 A separate LMDB environment without fsync: losing its last writes only means redelivering
 events (same ids: receivers deduplicate), and its commits never take the ledger's write lock.
@@ -7,6 +8,7 @@ events (same ids: receivers deduplicate), and its commits never take the ledger'
 from __future__ import annotations
 
 import struct
+from datetime import UTC, datetime
 from pathlib import Path
 
 import lmdb
@@ -23,13 +25,27 @@ class DeadLetter(msgspec.Struct, array_like=True, kw_only=True):
     dead_ms: int
 
 
+class Disabled(msgspec.Struct, array_like=True, kw_only=True):
+    """Why an endpoint gets nothing until `processor webhooks enable` removes this."""
+
+    since_ms: int
+    reason: str  # what the receiver answered: "http_410"
+    event_id: str  # the event whose delivery it answered so
+
+    @property
+    def since(self) -> str:
+        """When, in RFC 3339 UTC to the second."""
+        when = datetime.fromtimestamp(self.since_ms / 1000, UTC)
+        return when.isoformat(timespec="seconds").removesuffix("+00:00") + "Z"
+
+
 class DeliveryState:
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         Path(path).mkdir(parents=True, exist_ok=True) if not readonly else None
         self.env = lmdb.open(
             str(path),
             map_size=64 << 20,
-            max_dbs=4,
+            max_dbs=8,
             sync=False,
             metasync=False,
             readonly=readonly,
@@ -40,8 +56,16 @@ class DeliveryState:
         self._dead = self.env.open_db(b"dead_letters", create=create)
         # endpoint + sequence -> b"from" (rewind to it) | b"one" (deliver that event again)
         self._replays = self.env.open_db(b"replays", create=create)
+        # endpoint -> Disabled. Absent from state written before it existed: a reader sees
+        # no endpoint disabled, the daemon (read-write) creates it.
+        self._disabled: lmdb._Database | None = None
+        try:
+            self._disabled = self.env.open_db(b"disabled", create=create)
+        except lmdb.NotFoundError:
+            assert readonly
         self._encoder = msgspec.msgpack.Encoder()
         self._dead_decoder = msgspec.msgpack.Decoder(DeadLetter)
+        self._disabled_decoder = msgspec.msgpack.Decoder(Disabled)
 
     def close(self) -> None:
         self.env.close()
@@ -97,3 +121,31 @@ class DeliveryState:
                     if not cursor.delete():
                         break
         return taken
+
+    def disable(self, endpoint: str, why: Disabled) -> Disabled:
+        """Mark the endpoint disabled; an endpoint already disabled keeps its first reason,
+        which is returned."""
+        assert self._disabled is not None, "a read-only state cannot disable"
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(endpoint.encode(), db=self._disabled)
+            if raw is not None:
+                return self._disabled_decoder.decode(raw)
+            txn.put(endpoint.encode(), self._encoder.encode(why), db=self._disabled)
+        return why
+
+    def disabled(self, endpoint: str) -> Disabled | None:
+        if self._disabled is None:
+            return None
+        with self.env.begin() as txn:
+            raw = txn.get(endpoint.encode(), db=self._disabled)
+        return None if raw is None else self._disabled_decoder.decode(raw)
+
+    def enable(self, endpoint: str) -> Disabled | None:
+        """Enable the endpoint again; what had disabled it, or None if it was not."""
+        assert self._disabled is not None, "a read-only state cannot enable"
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(endpoint.encode(), db=self._disabled)
+            if raw is None:
+                return None
+            txn.delete(endpoint.encode(), db=self._disabled)
+        return self._disabled_decoder.decode(raw)

@@ -6,11 +6,25 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class Attempt(NamedTuple):
+    """One request as it arrived, whatever it was answered."""
+
+    arrived: float  # time.monotonic() when its headers were read, before any answer
+    method: str
+    path: str
+    headers: dict[str, str]
+    status: int  # what it was answered (0: nothing, the client gave up first)
 
 
 class Receiver:
-    """`fail_first` requests are answered 500; `delay_seconds` is slept before each answer."""
+    """`fail_first` requests are answered 500; `delay_seconds` is slept before each answer.
+
+    `answers` (status, headers), when any are left, answer the next requests first, one each,
+    in order; such requests are recorded in `attempts` only, never in `received`.
+    """
 
     def __init__(
         self,
@@ -18,8 +32,11 @@ class Receiver:
         delay_seconds: float = 0.0,
         status: int = 204,
         slow_first: int | None = None,
+        answers: list[tuple[int, dict[str, str]]] | None = None,
     ):
         self.received: list[tuple[dict[str, str], bytes]] = []
+        self.attempts: list[Attempt] = []
+        self.answers = list(answers or [])
         self.fail_first = fail_first
         self.delay_seconds = delay_seconds
         self.status = status
@@ -30,25 +47,48 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
+                self.answer("POST")
+
+            def do_GET(self) -> None:  # only a followed redirect would ask for anything
+                self.answer("GET")
+
+            def answer(self, method: str) -> None:
+                arrived = time.monotonic()
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                headers = {k.lower(): v for k, v in self.headers.items()}
                 with receiver._lock:
                     receiver.calls += 1
+                    scripted = receiver.answers.pop(0) if receiver.answers else None
                     failing = receiver.calls <= receiver.fail_first
                     slow = receiver.slow_first is None or receiver.calls <= receiver.slow_first
+                if scripted is not None:
+                    status, extra = scripted
+                    self.record(Attempt(arrived, method, self.path, headers, status))
+                    self.send_response(status)
+                    for name, value in extra.items():
+                        self.send_header(name, value)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
                 if receiver.delay_seconds and slow:
                     time.sleep(receiver.delay_seconds)
                     if receiver.slow_first is not None:
-                        return  # the client gave up waiting: answer nothing, record nothing
+                        self.record(Attempt(arrived, method, self.path, headers, 0))
+                        return  # the client gave up waiting: answer nothing, not received
                 if failing:
+                    self.record(Attempt(arrived, method, self.path, headers, 500))
                     self.send_response(500)
                 else:
+                    self.record(Attempt(arrived, method, self.path, headers, receiver.status))
                     with receiver._lock:
-                        receiver.received.append(
-                            ({k.lower(): v for k, v in self.headers.items()}, body)
-                        )
+                        receiver.received.append((headers, body))
                     self.send_response(receiver.status)
                 self.send_header("content-length", "0")
                 self.end_headers()
+
+            def record(self, attempt: Attempt) -> None:
+                with receiver._lock:
+                    receiver.attempts.append(attempt)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -60,7 +100,10 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return self.url_for("/hook")
+
+    def url_for(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
 
     def events(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -73,6 +116,15 @@ class Receiver:
                 break
             time.sleep(0.05)
         return self.events()
+
+    def wait_for_attempts(self, count: int, timeout: float = 20.0) -> list[Attempt]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.attempts) >= count:
+                break
+            time.sleep(0.05)
+        with self._lock:
+            return list(self.attempts)
 
     def close(self) -> None:
         self.server.shutdown()

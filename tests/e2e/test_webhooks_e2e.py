@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import os
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import pytest
 from harness import PAN_KEY, RunningDaemon, authorization
 from receiver import Receiver
@@ -17,20 +19,35 @@ from processor.webhooks.state import DeliveryState
 pytestmark = pytest.mark.e2e
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+SECRET_NEXT = "whsec_" + base64.b64encode(b"fedcba9876543210fedcba9876543210").decode()
 
 
-def start(tmp_path: Path, endpoints: str, **env: str) -> RunningDaemon:
+def start(
+    tmp_path: Path, endpoints: str, backoff_max_seconds: float = 0.2, **env: str
+) -> RunningDaemon:
     config = tmp_path / "processor.toml"
     config.write_text(
-        "[webhooks]\nbackoff_initial_seconds = 0.05\nbackoff_max_seconds = 0.2\n" + endpoints
+        "[webhooks]\nbackoff_initial_seconds = 0.05\n"
+        f"backoff_max_seconds = {backoff_max_seconds}\n" + endpoints
     )
-    environment = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, HOOK_SECRET=SECRET, **env)
+    environment = dict(
+        os.environ, PROCESSOR_PAN_KEY=PAN_KEY, HOOK_SECRET=SECRET, HOOK_SECRET_NEXT=SECRET_NEXT
+    )
+    environment.update(env)
     return RunningDaemon(tmp_path / "ledger", config=config, env=environment).start()
 
 
-def endpoint(name: str, url: str, extra: str = "") -> str:
+def signed_by(headers: dict[str, str], body: bytes, *secrets: str) -> bool:
+    """The signature header holds one v1 signature per secret, in order, over the attempt's
+    own timestamp (the reference library signs; no clock is read here)."""
+    moment = datetime.fromtimestamp(int(headers["webhook-timestamp"]), UTC)
+    expected = [Webhook(s).sign(headers["webhook-id"], moment, body.decode()) for s in secrets]
+    return headers["webhook-signature"] == " ".join(expected)
+
+
+def endpoint(name: str, url: str, extra: str = "", secret_envs: str = '["HOOK_SECRET"]') -> str:
     return (
-        f'[[webhooks.endpoints]]\nname = "{name}"\nurl = "{url}"\nsecret_env = "HOOK_SECRET"\n'
+        f'[[webhooks.endpoints]]\nname = "{name}"\nurl = "{url}"\nsecret_envs = {secret_envs}\n'
         + extra
     )
 
@@ -46,10 +63,9 @@ def test_every_event_arrives_signed_once_in_order(tmp_path: Path) -> None:
         link.close()
         events = receiver.wait_for(12)
         assert len(events) == 12
-        verifier = Webhook(SECRET)
         for headers, body in receiver.received:
-            verified = verifier.verify(body, headers)  # raises on a bad signature
-            assert verified["id"] == headers["webhook-id"]
+            assert signed_by(headers, body, SECRET)
+            assert msgspec.json.decode(body)["id"] == headers["webhook-id"]
         assert len({e["id"] for e in events}) == 12
         assert {e["type"] for e in events} == {"authorization.approved", "authorization.declined"}
         sequences = [
@@ -150,7 +166,67 @@ def test_missing_secret_fails_at_start_naming_the_variable(tmp_path: Path) -> No
         "--demo",
     )
     assert result.returncode == 2
-    assert "NOPE_SECRET" in result.stderr and "$.webhooks.endpoints[0].secret_env" in result.stderr
+    assert (
+        "$.webhooks.endpoints[0].secret_envs[0]: environment variable NOPE_SECRET is not set"
+        in (result.stderr)
+    )
+
+
+def test_two_secrets_two_signatures_each_verifiable(tmp_path: Path) -> None:
+    receiver = Receiver()
+    daemon = start(
+        tmp_path,
+        endpoint("main", receiver.url, secret_envs='["HOOK_SECRET", "HOOK_SECRET_NEXT"]'),
+    )
+    try:
+        link = daemon.connect()
+        for _ in range(2):
+            assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
+        link.close()
+        assert len(receiver.wait_for(2)) == 2
+        other = "whsec_" + base64.b64encode(b"x" * 32).decode()
+        for headers, body in receiver.received:
+            assert len(headers["webhook-signature"].split(" ")) == 2
+            assert signed_by(headers, body, SECRET, SECRET_NEXT)  # both, in the order configured
+            assert not signed_by(headers, body, other, SECRET_NEXT)
+            # A receiver on either secret alone finds its signature among those offered.
+            offered = headers["webhook-signature"].split(" ")
+            for secret in (SECRET, SECRET_NEXT):
+                moment = datetime.fromtimestamp(int(headers["webhook-timestamp"]), UTC)
+                assert Webhook(secret).sign(headers["webhook-id"], moment, body.decode()) in offered
+    finally:
+        daemon.stop()
+        receiver.close()
+
+
+def test_a_second_secret_that_is_too_short_stops_the_start_naming_it(tmp_path: Path) -> None:
+    from harness import run_cli
+
+    config = tmp_path / "processor.toml"
+    config.write_text(
+        endpoint("main", "http://127.0.0.1:9/", secret_envs='["HOOK_SECRET", "HOOK_SHORT"]')
+    )
+    short = "whsec_" + base64.b64encode(b"s" * 16).decode()
+    env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, HOOK_SECRET=SECRET, HOOK_SHORT=short)
+    result = run_cli(
+        "serve",
+        "--config",
+        str(config),
+        "--ledger",
+        str(tmp_path / "l"),
+        "--port",
+        "0",
+        "--http-port",
+        "0",
+        "--demo",
+        env=env,
+    )
+    assert result.returncode == 2
+    assert (
+        "$.webhooks.endpoints[0].secret_envs[1] (HOOK_SHORT): signing secret of 16 bytes, "
+        "at least 24 needed" in result.stderr
+    )
+    assert short not in result.stderr and short[len("whsec_") :] not in result.stderr
 
 
 def test_backlog_metrics_while_an_endpoint_is_down(tmp_path: Path) -> None:
@@ -240,7 +316,7 @@ def test_listen_verifies_signatures_and_prints_events(tmp_path: Path) -> None:
 
     from processor.webhooks.signing import headers, parse_secret
 
-    env = dict(os.environ, HOOK_SECRET=SECRET)
+    env = dict(os.environ, HOOK_SECRET=SECRET, HOOK_SECRET_NEXT=SECRET_NEXT)
     listener = subprocess.Popen(
         [
             sys.executable,
@@ -252,6 +328,8 @@ def test_listen_verifies_signatures_and_prints_events(tmp_path: Path) -> None:
             "0",
             "--secret-env",
             "HOOK_SECRET",
+            "--secret-env",
+            "HOOK_SECRET_NEXT",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -262,12 +340,21 @@ def test_listen_verifies_signatures_and_prints_events(tmp_path: Path) -> None:
         assert listener.stdout is not None
         line = listener.stdout.readline()
         port = int(line.split("listening on 127.0.0.1:")[1].split(",")[0])
+        assert line.rstrip().endswith("verifying with HOOK_SECRET or HOOK_SECRET_NEXT")
         body = b'{"id":"evt_x","type":"authorization.approved"}'
-        signed = headers(parse_secret(SECRET, "t"), "evt_x", int(time.time()), body)
+        # The listener is a real receiver: it keeps the replay window on its own clock, so
+        # this one request is signed at the shared clock's time (nothing asserts on time).
+        signed = headers([parse_secret(SECRET, "t")], "evt_x", int(time.time()), body)
         request = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, headers=signed)
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 204
         assert '"evt_x"' in listener.stdout.readline()
+        # Signed with the second secret alone (the sender has rotated): accepted too.
+        rotated = headers([parse_secret(SECRET_NEXT, "t")], "evt_y", int(time.time()), body)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, headers=rotated)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 204
+        assert '"evt_x"' in listener.stdout.readline()  # the body printed again
         forged = dict(signed, **{"webhook-signature": "v1,AAAA"})
         bad = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, headers=forged)
         with pytest.raises(urllib.error.HTTPError) as caught:
@@ -332,6 +419,119 @@ def test_a_receiver_that_times_out_gets_every_event_after_retries(tmp_path: Path
         assert len({e["id"] for e in events}) == 3
         assert [e["account_sequence"] for e in events] == [1, 2, 3]
         assert receiver.calls >= 5
+    finally:
+        daemon.stop()
+        receiver.close()
+
+
+def test_redirects_are_not_followed_but_retried_and_logged(tmp_path: Path) -> None:
+    receiver = Receiver()
+    moved = receiver.url_for("/moved?token=s3cr3t")
+    receiver.answers = [(302, {"Location": moved}), (307, {"Location": moved})]
+    daemon = start(tmp_path, endpoint("main", receiver.url))
+    try:
+        link = daemon.connect()
+        assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
+        link.close()
+        (event,) = receiver.wait_for(1)
+        attempts = receiver.wait_for_attempts(3)
+        # Three POSTs to the configured path: two redirected, one delivered; /moved never asked.
+        assert [(a.method, a.path, a.status) for a in attempts] == [
+            ("POST", "/hook", 302),
+            ("POST", "/hook", 307),
+            ("POST", "/hook", 204),
+        ]
+        assert {a.headers["webhook-id"] for a in attempts} == {event["id"]}
+        logged = [line for line in daemon.stderr().splitlines() if "a redirect to" in line]
+        assert len(logged) == 2, daemon.stderr()
+        assert "answered 302, a redirect to http://127.0.0.1:" in logged[0]
+        assert "answered 307" in logged[1] and "not followed" in logged[1]
+        assert "s3cr3t" not in daemon.stderr()
+    finally:
+        daemon.stop()
+        receiver.close()
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_is_honoured(tmp_path: Path, status: int) -> None:
+    receiver = Receiver(answers=[(status, {"Retry-After": "1"})])
+    # The back-off alone would retry after 0.025 to 0.05 s; Retry-After asks for 1 s.
+    daemon = start(tmp_path, endpoint("main", receiver.url), backoff_max_seconds=5.0)
+    try:
+        link = daemon.connect()
+        assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
+        link.close()
+        assert len(receiver.wait_for(1, timeout=10)) == 1
+        first, second = receiver.wait_for_attempts(2)
+        assert (first.status, second.status) == (status, 204)
+        assert first.headers["webhook-id"] == second.headers["webhook-id"]
+        # Arrival times at the receiver: the first is stamped before it is answered, so the
+        # daemon's wait of at least 1 s lies wholly between the two.
+        assert second.arrived - first.arrived >= 1.0
+        assert second.arrived - first.arrived < 5.0  # not parked beyond the cap either
+    finally:
+        daemon.stop()
+        receiver.close()
+
+
+def test_410_disables_the_endpoint_across_a_restart_until_enabled(tmp_path: Path) -> None:
+    import urllib.request
+
+    from harness import run_cli
+
+    receiver = Receiver(answers=[(410, {})])
+    daemon = start(tmp_path, endpoint("main", receiver.url))
+    env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, HOOK_SECRET=SECRET)
+    config_args = ["--config", str(tmp_path / "processor.toml"), "--ledger", str(daemon.ledger)]
+    try:
+        link = daemon.connect()
+        assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
+        (gone,) = receiver.wait_for_attempts(1)
+        assert gone.status == 410
+        deadline = time.monotonic() + 10
+        shown = ""
+        while time.monotonic() < deadline and "disabled since" not in shown:
+            shown = run_cli("webhooks", "status", *config_args, env=env).stdout
+            time.sleep(0.1)
+        lines = shown.splitlines()
+        at = lines.index(next(line for line in lines if line.startswith("endpoint main:")))
+        assert lines[at + 1].startswith("  disabled since 20"), shown
+        assert lines[at + 1].endswith(
+            f"Z: http_410 answering {gone.headers['webhook-id']}; nothing is delivered to it "
+            "until `processor webhooks enable main`"
+        ), shown
+        url = f"http://127.0.0.1:{daemon.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert 'processor_webhook_endpoint_disabled{endpoint="main"} 1.0' in (
+                response.read().decode()
+            )
+        # More events while disabled: nothing goes out (the daemon polls its state each second).
+        for _ in range(2):
+            assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
+        link.close()
+        time.sleep(1.5)
+        assert len(receiver.attempts) == 1
+
+        # Persisted: a restarted daemon still delivers nothing to it.
+        daemon.stop()
+        daemon = RunningDaemon(daemon.ledger, config=daemon.config, env=daemon.env).start()
+        assert any("(disabled after a 410 Gone: main)" in line for line in daemon.stdout)
+        time.sleep(1.5)
+        assert len(receiver.attempts) == 1
+
+        enabled = run_cli("webhooks", "enable", "main", *config_args, env=env)
+        assert enabled.returncode == 0, enabled.stderr
+        assert enabled.stdout.startswith("endpoint main enabled (disabled since 20")
+        assert enabled.stdout.endswith(
+            f"http_410 answering {gone.headers['webhook-id']}); delivery resumes from sequence 1\n"
+        )
+        events = receiver.wait_for(3, timeout=15)
+        assert [e["account_sequence"] for e in events] == [1, 2, 3]
+        assert events[0]["id"] == gone.headers["webhook-id"]  # the event answered 410, first
+        shown = run_cli("webhooks", "status", *config_args, env=env).stdout
+        assert "disabled" not in shown and "endpoint main: delivered up to 3, backlog 0" in shown
+        again = run_cli("webhooks", "enable", "main", *config_args, env=env)
+        assert again.stdout == "endpoint main is not disabled; nothing to do\n"
     finally:
         daemon.stop()
         receiver.close()

@@ -169,3 +169,43 @@ def test_example_rates_file_loads() -> None:
 
     rates = load_rates(ROOT / "config" / "rates.example.toml")
     assert rates[("USD", "EUR")] == Decimal("0.9200")
+
+
+ENDPOINT = '[[webhooks.endpoints]]\nname = "main"\nurl = "https://hooks.example/"\n'
+
+
+def test_an_endpoint_names_one_or_more_secret_variables() -> None:
+    config = parse_config(ENDPOINT + 'secret_envs = ["HOOK_OLD", "HOOK_NEW"]\n')
+    assert config.webhooks.endpoints[0].secret_envs == ("HOOK_OLD", "HOOK_NEW")
+
+
+@pytest.mark.parametrize(
+    ("secret_envs", "message"),
+    [
+        ("[]", r"Expected `array` of length >= 1 - at `\$\.webhooks\.endpoints\[0\]\.secret_envs`"),
+        (
+            '["A", "B", "C", "D", "E"]',
+            r"Expected `array` of length <= 4 - at `\$\.webhooks\.endpoints\[0\]\.secret_envs`",
+        ),
+        ('["A", ""]', r"at `\$\.webhooks\.endpoints\[0\]\.secret_envs\[1\]`"),
+        (
+            '["HOOK_A", "HOOK_A"]',
+            r"secret_envs names 'HOOK_A' more than once - at `\$\.webhooks\.endpoints\[0\]`",
+        ),
+        (
+            '"HOOK_A"',
+            r"Expected `array`, got `str` - at `\$\.webhooks\.endpoints\[0\]\.secret_envs`",
+        ),
+    ],
+)
+def test_bad_secret_variables_are_named(secret_envs: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(ENDPOINT + f"secret_envs = {secret_envs}\n", "test.toml")
+
+
+def test_the_old_single_secret_key_fails_and_says_what_replaces_it() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(ENDPOINT + 'secret_env = "HOOK_A"\n', "test.toml")
+    message = str(caught.value)
+    assert "unknown field `secret_env` - at `$.webhooks.endpoints[0]`" in message
+    assert 'secret_env` is now secret_envs = ["VARIABLE"]' in message

@@ -1,0 +1,115 @@
+"""`processor webhooks status | enable` on a ledger and delivery state written here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from processor.config import Config, parse_config
+from processor.ledger.records import OutboxRecord
+from processor.ledger.store import Ledger
+from processor.webhooks.commands import enable, status
+from processor.webhooks.state import DeliveryState, Disabled
+
+T0 = 1_795_486_000.0  # 2026-11-24T02:06:40Z
+WHY = Disabled(since_ms=int(T0 * 1000), reason="http_410", event_id="evt_0a0b0c0d000000000001")
+
+
+def configured(tmp_path: Path) -> Config:
+    ledger = tmp_path / "ledger"
+    return parse_config(
+        f'[ledger]\npath = "{ledger}"\n'
+        '[[webhooks.endpoints]]\nname = "main"\nurl = "https://hooks.example/"\n'
+        'secret_envs = ["HOOK"]\n'
+        '[[webhooks.endpoints]]\nname = "other"\nurl = "https://other.example/"\n'
+        'secret_envs = ["HOOK"]\n'
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    config = configured(tmp_path)
+    ledger = Ledger(config.ledger.path, durability="process", map_size_bytes=64 << 20)
+    with ledger.write() as writer:
+        for created in (T0 - 90, T0 - 30):
+            writer.append_event(
+                OutboxRecord(
+                    sequence=writer.next_event_sequence(),
+                    type="authorization.approved",
+                    created_ms=int(created * 1000),
+                    account_id="acct-1",
+                )
+            )
+    ledger.close()
+    return config
+
+
+def state_of(config: Config) -> DeliveryState:
+    return DeliveryState(Path(config.ledger.path) / "webhooks")
+
+
+def test_status_shows_a_disabled_endpoint_with_when_and_why(
+    config: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = state_of(config)
+    state.disable("main", WHY)
+    state.close()
+    assert status(config, now=T0) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "outbox: 2 events",
+        "endpoint main: delivered up to 0, backlog 2, oldest undelivered 90.0s, dead letters 0",
+        "  disabled since 2026-11-24T02:06:40Z: http_410 answering evt_0a0b0c0d000000000001; "
+        "nothing is delivered to it until `processor webhooks enable main`",
+        "endpoint other: delivered up to 0, backlog 2, oldest undelivered 90.0s, dead letters 0",
+    ]
+
+
+def test_enable_clears_it_says_from_where_and_is_idempotent(
+    config: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = state_of(config)
+    state.disable("main", WHY)
+    state.advance("main", 2)
+    state.close()
+    assert enable(config, "main") == 0
+    assert capsys.readouterr().out == (
+        "endpoint main enabled (disabled since 2026-11-24T02:06:40Z: http_410 answering "
+        "evt_0a0b0c0d000000000001); delivery resumes from sequence 2\n"
+    )
+    state = state_of(config)
+    assert state.disabled("main") is None
+    state.close()
+    assert enable(config, "main") == 0
+    assert capsys.readouterr().out == "endpoint main is not disabled; nothing to do\n"
+    status(config, now=T0)
+    assert "disabled since" not in capsys.readouterr().out
+
+
+def test_enable_names_an_unknown_endpoint(
+    config: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert enable(config, "mian") == 2
+    assert capsys.readouterr().err == "processor: no endpoint 'mian' in webhooks.endpoints\n"
+
+
+def test_state_written_before_endpoints_could_be_disabled_reads_as_none_disabled(
+    config: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The databases of the release before: positions, dead letters, replays, no "disabled".
+    path = Path(config.ledger.path) / "webhooks"
+    path.mkdir()
+    env = lmdb.open(str(path), map_size=64 << 20, max_dbs=4)
+    for name in (b"positions", b"dead_letters", b"replays"):
+        env.open_db(name, create=True)
+    env.close()
+    reader = DeliveryState(path, readonly=True)
+    assert reader.disabled("main") is None
+    reader.close()
+    assert status(config, now=T0) == 0
+    assert "disabled" not in capsys.readouterr().out
+    writer = DeliveryState(path)  # the daemon, read-write, adds the database
+    writer.disable("main", WHY)
+    assert writer.disabled("main") == WHY
+    writer.close()

@@ -1,0 +1,507 @@
+"""The dispatcher's retry policy on logical time, against a scripted HTTP receiver on 127.0.0.1.
+
+The receiver is a real aiohttp server (the client must really see redirects, statuses and
+headers); time is a `LogicalClock`, so back-off and waits are asserted as exact logical seconds,
+never measured. Waits for the receiver are bounded by real time only to fail instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from processor.config import WebhookEndpoint, WebhooksConfig
+from processor.ledger.records import OutboxRecord
+from processor.ledger.store import Ledger
+from processor.metrics import Metrics
+from processor.webhooks.dispatcher import Dispatcher, Endpoint, Outcome, shown_location
+from processor.webhooks.state import DeliveryState, Disabled
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+SECRET_NEXT = b"fedcba9876543210fedcba9876543210"
+T0 = 1_795_486_000.0  # 2026-11-24: every test starts its logical clock here
+WAIT_SECONDS_MAX = 10.0  # real time: a receiver that never sees what we wait for fails the test
+
+
+class LogicalClock:
+    """Time that passes only when the code under test sleeps: each sleep ends at once, with
+    the clock moved to the sleep's end (never backwards), and is recorded."""
+
+    def __init__(self, start: float = T0) -> None:
+        self.time = start
+        self.sleeps: list[float] = []
+
+    def now(self) -> float:
+        return self.time
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.time = max(self.time, self.time + seconds)
+        await asyncio.sleep(0)
+
+
+class ManualClock:
+    """Time that passes only when the test moves it: sleepers wait until `advance_to` passes
+    their end. For tests of what happens while something else is still waiting."""
+
+    def __init__(self, start: float = T0) -> None:
+        self.time = start
+        self.sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def now(self) -> float:
+        return self.time
+
+    async def sleep(self, seconds: float) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.sleepers.append((self.time + seconds, future))
+        await future
+
+    def advance_to(self, moment: float) -> None:
+        self.time = moment
+        for end, future in list(self.sleepers):
+            if end <= moment:
+                self.sleepers.remove((end, future))
+                if not future.done():
+                    future.set_result(None)
+
+    def waiting(self) -> int:
+        return sum(1 for _, future in self.sleepers if not future.done())
+
+
+class Request(msgspec.Struct):
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+Answer = tuple[int, dict[str, str]]
+
+
+class ScriptedReceiver:
+    """Answers each request with the next scripted (status, headers), then with `otherwise`."""
+
+    def __init__(self, script: list[Answer], otherwise: Answer = (204, {})) -> None:
+        self.script = list(script)
+        self.otherwise = otherwise
+        self.requests: list[Request] = []
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._answer)
+        self.server = TestServer(app, host="127.0.0.1")
+
+    async def _answer(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.requests.append(Request(request.method, request.path, headers, body))
+        status, extra = self.script.pop(0) if self.script else self.otherwise
+        return web.Response(status=status, headers=extra)
+
+    def url(self, path: str = "/hook") -> str:
+        return str(self.server.make_url(path))
+
+    def timestamps(self) -> list[int]:
+        return [int(r.headers["webhook-timestamp"]) for r in self.requests]
+
+
+def endpoint_config(url: str, **overrides: object) -> WebhookEndpoint:
+    fields: dict[str, object] = {"name": "main", "url": url, "secret_envs": ["UNUSED"]}
+    fields.update(overrides)
+    return msgspec.convert(fields, WebhookEndpoint)
+
+
+def add_events(ledger: Ledger, accounts: list[str], created: float = T0) -> None:
+    with ledger.write() as writer:
+        for number, account in enumerate(accounts):
+            writer.append_event(
+                OutboxRecord(
+                    sequence=writer.next_event_sequence(),
+                    type="authorization.approved",
+                    created_ms=int(created * 1000),
+                    account_id=account,
+                    account_sequence=number + 1,
+                )
+            )
+
+
+def first_record(ledger: Ledger) -> tuple[OutboxRecord, str]:
+    with ledger.read() as reader:
+        return reader.outbox(1, 1)[0], reader.ledger_id()
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_SECONDS_MAX
+    while not condition():
+        assert loop.time() < deadline, "the condition did not come true in time"
+        await asyncio.sleep(0.01)
+
+
+class Harness(msgspec.Struct):
+    ledger: Ledger
+    state: DeliveryState
+    dispatcher: Dispatcher
+    receiver: ScriptedReceiver
+    clock: LogicalClock | ManualClock
+    metrics: Metrics
+
+
+def run(
+    tmp_path: Path,
+    script: list[Answer],
+    test: Callable[[Harness], Awaitable[None]],
+    *,
+    otherwise: Answer = (204, {}),
+    accounts: tuple[str, ...] = ("acct-1",),
+    secrets: tuple[bytes, ...] = (SECRET,),
+    backoff_initial_seconds: float = 1.0,
+    backoff_max_seconds: float = 300.0,
+    clock: LogicalClock | ManualClock | None = None,
+    **endpoint: object,
+) -> None:
+    """Run `test` with a dispatcher (not started unless the test starts it) and a receiver."""
+
+    async def main() -> None:
+        receiver = ScriptedReceiver(script, otherwise)
+        await receiver.server.start_server()
+        ledger = Ledger(tmp_path / "ledger", durability="process", map_size_bytes=64 << 20)
+        state = DeliveryState(tmp_path / "ledger" / "webhooks")
+        chosen = LogicalClock() if clock is None else clock
+        metrics = Metrics()
+        config = WebhooksConfig(
+            backoff_initial_seconds=backoff_initial_seconds,
+            backoff_max_seconds=backoff_max_seconds,
+        )
+        add_events(ledger, list(accounts))
+        dispatcher = Dispatcher(
+            ledger,
+            state,
+            [Endpoint(endpoint_config(receiver.url(), **endpoint), secrets)],
+            config,
+            metrics,
+            clock=chosen,
+            jitter=lambda: 1.0,  # the longest delay of the jitter range: exact logical times
+        )
+        try:
+            await test(Harness(ledger, state, dispatcher, receiver, chosen, metrics))
+        finally:
+            await dispatcher.stop()
+            await receiver.server.close()
+            state.close()
+            ledger.close()
+
+    asyncio.run(main())
+
+
+async def deliver_first(harness: Harness) -> Outcome:
+    """Deliver event 1 alone, as the endpoint's task would."""
+    await harness.dispatcher.open_session()
+    record, ledger_id = first_record(harness.ledger)
+    return await harness.dispatcher.deliver(harness.dispatcher.endpoints[0], record, ledger_id)
+
+
+def test_failures_back_off_doubling_on_logical_time(tmp_path: Path) -> None:
+    async def test(harness: Harness) -> None:
+        assert await deliver_first(harness) == "delivered"
+        assert harness.clock.sleeps == [1.0, 2.0, 4.0]
+        # Each attempt is signed with the logical time it was made at.
+        assert harness.receiver.timestamps() == [T0, T0 + 1, T0 + 3, T0 + 7]
+
+    run(tmp_path, [(500, {}), (502, {}), (500, {})], test)
+
+
+def test_the_back_off_stops_growing_at_its_maximum(tmp_path: Path) -> None:
+    async def test(harness: Harness) -> None:
+        assert await deliver_first(harness) == "delivered"
+        assert harness.clock.sleeps == [1.0, 2.0, 4.0, 5.0, 5.0]
+
+    run(tmp_path, [(500, {})] * 5, test, backoff_max_seconds=5.0)
+
+
+def test_an_event_older_than_its_retry_age_is_a_dead_letter(tmp_path: Path) -> None:
+    async def test(harness: Harness) -> None:
+        assert await deliver_first(harness) == "dead_letter"
+        # Attempts at +0, +1, +3, +7, +15: the fifth is the first at an age of 10 s or more.
+        assert harness.receiver.timestamps() == [T0, T0 + 1, T0 + 3, T0 + 7, T0 + 15]
+        (letter,) = harness.state.dead_letters("main")
+        assert (letter.sequence, letter.attempts, letter.last_error) == (1, 5, "http_500")
+        assert letter.dead_ms == int((T0 + 15) * 1000)
+
+    run(tmp_path, [], test, otherwise=(500, {}), retry_max_age_seconds=10)
+
+
+def test_every_secret_signs_every_attempt_at_its_own_timestamp(tmp_path: Path) -> None:
+    from processor.webhooks.signing import sign
+
+    async def test(harness: Harness) -> None:
+        assert await deliver_first(harness) == "delivered"
+        first, second = harness.receiver.requests
+        for request, timestamp in ((first, int(T0)), (second, int(T0) + 1)):
+            event_id = request.headers["webhook-id"]
+            offered = request.headers["webhook-signature"].split(" ")
+            assert offered == [
+                sign(SECRET, event_id, timestamp, request.body),
+                sign(SECRET_NEXT, event_id, timestamp, request.body),
+            ]
+            assert all(len(base64.b64decode(s[3:])) == 32 for s in offered)  # v1,<HMAC-SHA256>
+
+    run(tmp_path, [(500, {})], test, secrets=(SECRET, SECRET_NEXT))
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_followed_but_a_failed_attempt_retried(
+    tmp_path: Path, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def test(harness: Harness) -> None:
+        moved = harness.receiver.url("/moved") + "?token=s3cr3t#part"
+        harness.receiver.script = [(status, {"Location": moved})]
+        with caplog.at_level(logging.WARNING, logger="processor.webhooks"):
+            assert await deliver_first(harness) == "delivered"
+        # Both attempts went to the configured url, as POSTs; /moved was never asked for.
+        assert [(r.method, r.path) for r in harness.receiver.requests] == [("POST", "/hook")] * 2
+        assert harness.clock.sleeps == [1.0]  # retried after the usual back-off
+        failures = harness.metrics.registry.get_sample_value(
+            "processor_webhook_failures_total", {"endpoint": "main", "error": f"http_{status}"}
+        )
+        assert failures == 1.0
+        (line,) = [r.getMessage() for r in caplog.records if "redirect" in r.getMessage()]
+        assert f"answered {status}, a redirect to http://127.0.0.1:" in line
+        assert "/moved: not followed, a failed attempt" in line
+        assert "s3cr3t" not in line and "part" not in line
+
+    run(tmp_path, [], test)
+
+
+def test_a_redirect_answered_until_the_retry_age_is_a_dead_letter(tmp_path: Path) -> None:
+    async def test(harness: Harness) -> None:
+        assert await deliver_first(harness) == "dead_letter"
+        assert {r.path for r in harness.receiver.requests} == {"/hook"}
+        (letter,) = harness.state.dead_letters("main")
+        assert letter.last_error == "http_302"
+
+    run(tmp_path, [], test, otherwise=(302, {"Location": "/moved"}), retry_max_age_seconds=3)
+
+
+@pytest.mark.parametrize(
+    ("location", "shown"),
+    [
+        (
+            "https://user:pw@hooks.example:8443/new/path?key=1#x",
+            "https://hooks.example:8443/new/path",
+        ),
+        ("/relative?x=1", "/relative"),
+        (None, "(no Location)"),
+        ("http://[::1", "(an unreadable Location)"),
+        ("https://h.example/" + "a" * 500, "https://h.example/" + "a" * 182),
+    ],
+)
+def test_a_location_is_logged_without_what_may_be_a_credential(
+    location: str | None, shown: str
+) -> None:
+    assert shown_location(location) == shown
+
+
+def http_date(moment: float) -> str:
+    return email.utils.formatdate(moment, usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("answer", "second_attempt"),
+    [
+        pytest.param((429, {"Retry-After": "30"}), T0 + 30, id="429-seconds"),
+        pytest.param((503, {"Retry-After": "30"}), T0 + 30, id="503-seconds"),
+        pytest.param((429, {"Retry-After": http_date(T0 + 45)}), T0 + 45, id="429-date"),
+        pytest.param((503, {"Retry-After": http_date(T0 + 45)}), T0 + 45, id="503-date"),
+        # Shorter than the back-off: the back-off (1 s) still applies.
+        pytest.param((429, {"Retry-After": "0"}), T0 + 1, id="429-zero"),
+        pytest.param((503, {"Retry-After": http_date(T0 - 60)}), T0 + 1, id="503-past-date"),
+        # Longer than backoff_max_seconds (300): cut to it.
+        pytest.param((429, {"Retry-After": "3600"}), T0 + 300, id="429-capped"),
+        pytest.param((503, {"Retry-After": http_date(T0 + 86400)}), T0 + 300, id="503-capped"),
+        # Unreadable: the usual back-off.
+        pytest.param((429, {"Retry-After": "soon"}), T0 + 1, id="429-words"),
+        pytest.param((503, {"Retry-After": "1.5"}), T0 + 1, id="503-fraction"),
+        pytest.param((429, {}), T0 + 1, id="429-absent"),
+        # Only 429 and 503 are read for it.
+        pytest.param((500, {"Retry-After": "30"}), T0 + 1, id="500-ignored"),
+    ],
+)
+def test_retry_after_sets_the_next_attempt(
+    tmp_path: Path, answer: Answer, second_attempt: float
+) -> None:
+    async def test(harness: Harness) -> None:
+        assert await deliver_first(harness) == "delivered"
+        assert harness.receiver.timestamps() == [T0, second_attempt]
+
+    run(tmp_path, [answer], test)
+
+
+def test_retry_after_logged_with_the_pause_or_as_unreadable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def test(harness: Harness) -> None:
+        with caplog.at_level(logging.INFO, logger="processor.webhooks"):
+            assert await deliver_first(harness) == "delivered"
+        lines = [r.getMessage() for r in caplog.records if "Retry-After" in r.getMessage()]
+        assert lines == [
+            "endpoint main: answered 429 with Retry-After '30': no attempt for 30.0 s",
+            "endpoint main: answered 503 with an unreadable Retry-After 'soon': the usual back-off",
+            "endpoint main: answered 429 with Retry-After '999': no attempt for 300.0 s"
+            " (the most webhooks.backoff_max_seconds allows)",
+        ]
+
+    script: list[Answer] = [
+        (429, {"Retry-After": "30"}),
+        (503, {"Retry-After": "soon"}),
+        (429, {"Retry-After": "999"}),
+    ]
+    run(tmp_path, script, test)
+
+
+def test_retry_after_pauses_every_event_of_the_endpoint(tmp_path: Path) -> None:
+    """A 429 on one event holds back the others' attempts too: the receiver is overloaded."""
+    clock = ManualClock()
+
+    async def test(harness: Harness) -> None:
+        await harness.dispatcher.open_session()
+        with harness.ledger.read() as reader:
+            first, second = reader.outbox(1, 2)
+            ledger_id = reader.ledger_id()
+        endpoint = harness.dispatcher.endpoints[0]
+        one = asyncio.create_task(harness.dispatcher.deliver(endpoint, first, ledger_id))
+        await wait_until(lambda: clock.waiting() == 1)  # answered 429, backing off
+        two = asyncio.create_task(harness.dispatcher.deliver(endpoint, second, ledger_id))
+        await wait_until(lambda: clock.waiting() == 2)  # a fresh event waits as well
+        assert len(harness.receiver.requests) == 1
+        clock.advance_to(T0 + 59)  # the first one's back-off is over, the pause is not
+        await wait_until(lambda: clock.waiting() == 2)
+        assert len(harness.receiver.requests) == 1
+        clock.advance_to(T0 + 60)
+        assert await one == "delivered" and await two == "delivered"
+        assert sorted(harness.receiver.timestamps()) == [T0, T0 + 60, T0 + 60]
+
+    run(
+        tmp_path,
+        [(429, {"Retry-After": "60"})],
+        test,
+        clock=clock,
+        accounts=("acct-1", "acct-2"),
+    )
+
+
+def disabled_gauge(harness: Harness) -> float | None:
+    return harness.metrics.registry.get_sample_value(
+        "processor_webhook_endpoint_disabled", {"endpoint": "main"}
+    )
+
+
+def test_410_disables_the_endpoint_and_records_why(tmp_path: Path) -> None:
+    async def test(harness: Harness) -> None:
+        assert await deliver_first(harness) == "disabled"
+        (request,) = harness.receiver.requests  # no retry
+        assert harness.clock.sleeps == []
+        why = Disabled(
+            since_ms=int(T0 * 1000), reason="http_410", event_id=request.headers["webhook-id"]
+        )
+        assert harness.state.disabled("main") == why
+        assert harness.dispatcher.disabled == {"main": why}
+        assert why.since == "2026-11-24T02:06:40Z"
+        assert harness.state.dead_letters("main") == []  # not given up on: kept for later
+        failures = harness.metrics.registry.get_sample_value(
+            "processor_webhook_failures_total", {"endpoint": "main", "error": "http_410"}
+        )
+        assert failures == 1.0
+        # Any later delivery to it stops before its first attempt.
+        record, ledger_id = first_record(harness.ledger)
+        endpoint = harness.dispatcher.endpoints[0]
+        assert await harness.dispatcher.deliver(endpoint, record, ledger_id) == "disabled"
+        assert len(harness.receiver.requests) == 1
+
+    run(tmp_path, [(410, {})], test)
+
+
+def test_a_disabled_endpoint_gets_nothing_until_enabled_then_resumes(tmp_path: Path) -> None:
+    async def test(harness: Harness) -> None:
+        await harness.dispatcher.start()
+        await wait_until(lambda: harness.state.disabled("main") is not None)
+        assert disabled_gauge(harness) == 1.0
+        add_events(harness.ledger, ["acct-1"])  # committed while disabled
+        harness.dispatcher.notify()
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert len(harness.receiver.requests) == 1
+        assert harness.state.position("main") == 1  # the event answered 410 is not passed
+        gone = harness.receiver.requests[0].headers["webhook-id"]
+
+        assert harness.state.enable("main") is not None  # what `webhooks enable` does
+        await wait_until(lambda: harness.state.position("main") == 5)
+        ids = [r.headers["webhook-id"] for r in harness.receiver.requests]
+        assert len(ids) == 5 and ids[0] == ids[1] == gone  # the 410'd event first, again
+        assert ids[1:] == sorted(ids[1:]) and len(set(ids[1:])) == 4  # then the rest, in order
+        assert harness.dispatcher.disabled == {}
+        assert disabled_gauge(harness) == 0.0
+
+    run(tmp_path, [(410, {})], test, accounts=("acct-1", "acct-1", "acct-1"))
+
+
+def test_a_410_abandons_the_endpoint_s_other_deliveries(tmp_path: Path) -> None:
+    clock = ManualClock()
+
+    async def test(harness: Harness) -> None:
+        await harness.dispatcher.start()
+        # Two accounts, two deliveries at once: one is answered 500 (and backs off), one 410.
+        await wait_until(lambda: harness.state.disabled("main") is not None)
+        await wait_until(lambda: len(harness.receiver.requests) == 2)
+        clock.advance_to(T0 + 1000)  # far past any back-off
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert len(harness.receiver.requests) == 2
+        assert harness.state.position("main") == 1
+
+        harness.state.enable("main")
+        await wait_until(lambda: harness.state.position("main") == 3)
+        assert len(harness.receiver.requests) == 4
+
+    run(
+        tmp_path,
+        [(410, {}), (500, {})],
+        test,
+        clock=clock,
+        accounts=("acct-1", "acct-2"),
+    )
+
+
+def test_a_replay_request_waits_while_the_endpoint_is_disabled(tmp_path: Path) -> None:
+    async def test(harness: Harness) -> None:
+        harness.state.advance("main", 2)  # event 1 delivered before
+        harness.state.request_replay("main", 1, "one")
+        await harness.dispatcher.start()
+        await wait_until(lambda: harness.state.disabled("main") is not None)
+        assert len(harness.receiver.requests) == 1
+        assert harness.state.take_replays("main") == [(1, "one")]  # kept, not lost
+
+    run(tmp_path, [(410, {})], test)
+
+
+def test_an_endpoint_disabled_before_a_start_stays_disabled(tmp_path: Path) -> None:
+    async def test(harness: Harness) -> None:
+        why = Disabled(since_ms=1, reason="http_410", event_id="evt_x")
+        harness.state.disable("main", why)
+        # A second 410 (another event, later) keeps the first reason.
+        assert harness.state.disable("main", Disabled(since_ms=2, reason="x", event_id="y")) == why
+        await harness.dispatcher.start()
+        assert harness.dispatcher.disabled == {"main": why}
+        assert disabled_gauge(harness) == 1.0
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert harness.receiver.requests == []
+
+    run(tmp_path, [], test)
