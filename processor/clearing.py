@@ -224,9 +224,7 @@ def _purchase(
         # The original is another card's, whatever became of it (held, posted or declined), or
         # was on a card unknown at the time: not this record's to capture or to post against.
         raise _Rejected("card_mismatch")
-    hold = None
-    if original is not None and original.hold_id is not None:
-        hold = writer.hold(original.hold_id)
+    hold = writer.hold_of(original)
     verdict = capture_verdict(original, hold)
     if verdict == "already_posted":
         assert original is not None

@@ -377,9 +377,7 @@ class Lifecycle:
             return Result("00", "completion_invalid_amount")
         found = self._original(writer, request)
         original = found[1] if found is not None else None
-        hold = None
-        if original is not None and original.hold_id is not None:
-            hold = writer.hold(original.hold_id)
+        hold = writer.hold_of(original)
         verdict = capture_verdict(original, hold)
         if verdict == "already_posted":
             assert original is not None
@@ -456,7 +454,7 @@ class Lifecycle:
             # The original was converted: field 95 is in the transaction currency, the hold in
             # the account's. Scale by the original's own rate, not today's.
             target = scale(target, int(billed), int(original_amount))
-        hold = writer.hold(original.hold_id) if original.hold_id is not None else None
+        hold = writer.hold_of(original)
         verdict = void_verdict(original, hold, target)
         if verdict.action in ("release", "shrink"):
             assert hold is not None

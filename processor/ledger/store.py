@@ -313,6 +313,12 @@ class Reader:
         raw = self._txn.get(_U64.pack(hold_id), db=self._dbs["holds"])
         return None if raw is None else self._codecs.hold.decode(raw)
 
+    def hold_of(self, answer: StoredAnswer | None) -> Hold | None:
+        """The hold an answer opened, if it opened one and the record is there."""
+        if answer is None or answer.hold_id is None:
+            return None
+        return self.hold(answer.hold_id)
+
     def clearing_record(self, record_id: str) -> ClearedRecord | None:
         """What the clearing record with this id did when it was applied; None if it never was."""
         raw = self._txn.get(record_id.encode(), db=self._dbs["clearing"])

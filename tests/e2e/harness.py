@@ -215,3 +215,13 @@ def run_cli(
         input=stdin,
         env=dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY) if env is None else env,
     )
+
+
+def run_serve(
+    ledger: Path, *flags: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`processor serve` on `ledger` and free ports, for a start expected to fail (it would
+    run until stopped otherwise); later flags win, so `--port N` picks a port."""
+    return run_cli(
+        "serve", "--ledger", str(ledger), "--port", "0", "--http-port", "0", *flags, env=env
+    )

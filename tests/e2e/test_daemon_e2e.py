@@ -19,6 +19,7 @@ from harness import (
     echo_test,
     next_stan,
     run_cli,
+    run_serve,
 )
 
 pytestmark = pytest.mark.e2e
@@ -307,16 +308,8 @@ def test_insecure_key_warning_and_key_mismatch(tmp_path: Path) -> None:
     running.stop()
     assert "INSECURE" in running.stderr()
     # The ledger was keyed with the development key: another key must be refused, loudly.
-    result = run_cli(
-        "serve",
-        "--ledger",
-        str(tmp_path / "ledger"),
-        "--port",
-        "0",
-        "--http-port",
-        "0",
-        "--demo",
-        env=dict(env, PROCESSOR_PAN_KEY=PAN_KEY + "-other"),
+    result = run_serve(
+        tmp_path / "ledger", "--demo", env=dict(env, PROCESSOR_PAN_KEY=PAN_KEY + "-other")
     )
     assert result.returncode == 2  # what keeps the daemon from starting exits 2
     assert "another PAN key" in result.stderr
@@ -430,16 +423,7 @@ def test_what_keeps_the_daemon_from_starting_is_one_line_and_exit_2(
     daemon: RunningDaemon, tmp_path: Path
 ) -> None:
     # The ISO port of a running daemon is taken; a ledger under a file cannot be created.
-    taken = run_cli(
-        "serve",
-        "--ledger",
-        str(tmp_path / "other"),
-        "--port",
-        str(daemon.port),
-        "--http-port",
-        "0",
-        "--demo",
-    )
+    taken = run_serve(tmp_path / "other", "--port", str(daemon.port), "--demo")
     assert taken.returncode == 2
     assert (
         f"processor: cannot listen on 127.0.0.1:{daemon.port} (listener network): " in taken.stderr
@@ -447,9 +431,7 @@ def test_what_keeps_the_daemon_from_starting_is_one_line_and_exit_2(
     assert "Traceback" not in taken.stderr
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    under_a_file = run_cli(
-        "serve", "--ledger", str(blocker / "ledger"), "--port", "0", "--http-port", "0", "--demo"
-    )
+    under_a_file = run_serve(blocker / "ledger", "--demo")
     assert under_a_file.returncode == 2
     assert "processor: ledger " in under_a_file.stderr and "cannot create" in under_a_file.stderr
     assert "Traceback" not in under_a_file.stderr
@@ -461,23 +443,15 @@ def test_a_production_start_refuses_what_is_missing_in_one_line(tmp_path: Path) 
     bare = {
         k: v for k, v in os.environ.items() if k not in ("PROCESSOR_PAN_KEY", "PROCESSOR_API_TOKEN")
     }
-    refused = run_cli(
-        "serve", "--ledger", str(tmp_path / "ledger"), "--port", "0", "--http-port", "0", env=bare
-    )
+    refused = run_serve(tmp_path / "ledger", env=bare)
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in refused.stderr
     for named in ("PROCESSOR_PAN_KEY", "PROCESSOR_API_TOKEN", "card_issuing.bin_prefix", "--demo"):
         assert named in lines[0], named
     assert not (tmp_path / "ledger").exists()  # refused before anything was created
-    short_key = run_cli(
-        "serve",
-        "--ledger",
-        str(tmp_path / "ledger"),
-        "--port",
-        "0",
-        "--http-port",
-        "0",
+    short_key = run_serve(
+        tmp_path / "ledger",
         env=dict(bare, PROCESSOR_PAN_KEY="too-short", PROCESSOR_API_TOKEN="a" * 32),
     )
     assert short_key.returncode == 2 and "PROCESSOR_PAN_KEY holds 9 bytes" in short_key.stderr

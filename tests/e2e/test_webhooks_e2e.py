@@ -147,24 +147,13 @@ def test_event_type_filter(tmp_path: Path) -> None:
 
 
 def test_missing_secret_fails_at_start_naming_the_variable(tmp_path: Path) -> None:
-    from harness import run_cli
+    from harness import run_serve
 
     config = tmp_path / "processor.toml"
     config.write_text(
         endpoint("main", "http://127.0.0.1:9/", "").replace("HOOK_SECRET", "NOPE_SECRET")
     )
-    result = run_cli(
-        "serve",
-        "--config",
-        str(config),
-        "--ledger",
-        str(tmp_path / "l"),
-        "--port",
-        "0",
-        "--http-port",
-        "0",
-        "--demo",
-    )
+    result = run_serve(tmp_path / "l", "--config", str(config), "--demo")
     assert result.returncode == 2
     assert (
         "$.webhooks.endpoints[0].secret_envs[0]: environment variable NOPE_SECRET is not set"
@@ -200,7 +189,7 @@ def test_two_secrets_two_signatures_each_verifiable(tmp_path: Path) -> None:
 
 
 def test_a_second_secret_that_is_too_short_stops_the_start_naming_it(tmp_path: Path) -> None:
-    from harness import run_cli
+    from harness import run_serve
 
     config = tmp_path / "processor.toml"
     config.write_text(
@@ -208,19 +197,7 @@ def test_a_second_secret_that_is_too_short_stops_the_start_naming_it(tmp_path: P
     )
     short = "whsec_" + base64.b64encode(b"s" * 16).decode()
     env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, HOOK_SECRET=SECRET, HOOK_SHORT=short)
-    result = run_cli(
-        "serve",
-        "--config",
-        str(config),
-        "--ledger",
-        str(tmp_path / "l"),
-        "--port",
-        "0",
-        "--http-port",
-        "0",
-        "--demo",
-        env=env,
-    )
+    result = run_serve(tmp_path / "l", "--config", str(config), "--demo", env=env)
     assert result.returncode == 2
     assert (
         "$.webhooks.endpoints[0].secret_envs[1] (HOOK_SHORT): signing secret of 16 bytes, "
