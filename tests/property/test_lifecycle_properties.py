@@ -9,8 +9,19 @@ nothing when the original already posted or was captured), reversals and reversa
 0401, ...) of any earlier request, and the same identity with different content. `clock` steps
 move time on by minutes to weeks, or onto the next expiry, and run the expiry sweeper.
 
-The model predicts every answer. After every step the ledger must agree with it: held is the sum
-of the open holds, posted moves only through posting messages, nothing is overdrawn past the
+The model predicts every answer, every field of it on the wire, approval codes included: the
+authoriser draws them from the model (`draw`), which every third time offers first a code the
+card was given that day already, so the processor must draw past it. After every step the ledger
+must agree with the model in every field of every record it keeps, each expected record built
+with `modelled`, which names every field of its Struct (so a field added to a ledger record fails
+the machine until the model knows it): accounts (balances, open-hold count, spend-control usage
+per key, interval and period and the trailing window's times, history head, event sequence),
+each card's state (usage, history head, the day's approval codes), holds, stored answers (the
+response without the PAN, usage amount and MCC left after reversals, the links of the card's and
+the account's histories), clearing records, outbox events (type, facts and balances after), the
+RRN and expiry indexes, the sequences in meta, and no record the model does not know of. Keyed
+digests (fingerprints) are checked as a relation: the same content has one, other contents
+another. Besides: posted moves only through posting messages, nothing is overdrawn past the
 credit limit except by advices, no hold is resolved twice, every request was answered exactly once
 and retransmissions got the first answer byte for byte.
 
@@ -42,26 +53,43 @@ this file, and the machine keeps generating the operations that found them):
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+import struct
 import tempfile
+from bisect import bisect_right, insort
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import iso8583
+import msgspec
 import pytest
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from processor import limits
 from processor.authorizer import Authorizer, Outcome
 from processor.catalog import default_catalog
 from processor.clearing import apply_clearing, parse_lines
 from processor.engine import ProgrammeRules
+from processor.ledger.controls import TRAILING_COUNT_MAX, TRAILING_WINDOW_SECONDS_MAX, Usage
 from processor.ledger.load import apply_load_file, parse_load_file
-from processor.ledger.store import Ledger
+from processor.ledger.records import (
+    Account,
+    Card,
+    CardState,
+    ClearedRecord,
+    Hold,
+    OutboxRecord,
+    StoredAnswer,
+)
+from processor.ledger.store import Ledger, Reader
 from processor.security import PanHasher, mask_pan
 from processor.wire.codec import Codec, response_mti
 from processor.wire.messages import AuthorizationRequest
@@ -74,8 +102,7 @@ RULES = ProgrammeRules(catalog=default_catalog())
 PROGRAMME_BLOCKED_MCCS: Final = ("7995",)
 START = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 HOLD_LIFETIME_S = 7 * 86400
-DAY_MS: Final = 86_400_000
-APPROVAL_CODE: Final = "<six digits, drawn at random>"  # expected in field 38 of an approval
+APPROVAL_CODES: Final = 1_000_000  # six digits: what the processor draws an approval code below
 HOLD_LIFETIME_BY_MCC_S = {"7011": 30 * 86400, "4121": 3600}
 ORIGINAL_CLASSES: Final = ("0100", "0200", "0120")
 ADVICE_CLASSES: Final = ("0120", "0220", "0420")
@@ -335,6 +362,13 @@ def clearing_content(record: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
+def reply(fields: dict[str, str], code: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Every field of the response to `fields`: the echo, the response MTI, 39 and `extra`."""
+    response = {k: fields[k] for k in ECHOED if k in fields}
+    response.update({"t": response_mti_of(fields["t"]), "39": code}, **(extra or {}))
+    return response
+
+
 def balance_blocks(account_type: str, posted: int, available: int) -> str:
     return "".join(
         f"{account_type}{kind}978{'C' if value >= 0 else 'D'}{abs(value):012d}"
@@ -342,7 +376,11 @@ def balance_blocks(account_type: str, posted: int, available: int) -> str:
     )
 
 
-def make_ledger(directory: str | Path) -> tuple[Ledger, Authorizer]:
+def make_ledger(
+    directory: str | Path, draw: Callable[[int], int] | None = None
+) -> tuple[Ledger, Authorizer]:
+    """The loaded ledger and its authoriser; `draw` (a bound -> a number below it) gives the
+    approval codes, the OS CSPRNG when None."""
     ledger = Ledger(directory, durability="process", map_size_bytes=64 << 20)
     apply_load_file(ledger, parse_load_file(LOAD_FILE, "model"), HASHER, "model")
     authorizer = Authorizer(
@@ -351,11 +389,196 @@ def make_ledger(directory: str | Path) -> tuple[Ledger, Authorizer]:
         RULES,
         hold_lifetime_seconds=HOLD_LIFETIME_S,
         hold_lifetime_by_mcc=HOLD_LIFETIME_BY_MCC_S,
+        draw=draw,
     )
     return ledger, authorizer
 
 
+# --- every stored field ------------------------------------------------------------------------
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+@functools.cache
+def field_names(record_type: type[msgspec.Struct]) -> frozenset[str]:
+    return frozenset(f.name for f in msgspec.structs.fields(record_type))
+
+
+def modelled(record_type: type[S], **values: Any) -> S:
+    """A record as the model expects it to be stored, every field named.
+
+    A field added to a ledger record that the model says nothing about fails here, by name,
+    until the model predicts it. (None is left out today: the keyed digests, which the model
+    cannot compute, are predicted as a relation, see `digest`.) A field the record lacks fails
+    as an unexpected keyword.
+    """
+    unknown = field_names(record_type) - values.keys()
+    assert not unknown, f"{record_type.__name__}: the model predicts nothing for {sorted(unknown)}"
+    return record_type(**values)
+
+
+def assert_stored(stored: S | None, expected: S, what: object) -> None:
+    """The stored record equals the model's, field by field; a failure names the fields."""
+    assert stored is not None, f"{type(expected).__name__} {what}: not stored"
+    if stored != expected:
+        wrong = differences(stored, expected)
+        raise AssertionError(f"{type(expected).__name__} {what}: (stored, model) {wrong}")
+
+
+def differences(stored: msgspec.Struct, expected: msgspec.Struct) -> dict[str, Any]:
+    """Field -> (stored, model) of the fields that differ; of a record inside, its fields."""
+    found: dict[str, Any] = {}
+    for name in sorted(field_names(type(expected))):
+        mine, model = getattr(stored, name), getattr(expected, name)
+        if mine != model:
+            inside = isinstance(model, msgspec.Struct) and type(mine) is type(model)
+            found[name] = differences(mine, model) if inside else (mine, model)
+    return found
+
+
+def as_loaded(record: S, *names: str) -> dict[str, Any]:
+    """Fields the lifecycle never changes: the model expects them as the load file left them."""
+    return {name: getattr(record, name) for name in names}
+
+
+# The one database per kind of record and its indexes (specs/ledger.md); a new one fails the
+# machine until the model says what it holds.
+DATABASES: Final = frozenset(
+    {
+        b"accounts",
+        b"cards",
+        b"account_cards",
+        b"holds",
+        b"hold_expiry",
+        b"answers",
+        b"rrn_index",
+        b"meta",
+        b"clearing",
+        b"outbox",
+        b"card_ids",
+        b"entries",
+        b"idempotency",
+    }
+)
+# Databases the lifecycle never writes: as the load left them.
+UNCHANGED: Final = (b"cards", b"card_ids", b"account_cards", b"entries", b"idempotency")
+BIG_U64: Final = struct.Struct(">Q")  # hold ids, expiry times, event sequences in keys
+LITTLE_U64: Final = struct.Struct("<Q")  # approval times in Usage.recent
+# Responses to financial-class messages echo these when present (specs/messages.md).
+ECHOED: Final = (
+    *("2", "3", "4", "6", "7", "11", "12", "13"),
+    *("32", "37", "41", "42", "49", "51", "90", "95"),
+)
+IDENTITY: Final = ("7", "11", "32")  # what tells requests apart; the fingerprint leaves them out
+
+
+def response_mti_of(mti: str) -> str:
+    """0100 -> 0110, 0401 -> 0410: the response class, the repeat bit cleared."""
+    return f"{mti[:2]}{int(mti[2]) + 1}0"
+
+
+def masked(pan: str) -> str:
+    return f"{pan[:6]}{'*' * (len(pan) - 10)}{pan[-4:]}"
+
+
+def event_type_of(message_class: str, code: str, reason: str) -> str:
+    """The outbox event of an answered request (specs/events.md, Types)."""
+    if reason == "balance_inquiry":
+        return "authorization.balance_inquiry"
+    if reason in ("orphan_reversal", "original_not_found"):
+        return "reversal.orphaned"
+    approved = code in ("00", "10")
+    return {
+        "0100": "authorization.approved" if approved else "authorization.declined",
+        "0200": "transaction.posted" if approved else "authorization.declined",
+        "0120": "authorization.advice",
+        "0220": "transaction.completed",
+        "0400": "authorization.reversed",
+        "0420": "authorization.reversed",
+    }[message_class]
+
+
+def periods_of(ms: int) -> tuple[int, int, int, int]:
+    """The day, week (its Monday), month and year an instant counts in (UTC), as numbers."""
+    day = datetime.fromtimestamp(ms / 1000, UTC).date()
+    ordinal = day.toordinal()
+    return ordinal, ordinal - day.weekday(), day.year * 12 + day.month, day.year
+
+
+def usage_keys(mcc: str) -> tuple[str, ...]:
+    """What an approval is counted under: all spend (""), and its MCC's category when it has one."""
+    category = RULES.catalog.category(mcc)
+    return ("", category) if category else ("",)
+
+
 # --- the model ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelUsage:
+    """What a card or an account counts against its spend controls, as the model sees it.
+
+    Not running counters that roll over, but what was counted in which period: an approval
+    counts in its day, week, month and year (and all time); a reversal gives back only in the
+    periods that are still the approval's, and all time. The stored counters are those of the
+    periods of the newest approval or give-back (older periods read as zero).
+    """
+
+    periods: tuple[int, int, int, int] = (0, 0, 0, 0)
+    # key ("" = all spend, or a category) -> interval (day, week, month, year) -> period ->
+    # [amount, count]
+    counted: dict[str, list[dict[int, list[int]]]] = field(default_factory=dict)
+    all_time: dict[str, list[int]] = field(default_factory=dict)  # key -> [amount, count]
+    recent: dict[str, list[int]] = field(default_factory=dict)  # key -> approval times, ms
+
+    def count(self, at_ms: int, amount: int, mcc: str) -> None:
+        self.periods = periods_of(at_ms)
+        for key in usage_keys(mcc):
+            self._add(key, self.periods, amount, 1)
+            times = self.recent.setdefault(key, [])
+            times.append(at_ms)
+            # The trailing windows reach back a day at most: older times go when one is added.
+            del times[: bisect_right(times, at_ms - TRAILING_WINDOW_SECONDS_MAX * 1000)]
+            assert len(times) <= TRAILING_COUNT_MAX, "the model does not know trimming"
+
+    def give_back(self, now_ms: int, approved_ms: int, amount: int, count: int, mcc: str) -> None:
+        self.periods = now = periods_of(now_ms)
+        then = periods_of(approved_ms)
+        periods = tuple(p if p == t else None for p, t in zip(now, then, strict=True))
+        for key in usage_keys(mcc):
+            self._add(key, periods, -amount, -count)
+            times = self.recent[key]
+            if count and approved_ms in times:
+                times.remove(approved_ms)
+
+    def _add(self, key: str, periods: tuple[int | None, ...], amount: int, count: int) -> None:
+        by_interval = self.counted.setdefault(key, [{}, {}, {}, {}])
+        for counted, period in zip(by_interval, periods, strict=True):
+            if period is not None:
+                row = counted.setdefault(period, [0, 0])
+                row[0] += amount
+                row[1] += count
+        total = self.all_time.setdefault(key, [0, 0])
+        total[0] += amount
+        total[1] += count
+
+    def expected(self) -> Usage:
+        counters = {}
+        for key, by_interval in self.counted.items():
+            row: list[int] = []
+            for counted, period in zip(by_interval, self.periods, strict=True):
+                row += counted.get(period, [0, 0])
+            counters[key] = row + self.all_time[key]
+        return modelled(
+            Usage,
+            periods=list(self.periods),
+            counters=counters,
+            recent={
+                key: bytearray(b"".join(map(LITTLE_U64.pack, times)))
+                for key, times in self.recent.items()
+            },
+            trimmed={},  # only past TRAILING_COUNT_MAX times, which `count` refuses
+        )
 
 
 @dataclass
@@ -364,10 +587,25 @@ class ModelAccount:
     credit_limit: int
     held: int = 0
     overdrawn_by_network: bool = False
+    usage: ModelUsage = field(default_factory=ModelUsage)
+    last_answer: bytes | None = None  # the newest answer about it: head of its history
+    events: int = 0  # outbox events about it
 
     @property
     def available(self) -> int:
         return self.posted + self.credit_limit - self.held
+
+
+@dataclass
+class ModelCard:
+    """A loaded card's state (CardState): usage, history head, the day's approval codes."""
+
+    card_id: str
+    usage: ModelUsage = field(default_factory=ModelUsage)
+    last_answer: bytes | None = None
+    approval_day: int = 0
+    approval_codes: list[int] = field(default_factory=list)  # given on approval_day, sorted
+    stored: bool = False  # written once anything about the card was answered
 
 
 @dataclass
@@ -379,6 +617,9 @@ class ModelHold:
     created_ms: int
     expires_ms: int
     pan: str  # the card it was authorised on
+    approval_code: str
+    mcc: str
+    rrn: str | None
     status: str = "open"
     resolved_ms: int = 0
     captured_amount: int = 0
@@ -389,10 +630,18 @@ class ModelAnswer:
     content: tuple[tuple[str, str], ...]
     code: str
     reason: str
+    mti: str
+    answered_ms: int
     hold_id: int | None = None
     account: str | None = None
+    card_id: str | None = None
     posted_amount: int = 0
     reversed_amount: int = 0
+    usage_amount: int = 0  # what it still counts in its card's and account's usage
+    usage_mcc: str = ""  # its MCC while it counts at all
+    previous_for_card: bytes | None = None
+    previous_for_account: bytes | None = None
+    stored: dict[str, str] = field(default_factory=dict)  # the response's fields but the PAN
     response: bytes | None = None  # the first answer's bytes, once seen
     detail: str = ""  # for the statistics: which branch the model took
     pan: str | None = None  # the card of an original (0100/0200/0120)
@@ -425,7 +674,7 @@ class Expectation:
     key: bytes
     code: str
     reason: str
-    response: dict[str, str | None] = field(default_factory=dict)  # field -> value, None: absent
+    response: dict[str, str]  # every field of the response on the wire
     detail: str = ""
 
 
@@ -433,17 +682,25 @@ class LifecycleMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.directory = tempfile.mkdtemp(prefix="lifecycle-properties-")
-        self.ledger, self.authorizer = make_ledger(self.directory)
+        # Approval codes: the model gives them (draw), so it knows each hold's and answer's.
+        self.draws: deque[int] = deque()
+        self.codes_given = 0
+        self.ledger, self.authorizer = make_ledger(self.directory, self.draw)
         self.accounts = {a.id: ModelAccount(a.posted, a.credit_limit) for a in ACCOUNTS}
         self.holds: dict[int, ModelHold] = {}
         self.answers: dict[bytes, ModelAnswer] = {}
         self.rrn_index: dict[str, bytes] = {}
         self.next_hold_id = 1
-        self.approval_codes: dict[tuple[str, int], set[str]] = {}  # (PAN, day) -> codes given
+        self.events: list[OutboxRecord] = []  # the outbox, as the model expects it
+        self.events_checked = 0  # how many of them were compared with the ledger's
+        # Keyed digests (answer and clearing fingerprints): the model cannot compute them, but
+        # knows which contents must share one and which must not.
+        self.digests: dict[Any, bytes] = {}
+        self.digested: dict[bytes, Any] = {}
         self.sent: list[Sent] = []  # every request sent, for retransmissions and conflicts
         self.originals: list[Sent] = []  # first arrivals of 0100/0200/0120
         self.followups: list[Sent] = []  # first arrivals of 0220/0400/0420
-        self.resolved: dict[int, tuple[Any, ...]] = {}  # hold id -> first resolved state seen
+        self.resolved: dict[int, Hold] = {}  # hold id -> the hold as first seen resolved
         self.stans = dict.fromkeys(map(number, ACQUIRERS), 0)
         self.serial = 0
         self.now = START
@@ -452,12 +709,27 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.clearing_sent: list[dict[str, Any]] = []  # every parseable record, for repeats
         self.record_serial = 0
         self.card_ids: dict[str, str] = {}  # PAN -> the ledger's card id, of the loaded cards
+        self.cards: dict[str, ModelCard] = {}  # PAN -> its state, of the loaded cards
+        self.loaded_cards: dict[str, Card] = {}  # PAN -> the card record as loaded
         with self.ledger.read() as reader:
             for card in CARDS:
                 stored = reader.card(HASHER.card_key(card.pan))
                 assert (stored is None) == (card.account is None)
                 if stored is not None:
                     self.card_ids[card.pan] = stored.card_id
+                    self.cards[card.pan] = ModelCard(stored.card_id)
+                    self.loaded_cards[card.pan] = stored
+            self.loaded_accounts = {spec.id: reader.account(spec.id) for spec in ACCOUNTS}
+        self.card_by_id = {card.card_id: card for card in self.cards.values()}
+        env = self.ledger.env
+        with env.begin() as txn:
+            assert {bytes(name) for name, _ in txn.cursor()} == DATABASES
+        self.databases = {name: env.open_db(name, create=False) for name in DATABASES}
+        with env.begin() as txn:
+            self.loaded = {
+                name: {bytes(k): bytes(v) for k, v in txn.cursor(db=self.databases[name])}
+                for name in (b"meta", *UNCHANGED)
+            }
 
     def teardown(self) -> None:
         self.ledger.close()
@@ -500,11 +772,95 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     # --- the model's lifecycle ----------------------------------------------------------------
 
-    def open_hold(self, account: str, key: bytes, amount: int, mcc: str, pan: str) -> ModelHold:
+    def draw(self, bound: int) -> int:
+        """The processor's source of approval codes: what the model gave, in its order."""
+        assert bound == APPROVAL_CODES, bound
+        assert self.draws, "the processor drew an approval code the model did not give"
+        return self.draws.popleft()
+
+    def give_code(self, pan: str) -> str:
+        """The next approval code of the card: its number goes to `draw`, after (every third
+        time) one the card was given today already, which the processor must draw past."""
+        card = self.cards[pan]
+        day = self.now.date().toordinal()
+        if card.approval_day != day:
+            card.approval_day, card.approval_codes = day, []
+        self.codes_given += 1
+        given = card.approval_codes
+        if given and self.codes_given % 3 == 0:
+            self.draws.append(given[self.codes_given % len(given)])
+            event("approval code drawn again")
+        code = self.codes_given * 7_919 % APPROVAL_CODES  # leading zeros now and then
+        while code in given:
+            code = (code + 1) % APPROVAL_CODES
+        self.draws.append(code)
+        if len(given) < limits.approval_codes_remembered_max:
+            insort(given, code)
+        card.stored = True
+        return f"{code:06d}"
+
+    def count_usage(self, answer: ModelAnswer, pan: str, amount: int, mcc: str) -> None:
+        """An approval counts in its card's and its account's spend-control usage."""
+        assert answer.account is not None
+        for usage in (self.cards[pan].usage, self.accounts[answer.account].usage):
+            usage.count(self.now_ms, amount, mcc)
+        answer.usage_amount, answer.usage_mcc = amount, mcc
+
+    def give_back_usage(self, original: ModelAnswer, amount: int, full: bool) -> None:
+        """A reversal gives back what the original counted: `amount` of it, and the approval
+        itself when it is reversed in full (then the original counts nothing any more)."""
+        if not original.usage_mcc or original.card_id is None or original.account is None:
+            return
+        amount = min(amount, original.usage_amount)
+        if amount <= 0 and not full:
+            return
+        assert original.pan is not None
+        for usage in (self.cards[original.pan].usage, self.accounts[original.account].usage):
+            usage.give_back(
+                self.now_ms, original.answered_ms, amount, int(full), original.usage_mcc
+            )
+        original.usage_amount -= amount
+        if full:
+            original.usage_mcc = ""
+
+    def emit(self, account_id: str | None, **facts: Any) -> None:
+        """The next outbox record: numbered, and with its account's balances after the change."""
+        account = None if account_id is None else self.accounts[account_id]
+        if account is not None:
+            account.events += 1
+        self.events.append(
+            modelled(
+                OutboxRecord,
+                sequence=len(self.events) + 1,
+                account_id=account_id,
+                account_sequence=0 if account is None else account.events,
+                posted_after=None if account is None else account.posted,
+                held_after=None if account is None else account.held,
+                credit_limit=None if account is None else account.credit_limit,
+                account_currency=None if account is None else "EUR",
+                **facts,
+            )
+        )
+
+    def open_hold(
+        self, account: str, key: bytes, amount: int, fields: dict[str, str], pan: str
+    ) -> ModelHold:
         hold_id = self.next_hold_id
         self.next_hold_id += 1
+        mcc = fields["18"]
         lifetime = HOLD_LIFETIME_BY_MCC_S.get(mcc, HOLD_LIFETIME_S) * 1000
-        hold = ModelHold(hold_id, account, key, amount, self.now_ms, self.now_ms + lifetime, pan)
+        hold = ModelHold(
+            hold_id,
+            account,
+            key,
+            amount,
+            self.now_ms,
+            self.now_ms + lifetime,
+            pan,
+            self.give_code(pan),
+            mcc,
+            fields.get("37"),
+        )
         self.holds[hold_id] = hold
         self.accounts[account].held += amount
         return hold
@@ -529,8 +885,8 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     def decide(
         self, fields: dict[str, str], card: CardSpec
-    ) -> tuple[str, str, int, dict[str, str | None]]:
-        """0100/0200: (code, reason, amount approved, expected response fields)."""
+    ) -> tuple[str, str, int, dict[str, str]]:
+        """0100/0200: (code, reason, amount approved, response fields beyond the echo and 39)."""
         if card.account is None:
             return "14", "card_not_found", 0, {}
         account = self.accounts[card.account]
@@ -552,31 +908,31 @@ class LifecycleMachine(RuleBasedStateMachine):
             return "51", "insufficient_funds", 0, {}
         return "00", "approved", amount, {}
 
-    def handle(
-        self, fields: dict[str, str], card: CardSpec
-    ) -> tuple[ModelAnswer, dict[str, str | None]]:
+    def handle(self, fields: dict[str, str], card: CardSpec) -> tuple[ModelAnswer, dict[str, str]]:
         """A first arrival: what the processor must answer and do (mirrors the catalogue)."""
         message_class = fields["t"][:3] + "0"
         key = answer_key(fields)
-        answer = ModelAnswer(content(fields), "00", "")
+        answer = ModelAnswer(content(fields), "00", "", fields["t"], self.now_ms)
         if message_class in ORIGINAL_CLASSES:
             answer.pan = card.pan
-        response: dict[str, str | None] = {}
+        response: dict[str, str] = {}
         if message_class in ("0100", "0200"):
             code, reason, approved, response = self.decide(fields, card)
             answer.code, answer.reason, answer.account = code, reason, card.account
+            answer.card_id = self.card_ids.get(card.pan)
             if approved:
                 assert card.account is not None
                 account = self.accounts[card.account]
                 before = account.available
+                self.count_usage(answer, card.pan, approved, fields["18"])
                 if message_class == "0100":
-                    hold = self.open_hold(card.account, key, approved, fields["18"], card.pan)
+                    hold = self.open_hold(card.account, key, approved, fields, card.pan)
                     answer.hold_id = hold.hold_id
-                    response["38"] = APPROVAL_CODE
+                    response["38"] = hold.approval_code
                 else:
                     account.posted -= approved
                     answer.posted_amount = approved
-                    response["38"] = APPROVAL_CODE
+                    response["38"] = self.give_code(card.pan)
                 # Requests the processor decides never overdraw.
                 assert 0 <= account.available < before
         elif message_class == "0120":
@@ -591,12 +947,15 @@ class LifecycleMachine(RuleBasedStateMachine):
         self, fields: dict[str, str], card: CardSpec, key: bytes, answer: ModelAnswer
     ) -> str:
         if fields.get("39") not in (None, "00", "10"):
+            answer.card_id = self.card_ids.get(card.pan)
             return "advice_of_decline"
         if card.account is None:
             return "advice_unknown_card"
-        answer.account = card.account
-        hold = self.open_hold(card.account, key, int(fields["4"]), fields["18"], card.pan)
+        answer.account, answer.card_id = card.account, self.card_ids[card.pan]
+        hold = self.open_hold(card.account, key, int(fields["4"]), fields, card.pan)
         answer.hold_id = hold.hold_id
+        # Spent is spent: a stand-in approval counts against the controls' usage.
+        self.count_usage(answer, card.pan, hold.amount, fields["18"])
         account = self.accounts[card.account]
         if account.available < 0:
             account.overdrawn_by_network = True
@@ -609,11 +968,12 @@ class LifecycleMachine(RuleBasedStateMachine):
         found = self.lookup(fields)
         original = self.answers[found] if found is not None else None
         if original is not None and original.posted_amount:  # a 0200: posted when approved
-            answer.account = original.account
+            answer.account, answer.card_id = original.account, original.card_id
             return "already_posted"
         if original is not None and original.hold_id is not None:
             hold = self.holds[original.hold_id]
             answer.detail = f"of a {hold.status} hold"
+            answer.card_id = self.card_ids[hold.pan]
             if hold.status == "captured":  # a second completion: the first one posted it
                 answer.hold_id, answer.account = hold.hold_id, hold.account
                 return "already_captured"
@@ -628,12 +988,14 @@ class LifecycleMachine(RuleBasedStateMachine):
                 answer.posted_amount = amount
                 return "captured"
         if card.account is None:
+            answer.card_id = None
             return "completion_unknown_card"
         account = self.accounts[card.account]
         account.posted -= amount
         if account.available < 0:
             account.overdrawn_by_network = True
         answer.account, answer.posted_amount = card.account, amount
+        answer.card_id = self.card_ids[card.pan]
         return "force_post"
 
     def reversal(
@@ -647,7 +1009,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                 else ("25", "original_not_found")
             )
         original = self.answers[found]
-        answer.account = original.account
+        answer.account, answer.card_id = original.account, original.card_id
         if original.code not in ("00", "10"):
             return "00", "original_declined"
         target = int(fields["95"][:12]) if "95" in fields else 0
@@ -658,9 +1020,11 @@ class LifecycleMachine(RuleBasedStateMachine):
             if hold.status != "open":
                 return "00", "already_resolved"
             if target == 0:
+                self.give_back_usage(original, hold.amount, full=True)
                 self.close_hold(hold, "released")
                 return "00", "reversed"
             if target < hold.amount:
+                self.give_back_usage(original, hold.amount - target, full=False)
                 self.accounts[hold.account].held -= hold.amount - target
                 hold.amount = target
                 return "00", "partially_reversed"
@@ -673,6 +1037,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             if credit <= 0 or original.account is None:
                 return "00", "already_resolved"
             self.accounts[original.account].posted += credit
+            self.give_back_usage(original, credit, full=target == 0)
             original.reversed_amount += credit
             return "00", "reversed" if target == 0 else "partially_reversed"
         return "00", "nothing_to_reverse"
@@ -684,26 +1049,58 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.sent.append(Sent(fields, card))
         if stored is not None:
             if stored.content == content(fields):
-                return Expectation("retransmit", fields, key, stored.code, "retransmission")
-            response: dict[str, str | None] = {"38": None, "54": None, "4": fields.get("4")}
+                # The first answer again, with this request's PAN (the same: same content).
+                response = dict(stored.stored, **{"2": fields["2"]})
+                return Expectation(
+                    "retransmit", fields, key, stored.code, "retransmission", response
+                )
             # Never applied; declined 94, or acknowledged 00 when it is an advice.
             code = "00" if fields["t"][:3] + "0" in ADVICE_CLASSES else "94"
             return Expectation(
-                "conflict", fields, key, code, "duplicate_different_content", response
+                "conflict", fields, key, code, "duplicate_different_content", reply(fields, code)
             )
-        answer, response = self.handle(fields, card)
+        answer, extra = self.handle(fields, card)
+        response = reply(fields, answer.code, extra)
+        answer.stored = {k: v for k, v in response.items() if k != "2"}  # stored without the PAN
         self.answers[key] = answer
+        # At the head of its card's and its account's histories.
+        if answer.card_id is not None:
+            state = self.card_by_id[answer.card_id]
+            answer.previous_for_card, state.last_answer = state.last_answer, key
+            state.stored = True
+        if answer.account is not None:
+            account = self.accounts[answer.account]
+            answer.previous_for_account, account.last_answer = account.last_answer, key
         message_class = fields["t"][:3] + "0"
+        self.emit(
+            answer.account,
+            type=event_type_of(message_class, answer.code, answer.reason),
+            created_ms=self.now_ms,
+            card_id=answer.card_id,
+            masked_pan=masked(fields["2"]),
+            answer_key=key.decode(),
+            mti=fields["t"],
+            processing_code=fields["3"],
+            amount=int(fields["4"]) if "4" in fields else None,
+            currency=fields["49"],
+            billing_amount=None,  # field 6: nothing is converted here
+            mcc=fields["18"],
+            merchant_name_location=None,  # field 43: never sent
+            terminal=fields.get("41"),
+            merchant_id=fields.get("42"),
+            response_code=answer.code,
+            reason=answer.reason,
+            stan=fields["11"],
+            rrn=fields.get("37"),
+            acquirer=fields["32"],
+            approval_code=response.get("38"),
+            hold_id=answer.hold_id,
+        )
         if message_class in ORIGINAL_CLASSES:
             self.rrn_index[f"{number(fields['32'])}|{fields['11']}|{fields['37']}"] = key
             self.originals.append(Sent(fields, card))
         else:
             self.followups.append(Sent(fields, card))
-        response.setdefault("38", None)  # only approved 0100/0200 carry an approval code
-        response.setdefault("54", None)  # only balance inquiries carry balances
-        response.setdefault("4", fields.get("4"))  # echoed unless partially approved
-        for echoed in ("90", "95", "11", "37", "32", "7"):
-            response[echoed] = fields.get(echoed)
         return Expectation("new", fields, key, answer.code, answer.reason, response, answer.detail)
 
     # --- operations ---------------------------------------------------------------------------
@@ -1050,6 +1447,36 @@ class LifecycleMachine(RuleBasedStateMachine):
             hold_id,
             self.now_ms,
         )
+        purchase = record["type"] == "purchase"
+        self.emit(
+            account_id,
+            type="transaction.cleared" if purchase else "transaction.refunded",
+            created_ms=self.now_ms,
+            card_id=self.card_ids[pan],
+            masked_pan=masked(pan),
+            answer_key=(
+                f"{record.get('original_mti', '0100')}|{number(record['acquirer'])}|"
+                f"{record['stan']}|{record['transmission_datetime']}"
+                if purchase
+                else None
+            ),
+            mti="",
+            processing_code=None,
+            amount=amount,
+            currency="978",  # EUR: records in other currencies are rejected
+            billing_amount=None,
+            mcc=None,
+            merchant_name_location=None,
+            terminal=None,
+            merchant_id=None,
+            response_code="",
+            reason=outcome,
+            stan=record["stan"],
+            rrn=record.get("rrn"),
+            acquirer=record["acquirer"],
+            approval_code=None,
+            hold_id=hold_id,
+        )
         return outcome, detail
 
     # --- rules --------------------------------------------------------------------------------
@@ -1074,6 +1501,7 @@ class LifecycleMachine(RuleBasedStateMachine):
 
         outcomes = self.authorizer.authorize_batch(requests, self.now)
 
+        assert not self.draws, f"approval codes given but never drawn: {list(self.draws)}"
         assert len(outcomes) == len(requests)  # every request answered exactly once
         moved = False
         for request, expectation, outcome in zip(requests, expectations, outcomes, strict=True):
@@ -1107,20 +1535,18 @@ class LifecycleMachine(RuleBasedStateMachine):
         )
         if message_class in ADVICE_CLASSES and expectation.kind != "conflict":
             assert outcome.response_code == "00"  # advices are always acknowledged
+        on_the_wire = {k: v for k, v in fields.items() if k not in ("p", "1")}  # not bitmaps
+        if on_the_wire != expectation.response:
+            wrong = {
+                k: (on_the_wire.get(k), expectation.response.get(k))
+                for k in on_the_wire.keys() | expectation.response.keys()
+                if on_the_wire.get(k) != expectation.response.get(k)
+            }
+            raise AssertionError(f"response (sent, model) {wrong} to {expectation.fields}")
         answer = self.answers[expectation.key]
         if expectation.kind == "retransmit":
             assert CODEC.encode(outcome.fields) == answer.response, "retransmission got other bytes"
             return
-        for number_, value in expectation.response.items():
-            if value is APPROVAL_CODE:
-                # Drawn at random: six digits, never twice for one card on one day.
-                code = fields.get(number_)
-                assert code is not None and len(code) == 6 and code.isdigit(), fields
-                given = self.approval_codes.setdefault((request.pan, self.now_ms // DAY_MS), set())
-                assert code not in given, (code, request.pan)
-                given.add(code)
-                continue
-            assert fields.get(number_) == value, (number_, expectation.fields, fields)
         if expectation.kind == "new":
             assert answer.response is None
             answer.response = CODEC.encode(outcome.fields)
@@ -1151,6 +1577,30 @@ class LifecycleMachine(RuleBasedStateMachine):
         )[:limit]
         for hold in due:
             self.close_hold(hold, "expired")
+            self.emit(
+                hold.account,
+                type="authorization.expired",
+                created_ms=self.now_ms,
+                card_id=self.card_ids[hold.pan],
+                masked_pan=None,
+                answer_key=hold.key.decode(),
+                mti="",
+                processing_code=None,
+                amount=hold.amount,
+                currency=None,
+                billing_amount=None,
+                mcc=hold.mcc,
+                merchant_name_location=None,
+                terminal=None,
+                merchant_id=None,
+                response_code="",
+                reason="hold_expired",
+                stan=None,
+                rrn=hold.rrn,
+                acquirer=None,
+                approval_code=hold.approval_code,
+                hold_id=hold.hold_id,
+            )
         event(f"sweep released {min(len(due), 3)}{'+' if len(due) > 3 else ''}")
         assert self.authorizer.sweep_expired(self.now, limit) == len(due)
         assert self.ledger_posted() == posted_before, "the sweeper moved posted"
@@ -1200,85 +1650,219 @@ class LifecycleMachine(RuleBasedStateMachine):
                 account.overdrawn_by_network = False
 
     # --- after every step ---------------------------------------------------------------------
+    #
+    # Every record the ledger keeps, every field of it, against the model: accounts, cards and
+    # their state, holds, answers, clearing records, outbox events, and the indexes and
+    # sequences beside them. Expected records are built with `modelled`, which names every
+    # field of the Struct, so a field added to a record fails here until the model knows it.
 
     @invariant()
     def ledger_agrees_with_the_model(self) -> None:
         with self.ledger.read() as reader:
-            for spec in ACCOUNTS:
-                model = self.accounts[spec.id]
-                account = reader.account(spec.id)
-                assert account is not None
-                holds = reader.account_holds(spec.id, limit=10**6)
-                assert reader.account_hold_count(spec.id) == len(holds)
-                assert all(h.status == "open" and h.account_id == spec.id for h in holds)
-                assert account.held == sum(h.amount for h in holds) == model.held
-                open_in_model = {
-                    h.hold_id: h.amount
-                    for h in self.holds.values()
-                    if h.account == spec.id and h.status == "open"
-                }
-                assert {h.hold_id: h.amount for h in holds} == open_in_model
-                assert account.posted == model.posted
-                assert account.credit_limit == spec.credit_limit
-                # posted - held >= -credit_limit, unless an advice or a clearing record the model
-                # knows of overdrew (the network's word: neither can be declined).
-                assert account.available == model.available
-                assert account.available >= 0 or model.overdrawn_by_network, spec.id
-            for hold_id, model_hold in self.holds.items():
-                hold = reader.hold(hold_id)
-                assert hold is not None
-                state = (hold.status, hold.resolved_ms, hold.amount, hold.captured_amount)
-                assert state == (
-                    model_hold.status,
-                    model_hold.resolved_ms,
-                    model_hold.amount,
-                    model_hold.captured_amount,
-                ), hold_id
-                assert (hold.account_id, hold.identity) == (model_hold.account, model_hold.key)
-                assert (hold.created_ms, hold.expires_ms) == (
-                    model_hold.created_ms,
-                    model_hold.expires_ms,
-                )
-                # Resolved once, then never touched again.
-                if hold.status != "open":
-                    assert self.resolved.setdefault(hold_id, state) == state, hold_id
-            assert reader.hold(self.next_hold_id) is None
-            for record_id, cleared in self.cleared.items():
-                record = reader.clearing_record(record_id)
-                assert record is not None, record_id
-                assert (
-                    record.outcome,
-                    record.card_id,
-                    record.account_id,
-                    record.amount,
-                    record.currency,
-                    record.hold_id,
-                    record.processed_ms,
-                ) == (
-                    cleared.outcome,
-                    self.card_ids[cleared.pan],
-                    cleared.account,
-                    cleared.amount,
-                    cleared.currency,
-                    cleared.hold_id,
-                    cleared.processed_ms,
-                ), record_id
-            for record_id in self.never_cleared.difference(self.cleared):
-                assert reader.clearing_record(record_id) is None, record_id
-            for key, model_answer in self.answers.items():
-                stored = reader.answer(key)
-                assert stored is not None, key
-                assert "2" not in stored.response
-                assert (stored.response_code, stored.reason) == (
-                    model_answer.code,
-                    model_answer.reason,
-                )
-                assert stored.hold_id == model_answer.hold_id, key
-                assert stored.account_id == model_answer.account, key
-                assert (stored.posted_amount, stored.reversed_amount) == (
-                    model_answer.posted_amount,
-                    model_answer.reversed_amount,
-                ), key
+            self.check_accounts(reader)
+            self.check_cards(reader)
+            self.check_holds(reader)
+            self.check_answers(reader)
+            self.check_clearing(reader)
+            self.check_outbox(reader)
+        self.check_databases()
+
+    def check_accounts(self, reader: Reader) -> None:
+        for spec in ACCOUNTS:
+            model = self.accounts[spec.id]
+            account = reader.account(spec.id)
+            assert account is not None
+            open_in_model = {
+                h.hold_id: h.amount
+                for h in self.holds.values()
+                if h.account == spec.id and h.status == "open"
+            }
+            assert model.held == sum(open_in_model.values())
+            expected = modelled(
+                Account,
+                **as_loaded(
+                    self.loaded_accounts[spec.id],
+                    *("id", "currency", "credit_limit", "status", "controls", "created_ms"),
+                    "entry_sequence",  # API funding and debits only
+                ),
+                posted=model.posted,
+                held=model.held,
+                event_sequence=model.events,
+                usage=model.usage.expected(),
+                last_answer=model.last_answer,
+                open_holds=len(open_in_model),
+            )
+            assert_stored(with_usage(account), expected, spec.id)
+            assert account.available == model.available
+            # posted - held >= -credit_limit, unless an advice or a clearing record the model
+            # knows of overdrew (the network's word: neither can be declined).
+            assert account.available >= 0 or model.overdrawn_by_network, spec.id
+            # The open holds as the API lists them: found by walking the account's answers.
+            holds = reader.account_holds(spec.id, limit=10**6)
+            assert {h.hold_id: h.amount for h in holds} == open_in_model, spec.id
+
+    def check_cards(self, reader: Reader) -> None:
+        for pan, model in self.cards.items():
+            card = reader.card(HASHER.card_key(pan))
+            assert_stored(card, self.loaded_cards[pan], model.card_id)  # never changed
+            assert card is not None
+            expected = modelled(
+                CardState,
+                usage=model.usage.expected(),
+                last_answer=model.last_answer,
+                approval_day=model.approval_day,
+                approval_codes=model.approval_codes,
+            )
+            assert_stored(with_usage(reader.card_state(card)), expected, model.card_id)
+        assert reader.card(HASHER.card_key(CARDS[3].pan)) is None
+
+    def check_holds(self, reader: Reader) -> None:
+        for hold_id, model in self.holds.items():
+            hold = reader.hold(hold_id)
+            expected = modelled(
+                Hold,
+                hold_id=hold_id,
+                account_id=model.account,
+                card_id=self.card_ids[model.pan],
+                amount=model.amount,
+                currency="EUR",
+                created_ms=model.created_ms,
+                expires_ms=model.expires_ms,
+                approval_code=model.approval_code,
+                identity=model.key,
+                mcc=model.mcc,
+                rrn=model.rrn,
+                status=model.status,
+                resolved_ms=model.resolved_ms,
+                captured_amount=model.captured_amount,
+            )
+            assert_stored(hold, expected, hold_id)
+            # Resolved once, then never touched again.
+            if expected.status != "open":
+                assert self.resolved.setdefault(hold_id, expected) == expected, hold_id
+        assert reader.hold(self.next_hold_id) is None
+
+    def check_answers(self, reader: Reader) -> None:
+        for key, model in self.answers.items():
+            stored = reader.answer(key)
+            assert stored is not None, key
+            identityless = tuple(kv for kv in model.content if kv[0] not in IDENTITY)
+            expected = modelled(
+                StoredAnswer,
+                fingerprint=self.digest(("answer", identityless), stored.fingerprint),
+                response=model.stored,
+                response_code=model.code,
+                reason=model.reason,
+                answered_ms=model.answered_ms,
+                card_id=model.card_id,
+                hold_id=model.hold_id,
+                account_id=model.account,
+                posted_amount=model.posted_amount,
+                reversed_amount=model.reversed_amount,
+                mti=model.mti,
+                usage_amount=model.usage_amount,
+                usage_mcc=model.usage_mcc,
+                previous_for_card=model.previous_for_card,
+                previous_for_account=model.previous_for_account,
+            )
+            assert_stored(stored, expected, key)
+
+    def check_clearing(self, reader: Reader) -> None:
+        for record_id, cleared in self.cleared.items():
+            record = reader.clearing_record(record_id)
+            assert record is not None, record_id
+            expected = modelled(
+                ClearedRecord,
+                outcome=cleared.outcome,  # type: ignore[arg-type]
+                fingerprint=self.digest(("clearing", cleared.content), record.fingerprint),
+                processed_ms=cleared.processed_ms,
+                card_id=self.card_ids[cleared.pan],
+                account_id=cleared.account,
+                amount=cleared.amount,
+                currency=cleared.currency,
+                hold_id=cleared.hold_id,
+            )
+            assert_stored(record, expected, record_id)
+        for record_id in self.never_cleared.difference(self.cleared):
+            assert reader.clearing_record(record_id) is None, record_id
+
+    def check_outbox(self, reader: Reader) -> None:
+        """The events appended since the last step (the outbox only ever grows)."""
+        new = self.events[self.events_checked :]
+        stored = reader.outbox(self.events_checked + 1, limit=len(new) + 1)
+        assert [e.sequence for e in stored] == [e.sequence for e in new], "events (ledger, model)"
+        for record, expected in zip(stored, new, strict=True):
+            assert_stored(record, expected, f"event {expected.sequence}")
+        self.events_checked = len(self.events)
+
+    def check_databases(self) -> None:
+        """Indexes and sequences, and that the ledger keeps no record the model does not know."""
+        databases = self.databases
+        with self.ledger.env.begin() as txn:
+            assert {bytes(name) for name, _ in txn.cursor()} == DATABASES
+            entries = {name: txn.stat(db)["entries"] for name, db in databases.items()}
+            account_keys = set(txn.cursor(db=databases[b"accounts"]).iternext(values=False))
+            expiry = list(txn.cursor(db=databases[b"hold_expiry"]).iternext(values=False))
+            rrn_index = dict(txn.cursor(db=databases[b"rrn_index"]))
+            meta = dict(txn.cursor(db=databases[b"meta"]))
+            for name in UNCHANGED:
+                assert dict(txn.cursor(db=databases[name])) == self.loaded[name], name
+        open_holds = sorted(
+            (h.expires_ms, h.hold_id) for h in self.holds.values() if h.status == "open"
+        )
+        assert expiry == [BIG_U64.pack(e) + BIG_U64.pack(i) for e, i in open_holds], "expiries"
+        # Beside each account, the state of each of its cards that anything was answered about.
+        states = {
+            f"{CARD_BY_PAN[pan].account}\0{card.card_id}".encode()
+            for pan, card in self.cards.items()
+            if card.stored
+        }
+        assert account_keys == {spec.id.encode() for spec in ACCOUNTS} | states
+        assert rrn_index == {
+            f"{rrn}|{acquirer}|{stan}".encode(): key
+            for acquirer, stan, rrn in (k.split("|") for k in self.rrn_index)
+            for key in (self.rrn_index[f"{acquirer}|{stan}|{rrn}"],)
+        }, "RRN index"
+        expected_meta = dict(self.loaded[b"meta"])  # schema, ledger id, programme controls
+        if self.next_hold_id > 1:
+            expected_meta[b"seq:hold"] = BIG_U64.pack(self.next_hold_id)
+        if self.events:
+            expected_meta[b"seq:event"] = BIG_U64.pack(len(self.events) + 1)
+        assert meta == expected_meta
+        assert entries == {
+            b"accounts": len(ACCOUNTS) + len(states),
+            b"cards": len(self.cards),  # the loaded ones, unchanged (above)
+            b"card_ids": len(self.cards),
+            b"account_cards": len(self.cards),
+            b"holds": len(self.holds),
+            b"hold_expiry": len(open_holds),
+            b"answers": len(self.answers),
+            b"rrn_index": len(self.rrn_index),
+            b"meta": len(expected_meta),
+            b"clearing": len(self.cleared),
+            b"outbox": len(self.events),
+            b"entries": 0,  # API funding and debits only
+            b"idempotency": 0,  # API POSTs only
+        }
+
+    def digest(self, content: Any, stored: bytes) -> bytes:
+        """The keyed digest the model expects of `content`: the one first stored for it, which
+        no other content may have."""
+        known = self.digests.get(content)
+        if known is not None:
+            return known
+        other = self.digested.setdefault(stored, content)
+        assert other == content, f"one digest for two contents: {other} and {content}"
+        self.digests[content] = stored
+        return stored
+
+
+def with_usage(record: S) -> S:
+    """None and an empty Usage are the same to the controls: the ledger makes the one into the
+    other when it first reads a card's or an account's usage (usage_of), whatever it decides."""
+    if getattr(record, "usage", None) is None:
+        return msgspec.structs.replace(record, usage=Usage())
+    return record
 
 
 LifecycleMachine.TestCase.settings = settings(
@@ -1287,6 +1871,12 @@ LifecycleMachine.TestCase.settings = settings(
     stateful_step_count=35,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
+    # A failure must be reported within pytest's timeout (300 s): shrinking each distinct
+    # failure a bug caused took minutes (a partial reversal releasing the whole hold fails four
+    # ways), and the explain phase, a line tracer on Python < 3.12, minutes more, so the run
+    # ended in Timeout and FlakyStrategyDefinition instead of the failing steps.
+    report_multiple_bugs=False,
+    phases=tuple(phase for phase in Phase if phase is not Phase.explain),
 )
 TestLifecycleProperties = LifecycleMachine.TestCase
 
