@@ -13,6 +13,10 @@ header_bytes_max: Final = 64  # optional fixed-length network header echoed back
 # A link sending more bad messages than this within the window is closed (a listener's default).
 bad_messages_per_window_default: Final = 20
 bad_message_window_seconds_default: Final = 60.0
+# Lines of one kind (undecodable, format error) a link may log at once, then one per interval
+# saying how many were left out (processor/server/budget.py).
+log_lines_per_kind_burst: Final = 5
+log_suppressed_interval_seconds: Final = 60.0
 
 # Server
 in_flight_per_link_max: Final = 1024  # read pauses past this many undecided requests on a link

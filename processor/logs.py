@@ -9,7 +9,7 @@ leaves (message, traceback, logger name, extra keys and values, numbers written 
 of 13-19 digits masked like `processor.security.mask_pan` (first six, stars, last four), so a PAN
 that slips into a log call or an exception message still never reaches a log line.
 
-The "processor: ..." lines on stdout (`processor.server.daemon.announce`) are not logs: people and
+The "processor: ..." lines on stdout (`processor.app.announce`) are not logs: people and
 test harnesses read them, and they keep their plain form.
 """
 

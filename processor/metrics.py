@@ -137,6 +137,12 @@ class Metrics:
             ["listener", "reason"],
             registry=r,
         )
+        self.log_lines_suppressed = Counter(
+            "processor_log_lines_suppressed",
+            "Warnings a peer caused that were left out of the log (a link's budget per kind)",
+            ["kind"],
+            registry=r,
+        )
         self.internal_errors = Counter(
             "processor_internal_errors",
             "Batches that failed on a bug and were answered 96",

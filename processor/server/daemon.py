@@ -128,7 +128,7 @@ class Daemon:
             if not link.decoded_any:
                 self._wrong_dialect(link, header + message, error, certain=True)
                 return
-            log.warning("link %s: dropped undecodable message: %s", link.peer, error)
+            self._peer_warning(link, "undecodable", "dropped undecodable message: %s", error)
             self._bad_message(link)
             return
         except InvalidMessage as error:
@@ -142,7 +142,7 @@ class Daemon:
             self.metrics.bad_messages.labels(
                 link.listener.name, "format_error", error.field or ""
             ).inc()
-            log.warning("link %s: format error (MTI %s): %s", link.peer, error.mti, error)
+            self._peer_warning(link, "format_error", "format error (MTI %s): %s", error.mti, error)
             self._send(link, header, self.authorizer.format_error(error), received_ns)
             self._bad_message(link)
             return
@@ -161,6 +161,16 @@ class Daemon:
             self._send(link, header, outcome, received_ns)
         else:
             self._send(link, header, self.authorizer.unsupported(request), received_ns)
+
+    def _peer_warning(self, link: Link, kind: str, message: str, *args: object) -> None:
+        """A warning caused by what a peer sent, within the link's log budget for its kind."""
+        suppressed = link.log_budget.allow(kind, time.monotonic())
+        if suppressed is None:
+            self.metrics.log_lines_suppressed.labels(kind).inc()
+            return
+        if suppressed:
+            message += f" ({suppressed} more like it left out)"
+        log.warning("link %s: " + message, link.peer, *args)
 
     def _bad_message(self, link: Link) -> None:
         if link.bad_message(time.monotonic()):

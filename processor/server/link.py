@@ -14,6 +14,7 @@ from collections import deque
 from typing import TYPE_CHECKING, cast
 
 from processor.config import ListenerConfig
+from processor.server.budget import LogBudget
 from processor.wire.codec import Codec
 from processor.wire.errors import FramingError
 from processor.wire.framing import Framer
@@ -46,6 +47,7 @@ class Link(asyncio.Protocol):
         "framer",
         "in_flight",
         "listener",
+        "log_budget",
         "peer",
         "signed_on",
         "transport",
@@ -64,6 +66,7 @@ class Link(asyncio.Protocol):
         # When the latest bad messages arrived (monotonic seconds), at most bad_messages_max.
         self._bad_times: deque[float] = deque(maxlen=config.bad_messages_max)
         self.decoded_any = False  # whether any message of this link has decoded
+        self.log_budget = LogBudget()
         self.signed_on = False
         self._paused_for_in_flight = False
         self._paused_for_writes = False

@@ -435,3 +435,30 @@ def test_a_binary_listener_answers_in_binary_behind_a_self_counting_length(
     assert message[4:12] == bytes.fromhex("8220000002000000")  # bits 1, 7, 11, 39: 8 bytes
     assert iso8583.decode(message, load_spec("binary").iso)[0]["39"] == "00"
     daemon.ledger.close()
+
+
+def test_a_flood_of_bad_messages_writes_a_bounded_number_of_log_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from processor import limits
+
+    daemon = make_daemon(tmp_path, bad_messages_max=100_000)
+    link, transport = new_link(daemon), FakeTransport()
+    garbage = FRAMER.frame(b"", b"JUNK") * 1000
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(FRAMER.frame(b"", CODEC.encode(ECHO_FIELDS)))
+        for _ in range(10):
+            link.data_received(garbage)
+
+    with caplog.at_level("WARNING", logger="processor.daemon"):
+        run(body)
+    lines = [r for r in caplog.records if "undecodable" in r.getMessage()]
+    assert len(lines) == limits.log_lines_per_kind_burst  # 10,000 bad frames, 5 lines
+    assert not transport.closed
+    suppressed = daemon.metrics.log_lines_suppressed.labels("undecodable")._value.get()
+    assert suppressed == 10_000 - limits.log_lines_per_kind_burst
+    dropped = daemon.metrics.bad_messages.labels("network", "undecodable", "t")._value.get()
+    assert dropped == 10_000  # every one still counted
+    daemon.ledger.close()
