@@ -10,9 +10,12 @@ from typing import Final
 frame_bytes_max: Final = 8192  # default for `server.max_frame_bytes`
 frame_bytes_ceiling: Final = 65535  # what a len2 prefix can express at all
 header_bytes_max: Final = 64  # optional fixed-length network header echoed back
-# A link sending more bad messages than this within the window is closed (a listener's default).
+# A link sending this many bad messages within the window is closed (a listener's default).
 bad_messages_per_window_default: Final = 20
 bad_message_window_seconds_default: Final = 60.0
+# A link's first frame, if it does not decode, is tried in neighbouring dialects to name the
+# cause; longer frames are not (processor/wire/dialect.py).
+dialect_diagnosis_bytes_max: Final = 2048
 # Lines of one kind (undecodable, format error) a link may log at once, then one per interval
 # saying how many were left out (processor/server/budget.py).
 log_lines_per_kind_burst: Final = 5

@@ -15,7 +15,6 @@ from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING
 
 from processor import limits
 from processor.authorizer import Authorizer, Command, CommandRefused, Outcome
@@ -29,9 +28,6 @@ from processor.server.link import Link, Listener
 from processor.wire.dialect import framing_cause, undecodable_cause
 from processor.wire.errors import FramingError, InvalidMessage, UndecodableMessage, WireError
 from processor.wire.messages import AuthorizationRequest, NetworkManagementRequest
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("processor.daemon")
 
@@ -125,23 +121,25 @@ class Daemon:
             self.metrics.bad_messages.labels(
                 link.listener.name, "undecodable", error.field or ""
             ).inc()
-            if not link.decoded_any:
-                self._wrong_dialect(link, header + message, error, certain=True)
+            # Not even an MTI of 4 ASCII digits as the first thing a link sends: whatever it
+            # speaks, it is not this listener's dialect.
+            certain = not message[:4].isdigit()
+            if not link.decoded_any and self._wrong_dialect(link, header + message, error, certain):
                 return
             self._peer_warning(link, "undecodable", "dropped undecodable message: %s", error)
             self._bad_message(link)
             return
         except InvalidMessage as error:
-            if (
-                error.unparsed
-                and not link.decoded_any
-                and self._wrong_dialect(link, header + message, error)
-            ):
-                return
-            link.decoded_any = True
             self.metrics.bad_messages.labels(
                 link.listener.name, "format_error", error.field or ""
             ).inc()
+            if (
+                error.unparsed
+                and not link.decoded_any
+                and self._wrong_dialect(link, header + message, error, certain=False)
+            ):
+                return
+            link.decoded_any = True
             self._peer_warning(link, "format_error", "format error (MTI %s): %s", error.mti, error)
             self._send(link, header, self.authorizer.format_error(error), received_ns)
             self._bad_message(link)
@@ -184,15 +182,14 @@ class Daemon:
             self.metrics.links_closed.labels(link.listener.name, "bad_message_rate").inc()
             link.close()
 
-    def _wrong_dialect(
-        self, link: Link, frame: bytes, error: WireError, *, certain: bool = False
-    ) -> bool:
-        """Close a link whose first message does not decode: it speaks another dialect.
+    def _wrong_dialect(self, link: Link, frame: bytes, error: WireError, certain: bool) -> bool:
+        """Close a link whose first message is in another dialect; True when it closed.
 
         Dropping its messages one by one would leave the peer waiting out its own timeout on
-        every one of them; a closed link is what its operators notice and fix. A first message
-        that parsed up to its STAN (`certain` False) is closed only when another dialect reads
-        it; otherwise it is answered 30 like any malformed message. Returns whether it closed.
+        every one of them; a closed link is what its operators notice and fix. It is closed
+        when a neighbouring dialect reads the message, or (`certain`) when it does not even
+        start with an MTI. Otherwise it is a bad message in the right dialect (a 20-digit PAN,
+        a response MTI): dropped or answered 30 like any other, and the link stays up.
         """
         config = link.listener.config
         cause = undecodable_cause(

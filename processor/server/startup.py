@@ -31,6 +31,9 @@ class StartSettings(msgspec.Struct, frozen=True):
     demo: bool
     generated_token: bool  # --demo made up the token: announce it once
 
+    def __repr__(self) -> str:  # a traceback or a debug print never shows the token
+        return f"StartSettings(demo={self.demo}, api_token={'set' if self.api_token else None})"
+
 
 def start_settings(config: Config, environ: dict[str, str], *, demo: bool) -> StartSettings:
     """Check (or, under `demo`, fill in) the PAN key, the API token and the card-issuing BIN."""

@@ -40,8 +40,11 @@ def undecodable_cause(
 ) -> str | None:
     """The dialect `frame` (header and message as framed) decodes in, said as a mismatch.
 
-    None when no neighbouring dialect decodes it either (garbage, or a dialect too far away).
+    None when no neighbouring dialect decodes it either (garbage, or a dialect too far away),
+    or when the frame is longer than an authorisation ever is (not worth the work).
     """
+    if len(frame) > limits.dialect_diagnosis_bytes_max:
+        return None
     other: Bitmap = "binary" if bitmap == "ascii" else "ascii"
     article = "an" if bitmap == "ascii" else "a"
     trims = (0, 2) if framing == "len2" else (0,)

@@ -89,6 +89,8 @@ class Framer:
     def _length(self, buffer: bytearray, offset: int) -> int:
         if self._prefix != "ascii4":
             length = (buffer[offset] << 8) | buffer[offset + 1]
+            if length == 0:
+                return 0  # a keep-alive as plain len2 peers send it: tolerated on either
             if length < self._counted:
                 raise FramingError(f"{self._prefix} length prefix {length} below its own 2 bytes")
             return length - self._counted

@@ -462,3 +462,44 @@ def test_a_flood_of_bad_messages_writes_a_bounded_number_of_log_lines(
     dropped = daemon.metrics.bad_messages.labels("network", "undecodable", "t")._value.get()
     assert dropped == 10_000  # every one still counted
     daemon.ledger.close()
+
+
+def test_a_bad_first_message_in_the_right_dialect_keeps_the_link(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path)
+    link, transport = new_link(daemon), FakeTransport()
+    response_mti = CODEC.encode(dict(ECHO_FIELDS, t="0810", **{"39": "00"}))
+    # An 0100 whose PAN has 20 digits (field 2 holds at most 19): its STAN never parses.
+    long_pan = auth_frame(3)[2:].replace(b"164761739001010085", b"2047617390010100851234", 1)
+    bad_stan = CODEC.encode(dict(ECHO_FIELDS, **{"11": "00000A"}))
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(FRAMER.frame(b"", response_mti))  # a response MTI: not ours to answer
+        link.data_received(FRAMER.frame(b"", bad_stan))
+        link.data_received(FRAMER.frame(b"", long_pan))
+        link.data_received(auth_frame(4))
+
+    run(body)
+    assert not transport.closed
+    assert [(f["t"], f["11"], f["39"]) for f in transport.frames()] == [("0110", "000004", "00")]
+    dropped = sum(
+        daemon.metrics.bad_messages.labels("network", "undecodable", field)._value.get()
+        for field in ("t", "11", "2")
+    )
+    assert dropped == 3
+    closed = daemon.metrics.links_closed.labels("network", "dialect_mismatch")._value.get()
+    assert closed == 0
+    daemon.ledger.close()
+
+
+def test_a_first_message_that_does_not_start_with_an_mti_closes_the_link(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path)
+    link, transport = new_link(daemon), FakeTransport()
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(FRAMER.frame(b"", b"GET / HTTP/1.1\r\n\r\n"))
+
+    run(body)
+    assert transport.closed and transport.writes == []
+    daemon.ledger.close()

@@ -1,5 +1,7 @@
 """What a production start requires, and what --demo fills in instead."""
 
+import secrets
+
 import msgspec
 import pytest
 
@@ -38,10 +40,15 @@ def test_nothing_set_names_all_three_in_one_line() -> None:
 
 
 def test_a_pan_key_one_byte_short_is_refused() -> None:
-    short = dict(READY, PROCESSOR_PAN_KEY=KEY[:-1])
-    message = unready(WITH_BIN, short)
+    secret = secrets.token_hex(limits.pan_key_bytes_min)[: limits.pan_key_bytes_min - 1]
+    message = unready(WITH_BIN, dict(READY, PROCESSOR_PAN_KEY=secret))
     assert f"PROCESSOR_PAN_KEY holds {limits.pan_key_bytes_min - 1} bytes" in message
-    assert KEY[:-1] not in message  # a secret is never quoted
+    assert secret[:8] not in message  # a secret is never quoted, not even in part
+
+
+def test_the_settings_never_show_the_token() -> None:
+    settings = start_settings(WITH_BIN, READY, demo=False)
+    assert TOKEN not in repr(settings) and TOKEN not in str(settings)
 
 
 def test_an_api_token_one_character_short_is_refused() -> None:
