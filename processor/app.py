@@ -31,7 +31,12 @@ from processor.server.daemon import (
     listen,
     start_listeners,
 )
-from processor.server.startup import StartSettings, Unready, start_settings
+from processor.server.startup import (
+    StartSettings,
+    Unready,
+    raise_open_files_limit,
+    start_settings,
+)
 from processor.webhooks.dispatcher import Dispatcher
 
 log = logging.getLogger("processor.daemon")
@@ -96,6 +101,9 @@ def announce(text: str) -> None:
 
 async def serve(settings: StartSettings) -> int:
     config, hasher = settings.config, settings.hasher
+    before, after = raise_open_files_limit()
+    if after != before:
+        log.info("open files limit raised from %d to %d (the hard limit)", before, after)
     rates = load_rates(config.programme.rates_file) if config.programme.rates_file else {}
     ledger = open_ledger(config, hasher, demo=settings.demo)
     metrics = Metrics()

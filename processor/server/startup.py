@@ -9,6 +9,7 @@ cards issued in a test BIN). `--demo` fills in what is missing instead, and says
 from __future__ import annotations
 
 import logging
+import resource
 import secrets
 
 import msgspec
@@ -97,3 +98,22 @@ def _api_token(
         )
         return None, False
     return token, False
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft limit of open files to the hard one; (before, after).
+
+    The default soft limit (often 1,024) is below what links_max links, the ledger, the HTTP
+    port and the webhook connections need together: past it, accept() fails with EMFILE and
+    links are refused without a word. The hard limit is the operator's to set.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, limits.open_files_wanted)
+    if soft == resource.RLIM_INFINITY or target <= soft:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as error:
+        log.warning("could not raise the open files limit from %d to %d: %s", soft, target, error)
+        return soft, soft
+    return soft, target

@@ -94,3 +94,25 @@ def test_demo_keeps_what_is_set_and_still_refuses_a_short_key() -> None:
     assert settings.config.programme.card_issuing.bin_prefix == "53999900"
     with pytest.raises(Unready, match="PROCESSOR_PAN_KEY holds 5 bytes"):
         start_settings(WITH_BIN, dict(READY, PROCESSOR_PAN_KEY="short"), demo=True)
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_limit() -> None:
+    # In a child process: lowering our own soft limit would outlive the test.
+    import subprocess
+    import sys
+
+    script = (
+        "import resource\n"
+        "from processor.server.startup import raise_open_files_limit\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
+        "before, after = raise_open_files_limit()\n"
+        "print(before, after, resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    before, after, now, hard = (int(value) for value in done.stdout.split())
+    assert before == 64
+    expected = hard if hard != -1 else limits.open_files_wanted  # -1: RLIM_INFINITY
+    assert after == now == expected
