@@ -34,6 +34,8 @@ DASHBOARD_METRICS = {
     "processor_ledger_map_size_bytes",
     "processor_holds_expired",
     "processor_internal_errors",
+    "processor_log_lines_suppressed",
+    "processor_webhook_endpoint_disabled",
 }
 
 METRIC = re.compile(r"processor_[a-z_]+")
