@@ -70,3 +70,21 @@ def test_framing_causes() -> None:
         "no ASCII length at the start: a binary length prefix (len2) on an ascii4 listener"
     )
     assert framing_cause(b"\xff\xff\x00\x00", "len2") is None
+
+
+def test_frames_up_to_the_diagnosis_bound_are_diagnosed_longer_ones_are_not() -> None:
+    from processor import limits
+
+    codec = Codec(load_spec("binary"))
+
+    def binary_of_length(length: int) -> bytes:
+        fields = dict(ECHO, **{"48": "x" * 999, "62": "y" * 999})
+        short = len(codec.encode(dict(fields, **{"63": ""})))
+        fields["63"] = "z" * (length - short)
+        message = codec.encode(fields)
+        assert len(message) == length
+        return message
+
+    bound = limits.dialect_diagnosis_bytes_max
+    assert cause(binary_of_length(bound)) == "binary bitmap on an ascii listener"
+    assert cause(binary_of_length(bound + 1)) is None
