@@ -24,13 +24,13 @@ from processor.ledger.store import Ledger, LedgerError, Writer
 from processor.lifecycle import ADVICE_CLASSES, ORIGINAL_CLASSES, Batch, Lifecycle
 from processor.outbox import emit, event_type, request_facts
 from processor.security import PanHasher
-from processor.wire.codec import format_error_response, response_mti
 from processor.wire.errors import InvalidMessage
 from processor.wire.messages import (
     AuthorizationRequest,
     NetworkManagementRequest,
     UnsupportedRequest,
 )
+from processor.wire.responses import format_error_response, reply_fields
 
 NETWORK_CODES: Final = {"001": "sign_on", "002": "sign_off", "301": "echo"}
 
@@ -71,14 +71,6 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
     mti: str
     response_code: str
     reason: str
-
-
-def _reply_fields(echo: dict[str, str], mti: str, code: str) -> dict[str, str]:
-    """A response's fields: the request's echo set, the response MTI and field 39."""
-    fields = dict(echo)
-    fields["t"] = response_mti(mti)
-    fields["39"] = code
-    return fields
 
 
 class Authorizer:
@@ -188,7 +180,7 @@ class Authorizer:
                 # advice is acknowledged (a 94 would only make the network resend it forever)
                 # and the conflict flagged.
                 code = "00" if message_class in ADVICE_CLASSES else "94"
-                fields = _reply_fields(request.echo, request.mti, code)
+                fields = reply_fields(request.echo, request.mti, code)
                 return Outcome(fields, request.mti, code, "duplicate_different_content")
             fields = dict(stored.response)
             fields["2"] = request.pan
@@ -197,7 +189,7 @@ class Authorizer:
         handler = self._lifecycle.handlers[message_class]
         result = handler(writer, request, card_key, key, batch)
         now_ms = batch.now_ms
-        fields = _reply_fields(request.echo, request.mti, result.response_code)
+        fields = reply_fields(request.echo, request.mti, result.response_code)
         if result.extra:
             fields.update(result.extra)
         # Stored without the PAN: a retransmission's own field 2 goes back in when replayed.
@@ -276,7 +268,7 @@ class Authorizer:
 
     def _reply(self, echo: dict[str, str], mti: str, code: str, reason: str) -> Outcome:
         """The response MTI, the echoed fields and field 39; nothing stored, nothing applied."""
-        return Outcome(_reply_fields(echo, mti, code), mti, code, reason)
+        return Outcome(reply_fields(echo, mti, code), mti, code, reason)
 
     def _fingerprint(self, card_key: bytes, request: AuthorizationRequest) -> bytes:
         # What makes two requests with one identity "the same": everything the decision reads,

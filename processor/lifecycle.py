@@ -27,8 +27,8 @@ from processor.ledger.controls import Controls, Usage
 from processor.ledger.records import Account, Card, CardState, Hold, StoredAnswer
 from processor.ledger.store import Writer
 from processor.randomness import BufferedRandom
-from processor.wire.codec import balance_block
 from processor.wire.messages import AuthorizationRequest
+from processor.wire.responses import approved_fields, balances
 
 # Message classes whose answers a reversal or completion may point at.
 ORIGINAL_CLASSES: Final = ("0100", "0200", "0120")
@@ -91,13 +91,6 @@ def usage_of(record: CardState | Account) -> Usage:
     if record.usage is None:
         record.usage = Usage()
     return record.usage
-
-
-def _balances(account_type: str, account: Account) -> str:
-    currency = numeric_code(account.currency)
-    return balance_block(account_type, "01", currency, account.posted) + balance_block(
-        account_type, "02", currency, account.available
-    )
 
 
 class Lifecycle:
@@ -225,16 +218,6 @@ class Lifecycle:
         if full:
             original.usage_mcc = ""  # given back whole: nothing more to return, ever
 
-    @staticmethod
-    def _approved_fields(decision: Decision, account: Account) -> dict[str, str]:
-        extra: dict[str, str] = {}
-        if decision.response_code == "10":  # partial approval: field 4 carries what was approved
-            extra["4"] = f"{decision.hold_amount:012d}"
-        if decision.billing_amount is not None:  # converted: the cardholder billing amount
-            extra["6"] = f"{decision.billing_amount:012d}"
-            extra["51"] = numeric_code(account.currency)
-        return extra
-
     # --- 0100 authorisation (holds) and 0200 financial request (posts at once) -----------------
 
     def authorization(
@@ -276,7 +259,12 @@ class Lifecycle:
         )
         if decision.hold_amount:
             assert account is not None and card is not None
-            result.extra = self._approved_fields(decision, account)
+            result.extra = approved_fields(
+                decision.response_code,
+                decision.hold_amount,
+                decision.billing_amount,
+                numeric_code(account.currency),
+            )
             self._count_usage(writer, card, account, decision.hold_amount, request.mcc, batch)
             result.usage_amount = decision.hold_amount
             result.usage_mcc = request.mcc
@@ -291,7 +279,14 @@ class Lifecycle:
                 result.extra["38"] = hold.approval_code
         elif decision.balance_inquiry:
             assert account is not None
-            result.extra = {"54": _balances(request.processing_code[2:4], account)}
+            result.extra = {
+                "54": balances(
+                    request.processing_code[2:4],
+                    numeric_code(account.currency),
+                    account.posted,
+                    account.available,
+                )
+            }
         return result
 
     # --- 0120: the network stood in and approved -----------------------------------------------

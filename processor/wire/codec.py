@@ -79,11 +79,6 @@ _CALENDAR_FIELDS: Final = {
 _CALENDAR_SEEN_MAX: Final = 4096  # valid values remembered per field, forgotten all at once
 
 
-def response_mti(mti: str) -> str:
-    """0100/0101 -> 0110, 0800 -> 0810, 0420/0421 -> 0430."""
-    return f"{mti[:2]}{int(mti[2]) + 1}0"
-
-
 def is_request_mti(mti: str) -> bool:
     # Third digit: message function (0 request, 2 advice, 4 notification); fourth: origin
     # (0 acquirer, 1 acquirer repeat). Responses (odd function) are not ours to answer.
@@ -231,17 +226,3 @@ class Codec:
         except EncodeError as error:
             raise ValueError(f"cannot encode response field {error.field}: {error.msg}") from None
         return bytes(data)
-
-
-def format_error_response(error: InvalidMessage) -> dict[str, str]:
-    fields = dict(error.echo)
-    fields["t"] = response_mti(error.mti)
-    fields["39"] = "30"
-    return fields
-
-
-def balance_block(account_type: str, amount_type: str, currency: str, amount: int) -> str:
-    """One 20-character field 54 block: account type, amount type, currency, C/D, 12 digits."""
-    sign = "C" if amount >= 0 else "D"
-    # The amount is n12 by the standard; a balance beyond it is shown as the largest it can say.
-    return f"{account_type}{amount_type}{currency}{sign}{min(abs(amount), 999_999_999_999):012d}"

@@ -91,8 +91,9 @@ from processor.ledger.records import (
 )
 from processor.ledger.store import Ledger, Reader
 from processor.security import PanHasher, mask_pan
-from processor.wire.codec import Codec, response_mti
+from processor.wire.codec import Codec
 from processor.wire.messages import AuthorizationRequest
+from processor.wire.responses import response_mti
 from processor.wire.spec import load_spec
 
 HASHER = PanHasher(b"test-key")

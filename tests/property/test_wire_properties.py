@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processor.wire.codec import AUTHORIZATION_ECHO, Codec, format_error_response, response_mti
+from processor.wire.codec import AUTHORIZATION_ECHO, Codec
 from processor.wire.errors import FramingError, InvalidMessage, UndecodableMessage
 from processor.wire.framing import Framer
 from processor.wire.messages import (
@@ -16,6 +16,7 @@ from processor.wire.messages import (
     NetworkManagementRequest,
     UnsupportedRequest,
 )
+from processor.wire.responses import format_error_response, response_mti
 from processor.wire.spec import load_spec
 
 SETTINGS = settings(

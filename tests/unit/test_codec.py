@@ -8,18 +8,14 @@ import traceback
 
 import pytest
 
-from processor.wire.codec import (
-    Codec,
-    balance_block,
-    format_error_response,
-    response_mti,
-)
+from processor.wire.codec import Codec
 from processor.wire.errors import InvalidMessage, UndecodableMessage, WireError
 from processor.wire.messages import (
     AuthorizationRequest,
     NetworkManagementRequest,
     UnsupportedRequest,
 )
+from processor.wire.responses import balance_block, format_error_response, response_mti
 from processor.wire.spec import load_spec
 
 PAN = "4111111111111111"
