@@ -173,6 +173,7 @@ async def serve(settings: StartSettings) -> int:
     daemon.on_fatal = fatal
     announce("ready")
     daemon.sweep()
+    daemon.supervise()
     await stop.wait()
 
     announce("stopping: no new links, finishing requests in flight")

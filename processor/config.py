@@ -57,6 +57,11 @@ class ListenerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     in_flight_per_link_max: Annotated[int, Meta(ge=1, le=limits.in_flight_per_link_max)] = (
         limits.in_flight_per_link_max
     )
+    # A link that sends nothing for this long is closed (networks send 0800 echo tests to keep
+    # a link alive; any message counts); 0 = never.
+    idle_timeout_seconds: Annotated[float, Meta(ge=0, le=86400)] = 300.0
+    # A frame begun and not finished within this is a stalled or hostile peer: closed; 0 = never.
+    partial_frame_timeout_seconds: Annotated[float, Meta(ge=0, le=3600)] = 30.0
 
     def __post_init__(self) -> None:
         ceiling = FRAME_BYTES_CEILING[self.framing]

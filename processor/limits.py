@@ -24,6 +24,7 @@ log_suppressed_interval_seconds: Final = 60.0
 # Server
 in_flight_per_link_max: Final = 1024  # read pauses past this many undecided requests on a link
 links_max: Final = 1024
+link_supervision_interval_seconds: Final = 1.0  # how often idle and stalled links are looked for
 # Open files asked for when the hard limit is unlimited (the kernel caps it at nr_open anyway).
 open_files_wanted: Final = 65536
 write_buffer_high_bytes: Final = 1 << 20  # pause reading a link whose peer stops reading

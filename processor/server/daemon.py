@@ -72,6 +72,7 @@ class Daemon:
         self._flush_scheduled = False
         self._batch_size_max = config.ledger.batch_size_max
         self._sweep_handle: asyncio.TimerHandle | None = None
+        self._supervision_handle: asyncio.TimerHandle | None = None
         self.on_commit: Callable[[], None] | None = None  # e.g. wake the webhook dispatcher
         # Called when an assertion fails: a programmer error stops the daemon (after answering
         # the batch 96) rather than answering 96 forever with a ledger no check vouches for.
@@ -321,6 +322,31 @@ class Daemon:
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
             self._sweep_handle = None
+        if self._supervision_handle is not None:
+            self._supervision_handle.cancel()
+            self._supervision_handle = None
+
+    def supervise(self) -> None:
+        """Close idle and stalled links, now and every supervision interval (reschedules)."""
+        if self.stopping:
+            return
+        self.close_stalled_links(time.monotonic())
+        self._supervision_handle = asyncio.get_running_loop().call_later(
+            limits.link_supervision_interval_seconds, self.supervise
+        )
+
+    def close_stalled_links(self, now: float) -> int:
+        """Close every link idle past its listener's timeout or stuck in a half-sent frame."""
+        closed = 0
+        for link in list(self.links):
+            reason = link.stalled(now)
+            if reason is None or not link.open:
+                continue
+            log.warning("link %s: %s, closing", link.peer, reason.replace("_", " "))
+            self.metrics.links_closed.labels(link.listener.name, reason).inc()
+            link.close()
+            closed += 1
+        return closed
 
     def flush_all(self) -> None:
         while self._pending or self._commands:

@@ -46,8 +46,10 @@ class Link(asyncio.Protocol):
         "decoded_any",
         "framer",
         "in_flight",
+        "last_received",
         "listener",
         "log_budget",
+        "partial_since",
         "peer",
         "signed_on",
         "transport",
@@ -67,6 +69,8 @@ class Link(asyncio.Protocol):
         self._bad_times: deque[float] = deque(maxlen=config.bad_messages_max)
         self.decoded_any = False  # whether any message of this link has decoded
         self.log_budget = LogBudget()
+        self.last_received = time.monotonic()  # for the idle timeout
+        self.partial_since: float | None = None  # when the frame still buffered began
         self.signed_on = False
         self._paused_for_in_flight = False
         self._paused_for_writes = False
@@ -84,11 +88,17 @@ class Link(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         received_ns = time.perf_counter_ns()
+        now = self.last_received = time.monotonic()
         try:
             frames = self.framer.feed(data)
         except FramingError as error:
             self._daemon.framing_error(self, error)
             return
+        if self.framer.buffered_bytes:
+            if self.partial_since is None or frames:
+                self.partial_since = now  # the frame still buffered began in this read
+        else:
+            self.partial_since = None
         on_message = self._daemon.on_message
         transport = self.transport
         for header, message in frames:
@@ -119,6 +129,17 @@ class Link(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+    def stalled(self, now: float) -> str | None:
+        """Why this link should be closed at `now` (idle, or a frame left half-sent), if so."""
+        config = self.listener.config
+        partial = config.partial_frame_timeout_seconds
+        if partial and self.partial_since is not None and now - self.partial_since >= partial:
+            return "partial_frame_timeout"
+        idle = config.idle_timeout_seconds
+        if idle and now - self.last_received >= idle:
+            return "idle_timeout"
+        return None
 
     def bad_message(self, now: float) -> bool:
         """Count a bad message at `now`; True when the link is past its listener's rate."""

@@ -235,6 +235,7 @@ async def serve_worker(
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    daemon.supervise()  # idle and stalled links (the hold sweeper stays in the primary)
     await _send(writer, WorkerReport("ready"))
     log.info("worker %d: serving links", index)
 

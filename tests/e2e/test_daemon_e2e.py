@@ -494,3 +494,31 @@ def test_demo_announces_itself_and_a_token_made_up_for_this_run(tmp_path: Path) 
     finally:
         running.stop()
     assert token not in running.stderr()  # printed once, on stdout, never logged
+
+
+def test_idle_and_half_sent_links_are_closed_over_real_sockets(tmp_path: Path) -> None:
+    import time
+
+    config = tmp_path / "processor.toml"
+    config.write_text(
+        "[[listeners]]\nname = 'network'\nport = 0\n"
+        "idle_timeout_seconds = 2.0\npartial_frame_timeout_seconds = 1.0\n"
+    )
+    running = RunningDaemon(tmp_path / "ledger", config=config).start()
+    try:
+        idle, chatty, half = running.connect(), running.connect(), running.connect()
+        half.send_raw(b"\x00\x40" + b"0100")  # 64 bytes announced, 4 sent
+        assert half.is_closed_by_peer(timeout=5.0)  # within the 1 s timeout and a sweep
+        for _ in range(6):  # 3 s of echo tests every 0.5 s: past the idle timeout, still up
+            assert chatty.exchange(echo_test())["39"] == "00"
+            time.sleep(0.5)
+        assert idle.is_closed_by_peer(timeout=1.0)  # idle for 3 s already: gone
+        assert chatty.exchange(echo_test())["39"] == "00"
+        for link in (idle, chatty, half):
+            link.close()
+        metrics = http_get(running, "/metrics")
+        for reason in ("idle_timeout", "partial_frame_timeout"):
+            series = f'processor_links_closed_total{{listener="network",reason="{reason}"}}'
+            assert metric_value(metrics, series) == 1, reason
+    finally:
+        running.stop()

@@ -503,3 +503,64 @@ def test_a_first_message_that_does_not_start_with_an_mti_closes_the_link(tmp_pat
     run(body)
     assert transport.closed and transport.writes == []
     daemon.ledger.close()
+
+
+def test_an_idle_link_is_closed_and_any_message_keeps_it_alive(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path, idle_timeout_seconds=300.0)
+    quiet, chatty = new_link(daemon), new_link(daemon)
+    quiet_transport, chatty_transport = FakeTransport(), FakeTransport()
+
+    def body() -> None:
+        quiet.connection_made(quiet_transport)  # type: ignore[arg-type]
+        chatty.connection_made(chatty_transport)  # type: ignore[arg-type]
+        chatty.data_received(FRAMER.frame(b"", CODEC.encode(ECHO_FIELDS)))
+
+    run(body)
+    start = min(quiet.last_received, chatty.last_received)
+    assert daemon.close_stalled_links(start + 299.0) == 0
+    chatty.last_received = start + 250.0  # an echo test 250 s in
+    assert daemon.close_stalled_links(start + 300.0) == 1
+    assert quiet_transport.closed and not chatty_transport.closed
+    assert daemon.close_stalled_links(start + 549.0) == 0
+    assert daemon.close_stalled_links(start + 550.0) == 1 and chatty_transport.closed
+    closed = daemon.metrics.links_closed.labels("network", "idle_timeout")._value.get()
+    assert closed == 2
+    daemon.ledger.close()
+
+
+def test_a_frame_left_half_sent_closes_the_link(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path, partial_frame_timeout_seconds=30.0, idle_timeout_seconds=0)
+    link, transport = new_link(daemon), FakeTransport()
+    frame = auth_frame(5)
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(frame[:10])  # a frame begun...
+
+    run(body)
+    began = link.partial_since
+    assert began is not None
+    link.data_received(frame[10:20])  # ...dripped on: the frame still began then
+    assert link.partial_since == began
+    assert daemon.close_stalled_links(began + 29.9) == 0
+    assert daemon.close_stalled_links(began + 30.0) == 1 and transport.closed
+    closed = daemon.metrics.links_closed.labels("network", "partial_frame_timeout")._value.get()
+    assert closed == 1
+    daemon.ledger.close()
+
+
+def test_a_completed_frame_clears_the_partial_frame_clock(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path, idle_timeout_seconds=0)
+    link, transport = new_link(daemon), FakeTransport()
+    frame = FRAMER.frame(b"", CODEC.encode(ECHO_FIELDS))
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(frame[:5])
+        link.data_received(frame[5:])
+
+    run(body)
+    assert link.partial_since is None
+    assert daemon.close_stalled_links(10_000.0) == 0  # neither timeout applies
+    assert not transport.closed
+    daemon.ledger.close()
