@@ -263,6 +263,11 @@ class Authorizer:
                 )
         return len(expired)
 
+    def deadline_missed(self, request: AuthorizationRequest) -> Outcome:
+        """91: not decided in time (the daemon is overloaded); nothing applied or stored, so a
+        repeat is decided afresh."""
+        return self._reply(request.echo, request.mti, "91", "issuer_deadline")
+
     def system_error(self, request: AuthorizationRequest) -> Outcome:
         return self._reply(request.echo, request.mti, "96", "internal_error")
 

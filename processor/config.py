@@ -81,6 +81,10 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # with the others' decoding and encoding; the HTTP port, webhooks and the hold sweeper
     # stay in the primary.
     workers: Annotated[int, Meta(ge=1, le=limits.workers_max)] = 1
+    # A request not decided within this of its arrival is answered 91 (issuer unavailable)
+    # without touching the ledger: networks stand in after a few seconds, and a late approval
+    # is worse than a fast decline. Advices are never dropped: they are recorded however late.
+    decision_deadline_seconds: Annotated[float, Meta(gt=0, le=60)] = 1.5
 
 
 class HttpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

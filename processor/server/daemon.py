@@ -22,6 +22,7 @@ from processor.catalog import default_catalog
 from processor.config import Config
 from processor.engine import ProgrammeRules
 from processor.ledger.store import Ledger
+from processor.lifecycle import ADVICE_CLASSES
 from processor.metrics import Metrics
 from processor.security import PanHasher
 from processor.server.link import Link, Listener
@@ -71,6 +72,7 @@ class Daemon:
         self._commands: list[tuple[Command, asyncio.Future[object]]] = []
         self._flush_scheduled = False
         self._batch_size_max = config.ledger.batch_size_max
+        self._deadline_ns = int(config.server.decision_deadline_seconds * 1e9)
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._supervision_handle: asyncio.TimerHandle | None = None
         self.on_commit: Callable[[], None] | None = None  # e.g. wake the webhook dispatcher
@@ -241,6 +243,9 @@ class Daemon:
         self._flush_scheduled = False
         if not self._pending and not self._commands:
             return
+        late_before = time.perf_counter_ns() - self._deadline_ns
+        if self._pending and self._pending[0][3] < late_before:
+            self._answer_late(late_before)
         batch = self._pending[: self._batch_size_max]
         del self._pending[: self._batch_size_max]
         commands = self._commands[: limits.commands_per_batch_max]
@@ -299,6 +304,25 @@ class Daemon:
         for outcome in outcomes:
             if outcome.response_code == "96":
                 log.error("answered 96: %s", outcome.reason)
+
+    def _answer_late(self, late_before: int) -> None:
+        """Answer 91 to the requests that arrived before `late_before` (the oldest, at the front
+        of the queue) without deciding them; advices stay queued: they are recorded anyway.
+        Counted like every answer (`processor_requests_total{response_code="91"}`)."""
+        pending = self._pending
+        kept: list[Pending] = []
+        count = 0
+        for entry in pending:
+            if entry[3] >= late_before:
+                break
+            count += 1
+            link, header, request, received_ns = entry
+            if request.message_class in ADVICE_CLASSES:
+                kept.append(entry)
+                continue
+            self._send(link, header, self.authorizer.deadline_missed(request), received_ns)
+            link.requests_finished(1)
+        pending[:count] = kept
 
     def sweep(self) -> None:
         """Release expired holds, one bounded transaction per call; reschedules itself."""

@@ -564,3 +564,45 @@ def test_a_completed_frame_clears_the_partial_frame_clock(tmp_path: Path) -> Non
     assert daemon.close_stalled_links(10_000.0) == 0  # neither timeout applies
     assert not transport.closed
     daemon.ledger.close()
+
+
+def test_requests_past_the_decision_deadline_are_answered_91_and_advices_still_recorded(
+    tmp_path: Path,
+) -> None:
+    import time
+
+    daemon = make_daemon(tmp_path)
+    link, transport = new_link(daemon), FakeTransport()
+    late_ns = time.perf_counter_ns() - int(2 * 1e9)  # arrived 2 s ago: past the 1.5 s deadline
+    stale = CODEC.decode(FRAMER.feed(auth_frame(1, amount=900))[0][1])
+    advice_fields = {
+        "t": "0120",
+        "2": "4761739001010085",
+        "3": "000000",
+        "4": "000000000300",
+        "7": "1124101010",
+        "11": "000002",
+        "18": "5411",
+        "32": "123456",
+        "49": "978",
+    }
+    advice = CODEC.decode(CODEC.encode(advice_fields))
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        for request in (stale, advice):  # as if they had waited behind an overloaded loop
+            daemon._pending.append((link, b"", request, late_ns))  # type: ignore[arg-type]
+            link.request_started()
+        link.data_received(auth_frame(3, amount=500))  # a fresh one, decided as usual
+        asyncio.get_running_loop().call_soon(daemon._flush)
+
+    run(body)
+    answers = {f["11"]: (f["t"], f["39"]) for f in transport.frames()}
+    assert answers == {"000001": ("0110", "91"), "000002": ("0130", "00"), "000003": ("0110", "00")}
+    assert link.in_flight == 0
+    with daemon.ledger.read() as reader:
+        account = reader.account("demo-main")
+        assert account is not None and account.held == 300 + 500  # the 91 applied nothing
+    late = daemon.metrics.requests.labels("0100", "91", "issuer_deadline")._value.get()
+    assert late == 1
+    daemon.ledger.close()
