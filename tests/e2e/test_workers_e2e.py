@@ -143,3 +143,38 @@ def test_a_bad_worker_count_names_the_key(tmp_path: Path) -> None:
     result = run_cli("serve", "--config", str(config), "--ledger", str(tmp_path / "ledger"))
     assert result.returncode == 2
     assert "$.server.workers" in result.stderr
+
+
+def test_a_worker_serves_every_listener_in_its_own_dialect(tmp_path: Path) -> None:
+    from harness import Link
+
+    config = tmp_path / "workers.toml"
+    config.write_text(
+        f"[server]\nworkers = {WORKERS}\n"
+        "[[listeners]]\nname = 'network'\nport = 0\n"
+        "[[listeners]]\nname = 'binary-net'\nport = 0\nbitmap = 'binary'\nframing = 'ascii4'\n"
+    )
+    running = RunningDaemon(tmp_path / "ledger", config).start()
+    try:
+        assert running.process is not None
+        [worker] = worker_pids(running.process.pid)
+        idle_sockets = open_link_sockets(worker)
+        links = []
+        # Open links to both listeners (bounded) until the worker holds some: then both
+        # processes answer, each on both ports, in each port's dialect.
+        while len(links) < 2 * LINKS or (
+            open_link_sockets(worker) <= idle_sockets + 2 and len(links) < LINKS_MAX
+        ):
+            if len(links) % 2:
+                link = Link(running.ports["binary-net"], prefix="ascii4", bitmap="binary")
+            else:
+                link = Link(running.ports["network"])
+            links.append(link)
+            assert link.exchange(echo_test())["39"] == "00"
+        assert open_link_sockets(worker) > idle_sockets + 2
+        answers = [link.exchange(authorization(amount=100 + i)) for i, link in enumerate(links)]
+        assert [answer["39"] for answer in answers] == ["00"] * len(links)
+        for link in links:
+            link.close()
+    finally:
+        running.stop()
