@@ -142,31 +142,34 @@ class Codec:
             )
         get = fields.get
         amount_text = get("4")
+        # Positional, in AuthorizationRequest's field order: msgspec matching 24 keywords by
+        # name on every call measured 1 us of a 7.5 us decode. tests/unit/test_codec.py
+        # (test_every_attribute_comes_from_its_own_field) catches an order mistake.
         return AuthorizationRequest(
-            mti=mti,
-            pan=fields["2"],
-            processing_code=fields["3"],
-            amount=int(amount_text) if amount_text and amount_text.isdigit() else None,
-            transmission_datetime=fields["7"],
-            stan=stan,
-            expiry=get("14"),
-            mcc=get("18") or "",
-            pos_entry_mode=get("22"),
-            pos_condition=get("25"),
-            acquirer=fields["32"],
-            forwarding=get("33"),
-            rrn=get("37"),
-            terminal=get("41"),
-            merchant_id=get("42"),
-            merchant_name_location=get("43"),
-            additional_data=get("48"),
-            currency=fields["49"],
-            billing_amount=get("6"),
-            billing_currency=get("51"),
-            echo={k: fields[k] for k in AUTHORIZATION_ECHO if k in fields},
-            original_data=get("90"),
-            network_response_code=get("39"),
-            replacement_amounts=get("95"),
+            mti,
+            fields["2"],  # pan
+            fields["3"],  # processing_code
+            int(amount_text) if amount_text and amount_text.isdigit() else None,  # amount
+            fields["7"],  # transmission_datetime
+            stan,
+            get("14"),  # expiry
+            get("18") or "",  # mcc
+            get("22"),  # pos_entry_mode
+            get("25"),  # pos_condition
+            fields["32"],  # acquirer
+            get("33"),  # forwarding
+            get("37"),  # rrn
+            get("41"),  # terminal
+            get("42"),  # merchant_id
+            get("43"),  # merchant_name_location
+            get("48"),  # additional_data
+            fields["49"],  # currency
+            get("6"),  # billing_amount
+            get("51"),  # billing_currency
+            {k: fields[k] for k in AUTHORIZATION_ECHO if k in fields},  # echo
+            get("90"),  # original_data
+            get("95"),  # replacement_amounts
+            get("39"),  # network_response_code
         )
 
     def _decode_slowly(self, mti: str, message: bytes) -> dict[str, str]:

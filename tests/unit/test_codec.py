@@ -793,3 +793,72 @@ def test_dates_remembered_as_valid_never_let_an_invalid_one_through(codec: Codec
     for _ in range(2):
         with pytest.raises(InvalidMessage, match="MMDDhhmmss"):
             codec.decode(build(b"0100", with_field(7, b"1124108010")))
+
+
+# Which field each AuthorizationRequest attribute is read from (None: not a field's text).
+ATTRIBUTE_FIELDS = {
+    "mti": "t",
+    "pan": "2",
+    "processing_code": "3",
+    "amount": None,
+    "transmission_datetime": "7",
+    "stan": "11",
+    "expiry": "14",
+    "mcc": "18",
+    "pos_entry_mode": "22",
+    "pos_condition": "25",
+    "acquirer": "32",
+    "forwarding": "33",
+    "rrn": "37",
+    "terminal": "41",
+    "merchant_id": "42",
+    "merchant_name_location": "43",
+    "additional_data": "48",
+    "currency": "49",
+    "billing_amount": "6",
+    "billing_currency": "51",
+    "echo": None,
+    "original_data": "90",
+    "replacement_amounts": "95",
+    "network_response_code": "39",
+}
+
+
+def test_every_attribute_comes_from_its_own_field(codec: Codec) -> None:
+    import msgspec
+
+    from processor.wire.messages import AuthorizationRequest
+
+    fields = {
+        "t": "0420",
+        "2": "4761739001010085",
+        "3": "000000",
+        "4": "000000001234",
+        "6": "000000004321",
+        "7": "1124101010",
+        "11": "000042",
+        "14": "3012",
+        "18": "5411",
+        "22": "051",
+        "25": "08",
+        "32": "123456",
+        "33": "654321",
+        "37": "433612345600",
+        "39": "68",
+        "41": "TERM0001",
+        "42": "MERCHANT0000001",
+        "43": "ACME STORE               BERLIN       DE",
+        "48": "DATA48",
+        "49": "978",
+        "51": "840",
+        "90": "0100000041112410101000000123456" + "0" * 11,
+        "95": "000000000500" + "0" * 30,
+    }
+    request = codec.decode(codec.encode(fields))
+    assert isinstance(request, AuthorizationRequest)
+    names = [field.name for field in msgspec.structs.fields(AuthorizationRequest)]
+    assert sorted(names) == sorted(ATTRIBUTE_FIELDS)  # a new attribute gets a row here
+    for name, number in ATTRIBUTE_FIELDS.items():
+        if number is not None:
+            assert getattr(request, name) == fields[number], name
+    assert request.amount == 1234
