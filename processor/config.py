@@ -57,6 +57,9 @@ class ListenerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     in_flight_per_link_max: Annotated[int, Meta(ge=1, le=limits.in_flight_per_link_max)] = (
         limits.in_flight_per_link_max
     )
+    # Links one peer address may hold on this listener, so one process cannot take every
+    # link slot (links_max is shared by all peers).
+    links_per_address_max: Annotated[int, Meta(ge=1, le=limits.links_max)] = 256
     # A link that sends nothing for this long is closed (networks send 0800 echo tests to keep
     # a link alive; any message counts); 0 = never.
     idle_timeout_seconds: Annotated[float, Meta(ge=0, le=86400)] = 300.0

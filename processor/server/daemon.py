@@ -25,6 +25,7 @@ from processor.ledger.store import Ledger
 from processor.lifecycle import ADVICE_CLASSES
 from processor.metrics import Metrics
 from processor.security import PanHasher
+from processor.server.budget import LogBudget
 from processor.server.link import Link, Listener
 from processor.wire.dialect import framing_cause, undecodable_cause
 from processor.wire.errors import FramingError, InvalidMessage, UndecodableMessage, WireError
@@ -66,6 +67,9 @@ class Daemon:
             zone=config.programme.zone,
         )
         self.links: set[Link] = set()
+        # Open links per (listener, peer address), for the per-address limit.
+        self._links_per_address: dict[tuple[str, str], int] = {}
+        self._refusal_log = LogBudget()  # refused connections: logged, never a flood
         self.stopping = False
         self.write_buffer_high_bytes = limits.write_buffer_high_bytes
         self._pending: list[Pending] = []
@@ -84,19 +88,38 @@ class Daemon:
 
     def link_opened(self, link: Link) -> None:
         name = link.listener.name
-        if len(self.links) >= limits.links_max or self.stopping:
-            self.metrics.links_closed.labels(
-                name, "over_capacity" if not self.stopping else "stopping"
-            ).inc()
+        address = (name, link.peer_address)
+        refused = None
+        if self.stopping:
+            refused = "stopping"
+        elif len(self.links) >= limits.links_max:
+            refused = "over_capacity"
+        elif self._links_per_address.get(address, 0) >= link.listener.config.links_per_address_max:
+            refused = "per_address_limit"
+        if refused is not None:
+            self.metrics.links_closed.labels(name, refused).inc()
+            suppressed = self._refusal_log.allow(refused, time.monotonic())
+            if suppressed is not None:
+                more = f" ({suppressed} more refused meanwhile)" if suppressed else ""
+                log.warning("link from %s refused: %s%s", link.peer, refused, more)
+            else:
+                self.metrics.log_lines_suppressed.labels(refused).inc()
             link.close()
             return
         self.links.add(link)
+        self._links_per_address[address] = self._links_per_address.get(address, 0) + 1
         self.metrics.open_links.labels(name).inc()
         log.info("link opened from %s", link.peer)
 
     def link_closed(self, link: Link) -> None:
         if link in self.links:
             self.links.discard(link)
+            address = (link.listener.name, link.peer_address)
+            left = self._links_per_address[address] - 1
+            if left:
+                self._links_per_address[address] = left
+            else:
+                del self._links_per_address[address]
             self.metrics.open_links.labels(link.listener.name).dec()
             log.info("link from %s closed", link.peer)
 

@@ -51,6 +51,7 @@ class Link(asyncio.Protocol):
         "log_budget",
         "partial_since",
         "peer",
+        "peer_address",
         "signed_on",
         "transport",
     )
@@ -64,6 +65,7 @@ class Link(asyncio.Protocol):
         )
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.peer_address = "?"  # the peer's IP address: links per address are limited
         self.in_flight = 0
         # When the latest bad messages arrived (monotonic seconds), at most bad_messages_max.
         self._bad_times: deque[float] = deque(maxlen=config.bad_messages_max)
@@ -82,6 +84,7 @@ class Link(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.peer_address = str(peer[0]) if peer else "?"
         self.peer += f" ({self.listener.name})"
         self.transport.set_write_buffer_limits(high=self._daemon.write_buffer_high_bytes)
         self._daemon.link_opened(self)

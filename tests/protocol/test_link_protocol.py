@@ -606,3 +606,30 @@ def test_requests_past_the_decision_deadline_are_answered_91_and_advices_still_r
     late = daemon.metrics.requests.labels("0100", "91", "issuer_deadline")._value.get()
     assert late == 1
     daemon.ledger.close()
+
+
+class AddressedTransport(FakeTransport):
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self.address = address
+
+    def get_extra_info(self, name: str) -> object:
+        return (self.address, 40000) if name == "peername" else None
+
+
+def test_links_per_peer_address_are_limited(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path, links_per_address_max=2)
+    links = [new_link(daemon) for _ in range(4)]
+    transports = [AddressedTransport(a) for a in ("10.0.0.1", "10.0.0.1", "10.0.0.1", "10.0.0.2")]
+    for link, transport in zip(links, transports, strict=True):
+        link.connection_made(transport)  # type: ignore[arg-type]
+    assert [t.closed for t in transports] == [False, False, True, False]
+    refused = daemon.metrics.links_closed.labels("network", "per_address_limit")._value.get()
+    assert refused == 1
+    links[2].connection_lost(None)  # the refused one goes away: counts nothing
+    links[0].connection_lost(None)  # one of the address's links goes away: a slot frees
+    again, transport = new_link(daemon), AddressedTransport("10.0.0.1")
+    again.connection_made(transport)  # type: ignore[arg-type]
+    assert not transport.closed
+    assert len(daemon.links) == 3
+    daemon.ledger.close()
