@@ -180,8 +180,7 @@ class Authorizer:
                 # advice is acknowledged (a 94 would only make the network resend it forever)
                 # and the conflict flagged.
                 code = "00" if message_class in ADVICE_CLASSES else "94"
-                fields = reply_fields(request.echo, request.mti, code)
-                return Outcome(fields, request.mti, code, "duplicate_different_content")
+                return self._reply(request.echo, request.mti, code, "duplicate_different_content")
             fields = dict(stored.response)
             fields["2"] = request.pan
             return Outcome(fields, request.mti, stored.response_code, "retransmission")

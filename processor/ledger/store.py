@@ -671,11 +671,6 @@ class Writer(Reader):
             _U64.pack(hold.hold_id), self._codecs.encoder.encode(hold), db=self._dbs["holds"]
         )
 
-    def put_hold(self, hold: Hold) -> None:
-        self._txn.put(
-            _U64.pack(hold.hold_id), self._codecs.encoder.encode(hold), db=self._dbs["holds"]
-        )
-
     def expired_holds(self, now_ms: int, limit: int) -> list[Hold]:
         """Open holds whose expiry has passed, oldest expiry first, at most `limit`."""
         holds: list[Hold] = []
@@ -764,13 +759,14 @@ def _migrate_1_to_2(
         name: env.open_db(name.encode(), txn=txn, create=True) for name in _RETIRED_DATABASES
     }
     encode = codecs.encoder.encode
+    reader = Reader(txn, dbs, codecs)
     for raw_scope, raw in txn.cursor(db=retired["usage"]):
         scope, usage = bytes(raw_scope).decode(), codecs.usage.decode(raw)
         kind, _, owner_id = scope.partition(":")
         if kind == "c":
-            card = _card_by_id(txn, dbs, codecs, owner_id)
-            if card is not None:
-                _put_card_state(txn, dbs, codecs, card, usage=usage)
+            found = reader.card_by_id(owner_id)
+            if found is not None:
+                _put_card_state(txn, dbs, codecs, found[1], usage=usage)
         elif (raw_account := txn.get(owner_id.encode(), db=dbs["accounts"])) is not None:
             account = codecs.account.decode(raw_account)
             account.usage = usage
@@ -822,20 +818,12 @@ def _migrate_1_to_2(
                     account.last_answer = head
                     txn.put(owner_id.encode(), encode(account), db=dbs["accounts"])
                 continue
-            card = _card_by_id(txn, dbs, codecs, owner_id)
-            if card is not None:
-                _put_card_state(txn, dbs, codecs, card, last_answer=head)
+            found = reader.card_by_id(owner_id)
+            if found is not None:
+                _put_card_state(txn, dbs, codecs, found[1], last_answer=head)
     for db in retired.values():
         txn.drop(db, delete=True)
     txn.put(b"schema", SCHEMA_VERSION, db=dbs["meta"])
-
-
-def _card_by_id(
-    txn: lmdb.Transaction, dbs: dict[str, Any], codecs: _Codecs, card_id: str
-) -> Card | None:
-    card_key = txn.get(card_id.encode(), db=dbs["card_ids"])
-    raw = None if card_key is None else txn.get(card_key, db=dbs["cards"])
-    return None if raw is None else codecs.card.decode(raw)
 
 
 def _put_card_state(
@@ -848,14 +836,12 @@ def _put_card_state(
     last_answer: bytes | None = None,
 ) -> None:
     """Set the usage or the history head of a card's state (the other part is kept)."""
-    key = card_state_key(card)
-    raw = txn.get(key, db=dbs["accounts"])
-    state = CardState() if raw is None else codecs.card_state.decode(raw)
+    state = Reader(txn, dbs, codecs).card_state(card)
     if usage is not None:
         state.usage = usage
     if last_answer is not None:
         state.last_answer = last_answer
-    txn.put(key, codecs.encoder.encode(state), db=dbs["accounts"])
+    txn.put(card_state_key(card), codecs.encoder.encode(state), db=dbs["accounts"])
 
 
 def ledger_exists(path: str | Path) -> bool:

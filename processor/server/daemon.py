@@ -365,7 +365,8 @@ class Daemon:
                 delay = 0.01  # more are due: continue soon, letting requests in between
         self._sweep_handle = loop.call_later(delay, self.sweep)
 
-    def stop_sweeping(self) -> None:
+    def stop_timers(self) -> None:
+        """Stop the hold sweeper and the link supervision (draining)."""
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
             self._sweep_handle = None
@@ -445,7 +446,7 @@ async def drain(daemon: Daemon, servers: list[asyncio.Server]) -> None:
     """Stop accepting, answer what is in flight, then close the links."""
     loop = asyncio.get_running_loop()
     daemon.stopping = True
-    daemon.stop_sweeping()
+    daemon.stop_timers()
     for server in servers:
         server.close()
     for link in list(daemon.links):

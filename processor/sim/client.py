@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 
 import iso8583
 
+from processor.types import Framing
 from processor.wire.codec import Codec
-from processor.wire.framing import Framer, Prefix
+from processor.wire.framing import Framer
 from processor.wire.spec import load_spec
 
 
@@ -20,7 +21,7 @@ def transmission_datetime(now: datetime | None = None) -> str:
 class WireClient:
     """One link. `request()` sends a message and waits for the response with the same STAN."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, prefix: Prefix):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, prefix: Framing):
         self._reader = reader
         self._writer = writer
         self.framer = Framer(prefix, max_frame_bytes=8192)
@@ -30,7 +31,7 @@ class WireClient:
         self._reader_task = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
-    async def connect(cls, host: str, port: int, prefix: Prefix = "len2") -> WireClient:
+    async def connect(cls, host: str, port: int, prefix: Framing = "len2") -> WireClient:
         reader, writer = await asyncio.open_connection(host, port)
         return cls(reader, writer, prefix)
 

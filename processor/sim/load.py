@@ -22,8 +22,9 @@ from hdrh.histogram import HdrHistogram
 
 from processor import limits
 from processor.sim.client import transmission_datetime
+from processor.types import Framing
 from processor.wire.codec import Codec
-from processor.wire.framing import Framer, Prefix
+from processor.wire.framing import Framer
 from processor.wire.spec import load_spec
 
 GRACE_SECONDS = 5.0
@@ -37,7 +38,7 @@ class LoadSpec:
     rate: float
     duration: float
     connections: int
-    framing: Prefix = "len2"
+    framing: Framing = "len2"
     pan: str = "4761739001010085"
     amount: int = 100
     json_out: str | None = None
@@ -73,7 +74,7 @@ class LoadReport:
 
 
 class _Link(asyncio.Protocol):
-    def __init__(self, prefix: Prefix, on_response: Callable[[bytes, float], None]) -> None:
+    def __init__(self, prefix: Framing, on_response: Callable[[bytes, float], None]) -> None:
         self.framer = Framer(prefix, max_frame_bytes=8192)
         self.on_response = on_response
         self.transport: asyncio.Transport | None = None

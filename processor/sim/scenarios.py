@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from processor.security import mask_pan
 from processor.sim.api import ApiProblem, ControlApi
 from processor.sim.client import WireClient, transmission_datetime
-from processor.wire.framing import Prefix
+from processor.types import Framing
 
 # Demo cards (processor/data/demo.toml).
 ACTIVE = "4761739001010010"  # EUR, per-transaction limit 500000, MCC 5933 blocked
@@ -490,7 +490,7 @@ async def run_rows(
     host: str,
     port: int,
     names: list[str],
-    framing: Prefix,
+    framing: Framing,
     api_url: str | None = None,
     api_token: str = "",
 ) -> list[Row]:
@@ -541,7 +541,7 @@ def run_scenarios(
     port: int,
     names: list[str],
     *,
-    framing: Prefix = "len2",
+    framing: Framing = "len2",
     api_url: str | None = None,
     api_token: str = "",
 ) -> int:

@@ -13,10 +13,9 @@ from __future__ import annotations
 from functools import cache
 
 from processor import limits
-from processor.types import Bitmap
+from processor.types import Bitmap, Framing
 from processor.wire.codec import Codec
 from processor.wire.errors import InvalidMessage, UndecodableMessage
-from processor.wire.framing import Prefix
 from processor.wire.spec import load_spec
 
 
@@ -36,7 +35,7 @@ def _decodes(bitmap: Bitmap, message: bytes) -> bool:
 
 
 def undecodable_cause(
-    frame: bytes, *, bitmap: Bitmap, header_bytes: int, framing: Prefix
+    frame: bytes, *, bitmap: Bitmap, header_bytes: int, framing: Framing
 ) -> str | None:
     """The dialect `frame` (header and message as framed) decodes in, said as a mismatch.
 
@@ -72,7 +71,7 @@ def undecodable_cause(
     return None
 
 
-def framing_cause(first_bytes: bytes, framing: Prefix) -> str | None:
+def framing_cause(first_bytes: bytes, framing: Framing) -> str | None:
     """What the first bytes of a link that broke framing look like, if it is a known mismatch."""
     digits = len(first_bytes) >= 4 and first_bytes[:4].isdigit()
     if framing != "ascii4" and digits:

@@ -12,8 +12,6 @@ from __future__ import annotations
 from processor.types import FRAME_BYTES_CEILING, Framing
 from processor.wire.errors import FramingError
 
-Prefix = Framing  # the name this module has always used
-
 
 class Framer:
     __slots__ = (
@@ -25,7 +23,7 @@ class Framer:
         "_prefix_bytes",
     )
 
-    def __init__(self, prefix: Prefix = "len2", *, header_bytes: int = 0, max_frame_bytes: int):
+    def __init__(self, prefix: Framing = "len2", *, header_bytes: int = 0, max_frame_bytes: int):
         if prefix not in ("len2", "len2_inclusive", "ascii4"):
             raise ValueError(f"framing: unknown prefix {prefix!r}")
         ceiling = FRAME_BYTES_CEILING[prefix]
