@@ -30,7 +30,12 @@ from processor.wire.messages import (
     NetworkManagementRequest,
     UnsupportedRequest,
 )
-from processor.wire.responses import format_error_response, reply_fields
+from processor.wire.responses import (
+    format_error_response,
+    replayed_response,
+    reply_fields,
+    stored_response,
+)
 
 NETWORK_CODES: Final = {"001": "sign_on", "002": "sign_off", "301": "echo"}
 
@@ -181,9 +186,9 @@ class Authorizer:
                 # and the conflict flagged.
                 code = "00" if message_class in ADVICE_CLASSES else "94"
                 return self._reply(request.echo, request.mti, code, "duplicate_different_content")
-            fields = dict(stored.response)
-            fields["2"] = request.pan
-            return Outcome(fields, request.mti, stored.response_code, "retransmission")
+            code = stored.response_code
+            fields = replayed_response(stored.response, request.echo, request.mti, code)
+            return Outcome(fields, request.mti, code, "retransmission")
 
         handler = self._lifecycle.handlers[message_class]
         result = handler(writer, request, card_key, key, batch)
@@ -191,13 +196,12 @@ class Authorizer:
         fields = reply_fields(request.echo, request.mti, result.response_code)
         if result.extra:
             fields.update(result.extra)
-        # Stored without the PAN: a retransmission's own field 2 goes back in when replayed.
-        pan = fields.pop("2")
         writer.record_answer(
             key,
             StoredAnswer(
                 fingerprint=fingerprint,
-                response=fields,
+                # Never the PAN; nothing a replay takes from the retransmission itself.
+                response=stored_response(fields),
                 response_code=result.response_code,
                 reason=result.reason,
                 answered_ms=now_ms,
@@ -219,18 +223,14 @@ class Authorizer:
                 now_ms,
                 fields,
                 type=event_type(message_class, result.response_code, result.reason),
-                account_id=result.account_id,
                 card_id=result.card_id,
-                hold_id=result.hold_id,
-                response_code=result.response_code,
-                reason=result.reason,
+                account_id=result.account_id,
             ),
         )
         if message_class in ORIGINAL_CLASSES:
             lookup = request.rrn_key
             if lookup is not None:
                 writer.index_rrn(lookup, key)
-        fields["2"] = pan  # the stored answer was serialised by record_answer already
         return Outcome(fields, request.mti, result.response_code, result.reason)
 
     def sweep_expired(self, now: datetime, limit: int) -> int:

@@ -68,36 +68,27 @@ def request_facts(
     response: dict[str, str],
     *,
     type: str,
-    account_id: str | None,
     card_id: str | None,
-    hold_id: int | None,
-    response_code: str,
-    reason: str,
+    account_id: str | None,
 ) -> OutboxRecord:
-    """What the event says about the message and its answer; the PAN only masked."""
-    billing = response.get("6")
+    """What the event says about a message beyond its stored answer (`answer_key`).
+
+    The answer, stored in the same transaction, already holds the MTI, the echoed fields
+    (processing code, amount, currency, terminal, STAN, RRN, acquirer), the approval code, the
+    codes and the card; Reader.outbox fills them in. What the answer does not keep is kept
+    here: the MCC and merchant, the amount the network asked for when the answer approved
+    less (10), and the masked PAN of a card the ledger does not know.
+    """
+    asked = request.amount
     return OutboxRecord(
         sequence=0,
         type=type,
         created_ms=now_ms,
         account_id=account_id,
-        card_id=card_id,
-        hold_id=hold_id,
-        response_code=response_code,
-        reason=reason,
-        masked_pan=mask_pan(request.pan),
+        masked_pan=mask_pan(request.pan) if card_id is None else None,
         answer_key=answer_key.decode("ascii"),
-        mti=request.mti,
-        processing_code=request.processing_code,
-        amount=request.amount,
-        currency=request.currency,
-        billing_amount=int(billing) if billing is not None and billing.isdigit() else None,
+        amount=asked if asked is not None and response.get("4") != f"{asked:012d}" else None,
         mcc=request.mcc or None,
         merchant_name_location=request.merchant_name_location,
-        terminal=request.terminal,
-        merchant_id=request.merchant_id,
-        stan=request.stan,
-        rrn=request.rrn,
-        acquirer=request.acquirer,
-        approval_code=response.get("38"),
+        in_answer=True,
     )

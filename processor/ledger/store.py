@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -40,8 +40,9 @@ log = logging.getLogger("processor.ledger")
 # every dirtied page. Usage counters, history heads and the open-hold count now live in the
 # account record and, for a card, in a state record right beside its account (one leaf page
 # for both); histories are chains through the answers; keys that only grow (holds, outbox)
-# are appended. specs/ledger.md has the layout. Schema 1 is migrated on open.
-SCHEMA_VERSION = b"2"
+# are appended. specs/ledger.md has the layout. Schema 3: events refer to their stored answer
+# for the message's facts instead of repeating them. Older schemas are migrated on open.
+SCHEMA_VERSION = b"3"
 _U64 = struct.Struct(">Q")
 _DATABASES = (
     "accounts",  # account id -> Account; account id, NUL, card id -> CardState (beside it)
@@ -163,10 +164,18 @@ class Ledger:
                         # Prefixes event ids, so two ledgers never issue the same id.
                         txn.put(b"ledger_id", os.urandom(4).hex().encode(), db=self._dbs["meta"])
                     _index_card_ids(txn, self._dbs)
-                    if stored == b"1":
-                        _migrate_1_to_2(self.env, txn, self._dbs, self._codecs)
-                        log.warning("ledger %s: migrated from schema 1 to 2", self.path)
-                        self.migrated_from, stored = stored, SCHEMA_VERSION
+                    if stored is not None and stored in _MIGRATIONS:
+                        self.migrated_from = stored
+                        while stored in _MIGRATIONS:
+                            migrate, stored = _MIGRATIONS[stored]
+                            migrate(self.env, txn, self._dbs, self._codecs)
+                            txn.put(b"schema", stored, db=self._dbs["meta"])
+                        log.warning(
+                            "ledger %s: migrated from schema %s to %s",
+                            self.path,
+                            self.migrated_from.decode(),
+                            stored.decode(),
+                        )
                     if stored is None:
                         txn.put(b"schema", SCHEMA_VERSION, db=self._dbs["meta"])
                     elif stored != SCHEMA_VERSION:
@@ -247,6 +256,16 @@ def stored_answer_key(answer_key: bytes) -> bytes:
 def card_state_key(card: Card) -> bytes:
     """Where a card's CardState is kept: right after its account in the accounts database."""
     return _prefix_key(card.account_id, card.card_id.encode())
+
+
+def _stan_of(answer_key: str) -> str | None:
+    """Field 11 as the answer key (class|acquirer|STAN|field 7) holds it."""
+    parts = answer_key.split("|")
+    return parts[2] if len(parts) == 4 else None
+
+
+def _digits(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def _prefix_key(prefix: str, suffix: bytes) -> bytes:
@@ -414,10 +433,45 @@ class Reader:
         cursor = self._txn.cursor(db=self._dbs["outbox"])
         if cursor.set_range(_U64.pack(first_sequence)):
             for value in cursor.iternext(keys=False, values=True):
-                records.append(self._codecs.outbox.decode(value))
+                record = self._codecs.outbox.decode(value)
+                if record.in_answer:
+                    self._fill_from_answer(record)
+                records.append(record)
                 if len(records) >= limit:
                     break
         return records
+
+    def _fill_from_answer(self, record: OutboxRecord) -> None:
+        """Complete a schema 3 event with the facts its stored answer holds (see OutboxRecord).
+
+        What the answer and the event share never changes after both are written (a reversal
+        changes the answer's amounts reversed, not its response), so the event reads the same
+        whenever it is rendered.
+        """
+        assert record.answer_key is not None, record.sequence
+        answer = self.answer(record.answer_key.encode("ascii"))
+        if answer is None:
+            return  # not kept any more: the event says what it holds itself
+        response = answer.response
+        record.mti = answer.mti
+        record.card_id = answer.card_id
+        record.hold_id = answer.hold_id
+        record.response_code = answer.response_code
+        record.reason = answer.reason
+        record.processing_code = response.get("3")
+        if record.amount is None:
+            record.amount = _digits(response.get("4"))
+        record.currency = response.get("49")
+        record.billing_amount = _digits(response.get("6"))
+        record.terminal = response.get("41")
+        record.merchant_id = response.get("42")
+        record.stan = response.get("11") or _stan_of(record.answer_key)
+        record.rrn = response.get("37")
+        record.acquirer = response.get("32")
+        record.approval_code = response.get("38")
+        if record.masked_pan is None and answer.card_id is not None:
+            found = self.card_by_id(answer.card_id)
+            record.masked_pan = None if found is None else found[1].masked_pan
 
     def outbox_last_sequence(self) -> int:
         cursor = self._txn.cursor(db=self._dbs["outbox"])
@@ -493,6 +547,7 @@ class Writer(Reader):
 
     __slots__ = (
         "_accounts",
+        "_answers",
         "_card_states",
         "_cards",
         "_dirty",
@@ -510,6 +565,7 @@ class Writer(Reader):
         self._cards: dict[bytes, Card | None] = {}
         self._card_states: dict[bytes, CardState] = {}
         self._dirty_card_states: set[bytes] = set()
+        self._answers: dict[bytes, StoredAnswer] = {}  # stored key -> answer, written at flush
 
     def card(self, card_key: bytes) -> Card | None:
         if card_key in self._cards:
@@ -619,12 +675,13 @@ class Writer(Reader):
     def put_idempotent(self, scope: bytes, value: bytes) -> None:
         self._txn.put(scope, value, db=self._dbs["idempotency"])
 
+    def answer(self, identity: bytes) -> StoredAnswer | None:
+        pending = self._answers.get(stored_answer_key(identity))
+        return pending if pending is not None else super().answer(identity)
+
     def put_answer(self, identity: bytes, answer: StoredAnswer) -> None:
-        self._txn.put(
-            stored_answer_key(identity),
-            self._codecs.encoder.encode(answer),
-            db=self._dbs["answers"],
-        )
+        """Kept until `flush`, which writes the batch's answers in key order (see there)."""
+        self._answers[stored_answer_key(identity)] = answer
 
     def open_hold(self, account: Account, hold: Hold) -> None:
         """Record an open hold and raise the account's held amount by it (caller puts account)."""
@@ -739,6 +796,16 @@ class Writer(Reader):
         accounts_db = self._dbs["accounts"]
         for key, record in changed:
             put(key, encode(record), db=accounts_db)
+        # Answers in key order, appended where they sort after every stored one: new answers
+        # share field 7 (about now), so most of a batch goes to the right edge of the tree, and
+        # an appended key leaves the page before it full where a put splits it in half (the
+        # answers' pages were 61 % full).
+        answers_db = self._dbs["answers"]
+        for key in sorted(self._answers):
+            value = encode(self._answers[key])
+            if not put(key, value, db=answers_db, append=True):
+                put(key, value, db=answers_db)  # below the last stored key, or already stored
+        self._answers.clear()
         if self._next_hold_id is not None:
             self._txn.put(b"seq:hold", _U64.pack(self._next_hold_id), db=self._dbs["meta"])
         if self._next_event is not None:
@@ -823,7 +890,24 @@ def _migrate_1_to_2(
                 _put_card_state(txn, dbs, codecs, found[1], last_answer=head)
     for db in retired.values():
         txn.drop(db, delete=True)
-    txn.put(b"schema", SCHEMA_VERSION, db=dbs["meta"])
+
+
+def _migrate_2_to_3(
+    env: lmdb.Environment, txn: lmdb.Transaction, dbs: dict[str, Any], codecs: _Codecs
+) -> None:
+    """Schema 2 -> 3: nothing to rewrite. Schema 3 writes events that take the message's facts
+    from their stored answer (OutboxRecord.in_answer); schema 2's full events still read as
+    they are. The version changes so that a schema-2 build refuses a ledger whose events it
+    would render without those facts."""
+
+
+_Migration = Callable[[lmdb.Environment, lmdb.Transaction, dict[str, Any], _Codecs], None]
+# Each schema that can be migrated: the step and the schema it leaves. The steps run in one
+# write transaction, in order, so a ledger two releases old migrates in one all-or-nothing open.
+_MIGRATIONS: dict[bytes, tuple[_Migration, bytes]] = {
+    b"1": (_migrate_1_to_2, b"2"),
+    b"2": (_migrate_2_to_3, b"3"),
+}
 
 
 def _put_card_state(

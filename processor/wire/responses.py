@@ -20,6 +20,32 @@ def reply_fields(echo: dict[str, str], mti: str, code: str) -> dict[str, str]:
     return fields
 
 
+# Response fields a stored answer leaves out, because a retransmission that is replayed brings
+# them back exactly: the MTI and 39 follow from the request's MTI and the stored code, and 7 and
+# 11 are part of the identity under which the answer was found. The PAN (2) is never stored.
+# (Other echoed fields stay stored: 32 is matched as a number, 12 and 13 are not matched.)
+REPLAYED_FROM_REQUEST = frozenset(("t", "39", "2", "7", "11"))
+
+
+def stored_response(fields: dict[str, str]) -> dict[str, str]:
+    """What of a response is stored with its answer (schema 3)."""
+    return {k: v for k, v in fields.items() if k not in REPLAYED_FROM_REQUEST}
+
+
+def replayed_response(
+    stored: dict[str, str], echo: dict[str, str], mti: str, code: str
+) -> dict[str, str]:
+    """The stored response again, for a retransmission whose identity and content matched.
+
+    Answers stored before schema 3 kept every field but the PAN; theirs win, and are equal.
+    """
+    fields: dict[str, str] = {k: echo[k] for k in ("2", "7", "11") if k in echo}
+    fields["t"] = response_mti(mti)
+    fields["39"] = code
+    fields.update(stored)
+    return fields
+
+
 def format_error_response(error: InvalidMessage) -> dict[str, str]:
     """A 30 to a message that broke the contract: its well-formed echo fields, MTI and 39."""
     return reply_fields(error.echo, error.mti, "30")

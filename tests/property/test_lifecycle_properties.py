@@ -642,7 +642,8 @@ class ModelAnswer:
     usage_mcc: str = ""  # its MCC while it counts at all
     previous_for_card: bytes | None = None
     previous_for_account: bytes | None = None
-    stored: dict[str, str] = field(default_factory=dict)  # the response's fields but the PAN
+    sent: dict[str, str] = field(default_factory=dict)  # the response's fields, as first sent
+    stored: dict[str, str] = field(default_factory=dict)  # of them, what the answer keeps
     response: bytes | None = None  # the first answer's bytes, once seen
     detail: str = ""  # for the statistics: which branch the model took
     pan: str | None = None  # the card of an original (0100/0200/0120)
@@ -1051,7 +1052,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         if stored is not None:
             if stored.content == content(fields):
                 # The first answer again, with this request's PAN (the same: same content).
-                response = dict(stored.stored, **{"2": fields["2"]})
+                response = dict(stored.sent, **{"2": fields["2"]})
                 return Expectation(
                     "retransmit", fields, key, stored.code, "retransmission", response
                 )
@@ -1062,7 +1063,9 @@ class LifecycleMachine(RuleBasedStateMachine):
             )
         answer, extra = self.handle(fields, card)
         response = reply(fields, answer.code, extra)
-        answer.stored = {k: v for k, v in response.items() if k != "2"}  # stored without the PAN
+        # Stored without the PAN, and without what a replay takes from the retransmission.
+        answer.sent = response
+        answer.stored = {k: v for k, v in response.items() if k not in ("2", "t", "39", "7", "11")}
         self.answers[key] = answer
         # At the head of its card's and its account's histories.
         if answer.card_id is not None:
@@ -1096,6 +1099,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             acquirer=fields["32"],
             approval_code=response.get("38"),
             hold_id=answer.hold_id,
+            in_answer=True,  # stored compact; the reader fills these facts from the answer
         )
         if message_class in ORIGINAL_CLASSES:
             self.rrn_index[f"{number(fields['32'])}|{fields['11']}|{fields['37']}"] = key
@@ -1477,6 +1481,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             acquirer=record["acquirer"],
             approval_code=None,
             hold_id=hold_id,
+            in_answer=False,  # a clearing record has no answer: the event keeps its facts
         )
         return outcome, detail
 
@@ -1601,6 +1606,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                 acquirer=None,
                 approval_code=hold.approval_code,
                 hold_id=hold.hold_id,
+                in_answer=False,
             )
         event(f"sweep released {min(len(due), 3)}{'+' if len(due) > 3 else ''}")
         assert self.authorizer.sweep_expired(self.now, limit) == len(due)

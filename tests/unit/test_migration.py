@@ -1,8 +1,9 @@
-"""A ledger written by the schema-1 release is migrated on open, never misread.
+"""Ledgers written by the schema-1 and schema-2 releases are migrated on open, never misread.
 
-tests/fixtures/ledger_v1 was written by that release (tests/fixtures/make_ledger_v1.py), and
-ledger_v1.json holds what it read back from it then. After the migration the same questions
-must get the same answers, and every request answered then is answered again byte for byte.
+tests/fixtures/ledger_vN was written by that release (tests/fixtures/make_ledger.py), and
+ledger_vN.json holds what it read back from it then. After the migration the same questions
+must get the same answers, every request answered then is answered again byte for byte, and
+every event renders as it did.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from processor.wire.spec import load_spec
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 EXPECTED: dict[str, Any] = json.loads((FIXTURES / "ledger_v1.json").read_text())
+EXPECTED_V2: dict[str, Any] = json.loads((FIXTURES / "ledger_v2.json").read_text())
+RELEASES = {"v1": EXPECTED, "v2": EXPECTED_V2}
 HASHER = PanHasher(b"fixture-pan-key")
 
 
@@ -43,6 +46,14 @@ def v1_copy(tmp_path: Path) -> Path:
     target = tmp_path / "ledger"
     shutil.copytree(FIXTURES / "ledger_v1", target)
     return target
+
+
+@pytest.fixture(params=sorted(RELEASES))
+def old_copy(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """A copy of each older release's ledger, with what that release read from it."""
+    target = tmp_path / "ledger"
+    shutil.copytree(FIXTURES / f"ledger_{request.param}", target)
+    return target, RELEASES[request.param]
 
 
 def test_the_fixture_is_schema_1(v1_copy: Path) -> None:
@@ -62,11 +73,14 @@ def test_read_only_open_refuses_an_unmigrated_ledger(v1_copy: Path) -> None:
         Ledger(v1_copy, readonly=True)
 
 
-def test_migration_keeps_balances_holds_histories_and_usage(v1_copy: Path) -> None:
-    ledger = Ledger(v1_copy, durability="process", map_size_bytes=16 << 20)
+def test_migration_keeps_balances_holds_histories_and_usage(
+    old_copy: tuple[Path, dict[str, Any]],
+) -> None:
+    path, expected = old_copy
+    ledger = Ledger(path, durability="process", map_size_bytes=16 << 20)
     try:
         with ledger.read() as reader:
-            for account_id, was in EXPECTED["accounts"].items():
+            for account_id, was in expected["accounts"].items():
                 account = reader.account(account_id)
                 assert account is not None
                 assert (account.posted, account.held) == (was["posted"], was["held"])
@@ -78,7 +92,7 @@ def test_migration_keeps_balances_holds_histories_and_usage(v1_copy: Path) -> No
                 assert [key.decode() for key, _, _ in history] == was["history"]
                 usage = reader.usage("a:" + account_id)
                 assert msgspec.to_builtins(usage) == was["usage"]
-            for card_id, was in EXPECTED["cards"].items():
+            for card_id, was in expected["cards"].items():
                 history = reader.history("card", card_id, 100)
                 assert [key.decode() for key, _, _ in history] == was["history"]
                 assert msgspec.to_builtins(reader.usage("c:" + card_id)) == was["usage"]
@@ -95,21 +109,24 @@ def test_migration_keeps_balances_holds_histories_and_usage(v1_copy: Path) -> No
             }
     finally:
         ledger.close()
-    reopened = Ledger(v1_copy, readonly=True)  # migrated: a reader opens it now
+    reopened = Ledger(path, readonly=True)  # migrated: a reader opens it now
     reopened.close()
 
 
-def test_every_request_answered_before_the_migration_gets_the_same_bytes(v1_copy: Path) -> None:
-    ledger = Ledger(v1_copy, durability="process", map_size_bytes=16 << 20)
+def test_every_request_answered_before_the_migration_gets_the_same_bytes(
+    old_copy: tuple[Path, dict[str, Any]],
+) -> None:
+    path, expected = old_copy
+    ledger = Ledger(path, durability="process", map_size_bytes=16 << 20)
     codec, authorizer = CODEC, authorizer_on(ledger)
     try:
         requests = []
-        for exchange in EXPECTED["exchanges"]:
+        for exchange in expected["exchanges"]:
             request = codec.decode(codec.encode(exchange["request"]))
             assert isinstance(request, AuthorizationRequest)
             requests.append(request)
         outcomes = authorizer.authorize_batch(requests, datetime(2026, 11, 25, tzinfo=UTC))
-        for exchange, outcome in zip(EXPECTED["exchanges"], outcomes, strict=True):
+        for exchange, outcome in zip(expected["exchanges"], outcomes, strict=True):
             assert outcome.reason == "retransmission", exchange["request"]["11"]
             assert CODEC.encode(outcome.fields).hex() == exchange["response"]
     finally:
@@ -133,7 +150,7 @@ def test_ledger_migrate_command(v1_copy: Path, capsys: pytest.CaptureFixture[str
     from processor.cli import main
 
     assert main(["ledger", "migrate", "--ledger", str(v1_copy)]) == 0
-    assert "migrated from schema 1 to 2" in capsys.readouterr().out
+    assert "migrated from schema 1 to 3" in capsys.readouterr().out
     assert main(["ledger", "migrate", "--ledger", str(v1_copy)]) == 0
     assert "nothing to migrate" in capsys.readouterr().out
     Ledger(v1_copy, readonly=True).close()
@@ -159,3 +176,48 @@ def test_a_reversal_without_field_90_still_finds_its_original_by_rrn(v1_copy: Pa
             assert account.held == was["held"] - int(original["4"])
     finally:
         ledger.close()
+
+
+def test_events_of_schema_2_render_as_before_and_new_ones_in_full(tmp_path: Path) -> None:
+    from processor.events import render
+
+    path = tmp_path / "ledger"
+    shutil.copytree(FIXTURES / "ledger_v2", path)
+    ledger = Ledger(path, durability="process", map_size_bytes=16 << 20)
+    assert ledger.migrated_from == b"2"
+    try:
+        with ledger.read() as reader:
+            old = reader.outbox(1, 1000)
+            assert not any(record.in_answer for record in old)
+            rendered = [msgspec.to_builtins(render(r, reader.ledger_id())) for r in old]
+        assert rendered == EXPECTED_V2["events"]
+        # The same requests again under new identities: schema 3 stores their events compact
+        # (the facts stay in the answers) and they render with the same facts as before.
+        requests = []
+        for exchange in EXPECTED_V2["exchanges"]:
+            fields = dict(exchange["request"], **{"7": "1125101010"})
+            if "90" in fields:
+                fields["90"] = fields["90"][:10] + "1125101010" + fields["90"][20:]
+            request = CODEC.decode(CODEC.encode(fields))
+            assert isinstance(request, AuthorizationRequest)
+            requests.append(request)
+        authorizer_on(ledger).authorize_batch(requests, datetime(2026, 11, 25, 10, 10, tzinfo=UTC))
+        with ledger.read() as reader:
+            new = reader.outbox(len(old) + 1, 1000)
+            assert new and all(record.in_answer for record in new)
+            fresh = [msgspec.to_builtins(render(r, reader.ledger_id())) for r in new]
+    finally:
+        ledger.close()
+
+    # Everything but what differs by construction (ids, times, balances, approval codes)
+    # reads the same as the schema-2 event of the same request.
+    def facts(event: dict[str, Any]) -> dict[str, Any]:
+        data = dict(event["data"])
+        for moving in ("authorization_id", "balance_after", "hold_id"):
+            data.pop(moving, None)
+        network = dict(data.pop("network", {}))
+        network.pop("approval_code", None)
+        return {"type": event["type"], "data": data, "network": network}
+
+    was = [facts(e) for e in EXPECTED_V2["events"] if e["type"] != "authorization.expired"]
+    assert [facts(e) for e in fresh] == was
