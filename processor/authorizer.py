@@ -267,6 +267,11 @@ class Authorizer:
         repeat is decided afresh."""
         return self._reply(request.echo, request.mti, "91", "issuer_deadline")
 
+    def overloaded(self, request: AuthorizationRequest) -> Outcome:
+        """91 at arrival: the queue ahead would outlast the deadline (or the link's queue is
+        full); nothing applied or stored, so a repeat is decided afresh."""
+        return self._reply(request.echo, request.mti, "91", "issuer_overloaded")
+
     def system_error(self, request: AuthorizationRequest) -> Outcome:
         return self._reply(request.echo, request.mti, "96", "internal_error")
 

@@ -22,7 +22,15 @@ log_lines_per_kind_burst: Final = 5
 log_suppressed_interval_seconds: Final = 60.0
 
 # Server
-in_flight_per_link_max: Final = 1024  # read pauses past this many undecided requests on a link
+# Undecided requests a link may have queued: past this, a request is answered 91 at once
+# (an advice, which is never refused, pauses the link's reading instead).
+in_flight_per_link_max: Final = 1024
+# Frames of one link decoded per turn of the event loop: a link that sent more in one read
+# waits, reading paused, for the next turn, so a flood on one link cannot hold up the others.
+frames_per_turn_max: Final = 256
+# Admission: a request is answered 91 at once when the queue ahead of it would take longer than
+# this share of server.decision_deadline_seconds to decide, at the measured time per request.
+admission_deadline_share: Final = 0.8
 links_max: Final = 1024
 link_supervision_interval_seconds: Final = 1.0  # how often idle and stalled links are looked for
 # Open files asked for when the hard limit is unlimited (the kernel caps it at nr_open anyway).

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -26,7 +26,7 @@ from processor.lifecycle import ADVICE_CLASSES
 from processor.metrics import Metrics
 from processor.security import PanHasher
 from processor.server.budget import LogBudget
-from processor.server.link import Link, Listener
+from processor.server.link import Link, Listener, Queued
 from processor.wire.dialect import framing_cause, undecodable_cause
 from processor.wire.errors import FramingError, InvalidMessage, UndecodableMessage, WireError
 from processor.wire.messages import AuthorizationRequest, NetworkManagementRequest
@@ -36,6 +36,8 @@ log = logging.getLogger("processor.daemon")
 EXIT_SOFTWARE = 70  # sysexits.h EX_SOFTWARE: an internal error (a failed assertion) stopped us
 
 Pending = tuple[Link, bytes, AuthorizationRequest, int]
+# Batches at least this large measure the time per request for admission at arrival.
+ADMISSION_SAMPLE_BATCH_MIN = 32
 
 
 class Daemon:
@@ -72,7 +74,15 @@ class Daemon:
         self._refusal_log = LogBudget()  # refused connections: logged, never a flood
         self.stopping = False
         self.write_buffer_high_bytes = limits.write_buffer_high_bytes
-        self._pending: list[Pending] = []
+        # Links with requests queued, in turn: batches take one request per link per round.
+        self._ready: deque[Link] = deque()
+        self._queued = 0  # requests queued on all links
+        # Seconds a batch takes per request it holds, measured on large batches (moving
+        # average): how long the queue would take to decide, for admission at arrival.
+        self._seconds_per_request = 0.0
+        self._admission_seconds = (
+            config.server.decision_deadline_seconds * limits.admission_deadline_share
+        )
         self._commands: list[tuple[Command, asyncio.Future[object]]] = []
         self._flush_scheduled = False
         self._batch_size_max = config.ledger.batch_size_max
@@ -172,7 +182,19 @@ class Daemon:
             return
         link.decoded_any = True
         if isinstance(request, AuthorizationRequest):
-            self._pending.append((link, header, request, received_ns))
+            if request.message_class not in ADVICE_CLASSES and (
+                link.queue_full
+                or self._queued * self._seconds_per_request > self._admission_seconds
+            ):
+                # It could not be decided within the deadline: 91 now, while the network can
+                # still act on it, rather than after the deadline (or never, from a full queue).
+                self._send(link, header, self.authorizer.overloaded(request), received_ns)
+                return
+            link.queue.append((header, request, received_ns))
+            self._queued += 1
+            if not link.ready:
+                link.ready = True
+                self._ready.append(link)
             link.request_started()
             if not self._flush_scheduled:
                 self._flush_scheduled = True
@@ -264,16 +286,13 @@ class Daemon:
     def _flush(self) -> None:
         """Decide, apply and durably commit one bounded batch, then write its responses."""
         self._flush_scheduled = False
-        if not self._pending and not self._commands:
+        if not self._queued and not self._commands:
             return
-        late_before = time.perf_counter_ns() - self._deadline_ns
-        if self._pending and self._pending[0][3] < late_before:
-            self._answer_late(late_before)
-        batch = self._pending[: self._batch_size_max]
-        del self._pending[: self._batch_size_max]
+        self._answer_late(time.perf_counter_ns() - self._deadline_ns)
+        batch = self._take(self._batch_size_max)
         commands = self._commands[: limits.commands_per_batch_max]
         del self._commands[: limits.commands_per_batch_max]
-        if self._pending or self._commands:
+        if self._queued or self._commands:
             # Let the loop poll the sockets between batches; the rest goes in the next one.
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -305,7 +324,11 @@ class Daemon:
                 future.set_exception(result)
             else:
                 future.set_result(result)
-        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.metrics.commit_seconds.observe(elapsed)
+        if len(batch) >= ADMISSION_SAMPLE_BATCH_MIN:
+            # Large batches only: the time per request of a small one is mostly its fsync.
+            self._seconds_per_request += 0.2 * (elapsed / len(batch) - self._seconds_per_request)
         if self.on_commit is not None:
             self.on_commit()
         if batch:  # a batch of control-API commands only is not a batch of requests
@@ -328,24 +351,49 @@ class Daemon:
             if outcome.response_code == "96":
                 log.error("answered 96: %s", outcome.reason)
 
+    def _take(self, size: int) -> list[Pending]:
+        """Up to `size` queued requests, one per link per round, each link's oldest first."""
+        batch: list[Pending] = []
+        ready = self._ready
+        while ready and len(batch) < size:
+            link = ready.popleft()
+            queue = link.queue
+            header, request, received_ns = queue.popleft()
+            batch.append((link, header, request, received_ns))
+            if queue:
+                ready.append(link)
+            else:
+                link.ready = False
+        self._queued -= len(batch)
+        return batch
+
     def _answer_late(self, late_before: int) -> None:
-        """Answer 91 to the requests that arrived before `late_before` (the oldest, at the front
-        of the queue) without deciding them; advices stay queued: they are recorded anyway.
-        Counted like every answer (`processor_requests_total{response_code="91"}`)."""
-        pending = self._pending
-        kept: list[Pending] = []
-        count = 0
-        for entry in pending:
-            if entry[3] >= late_before:
-                break
-            count += 1
-            link, header, request, received_ns = entry
-            if request.message_class in ADVICE_CLASSES:
-                kept.append(entry)
+        """Answer 91 to the requests that arrived before `late_before` (each link's oldest, at
+        the front of its queue) without deciding them; advices stay queued: they are recorded
+        anyway. Counted like every answer (`processor_requests_total{response_code="91"}`)."""
+        emptied = False
+        for link in self._ready:
+            queue = link.queue
+            if queue[0][2] >= late_before:
                 continue
-            self._send(link, header, self.authorizer.deadline_missed(request), received_ns)
-            link.requests_finished(1)
-        pending[:count] = kept
+            kept: list[Queued] = []
+            late = 0
+            while queue and queue[0][2] < late_before:
+                entry = queue.popleft()
+                header, request, received_ns = entry
+                if request.message_class in ADVICE_CLASSES:
+                    kept.append(entry)
+                    continue
+                late += 1
+                self._send(link, header, self.authorizer.deadline_missed(request), received_ns)
+            queue.extendleft(reversed(kept))
+            self._queued -= late
+            link.requests_finished(late)
+            emptied = emptied or not queue
+        if emptied:
+            for link in self._ready:
+                link.ready = bool(link.queue)
+            self._ready = deque(link for link in self._ready if link.ready)
 
     def sweep(self) -> None:
         """Release expired holds, one bounded transaction per call; reschedules itself."""
@@ -397,12 +445,12 @@ class Daemon:
         return closed
 
     def flush_all(self) -> None:
-        while self._pending or self._commands:
+        while self._queued or self._commands:
             self._flush()
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return self._queued
 
     @property
     def link_count(self) -> int:

@@ -1,7 +1,11 @@
 """One network link: an asyncio Protocol that frames bytes and hands messages to the daemon.
 
-Flow control both ways: reading pauses while the link has `in_flight_max` undecided requests or
-while the peer is not reading our responses (transport write buffer over its high-water mark).
+Fair to the other links: a link decodes at most `limits.frames_per_turn_max` frames per turn of
+the event loop (the rest waits, reading paused, for the next turn), and its undecided requests
+wait in a queue of its own, from which the daemon fills batches round-robin. Flow control:
+reading pauses while the peer is not reading our responses (transport write buffer over its
+high-water mark), and while an advice waits beyond the link's queue limit. The answers a turn
+produces at once (echoes, format errors, 91s) leave in one write.
 Each link belongs to a Listener, whose dialect (framing, header, bitmap) it speaks.
 """
 
@@ -13,6 +17,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
+from processor import limits
 from processor.config import ListenerConfig
 from processor.server.budget import LogBudget
 from processor.wire.codec import Codec
@@ -22,6 +27,10 @@ from processor.wire.spec import load_spec
 
 if TYPE_CHECKING:
     from processor.server.daemon import Daemon
+    from processor.wire.messages import AuthorizationRequest
+
+# A request waiting to be decided: its header, the request, when it was read (perf_counter ns).
+Queued = tuple[bytes, "AuthorizationRequest", int]
 
 log = logging.getLogger("processor.link")
 
@@ -39,8 +48,11 @@ class Listener:
 
 class Link(asyncio.Protocol):
     __slots__ = (
+        "_backlog",
         "_bad_times",
         "_daemon",
+        "_output",
+        "_paused_for_backlog",
         "_paused_for_in_flight",
         "_paused_for_writes",
         "decoded_any",
@@ -52,6 +64,8 @@ class Link(asyncio.Protocol):
         "partial_since",
         "peer",
         "peer_address",
+        "queue",
+        "ready",
         "signed_on",
         "transport",
     )
@@ -74,6 +88,12 @@ class Link(asyncio.Protocol):
         self.last_received = time.monotonic()  # for the idle timeout
         self.partial_since: float | None = None  # when the frame still buffered began
         self.signed_on = False
+        self.queue: deque[Queued] = deque()  # requests waiting to be decided, oldest first
+        self.ready = False  # in the daemon's round-robin of links with queued requests
+        # Frames read but not yet decoded (more than a turn's share): (header, message, read ns).
+        self._backlog: deque[tuple[bytes, bytes, int]] = deque()
+        self._output: list[bytes] | None = None  # answers collected during a turn, else None
+        self._paused_for_backlog = False
         self._paused_for_in_flight = False
         self._paused_for_writes = False
 
@@ -102,12 +122,46 @@ class Link(asyncio.Protocol):
                 self.partial_since = now  # the frame still buffered began in this read
         else:
             self.partial_since = None
-        on_message = self._daemon.on_message
-        transport = self.transport
-        for header, message in frames:
-            if transport is None or transport.is_closing():
-                break  # closed (bad-message budget): apply nothing that cannot be answered
-            on_message(self, header, message, received_ns)
+        if self._backlog or len(frames) > limits.frames_per_turn_max:
+            self._backlog.extend((header, message, received_ns) for header, message in frames)
+            self._turn()
+            return
+        self._output = []
+        try:
+            on_message = self._daemon.on_message
+            transport = self.transport
+            for header, message in frames:
+                if transport is None or transport.is_closing():
+                    break  # closed (bad-message budget): apply nothing that cannot be answered
+                on_message(self, header, message, received_ns)
+        finally:
+            self._write_output()
+
+    def _turn(self) -> None:
+        """Decode this turn's share of the backlog; pause reading until the rest is done."""
+        backlog = self._backlog
+        self._output = []
+        try:
+            on_message = self._daemon.on_message
+            for _ in range(min(len(backlog), limits.frames_per_turn_max)):
+                if not self.open:
+                    backlog.clear()  # closed: apply nothing that cannot be answered
+                    break
+                header, message, received_ns = backlog.popleft()
+                on_message(self, header, message, received_ns)
+        finally:
+            self._write_output()
+        waiting = bool(backlog)
+        if waiting:
+            asyncio.get_running_loop().call_soon(self._turn)
+        if waiting != self._paused_for_backlog:
+            self._paused_for_backlog = waiting
+            self._update_reading()
+
+    def _write_output(self) -> None:
+        output, self._output = self._output, None
+        if output and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(output))
 
     def eof_received(self) -> bool:
         return False  # close our side too; in-flight answers are stored for a retransmission
@@ -130,7 +184,9 @@ class Link(asyncio.Protocol):
         return self.transport is not None and not self.transport.is_closing()
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self._output is not None:
+            self._output.append(data)  # within a turn: leaves with the turn's other answers
+        elif self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
     def stalled(self, now: float) -> str | None:
@@ -153,9 +209,15 @@ class Link(asyncio.Protocol):
             now - times[0] < config.bad_message_window_seconds
         )
 
+    @property
+    def queue_full(self) -> bool:
+        return self.in_flight >= self.listener.config.in_flight_per_link_max
+
     def request_started(self) -> None:
         self.in_flight += 1
-        if self.in_flight >= self.listener.config.in_flight_per_link_max:
+        if self.in_flight > self.listener.config.in_flight_per_link_max:
+            # Only an advice is queued past the limit (it is never refused): read no more
+            # until the queue has room.
             self._paused_for_in_flight = True
             self._update_reading()
 
@@ -175,7 +237,7 @@ class Link(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if self._paused_for_in_flight or self._paused_for_writes:
+        if self._paused_for_in_flight or self._paused_for_writes or self._paused_for_backlog:
             self.transport.pause_reading()
         elif not self._daemon.stopping:
             self.transport.resume_reading()

@@ -78,31 +78,38 @@ def make_daemon(tmp_path: Path, **listener: object) -> Daemon:
     return Daemon(config, ledger, hasher, Metrics())
 
 
-def auth_frame(stan: int, pan: str = "4761739001010085", amount: int = 100) -> bytes:
-    message = CODEC.encode(
-        {
-            "t": "0100",
-            "2": pan,
-            "3": "000000",
-            "4": f"{amount:012d}",
-            "7": "1124101010",
-            "11": f"{stan:06d}",
-            "18": "5411",
-            "32": "123456",
-            "49": "978",
-        }
-    )
-    return FRAMER.frame(b"", message)
+def auth_frame(stan: int, pan: str = "4761739001010085", amount: int = 100, **extra: str) -> bytes:
+    fields = {
+        "t": "0100",
+        "2": pan,
+        "3": "000000",
+        "4": f"{amount:012d}",
+        "7": "1124101010",
+        "11": f"{stan:06d}",
+        "18": "5411",
+        "32": "123456",
+        "49": "978",
+    }
+    return FRAMER.frame(b"", CODEC.encode({**fields, **extra}))
+
+
+def terminal_frame(stan: int, terminal: str) -> bytes:
+    return auth_frame(stan, **{"41": terminal})
+
+
+def echo_frame(stan: int) -> bytes:
+    fields = {"t": "0800", "7": "1124101010", "11": f"{stan:06d}", "70": "301"}
+    return FRAMER.frame(b"", CODEC.encode(fields))
 
 
 def new_link(daemon: Daemon) -> Link:
     return Link(daemon, daemon.listeners[0])
 
 
-def run(coroutine_body):  # type: ignore[no-untyped-def]
+def run(coroutine_body, turns: int = 5):  # type: ignore[no-untyped-def]
     async def main() -> None:
         coroutine_body()
-        for _ in range(5):  # let call_soon'd group commits run
+        for _ in range(turns):  # let call_soon'd group commits and backlogged frames run
             await asyncio.sleep(0)
 
     asyncio.run(main())
@@ -141,20 +148,128 @@ def test_batches_are_bounded(tmp_path: Path) -> None:
     daemon.ledger.close()
 
 
-def test_in_flight_limit_pauses_reading_until_answered(tmp_path: Path) -> None:
+def advice_frame(stan: int) -> bytes:
+    """An 0120 (the network stood in and approved): never refused, however busy."""
+    return auth_frame(stan, **{"t": "0120", "39": "00"})
+
+
+def test_past_the_queue_limit_a_request_is_answered_91_at_once_and_reading_goes_on(
+    tmp_path: Path,
+) -> None:
     daemon = make_daemon(tmp_path, in_flight_per_link_max=4)
     link, transport = new_link(daemon), FakeTransport()
-    paused_after_feed: list[bool] = []
+    seen: list[tuple[bool, int, list[dict[str, str]]]] = []
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(b"".join(auth_frame(stan) for stan in range(1, 7)))
+        seen.append((transport.reading, link.in_flight, transport.frames()))
+
+    run(body)
+    [(reading, in_flight, at_once)] = seen
+    assert reading and in_flight == 4  # queued: four; reading never paused for them
+    assert [(f["11"], f["39"]) for f in at_once] == [("000005", "91"), ("000006", "91")]
+    frames = transport.frames()
+    assert sorted((f["11"], f["39"]) for f in frames) == [
+        *((f"{stan:06d}", "00") for stan in range(1, 5)),
+        ("000005", "91"),
+        ("000006", "91"),
+    ]
+    assert link.in_flight == 0
+    assert daemon.metrics.requests.labels("0100", "91", "issuer_overloaded")._value.get() == 2
+    daemon.ledger.close()
+
+
+def test_an_advice_past_the_queue_limit_is_queued_and_pauses_reading(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path, in_flight_per_link_max=2)
+    link, transport = new_link(daemon), FakeTransport()
+    seen: list[bool] = []
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(auth_frame(1) + auth_frame(2) + advice_frame(3))
+        seen.append(transport.reading)
+
+    run(body)
+    assert seen == [False]  # three queued, one past the limit: the advice waits, reading pauses
+    assert sorted((f["t"], f["39"]) for f in transport.frames()) == [
+        ("0110", "00"),
+        ("0110", "00"),
+        ("0130", "00"),
+    ]
+    assert transport.reading  # resumed once the queue was answered
+    daemon.ledger.close()
+
+
+def test_batches_take_requests_round_robin_across_links(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path)
+    daemon._batch_size_max = 4
+    greedy, greedy_transport = new_link(daemon), FakeTransport()
+    quiet, quiet_transport = new_link(daemon), FakeTransport()
+    order: list[str] = []
+    original = daemon.authorizer.run_batch
+
+    def recording(requests, commands, now):  # type: ignore[no-untyped-def]
+        order.append(" ".join(r.terminal or "?" for r in requests))
+        return original(requests, commands, now)
+
+    daemon.authorizer.run_batch = recording  # type: ignore[method-assign]
+
+    def body() -> None:
+        greedy.connection_made(greedy_transport)  # type: ignore[arg-type]
+        quiet.connection_made(quiet_transport)  # type: ignore[arg-type]
+        greedy.data_received(b"".join(terminal_frame(stan, "GREEDY01") for stan in range(1, 11)))
+        quiet.data_received(terminal_frame(100, "QUIET001") + terminal_frame(101, "QUIET001"))
+
+    run(body)
+    # Ten queued on one link before two on the other: the quiet link's are in the first batch.
+    assert order[0].split() == ["GREEDY01", "QUIET001", "GREEDY01", "QUIET001"]
+    assert len(greedy_transport.frames()) == 10 and len(quiet_transport.frames()) == 2
+    daemon.ledger.close()
+
+
+def test_a_read_of_many_frames_is_decoded_a_share_per_turn(tmp_path: Path) -> None:
+    from processor import limits
+
+    daemon = make_daemon(tmp_path)
+    link, transport = new_link(daemon), FakeTransport()
+    count = limits.frames_per_turn_max * 2 + 5
+    after_read: list[tuple[int, bool]] = []
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(b"".join(echo_frame(stan) for stan in range(1, count + 1)))
+        after_read.append((len(transport.frames()), transport.reading))
+
+    run(body)
+    # One turn's share answered at once, in one write; reading paused while the rest waits.
+    assert after_read == [(limits.frames_per_turn_max, False)]
+    assert len(transport.writes[0]) > 0 and len(transport.frames()) == count
+    assert [f["11"] for f in transport.frames()] == [f"{s:06d}" for s in range(1, count + 1)]
+    assert transport.reading
+    daemon.ledger.close()
+
+
+def test_admission_answers_91_when_the_queue_would_outlast_the_deadline(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path)
+    link, transport = new_link(daemon), FakeTransport()
+    # As if large batches had measured 0.5 s per request: the deadline (1.5 s) admits a queue
+    # of two requests (two thirds of the deadline would then be spent).
+    daemon._seconds_per_request = 0.5
 
     def body() -> None:
         link.connection_made(transport)  # type: ignore[arg-type]
         link.data_received(b"".join(auth_frame(stan) for stan in range(1, 6)))
-        paused_after_feed.append(transport.reading)
 
     run(body)
-    assert paused_after_feed == [False]
-    assert transport.reading  # resumed once the batch was answered
-    assert link.in_flight == 0
+    codes = sorted((f["11"], f["39"]) for f in transport.frames())
+    assert codes == [
+        ("000001", "00"),
+        ("000002", "00"),
+        ("000003", "00"),
+        ("000004", "91"),
+        ("000005", "91"),
+    ]
     daemon.ledger.close()
 
 
@@ -453,7 +568,7 @@ def test_a_flood_of_bad_messages_writes_a_bounded_number_of_log_lines(
             link.data_received(garbage)
 
     with caplog.at_level("WARNING", logger="processor.daemon"):
-        run(body)
+        run(body, turns=10_000 // limits.frames_per_turn_max + 10)  # a share per turn
     lines = [r for r in caplog.records if "undecodable" in r.getMessage()]
     assert len(lines) == limits.log_lines_per_kind_burst  # 10,000 bad frames, 5 lines
     assert not transport.closed
@@ -574,7 +689,7 @@ def test_requests_past_the_decision_deadline_are_answered_91_and_advices_still_r
     daemon = make_daemon(tmp_path)
     link, transport = new_link(daemon), FakeTransport()
     late_ns = time.perf_counter_ns() - int(2 * 1e9)  # arrived 2 s ago: past the 1.5 s deadline
-    stale = CODEC.decode(FRAMER.feed(auth_frame(1, amount=900))[0][1])
+    stale = FRAMER.feed(auth_frame(1, amount=900))[0][1]
     advice_fields = {
         "t": "0120",
         "2": "4761739001010085",
@@ -586,13 +701,12 @@ def test_requests_past_the_decision_deadline_are_answered_91_and_advices_still_r
         "32": "123456",
         "49": "978",
     }
-    advice = CODEC.decode(CODEC.encode(advice_fields))
+    advice = CODEC.encode(advice_fields)
 
     def body() -> None:
         link.connection_made(transport)  # type: ignore[arg-type]
-        for request in (stale, advice):  # as if they had waited behind an overloaded loop
-            daemon._pending.append((link, b"", request, late_ns))  # type: ignore[arg-type]
-            link.request_started()
+        for message in (stale, advice):  # as if they had waited behind an overloaded loop
+            daemon.on_message(link, b"", message, late_ns)
         link.data_received(auth_frame(3, amount=500))  # a fresh one, decided as usual
         asyncio.get_running_loop().call_soon(daemon._flush)
 
