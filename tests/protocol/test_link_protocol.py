@@ -516,7 +516,10 @@ def test_an_idle_link_is_closed_and_any_message_keeps_it_alive(tmp_path: Path) -
         chatty.data_received(FRAMER.frame(b"", CODEC.encode(ECHO_FIELDS)))
 
     run(body)
-    start = min(quiet.last_received, chatty.last_received)
+    assert chatty.last_received > quiet.last_received  # the echo test was seen
+    # A round clock from here: with monotonic()'s value, (start + 300.0) - start may come out
+    # as 299.99999999999994 and the link would not be idle yet.
+    start = quiet.last_received = 1000.0
     assert daemon.close_stalled_links(start + 299.0) == 0
     chatty.last_received = start + 250.0  # an echo test 250 s in
     assert daemon.close_stalled_links(start + 300.0) == 1
@@ -542,6 +545,7 @@ def test_a_frame_left_half_sent_closes_the_link(tmp_path: Path) -> None:
     assert began is not None
     link.data_received(frame[10:20])  # ...dripped on: the frame still began then
     assert link.partial_since == began
+    began = link.partial_since = 1000.0  # a round clock: see the idle test
     assert daemon.close_stalled_links(began + 29.9) == 0
     assert daemon.close_stalled_links(began + 30.0) == 1 and transport.closed
     closed = daemon.metrics.links_closed.labels("network", "partial_frame_timeout")._value.get()
