@@ -144,6 +144,9 @@ class Daemon:
         try:
             request = link.listener.codec.decode(message)
         except UndecodableMessage as error:
+            if not message and not header:  # a zero-length frame (no real frame lacks both)
+                self._zero_length_frame(link)
+                return
             self.metrics.bad_messages.labels(
                 link.listener.name, "undecodable", error.field or ""
             ).inc()
@@ -185,6 +188,17 @@ class Daemon:
             self._send(link, header, outcome, received_ns)
         else:
             self._send(link, header, self.authorizer.unsupported(request), received_ns)
+
+    def _zero_length_frame(self, link: Link) -> None:
+        """A length prefix of 0: a bad message like any other (counted, logged within the
+        link's budget, and the link closed past its listener's rate). Some channels send it as
+        a keep-alive; ISO 8583's is the 0800 echo test, which is answered. It does not count as
+        a first message: the link's dialect is still unknown."""
+        self.metrics.bad_messages.labels(link.listener.name, "zero_length", "").inc()
+        self._peer_warning(
+            link, "zero_length", "dropped a zero-length frame (keep-alives are 0800 echo tests)"
+        )
+        self._bad_message(link)
 
     def _peer_warning(self, link: Link, kind: str, message: str, *args: object) -> None:
         """A warning caused by what a peer sent, within the link's log budget for its kind."""

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import iso8583
@@ -225,3 +226,20 @@ def run_serve(
     return run_cli(
         "serve", "--ledger", str(ledger), "--port", "0", "--http-port", "0", *flags, env=env
     )
+
+
+def scrape(daemon: RunningDaemon) -> str:
+    """The daemon's /metrics text."""
+    url = f"http://127.0.0.1:{daemon.http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def sample(text: str, series: str, default: float | None = None) -> float:
+    """The value of one series (`name{labels}`, as exposed) in a /metrics text."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    if default is not None:
+        return default
+    raise AssertionError(f"metric {series} not exposed")

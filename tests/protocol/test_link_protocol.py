@@ -637,3 +637,59 @@ def test_links_per_peer_address_are_limited(tmp_path: Path) -> None:
     assert not transport.closed
     assert len(daemon.links) == 3
     daemon.ledger.close()
+
+
+def test_zero_length_frames_are_bad_messages(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from processor import limits
+
+    daemon = make_daemon(tmp_path, bad_messages_max=3)
+    link, transport = new_link(daemon), FakeTransport()
+    echo = FRAMER.frame(b"", CODEC.encode(ECHO_FIELDS))
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        # First: not a dialect mismatch (nothing to diagnose), only a bad message.
+        link.data_received(b"\x00\x00" + echo + b"\x00\x00")
+        assert not transport.closed
+        # The third closes the link; the echo behind it in the same read is not answered.
+        link.data_received(b"\x00\x00" + echo)
+
+    with caplog.at_level("WARNING", logger="processor.daemon"):
+        run(body)
+    assert transport.closed
+    assert [f["t"] for f in transport.frames()] == ["0810"]
+    zero = daemon.metrics.bad_messages.labels("network", "zero_length", "")._value.get()
+    assert zero == 3
+    closed = daemon.metrics.links_closed.labels("network", "bad_message_rate")._value.get()
+    assert closed == 1
+    assert daemon.metrics.links_closed.labels("network", "dialect_mismatch")._value.get() == 0
+    lines = [r for r in caplog.records if "zero-length" in r.getMessage()]
+    assert len(lines) == 3 <= limits.log_lines_per_kind_burst
+    daemon.ledger.close()
+
+
+def test_a_flood_of_zero_length_frames_logs_within_the_budget(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from processor import limits
+
+    daemon = make_daemon(tmp_path, bad_messages_max=100_000)
+    link, transport = new_link(daemon), FakeTransport()
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        for _ in range(10):
+            link.data_received(b"\x00\x00" * 1000)
+
+    with caplog.at_level("WARNING", logger="processor.daemon"):
+        run(body)
+    assert not transport.closed and transport.writes == []
+    lines = [r for r in caplog.records if "zero-length" in r.getMessage()]
+    assert len(lines) == limits.log_lines_per_kind_burst
+    suppressed = daemon.metrics.log_lines_suppressed.labels("zero_length")._value.get()
+    assert suppressed == 10_000 - limits.log_lines_per_kind_burst
+    zero = daemon.metrics.bad_messages.labels("network", "zero_length", "")._value.get()
+    assert zero == 10_000
+    daemon.ledger.close()
