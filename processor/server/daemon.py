@@ -175,6 +175,9 @@ class Daemon:
             return
         link.decoded_any = True
         if isinstance(request, AuthorizationRequest):
+            if link.sign_on_required and not link.signed_on:
+                self._refuse_before_sign_on(link, header, request, received_ns)
+                return
             self._pending.append((link, header, request, received_ns))
             link.request_started()
             if not self._flush_scheduled:
@@ -188,6 +191,22 @@ class Daemon:
             self._send(link, header, outcome, received_ns)
         else:
             self._send(link, header, self.authorizer.unsupported(request), received_ns)
+
+    def _refuse_before_sign_on(
+        self, link: Link, header: bytes, request: AuthorizationRequest, received_ns: int
+    ) -> None:
+        """91 to a financial message on a link of a `sign_on_required` listener that has not
+        signed on; the ledger is not touched. Advices too: they are answered 91 rather than
+        recorded, so the network keeps them in its store-and-forward queue and repeats them
+        once signed on (specs/messages.md, sign-on). Counted as
+        `processor_requests_total{response_code="91",reason="not_signed_on"}`."""
+        self._peer_warning(
+            link,
+            "not_signed_on",
+            "%s before sign-on (the listener requires it): answered 91",
+            request.mti,
+        )
+        self._send(link, header, self.authorizer.not_signed_on(request), received_ns)
 
     def _zero_length_frame(self, link: Link) -> None:
         """A length prefix of 0: a bad message like any other (counted, logged within the

@@ -52,6 +52,7 @@ class Link(asyncio.Protocol):
         "partial_since",
         "peer",
         "peer_address",
+        "sign_on_required",
         "signed_on",
         "transport",
     )
@@ -74,6 +75,7 @@ class Link(asyncio.Protocol):
         self.last_received = time.monotonic()  # for the idle timeout
         self.partial_since: float | None = None  # when the frame still buffered began
         self.signed_on = False
+        self.sign_on_required = config.sign_on_required  # financial traffic waits for it
         self._paused_for_in_flight = False
         self._paused_for_writes = False
 

@@ -693,3 +693,99 @@ def test_a_flood_of_zero_length_frames_logs_within_the_budget(
     zero = daemon.metrics.bad_messages.labels("network", "zero_length", "")._value.get()
     assert zero == 10_000
     daemon.ledger.close()
+
+
+def network_frame(code: str, stan: int) -> bytes:
+    fields = {"t": "0800", "7": "1124101010", "11": f"{stan:06d}", "70": code}
+    return FRAMER.frame(b"", CODEC.encode(fields))
+
+
+def advice_frame(stan: int, mti: str = "0120", amount: int = 300) -> bytes:
+    fields = {
+        "t": mti,
+        "2": "4761739001010085",
+        "3": "000000",
+        "4": f"{amount:012d}",
+        "7": "1124101010",
+        "11": f"{stan:06d}",
+        "18": "5411",
+        "32": "123456",
+        "49": "978",
+    }
+    return FRAMER.frame(b"", CODEC.encode(fields))
+
+
+def test_a_listener_that_requires_sign_on_answers_91_until_the_link_signs_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = make_daemon(tmp_path, sign_on_required=True)
+    link, transport = new_link(daemon), FakeTransport()
+    with daemon.ledger.read() as reader:
+        account = reader.account("demo-main")
+        assert account is not None
+        held_before = account.held
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(network_frame("301", 1))  # echo tests need no sign-on
+        link.data_received(auth_frame(2, amount=500) + advice_frame(3))  # refused, both
+        assert not daemon._pending  # never queued for a batch
+
+    with caplog.at_level("WARNING", logger="processor.daemon"):
+        run(body)
+    answers = [(f["t"], f["11"], f["39"]) for f in transport.frames()]
+    assert answers == [("0810", "000001", "00"), ("0110", "000002", "91"), ("0130", "000003", "91")]
+    with daemon.ledger.read() as reader:
+        account = reader.account("demo-main")
+        assert account is not None and account.held == held_before  # nothing applied
+    refused = daemon.metrics.requests
+    assert refused.labels("0100", "91", "not_signed_on")._value.get() == 1
+    assert refused.labels("0120", "91", "not_signed_on")._value.get() == 1
+    assert sum("before sign-on" in r.getMessage() for r in caplog.records) == 2
+    assert not any("4761739001010085" in r.getMessage() for r in caplog.records)
+
+    transport.writes.clear()
+
+    def signed_on() -> None:
+        link.data_received(network_frame("001", 4))
+        # The network's repeat of the advice is recorded now; a new request is decided.
+        link.data_received(advice_frame(3, mti="0121") + auth_frame(5, amount=500))
+
+    run(signed_on)
+    assert link.signed_on
+    answers = [(f["t"], f["11"], f["39"]) for f in transport.frames()]
+    assert answers == [("0810", "000004", "00"), ("0130", "000003", "00"), ("0110", "000005", "00")]
+    with daemon.ledger.read() as reader:
+        account = reader.account("demo-main")
+        assert account is not None and account.held == held_before + 300 + 500
+
+    transport.writes.clear()
+
+    def signed_off() -> None:
+        link.data_received(network_frame("002", 6))
+        link.data_received(auth_frame(7, amount=500))
+
+    run(signed_off)
+    answers = [(f["t"], f["11"], f["39"]) for f in transport.frames()]
+    assert answers == [("0810", "000006", "00"), ("0110", "000007", "91")]
+    daemon.ledger.close()
+
+
+def test_sign_on_is_per_link(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path, sign_on_required=True)
+    first, second = new_link(daemon), new_link(daemon)
+    first_transport, second_transport = FakeTransport(), FakeTransport()
+
+    def body() -> None:
+        first.connection_made(first_transport)  # type: ignore[arg-type]
+        second.connection_made(second_transport)  # type: ignore[arg-type]
+        first.data_received(network_frame("001", 1) + auth_frame(2))
+        second.data_received(auth_frame(3))
+
+    run(body)
+    assert [(f["11"], f["39"]) for f in first_transport.frames()] == [
+        ("000001", "00"),
+        ("000002", "00"),
+    ]
+    assert [(f["11"], f["39"]) for f in second_transport.frames()] == [("000003", "91")]
+    daemon.ledger.close()
