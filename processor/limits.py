@@ -24,6 +24,11 @@ log_suppressed_interval_seconds: Final = 60.0
 # Server
 in_flight_per_link_max: Final = 1024  # read pauses past this many undecided requests on a link
 links_max: Final = 1024
+# Connections accepted per wake-up of a listening socket (processor/server/acceptor.py), then the
+# loop serves what it has; and the pause before accepting again after an error accept() could
+# not shed (asyncio's own ACCEPT_RETRY_DELAY is 1 s too).
+accepts_per_wakeup_max: Final = 128
+accept_retry_seconds: Final = 1.0
 link_supervision_interval_seconds: Final = 1.0  # how often idle and stalled links are looked for
 # Open files asked for when the hard limit is unlimited (the kernel caps it at nr_open anyway).
 open_files_wanted: Final = 65536

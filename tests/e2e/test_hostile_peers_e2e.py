@@ -3,10 +3,11 @@ traffic before sign-on, links refused when descriptors run out, malformed HTTP r
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
-from harness import RunningDaemon, authorization, echo_test, next_stan, sample, scrape
+from harness import Link, RunningDaemon, authorization, echo_test, next_stan, sample, scrape
 
 pytestmark = pytest.mark.e2e
 
@@ -70,3 +71,68 @@ def test_a_listener_requiring_sign_on_answers_91_before_it(tmp_path: Path) -> No
         assert "4761739001010010" not in running.stderr()
     finally:
         running.stop()
+
+
+def test_links_refused_at_the_open_files_limit_are_counted_and_accepting_resumes(
+    tmp_path: Path,
+) -> None:
+    # Soft and hard limit 64 in the daemon: about 45 links beside what it opens itself.
+    running = RunningDaemon(tmp_path / "ledger", open_files_limit=64).start()
+    links: list[Link] = []
+    refused = 0
+    try:
+        for _ in range(64):  # bounded: the limit is reached well before
+            link = running.connect()
+            try:
+                assert link.exchange(echo_test())["39"] == "00"
+            except OSError:  # accepted and closed at once (or reset): refused
+                link.close()
+                refused += 1
+                break
+            links.append(link)
+        assert refused == 1, f"{len(links)} links and none refused"
+        for _ in range(3):  # each further one is refused too
+            extra = running.connect()
+            extra.send_fields(echo_test())
+            assert extra.is_closed_by_peer()
+            extra.close()
+            refused += 1
+        # The links it has are served all the while.
+        assert links[0].exchange(echo_test())["39"] == "00"
+        assert links[-1].exchange(echo_test())["39"] == "00"
+        for link in links[-5:]:  # links go away: descriptors free again
+            link.close()
+        del links[-5:]
+        again, refused_meanwhile = _connect_when_accepted(running)
+        refused += refused_meanwhile
+        assert again.exchange(echo_test())["39"] == "00"
+        links.append(again)
+        metrics = scrape(running)
+        series = 'processor_links_closed_total{listener="network",reason="open_files_limit"}'
+        assert sample(metrics, series) == refused
+        log = running.stderr()
+        assert "refused on listener network" in log and "open files limit 64" in log
+        assert "Traceback" not in log
+    finally:
+        for link in links:
+            link.close()
+        running.stop()
+
+
+def _connect_when_accepted(running: RunningDaemon) -> tuple[Link, int]:
+    """A new link once the daemon has seen links close (bounded: 5 s), and how many tries
+    were refused before it (the daemon may not have closed its side yet)."""
+    deadline = time.monotonic() + 5.0
+    refused = 0
+    while True:
+        link = running.connect()
+        try:
+            link.send_fields(echo_test())
+            link.receive()
+            return link, refused
+        except OSError:
+            link.close()
+            refused += 1
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
