@@ -17,7 +17,7 @@ bad_message_window_seconds_default: Final = 60.0
 # cause; longer frames are not (processor/wire/dialect.py).
 dialect_diagnosis_bytes_max: Final = 2048
 # Lines of one kind (undecodable, format error) a link may log at once, then one per interval
-# saying how many were left out (processor/server/budget.py).
+# saying how many were left out (processor/log_budget.py).
 log_lines_per_kind_burst: Final = 5
 log_suppressed_interval_seconds: Final = 60.0
 

@@ -24,10 +24,10 @@ from processor.config import Config
 from processor.engine import ProgrammeRules
 from processor.ledger.store import Ledger
 from processor.lifecycle import ADVICE_CLASSES
+from processor.log_budget import LogBudget
 from processor.metrics import Metrics
 from processor.security import PanHasher
 from processor.server.acceptor import REFUSAL_REASONS, Acceptor, Reserve
-from processor.server.budget import LogBudget
 from processor.server.link import Link, Listener
 from processor.wire.dialect import framing_cause, undecodable_cause
 from processor.wire.errors import FramingError, InvalidMessage, UndecodableMessage, WireError

@@ -14,7 +14,7 @@ from collections import deque
 from typing import TYPE_CHECKING, cast
 
 from processor.config import ListenerConfig
-from processor.server.budget import LogBudget
+from processor.log_budget import LogBudget
 from processor.wire.codec import Codec
 from processor.wire.errors import FramingError
 from processor.wire.framing import Framer
