@@ -3,11 +3,21 @@ traffic before sign-on, links refused when descriptors run out, malformed HTTP r
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 from pathlib import Path
 
 import pytest
-from harness import Link, RunningDaemon, authorization, echo_test, next_stan, sample, scrape
+from harness import (
+    Link,
+    RunningDaemon,
+    authorization,
+    echo_test,
+    next_stan,
+    sample,
+    scrape,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -136,3 +146,58 @@ def _connect_when_accepted(running: RunningDaemon) -> tuple[Link, int]:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def http_raw(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One request on a raw socket, as no HTTP client would send it: (status, headers, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        for _ in range(100):  # bounded: the answer is small and the connection closes
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in header_lines)
+    return int(status_line.split(" ")[1]), headers, body
+
+
+def test_malformed_http_requests_get_json_errors_one_log_line_and_no_echo(
+    tmp_path: Path,
+) -> None:
+    token = "tok_" + "T" * 9000  # an Authorization header over 8 KB
+    running = RunningDaemon(tmp_path / "ledger").start()
+    try:
+        cases = [
+            (
+                b"GET /v1/accounts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + token.encode()
+                + b"\r\n\r\n",
+                431,
+                "header_fields_too_large",
+            ),
+            (
+                b"GET /v1/accounts HTTP/1.1\r\nHost: x\r\n"
+                b"Authorization: Bearer TTTT\x01SECRET\r\n\r\n",
+                400,
+                "bad_request",
+            ),
+            (b"GET /SECRET HTTP/1.1 extra\r\nHost: x\r\n\r\n", 400, "bad_request"),
+            (b"GET /" + b"S" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long"),
+        ]
+        for request, status, code in cases:
+            answered, headers, body = http_raw(running.http_port, request)
+            assert (answered, headers["Content-Type"]) == (status, "application/json"), request
+            assert json.loads(body)["error"]["code"] == code
+            assert b"TTTT" not in body and b"SECRET" not in body and b"SSSS" not in body
+        # The port still serves.
+        assert sample(scrape(running), 'processor_open_links{listener="network"}') == 0
+    finally:
+        running.stop()
+    log = running.stderr()
+    lines = [line for line in log.splitlines() if '"logger":"processor.api"' in line]
+    assert len(lines) == len(cases), lines  # one line each
+    assert "Traceback" not in log and "aiohttp" not in log
+    assert "TTTT" not in log and "SECRET" not in log and "SSSS" not in log
