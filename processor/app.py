@@ -182,7 +182,7 @@ async def serve(settings: StartSettings) -> int:
     await drain(daemon, servers)
     if pool is not None:
         await pool.stop()
-    await http_runner.cleanup()
+    await http_runner.cleanup()  # the HTTP side port
     if dispatcher is not None:
         await dispatcher.stop()
         dispatcher.state.close()

@@ -272,6 +272,11 @@ class Authorizer:
         full); nothing applied or stored, so a repeat is decided afresh."""
         return self._reply(request.echo, request.mti, "91", "issuer_overloaded")
 
+    def not_signed_on(self, request: AuthorizationRequest) -> Outcome:
+        """91 on a link that must sign on first and has not: nothing applied or stored, so the
+        network's repeat after its sign-on is decided (or, for an advice, recorded) afresh."""
+        return self._reply(request.echo, request.mti, "91", "not_signed_on")
+
     def system_error(self, request: AuthorizationRequest) -> Outcome:
         return self._reply(request.echo, request.mti, "96", "internal_error")
 

@@ -65,6 +65,10 @@ class ListenerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     idle_timeout_seconds: Annotated[float, Meta(ge=0, le=86400)] = 300.0
     # A frame begun and not finished within this is a stalled or hostile peer: closed; 0 = never.
     partial_frame_timeout_seconds: Annotated[float, Meta(ge=0, le=3600)] = 30.0
+    # Financial messages (anything but 08xx) on a link that has not signed on (0800, field 70 =
+    # 001; 002 signs off) are answered 91 without touching the ledger, advices included: for
+    # networks that sign on, so a peer that skips it is told at once and sends them again later.
+    sign_on_required: bool = False
 
     def __post_init__(self) -> None:
         ceiling = FRAME_BYTES_CEILING[self.framing]

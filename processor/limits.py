@@ -17,7 +17,7 @@ bad_message_window_seconds_default: Final = 60.0
 # cause; longer frames are not (processor/wire/dialect.py).
 dialect_diagnosis_bytes_max: Final = 2048
 # Lines of one kind (undecodable, format error) a link may log at once, then one per interval
-# saying how many were left out (processor/server/budget.py).
+# saying how many were left out (processor/log_budget.py).
 log_lines_per_kind_burst: Final = 5
 log_suppressed_interval_seconds: Final = 60.0
 
@@ -32,6 +32,11 @@ frames_per_turn_max: Final = 256
 # this share of server.decision_deadline_seconds to decide, at the measured time per request.
 admission_deadline_share: Final = 0.8
 links_max: Final = 1024
+# Connections accepted per wake-up of a listening socket (processor/server/acceptor.py), then the
+# loop serves what it has; and the pause before accepting again after an error accept() could
+# not shed (asyncio's own ACCEPT_RETRY_DELAY is 1 s too).
+accepts_per_wakeup_max: Final = 128
+accept_retry_seconds: Final = 1.0
 link_supervision_interval_seconds: Final = 1.0  # how often idle and stalled links are looked for
 # Open files asked for when the hard limit is unlimited (the kernel caps it at nr_open anyway).
 open_files_wanted: Final = 65536

@@ -126,8 +126,9 @@ class Metrics:
         )
         self.bad_messages = Counter(
             "processor_bad_messages",
-            "Bad input: undecodable (dropped), format_error (answered 30), framing (link closed);"
-            " field: the ISO 8583 field at fault (t = the MTI), empty when none is known",
+            "Bad input: undecodable (dropped), format_error (answered 30), framing (link closed),"
+            " zero_length (a frame of length 0, dropped); field: the ISO 8583 field at fault"
+            " (t = the MTI), empty when none is known",
             ["listener", "kind", "field"],
             registry=r,
         )

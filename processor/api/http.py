@@ -8,18 +8,30 @@ here blocks the loop.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import re
+import time
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidURLError,
+    LineTooLong,
+)
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from processor.api.control import BODY_BYTES_MAX, ApiError, ControlApi
 from processor.api.port import Processor
 from processor.api.views import ErrorBody, ErrorDetail
+from processor.log_budget import LogBudget
+from processor.metrics import Metrics
 from processor.security import PanHasher
 
 log = logging.getLogger("processor.api")
@@ -184,12 +196,140 @@ def build_app(
     return app
 
 
+# --- requests that are not HTTP enough to reach the app ------------------------------------
+#
+# aiohttp answers a request its parser refuses (a header line over 8 KB, a control character in
+# a header, a bad request line) from RequestHandler.handle_error, before any middleware: a
+# text/plain 400 whose body quotes up to 100 bytes of the offending line (an Authorization
+# header's token included), logged at ERROR with a traceback. It offers no hook for this
+# (aio-libs/aiohttp#3287 is open), so the side port's connections are served by a
+# RequestHandler whose handle_error answers in the API's JSON error format, with a status that
+# says what was wrong, a message that quotes nothing of the request, and one warning line
+# without a traceback, within a log budget. aiohttp.web exports RequestHandler; handle_error is
+# its override point (not documented, unchanged in signature through aiohttp 3.x): the tests in
+# tests/unit/test_api_http.py and tests/e2e/test_hostile_peers_e2e.py hold it to that.
+
+# (status, code, message) per kind of parser error; the message never quotes the request.
+HEADER_LINE_TOO_LONG: Final = (
+    431,
+    "header_fields_too_large",
+    "a request header is longer than 8190 bytes",
+)
+TOO_MANY_HEADERS: Final = (431, "header_fields_too_large", "the request has over 128 headers")
+REQUEST_TARGET: Final = re.compile(rb"([A-Z]{3,10} )?(/|\*|https?:)", re.IGNORECASE)
+URI_TOO_LONG: Final = (414, "uri_too_long", "the request target is longer than 8190 bytes")
+BAD_REQUEST_LINE: Final = (400, "bad_request", "the request line is not HTTP/1.1")
+MALFORMED: Final = (400, "bad_request", "the request is not well-formed HTTP/1.1")
+INTERNAL: Final = (
+    500,
+    "internal_error",
+    "the processor failed on this request; it is logged",
+)
+
+
+def malformed_request_answer(exc: BaseException | None) -> tuple[int, str, str]:
+    """(status, code, message) for a request aiohttp's parser refused, by its error."""
+    if isinstance(exc, LineTooLong):
+        # The parser names no part, only the line's first bytes: a request target starts with
+        # "/" (or a scheme, or "*"), and the pure-Python parser gives the whole request line
+        # ("GET /..."); a header name or value hardly ever looks like either.
+        line = exc.args[0] if exc.args else b""
+        if isinstance(line, str):
+            line = line.encode("latin-1", "replace")
+        start = bytes(line[:16]) if isinstance(line, bytes | bytearray) else b""
+        if REQUEST_TARGET.match(start):
+            return URI_TOO_LONG
+        return HEADER_LINE_TOO_LONG
+    if isinstance(exc, BadHttpMessage) and exc.message == "Too many headers received":
+        return TOO_MANY_HEADERS
+    if isinstance(exc, BadStatusLine | InvalidURLError):
+        return BAD_REQUEST_LINE
+    return MALFORMED
+
+
+class MalformedRequestLog:
+    """One warning line per malformed request, within the port's budget per code; the lines
+    left out are counted in `processor_log_lines_suppressed_total{kind="http_<code>"}`."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._budget = LogBudget()
+        self._metrics = metrics
+
+    def write(self, remote: str | None, status: int, code: str, exc: BaseException) -> None:
+        kind = f"http_{code}"
+        suppressed = self._budget.allow(kind, time.monotonic())
+        if suppressed is None:
+            self._metrics.log_lines_suppressed.labels(kind).inc()
+            return
+        more = f" ({suppressed} more like it left out)" if suppressed else ""
+        # The error's class only: its message quotes the request (a token, a card number).
+        log.warning("HTTP %d %s from %s: %s%s", status, code, remote, type(exc).__name__, more)
+
+
+class JsonErrorRequestHandler(web.RequestHandler):
+    """The side port's connections: aiohttp's, with its own error answers (see above)."""
+
+    def __init__(
+        self, manager: web.Server, *, malformed: MalformedRequestLog, **kwargs: Any
+    ) -> None:
+        super().__init__(manager, **kwargs)
+        self._malformed = malformed
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500 or not isinstance(exc, HttpProcessingError):
+            # Not bad input but a failure on our side that escaped the middleware: loud.
+            log.error("HTTP request from %s failed", request.remote, exc_info=exc)
+            status, code, text = INTERNAL
+        else:
+            status, code, text = malformed_request_answer(exc)
+            self._malformed.write(request.remote, status, code, exc)
+        if request.writer.output_size > 0:  # part of an answer left already: nothing to add
+            raise ConnectionError("an answer was being sent; cannot send an error instead")
+        response = error_response(status, code, text)
+        response.force_close()  # the stream cannot be trusted past a malformed request
+        return response
+
+
+class HttpPort:
+    """The side port: aiohttp's app runner, its connections served by JsonErrorRequestHandler."""
+
+    def __init__(self, runner: web.AppRunner, server: asyncio.AbstractServer, port: int):
+        self._runner = runner
+        self._server = server
+        self.port = port
+
+    async def cleanup(self) -> None:
+        self._server.close()  # no new connections; the runner then closes the open ones
+        await self._server.wait_closed()
+        await self._runner.cleanup()
+
+
 async def start_http(
     host: str, port: int, daemon: Processor, api_token: str | None
-) -> tuple[web.AppRunner, int]:
+) -> tuple[HttpPort, int]:
     runner = web.AppRunner(build_app(daemon, api_token), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound = runner.addresses  # with port 0 the OS picked one; report what was bound
-    return runner, int(bound[0][1])
+    manager = runner.server
+    assert manager is not None  # set up above
+    loop = asyncio.get_running_loop()
+
+    malformed = MalformedRequestLog(daemon.metrics)
+
+    def connection() -> web.RequestHandler:
+        # What manager() makes (no access log, as asked of the runner), with the answers of
+        # JsonErrorRequestHandler.handle_error.
+        return JsonErrorRequestHandler(manager, malformed=malformed, loop=loop, access_log=None)
+
+    try:
+        server = await loop.create_server(connection, host, port)
+    except OSError:
+        await runner.cleanup()
+        raise
+    bound = server.sockets[0].getsockname()  # with port 0 the OS picked one
+    return HttpPort(runner, server, int(bound[1])), int(bound[1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
 import time
 from collections import defaultdict, deque
@@ -23,9 +24,10 @@ from processor.config import Config
 from processor.engine import ProgrammeRules
 from processor.ledger.store import Ledger
 from processor.lifecycle import ADVICE_CLASSES
+from processor.log_budget import LogBudget
 from processor.metrics import Metrics
 from processor.security import PanHasher
-from processor.server.budget import LogBudget
+from processor.server.acceptor import REFUSAL_REASONS, Acceptor, Reserve
 from processor.server.link import Link, Listener, Queued
 from processor.wire.dialect import framing_cause, undecodable_cause
 from processor.wire.errors import FramingError, InvalidMessage, UndecodableMessage, WireError
@@ -107,19 +109,37 @@ class Daemon:
         elif self._links_per_address.get(address, 0) >= link.listener.config.links_per_address_max:
             refused = "per_address_limit"
         if refused is not None:
-            self.metrics.links_closed.labels(name, refused).inc()
-            suppressed = self._refusal_log.allow(refused, time.monotonic())
-            if suppressed is not None:
-                more = f" ({suppressed} more refused meanwhile)" if suppressed else ""
-                log.warning("link from %s refused: %s%s", link.peer, refused, more)
-            else:
-                self.metrics.log_lines_suppressed.labels(refused).inc()
+            self.links_refused(link.listener, refused, 1, link.peer)
             link.close()
             return
         self.links.add(link)
         self._links_per_address[address] = self._links_per_address.get(address, 0) + 1
         self.metrics.open_links.labels(name).inc()
         log.info("link opened from %s", link.peer)
+
+    def links_refused(self, listener: Listener, reason: str, count: int, peer: str) -> None:
+        """Count `count` links refused for `reason` (the latest from `peer`); log within a
+        budget, so a flood of refusals writes a few lines that say how many."""
+        self.metrics.links_closed.labels(listener.name, reason).inc(count)
+        suppressed = self._refusal_log.allow(reason, time.monotonic())
+        if suppressed is None:
+            self.metrics.log_lines_suppressed.labels(reason).inc()
+            return
+        more = f" ({suppressed} more refusals left out of the log)" if suppressed else ""
+        if reason in REFUSAL_REASONS.values():
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            log.warning(
+                "%d link(s) refused on listener %s (latest from %s): %s, no file descriptor "
+                "left (open files limit %d); accepting again once links close%s",
+                count,
+                listener.name,
+                peer,
+                reason,
+                soft,
+                more,
+            )
+        else:
+            log.warning("link from %s refused: %s%s", peer, reason, more)
 
     def link_closed(self, link: Link) -> None:
         if link in self.links:
@@ -154,6 +174,9 @@ class Daemon:
         try:
             request = link.listener.codec.decode(message)
         except UndecodableMessage as error:
+            if not message and not header:  # a zero-length frame (no real frame lacks both)
+                self._zero_length_frame(link)
+                return
             self.metrics.bad_messages.labels(
                 link.listener.name, "undecodable", error.field or ""
             ).inc()
@@ -182,6 +205,9 @@ class Daemon:
             return
         link.decoded_any = True
         if isinstance(request, AuthorizationRequest):
+            if link.sign_on_required and not link.signed_on:
+                self._refuse_before_sign_on(link, header, request, received_ns)
+                return
             if request.message_class not in ADVICE_CLASSES and (
                 link.queue_full
                 or self._queued * self._seconds_per_request > self._admission_seconds
@@ -207,6 +233,33 @@ class Daemon:
             self._send(link, header, outcome, received_ns)
         else:
             self._send(link, header, self.authorizer.unsupported(request), received_ns)
+
+    def _refuse_before_sign_on(
+        self, link: Link, header: bytes, request: AuthorizationRequest, received_ns: int
+    ) -> None:
+        """91 to a financial message on a link of a `sign_on_required` listener that has not
+        signed on; the ledger is not touched. Advices too: they are answered 91 rather than
+        recorded, so the network keeps them in its store-and-forward queue and repeats them
+        once signed on (specs/messages.md, sign-on). Counted as
+        `processor_requests_total{response_code="91",reason="not_signed_on"}`."""
+        self._peer_warning(
+            link,
+            "not_signed_on",
+            "%s before sign-on (the listener requires it): answered 91",
+            request.mti,
+        )
+        self._send(link, header, self.authorizer.not_signed_on(request), received_ns)
+
+    def _zero_length_frame(self, link: Link) -> None:
+        """A length prefix of 0: a bad message like any other (counted, logged within the
+        link's budget, and the link closed past its listener's rate). Some channels send it as
+        a keep-alive; ISO 8583's is the 0800 echo test, which is answered. It does not count as
+        a first message: the link's dialect is still unknown."""
+        self.metrics.bad_messages.labels(link.listener.name, "zero_length", "").inc()
+        self._peer_warning(
+            link, "zero_length", "dropped a zero-length frame (keep-alives are 0800 echo tests)"
+        )
+        self._bad_message(link)
 
     def _peer_warning(self, link: Link, kind: str, message: str, *args: object) -> None:
         """A warning caused by what a peer sent, within the link's log budget for its kind."""
@@ -477,26 +530,39 @@ def listen(host: str, port: int, *, shared: bool = False, name: str = "") -> soc
     return listener
 
 
-async def start_listeners(daemon: Daemon, sockets: list[socket.socket]) -> list[asyncio.Server]:
-    """Accept links on each listener's socket (in config order), each link in its dialect."""
+async def start_listeners(daemon: Daemon, sockets: list[socket.socket]) -> list[Acceptor]:
+    """Accept links on each listener's socket (in config order), each link in its dialect.
+
+    Accepted by processor/server/acceptor.py rather than loop.create_server, so that links
+    refused at the open-files limit are counted and logged (neither loop reports them).
+    """
     loop = asyncio.get_running_loop()
-    servers = []
+    reserve = Reserve()  # one descriptor held back for the process, shared by its listeners
+    acceptors = []
     for listener, sock in zip(daemon.listeners, sockets, strict=True):
-        servers.append(await loop.create_server(_link_factory(daemon, listener), sock=sock))
-    return servers
+        acceptor = Acceptor(
+            loop, sock, _link_factory(daemon, listener), reserve, _refusals(daemon, listener)
+        )
+        acceptor.start()
+        acceptors.append(acceptor)
+    return acceptors
 
 
 def _link_factory(daemon: Daemon, listener: Listener) -> Callable[[], Link]:
     return lambda: Link(daemon, listener)
 
 
-async def drain(daemon: Daemon, servers: list[asyncio.Server]) -> None:
+def _refusals(daemon: Daemon, listener: Listener) -> Callable[[str, int, str], None]:
+    return lambda reason, count, peer: daemon.links_refused(listener, reason, count, peer)
+
+
+async def drain(daemon: Daemon, acceptors: list[Acceptor]) -> None:
     """Stop accepting, answer what is in flight, then close the links."""
     loop = asyncio.get_running_loop()
     daemon.stopping = True
     daemon.stop_timers()
-    for server in servers:
-        server.close()
+    for acceptor in acceptors:
+        acceptor.close()
     for link in list(daemon.links):
         if link.transport is not None and not link.transport.is_closing():
             link.transport.pause_reading()

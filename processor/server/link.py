@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, cast
 
 from processor import limits
 from processor.config import ListenerConfig
-from processor.server.budget import LogBudget
+from processor.log_budget import LogBudget
 from processor.wire.codec import Codec
 from processor.wire.errors import FramingError
 from processor.wire.framing import Framer
@@ -66,6 +66,7 @@ class Link(asyncio.Protocol):
         "peer_address",
         "queue",
         "ready",
+        "sign_on_required",
         "signed_on",
         "transport",
     )
@@ -94,6 +95,7 @@ class Link(asyncio.Protocol):
         self._backlog: deque[tuple[bytes, bytes, int]] = deque()
         self._output: list[bytes] | None = None  # answers collected during a turn, else None
         self._paused_for_backlog = False
+        self.sign_on_required = config.sign_on_required  # financial traffic waits for it
         self._paused_for_in_flight = False
         self._paused_for_writes = False
 

@@ -5,12 +5,22 @@ two bytes (some hosts and client libraries frame so). `ascii4`: 4 ASCII digits. 
 header (e.g. a network's routing header) may sit between the prefix and the MTI; it is handed out
 with each message so the server can echo it. The buffer is bounded: a prefix announcing more than
 `max_frame_bytes` is a FramingError before any of that frame is buffered.
+
+A zero-length frame (a prefix of 0, or 2 for len2_inclusive) is handed out as `(b"", b"")`:
+some channels send them as keep-alives, but ISO 8583 has a message for that (0800 echo), and
+a peer must not be able to make the server parse prefixes for free, so the server counts each
+as a bad message (specs/messages.md, bad input). With a header configured, no real frame has
+an empty header, so `(b"", b"")` is never anything else.
 """
 
 from __future__ import annotations
 
+from typing import Final
+
 from processor.types import FRAME_BYTES_CEILING, Framing
 from processor.wire.errors import FramingError
+
+EMPTY_FRAME: Final = (b"", b"")  # (header, message) of a zero-length frame
 
 
 class Framer:
@@ -48,10 +58,8 @@ class Framer:
         return bytes(self._buffer[:count])
 
     def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
-        """Add received bytes; return the complete frames as (header, message) pairs.
-
-        Zero-length frames are keep-alives some networks send; they produce nothing.
-        """
+        """Add received bytes; return the complete frames as (header, message) pairs, a
+        zero-length frame as `(b"", b"")`."""
         buffer = self._buffer
         buffer += data
         frames: list[tuple[bytes, bytes]] = []
@@ -79,6 +87,8 @@ class Framer:
                         bytes(buffer[body_start:end]),
                     )
                 )
+            else:
+                frames.append(EMPTY_FRAME)
             offset = end
         if offset:
             del buffer[:offset]
@@ -88,7 +98,7 @@ class Framer:
         if self._prefix != "ascii4":
             length = (buffer[offset] << 8) | buffer[offset + 1]
             if length == 0:
-                return 0  # a keep-alive as plain len2 peers send it: tolerated on either
+                return 0  # zero-length as plain len2 peers send it: a zero-length frame on either
             if length < self._counted:
                 raise FramingError(f"{self._prefix} length prefix {length} below its own 2 bytes")
             return length - self._counted

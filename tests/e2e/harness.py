@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import iso8583
@@ -29,8 +31,11 @@ class RunningDaemon:
         env: dict[str, str] | None = None,
         *,
         demo: bool = True,
+        open_files_limit: int | None = None,
     ):
         self.ledger = ledger
+        # RLIMIT_NOFILE of the daemon, soft and hard (it raises its soft limit to the hard one).
+        self.open_files_limit = open_files_limit
         self.config = config
         self.demo = demo  # --demo: demo cards; what is unset is filled in (tests mostly set it)
         self.env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY) if env is None else env
@@ -64,7 +69,12 @@ class RunningDaemon:
         self.stderr_path = self.ledger.parent / f"{self.ledger.name}-stderr.log"
         with self.stderr_path.open("a") as stderr:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
-                self.command(), stdout=subprocess.PIPE, stderr=stderr, text=True, env=self.env
+                self.command(),
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                env=self.env,
+                preexec_fn=self._limit_open_files if self.open_files_limit else None,
             )
         deadline = time.monotonic() + STARTUP_SECONDS
         assert self.process.stdout is not None
@@ -81,6 +91,10 @@ class RunningDaemon:
             if line.strip() == "processor: ready":
                 return self
         raise RuntimeError("daemon did not become ready in time")
+
+    def _limit_open_files(self) -> None:  # in the child, before exec
+        limit = self.open_files_limit
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
     def stderr(self) -> str:
         return self.stderr_path.read_text() if self.stderr_path.exists() else ""
@@ -225,3 +239,20 @@ def run_serve(
     return run_cli(
         "serve", "--ledger", str(ledger), "--port", "0", "--http-port", "0", *flags, env=env
     )
+
+
+def scrape(daemon: RunningDaemon) -> str:
+    """The daemon's /metrics text."""
+    url = f"http://127.0.0.1:{daemon.http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def sample(text: str, series: str, default: float | None = None) -> float:
+    """The value of one series (`name{labels}`, as exposed) in a /metrics text."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    if default is not None:
+        return default
+    raise AssertionError(f"metric {series} not exposed")

@@ -508,7 +508,14 @@ def test_idle_and_half_sent_links_are_closed_over_real_sockets(tmp_path: Path) -
     try:
         idle, chatty, half = running.connect(), running.connect(), running.connect()
         half.send_raw(b"\x00\x40" + b"0100")  # 64 bytes announced, 4 sent
-        assert half.is_closed_by_peer(timeout=5.0)  # within the 1 s timeout and a sweep
+        # `chatty` keeps talking while `half` waits for its sweep: the sweep that closes `half`
+        # (after 1 s, so up to 2 s with a sweep a second) would find `chatty` idle for as long.
+        for _ in range(20):  # within the 1 s timeout and a sweep: well before 5 s
+            assert chatty.exchange(echo_test())["39"] == "00"
+            if half.is_closed_by_peer(timeout=0.25):
+                break
+        else:
+            raise AssertionError("the half-sent link was not closed")
         for _ in range(6):  # 3 s of echo tests every 0.5 s: past the idle timeout, still up
             assert chatty.exchange(echo_test())["39"] == "00"
             time.sleep(0.5)

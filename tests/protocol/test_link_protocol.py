@@ -148,11 +148,6 @@ def test_batches_are_bounded(tmp_path: Path) -> None:
     daemon.ledger.close()
 
 
-def advice_frame(stan: int) -> bytes:
-    """An 0120 (the network stood in and approved): never refused, however busy."""
-    return auth_frame(stan, **{"t": "0120", "39": "00"})
-
-
 def test_past_the_queue_limit_a_request_is_answered_91_at_once_and_reading_goes_on(
     tmp_path: Path,
 ) -> None:
@@ -631,7 +626,10 @@ def test_an_idle_link_is_closed_and_any_message_keeps_it_alive(tmp_path: Path) -
         chatty.data_received(FRAMER.frame(b"", CODEC.encode(ECHO_FIELDS)))
 
     run(body)
-    start = min(quiet.last_received, chatty.last_received)
+    assert chatty.last_received > quiet.last_received  # the echo test was seen
+    # A round clock from here: with monotonic()'s value, (start + 300.0) - start may come out
+    # as 299.99999999999994 and the link would not be idle yet.
+    start = quiet.last_received = 1000.0
     assert daemon.close_stalled_links(start + 299.0) == 0
     chatty.last_received = start + 250.0  # an echo test 250 s in
     assert daemon.close_stalled_links(start + 300.0) == 1
@@ -657,6 +655,7 @@ def test_a_frame_left_half_sent_closes_the_link(tmp_path: Path) -> None:
     assert began is not None
     link.data_received(frame[10:20])  # ...dripped on: the frame still began then
     assert link.partial_since == began
+    began = link.partial_since = 1000.0  # a round clock: see the idle test
     assert daemon.close_stalled_links(began + 29.9) == 0
     assert daemon.close_stalled_links(began + 30.0) == 1 and transport.closed
     closed = daemon.metrics.links_closed.labels("network", "partial_frame_timeout")._value.get()
@@ -746,4 +745,156 @@ def test_links_per_peer_address_are_limited(tmp_path: Path) -> None:
     again.connection_made(transport)  # type: ignore[arg-type]
     assert not transport.closed
     assert len(daemon.links) == 3
+    daemon.ledger.close()
+
+
+def test_zero_length_frames_are_bad_messages(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from processor import limits
+
+    daemon = make_daemon(tmp_path, bad_messages_max=3)
+    link, transport = new_link(daemon), FakeTransport()
+    echo = FRAMER.frame(b"", CODEC.encode(ECHO_FIELDS))
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        # First: not a dialect mismatch (nothing to diagnose), only a bad message.
+        link.data_received(b"\x00\x00" + echo + b"\x00\x00")
+        assert not transport.closed
+        # The third closes the link; the echo behind it in the same read is not answered.
+        link.data_received(b"\x00\x00" + echo)
+
+    with caplog.at_level("WARNING", logger="processor.daemon"):
+        run(body)
+    assert transport.closed
+    assert [f["t"] for f in transport.frames()] == ["0810"]
+    zero = daemon.metrics.bad_messages.labels("network", "zero_length", "")._value.get()
+    assert zero == 3
+    closed = daemon.metrics.links_closed.labels("network", "bad_message_rate")._value.get()
+    assert closed == 1
+    assert daemon.metrics.links_closed.labels("network", "dialect_mismatch")._value.get() == 0
+    lines = [r for r in caplog.records if "zero-length" in r.getMessage()]
+    assert len(lines) == 3 <= limits.log_lines_per_kind_burst
+    daemon.ledger.close()
+
+
+def test_a_flood_of_zero_length_frames_logs_within_the_budget(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from processor import limits
+
+    daemon = make_daemon(tmp_path, bad_messages_max=100_000)
+    link, transport = new_link(daemon), FakeTransport()
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        for _ in range(10):
+            link.data_received(b"\x00\x00" * 1000)
+
+    with caplog.at_level("WARNING", logger="processor.daemon"):
+        run(body)
+    assert not transport.closed and transport.writes == []
+    lines = [r for r in caplog.records if "zero-length" in r.getMessage()]
+    assert len(lines) == limits.log_lines_per_kind_burst
+    suppressed = daemon.metrics.log_lines_suppressed.labels("zero_length")._value.get()
+    assert suppressed == 10_000 - limits.log_lines_per_kind_burst
+    zero = daemon.metrics.bad_messages.labels("network", "zero_length", "")._value.get()
+    assert zero == 10_000
+    daemon.ledger.close()
+
+
+def network_frame(code: str, stan: int) -> bytes:
+    fields = {"t": "0800", "7": "1124101010", "11": f"{stan:06d}", "70": code}
+    return FRAMER.frame(b"", CODEC.encode(fields))
+
+
+def advice_frame(stan: int, mti: str = "0120", amount: int = 300) -> bytes:
+    fields = {
+        "t": mti,
+        "2": "4761739001010085",
+        "3": "000000",
+        "4": f"{amount:012d}",
+        "7": "1124101010",
+        "11": f"{stan:06d}",
+        "18": "5411",
+        "32": "123456",
+        "49": "978",
+    }
+    return FRAMER.frame(b"", CODEC.encode(fields))
+
+
+def test_a_listener_that_requires_sign_on_answers_91_until_the_link_signs_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = make_daemon(tmp_path, sign_on_required=True)
+    link, transport = new_link(daemon), FakeTransport()
+    with daemon.ledger.read() as reader:
+        account = reader.account("demo-main")
+        assert account is not None
+        held_before = account.held
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(network_frame("301", 1))  # echo tests need no sign-on
+        link.data_received(auth_frame(2, amount=500) + advice_frame(3))  # refused, both
+        assert not daemon.pending  # never queued for a batch
+
+    with caplog.at_level("WARNING", logger="processor.daemon"):
+        run(body)
+    answers = [(f["t"], f["11"], f["39"]) for f in transport.frames()]
+    assert answers == [("0810", "000001", "00"), ("0110", "000002", "91"), ("0130", "000003", "91")]
+    with daemon.ledger.read() as reader:
+        account = reader.account("demo-main")
+        assert account is not None and account.held == held_before  # nothing applied
+    refused = daemon.metrics.requests
+    assert refused.labels("0100", "91", "not_signed_on")._value.get() == 1
+    assert refused.labels("0120", "91", "not_signed_on")._value.get() == 1
+    assert sum("before sign-on" in r.getMessage() for r in caplog.records) == 2
+    assert not any("4761739001010085" in r.getMessage() for r in caplog.records)
+
+    transport.writes.clear()
+
+    def signed_on() -> None:
+        link.data_received(network_frame("001", 4))
+        # The network's repeat of the advice is recorded now; a new request is decided.
+        link.data_received(advice_frame(3, mti="0121") + auth_frame(5, amount=500))
+
+    run(signed_on)
+    assert link.signed_on
+    answers = [(f["t"], f["11"], f["39"]) for f in transport.frames()]
+    assert answers == [("0810", "000004", "00"), ("0130", "000003", "00"), ("0110", "000005", "00")]
+    with daemon.ledger.read() as reader:
+        account = reader.account("demo-main")
+        assert account is not None and account.held == held_before + 300 + 500
+
+    transport.writes.clear()
+
+    def signed_off() -> None:
+        link.data_received(network_frame("002", 6))
+        link.data_received(auth_frame(7, amount=500))
+
+    run(signed_off)
+    answers = [(f["t"], f["11"], f["39"]) for f in transport.frames()]
+    assert answers == [("0810", "000006", "00"), ("0110", "000007", "91")]
+    daemon.ledger.close()
+
+
+def test_sign_on_is_per_link(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path, sign_on_required=True)
+    first, second = new_link(daemon), new_link(daemon)
+    first_transport, second_transport = FakeTransport(), FakeTransport()
+
+    def body() -> None:
+        first.connection_made(first_transport)  # type: ignore[arg-type]
+        second.connection_made(second_transport)  # type: ignore[arg-type]
+        first.data_received(network_frame("001", 1) + auth_frame(2))
+        second.data_received(auth_frame(3))
+
+    run(body)
+    assert [(f["11"], f["39"]) for f in first_transport.frames()] == [
+        ("000001", "00"),
+        ("000002", "00"),
+    ]
+    assert [(f["11"], f["39"]) for f in second_transport.frames()] == [("000003", "91")]
     daemon.ledger.close()

@@ -200,3 +200,120 @@ def test_a_ledger_failure_is_503_and_applies_nothing(
         assert (await shown.json())["posted"] == 0
 
     with_app(tmp_path, monkeypatch, "s3cret", check)
+
+
+# --- requests aiohttp's parser refuses ---------------------------------------------------------
+
+
+def test_malformed_requests_get_a_status_that_says_what_was_wrong() -> None:
+    from aiohttp.http_exceptions import (
+        BadHttpMessage,
+        BadHttpMethod,
+        BadStatusLine,
+        InvalidHeader,
+        InvalidURLError,
+        LineTooLong,
+    )
+
+    from processor.api.http import malformed_request_answer
+
+    def status(exc: BaseException) -> tuple[int, str]:
+        return malformed_request_answer(exc)[:2]
+
+    # The C parser hands a bytearray of the line's first 100 bytes; the Python one bytes.
+    assert status(LineTooLong(bytearray(b"/" + b"a" * 99) + b"...", 8190)) == (414, "uri_too_long")
+    assert status(LineTooLong(b"GET /aaaa...", 8190)) == (414, "uri_too_long")
+    assert status(LineTooLong(b"http://host/a...", 8190)) == (414, "uri_too_long")
+    header = (431, "header_fields_too_large")
+    assert status(LineTooLong(bytearray(b"Bearer tok_SSSS..."), 8190)) == header
+    assert status(LineTooLong(b"X-Long...", 8190)) == header
+    assert status(BadHttpMessage("Too many headers received")) == header
+    assert status(BadStatusLine("HTTP/9.9")) == (400, "bad_request")
+    assert status(BadHttpMethod("G(T")) == (400, "bad_request")
+    assert status(InvalidURLError("bad")) == (400, "bad_request")
+    assert status(InvalidHeader(b"X: \x01")) == (400, "bad_request")
+    assert status(BadHttpMessage("Invalid header value char")) == (400, "bad_request")
+
+
+def raw_http(port: int, data: bytes) -> bytes:
+    """Send `data` on a fresh connection; what came back until the server closed it."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        answer = b""
+        for _ in range(100):  # bounded: the answer is small and the server closes
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+def test_malformed_requests_are_answered_in_json_logged_once_and_echo_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from processor.api.http import start_http
+
+    config = Config(ledger=LedgerConfig(path=str(tmp_path / "ledger"), durability="process"))
+    ledger = Ledger(config.ledger.path, map_size_bytes=1 << 24, durability="process")
+    daemon = Daemon(config, ledger, HASHER, Metrics())
+    token = "tok_" + "S" * 9000  # a header line over 8 KB
+    requests = {
+        "oversized": b"GET /v1/accounts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + token.encode()
+        + b"\r\n\r\n",
+        "control": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Secret: ab\x01cd-SECRETVALUE\r\n\r\n",
+        "request_line": b"G(T /SECRETVALUE HTTP/1.1\r\nHost: x\r\n\r\n",
+        "healthy": b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    }
+    answers: dict[str, bytes] = {}
+
+    async def main() -> None:
+        port, bound = await start_http("127.0.0.1", 0, daemon, "s3cret-token-of-16+")
+        loop = asyncio.get_running_loop()
+        try:
+            for name, data in requests.items():
+                answers[name] = await loop.run_in_executor(None, raw_http, bound, data)
+        finally:
+            await port.cleanup()
+
+    with caplog.at_level("DEBUG"):
+        try:
+            asyncio.run(main())
+        finally:
+            ledger.close()
+    expected = {
+        "oversized": (b"431", "header_fields_too_large"),
+        "control": (b"400", "bad_request"),
+        "request_line": (b"400", "bad_request"),
+    }
+    for name, (status, code) in expected.items():
+        head, _, body = answers[name].partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == status, name
+        assert b"Content-Type: application/json" in head, name
+        assert json.loads(body)["error"]["code"] == code, name
+        assert b"SSSS" not in answers[name] and b"SECRET" not in answers[name], name
+    assert answers["healthy"].startswith(b"HTTP/1.1 200")
+    lines = [r for r in caplog.records if r.name.startswith(("processor", "aiohttp"))]
+    assert len(lines) == 3  # one each, no more
+    assert all(r.exc_info is None and r.levelname == "WARNING" for r in lines)
+    assert not any("SSSS" in r.getMessage() or "SECRET" in r.getMessage() for r in lines)
+
+
+def test_a_flood_of_malformed_requests_writes_a_bounded_number_of_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from aiohttp.http_exceptions import InvalidHeader
+
+    from processor import limits
+    from processor.api.http import MalformedRequestLog
+
+    metrics = Metrics()
+    malformed = MalformedRequestLog(metrics)
+    with caplog.at_level("WARNING", logger="processor.api"):
+        for _ in range(1000):
+            malformed.write("127.0.0.1", 400, "bad_request", InvalidHeader(b"X: \x01"))
+    assert len(caplog.records) == limits.log_lines_per_kind_burst
+    suppressed = metrics.log_lines_suppressed.labels("http_bad_request")._value.get()
+    assert suppressed == 1000 - limits.log_lines_per_kind_burst

@@ -3,7 +3,7 @@
 import pytest
 
 from processor.wire.errors import FramingError, WireError
-from processor.wire.framing import Framer
+from processor.wire.framing import EMPTY_FRAME, Framer
 
 # --- len2: 2-byte big-endian binary length -------------------------------------------------
 
@@ -52,11 +52,13 @@ def test_len2_byte_by_byte() -> None:
     assert framer.buffered_bytes == 0
 
 
-def test_len2_zero_length_keepalives_produce_nothing() -> None:
+def test_len2_zero_length_frames_are_handed_out_in_order() -> None:
+    # Counted as bad messages by the server: the framer reports each, where it was.
     framer = Framer("len2", max_frame_bytes=8192)
-    assert framer.feed(b"\x00\x00") == []
+    assert framer.feed(b"\x00\x00") == [EMPTY_FRAME]
     assert framer.buffered_bytes == 0
-    assert framer.feed(b"\x00\x00\x00\x00\x00\x02hi\x00\x00") == [(b"", b"hi")]
+    stream = b"\x00\x00\x00\x00\x00\x02hi\x00\x00"
+    assert framer.feed(stream) == [EMPTY_FRAME, EMPTY_FRAME, (b"", b"hi"), EMPTY_FRAME]
     assert framer.buffered_bytes == 0
 
 
@@ -140,10 +142,11 @@ def test_ascii4_several_frames_and_split() -> None:
     assert framer.buffered_bytes == 0
 
 
-def test_ascii4_zero_length_keepalive() -> None:
+def test_ascii4_zero_length_frame() -> None:
     framer = Framer("ascii4", max_frame_bytes=9999)
-    assert framer.feed(b"0000") == []
-    assert framer.feed(b"00000000" + b"0002ok" + b"0000") == [(b"", b"ok")]
+    assert framer.feed(b"0000") == [EMPTY_FRAME]
+    stream = b"00000000" + b"0002ok" + b"0000"
+    assert framer.feed(stream) == [EMPTY_FRAME, EMPTY_FRAME, (b"", b"ok"), EMPTY_FRAME]
     assert framer.buffered_bytes == 0
 
 
@@ -203,9 +206,9 @@ def test_header_only_frame_gives_empty_message() -> None:
     assert framer.feed(b"\x00\x04\x01\x02\x03\x04") == [(b"\x01\x02\x03\x04", b"")]
 
 
-def test_keepalive_with_header_configured_produces_nothing() -> None:
+def test_zero_length_frame_with_header_configured_has_no_header() -> None:
     framer = Framer("len2", header_bytes=4, max_frame_bytes=8192)
-    assert framer.feed(b"\x00\x00\x00\x06HEADok") == [(b"HEAD", b"ok")]
+    assert framer.feed(b"\x00\x00\x00\x06HEADok") == [EMPTY_FRAME, (b"HEAD", b"ok")]
 
 
 def test_frame_shorter_than_header_raises() -> None:
@@ -292,9 +295,10 @@ def test_len2_inclusive_golden_bytes_both_ways() -> None:
     assert framer.buffered_bytes == 0
 
 
-def test_len2_inclusive_keepalive_is_the_prefix_alone_or_zero() -> None:
+def test_len2_inclusive_zero_length_is_the_prefix_alone_or_zero() -> None:
     framer = Framer("len2_inclusive", max_frame_bytes=8192)
-    assert framer.feed(b"\x00\x02\x00\x00\x00\x02") == []  # 0 too: a plain len2 keep-alive
+    # 2 counts the prefix alone; 0 is how a plain len2 peer sends it.
+    assert framer.feed(b"\x00\x02\x00\x00\x00\x02") == [EMPTY_FRAME] * 3
     assert framer.buffered_bytes == 0
 
 

@@ -1,7 +1,7 @@
 """A link's log budget: a burst of lines per kind, then one per interval counting the rest."""
 
 from processor import limits
-from processor.server.budget import LogBudget
+from processor.log_budget import LogBudget
 
 BURST = limits.log_lines_per_kind_burst
 INTERVAL = limits.log_suppressed_interval_seconds

@@ -3,7 +3,9 @@
 Each link may write a few lines of one kind (an undecodable message, a format error), then at
 most one per interval, which says how many were left out since the last; the left-out lines are
 counted in /metrics (`processor_log_lines_suppressed_total{kind}`). 10^6 bad frames on a link
-then write a handful of lines instead of a million.
+then write a handful of lines instead of a million. The daemon keeps one for refused links and
+the HTTP port one for malformed requests. Below the server and the HTTP side, which both use it
+and must not import each other.
 """
 
 from __future__ import annotations
