@@ -20,6 +20,11 @@ dialect_diagnosis_bytes_max: Final = 2048
 # saying how many were left out (processor/log_budget.py).
 log_lines_per_kind_burst: Final = 5
 log_suppressed_interval_seconds: Final = 60.0
+# Links opened and closed by one peer address, logged before the budget applies: a network's
+# links come and go a few at a time; a reconnect loop must not fill the log.
+log_link_lines_burst: Final = 64
+# Peer addresses whose log budgets are kept (the oldest is forgotten past this).
+log_budget_addresses_max: Final = 4096
 
 # Server
 # Undecided requests a link may have queued: past this, a request is answered 91 at once

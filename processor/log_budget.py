@@ -1,10 +1,12 @@
 """Bounded logging of what peers cause: a peer must not be able to fill the log disk.
 
-Each link may write a few lines of one kind (an undecodable message, a format error), then at
-most one per interval, which says how many were left out since the last; the left-out lines are
-counted in /metrics (`processor_log_lines_suppressed_total{kind}`). 10^6 bad frames on a link
-then write a handful of lines instead of a million. The daemon keeps one for refused links and
-the HTTP port one for malformed requests. Below the server and the HTTP side, which both use it
+Each peer address may write a few lines of one kind (an undecodable message, a format error),
+then at most one per interval, which says how many were left out since the last; the left-out
+lines are counted in /metrics (`processor_log_lines_suppressed_total{kind}`). 10^6 bad frames
+then write a handful of lines instead of a million, however often the peer reconnects (a budget
+per link was reset by every new connection: 26,747 lines in 5 s from one reconnecting peer).
+The daemon keeps one per peer address, one for refused links, and the HTTP port one for
+malformed requests. Below the server and the HTTP side, which both use it
 and must not import each other.
 """
 
@@ -20,13 +22,16 @@ class LogBudget:
         # kind -> [lines written in the first burst, suppressed since the last line, last time]
         self._kinds: dict[str, list[float]] = {}
 
-    def allow(self, kind: str, now: float) -> int | None:
+    def allow(
+        self, kind: str, now: float, burst: int = limits.log_lines_per_kind_burst
+    ) -> int | None:
         """None: leave this line out. Otherwise write it, noting the returned number of lines
-        of this kind left out since the last one written."""
+        of this kind left out since the last one written. `burst`: lines written before the
+        budget applies."""
         state = self._kinds.get(kind)
         if state is None:
             state = self._kinds[kind] = [0, 0, now]
-        if state[0] < limits.log_lines_per_kind_burst:
+        if state[0] < burst:
             state[0] += 1
             state[2] = now
             return 0

@@ -73,6 +73,8 @@ class Daemon:
         self.links: set[Link] = set()
         # Open links per (listener, peer address), for the per-address limit.
         self._links_per_address: dict[tuple[str, str], int] = {}
+        # Per peer address, so reconnecting does not reset a peer's budget (oldest forgotten).
+        self._peer_logs: dict[str, LogBudget] = {}
         self._refusal_log = LogBudget()  # refused connections: logged, never a flood
         self.stopping = False
         self.write_buffer_high_bytes = limits.write_buffer_high_bytes
@@ -115,7 +117,26 @@ class Daemon:
         self.links.add(link)
         self._links_per_address[address] = self._links_per_address.get(address, 0) + 1
         self.metrics.open_links.labels(name).inc()
-        log.info("link opened from %s", link.peer)
+        self._link_line(link, "link_opened", "link opened from %s")
+
+    def log_budget_for(self, peer_address: str) -> LogBudget:
+        """The log budget of everything links from `peer_address` cause."""
+        budget = self._peer_logs.get(peer_address)
+        if budget is None:
+            if len(self._peer_logs) >= limits.log_budget_addresses_max:
+                del self._peer_logs[next(iter(self._peer_logs))]
+            budget = self._peer_logs[peer_address] = LogBudget()
+        return budget
+
+    def _link_line(self, link: Link, kind: str, message: str) -> None:
+        """A link's opening or closing, at INFO, within its peer address's budget."""
+        suppressed = link.log_budget.allow(kind, time.monotonic(), limits.log_link_lines_burst)
+        if suppressed is None:
+            self.metrics.log_lines_suppressed.labels(kind).inc()
+            return
+        if suppressed:
+            message += f" ({suppressed} more like it left out)"
+        log.info(message, link.peer)
 
     def links_refused(self, listener: Listener, reason: str, count: int, peer: str) -> None:
         """Count `count` links refused for `reason` (the latest from `peer`); log within a
@@ -151,7 +172,7 @@ class Daemon:
             else:
                 del self._links_per_address[address]
             self.metrics.open_links.labels(link.listener.name).dec()
-            log.info("link from %s closed", link.peer)
+            self._link_line(link, "link_closed", "link from %s closed")
 
     def framing_error(self, link: Link, error: FramingError) -> None:
         name = link.listener.name
@@ -159,11 +180,11 @@ class Daemon:
         if not link.decoded_any:
             cause = framing_cause(link.framer.head(4), link.listener.config.framing)
         if cause is not None:
-            log.warning(
-                "link %s: framing error, closing: %s; likely cause: %s", link.peer, error, cause
+            self._peer_warning(
+                link, "framing", "framing error, closing: %s; likely cause: %s", error, cause
             )
         else:
-            log.warning("link %s: framing error, closing: %s", link.peer, error)
+            self._peer_warning(link, "framing", "framing error, closing: %s", error)
         self.metrics.bad_messages.labels(name, "framing", "").inc()
         self.metrics.links_closed.labels(name, "framing_error").inc()
         link.close()
@@ -262,7 +283,7 @@ class Daemon:
         self._bad_message(link)
 
     def _peer_warning(self, link: Link, kind: str, message: str, *args: object) -> None:
-        """A warning caused by what a peer sent, within the link's log budget for its kind."""
+        """A warning caused by what a peer sent, within its address's log budget for the kind."""
         suppressed = link.log_budget.allow(kind, time.monotonic())
         if suppressed is None:
             self.metrics.log_lines_suppressed.labels(kind).inc()
@@ -274,9 +295,10 @@ class Daemon:
     def _bad_message(self, link: Link) -> None:
         if link.bad_message(time.monotonic()):
             config = link.listener.config
-            log.warning(
-                "link %s: %d bad messages within %g s, closing",
-                link.peer,
+            self._peer_warning(
+                link,
+                "bad_message_rate",
+                "%d bad messages within %g s, closing",
                 config.bad_messages_max,
                 config.bad_message_window_seconds,
             )
@@ -298,9 +320,10 @@ class Daemon:
         )
         if cause is None and not certain:
             return False
-        log.warning(
-            "link %s: its first message does not decode (%s), closing; likely cause: %s",
-            link.peer,
+        self._peer_warning(
+            link,
+            "dialect_mismatch",
+            "its first message does not decode (%s), closing; likely cause: %s",
             error,
             cause or "a framing, header_bytes or bitmap setting unlike the peer's",
         )
@@ -491,7 +514,7 @@ class Daemon:
             reason = link.stalled(now)
             if reason is None or not link.open:
                 continue
-            log.warning("link %s: %s, closing", link.peer, reason.replace("_", " "))
+            self._peer_warning(link, reason, "%s, closing", reason.replace("_", " "))
             self.metrics.links_closed.labels(link.listener.name, reason).inc()
             link.close()
             closed += 1

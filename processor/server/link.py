@@ -85,7 +85,7 @@ class Link(asyncio.Protocol):
         # When the latest bad messages arrived (monotonic seconds), at most bad_messages_max.
         self._bad_times: deque[float] = deque(maxlen=config.bad_messages_max)
         self.decoded_any = False  # whether any message of this link has decoded
-        self.log_budget = LogBudget()
+        self.log_budget = LogBudget()  # replaced by its peer address's at connection_made
         self.last_received = time.monotonic()  # for the idle timeout
         self.partial_since: float | None = None  # when the frame still buffered began
         self.signed_on = False
@@ -108,6 +108,7 @@ class Link(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.peer_address = str(peer[0]) if peer else "?"
         self.peer += f" ({self.listener.name})"
+        self.log_budget = self._daemon.log_budget_for(self.peer_address)
         self.transport.set_write_buffer_limits(high=self._daemon.write_buffer_high_bytes)
         self._daemon.link_opened(self)
 

@@ -574,6 +574,37 @@ def test_a_flood_of_bad_messages_writes_a_bounded_number_of_log_lines(
     daemon.ledger.close()
 
 
+def test_a_peer_that_reconnects_does_not_get_a_fresh_log_budget(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from processor import limits
+
+    daemon = make_daemon(tmp_path, bad_messages_max=3)
+    transports: list[FakeTransport] = []
+
+    def body() -> None:
+        for _ in range(200):  # each link: a good echo, then junk until it is closed
+            link, transport = new_link(daemon), FakeTransport()
+            transports.append(transport)
+            link.connection_made(transport)  # type: ignore[arg-type]
+            link.data_received(FRAMER.frame(b"", CODEC.encode(ECHO_FIELDS)))
+            link.data_received(FRAMER.frame(b"", b"JUNK") * 3)
+            link.connection_lost(None)
+
+    with caplog.at_level("INFO", logger="processor.daemon"):
+        run(body)
+    assert all(transport.closed for transport in transports)  # the junk closed every one
+    messages = [r.getMessage() for r in caplog.records]
+    undecodable = [m for m in messages if "undecodable" in m]
+    assert len(undecodable) == limits.log_lines_per_kind_burst  # 600 bad frames, 5 lines
+    opened = [m for m in messages if "link opened" in m]
+    assert len(opened) == limits.log_link_lines_burst  # 200 links, 64 lines
+    suppressed = daemon.metrics.log_lines_suppressed
+    assert suppressed.labels("undecodable")._value.get() == 600 - limits.log_lines_per_kind_burst
+    assert suppressed.labels("link_opened")._value.get() == 200 - limits.log_link_lines_burst
+    daemon.ledger.close()
+
+
 def test_a_bad_first_message_in_the_right_dialect_keeps_the_link(tmp_path: Path) -> None:
     daemon = make_daemon(tmp_path)
     link, transport = new_link(daemon), FakeTransport()
