@@ -22,6 +22,18 @@ class LogBudget:
         # kind -> [lines written in the first burst, suppressed since the last line, last time]
         self._kinds: dict[str, list[float]] = {}
 
+    def would_allow(
+        self, kind: str, now: float, burst: int = limits.log_lines_per_kind_burst
+    ) -> bool:
+        """Whether a line of `kind` would be written now (nothing is counted): for work done
+        only to say something in that line."""
+        state = self._kinds.get(kind)
+        return (
+            state is None
+            or state[0] < burst
+            or now - state[2] >= limits.log_suppressed_interval_seconds
+        )
+
     def allow(
         self, kind: str, now: float, burst: int = limits.log_lines_per_kind_burst
     ) -> int | None:

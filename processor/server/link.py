@@ -1,8 +1,9 @@
 """One network link: an asyncio Protocol that frames bytes and hands messages to the daemon.
 
-Fair to the other links: a link decodes at most `limits.frames_per_turn_max` frames per turn of
-the event loop (the rest waits, reading paused, for the next turn), and its undecided requests
-wait in a queue of its own, from which the daemon fills batches round-robin. Flow control:
+Fair to the other links: a link frames and decodes at most `limits.frames_per_turn_max` frames
+per turn of the event loop (the rest waits in the framer, reading paused, for the next turn),
+and its undecided requests wait in a queue of its own, from which the daemon fills batches
+round-robin. Flow control:
 reading pauses while the peer is not reading our responses (transport write buffer over its
 high-water mark), and while an advice waits beyond the link's queue limit. The answers a turn
 produces at once (echoes, format errors, 91s) leave in one write.
@@ -48,7 +49,6 @@ class Listener:
 
 class Link(asyncio.Protocol):
     __slots__ = (
-        "_backlog",
         "_bad_times",
         "_daemon",
         "_output",
@@ -91,8 +91,6 @@ class Link(asyncio.Protocol):
         self.signed_on = False
         self.queue: deque[Queued] = deque()  # requests waiting to be decided, oldest first
         self.ready = False  # in the daemon's round-robin of links with queued requests
-        # Frames read but not yet decoded (more than a turn's share): (header, message, read ns).
-        self._backlog: deque[tuple[bytes, bytes, int]] = deque()
         self._output: list[bytes] | None = None  # answers collected during a turn, else None
         self._paused_for_backlog = False
         self.sign_on_required = config.sign_on_required  # financial traffic waits for it
@@ -113,10 +111,20 @@ class Link(asyncio.Protocol):
         self._daemon.link_opened(self)
 
     def data_received(self, data: bytes) -> None:
-        received_ns = time.perf_counter_ns()
+        self._turn(data, time.perf_counter_ns())
+
+    def _turn(self, data: bytes, received_ns: int) -> None:
+        """Frame and hand on at most a turn's share of what the link sent; when more may be
+        buffered, pause reading and take the next share in the next turn of the loop.
+
+        The share bounds the framing work too, not only decoding: a read of 64 KiB of
+        zero-length frames is 32,768 frames, which framing all at once held the loop for
+        hundreds of milliseconds. `received_ns` stays the time of the read that brought them.
+        """
         now = self.last_received = time.monotonic()
+        share = limits.frames_per_turn_max
         try:
-            frames = self.framer.feed(data)
+            frames = self.framer.feed(data, share)
         except FramingError as error:
             self._daemon.framing_error(self, error)
             return
@@ -125,10 +133,6 @@ class Link(asyncio.Protocol):
                 self.partial_since = now  # the frame still buffered began in this read
         else:
             self.partial_since = None
-        if self._backlog or len(frames) > limits.frames_per_turn_max:
-            self._backlog.extend((header, message, received_ns) for header, message in frames)
-            self._turn()
-            return
         self._output = []
         try:
             on_message = self._daemon.on_message
@@ -139,26 +143,11 @@ class Link(asyncio.Protocol):
                 on_message(self, header, message, received_ns)
         finally:
             self._write_output()
-
-    def _turn(self) -> None:
-        """Decode this turn's share of the backlog; pause reading until the rest is done."""
-        backlog = self._backlog
-        self._output = []
-        try:
-            on_message = self._daemon.on_message
-            for _ in range(min(len(backlog), limits.frames_per_turn_max)):
-                if not self.open:
-                    backlog.clear()  # closed: apply nothing that cannot be answered
-                    break
-                header, message, received_ns = backlog.popleft()
-                on_message(self, header, message, received_ns)
-        finally:
-            self._write_output()
-        waiting = bool(backlog)
-        if waiting:
-            asyncio.get_running_loop().call_soon(self._turn)
-        if waiting != self._paused_for_backlog:
-            self._paused_for_backlog = waiting
+        more = len(frames) == share and self.open
+        if more:
+            asyncio.get_running_loop().call_soon(self._turn, b"", received_ns)
+        if more != self._paused_for_backlog:
+            self._paused_for_backlog = more
             self._update_reading()
 
     def _write_output(self) -> None:

@@ -57,16 +57,19 @@ class Framer:
         """The first `count` buffered bytes: where a frame that broke framing starts."""
         return bytes(self._buffer[:count])
 
-    def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
+    def feed(self, data: bytes, limit: int | None = None) -> list[tuple[bytes, bytes]]:
         """Add received bytes; return the complete frames as (header, message) pairs, a
-        zero-length frame as `(b"", b"")`."""
+        zero-length frame as `(b"", b"")`. With `limit`, at most that many: the rest stays
+        buffered for the next call (which may add nothing: `feed(b"", limit)`)."""
         buffer = self._buffer
         buffer += data
         frames: list[tuple[bytes, bytes]] = []
         offset = 0
         size = len(buffer)
         prefix_bytes = self._prefix_bytes
-        while size - offset >= prefix_bytes:
+        left = size if limit is None else limit
+        while size - offset >= prefix_bytes and left:
+            left -= 1
             length = self._length(buffer, offset)
             if length > self._max_frame_bytes:
                 raise FramingError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import iso8583
 import msgspec
@@ -602,6 +603,40 @@ def test_a_peer_that_reconnects_does_not_get_a_fresh_log_budget(
     suppressed = daemon.metrics.log_lines_suppressed
     assert suppressed.labels("undecodable")._value.get() == 600 - limits.log_lines_per_kind_burst
     assert suppressed.labels("link_opened")._value.get() == 200 - limits.log_link_lines_burst
+    daemon.ledger.close()
+
+
+def test_the_dialect_diagnosis_runs_only_while_its_line_would_be_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from processor import limits
+    from processor.server import daemon as daemon_module
+
+    daemon = make_daemon(tmp_path, bad_messages_max=2)
+    binary = Codec(load_spec("binary")).encode(ECHO_FIELDS)
+    diagnosed: list[bytes] = []
+    real = daemon_module.undecodable_cause
+
+    def counting(frame: bytes, **dialect: Any) -> str | None:
+        diagnosed.append(frame)
+        return real(frame, **dialect)
+
+    monkeypatch.setattr(daemon_module, "undecodable_cause", counting)
+    transports = [FakeTransport() for _ in range(50)]
+
+    def body() -> None:
+        for transport in transports:  # one peer address, reconnecting after every close
+            link = new_link(daemon)
+            link.connection_made(transport)  # type: ignore[arg-type]
+            link.data_received(FRAMER.frame(b"", binary) * 2)
+            link.connection_lost(None)
+
+    run(body)
+    assert len(diagnosed) == limits.log_lines_per_kind_burst  # then no more decoding work
+    assert all(transport.closed for transport in transports)  # by the cause, then the rate
+    closed = daemon.metrics.links_closed
+    assert closed.labels("network", "dialect_mismatch")._value.get() == len(diagnosed)
+    assert closed.labels("network", "bad_message_rate")._value.get() == 50 - len(diagnosed)
     daemon.ledger.close()
 
 

@@ -327,3 +327,16 @@ def test_head_shows_where_a_broken_frame_starts() -> None:
     with pytest.raises(FramingError):
         framer.feed(b"0123456")
     assert framer.head(4) == b"0123"
+
+
+@pytest.mark.parametrize("prefix", ["len2", "len2_inclusive", "ascii4"])
+def test_a_limit_hands_out_frames_a_share_at_a_time_and_loses_none(prefix: str) -> None:
+    sender = Framer(prefix, max_frame_bytes=512)  # type: ignore[arg-type]
+    stream = b"".join(sender.frame(b"", b"%04d" % n) for n in range(10)) + b"\x00"  # a part
+    framer = Framer(prefix, max_frame_bytes=512)  # type: ignore[arg-type]
+    shares = [framer.feed(stream, 4)]
+    while len(shares[-1]) == 4:
+        shares.append(framer.feed(b"", 4))
+    assert [len(share) for share in shares] == [4, 4, 2]
+    assert [message for share in shares for _, message in share] == [b"%04d" % n for n in range(10)]
+    assert framer.buffered_bytes == 1  # the half-sent prefix waits for the rest
