@@ -16,6 +16,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Final
 
 from processor import limits
 from processor.authorizer import Authorizer, Command, CommandRefused, Outcome
@@ -38,6 +39,9 @@ log = logging.getLogger("processor.daemon")
 EXIT_SOFTWARE = 70  # sysexits.h EX_SOFTWARE: an internal error (a failed assertion) stopped us
 
 Pending = tuple[Link, bytes, AuthorizationRequest, int]
+# Requests that refer to an earlier one (its original): never decided before a request that
+# arrived before them on another link.
+FOLLOW_UP_CLASSES: Final = frozenset(("0400", "0420", "0220"))
 # Batches at least this large measure the time per request for admission at arrival.
 ADMISSION_SAMPLE_BATCH_MIN = 32
 
@@ -437,20 +441,55 @@ class Daemon:
                 log.error("answered 96: %s", outcome.reason)
 
     def _take(self, size: int) -> list[Pending]:
-        """Up to `size` queued requests, one per link per round, each link's oldest first."""
+        """Up to `size` queued requests, one per link per round, each link's oldest first.
+
+        Round-robin must not reorder what refers to something else: a reversal or completion
+        (0400, 0420, 0220) waits while any request that arrived before it is still queued on
+        another link (its original may be that request: decided first, it is found). The
+        oldest queued request is never held back, so a batch always takes something.
+        """
         batch: list[Pending] = []
         ready = self._ready
-        while ready and len(batch) < size:
+        held: list[Link] = []  # links whose next request waits for an older one elsewhere
+        while len(batch) < size:
+            if not ready:
+                if not held or not batch or not self._free_held(held):
+                    break
+                continue
             link = ready.popleft()
             queue = link.queue
+            if queue[0][1].message_class in FOLLOW_UP_CLASSES and self._older_queued(
+                queue[0][2], link, held
+            ):
+                held.append(link)
+                continue
             header, request, received_ns = queue.popleft()
             batch.append((link, header, request, received_ns))
             if queue:
                 ready.append(link)
             else:
                 link.ready = False
+        ready.extend(held)
         self._queued -= len(batch)
         return batch
+
+    def _free_held(self, held: list[Link]) -> bool:
+        """Give held links back to the round once something was taken; False if none is free."""
+        free = [link for link in held if not self._older_queued(link.queue[0][2], link, held)]
+        if not free:
+            return False
+        for link in free:
+            held.remove(link)
+            self._ready.append(link)
+        return True
+
+    def _older_queued(self, received_ns: int, link: Link, held: list[Link]) -> bool:
+        """Whether a request that arrived before `received_ns` waits on another link."""
+        return any(
+            other is not link and other.queue[0][2] < received_ns
+            for others in (self._ready, held)
+            for other in others
+        )
 
     def _answer_late(self, late_before: int) -> None:
         """Answer 91 to the requests that arrived before `late_before` (each link's oldest, at

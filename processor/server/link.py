@@ -113,6 +113,10 @@ class Link(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._turn(data, time.perf_counter_ns())
 
+    def _continue(self, received_ns: int) -> None:
+        if not self._daemon.stopping:
+            self._turn(b"", received_ns)
+
     def _turn(self, data: bytes, received_ns: int) -> None:
         """Frame and hand on at most a turn's share of what the link sent; when more may be
         buffered, pause reading and take the next share in the next turn of the loop.
@@ -143,12 +147,14 @@ class Link(asyncio.Protocol):
                 on_message(self, header, message, received_ns)
         finally:
             self._write_output()
-        more = len(frames) == share and self.open
-        if more:
-            asyncio.get_running_loop().call_soon(self._turn, b"", received_ns)
-        if more != self._paused_for_backlog:
-            self._paused_for_backlog = more
-            self._update_reading()
+            # Stopping: what is still framed was never decoded, so nothing of it was applied;
+            # the network repeats it elsewhere. Drain answers what was queued before.
+            more = len(frames) == share and self.open and not self._daemon.stopping
+            if more:
+                asyncio.get_running_loop().call_soon(self._continue, received_ns)
+            if more != self._paused_for_backlog:
+                self._paused_for_backlog = more
+                self._update_reading()
 
     def _write_output(self) -> None:
         output, self._output = self._output, None
@@ -224,6 +230,7 @@ class Link(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
+            self._write_output()  # answers of this turn so far leave before the link closes
             self.transport.close()
 
     def _update_reading(self) -> None:

@@ -224,6 +224,28 @@ def test_batches_take_requests_round_robin_across_links(tmp_path: Path) -> None:
     daemon.ledger.close()
 
 
+def test_a_reversal_on_another_link_is_never_decided_before_its_original(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path)
+    busy, busy_transport = new_link(daemon), FakeTransport()
+    other, other_transport = new_link(daemon), FakeTransport()
+    original_data = f"0100{3:06d}1124101010{'123456':0>11}{'0' * 11}"  # stan 3 of the busy link
+
+    def body() -> None:
+        busy.connection_made(busy_transport)  # type: ignore[arg-type]
+        other.connection_made(other_transport)  # type: ignore[arg-type]
+        busy.data_received(b"".join(auth_frame(stan) for stan in range(1, 4)))
+        # Round-robin alone would take it second, before stan 3 it reverses.
+        other.data_received(auth_frame(3, **{"t": "0400", "90": original_data}))
+
+    run(body)
+    [reversal] = other_transport.frames()
+    assert (reversal["t"], reversal["39"]) == ("0410", "00")
+    with daemon.ledger.read() as reader:
+        account = reader.account("demo-main")
+        assert account is not None and account.held == 200  # stans 1 and 2; 3 was reversed
+    daemon.ledger.close()
+
+
 def test_a_read_of_many_frames_is_decoded_a_share_per_turn(tmp_path: Path) -> None:
     from processor import limits
 
