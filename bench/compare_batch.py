@@ -91,6 +91,16 @@ def fresh_requests(
     return requests
 
 
+def load_file(pans: list[str]) -> str:
+    """A ledger load file: one well-funded EUR account per PAN, each with its card."""
+    return "".join(
+        f'[[accounts]]\nid = "bench-{index}"\ncurrency = "EUR"\n'
+        "balance = 100000000000000\n"
+        f'[[cards]]\npan = "{pan}"\naccount = "bench-{index}"\nexpiry = "3012"\n'
+        for index, pan in enumerate(pans)
+    )
+
+
 def written_bytes() -> int:
     """Bytes this process has sent to storage so far (Linux /proc/self/io): LMDB writes each
     dirtied page at commit, so this counts pages per request, free of the machine's noise."""
@@ -112,14 +122,7 @@ def main() -> int:
     bytes_per_request: list[float] = []
     with tempfile.TemporaryDirectory() as scratch:
         source = Path(scratch) / "ledger.toml"
-        source.write_text(
-            "".join(
-                f'[[accounts]]\nid = "bench-{index}"\ncurrency = "EUR"\n'
-                "balance = 100000000000000\n"
-                f'[[cards]]\npan = "{pan}"\naccount = "bench-{index}"\nexpiry = "3012"\n'
-                for index, pan in enumerate(pans)
-            )
-        )
+        source.write_text(load_file(pans))
         ledger = Ledger(
             Path(scratch) / "ledger",
             durability=durability,  # type: ignore[arg-type]

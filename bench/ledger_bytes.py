@@ -20,7 +20,7 @@ import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from compare_batch import BATCH, fresh_requests, pan_of, rules  # bench/ is on sys.path
+from compare_batch import BATCH, fresh_requests, load_file, pan_of, rules  # bench/ is on sys.path
 
 from processor.authorizer import Authorizer
 from processor.ledger.load import load_path
@@ -55,14 +55,7 @@ def main() -> int:
     now = datetime(2026, 11, 24, 12, tzinfo=UTC)
     with tempfile.TemporaryDirectory() as scratch:
         source = Path(scratch) / "ledger.toml"
-        source.write_text(
-            "".join(
-                f'[[accounts]]\nid = "bench-{index}"\ncurrency = "EUR"\n'
-                "balance = 100000000000000\n"
-                f'[[cards]]\npan = "{pan}"\naccount = "bench-{index}"\nexpiry = "3012"\n'
-                for index, pan in enumerate(pans)
-            )
-        )
+        source.write_text(load_file(pans))
         ledger = Ledger(Path(scratch) / "ledger", durability="process", map_size_bytes=32 << 30)
         load_path(ledger, source, hasher)
         authorizer = Authorizer(ledger, hasher, rules(), hold_lifetime_seconds=604800)
