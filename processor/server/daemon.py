@@ -134,13 +134,7 @@ class Daemon:
 
     def _link_line(self, link: Link, kind: str, message: str) -> None:
         """A link's opening or closing, at INFO, within its peer address's budget."""
-        suppressed = link.log_budget.allow(kind, time.monotonic(), limits.log_link_lines_burst)
-        if suppressed is None:
-            self.metrics.log_lines_suppressed.labels(kind).inc()
-            return
-        if suppressed:
-            message += f" ({suppressed} more like it left out)"
-        log.info(message, link.peer)
+        self._peer_line(link, logging.INFO, kind, limits.log_link_lines_burst, message)
 
     def links_refused(self, listener: Listener, reason: str, count: int, peer: str) -> None:
         """Count `count` links refused for `reason` (the latest from `peer`); log within a
@@ -230,7 +224,7 @@ class Daemon:
             return
         link.decoded_any = True
         if isinstance(request, AuthorizationRequest):
-            if link.sign_on_required and not link.signed_on:
+            if link.listener.config.sign_on_required and not link.signed_on:
                 self._refuse_before_sign_on(link, header, request, received_ns)
                 return
             if request.message_class not in ADVICE_CLASSES and (
@@ -288,13 +282,21 @@ class Daemon:
 
     def _peer_warning(self, link: Link, kind: str, message: str, *args: object) -> None:
         """A warning caused by what a peer sent, within its address's log budget for the kind."""
-        suppressed = link.log_budget.allow(kind, time.monotonic())
+        burst = limits.log_lines_per_kind_burst
+        self._peer_line(link, logging.WARNING, kind, burst, "link %s: " + message, *args)
+
+    def _peer_line(
+        self, link: Link, level: int, kind: str, burst: int, message: str, *args: object
+    ) -> None:
+        """Log `message` (its first argument the link's peer) within the address's budget;
+        a line left out is counted in processor_log_lines_suppressed_total{kind}."""
+        suppressed = link.log_budget.allow(kind, time.monotonic(), burst)
         if suppressed is None:
             self.metrics.log_lines_suppressed.labels(kind).inc()
             return
         if suppressed:
             message += f" ({suppressed} more like it left out)"
-        log.warning("link %s: " + message, link.peer, *args)
+        log.log(level, message, link.peer, *args)
 
     def _bad_message(self, link: Link) -> None:
         if link.bad_message(time.monotonic()):

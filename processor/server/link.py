@@ -3,9 +3,9 @@
 Fair to the other links: a link frames and decodes at most `limits.frames_per_turn_max` frames
 per turn of the event loop (the rest waits in the framer, reading paused, for the next turn),
 and its undecided requests wait in a queue of its own, from which the daemon fills batches
-round-robin. Flow control:
-reading pauses while the peer is not reading our responses (transport write buffer over its
-high-water mark), and while an advice waits beyond the link's queue limit. The answers a turn
+round-robin. Flow control: reading pauses while the peer is not reading our responses
+(transport write buffer over its high-water mark), and while an advice waits beyond the link's
+queue limit. The answers a turn
 produces at once (echoes, format errors, 91s) leave in one write.
 Each link belongs to a Listener, whose dialect (framing, header, bitmap) it speaks.
 """
@@ -66,7 +66,6 @@ class Link(asyncio.Protocol):
         "peer_address",
         "queue",
         "ready",
-        "sign_on_required",
         "signed_on",
         "transport",
     )
@@ -93,7 +92,6 @@ class Link(asyncio.Protocol):
         self.ready = False  # in the daemon's round-robin of links with queued requests
         self._output: list[bytes] | None = None  # answers collected during a turn, else None
         self._paused_for_backlog = False
-        self.sign_on_required = config.sign_on_required  # financial traffic waits for it
         self._paused_for_in_flight = False
         self._paused_for_writes = False
 

@@ -39,9 +39,7 @@ def replayed_response(
 
     Answers stored before schema 3 kept every field but the PAN; theirs win, and are equal.
     """
-    fields: dict[str, str] = {k: echo[k] for k in ("2", "7", "11") if k in echo}
-    fields["t"] = response_mti(mti)
-    fields["39"] = code
+    fields = reply_fields({k: echo[k] for k in ("2", "7", "11") if k in echo}, mti, code)
     fields.update(stored)
     return fields
 
