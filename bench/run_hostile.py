@@ -162,7 +162,12 @@ def start_peer(kind: str, port: int, seconds: float, cards: int) -> subprocess.P
 
 def measure(args: argparse.Namespace) -> int:
     build_loadgen()
-    config_text = daemon_config("fsync", 4 << 30)
+    config_text = daemon_config(
+        "fsync",
+        4 << 30,
+        batch_size_max=args.batch_size_max,
+        batch_seconds_max=args.batch_seconds_max,
+    )
     report: Json = {"arguments": vars(args), "rows": []}
     with tempfile.TemporaryDirectory(prefix="run_hostile-") as scratch_name:
         scratch = Path(scratch_name)
@@ -307,6 +312,15 @@ def main() -> int:
     parser.add_argument("--overload", type=float, default=0.0, help="open-loop rate; 0: none")
     parser.add_argument("--links", type=int, default=8, help="links of the overload run")
     parser.add_argument("--json", help="also write everything as JSON to this file")
+    parser.add_argument(
+        "--batch-size-max", type=int, default=0, help="the daemon's ledger.batch_size_max"
+    )
+    parser.add_argument(
+        "--batch-seconds-max",
+        type=float,
+        default=None,
+        help="the daemon's server.batch_seconds_max (default: the daemon's own)",
+    )
     return measure(parser.parse_args())
 
 

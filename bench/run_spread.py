@@ -110,13 +110,23 @@ def load_file_text(pans: list[str]) -> str:
     return "".join(lines)
 
 
-def daemon_config(durability: str, map_size_bytes: int, workers: int = 1) -> str:
-    # [server] only when asked for: an older tree, measured as the baseline, has no such key.
-    server = f"[server]\nworkers = {workers}\n" if workers > 1 else ""
+def daemon_config(
+    durability: str,
+    map_size_bytes: int,
+    workers: int = 1,
+    batch_size_max: int = 0,
+    batch_seconds_max: float | None = None,
+) -> str:
+    # Keys only when asked for: an older tree, measured as the baseline, may not have them.
+    server = f"workers = {workers}\n" if workers > 1 else ""
+    if batch_seconds_max is not None:
+        server += f"batch_seconds_max = {batch_seconds_max}\n"
+    batch = f"batch_size_max = {batch_size_max}\n" if batch_size_max else ""
     return (
-        f'{server}[ledger]\ndurability = "{durability}"\n'
-        f"map_size_bytes = {map_size_bytes}\n"
-        '[log]\nlevel = "warning"\n'
+        (f"[server]\n{server}" if server else "")
+        + f'[ledger]\ndurability = "{durability}"\n'
+        + f"map_size_bytes = {map_size_bytes}\n{batch}"
+        + '[log]\nlevel = "warning"\n'
     )
 
 
@@ -604,6 +614,12 @@ def main() -> int:
     parser.add_argument("--durability", default="fsync", choices=("fsync", "process"))
     parser.add_argument("--workers", type=int, default=1, help="daemon server.workers")
     parser.add_argument(
+        "--batch-seconds-max",
+        type=float,
+        default=None,
+        help="the daemon's server.batch_seconds_max (default: the daemon's own)",
+    )
+    parser.add_argument(
         "--loader",
         default="direct",
         choices=("direct", "cli"),
@@ -643,7 +659,12 @@ def main() -> int:
         "arguments": vars(args),
         "loadgen_build_seconds": build_seconds,
     }
-    config_text = daemon_config(args.durability, args.map_size_gib << 30, args.workers)
+    config_text = daemon_config(
+        args.durability,
+        args.map_size_gib << 30,
+        args.workers,
+        batch_seconds_max=args.batch_seconds_max,
+    )
     with tempfile.TemporaryDirectory(prefix="run_spread-", dir=args.scratch) as scratch_name:
         scratch = Path(scratch_name)
         ledger = scratch / "ledger"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,6 +128,9 @@ class Ledger:
             raise LedgerError(f"ledger {self.path}: cannot open: {error}") from None
         self.durability = durability
         self.migrated_from: bytes | None = None  # the schema this open migrated from, if any
+        # How long the latest write transaction's commit took (its fsync, with durability
+        # fsync): batches are paced by it (processor/server/pacing.py).
+        self.last_commit_seconds = 0.0
         self._codecs = _Codecs()
         if not readonly:
             # Reader slots of processes that died (kill -9) would pin old pages forever.
@@ -220,7 +224,9 @@ class Ledger:
         try:
             yield writer
             writer.flush()
+            started = time.perf_counter()
             txn.commit()
+            self.last_commit_seconds = time.perf_counter() - started
         except BaseException:
             txn.abort()
             raise

@@ -30,6 +30,7 @@ from processor.metrics import Metrics
 from processor.security import PanHasher
 from processor.server.acceptor import REFUSAL_REASONS, Acceptor, Reserve
 from processor.server.link import Link, Listener, Queued
+from processor.server.pacing import Pacer
 from processor.wire.dialect import framing_cause, undecodable_cause
 from processor.wire.errors import FramingError, InvalidMessage, UndecodableMessage, WireError
 from processor.wire.messages import AuthorizationRequest, NetworkManagementRequest
@@ -42,8 +43,6 @@ Pending = tuple[Link, bytes, AuthorizationRequest, int]
 # Requests that refer to an earlier one (its original): never decided before a request that
 # arrived before them on another link.
 FOLLOW_UP_CLASSES: Final = frozenset(("0400", "0420", "0220"))
-# Batches at least this large measure the time per request for admission at arrival.
-ADMISSION_SAMPLE_BATCH_MIN = 32
 
 
 class Daemon:
@@ -85,15 +84,16 @@ class Daemon:
         # Links with requests queued, in turn: batches take one request per link per round.
         self._ready: deque[Link] = deque()
         self._queued = 0  # requests queued on all links
-        # Seconds a batch takes per request it holds, measured on large batches (moving
-        # average): how long the queue would take to decide, for admission at arrival.
-        self._seconds_per_request = 0.0
+        # Batch sizes bounded in time, and how long the queue would take to decide (for
+        # admission at arrival), both from what batches measure.
+        self._pacer = Pacer(
+            config.ledger.batch_size_max, config.server.batch_seconds_max, limits.batch_size_min
+        )
         self._admission_seconds = (
             config.server.decision_deadline_seconds * limits.admission_deadline_share
         )
         self._commands: list[tuple[Command, asyncio.Future[object]]] = []
         self._flush_scheduled = False
-        self._batch_size_max = config.ledger.batch_size_max
         self._deadline_ns = int(config.server.decision_deadline_seconds * 1e9)
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._supervision_handle: asyncio.TimerHandle | None = None
@@ -228,8 +228,7 @@ class Daemon:
                 self._refuse_before_sign_on(link, header, request, received_ns)
                 return
             if request.message_class not in ADVICE_CLASSES and (
-                link.queue_full
-                or self._queued * self._seconds_per_request > self._admission_seconds
+                link.queue_full or self._pacer.queue_seconds(self._queued) > self._admission_seconds
             ):
                 # It could not be decided within the deadline: 91 now, while the network can
                 # still act on it, rather than after the deadline (or never, from a full queue).
@@ -380,7 +379,7 @@ class Daemon:
         if not self._queued and not self._commands:
             return
         self._answer_late(time.perf_counter_ns() - self._deadline_ns)
-        batch = self._take(self._batch_size_max)
+        batch = self._take(self._pacer.size)
         commands = self._commands[: limits.commands_per_batch_max]
         del self._commands[: limits.commands_per_batch_max]
         if self._queued or self._commands:
@@ -417,9 +416,8 @@ class Daemon:
                 future.set_result(result)
         elapsed = time.perf_counter() - started
         self.metrics.commit_seconds.observe(elapsed)
-        if len(batch) >= ADMISSION_SAMPLE_BATCH_MIN:
-            # Large batches only: the time per request of a small one is mostly its fsync.
-            self._seconds_per_request += 0.2 * (elapsed / len(batch) - self._seconds_per_request)
+        commit = min(self.ledger.last_commit_seconds, elapsed)  # stale if the batch failed
+        self._pacer.measured(len(batch), elapsed - commit, commit)
         if self.on_commit is not None:
             self.on_commit()
         if batch:  # a batch of control-API commands only is not a batch of requests

@@ -66,12 +66,17 @@ class FakeTransport:
         return out
 
 
-def make_daemon(tmp_path: Path, **listener: object) -> Daemon:
+def make_daemon(
+    tmp_path: Path, batch_size_max: int = 256, batch_seconds_max: float = 0.005, **listener: object
+) -> Daemon:
     config = Config()
     config = msgspec.structs.replace(
         config,
         listeners=(msgspec.structs.replace(config.listeners[0], **listener),),
-        ledger=msgspec.structs.replace(config.ledger, path=str(tmp_path), durability="process"),
+        ledger=msgspec.structs.replace(
+            config.ledger, path=str(tmp_path), durability="process", batch_size_max=batch_size_max
+        ),
+        server=msgspec.structs.replace(config.server, batch_seconds_max=batch_seconds_max),
     )
     hasher = PanHasher(b"protocol-test-key")
     ledger = Ledger(tmp_path, durability="process", map_size_bytes=64 << 20)
@@ -134,9 +139,7 @@ def test_frames_arriving_together_commit_once_and_write_once(tmp_path: Path) -> 
 
 
 def test_batches_are_bounded(tmp_path: Path) -> None:
-    config_batch = 4
-    daemon = make_daemon(tmp_path)
-    daemon._batch_size_max = config_batch
+    daemon = make_daemon(tmp_path, batch_size_max=4)
     link, transport = new_link(daemon), FakeTransport()
 
     def body() -> None:
@@ -198,8 +201,7 @@ def test_an_advice_past_the_queue_limit_is_queued_and_pauses_reading(tmp_path: P
 
 
 def test_batches_take_requests_round_robin_across_links(tmp_path: Path) -> None:
-    daemon = make_daemon(tmp_path)
-    daemon._batch_size_max = 4
+    daemon = make_daemon(tmp_path, batch_size_max=4)
     greedy, greedy_transport = new_link(daemon), FakeTransport()
     quiet, quiet_transport = new_link(daemon), FakeTransport()
     order: list[str] = []
@@ -271,9 +273,9 @@ def test_a_read_of_many_frames_is_decoded_a_share_per_turn(tmp_path: Path) -> No
 def test_admission_answers_91_when_the_queue_would_outlast_the_deadline(tmp_path: Path) -> None:
     daemon = make_daemon(tmp_path)
     link, transport = new_link(daemon), FakeTransport()
-    # As if large batches had measured 0.5 s per request: the deadline (1.5 s) admits a queue
-    # of two requests (two thirds of the deadline would then be spent).
-    daemon._seconds_per_request = 0.5
+    # As if batches had measured 0.5 s per request and commits of no time: the deadline (1.5 s)
+    # admits a queue of two requests (two thirds of the deadline would then be spent).
+    daemon._pacer._apply_per_request = 0.5
 
     def body() -> None:
         link.connection_made(transport)  # type: ignore[arg-type]
@@ -716,8 +718,10 @@ def test_an_idle_link_is_closed_and_any_message_keeps_it_alive(tmp_path: Path) -
     run(body)
     assert chatty.last_received > quiet.last_received  # the echo test was seen
     # A round clock from here: with monotonic()'s value, (start + 300.0) - start may come out
-    # as 299.99999999999994 and the link would not be idle yet.
+    # as 299.99999999999994 and the link would not be idle yet. Both links on it: monotonic()
+    # counts from boot, so a machine up for less than a quarter of an hour read below it.
     start = quiet.last_received = 1000.0
+    chatty.last_received = start + 1.0
     assert daemon.close_stalled_links(start + 299.0) == 0
     chatty.last_received = start + 250.0  # an echo test 250 s in
     assert daemon.close_stalled_links(start + 300.0) == 1
