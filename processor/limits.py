@@ -33,6 +33,10 @@ in_flight_per_link_max: Final = 1024
 # Frames of one link decoded per turn of the event loop: a link that sent more in one read
 # waits, reading paused, for the next turn, so a flood on one link cannot hold up the others.
 frames_per_turn_max: Final = 256
+# ... and at most about this long (checked every frames_per_chunk frames): a turn's frames cost
+# from 2 us (an echo) to tens (a request decoded, queued or refused, a bad message logged).
+turn_seconds_max: Final = 0.001
+frames_per_chunk: Final = 32
 # Admission: a request is answered 91 at once when the queue ahead of it would take longer than
 # this share of server.decision_deadline_seconds to decide, at the measured time per request.
 admission_deadline_share: Final = 0.8

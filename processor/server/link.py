@@ -35,6 +35,8 @@ Queued = tuple[bytes, "AuthorizationRequest", int]
 
 log = logging.getLogger("processor.link")
 
+_TURN_NS = int(limits.turn_seconds_max * 1e9)
+
 
 class Listener:
     """What the links of one configured listener share: its settings and its codec."""
@@ -119,35 +121,51 @@ class Link(asyncio.Protocol):
         """Frame and hand on at most a turn's share of what the link sent; when more may be
         buffered, pause reading and take the next share in the next turn of the loop.
 
-        The share bounds the framing work too, not only decoding: a read of 64 KiB of
-        zero-length frames is 32,768 frames, which framing all at once held the loop for
-        hundreds of milliseconds. `received_ns` stays the time of the read that brought them.
+        A share is bounded in count (`limits.frames_per_turn_max`) and in time
+        (`limits.turn_seconds_max`, checked every `limits.frames_per_chunk` frames): what the
+        frames cost varies (an echo, a 91, a request queued, a bad message logged), and what
+        another link waits for is the time. The share bounds the framing work too, not only
+        decoding: a read of 64 KiB of zero-length frames is 32,768 frames, which framing all at
+        once held the loop for hundreds of milliseconds. `received_ns` stays the time of the
+        read that brought them.
         """
         now = self.last_received = time.monotonic()
+        started_ns = time.perf_counter_ns()
+        chunk = limits.frames_per_chunk
         share = limits.frames_per_turn_max
-        try:
-            frames = self.framer.feed(data, share)
-        except FramingError as error:
-            self._daemon.framing_error(self, error)
-            return
-        if self.framer.buffered_bytes:
-            if self.partial_since is None or frames:
-                self.partial_since = now  # the frame still buffered began in this read
-        else:
-            self.partial_since = None
+        daemon = self._daemon
+        on_message = daemon.on_message
+        framer = self.framer
+        taken = 0
+        more = False
         self._output = []
         try:
-            on_message = self._daemon.on_message
-            transport = self.transport
-            for header, message in frames:
-                if transport is None or transport.is_closing():
-                    break  # closed (bad-message budget): apply nothing that cannot be answered
-                on_message(self, header, message, received_ns)
+            while True:
+                try:
+                    frames = framer.feed(data, chunk)
+                except FramingError as error:
+                    daemon.framing_error(self, error)
+                    return
+                data = b""
+                taken += len(frames)
+                transport = self.transport
+                for header, message in frames:
+                    if transport is None or transport.is_closing():
+                        break  # closed (bad-message budget): apply nothing that cannot be answered
+                    on_message(self, header, message, received_ns)
+                if len(frames) < chunk or not self.open or daemon.stopping:
+                    break
+                if taken >= share or time.perf_counter_ns() - started_ns > _TURN_NS:
+                    # Stopping: what is still framed was never decoded, so nothing of it was
+                    # applied; the network repeats it elsewhere. Drain answers what was queued.
+                    more = True
+                    break
         finally:
+            if not framer.buffered_bytes:
+                self.partial_since = None
+            elif self.partial_since is None or taken:
+                self.partial_since = now  # the frame still buffered began in this read
             self._write_output()
-            # Stopping: what is still framed was never decoded, so nothing of it was applied;
-            # the network repeats it elsewhere. Drain answers what was queued before.
-            more = len(frames) == share and self.open and not self._daemon.stopping
             if more:
                 asyncio.get_running_loop().call_soon(self._continue, received_ns)
             if more != self._paused_for_backlog:

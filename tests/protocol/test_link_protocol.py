@@ -248,9 +248,18 @@ def test_a_reversal_on_another_link_is_never_decided_before_its_original(tmp_pat
     daemon.ledger.close()
 
 
-def test_a_read_of_many_frames_is_decoded_a_share_per_turn(tmp_path: Path) -> None:
+@pytest.mark.parametrize("turn_ns", [10**12, 0])
+def test_a_read_of_many_frames_is_decoded_a_share_per_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, turn_ns: int
+) -> None:
     from processor import limits
+    from processor.server import link as link_module
 
+    # A turn's share: frames_per_turn_max frames, or fewer once turn_seconds_max has passed
+    # (checked after each chunk). The clock is taken out of it: all the time there is, or none
+    # (one chunk per turn).
+    monkeypatch.setattr(link_module, "_TURN_NS", turn_ns)
+    share = limits.frames_per_turn_max if turn_ns else limits.frames_per_chunk
     daemon = make_daemon(tmp_path)
     link, transport = new_link(daemon), FakeTransport()
     count = limits.frames_per_turn_max * 2 + 5
@@ -261,9 +270,9 @@ def test_a_read_of_many_frames_is_decoded_a_share_per_turn(tmp_path: Path) -> No
         link.data_received(b"".join(echo_frame(stan) for stan in range(1, count + 1)))
         after_read.append((len(transport.frames()), transport.reading))
 
-    run(body)
+    run(body, turns=count // share + 2)
     # One turn's share answered at once, in one write; reading paused while the rest waits.
-    assert after_read == [(limits.frames_per_turn_max, False)]
+    assert after_read == [(share, False)]
     assert len(transport.writes[0]) > 0 and len(transport.frames()) == count
     assert [f["11"] for f in transport.frames()] == [f"{s:06d}" for s in range(1, count + 1)]
     assert transport.reading
