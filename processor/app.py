@@ -27,6 +27,7 @@ from processor.server.daemon import (
     EXIT_SOFTWARE,
     Daemon,
     StartupError,
+    accept_http,
     drain,
     listen,
     start_listeners,
@@ -114,7 +115,9 @@ async def serve(settings: StartSettings) -> int:
     sockets = []
     try:
         for each in config.listeners:
-            sockets.append(listen(each.host, each.port, shared=shared, name=each.name))
+            sockets.append(
+                listen(each.host, each.port, shared=shared, name=f"listener {each.name}")
+            )
     except StartupError:
         for sock in sockets:
             sock.close()
@@ -126,13 +129,9 @@ async def serve(settings: StartSettings) -> int:
 
         pool = WorkerPool(config, sockets, metrics.workers)
         await pool.start()
-    try:
-        http_runner, http_port = await start_http(
-            config.http.host, config.http.port, daemon, settings.api_token
-        )
-    except OSError as error:
-        where = f"{config.http.host}:{config.http.port}"
-        raise StartupError(f"cannot listen on {where} (HTTP): {error.strerror}") from None
+    http_socket = listen(config.http.host, config.http.port, name="HTTP")
+    http_port = http_socket.getsockname()[1]  # with port 0 the OS picked one
+    http_runner = await start_http(accept_http(daemon, http_socket), daemon, settings.api_token)
     with ledger.read() as reader:
         accounts = reader.account_count()
     workers = f", {config.server.workers} worker processes" if pool is not None else ""

@@ -138,6 +138,13 @@ class Metrics:
             ["listener", "reason"],
             registry=r,
         )
+        self.http_connections_refused = Counter(
+            "processor_http_connections_refused",
+            "Connections to the HTTP port accepted and closed at once: no file descriptor left"
+            " (open_files_limit, system_open_files_limit)",
+            ["reason"],
+            registry=r,
+        )
         self.log_lines_suppressed = Counter(
             "processor_log_lines_suppressed",
             "Warnings a peer caused that were left out of the log (a link's budget per kind)",

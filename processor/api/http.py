@@ -14,7 +14,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgspec
 from aiohttp import web
@@ -296,23 +296,33 @@ class JsonErrorRequestHandler(web.RequestHandler):
         return response
 
 
+class Accepting(Protocol):
+    """The accepting side of the HTTP port, as the composition root provides it: connections
+    on a listening socket, each served by the protocol the factory makes, and closed with
+    `close()` (processor/server/acceptor.py, which also counts connections refused at the
+    open-files limit)."""
+
+    def close(self) -> None: ...
+
+
+# Starts accepting connections for the protocol factory; returns how to stop.
+Accept = Callable[[Callable[[], asyncio.Protocol]], Accepting]
+
+
 class HttpPort:
     """The side port: aiohttp's app runner, its connections served by JsonErrorRequestHandler."""
 
-    def __init__(self, runner: web.AppRunner, server: asyncio.AbstractServer, port: int):
+    def __init__(self, runner: web.AppRunner, accepting: Accepting):
         self._runner = runner
-        self._server = server
-        self.port = port
+        self._accepting = accepting
 
     async def cleanup(self) -> None:
-        self._server.close()  # no new connections; the runner then closes the open ones
-        await self._server.wait_closed()
+        self._accepting.close()  # no new connections; the runner then closes the open ones
         await self._runner.cleanup()
 
 
-async def start_http(
-    host: str, port: int, daemon: Processor, api_token: str | None
-) -> tuple[HttpPort, int]:
+async def start_http(accept: Accept, daemon: Processor, api_token: str | None) -> HttpPort:
+    """Serve the app on the connections `accept` hands over."""
     runner = web.AppRunner(build_app(daemon, api_token), access_log=None)
     await runner.setup()
     manager = runner.server
@@ -327,9 +337,8 @@ async def start_http(
         return JsonErrorRequestHandler(manager, malformed=malformed, loop=loop, access_log=None)
 
     try:
-        server = await loop.create_server(connection, host, port)
-    except OSError:
+        accepting = accept(connection)
+    except BaseException:
         await runner.cleanup()
         raise
-    bound = server.sockets[0].getsockname()  # with port 0 the OS picked one
-    return HttpPort(runner, server, int(bound[1])), int(bound[1])
+    return HttpPort(runner, accepting)

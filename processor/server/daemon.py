@@ -40,6 +40,7 @@ log = logging.getLogger("processor.daemon")
 EXIT_SOFTWARE = 70  # sysexits.h EX_SOFTWARE: an internal error (a failed assertion) stopped us
 
 Pending = tuple[Link, bytes, AuthorizationRequest, int]
+ProtocolFactory = Callable[[], asyncio.Protocol]
 # Requests that refer to an earlier one (its original): never decided before a request that
 # arrived before them on another link.
 FOLLOW_UP_CLASSES: Final = frozenset(("0400", "0420", "0220"))
@@ -140,6 +141,15 @@ class Daemon:
         """Count `count` links refused for `reason` (the latest from `peer`); log within a
         budget, so a flood of refusals writes a few lines that say how many."""
         self.metrics.links_closed.labels(listener.name, reason).inc(count)
+        self._refusal_line(f"link(s) refused on listener {listener.name}", reason, count, peer)
+
+    def http_connections_refused(self, reason: str, count: int, peer: str) -> None:
+        """The HTTP port's connections refused at the open-files limit: counted and logged
+        like links (a scraper or the programme's backend is being turned away)."""
+        self.metrics.http_connections_refused.labels(reason).inc(count)
+        self._refusal_line("HTTP connection(s) refused", reason, count, peer)
+
+    def _refusal_line(self, what: str, reason: str, count: int, peer: str) -> None:
         suppressed = self._refusal_log.allow(reason, time.monotonic())
         if suppressed is None:
             self.metrics.log_lines_suppressed.labels(reason).inc()
@@ -148,10 +158,10 @@ class Daemon:
         if reason in REFUSAL_REASONS.values():
             soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
             log.warning(
-                "%d link(s) refused on listener %s (latest from %s): %s, no file descriptor "
-                "left (open files limit %d); accepting again once links close%s",
+                "%d %s (latest from %s): %s, no file descriptor left (open files limit %d); "
+                "accepting again once connections close%s",
                 count,
-                listener.name,
+                what,
                 peer,
                 reason,
                 soft,
@@ -592,10 +602,13 @@ def listen(host: str, port: int, *, shared: bool = False, name: str = "") -> soc
     new link to one of them, spread by address, where processes accepting on one shared socket
     race and the first awake takes a whole burst of links.
     """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # an IPv6 literal
     try:
-        listener = socket.create_server((host, port), backlog=limits.links_max, reuse_port=shared)
+        listener = socket.create_server(
+            (host, port), family=family, backlog=limits.links_max, reuse_port=shared
+        )
     except OSError as error:
-        which = f" (listener {name})" if name else ""
+        which = f" ({name})" if name else ""
         raise StartupError(f"cannot listen on {host}:{port}{which}: {error.strerror}") from None
     listener.setblocking(False)
     return listener
@@ -617,6 +630,25 @@ async def start_listeners(daemon: Daemon, sockets: list[socket.socket]) -> list[
         acceptor.start()
         acceptors.append(acceptor)
     return acceptors
+
+
+def accept_http(daemon: Daemon, sock: socket.socket) -> Callable[[ProtocolFactory], Acceptor]:
+    """How the HTTP port accepts: like the listeners (processor/server/acceptor.py), so that
+    connections refused at the open-files limit are counted and logged there too, with a
+    reserve descriptor of its own."""
+
+    def accept(protocol_factory: ProtocolFactory) -> Acceptor:
+        acceptor = Acceptor(
+            asyncio.get_running_loop(),
+            sock,
+            protocol_factory,
+            Reserve(),
+            daemon.http_connections_refused,
+        )
+        acceptor.start()
+        return acceptor
+
+    return accept
 
 
 def _link_factory(daemon: Daemon, listener: Listener) -> Callable[[], Link]:

@@ -107,6 +107,8 @@ def test_links_refused_at_the_open_files_limit_are_counted_and_accepting_resumes
             assert extra.is_closed_by_peer()
             extra.close()
             refused += 1
+        # The HTTP port is out of descriptors too: its connections are refused the same way.
+        assert _http_answer(running) == b""
         # The links it has are served all the while.
         assert links[0].exchange(echo_test())["39"] == "00"
         assert links[-1].exchange(echo_test())["39"] == "00"
@@ -120,13 +122,26 @@ def test_links_refused_at_the_open_files_limit_are_counted_and_accepting_resumes
         metrics = scrape(running)
         series = 'processor_links_closed_total{listener="network",reason="open_files_limit"}'
         assert sample(metrics, series) == refused
+        series = 'processor_http_connections_refused_total{reason="open_files_limit"}'
+        assert sample(metrics, series) >= 1  # and the scrape itself was then served
         log = running.stderr()
         assert "refused on listener network" in log and "open files limit 64" in log
+        assert "HTTP connection(s) refused" in log
         assert "Traceback" not in log
     finally:
         for link in links:
             link.close()
         running.stop()
+
+
+def _http_answer(running: RunningDaemon) -> bytes:
+    """What a GET /healthz gets back on a connection of its own (b"": closed unanswered)."""
+    with socket.create_connection(("127.0.0.1", running.http_port), timeout=5) as sock:
+        try:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return sock.recv(4096)
+        except ConnectionResetError:
+            return b""
 
 
 def _connect_when_accepted(running: RunningDaemon) -> tuple[Link, int]:

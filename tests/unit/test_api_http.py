@@ -254,6 +254,7 @@ def test_malformed_requests_are_answered_in_json_logged_once_and_echo_nothing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from processor.api.http import start_http
+    from processor.server.daemon import accept_http, listen
 
     config = Config(ledger=LedgerConfig(path=str(tmp_path / "ledger"), durability="process"))
     ledger = Ledger(config.ledger.path, map_size_bytes=1 << 24, durability="process")
@@ -270,7 +271,9 @@ def test_malformed_requests_are_answered_in_json_logged_once_and_echo_nothing(
     answers: dict[str, bytes] = {}
 
     async def main() -> None:
-        port, bound = await start_http("127.0.0.1", 0, daemon, "s3cret-token-of-16+")
+        sock = listen("127.0.0.1", 0, name="HTTP")
+        bound = sock.getsockname()[1]
+        port = await start_http(accept_http(daemon, sock), daemon, "s3cret-token-of-16+")
         loop = asyncio.get_running_loop()
         try:
             for name, data in requests.items():

@@ -25,6 +25,7 @@ DASHBOARD_METRICS = {
     "processor_open_links",
     "processor_bad_messages",
     "processor_links_closed",
+    "processor_http_connections_refused",
     "processor_outbox_backlog",
     "processor_outbox_oldest_undelivered_seconds",
     "processor_webhook_delivery_seconds",
