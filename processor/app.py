@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 
 from processor.api.http import start_http
 from processor.config import Config, ConfigError
@@ -38,7 +37,7 @@ from processor.server.startup import (
     raise_open_files_limit,
     start_settings,
 )
-from processor.webhooks.dispatcher import Dispatcher
+from processor.webhooks.supervisor import DeliveryError, DeliveryProcess
 
 log = logging.getLogger("processor.daemon")
 
@@ -68,31 +67,26 @@ def open_ledger(config: Config, hasher: PanHasher, *, demo: bool = False) -> Led
     return ledger
 
 
-async def start_webhooks(config: Config, ledger: Ledger, metrics: Metrics) -> Dispatcher | None:
-    """The dispatcher for the configured endpoints; secrets from the environment, checked now."""
-    from processor.webhooks.dispatcher import Endpoint
-    from processor.webhooks.signing import SecretError, endpoint_secrets
-    from processor.webhooks.state import DeliveryState
+async def start_webhooks(config: Config, metrics: Metrics) -> DeliveryProcess | None:
+    """The webhook delivery process for the configured endpoints, once it delivers.
+
+    The signing secrets are checked here first, so a missing or unfit one stops the start with
+    the config error that names it (the process reads them again from the environment)."""
+    from processor.webhooks.dispatcher import configured_endpoints
+    from processor.webhooks.signing import SecretError
 
     if not config.webhooks.endpoints:
         return None
-    endpoints = []
-    for index, endpoint in enumerate(config.webhooks.endpoints):
-        try:
-            secrets = endpoint_secrets(endpoint, f"$.webhooks.endpoints[{index}]", os.environ)
-        except SecretError as error:
-            raise ConfigError(str(error)) from None
-        endpoints.append(Endpoint(endpoint, secrets))
-    state = DeliveryState(Path(config.ledger.path) / "webhooks")
-    dispatcher = Dispatcher(ledger, state, endpoints, config.webhooks, metrics)
-    await dispatcher.start()
-    names = ", ".join(e.config.name for e in endpoints)
-    disabled = ", ".join(sorted(dispatcher.disabled))
-    announce(
-        f"webhooks: {len(endpoints)} endpoint(s): {names}"
-        + (f" (disabled after a 410 Gone: {disabled})" if disabled else "")
-    )
-    return dispatcher
+    try:
+        configured_endpoints(config.webhooks, os.environ)
+    except SecretError as error:
+        raise ConfigError(str(error)) from None
+    delivery = DeliveryProcess(config, metrics.workers)
+    try:
+        await delivery.start()
+    except DeliveryError as error:
+        raise StartupError(str(error)) from None
+    return delivery
 
 
 def announce(text: str) -> None:
@@ -155,9 +149,9 @@ async def serve(settings: StartSettings) -> int:
     announce(
         f"ledger {config.ledger.path} (durability {config.ledger.durability}, {accounts} accounts)"
     )
-    dispatcher = await start_webhooks(config, ledger, metrics)
-    if dispatcher is not None:
-        daemon.on_commit = dispatcher.notify
+    delivery = await start_webhooks(config, metrics)
+    if delivery is not None:
+        daemon.on_commit = delivery.notify
     # Signal handlers before "ready": whoever waits for ready may stop us at once.
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -182,9 +176,8 @@ async def serve(settings: StartSettings) -> int:
     if pool is not None:
         await pool.stop()
     await http_runner.cleanup()  # the HTTP side port
-    if dispatcher is not None:
-        await dispatcher.stop()
-        dispatcher.state.close()
+    if delivery is not None:
+        await delivery.stop()
     ledger.close()
     announce("stopped" if exit_code == 0 else f"stopped after an assertion failed ({exit_code})")
     return exit_code

@@ -57,6 +57,10 @@ workers_max: Final = 16
 worker_start_seconds_max: Final = 30.0  # a worker that is not ready by then fails the start
 worker_report_seconds: Final = 1.0  # how often a worker sends its metrics to the primary
 worker_restarts_per_minute_max: Final = 5  # past this a crashing worker stays down (logged)
+# The webhook delivery process reports its metrics this often: how stale its part of /metrics
+# (backlog, delivery time, failures) may be.
+delivery_report_seconds: Final = 0.25
+delivery_wake_bytes_max: Final = 4096  # wakes read at once (each is one committed batch)
 worker_report_bytes_max: Final = 4 << 20  # a report larger than this is a bug: worker dropped
 
 # Group commit

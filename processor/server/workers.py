@@ -24,7 +24,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import sys
 import time
 from collections import deque
@@ -32,38 +31,11 @@ from collections import deque
 import msgspec
 
 from processor import limits
+from processor.channel import Report, receive_report, send_report
 from processor.config import Config
-from processor.metrics import Metrics, Sample, WorkerSamples
+from processor.metrics import Metrics, WorkerSamples
 
 log = logging.getLogger("processor.workers")
-
-_LENGTH = struct.Struct(">I")
-
-
-class WorkerReport(msgspec.Struct, frozen=True):
-    kind: str  # "ready" | "metrics"
-    samples: list[Sample] = []
-
-
-_encode_report = msgspec.msgpack.Encoder().encode
-_decode_report = msgspec.msgpack.Decoder(WorkerReport).decode
-
-
-async def _send(writer: asyncio.StreamWriter, report: WorkerReport) -> None:
-    body = _encode_report(report)
-    writer.write(_LENGTH.pack(len(body)) + body)
-    await writer.drain()
-
-
-async def _receive(reader: asyncio.StreamReader) -> WorkerReport | None:
-    """The next report, or None when the worker closed its end (it exited)."""
-    try:
-        length = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))[0]
-        if length > limits.worker_report_bytes_max:
-            raise ValueError(f"worker report of {length} bytes")
-        return _decode_report(await reader.readexactly(length))
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
 
 
 class WorkerError(Exception):
@@ -150,7 +122,7 @@ class WorkerPool:
         worker.reports = asyncio.create_task(self._read_reports(worker, reader))
 
     async def _read_reports(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
-        while (report := await _receive(reader)) is not None:
+        while (report := await receive_report(reader)) is not None:
             if report.kind == "ready":
                 worker.ready.set()
             elif report.kind == "metrics":
@@ -236,7 +208,7 @@ async def serve_worker(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     daemon.supervise()  # idle and stalled links (the hold sweeper stays in the primary)
-    await _send(writer, WorkerReport("ready"))
+    await send_report(writer, Report("ready"))
     log.info("worker %d: serving links", index)
 
     async def primary_gone() -> None:
@@ -249,12 +221,12 @@ async def serve_worker(
         try:
             await asyncio.wait_for(stop.wait(), limits.worker_report_seconds)
         except TimeoutError:
-            await _send(writer, WorkerReport("metrics", metrics.snapshot()))
+            await send_report(writer, Report("metrics", metrics.snapshot()))
     await drain(daemon, servers)
     ledger.close()
     watcher.cancel()
     try:
-        await _send(writer, WorkerReport("metrics", metrics.snapshot()))
+        await send_report(writer, Report("metrics", metrics.snapshot()))
         writer.close()
     except ConnectionError:
         pass  # the primary is gone: nobody to report to

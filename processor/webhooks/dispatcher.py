@@ -24,7 +24,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,7 +37,7 @@ from processor.ledger.records import OutboxRecord
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
 from processor.webhooks.policy import RETRY_AFTER_STATUSES, backoff_seconds, pause_seconds
-from processor.webhooks.signing import headers
+from processor.webhooks.signing import endpoint_secrets, headers
 from processor.webhooks.state import DeadLetter, DeliveryState, Disabled
 
 log = logging.getLogger("processor.webhooks")
@@ -81,6 +81,15 @@ class Endpoint(msgspec.Struct, frozen=True):
     def wants(self, event_type: str) -> bool:
         types = self.config.event_types
         return "*" in types or event_type in types
+
+
+def configured_endpoints(config: WebhooksConfig, environment: Mapping[str, str]) -> list[Endpoint]:
+    """Each configured endpoint with its signing secrets from `environment`; a SecretError
+    names the endpoint and the variable that is missing or unfit."""
+    return [
+        Endpoint(each, endpoint_secrets(each, f"$.webhooks.endpoints[{index}]", environment))
+        for index, each in enumerate(config.endpoints)
+    ]
 
 
 class Dispatcher:

@@ -512,3 +512,53 @@ def test_410_disables_the_endpoint_across_a_restart_until_enabled(tmp_path: Path
     finally:
         daemon.stop()
         receiver.close()
+
+
+def test_delivery_runs_in_a_process_of_its_own_and_resumes_after_a_kill9(
+    tmp_path: Path,
+) -> None:
+    import re
+    import signal
+
+    receiver = Receiver(delay_seconds=0.01)  # a backlog is pending when the process dies
+    daemon = start(tmp_path, endpoint("main", receiver.url))
+    try:
+        [line] = [line for line in daemon.stdout if "webhooks: 1 endpoint(s)" in line]
+        match = re.search(r"\(delivery process (\d+)\)", line)
+        assert match is not None, line
+        delivery_pid = int(match.group(1))
+        assert delivery_pid != daemon.process.pid  # type: ignore[union-attr]
+        link = daemon.connect()
+        stans = []
+        for n in range(60):
+            response = link.exchange(authorization(pan="4761739001010085", amount=100))
+            assert response["39"] == "00"
+            stans.append(response["11"])
+            if n == 30:
+                os.kill(delivery_pid, signal.SIGKILL)  # the delivery process alone
+        # Authorisations go on meanwhile (above), and the daemon starts delivery again.
+        deadline = time.monotonic() + 30
+        while "restarting it" not in daemon.stderr() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "webhook delivery process exited (code -9); restarting it" in daemon.stderr()
+        while time.monotonic() < deadline:
+            events = receiver.events()
+            if {e["data"]["network"]["stan"] for e in events} >= set(stans):
+                break
+            time.sleep(0.1)
+        by_stan: dict[str, set[str]] = {}
+        for event in events:
+            by_stan.setdefault(event["data"]["network"]["stan"], set()).add(event["id"])
+        assert set(by_stan) == set(stans)  # nothing lost
+        assert all(len(ids) == 1 for ids in by_stan.values())  # a repeat is the same event
+        # Per-account order of first arrivals holds across the restart.
+        first_seen: list[int] = []
+        for event in events:
+            if event["account_sequence"] not in first_seen:
+                first_seen.append(event["account_sequence"])
+        assert first_seen == sorted(first_seen)
+        assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
+        link.close()
+    finally:
+        daemon.stop()
+        receiver.close()

@@ -1,0 +1,245 @@
+"""Webhook delivery at the authorisation rate, and what it costs the authorisations.
+
+For each rate in --rates, alternately: the real daemon with no webhook endpoint, then with one
+endpoint whose receiver (an aiohttp server in a process of its own) answers 204 at once. Each on
+a fresh ledger of --cards cards on as many accounts, fsync on, driven by bench/loadgen.c in open
+loop (distinct 0100s, latency from the scheduled send time; run_spread.py's machinery). Reported:
+authorisation p50/p99 with and without the endpoint, and for delivery: events received, the
+receiver's latency from each event's `created` to its arrival (p50/p99/max), the backlog when
+the load stopped and how long the rest took to arrive.
+
+    python bench/run_delivery.py --rates 2000,5000 --duration 10
+
+Bounded: each load runs --duration seconds; waiting for the backlog stops after --drain-max
+seconds. Everything on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import math
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from run_load import start_daemon  # bench/ is on sys.path when this file is run as a script
+from run_spread import (
+    Session,
+    build_ledger,
+    build_loadgen,
+    daemon_config,
+    run_one,
+)
+
+from processor.wire.codec import Codec
+from processor.wire.spec import load_spec
+
+Json = dict[str, Any]
+SECRET = "whsec_" + base64.b64encode(b"bench-secret-bench-secret-000000").decode()
+ENDPOINT = "bench"
+
+
+# ---- the receiver (a process of its own) -----------------------------------------------------
+
+
+def serve_receiver(port_file: str) -> int:
+    """Answer every POST 204 at once; on SIGTERM print what arrived as JSON."""
+    import asyncio
+
+    from aiohttp import web
+
+    latencies: list[float] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        body = await request.read()
+        arrived = time.time()
+        created = datetime.fromisoformat(json.loads(body)["created"]).timestamp()
+        latencies.append(arrived - created)
+        return web.Response(status=204)
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/", receive)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        Path(port_file).write_text(str(port))
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    asyncio.run(main())
+    print(json.dumps({"latencies": latencies}))
+    return 0
+
+
+class Receiver:
+    def __init__(self, scratch: Path) -> None:
+        port_file = scratch / "receiver.port"
+        port_file.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "receiver", str(port_file)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 10
+        while not port_file.exists() or not port_file.read_text():
+            if time.monotonic() > deadline:
+                raise SystemExit("the receiver did not start")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{port_file.read_text()}/"
+
+    def stop(self) -> list[float]:
+        self.process.send_signal(signal.SIGTERM)
+        out, _ = self.process.communicate(timeout=30)
+        latencies: list[float] = json.loads(out)["latencies"]
+        return latencies
+
+
+# ---- the measurement ---------------------------------------------------------------------------
+
+
+def scrape(http_port: int, name: str) -> float | None:
+    url = f"http://127.0.0.1:{http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == name:
+            return float(value)
+    return None
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else math.nan
+
+
+def one_run(scratch: Path, args: argparse.Namespace, rate: float, endpoint: bool) -> Json:
+    name = f"{'with' if endpoint else 'without'}-{rate:.0f}-{time.monotonic_ns()}"
+    directory = scratch / name
+    directory.mkdir()
+    config_text = daemon_config("fsync", 4 << 30)
+    receiver = Receiver(directory) if endpoint else None
+    if receiver is not None:
+        config_text += (
+            f'[[webhooks.endpoints]]\nname = "{ENDPOINT}"\nurl = "{receiver.url}"\n'
+            'secret_envs = ["BENCH_WEBHOOK_SECRET"]\n'
+        )
+    ledger = directory / "ledger"
+    pans, _ = build_ledger(ledger, args.cards, "fsync", config_text, "direct", 4 << 30)
+    ports: dict[str, int] = {}
+    process, port = start_daemon(ledger, config_text, {"BENCH_WEBHOOK_SECRET": SECRET}, ports=ports)
+    result: Json = {"rate": rate, "endpoint": endpoint}
+    try:
+        session = Session(
+            port=port,
+            http_port=ports["http"],
+            daemon_pid=process.pid,
+            ledger=ledger,
+            scratch=directory,
+            codec=Codec(load_spec()),
+            pans=pans,
+            links=args.links,
+            depth=1,
+            rng=random.Random(8583),
+        )
+        record = run_one(
+            session, "auth", "auth", "open", rate=rate, duration=args.duration, tick_us=200
+        )
+        result["auth"] = record["loadgen"]
+        result["daemon_cpu_us_per_message"] = record["daemon_cpu_us_per_message"]
+        if receiver is not None:
+            backlog_series = f'processor_outbox_backlog{{endpoint="{ENDPOINT}"}}'
+            result["backlog_at_end"] = scrape(ports["http"], backlog_series)
+            started = time.monotonic()
+            while (scrape(ports["http"], backlog_series) or 0) > 0:
+                if time.monotonic() - started > args.drain_max:
+                    break
+                time.sleep(0.1)
+            result["drain_seconds"] = time.monotonic() - started
+            result["backlog_after_drain"] = scrape(ports["http"], backlog_series)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        if receiver is not None:
+            latencies = receiver.stop()
+            result["delivered"] = len(latencies)
+            result["delivery_ms"] = {
+                "p50": percentile(latencies, 0.5) * 1000,
+                "p99": percentile(latencies, 0.99) * 1000,
+                "max": max(latencies, default=math.nan) * 1000,
+            }
+    return result
+
+
+def row(result: Json) -> str:
+    auth = result["auth"]
+    latency = auth["latency_us"]
+    cells = [
+        f"{result['rate']:.0f}/s",
+        "one, 204 at once" if result["endpoint"] else "none",
+        f"{auth['answered']}/{auth['sent']}",
+        f"{latency['p50']:.0f}",
+        f"{latency['p99']:.0f}",
+        f"{result['daemon_cpu_us_per_message']:.0f}",
+    ]
+    if result["endpoint"]:
+        delivery = result["delivery_ms"]
+        cells += [
+            f"{result['delivered']}",
+            f"{delivery['p50']:.1f} / {delivery['p99']:.1f} / {delivery['max']:.1f}",
+            f"{result['backlog_at_end']:.0f}",
+            f"{result['drain_seconds']:.1f}",
+        ]
+    else:
+        cells += ["", "", "", ""]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "receiver":
+        return serve_receiver(sys.argv[2])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rates", default="2000,5000")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--cards", type=int, default=10_000)
+    parser.add_argument("--links", type=int, default=4)
+    parser.add_argument("--pairs", type=int, default=1, help="without/with runs per rate")
+    parser.add_argument("--drain-max", type=float, default=60.0)
+    parser.add_argument("--json", help="also write everything as JSON to this file")
+    args = parser.parse_args()
+    build_loadgen()
+    print(
+        "| rate | endpoint | answered | auth p50 us | auth p99 us | daemon CPU us/msg "
+        "| events received | delivery p50 / p99 / max ms | backlog at end | drained in s |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="run_delivery-") as scratch_name:
+        scratch = Path(scratch_name)
+        for rate in (float(each) for each in args.rates.split(",") if each):
+            for _ in range(args.pairs):
+                for endpoint in (False, True):
+                    result = one_run(scratch, args, rate, endpoint)
+                    results.append(result)
+                    print(row(result), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The webhook delivery process: the dispatcher in an interpreter and event loop of its own.
+
+Delivery shared the daemon's event loop with the authorisations: each batch held the loop for
+milliseconds, so events waited seconds to be sent (mean 4.6 s at 2,000/s) and each delivery's
+rendering, signing and HTTP work lengthened the batches (authorisation p99 up 1.3-2x). Here it
+reads the outbox through read transactions of its own (LMDB readers never block the writer)
+and keeps its positions in the delivery state as before; nothing of it runs on the
+authorisation loop but one write to a pipe per committed batch, which wakes it.
+
+Started and supervised by the primary (processor/webhooks/supervisor.py) as `python -m
+processor.webhooks.process CHANNEL_FD WAKE_FD`, never forked (an LMDB environment and a running
+event loop must not cross a fork); the config comes over stdin, the signing secrets from the
+environment it inherits. It reports `ready` once delivering, then its metrics every
+`limits.delivery_report_seconds` over the channel (summed into the primary's /metrics), and
+stops when told (SIGTERM) or when the primary goes away (the channel closes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import msgspec
+
+from processor import limits
+from processor.channel import Report, send_report
+from processor.config import Config
+from processor.ledger.store import Ledger
+from processor.metrics import Metrics
+from processor.webhooks.dispatcher import Dispatcher, configured_endpoints
+from processor.webhooks.state import DeliveryState
+
+log = logging.getLogger("processor.webhooks")
+
+EXIT_CONFIG = 2  # what the primary checked at start no longer holds (a secret went away)
+
+
+def state_path(config: Config) -> Path:
+    """Where the delivery state lives: beside the ledger's files."""
+    return Path(config.ledger.path) / "webhooks"
+
+
+async def serve_delivery(config: Config, channel_fd: int, wake_fd: int) -> int:
+    from processor.webhooks.signing import SecretError
+
+    try:
+        endpoints = configured_endpoints(config.webhooks, os.environ)
+    except SecretError as error:
+        log.error("webhook delivery cannot start: %s", error)
+        return EXIT_CONFIG
+    # The primary opened the ledger first (created, migrated): only read here.
+    ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
+    state = DeliveryState(state_path(config))
+    metrics = Metrics()
+    dispatcher = Dispatcher(ledger, state, endpoints, config.webhooks, metrics)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    def woken() -> None:
+        try:
+            os.read(wake_fd, limits.delivery_wake_bytes_max)  # every wake since the last one
+        except BlockingIOError:
+            return
+        dispatcher.notify()
+
+    os.set_blocking(wake_fd, False)
+    await dispatcher.start()
+    loop.add_reader(wake_fd, woken)
+    reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=channel_fd))
+    names = ", ".join(endpoint.config.name for endpoint in endpoints)
+    disabled = ", ".join(sorted(dispatcher.disabled))
+    print(
+        f"processor: webhooks: {len(endpoints)} endpoint(s): {names}"
+        + (f" (disabled after a 410 Gone: {disabled})" if disabled else "")
+        + f" (delivery process {os.getpid()})",
+        flush=True,
+    )
+    await send_report(writer, Report("ready"))
+
+    async def primary_gone() -> None:
+        await reader.read()  # the primary never writes: this returns at EOF only
+        log.error("webhook delivery: the daemon went away; stopping")
+        stop.set()
+
+    watcher = asyncio.create_task(primary_gone())
+    try:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), limits.delivery_report_seconds)
+            except TimeoutError:
+                await send_report(writer, Report("metrics", metrics.snapshot()))
+    except ConnectionError:
+        pass  # the primary is gone
+    finally:
+        loop.remove_reader(wake_fd)
+        await dispatcher.stop()
+        watcher.cancel()
+        try:
+            await send_report(writer, Report("metrics", metrics.snapshot()))
+            writer.close()
+        except ConnectionError:
+            pass  # nobody to report to
+        state.close()
+        ledger.close()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    import uvloop
+
+    from processor.logs import setup_logging
+
+    channel_fd, wake_fd = (int(value) for value in argv)
+    config = msgspec.json.decode(sys.stdin.buffer.read(), type=Config)
+    setup_logging(config.log.level)
+    if not __debug__:
+        return EXIT_CONFIG  # the primary refuses -O too
+    os.set_inheritable(channel_fd, False)
+    os.set_inheritable(wake_fd, False)
+    return uvloop.run(serve_delivery(config, channel_fd, wake_fd))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
