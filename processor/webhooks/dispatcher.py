@@ -28,7 +28,6 @@ from collections.abc import Callable, Mapping
 from typing import Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
 import msgspec
 
 from processor.config import WebhookEndpoint, WebhooksConfig
@@ -36,6 +35,7 @@ from processor.events import render
 from processor.ledger.records import OutboxRecord
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
+from processor.webhooks.client import HttpClient, HttpError
 from processor.webhooks.policy import RETRY_AFTER_STATUSES, backoff_seconds, pause_seconds
 from processor.webhooks.signing import endpoint_secrets, headers
 from processor.webhooks.state import DeadLetter, DeliveryState, Disabled
@@ -113,7 +113,7 @@ class Dispatcher:
         self._metrics = metrics
         self._wakes = {endpoint.config.name: asyncio.Event() for endpoint in endpoints}
         self._tasks: list[asyncio.Task[None]] = []
-        self._session: aiohttp.ClientSession | None = None
+        self._client: HttpClient | None = None
         self.state = state
         self._positions: dict[str, int] = {}
         # Per endpoint, the clock time before which no attempt starts (from Retry-After).
@@ -170,10 +170,8 @@ class Dispatcher:
 
     async def open_session(self) -> None:
         """The HTTP client the deliveries share (`start` opens it; tests may open it alone)."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit_per_host=4, keepalive_timeout=60)
-            )
+        if self._client is None:
+            self._client = HttpClient()
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -181,8 +179,8 @@ class Dispatcher:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            await self._client.close()
 
     async def _run(self, endpoint: Endpoint) -> None:
         """Deliver in outbox order with up to `in_flight_max` requests at once.
@@ -425,23 +423,19 @@ class Dispatcher:
     async def _attempt(self, endpoint: Endpoint, event_id: str, body: bytes) -> Answer:
         """One signed POST. Redirects are not followed (Standard Webhooks): a 3xx is answered
         like any other failure, so a moved receiver is fixed in the config, never guessed."""
-        assert self._session is not None
+        assert self._client is not None
         try:
-            async with self._session.post(
+            reply = await self._client.post(
                 endpoint.config.url,
-                data=body,
-                headers=headers(endpoint.secrets, event_id, int(self._clock.now()), body),
-                timeout=aiohttp.ClientTimeout(total=endpoint.config.timeout_seconds),
-                allow_redirects=False,
-            ) as response:
-                await response.read()
-                return Answer(
-                    status=response.status,
-                    location=response.headers.get("Location"),
-                    retry_after=response.headers.get("Retry-After"),
-                )
-        except (aiohttp.ClientError, TimeoutError) as failure:
-            return Answer(status=0, failure=type(failure).__name__)
+                body,
+                headers(endpoint.secrets, event_id, int(self._clock.now()), body),
+                endpoint.config.timeout_seconds,
+            )
+        except HttpError as failure:
+            return Answer(status=0, failure=failure.kind)
+        except TimeoutError:
+            return Answer(status=0, failure="timeout")
+        return Answer(status=reply.status, location=reply.location, retry_after=reply.retry_after)
 
 
 class Answer(msgspec.Struct, frozen=True, kw_only=True):
@@ -449,7 +443,7 @@ class Answer(msgspec.Struct, frozen=True, kw_only=True):
     at all (status 0) and why."""
 
     status: int
-    failure: str = ""  # the exception's type name when there was no answer
+    failure: str = ""  # why there was no answer: connect_failed, disconnected, bad_answer, timeout
     location: str | None = None
     retry_after: str | None = None
 
@@ -463,7 +457,7 @@ class Answer(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def error(self) -> str:
-        """The metric label and dead-letter reason: `http_503`, `ClientConnectorError`, ..."""
+        """The metric label and dead-letter reason: `http_503`, `connect_failed`, ..."""
         return self.failure if self.status == 0 else f"http_{self.status}"
 
 

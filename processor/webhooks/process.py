@@ -124,6 +124,9 @@ def main(argv: list[str]) -> int:
         return EXIT_CONFIG  # the primary refuses -O too
     os.set_inheritable(channel_fd, False)
     os.set_inheritable(wake_fd, False)
+    # When the cores are busy, the authorisations come first: delivery lag may grow (it is
+    # measured and shown), an authorisation's answer may not wait for a webhook.
+    os.nice(limits.delivery_nice)
     return uvloop.run(serve_delivery(config, channel_fd, wake_fd))
 
 

@@ -1,0 +1,238 @@
+"""The webhook POST client against scripted servers on 127.0.0.1: what goes out, what is read
+back, when a connection is kept, and every way an answer can fail to come."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from processor.webhooks.client import HttpClient, HttpError, Reply
+
+# Given the request's bytes (head and body) and how many the connection has had before it,
+# what to do: answer bytes to write, then whether to close the connection.
+Script = Callable[[bytes, int], Awaitable[tuple[bytes, bool]]]
+
+
+class Server:
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.server: asyncio.Server | None = None
+        self.url = ""
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Server:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/hooks/in?x=1"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for handler in self._handlers:
+            handler.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                request = head + await reader.readexactly(length)
+                self.requests.append(request)
+                answer, close = await self.script(request, served)
+                served += 1
+                writer.write(answer)
+                await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self._handlers.discard(task)
+
+
+def answering(answer: bytes, close: bool = False) -> Script:
+    async def script(request: bytes, served: int) -> tuple[bytes, bool]:
+        return answer, close
+
+    return script
+
+
+NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
+def run(body: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(body())
+
+
+def test_the_request_is_one_post_with_the_given_headers_and_body() -> None:
+    async def body() -> None:
+        async with Server(answering(NO_CONTENT)) as server:
+            client = HttpClient()
+            reply = await client.post(server.url, b'{"a":1}', {"webhook-id": "evt_1"}, 5.0)
+            await client.close()
+        assert reply == Reply(status=204)
+        host = server.url.split("/")[2]
+        assert server.requests == [
+            b"POST /hooks/in?x=1 HTTP/1.1\r\n"
+            + f"Host: {host}\r\n".encode()
+            + b"User-Agent: processor-webhooks\r\nwebhook-id: evt_1\r\nContent-Length: 7\r\n\r\n"
+            + b'{"a":1}'
+        ]
+
+    run(body)
+
+
+def test_one_connection_serves_request_after_request() -> None:
+    async def body() -> None:
+        async with Server(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")) as server:
+            client = HttpClient()
+            for _ in range(20):
+                assert (await client.post(server.url, b"{}", {}, 5.0)).status == 200
+            await client.close()
+        assert server.connections == 1 and len(server.requests) == 20
+
+    run(body)
+
+
+def test_location_and_retry_after_are_read_and_a_chunked_body_is_dropped() -> None:
+    answer = (
+        b"HTTP/1.1 503 Busy\r\nRetry-After: 7\r\nLocation: https://elsewhere.example/x\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    )
+
+    async def body() -> None:
+        async with Server(answering(answer)) as server:
+            client = HttpClient()
+            first = await client.post(server.url, b"{}", {}, 5.0)
+            second = await client.post(server.url, b"{}", {}, 5.0)
+            await client.close()
+        assert (
+            first
+            == second
+            == Reply(status=503, location="https://elsewhere.example/x", retry_after="7")
+        )
+        assert server.connections == 1  # the chunked body was read to its end: kept alive
+
+    run(body)
+
+
+def test_a_body_that_runs_until_the_server_closes_is_an_answer() -> None:
+    async def body() -> None:
+        async with Server(answering(b"HTTP/1.0 200 OK\r\n\r\nthe rest", close=True)) as server:
+            client = HttpClient()
+            assert (await client.post(server.url, b"{}", {}, 5.0)).status == 200
+            assert (await client.post(server.url, b"{}", {}, 5.0)).status == 200
+            await client.close()
+        assert server.connections == 2  # not kept: the server closed it
+
+    run(body)
+
+
+def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
+    async def body() -> None:
+        async with Server(answering(NO_CONTENT, close=True)) as server:
+            client = HttpClient()
+            await client.post(server.url, b"{}", {}, 5.0)
+            await asyncio.sleep(0.05)  # the close reaches the client
+            assert (await client.post(server.url, b"{}", {}, 5.0)).status == 204
+            await client.close()
+        assert server.connections == 2 and len(server.requests) == 2
+
+    run(body)
+
+
+def test_a_kept_connection_dropped_instead_of_answering_is_replaced_once_at_once() -> None:
+    async def script(request: bytes, served: int) -> tuple[bytes, bool]:
+        # The second request on a connection finds it closed, as when a server's keep-alive
+        # timer fires just as the request goes out.
+        return (NO_CONTENT, False) if served == 0 else (b"", True)
+
+    async def body() -> None:
+        async with Server(script) as server:
+            client = HttpClient()
+            await client.post(server.url, b"{}", {}, 5.0)
+            assert (await client.post(server.url, b"{}", {}, 5.0)).status == 204
+            await client.close()
+        assert server.connections == 2 and len(server.requests) == 3
+
+    run(body)
+
+
+def test_a_server_that_closes_without_answering_is_a_disconnect() -> None:
+    async def body() -> None:
+        async with Server(answering(b"", close=True)) as server:
+            client = HttpClient()
+            with pytest.raises(HttpError) as failure:
+                await client.post(server.url, b"{}", {}, 5.0)
+            await client.close()
+        assert failure.value.kind == "disconnected"
+        assert len(server.requests) == 1  # a fresh connection: not sent twice
+
+    run(body)
+
+
+def test_nothing_listening_is_a_connect_failure() -> None:
+    async def body() -> None:
+        probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = probe.sockets[0].getsockname()[1]
+        probe.close()
+        await probe.wait_closed()
+        client = HttpClient()
+        with pytest.raises(HttpError) as failure:
+            await client.post(f"http://127.0.0.1:{port}/", b"{}", {}, 5.0)
+        assert failure.value.kind == "connect_failed"
+
+    run(body)
+
+
+def test_a_slow_answer_times_out_and_its_connection_is_not_reused() -> None:
+    async def script(request: bytes, served: int) -> tuple[bytes, bool]:
+        if served == 0:
+            await asyncio.sleep(1.0)
+        return NO_CONTENT, False
+
+    async def body() -> None:
+        async with Server(script) as server:
+            client = HttpClient()
+            with pytest.raises(TimeoutError):
+                await client.post(server.url, b"{}", {}, 0.1)
+            assert (await client.post(server.url, b"{}", {}, 5.0)).status == 204
+            await client.close()
+        assert server.connections == 2
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"SMTP ready\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n",
+    ],
+)
+def test_an_answer_that_is_not_http_is_refused(answer: bytes) -> None:
+    async def body() -> None:
+        async with Server(answering(answer)) as server:
+            client = HttpClient()
+            with pytest.raises(HttpError) as failure:
+                await client.post(server.url, b"{}", {}, 5.0)
+            await client.close()
+        assert failure.value.kind == "bad_answer"
+
+    run(body)
