@@ -43,6 +43,10 @@ from processor.webhooks.state import DeadLetter, DeliveryState, Disabled
 log = logging.getLogger("processor.webhooks")
 
 READ_BATCH = 100  # outbox records read per read transaction
+# While deliveries run, an endpoint's position is written at most this often (and whenever
+# none runs): a write transaction per event was a tenth of the delivery process's time. After
+# a crash, what was delivered since is delivered again (at least once, as always).
+POSITION_WRITE_SECONDS = 0.05
 IDLE_POLL_SECONDS = 1.0  # also picks up events committed by other processes (clearing ingest)
 
 
@@ -179,6 +183,9 @@ class Dispatcher:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for name, position in self._positions.items():
+            if position != self.state.position(name):
+                self.state.advance(name, position)  # what was delivered since the last write
         if self._client is not None:
             await self._client.close()
 
@@ -200,6 +207,7 @@ class Dispatcher:
         busy: set[str] = set()
         finished: set[int] = set()
         ledger_id = ""
+        written, written_at = position, time.monotonic()  # the position last stored
         while True:
             wake.clear()
             if name in self.disabled:
@@ -244,9 +252,12 @@ class Dispatcher:
             while position in finished:
                 finished.discard(position)
                 position += 1
-            if position != self._positions.get(name):
-                self._positions[name] = position
+            self._positions[name] = position
+            if position != written and (
+                not running or time.monotonic() - written_at >= POSITION_WRITE_SECONDS
+            ):
                 self._state.advance(name, position)
+                written, written_at = position, time.monotonic()
             if running:
                 done, _ = await asyncio.wait(
                     running, timeout=IDLE_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED

@@ -110,6 +110,10 @@ class DeliveryState:
         """Replay requests for the endpoint, oldest sequence first; removed as they are taken."""
         prefix = endpoint.encode() + b"\x00"
         taken: list[tuple[int, str]] = []
+        with self.env.begin() as txn:  # asked for on every idle turn: a read first, no lock
+            cursor = txn.cursor(db=self._replays)
+            if not cursor.set_range(prefix) or not bytes(cursor.key()).startswith(prefix):
+                return taken
         with self.env.begin(write=True) as txn:
             cursor = txn.cursor(db=self._replays)
             if cursor.set_range(prefix):

@@ -215,15 +215,21 @@ def test_backlog_metrics_while_an_endpoint_is_down(tmp_path: Path) -> None:
         for _ in range(3):
             assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
         link.close()
-        time.sleep(1.2)
+        # The delivery process reports its metrics every 0.25 s: read until the oldest
+        # undelivered event is reported a second old (bounded).
         url = f"http://127.0.0.1:{daemon.http_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        values = {
-            line.split(" ")[0]: float(line.split(" ")[1])
-            for line in text.splitlines()
-            if line.startswith("processor_outbox_")
-        }
+        deadline = time.monotonic() + 10
+        values: dict[str, float] = {}
+        oldest = 'processor_outbox_oldest_undelivered_seconds{endpoint="down"}'
+        while time.monotonic() < deadline and values.get(oldest, 0.0) < 1.0:
+            time.sleep(0.1)
+            with urllib.request.urlopen(url, timeout=10) as response:
+                text = response.read().decode()
+            values = {
+                line.split(" ")[0]: float(line.split(" ")[1])
+                for line in text.splitlines()
+                if line.startswith("processor_outbox_")
+            }
         assert values['processor_outbox_backlog{endpoint="down"}'] == 3
         assert values['processor_outbox_oldest_undelivered_seconds{endpoint="down"}'] >= 1.0
         assert 'processor_webhook_failures_total{endpoint="down"' in text
@@ -477,11 +483,16 @@ def test_410_disables_the_endpoint_across_a_restart_until_enabled(tmp_path: Path
             f"Z: http_410 answering {gone.headers['webhook-id']}; nothing is delivered to it "
             "until `processor webhooks enable main`"
         ), shown
+        # The delivery process reports its metrics every 0.25 s: the gauge follows shortly.
         url = f"http://127.0.0.1:{daemon.http_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            assert 'processor_webhook_endpoint_disabled{endpoint="main"} 1.0' in (
-                response.read().decode()
-            )
+        metrics = ""
+        while time.monotonic() < deadline + 5:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                metrics = response.read().decode()
+            if 'processor_webhook_endpoint_disabled{endpoint="main"} 1.0' in metrics:
+                break
+            time.sleep(0.05)
+        assert 'processor_webhook_endpoint_disabled{endpoint="main"} 1.0' in metrics
         # More events while disabled: nothing goes out (the daemon polls its state each second).
         for _ in range(2):
             assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
