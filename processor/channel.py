@@ -1,20 +1,32 @@
-"""A child process's reports to the daemon's primary process, over a socket pair.
+"""The daemon's child processes: how the primary starts and supervises them, and their reports.
 
-Used by the worker processes (processor/server/workers.py) and the webhook delivery process
-(processor/webhooks/process.py): one `ready` report once the child serves, then its metrics
-registry every so often, summed into the primary's /metrics (metrics.WorkerSamples). Each
-report is a 4-byte length and a msgpack body, bounded by `limits.worker_report_bytes_max`.
+Used for the worker processes (processor/server/workers.py) and the webhook delivery process
+(processor/webhooks/process.py). A child reports over a socket pair: one `ready` once it
+serves, then its metrics registry every so often, summed into the primary's /metrics
+(metrics.WorkerSamples). Each report is a 4-byte length and a msgpack body, bounded by
+`limits.worker_report_bytes_max`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import signal
+import socket
 import struct
+import sys
+import time
+from asyncio import FIRST_COMPLETED
+from collections import deque
+from collections.abc import Callable
 
 import msgspec
 
 from processor import limits
-from processor.metrics import Sample
+from processor.config import Config
+from processor.metrics import Sample, WorkerSamples
+
+log = logging.getLogger("processor.children")
 
 _LENGTH = struct.Struct(">I")
 
@@ -43,3 +55,133 @@ async def receive_report(reader: asyncio.StreamReader) -> Report | None:
         return _decode_report(await reader.readexactly(length))
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
+
+
+class Child:
+    """One child process of the primary (a worker, the webhook delivery process): started as a
+    fresh interpreter (`python -m MODULE ARGS... CHANNEL_FD FDS...`, never a fork: an LMDB
+    environment and a running event loop must not cross one), given the config over stdin
+    (never argv: the environment it inherits keeps the secrets), its reports read, restarted
+    when it dies (sharing a budget of restarts a minute with its siblings), stopped.
+
+    `prepare` is called before each start: the descriptors to pass on (after the channel),
+    and what to do once the process has them (close the parent's copies, say).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        index: int,
+        command: list[str],
+        config: Config,
+        samples: WorkerSamples,
+        restarts: deque[float],
+        prepare: Callable[[], tuple[list[int], Callable[[], None]]],
+    ) -> None:
+        self.name = name  # for the log: "worker 2", "webhook delivery process"
+        self._index = index  # its metrics' place among the primary's children
+        self._command = command
+        self._config = config
+        self._samples = samples
+        self._restarts = restarts
+        self._prepare = prepare
+        self.process: asyncio.subprocess.Process | None = None
+        self._channel: asyncio.StreamWriter | None = None
+        self._reports: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self.stopping = False
+
+    async def spawn(self) -> None:
+        ours, theirs = socket.socketpair()
+        fds, started = self._prepare()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                *self._command,
+                str(theirs.fileno()),
+                *(str(fd) for fd in fds),
+                stdin=asyncio.subprocess.PIPE,
+                pass_fds=(theirs.fileno(), *fds),
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+            started()
+        assert process.stdin is not None
+        process.stdin.write(msgspec.json.encode(self._config))
+        await process.stdin.drain()
+        process.stdin.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        self.process, self._channel = process, writer
+        self._ready.clear()
+        self._reports = asyncio.create_task(self._read_reports(reader))
+
+    async def ready(self, timeout_seconds: float) -> str | None:
+        """None once it reports ready; why not, if it exits or the time runs out first."""
+        assert self.process is not None
+        ready = asyncio.create_task(self._ready.wait())
+        exited = asyncio.create_task(self.process.wait())
+        await asyncio.wait((ready, exited), timeout=timeout_seconds, return_when=FIRST_COMPLETED)
+        ready.cancel()
+        exited.cancel()
+        if self._ready.is_set():
+            return None
+        code = self.process.returncode
+        return "did not start in time" if code is None else f"exited with code {code}"
+
+    async def _read_reports(self, reader: asyncio.StreamReader) -> None:
+        while (report := await receive_report(reader)) is not None:
+            if report.kind == "ready":
+                self._ready.set()
+            elif report.kind == "metrics":
+                self._samples.update(self._index, report.samples)
+
+    async def supervise(self) -> None:
+        """Start it again whenever it exits, until stopped or past the restart budget."""
+        while True:
+            assert self.process is not None
+            code = await self.process.wait()
+            if self._reports is not None:
+                await self._reports  # its last report counts
+            self._samples.retire(self._index)
+            if self._channel is not None:
+                self._channel.close()
+            if self.stopping:
+                return
+            now = time.monotonic()
+            while self._restarts and self._restarts[0] < now - 60:
+                self._restarts.popleft()
+            if len(self._restarts) >= limits.worker_restarts_per_minute_max:
+                log.error(
+                    "%s exited (code %s); %d restarts in the last minute, leaving it down",
+                    self.name,
+                    code,
+                    len(self._restarts),
+                )
+                return
+            self._restarts.append(now)
+            log.error("%s exited (code %s); restarting it", self.name, code)
+            await self.spawn()
+
+    def signal_stop(self) -> None:
+        """Ask it to stop (SIGTERM); it drains what it does meanwhile."""
+        self.stopping = True
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    async def stop(self) -> None:
+        """Stop it: within the shutdown bound, else killed."""
+        self.signal_stop()
+        if self.process is None:
+            return
+        try:
+            await asyncio.wait_for(self.process.wait(), limits.shutdown_drain_seconds_max)
+        except TimeoutError:
+            log.error("%s did not stop in time; killing it", self.name)
+            self.process.kill()
+            await self.process.wait()
+        if self._reports is not None:
+            await self._reports

@@ -25,13 +25,13 @@ import os
 import signal
 import socket
 import sys
-import time
 from collections import deque
+from collections.abc import Callable
 
 import msgspec
 
 from processor import limits
-from processor.channel import Report, receive_report, send_report
+from processor.channel import Child, Report, send_report
 from processor.config import Config
 from processor.metrics import Metrics, WorkerSamples
 
@@ -40,18 +40,6 @@ log = logging.getLogger("processor.workers")
 
 class WorkerError(Exception):
     """A worker process could not be started: the daemon does not start either."""
-
-
-class _Worker:
-    __slots__ = ("channel", "index", "process", "ready", "reports", "sockets")
-
-    def __init__(self, index: int, sockets: list[socket.socket]) -> None:
-        self.index = index
-        self.sockets = sockets  # one per listener, in config order
-        self.process: asyncio.subprocess.Process | None = None
-        self.channel: asyncio.StreamWriter | None = None
-        self.ready = asyncio.Event()
-        self.reports: asyncio.Task[None] | None = None
 
 
 class WorkerPool:
@@ -63,121 +51,57 @@ class WorkerPool:
         from processor.server.daemon import listen
 
         assert config.server.workers > 1, config.server.workers
-        self._config = config
-        self._samples = samples
         # The primary's sockets carry the ports chosen (a configured port 0 is chosen once).
         addresses = [sock.getsockname()[:2] for sock in listeners]
-        self._workers = [
-            _Worker(index, [listen(host, port, shared=True) for host, port in addresses])
-            for index in range(1, config.server.workers)
-        ]
-        self._stopping = False
-        self._restarts: deque[float] = deque()
+        restarts: deque[float] = deque()  # shared: the budget is for the pool
+        self._sockets: list[list[socket.socket]] = []
+        self._workers: list[Child] = []
+        for index in range(1, config.server.workers):
+            sockets = [listen(host, port, shared=True) for host, port in addresses]
+            self._sockets.append(sockets)
+            self._workers.append(
+                Child(
+                    f"worker {index}",
+                    index,
+                    ["processor.server.workers", str(index)],
+                    config,
+                    samples,
+                    restarts,
+                    _passing(sockets),
+                )
+            )
         self._supervisors: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Start every worker and return once all accept links; raise if one does not."""
         for worker in self._workers:
-            await self._spawn(worker)
+            await worker.spawn()
         for worker in self._workers:
-            assert worker.process is not None
-            ready = asyncio.create_task(worker.ready.wait())
-            exited = asyncio.create_task(worker.process.wait())
-            await asyncio.wait(
-                (ready, exited),
-                timeout=limits.worker_start_seconds_max,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            ready.cancel()
-            exited.cancel()
-            if not worker.ready.is_set():
+            why = await worker.ready(limits.worker_start_seconds_max)
+            if why is not None:
                 await self.stop()
-                code = worker.process.returncode
-                how = "did not start in time" if code is None else f"exited with code {code}"
-                raise WorkerError(f"worker process {worker.index} {how}; its log says why")
-        self._supervisors = [asyncio.create_task(self._supervise(w)) for w in self._workers]
-
-    async def _spawn(self, worker: _Worker) -> None:
-        ours, theirs = socket.socketpair()
-        try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "processor.server.workers",
-                str(worker.index),
-                str(theirs.fileno()),
-                *(str(sock.fileno()) for sock in worker.sockets),
-                stdin=asyncio.subprocess.PIPE,
-                pass_fds=(theirs.fileno(), *(sock.fileno() for sock in worker.sockets)),
-            )
-        finally:
-            theirs.close()
-        assert process.stdin is not None
-        process.stdin.write(msgspec.json.encode(self._config))
-        await process.stdin.drain()
-        process.stdin.close()
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
-        worker.process, worker.channel = process, writer
-        worker.ready.clear()
-        worker.reports = asyncio.create_task(self._read_reports(worker, reader))
-
-    async def _read_reports(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
-        while (report := await receive_report(reader)) is not None:
-            if report.kind == "ready":
-                worker.ready.set()
-            elif report.kind == "metrics":
-                self._samples.update(worker.index, report.samples)
-
-    async def _supervise(self, worker: _Worker) -> None:
-        while True:
-            assert worker.process is not None
-            code = await worker.process.wait()
-            if worker.reports is not None:
-                await worker.reports  # its last report counts
-            self._samples.retire(worker.index)
-            if worker.channel is not None:
-                worker.channel.close()
-            if self._stopping:
-                return
-            now = time.monotonic()
-            while self._restarts and self._restarts[0] < now - 60:
-                self._restarts.popleft()
-            if len(self._restarts) >= limits.worker_restarts_per_minute_max:
-                log.error(
-                    "worker %d exited (code %s); %d restarts in the last minute, leaving it down",
-                    worker.index,
-                    code,
-                    len(self._restarts),
-                )
-                return
-            self._restarts.append(now)
-            log.error("worker %d exited (code %s); restarting it", worker.index, code)
-            await self._spawn(worker)
+                raise WorkerError(f"{worker.name} process {why}; its log says why")
+        self._supervisors = [asyncio.create_task(w.supervise()) for w in self._workers]
 
     def signal_stop(self) -> None:
         """Ask every worker to drain (SIGTERM); they do it while the primary drains its own."""
-        self._stopping = True
         for worker in self._workers:
-            if worker.process is not None and worker.process.returncode is None:
-                worker.process.send_signal(signal.SIGTERM)
+            worker.signal_stop()
 
     async def stop(self) -> None:
         """Stop the workers: drained within the shutdown bound, else killed."""
-        self.signal_stop()
         for worker in self._workers:
-            if worker.process is None:
-                continue
-            try:
-                await asyncio.wait_for(worker.process.wait(), limits.shutdown_drain_seconds_max)
-            except TimeoutError:
-                log.error("worker %d did not stop in time; killing it", worker.index)
-                worker.process.kill()
-                await worker.process.wait()
+            await worker.stop()
         for task in self._supervisors:
             await task
-        for worker in self._workers:
-            for sock in worker.sockets:
+        for sockets in self._sockets:
+            for sock in sockets:
                 sock.close()
+
+
+def _passing(sockets: list[socket.socket]) -> Callable[[], tuple[list[int], Callable[[], None]]]:
+    """A worker's listening sockets, passed on at every start (the primary keeps them)."""
+    return lambda: ([sock.fileno() for sock in sockets], lambda: None)
 
 
 # --- the worker's side -------------------------------------------------------------------------

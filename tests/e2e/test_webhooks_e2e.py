@@ -7,6 +7,7 @@ import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -50,6 +51,24 @@ def endpoint(name: str, url: str, extra: str = "", secret_envs: str = '["HOOK_SE
         f'[[webhooks.endpoints]]\nname = "{name}"\nurl = "{url}"\nsecret_envs = {secret_envs}\n'
         + extra
     )
+
+
+def events_covering(
+    receiver: Receiver, stans: set[str], deadline: float
+) -> tuple[list[dict[str, Any]], dict[str, set[str]]]:
+    """The events received once every STAN in `stans` has one (or at `deadline`), and the
+    event ids seen per STAN: at least once, so a STAN may have arrived more than once."""
+    while True:
+        events = receiver.events()
+        if {e["data"]["network"]["stan"] for e in events} >= stans:
+            break
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    by_stan: dict[str, set[str]] = {}
+    for event in events:
+        by_stan.setdefault(event["data"]["network"]["stan"], set()).add(event["id"])
+    return events, by_stan
 
 
 def test_every_event_arrives_signed_once_in_order(tmp_path: Path) -> None:
@@ -372,15 +391,7 @@ def test_kill9_with_a_receiver_attached_every_answered_request_arrives(tmp_path:
         restarted = RunningDaemon(daemon.ledger, config=daemon.config, env=daemon.env).start()
         try:
             # At least once: redeliveries after the restart count too, so wait for coverage.
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                events = receiver.events()
-                if {e["data"]["network"]["stan"] for e in events} >= set(answered):
-                    break
-                time.sleep(0.1)
-            by_stan: dict[str, set[str]] = {}
-            for event in events:
-                by_stan.setdefault(event["data"]["network"]["stan"], set()).add(event["id"])
+            _, by_stan = events_covering(receiver, set(answered), time.monotonic() + 30)
             assert set(by_stan) == set(answered)  # every answered request has its event
             assert all(len(ids) == 1 for ids in by_stan.values())  # duplicates share the id
         finally:
@@ -552,14 +563,7 @@ def test_delivery_runs_in_a_process_of_its_own_and_resumes_after_a_kill9(
         while "restarting it" not in daemon.stderr() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert "webhook delivery process exited (code -9); restarting it" in daemon.stderr()
-        while time.monotonic() < deadline:
-            events = receiver.events()
-            if {e["data"]["network"]["stan"] for e in events} >= set(stans):
-                break
-            time.sleep(0.1)
-        by_stan: dict[str, set[str]] = {}
-        for event in events:
-            by_stan.setdefault(event["data"]["network"]["stan"], set()).add(event["id"])
+        events, by_stan = events_covering(receiver, set(stans), deadline)
         assert set(by_stan) == set(stans)  # nothing lost
         assert all(len(ids) == 1 for ids in by_stan.values())  # a repeat is the same event
         # Per-account order of first arrivals holds across the restart.
