@@ -73,15 +73,14 @@ async def start_webhooks(config: Config, metrics: Metrics) -> DeliveryProcess | 
     The signing secrets are checked here first, so a missing or unfit one stops the start with
     the config error that names it (the process reads them again from the environment)."""
     from processor.webhooks.dispatcher import configured_endpoints
-    from processor.webhooks.signing import SecretError
 
     if not config.webhooks.endpoints:
         return None
     try:
         configured_endpoints(config.webhooks, os.environ)
-    except SecretError as error:
+    except ValueError as error:  # a secret (SecretError) or a URL, its key named
         raise ConfigError(str(error)) from None
-    delivery = DeliveryProcess(config, metrics.workers)
+    delivery = DeliveryProcess(config, metrics)
     try:
         await delivery.start()
     except DeliveryError as error:
@@ -121,7 +120,7 @@ async def serve(settings: StartSettings) -> int:
     if shared:
         from processor.server.workers import WorkerPool
 
-        pool = WorkerPool(config, sockets, metrics.workers)
+        pool = WorkerPool(config, sockets, metrics)
         await pool.start()
     http_socket = listen(config.http.host, config.http.port, name="HTTP")
     http_port = http_socket.getsockname()[1]  # with port 0 the OS picked one

@@ -24,7 +24,7 @@ import msgspec
 
 from processor import limits
 from processor.config import Config
-from processor.metrics import Sample, WorkerSamples
+from processor.metrics import Metrics, Sample
 
 log = logging.getLogger("processor.children")
 
@@ -71,10 +71,11 @@ class Child:
     def __init__(
         self,
         name: str,
+        label: str,
         index: int,
         command: list[str],
         config: Config,
-        samples: WorkerSamples,
+        metrics: Metrics,
         restarts: deque[float],
         prepare: Callable[[], tuple[list[int], Callable[[], None]]],
     ) -> None:
@@ -82,7 +83,8 @@ class Child:
         self._index = index  # its metrics' place among the primary's children
         self._command = command
         self._config = config
-        self._samples = samples
+        self._samples = metrics.workers
+        self._up = metrics.child_process_up.labels(label)  # in /metrics: worker-2, ...
         self._restarts = restarts
         self._prepare = prepare
         self.process: asyncio.subprocess.Process | None = None
@@ -93,31 +95,44 @@ class Child:
 
     async def spawn(self) -> None:
         ours, theirs = socket.socketpair()
-        fds, started = self._prepare()
         try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                *self._command,
-                str(theirs.fileno()),
-                *(str(fd) for fd in fds),
-                stdin=asyncio.subprocess.PIPE,
-                pass_fds=(theirs.fileno(), *fds),
-            )
+            fds, started = self._prepare()
         except BaseException:
             ours.close()
-            raise
-        finally:
             theirs.close()
-            started()
-        assert process.stdin is not None
-        process.stdin.write(msgspec.json.encode(self._config))
-        await process.stdin.drain()
-        process.stdin.close()
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
+            raise
+        process: asyncio.subprocess.Process | None = None
+        try:
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    *self._command,
+                    str(theirs.fileno()),
+                    *(str(fd) for fd in fds),
+                    stdin=asyncio.subprocess.PIPE,
+                    pass_fds=(theirs.fileno(), *fds),
+                )
+            finally:
+                theirs.close()
+                started()
+            assert process.stdin is not None
+            process.stdin.write(msgspec.json.encode(self._config))
+            await process.stdin.drain()
+            process.stdin.close()
+            reader, writer = await asyncio.open_unix_connection(sock=ours)
+        except BaseException:
+            ours.close()
+            if process is not None and process.returncode is None:
+                process.kill()  # it never got its config or its channel: no use to anyone
+                await process.wait()
+            raise
         self.process, self._channel = process, writer
         self._ready.clear()
         self._reports = asyncio.create_task(self._read_reports(reader))
+        self._up.set(1)
+        if self.stopping:
+            self.signal_stop()  # stopped while it was being started again: this one too
 
     async def ready(self, timeout_seconds: float) -> str | None:
         """None once it reports ready; why not, if it exits or the time runs out first."""
@@ -133,17 +148,24 @@ class Child:
         return "did not start in time" if code is None else f"exited with code {code}"
 
     async def _read_reports(self, reader: asyncio.StreamReader) -> None:
-        while (report := await receive_report(reader)) is not None:
-            if report.kind == "ready":
-                self._ready.set()
-            elif report.kind == "metrics":
-                self._samples.update(self._index, report.samples)
+        try:
+            while (report := await receive_report(reader)) is not None:
+                if report.kind == "ready":
+                    self._ready.set()
+                elif report.kind == "metrics":
+                    self._samples.update(self._index, report.samples)
+        except (ValueError, msgspec.DecodeError) as error:
+            # Not what a child of ours writes: stop trusting it; supervision starts another.
+            log.error("%s sent an unreadable report (%s); killing it", self.name, error)
+            if self.process is not None and self.process.returncode is None:
+                self.process.kill()
 
     async def supervise(self) -> None:
         """Start it again whenever it exits, until stopped or past the restart budget."""
         while True:
             assert self.process is not None
             code = await self.process.wait()
+            self._up.set(0)
             if self._reports is not None:
                 await self._reports  # its last report counts
             self._samples.retire(self._index)
@@ -164,7 +186,11 @@ class Child:
                 return
             self._restarts.append(now)
             log.error("%s exited (code %s); restarting it", self.name, code)
-            await self.spawn()
+            try:
+                await self.spawn()
+            except Exception as error:  # EMFILE for its socket pair, say: try again later
+                log.error("%s could not be started again: %r", self.name, error)
+                await asyncio.sleep(1.0)  # then the loop counts it against the budget again
 
     def signal_stop(self) -> None:
         """Ask it to stop (SIGTERM); it drains what it does meanwhile."""

@@ -138,6 +138,13 @@ class Metrics:
             ["listener", "reason"],
             registry=r,
         )
+        self.child_process_up = Gauge(
+            "processor_child_process_up",
+            "1 while a child process of the daemon runs (worker-N, webhook-delivery); 0 while"
+            " it is down: between a crash and its restart, or for good past the restart budget",
+            ["process"],
+            registry=r,
+        )
         self.http_connections_refused = Counter(
             "processor_http_connections_refused",
             "Connections to the HTTP port accepted and closed at once: no file descriptor left"

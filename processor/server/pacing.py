@@ -40,7 +40,12 @@ class Pacer:
             per_request = apply_seconds / requests
             self._apply_per_request += SMOOTHING * (per_request - self._apply_per_request)
         if self._budget and self._apply_per_request > 0:
-            fits = int((self._budget - self._commit) / self._apply_per_request)
+            # Deciding and applying get what the commit leaves of the budget, but never less
+            # than the commit takes: on a slow disk (an fsync of 5-10 ms) batches then stay
+            # large enough that at least half of their time is work, not a collapse to a few
+            # requests per fsync.
+            apply_budget = max(self._budget - self._commit, self._commit)
+            fits = int(apply_budget / self._apply_per_request)
             self.size = max(self._size_min, min(self._size_max, fits))
 
     def queue_seconds(self, queued: int) -> float:

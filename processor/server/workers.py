@@ -33,7 +33,7 @@ import msgspec
 from processor import limits
 from processor.channel import Child, Report, send_report
 from processor.config import Config
-from processor.metrics import Metrics, WorkerSamples
+from processor.metrics import Metrics
 
 log = logging.getLogger("processor.workers")
 
@@ -45,9 +45,7 @@ class WorkerError(Exception):
 class WorkerPool:
     """The primary's side: start, supervise and stop the workers."""
 
-    def __init__(
-        self, config: Config, listeners: list[socket.socket], samples: WorkerSamples
-    ) -> None:
+    def __init__(self, config: Config, listeners: list[socket.socket], metrics: Metrics) -> None:
         from processor.server.daemon import listen
 
         assert config.server.workers > 1, config.server.workers
@@ -62,10 +60,11 @@ class WorkerPool:
             self._workers.append(
                 Child(
                     f"worker {index}",
+                    f"worker-{index}",
                     index,
                     ["processor.server.workers", str(index)],
                     config,
-                    samples,
+                    metrics,
                     restarts,
                     _passing(sockets),
                 )

@@ -60,6 +60,7 @@ class _Target(msgspec.Struct, frozen=True):
 class _Connection(asyncio.Protocol):
     __slots__ = (
         "_answer",
+        "_delimited",
         "_header_bytes",
         "_headers_done",
         "_location",
@@ -82,6 +83,7 @@ class _Connection(asyncio.Protocol):
         self._retry_after: str | None = None
         self._header_bytes = 0
         self._headers_done = False
+        self._delimited = False
 
     # asyncio callbacks
 
@@ -93,17 +95,23 @@ class _Connection(asyncio.Protocol):
         if self._parser is None:
             self._fail(HttpError("bad_answer", "bytes from the server with no request out"))
             return
+        if not self._headers_done:
+            # httptools gathers a header line before it calls back, unbounded: count here.
+            self._header_bytes += len(data)
+            if self._header_bytes > ANSWER_HEADERS_BYTES_MAX:
+                self._fail(HttpError("bad_answer", "headers over 64 KiB"))
+                return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as error:
-            self._fail(HttpError("bad_answer", str(error)))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
+            self._fail(HttpError("bad_answer", f"{type(error).__name__}: {error}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         answer = self._answer
         if answer is not None and not answer.done():
             parser = self._parser
-            if parser is not None and self._headers_done:
+            if parser is not None and self._headers_done and not self._delimited:
                 # Headers arrived and the body runs until the server closes: that was it.
                 answer.set_result(self._reply(parser))
             else:
@@ -112,10 +120,9 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > ANSWER_HEADERS_BYTES_MAX:
-            raise ValueError("answer headers too long")  # httptools raises it as a parse error
         lowered = name.lower()
+        if lowered in (b"content-length", b"transfer-encoding"):
+            self._delimited = True  # the body's end is known: a close before it is a failure
         if lowered == b"location":
             self._location = value[:HEADER_VALUE_KEPT_BYTES_MAX].decode("latin-1")
         elif lowered == b"retry-after":
@@ -127,6 +134,13 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         parser, answer = self._parser, self._answer
         assert parser is not None
+        if 100 <= parser.get_status_code() < 200:
+            # An interim answer (100 Continue, 103 Early Hints): the final one follows, read
+            # by the same parser.
+            self._location = self._retry_after = None
+            self._header_bytes = 0
+            self._headers_done = self._delimited = False
+            return
         keep = parser.should_keep_alive()
         self._parser = None
         if answer is not None and not answer.done():
@@ -142,7 +156,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._location = self._retry_after = None
         self._header_bytes = 0
-        self._headers_done = False
+        self._headers_done = self._delimited = False
         self.received_any = False
         self.transport.write(data)
         return self._answer
@@ -252,20 +266,34 @@ class HttpClient:
     def _target(self, url: str) -> _Target:
         target = self._targets.get(url)
         if target is None:
-            parts = urlsplit(url)
-            scheme = parts.scheme.lower()
-            host = parts.hostname or ""
-            port = parts.port or (443 if scheme == "https" else 80)
-            # Percent-encoded where the configured URL is not ASCII; what is already is kept.
-            path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=~-._") + (
-                f"?{quote(parts.query, safe='/%:@!$&()*+,;=?~-._')}" if parts.query else ""
-            )
-            default = (scheme == "https" and port == 443) or (scheme == "http" and port == 80)
-            host_header = host if default else f"{host}:{port}"
-            if ":" in host:
-                host_header = f"[{host}]" if default else f"[{host}]:{port}"
-            head = (
-                f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: processor-webhooks\r\n"
-            ).encode("ascii")
-            target = self._targets[url] = _Target((scheme, host, port), head)
+            try:
+                target = self._targets[url] = parse_target(url)
+            except ValueError as error:  # UnicodeError too
+                raise HttpError("bad_url", str(error)) from None
         return target
+
+
+def parse_target(url: str) -> _Target:
+    """Where a webhook URL sends its POSTs, and the request head; ValueError (UnicodeError
+    among them) when it cannot be one. Config loading calls it too, so a bad URL stops the
+    start naming its key rather than failing every delivery."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"scheme {scheme!r}: http or https")
+    if not parts.hostname:
+        raise ValueError("no host")
+    # An internationalised name as DNS and the Host header carry it (IDNA, ASCII).
+    host = parts.hostname.encode("idna").decode("ascii")
+    port = parts.port or (443 if scheme == "https" else 80)  # ValueError when out of range
+    # Percent-encoded where the configured URL is not ASCII; what is already is kept.
+    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=~-._") + (
+        f"?{quote(parts.query, safe='/%:@!$&()*+,;=?~-._')}" if parts.query else ""
+    )
+    default = (scheme == "https" and port == 443) or (scheme == "http" and port == 80)
+    named = f"[{host}]" if ":" in host else host  # an IPv6 literal
+    host_header = named if default else f"{named}:{port}"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: processor-webhooks\r\n"
+    ).encode("ascii")
+    return _Target((scheme, host, port), head)

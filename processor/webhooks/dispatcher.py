@@ -35,7 +35,7 @@ from processor.events import render
 from processor.ledger.records import OutboxRecord
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
-from processor.webhooks.client import HttpClient, HttpError
+from processor.webhooks.client import HttpClient, HttpError, parse_target
 from processor.webhooks.policy import RETRY_AFTER_STATUSES, backoff_seconds, pause_seconds
 from processor.webhooks.signing import endpoint_secrets, headers
 from processor.webhooks.state import DeadLetter, DeliveryState, Disabled
@@ -88,12 +88,18 @@ class Endpoint(msgspec.Struct, frozen=True):
 
 
 def configured_endpoints(config: WebhooksConfig, environment: Mapping[str, str]) -> list[Endpoint]:
-    """Each configured endpoint with its signing secrets from `environment`; a SecretError
-    names the endpoint and the variable that is missing or unfit."""
-    return [
-        Endpoint(each, endpoint_secrets(each, f"$.webhooks.endpoints[{index}]", environment))
-        for index, each in enumerate(config.endpoints)
-    ]
+    """Each configured endpoint with its signing secrets from `environment`. A ValueError
+    names the endpoint's key and what is wrong: a secret missing or unfit (SecretError), or a
+    URL no POST can go to (an IDNA-unfit host, a port out of range)."""
+    endpoints = []
+    for index, each in enumerate(config.endpoints):
+        where = f"$.webhooks.endpoints[{index}]"
+        try:
+            parse_target(each.url)
+        except ValueError as error:
+            raise ValueError(f"{where}.url: {error}") from None
+        endpoints.append(Endpoint(each, endpoint_secrets(each, where, environment)))
+    return endpoints
 
 
 class Dispatcher:

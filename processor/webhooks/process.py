@@ -46,11 +46,9 @@ def state_path(config: Config) -> Path:
 
 
 async def serve_delivery(config: Config, channel_fd: int, wake_fd: int) -> int:
-    from processor.webhooks.signing import SecretError
-
     try:
         endpoints = configured_endpoints(config.webhooks, os.environ)
-    except SecretError as error:
+    except ValueError as error:
         log.error("webhook delivery cannot start: %s", error)
         return EXIT_CONFIG
     # The primary opened the ledger first (created, migrated): only read here.
@@ -65,8 +63,11 @@ async def serve_delivery(config: Config, channel_fd: int, wake_fd: int) -> int:
 
     def woken() -> None:
         try:
-            os.read(wake_fd, limits.delivery_wake_bytes_max)  # every wake since the last one
+            read = os.read(wake_fd, limits.delivery_wake_bytes_max)  # every wake since the last
         except BlockingIOError:
+            return
+        if not read:  # the daemon's end closed: it is going; the channel says so too
+            loop.remove_reader(wake_fd)
             return
         dispatcher.notify()
 
@@ -99,7 +100,7 @@ async def serve_delivery(config: Config, channel_fd: int, wake_fd: int) -> int:
     except ConnectionError:
         pass  # the primary is gone
     finally:
-        loop.remove_reader(wake_fd)
+        loop.remove_reader(wake_fd)  # (again, if the pipe closed first: harmless)
         await dispatcher.stop()
         watcher.cancel()
         try:

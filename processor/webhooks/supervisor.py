@@ -18,7 +18,7 @@ from collections.abc import Callable
 from processor import limits
 from processor.channel import Child
 from processor.config import Config
-from processor.metrics import WorkerSamples
+from processor.metrics import Metrics
 
 # Its metrics are kept beside the worker processes' (numbered from 1) under this number.
 SAMPLES_INDEX = 0
@@ -29,14 +29,15 @@ class DeliveryError(Exception):
 
 
 class DeliveryProcess:
-    def __init__(self, config: Config, samples: WorkerSamples) -> None:
+    def __init__(self, config: Config, metrics: Metrics) -> None:
         self._wake: int | None = None  # the write end of the current process's wake pipe
         self._child = Child(
             "webhook delivery process",
+            "webhook-delivery",
             SAMPLES_INDEX,
             ["processor.webhooks.process"],
             config,
-            samples,
+            metrics,
             deque(),
             self._new_pipe,
         )

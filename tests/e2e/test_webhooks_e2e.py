@@ -541,6 +541,7 @@ def test_delivery_runs_in_a_process_of_its_own_and_resumes_after_a_kill9(
 ) -> None:
     import re
     import signal
+    import urllib.request
 
     receiver = Receiver(delay_seconds=0.01)  # a backlog is pending when the process dies
     daemon = start(tmp_path, endpoint("main", receiver.url))
@@ -574,6 +575,10 @@ def test_delivery_runs_in_a_process_of_its_own_and_resumes_after_a_kill9(
         assert first_seen == sorted(first_seen)
         assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "00"
         link.close()
+        url = f"http://127.0.0.1:{daemon.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            metrics = response.read().decode()
+        assert 'processor_child_process_up{process="webhook-delivery"} 1.0' in metrics
     finally:
         daemon.stop()
         receiver.close()

@@ -26,6 +26,7 @@ DASHBOARD_METRICS = {
     "processor_bad_messages",
     "processor_links_closed",
     "processor_http_connections_refused",
+    "processor_child_process_up",
     "processor_outbox_backlog",
     "processor_outbox_oldest_undelivered_seconds",
     "processor_webhook_delivery_seconds",

@@ -31,6 +31,13 @@ def test_the_size_stays_within_its_bounds(apply_seconds: float, size: int) -> No
     assert pacer.size == size
 
 
+def test_a_commit_slower_than_the_budget_still_gets_as_much_work_per_batch() -> None:
+    pacer = Pacer(256, 0.005, 8)
+    for _ in range(50):  # 100 us per request, a 10 ms fsync (a slow disk)
+        pacer.measured(100, 0.010, 0.010)
+    assert pacer.size == 100  # 10 ms of work per 10 ms commit, not 8 requests per fsync
+
+
 def test_small_batches_do_not_set_the_time_per_request() -> None:
     # One request's batch is nearly all fixed cost; counted per request it would shrink the
     # batches, whose shorter time would shrink them again.

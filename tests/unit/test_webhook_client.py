@@ -236,3 +236,123 @@ def test_an_answer_that_is_not_http_is_refused(answer: bytes) -> None:
         assert failure.value.kind == "bad_answer"
 
     run(body)
+
+
+def test_an_interim_answer_is_skipped_for_the_final_one() -> None:
+    async def script(request: bytes, served: int) -> tuple[bytes, bool]:
+        return b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n", False
+
+    async def body() -> None:
+        async with Server(script) as server:
+            client = HttpClient()
+            assert (await client.post(server.url, b"{}", {}, 5.0)).status == 204
+            assert (await client.post(server.url, b"{}", {}, 5.0)).status == 204
+            await client.close()
+        assert server.connections == 1
+
+    run(body)
+
+
+def test_an_interim_answer_in_a_packet_of_its_own_is_skipped_too() -> None:
+    # The final answer of the first request must not be taken for the second's.
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for number in (1, 2):
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(f"HTTP/1.1 20{number} Done\r\nContent-Length: 0\r\n\r\n".encode())
+            await writer.drain()
+        writer.close()
+
+    async def body() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+        client = HttpClient()
+        assert (await client.post(url, b"{}", {}, 5.0)).status == 201
+        assert (await client.post(url, b"{}", {}, 5.0)).status == 202
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+    run(body)
+
+
+def test_a_close_before_a_delimited_body_ends_is_a_disconnect() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"
+
+    async def body() -> None:
+        async with Server(answering(answer, close=True)) as server:
+            client = HttpClient()
+            with pytest.raises(HttpError) as failure:
+                await client.post(server.url, b"{}", {}, 5.0)
+            await client.close()
+        assert failure.value.kind == "disconnected"
+
+    run(body)
+
+
+def test_headers_that_never_end_are_refused_without_waiting_for_the_timeout() -> None:
+    async def script(request: bytes, served: int) -> tuple[bytes, bool]:
+        return b"HTTP/1.1 200 OK\r\nX-Endless: " + b"a" * 100_000, False  # and no line end
+
+    async def body() -> None:
+        async with Server(script) as server:
+            client = HttpClient()
+            with pytest.raises(HttpError) as failure:
+                await client.post(server.url, b"{}", {}, 30.0)
+            await client.close()
+        assert failure.value.kind == "bad_answer"
+
+    run(body)
+
+
+def test_an_upgrade_answer_is_refused() -> None:
+    answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+
+    async def body() -> None:
+        async with Server(answering(answer)) as server:
+            client = HttpClient()
+            with pytest.raises(HttpError) as failure:
+                await client.post(server.url, b"{}", {}, 5.0)
+            await client.close()
+        assert failure.value.kind == "bad_answer"
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:99999/", "http://127.0.0.1:port/", "http://" + "a" * 70 + ".example/"]
+)
+def test_a_url_no_post_can_go_to_is_a_failed_attempt_not_an_exception(url: str) -> None:
+    async def body() -> None:
+        client = HttpClient()
+        with pytest.raises(HttpError) as failure:
+            await client.post(url, b"{}", {}, 5.0)
+        assert failure.value.kind == "bad_url"
+
+    run(body)
+
+
+def test_an_internationalised_host_is_sent_as_idna() -> None:
+    from processor.webhooks.client import parse_target
+
+    target = parse_target("https://bücher.example:8443/hook")
+    assert target.origin == ("https", "xn--bcher-kva.example", 8443)
+    assert b"Host: xn--bcher-kva.example:8443\r\n" in target.head
+
+
+def test_a_configured_url_no_post_can_go_to_stops_the_start_naming_its_key() -> None:
+    from processor.config import WebhookEndpoint, WebhooksConfig
+    from processor.webhooks.dispatcher import configured_endpoints
+
+    config = WebhooksConfig(
+        endpoints=(
+            WebhookEndpoint(name="ok", url="http://127.0.0.1:9/", secret_envs=("S",)),
+            WebhookEndpoint(name="bad", url="http://127.0.0.1:99999/", secret_envs=("S",)),
+        )
+    )
+    secret = "whsec_" + "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
+    with pytest.raises(ValueError, match=r"^\$\.webhooks\.endpoints\[1\]\.url: Port out of range"):
+        configured_endpoints(config, {"S": secret})
