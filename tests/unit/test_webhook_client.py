@@ -80,6 +80,20 @@ def run(body: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(body())
 
 
+def failure_of(script: Script, timeout_seconds: float = 5.0) -> tuple[str, Server]:
+    """The kind of HttpError one POST to a server playing `script` ends in, and the server."""
+
+    async def body() -> tuple[str, Server]:
+        async with Server(script) as server:
+            client = HttpClient()
+            with pytest.raises(HttpError) as failure:
+                await client.post(server.url, b"{}", {}, timeout_seconds)
+            await client.close()
+        return failure.value.kind, server
+
+    return asyncio.run(body())
+
+
 def test_the_request_is_one_post_with_the_given_headers_and_body() -> None:
     async def body() -> None:
         async with Server(answering(NO_CONTENT)) as server:
@@ -175,16 +189,9 @@ def test_a_kept_connection_dropped_instead_of_answering_is_replaced_once_at_once
 
 
 def test_a_server_that_closes_without_answering_is_a_disconnect() -> None:
-    async def body() -> None:
-        async with Server(answering(b"", close=True)) as server:
-            client = HttpClient()
-            with pytest.raises(HttpError) as failure:
-                await client.post(server.url, b"{}", {}, 5.0)
-            await client.close()
-        assert failure.value.kind == "disconnected"
-        assert len(server.requests) == 1  # a fresh connection: not sent twice
-
-    run(body)
+    kind, server = failure_of(answering(b"", close=True))
+    assert kind == "disconnected"
+    assert len(server.requests) == 1  # a fresh connection: not sent twice
 
 
 def test_nothing_listening_is_a_connect_failure() -> None:
@@ -227,15 +234,7 @@ def test_a_slow_answer_times_out_and_its_connection_is_not_reused() -> None:
     ],
 )
 def test_an_answer_that_is_not_http_is_refused(answer: bytes) -> None:
-    async def body() -> None:
-        async with Server(answering(answer)) as server:
-            client = HttpClient()
-            with pytest.raises(HttpError) as failure:
-                await client.post(server.url, b"{}", {}, 5.0)
-            await client.close()
-        assert failure.value.kind == "bad_answer"
-
-    run(body)
+    assert failure_of(answering(answer))[0] == "bad_answer"
 
 
 def test_an_interim_answer_is_skipped_for_the_final_one() -> None:
@@ -281,45 +280,19 @@ def test_an_interim_answer_in_a_packet_of_its_own_is_skipped_too() -> None:
 
 def test_a_close_before_a_delimited_body_ends_is_a_disconnect() -> None:
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"
-
-    async def body() -> None:
-        async with Server(answering(answer, close=True)) as server:
-            client = HttpClient()
-            with pytest.raises(HttpError) as failure:
-                await client.post(server.url, b"{}", {}, 5.0)
-            await client.close()
-        assert failure.value.kind == "disconnected"
-
-    run(body)
+    assert failure_of(answering(answer, close=True))[0] == "disconnected"
 
 
 def test_headers_that_never_end_are_refused_without_waiting_for_the_timeout() -> None:
     async def script(request: bytes, served: int) -> tuple[bytes, bool]:
         return b"HTTP/1.1 200 OK\r\nX-Endless: " + b"a" * 100_000, False  # and no line end
 
-    async def body() -> None:
-        async with Server(script) as server:
-            client = HttpClient()
-            with pytest.raises(HttpError) as failure:
-                await client.post(server.url, b"{}", {}, 30.0)
-            await client.close()
-        assert failure.value.kind == "bad_answer"
-
-    run(body)
+    assert failure_of(script, timeout_seconds=30.0)[0] == "bad_answer"
 
 
 def test_an_upgrade_answer_is_refused() -> None:
     answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
-
-    async def body() -> None:
-        async with Server(answering(answer)) as server:
-            client = HttpClient()
-            with pytest.raises(HttpError) as failure:
-                await client.post(server.url, b"{}", {}, 5.0)
-            await client.close()
-        assert failure.value.kind == "bad_answer"
-
-    run(body)
+    assert failure_of(answering(answer))[0] == "bad_answer"
 
 
 @pytest.mark.parametrize(
