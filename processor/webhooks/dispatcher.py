@@ -232,6 +232,7 @@ class Dispatcher:
                 rewound = await self._replay(endpoint, position)
                 if rewound < position:
                     position, read_up_to, waiting, finished = rewound, rewound - 1, [], set()
+                    written = rewound  # _replay stored it
             if len(waiting) < READ_BATCH:
                 with self._ledger.read() as reader:
                     ledger_id = reader.ledger_id()
