@@ -602,10 +602,16 @@ def listen(host: str, port: int, *, shared: bool = False, name: str = "") -> soc
     new link to one of them, spread by address, where processes accepting on one shared socket
     race and the first awake takes a whole burst of links.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # an IPv6 literal
+    # An IPv6 literal binds IPv6; "" every interface of both families where the system can.
+    everywhere = host == "" and socket.has_dualstack_ipv6()
+    family = socket.AF_INET6 if ":" in host or everywhere else socket.AF_INET
     try:
         listener = socket.create_server(
-            (host, port), family=family, backlog=limits.links_max, reuse_port=shared
+            (host, port),
+            family=family,
+            backlog=limits.links_max,
+            reuse_port=shared,
+            dualstack_ipv6=everywhere,
         )
     except OSError as error:
         which = f" ({name})" if name else ""

@@ -116,3 +116,25 @@ def test_the_open_files_limit_is_raised_to_the_hard_limit() -> None:
     assert before == 64
     expected = hard if hard != -1 else limits.open_files_wanted  # -1: RLIM_INFINITY
     assert after == now == expected
+
+
+def test_listening_sockets_take_the_family_of_their_host() -> None:
+    import socket
+
+    from processor.server.daemon import StartupError, listen
+
+    ipv4 = listen("127.0.0.1", 0, name="HTTP")
+    try:
+        assert ipv4.family == socket.AF_INET
+        with pytest.raises(StartupError, match=r"^cannot listen on 127\.0\.0\.1:\d+ \(HTTP\): "):
+            listen("127.0.0.1", ipv4.getsockname()[1], name="HTTP")  # taken
+    finally:
+        ipv4.close()
+    try:
+        ipv6 = listen("::1", 0)  # loopback only, as tests must
+    except StartupError:
+        return  # no IPv6 loopback on this machine
+    try:
+        assert ipv6.family == socket.AF_INET6
+    finally:
+        ipv6.close()
