@@ -211,3 +211,45 @@ class Child:
             await self.process.wait()
         if self._reports is not None:
             await self._reports
+
+
+# --- the child's side ---------------------------------------------------------------------------
+
+
+async def report_until_stopped(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    metrics: Metrics,
+    every_seconds: float,
+    stop: asyncio.Event,
+    name: str,
+) -> None:
+    """Send the child's metrics every `every_seconds` until `stop` is set (a signal) or the
+    primary goes away (its end of the channel closes: it never writes, so a read returns only
+    then), which sets `stop` too."""
+
+    async def primary_gone() -> None:
+        await reader.read()
+        log.error("%s: the daemon went away; stopping", name)
+        stop.set()
+
+    watcher = asyncio.create_task(primary_gone())
+    try:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), every_seconds)
+            except TimeoutError:
+                await send_report(writer, Report("metrics", metrics.snapshot()))
+    except ConnectionError:
+        stop.set()  # the primary is gone
+    finally:
+        watcher.cancel()
+
+
+async def last_report(writer: asyncio.StreamWriter, metrics: Metrics) -> None:
+    """The child's final metrics, so the primary's totals keep what it counted to the end."""
+    try:
+        await send_report(writer, Report("metrics", metrics.snapshot()))
+        writer.close()
+    except ConnectionError:
+        pass  # the primary is gone: nobody to report to

@@ -93,10 +93,11 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # is worse than a fast decline. Advices are never dropped: they are recorded however late.
     decision_deadline_seconds: Annotated[float, Meta(gt=0, le=60)] = 1.5
     # A batch takes no more requests than its measured time per request fits in this (commit
-    # included; at least limits.batch_size_min, at most ledger.batch_size_max); 0 = bounded by
-    # count alone. A request that arrives during a batch waits for it and then for its own, so
-    # this bounds what a greedy peer adds to another link's latency; smaller costs throughput
-    # (an fsync per fewer requests). bench/RESULTS.md, 2026-12-06, measures the trade.
+    # included, though deciding never gets less time than the commit takes; at least
+    # limits.batch_size_min, at most ledger.batch_size_max); 0 = bounded by count alone. A
+    # request that arrives during a batch waits for it and then for its own, so this bounds
+    # what a greedy peer adds to another link's latency; smaller costs throughput (an fsync
+    # per fewer requests). bench/RESULTS.md, 2026-12-06, measures the trade.
     batch_seconds_max: Annotated[float, Meta(ge=0, le=1)] = 0.005
 
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import msgspec
 
 from processor import limits
-from processor.channel import Child, Report, send_report
+from processor.channel import Child, Report, last_report, report_until_stopped, send_report
 from processor.config import Config
 from processor.metrics import Metrics
 
@@ -134,25 +134,12 @@ async def serve_worker(
     await send_report(writer, Report("ready"))
     log.info("worker %d: serving links", index)
 
-    async def primary_gone() -> None:
-        await reader.read()  # the primary never writes: this returns at EOF only
-        log.error("worker %d: the primary went away; stopping", index)
-        stop.set()
-
-    watcher = asyncio.create_task(primary_gone())
-    while not stop.is_set():
-        try:
-            await asyncio.wait_for(stop.wait(), limits.worker_report_seconds)
-        except TimeoutError:
-            await send_report(writer, Report("metrics", metrics.snapshot()))
+    await report_until_stopped(
+        reader, writer, metrics, limits.worker_report_seconds, stop, f"worker {index}"
+    )
     await drain(daemon, servers)
     ledger.close()
-    watcher.cancel()
-    try:
-        await send_report(writer, Report("metrics", metrics.snapshot()))
-        writer.close()
-    except ConnectionError:
-        pass  # the primary is gone: nobody to report to
+    await last_report(writer, metrics)
     return 0
 
 

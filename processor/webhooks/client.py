@@ -45,7 +45,7 @@ class HttpError(Exception):
     """No usable answer: the connection failed, closed early, or the answer was not HTTP.
 
     `kind` is the metric label and dead-letter reason (`connect_failed`, `disconnected`,
-    `bad_answer`, `timeout`)."""
+    `bad_answer`, `bad_url`); a time-out is TimeoutError (the dispatcher's `timeout`)."""
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")

@@ -9,7 +9,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import msgspec
 
@@ -17,20 +16,16 @@ from processor.config import Config
 from processor.events import event_id
 from processor.ledger.store import Ledger
 from processor.webhooks.signing import SecretError, parse_secret, sign
-from processor.webhooks.state import DeliveryState
+from processor.webhooks.state import DeliveryState, state_path
 
 REPLAY_WINDOW_SECONDS = 300  # the Standard Webhooks default tolerance
-
-
-def _state_path(config: Config) -> Path:
-    return Path(config.ledger.path) / "webhooks"
 
 
 def status(config: Config, now: float) -> int:
     """Each endpoint's position, backlog and dead letters; `now` (Unix seconds) ages them."""
     ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
-    state_path = _state_path(config)
-    state = DeliveryState(state_path, readonly=True) if (state_path / "data.mdb").exists() else None
+    where = state_path(config)
+    state = DeliveryState(where, readonly=True) if (where / "data.mdb").exists() else None
     try:
         with ledger.read() as reader:
             last = reader.outbox_last_sequence()
@@ -87,7 +82,7 @@ def replay(config: Config, endpoint: str, first: int | None, event: str | None) 
     else:
         assert first is not None
         sequence, kind = first, "from"
-    state = DeliveryState(_state_path(config))
+    state = DeliveryState(state_path(config))
     try:
         state.request_replay(endpoint, sequence, kind)
     finally:
@@ -103,7 +98,7 @@ def enable(config: Config, endpoint: str) -> int:
     if endpoint not in {e.name for e in config.webhooks.endpoints}:
         print(f"processor: no endpoint {endpoint!r} in webhooks.endpoints", file=sys.stderr)
         return 2
-    state = DeliveryState(_state_path(config))
+    state = DeliveryState(state_path(config))
     try:
         why = state.enable(endpoint)
         position = state.position(endpoint)

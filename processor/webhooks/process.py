@@ -23,26 +23,20 @@ import os
 import signal
 import socket
 import sys
-from pathlib import Path
 
 import msgspec
 
 from processor import limits
-from processor.channel import Report, send_report
+from processor.channel import Report, last_report, report_until_stopped, send_report
 from processor.config import Config
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
 from processor.webhooks.dispatcher import Dispatcher, configured_endpoints
-from processor.webhooks.state import DeliveryState
+from processor.webhooks.state import DeliveryState, state_path
 
 log = logging.getLogger("processor.webhooks")
 
 EXIT_CONFIG = 2  # what the primary checked at start no longer holds (a secret went away)
-
-
-def state_path(config: Config) -> Path:
-    """Where the delivery state lives: beside the ledger's files."""
-    return Path(config.ledger.path) / "webhooks"
 
 
 async def serve_delivery(config: Config, channel_fd: int, wake_fd: int) -> int:
@@ -53,7 +47,7 @@ async def serve_delivery(config: Config, channel_fd: int, wake_fd: int) -> int:
         return EXIT_CONFIG
     # The primary opened the ledger first (created, migrated): only read here.
     ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
-    state = DeliveryState(state_path(config))
+    state = DeliveryState(state_path(config))  # where `processor webhooks` finds it
     metrics = Metrics()
     dispatcher = Dispatcher(ledger, state, endpoints, config.webhooks, metrics)
     loop = asyncio.get_running_loop()
@@ -85,29 +79,14 @@ async def serve_delivery(config: Config, channel_fd: int, wake_fd: int) -> int:
     )
     await send_report(writer, Report("ready"))
 
-    async def primary_gone() -> None:
-        await reader.read()  # the primary never writes: this returns at EOF only
-        log.error("webhook delivery: the daemon went away; stopping")
-        stop.set()
-
-    watcher = asyncio.create_task(primary_gone())
     try:
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), limits.delivery_report_seconds)
-            except TimeoutError:
-                await send_report(writer, Report("metrics", metrics.snapshot()))
-    except ConnectionError:
-        pass  # the primary is gone
+        await report_until_stopped(
+            reader, writer, metrics, limits.delivery_report_seconds, stop, "webhook delivery"
+        )
     finally:
         loop.remove_reader(wake_fd)  # (again, if the pipe closed first: harmless)
         await dispatcher.stop()
-        watcher.cancel()
-        try:
-            await send_report(writer, Report("metrics", metrics.snapshot()))
-            writer.close()
-        except ConnectionError:
-            pass  # nobody to report to
+        await last_report(writer, metrics)
         state.close()
         ledger.close()
     return 0

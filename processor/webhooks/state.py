@@ -14,6 +14,8 @@ from pathlib import Path
 import lmdb
 import msgspec
 
+from processor.config import Config
+
 _U64 = struct.Struct(">Q")
 
 
@@ -37,6 +39,12 @@ class Disabled(msgspec.Struct, array_like=True, kw_only=True):
         """When, in RFC 3339 UTC to the second."""
         when = datetime.fromtimestamp(self.since_ms / 1000, UTC)
         return when.isoformat(timespec="seconds").removesuffix("+00:00") + "Z"
+
+
+def state_path(config: Config) -> Path:
+    """Where the delivery state lives: beside the ledger's files (the delivery process and
+    `processor webhooks` both open it there)."""
+    return Path(config.ledger.path) / "webhooks"
 
 
 class DeliveryState:

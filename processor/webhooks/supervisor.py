@@ -43,10 +43,6 @@ class DeliveryProcess:
         )
         self._supervisor: asyncio.Task[None] | None = None
 
-    @property
-    def pid(self) -> int | None:
-        return None if self._child.process is None else self._child.process.pid
-
     async def start(self) -> None:
         """Start the process; return once it delivers, raise DeliveryError if it does not."""
         await self._child.spawn()
