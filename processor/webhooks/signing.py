@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
 
@@ -64,7 +63,7 @@ def endpoint_secrets(
 
 def sign(secret: bytes, message_id: str, timestamp: int, body: bytes) -> str:
     signed = f"{message_id}.{timestamp}.".encode() + body
-    digest = hmac.new(secret, signed, hashlib.sha256).digest()
+    digest = hmac.digest(secret, signed, "sha256")  # one-shot in C; hmac.new wraps it in Python
     return "v1," + base64.b64encode(digest).decode()
 
 
