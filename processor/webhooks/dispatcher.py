@@ -29,6 +29,7 @@ from typing import Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
+from prometheus_client import Counter, Histogram
 
 from processor.config import WebhookEndpoint, WebhooksConfig
 from processor.events import render
@@ -43,11 +44,16 @@ from processor.webhooks.state import DeadLetter, DeliveryState, Disabled
 log = logging.getLogger("processor.webhooks")
 
 READ_BATCH = 100  # outbox records read per read transaction
-# While deliveries run, an endpoint's position is written at most this often (and whenever
-# none runs): a write transaction per event was a tenth of the delivery process's time. After
-# a crash, what was delivered since is delivered again (at least once, as always).
+# An endpoint's position is written at most this often, and at the latest this long after it
+# moved: a write transaction per event was a tenth of the delivery process's time (at a few
+# thousand events a second one at a time, each event left nothing running, and "write whenever
+# none runs" wrote after every one). After a crash, what was delivered since is delivered
+# again (at least once, as always).
 POSITION_WRITE_SECONDS = 0.05
 IDLE_POLL_SECONDS = 1.0  # also picks up events committed by other processes (clearing ingest)
+# How often a busy endpoint looks for `processor webhooks replay` requests (a read of the
+# delivery state; once per event was a measurable share of the process at 2,000 events/s).
+REPLAY_POLL_SECONDS = 0.1
 
 
 class Clock(Protocol):
@@ -131,6 +137,9 @@ class Dispatcher:
         # Endpoints that answered 410, as in the state (which the CLI changes): read at start,
         # written here on a 410, dropped when the state no longer has them.
         self.disabled: dict[str, Disabled] = {}
+        # Per endpoint, its delivered counter and latency histogram: `labels()` looks the
+        # series up under a lock each time, a few microseconds per delivered event.
+        self._delivered: dict[str, tuple[Counter, Histogram]] = {}
 
     def notify(self) -> None:
         """New events were committed: wake the endpoint tasks."""
@@ -209,12 +218,18 @@ class Dispatcher:
         position = self._state.position(name)
         waiting: list[OutboxRecord] = []  # read, not started, in sequence order
         read_up_to = position - 1
+        # Whether the outbox may hold events past read_up_to: after a wake, an idle poll (other
+        # processes commit without waking us) or a full read. Otherwise a finished delivery
+        # would cost a read transaction that finds nothing.
+        unread = True
+        replays_at = -REPLAY_POLL_SECONDS  # monotonic time replay requests were last looked for
         running: dict[asyncio.Task[Outcome], OutboxRecord] = {}
         busy: set[str] = set()
         finished: set[int] = set()
         ledger_id = ""
         written, written_at = position, time.monotonic()  # the position last stored
         while True:
+            unread = unread or wake.is_set()
             wake.clear()
             if name in self.disabled:
                 # Abandon what is in flight: nothing more goes to a receiver that said Gone.
@@ -225,18 +240,20 @@ class Dispatcher:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
                 running, busy, waiting, finished = {}, set(), [], set()
-                read_up_to = position - 1
+                read_up_to, unread = position - 1, True
                 await self._until_enabled(name, position)
                 continue
-            if not running:
+            if not running and time.monotonic() - replays_at >= REPLAY_POLL_SECONDS:
+                replays_at = time.monotonic()
                 rewound = await self._replay(endpoint, position)
                 if rewound < position:
                     position, read_up_to, waiting, finished = rewound, rewound - 1, [], set()
-                    written = rewound  # _replay stored it
-            if len(waiting) < READ_BATCH:
+                    written, unread = rewound, True  # _replay stored it
+            if unread and len(waiting) < READ_BATCH:
                 with self._ledger.read() as reader:
-                    ledger_id = reader.ledger_id()
+                    ledger_id = ledger_id or reader.ledger_id()  # fixed when the ledger is made
                     fresh = reader.outbox(read_up_to + 1, READ_BATCH)
+                unread = len(fresh) == READ_BATCH
                 if fresh:
                     read_up_to = fresh[-1].sequence
                     waiting.extend(fresh)
@@ -260,23 +277,26 @@ class Dispatcher:
                 finished.discard(position)
                 position += 1
             self._positions[name] = position
-            if position != written and (
-                not running or time.monotonic() - written_at >= POSITION_WRITE_SECONDS
-            ):
+            if position != written and time.monotonic() - written_at >= POSITION_WRITE_SECONDS:
                 self._state.advance(name, position)
                 written, written_at = position, time.monotonic()
             if running:
                 done, _ = await asyncio.wait(
                     running, timeout=IDLE_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
                 )
+                unread = unread or not done  # an idle poll
                 for task in done:
                     record = running.pop(task)
                     busy.discard(record.account_id or f"#{record.sequence}")
                     if self._outcome(task, name, record) != "disabled":
                         finished.add(record.sequence)
-            elif not waiting:
+            elif not waiting and not unread:  # (a full read of unwanted types: read on)
+                idle = IDLE_POLL_SECONDS
+                if position != written:  # wake up to write it when due
+                    idle = max(0.0, written_at + POSITION_WRITE_SECONDS - time.monotonic())
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), IDLE_POLL_SECONDS)
+                    await asyncio.wait_for(wake.wait(), idle)
+                unread = True  # woken, or an idle poll
 
     @staticmethod
     def _outcome(task: asyncio.Task[Outcome], name: str, record: OutboxRecord) -> Outcome | None:
@@ -341,10 +361,14 @@ class Dispatcher:
             attempt += 1
             answer = await self._attempt(endpoint, event.id, body)
             if answer.delivered:
-                self._metrics.webhook_delivered.labels(name).inc()
-                self._metrics.webhook_delivery_seconds.labels(name).observe(
-                    max(0.0, self._clock.now() - record.created_ms / 1000)
-                )
+                series = self._delivered.get(name)
+                if series is None:
+                    series = self._delivered[name] = (
+                        self._metrics.webhook_delivered.labels(name),
+                        self._metrics.webhook_delivery_seconds.labels(name),
+                    )
+                series[0].inc()
+                series[1].observe(max(0.0, self._clock.now() - record.created_ms / 1000))
                 return "delivered"
             self._metrics.webhook_failures.labels(name, answer.error).inc()
             if answer.status == 410:

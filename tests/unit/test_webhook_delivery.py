@@ -23,7 +23,13 @@ from processor.config import WebhookEndpoint, WebhooksConfig
 from processor.ledger.records import OutboxRecord
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
-from processor.webhooks.dispatcher import Dispatcher, Endpoint, Outcome, shown_location
+from processor.webhooks.dispatcher import (
+    READ_BATCH,
+    Dispatcher,
+    Endpoint,
+    Outcome,
+    shown_location,
+)
 from processor.webhooks.state import DeliveryState, Disabled
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -505,3 +511,32 @@ def test_an_endpoint_disabled_before_a_start_stays_disabled(tmp_path: Path) -> N
         assert harness.receiver.requests == []
 
     run(tmp_path, [], test)
+
+
+def test_an_endpoint_reads_past_a_full_read_of_types_it_does_not_want(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No idle poll within the test: only reading on after a full read gets to the last event.
+    monkeypatch.setattr("processor.webhooks.dispatcher.IDLE_POLL_SECONDS", 3600.0)
+    unwanted = 3 * READ_BATCH + 1
+
+    async def test(harness: Harness) -> None:
+        with harness.ledger.write() as writer:
+            writer.append_event(
+                OutboxRecord(
+                    sequence=writer.next_event_sequence(),
+                    type="authorization.reversed",
+                    created_ms=int(T0 * 1000),
+                    account_id="acct-1",
+                    account_sequence=unwanted + 1,
+                )
+            )
+        await harness.dispatcher.start()
+        await wait_until(lambda: len(harness.receiver.requests) == 1)
+        assert (
+            msgspec.json.decode(harness.receiver.requests[0].body)["type"]
+            == "authorization.reversed"
+        )
+        await wait_until(lambda: harness.state.position("main") == unwanted + 2)
+
+    run(tmp_path, [], test, accounts=("acct-1",) * unwanted, event_types=["authorization.reversed"])
