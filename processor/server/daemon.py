@@ -428,8 +428,6 @@ class Daemon:
         self.metrics.commit_seconds.observe(elapsed)
         commit = min(self.ledger.last_commit_seconds, elapsed)  # stale if the batch failed
         self._pacer.measured(len(batch), elapsed - commit, commit)
-        if self.on_commit is not None:
-            self.on_commit()
         if batch:  # a batch of control-API commands only is not a batch of requests
             self.metrics.batch_size.observe(len(batch))
         # One transport.write per link per batch.
@@ -442,6 +440,10 @@ class Daemon:
             link.write(b"".join(frames))
             link.requests_finished(len(frames))
         done_ns = time.perf_counter_ns()
+        if self.on_commit is not None:
+            # After the answers left: waking the delivery process (a pipe write, and the
+            # kernel waking a process on the other core) is not the network's wait.
+            self.on_commit()
         self.metrics.answered_batch(
             [(outcome.mti, outcome.response_code, outcome.reason) for outcome in outcomes],
             [(done_ns - received_ns) / 1e9 for _, _, _, received_ns in batch],
