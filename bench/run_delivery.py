@@ -6,7 +6,8 @@ a fresh ledger of --cards cards on as many accounts, fsync on, driven by bench/l
 loop (distinct 0100s, latency from the scheduled send time; run_spread.py's machinery). Reported:
 authorisation p50/p99 with and without the endpoint, and for delivery: events received, the
 receiver's latency from each event's `created` to its arrival (p50/p99/max), the backlog when
-the load stopped and how long the rest took to arrive.
+the load stopped, how long the rest took to arrive, and the delivery process's own CPU per
+event (from /proc, from before the load to the end of the drain).
 
     python bench/run_delivery.py --rates 2000,5000 --duration 10
 
@@ -37,6 +38,7 @@ from run_spread import (
     build_ledger,
     build_loadgen,
     daemon_config,
+    process_cpu_seconds,
     run_one,
 )
 
@@ -125,6 +127,18 @@ class Receiver:
 # ---- the measurement ---------------------------------------------------------------------------
 
 
+def delivery_cpu_seconds(daemon_pid: int) -> float | None:
+    """CPU the daemon's webhook delivery process has used so far (/proc), None without one."""
+    for child in Path(f"/proc/{daemon_pid}/task/{daemon_pid}/children").read_text().split():
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"processor.webhooks.process" in command:
+            return process_cpu_seconds(int(child))
+    return None
+
+
 def scrape(http_port: int, name: str) -> float | None:
     url = f"http://127.0.0.1:{http_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
@@ -170,6 +184,7 @@ def one_run(scratch: Path, args: argparse.Namespace, rate: float, endpoint: bool
             depth=1,
             rng=random.Random(8583),
         )
+        delivery_cpu_before = delivery_cpu_seconds(process.pid)
         record = run_one(
             session, "auth", "auth", "open", rate=rate, duration=args.duration, tick_us=200
         )
@@ -185,12 +200,19 @@ def one_run(scratch: Path, args: argparse.Namespace, rate: float, endpoint: bool
                 time.sleep(0.1)
             result["drain_seconds"] = time.monotonic() - started
             result["backlog_after_drain"] = scrape(ports["http"], backlog_series)
+            delivery_cpu_after = delivery_cpu_seconds(process.pid)
+            if delivery_cpu_before is not None and delivery_cpu_after is not None:
+                result["delivery_cpu_seconds"] = delivery_cpu_after - delivery_cpu_before
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
         if receiver is not None:
             latencies = receiver.stop()
             result["delivered"] = len(latencies)
+            if "delivery_cpu_seconds" in result and latencies:
+                result["delivery_cpu_us_per_event"] = (
+                    result["delivery_cpu_seconds"] / len(latencies) * 1e6
+                )
             result["delivery_ms"] = {
                 "p50": percentile(latencies, 0.5) * 1000,
                 "p99": percentile(latencies, 0.99) * 1000,
@@ -217,9 +239,10 @@ def row(result: Json) -> str:
             f"{delivery['p50']:.1f} / {delivery['p99']:.1f} / {delivery['max']:.1f}",
             f"{result['backlog_at_end']:.0f}",
             f"{result['drain_seconds']:.1f}",
+            f"{result.get('delivery_cpu_us_per_event', math.nan):.0f}",
         ]
     else:
-        cells += ["", "", "", ""]
+        cells += ["", "", "", "", ""]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -238,9 +261,10 @@ def main() -> int:
     build_loadgen()
     print(
         "| rate | endpoint | answered | auth p50 us | auth p99 us | daemon CPU us/msg "
-        "| events received | delivery p50 / p99 / max ms | backlog at end | drained in s |"
+        "| events received | delivery p50 / p99 / max ms | backlog at end | drained in s "
+        "| delivery process CPU us/event |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="run_delivery-") as scratch_name:
         scratch = Path(scratch_name)
