@@ -47,6 +47,7 @@ def open_ledger(config: Config, hasher: PanHasher, *, demo: bool = False) -> Led
     ledger = Ledger(
         config.ledger.path,
         map_size_bytes=config.ledger.map_size_bytes,
+        map_size_max_bytes=config.ledger.map_size_max_bytes,
         durability=config.ledger.durability,
     )
     try:
@@ -101,7 +102,7 @@ async def serve(settings: StartSettings) -> int:
     rates = load_rates(config.programme.rates_file) if config.programme.rates_file else {}
     ledger = open_ledger(config, hasher, demo=settings.demo)
     metrics = Metrics()
-    metrics.watch_ledger(ledger.map_usage)
+    metrics.watch_ledger(ledger.map_usage, ledger.map_size_max_bytes)
     daemon = Daemon(config, ledger, hasher, metrics, rates)
     loop = asyncio.get_running_loop()
     shared = config.server.workers > 1

@@ -20,7 +20,7 @@ import msgspec
 from processor.engine import ProgrammeRules, yymm
 from processor.engine.controls import periods_at
 from processor.ledger.records import OutboxRecord, StoredAnswer
-from processor.ledger.store import Ledger, LedgerError, Writer
+from processor.ledger.store import Ledger, LedgerError, LedgerFull, Writer
 from processor.lifecycle import ADVICE_CLASSES, ORIGINAL_CLASSES, Batch, Lifecycle
 from processor.outbox import emit, event_type, request_facts
 from processor.security import PanHasher
@@ -152,21 +152,33 @@ class Authorizer:
         for request in requests:
             card_key = self._hasher.card_key(request.pan)
             prepared.append((request, card_key, self._fingerprint(card_key, request)))
-        try:
-            with self._ledger.write() as writer:
-                results: list[object] = []
-                for command in commands:
-                    try:
-                        results.append(command(writer, now_ms))
-                    except CommandRefused as refused:
-                        results.append(refused)
-                batch = Batch(now_ms, now_yymm, periods, writer.programme_controls())
-                decided = [self._process(writer, *each, batch) for each in prepared]
-        except (lmdb.Error, LedgerError) as error:
-            reason = f"ledger_error:{type(error).__name__}"
-            outcomes = [self._reply(r.echo, r.mti, "96", reason) for r in requests]
-            return outcomes, [error] * len(commands)
-        return decided, results
+        while True:
+            try:
+                with self._ledger.write() as writer:
+                    results: list[object] = []
+                    for command in commands:
+                        try:
+                            results.append(command(writer, now_ms))
+                        except CommandRefused as refused:
+                            results.append(refused)
+                    batch = Batch(now_ms, now_yymm, periods, writer.programme_controls())
+                    decided = [self._process(writer, *each, batch) for each in prepared]
+            except lmdb.MapFullError:
+                # Nothing was applied (the transaction aborted): with a larger map the same
+                # batch is decided again from the start. At the ceiling: 96, not stored.
+                if self._ledger.grow():
+                    continue
+                full = LedgerFull(
+                    f"ledger {self._ledger.path}: map full at its ceiling of "
+                    f"{self._ledger.map_size_max_bytes} bytes (ledger.map_size_max_bytes)"
+                )
+                outcomes = [self._reply(r.echo, r.mti, "96", "ledger_full") for r in requests]
+                return outcomes, [full] * len(commands)
+            except (lmdb.Error, LedgerError) as error:
+                reason = f"ledger_error:{type(error).__name__}"
+                outcomes = [self._reply(r.echo, r.mti, "96", reason) for r in requests]
+                return outcomes, [error] * len(commands)
+            return decided, results
 
     def _process(
         self,

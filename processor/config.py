@@ -114,11 +114,20 @@ class HttpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 class LedgerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     path: str = "var/ledger"
     map_size_bytes: Annotated[int, Meta(ge=1 << 20)] = limits.map_size_bytes_default
+    # The map doubles by itself when full, up to this ceiling (issue 12: never full by surprise).
+    map_size_max_bytes: Annotated[int, Meta(ge=1 << 20)] = limits.map_size_max_bytes_default
     # fsync: a response leaves only after its batch is on disk (survives power loss).
     # process: committed to the OS page cache only (survives a crash of the daemon, not of the
     # machine); for benchmarks and test rigs where the disk is the bottleneck.
     durability: Literal["fsync", "process"] = "fsync"
     batch_size_max: Annotated[int, Meta(ge=1, le=limits.batch_size_max)] = limits.batch_size_max
+
+    def __post_init__(self) -> None:
+        if self.map_size_max_bytes < self.map_size_bytes:
+            raise ValueError(
+                f"map_size_max_bytes {self.map_size_max_bytes} is below map_size_bytes "
+                f"{self.map_size_bytes}: the ceiling the map grows to cannot be under its start"
+            )
 
 
 class SecurityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

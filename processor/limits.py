@@ -90,6 +90,13 @@ api_token_chars_min: Final = 16  # the control API's bearer token
 
 # Ledger
 map_size_bytes_default: Final = 1 << 30
+# The map grows by itself (doubling) up to ledger.map_size_max_bytes: address space is reserved,
+# the file grows only as pages are used. Past this, answers are 96 ledger_full.
+map_size_max_bytes_default: Final = 64 << 30
+# Of the ceiling in use: a warning (and the gauges to alert on) at the first, /readyz degraded at
+# the second.
+map_used_warning_ratio: Final = 0.8
+map_used_degraded_ratio: Final = 0.9
 ledger_databases_max: Final = 32
 account_id_bytes_max: Final = 64
 holds_listed_max: Final = 1000  # `ledger show` lists at most this many holds

@@ -215,6 +215,11 @@ class Metrics:
         self.ledger_map_size = Gauge(
             "processor_ledger_map_size_bytes", "Size of the LMDB map", registry=r
         )
+        self.ledger_map_ceiling = Gauge(
+            "processor_ledger_map_ceiling_bytes",
+            "What the LMDB map may grow to (ledger.map_size_max_bytes): full there, answers 96",
+            registry=r,
+        )
         self._answered: dict[tuple[str, str, str], Callable[[float], None]] = {}
         self._latency: dict[str, Histogram] = {}  # label child per MTI label, resolved once
         self.workers = WorkerSamples()
@@ -288,9 +293,10 @@ class Metrics:
         merged.register(_Merged(self.registry, self.workers))
         return generate_latest(merged)
 
-    def watch_ledger(self, usage: Callable[[], tuple[int, int]]) -> None:
+    def watch_ledger(self, usage: Callable[[], tuple[int, int]], ceiling_bytes: int) -> None:
         self.ledger_map_used.set_function(lambda: usage()[0])
         self.ledger_map_size.set_function(lambda: usage()[1])
+        self.ledger_map_ceiling.set(ceiling_bytes)
 
 
 class WorkerSamples:

@@ -46,7 +46,7 @@ from processor.currency import UnknownCurrency, exponent, numeric_code
 from processor.engine.controls import Periods, control_errors, periods_at
 from processor.ledger.controls import NO_CONTROLS, Controls, account_scope, card_scope
 from processor.ledger.records import Card
-from processor.ledger.store import LedgerError, Reader
+from processor.ledger.store import LedgerError, LedgerFull, Reader
 from processor.security import PanHasher, luhn_valid
 
 log = logging.getLogger("processor.api")
@@ -295,6 +295,15 @@ class ControlApi:
     async def _run(self, command: Command) -> Reply:
         try:
             result = await self.daemon.execute(command)
+        except LedgerFull as error:
+            log.error("control API: %s; nothing applied", error)
+            raise ApiError(
+                503,
+                "ledger_full",
+                "the ledger is full at its ceiling (ledger.map_size_max_bytes); nothing was "
+                "applied: raise the ceiling or free space, then retry",
+                headers={"Retry-After": "60"},
+            ) from None
         except (LedgerError, lmdb.Error) as error:
             # An operating error (disk full, map full): nothing was applied; a retry may work.
             log.error("control API: ledger failed, nothing applied: %s", error)

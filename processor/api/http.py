@@ -27,6 +27,7 @@ from aiohttp.http_exceptions import (
 )
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from processor import limits
 from processor.api.control import BODY_BYTES_MAX, ApiError, ControlApi
 from processor.api.port import Processor
 from processor.api.views import ErrorBody, ErrorDetail
@@ -164,16 +165,28 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready while accepting and the ledger answers a read transaction."""
+    """Ready while accepting, the ledger answers a read transaction and has room: 503 when it
+    is full at its ceiling (authorisations are answered 96), ready but `degraded` from 90 %
+    of the ceiling in use."""
     daemon = request.app[DAEMON_KEY]
     if daemon.stopping:
         return web.json_response({"ready": False, "reason": "stopping"}, status=503)
     try:
         with daemon.ledger.read() as reader:
             reader.ledger_id()  # any read: the ledger answers
+        used = daemon.map_used_ratio()
     except Exception as error:  # any failure to read means not ready; say which
         return web.json_response(
             {"ready": False, "reason": f"ledger unavailable: {type(error).__name__}"}, status=503
+        )
+    if daemon.ledger_full:
+        return web.json_response(
+            {"ready": False, "reason": "ledger_full", "map_used_ratio": round(used, 3)},
+            status=503,
+        )
+    if used >= limits.map_used_degraded_ratio:
+        return web.json_response(
+            {"ready": True, "degraded": "ledger_nearly_full", "map_used_ratio": round(used, 3)}
         )
     return web.json_response({"ready": True})
 

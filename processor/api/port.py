@@ -23,6 +23,10 @@ class Processor(Protocol):
     metrics: Metrics
     hasher: PanHasher  # the key the ledger is bound to
     stopping: bool
+    ledger_full: bool  # the last batch found the map full at its ceiling
+
+    def map_used_ratio(self) -> float:
+        """The share of the ledger map's ceiling in use."""
 
     @property
     def pending(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import lmdb
 import msgspec
 from msgspec import Meta
 
@@ -17,7 +18,7 @@ from processor import limits
 from processor.currency import UnknownCurrency, exponent, numeric_code
 from processor.ledger.controls import AmountLimit, Catalog, Controls, control_errors
 from processor.ledger.records import Account, AccountStatus, Card, CardStatus
-from processor.ledger.store import Ledger
+from processor.ledger.store import Ledger, LedgerFull, Writer
 from processor.security import PanHasher, luhn_valid
 
 MinorUnits = Annotated[int, Meta(ge=0, le=10**15)]
@@ -165,71 +166,87 @@ def apply_load_file(
     errors = controls_errors(data, catalog or default_catalog(), source)
     if errors:
         raise LoadError("\n".join(errors))
+    # One transaction; a map too small for it grows (up to its ceiling) and the load runs again
+    # from the start, nothing of the failed attempt applied.
+    while True:
+        try:
+            with ledger.write() as writer:
+                return _apply(writer, data, hasher, source, catalog or default_catalog())
+        except lmdb.MapFullError:
+            if not ledger.grow():
+                raise LedgerFull(
+                    f"{source}: the ledger map is full at its ceiling of "
+                    f"{ledger.map_size_max_bytes} bytes (ledger.map_size_max_bytes): nothing loaded"
+                ) from None
+
+
+def _apply(
+    writer: Writer, data: LoadFile, hasher: PanHasher, source: str, catalog: Catalog
+) -> LoadSummary:
     counts = {"accounts_created": 0, "accounts_updated": 0, "cards_created": 0, "cards_updated": 0}
-    with ledger.write() as writer:
-        if data.programme_controls is not None:
-            writer.put_programme_controls(data.programme_controls)
-        for index, entry in enumerate(data.accounts):
-            existing = writer.account(entry.id)
-            if existing is None:
-                counts["accounts_created"] += 1
-                writer.put_account(
-                    Account(
-                        id=entry.id,
-                        currency=entry.currency,
-                        posted=entry.balance,
-                        credit_limit=entry.credit_limit,
-                        status=entry.status,
-                        controls=entry.controls,
-                    )
+    if data.programme_controls is not None:
+        writer.put_programme_controls(data.programme_controls)
+    for index, entry in enumerate(data.accounts):
+        existing = writer.account(entry.id)
+        if existing is None:
+            counts["accounts_created"] += 1
+            writer.put_account(
+                Account(
+                    id=entry.id,
+                    currency=entry.currency,
+                    posted=entry.balance,
+                    credit_limit=entry.credit_limit,
+                    status=entry.status,
+                    controls=entry.controls,
                 )
-                continue
-            counts["accounts_updated"] += 1
-            if existing.currency != entry.currency and existing.held:
-                raise LoadError(
-                    f"{source}: $.accounts[{index}].currency: account {entry.id} has open "
-                    f"holds in {existing.currency}; cannot change it to {entry.currency}"
-                )
-            # Updated in place: held (the open holds) and the event sequence are the ledger's.
-            existing.currency = entry.currency
-            existing.posted = entry.balance
-            existing.credit_limit = entry.credit_limit
-            existing.status = entry.status
-            existing.controls = entry.controls
-            writer.put_account(existing)
-        for index, card_entry in enumerate(data.cards):
-            account = writer.account(card_entry.account)
-            if account is None:
-                raise LoadError(
-                    f"{source}: $.cards[{index}].account: no account {card_entry.account!r}"
-                )
-            controls = card_controls(card_entry, account.currency)
-            if controls is not None and card_entry.controls is not None:
-                errors = control_errors(
-                    controls,
-                    catalog or default_catalog(),
-                    account.currency,
-                    f"$.cards[{index}].controls",
-                )
-                if errors:
-                    raise LoadError("\n".join(f"{source}: {error}" for error in errors))
-            card_key = hasher.card_key(card_entry.pan)
-            previous = writer.card(card_key)
-            counts["cards_created" if previous is None else "cards_updated"] += 1
-            writer.put_card(
-                card_key,
-                card_record(
-                    card_key,
-                    card_entry.pan,
-                    account_id=card_entry.account,
-                    expiry=card_entry.expiry,
-                    status=card_entry.status,
-                    controls=controls,
-                    created_ms=previous.created_ms if previous is not None else 0,
-                    virtual=previous.virtual if previous is not None else False,
-                ),
-                previous.account_id if previous is not None else None,
             )
+            continue
+        counts["accounts_updated"] += 1
+        if existing.currency != entry.currency and existing.held:
+            raise LoadError(
+                f"{source}: $.accounts[{index}].currency: account {entry.id} has open "
+                f"holds in {existing.currency}; cannot change it to {entry.currency}"
+            )
+        # Updated in place: held (the open holds) and the event sequence are the ledger's.
+        existing.currency = entry.currency
+        existing.posted = entry.balance
+        existing.credit_limit = entry.credit_limit
+        existing.status = entry.status
+        existing.controls = entry.controls
+        writer.put_account(existing)
+    for index, card_entry in enumerate(data.cards):
+        account = writer.account(card_entry.account)
+        if account is None:
+            raise LoadError(
+                f"{source}: $.cards[{index}].account: no account {card_entry.account!r}"
+            )
+        controls = card_controls(card_entry, account.currency)
+        if controls is not None and card_entry.controls is not None:
+            errors = control_errors(
+                controls,
+                catalog,
+                account.currency,
+                f"$.cards[{index}].controls",
+            )
+            if errors:
+                raise LoadError("\n".join(f"{source}: {error}" for error in errors))
+        card_key = hasher.card_key(card_entry.pan)
+        previous = writer.card(card_key)
+        counts["cards_created" if previous is None else "cards_updated"] += 1
+        writer.put_card(
+            card_key,
+            card_record(
+                card_key,
+                card_entry.pan,
+                account_id=card_entry.account,
+                expiry=card_entry.expiry,
+                status=card_entry.status,
+                controls=controls,
+                created_ms=previous.created_ms if previous is not None else 0,
+                virtual=previous.virtual if previous is not None else False,
+            ),
+            previous.account_id if previous is not None else None,
+        )
     return LoadSummary(**counts)
 
 

@@ -68,6 +68,10 @@ class LedgerError(Exception):
     """An operating error of the ledger (unavailable, full, wrong key): answer 96, keep serving."""
 
 
+class LedgerFull(LedgerError):
+    """The map is full at its ceiling (ledger.map_size_max_bytes): nothing was applied."""
+
+
 class _Codecs:
     __slots__ = (
         "account",
@@ -103,10 +107,13 @@ class Ledger:
         path: str | Path,
         *,
         map_size_bytes: int = limits.map_size_bytes_default,
+        map_size_max_bytes: int | None = None,
         durability: Literal["fsync", "process"] = "fsync",
         readonly: bool = False,
     ) -> None:
         self.path = Path(path)
+        # The map grows by itself up to this (`grow`); None: it never grows.
+        self.map_size_max_bytes = max(map_size_bytes, map_size_max_bytes or map_size_bytes)
         if not readonly:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -216,10 +223,41 @@ class Ledger:
                     "environment variable the config names to the key the ledger was built with"
                 )
 
+    def _begin(self, *, write: bool) -> lmdb.Transaction:
+        try:
+            return self.env.begin(write=write)
+        except lmdb.MapResizedError:
+            # Another process (a worker) grew the map past the size this one maps: adopt it.
+            self.env.set_mapsize(0)
+            return self.env.begin(write=write)
+
+    def grow(self) -> bool:
+        """Double the map, up to `map_size_max_bytes`, after a MapFullError; False when it is
+        at its ceiling already. Only with no transaction open in this process (LMDB's rule):
+        the daemon calls it between batches. Other processes adopt the size (`_begin`)."""
+        size = self.env.info()["map_size"]
+        if size >= self.map_size_max_bytes:
+            return False
+        grown = min(self.map_size_max_bytes, size * 2)
+        try:
+            self.env.set_mapsize(grown)
+        except lmdb.Error as error:
+            log.error("ledger %s: could not grow the map to %d bytes: %s", self.path, grown, error)
+            return False
+        log.warning(
+            "ledger %s: map full at %d MiB, grown to %d MiB (ceiling %d MiB, "
+            "ledger.map_size_max_bytes)",
+            self.path,
+            size >> 20,
+            grown >> 20,
+            self.map_size_max_bytes >> 20,
+        )
+        return True
+
     @contextmanager
     def write(self) -> Iterator[Writer]:
         """One write transaction: commits (durably, per `durability`) unless the block raises."""
-        txn = self.env.begin(write=True)
+        txn = self._begin(write=True)
         writer = Writer(txn, self._dbs, self._codecs)
         try:
             yield writer
@@ -233,7 +271,7 @@ class Ledger:
 
     @contextmanager
     def read(self) -> Iterator[Reader]:
-        with self.env.begin(write=False) as txn:
+        with self._begin(write=False) as txn:
             yield Reader(txn, self._dbs, self._codecs)
 
     def map_usage(self) -> tuple[int, int]:

@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Final
 
+import lmdb
+
 from processor import limits
 from processor.authorizer import Authorizer, Command, CommandRefused, Outcome
 from processor.catalog import default_catalog
@@ -80,6 +82,13 @@ class Daemon:
         # Per peer address, so reconnecting does not reset a peer's budget (oldest forgotten).
         self._peer_logs: dict[str, LogBudget] = {}
         self._refusal_log = LogBudget()  # refused connections: logged, never a flood
+        # 96s by reason: a full or failing ledger answers every request 96, and one ERROR line
+        # each would flood the log; a few lines, then one per interval with the count.
+        self._error_log = LogBudget()
+        # The last batch found the ledger full at its ceiling (answered 96 ledger_full): not
+        # ready (/readyz 503) until a batch commits again.
+        self.ledger_full = False
+        self._map_warned = False  # the 80 % warning was logged (again once below 75 %)
         self.stopping = False
         self.write_buffer_high_bytes = limits.write_buffer_high_bytes
         # Links with requests queued, in turn: batches take one request per link per round.
@@ -448,9 +457,56 @@ class Daemon:
             [(outcome.mti, outcome.response_code, outcome.reason) for outcome in outcomes],
             [(done_ns - received_ns) / 1e9 for _, _, _, received_ns in batch],
         )
+        self._ledger_errors(outcomes)
+
+    def _ledger_errors(self, outcomes: list[Outcome]) -> None:
+        """Log a batch's 96s within the error budget, and note whether the ledger is full."""
+        full = False
+        now = time.monotonic()
         for outcome in outcomes:
-            if outcome.response_code == "96":
-                log.error("answered 96: %s", outcome.reason)
+            if outcome.response_code != "96":
+                continue
+            full = full or outcome.reason == "ledger_full"
+            suppressed = self._error_log.allow(outcome.reason, now)
+            if suppressed is None:
+                self.metrics.log_lines_suppressed.labels("answered_96").inc()
+                continue
+            log.error(
+                "answered 96: %s%s",
+                outcome.reason,
+                f" ({suppressed} more since the last line)" if suppressed else "",
+            )
+        if full and not self.ledger_full:
+            log.error(
+                "ledger full at its ceiling of %d MiB (ledger.map_size_max_bytes): answering 96 "
+                "ledger_full, /readyz 503; reads and echoes go on, and the next batch that "
+                "fits is committed as usual",
+                self.ledger.map_size_max_bytes >> 20,
+            )
+        elif self.ledger_full and not full and outcomes:
+            log.warning("ledger no longer full: batches commit again")
+        if outcomes:
+            self.ledger_full = full
+
+    def map_used_ratio(self) -> float:
+        """The share of the map's ceiling in use; warns once when it passes 80 %."""
+        used, _ = self.ledger.map_usage()
+        ratio = used / self.ledger.map_size_max_bytes
+        if ratio >= limits.map_used_warning_ratio and not self._map_warned:
+            self._map_warned = True
+            log.warning(
+                "ledger %s: %.0f %% of its map ceiling in use (%d of %d MiB, "
+                "ledger.map_size_max_bytes); at %.0f %% /readyz reports degraded, at 100 %% "
+                "authorisations are answered 96",
+                self.ledger.path,
+                ratio * 100,
+                used >> 20,
+                self.ledger.map_size_max_bytes >> 20,
+                limits.map_used_degraded_ratio * 100,
+            )
+        elif ratio < limits.map_used_warning_ratio - 0.05:
+            self._map_warned = False
+        return ratio
 
     def _take(self, size: int) -> list[Pending]:
         """Up to `size` queued requests, one per link per round, each link's oldest first.
@@ -539,6 +595,12 @@ class Daemon:
         delay = float(self.config.programme.sweep_interval_seconds)
         try:
             released = self.authorizer.sweep_expired(datetime.now(UTC), limits.sweep_holds_max)
+        except lmdb.MapFullError:
+            released = 0
+            if self.ledger.grow():
+                delay = 0.0  # room now: at once
+            elif self._error_log.allow("sweep_ledger_full", time.monotonic()) is not None:
+                log.error("hold sweep: the ledger is full at its ceiling; retrying each interval")
         except Exception:
             log.exception("hold sweep failed; retrying at the next interval")
             released = 0
@@ -559,10 +621,12 @@ class Daemon:
             self._supervision_handle = None
 
     def supervise(self) -> None:
-        """Close idle and stalled links, now and every supervision interval (reschedules)."""
+        """Close idle and stalled links and look at the ledger's room, now and every
+        supervision interval (reschedules)."""
         if self.stopping:
             return
         self.close_stalled_links(time.monotonic())
+        self.map_used_ratio()
         self._supervision_handle = asyncio.get_running_loop().call_later(
             limits.link_supervision_interval_seconds, self.supervise
         )

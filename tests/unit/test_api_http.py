@@ -174,8 +174,20 @@ def test_token_errors_and_json_everywhere(tmp_path: Path, monkeypatch: pytest.Mo
     with_app(tmp_path, monkeypatch, "s3cret", check)
 
 
+@pytest.mark.parametrize(
+    ("failure", "code", "retry_after"),
+    [
+        (lmdb.DiskError("mdb_txn_commit: EIO"), "ledger_unavailable", "1"),
+        # The map cannot grow (these tests' ledgers have no ceiling above their size).
+        (lmdb.MapFullError("mdb_put: MDB_MAP_FULL"), "ledger_full", "60"),
+    ],
+)
 def test_a_ledger_failure_is_503_and_applies_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: lmdb.Error,
+    code: str,
+    retry_after: str,
 ) -> None:
     bearer = {"Authorization": "Bearer s3cret"}
 
@@ -184,7 +196,7 @@ def test_a_ledger_failure_is_503_and_applies_nothing(
         account_id = (await created.json())["id"]
 
         def full(writer: Any, now_ms: int) -> object:
-            raise lmdb.MapFullError("mdb_put: MDB_MAP_FULL")
+            raise failure
 
         # The daemon's own path for an operating error: the batch is aborted and the error
         # raised from execute().
@@ -194,8 +206,8 @@ def test_a_ledger_failure_is_503_and_applies_nothing(
         funded = await client.post(
             f"/v1/accounts/{account_id}/fund", json={"amount": 5, "reason": "x"}, headers=bearer
         )
-        assert funded.status == 503 and funded.headers["Retry-After"] == "1"
-        assert (await funded.json())["error"]["code"] == "ledger_unavailable"
+        assert funded.status == 503 and funded.headers["Retry-After"] == retry_after
+        assert (await funded.json())["error"]["code"] == code
         shown = await client.get(f"/v1/accounts/{account_id}", headers=bearer)
         assert (await shown.json())["posted"] == 0
 

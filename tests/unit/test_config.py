@@ -33,6 +33,11 @@ def test_no_file_means_defaults() -> None:
         ("[[listeners]]\nname = 'a'\n[[listeners]]\nname = 'a'\nport = 1\n", "'a' is used twice"),
         ("[[listeners]]\nname = 'a'\n[[listeners]]\nname = 'b'\n", "127.0.0.1:8583 is used twice"),
         ("[ledger]\ndurability = 'maybe'\n", "$.ledger.durability"),
+        ("[ledger]\nmap_size_max_bytes = 1024\n", "$.ledger.map_size_max_bytes"),
+        (
+            "[ledger]\nmap_size_bytes = 4194304\nmap_size_max_bytes = 2097152\n",
+            "map_size_max_bytes 2097152 is below map_size_bytes 4194304",
+        ),
         ("[programme]\ntime_zone = 'Mars/Olympus'\n", "$.programme"),
         (
             "[programme.card_issuing]\nbin_prefix = '47617x'\n",
