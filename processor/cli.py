@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from processor.config import Config, ConfigError, load_config, with_overrides
@@ -99,6 +100,76 @@ def cmd_ledger_migrate(args: argparse.Namespace) -> int:
             f"{migrated_from.decode()} to {schema}"
         )
     return 0
+
+
+def cmd_ledger_backup(args: argparse.Namespace) -> int:
+    from processor.ledger.store import Ledger
+    from processor.webhooks.state import DeliveryState, state_path
+
+    config = _common_config(args)
+    if _no_ledger(config):
+        return 1
+    target = Path(args.directory)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        print(f"processor: {target} exists and is not an empty directory", file=sys.stderr)
+        return 1
+    target.mkdir(parents=True, exist_ok=True)
+    # Read-only: a running daemon goes on writing meanwhile (LMDB readers never block it).
+    ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
+    try:
+        last_event = ledger.copy_to(target)
+    finally:
+        ledger.close()
+    copied = "the ledger"
+    source_state = state_path(config)
+    if (source_state / "data.mdb").exists():
+        # The delivery positions, dead letters and replay requests, copied after the ledger:
+        # a restore then redelivers at most what was delivered after the ledger's copy, never
+        # skips an event the copy holds.
+        (target / "webhooks").mkdir()
+        state = DeliveryState(source_state, readonly=True)
+        try:
+            state.env.copy(str(target / "webhooks"), compact=True)
+        finally:
+            state.close()
+        copied += " and the webhook delivery state"
+    print(
+        f"backed up {copied} of {config.ledger.path} to {target} (compacted): every change "
+        f"up to event {last_event} is in it; restore by serving that directory (--ledger)"
+    )
+    return 0
+
+
+def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    from processor.ledger.store import Ledger
+    from processor.ledger.verify import verify
+
+    config = _common_config(args)
+    if _no_ledger(config):
+        return 1
+    ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
+    try:
+        with ledger.read() as reader:
+            found = verify(reader)
+    finally:
+        ledger.close()
+    counts = (
+        f"{found.accounts} accounts, {found.holds} holds ({found.open_holds} open), "
+        f"{found.answers} answers, {found.events} events"
+    )
+    if not found.problems_total:
+        print(f"ledger {config.ledger.path}: verified: {counts}")
+        return 0
+    for problem in found.problems:
+        print(f"processor: {problem}", file=sys.stderr)
+    left = found.problems_total - len(found.problems)
+    print(
+        f"processor: ledger {config.ledger.path}: {found.problems_total} problems"
+        + (f" ({left} not listed)" if left else "")
+        + f" in {counts}",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _no_ledger(config: Config) -> bool:
@@ -386,6 +457,18 @@ def build_parser() -> argparse.ArgumentParser:
         ledger_sub, "migrate", "bring a ledger written by an older release to this schema"
     )
     migrate.set_defaults(func=cmd_ledger_migrate)
+    backup = ledger_command(
+        ledger_sub,
+        "backup",
+        "a consistent, compacted copy of the ledger (and the webhook delivery state) into an "
+        "empty directory, while the daemon serves",
+    )
+    backup.add_argument("directory")
+    backup.set_defaults(func=cmd_ledger_backup)
+    check = ledger_command(
+        ledger_sub, "verify", "check the ledger's invariants (balances, holds, events)"
+    )
+    check.set_defaults(func=cmd_ledger_verify)
 
     clearing = sub.add_parser("clearing", help="apply clearing (presentment) files")
     clearing_sub = clearing.add_subparsers(dest="clearing_command", required=True)

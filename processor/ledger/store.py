@@ -274,6 +274,17 @@ class Ledger:
         with self._begin(write=False) as txn:
             yield Reader(txn, self._dbs, self._codecs)
 
+    def copy_to(self, directory: str | Path) -> int:
+        """A consistent copy of the whole ledger into `directory` (an existing, empty one),
+        compacted (free pages left out: LMDB's copy with compaction), from one read
+        transaction while writers go on. Returns the last outbox sequence in the copy: every
+        change up to that event is in it."""
+        with self._begin(write=False) as txn:
+            cursor = txn.cursor(db=self._dbs["outbox"])
+            last = _U64.unpack(bytes(cursor.key()))[0] if cursor.last() else 0
+            self.env.copy(str(directory), compact=True, txn=txn)
+        return last
+
     def map_usage(self) -> tuple[int, int]:
         """(bytes in use, map size)."""
         info = self.env.info()
@@ -533,6 +544,23 @@ class Reader:
         for key, raw in self._txn.cursor(db=self._dbs["accounts"]):
             if b"\x00" not in key:
                 yield self._codecs.account.decode(raw)
+
+    def all_holds(self) -> Iterator[Hold]:
+        """Every hold, by id; walks the database: for checks, not for hot paths."""
+        for raw in self._txn.cursor(db=self._dbs["holds"]).iternext(keys=False, values=True):
+            yield self._codecs.hold.decode(raw)
+
+    def all_answers(self) -> Iterator[StoredAnswer]:
+        """Every stored answer; walks the database: for checks, not for hot paths."""
+        for raw in self._txn.cursor(db=self._dbs["answers"]).iternext(keys=False, values=True):
+            yield self._codecs.answer.decode(raw)
+
+    def outbox_entries(self) -> Iterator[tuple[int, str | None, int]]:
+        """(sequence, account id, per-account sequence) of every event, in order, without
+        completing them from their answers: for checks, not for delivery."""
+        for key, raw in self._txn.cursor(db=self._dbs["outbox"]):
+            record = self._codecs.outbox.decode(raw)
+            yield _U64.unpack(bytes(key))[0], record.account_id, record.account_sequence
 
     def account_holds(self, account_id: str, limit: int = limits.holds_listed_max) -> list[Hold]:
         """Open holds of an account, oldest first, at most `limit`.

@@ -1,26 +1,36 @@
-"""The ledger never fills by surprise: the map grows to its ceiling, then answers 96 ledger_full.
+"""The ledger's room and its copies: a map that grows to its ceiling, then answers 96
+ledger_full; backups taken while the daemon serves, restored, verified and replayed.
 
 A real daemon on a 1 MiB map with a 2 MiB ceiling (durability process, to be quick) is sent
 distinct authorisations until one is answered 96. Then: the map grew once, /readyz is 503 with
 the reason, echo tests and the API's reads still answer, the 96 lines are rate-limited, and
 after a restart with a higher ceiling the same request (a retransmission of an identity that
 was answered 96) is decided afresh, because a 96 is never stored.
+
+A backup (`processor ledger backup`) taken while a link keeps authorising is copied into a new
+directory, passes `processor ledger verify`, and a daemon serving it answers every request that
+was answered before the backup began byte for byte again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from harness import PAN_KEY, RunningDaemon, authorization, echo_test, sample, scrape
+from harness import PAN_KEY, RunningDaemon, authorization, echo_test, run_cli, sample, scrape
 
 TOKEN = "e2e-ledger-room-api-token"
 REQUESTS_MAX = 20_000  # far more than 2 MiB holds: the loop must end at a 96 before this
 START = 1 << 20
 CEILING = 2 << 20
+LOAD_REQUESTS_MAX = 20_000  # the backup test's load: bounded in count and in time
+LOAD_SECONDS_MAX = 60.0
 
 
 def config(path: Path, ceiling: int) -> Path:
@@ -94,6 +104,65 @@ def test_a_full_ledger_answers_96_stays_readable_and_decides_afresh_with_room(
         assert link.exchange(refused) == again  # and now stored: a repeat gets it back
         status, body = get(daemon, "/readyz")
         assert (status, body) == (200, {"ready": True})
+        link.close()
+    finally:
+        daemon.stop()
+
+
+def test_a_backup_taken_under_load_restores_verifies_and_replays_every_earlier_answer(
+    tmp_path: Path,
+) -> None:
+    daemon = RunningDaemon(tmp_path / "ledger").start()
+    answered: list[tuple[dict[str, str], bytes]] = []
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def load() -> None:  # distinct authorisations on a link of their own, until stopped
+        try:
+            link = daemon.connect()
+            deadline = time.monotonic() + LOAD_SECONDS_MAX
+            for _ in range(LOAD_REQUESTS_MAX):
+                if stop.is_set() or time.monotonic() > deadline:
+                    break
+                request = authorization(amount=1)
+                link.send_fields(request)
+                answered.append((request, link.receive()))
+            link.close()
+        except BaseException as error:  # reported by the test, not lost in the thread
+            failure.append(error)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    backup = tmp_path / "backup"
+    try:
+        while len(answered) < 200 and loader.is_alive():
+            time.sleep(0.01)
+        before = list(answered)  # answered before the backup began: all must be in it
+        copied = run_cli("ledger", "backup", "--ledger", str(daemon.ledger), str(backup))
+        assert copied.returncode == 0, copied.stderr
+        assert "every change up to event" in copied.stdout
+        while len(answered) < len(before) + 100 and loader.is_alive():
+            time.sleep(0.01)  # the load went on during and after the copy
+    finally:
+        stop.set()
+        loader.join(timeout=60)
+        daemon.stop()
+    assert not failure, failure
+    assert len(before) >= 200 and len(answered) > len(before)
+    refused = run_cli("ledger", "backup", "--ledger", str(daemon.ledger), str(backup))
+    assert refused.returncode == 1 and "not an empty directory" in refused.stderr
+
+    restored = tmp_path / "restored"
+    shutil.copytree(backup, restored)
+    checked = run_cli("ledger", "verify", "--ledger", str(restored))
+    assert checked.returncode == 0, checked.stderr
+    assert "verified:" in checked.stdout
+    daemon = RunningDaemon(restored).start()
+    try:
+        link = daemon.connect()
+        for request, answer in before:
+            link.send_fields(request)
+            assert link.receive() == answer  # byte for byte, from the restored ledger
         link.close()
     finally:
         daemon.stop()

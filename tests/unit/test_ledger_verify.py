@@ -1,0 +1,102 @@
+"""`processor ledger verify`: a ledger the processor wrote passes; each kind of damage is named."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from processor.authorizer import Authorizer
+from processor.engine import ProgrammeRules
+from processor.ledger.load import load_path
+from processor.ledger.store import Ledger
+from processor.ledger.verify import verify
+from processor.resources import demo_data_path
+from processor.security import PanHasher
+from processor.wire.codec import Codec
+from processor.wire.messages import AuthorizationRequest
+from processor.wire.spec import load_spec
+
+CODEC = Codec(load_spec())
+HASHER = PanHasher(b"verify-test-key")
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+LOAD = "4761739001010085"  # demo-main
+LOW = "4761739001010069"  # demo-low
+
+
+def message(
+    mti: str, stan: str, amount: int, pan: str = LOAD, **extra: str
+) -> AuthorizationRequest:
+    fields = {
+        "t": mti,
+        "2": pan,
+        "3": "000000",
+        "4": f"{amount:012d}",
+        "7": "1124120000",
+        "11": stan,
+        "18": "5411",
+        "32": "123456",
+        "37": f"63301200{stan[-4:]}",
+        "49": "978",
+    }
+    fields.update(extra)
+    request = CODEC.decode(CODEC.encode(fields))
+    assert isinstance(request, AuthorizationRequest)
+    return request
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    ledger = Ledger(tmp_path, durability="process", map_size_bytes=64 << 20)
+    load_path(ledger, demo_data_path(), HASHER)
+    authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600)
+    original_90 = f"0100000001112412000000000123456{0:011d}"
+    requests = [
+        message("0100", "000001", 1000),  # a hold, reversed below
+        message("0100", "000002", 700),  # a hold left open
+        message("0100", "000003", 10_000, pan=LOW),  # declined
+        message("0200", "000004", 500),  # posted at once
+        message("0400", "000005", 1000, **{"90": original_90}),
+        message("0120", "000006", 300, **{"39": "00"}),  # an advice
+    ]
+    outcomes = authorizer.authorize_batch(requests, NOW)
+    assert [o.response_code for o in outcomes] == ["00", "00", "51", "00", "00", "00"]
+    yield ledger
+    ledger.close()
+
+
+def test_a_ledger_the_processor_wrote_verifies(ledger: Ledger) -> None:
+    with ledger.read() as reader:
+        found = verify(reader)
+    assert found.problems == [] and found.problems_total == 0
+    assert found.holds >= 2 and found.open_holds >= 1 and found.answers == 6 and found.events == 6
+
+
+def test_a_held_amount_out_of_step_with_the_holds_is_named(ledger: Ledger) -> None:
+    with ledger.write() as writer:
+        account = writer.account("demo-main")
+        assert account is not None
+        account.held += 1
+        writer.put_account(account)
+    with ledger.read() as reader:
+        found = verify(reader)
+    assert found.problems_total == 1
+    assert found.problems[0].startswith("account demo-main: held ")
+
+
+def test_a_missing_event_and_a_missing_hold_are_named(ledger: Ledger) -> None:
+    with ledger.write() as writer:
+        txn, dbs = writer._txn, writer._dbs  # damage no processor path could do
+        assert txn.delete(struct.pack(">Q", 2), db=dbs["outbox"])
+        open_hold = next(h for h in writer.all_holds() if h.status == "open")
+        assert txn.delete(struct.pack(">Q", open_hold.hold_id), db=dbs["holds"])
+    with ledger.read() as reader:
+        found = verify(reader)
+    text = "\n".join(found.problems)
+    assert "outbox: sequence 3 follows 1" in text
+    assert f"names hold {open_hold.hold_id}: not found" in text
+    assert "account demo-main: held" in text  # the open hold's amount is not found either
+    assert "events numbered up to" in text
