@@ -102,7 +102,11 @@ async def serve(settings: StartSettings) -> int:
     rates = load_rates(config.programme.rates_file) if config.programme.rates_file else {}
     ledger = open_ledger(config, hasher, demo=settings.demo)
     metrics = Metrics()
-    metrics.watch_ledger(ledger.map_usage, ledger.map_size_max_bytes)
+    metrics.watch_ledger(
+        ledger.map_usage,
+        ledger.map_size_max_bytes,
+        lambda: [(s.name, s.entries, s.bytes, s.oldest_ms) for s in ledger.stats()],
+    )
     daemon = Daemon(config, ledger, hasher, metrics, rates)
     loop = asyncio.get_running_loop()
     shared = config.server.workers > 1

@@ -140,6 +140,32 @@ def cmd_ledger_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ledger_stats(args: argparse.Namespace) -> int:
+    from processor.ledger.store import Ledger
+
+    config = _common_config(args)
+    if _no_ledger(config):
+        return 1
+    ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
+    try:
+        found = ledger.stats()
+        used, size = ledger.map_usage()
+    finally:
+        ledger.close()
+    now_ms = datetime.now(UTC).timestamp() * 1000
+    print(f"{'database':<14}{'entries':>12}{'depth':>7}{'pages':>10}{'bytes':>14}  oldest record")
+    for each in found:
+        age = (
+            ""
+            if each.oldest_ms is None
+            else f"{(now_ms - each.oldest_ms) / 86_400_000:.1f} days ago"
+        )
+        counts = f"{each.entries:>12}{each.depth:>7}{each.pages:>10}{each.bytes:>14}"
+        print(f"{each.name:<14}{counts}  {age}")
+    print(f"file pages in use: {used} bytes of a {size}-byte map")
+    return 0
+
+
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
     from processor.ledger.store import Ledger
     from processor.ledger.verify import verify
@@ -469,6 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
         ledger_sub, "verify", "check the ledger's invariants (balances, holds, events)"
     )
     check.set_defaults(func=cmd_ledger_verify)
+    stats = ledger_command(
+        ledger_sub, "stats", "per database: records, depth, pages, bytes, oldest record's age"
+    )
+    stats.set_defaults(func=cmd_ledger_stats)
 
     clearing = sub.add_parser("clearing", help="apply clearing (presentment) files")
     clearing_sub = clearing.add_subparsers(dest="clearing_command", required=True)

@@ -6,6 +6,7 @@ Label children are resolved once and cached, because `labels()` costs more than 
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +24,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -215,6 +217,8 @@ class Metrics:
         self.ledger_map_size = Gauge(
             "processor_ledger_map_size_bytes", "Size of the LMDB map", registry=r
         )
+        self._ledger_databases = _LedgerDatabases()
+        r.register(self._ledger_databases)
         self.ledger_map_ceiling = Gauge(
             "processor_ledger_map_ceiling_bytes",
             "What the LMDB map may grow to (ledger.map_size_max_bytes): full there, answers 96",
@@ -293,10 +297,17 @@ class Metrics:
         merged.register(_Merged(self.registry, self.workers))
         return generate_latest(merged)
 
-    def watch_ledger(self, usage: Callable[[], tuple[int, int]], ceiling_bytes: int) -> None:
+    def watch_ledger(
+        self,
+        usage: Callable[[], tuple[int, int]],
+        ceiling_bytes: int,
+        databases: Callable[[], list[DatabaseSample]] | None = None,
+    ) -> None:
         self.ledger_map_used.set_function(lambda: usage()[0])
         self.ledger_map_size.set_function(lambda: usage()[1])
         self.ledger_map_ceiling.set(ceiling_bytes)
+        if databases is not None:
+            self._ledger_databases.source = databases
 
 
 class WorkerSamples:
@@ -336,6 +347,44 @@ class WorkerSamples:
 def _is_gauge_sample(family: str, name: str) -> bool:
     # A gauge's sample is named like its family; counters and histograms add a suffix.
     return family == name
+
+
+# (database, entries, bytes, oldest record's time in ms or None): what /metrics shows of each of
+# the ledger's databases (Ledger.stats), read when scraped.
+DatabaseSample = tuple[str, int, int, int | None]
+
+
+class _LedgerDatabases(Collector):
+    """Registered always (the families exist, empty, in a process without a ledger to watch)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], list[DatabaseSample]] = list
+
+    def collect(self) -> Iterator[Metric]:
+        entries = GaugeMetricFamily(
+            "processor_ledger_database_entries",
+            "Records in each ledger database",
+            labels=["database"],
+        )
+        size = GaugeMetricFamily(
+            "processor_ledger_database_bytes",
+            "Bytes of the ledger file each database's pages occupy",
+            labels=["database"],
+        )
+        age = GaugeMetricFamily(
+            "processor_ledger_oldest_record_age_seconds",
+            "Age of the oldest record, in the databases kept in time order",
+            labels=["database"],
+        )
+        now_ms = time.time() * 1000
+        for name, count, occupied, oldest_ms in self.source():
+            entries.add_metric([name], count)
+            size.add_metric([name], occupied)
+            if oldest_ms is not None:
+                age.add_metric([name], max(0.0, (now_ms - oldest_ms) / 1000))
+        yield entries
+        yield size
+        yield age
 
 
 class _Merged(Collector):

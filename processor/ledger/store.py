@@ -64,6 +64,17 @@ _DATABASES = (
 _RETIRED_DATABASES = ("usage", "card_answers", "account_answers", "account_holds")
 
 
+class DatabaseStats(msgspec.Struct, frozen=True, kw_only=True):
+    """One database of the ledger, as `processor ledger stats` and /metrics show it."""
+
+    name: str
+    entries: int
+    depth: int
+    pages: int  # branch, leaf and overflow pages
+    bytes: int  # pages x page size: what it occupies in the file
+    oldest_ms: int | None  # the oldest record's time, where records carry one in key order
+
+
 class LedgerError(Exception):
     """An operating error of the ledger (unavailable, full, wrong key): answer 96, keep serving."""
 
@@ -284,6 +295,39 @@ class Ledger:
             last = _U64.unpack(bytes(cursor.key()))[0] if cursor.last() else 0
             self.env.copy(str(directory), compact=True, txn=txn)
         return last
+
+    def stats(self) -> list[DatabaseStats]:
+        """Per database: entries, B-tree depth, pages, bytes, and for the ones kept in time
+        order (answers by field 7, holds and the outbox appended) the oldest record's time.
+        One read transaction, O(databases x depth): cheap enough for every scrape."""
+        found = []
+        with self._begin(write=False) as txn:
+            for name, db in self._dbs.items():
+                stat = txn.stat(db)
+                pages = stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+                found.append(
+                    DatabaseStats(
+                        name=name,
+                        entries=stat["entries"],
+                        depth=stat["depth"],
+                        pages=pages,
+                        bytes=pages * stat["psize"],
+                        oldest_ms=self._oldest_ms(txn, name),
+                    )
+                )
+        return found
+
+    def _oldest_ms(self, txn: lmdb.Transaction, name: str) -> int | None:
+        decoders: dict[str, Callable[[bytes], int]] = {
+            "holds": lambda raw: self._codecs.hold.decode(raw).created_ms,
+            "outbox": lambda raw: self._codecs.outbox.decode(raw).created_ms,
+            "answers": lambda raw: self._codecs.answer.decode(raw).answered_ms,
+        }
+        decode = decoders.get(name)
+        if decode is None:
+            return None
+        cursor = txn.cursor(db=self._dbs[name])
+        return decode(bytes(cursor.value())) if cursor.first() else None
 
     def map_usage(self) -> tuple[int, int]:
         """(bytes in use, map size)."""

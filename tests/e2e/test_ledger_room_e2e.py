@@ -157,6 +157,10 @@ def test_a_backup_taken_under_load_restores_verifies_and_replays_every_earlier_a
     checked = run_cli("ledger", "verify", "--ledger", str(restored))
     assert checked.returncode == 0, checked.stderr
     assert "verified:" in checked.stdout
+    stats = run_cli("ledger", "stats", "--ledger", str(restored))
+    assert stats.returncode == 0, stats.stderr
+    outbox = next(line for line in stats.stdout.splitlines() if line.startswith("outbox "))
+    assert int(outbox.split()[1]) >= len(before)  # an event per answered authorisation
     daemon = RunningDaemon(restored).start()
     try:
         link = daemon.connect()

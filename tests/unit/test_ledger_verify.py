@@ -14,6 +14,7 @@ from processor.engine import ProgrammeRules
 from processor.ledger.load import load_path
 from processor.ledger.store import Ledger
 from processor.ledger.verify import verify
+from processor.metrics import Metrics
 from processor.resources import demo_data_path
 from processor.security import PanHasher
 from processor.wire.codec import Codec
@@ -100,3 +101,28 @@ def test_a_missing_event_and_a_missing_hold_are_named(ledger: Ledger) -> None:
     assert f"names hold {open_hold.hold_id}: not found" in text
     assert "account demo-main: held" in text  # the open hold's amount is not found either
     assert "events numbered up to" in text
+
+
+def test_stats_count_each_database_and_date_the_ones_in_time_order(ledger: Ledger) -> None:
+    stats = {each.name: each for each in ledger.stats()}
+    with ledger.read() as reader:
+        found = verify(reader)
+    assert stats["holds"].entries == found.holds and stats["outbox"].entries == found.events
+    assert stats["answers"].entries == found.answers
+    assert stats["accounts"].oldest_ms is None  # not kept in time order
+    for name in ("holds", "outbox", "answers"):
+        assert stats[name].oldest_ms is not None and stats[name].oldest_ms > 0
+    for each in stats.values():
+        assert each.bytes == each.pages * 4096 and (each.pages > 0) == (each.entries > 0)
+
+    metrics = Metrics()
+    metrics.watch_ledger(
+        ledger.map_usage,
+        ledger.map_size_max_bytes,
+        lambda: [(s.name, s.entries, s.bytes, s.oldest_ms) for s in ledger.stats()],
+    )
+    text = metrics.exposition().decode()
+    assert 'processor_ledger_database_entries{database="outbox"} 6.0' in text
+    assert f'processor_ledger_database_bytes{{database="holds"}} {stats["holds"].bytes}.0' in text
+    assert 'processor_ledger_oldest_record_age_seconds{database="answers"}' in text
+    assert 'processor_ledger_oldest_record_age_seconds{database="accounts"}' not in text
