@@ -33,7 +33,7 @@ from prometheus_client import Counter, Histogram
 
 from processor.config import WebhookEndpoint, WebhooksConfig
 from processor.events import render
-from processor.ledger.records import OutboxRecord
+from processor.ledger.records import EventIds, OutboxRecord
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
 from processor.webhooks.client import HttpClient, HttpError, parse_target
@@ -226,7 +226,7 @@ class Dispatcher:
         running: dict[asyncio.Task[Outcome], OutboxRecord] = {}
         busy: set[str] = set()
         finished: set[int] = set()
-        ledger_id = ""
+        ids = EventIds([(1, "")])  # read with the events (a restored backup names its own)
         written, written_at = position, time.monotonic()  # the position last stored
         while True:
             unread = unread or wake.is_set()
@@ -251,7 +251,7 @@ class Dispatcher:
                     written, unread = rewound, True  # _replay stored it
             if unread and len(waiting) < READ_BATCH:
                 with self._ledger.read() as reader:
-                    ledger_id = ledger_id or reader.ledger_id()  # fixed when the ledger is made
+                    ids = reader.event_ids()
                     fresh = reader.outbox(read_up_to + 1, READ_BATCH)
                 unread = len(fresh) == READ_BATCH
                 if fresh:
@@ -266,7 +266,7 @@ class Dispatcher:
                 elif len(running) < window and key not in busy and key not in blocked:
                     busy.add(key)
                     task = asyncio.get_running_loop().create_task(
-                        self.deliver(endpoint, record, ledger_id)
+                        self.deliver(endpoint, record, ids.prefix(record.sequence))
                     )
                     running[task] = record
                 else:
@@ -284,19 +284,25 @@ class Dispatcher:
                 done, _ = await asyncio.wait(
                     running, timeout=IDLE_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
                 )
-                unread = unread or not done  # an idle poll
+                # Read again after a finished delivery too: worker processes commit events
+                # without waking this process, and a pass that finds nothing new is cheap.
+                unread = True
                 for task in done:
                     record = running.pop(task)
                     busy.discard(record.account_id or f"#{record.sequence}")
                     if self._outcome(task, name, record) != "disabled":
                         finished.add(record.sequence)
-            elif not waiting and not unread:  # (a full read of unwanted types: read on)
+            elif not waiting and not unread:
                 idle = IDLE_POLL_SECONDS
                 if position != written:  # wake up to write it when due
                     idle = max(0.0, written_at + POSITION_WRITE_SECONDS - time.monotonic())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), idle)
                 unread = True  # woken, or an idle poll
+            elif not running:
+                # A full read of types this endpoint does not want: read on, but let the other
+                # endpoints, the wake pipe and the metrics reports have the loop in between.
+                await asyncio.sleep(0)
 
     @staticmethod
     def _outcome(task: asyncio.Task[Outcome], name: str, record: OutboxRecord) -> Outcome | None:
@@ -334,7 +340,7 @@ class Dispatcher:
                 self.state.advance(name, position)
                 continue
             with self._ledger.read() as reader:
-                ledger_id = reader.ledger_id()
+                ledger_id = reader.event_ids().prefix(sequence)
                 records = reader.outbox(sequence, 1)
             found = records[0] if records and records[0].sequence == sequence else None
             if found is None:
