@@ -47,7 +47,7 @@ def open_ledger(config: Config, hasher: PanHasher, *, demo: bool = False) -> Led
     ledger = Ledger(
         config.ledger.path,
         map_size_bytes=config.ledger.map_size_bytes,
-        map_size_max_bytes=config.ledger.map_size_max_bytes,
+        map_size_max_bytes=config.ledger.map_ceiling_bytes,
         durability=config.ledger.durability,
     )
     try:

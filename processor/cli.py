@@ -114,18 +114,12 @@ def cmd_ledger_backup(args: argparse.Namespace) -> int:
         print(f"processor: {target} exists and is not an empty directory", file=sys.stderr)
         return 1
     target.mkdir(parents=True, exist_ok=True)
-    # Read-only: a running daemon goes on writing meanwhile (LMDB readers never block it).
-    ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
-    try:
-        last_event = ledger.copy_to(target)
-    finally:
-        ledger.close()
     copied = "the ledger"
     source_state = state_path(config)
     if (source_state / "data.mdb").exists():
-        # The delivery positions, dead letters and replay requests, copied after the ledger:
-        # a restore then redelivers at most what was delivered after the ledger's copy, never
-        # skips an event the copy holds.
+        # The delivery positions, dead letters and replay requests, copied before the ledger:
+        # they then name only events the ledger's copy holds, so a restore delivers again
+        # what was delivered meanwhile (at least once) and never skips an event.
         (target / "webhooks").mkdir()
         state = DeliveryState(source_state, readonly=True)
         try:
@@ -133,6 +127,20 @@ def cmd_ledger_backup(args: argparse.Namespace) -> int:
         finally:
             state.close()
         copied += " and the webhook delivery state"
+    # Read-only: a running daemon goes on writing meanwhile (LMDB readers never block it).
+    ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
+    try:
+        last_event = ledger.copy_to(target)
+    finally:
+        ledger.close()
+    # The copy's own events from here on get an id of their own: the ledger backed up goes on
+    # numbering (and delivering) events past `last_event`, which a restore must not repeat.
+    copy = Ledger(target, map_size_bytes=config.ledger.map_size_bytes)
+    try:
+        with copy.write() as writer:
+            writer.name_events_from(last_event + 1)
+    finally:
+        copy.close()
     print(
         f"backed up {copied} of {config.ledger.path} to {target} (compacted): every change "
         f"up to event {last_event} is in it; restore by serving that directory (--ledger)"
@@ -330,9 +338,10 @@ def cmd_events_list(args: argparse.Namespace) -> int:
     ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
     try:
         with ledger.read() as reader:
-            ledger_id = reader.ledger_id()
+            ids = reader.event_ids()
             for record in reader.outbox(args.first, args.limit):
-                sys.stdout.write(msgspec.json.encode(render(record, ledger_id)).decode() + "\n")
+                event = render(record, ids.prefix(record.sequence))
+                sys.stdout.write(msgspec.json.encode(event).decode() + "\n")
     finally:
         ledger.close()
     return 0

@@ -114,8 +114,9 @@ class HttpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 class LedgerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     path: str = "var/ledger"
     map_size_bytes: Annotated[int, Meta(ge=1 << 20)] = limits.map_size_bytes_default
-    # The map doubles by itself when full, up to this ceiling (issue 12: never full by surprise).
-    map_size_max_bytes: Annotated[int, Meta(ge=1 << 20)] = limits.map_size_max_bytes_default
+    # The map doubles by itself when full, up to this ceiling (issue 12: never full by surprise);
+    # unset: 64 GiB, or map_size_bytes where that is larger (`map_ceiling_bytes`).
+    map_size_max_bytes: Annotated[int, Meta(ge=1 << 20)] | None = None
     # fsync: a response leaves only after its batch is on disk (survives power loss).
     # process: committed to the OS page cache only (survives a crash of the daemon, not of the
     # machine); for benchmarks and test rigs where the disk is the bottleneck.
@@ -123,11 +124,18 @@ class LedgerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     batch_size_max: Annotated[int, Meta(ge=1, le=limits.batch_size_max)] = limits.batch_size_max
 
     def __post_init__(self) -> None:
-        if self.map_size_max_bytes < self.map_size_bytes:
+        if self.map_size_max_bytes is not None and self.map_size_max_bytes < self.map_size_bytes:
             raise ValueError(
                 f"map_size_max_bytes {self.map_size_max_bytes} is below map_size_bytes "
                 f"{self.map_size_bytes}: the ceiling the map grows to cannot be under its start"
             )
+
+    @property
+    def map_ceiling_bytes(self) -> int:
+        """What the map may grow to: map_size_max_bytes, by default 64 GiB, never below the
+        map's own size."""
+        configured = self.map_size_max_bytes
+        return max(self.map_size_bytes, configured or limits.map_size_max_bytes_default)
 
 
 class SecurityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

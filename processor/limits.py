@@ -97,6 +97,7 @@ map_size_max_bytes_default: Final = 64 << 30
 # the second.
 map_used_warning_ratio: Final = 0.8
 map_used_degraded_ratio: Final = 0.9
+map_used_full_ratio: Final = 0.999  # /readyz 503 from here, whichever process's batches found it
 ledger_databases_max: Final = 32
 account_id_bytes_max: Final = 64
 holds_listed_max: Final = 1000  # `ledger show` lists at most this many holds

@@ -179,7 +179,9 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response(
             {"ready": False, "reason": f"ledger unavailable: {type(error).__name__}"}, status=503
         )
-    if daemon.ledger_full:
+    # This process's last batch found it full, or (worker processes report no such thing) the
+    # file's pages reach the ceiling: new batches can only use pages freed since.
+    if daemon.ledger_full or used >= limits.map_used_full_ratio:
         return web.json_response(
             {"ready": False, "reason": "ledger_full", "map_used_ratio": round(used, 3)},
             status=503,

@@ -97,6 +97,35 @@ class Hold(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     captured_amount: int = 0  # the final amount a completion posted for it
 
 
+class EventIds(msgspec.Struct, frozen=True):
+    """Which ledger id names the events of which sequences (an event's id is `evt_`, the id,
+    and its sequence in 12 hex digits). One range from 1 with the ledger's own id, until a
+    backup is restored: the copy's events past its last one get an id of their own, because
+    the lost ledger may have numbered (and delivered) the same sequences after the backup, and
+    receivers that drop repeated ids would drop the restored ledger's new events."""
+
+    ranges: list[tuple[int, str]]  # (first sequence, ledger id), ascending
+
+    def prefix(self, sequence: int) -> str:
+        found = self.ranges[0][1]
+        for first, ledger_id in self.ranges:
+            if first <= sequence:
+                found = ledger_id
+        return found
+
+    def sequence(self, event_id: str) -> int | None:
+        """The sequence of an event id of this ledger; None if it is not one."""
+        for ledger_id in {ledger_id for _, ledger_id in self.ranges}:
+            prefix = f"evt_{ledger_id}"
+            digits = event_id[len(prefix) :]
+            if event_id.startswith(prefix) and len(digits) == 12:
+                if digits.strip("0123456789abcdef"):
+                    return None
+                sequence = int(digits, 16)
+                return sequence if self.prefix(sequence) == ledger_id else None
+        return None
+
+
 class StoredAnswer(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     """The answer given to a request, replayed byte for byte on retransmission.
 

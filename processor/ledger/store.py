@@ -27,6 +27,7 @@ from processor.ledger.records import (
     CardState,
     ClearedRecord,
     EntryKind,
+    EventIds,
     Hold,
     HoldStatus,
     LedgerEntry,
@@ -93,6 +94,7 @@ class _Codecs:
         "controls",
         "encoder",
         "entry",
+        "event_ids",
         "hold",
         "outbox",
         "usage",
@@ -110,6 +112,7 @@ class _Codecs:
         self.usage = msgspec.msgpack.Decoder(Usage)
         self.controls = msgspec.msgpack.Decoder(Controls)
         self.entry = msgspec.msgpack.Decoder(LedgerEntry)
+        self.event_ids = msgspec.msgpack.Decoder(EventIds)
 
 
 class Ledger:
@@ -526,6 +529,13 @@ class Reader:
         raw = self._txn.get(b"ledger_id", db=self._dbs["meta"])
         return "" if raw is None else bytes(raw).decode()
 
+    def event_ids(self) -> EventIds:
+        """The ledger ids that name its events, by sequence range (EventIds)."""
+        raw = self._txn.get(b"event_ids", db=self._dbs["meta"])
+        if raw is None:
+            return EventIds([(1, self.ledger_id())])
+        return self._codecs.event_ids.decode(raw)
+
     def outbox(self, first_sequence: int, limit: int) -> list[OutboxRecord]:
         """Outbox records from `first_sequence` on, in order, at most `limit`."""
         records: list[OutboxRecord] = []
@@ -766,6 +776,18 @@ class Writer(Reader):
                 account.last_answer = identity
                 self.put_account(account)
         self.put_answer(identity, answer)
+
+    def name_events_from(self, first_sequence: int) -> str:
+        """Events from `first_sequence` on are named with a new ledger id (a restored backup);
+        the earlier ones keep theirs. Returns the new id."""
+        ids = self.event_ids()
+        fresh = os.urandom(4).hex()
+        ranges = [each for each in ids.ranges if each[0] < first_sequence] or ids.ranges[:1]
+        ranges.append((first_sequence, fresh))
+        self._txn.put(
+            b"event_ids", self._codecs.encoder.encode(EventIds(ranges)), db=self._dbs["meta"]
+        )
+        return fresh
 
     def put_programme_controls(self, controls: Controls) -> None:
         self._txn.put(b"controls", self._codecs.encoder.encode(controls), db=self._dbs["meta"])

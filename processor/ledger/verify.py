@@ -86,23 +86,30 @@ def verify(reader: Reader) -> Verified:
 
     events = 0
     expected = 1
-    numbered: dict[str, tuple[int, int]] = {}  # account -> (events seen, highest number)
+    # An account's events are numbered as they are appended: in outbox order, each one more.
+    numbered: dict[str, int] = {}  # account -> the last number seen
     for sequence, account_id, account_sequence in reader.outbox_entries():
         events += 1
         if sequence != expected:
             problem(f"outbox: sequence {sequence} follows {expected - 1} (a gap or a repeat)")
         expected = sequence + 1
         if account_id is not None:
-            seen, highest = numbered.get(account_id, (0, 0))
-            numbered[account_id] = (seen + 1, max(highest, account_sequence))
-    for account_id, (seen, highest) in numbered.items():
-        owner_record = accounts.get(account_id)
-        recorded = 0 if owner_record is None else owner_record.event_sequence
-        if seen != highest or highest != recorded:
+            last = numbered.get(account_id, 0)
+            if account_sequence != last + 1:
+                problem(
+                    f"account {account_id}: event {sequence} is its number {account_sequence}, "
+                    f"after {last}"
+                )
+            numbered[account_id] = account_sequence
+    for account in accounts.values():
+        last = numbered.get(account.id, 0)
+        if last != account.event_sequence:
             problem(
-                f"account {account_id}: {seen} events numbered up to {highest}, the account "
-                f"says {recorded}"
+                f"account {account.id}: its events are numbered up to {last}, the account "
+                f"says {account.event_sequence}"
             )
+    for account_id in numbered.keys() - accounts.keys():
+        problem(f"account {account_id}: has events but no record")
     return Verified(
         accounts=len(accounts),
         holds=holds,

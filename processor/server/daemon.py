@@ -439,20 +439,23 @@ class Daemon:
         self._pacer.measured(len(batch), elapsed - commit, commit)
         if batch:  # a batch of control-API commands only is not a batch of requests
             self.metrics.batch_size.observe(len(batch))
-        # One transport.write per link per batch.
-        by_link: dict[Link, list[bytes]] = defaultdict(list)
-        for (link, header, _, _), outcome in zip(batch, outcomes, strict=True):
-            by_link[link].append(
-                link.framer.frame(header, link.listener.codec.encode(outcome.fields))
-            )
-        for link, frames in by_link.items():
-            link.write(b"".join(frames))
-            link.requests_finished(len(frames))
+        try:
+            # One transport.write per link per batch.
+            by_link: dict[Link, list[bytes]] = defaultdict(list)
+            for (link, header, _, _), outcome in zip(batch, outcomes, strict=True):
+                by_link[link].append(
+                    link.framer.frame(header, link.listener.codec.encode(outcome.fields))
+                )
+            for link, frames in by_link.items():
+                link.write(b"".join(frames))
+                link.requests_finished(len(frames))
+        finally:
+            # After the answers left (and whatever became of them: the batch is committed):
+            # waking the delivery process (a pipe write, and the kernel waking a process on
+            # the other core) is not the network's wait.
+            if self.on_commit is not None:
+                self.on_commit()
         done_ns = time.perf_counter_ns()
-        if self.on_commit is not None:
-            # After the answers left: waking the delivery process (a pipe write, and the
-            # kernel waking a process on the other core) is not the network's wait.
-            self.on_commit()
         self.metrics.answered_batch(
             [(outcome.mti, outcome.response_code, outcome.reason) for outcome in outcomes],
             [(done_ns - received_ns) / 1e9 for _, _, _, received_ns in batch],

@@ -120,7 +120,7 @@ async def serve_worker(
     ledger = Ledger(
         config.ledger.path,
         map_size_bytes=config.ledger.map_size_bytes,
-        map_size_max_bytes=config.ledger.map_size_max_bytes,
+        map_size_max_bytes=config.ledger.map_ceiling_bytes,
         durability=config.ledger.durability,
     )
     metrics = Metrics()

@@ -50,10 +50,11 @@ def status(config: Config, now: float) -> int:
                         f"{why.event_id}; nothing is delivered to it until "
                         f"`processor webhooks enable {name}`"
                     )
-                ledger_id = reader.ledger_id()
+                ids = reader.event_ids()
                 for letter in dead:
+                    named = event_id(ids.prefix(letter.sequence), letter.sequence)
                     print(
-                        f"  dead {event_id(ledger_id, letter.sequence)} (sequence "
+                        f"  dead {named} (sequence "
                         f"{letter.sequence}): {letter.attempts} attempts, {letter.last_error}"
                     )
     finally:
@@ -72,13 +73,13 @@ def replay(config: Config, endpoint: str, first: int | None, event: str | None) 
         ledger = Ledger(config.ledger.path, readonly=True)
         try:
             with ledger.read() as reader:
-                prefix = f"evt_{reader.ledger_id()}"
+                found = reader.event_ids().sequence(event)
         finally:
             ledger.close()
-        if not event.startswith(prefix) or len(event) != len(prefix) + 12:
+        if found is None:
             print(f"processor: {event!r} is not an event id of this ledger", file=sys.stderr)
             return 2
-        sequence, kind = int(event[len(prefix) :], 16), "one"
+        sequence, kind = found, "one"
     else:
         assert first is not None
         sequence, kind = first, "from"

@@ -167,6 +167,13 @@ def test_a_backup_taken_under_load_restores_verifies_and_replays_every_earlier_a
         for request, answer in before:
             link.send_fields(request)
             assert link.receive() == answer  # byte for byte, from the restored ledger
+        assert link.exchange(authorization(amount=1))["39"] == "00"  # and it goes on
         link.close()
     finally:
         daemon.stop()
+    # The restored ledger's new events are named apart from those the original went on with.
+    listed = run_cli("events", "list", "--ledger", str(restored), "--limit", "100000")
+    assert listed.returncode == 0, listed.stderr
+    ids = [json.loads(line)["id"] for line in listed.stdout.splitlines()]
+    first, last = ids[0], ids[-1]
+    assert first[:12] != last[:12] and len({event[:12] for event in ids[:-1]}) == 1

@@ -214,3 +214,11 @@ def test_the_old_single_secret_key_fails_and_says_what_replaces_it() -> None:
     message = str(caught.value)
     assert "unknown field `secret_env` - at `$.webhooks.endpoints[0]`" in message
     assert 'secret_env` is now secret_envs = ["VARIABLE"]' in message
+
+
+def test_a_map_above_the_default_ceiling_is_its_own_ceiling() -> None:
+    big = parse_config("[ledger]\nmap_size_bytes = 107374182400\n", "test.toml")  # 100 GiB
+    assert big.ledger.map_ceiling_bytes == 100 << 30
+    assert Config().ledger.map_ceiling_bytes == 64 << 30
+    chosen = parse_config("[ledger]\nmap_size_max_bytes = 2147483648\n", "test.toml")
+    assert chosen.ledger.map_ceiling_bytes == 2 << 30

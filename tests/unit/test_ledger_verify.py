@@ -11,7 +11,9 @@ import pytest
 
 from processor.authorizer import Authorizer
 from processor.engine import ProgrammeRules
+from processor.events import event_id
 from processor.ledger.load import load_path
+from processor.ledger.records import EventIds
 from processor.ledger.store import Ledger
 from processor.ledger.verify import verify
 from processor.metrics import Metrics
@@ -100,7 +102,7 @@ def test_a_missing_event_and_a_missing_hold_are_named(ledger: Ledger) -> None:
     assert "outbox: sequence 3 follows 1" in text
     assert f"names hold {open_hold.hold_id}: not found" in text
     assert "account demo-main: held" in text  # the open hold's amount is not found either
-    assert "events numbered up to" in text
+    assert "account demo-main: event 4 is its number 3, after 1" in text
 
 
 def test_stats_count_each_database_and_date_the_ones_in_time_order(ledger: Ledger) -> None:
@@ -126,3 +128,22 @@ def test_stats_count_each_database_and_date_the_ones_in_time_order(ledger: Ledge
     assert f'processor_ledger_database_bytes{{database="holds"}} {stats["holds"].bytes}.0' in text
     assert 'processor_ledger_oldest_record_age_seconds{database="answers"}' in text
     assert 'processor_ledger_oldest_record_age_seconds{database="accounts"}' not in text
+
+
+def test_events_of_a_restored_copy_are_named_apart_from_what_the_original_went_on_with(
+    ledger: Ledger,
+) -> None:
+    with ledger.read() as reader:
+        before = reader.event_ids()
+        own = reader.ledger_id()
+    assert before == EventIds([(1, own)]) and before.prefix(6) == own
+    with ledger.write() as writer:
+        fresh = writer.name_events_from(7)  # what `ledger backup` does to its copy
+    with ledger.read() as reader:
+        ids = reader.event_ids()
+    assert fresh != own and ids.prefix(6) == own and ids.prefix(7) == fresh
+    assert ids.sequence(event_id(own, 6)) == 6 and ids.sequence(event_id(fresh, 7)) == 7
+    # An id of the old name past the restore point, or of the new one before it, is not ours.
+    assert ids.sequence(event_id(own, 7)) is None and ids.sequence(event_id(fresh, 6)) is None
+    for bad in ("evt_", f"evt_{own}", f"evt_{own}00000000_006", f"evt_{own} 0000000006", "x"):
+        assert ids.sequence(bad) is None
