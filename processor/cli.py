@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -102,6 +103,18 @@ def cmd_ledger_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _read_only(config: Config) -> Iterator[Ledger]:
+    """The configured ledger opened read-only (a daemon may be serving it), closed after."""
+    from processor.ledger.store import Ledger
+
+    ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
+    try:
+        yield ledger
+    finally:
+        ledger.close()
+
+
 def cmd_ledger_backup(args: argparse.Namespace) -> int:
     from processor.ledger.store import Ledger
     from processor.webhooks.state import DeliveryState, state_path
@@ -128,11 +141,8 @@ def cmd_ledger_backup(args: argparse.Namespace) -> int:
             state.close()
         copied += " and the webhook delivery state"
     # Read-only: a running daemon goes on writing meanwhile (LMDB readers never block it).
-    ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
-    try:
+    with _read_only(config) as ledger:
         last_event = ledger.copy_to(target)
-    finally:
-        ledger.close()
     # The copy's own events from here on get an id of their own: the ledger backed up goes on
     # numbering (and delivering) events past `last_event`, which a restore must not repeat.
     copy = Ledger(target, map_size_bytes=config.ledger.map_size_bytes)
@@ -149,17 +159,12 @@ def cmd_ledger_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_stats(args: argparse.Namespace) -> int:
-    from processor.ledger.store import Ledger
-
     config = _common_config(args)
     if _no_ledger(config):
         return 1
-    ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
-    try:
+    with _read_only(config) as ledger:
         found = ledger.stats()
         used, size = ledger.map_usage()
-    finally:
-        ledger.close()
     now_ms = datetime.now(UTC).timestamp() * 1000
     print(f"{'database':<14}{'entries':>12}{'depth':>7}{'pages':>10}{'bytes':>14}  oldest record")
     for each in found:
@@ -175,18 +180,13 @@ def cmd_ledger_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
-    from processor.ledger.store import Ledger
     from processor.ledger.verify import verify
 
     config = _common_config(args)
     if _no_ledger(config):
         return 1
-    ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
-    try:
-        with ledger.read() as reader:
-            found = verify(reader)
-    finally:
-        ledger.close()
+    with _read_only(config) as ledger, ledger.read() as reader:
+        found = verify(reader)
     counts = (
         f"{found.accounts} accounts, {found.holds} holds ({found.open_holds} open), "
         f"{found.answers} answers, {found.events} events"
