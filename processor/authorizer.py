@@ -152,33 +152,27 @@ class Authorizer:
         for request in requests:
             card_key = self._hasher.card_key(request.pan)
             prepared.append((request, card_key, self._fingerprint(card_key, request)))
-        while True:
-            try:
-                with self._ledger.write() as writer:
-                    results: list[object] = []
-                    for command in commands:
-                        try:
-                            results.append(command(writer, now_ms))
-                        except CommandRefused as refused:
-                            results.append(refused)
-                    batch = Batch(now_ms, now_yymm, periods, writer.programme_controls())
-                    decided = [self._process(writer, *each, batch) for each in prepared]
-            except lmdb.MapFullError:
-                # Nothing was applied (the transaction aborted): with a larger map the same
-                # batch is decided again from the start. At the ceiling: 96, not stored.
-                if self._ledger.grow():
-                    continue
-                full = LedgerFull(
-                    f"ledger {self._ledger.path}: map full at its ceiling of "
-                    f"{self._ledger.map_size_max_bytes} bytes (ledger.map_size_max_bytes)"
-                )
-                outcomes = [self._reply(r.echo, r.mti, "96", "ledger_full") for r in requests]
-                return outcomes, [full] * len(commands)
-            except (lmdb.Error, LedgerError) as error:
-                reason = f"ledger_error:{type(error).__name__}"
-                outcomes = [self._reply(r.echo, r.mti, "96", reason) for r in requests]
-                return outcomes, [error] * len(commands)
-            return decided, results
+
+        def apply(writer: Writer) -> tuple[list[Outcome], list[object]]:
+            results: list[object] = []
+            for command in commands:
+                try:
+                    results.append(command(writer, now_ms))
+                except CommandRefused as refused:
+                    results.append(refused)
+            batch = Batch(now_ms, now_yymm, periods, writer.programme_controls())
+            return [self._process(writer, *each, batch) for each in prepared], results
+
+        try:
+            # A batch that does not fit is decided again from the start with a larger map.
+            return self._ledger.write_growing(apply)
+        except LedgerFull as full:  # at the ceiling: 96, not stored
+            outcomes = [self._reply(r.echo, r.mti, "96", "ledger_full") for r in requests]
+            return outcomes, [full] * len(commands)
+        except (lmdb.Error, LedgerError) as error:
+            reason = f"ledger_error:{type(error).__name__}"
+            outcomes = [self._reply(r.echo, r.mti, "96", reason) for r in requests]
+            return outcomes, [error] * len(commands)
 
     def _process(
         self,

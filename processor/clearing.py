@@ -21,14 +21,13 @@ from itertools import islice
 from pathlib import Path
 from typing import Annotated, BinaryIO, Final, Literal
 
-import lmdb
 import msgspec
 from msgspec import Meta
 
 from processor.currency import UnknownCurrency, exponent, numeric_code
 from processor.engine.settle import capture_verdict
 from processor.ledger.records import Card, ClearedRecord, OutboxRecord, StoredAnswer
-from processor.ledger.store import Ledger, LedgerFull, Writer
+from processor.ledger.store import Ledger, Writer
 from processor.outbox import emit
 from processor.security import PanHasher, luhn_valid, mask_pan
 from processor.wire.messages import acquirer_number, rrn_key, transaction_key
@@ -341,27 +340,23 @@ def apply_clearing(
     summary = ClearingSummary()
     iterator = iter(entries)
     while chunk := list(islice(iterator, chunk_size)):
-        while True:  # a chunk that does not fit grows the map (to its ceiling) and runs again
+
+        def apply(writer: Writer) -> tuple[list[tuple[Entry, str]], list[str]]:
             rejected: list[tuple[Entry, str]] = []  # entry, reason
             outcomes: list[str] = []
-            try:
-                with ledger.write() as writer:
-                    for entry in chunk:
-                        if entry.record is None:
-                            rejected.append((entry, f"invalid_record: {entry.problem}"))
-                            continue
-                        try:
-                            outcomes.append(_apply_record(writer, entry.record, hasher, now_ms))
-                        except _Rejected as error:
-                            rejected.append((entry, error.reason))
-            except lmdb.MapFullError:
-                if ledger.grow():
+            for entry in chunk:
+                if entry.record is None:
+                    rejected.append((entry, f"invalid_record: {entry.problem}"))
                     continue
-                raise LedgerFull(
-                    f"the ledger map is full at its ceiling of {ledger.map_size_max_bytes} "
-                    "bytes (ledger.map_size_max_bytes); the chunks before this one are applied"
-                ) from None
-            break
+                try:
+                    outcomes.append(_apply_record(writer, entry.record, hasher, now_ms))
+                except _Rejected as error:
+                    rejected.append((entry, error.reason))
+            return rejected, outcomes
+
+        # A chunk that does not fit grows the map (to its ceiling) and runs again; LedgerFull
+        # there, the chunks before this one applied.
+        rejected, outcomes = ledger.write_growing(apply)
         summary.transactions += 1
         summary.records += len(chunk)
         summary.rejections.extend(

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import lmdb
 import msgspec
 from msgspec import Meta
 
@@ -166,18 +165,12 @@ def apply_load_file(
     errors = controls_errors(data, catalog or default_catalog(), source)
     if errors:
         raise LoadError("\n".join(errors))
-    # One transaction; a map too small for it grows (up to its ceiling) and the load runs again
-    # from the start, nothing of the failed attempt applied.
-    while True:
-        try:
-            with ledger.write() as writer:
-                return _apply(writer, data, hasher, source, catalog or default_catalog())
-        except lmdb.MapFullError:
-            if not ledger.grow():
-                raise LedgerFull(
-                    f"{source}: the ledger map is full at its ceiling of "
-                    f"{ledger.map_size_max_bytes} bytes (ledger.map_size_max_bytes): nothing loaded"
-                ) from None
+    chosen = catalog or default_catalog()
+    # One transaction; a map too small for it grows (up to its ceiling) and the load runs again.
+    try:
+        return ledger.write_growing(lambda writer: _apply(writer, data, hasher, source, chosen))
+    except LedgerFull as full:
+        raise LedgerFull(f"{source}: {full}: nothing loaded") from None
 
 
 def _apply(

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import lmdb
 import msgspec
@@ -36,6 +36,7 @@ from processor.ledger.records import (
 )
 
 log = logging.getLogger("processor.ledger")
+T = TypeVar("T")
 
 # Schema 2 (issue 9, the write path at realistic card spread): an approval dirtied a leaf page
 # in ten B-trees, nearly all under random keys, and LMDB copies and the synced commit writes
@@ -282,6 +283,22 @@ class Ledger:
         except BaseException:
             txn.abort()
             raise
+
+    def write_growing(self, work: Callable[[Writer], T]) -> T:
+        """`work` in one write transaction, committed; when it does not fit, the map grows (up
+        to `map_size_max_bytes`) and `work` runs again from the start, in a new transaction:
+        nothing of an aborted attempt was applied, so `work` must keep its effects inside
+        the transaction (or redo them harmlessly). LedgerFull at the ceiling."""
+        while True:
+            try:
+                with self.write() as writer:
+                    return work(writer)
+            except lmdb.MapFullError:
+                if not self.grow():
+                    raise LedgerFull(
+                        f"ledger {self.path}: map full at its ceiling of "
+                        f"{self.map_size_max_bytes} bytes (ledger.map_size_max_bytes)"
+                    ) from None
 
     @contextmanager
     def read(self) -> Iterator[Reader]:
