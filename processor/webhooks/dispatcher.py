@@ -218,9 +218,9 @@ class Dispatcher:
         position = self._state.position(name)
         waiting: list[OutboxRecord] = []  # read, not started, in sequence order
         read_up_to = position - 1
-        # Whether the outbox may hold events past read_up_to: after a wake, an idle poll (other
-        # processes commit without waking us) or a full read. Otherwise a finished delivery
-        # would cost a read transaction that finds nothing.
+        # Whether the outbox may hold events past read_up_to: after a wake, a finished delivery
+        # or an idle poll (worker processes and tools commit without waking us), or a full
+        # read (more may follow at once; types the endpoint does not want are read past).
         unread = True
         replays_at = -REPLAY_POLL_SECONDS  # monotonic time replay requests were last looked for
         running: dict[asyncio.Task[Outcome], OutboxRecord] = {}
