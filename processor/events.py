@@ -28,6 +28,10 @@ EventType = Literal[
     "transaction.completed",
     "transaction.cleared",
     "transaction.refunded",
+    "account.funded",
+    "account.debited",
+    "card.status_changed",
+    "controls.updated",
 ]
 
 
@@ -74,6 +78,7 @@ class EventData(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     network: NetworkIds | None = None
     hold_id: int | None = None
     balance_after: Balances | None = None
+    entry: int | None = None  # account.funded/debited: its entry (GET /v1/accounts/{id}/entries)
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):
@@ -146,6 +151,7 @@ def render(record: OutboxRecord, ledger_id: str) -> Event:
             network=network,
             hold_id=record.hold_id,
             balance_after=balances,
+            entry=record.entry_sequence,
         ),
     )
 

@@ -33,8 +33,9 @@ from processor.authorizer import CommandRefused as Refused  # returned to the AP
 from processor.config import CardIssuingConfig
 from processor.ledger.controls import Controls
 from processor.ledger.load import card_record
-from processor.ledger.records import Account, Card, CardStatus
+from processor.ledger.records import Account, Card, CardStatus, OutboxRecord
 from processor.ledger.store import Writer
+from processor.outbox import emit
 from processor.security import PanHasher, luhn_check_digit
 
 # Random numbers drawn before giving up on a free card number: with a sane BIN range a
@@ -189,10 +190,46 @@ def move_funds(
             account, kind, amount if kind == "fund" else -amount, reason, now_ms
         )
         writer.put_account(account)
+        _event(
+            writer,
+            now_ms,
+            "account.funded" if kind == "fund" else "account.debited",
+            f"api_{kind}",
+            account_id=account.id,
+            amount=amount,
+            entry_sequence=entry.sequence,
+        )
         result = MovementResult(entry=entry_view(entry), account=account_view(account))
         return Reply(status=200, body=_encode(result))
 
     return run
+
+
+def _event(
+    writer: Writer,
+    now_ms: int,
+    type: str,
+    reason: str,
+    *,
+    account_id: str | None = None,
+    card: Card | None = None,
+    amount: int | None = None,
+    entry_sequence: int | None = None,
+) -> None:
+    """An event for a change made through the API, in its transaction (every change has one:
+    the programme's other systems follow the ledger through them, not through API replies)."""
+    record = OutboxRecord(
+        sequence=0,
+        type=type,
+        created_ms=now_ms,
+        reason=reason,
+        account_id=card.account_id if card is not None else account_id,
+        card_id=None if card is None else card.card_id,
+        masked_pan=None if card is None else card.masked_pan,
+        amount=amount,
+        entry_sequence=entry_sequence,
+    )
+    emit(writer, record)
 
 
 def close_account(account_id: str) -> Operation:
@@ -218,6 +255,7 @@ def close_account(account_id: str) -> Operation:
 def set_programme_controls(controls: Controls) -> Operation:
     def run(writer: Writer, now_ms: int) -> Reply:
         writer.put_programme_controls(controls)
+        _event(writer, now_ms, "controls.updated", "programme_controls")
         return Reply(status=200, body=_encode(controls))
 
     return run
@@ -228,6 +266,7 @@ def set_account_controls(account_id: str, controls: Controls) -> Operation:
         account = _account(writer, account_id)
         account.controls = _stored_controls(controls)
         writer.put_account(account)
+        _event(writer, now_ms, "controls.updated", "account_controls", account_id=account.id)
         return Reply(status=200, body=_encode(controls))
 
     return run
@@ -238,6 +277,7 @@ def set_card_controls(card_id: str, controls: Controls) -> Operation:
         card_key, card = _card(writer, card_id)
         changed = msgspec.structs.replace(card, controls=_stored_controls(controls))
         writer.put_card(card_key, changed, card.account_id)
+        _event(writer, now_ms, "controls.updated", "card_controls", card=changed)
         return Reply(status=200, body=_encode(controls))
 
     return run
@@ -280,6 +320,7 @@ def change_card_status(card_id: str, action: CardAction) -> Operation:
             )
         changed = msgspec.structs.replace(card, status=target)
         writer.put_card(card_key, changed, card.account_id)
+        _event(writer, now_ms, "card.status_changed", f"card_{target}", card=changed)
         return Reply(status=200, body=_encode(card_view(changed)))
 
     return run

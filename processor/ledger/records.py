@@ -221,3 +221,4 @@ class OutboxRecord(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     # answer, card) are in the stored answer `answer_key` names, not repeated here; the
     # ledger's reader fills them in (about 130 bytes less per approval).
     in_answer: bool = False
+    entry_sequence: int | None = None  # the account's ledger entry a fund or debit made

@@ -1100,6 +1100,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             approval_code=response.get("38"),
             hold_id=answer.hold_id,
             in_answer=True,  # stored compact; the reader fills these facts from the answer
+            entry_sequence=None,  # network messages make no API ledger entry
         )
         if message_class in ORIGINAL_CLASSES:
             self.rrn_index[f"{number(fields['32'])}|{fields['11']}|{fields['37']}"] = key
@@ -1482,6 +1483,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             approval_code=None,
             hold_id=hold_id,
             in_answer=False,  # a clearing record has no answer: the event keeps its facts
+            entry_sequence=None,
         )
         return outcome, detail
 
@@ -1607,6 +1609,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                 approval_code=hold.approval_code,
                 hold_id=hold.hold_id,
                 in_answer=False,
+                entry_sequence=None,
             )
         event(f"sweep released {min(len(due), 3)}{'+' if len(due) > 3 else ''}")
         assert self.authorizer.sweep_expired(self.now, limit) == len(due)

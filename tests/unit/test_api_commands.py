@@ -24,6 +24,7 @@ from processor.api.commands import (
 )
 from processor.authorizer import Command
 from processor.config import CardIssuingConfig
+from processor.events import render
 from processor.ledger.controls import AmountLimit, Controls
 from processor.ledger.load import card_id_for
 from processor.ledger.records import Account, Card
@@ -312,3 +313,39 @@ def test_account_record_defaults_are_what_views_show(ledger: Ledger) -> None:
     with ledger.read() as reader:
         view = account_view(reader.account("loaded"))  # type: ignore[arg-type]
     assert view.created is None and view.available == 5
+
+
+def test_every_api_change_has_its_event_in_the_same_transaction(ledger: Ledger) -> None:
+    open_account(ledger, "a1", posted=5_000)  # created, then funded: one event (the funding)
+    run(ledger, commands.move_funds("a1", "debit", 1_200, "fee"))
+    run(ledger, commands.register_card("4761730000000003", "3012", "a1", None, HASHER))
+    card_id = card_id_for(HASHER.card_key("4761730000000003"))
+    run(ledger, commands.change_card_status(card_id, "freeze"))
+    run(ledger, commands.set_card_controls(card_id, Controls(blocked_mccs=("7995",))))
+    run(ledger, commands.set_account_controls("a1", Controls(blocked_mccs=("7995",))))
+    run(ledger, commands.set_programme_controls(Controls(blocked_mccs=("7995",))))
+    refused = run(ledger, commands.move_funds("a1", "debit", 10**9, "too much"))
+    assert isinstance(refused, Refused)  # and no event for it
+    with ledger.read() as reader:
+        ledger_id = reader.ledger_id()
+        events = [render(record, ledger_id) for record in reader.outbox(1, 100)]
+        account = reader.account("a1")
+    assert [(e.type, e.data.reason) for e in events] == [
+        ("account.funded", "api_fund"),
+        ("account.debited", "api_debit"),
+        ("card.status_changed", "card_frozen"),
+        ("controls.updated", "card_controls"),
+        ("controls.updated", "account_controls"),
+        ("controls.updated", "programme_controls"),
+    ]
+    funded, debited, frozen = events[0].data, events[1].data, events[2].data
+    assert funded.amount is not None and (funded.amount.amount, funded.amount.currency) == (
+        5_000,
+        "EUR",
+    )
+    assert funded.entry == 1 and debited.entry == 2
+    assert debited.balance_after is not None and debited.balance_after.posted.amount == 3_800
+    assert frozen.card_id == card_id and frozen.masked_pan == "476173******0003"
+    assert events[5].data.account_id is None  # the programme's: no account
+    assert account is not None and account.event_sequence == 5  # numbered per account
+    assert [e.account_sequence for e in events[:5]] == [1, 2, 3, 4, 5]
