@@ -7,8 +7,10 @@ is the sum of its open holds.
 
 from __future__ import annotations
 
+from collections import Counter
+from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Final, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -17,13 +19,16 @@ from processor import limits
 from processor.currency import UnknownCurrency, exponent, numeric_code
 from processor.ledger.controls import AmountLimit, Catalog, Controls, control_errors
 from processor.ledger.records import Account, AccountStatus, Card, CardStatus
-from processor.ledger.store import Ledger, LedgerFull, Writer
+from processor.ledger.store import Ledger, LedgerFull, Reader, Writer
 from processor.security import PanHasher, luhn_valid
 
 MinorUnits = Annotated[int, Meta(ge=0, le=10**15)]
 AccountId = Annotated[
     str, Meta(min_length=1, max_length=limits.account_id_bytes_max, pattern=r"^[A-Za-z0-9_.:-]+$")
 ]
+
+
+T = TypeVar("T")
 
 
 class LoadError(Exception):
@@ -153,33 +158,97 @@ def card_record(
     )
 
 
+# Records written per write transaction: a load holds LMDB's writer lock, which the daemon's
+# batches wait for, one chunk at a time instead of the whole file (a 100,000-card load in one
+# transaction stalled every link for its duration).
+LOAD_CHUNK_RECORDS: Final = 1000
+
+Indexed = list[tuple[int, T]]  # (index in the file, entry): errors name $.accounts[index]
+
+
 def apply_load_file(
     ledger: Ledger,
     data: LoadFile,
     hasher: PanHasher,
     source: str,
     catalog: Catalog | None = None,
+    *,
+    chunk_records: int = LOAD_CHUNK_RECORDS,
 ) -> LoadSummary:
+    """Upsert the file's programme controls, accounts and cards.
+
+    Everything is checked against the ledger first (one read transaction), so a file with a
+    mistake changes nothing; then it is written in chunks of `chunk_records`, accounts before
+    the cards that name them, each chunk in a transaction of its own. A map too small for a
+    chunk grows (up to its ceiling); the chunks before one that fails stay applied, and
+    loading the file again is harmless (an upsert)."""
     from processor.catalog import default_catalog
 
-    errors = controls_errors(data, catalog or default_catalog(), source)
+    chosen = catalog or default_catalog()
+    errors = controls_errors(data, chosen, source)
+    with ledger.read() as reader:
+        errors += _conflicts(reader, data, chosen, source)
     if errors:
         raise LoadError("\n".join(errors))
-    chosen = catalog or default_catalog()
-    # One transaction; a map too small for it grows (up to its ceiling) and the load runs again.
+    counts: Counter[str] = Counter()
+    done = 0
+    accounts = list(enumerate(data.accounts))
+    cards = list(enumerate(data.cards))
     try:
-        return ledger.write_growing(lambda writer: _apply(writer, data, hasher, source, chosen))
+        if data.programme_controls is not None:
+            controls = data.programme_controls
+            ledger.write_growing(lambda writer: writer.put_programme_controls(controls))
+        for first in range(0, len(accounts), chunk_records):
+            some = accounts[first : first + chunk_records]
+            counts += ledger.write_growing(partial(_put_accounts, entries=some, source=source))
+            done += len(some)
+        for first in range(0, len(cards), chunk_records):
+            more = cards[first : first + chunk_records]
+            counts += ledger.write_growing(
+                partial(_put_cards, entries=more, hasher=hasher, source=source)
+            )
+            done += len(more)
     except LedgerFull as full:
-        raise LedgerFull(f"{source}: {full}: nothing loaded") from None
+        raise LedgerFull(f"{source}: {full}: the first {done} records loaded") from None
+    return LoadSummary(
+        accounts_created=counts["accounts_created"],
+        accounts_updated=counts["accounts_updated"],
+        cards_created=counts["cards_created"],
+        cards_updated=counts["cards_updated"],
+    )
 
 
-def _apply(
-    writer: Writer, data: LoadFile, hasher: PanHasher, source: str, catalog: Catalog
-) -> LoadSummary:
-    counts = {"accounts_created": 0, "accounts_updated": 0, "cards_created": 0, "cards_updated": 0}
-    if data.programme_controls is not None:
-        writer.put_programme_controls(data.programme_controls)
+def _conflicts(reader: Reader, data: LoadFile, catalog: Catalog, source: str) -> list[str]:
+    """What the ledger as it is makes impossible: a currency change under open holds, a card
+    on an account neither the file nor the ledger has, card controls unfit for the currency of
+    a ledger account the file does not name (controls_errors checks the file's own)."""
+    errors = []
+    in_file = {entry.id: entry.currency for entry in data.accounts}
     for index, entry in enumerate(data.accounts):
+        existing = reader.account(entry.id)
+        if existing is not None and existing.currency != entry.currency and existing.held:
+            errors.append(
+                f"{source}: $.accounts[{index}].currency: account {entry.id} has open "
+                f"holds in {existing.currency}; cannot change it to {entry.currency}"
+            )
+    for index, card_entry in enumerate(data.cards):
+        if card_entry.account in in_file:
+            continue
+        account = reader.account(card_entry.account)
+        if account is None:
+            errors.append(f"{source}: $.cards[{index}].account: no account {card_entry.account!r}")
+            continue
+        controls = card_controls(card_entry, account.currency)
+        if controls is not None and card_entry.controls is not None:
+            where = f"$.cards[{index}].controls"
+            found = control_errors(controls, catalog, account.currency, where)
+            errors += [f"{source}: {error}" for error in found]
+    return errors
+
+
+def _put_accounts(writer: Writer, entries: Indexed[AccountEntry], source: str) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for index, entry in entries:
         existing = writer.account(entry.id)
         if existing is None:
             counts["accounts_created"] += 1
@@ -195,7 +264,7 @@ def _apply(
             )
             continue
         counts["accounts_updated"] += 1
-        if existing.currency != entry.currency and existing.held:
+        if existing.currency != entry.currency and existing.held:  # holds opened since the check
             raise LoadError(
                 f"{source}: $.accounts[{index}].currency: account {entry.id} has open "
                 f"holds in {existing.currency}; cannot change it to {entry.currency}"
@@ -207,22 +276,20 @@ def _apply(
         existing.status = entry.status
         existing.controls = entry.controls
         writer.put_account(existing)
-    for index, card_entry in enumerate(data.cards):
+    return counts
+
+
+def _put_cards(
+    writer: Writer, entries: Indexed[CardEntry], hasher: PanHasher, source: str
+) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for index, card_entry in entries:
         account = writer.account(card_entry.account)
-        if account is None:
+        if account is None:  # closed and removed since the check: not possible today
             raise LoadError(
                 f"{source}: $.cards[{index}].account: no account {card_entry.account!r}"
             )
         controls = card_controls(card_entry, account.currency)
-        if controls is not None and card_entry.controls is not None:
-            errors = control_errors(
-                controls,
-                catalog,
-                account.currency,
-                f"$.cards[{index}].controls",
-            )
-            if errors:
-                raise LoadError("\n".join(f"{source}: {error}" for error in errors))
         card_key = hasher.card_key(card_entry.pan)
         previous = writer.card(card_key)
         counts["cards_created" if previous is None else "cards_updated"] += 1
@@ -240,7 +307,7 @@ def _apply(
             ),
             previous.account_id if previous is not None else None,
         )
-    return LoadSummary(**counts)
+    return counts
 
 
 def load_path(ledger: Ledger, path: str | Path, hasher: PanHasher) -> LoadSummary:

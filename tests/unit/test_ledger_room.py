@@ -4,6 +4,7 @@ nothing of it applied or stored, and a later batch with room commits as usual.""
 from __future__ import annotations
 
 import multiprocessing
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,10 +12,10 @@ import pytest
 
 from processor.authorizer import Authorizer
 from processor.engine import ProgrammeRules
-from processor.ledger.load import load_path
+from processor.ledger.load import LoadError, apply_load_file, load_path, parse_load_file
 from processor.ledger.store import Ledger, LedgerFull
 from processor.resources import demo_data_path
-from processor.security import PanHasher
+from processor.security import PanHasher, luhn_check_digit
 from processor.wire.codec import Codec
 from processor.wire.messages import AuthorizationRequest
 from processor.wire.spec import load_spec
@@ -170,9 +171,40 @@ def test_a_load_larger_than_the_map_grows_it_or_names_the_ceiling(tmp_path: Path
         roomy.close()
     tight = Ledger(tmp_path / "tight", map_size_bytes=MIB, map_size_max_bytes=MIB)
     try:
-        with pytest.raises(LedgerFull, match=r"ledger\.map_size_max_bytes\): nothing loaded"):
+        # Loads are written in chunks: those that fitted stay, and the error says how many.
+        with pytest.raises(
+            LedgerFull, match=r"map_size_max_bytes\): the first (\d+) records"
+        ) as full:
             load_path(tight, source, HASHER)
+        loaded = int(re.search(r"the first (\d+) records", str(full.value)).group(1))  # type: ignore[union-attr]
+        assert 0 < loaded < 20_000 and loaded % 1000 == 0
         with tight.read() as reader:
-            assert not reader.has_accounts()
+            assert reader.account_count() == loaded
     finally:
         tight.close()
+
+
+def test_a_load_is_checked_whole_then_written_in_chunks(tmp_path: Path) -> None:
+    pans = [f"476173{index:09d}" for index in range(2_100)]
+    pans = [pan + str(luhn_check_digit(pan)) for pan in pans]
+    cards = "".join(
+        f'[[cards]]\npan = "{pan}"\naccount = "acct-{index}"\nexpiry = "3012"\n'
+        for index, pan in enumerate(pans)
+    )
+    ledger = Ledger(tmp_path / "l", map_size_bytes=64 * MIB)
+    try:
+        data = parse_load_file((load_file(3_500) + cards).encode(), "big.toml")
+        before = ledger.env.info()["last_txnid"]
+        summary = apply_load_file(ledger, data, HASHER, "big.toml", chunk_records=1000)
+        assert (summary.accounts_created, summary.cards_created) == (3_500, 2_100)
+        assert ledger.env.info()["last_txnid"] - before == 4 + 3  # accounts, then cards
+
+        # A mistake anywhere in a file changes nothing: it is found before the first chunk.
+        wrong = cards + '[[cards]]\npan = "4761739001010085"\naccount = "nobody"\nexpiry = "3012"\n'
+        bad = parse_load_file((load_file(3_500) + wrong).encode(), "bad.toml")
+        before = ledger.env.info()["last_txnid"]
+        with pytest.raises(LoadError, match=r"\$\.cards\[2100\]\.account: no account 'nobody'"):
+            apply_load_file(ledger, bad, HASHER, "bad.toml", chunk_records=1000)
+        assert ledger.env.info()["last_txnid"] == before
+    finally:
+        ledger.close()
