@@ -222,7 +222,6 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
         describe_controls,
         describe_history,
     )
-    from processor.ledger.store import Ledger
     from processor.security import hasher_from_environment
 
     config = _common_config(args)
@@ -233,43 +232,39 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
             return 2
     if _no_ledger(config):
         return 1
-    ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
     now = datetime.now(UTC)
-    try:
-        with ledger.read() as reader:
-            print(f"programme controls {describe_controls(reader.programme_controls())}")
-            if args.account is not None:
-                account = reader.account(args.account)
-                if account is None:
-                    print(f"processor: no account {args.account!r}", file=sys.stderr)
-                    return 1
-                print("\n".join(describe_account(reader, account, now)))
-                for held_card in reader.account_cards(account.id):
-                    print("\n".join(describe_history(reader, held_card)))
-                return 0
-            if args.card is not None:
-                found = reader.card_by_id(args.card)
-                if found is None:
-                    print(f"processor: no card {args.card!r}", file=sys.stderr)
-                    return 1
-                return _show_card(reader, found[1], now)
-            assert pan is not None  # read before the ledger was opened
-            hasher = hasher_from_environment(config.security.pan_key_env)
-            bound = ledger.pan_key_fingerprint()
-            if bound is not None and bound != hasher.fingerprint:
-                print(
-                    f"processor: this ledger's cards were keyed with another PAN key; set "
-                    f"{config.security.pan_key_env} to the key the ledger was built with",
-                    file=sys.stderr,
-                )
+    with _read_only(config) as ledger, ledger.read() as reader:
+        print(f"programme controls {describe_controls(reader.programme_controls())}")
+        if args.account is not None:
+            account = reader.account(args.account)
+            if account is None:
+                print(f"processor: no account {args.account!r}", file=sys.stderr)
                 return 1
-            card = reader.card(hasher.card_key(pan))
-            if card is None:
-                print("processor: no card with that PAN", file=sys.stderr)
+            print("\n".join(describe_account(reader, account, now)))
+            for held_card in reader.account_cards(account.id):
+                print("\n".join(describe_history(reader, held_card)))
+            return 0
+        if args.card is not None:
+            found = reader.card_by_id(args.card)
+            if found is None:
+                print(f"processor: no card {args.card!r}", file=sys.stderr)
                 return 1
-            return _show_card(reader, card, now)
-    finally:
-        ledger.close()
+            return _show_card(reader, found[1], now)
+        assert pan is not None  # read before the ledger was opened
+        hasher = hasher_from_environment(config.security.pan_key_env)
+        bound = ledger.pan_key_fingerprint()
+        if bound is not None and bound != hasher.fingerprint:
+            print(
+                f"processor: this ledger's cards were keyed with another PAN key; set "
+                f"{config.security.pan_key_env} to the key the ledger was built with",
+                file=sys.stderr,
+            )
+            return 1
+        card = reader.card(hasher.card_key(pan))
+        if card is None:
+            print("processor: no card with that PAN", file=sys.stderr)
+            return 1
+        return _show_card(reader, card, now)
 
 
 def _pan_from(args: argparse.Namespace) -> str | None:
@@ -330,20 +325,15 @@ def cmd_events_list(args: argparse.Namespace) -> int:
     import msgspec
 
     from processor.events import render
-    from processor.ledger.store import Ledger
 
     config = _common_config(args)
     if _no_ledger(config):
         return 1
-    ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
-    try:
-        with ledger.read() as reader:
-            ids = reader.event_ids()
-            for record in reader.outbox(args.first, args.limit):
-                event = render(record, ids.prefix(record.sequence))
-                sys.stdout.write(msgspec.json.encode(event).decode() + "\n")
-    finally:
-        ledger.close()
+    with _read_only(config) as ledger, ledger.read() as reader:
+        ids = reader.event_ids()
+        for record in reader.outbox(args.first, args.limit):
+            event = render(record, ids.prefix(record.sequence))
+            sys.stdout.write(msgspec.json.encode(event).decode() + "\n")
     return 0
 
 

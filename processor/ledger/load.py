@@ -226,17 +226,15 @@ def _conflicts(reader: Reader, data: LoadFile, catalog: Catalog, source: str) ->
     in_file = {entry.id: entry.currency for entry in data.accounts}
     for index, entry in enumerate(data.accounts):
         existing = reader.account(entry.id)
-        if existing is not None and existing.currency != entry.currency and existing.held:
-            errors.append(
-                f"{source}: $.accounts[{index}].currency: account {entry.id} has open "
-                f"holds in {existing.currency}; cannot change it to {entry.currency}"
-            )
+        conflict = _currency_conflict(source, index, entry, existing)
+        if conflict is not None:
+            errors.append(conflict)
     for index, card_entry in enumerate(data.cards):
         if card_entry.account in in_file:
             continue
         account = reader.account(card_entry.account)
         if account is None:
-            errors.append(f"{source}: $.cards[{index}].account: no account {card_entry.account!r}")
+            errors.append(_no_account(source, index, card_entry))
             continue
         controls = card_controls(card_entry, account.currency)
         if controls is not None and card_entry.controls is not None:
@@ -244,6 +242,21 @@ def _conflicts(reader: Reader, data: LoadFile, catalog: Catalog, source: str) ->
             found = control_errors(controls, catalog, account.currency, where)
             errors += [f"{source}: {error}" for error in found]
     return errors
+
+
+def _currency_conflict(
+    source: str, index: int, entry: AccountEntry, existing: Account | None
+) -> str | None:
+    if existing is None or existing.currency == entry.currency or not existing.held:
+        return None
+    return (
+        f"{source}: $.accounts[{index}].currency: account {entry.id} has open holds in "
+        f"{existing.currency}; cannot change it to {entry.currency}"
+    )
+
+
+def _no_account(source: str, index: int, card_entry: CardEntry) -> str:
+    return f"{source}: $.cards[{index}].account: no account {card_entry.account!r}"
 
 
 def _put_accounts(writer: Writer, entries: Indexed[AccountEntry], source: str) -> Counter[str]:
@@ -264,11 +277,9 @@ def _put_accounts(writer: Writer, entries: Indexed[AccountEntry], source: str) -
             )
             continue
         counts["accounts_updated"] += 1
-        if existing.currency != entry.currency and existing.held:  # holds opened since the check
-            raise LoadError(
-                f"{source}: $.accounts[{index}].currency: account {entry.id} has open "
-                f"holds in {existing.currency}; cannot change it to {entry.currency}"
-            )
+        conflict = _currency_conflict(source, index, entry, existing)
+        if conflict is not None:  # holds opened since the check
+            raise LoadError(conflict)
         # Updated in place: held (the open holds) and the event sequence are the ledger's.
         existing.currency = entry.currency
         existing.posted = entry.balance
@@ -285,10 +296,8 @@ def _put_cards(
     counts: Counter[str] = Counter()
     for index, card_entry in entries:
         account = writer.account(card_entry.account)
-        if account is None:  # closed and removed since the check: not possible today
-            raise LoadError(
-                f"{source}: $.cards[{index}].account: no account {card_entry.account!r}"
-            )
+        if account is None:  # removed since the check: not possible today
+            raise LoadError(_no_account(source, index, card_entry))
         controls = card_controls(card_entry, account.currency)
         card_key = hasher.card_key(card_entry.pan)
         previous = writer.card(card_key)
