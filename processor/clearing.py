@@ -203,28 +203,28 @@ def _fingerprint(hasher: PanHasher, card_key: bytes, record: ClearingRecord) -> 
     return hasher.digest(msgspec.msgpack.encode(content))
 
 
-def _original(writer: Writer, record: ClearingRecord) -> StoredAnswer | None:
-    """The authoriser's stored answer to the original: by its key, else by acquirer|STAN|RRN."""
-    answer = writer.answer(record.original_key())
+def _original(writer: Writer, record: ClearingRecord) -> tuple[bytes, StoredAnswer | None]:
+    """(answer key, stored answer) of the authoriser's answer to the original: by its key,
+    else by acquirer|STAN|RRN; the answer None when there is none."""
+    key = record.original_key()
+    answer = writer.answer(key)
     if answer is not None:
-        return answer
+        return key, answer
     lookup = record.rrn_lookup()
-    if lookup is None:
-        return None
-    indexed = writer.answer_by_rrn(lookup)
-    return None if indexed is None else writer.answer(indexed)
+    indexed = None if lookup is None else writer.answer_by_rrn(lookup)
+    return (key, None) if indexed is None else (indexed, writer.answer(indexed))
 
 
 def _purchase(
     writer: Writer, record: ClearingRecord, card: Card, now_ms: int
 ) -> tuple[Outcome, str, int | None]:
     """(outcome, account posted to or found, hold id) of a purchase on `card`."""
-    original = _original(writer, record)
+    original_key, original = _original(writer, record)
     if original is not None and original.card_id != card.card_id:
         # The original is another card's, whatever became of it (held, posted or declined), or
         # was on a card unknown at the time: not this record's to capture or to post against.
         raise _Rejected("card_mismatch")
-    hold = writer.hold_of(original)
+    hold = writer.hold_of(original_key, original)
     verdict = capture_verdict(original, hold)
     if verdict == "already_posted":
         assert original is not None

@@ -371,8 +371,8 @@ class Lifecycle:
         if request.amount is None:
             return Result("00", "completion_invalid_amount")
         found = self._original(writer, request)
-        original = found[1] if found is not None else None
-        hold = writer.hold_of(original)
+        original_key, original = found if found is not None else (b"", None)
+        hold = writer.hold_of(original_key, original)
         verdict = capture_verdict(original, hold)
         if verdict == "already_posted":
             assert original is not None
@@ -449,7 +449,7 @@ class Lifecycle:
             # The original was converted: field 95 is in the transaction currency, the hold in
             # the account's. Scale by the original's own rate, not today's.
             target = scale(target, int(billed), int(original_amount))
-        hold = writer.hold_of(original)
+        hold = writer.hold_of(original_key, original)
         verdict = void_verdict(original, hold, target)
         if verdict.action in ("release", "shrink"):
             assert hold is not None

@@ -517,7 +517,7 @@ class ControlApi:
                 raise ApiError(
                     404, "authorization_not_found", f"no authorization {authorization_id!r}"
                 )
-            hold = reader.hold(answer.hold_id) if answer.hold_id is not None else None
+            hold = reader.hold_of(key, answer)
         return json_response(
             authorization_view(key, answer, hold.status if hold is not None else None)
         )
@@ -531,7 +531,7 @@ class ControlApi:
         page = found[:limit]
         items = []
         for key, answer, _ in page:
-            hold = reader.hold(answer.hold_id) if answer.hold_id is not None else None
+            hold = reader.hold_of(key, answer)
             items.append(authorization_view(key, answer, hold.status if hold else None))
         next_cursor = encode_cursor(page[-1][2]) if len(found) > limit else None
         return json_response(AuthorizationsPage(items=items, next_cursor=next_cursor))

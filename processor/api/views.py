@@ -252,7 +252,9 @@ class AuthorizationView(msgspec.Struct, kw_only=True):
     amount: Amount | None  # field 4 of the answer (a partial approval's approved amount)
     currency: str | None  # ISO 4217 alphabetic, from field 49
     approval_code: str | None  # field 38
-    hold_id: int | None
+    hold_id: int | None  # the hold it opened, or the one a reversal or completion acted on
+    # The state of the hold this request opened; null on a reversal or completion (the
+    # authorisation that opened the hold shows its state).
     hold_status: HoldStatus | None
     posted_amount: Amount
     reversed_amount: Amount

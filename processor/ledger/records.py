@@ -81,6 +81,10 @@ class CardState(msgspec.Struct, array_like=True, kw_only=True, gc=False):
 
 
 class Hold(msgspec.Struct, array_like=True, kw_only=True, gc=False):
+    """An amount set aside on an account by an approval, until it is reversed, captured or
+    expires. Stored inside its authorisation's answer since schema 4 (`HoldState`: one record
+    per approval instead of two); schema 3 kept it in a database of its own, by id."""
+
     hold_id: int
     account_id: str
     card_id: str
@@ -95,6 +99,26 @@ class Hold(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     status: HoldStatus = "open"
     resolved_ms: int = 0  # when it was released, captured or expired
     captured_amount: int = 0  # the final amount a completion posted for it
+
+
+class HoldState(msgspec.Struct, array_like=True, kw_only=True, gc=False):
+    """A hold as its authorisation's stored answer keeps it (schema 4).
+
+    Only what the answer does not hold already: the hold id, account, card, identity (the
+    answer's key) and RRN (field 37) are the answer's, and so is the approval code when the
+    answer carries it in field 38 (an approval's does, a stand-in advice's acknowledgement
+    does not). `Hold` is the whole view the lifecycle works with (Reader.hold_of).
+    """
+
+    amount: int
+    currency: str
+    created_ms: int
+    expires_ms: int
+    mcc: str
+    status: HoldStatus = "open"
+    resolved_ms: int = 0
+    captured_amount: int = 0
+    approval_code: str = ""  # only when the answer's field 38 is not it
 
 
 class EventIds(msgspec.Struct, frozen=True):
@@ -152,6 +176,9 @@ class StoredAnswer(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     # chains through records written anyway rather than indexes with a random key per approval.
     previous_for_card: bytes | None = None
     previous_for_account: bytes | None = None
+    # Schema 4: the hold this request opened, kept in its answer rather than in a record of
+    # its own (an answer naming `hold_id` without one is about another request's hold).
+    hold: HoldState | None = None
 
 
 class LedgerEntry(msgspec.Struct, array_like=True, kw_only=True, gc=False):

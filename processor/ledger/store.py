@@ -29,6 +29,7 @@ from processor.ledger.records import (
     EntryKind,
     EventIds,
     Hold,
+    HoldState,
     HoldStatus,
     LedgerEntry,
     OutboxRecord,
@@ -44,15 +45,17 @@ T = TypeVar("T")
 # account record and, for a card, in a state record right beside its account (one leaf page
 # for both); histories are chains through the answers; keys that only grow (holds, outbox)
 # are appended. specs/ledger.md has the layout. Schema 3: events refer to their stored answer
-# for the message's facts instead of repeating them. Older schemas are migrated on open.
-SCHEMA_VERSION = b"3"
+# for the message's facts instead of repeating them. Schema 4: a hold is kept inside the
+# answer of the request that opened it, not in a database of its own (one record per approval
+# instead of two, one B-tree fewer for a lone approval's commit to copy the path of). Older
+# schemas are migrated on open.
+SCHEMA_VERSION = b"4"
 _U64 = struct.Struct(">Q")
 _DATABASES = (
     "accounts",  # account id -> Account; account id, NUL, card id -> CardState (beside it)
     "cards",  # HMAC-SHA256(PAN) -> Card (descriptive; an approval only reads it)
     "account_cards",
-    "holds",  # hold id (u64, increasing: appended) -> Hold
-    "hold_expiry",  # expiry ms + hold id -> b"": open holds in the order they expire
+    "hold_expiry",  # expiry ms + hold id -> answer key: open holds in the order they expire
     "answers",  # stored_answer_key(answer key) -> StoredAnswer (and the history chains)
     "rrn_index",  # RRN|acquirer|STAN -> answer key: reversal matching without field 90
     "meta",
@@ -64,6 +67,8 @@ _DATABASES = (
 )
 # Databases of schema 1 whose content schema 2 keeps in other records; dropped by the migration.
 _RETIRED_DATABASES = ("usage", "card_answers", "account_answers", "account_holds")
+# Schema 3's holds (hold id -> Hold), kept in their answers since schema 4.
+_RETIRED_HOLDS = "holds"
 
 
 class DatabaseStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -318,7 +323,7 @@ class Ledger:
 
     def stats(self) -> list[DatabaseStats]:
         """Per database: entries, B-tree depth, pages, bytes, and for the ones kept in time
-        order (answers by field 7, holds and the outbox appended) the oldest record's time.
+        order (answers by field 7, the outbox appended) the oldest record's time.
         One read transaction, O(databases x depth): cheap enough for every scrape."""
         found = []
         with self._begin(write=False) as txn:
@@ -339,7 +344,6 @@ class Ledger:
 
     def _oldest_ms(self, txn: lmdb.Transaction, name: str) -> int | None:
         decoders: dict[str, Callable[[bytes], int]] = {
-            "holds": lambda raw: self._codecs.hold.decode(raw).created_ms,
             "outbox": lambda raw: self._codecs.outbox.decode(raw).created_ms,
             "answers": lambda raw: self._codecs.answer.decode(raw).answered_ms,
         }
@@ -370,6 +374,39 @@ def stored_answer_key(answer_key: bytes) -> bytes:
         return b"?" + answer_key  # not an answer key (an id made up by an API caller): no match
     message_class, acquirer, stan, transmitted = parts
     return b"|".join((transmitted, message_class, acquirer, stan))
+
+
+def answer_key_of(stored_key: bytes) -> bytes:
+    """The answer key a stored answer's key (stored_answer_key) was made from."""
+    if stored_key.startswith(b"?"):
+        return stored_key[1:]
+    transmitted, message_class, acquirer, stan = stored_key.split(b"|")
+    return b"|".join((message_class, acquirer, stan, transmitted))
+
+
+def hold_view(identity: bytes, answer: StoredAnswer) -> Hold | None:
+    """The hold the answer to `identity` opened, whole (HoldState holds only what the answer
+    does not); None if that request opened none."""
+    state = answer.hold
+    if state is None or answer.hold_id is None:
+        return None
+    response = answer.response
+    return Hold(
+        hold_id=answer.hold_id,
+        account_id=answer.account_id or "",
+        card_id=answer.card_id or "",
+        amount=state.amount,
+        currency=state.currency,
+        created_ms=state.created_ms,
+        expires_ms=state.expires_ms,
+        approval_code=state.approval_code or response.get("38", ""),
+        identity=identity,
+        mcc=state.mcc,
+        rrn=response.get("37"),
+        status=state.status,
+        resolved_ms=state.resolved_ms,
+        captured_amount=state.captured_amount,
+    )
 
 
 def card_state_key(card: Card) -> bytes:
@@ -447,15 +484,9 @@ class Reader:
         raw = self._txn.get(lookup, db=self._dbs["rrn_index"])
         return None if raw is None else bytes(raw)
 
-    def hold(self, hold_id: int) -> Hold | None:
-        raw = self._txn.get(_U64.pack(hold_id), db=self._dbs["holds"])
-        return None if raw is None else self._codecs.hold.decode(raw)
-
-    def hold_of(self, answer: StoredAnswer | None) -> Hold | None:
-        """The hold an answer opened, if it opened one and the record is there."""
-        if answer is None or answer.hold_id is None:
-            return None
-        return self.hold(answer.hold_id)
+    def hold_of(self, identity: bytes, answer: StoredAnswer | None) -> Hold | None:
+        """The hold the answer to `identity` opened, if it opened one."""
+        return None if answer is None else hold_view(identity, answer)
 
     def clearing_record(self, record_id: str) -> ClearedRecord | None:
         """What the clearing record with this id did when it was applied; None if it never was."""
@@ -617,9 +648,19 @@ class Reader:
                 yield self._codecs.account.decode(raw)
 
     def all_holds(self) -> Iterator[Hold]:
-        """Every hold, by id; walks the database: for checks, not for hot paths."""
-        for raw in self._txn.cursor(db=self._dbs["holds"]).iternext(keys=False, values=True):
-            yield self._codecs.hold.decode(raw)
+        """Every hold, in the order of its answer's key; walks the answers: for checks."""
+        for stored_key, raw in self._txn.cursor(db=self._dbs["answers"]):
+            answer = self._codecs.answer.decode(raw)
+            if answer.hold is not None:
+                hold = hold_view(answer_key_of(bytes(stored_key)), answer)
+                if hold is not None:
+                    yield hold
+
+    def hold_expiry_index(self) -> Iterator[tuple[int, int, bytes]]:
+        """(expiry ms, hold id, answer key) of every open hold the expiry index lists."""
+        for key, value in self._txn.cursor(db=self._dbs["hold_expiry"]):
+            raw = bytes(key)
+            yield _U64.unpack(raw[:8])[0], _U64.unpack(raw[8:])[0], bytes(value)
 
     def all_answers(self) -> Iterator[StoredAnswer]:
         """Every stored answer; walks the database: for checks, not for hot paths."""
@@ -652,11 +693,10 @@ class Reader:
             answer = self.answer(key)
             if answer is None:
                 break
-            if answer.hold_id is not None:
-                hold = self.hold(answer.hold_id)
-                # Only the answer that opened the hold: a reversal's answer names it too.
-                if hold is not None and hold.status == "open" and hold.identity == key:
-                    holds.append(hold)
+            # Only the answer that opened the hold carries it: a reversal's answer names it too.
+            hold = hold_view(key, answer)
+            if hold is not None and hold.status == "open":
+                holds.append(hold)
             key = answer.previous_for_account
         holds.reverse()
         return holds[:limit]
@@ -685,18 +725,22 @@ class Writer(Reader):
     Accounts and card states are cached for the transaction: a batch of requests on one
     account decodes it once and writes it once, at commit (`flush`), however many requests
     changed it. The cached object is the one callers mutate, so `put_account` and
-    `changed_card_state` only mark it to be written. Cards are cached for reading.
+    `changed_card_state` only mark it to be written. Cards are cached for reading. Answers too,
+    because a hold lives in its answer: the lifecycle and the hold methods below must change
+    one copy of it.
     """
 
     __slots__ = (
         "_accounts",
         "_answers",
+        "_answers_read",
         "_card_states",
         "_cards",
         "_dirty",
         "_dirty_card_states",
         "_next_event",
         "_next_hold_id",
+        "_opened",
     )
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any], codecs: _Codecs) -> None:
@@ -709,6 +753,9 @@ class Writer(Reader):
         self._card_states: dict[bytes, CardState] = {}
         self._dirty_card_states: set[bytes] = set()
         self._answers: dict[bytes, StoredAnswer] = {}  # stored key -> answer, written at flush
+        self._answers_read: dict[bytes, StoredAnswer] = {}  # stored key -> answer, unchanged yet
+        # Holds opened in this transaction, by the identity whose answer will carry them.
+        self._opened: dict[bytes, HoldState] = {}
 
     def card(self, card_key: bytes) -> Card | None:
         if card_key in self._cards:
@@ -831,39 +878,78 @@ class Writer(Reader):
         self._txn.put(scope, value, db=self._dbs["idempotency"])
 
     def answer(self, identity: bytes) -> StoredAnswer | None:
-        pending = self._answers.get(stored_answer_key(identity))
-        return pending if pending is not None else super().answer(identity)
+        key = stored_answer_key(identity)
+        found = self._answers.get(key)
+        if found is None:
+            found = self._answers_read.get(key)
+            if found is None:
+                raw = self._txn.get(key, db=self._dbs["answers"])
+                if raw is None:
+                    return None
+                found = self._answers_read[key] = self._codecs.answer.decode(raw)
+        return found
 
     def put_answer(self, identity: bytes, answer: StoredAnswer) -> None:
-        """Kept until `flush`, which writes the batch's answers in key order (see there)."""
-        self._answers[stored_answer_key(identity)] = answer
+        """Kept until `flush`, which writes the batch's answers in key order (see there).
+
+        A hold this transaction opened for `identity` goes into the answer."""
+        key = stored_answer_key(identity)
+        read = self._answers_read.pop(key, None)
+        assert read is None or read is answer, f"answer {identity!r}: two live copies"
+        opened = self._opened.pop(identity, None)
+        if opened is not None:
+            if answer.response.get("38") == opened.approval_code:
+                opened.approval_code = ""  # the answer holds it
+            answer.hold = opened
+        self._answers[key] = answer
 
     def open_hold(self, account: Account, hold: Hold) -> None:
-        """Record an open hold and raise the account's held amount by it (caller puts account)."""
+        """Open a hold and raise the account's held amount by it (caller puts account).
+
+        The hold is kept in the answer to `hold.identity`, which the caller stores next
+        (put_answer); until then only the expiry index and the account know it.
+        """
         assert hold.status == "open" and hold.amount > 0, hold
         assert hold.account_id == account.id, (hold.account_id, account.id)
-        key = _U64.pack(hold.hold_id)
-        # Hold ids only grow: appended at the right edge of the tree, no page split in between.
-        appended = self._txn.put(
-            key, self._codecs.encoder.encode(hold), db=self._dbs["holds"], append=True
+        assert hold.identity not in self._opened, f"{hold.identity!r}: two holds"
+        self._opened[hold.identity] = HoldState(
+            amount=hold.amount,
+            currency=hold.currency,
+            created_ms=hold.created_ms,
+            expires_ms=hold.expires_ms,
+            mcc=hold.mcc,
+            approval_code=hold.approval_code,
         )
-        assert appended, f"hold {hold.hold_id}: not above every stored hold id"
-        self._txn.put(_U64.pack(hold.expires_ms) + key, b"", db=self._dbs["hold_expiry"])
+        self._txn.put(
+            _U64.pack(hold.expires_ms) + _U64.pack(hold.hold_id),
+            hold.identity,
+            db=self._dbs["hold_expiry"],
+        )
         account.held += hold.amount
         account.open_holds += 1
+
+    def _changed_hold(self, hold: Hold) -> HoldState:
+        """The stored state of `hold` (in its answer), marked to be written; the caller
+        changes it and the view alike."""
+        answer = self.answer(hold.identity)
+        assert answer is not None and answer.hold is not None, f"hold {hold.hold_id}: no answer"
+        self.put_answer(hold.identity, answer)
+        return answer.hold
 
     def close_hold(self, account: Account, hold: Hold, status: HoldStatus, now_ms: int) -> None:
         """Resolve an open hold (released, captured or expired) and lower held by it."""
         assert hold.status == "open", hold
         assert hold.account_id == account.id, (hold.account_id, account.id)
-        key = _U64.pack(hold.hold_id)
         account.held -= hold.amount
         account.open_holds -= 1
         assert account.open_holds >= 0, f"account {account.id}: open holds below zero"
-        hold.status = status
-        hold.resolved_ms = now_ms
-        self._txn.put(key, self._codecs.encoder.encode(hold), db=self._dbs["holds"])
-        self._txn.delete(_U64.pack(hold.expires_ms) + key, db=self._dbs["hold_expiry"])
+        state = self._changed_hold(hold)
+        hold.status = state.status = status
+        hold.resolved_ms = state.resolved_ms = now_ms
+        state.captured_amount = hold.captured_amount
+        self._txn.delete(
+            _U64.pack(hold.expires_ms) + _U64.pack(hold.hold_id), db=self._dbs["hold_expiry"]
+        )
 
     def capture_hold(self, account: Account, hold: Hold, amount: int, now_ms: int) -> None:
         """Post `amount` for an open hold and close it as captured (the final amount may differ).
@@ -878,21 +964,18 @@ class Writer(Reader):
         """Lower an open hold to `amount` (partial reversal)."""
         assert hold.status == "open" and 0 < amount <= hold.amount, (hold, amount)
         account.held -= hold.amount - amount
-        hold.amount = amount
-        self._txn.put(
-            _U64.pack(hold.hold_id), self._codecs.encoder.encode(hold), db=self._dbs["holds"]
-        )
+        hold.amount = self._changed_hold(hold).amount = amount
 
     def expired_holds(self, now_ms: int, limit: int) -> list[Hold]:
         """Open holds whose expiry has passed, oldest expiry first, at most `limit`."""
         holds: list[Hold] = []
         cursor = self._txn.cursor(db=self._dbs["hold_expiry"])
         if cursor.first():
-            for key in cursor.iternext(keys=True, values=False):
-                raw = bytes(key)
-                if _U64.unpack(raw[:8])[0] > now_ms or len(holds) >= limit:
+            for key, identity in cursor.iternext(keys=True, values=True):
+                if _U64.unpack(bytes(key[:8]))[0] > now_ms or len(holds) >= limit:
                     break
-                hold = self.hold(_U64.unpack(raw[8:])[0])
+                answer_key = bytes(identity)
+                hold = self.hold_of(answer_key, self.answer(answer_key))
                 if hold is not None and hold.status == "open":
                     holds.append(hold)
         return holds
@@ -961,6 +1044,8 @@ class Writer(Reader):
             if not put(key, value, db=answers_db, append=True):
                 put(key, value, db=answers_db)  # below the last stored key, or already stored
         self._answers.clear()
+        self._answers_read.clear()
+        assert not self._opened, f"holds opened without their answer: {list(self._opened)}"
         if self._next_hold_id is not None:
             self._txn.put(b"seq:hold", _U64.pack(self._next_hold_id), db=self._dbs["meta"])
         if self._next_event is not None:
@@ -1056,12 +1141,58 @@ def _migrate_2_to_3(
     would render without those facts."""
 
 
+def _migrate_3_to_4(
+    env: lmdb.Environment, txn: lmdb.Transaction, dbs: dict[str, Any], codecs: _Codecs
+) -> None:
+    """Schema 3 -> 4: each hold moves into the answer of the request that opened it (what the
+    answer holds already is left out: HoldState), the expiry index names that answer, and the
+    holds database goes. A hold whose answer is missing stops the migration: its amount is
+    part of the account's held balance and must not be dropped silently."""
+    holds_db = env.open_db(_RETIRED_HOLDS.encode(), txn=txn, create=True)
+    encode = codecs.encoder.encode
+    identities: dict[int, bytes] = {}
+    for raw in txn.cursor(db=holds_db).iternext(keys=False, values=True):
+        hold = codecs.hold.decode(raw)
+        key = stored_answer_key(hold.identity)
+        raw_answer = txn.get(key, db=dbs["answers"])
+        if raw_answer is None:
+            raise LedgerError(
+                f"migrating to schema 4: hold {hold.hold_id} ({hold.status}, account "
+                f"{hold.account_id}): the answer {hold.identity!r} that opened it is missing"
+            )
+        answer = codecs.answer.decode(raw_answer)
+        answer.hold = HoldState(
+            amount=hold.amount,
+            currency=hold.currency,
+            created_ms=hold.created_ms,
+            expires_ms=hold.expires_ms,
+            mcc=hold.mcc,
+            status=hold.status,
+            resolved_ms=hold.resolved_ms,
+            captured_amount=hold.captured_amount,
+            approval_code=hold.approval_code,
+        )
+        if answer.response.get("38") == hold.approval_code:
+            answer.hold.approval_code = ""  # the answer holds it
+        txn.put(key, encode(answer), db=dbs["answers"])
+        identities[hold.hold_id] = hold.identity
+    for raw_key in list(txn.cursor(db=dbs["hold_expiry"]).iternext(keys=True, values=False)):
+        hold_id = _U64.unpack(bytes(raw_key[8:]))[0]
+        identity = identities.get(hold_id)
+        if identity is None:
+            txn.delete(raw_key, db=dbs["hold_expiry"])  # a hold that no longer exists
+        else:
+            txn.put(raw_key, identity, db=dbs["hold_expiry"])
+    txn.drop(holds_db, delete=True)
+
+
 _Migration = Callable[[lmdb.Environment, lmdb.Transaction, dict[str, Any], _Codecs], None]
 # Each schema that can be migrated: the step and the schema it leaves. The steps run in one
 # write transaction, in order, so a ledger two releases old migrates in one all-or-nothing open.
 _MIGRATIONS: dict[bytes, tuple[_Migration, bytes]] = {
     b"1": (_migrate_1_to_2, b"2"),
     b"2": (_migrate_2_to_3, b"3"),
+    b"3": (_migrate_3_to_4, b"4"),
 }
 
 

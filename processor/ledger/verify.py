@@ -4,8 +4,11 @@ What must hold in any ledger the processor wrote, however it stopped (a restored
 a kill -9, after a migration):
 
 - each account's `held` is the sum of its open holds, and `open_holds` their count;
-- every hold names an account that exists;
-- every answer that opened a hold names a hold that exists, of the same account;
+- every hold (kept in the answer that opened it) names an account that exists, and no two
+  answers keep the same hold;
+- the hold expiry index lists exactly the open holds, each at its expiry;
+- every answer that names a hold it did not open (a reversal's, a completion's) names one
+  that exists, of the same account;
 - the outbox's sequences run from 1 without a gap, and each account's events are numbered
   1, 2, ... up to the account's `event_sequence`, none missing or repeated.
 
@@ -49,15 +52,19 @@ def verify(reader: Reader) -> Verified:
     held: Counter[str] = Counter()
     open_count: Counter[str] = Counter()
     hold_accounts: dict[int, str] = {}
+    open_expiry: dict[int, tuple[int, bytes]] = {}  # open hold -> (expiry, its answer's key)
     holds = 0
     for hold in reader.all_holds():
         holds += 1
+        if hold.hold_id in hold_accounts:
+            problem(f"hold {hold.hold_id}: kept by two answers (one is {hold.identity!r})")
         hold_accounts[hold.hold_id] = hold.account_id
         if hold.account_id not in accounts:
             problem(f"hold {hold.hold_id}: its account {hold.account_id!r} does not exist")
         if hold.status == "open":
             held[hold.account_id] += hold.amount
             open_count[hold.account_id] += 1
+            open_expiry[hold.hold_id] = (hold.expires_ms, hold.identity)
     for account in accounts.values():
         if account.held != held[account.id]:
             problem(
@@ -69,20 +76,29 @@ def verify(reader: Reader) -> Verified:
                 f"account {account.id}: {account.open_holds} open holds recorded, "
                 f"{open_count[account.id]} found"
             )
+    # The expiry index lists exactly the open holds: one missing would never expire, one too
+    # many would expire a hold twice.
+    for expires_ms, hold_id, identity in reader.hold_expiry_index():
+        if open_expiry.pop(hold_id, None) != (expires_ms, identity):
+            problem(f"hold expiry index: hold {hold_id} at {expires_ms} ms is not an open hold")
+    for hold_id in open_expiry:
+        problem(f"hold {hold_id}: open, but not in the hold expiry index")
 
     answers = 0
     for answer in reader.all_answers():
         answers += 1
-        if answer.hold_id is None:
-            continue
-        owner = hold_accounts.get(answer.hold_id)
-        if owner is None:
-            problem(f"an answer ({answer.answered_ms} ms) names hold {answer.hold_id}: not found")
-        elif answer.account_id is not None and owner != answer.account_id:
-            problem(
-                f"hold {answer.hold_id}: of account {owner!r}, but its answer names "
-                f"{answer.account_id!r}"
-            )
+        # A reversal's or completion's answer names the hold it acted on: that must exist.
+        if answer.hold_id is not None and answer.hold is None:
+            owner = hold_accounts.get(answer.hold_id)
+            if owner is None:
+                problem(
+                    f"an answer ({answer.answered_ms} ms) names hold {answer.hold_id}: not found"
+                )
+            elif answer.account_id is not None and owner != answer.account_id:
+                problem(
+                    f"hold {answer.hold_id}: of account {owner!r}, but an answer about it "
+                    f"names {answer.account_id!r}"
+                )
 
     events = 0
     expected = 1

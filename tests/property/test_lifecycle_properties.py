@@ -86,6 +86,7 @@ from processor.ledger.records import (
     CardState,
     ClearedRecord,
     Hold,
+    HoldState,
     OutboxRecord,
     StoredAnswer,
 )
@@ -449,7 +450,6 @@ DATABASES: Final = frozenset(
         b"accounts",
         b"cards",
         b"account_cards",
-        b"holds",
         b"hold_expiry",
         b"answers",
         b"rrn_index",
@@ -1727,8 +1727,11 @@ class LifecycleMachine(RuleBasedStateMachine):
         assert reader.card(HASHER.card_key(CARDS[3].pan)) is None
 
     def check_holds(self, reader: Reader) -> None:
+        # Each hold is kept in the answer that opened it (schema 4): found by walking them.
+        stored = {hold.hold_id: hold for hold in reader.all_holds()}
+        assert stored.keys() == self.holds.keys(), "holds kept"
         for hold_id, model in self.holds.items():
-            hold = reader.hold(hold_id)
+            hold = stored[hold_id]
             expected = modelled(
                 Hold,
                 hold_id=hold_id,
@@ -1750,7 +1753,6 @@ class LifecycleMachine(RuleBasedStateMachine):
             # Resolved once, then never touched again.
             if expected.status != "open":
                 assert self.resolved.setdefault(hold_id, expected) == expected, hold_id
-        assert reader.hold(self.next_hold_id) is None
 
     def check_answers(self, reader: Reader) -> None:
         for key, model in self.answers.items():
@@ -1774,8 +1776,28 @@ class LifecycleMachine(RuleBasedStateMachine):
                 usage_mcc=model.usage_mcc,
                 previous_for_card=model.previous_for_card,
                 previous_for_account=model.previous_for_account,
+                hold=self.hold_state(key, model),
             )
             assert_stored(stored, expected, key)
+
+    def hold_state(self, key: bytes, answer: ModelAnswer) -> HoldState | None:
+        """What the answer keeps of the hold it opened: a reversal's names one it did not."""
+        if answer.hold_id is None or self.holds[answer.hold_id].key != key:
+            return None
+        hold = self.holds[answer.hold_id]
+        approval_code = answer.stored.get("38")
+        return modelled(
+            HoldState,
+            amount=hold.amount,
+            currency="EUR",
+            created_ms=hold.created_ms,
+            expires_ms=hold.expires_ms,
+            mcc=hold.mcc,
+            status=hold.status,
+            resolved_ms=hold.resolved_ms,
+            captured_amount=hold.captured_amount,
+            approval_code="" if approval_code == hold.approval_code else hold.approval_code,
+        )
 
     def check_clearing(self, reader: Reader) -> None:
         for record_id, cleared in self.cleared.items():
@@ -1812,15 +1834,17 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert {bytes(name) for name, _ in txn.cursor()} == DATABASES
             entries = {name: txn.stat(db)["entries"] for name, db in databases.items()}
             account_keys = set(txn.cursor(db=databases[b"accounts"]).iternext(values=False))
-            expiry = list(txn.cursor(db=databases[b"hold_expiry"]).iternext(values=False))
+            expiry = list(txn.cursor(db=databases[b"hold_expiry"]))
             rrn_index = dict(txn.cursor(db=databases[b"rrn_index"]))
             meta = dict(txn.cursor(db=databases[b"meta"]))
             for name in UNCHANGED:
                 assert dict(txn.cursor(db=databases[name])) == self.loaded[name], name
         open_holds = sorted(
-            (h.expires_ms, h.hold_id) for h in self.holds.values() if h.status == "open"
+            (h.expires_ms, h.hold_id, h.key) for h in self.holds.values() if h.status == "open"
         )
-        assert expiry == [BIG_U64.pack(e) + BIG_U64.pack(i) for e, i in open_holds], "expiries"
+        assert expiry == [(BIG_U64.pack(e) + BIG_U64.pack(i), key) for e, i, key in open_holds], (
+            "expiries, each naming the answer that keeps its hold"
+        )
         # Beside each account, the state of each of its cards that anything was answered about.
         states = {
             f"{CARD_BY_PAN[pan].account}\0{card.card_id}".encode()
@@ -1844,7 +1868,6 @@ class LifecycleMachine(RuleBasedStateMachine):
             b"cards": len(self.cards),  # the loaded ones, unchanged (above)
             b"card_ids": len(self.cards),
             b"account_cards": len(self.cards),
-            b"holds": len(self.holds),
             b"hold_expiry": len(open_holds),
             b"answers": len(self.answers),
             b"rrn_index": len(self.rrn_index),

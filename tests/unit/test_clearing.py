@@ -217,8 +217,9 @@ def assert_held_is_sum_of_open_holds(ledger: Ledger) -> None:
 
 
 def hold_of(ledger: Ledger, hold_id: int) -> Any:
+    """The hold by id: kept in the answer that opened it, so found by walking them."""
     with ledger.read() as reader:
-        return reader.hold(hold_id)
+        return next((hold for hold in reader.all_holds() if hold.hold_id == hold_id), None)
 
 
 # --- parsing --------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from processor.authorizer import Authorizer
 from processor.engine import ProgrammeRules
 from processor.events import event_id
 from processor.ledger.load import load_path
-from processor.ledger.records import EventIds
-from processor.ledger.store import Ledger
+from processor.ledger.records import EventIds, StoredAnswer
+from processor.ledger.store import Ledger, stored_answer_key
 from processor.ledger.verify import verify
 from processor.metrics import Metrics
 from processor.resources import demo_data_path
@@ -95,24 +95,49 @@ def test_a_missing_event_and_a_missing_hold_are_named(ledger: Ledger) -> None:
         txn, dbs = writer._txn, writer._dbs  # damage no processor path could do
         assert txn.delete(struct.pack(">Q", 2), db=dbs["outbox"])
         open_hold = next(h for h in writer.all_holds() if h.status == "open")
-        assert txn.delete(struct.pack(">Q", open_hold.hold_id), db=dbs["holds"])
+        assert txn.delete(stored_answer_key(open_hold.identity), db=dbs["answers"])
+        # A reversal's answer naming the lost hold, as one would after it.
+        writer.put_answer(
+            b"0400|123456|000099|1124120000",
+            StoredAnswer(
+                fingerprint=b"",
+                response={},
+                response_code="00",
+                reason="reversed",
+                answered_ms=1,
+                hold_id=open_hold.hold_id,
+                account_id="demo-main",
+            ),
+        )
     with ledger.read() as reader:
         found = verify(reader)
     text = "\n".join(found.problems)
     assert "outbox: sequence 3 follows 1" in text
     assert f"names hold {open_hold.hold_id}: not found" in text
     assert "account demo-main: held" in text  # the open hold's amount is not found either
+    assert f"hold expiry index: hold {open_hold.hold_id} at" in text
     assert "account demo-main: event 4 is its number 3, after 1" in text
+
+
+def test_an_open_hold_missing_from_the_expiry_index_is_named(ledger: Ledger) -> None:
+    with ledger.write() as writer:
+        open_hold = next(h for h in writer.all_holds() if h.status == "open")
+        key = struct.pack(">QQ", open_hold.expires_ms, open_hold.hold_id)
+        assert writer._txn.delete(key, db=writer._dbs["hold_expiry"])
+    with ledger.read() as reader:
+        found = verify(reader)
+    assert found.problems == [f"hold {open_hold.hold_id}: open, but not in the hold expiry index"]
 
 
 def test_stats_count_each_database_and_date_the_ones_in_time_order(ledger: Ledger) -> None:
     stats = {each.name: each for each in ledger.stats()}
     with ledger.read() as reader:
         found = verify(reader)
-    assert stats["holds"].entries == found.holds and stats["outbox"].entries == found.events
+    assert stats["hold_expiry"].entries == found.open_holds
+    assert stats["outbox"].entries == found.events
     assert stats["answers"].entries == found.answers
     assert stats["accounts"].oldest_ms is None  # not kept in time order
-    for name in ("holds", "outbox", "answers"):
+    for name in ("outbox", "answers"):
         assert stats[name].oldest_ms is not None and stats[name].oldest_ms > 0
     for each in stats.values():
         assert each.bytes == each.pages * 4096 and (each.pages > 0) == (each.entries > 0)
@@ -125,7 +150,9 @@ def test_stats_count_each_database_and_date_the_ones_in_time_order(ledger: Ledge
     )
     text = metrics.exposition().decode()
     assert 'processor_ledger_database_entries{database="outbox"} 6.0' in text
-    assert f'processor_ledger_database_bytes{{database="holds"}} {stats["holds"].bytes}.0' in text
+    assert (
+        f'processor_ledger_database_bytes{{database="answers"}} {stats["answers"].bytes}.0' in text
+    )
     assert 'processor_ledger_oldest_record_age_seconds{database="answers"}' in text
     assert 'processor_ledger_oldest_record_age_seconds{database="accounts"}' not in text
 

@@ -1,4 +1,4 @@
-"""Ledgers written by the schema-1 and schema-2 releases are migrated on open, never misread.
+"""Ledgers written by the schema-1, 2 and 3 releases are migrated on open, never misread.
 
 tests/fixtures/ledger_vN was written by that release (tests/fixtures/make_ledger.py), and
 ledger_vN.json holds what it read back from it then. After the migration the same questions
@@ -8,6 +8,7 @@ every event renders as it did.
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from datetime import UTC, datetime
@@ -20,7 +21,8 @@ import pytest
 from processor.authorizer import Authorizer
 from processor.catalog import default_catalog
 from processor.engine import ProgrammeRules
-from processor.ledger.store import SCHEMA_VERSION, Ledger, LedgerError
+from processor.ledger.store import SCHEMA_VERSION, Ledger, LedgerError, stored_answer_key
+from processor.ledger.verify import verify
 from processor.security import PanHasher
 from processor.wire.codec import Codec
 from processor.wire.messages import AuthorizationRequest
@@ -29,7 +31,8 @@ from processor.wire.spec import load_spec
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 EXPECTED: dict[str, Any] = json.loads((FIXTURES / "ledger_v1.json").read_text())
 EXPECTED_V2: dict[str, Any] = json.loads((FIXTURES / "ledger_v2.json").read_text())
-RELEASES = {"v1": EXPECTED, "v2": EXPECTED_V2}
+EXPECTED_V3: dict[str, Any] = json.loads((FIXTURES / "ledger_v3.json").read_text())
+RELEASES = {"v1": EXPECTED, "v2": EXPECTED_V2, "v3": EXPECTED_V3}
 HASHER = PanHasher(b"fixture-pan-key")
 
 
@@ -104,9 +107,19 @@ def test_migration_keeps_balances_holds_histories_and_usage(
                     before = page[0][2]
                 assert paged == was["history"]
             assert {bytes(name) for name, _ in reader._txn.cursor()} >= {b"answers", b"cards"}
-            assert not {b"usage", b"card_answers", b"account_answers", b"account_holds"} & {
-                bytes(name) for name, _ in reader._txn.cursor()
-            }
+            retired = {b"usage", b"card_answers", b"account_answers", b"account_holds", b"holds"}
+            assert not retired & {bytes(name) for name, _ in reader._txn.cursor()}
+            if "holds" in expected:
+                # Schema 4 keeps each hold in the answer that opened it: every hold, open or
+                # resolved, reads as the schema-3 release kept it in a record of its own.
+                holds = sorted(reader.all_holds(), key=lambda hold: hold.hold_id)
+                assert [msgspec.to_builtins(hold) for hold in holds] == expected["holds"]
+                expiring = [hold_id for _, hold_id, _ in reader.hold_expiry_index()]
+                assert sorted(expiring) == sorted(
+                    hold.hold_id for hold in holds if hold.status == "open"
+                )
+        with ledger.read() as reader:
+            assert verify(reader).problems == []
     finally:
         ledger.close()
     reopened = Ledger(path, readonly=True)  # migrated: a reader opens it now
@@ -150,7 +163,7 @@ def test_ledger_migrate_command(v1_copy: Path, capsys: pytest.CaptureFixture[str
     from processor.cli import main
 
     assert main(["ledger", "migrate", "--ledger", str(v1_copy)]) == 0
-    assert "migrated from schema 1 to 3" in capsys.readouterr().out
+    assert "migrated from schema 1 to 4" in capsys.readouterr().out
     assert main(["ledger", "migrate", "--ledger", str(v1_copy)]) == 0
     assert "nothing to migrate" in capsys.readouterr().out
     Ledger(v1_copy, readonly=True).close()
@@ -221,3 +234,29 @@ def test_events_of_schema_2_render_as_before_and_new_ones_in_full(tmp_path: Path
 
     was = [facts(e) for e in EXPECTED_V2["events"] if e["type"] != "authorization.expired"]
     assert [facts(e) for e in fresh] == was
+
+
+def test_a_schema_3_hold_without_its_answer_stops_the_migration(tmp_path: Path) -> None:
+    """Its amount is part of the account's held balance: dropping it would misread the ledger."""
+    import lmdb
+
+    path = tmp_path / "ledger"
+    shutil.copytree(FIXTURES / "ledger_v3", path)
+    open_hold = next(hold for hold in EXPECTED_V3["holds"] if hold[11] == "open")
+    identity = base64.b64decode(open_hold[8])
+    env = lmdb.open(str(path), max_dbs=32)
+    try:
+        with env.begin(write=True) as txn:
+            answers = env.open_db(b"answers", txn=txn, create=False)
+            assert txn.delete(stored_answer_key(identity), db=answers)
+    finally:
+        env.close()
+    with pytest.raises(LedgerError, match=f"hold {open_hold[0]} .*missing"):
+        Ledger(path, durability="process", map_size_bytes=16 << 20)
+    # Nothing was changed: the open that failed left schema 3 as it was.
+    env = lmdb.open(str(path), max_dbs=32, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            assert txn.get(b"schema", db=env.open_db(b"meta", txn=txn, create=False)) == b"3"
+    finally:
+        env.close()
