@@ -37,6 +37,7 @@ from processor.server.startup import (
     raise_open_files_limit,
     start_settings,
 )
+from processor.webhooks.state import DeliveryFloor
 from processor.webhooks.supervisor import DeliveryError, DeliveryProcess
 
 log = logging.getLogger("processor.daemon")
@@ -107,7 +108,8 @@ async def serve(settings: StartSettings) -> int:
         ledger.map_size_max_bytes,
         lambda: [(s.name, s.entries, s.bytes, s.oldest_ms) for s in ledger.stats()],
     )
-    daemon = Daemon(config, ledger, hasher, metrics, rates)
+    floor = DeliveryFloor(config)
+    daemon = Daemon(config, ledger, hasher, metrics, rates, delivery_floor=floor)
     loop = asyncio.get_running_loop()
     shared = config.server.workers > 1
     sockets = []
@@ -170,6 +172,7 @@ async def serve(settings: StartSettings) -> int:
     daemon.on_fatal = fatal
     announce("ready")
     daemon.sweep()
+    daemon.retain()
     daemon.supervise()
     await stop.wait()
 
@@ -182,6 +185,7 @@ async def serve(settings: StartSettings) -> int:
     await http_runner.cleanup()  # the HTTP side port
     if delivery is not None:
         await delivery.stop()
+    floor.close()
     ledger.close()
     announce("stopped" if exit_code == 0 else f"stopped after an assertion failed ({exit_code})")
     return exit_code

@@ -10,6 +10,7 @@ was checked stays true until it is written.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, tzinfo
 from typing import Final
@@ -17,9 +18,11 @@ from typing import Final
 import lmdb
 import msgspec
 
+from processor import limits
 from processor.engine import ProgrammeRules, yymm
 from processor.engine.controls import periods_at
 from processor.ledger.records import OutboxRecord, StoredAnswer
+from processor.ledger.retention import Retention, SweepStep
 from processor.ledger.store import Ledger, LedgerError, LedgerFull, Writer
 from processor.lifecycle import ADVICE_CLASSES, ORIGINAL_CLASSES, Batch, Lifecycle
 from processor.outbox import emit, event_type, request_facts
@@ -36,6 +39,8 @@ from processor.wire.responses import (
     reply_fields,
     stored_response,
 )
+
+log = logging.getLogger("processor.authorizer")
 
 NETWORK_CODES: Final = {"001": "sign_on", "002": "sign_off", "301": "echo"}
 
@@ -89,8 +94,12 @@ class Authorizer:
         hold_lifetime_by_mcc: Mapping[str, int] | None = None,
         zone: tzinfo = UTC,
         draw: Callable[[int], int] | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self._ledger = ledger
+        # Pruning past the retention horizons, a bounded step in each batch's transaction.
+        self._retention = retention
+        self._retention_done: SweepStep | None = None  # the last committed step, not counted
         self._hasher = hasher
         self._zone = zone
         self._lifecycle = Lifecycle(
@@ -161,11 +170,17 @@ class Authorizer:
                 except CommandRefused as refused:
                     results.append(refused)
             batch = Batch(now_ms, now_yymm, periods, writer.programme_controls())
-            return [self._process(writer, *each, batch) for each in prepared], results
+            outcomes = [self._process(writer, *each, batch) for each in prepared]
+            swept.clear()
+            swept.extend(self._sweep(writer, now_ms, len(prepared) + len(commands)))
+            return outcomes, results
 
+        swept: list[SweepStep] = []  # of the attempt that committed
         try:
             # A batch that does not fit is decided again from the start with a larger map.
-            return self._ledger.write_growing(apply)
+            done = self._ledger.write_growing(apply)
+            self._note_swept(swept)
+            return done
         except LedgerFull as full:  # at the ceiling: 96, not stored
             outcomes = [self._reply(r.echo, r.mti, "96", "ledger_full") for r in requests]
             return outcomes, [full] * len(commands)
@@ -173,6 +188,43 @@ class Authorizer:
             reason = f"ledger_error:{type(error).__name__}"
             outcomes = [self._reply(r.echo, r.mti, "96", reason) for r in requests]
             return outcomes, [error] * len(commands)
+
+    def _sweep(self, writer: Writer, now_ms: int, changes: int) -> list[SweepStep]:
+        """A retention step sized to the batch: more visits than the batch inserted records,
+        so the sweep keeps up at any rate, and its work grows with the batch, not beyond it.
+        A bug in it must not cost the batch: it is logged and the batch commits."""
+        if self._retention is None:
+            return []
+        budget = max(limits.retention_visits_min, limits.retention_visits_per_change * changes)
+        try:
+            return [self._retention.step(writer, now_ms, budget)]
+        except lmdb.Error:
+            raise  # the transaction is unusable: the batch reruns or fails as a whole
+        except Exception:
+            log.exception("retention step failed; the batch goes on without it")
+            return []
+
+    def sweep_retention(self, now: datetime, budget: int) -> SweepStep | None:
+        """One retention step in a write transaction of its own (when no batch ran lately)."""
+        if self._retention is None:
+            return None
+        now_ms = int(now.timestamp() * 1000)
+        retention = self._retention
+        step = self._ledger.write_growing(lambda writer: retention.step(writer, now_ms, budget))
+        self._note_swept([step])
+        return step
+
+    def _note_swept(self, steps: list[SweepStep]) -> None:
+        for step in steps:
+            if self._retention_done is None:
+                self._retention_done = step
+            else:
+                self._retention_done.add(step)
+
+    def take_retention_step(self) -> SweepStep | None:
+        """What retention did in the transactions committed since the last call (for metrics)."""
+        done, self._retention_done = self._retention_done, None
+        return done
 
     def _process(
         self,

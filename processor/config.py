@@ -138,6 +138,32 @@ class LedgerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         return max(self.map_size_bytes, configured or limits.map_size_max_bytes_default)
 
 
+class RetentionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How long each kind of record is kept (issue 12; the defaults are argued in
+    specs/retention.md). A record past its horizon is pruned by the sweep unless something
+    still needs it: an answer with an open hold, an event not yet delivered to every endpoint
+    (and the answers such events refer to)."""
+
+    enabled: bool = True
+    # An authorisation's stored answer (and its hold, RRN index entry): retransmissions,
+    # reversals, completions and presentments find their original through it.
+    answers_seconds: Seconds = 45 * 86400
+    # Events, delivered to every endpoint: replayable (`processor webhooks replay`) this long.
+    events_seconds: Seconds = 30 * 86400
+    # Clearing records applied: a presentment file ingested again is recognised this long.
+    clearing_seconds: Seconds = 120 * 86400
+    # Idempotency-Key responses of the control API: honoured at least 24 hours.
+    idempotency_seconds: Annotated[int, Meta(ge=86400)] = 2 * 86400
+
+    def __post_init__(self) -> None:
+        if self.events_seconds > self.answers_seconds:
+            raise ValueError(
+                f"events_seconds {self.events_seconds} is above answers_seconds "
+                f"{self.answers_seconds}: an event takes its facts from its answer, so answers "
+                "must be kept at least as long as events"
+            )
+
+
 class SecurityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pan_key_env: str = "PROCESSOR_PAN_KEY"
 
@@ -231,8 +257,19 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     programme: ProgrammeConfig = ProgrammeConfig()
     log: LogConfig = LogConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
+    retention: RetentionConfig = RetentionConfig()
 
     def __post_init__(self) -> None:
+        longest_hold = max(
+            (self.programme.hold_lifetime_seconds, *self.programme.hold_lifetime_by_mcc.values())
+        )
+        if self.retention.enabled and self.retention.answers_seconds < longest_hold:
+            raise ValueError(
+                f"retention: answers_seconds {self.retention.answers_seconds} is below the "
+                f"longest hold lifetime ({longest_hold} s, programme.hold_lifetime_seconds or "
+                "hold_lifetime_by_mcc): reversals and completions find their hold through "
+                "the answer"
+            )
         if not self.listeners:
             raise ValueError("listeners: at least one [[listeners]] table is needed")
         names: set[str] = set()

@@ -79,6 +79,17 @@ commands_per_batch_max: Final = 64
 # so one sweep never holds the event loop for long.
 sweep_holds_max: Final = 512
 
+# Retention (issue 12): records visited per database in one sweep step. A step rides in each
+# batch's transaction with this many visits per change the batch made (so the sweep outpaces
+# what batches insert, at any rate) and at least the minimum; when no batch ran for a while
+# it runs in a transaction of its own with the idle budget.
+retention_visits_min: Final = 32
+retention_visits_per_change: Final = 4
+retention_visits_idle: Final = 256
+retention_idle_seconds: Final = 1.0  # a step of its own when no batch ran for this long
+retention_busy_seconds: Final = 0.1  # and again this soon while it finds work
+delivery_floor_refresh_seconds: Final = 1.0  # the webhooks' delivery positions, read again
+
 # Approval codes: drawn at random, unlike the card's codes of the same day; a card approved
 # more often than this in a day is kept unlike its first ones only (kept in its state).
 approval_codes_remembered_max: Final = 1000

@@ -168,6 +168,31 @@ class Metrics:
         self.holds_expired = Counter(
             "processor_holds_expired", "Holds released by the expiry sweeper", registry=r
         )
+        self.retention_visited = Counter(
+            "processor_retention_visited",
+            "Records the retention sweep looked at, by kind of record",
+            ["record"],
+            registry=r,
+        )
+        self.retention_pruned = Counter(
+            "processor_retention_pruned",
+            "Records pruned past their retention horizon, by kind of record",
+            ["record"],
+            registry=r,
+        )
+        self.retention_kept = Counter(
+            "processor_retention_kept",
+            "Records past their horizon kept because something still needs them "
+            "(open_hold, undelivered, event_kept) or unreadable",
+            ["record", "reason"],
+            registry=r,
+        )
+        self.retention_horizon = Gauge(
+            "processor_retention_horizon_seconds",
+            "How long each kind of record is kept (retention.*_seconds); 0: retention is off",
+            ["record"],
+            registry=r,
+        )
         self.webhook_delivered = Counter(
             "processor_webhook_delivered",
             "Events delivered (2xx), by endpoint",
@@ -296,6 +321,19 @@ class Metrics:
         merged = CollectorRegistry(auto_describe=False)
         merged.register(_Merged(self.registry, self.workers))
         return generate_latest(merged)
+
+    def count_retention(
+        self,
+        visited: dict[str, int],
+        pruned: dict[str, int],
+        kept: dict[tuple[str, str], int],
+    ) -> None:
+        for record, count in visited.items():
+            self.retention_visited.labels(record).inc(count)
+        for record, count in pruned.items():
+            self.retention_pruned.labels(record).inc(count)
+        for (record, reason), count in kept.items():
+            self.retention_kept.labels(record, reason).inc(count)
 
     def watch_ledger(
         self,

@@ -33,7 +33,7 @@ from processor.authorizer import CommandRefused as Refused  # returned to the AP
 from processor.config import CardIssuingConfig
 from processor.ledger.controls import Controls
 from processor.ledger.load import card_record
-from processor.ledger.records import Account, Card, CardStatus, OutboxRecord
+from processor.ledger.records import Account, Card, CardStatus, IdempotentResponse, OutboxRecord
 from processor.ledger.store import Writer
 from processor.outbox import emit
 from processor.security import PanHasher, luhn_check_digit
@@ -59,15 +59,6 @@ Operation = Callable[[Writer, int], Reply]
 
 
 # --- idempotency -----------------------------------------------------------------------------
-
-
-class IdempotentResponse(msgspec.Struct, array_like=True, kw_only=True):
-    """Stored under the key's scope: the request's body digest and the answer it got."""
-
-    body_digest: bytes
-    status: int
-    body: bytes
-    created_ms: int
 
 
 class Idempotency(msgspec.Struct, frozen=True, kw_only=True):

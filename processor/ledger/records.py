@@ -192,6 +192,16 @@ class LedgerEntry(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     posted_after: int
 
 
+class IdempotentResponse(msgspec.Struct, array_like=True, kw_only=True):
+    """A control-API response kept under its Idempotency-Key's scope: the request's body
+    digest and the answer it got (processor.api.commands); retention reads its time."""
+
+    body_digest: bytes
+    status: int
+    body: bytes
+    created_ms: int
+
+
 class ClearedRecord(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     """A clearing (presentment) record applied to the ledger, kept under its record id.
 

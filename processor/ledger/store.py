@@ -316,8 +316,9 @@ class Ledger:
         transaction while writers go on. Returns the last outbox sequence in the copy: every
         change up to that event is in it."""
         with self._begin(write=False) as txn:
-            cursor = txn.cursor(db=self._dbs["outbox"])
-            last = _U64.unpack(bytes(cursor.key()))[0] if cursor.last() else 0
+            # The sequence counter, not the last key: retention may have pruned the outbox.
+            raw = txn.get(b"seq:event", db=self._dbs["meta"])
+            last = 0 if raw is None else _U64.unpack(raw)[0] - 1
             self.env.copy(str(directory), compact=True, txn=txn)
         return last
 
@@ -573,6 +574,17 @@ class Reader:
         raw = self._txn.get(scope, db=self._dbs["idempotency"])
         return None if raw is None else bytes(raw)
 
+    def events_pruned_through(self) -> int:
+        """The last outbox sequence retention pruned (0: none): the outbox starts after it."""
+        raw = self._txn.get(b"retention:events_pruned_through", db=self._dbs["meta"])
+        return 0 if raw is None else _U64.unpack(raw)[0]
+
+    def pruned_hold_max(self) -> int:
+        """The highest hold id whose answer retention has pruned (0: none): an answer may name
+        a hold up to it that is no longer kept."""
+        raw = self._txn.get(b"retention:hold_pruned_max", db=self._dbs["meta"])
+        return 0 if raw is None else _U64.unpack(raw)[0]
+
     def ledger_id(self) -> str:
         raw = self._txn.get(b"ledger_id", db=self._dbs["meta"])
         return "" if raw is None else bytes(raw).decode()
@@ -632,7 +644,9 @@ class Reader:
 
     def outbox_last_sequence(self) -> int:
         cursor = self._txn.cursor(db=self._dbs["outbox"])
-        return _U64.unpack(bytes(cursor.key()))[0] if cursor.last() else 0
+        if cursor.last():
+            return int(_U64.unpack(bytes(cursor.key()))[0])
+        return self.events_pruned_through()  # empty: all pruned (or none yet)
 
     def has_accounts(self) -> bool:
         return bool(self._txn.cursor(db=self._dbs["accounts"]).first())
@@ -876,6 +890,23 @@ class Writer(Reader):
 
     def put_idempotent(self, scope: bytes, value: bytes) -> None:
         self._txn.put(scope, value, db=self._dbs["idempotency"])
+
+    def maintenance_cursor(self, database: str) -> lmdb.Cursor:
+        """A cursor over one database, for the ledger's own sweeps (retention.py): they walk
+        and delete records this transaction has not cached (answers are written at flush)."""
+        return self._txn.cursor(db=self._dbs[database])
+
+    def maintenance_delete(self, database: str, key: bytes) -> bool:
+        return bool(self._txn.delete(key, db=self._dbs[database]))
+
+    def note_pruned_events(self, through: int) -> None:
+        """Retention pruned the outbox up to this sequence (see `events_pruned_through`)."""
+        self._txn.put(b"retention:events_pruned_through", _U64.pack(through), db=self._dbs["meta"])
+
+    def note_pruned_hold(self, hold_id: int) -> None:
+        """Retention pruned the answer keeping this hold (see `pruned_hold_max`)."""
+        if hold_id > self.pruned_hold_max():
+            self._txn.put(b"retention:hold_pruned_max", _U64.pack(hold_id), db=self._dbs["meta"])
 
     def answer(self, identity: bytes) -> StoredAnswer | None:
         key = stored_answer_key(identity)

@@ -25,7 +25,8 @@ from processor.authorizer import Authorizer, Command, CommandRefused, Outcome
 from processor.catalog import default_catalog
 from processor.config import Config
 from processor.engine import ProgrammeRules
-from processor.ledger.store import Ledger
+from processor.ledger.retention import RECORDS, Retention
+from processor.ledger.store import Ledger, LedgerError
 from processor.lifecycle import ADVICE_CLASSES
 from processor.log_budget import LogBudget
 from processor.metrics import Metrics
@@ -35,7 +36,7 @@ from processor.server.link import Link, Listener, Queued
 from processor.server.pacing import Pacer
 from processor.wire.dialect import framing_cause, undecodable_cause
 from processor.wire.errors import FramingError, InvalidMessage, UndecodableMessage, WireError
-from processor.wire.messages import AuthorizationRequest, NetworkManagementRequest
+from processor.wire.messages import AuthorizationRequest, NetworkManagementRequest, rrn_key
 
 log = logging.getLogger("processor.daemon")
 
@@ -56,6 +57,9 @@ class Daemon:
         hasher: PanHasher,
         metrics: Metrics,
         rates: dict[tuple[str, str], Decimal] | None = None,
+        delivery_floor: Callable[[], int | None] | None = None,
+        *,
+        sweeps_ledger: bool = True,
     ):
         self.config = config
         self.ledger = ledger
@@ -64,6 +68,26 @@ class Daemon:
         self.listeners = [Listener(each) for each in config.listeners]
         for listener in self.listeners:
             metrics.open_links.labels(listener.name)  # 0 from the start, not absent
+        # Pruning past the horizons rides in each batch's transaction (Authorizer._sweep);
+        # `delivery_floor` is the lowest event a webhook endpoint still needs. Worker processes
+        # leave it, like the hold sweep, to the primary (`sweeps_ledger`).
+        retention = None
+        if config.retention.enabled and sweeps_ledger:
+            retention = Retention(config.retention, rrn_key, delivery_floor or (lambda: None))
+        horizons = dict(
+            zip(
+                RECORDS,
+                (
+                    config.retention.events_seconds,
+                    config.retention.answers_seconds,
+                    config.retention.clearing_seconds,
+                    config.retention.idempotency_seconds,
+                ),
+                strict=True,
+            )
+        )
+        for record, seconds in horizons.items():
+            metrics.retention_horizon.labels(record).set(seconds if retention else 0)
         self.authorizer = Authorizer(
             ledger,
             hasher,
@@ -75,6 +99,7 @@ class Daemon:
             hold_lifetime_seconds=config.programme.hold_lifetime_seconds,
             hold_lifetime_by_mcc=config.programme.hold_lifetime_by_mcc,
             zone=config.programme.zone,
+            retention=retention,
         )
         self.links: set[Link] = set()
         # Open links per (listener, peer address), for the per-address limit.
@@ -106,6 +131,8 @@ class Daemon:
         self._flush_scheduled = False
         self._deadline_ns = int(config.server.decision_deadline_seconds * 1e9)
         self._sweep_handle: asyncio.TimerHandle | None = None
+        self._retention_handle: asyncio.TimerHandle | None = None
+        self._last_batch = time.monotonic()  # when the last batch ran (retention idles after)
         self._supervision_handle: asyncio.TimerHandle | None = None
         self.on_commit: Callable[[], None] | None = None  # e.g. wake the webhook dispatcher
         # Called when an assertion fails: a programmer error stops the daemon (after answering
@@ -434,6 +461,8 @@ class Daemon:
             else:
                 future.set_result(result)
         elapsed = time.perf_counter() - started
+        self._last_batch = time.monotonic()
+        self._count_retention()
         self.metrics.commit_seconds.observe(elapsed)
         commit = min(self.ledger.last_commit_seconds, elapsed)  # stale if the batch failed
         self._pacer.measured(len(batch), elapsed - commit, commit)
@@ -614,11 +643,45 @@ class Daemon:
                 delay = 0.01  # more are due: continue soon, letting requests in between
         self._sweep_handle = loop.call_later(delay, self.sweep)
 
+    def retain(self) -> None:
+        """A retention step of its own when no batch carried one lately (reschedules).
+
+        Batches carry the sweep while traffic flows; this keeps it going when it does not,
+        soon again while it finds work, so a quiet ledger still shrinks to its horizons.
+        """
+        if self.stopping:
+            return
+        delay = limits.retention_idle_seconds
+        if time.monotonic() - self._last_batch >= limits.retention_idle_seconds:
+            try:
+                done = self.authorizer.sweep_retention(
+                    datetime.now(UTC), limits.retention_visits_idle
+                )
+            except (lmdb.Error, LedgerError) as error:
+                done = None
+                if self._error_log.allow("retention", time.monotonic()) is not None:
+                    log.error("retention sweep: %s; retrying", error)
+            except Exception:
+                done = None
+                log.exception("retention sweep failed; retrying")
+            self._count_retention()
+            if done is not None and done.busy:
+                delay = limits.retention_busy_seconds
+        self._retention_handle = asyncio.get_running_loop().call_later(delay, self.retain)
+
+    def _count_retention(self) -> None:
+        done = self.authorizer.take_retention_step()
+        if done is not None:
+            self.metrics.count_retention(done.visited, done.pruned, done.kept)
+
     def stop_timers(self) -> None:
-        """Stop the hold sweeper and the link supervision (draining)."""
+        """Stop the hold sweeper, retention and the link supervision (draining)."""
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
             self._sweep_handle = None
+        if self._retention_handle is not None:
+            self._retention_handle.cancel()
+            self._retention_handle = None
         if self._supervision_handle is not None:
             self._supervision_handle.cancel()
             self._supervision_handle = None

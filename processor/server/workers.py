@@ -124,7 +124,7 @@ async def serve_worker(
         durability=config.ledger.durability,
     )
     metrics = Metrics()
-    daemon = Daemon(config, ledger, hasher, metrics, rates)
+    daemon = Daemon(config, ledger, hasher, metrics, rates, sweeps_ledger=False)
     loop = asyncio.get_running_loop()
     servers = await start_listeners(daemon, sockets)
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=channel_fd))

@@ -8,12 +8,15 @@ events (same ids: receivers deduplicate), and its commits never take the ledger'
 from __future__ import annotations
 
 import struct
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import lmdb
 import msgspec
 
+from processor import limits
 from processor.config import Config
 
 _U64 = struct.Struct(">Q")
@@ -86,6 +89,23 @@ class DeliveryState:
     def advance(self, endpoint: str, next_sequence: int) -> None:
         with self.env.begin(write=True) as txn:
             txn.put(endpoint.encode(), _U64.pack(next_sequence), db=self._positions)
+
+    def floor(self, endpoints: list[str]) -> int | None:
+        """The lowest outbox sequence these endpoints still need: each one's next to deliver
+        and its oldest dead letter (replayable). None without endpoints. Retention keeps every
+        event from it on."""
+        if not endpoints:
+            return None
+        needed = []
+        with self.env.begin() as txn:
+            for endpoint in endpoints:
+                raw = txn.get(endpoint.encode(), db=self._positions)
+                needed.append(1 if raw is None else _U64.unpack(raw)[0])
+                prefix = endpoint.encode() + b"\x00"
+                cursor = txn.cursor(db=self._dead)
+                if cursor.set_range(prefix) and bytes(cursor.key()).startswith(prefix):
+                    needed.append(_U64.unpack(bytes(cursor.key())[len(prefix) :])[0])
+        return min(needed)
 
     def bury(self, endpoint: str, letter: DeadLetter) -> None:
         with self.env.begin(write=True) as txn:
@@ -161,3 +181,37 @@ class DeliveryState:
                 return None
             txn.delete(endpoint.encode(), db=self._disabled)
         return self._disabled_decoder.decode(raw)
+
+
+class DeliveryFloor:
+    """`DeliveryState.floor` for the configured endpoints, read at most once per
+    `limits.delivery_floor_refresh_seconds` (retention asks in every batch). Until the
+    delivery process has made its state, nothing is delivered: the floor is 1."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
+        self._path = state_path(config)
+        self._endpoints = [endpoint.name for endpoint in config.webhooks.endpoints]
+        self._clock = clock
+        self._state: DeliveryState | None = None
+        self._read_at: float | None = None
+        self._floor: int | None = None if not self._endpoints else 1
+
+    def __call__(self) -> int | None:
+        if not self._endpoints:
+            return None
+        now = self._clock()
+        if (
+            self._read_at is not None
+            and now - self._read_at < limits.delivery_floor_refresh_seconds
+        ):
+            return self._floor
+        self._read_at = now
+        if self._state is None and (self._path / "data.mdb").exists():
+            self._state = DeliveryState(self._path, readonly=True)
+        if self._state is not None:
+            self._floor = self._state.floor(self._endpoints)
+        return self._floor
+
+    def close(self) -> None:
+        if self._state is not None:
+            self._state.close()

@@ -40,6 +40,16 @@ def test_no_file_means_defaults() -> None:
         ),
         ("[programme]\ntime_zone = 'Mars/Olympus'\n", "$.programme"),
         (
+            "[retention]\nevents_seconds = 7200\nanswers_seconds = 3600\n",
+            "events_seconds 7200 is above answers_seconds 3600",
+        ),
+        (
+            "[retention]\nanswers_seconds = 86400\nevents_seconds = 3600\n",
+            "answers_seconds 86400 is below the longest hold lifetime (2592000 s",
+        ),
+        ("[retention]\nidempotency_seconds = 60\n", "$.retention.idempotency_seconds"),
+        ("[retention]\nkeep = true\n", "keep"),
+        (
             "[programme.card_issuing]\nbin_prefix = '47617x'\n",
             "$.programme.card_issuing.bin_prefix",
         ),

@@ -1,0 +1,240 @@
+"""Retention (issue 12): records past their horizon are pruned in bounded steps, and nothing a
+hold, an undelivered event or the API's idempotency promise still needs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from processor.authorizer import Authorizer
+from processor.config import RetentionConfig
+from processor.engine import ProgrammeRules
+from processor.ledger.load import load_path
+from processor.ledger.records import ClearedRecord, IdempotentResponse
+from processor.ledger.retention import Retention, SweepStep
+from processor.ledger.store import Ledger
+from processor.ledger.verify import verify
+from processor.resources import demo_data_path
+from processor.security import PanHasher
+from processor.wire.codec import Codec
+from processor.wire.messages import AuthorizationRequest, rrn_key
+from processor.wire.spec import load_spec
+
+CODEC = Codec(load_spec())
+HASHER = PanHasher(b"retention-test-key")
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+MAIN = "4761739001010085"  # demo-main
+LOW = "4761739001010069"  # demo-low
+HOUR = 3600
+# Short horizons, as a test or a soak sets them: answers 2 h, events 1 h, holds live 1 h.
+HORIZONS = RetentionConfig(answers_seconds=2 * HOUR, events_seconds=HOUR, clearing_seconds=2 * HOUR)
+BIG = 10_000  # a budget larger than anything here
+
+
+def message(
+    mti: str, stan: str, amount: int, pan: str = MAIN, **extra: str
+) -> AuthorizationRequest:
+    fields = {
+        "t": mti,
+        "2": pan,
+        "3": "000000",
+        "4": f"{amount:012d}",
+        "7": "1124120000",
+        "11": stan,
+        "18": "5411",
+        "32": "123456",
+        "37": f"63301200{stan[-4:]}",
+        "49": "978",
+    }
+    fields.update(extra)
+    request = CODEC.decode(CODEC.encode(fields))
+    assert isinstance(request, AuthorizationRequest)
+    return request
+
+
+ORIGINAL_1 = f"0100000001112412000000000123456{0:011d}"
+REQUESTS = [
+    message("0100", "000001", 1000),  # a hold, reversed below
+    message("0100", "000002", 700),  # a hold left open
+    message("0100", "000003", 10_000, pan=LOW),  # declined
+    message("0200", "000004", 500),  # posted at once
+    message("0400", "000005", 1000, **{"90": ORIGINAL_1}),
+    message("0120", "000006", 300, **{"39": "00"}),  # a stand-in advice: a hold, open
+]
+
+
+def retention(floor: int | None = None, config: RetentionConfig = HORIZONS) -> Retention:
+    return Retention(config, rrn_key, lambda: floor)
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    ledger = Ledger(tmp_path, durability="process", map_size_bytes=64 << 20)
+    load_path(ledger, demo_data_path(), HASHER)
+    authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=HOUR)
+    outcomes = authorizer.authorize_batch(REQUESTS, NOW)
+    assert [o.response_code for o in outcomes] == ["00", "00", "51", "00", "00", "00"]
+    yield ledger
+    ledger.close()
+
+
+def step(ledger: Ledger, sweep: Retention, at: datetime, budget: int = BIG) -> SweepStep:
+    now_ms = int(at.timestamp() * 1000)
+    with ledger.write() as writer:
+        return sweep.step(writer, now_ms, budget)
+
+
+def kept_answers(ledger: Ledger) -> set[str]:
+    with ledger.read() as reader:
+        return {request.stan for request in REQUESTS if reader.answer(request.answer_key)}
+
+
+def test_nothing_is_pruned_before_its_horizon(ledger: Ledger) -> None:
+    done = step(ledger, retention(), NOW + timedelta(minutes=59))
+    assert done.pruned == {} and done.visited["answers"] == 6
+    assert kept_answers(ledger) == {f"{n:06d}" for n in range(1, 7)}
+
+
+def test_past_the_horizons_answers_and_events_go_but_not_open_holds(ledger: Ledger) -> None:
+    with ledger.read() as reader:
+        rrns = {request.stan: reader.answer_by_rrn(request.rrn_key or b"") for request in REQUESTS}
+    assert all(rrns[stan] is not None for stan in ("000001", "000002", "000003", "000006"))
+    done = step(ledger, retention(), NOW + timedelta(hours=2, seconds=1))
+    assert done.pruned == {"events": 6, "answers": 4}
+    assert done.kept == {("answers", "open_hold"): 2}
+    # The open holds' answers stay, so their reversals and completions still find them.
+    assert kept_answers(ledger) == {"000002", "000006"}
+    with ledger.read() as reader:
+        assert reader.outbox(1, 100) == []
+        assert reader.answer_by_rrn(REQUESTS[0].rrn_key or b"") is None  # pruned with it
+        assert reader.answer_by_rrn(REQUESTS[1].rrn_key or b"") is not None
+        assert [hold.hold_id for hold in reader.all_holds()] == [2, 3]
+        assert reader.pruned_hold_max() == 1  # the reversal's answer named hold 1
+        # Balances are the state and stay; the ledger still verifies.
+        account = reader.account("demo-main")
+        assert account is not None and account.open_holds == 2 and account.held == 1_000
+        assert verify(reader).problems == []
+
+
+def test_answers_go_once_their_holds_expire(ledger: Ledger) -> None:
+    authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=HOUR)
+    later = NOW + timedelta(hours=2, seconds=1)
+    step(ledger, retention(), later)
+    assert authorizer.sweep_expired(later, 100) == 2
+    done = step(ledger, retention(), later + timedelta(seconds=1))
+    # The expiry events are young and refer to no answer's facts: the answers go.
+    assert done.pruned == {"answers": 2} and kept_answers(ledger) == set()
+    with ledger.read() as reader:
+        assert [record.type for record in reader.outbox(1, 100)] == ["authorization.expired"] * 2
+        assert verify(reader).problems == []
+
+
+def test_undelivered_events_and_the_answers_they_refer_to_are_kept(ledger: Ledger) -> None:
+    done = step(ledger, retention(floor=3), NOW + timedelta(hours=3))
+    assert done.pruned == {"events": 2}
+    assert done.kept == {
+        ("events", "undelivered"): 1,
+        ("answers", "event_kept"): 4,
+        ("answers", "open_hold"): 2,
+    }
+    with ledger.read() as reader:
+        assert [record.sequence for record in reader.outbox(1, 100)] == [3, 4, 5, 6]
+    assert len(kept_answers(ledger)) == 6
+    # Delivered at last: the rest goes.
+    done = step(ledger, retention(floor=7), NOW + timedelta(hours=3))
+    assert done.pruned == {"events": 4, "answers": 4}
+
+
+def test_a_retransmission_after_its_answer_is_pruned_is_decided_afresh(ledger: Ledger) -> None:
+    authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=HOUR)
+    later = NOW + timedelta(hours=3)
+    step(ledger, retention(), later)
+    [again] = authorizer.authorize_batch([REQUESTS[2]], later)  # the declined one
+    assert (again.response_code, again.reason) == ("51", "insufficient_funds")
+
+
+def test_clearing_and_idempotency_records_go_after_their_own_horizons(ledger: Ledger) -> None:
+    encode = msgspec.msgpack.encode
+    made = int(NOW.timestamp() * 1000)
+    with ledger.write() as writer:
+        for record_id in ("clr-1", "clr-2"):
+            writer.put_clearing_record(
+                record_id,
+                ClearedRecord(
+                    outcome="force_posted",
+                    fingerprint=b"f",
+                    processed_ms=made if record_id == "clr-1" else made + 3 * HOUR * 1000,
+                    card_id="c",
+                    account_id="demo-main",
+                    amount=1,
+                    currency="EUR",
+                ),
+            )
+        writer.put_idempotent(
+            b"scope-1",
+            encode(IdempotentResponse(body_digest=b"d", status=201, body=b"{}", created_ms=made)),
+        )
+    done = step(ledger, retention(), NOW + timedelta(hours=2, seconds=1))
+    assert done.pruned["clearing"] == 1 and "idempotency" not in done.pruned
+    with ledger.read() as reader:
+        assert reader.clearing_record("clr-1") is None
+        assert reader.clearing_record("clr-2") is not None
+        assert reader.idempotent(b"scope-1") is not None  # honoured at least 24 hours
+    done = step(ledger, retention(), NOW + timedelta(days=2, seconds=1))
+    assert done.pruned["idempotency"] == 1
+    with ledger.read() as reader:
+        assert reader.idempotent(b"scope-1") is None
+
+
+def test_the_clock_hand_visits_a_bounded_number_per_step_and_goes_round(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, durability="process", map_size_bytes=64 << 20)
+    load_path(ledger, demo_data_path(), HASHER)
+    authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=HOUR)
+    for batch in range(10):
+        requests = [
+            message("0100", f"{batch * 20 + n + 1:06d}", 1, **{"7": f"11241{batch}0000"})
+            for n in range(20)
+        ]
+        outcomes = authorizer.authorize_batch(requests, NOW + timedelta(seconds=batch))
+        assert {o.response_code for o in outcomes} == {"00"}
+    later = NOW + timedelta(hours=3)
+    assert authorizer.sweep_expired(later, 1000) == 200
+    sweep = retention()
+    steps = 0
+    while True:
+        done = step(ledger, sweep, later, budget=16)
+        steps += 1
+        assert all(count <= 16 for count in done.visited.values()), done.visited
+        if done.wrapped and not done.busy:
+            break
+        assert steps < 100
+    with ledger.read() as reader:
+        assert list(reader.all_answers()) == []
+        assert verify(reader).problems == []
+    ledger.close()
+
+
+def test_batches_carry_the_sweep_and_report_what_it_did(ledger: Ledger) -> None:
+    authorizer = Authorizer(
+        ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=HOUR, retention=retention()
+    )
+    assert authorizer.take_retention_step() is None
+    later = NOW + timedelta(hours=3)
+    [outcome] = authorizer.authorize_batch(
+        [message("0100", "000099", 10, **{"7": "1124150000"})], later
+    )
+    assert outcome.response_code == "00"
+    done = authorizer.take_retention_step()
+    assert done is not None and done.pruned == {"events": 6, "answers": 4}
+    assert authorizer.take_retention_step() is None  # counted once
+    assert kept_answers(ledger) == {"000002", "000006"}
+
+
+def test_a_disabled_retention_prunes_nothing(ledger: Ledger) -> None:
+    done = step(ledger, retention(config=RetentionConfig(enabled=False)), NOW + timedelta(days=400))
+    assert done == SweepStep()
+    assert len(kept_answers(ledger)) == 6
