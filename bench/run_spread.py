@@ -116,6 +116,7 @@ def daemon_config(
     workers: int = 1,
     batch_size_max: int = 0,
     batch_seconds_max: float | None = None,
+    retention: str = "default",
 ) -> str:
     # Keys only when asked for: an older tree, measured as the baseline, may not have them.
     server = f"workers = {workers}\n" if workers > 1 else ""
@@ -127,7 +128,27 @@ def daemon_config(
         + f'[ledger]\ndurability = "{durability}"\n'
         + f"map_size_bytes = {map_size_bytes}\n{batch}"
         + '[log]\nlevel = "warning"\n'
+        + RETENTION_CONFIGS[retention]
     )
+
+
+# --retention: the daemon's own defaults (no keys, for older trees too); off; or horizons of
+# seconds with holds that expire in 3 s, so the sweep prunes all through the run (issue 12),
+# and its baseline, the same holds with retention off.
+SHORT_HOLDS = (
+    "[programme]\nhold_lifetime_seconds = 3\nhold_lifetime_by_mcc = {}\n"
+    "sweep_interval_seconds = 1\n"
+)
+RETENTION_CONFIGS = {
+    "default": "",
+    "off": "[retention]\nenabled = false\n",
+    "short": SHORT_HOLDS + "[retention]\nanswers_seconds = 5\nevents_seconds = 2\n",
+    # The same holds expiring in 3 s, retention off: the baseline for "short".
+    "short-off": SHORT_HOLDS + "[retention]\nenabled = false\n",
+    # Holds as by default (nothing expires in a run); events pruned 2 s after they are made,
+    # the largest stream there is (baseline: "off").
+    "events": "[retention]\nevents_seconds = 2\n",
+}
 
 
 def build_ledger(
@@ -496,6 +517,8 @@ def run_one(session: Session, workload: str, profile: str, mode: str, **load: fl
             "commit_share": batches.get("processor_commit_seconds_sum", 0.0)
             / max(1e-9, result["wall_s"]),
         },
+        "retention_pruned": batches.get("retention_pruned", 0.0),  # records, during the run
+        "retention_steps": step_quantiles(batches),
     }
     if requests.references:
         record["stored_reasons"] = stored_reasons(session.ledger, requests.references)
@@ -524,6 +547,27 @@ def batch_metrics(http_port: int) -> dict[str, float]:
         name, _, value = line.partition(" ")
         if name in wanted:
             found[name] = float(value)
+        elif name.startswith("processor_retention_pruned_total{"):  # all kinds of record
+            found["retention_pruned"] = found.get("retention_pruned", 0.0) + float(value)
+        elif name.startswith("processor_retention_step_seconds_bucket{"):
+            found["retention_step_le_" + name.split('"')[1]] = float(value)
+    return found
+
+
+def step_quantiles(batches: dict[str, float]) -> dict[str, float]:
+    """Retention steps during a run: how many, and the bucket bounds (seconds) their median,
+    p99 and maximum fall in, from the histogram's cumulative bucket counts."""
+    buckets = sorted(
+        (float(name.removeprefix("retention_step_le_")), count)
+        for name, count in batches.items()
+        if name.startswith("retention_step_le_") and name != "retention_step_le_+Inf"
+    )
+    total = batches.get("retention_step_le_+Inf", 0.0)
+    found = {"steps": total}
+    for label, share in (("p50_le", 0.5), ("p99_le", 0.99), ("max_le", 1.0)):
+        found[label] = next(
+            (bound for bound, count in buckets if count >= share * total), float("inf")
+        )
     return found
 
 
@@ -614,6 +658,12 @@ def main() -> int:
     parser.add_argument("--durability", default="fsync", choices=("fsync", "process"))
     parser.add_argument("--workers", type=int, default=1, help="daemon server.workers")
     parser.add_argument(
+        "--retention",
+        default="default",
+        choices=sorted(RETENTION_CONFIGS),
+        help="the daemon's [retention]: its defaults, off, or short horizons (seconds)",
+    )
+    parser.add_argument(
         "--batch-seconds-max",
         type=float,
         default=None,
@@ -664,6 +714,7 @@ def main() -> int:
         args.map_size_gib << 30,
         args.workers,
         batch_seconds_max=args.batch_seconds_max,
+        retention=args.retention,
     )
     with tempfile.TemporaryDirectory(prefix="run_spread-", dir=args.scratch) as scratch_name:
         scratch = Path(scratch_name)
@@ -745,8 +796,16 @@ def main() -> int:
                 f"open loop {record['shape']}: loadgen sent up to "
                 f"{result['send_lag_max_us']:.0f} us after schedule "
                 f"({result['late_sends_over_1ms']} sends over 1 ms late), "
-                f"{result['cpu_us_per_wakeup']:.1f} us CPU per wakeup"
+                f"{result['cpu_us_per_wakeup']:.1f} us CPU per wakeup; retention pruned "
+                f"{record['retention_pruned']:.0f} records meanwhile"
             )
+            steps = record["retention_steps"]
+            if steps["steps"]:
+                print(
+                    f"  retention steps: {steps['steps']:.0f}, each at most (bucket bounds) "
+                    f"p50 {steps['p50_le'] * 1e6:.0f} us, p99 {steps['p99_le'] * 1e6:.0f} us, "
+                    f"max {steps['max_le'] * 1e6:.0f} us"
+                )
     for record in runs:
         if "stored_reasons" in record:
             print(f"{record['workload']}: ledger recorded {record['stored_reasons']}")

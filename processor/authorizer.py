@@ -11,6 +11,7 @@ was checked stays true until it is written.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, tzinfo
 from typing import Final
@@ -95,11 +96,22 @@ class Authorizer:
         zone: tzinfo = UTC,
         draw: Callable[[int], int] | None = None,
         retention: Retention | None = None,
+        expire_in_batches: bool = False,
+        retention_every_seconds: float = limits.retention_step_seconds,
     ) -> None:
         self._ledger = ledger
-        # Pruning past the retention horizons, a bounded step in each batch's transaction.
+        # The ledger's upkeep rides in each batch's write transaction (no commit or fsync of
+        # its own, work in proportion to the batch): holds past their expiry are released and
+        # records past their retention horizon pruned, a bounded number each.
         self._retention = retention
-        self._retention_done: SweepStep | None = None  # the last committed step, not counted
+        self._expire_in_batches = expire_in_batches
+        self._retention_done: SweepStep | None = None  # committed, not yet counted
+        # A step rides in a batch at most this often, with the budget the batches since the
+        # last one earned: deletes of neighbouring records then share their pages' copies.
+        self._retention_every = retention_every_seconds
+        self._retention_at = -float("inf")  # time.monotonic() of the last step
+        self._retention_changes = 0  # changes made since it
+        self._expired_done = 0  # holds released in committed batches, not yet counted
         self._hasher = hasher
         self._zone = zone
         self._lifecycle = Lifecycle(
@@ -171,15 +183,23 @@ class Authorizer:
                     results.append(refused)
             batch = Batch(now_ms, now_yymm, periods, writer.programme_controls())
             outcomes = [self._process(writer, *each, batch) for each in prepared]
+            changes = len(prepared) + len(commands)
+            expired[0] = 0
+            if self._expire_in_batches:
+                # Not guarded like retention: half a release would leave held out of step with
+                # the holds, so a bug in it fails the batch as a whole, as one in a request does.
+                expired[0] = self._expire(writer, now_ms, limits.expiry_per_change * changes)
             swept.clear()
-            swept.extend(self._sweep(writer, now_ms, len(prepared) + len(commands)))
+            swept.extend(self._sweep(writer, now_ms, changes))
             return outcomes, results
 
         swept: list[SweepStep] = []  # of the attempt that committed
+        expired = [0]
         try:
             # A batch that does not fit is decided again from the start with a larger map.
             done = self._ledger.write_growing(apply)
             self._note_swept(swept)
+            self._expired_done += expired[0]
             return done
         except LedgerFull as full:  # at the ceiling: 96, not stored
             outcomes = [self._reply(r.echo, r.mti, "96", "ledger_full") for r in requests]
@@ -195,7 +215,13 @@ class Authorizer:
         A bug in it must not cost the batch: it is logged and the batch commits."""
         if self._retention is None:
             return []
-        budget = max(limits.retention_visits_min, limits.retention_visits_per_change * changes)
+        self._retention_changes += changes
+        now = time.monotonic()
+        if now - self._retention_at < self._retention_every:
+            return []
+        earned = limits.retention_visits_per_change * self._retention_changes
+        budget = min(limits.retention_visits_batch_max, max(limits.retention_visits_min, earned))
+        self._retention_at, self._retention_changes = now, 0
         try:
             return [self._retention.step(writer, now_ms, budget)]
         except lmdb.Error:
@@ -220,6 +246,11 @@ class Authorizer:
                 self._retention_done = step
             else:
                 self._retention_done.add(step)
+
+    def take_expired(self) -> int:
+        """Holds released in batches committed since the last call (for metrics)."""
+        done, self._expired_done = self._expired_done, 0
+        return done
 
     def take_retention_step(self) -> SweepStep | None:
         """What retention did in the transactions committed since the last call (for metrics)."""
@@ -295,29 +326,33 @@ class Authorizer:
         """Release at most `limit` holds whose expiry has passed, in one write transaction."""
         now_ms = int(now.timestamp() * 1000)
         with self._ledger.write() as writer:
-            expired = writer.expired_holds(now_ms, limit)
-            for hold in expired:
-                account = writer.account(hold.account_id)
-                assert account is not None, hold.account_id
-                writer.close_hold(account, hold, "expired", now_ms)
-                writer.put_account(account)
-                emit(
-                    writer,
-                    OutboxRecord(
-                        sequence=0,
-                        type="authorization.expired",
-                        created_ms=now_ms,
-                        account_id=account.id,
-                        card_id=hold.card_id,
-                        answer_key=hold.identity.decode("ascii"),
-                        amount=hold.amount,
-                        reason="hold_expired",
-                        approval_code=hold.approval_code,
-                        hold_id=hold.hold_id,
-                        mcc=hold.mcc,
-                        rrn=hold.rrn,
-                    ),
-                )
+            return self._expire(writer, now_ms, limit)
+
+    def _expire(self, writer: Writer, now_ms: int, limit: int) -> int:
+        """Release at most `limit` holds whose expiry has passed, in `writer`'s transaction."""
+        expired = writer.expired_holds(now_ms, limit)
+        for hold in expired:
+            account = writer.account(hold.account_id)
+            assert account is not None, hold.account_id
+            writer.close_hold(account, hold, "expired", now_ms)
+            writer.put_account(account)
+            emit(
+                writer,
+                OutboxRecord(
+                    sequence=0,
+                    type="authorization.expired",
+                    created_ms=now_ms,
+                    account_id=account.id,
+                    card_id=hold.card_id,
+                    answer_key=hold.identity.decode("ascii"),
+                    amount=hold.amount,
+                    reason="hold_expired",
+                    approval_code=hold.approval_code,
+                    hold_id=hold.hold_id,
+                    mcc=hold.mcc,
+                    rrn=hold.rrn,
+                ),
+            )
         return len(expired)
 
     def deadline_missed(self, request: AuthorizationRequest) -> Outcome:

@@ -77,14 +77,25 @@ commands_per_batch_max: Final = 64
 
 # Hold expiry: holds released per sweep transaction; a backlog is worked off a batch at a time
 # so one sweep never holds the event loop for long.
-sweep_holds_max: Final = 512
+sweep_holds_max: Final = 64  # about 2 ms of work: batches release most holds (above)
+
+# Holds released in a batch's transaction, per change the batch made: more than it can open,
+# so expiry keeps up at any rate without a transaction (and an fsync) of its own.
+expiry_per_change: Final = 2
 
 # Retention (issue 12): records visited per database in one sweep step. A step rides in each
 # batch's transaction with this many visits per change the batch made (so the sweep outpaces
-# what batches insert, at any rate) and at least the minimum; when no batch ran for a while
-# it runs in a transaction of its own with the idle budget.
-retention_visits_min: Final = 32
-retention_visits_per_change: Final = 4
+# what batches insert, at any rate, and costs in proportion to the batch: about 1.5 us a
+# visit, 2.6 a record pruned) and at least the minimum; when no batch ran for a while it runs
+# in a transaction of its own with the idle budget.
+retention_visits_min: Final = 4
+retention_visits_per_change: Final = 3
+# At most one step per this many seconds of batches, with the visits the batches since earned
+# (neighbouring deletes share the copies of their pages), and at most this many in a batch
+# (about 0.3 ms of work at worst; a backlog is worked off over several). Measured
+# (bench/RESULTS.md): steps every 10 ms took 0.3-0.7 ms each, too long a pause for a batch.
+retention_step_seconds: Final = 0.002
+retention_visits_batch_max: Final = 96
 retention_visits_idle: Final = 256
 retention_idle_seconds: Final = 1.0  # a step of its own when no batch ran for this long
 retention_busy_seconds: Final = 0.1  # and again this soon while it finds work

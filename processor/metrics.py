@@ -187,6 +187,13 @@ class Metrics:
             ["record", "reason"],
             registry=r,
         )
+        self.retention_step_seconds = Histogram(
+            "processor_retention_step_seconds",
+            "Time one retention step took inside its write transaction (in a batch's: added "
+            "to that batch's latency)",
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=r,
+        )
         self.retention_horizon = Gauge(
             "processor_retention_horizon_seconds",
             "How long each kind of record is kept (retention.*_seconds); 0: retention is off",
@@ -327,6 +334,7 @@ class Metrics:
         visited: dict[str, int],
         pruned: dict[str, int],
         kept: dict[tuple[str, str], int],
+        seconds: Sequence[float] = (),
     ) -> None:
         for record, count in visited.items():
             self.retention_visited.labels(record).inc(count)
@@ -334,6 +342,8 @@ class Metrics:
             self.retention_pruned.labels(record).inc(count)
         for (record, reason), count in kept.items():
             self.retention_kept.labels(record, reason).inc(count)
+        for each in seconds:
+            self.retention_step_seconds.observe(each)
 
     def watch_ledger(
         self,

@@ -30,6 +30,7 @@ when no batch ran for a while. Its work is bounded by the `budget` of visits per
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Callable
 from typing import Final
 
@@ -54,6 +55,7 @@ class SweepStep(msgspec.Struct, kw_only=True):
     pruned: dict[str, int] = msgspec.field(default_factory=dict)
     kept: dict[tuple[str, str], int] = msgspec.field(default_factory=dict)  # (record, reason)
     wrapped: bool = False  # the answers' clock hand went round once more
+    seconds: list[float] = msgspec.field(default_factory=list)  # each step's own time
 
     def add(self, other: SweepStep) -> None:
         for mine, theirs in ((self.visited, other.visited), (self.pruned, other.pruned)):
@@ -62,6 +64,7 @@ class SweepStep(msgspec.Struct, kw_only=True):
         for why, count in other.kept.items():
             self.kept[why] = self.kept.get(why, 0) + count
         self.wrapped = self.wrapped or other.wrapped
+        self.seconds.extend(other.seconds)
 
     def count(self, into: dict[str, int], record: str) -> None:
         into[record] = into.get(record, 0) + 1
@@ -96,6 +99,7 @@ class Retention:
 
     def step(self, writer: Writer, now_ms: int, budget: int) -> SweepStep:
         """Prune what is due, visiting at most `budget` records of each database."""
+        started = time.perf_counter()
         done = SweepStep()
         if not self.config.enabled:
             return done
@@ -106,6 +110,7 @@ class Retention:
         self._timed(writer, "clearing", now_ms - self.config.clearing_seconds * 1000, budget, done)
         cutoff = now_ms - self.config.idempotency_seconds * 1000
         self._timed(writer, "idempotency", cutoff, budget, done)
+        done.seconds.append(time.perf_counter() - started)
         return done
 
     def _events(

@@ -100,6 +100,7 @@ class Daemon:
             hold_lifetime_by_mcc=config.programme.hold_lifetime_by_mcc,
             zone=config.programme.zone,
             retention=retention,
+            expire_in_batches=sweeps_ledger,
         )
         self.links: set[Link] = set()
         # Open links per (listener, peer address), for the per-address limit.
@@ -670,9 +671,12 @@ class Daemon:
         self._retention_handle = asyncio.get_running_loop().call_later(delay, self.retain)
 
     def _count_retention(self) -> None:
+        expired = self.authorizer.take_expired()
+        if expired:
+            self.metrics.holds_expired.inc(expired)
         done = self.authorizer.take_retention_step()
         if done is not None:
-            self.metrics.count_retention(done.visited, done.pruned, done.kept)
+            self.metrics.count_retention(done.visited, done.pruned, done.kept, done.seconds)
 
     def stop_timers(self) -> None:
         """Stop the hold sweeper, retention and the link supervision (draining)."""

@@ -220,18 +220,39 @@ def test_the_clock_hand_visits_a_bounded_number_per_step_and_goes_round(tmp_path
 
 def test_batches_carry_the_sweep_and_report_what_it_did(ledger: Ledger) -> None:
     authorizer = Authorizer(
-        ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=HOUR, retention=retention()
+        ledger,
+        HASHER,
+        ProgrammeRules(),
+        hold_lifetime_seconds=HOUR,
+        retention=retention(),
+        expire_in_batches=True,
+        retention_every_seconds=0.0,  # a step in every batch, however close together
     )
     assert authorizer.take_retention_step() is None
     later = NOW + timedelta(hours=3)
+    # A batch of one: the sweep's budget is small (limits.retention_visits_min per database).
     [outcome] = authorizer.authorize_batch(
         [message("0100", "000099", 10, **{"7": "1124150000"})], later
     )
     assert outcome.response_code == "00"
+    # Both open holds were due: released in the batch (2 per change, at least), with events.
+    assert authorizer.take_expired() == 2 and authorizer.take_expired() == 0
     done = authorizer.take_retention_step()
-    assert done is not None and done.pruned == {"events": 6, "answers": 4}
+    assert done is not None and done.pruned == {"events": 4}
+    assert done.visited["answers"] == 4  # the batch's own share, not a backlog's
     assert authorizer.take_retention_step() is None  # counted once
-    assert kept_answers(ledger) == {"000002", "000006"}
+    # Batches of three: three visits per change. The old events go first; then nothing
+    # refers to the old answers and they go too, as the clock hand comes round to them.
+    pruned: dict[str, int] = {}
+    for batch in range(3):
+        requests = [message("0100", f"0001{batch}{n}", 10, **{"7": "1124150000"}) for n in range(3)]
+        assert {o.response_code for o in authorizer.authorize_batch(requests, later)} == {"00"}
+        done = authorizer.take_retention_step()
+        assert done is not None and max(done.visited.values()) <= 9
+        for record, count in done.pruned.items():
+            pruned[record] = pruned.get(record, 0) + count
+    assert pruned == {"events": 2, "answers": 6}
+    assert kept_answers(ledger) == set()
 
 
 def test_a_disabled_retention_prunes_nothing(ledger: Ledger) -> None:
