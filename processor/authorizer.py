@@ -219,8 +219,12 @@ class Authorizer:
         now = time.monotonic()
         if now - self._retention_at < self._retention_every:
             return []
-        earned = limits.retention_visits_per_change * self._retention_changes
-        budget = min(limits.retention_visits_batch_max, max(limits.retention_visits_min, earned))
+        # What the batches since the last step earned, capped so that one batch does not pay
+        # for many; never below this batch's own share, or large batches would outrun it.
+        per_change = limits.retention_visits_per_change
+        cap = max(limits.retention_visits_batch_max, per_change * changes)
+        earned = per_change * self._retention_changes
+        budget = min(cap, max(limits.retention_visits_min, earned))
         self._retention_at, self._retention_changes = now, 0
         try:
             return [self._retention.step(writer, now_ms, budget)]

@@ -92,7 +92,8 @@ retention_visits_min: Final = 4
 retention_visits_per_change: Final = 3
 # At most one step per this many seconds of batches, with the visits the batches since earned
 # (neighbouring deletes share the copies of their pages), and at most this many in a batch
-# (about 0.3 ms of work at worst; a backlog is worked off over several). Measured
+# (about 0.3 ms of work at worst; a backlog is worked off over several) unless the batch's
+# own share is more (a batch of 256 takes several ms: its sweep must keep up with it). Measured
 # (bench/RESULTS.md): steps every 10 ms took 0.3-0.7 ms each, too long a pause for a batch.
 retention_step_seconds: Final = 0.002
 retention_visits_batch_max: Final = 96
