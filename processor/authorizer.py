@@ -106,11 +106,10 @@ class Authorizer:
         self._retention = retention
         self._expire_in_batches = expire_in_batches
         self._retention_done: SweepStep | None = None  # committed, not yet counted
-        # A step rides in a batch at most this often, with the budget the batches since the
+        # A step rides in a batch at most this often, with the budget the events since the
         # last one earned: deletes of neighbouring records then share their pages' copies.
         self._retention_every = retention_every_seconds
         self._retention_at = -float("inf")  # time.monotonic() of the last step
-        self._retention_changes = 0  # changes made since it
         self._expired_done = 0  # holds released in committed batches, not yet counted
         self._hasher = hasher
         self._zone = zone
@@ -190,7 +189,7 @@ class Authorizer:
                 # the holds, so a bug in it fails the batch as a whole, as one in a request does.
                 expired[0] = self._expire(writer, now_ms, limits.expiry_per_change * changes)
             swept.clear()
-            swept.extend(self._sweep(writer, now_ms, changes))
+            swept.extend(self._sweep(writer, now_ms))
             return outcomes, results
 
         swept: list[SweepStep] = []  # of the attempt that committed
@@ -209,38 +208,42 @@ class Authorizer:
             outcomes = [self._reply(r.echo, r.mti, "96", reason) for r in requests]
             return outcomes, [error] * len(commands)
 
-    def _sweep(self, writer: Writer, now_ms: int, changes: int) -> list[SweepStep]:
-        """A retention step sized to the batch: more visits than the batch inserted records,
-        so the sweep keeps up at any rate, and its work grows with the batch, not beyond it.
-        A bug in it must not cost the batch: it is logged and the batch commits."""
+    def _sweep(self, writer: Writer, now_ms: int) -> list[SweepStep]:
+        """A retention step, at most every `retention_every_seconds` of batches, with the
+        visits the ledger's new events earned since the last one (Retention.budget: events
+        made by every process, worker processes included). A bug in it must not cost the
+        batch: it is logged, steps pause for a while, and the batch commits."""
         if self._retention is None:
             return []
-        self._retention_changes += changes
         now = time.monotonic()
         if now - self._retention_at < self._retention_every:
             return []
-        # What the batches since the last step earned, capped so that one batch does not pay
-        # for many; never below this batch's own share, or large batches would outrun it.
-        per_change = limits.retention_visits_per_change
-        cap = max(limits.retention_visits_batch_max, per_change * changes)
-        earned = per_change * self._retention_changes
-        budget = min(cap, max(limits.retention_visits_min, earned))
-        self._retention_at, self._retention_changes = now, 0
+        self._retention_at = now
         try:
+            budget = self._retention.budget(writer, limits.retention_visits_min)
             return [self._retention.step(writer, now_ms, budget)]
         except lmdb.Error:
             raise  # the transaction is unusable: the batch reruns or fails as a whole
         except Exception:
-            log.exception("retention step failed; the batch goes on without it")
+            log.exception(
+                "retention step failed; the batch goes on without it, steps pause %d s",
+                limits.retention_failure_pause_seconds,
+            )
+            self._retention_at = now + limits.retention_failure_pause_seconds
             return []
 
     def sweep_retention(self, now: datetime, budget: int) -> SweepStep | None:
-        """One retention step in a write transaction of its own (when no batch ran lately)."""
+        """One retention step in a write transaction of its own (when no batch ran lately),
+        of at least `budget` visits per database (more when new events earned more)."""
         if self._retention is None:
             return None
         now_ms = int(now.timestamp() * 1000)
         retention = self._retention
-        step = self._ledger.write_growing(lambda writer: retention.step(writer, now_ms, budget))
+
+        def step_alone(writer: Writer) -> SweepStep:
+            return retention.step(writer, now_ms, retention.budget(writer, budget))
+
+        step = self._ledger.write_growing(step_alone)
         self._note_swept([step])
         return step
 

@@ -148,7 +148,9 @@ class RetentionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # An authorisation's stored answer (and its hold, RRN index entry): retransmissions,
     # reversals, completions and presentments find their original through it.
     answers_seconds: Seconds = 45 * 86400
-    # Events, delivered to every endpoint: replayable (`processor webhooks replay`) this long.
+    # Events: replayable (`processor webhooks replay`) this long after they are made, and never
+    # pruned before every endpoint has them (an event delivered after a longer outage goes
+    # soon after its delivery).
     events_seconds: Seconds = 30 * 86400
     # Clearing records applied: a presentment file ingested again is recognised this long.
     clearing_seconds: Seconds = 120 * 86400

@@ -83,23 +83,25 @@ sweep_holds_max: Final = 64  # about 2 ms of work: batches release most holds (a
 # so expiry keeps up at any rate without a transaction (and an fsync) of its own.
 expiry_per_change: Final = 2
 
-# Retention (issue 12): records visited per database in one sweep step. A step rides in each
-# batch's transaction with this many visits per change the batch made (so the sweep outpaces
-# what batches insert, at any rate, and costs in proportion to the batch: about 1.5 us a
-# visit, 2.6 a record pruned) and at least the minimum; when no batch ran for a while it runs
-# in a transaction of its own with the idle budget.
+# Retention (issue 12): records visited per database in one sweep step. Steps ride in the
+# batches' transactions, at most one every `retention_step_seconds` (neighbouring deletes then
+# share their pages' copies), with the visits the ledger's new events earned since the last
+# step: every process's events, so the sweep keeps up with worker processes too. Two visits per
+# event: every request and every expiry makes one, and a request adds one answer, so the
+# outbox is cut and the answers' clock hand goes round faster than they grow. A visit costs
+# about 1.5 us, a record pruned 2.6 (bench/retention_cost.py). A step does at least the
+# minimum and at most the maximum (about 1.3 ms; what is left is owed to the next steps).
+# When no batch ran in this process for a second (all links on worker processes, or no
+# traffic), steps run in transactions of their own, every `retention_busy_seconds` while they
+# find work, with at least the idle budget.
+retention_visits_per_event: Final = 2
 retention_visits_min: Final = 4
-retention_visits_per_change: Final = 3
-# At most one step per this many seconds of batches, with the visits the batches since earned
-# (neighbouring deletes share the copies of their pages), and at most this many in a batch
-# (about 0.3 ms of work at worst; a backlog is worked off over several) unless the batch's
-# own share is more (a batch of 256 takes several ms: its sweep must keep up with it). Measured
-# (bench/RESULTS.md): steps every 10 ms took 0.3-0.7 ms each, too long a pause for a batch.
+retention_visits_step_max: Final = 512
 retention_step_seconds: Final = 0.002
-retention_visits_batch_max: Final = 96
 retention_visits_idle: Final = 256
-retention_idle_seconds: Final = 1.0  # a step of its own when no batch ran for this long
-retention_busy_seconds: Final = 0.1  # and again this soon while it finds work
+retention_idle_seconds: Final = 1.0
+retention_busy_seconds: Final = 0.01
+retention_failure_pause_seconds: Final = 60  # after a failed step (a bug): logged once a minute
 delivery_floor_refresh_seconds: Final = 1.0  # the webhooks' delivery positions, read again
 
 # Approval codes: drawn at random, unlike the card's codes of the same day; a card approved

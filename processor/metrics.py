@@ -183,7 +183,7 @@ class Metrics:
         self.retention_kept = Counter(
             "processor_retention_kept",
             "Records past their horizon kept because something still needs them "
-            "(open_hold, undelivered, event_kept) or unreadable",
+            "(open_hold, undelivered, event_kept, written_now) or unreadable",
             ["record", "reason"],
             registry=r,
         )

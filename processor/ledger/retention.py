@@ -37,6 +37,7 @@ from typing import Final
 import lmdb
 import msgspec
 
+from processor import limits
 from processor.config import RetentionConfig
 from processor.ledger.records import ClearedRecord, IdempotentResponse, OutboxRecord, StoredAnswer
 from processor.ledger.store import Writer, answer_key_of
@@ -45,7 +46,7 @@ _U64 = struct.Struct(">Q")
 # The record kinds as metrics label them.
 RECORDS: Final = ("events", "answers", "clearing", "idempotency")
 # Why a record past its horizon was kept.
-KEPT_REASONS: Final = ("open_hold", "undelivered", "event_kept", "unreadable")
+KEPT_REASONS: Final = ("open_hold", "undelivered", "event_kept", "written_now", "unreadable")
 
 
 class SweepStep(msgspec.Struct, kw_only=True):
@@ -92,10 +93,25 @@ class Retention:
         # The lowest outbox sequence some webhook endpoint still needs (None: no endpoints).
         self._delivery_floor = delivery_floor
         self._hands: dict[str, bytes | None] = {}  # database -> the key its clock hand is at
+        self._events_seen: int | None = None  # the ledger's event count at the last budget
+        self._owed = 0  # visits earned by new events and not yet spent
         self._answer = msgspec.msgpack.Decoder(StoredAnswer)
         self._event = msgspec.msgpack.Decoder(OutboxRecord)
         self._cleared = msgspec.msgpack.Decoder(ClearedRecord)
         self._idempotent = msgspec.msgpack.Decoder(IdempotentResponse)
+
+    def budget(self, writer: Writer, least: int) -> int:
+        """Visits per database for the next step: what the events made since the last call
+        earned (`limits.retention_visits_per_event` each; by every process writing the ledger,
+        worker processes too, so the sweep keeps up with all of them), at least `least`, at
+        most `limits.retention_visits_step_max` (the rest stays owed to later steps)."""
+        made = writer.events_made()
+        if self._events_seen is not None:
+            self._owed += limits.retention_visits_per_event * max(0, made - self._events_seen)
+        self._events_seen = made
+        budget = min(limits.retention_visits_step_max, max(least, self._owed))
+        self._owed = max(0, self._owed - budget)
+        return budget
 
     def step(self, writer: Writer, now_ms: int, budget: int) -> SweepStep:
         """Prune what is due, visiting at most `budget` records of each database."""
@@ -176,6 +192,12 @@ class Retention:
                 continue
             if answer.hold is not None and answer.hold.status == "open":
                 done.keep("answers", "open_hold")
+                cursor.next()
+                continue
+            if writer.answer_pending(bytes(cursor.key())):
+                # This transaction writes it at commit (a reversal credited an old 0200, say):
+                # deleting the stored copy would be undone, and its RRN entry lost.
+                done.keep("answers", "written_now")
                 cursor.next()
                 continue
             if oldest_event_ms is not None and answer.answered_ms >= oldest_event_ms:

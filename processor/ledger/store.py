@@ -214,6 +214,14 @@ class Ledger:
                             f"ledger {self.path}: schema {stored!r}, this build reads "
                             f"{SCHEMA_VERSION!r}"
                         )
+        except lmdb.MapFullError:
+            self.env.close()
+            raise LedgerError(
+                f"ledger {self.path}: opening it (migrating from schema "
+                f"{(self.migrated_from or b'?').decode()}) needs more room than its map of "
+                f"{map_size_bytes} bytes; raise ledger.map_size_bytes (for a migration, to "
+                "about twice the file) and open it again: nothing was changed"
+            ) from None
         except lmdb.Error as error:
             self.env.close()
             raise LedgerError(f"ledger {self.path}: {error}") from None
@@ -899,6 +907,17 @@ class Writer(Reader):
     def maintenance_delete(self, database: str, key: bytes) -> bool:
         return bool(self._txn.delete(key, db=self._dbs[database]))
 
+    def events_made(self) -> int:
+        """How many events the ledger has numbered, this transaction's included."""
+        if self._next_event is not None:
+            return self._next_event - 1
+        raw = self._txn.get(b"seq:event", db=self._dbs["meta"])
+        return 0 if raw is None else int(_U64.unpack(raw)[0]) - 1
+
+    def answer_pending(self, stored_key: bytes) -> bool:
+        """This transaction will write the answer under `stored_key` at commit (`flush`)."""
+        return stored_key in self._answers
+
     def note_pruned_events(self, through: int) -> None:
         """Retention pruned the outbox up to this sequence (see `events_pruned_through`)."""
         self._txn.put(b"retention:events_pruned_through", _U64.pack(through), db=self._dbs["meta"])
@@ -1206,7 +1225,8 @@ def _migrate_3_to_4(
         if answer.response.get("38") == hold.approval_code:
             answer.hold.approval_code = ""  # the answer holds it
         txn.put(key, encode(answer), db=dbs["answers"])
-        identities[hold.hold_id] = hold.identity
+        if hold.status == "open":  # only open holds are in the expiry index
+            identities[hold.hold_id] = hold.identity
     for raw_key in list(txn.cursor(db=dbs["hold_expiry"]).iternext(keys=True, values=False)):
         hold_id = _U64.unpack(bytes(raw_key[8:]))[0]
         identity = identities.get(hold_id)

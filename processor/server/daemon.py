@@ -70,7 +70,8 @@ class Daemon:
             metrics.open_links.labels(listener.name)  # 0 from the start, not absent
         # Pruning past the horizons rides in each batch's transaction (Authorizer._sweep);
         # `delivery_floor` is the lowest event a webhook endpoint still needs. Worker processes
-        # leave it, like the hold sweep, to the primary (`sweeps_ledger`).
+        # leave it, like the hold sweep, to the primary (`sweeps_ledger`): its steps' budget
+        # counts the events every process makes.
         retention = None
         if config.retention.enabled and sweeps_ledger:
             retention = Retention(config.retention, rrn_key, delivery_floor or (lambda: None))
@@ -100,7 +101,9 @@ class Daemon:
             hold_lifetime_by_mcc=config.programme.hold_lifetime_by_mcc,
             zone=config.programme.zone,
             retention=retention,
-            expire_in_batches=sweeps_ledger,
+            # Every process releases due holds in its batches (LMDB serialises the writers,
+            # each sees the others' releases), so expiry keeps up with worker processes too.
+            expire_in_batches=True,
         )
         self.links: set[Link] = set()
         # Open links per (listener, peer address), for the per-address limit.

@@ -7,6 +7,7 @@ events (same ids: receivers deduplicate), and its commits never take the ledger'
 
 from __future__ import annotations
 
+import logging
 import struct
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from processor import limits
 from processor.config import Config
 
 _U64 = struct.Struct(">Q")
+log = logging.getLogger("processor.webhooks")
 
 
 class DeadLetter(msgspec.Struct, array_like=True, kw_only=True):
@@ -195,6 +197,7 @@ class DeliveryFloor:
         self._state: DeliveryState | None = None
         self._read_at: float | None = None
         self._floor: int | None = None if not self._endpoints else 1
+        self._warned_at: float | None = None
 
     def __call__(self) -> int | None:
         if not self._endpoints:
@@ -206,10 +209,20 @@ class DeliveryFloor:
         ):
             return self._floor
         self._read_at = now
-        if self._state is None and (self._path / "data.mdb").exists():
-            self._state = DeliveryState(self._path, readonly=True)
-        if self._state is not None:
-            self._floor = self._state.floor(self._endpoints)
+        try:
+            if self._state is None and (self._path / "data.mdb").exists():
+                self._state = DeliveryState(self._path, readonly=True)
+            if self._state is not None:
+                self._floor = self._state.floor(self._endpoints)
+        except lmdb.Error as error:
+            # Unreadable now (being created, damaged): as if nothing were delivered, so no
+            # event is pruned meanwhile. Never an error for the batch asking.
+            self._floor = 1
+            if self._warned_at is None or now - self._warned_at >= 60:
+                self._warned_at = now
+                log.warning(
+                    "webhook delivery state %s unreadable (%s): events kept", self._path, error
+                )
         return self._floor
 
     def close(self) -> None:

@@ -259,3 +259,55 @@ def test_a_disabled_retention_prunes_nothing(ledger: Ledger) -> None:
     done = step(ledger, retention(config=RetentionConfig(enabled=False)), NOW + timedelta(days=400))
     assert done == SweepStep()
     assert len(kept_answers(ledger)) == 6
+
+
+def test_an_old_answer_this_batch_writes_again_is_not_pruned_under_it(ledger: Ledger) -> None:
+    """A reversal of a 0200 past the horizon credits it and writes its answer again at
+    commit: deleting the stored copy in the same transaction would be undone at flush and
+    lose its RRN index entry."""
+    posted = REQUESTS[3]  # the 0200, posted at once
+    later = int((NOW + timedelta(hours=3)).timestamp() * 1000)
+    with ledger.write() as writer:
+        answer = writer.answer(posted.answer_key)
+        assert answer is not None
+        answer.reversed_amount = 500  # as a reversal's credit does, in this transaction
+        writer.put_answer(posted.answer_key, answer)
+        done = retention().step(writer, later, BIG)
+    assert done.kept.get(("answers", "written_now")) == 1
+    assert done.pruned["answers"] == 3  # the others past the horizon without an open hold
+    with ledger.read() as reader:
+        kept = reader.answer(posted.answer_key)
+        assert kept is not None and kept.reversed_amount == 500
+        assert reader.answer_by_rrn(posted.rrn_key or b"") == posted.answer_key
+
+
+def test_the_budget_counts_events_every_process_makes(ledger: Ledger) -> None:
+    """Worker processes write the same ledger without sweeping it: the primary's steps are
+    sized by the events made, not by its own batches."""
+    sweep = retention()
+    with ledger.write() as writer:
+        assert sweep.budget(writer, 4) == 4  # nothing seen yet
+    other = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=HOUR)
+    requests = [message("0100", f"0002{n:02d}", 1, **{"7": "1124130000"}) for n in range(40)]
+    other.authorize_batch(requests, NOW)  # another process's batch: 40 events
+    with ledger.write() as writer:
+        assert sweep.budget(writer, 4) == 80  # two visits per event
+        assert sweep.budget(writer, 4) == 4  # spent
+
+
+def test_an_unreadable_delivery_state_keeps_every_event(tmp_path: Path) -> None:
+    from processor.config import Config, LedgerConfig, WebhookEndpoint, WebhooksConfig
+    from processor.webhooks.state import DeliveryFloor
+
+    config = Config(
+        ledger=LedgerConfig(path=str(tmp_path / "ledger")),
+        webhooks=WebhooksConfig(
+            endpoints=(WebhookEndpoint(name="a", url="http://127.0.0.1:9/", secret_envs=("S",)),)
+        ),
+    )
+    state = tmp_path / "ledger" / "webhooks"
+    state.mkdir(parents=True)
+    (state / "data.mdb").write_bytes(b"not an LMDB file" * 512)
+    floor = DeliveryFloor(config)
+    assert floor() == 1  # as if nothing were delivered: no event is pruned
+    assert DeliveryFloor(Config(ledger=LedgerConfig(path=str(tmp_path / "x"))))() is None
