@@ -651,12 +651,15 @@ class Daemon:
         """A retention step of its own when no batch carried one lately (reschedules).
 
         Batches carry the sweep while traffic flows; this keeps it going when it does not,
-        soon again while it finds work, so a quiet ledger still shrinks to its horizons.
+        soon again while it finds work, so a quiet ledger still shrinks to its horizons. With
+        the ledger full at its ceiling, batches commit nothing, the sweep in them neither: then
+        steps of its own run whatever the traffic, and what they free lets batches commit again.
         """
         if self.stopping:
             return
         delay = limits.retention_idle_seconds
-        if time.monotonic() - self._last_batch >= limits.retention_idle_seconds:
+        idle = time.monotonic() - self._last_batch >= limits.retention_idle_seconds
+        if idle or self.ledger_full:
             try:
                 done = self.authorizer.sweep_retention(
                     datetime.now(UTC), limits.retention_visits_idle

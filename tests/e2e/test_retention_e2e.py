@@ -95,3 +95,81 @@ def test_past_their_horizons_records_are_pruned_and_the_ledger_stops_growing(
     assert late <= early * 0.5, used
     checked = run_cli("ledger", "verify", "--ledger", str(tmp_path / "ledger"), env=env)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+FULL_REQUESTS_MAX = 64_000  # far more than the ceiling holds: the loop ends at a 96 first
+RECOVERY_SECONDS_MAX = 30.0
+
+
+def test_a_ledger_full_at_its_ceiling_recovers_by_itself_as_the_sweep_frees_room(
+    tmp_path: Path,
+) -> None:
+    """Issue 12, point 4: full at its ceiling (a request alone answered 96 ledger_full,
+    /readyz 503), the daemon is approving again within seconds, without a restart, while
+    retention prunes records past their horizon.
+
+    Room comes back from more than the sweep: pages the last commits freed become reusable
+    once no reader holds them, and holds expire. The daemon's own retention steps also run
+    while it is full (a failed batch commits no sweep); this test does not tell those apart."""
+    env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, PROCESSOR_API_TOKEN=TOKEN)
+    settings = tmp_path / "processor.toml"
+    settings.write_text(
+        '[ledger]\ndurability = "process"\nmap_size_bytes = 1048576\n'
+        "map_size_max_bytes = 2097152\n"
+        "[programme]\nhold_lifetime_seconds = 1\nhold_lifetime_by_mcc = {}\n"
+        "sweep_interval_seconds = 1\n"
+        "[retention]\nanswers_seconds = 4\nevents_seconds = 1\n"
+    )
+    daemon = RunningDaemon(tmp_path / "ledger", settings, env).start()
+    try:
+        link = daemon.connect()
+        full = False
+        deadline = time.monotonic() + RECOVERY_SECONDS_MAX
+        for _ in range(FULL_REQUESTS_MAX // 64):
+            if time.monotonic() > deadline:
+                break
+            # Pipelined bursts, faster than a 4-second horizon frees room...
+            requests = [authorization(amount=1) for _ in range(64)]
+            for request in requests:
+                link.send_fields(request)
+            codes = [link.receive_fields()["39"] for _ in requests]
+            # ...until even a request alone does not fit: full, not a burst too big.
+            if "96" in codes and link.exchange(authorization(amount=1))["39"] == "96":
+                full = True
+                break
+        assert full, "the ledger never filled"
+        pruned_when_full = pruned_records(daemon)
+        status, _ = http_status(daemon, "/readyz")
+        assert status == 503
+        code = "96"
+        deadline = time.monotonic() + RECOVERY_SECONDS_MAX
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            code = link.exchange(authorization(amount=1))["39"]
+            if code == "00":
+                break
+        assert code == "00", f"still {code} after {RECOVERY_SECONDS_MAX} s"
+        assert pruned_records(daemon) > pruned_when_full  # room from records past their horizon
+        status, _ = http_status(daemon, "/readyz")
+        assert status == 200
+        link.close()
+    finally:
+        daemon.stop()
+    log = daemon.stderr()
+    assert "ledger full at its ceiling" in log and "ledger no longer full" in log
+
+
+def pruned_records(daemon: RunningDaemon) -> float:
+    metrics = scrape(daemon)
+    return sum(
+        sample(metrics, f'processor_retention_pruned_total{{record="{record}"}}', 0)
+        for record in ("events", "answers", "clearing", "idempotency")
+    )
+
+
+def http_status(daemon: RunningDaemon, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.http_port}{path}", timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
