@@ -125,10 +125,10 @@ def main() -> int:
         f"{args.answers_seconds} s, events {args.events_seconds} s"
     )
     print(
-        "| requests | simulated s | data.mdb MiB | pages in use MiB | answers | events | "
-        "approved | wall s | requests/s (interval) |"
+        "| requests | simulated s | data.mdb MiB | pages in use MiB | of them free MiB | "
+        "answers | events | approved | wall s | requests/s (interval) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         source = Path(scratch) / "ledger.toml"
         source.write_text(load_file(pans))
@@ -193,9 +193,14 @@ def report(
 ) -> None:
     used, _ = ledger.map_usage()
     file_bytes = (ledger.path / "data.mdb").stat().st_size
-    entries = {each.name: each.entries for each in ledger.stats()}
+    stats = ledger.stats()
+    entries = {each.name: each.entries for each in stats}
+    # Pages below the high-water mark that no database holds: LMDB's free list (reused by
+    # later transactions) and its two meta pages.
+    free = used - sum(each.bytes for each in stats)
     print(
         f"| {sent:,} | {simulated:,.0f} | {file_bytes / 2**20:,.0f} | {used / 2**20:,.0f} | "
+        f"{free / 2**20:,.0f} | "
         f"{entries['answers']:,} | {entries['outbox']:,} | {approved:,} | "
         f"{time.perf_counter() - started:,.0f} | {rate:,.0f} |",
         flush=True,

@@ -89,14 +89,16 @@ expiry_per_change: Final = 2
 # step: every process's events, so the sweep keeps up with worker processes too. Two visits per
 # event: every request and every expiry makes one, and a request adds one answer, so the
 # outbox is cut and the answers' clock hand goes round faster than they grow. A visit costs
-# about 1.5 us, a record pruned 2.6 (bench/retention_cost.py). A step does at least the
-# minimum and at most the maximum (about 1.3 ms; what is left is owed to the next steps).
+# about 1.5 us, a record pruned 2.6 (bench/retention_cost.py). A step spends what the new
+# events earned (in proportion to its batches), plus at most `retention_visits_step_max` of
+# what earlier steps left owed, and never more than the ceiling.
 # When no batch ran in this process for a second (all links on worker processes, or no
 # traffic), steps run in transactions of their own, every `retention_busy_seconds` while they
 # find work, with at least the idle budget.
 retention_visits_per_event: Final = 2
 retention_visits_min: Final = 4
-retention_visits_step_max: Final = 512
+retention_visits_step_max: Final = 512  # of what earlier steps left owed, per step
+retention_visits_step_ceiling: Final = 4096  # in one step at most: about 10 ms
 retention_step_seconds: Final = 0.002
 retention_visits_idle: Final = 256
 retention_idle_seconds: Final = 1.0

@@ -103,15 +103,24 @@ class Retention:
     def budget(self, writer: Writer, least: int) -> int:
         """Visits per database for the next step: what the events made since the last call
         earned (`limits.retention_visits_per_event` each; by every process writing the ledger,
-        worker processes too, so the sweep keeps up with all of them), at least `least`, at
-        most `limits.retention_visits_step_max` (the rest stays owed to later steps)."""
+        worker processes too, so the sweep keeps up with all of them), plus at most
+        `limits.retention_visits_step_max` of what is still owed, and at least `least`."""
         made = writer.events_made()
+        earned = 0
         if self._events_seen is not None:
-            self._owed += limits.retention_visits_per_event * max(0, made - self._events_seen)
+            earned = limits.retention_visits_per_event * max(0, made - self._events_seen)
         self._events_seen = made
-        budget = min(limits.retention_visits_step_max, max(least, self._owed))
-        self._owed = max(0, self._owed - budget)
-        return budget
+        # What the events since the last step earned is spent now, whatever it is: a cap on
+        # it would let the clock hand's round grow with the records it leaves, and those with
+        # it (a soak of batches of 256 showed the answers outgrowing a cap of 512). Only what
+        # earlier steps left (a long gap, a failed step) is spread over later ones.
+        carried = min(limits.retention_visits_step_max, self._owed)
+        self._owed -= carried
+        # After a long gap (the primary idle while workers served) the new events alone can
+        # be many: at most `retention_visits_step_ceiling` in one step, the rest owed.
+        budget = min(limits.retention_visits_step_ceiling, earned + carried)
+        self._owed += earned + carried - budget
+        return max(least, budget)
 
     def step(self, writer: Writer, now_ms: int, budget: int) -> SweepStep:
         """Prune what is due, visiting at most `budget` records of each database."""

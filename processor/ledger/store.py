@@ -418,6 +418,22 @@ def hold_view(identity: bytes, answer: StoredAnswer) -> Hold | None:
     )
 
 
+def hold_state(hold: Hold, approval_in_answer: str | None) -> HoldState:
+    """What an answer keeps of `hold` (HoldState): the approval code only when the answer's
+    field 38 (`approval_in_answer`) is not it."""
+    return HoldState(
+        amount=hold.amount,
+        currency=hold.currency,
+        created_ms=hold.created_ms,
+        expires_ms=hold.expires_ms,
+        mcc=hold.mcc,
+        status=hold.status,
+        resolved_ms=hold.resolved_ms,
+        captured_amount=hold.captured_amount,
+        approval_code="" if approval_in_answer == hold.approval_code else hold.approval_code,
+    )
+
+
 def card_state_key(card: Card) -> bytes:
     """Where a card's CardState is kept: right after its account in the accounts database."""
     return _prefix_key(card.account_id, card.card_id.encode())
@@ -949,7 +965,7 @@ class Writer(Reader):
         opened = self._opened.pop(identity, None)
         if opened is not None:
             if answer.response.get("38") == opened.approval_code:
-                opened.approval_code = ""  # the answer holds it
+                opened.approval_code = ""  # the answer holds it (hold_state)
             answer.hold = opened
         self._answers[key] = answer
 
@@ -962,14 +978,7 @@ class Writer(Reader):
         assert hold.status == "open" and hold.amount > 0, hold
         assert hold.account_id == account.id, (hold.account_id, account.id)
         assert hold.identity not in self._opened, f"{hold.identity!r}: two holds"
-        self._opened[hold.identity] = HoldState(
-            amount=hold.amount,
-            currency=hold.currency,
-            created_ms=hold.created_ms,
-            expires_ms=hold.expires_ms,
-            mcc=hold.mcc,
-            approval_code=hold.approval_code,
-        )
+        self._opened[hold.identity] = hold_state(hold, None)
         self._txn.put(
             _U64.pack(hold.expires_ms) + _U64.pack(hold.hold_id),
             hold.identity,
@@ -1211,19 +1220,7 @@ def _migrate_3_to_4(
                 f"{hold.account_id}): the answer {hold.identity!r} that opened it is missing"
             )
         answer = codecs.answer.decode(raw_answer)
-        answer.hold = HoldState(
-            amount=hold.amount,
-            currency=hold.currency,
-            created_ms=hold.created_ms,
-            expires_ms=hold.expires_ms,
-            mcc=hold.mcc,
-            status=hold.status,
-            resolved_ms=hold.resolved_ms,
-            captured_amount=hold.captured_amount,
-            approval_code=hold.approval_code,
-        )
-        if answer.response.get("38") == hold.approval_code:
-            answer.hold.approval_code = ""  # the answer holds it
+        answer.hold = hold_state(hold, answer.response.get("38"))
         txn.put(key, encode(answer), db=dbs["answers"])
         if hold.status == "open":  # only open holds are in the expiry index
             identities[hold.hold_id] = hold.identity
