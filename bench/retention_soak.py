@@ -126,9 +126,10 @@ def main() -> int:
     )
     print(
         "| requests | simulated s | data.mdb MiB | pages in use MiB | of them free MiB | "
-        "answers | events | approved | wall s | requests/s (interval) |"
+        "MiB of answers, outbox, accounts (card states) | answers | events | approved | "
+        "wall s | requests/s (interval) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         source = Path(scratch) / "ledger.toml"
         source.write_text(load_file(pans))
@@ -195,12 +196,14 @@ def report(
     file_bytes = (ledger.path / "data.mdb").stat().st_size
     stats = ledger.stats()
     entries = {each.name: each.entries for each in stats}
+    sizes = {each.name: each.bytes / 2**20 for each in stats}
     # Pages below the high-water mark that no database holds: LMDB's free list (reused by
     # later transactions) and its two meta pages.
     free = used - sum(each.bytes for each in stats)
     print(
         f"| {sent:,} | {simulated:,.0f} | {file_bytes / 2**20:,.0f} | {used / 2**20:,.0f} | "
-        f"{free / 2**20:,.0f} | "
+        f"{free / 2**20:,.0f} | {sizes['answers']:,.0f}, {sizes['outbox']:,.0f}, "
+        f"{sizes['accounts']:,.0f} | "
         f"{entries['answers']:,} | {entries['outbox']:,} | {approved:,} | "
         f"{time.perf_counter() - started:,.0f} | {rate:,.0f} |",
         flush=True,
