@@ -233,8 +233,9 @@ class Retention:
     def _timed(
         self, writer: Writer, database: str, cutoff_ms: int, budget: int, done: SweepStep
     ) -> None:
-        """A clock hand over a database whose records say when they were made."""
-        record = "clearing" if database == "clearing" else "idempotency"
+        """A clock hand over a database whose records say when they were made (the record
+        kind metrics name is the database's name)."""
+        record = database
         cursor = self._hand(writer, database)
         for _ in range(budget):
             if not cursor.key():

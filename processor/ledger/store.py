@@ -793,7 +793,7 @@ class Writer(Reader):
         self._answers: dict[bytes, StoredAnswer] = {}  # stored key -> answer, written at flush
         self._answers_read: dict[bytes, StoredAnswer] = {}  # stored key -> answer, unchanged yet
         # Holds opened in this transaction, by the identity whose answer will carry them.
-        self._opened: dict[bytes, HoldState] = {}
+        self._opened: dict[bytes, Hold] = {}
 
     def card(self, card_key: bytes) -> Card | None:
         if card_key in self._cards:
@@ -964,9 +964,7 @@ class Writer(Reader):
         assert read is None or read is answer, f"answer {identity!r}: two live copies"
         opened = self._opened.pop(identity, None)
         if opened is not None:
-            if answer.response.get("38") == opened.approval_code:
-                opened.approval_code = ""  # the answer holds it (hold_state)
-            answer.hold = opened
+            answer.hold = hold_state(opened, answer.response.get("38"))
         self._answers[key] = answer
 
     def open_hold(self, account: Account, hold: Hold) -> None:
@@ -978,7 +976,7 @@ class Writer(Reader):
         assert hold.status == "open" and hold.amount > 0, hold
         assert hold.account_id == account.id, (hold.account_id, account.id)
         assert hold.identity not in self._opened, f"{hold.identity!r}: two holds"
-        self._opened[hold.identity] = hold_state(hold, None)
+        self._opened[hold.identity] = hold
         self._txn.put(
             _U64.pack(hold.expires_ms) + _U64.pack(hold.hold_id),
             hold.identity,
