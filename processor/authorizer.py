@@ -26,7 +26,7 @@ from processor.ledger.records import OutboxRecord, StoredAnswer
 from processor.ledger.retention import Retention, SweepStep
 from processor.ledger.store import Ledger, LedgerError, LedgerFull, Writer
 from processor.lifecycle import ADVICE_CLASSES, ORIGINAL_CLASSES, Batch, Lifecycle
-from processor.outbox import emit, event_type, request_facts
+from processor.outbox import event_type, request_facts
 from processor.security import PanHasher
 from processor.wire.errors import InvalidMessage
 from processor.wire.messages import (
@@ -311,8 +311,7 @@ class Authorizer:
             ),
             card_key,
         )
-        emit(
-            writer,
+        writer.emit(
             request_facts(
                 request,
                 key,
@@ -343,8 +342,7 @@ class Authorizer:
             assert account is not None, hold.account_id
             writer.close_hold(account, hold, "expired", now_ms)
             writer.put_account(account)
-            emit(
-                writer,
+            writer.emit(
                 OutboxRecord(
                     sequence=0,
                     type="authorization.expired",

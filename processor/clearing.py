@@ -28,7 +28,6 @@ from processor.currency import UnknownCurrency, exponent, numeric_code
 from processor.engine.settle import capture_verdict
 from processor.ledger.records import Card, ClearedRecord, OutboxRecord, StoredAnswer
 from processor.ledger.store import Ledger, Writer
-from processor.outbox import emit
 from processor.security import PanHasher, luhn_valid, mask_pan
 from processor.wire.messages import acquirer_number, rrn_key, transaction_key
 
@@ -276,8 +275,7 @@ def _apply_record(
         outcome, account_id = "refund", account.id
     else:
         outcome, account_id, hold_id = _purchase(writer, record, card, now_ms)
-    emit(
-        writer,
+    writer.emit(
         OutboxRecord(
             sequence=0,
             type="transaction.refunded" if outcome == "refund" else "transaction.cleared",

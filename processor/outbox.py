@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Final
 
 from processor.ledger.records import OutboxRecord
-from processor.ledger.store import Writer
 from processor.security import mask_pan
 from processor.wire.messages import AuthorizationRequest
 
@@ -43,22 +42,6 @@ def event_type(message_class: str, response_code: str, reason: str) -> str:
     if response_code in ("00", "10"):
         return APPROVED_TYPES[message_class]
     return DECLINED_TYPES[message_class]
-
-
-def emit(writer: Writer, record: OutboxRecord) -> None:
-    """Number the event (globally and per account), stamp the balances after, append it."""
-    record.sequence = writer.next_event_sequence()
-    if record.account_id is not None:
-        account = writer.account(record.account_id)
-        if account is not None:
-            account.event_sequence += 1
-            writer.put_account(account)
-            record.account_sequence = account.event_sequence
-            record.posted_after = account.posted
-            record.held_after = account.held
-            record.credit_limit = account.credit_limit
-            record.account_currency = account.currency
-    writer.append_event(record)
 
 
 def request_facts(

@@ -35,7 +35,6 @@ from processor.ledger.controls import Controls
 from processor.ledger.load import card_record
 from processor.ledger.records import Account, Card, CardStatus, IdempotentResponse, OutboxRecord
 from processor.ledger.store import Writer
-from processor.outbox import emit
 from processor.security import PanHasher, luhn_check_digit
 
 # Random numbers drawn before giving up on a free card number: with a sane BIN range a
@@ -220,7 +219,7 @@ def _event(
         amount=amount,
         entry_sequence=entry_sequence,
     )
-    emit(writer, record)
+    writer.emit(record)
 
 
 def close_account(account_id: str) -> Operation:

@@ -3,14 +3,21 @@
 Accounts are upserted by id and cards by PAN (through its keyed hash), so loading the same file
 twice changes nothing the second time. An account's held amount is never taken from the file: it
 is the sum of its open holds.
+
+A load changes money and cards the way the control API does: a balance that differs from the
+ledger's is moved to the file's by a ledger entry (`load_fund` or `load_debit`) with its
+`account.funded` or `account.debited` event, and a changed card status or set of controls gets
+its `card.status_changed` or `controls.updated` event, in the chunk's transaction. The programme's
+systems follow the ledger through its events, so nothing may change without one.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Final, TypeVar
+from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -18,7 +25,7 @@ from msgspec import Meta
 from processor import limits
 from processor.currency import UnknownCurrency, exponent, numeric_code
 from processor.ledger.controls import AmountLimit, Catalog, Controls, control_errors
-from processor.ledger.records import Account, AccountStatus, Card, CardStatus
+from processor.ledger.records import Account, AccountStatus, Card, CardStatus, OutboxRecord
 from processor.ledger.store import Ledger, LedgerFull, Reader, Writer
 from processor.security import PanHasher, luhn_valid
 
@@ -174,6 +181,7 @@ def apply_load_file(
     catalog: Catalog | None = None,
     *,
     chunk_records: int = LOAD_CHUNK_RECORDS,
+    now_ms: int | None = None,
 ) -> LoadSummary:
     """Upsert the file's programme controls, accounts and cards.
 
@@ -185,6 +193,7 @@ def apply_load_file(
     from processor.catalog import default_catalog
 
     chosen = catalog or default_catalog()
+    at_ms = int(time.time() * 1000) if now_ms is None else now_ms
     errors = controls_errors(data, chosen, source)
     with ledger.read() as reader:
         errors += _conflicts(reader, data, chosen, source)
@@ -197,15 +206,17 @@ def apply_load_file(
     try:
         if data.programme_controls is not None:
             controls = data.programme_controls
-            ledger.write_growing(lambda writer: writer.put_programme_controls(controls))
+            ledger.write_growing(partial(_put_programme_controls, controls=controls, now_ms=at_ms))
         for first in range(0, len(accounts), chunk_records):
             some = accounts[first : first + chunk_records]
-            counts += ledger.write_growing(partial(_put_accounts, entries=some, source=source))
+            counts += ledger.write_growing(
+                partial(_put_accounts, entries=some, source=source, now_ms=at_ms)
+            )
             done += len(some)
         for first in range(0, len(cards), chunk_records):
             more = cards[first : first + chunk_records]
             counts += ledger.write_growing(
-                partial(_put_cards, entries=more, hasher=hasher, source=source)
+                partial(_put_cards, entries=more, hasher=hasher, source=source, now_ms=at_ms)
             )
             done += len(more)
     except LedgerFull as full:
@@ -259,39 +270,64 @@ def _no_account(source: str, index: int, card_entry: CardEntry) -> str:
     return f"{source}: $.cards[{index}].account: no account {card_entry.account!r}"
 
 
-def _put_accounts(writer: Writer, entries: Indexed[AccountEntry], source: str) -> Counter[str]:
+def _put_programme_controls(writer: Writer, controls: Controls, now_ms: int) -> None:
+    if writer.programme_controls() == controls:
+        return
+    writer.put_programme_controls(controls)
+    _event(writer, now_ms, "controls.updated", "programme_controls")
+
+
+def _put_accounts(
+    writer: Writer, entries: Indexed[AccountEntry], source: str, now_ms: int
+) -> Counter[str]:
     counts: Counter[str] = Counter()
     for index, entry in entries:
-        existing = writer.account(entry.id)
-        if existing is None:
+        account = writer.account(entry.id)
+        if account is None:
             counts["accounts_created"] += 1
-            writer.put_account(
-                Account(
-                    id=entry.id,
-                    currency=entry.currency,
-                    posted=entry.balance,
-                    credit_limit=entry.credit_limit,
-                    status=entry.status,
-                    controls=entry.controls,
-                )
+            account = Account(
+                id=entry.id,
+                currency=entry.currency,
+                posted=0,
+                credit_limit=entry.credit_limit,
+                status=entry.status,
+                controls=entry.controls,
+                created_ms=now_ms,
             )
-            continue
-        counts["accounts_updated"] += 1
-        conflict = _currency_conflict(source, index, entry, existing)
-        if conflict is not None:  # holds opened since the check
-            raise LoadError(conflict)
-        # Updated in place: held (the open holds) and the event sequence are the ledger's.
-        existing.currency = entry.currency
-        existing.posted = entry.balance
-        existing.credit_limit = entry.credit_limit
-        existing.status = entry.status
-        existing.controls = entry.controls
-        writer.put_account(existing)
+        else:
+            counts["accounts_updated"] += 1
+            conflict = _currency_conflict(source, index, entry, account)
+            if conflict is not None:  # holds opened since the check
+                raise LoadError(conflict)
+            # Held (the open holds) and the sequences are the ledger's; posted moves below.
+            controls_changed = account.controls != entry.controls
+            account.currency = entry.currency
+            account.credit_limit = entry.credit_limit
+            account.status = entry.status
+            account.controls = entry.controls
+            if controls_changed:
+                writer.put_account(account)
+                _event(writer, now_ms, "controls.updated", "account_controls", account=account)
+        writer.put_account(account)
+        change = entry.balance - account.posted
+        if change:
+            kind: Literal["fund", "debit"] = "fund" if change > 0 else "debit"
+            moved = writer.append_entry(account, kind, change, f"load_{kind}", now_ms)
+            writer.put_account(account)
+            _event(
+                writer,
+                now_ms,
+                "account.funded" if kind == "fund" else "account.debited",
+                f"load_{kind}",
+                account=account,
+                amount=abs(change),
+                entry_sequence=moved.sequence,
+            )
     return counts
 
 
 def _put_cards(
-    writer: Writer, entries: Indexed[CardEntry], hasher: PanHasher, source: str
+    writer: Writer, entries: Indexed[CardEntry], hasher: PanHasher, source: str, now_ms: int
 ) -> Counter[str]:
     counts: Counter[str] = Counter()
     for index, card_entry in entries:
@@ -302,26 +338,62 @@ def _put_cards(
         card_key = hasher.card_key(card_entry.pan)
         previous = writer.card(card_key)
         counts["cards_created" if previous is None else "cards_updated"] += 1
-        writer.put_card(
+        card = card_record(
             card_key,
-            card_record(
-                card_key,
-                card_entry.pan,
-                account_id=card_entry.account,
-                expiry=card_entry.expiry,
-                status=card_entry.status,
-                controls=controls,
-                created_ms=previous.created_ms if previous is not None else 0,
-                virtual=previous.virtual if previous is not None else False,
-            ),
-            previous.account_id if previous is not None else None,
+            card_entry.pan,
+            account_id=card_entry.account,
+            expiry=card_entry.expiry,
+            status=card_entry.status,
+            controls=controls,
+            created_ms=previous.created_ms if previous is not None else now_ms,
+            virtual=previous.virtual if previous is not None else False,
         )
+        writer.put_card(card_key, card, previous.account_id if previous is not None else None)
+        if previous is None:
+            continue
+        if previous.status != card.status:
+            _event(writer, now_ms, "card.status_changed", f"card_{card.status}", card=card)
+        if previous.controls != card.controls:
+            _event(writer, now_ms, "controls.updated", "card_controls", card=card)
     return counts
 
 
-def load_path(ledger: Ledger, path: str | Path, hasher: PanHasher) -> LoadSummary:
+def _event(
+    writer: Writer,
+    now_ms: int,
+    type: str,
+    reason: str,
+    *,
+    account: Account | None = None,
+    card: Card | None = None,
+    amount: int | None = None,
+    entry_sequence: int | None = None,
+) -> None:
+    writer.emit(
+        OutboxRecord(
+            sequence=0,
+            type=type,
+            created_ms=now_ms,
+            reason=reason,
+            account_id=card.account_id
+            if card is not None
+            else None
+            if account is None
+            else account.id,
+            card_id=None if card is None else card.card_id,
+            masked_pan=None if card is None else card.masked_pan,
+            amount=amount,
+            entry_sequence=entry_sequence,
+        )
+    )
+
+
+def load_path(
+    ledger: Ledger, path: str | Path, hasher: PanHasher, *, now_ms: int | None = None
+) -> LoadSummary:
     try:
         text = Path(path).read_bytes()
     except OSError as error:
         raise LoadError(f"{path}: cannot read: {error.strerror}") from None
-    return apply_load_file(ledger, parse_load_file(text, str(path)), hasher, str(path))
+    data = parse_load_file(text, str(path))
+    return apply_load_file(ledger, data, hasher, str(path), now_ms=now_ms)

@@ -15,7 +15,7 @@ from processor.ledger.controls import Controls, Usage
 CardStatus = Literal["active", "inactive", "frozen", "lost", "stolen", "closed"]
 AccountStatus = Literal["active", "frozen", "closed"]
 HoldStatus = Literal["open", "released", "captured", "expired"]
-EntryKind = Literal["fund", "debit"]  # a ledger entry made through the control API
+EntryKind = Literal["fund", "debit"]  # a ledger entry made through the control API or a load
 
 
 class Account(msgspec.Struct, array_like=True, kw_only=True, gc=False):

@@ -1062,6 +1062,23 @@ class Writer(Reader):
         self._next_event += 1
         return sequence
 
+    def emit(self, record: OutboxRecord) -> None:
+        """Number the event (globally and per account), stamp its account's balances after
+        this change, and append it: in this transaction, so a change and its event commit
+        together or not at all (specs/events.md)."""
+        record.sequence = self.next_event_sequence()
+        if record.account_id is not None:
+            account = self.account(record.account_id)
+            if account is not None:
+                account.event_sequence += 1
+                self.put_account(account)
+                record.account_sequence = account.event_sequence
+                record.posted_after = account.posted
+                record.held_after = account.held
+                record.credit_limit = account.credit_limit
+                record.account_currency = account.currency
+        self.append_event(record)
+
     def append_event(self, record: OutboxRecord) -> None:
         appended = self._txn.put(
             _U64.pack(record.sequence),

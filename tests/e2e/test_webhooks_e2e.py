@@ -46,9 +46,24 @@ def signed_by(headers: dict[str, str], body: bytes, *secrets: str) -> bool:
     return headers["webhook-signature"] == " ".join(expected)
 
 
+# The events of network messages. The daemon's load of its demo data at start makes events
+# too (programme controls, the accounts' funding: test_every_event_arrives_signed_once_in_order);
+# the tests of delivery itself subscribe to the messages' alone, so they count only what they
+# send.
+DEMO_LOAD_EVENTS = 5  # the outbox's first: sequences of the messages' events start after them
+MESSAGE_EVENTS = (
+    'event_types = ["authorization.approved", "authorization.declined", '
+    '"authorization.balance_inquiry", "authorization.advice", "authorization.reversed", '
+    '"reversal.orphaned", "authorization.expired", "transaction.posted", '
+    '"transaction.completed"]\n'
+)
+
+
 def endpoint(name: str, url: str, extra: str = "", secret_envs: str = '["HOOK_SECRET"]') -> str:
+    types = "" if "event_types" in extra else MESSAGE_EVENTS
     return (
         f'[[webhooks.endpoints]]\nname = "{name}"\nurl = "{url}"\nsecret_envs = {secret_envs}\n'
+        + types
         + extra
     )
 
@@ -73,25 +88,74 @@ def events_covering(
 
 def test_every_event_arrives_signed_once_in_order(tmp_path: Path) -> None:
     receiver = Receiver()
-    daemon = start(tmp_path, endpoint("main", receiver.url))
+    daemon = start(tmp_path, endpoint("main", receiver.url, 'event_types = ["*"]\n'))
     try:
         link = daemon.connect()
         for n in range(12):
             pan = "4761739001010085" if n % 4 else "4761739001010028"  # some declined 41
             assert link.exchange(authorization(pan=pan, amount=100))["39"] in ("00", "41")
         link.close()
-        events = receiver.wait_for(12)
-        assert len(events) == 12
+        # First the demo data's load at start: its programme controls and each account's
+        # funding, as ledger entries.
+        events = receiver.wait_for(5 + 12)
+        assert len(events) == 5 + 12
         for headers, body in receiver.received:
             assert signed_by(headers, body, SECRET)
             assert msgspec.json.decode(body)["id"] == headers["webhook-id"]
-        assert len({e["id"] for e in events}) == 12
-        assert {e["type"] for e in events} == {"authorization.approved", "authorization.declined"}
+        assert len({e["id"] for e in events}) == 5 + 12
+        # (Delivered concurrently across accounts: the load's are picked out by type.)
+        load_types = {"account.funded", "controls.updated"}
+        loaded = sorted((e["type"], e["data"]["reason"]) for e in events if e["type"] in load_types)
+        assert loaded == [
+            *[("account.funded", "load_fund")] * 4,
+            ("controls.updated", "programme_controls"),
+        ]
+        assert {e["type"] for e in events if e["type"] not in load_types} == {
+            "authorization.approved",
+            "authorization.declined",
+        }
         sequences = [
-            e["account_sequence"] for e in events if e["data"]["account_id"] == "demo-main"
+            e["account_sequence"] for e in events if e["data"].get("account_id") == "demo-main"
         ]
         assert sequences == sorted(sequences) == list(range(1, len(sequences) + 1))
         assert "4761739001010085" not in str(events)
+    finally:
+        daemon.stop()
+        receiver.close()
+
+
+def test_a_load_into_the_running_daemons_ledger_reaches_the_programme(tmp_path: Path) -> None:
+    """`processor ledger load` from another process: its balance changes are entries with
+    events (issue 12, point 7), delivered like the daemon's own (the dispatcher polls)."""
+    from harness import run_cli
+
+    receiver = Receiver()
+    types = 'event_types = ["account.funded", "account.debited", "card.status_changed"]\n'
+    daemon = start(tmp_path, endpoint("main", receiver.url, types))
+    try:
+        receiver.wait_for(4)  # the demo data's four fundings at start
+        changed = tmp_path / "changed.toml"
+        changed.write_text(
+            '[[accounts]]\nid = "demo-main"\ncurrency = "EUR"\nbalance = 99999999000\n\n'
+            '[[cards]]\npan = "4761739001010085"\naccount = "demo-main"\nexpiry = "3012"\n'
+            'status = "frozen"\n'
+        )
+        env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY)
+        loaded = run_cli("ledger", "load", "--ledger", str(daemon.ledger), str(changed), env=env)
+        assert loaded.returncode == 0, loaded.stderr
+        events = receiver.wait_for(6, timeout=10)[4:]
+        assert [(e["type"], e["data"]["reason"]) for e in events] == [
+            ("account.debited", "load_debit"),
+            ("card.status_changed", "card_frozen"),
+        ]
+        debited = events[0]["data"]
+        assert debited["amount"]["amount"] == 100_000_000_000 - 99_999_999_000
+        assert debited["balance_after"]["posted"]["amount"] == 99_999_999_000
+        assert debited["entry"] == 2  # the account's second entry: its funding was the first
+        assert events[1]["data"]["masked_pan"] == "476173******0085"
+        link = daemon.connect()
+        assert link.exchange(authorization(pan="4761739001010085", amount=100))["39"] == "62"
+        link.close()
     finally:
         daemon.stop()
         receiver.close()
@@ -140,7 +204,8 @@ def test_a_dead_endpoint_does_not_hold_back_another_and_dead_letters(tmp_path: P
             if len(letters) == 3:
                 break
             time.sleep(0.2)
-        assert [letter.sequence for letter in letters] == [1, 2, 3]
+        first = DEMO_LOAD_EVENTS + 1
+        assert [letter.sequence for letter in letters] == [first, first + 1, first + 2]
         assert all(letter.last_error for letter in letters)
     finally:
         daemon.stop()
@@ -280,7 +345,8 @@ def test_status_shows_dead_letters_and_replay_delivers_them(tmp_path: Path) -> N
             if "dead letters 1" in shown:
                 break
             time.sleep(0.3)
-        assert "endpoint main: delivered up to 1, backlog 0" in shown, shown
+        delivered = f"endpoint main: delivered up to {DEMO_LOAD_EVENTS + 1}, backlog 0"
+        assert delivered in shown, shown
         assert "dead letters 1" in shown
         dead_id = shown.split("  dead ")[1].split(" ")[0]
         assert receiver.received == []
@@ -411,7 +477,8 @@ def test_a_receiver_that_times_out_gets_every_event_after_retries(tmp_path: Path
         link.close()
         events = receiver.wait_for(3, timeout=20)
         assert len({e["id"] for e in events}) == 3
-        assert [e["account_sequence"] for e in events] == [1, 2, 3]
+        # demo-main's first event was its funding by the demo data's load
+        assert [e["account_sequence"] for e in events] == [2, 3, 4]
         assert receiver.calls >= 5
     finally:
         daemon.stop()
@@ -522,13 +589,15 @@ def test_410_disables_the_endpoint_across_a_restart_until_enabled(tmp_path: Path
         assert enabled.returncode == 0, enabled.stderr
         assert enabled.stdout.startswith("endpoint main enabled (disabled since 20")
         assert enabled.stdout.endswith(
-            f"http_410 answering {gone.headers['webhook-id']}); delivery resumes from sequence 1\n"
+            f"http_410 answering {gone.headers['webhook-id']}); "
+            f"delivery resumes from sequence {DEMO_LOAD_EVENTS + 1}\n"
         )
         events = receiver.wait_for(3, timeout=15)
-        assert [e["account_sequence"] for e in events] == [1, 2, 3]
+        assert [e["account_sequence"] for e in events] == [2, 3, 4]  # after its funding
         assert events[0]["id"] == gone.headers["webhook-id"]  # the event answered 410, first
         shown = run_cli("webhooks", "status", *config_args, env=env).stdout
-        assert "disabled" not in shown and "endpoint main: delivered up to 3, backlog 0" in shown
+        delivered = f"endpoint main: delivered up to {DEMO_LOAD_EVENTS + 3}, backlog 0"
+        assert "disabled" not in shown and delivered in shown
         again = run_cli("webhooks", "enable", "main", *config_args, env=env)
         assert again.stdout == "endpoint main is not disabled; nothing to do\n"
     finally:

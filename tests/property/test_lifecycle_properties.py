@@ -384,7 +384,8 @@ def make_ledger(
     """The loaded ledger and its authoriser; `draw` (a bound -> a number below it) gives the
     approval codes, the OS CSPRNG when None."""
     ledger = Ledger(directory, durability="process", map_size_bytes=64 << 20)
-    apply_load_file(ledger, parse_load_file(LOAD_FILE, "model"), HASHER, "model")
+    data = parse_load_file(LOAD_FILE, "model")
+    apply_load_file(ledger, data, HASHER, "model", now_ms=int(START.timestamp() * 1000))
     authorizer = Authorizer(
         ledger,
         HASHER,
@@ -462,6 +463,30 @@ DATABASES: Final = frozenset(
     }
 )
 # Databases the lifecycle never writes: as the load left them.
+# An event's facts that only messages and clearing have; the load's events have none of them.
+NO_FACTS: Final[dict[str, Any]] = {
+    "created_ms": int(START.timestamp() * 1000),
+    "card_id": None,
+    "masked_pan": None,
+    "answer_key": None,
+    "mti": "",
+    "processing_code": None,
+    "amount": None,
+    "currency": None,
+    "billing_amount": None,
+    "mcc": None,
+    "merchant_name_location": None,
+    "terminal": None,
+    "merchant_id": None,
+    "response_code": "",
+    "stan": None,
+    "rrn": None,
+    "acquirer": None,
+    "approval_code": None,
+    "hold_id": None,
+    "in_answer": False,
+    "entry_sequence": None,
+}
 UNCHANGED: Final = (b"cards", b"card_ids", b"account_cards", b"entries", b"idempotency")
 BIG_U64: Final = struct.Struct(">Q")  # hold ids, expiry times, event sequences in keys
 LITTLE_U64: Final = struct.Struct("<Q")  # approval times in Usage.recent
@@ -695,6 +720,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.next_hold_id = 1
         self.events: list[OutboxRecord] = []  # the outbox, as the model expects it
         self.events_checked = 0  # how many of them were compared with the ledger's
+        self.emit_load_events()
         # Keyed digests (answer and clearing fingerprints): the model cannot compute them, but
         # knows which contents must share one and which must not.
         self.digests: dict[Any, bytes] = {}
@@ -824,6 +850,20 @@ class LifecycleMachine(RuleBasedStateMachine):
         original.usage_amount -= amount
         if full:
             original.usage_mcc = ""
+
+    def emit_load_events(self) -> None:
+        """The load's: its programme controls, then each account's balance as an entry."""
+        self.emit(None, type="controls.updated", reason="programme_controls", **NO_FACTS)
+        for spec in ACCOUNTS:
+            if spec.posted:
+                kind = "fund" if spec.posted > 0 else "debit"
+                facts = {**NO_FACTS, "amount": abs(spec.posted), "entry_sequence": 1}
+                self.emit(
+                    spec.id,
+                    type=f"account.{kind}ed",
+                    reason=f"load_{kind}",
+                    **facts,
+                )
 
     def emit(self, account_id: str | None, **facts: Any) -> None:
         """The next outbox record: numbered, and with its account's balances after the change."""
@@ -1874,7 +1914,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             b"meta": len(expected_meta),
             b"clearing": len(self.cleared),
             b"outbox": len(self.events),
-            b"entries": 0,  # API funding and debits only
+            b"entries": sum(1 for spec in ACCOUNTS if spec.posted),  # the load's fundings
             b"idempotency": 0,  # API POSTs only
         }
 

@@ -208,7 +208,7 @@ def test_load_creates_accounts_and_cards(ledger: Ledger) -> None:
     assert [a.id for a in data.accounts] == ["acct-main", "acct-credit", "acct-yen"]
     assert len(data.cards) == 4
 
-    summary = apply_load_file(ledger, data, HASHER, "test.toml")
+    summary = apply_load_file(ledger, data, HASHER, "test.toml", now_ms=1_796_000_000_000)
 
     assert summary == LoadSummary(
         accounts_created=3, accounts_updated=0, cards_created=4, cards_updated=0
@@ -244,6 +244,7 @@ def test_load_creates_accounts_and_cards(ledger: Ledger) -> None:
                 ),
                 blocked_mccs=("5933",),
             ),
+            created_ms=1_796_000_000_000,
         )
         assert {c.card_id for c in reader.account_cards("acct-main")} == {
             card_id_for(HASHER.card_key(MAIN)),
@@ -312,6 +313,97 @@ status = "frozen"
         assert [c.last4 for c in reader.account_cards("acct-main")] == ["2241"]
         assert sorted(c.last4 for c in reader.account_cards("acct-credit")) == ["2233", "2258"]
     assert card_count(loaded) == 4
+
+
+def load_events(ledger: Ledger, first: int = 1) -> list[tuple[str, str | None, str, int | None]]:
+    """(type, account, reason, amount) of every event from `first` on."""
+    with ledger.read() as reader:
+        records = reader.outbox(first, 1000)
+    return [(r.type, r.account_id, r.reason, r.amount) for r in records]
+
+
+def events_made(ledger: Ledger) -> int:
+    with ledger.read() as reader:
+        return reader.outbox_last_sequence()
+
+
+def test_a_load_funds_new_accounts_by_entries_with_their_events(ledger: Ledger) -> None:
+    apply_load_file(ledger, parse_load_file(LOAD_FILE, "t.toml"), HASHER, "t.toml", now_ms=7_000)
+
+    # One entry and one event per balance; creating a card or an account is not a money
+    # movement and has no event (as through the API).
+    assert load_events(ledger) == [
+        ("account.funded", "acct-main", "load_fund", 100_000),
+        ("account.funded", "acct-credit", "load_fund", 2_000),
+        ("account.funded", "acct-yen", "load_fund", 50_000),
+    ]
+    with ledger.read() as reader:
+        [entry] = reader.entries("acct-main", 10)
+        [event] = reader.outbox(1, 1)
+        main = reader.account("acct-main")
+    assert (entry.kind, entry.amount, entry.reason, entry.posted_after, entry.created_ms) == (
+        "fund",
+        100_000,
+        "load_fund",
+        100_000,
+        7_000,
+    )
+    assert event.entry_sequence == entry.sequence and event.posted_after == 100_000
+    assert main is not None and (main.event_sequence, main.created_ms) == (1, 7_000)
+
+
+def test_a_load_moves_a_changed_balance_by_the_difference(
+    loaded: Ledger, authorizer: Authorizer
+) -> None:
+    [outcome] = authorizer.authorize_batch([auth_request(MAIN, 2_500)], NOW)
+    assert outcome.response_code == "00"
+    seen = events_made(loaded)
+
+    load_text(loaded, LOAD_FILE.replace(b"balance = 100000", b"balance = 90000"))
+    load_text(loaded, LOAD_FILE.replace(b"balance = 100000", b"balance = 90000"))  # no change
+
+    assert load_events(loaded, seen + 1) == [("account.debited", "acct-main", "load_debit", 10_000)]
+    with loaded.read() as reader:
+        newest = reader.entries("acct-main", 10)[0]
+        [event] = reader.outbox(seen + 1, 1)
+    assert (newest.kind, newest.amount, newest.posted_after) == ("debit", 10_000, 90_000)
+    assert (event.posted_after, event.held_after) == (90_000, 2_500)
+
+
+def test_a_new_account_loaded_overdrawn_is_debited(ledger: Ledger) -> None:
+    text = b'[[accounts]]\nid = "owing"\ncurrency = "EUR"\nbalance = -300\ncredit_limit = 500\n'
+    load_text(ledger, text)
+
+    assert load_events(ledger) == [("account.debited", "owing", "load_debit", 300)]
+    assert account_state(ledger, "owing") == (-300, 0, 200)
+
+
+def test_a_load_that_changes_cards_and_controls_says_so(loaded: Ledger) -> None:
+    seen = events_made(loaded)
+    changed = (
+        LOAD_FILE.replace(b'expiry = "2611"', b'expiry = "2611"\nstatus = "frozen"')
+        .replace(b'blocked_mccs = ["5933"]', b'blocked_mccs = ["5933", "7995"]')
+        .replace(
+            b"balance = 50000",
+            b'balance = 50000\ncontrols = { blocked_mccs = ["7995"] }',
+        )
+    )
+    programme = b'[programme_controls]\nblocked_mccs = ["7995"]\n'
+
+    load_text(loaded, changed)
+    load_text(loaded, programme)
+    load_text(loaded, programme)  # the same controls again: nothing changed, no event
+
+    assert load_events(loaded, seen + 1) == [
+        ("controls.updated", "acct-yen", "account_controls", None),
+        ("controls.updated", "acct-main", "card_controls", None),
+        ("card.status_changed", "acct-credit", "card_frozen", None),
+        ("controls.updated", None, "programme_controls", None),
+    ]
+    with loaded.read() as reader:
+        records = reader.outbox(seen + 1, 10)
+    assert records[2].card_id == card_id_for(HASHER.card_key(CREDIT))
+    assert records[2].masked_pan == mask_pan(CREDIT)
 
 
 def test_load_path_loads_the_demo_data(ledger: Ledger) -> None:

@@ -33,6 +33,9 @@ HOUR = 3600
 # Short horizons, as a test or a soak sets them: answers 2 h, events 1 h, holds live 1 h.
 HORIZONS = RetentionConfig(answers_seconds=2 * HOUR, events_seconds=HOUR, clearing_seconds=2 * HOUR)
 BIG = 10_000  # a budget larger than anything here
+# Loading the demo data is a change with events (its programme controls and the funding of its
+# four accounts), made at NOW; the requests' events follow them.
+DEMO_LOAD_EVENTS = 5
 
 
 def message(
@@ -74,7 +77,9 @@ def retention(floor: int | None = None, config: RetentionConfig = HORIZONS) -> R
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[Ledger]:
     ledger = Ledger(tmp_path, durability="process", map_size_bytes=64 << 20)
-    load_path(ledger, demo_data_path(), HASHER)
+    load_path(ledger, demo_data_path(), HASHER, now_ms=int(NOW.timestamp() * 1000))
+    with ledger.read() as reader:
+        assert reader.outbox_last_sequence() == DEMO_LOAD_EVENTS
     authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=HOUR)
     outcomes = authorizer.authorize_batch(REQUESTS, NOW)
     assert [o.response_code for o in outcomes] == ["00", "00", "51", "00", "00", "00"]
@@ -104,7 +109,7 @@ def test_past_the_horizons_answers_and_events_go_but_not_open_holds(ledger: Ledg
         rrns = {request.stan: reader.answer_by_rrn(request.rrn_key or b"") for request in REQUESTS}
     assert all(rrns[stan] is not None for stan in ("000001", "000002", "000003", "000006"))
     done = step(ledger, retention(), NOW + timedelta(hours=2, seconds=1))
-    assert done.pruned == {"events": 6, "answers": 4}
+    assert done.pruned == {"events": DEMO_LOAD_EVENTS + 6, "answers": 4}
     assert done.kept == {("answers", "open_hold"): 2}
     # The open holds' answers stay, so their reversals and completions still find them.
     assert kept_answers(ledger) == {"000002", "000006"}
@@ -134,18 +139,20 @@ def test_answers_go_once_their_holds_expire(ledger: Ledger) -> None:
 
 
 def test_undelivered_events_and_the_answers_they_refer_to_are_kept(ledger: Ledger) -> None:
-    done = step(ledger, retention(floor=3), NOW + timedelta(hours=3))
-    assert done.pruned == {"events": 2}
+    first_kept = DEMO_LOAD_EVENTS + 3  # the requests' first two events were delivered
+    done = step(ledger, retention(floor=first_kept), NOW + timedelta(hours=3))
+    assert done.pruned == {"events": DEMO_LOAD_EVENTS + 2}
     assert done.kept == {
         ("events", "undelivered"): 1,
         ("answers", "event_kept"): 4,
         ("answers", "open_hold"): 2,
     }
     with ledger.read() as reader:
-        assert [record.sequence for record in reader.outbox(1, 100)] == [3, 4, 5, 6]
+        sequences = [record.sequence for record in reader.outbox(1, 100)]
+        assert sequences == list(range(first_kept, first_kept + 4))
     assert len(kept_answers(ledger)) == 6
     # Delivered at last: the rest goes.
-    done = step(ledger, retention(floor=7), NOW + timedelta(hours=3))
+    done = step(ledger, retention(floor=first_kept + 4), NOW + timedelta(hours=3))
     assert done.pruned == {"events": 4, "answers": 4}
 
 
@@ -251,7 +258,7 @@ def test_batches_carry_the_sweep_and_report_what_it_did(ledger: Ledger) -> None:
         assert done is not None and max(done.visited.values()) <= 9
         for record, count in done.pruned.items():
             pruned[record] = pruned.get(record, 0) + count
-    assert pruned == {"events": 2, "answers": 6}
+    assert pruned == {"events": DEMO_LOAD_EVENTS + 6 - 4, "answers": 6}
     assert kept_answers(ledger) == set()
 
 
