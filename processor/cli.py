@@ -89,7 +89,11 @@ def cmd_ledger_migrate(args: argparse.Namespace) -> int:
     if _no_ledger(config):
         return 1
     # Opening for writing migrates (the daemon does the same at start, with a log line).
-    ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes)
+    ledger = Ledger(
+        config.ledger.path,
+        map_size_bytes=config.ledger.map_size_bytes,
+        map_size_max_bytes=config.ledger.map_ceiling_bytes,  # room a migration may need
+    )
     migrated_from = ledger.migrated_from
     ledger.close()
     schema = SCHEMA_VERSION.decode()

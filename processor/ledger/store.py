@@ -185,42 +185,25 @@ class Ledger:
                         "`processor ledger migrate`) to migrate it"
                     )
             else:
-                with self.env.begin(write=True) as txn:
-                    self._dbs = {
-                        name: self.env.open_db(name.encode(), txn=txn, create=True)
-                        for name in _DATABASES
-                    }
-                    stored = txn.get(b"schema", db=self._dbs["meta"])
-                    if txn.get(b"ledger_id", db=self._dbs["meta"]) is None:
-                        # Prefixes event ids, so two ledgers never issue the same id.
-                        txn.put(b"ledger_id", os.urandom(4).hex().encode(), db=self._dbs["meta"])
-                    _index_card_ids(txn, self._dbs)
-                    if stored is not None and stored in _MIGRATIONS:
-                        self.migrated_from = stored
-                        while stored in _MIGRATIONS:
-                            migrate, stored = _MIGRATIONS[stored]
-                            migrate(self.env, txn, self._dbs, self._codecs)
-                            txn.put(b"schema", stored, db=self._dbs["meta"])
-                        log.warning(
-                            "ledger %s: migrated from schema %s to %s",
-                            self.path,
-                            self.migrated_from.decode(),
-                            stored.decode(),
-                        )
-                    if stored is None:
-                        txn.put(b"schema", SCHEMA_VERSION, db=self._dbs["meta"])
-                    elif stored != SCHEMA_VERSION:
-                        raise LedgerError(
-                            f"ledger {self.path}: schema {stored!r}, this build reads "
-                            f"{SCHEMA_VERSION!r}"
-                        )
+                # A migration rewrites records and may need more room than the map has: it
+                # grows the map up to its ceiling, as a batch does, and runs again from the
+                # start (the failed transaction changed nothing).
+                while True:
+                    try:
+                        self._open_read_write()
+                        break
+                    except lmdb.MapFullError:
+                        if not self.grow():
+                            raise
         except lmdb.MapFullError:
+            mapped = self.env.info()["map_size"]
             self.env.close()
             raise LedgerError(
                 f"ledger {self.path}: opening it (migrating from schema "
                 f"{(self.migrated_from or b'?').decode()}) needs more room than its map of "
-                f"{map_size_bytes} bytes; raise ledger.map_size_bytes (for a migration, to "
-                "about twice the file) and open it again: nothing was changed"
+                f"{mapped} bytes, grown up to its ceiling; raise "
+                "ledger.map_size_max_bytes (for a migration, to about twice the file) and open "
+                "it again: nothing was changed"
             ) from None
         except lmdb.Error as error:
             self.env.close()
@@ -228,6 +211,37 @@ class Ledger:
         except LedgerError:
             self.env.close()
             raise
+
+    def _open_read_write(self) -> None:
+        """Open (creating) every database, name the ledger, and migrate an older schema, in
+        one write transaction."""
+        with self.env.begin(write=True) as txn:
+            self._dbs = {
+                name: self.env.open_db(name.encode(), txn=txn, create=True) for name in _DATABASES
+            }
+            stored = txn.get(b"schema", db=self._dbs["meta"])
+            if txn.get(b"ledger_id", db=self._dbs["meta"]) is None:
+                # Prefixes event ids, so two ledgers never issue the same id.
+                txn.put(b"ledger_id", os.urandom(4).hex().encode(), db=self._dbs["meta"])
+            _index_card_ids(txn, self._dbs)
+            if stored is not None and stored in _MIGRATIONS:
+                self.migrated_from = stored
+                while stored in _MIGRATIONS:
+                    migrate, stored = _MIGRATIONS[stored]
+                    migrate(self.env, txn, self._dbs, self._codecs)
+                    txn.put(b"schema", stored, db=self._dbs["meta"])
+                log.warning(
+                    "ledger %s: migrated from schema %s to %s",
+                    self.path,
+                    self.migrated_from.decode(),
+                    stored.decode(),
+                )
+            if stored is None:
+                txn.put(b"schema", SCHEMA_VERSION, db=self._dbs["meta"])
+            elif stored != SCHEMA_VERSION:
+                raise LedgerError(
+                    f"ledger {self.path}: schema {stored!r}, this build reads {SCHEMA_VERSION!r}"
+                )
 
     def close(self) -> None:
         self.env.close()

@@ -169,6 +169,37 @@ def test_ledger_migrate_command(v1_copy: Path, capsys: pytest.CaptureFixture[str
     Ledger(v1_copy, readonly=True).close()
 
 
+def test_a_migration_grows_a_map_too_small_for_it_up_to_the_ceiling(
+    v1_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fixture's migrations fit in its file's free pages; a large ledger's would not. The
+    # last step here also writes (and drops) 2 MiB, as rewriting a large ledger's answers does.
+    from processor.ledger import store
+
+    step, to = store._MIGRATIONS[b"3"]
+
+    def larger(env: Any, txn: Any, dbs: Any, codecs: Any) -> None:
+        step(env, txn, dbs, codecs)
+        for n in range(512):
+            txn.put(b"scratch:%d" % n, bytes(4000), db=dbs["meta"])
+        for n in range(512):
+            txn.delete(b"scratch:%d" % n, db=dbs["meta"])
+
+    monkeypatch.setitem(store._MIGRATIONS, b"3", (larger, to))
+    size = (v1_copy / "data.mdb").stat().st_size  # a map no larger than the file: no room
+    with pytest.raises(LedgerError, match=r"needs more room .* nothing was changed"):
+        Ledger(v1_copy, durability="process", map_size_bytes=size, map_size_max_bytes=size)
+    test_the_fixture_is_schema_1(v1_copy)  # the failed attempt changed nothing
+
+    ledger = Ledger(v1_copy, durability="process", map_size_bytes=size, map_size_max_bytes=16 << 20)
+    try:
+        assert ledger.migrated_from == b"1" and ledger.env.info()["map_size"] > size
+        with ledger.read() as reader:
+            assert verify(reader).problems == []
+    finally:
+        ledger.close()
+
+
 def test_a_reversal_without_field_90_still_finds_its_original_by_rrn(v1_copy: Path) -> None:
     ledger = Ledger(v1_copy, durability="process", map_size_bytes=16 << 20)
     codec, authorizer = CODEC, authorizer_on(ledger)
