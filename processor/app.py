@@ -109,7 +109,9 @@ async def serve(settings: StartSettings) -> int:
         lambda: [(s.name, s.entries, s.bytes, s.oldest_ms) for s in ledger.stats()],
     )
     floor = DeliveryFloor(config)
-    daemon = Daemon(config, ledger, hasher, metrics, rates, delivery_floor=floor)
+    daemon = Daemon(
+        config, ledger, hasher, metrics, rates, delivery_floor=floor, card_keys=settings.card_keys
+    )
     loop = asyncio.get_running_loop()
     shared = config.server.workers > 1
     sockets = []

@@ -20,6 +20,7 @@ import lmdb
 import msgspec
 
 from processor import limits
+from processor.cvc2 import NO_KEYS, CardVerificationKeys
 from processor.engine import ProgrammeRules, yymm
 from processor.engine.controls import periods_at
 from processor.ledger.records import OutboxRecord, StoredAnswer
@@ -98,6 +99,8 @@ class Authorizer:
         retention: Retention | None = None,
         expire_in_batches: bool = False,
         retention_every_seconds: float = limits.retention_step_seconds,
+        card_keys: CardVerificationKeys = NO_KEYS,
+        cvc2_attempts_max: int = 3,
     ) -> None:
         self._ledger = ledger
         # The ledger's upkeep rides in each batch's write transaction (no commit or fsync of
@@ -119,6 +122,8 @@ class Authorizer:
             hold_lifetime_by_mcc=hold_lifetime_by_mcc or {},
             zone=zone,
             draw=draw,
+            card_keys=card_keys,
+            cvc2_attempts_max=cvc2_attempts_max,
         )
         self._fingerprint_encoder = msgspec.msgpack.Encoder()
 
@@ -320,8 +325,11 @@ class Authorizer:
                 type=event_type(message_class, result.response_code, result.reason),
                 card_id=result.card_id,
                 account_id=result.account_id,
+                cvc2=result.cvc2,
             ),
         )
+        if result.event_after is not None:
+            writer.emit(result.event_after)
         if message_class in ORIGINAL_CLASSES:
             lookup = request.rrn_key
             if lookup is not None:

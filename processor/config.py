@@ -166,8 +166,41 @@ class RetentionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             )
 
 
+class CardVerificationRange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The card verification keys of one card range (processor/cvc2.py)."""
+
+    bin_prefix: Annotated[str, Meta(pattern=r"^[0-9]{6,11}$")]
+    # Variables holding double-length 3DES keys in hex. The first computes new cards' CVC2;
+    # every one verifies the cards it computed (rotation: put the new key first, keep the old
+    # while its cards are in use).
+    key_envs: Annotated[
+        tuple[Annotated[str, Meta(min_length=1)], ...],
+        Meta(max_length=limits.card_verification_keys_per_range_max),
+    ] = ()
+    # The built-in, published key: `processor serve --demo` only (refused otherwise).
+    development_key: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.key_envs and not self.development_key:
+            raise ValueError(f"range {self.bin_prefix}: key_envs names no key")
+        for variable in self.key_envs:
+            if self.key_envs.count(variable) > 1:
+                raise ValueError(f"key_envs names {variable!r} more than once")
+
+
 class SecurityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pan_key_env: str = "PROCESSOR_PAN_KEY"
+    # CVC2 of the cards issued through the control API, per card range.
+    card_verification_keys: tuple[CardVerificationRange, ...] = ()
+    # Consecutive CVC2 mismatches after which a card's card-not-present use is blocked, until
+    # the programme resets it (POST /v1/cards/{id}/reset-cvc2); 0 = never blocked.
+    cvc2_attempts_max: Annotated[int, Meta(ge=0, le=100)] = 3
+
+    def __post_init__(self) -> None:
+        prefixes = [each.bin_prefix for each in self.card_verification_keys]
+        for prefix in prefixes:
+            if prefixes.count(prefix) > 1:
+                raise ValueError(f"card_verification_keys names range {prefix} more than once")
 
 
 DEMO_BIN_PREFIX: Final = "476173"  # a test BIN: the demo cards' and `--demo` virtual cards'

@@ -31,8 +31,13 @@ EventType = Literal[
     "account.funded",
     "account.debited",
     "card.status_changed",
+    "card.cvc2_locked",
+    "card.cvc2_reset",
     "controls.updated",
 ]
+
+# What a CVC2 sent with a message showed; absent when none was sent. Never the CVC2.
+Cvc2Outcome = Literal["match", "mismatch", "not_checked", "key_unavailable"]
 
 
 class Money(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,6 +84,8 @@ class EventData(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     hold_id: int | None = None
     balance_after: Balances | None = None
     entry: int | None = None  # account.funded/debited: its entry (GET /v1/accounts/{id}/entries)
+    # not_checked: the card has no card verification key (registered or loaded with its PAN)
+    cvc2: Cvc2Outcome | None = None
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):
@@ -152,6 +159,7 @@ def render(record: OutboxRecord, ledger_id: str) -> Event:
             hold_id=record.hold_id,
             balance_after=balances,
             entry=record.entry_sequence,
+            cvc2=record.cvc2,  # type: ignore[arg-type]
         ),
     )
 

@@ -18,13 +18,14 @@ import msgspec
 
 from processor import limits
 from processor.currency import numeric_code
+from processor.cvc2 import NO_KEYS, CardVerificationKeys
 from processor.engine import Decision, ProgrammeRules, Spend, decide
 from processor.engine.controls import Periods, periods_at, record_usages, release_usage
-from processor.engine.decide import billing_amount
+from processor.engine.decide import CardCheck, Cvc2Result, billing_amount
 from processor.engine.fx import scale
 from processor.engine.settle import capture_verdict, void_verdict
 from processor.ledger.controls import Controls, Usage
-from processor.ledger.records import Account, Card, CardState, Hold, StoredAnswer
+from processor.ledger.records import Account, Card, CardState, Hold, OutboxRecord, StoredAnswer
 from processor.ledger.store import Writer
 from processor.randomness import BufferedRandom
 from processor.wire.messages import AuthorizationRequest
@@ -58,6 +59,8 @@ class Result(_Answer, kw_only=True, gc=False):
     posted_amount: int = 0
     usage_amount: int = 0  # counted in the card's and account's spend-control usage
     usage_mcc: str = ""
+    cvc2: Cvc2Result | None = None  # what the CVC2 sent showed, for the event
+    event_after: OutboxRecord | None = None  # a second event the answer caused (a lock-out)
 
 
 APPROVAL_CODES: Final = 1_000_000  # six digits
@@ -102,8 +105,12 @@ class Lifecycle:
         hold_lifetime_by_mcc: Mapping[str, int],
         zone: tzinfo = UTC,
         draw: Callable[[int], int] | None = None,
+        card_keys: CardVerificationKeys = NO_KEYS,
+        cvc2_attempts_max: int = 3,
     ) -> None:
         self._rules = rules
+        self._card_keys = card_keys
+        self._cvc2_attempts_max = cvc2_attempts_max
         self._zone = zone
         # Approval codes: the OS CSPRNG, read in bulk; injectable so tests can replay a draw.
         self._draw = draw if draw is not None else BufferedRandom().below
@@ -163,17 +170,55 @@ class Lifecycle:
         request: AuthorizationRequest,
         card_key: bytes,
         batch: Batch,
-    ) -> tuple[Card | None, Account | None, Decision]:
+    ) -> tuple[Card | None, Account | None, Decision, CardCheck | None]:
         card = writer.card(card_key)
         if card is None:
-            return None, None, decide(request, None, None, self._rules, batch.now_yymm)
+            return None, None, decide(request, None, None, self._rules, batch.now_yymm), None
         account = writer.account(card.account_id)
         if account is None:
-            return card, None, decide(request, card, None, self._rules, batch.now_yymm)
-        spend = Spend(
-            batch.programme, usage_of(writer.card_state(card)), usage_of(account), batch.periods
-        )
-        return card, account, decide(request, card, account, self._rules, batch.now_yymm, spend)
+            return card, None, decide(request, card, None, self._rules, batch.now_yymm), None
+        state = writer.card_state(card)
+        spend = Spend(batch.programme, usage_of(state), usage_of(account), batch.periods)
+        check = self._card_check(request, card, state)
+        decision = decide(request, card, account, self._rules, batch.now_yymm, spend, check)
+        return card, account, decision, check
+
+    def _card_check(
+        self, request: AuthorizationRequest, card: Card, state: CardState
+    ) -> CardCheck | None:
+        """The CVC2 sent, checked with the card's key; None when there is nothing to weigh."""
+        blocked = 0 < self._cvc2_attempts_max <= state.cvc2_failures
+        sent = request.cvc2
+        if sent is None:
+            return CardCheck(None, blocked) if blocked else None
+        key = card.cvc2_key
+        if key is None:  # registered or loaded: the processor does not know its CVC2
+            return CardCheck("not_checked", blocked)
+        matched = self._card_keys.verify(key, request.pan, card.expiry, sent)
+        if matched is None:
+            return CardCheck("key_unavailable", blocked)
+        return CardCheck("match" if matched else "mismatch", blocked)
+
+    def _count_cvc2(
+        self, writer: Writer, card: Card, decision: Decision, result: Result, batch: Batch
+    ) -> None:
+        """Mismatches in a row lock card-not-present use at the limit (with an event); an
+        approval with a matching CVC2 starts the count again."""
+        if decision.reason == "cvc2_mismatch":
+            state = writer.changed_card_state(card)
+            state.cvc2_failures += 1
+            if state.cvc2_failures == self._cvc2_attempts_max:
+                result.event_after = OutboxRecord(
+                    sequence=0,
+                    type="card.cvc2_locked",
+                    created_ms=batch.now_ms,
+                    account_id=card.account_id,
+                    card_id=card.card_id,
+                    masked_pan=card.masked_pan,
+                    reason="cvc2_attempts_exceeded",
+                )
+        elif decision.approved and result.cvc2 == "match" and writer.card_state(card).cvc2_failures:
+            writer.changed_card_state(card).cvc2_failures = 0
 
     # --- spend-control usage --------------------------------------------------------------------
 
@@ -250,13 +295,16 @@ class Lifecycle:
         *,
         post: bool,
     ) -> Result:
-        card, account, decision = self._decided(writer, request, card_key, batch)
+        card, account, decision, check = self._decided(writer, request, card_key, batch)
         result = Result(
             decision.response_code,
             decision.reason,
             account_id=account.id if account is not None else None,
             card_id=card.card_id if card is not None else None,
         )
+        if card is not None and check is not None and check.cvc2 is not None:
+            result.cvc2 = check.cvc2
+            self._count_cvc2(writer, card, decision, result, batch)
         if decision.hold_amount:
             assert account is not None and card is not None
             result.extra = approved_fields(

@@ -146,3 +146,7 @@ assert frame_bytes_max <= frame_bytes_ceiling
 assert header_bytes_max < frame_bytes_max
 assert batch_size_max <= in_flight_per_link_max
 assert links_max >= sim_connections_max
+
+# Card verification keys one card range may list at once (the issuing key and older ones
+# whose cards are still in use).
+card_verification_keys_per_range_max: Final = 4

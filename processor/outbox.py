@@ -53,6 +53,7 @@ def request_facts(
     type: str,
     card_id: str | None,
     account_id: str | None,
+    cvc2: str | None = None,
 ) -> OutboxRecord:
     """What the event says about a message beyond its stored answer (`answer_key`).
 
@@ -74,4 +75,5 @@ def request_facts(
         mcc=request.mcc or None,
         merchant_name_location=request.merchant_name_location,
         in_answer=True,
+        cvc2=cvc2,
     )

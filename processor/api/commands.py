@@ -31,6 +31,7 @@ from processor.api.views import (
 from processor.authorizer import Command
 from processor.authorizer import CommandRefused as Refused  # returned to the API as the result
 from processor.config import CardIssuingConfig
+from processor.cvc2 import NO_KEYS, CardVerificationKeys, compute_cvc2
 from processor.ledger.controls import Controls
 from processor.ledger.load import card_record
 from processor.ledger.records import Account, Card, CardStatus, IdempotentResponse, OutboxRecord
@@ -311,7 +312,22 @@ def change_card_status(card_id: str, action: CardAction) -> Operation:
         changed = msgspec.structs.replace(card, status=target)
         writer.put_card(card_key, changed, card.account_id)
         _event(writer, now_ms, "card.status_changed", f"card_{target}", card=changed)
-        return Reply(status=200, body=_encode(card_view(changed)))
+        failures = writer.card_state(changed).cvc2_failures
+        return Reply(status=200, body=_encode(card_view(changed, failures)))
+
+    return run
+
+
+def reset_cvc2(card_id: str) -> Operation:
+    """Count the card's CVC2 mismatches from zero again, lifting a card-not-present block
+    (after the programme has heard from its cardholder). An event when it changed anything."""
+
+    def run(writer: Writer, now_ms: int) -> Reply:
+        _, card = _card(writer, card_id)
+        if writer.card_state(card).cvc2_failures:
+            writer.changed_card_state(card).cvc2_failures = 0
+            _event(writer, now_ms, "card.cvc2_reset", "cvc2_reset", card=card)
+        return Reply(status=200, body=_encode(card_view(card, 0)))
 
     return run
 
@@ -335,18 +351,27 @@ def issue_virtual_card(
     hasher: PanHasher,
     issuing: CardIssuingConfig,
     draw: Callable[[str, int], str] = random_pan,
+    *,
+    card_keys: CardVerificationKeys = NO_KEYS,
 ) -> Operation:
-    """A new card number in the programme's BIN range, never one already in the ledger.
+    """A new card number in the programme's BIN range, never one already in the ledger, with
+    its CVC2 when the range has a card verification key.
 
-    The reply carries the full number; the copy kept for idempotent replays does not.
+    The reply carries the full number and the CVC2; the copy kept for idempotent replays does
+    not (neither is stored anywhere).
     """
 
     def run(writer: Writer, now_ms: int) -> Reply:
         account = _open_account(writer, account_id, field="$.account_id")
+        expiry = expiry_after(now_ms, issuing.expiry_months)
         for _ in range(PAN_ATTEMPTS_MAX):
             pan = draw(issuing.bin_prefix, issuing.pan_length)
             card_key = hasher.card_key(pan)
-            if writer.card(card_key) is None:
+            if writer.card(card_key) is not None:
+                continue
+            key = card_keys.issuing(pan)
+            cvc2 = None if key is None else compute_cvc2(key[1], pan, expiry)
+            if key is None or cvc2 is not None:  # else one of the rare numbers without one
                 break
         else:
             raise Refused(
@@ -359,14 +384,17 @@ def issue_virtual_card(
             card_key,
             pan,
             account_id=account.id,
-            expiry=expiry_after(now_ms, issuing.expiry_months),
+            expiry=expiry,
             controls=_stored_controls(controls),
             created_ms=now_ms,
             virtual=True,
+            cvc2_key=None if key is None else key[0],
         )
         writer.put_card(card_key, card, None)
         return Reply(
-            status=201, body=_encode(issued_card(card, pan)), kept=_encode(card_view(card))
+            status=201,
+            body=_encode(issued_card(card, pan, cvc2)),
+            kept=_encode(card_view(card)),
         )
 
     return run

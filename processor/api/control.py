@@ -287,6 +287,7 @@ class ControlApi:
         ]
         for action in CARD_ACTIONS:
             table.append(("POST", f"{card}/{action}", self._card_action(action), ()))
+        table.append(("POST", card + "/reset-cvc2", self.reset_cvc2, ()))
         return [
             web.route(method, path, only_query(handler, query))
             for method, path, handler, query in table
@@ -440,7 +441,11 @@ class ControlApi:
         currency = self._account_currency(body.account_id, "$.account_id")
         check_controls(body.controls, currency, "$.controls")
         operation = commands.issue_virtual_card(
-            body.account_id, body.controls, self.hasher, self.daemon.config.programme.card_issuing
+            body.account_id,
+            body.controls,
+            self.hasher,
+            self.daemon.config.programme.card_issuing,
+            card_keys=self.daemon.card_keys,
         )
         return await self._apply(request, raw, operation)
 
@@ -467,7 +472,8 @@ class ControlApi:
         card_id = card_id_of(request)
         with self.daemon.ledger.read() as reader:
             card = self._read_card(reader, card_id)
-        return json_response(card_view(card))
+            failures = reader.card_state(card).cvc2_failures
+        return json_response(card_view(card, failures))
 
     @staticmethod
     def _read_card(reader: Reader, card_id: str) -> Card:
@@ -483,6 +489,11 @@ class ControlApi:
             return await self._apply(request, raw, commands.change_card_status(card_id, action))
 
         return handle
+
+    async def reset_cvc2(self, request: web.Request) -> web.Response:
+        card_id = card_id_of(request)
+        raw = await request.read()  # no body expected; it only enters the key's digest
+        return await self._apply(request, raw, commands.reset_cvc2(card_id))
 
     async def card_usage(self, request: web.Request) -> web.Response:
         card_id = card_id_of(request)

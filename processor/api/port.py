@@ -12,6 +12,7 @@ from typing import Protocol
 
 from processor.authorizer import Command
 from processor.config import Config
+from processor.cvc2 import CardVerificationKeys
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
 from processor.security import PanHasher
@@ -22,6 +23,7 @@ class Processor(Protocol):
     ledger: Ledger
     metrics: Metrics
     hasher: PanHasher  # the key the ledger is bound to
+    card_keys: CardVerificationKeys  # computes the CVC2 of the cards the API issues
     stopping: bool
     ledger_full: bool  # the last batch found the map full at its ceiling
 

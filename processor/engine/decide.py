@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Final
+from typing import Final, Literal
 
 import msgspec
 
@@ -47,6 +47,17 @@ class ProgrammeRules(msgspec.Struct, frozen=True):
     rates: dict[tuple[str, str], Decimal] = msgspec.field(default_factory=dict)
     fx_markup_bps: int = 0
     catalog: Catalog = EMPTY_CATALOG  # MCC categories and country groups the controls name
+
+
+Cvc2Result = Literal["match", "mismatch", "not_checked", "key_unavailable"]
+
+
+class CardCheck(msgspec.Struct, frozen=True, gc=False):
+    """What the card's security codes showed (processor/lifecycle.py holds the keys and
+    computes; decide() only weighs the outcome, in its place in the precedence)."""
+
+    cvc2: Cvc2Result | None  # None: the request carried no CVC2
+    card_not_present_blocked: bool = False  # security.cvc2_attempts_max mismatches in a row
 
 
 class Spend(msgspec.Struct, frozen=True, gc=False):
@@ -109,12 +120,22 @@ ACCOUNT_RESTRICTED: Final = {
 }
 CARD_EXPIRED: Final = Decision("54", "card_expired")
 EXPIRY_MISMATCH: Final = Decision("54", "expiry_mismatch")
+CVC2_ATTEMPTS_EXCEEDED: Final = Decision("57", "cvc2_attempts_exceeded")
+CVC2_MISMATCH: Final = Decision("82", "cvc2_mismatch")
+CVC2_KEY_UNAVAILABLE: Final = Decision("96", "cvc2_key_unavailable")
 UNSUPPORTED_PROCESSING_CODE: Final = Decision("12", "unsupported_processing_code")
 UNKNOWN_CURRENCY: Final = Decision("12", "unknown_currency")
 CURRENCY_NOT_SUPPORTED: Final = Decision("57", "currency_not_supported")
 BALANCE: Final = Decision("00", "balance_inquiry", balance_inquiry=True)
 INVALID_AMOUNT: Final = Decision("13", "invalid_amount")
 INSUFFICIENT_FUNDS: Final = Decision("51", "insufficient_funds")
+
+
+def card_not_present(request: AuthorizationRequest) -> bool:
+    """E-commerce or mail/telephone order (fields 22 and 25): where a CVC2 stands in for
+    the card."""
+    channels = channels_of(request.processing_code, request.pos_entry_mode, request.pos_condition)
+    return "ecommerce" in channels or "manual" in channels
 
 
 def yymm(now: datetime) -> int:
@@ -129,8 +150,10 @@ def decide(
     rules: ProgrammeRules,
     now_yymm: int,
     spend: Spend | None = None,
+    card_check: CardCheck | None = None,
 ) -> Decision:
-    """`spend` None: no controls at any level (tests of the other checks, tools)."""
+    """`spend` None: no controls at any level (tests of the other checks, tools); `card_check`
+    None: no security code was sent or looked at."""
     if card is None:
         return UNKNOWN_CARD
     if account is None:
@@ -149,6 +172,14 @@ def decide(
         return CARD_EXPIRED
     if request.expiry is not None and request.expiry != card.expiry:
         return EXPIRY_MISMATCH
+    if card_check is not None:
+        if card_check.card_not_present_blocked and card_not_present(request):
+            return CVC2_ATTEMPTS_EXCEEDED
+        cvc2 = card_check.cvc2
+        if cvc2 == "mismatch":
+            return CVC2_MISMATCH
+        if cvc2 == "key_unavailable":  # the card's key was removed from the configuration
+            return CVC2_KEY_UNAVAILABLE
     transaction_type = request.transaction_type
     if transaction_type not in SUPPORTED_TRANSACTION_TYPES:
         return UNSUPPORTED_PROCESSING_CODE

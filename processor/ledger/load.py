@@ -148,6 +148,7 @@ def card_record(
     controls: Controls | None = None,
     created_ms: int = 0,
     virtual: bool = False,
+    cvc2_key: str | None = None,
 ) -> Card:
     """The one way a PAN becomes a card record: its id from the keyed hash, and of the number
     only what may be shown (BIN, last four, length)."""
@@ -162,6 +163,7 @@ def card_record(
         controls=controls,
         created_ms=created_ms,
         virtual=virtual,
+        cvc2_key=cvc2_key,
     )
 
 
@@ -347,6 +349,7 @@ def _put_cards(
             controls=controls,
             created_ms=previous.created_ms if previous is not None else now_ms,
             virtual=previous.virtual if previous is not None else False,
+            cvc2_key=previous.cvc2_key if previous is not None else None,  # the card's own
         )
         writer.put_card(card_key, card, previous.account_id if previous is not None else None)
         if previous is None:

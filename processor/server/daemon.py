@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import socket
 import time
@@ -24,6 +25,7 @@ from processor import limits
 from processor.authorizer import Authorizer, Command, CommandRefused, Outcome
 from processor.catalog import default_catalog
 from processor.config import Config
+from processor.cvc2 import CardVerificationKeys, keys_from_environment
 from processor.engine import ProgrammeRules
 from processor.ledger.retention import RECORDS, Retention
 from processor.ledger.store import Ledger, LedgerError
@@ -60,10 +62,17 @@ class Daemon:
         delivery_floor: Callable[[], int | None] | None = None,
         *,
         sweeps_ledger: bool = True,
+        card_keys: CardVerificationKeys | None = None,
     ):
         self.config = config
         self.ledger = ledger
         self.hasher = hasher
+        # The primary's come checked from start-up; a worker reads the same variables.
+        self.card_keys = (
+            card_keys
+            if card_keys is not None
+            else keys_from_environment(config.security.card_verification_keys, os.environ)
+        )
         self.metrics = metrics
         self.listeners = [Listener(each) for each in config.listeners]
         for listener in self.listeners:
@@ -104,6 +113,8 @@ class Daemon:
             # Every process releases due holds in its batches (LMDB serialises the writers,
             # each sees the others' releases), so expiry keeps up with worker processes too.
             expire_in_batches=True,
+            card_keys=self.card_keys,
+            cvc2_attempts_max=config.security.cvc2_attempts_max,
         )
         self.links: set[Link] = set()
         # Open links per (listener, peer address), for the per-address limit.

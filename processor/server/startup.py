@@ -15,7 +15,9 @@ import secrets
 import msgspec
 
 from processor import limits
-from processor.config import DEMO_BIN_PREFIX, Config
+from processor.config import DEMO_BIN_PREFIX, CardVerificationRange, Config
+from processor.cvc2 import NO_KEYS, CardVerificationError, CardVerificationKeys
+from processor.cvc2 import keys_from_environment as card_keys_from_environment
 from processor.security import INSECURE_DEVELOPMENT_KEY, PanHasher
 
 log = logging.getLogger("processor.daemon")
@@ -31,6 +33,7 @@ class StartSettings(msgspec.Struct, frozen=True):
     api_token: str | None  # None: the control API is switched off (http.control_api = false)
     demo: bool
     generated_token: bool  # --demo made up the token: announce it once
+    card_keys: CardVerificationKeys = NO_KEYS
 
     def __repr__(self) -> str:  # a traceback or a debug print never shows the token
         return f"StartSettings(demo={self.demo}, api_token={'set' if self.api_token else None})"
@@ -53,10 +56,49 @@ def start_settings(config: Config, environ: dict[str, str], *, demo: bool) -> St
                 "programme.card_issuing.bin_prefix is not set: the BIN (6 to 11 digits) your "
                 "virtual cards are issued in"
             )
+    config = _card_verification(config, demo, token is not None, problems)
+    card_keys = NO_KEYS
+    try:
+        card_keys = card_keys_from_environment(config.security.card_verification_keys, environ)
+    except CardVerificationError as error:
+        problems.append(str(error))
     if problems:
         raise Unready("; ".join(problems) + " (or run `processor serve --demo` to try it out)")
     assert hasher is not None
-    return StartSettings(config, hasher, token, demo, generated)
+    return StartSettings(config, hasher, token, demo, generated, card_keys)
+
+
+def _card_verification(config: Config, demo: bool, api: bool, problems: list[str]) -> Config:
+    """Virtual cards are issued with a CVC2: the issuing BIN needs a card verification key.
+    `--demo` gives it the built-in development key when none is configured; outside it, that
+    key is refused (anyone can compute its CVC2s)."""
+    ranges = config.security.card_verification_keys
+    for index, each in enumerate(ranges):
+        if each.development_key and not demo:
+            problems.append(
+                f"security.card_verification_keys[{index}].development_key is the published "
+                "development key: --demo only"
+            )
+    issuing = config.programme.card_issuing.bin_prefix
+    if not issuing or not api or any(issuing.startswith(each.bin_prefix) for each in ranges):
+        return config
+    if not demo:
+        problems.append(
+            f"no card verification key for BIN {issuing}: cards issued through the control "
+            "API need one for their CVC2 ([[security.card_verification_keys]] with bin_prefix "
+            "and key_envs, hex double-length 3DES keys)"
+        )
+        return config
+    log.warning(
+        "--demo: no card verification key for BIN %s: using the INSECURE published development "
+        "key; anyone can compute these cards' CVC2s. Never put real cards in it.",
+        issuing,
+    )
+    demo_range = CardVerificationRange(bin_prefix=issuing, development_key=True)
+    security = msgspec.structs.replace(
+        config.security, card_verification_keys=(*ranges, demo_range)
+    )
+    return msgspec.structs.replace(config, security=security)
 
 
 def _pan_hasher(

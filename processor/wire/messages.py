@@ -83,6 +83,16 @@ class AuthorizationRequest(msgspec.Struct, frozen=True, gc=False):
             return False
         return additional_data_subelements(data).get("61", "")[:1] == "1"
 
+    @property
+    def cvc2(self) -> str | None:
+        """Field 48 subelement 92: the CVC2 the cardholder gave, when sent (as sent: a value
+        that is not 3 digits is a wrong one, not an absent one). Never stored or logged; the
+        duplicate fingerprint leaves field 48 out for it."""
+        data = self.additional_data
+        if not data or "92" not in data:
+            return None
+        return additional_data_subelements(data).get("92")
+
     def replacement_amount(self) -> int | None:
         """Field 95's actual transaction amount (partial reversal), when present and digits."""
         data = self.replacement_amounts

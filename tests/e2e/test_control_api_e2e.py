@@ -517,13 +517,17 @@ def test_virtual_card_number_is_answered_once(daemon: RunningDaemon, api: Api, l
     months = now.year * 12 + now.month - 1 + 36
     assert issued.body["expiry"] == f"{(months // 12) % 100:02d}{months % 12 + 1:02d}"
 
+    # Its CVC2 (the demo's development key for BIN 476173), answered once like the number.
+    cvc2 = issued.body["cvc2"]
+    assert len(cvc2) == 3 and cvc2.isdigit() and issued.body["cvc2_checked"] is True
+
     card_id = issued.body["id"]
     shown = api.get(f"/v1/cards/{card_id}")
-    assert "pan" not in shown.body and pan not in shown.text
-    assert {k: v for k, v in issued.body.items() if k != "pan"} == shown.body
+    assert "pan" not in shown.body and pan not in shown.text and "cvc2" not in shown.body
+    assert {k: v for k, v in issued.body.items() if k not in ("pan", "cvc2")} == shown.body
     replay = api.post("/v1/cards/virtual", {"account_id": account_id}, headers=key)
     assert (replay.status, replay.headers["Idempotent-Replayed"]) == (201, "true")
-    assert "pan" not in replay.body and pan not in replay.text
+    assert "pan" not in replay.body and pan not in replay.text and "cvc2" not in replay.body
     assert replay.body == shown.body
     # One card, not two.
     other = api.post("/v1/cards/virtual", {"account_id": account_id})
@@ -532,7 +536,21 @@ def test_virtual_card_number_is_answered_once(daemon: RunningDaemon, api: Api, l
     # The number works on the network side, with the expiry the API gave.
     response = link.exchange(authorization(pan=pan, amount=1_234, **{"14": issued.body["expiry"]}))
     assert response["39"] == "00"
-    assert pan not in "".join(daemon.stdout) + daemon.stderr()
+    # On the web, with the CVC2 in field 48 subelement 92: a wrong one is 82, the right one 00.
+    online = {"14": issued.body["expiry"], "22": "810", "25": "59"}
+    wrong = f"{(int(cvc2) + 1) % 1000:03d}"
+    assert (
+        link.exchange(authorization(pan=pan, amount=100, **online, **{"48": f"R9203{wrong}"}))["39"]
+        == "82"
+    )
+    assert api.get(f"/v1/cards/{card_id}").body["cvc2_failures"] == 1
+    assert (
+        link.exchange(authorization(pan=pan, amount=100, **online, **{"48": f"R9203{cvc2}"}))["39"]
+        == "00"
+    )
+    assert api.get(f"/v1/cards/{card_id}").body["cvc2_failures"] == 0
+    logs = "".join(daemon.stdout) + daemon.stderr()
+    assert pan not in logs and f"R9203{cvc2}" not in logs
 
 
 def test_register_card(api: Api) -> None:

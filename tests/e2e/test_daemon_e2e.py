@@ -460,8 +460,12 @@ def test_a_production_start_refuses_what_is_missing_in_one_line(tmp_path: Path) 
 
 def test_a_production_start_has_no_demo_data(tmp_path: Path) -> None:
     config = tmp_path / "processor.toml"
-    config.write_text("[programme.card_issuing]\nbin_prefix = '53999900'\n")
-    env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, PROCESSOR_API_TOKEN="p" * 24)
+    config.write_text(
+        "[programme.card_issuing]\nbin_prefix = '53999900'\n"
+        "[[security.card_verification_keys]]\nbin_prefix = '539999'\nkey_envs = ['CVK']\n"
+    )
+    cvk = "89ABCDEF0123456776543210FEDCBA98"
+    env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, PROCESSOR_API_TOKEN="p" * 24, CVK=cvk)
     running = RunningDaemon(tmp_path / "ledger", config=config, env=env, demo=False).start()
     try:
         assert any("(durability fsync, 0 accounts)" in line for line in running.stdout)

@@ -19,6 +19,7 @@ import pytest
 from processor.catalog import default_catalog
 from processor.engine import Decision, ProgrammeRules, Spend, decide
 from processor.engine.controls import periods_at, record_usage
+from processor.engine.decide import CardCheck
 from processor.ledger.controls import AmountLimit, Channels, Controls, CountLimit, Usage
 from processor.ledger.records import Account, Card
 from processor.resources import spec_path
@@ -71,11 +72,13 @@ class State(msgspec.Struct, kw_only=True):
     card_usage: Usage
     account_usage: Usage
     account_missing: bool = False  # the card's account is absent from the ledger
+    # A wrong CVC2 on a card whose card-not-present use is blocked (the request is e-commerce)
+    card_check: CardCheck = CardCheck("mismatch", card_not_present_blocked=True)
 
     def decide(self) -> Decision:
         account = None if self.account_missing else self.account
         spend = Spend(self.programme, self.card_usage, self.account_usage, PERIODS)
-        return decide(self.request, self.card, account, RULES, NOW_YYMM, spend)
+        return decide(self.request, self.card, account, RULES, NOW_YYMM, spend, self.card_check)
 
 
 def failing_everything() -> State:
@@ -205,6 +208,11 @@ FIXES: dict[str, Callable[[State], State]] = {
     "account_closed": lambda s: with_account(s, status="active"),
     "card_expired": lambda s: with_card(s, expiry="3012"),
     "expiry_mismatch": lambda s: with_request(s, expiry="3012"),
+    "cvc2_attempts_exceeded": lambda s: msgspec.structs.replace(
+        s, card_check=CardCheck("mismatch")
+    ),
+    "cvc2_mismatch": lambda s: msgspec.structs.replace(s, card_check=CardCheck("key_unavailable")),
+    "cvc2_key_unavailable": lambda s: msgspec.structs.replace(s, card_check=CardCheck("match")),
     "unsupported_processing_code": lambda s: with_request(s, processing_code="310000"),
     "unknown_currency": lambda s: with_request(s, currency="840"),
     "currency_not_supported": lambda s: with_request(s, currency="978"),

@@ -7,13 +7,18 @@ import pytest
 
 from processor import limits
 from processor.config import DEMO_BIN_PREFIX, Config, parse_config
+from processor.cvc2 import INSECURE_DEVELOPMENT_CVK
 from processor.security import INSECURE_DEVELOPMENT_KEY, PanHasher
 from processor.server.startup import Unready, start_settings
 
 KEY = "k" * limits.pan_key_bytes_min
 TOKEN = "t" * limits.api_token_chars_min
-WITH_BIN = parse_config("[programme.card_issuing]\nbin_prefix = '53999900'\n")
-READY = {"PROCESSOR_PAN_KEY": KEY, "PROCESSOR_API_TOKEN": TOKEN}
+CVK = "89ABCDEF0123456776543210FEDCBA98"
+WITH_BIN = parse_config(
+    "[programme.card_issuing]\nbin_prefix = '53999900'\n"
+    "[[security.card_verification_keys]]\nbin_prefix = '539999'\nkey_envs = ['CVK_5399']\n"
+)
+READY = {"PROCESSOR_PAN_KEY": KEY, "PROCESSOR_API_TOKEN": TOKEN, "CVK_5399": CVK}
 
 
 def unready(config: Config, environ: dict[str, str]) -> str:
@@ -61,10 +66,12 @@ def test_the_variables_named_in_the_config_are_the_ones_checked() -> None:
     config = parse_config(
         "[security]\npan_key_env = 'MY_KEY'\n[http]\napi_token_env = 'MY_TOKEN'\n"
         "[programme.card_issuing]\nbin_prefix = '53999900'\n"
+        "[[security.card_verification_keys]]\nbin_prefix = '539999'\nkey_envs = ['MY_CVK']\n"
     )
     message = unready(config, READY)
     assert "MY_KEY is not set" in message and "MY_TOKEN is not set" in message
-    settings = start_settings(config, {"MY_KEY": KEY, "MY_TOKEN": TOKEN}, demo=False)
+    assert "key_envs[0]: MY_CVK is not set" in message
+    settings = start_settings(config, {"MY_KEY": KEY, "MY_TOKEN": TOKEN, "MY_CVK": CVK}, demo=False)
     assert settings.api_token == TOKEN
 
 
@@ -72,7 +79,7 @@ def test_with_the_control_api_off_no_token_is_needed() -> None:
     config = msgspec.structs.replace(
         WITH_BIN, http=msgspec.structs.replace(WITH_BIN.http, control_api=False)
     )
-    settings = start_settings(config, {"PROCESSOR_PAN_KEY": KEY}, demo=False)
+    settings = start_settings(config, {"PROCESSOR_PAN_KEY": KEY, "CVK_5399": CVK}, demo=False)
     assert settings.api_token is None
 
 
@@ -138,3 +145,36 @@ def test_listening_sockets_take_the_family_of_their_host() -> None:
         assert ipv6.family == socket.AF_INET6
     finally:
         ipv6.close()
+
+
+def test_the_issuing_bin_needs_a_card_verification_key() -> None:
+    config = parse_config("[programme.card_issuing]\nbin_prefix = '53999900'\n")
+    message = unready(config, READY)
+    assert "no card verification key for BIN 53999900" in message
+    # With the control API off nothing is issued, so nothing is needed.
+    off = msgspec.structs.replace(
+        config, http=msgspec.structs.replace(config.http, control_api=False)
+    )
+    assert start_settings(off, READY, demo=False).card_keys.issuing("5399990000000000") is None
+
+
+def test_the_keys_are_read_and_issue_for_their_range() -> None:
+    settings = start_settings(WITH_BIN, READY, demo=False)
+    issuing = settings.card_keys.issuing("5399990012345678")
+    assert issuing is not None and issuing[1] == bytes.fromhex(CVK)
+    assert CVK not in repr(settings)
+
+
+def test_demo_gives_the_issuing_bin_the_development_key_and_only_demo_may() -> None:
+    settings = start_settings(Config(), {}, demo=True)
+    [added] = settings.config.security.card_verification_keys
+    assert added.bin_prefix == DEMO_BIN_PREFIX and added.development_key
+    issuing = settings.card_keys.issuing(DEMO_BIN_PREFIX + "9001010085")
+    assert issuing is not None and issuing[1] == INSECURE_DEVELOPMENT_CVK
+    development = parse_config(
+        "[programme.card_issuing]\nbin_prefix = '53999900'\n"
+        "[[security.card_verification_keys]]\nbin_prefix = '539999'\ndevelopment_key = true\n"
+    )
+    assert "development_key is the published development key: --demo only" in unready(
+        development, READY
+    )
