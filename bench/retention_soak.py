@@ -140,7 +140,9 @@ def main() -> int:
             map_size_bytes=1 << 30,
             map_size_max_bytes=64 << 30,
         )
-        load_path(ledger, source, hasher)
+        # At the simulated start: the load's events (a funding per account) are the outbox's
+        # first, and the outbox is cut from its start, so they must age on the same clock.
+        load_path(ledger, source, hasher, now_ms=int(START.timestamp() * 1000))
         authorizer = Authorizer(
             ledger,
             hasher,

@@ -190,7 +190,10 @@ def one_run(scratch: Path, args: argparse.Namespace, rate: float, endpoint: bool
         if receiver is not None:  # past the load's events (filtered out) before measuring
             backlog_series = f'processor_outbox_backlog{{endpoint="{ENDPOINT}"}}'
             started = time.monotonic()
-            while (scrape(ports["http"], backlog_series) or 0) > 0:
+            while True:  # absent until the delivery process first reports (within 0.25 s)
+                backlog = scrape(ports["http"], backlog_series)
+                if backlog is not None and backlog == 0:
+                    break
                 if time.monotonic() - started > args.drain_max:
                     raise SystemExit("the load's events were not passed over in time")
                 time.sleep(0.1)

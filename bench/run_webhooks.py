@@ -62,6 +62,8 @@ def run(scratch: Path, name: str, url: str | None, rate: int, duration: float) -
     if url:
         text += f'[[webhooks.endpoints]]\nname = "{name}"\nurl = "{url}"\n'
         text += 'secret_envs = ["BENCH_SECRET"]\n'
+        # The authorisations' events, not the demo data's load (made before delivery started).
+        text += 'event_types = ["authorization.approved", "authorization.declined"]\n'
     process, port = start_daemon(scratch / name, text, {"BENCH_SECRET": SECRET}, demo=True)
     result = load(port, rate, duration, 4, "auth")
     time.sleep(2.0)  # let a fast receiver catch up before the daemon stops

@@ -32,7 +32,7 @@ from processor.authorizer import Command
 from processor.authorizer import CommandRefused as Refused  # returned to the API as the result
 from processor.config import CardIssuingConfig
 from processor.cvc2 import NO_KEYS, CardVerificationKeys, compute_cvc2
-from processor.ledger.controls import Controls
+from processor.ledger.controls import Controls, stored_controls
 from processor.ledger.load import card_record
 from processor.ledger.records import Account, Card, CardStatus, IdempotentResponse, OutboxRecord
 from processor.ledger.store import Writer
@@ -133,10 +133,6 @@ def _card(writer: Writer, card_id: str) -> tuple[bytes, Card]:
     return found
 
 
-def _stored_controls(controls: Controls | None) -> Controls | None:
-    return None if controls is None or controls.empty else controls
-
-
 # --- accounts --------------------------------------------------------------------------------
 
 
@@ -153,7 +149,7 @@ def create_account(
             currency=currency,
             posted=0,
             credit_limit=credit_limit,
-            controls=_stored_controls(controls),
+            controls=stored_controls(controls),
             created_ms=now_ms,
         )
         writer.put_account(account)
@@ -235,6 +231,7 @@ def close_account(account_id: str) -> Operation:
             )
         account.status = "closed"
         writer.put_account(account)
+        _event(writer, now_ms, "account.updated", "account_closed", account_id=account.id)
         return Reply(status=200, body=_encode(account_view(account)))
 
     return run
@@ -255,7 +252,7 @@ def set_programme_controls(controls: Controls) -> Operation:
 def set_account_controls(account_id: str, controls: Controls) -> Operation:
     def run(writer: Writer, now_ms: int) -> Reply:
         account = _account(writer, account_id)
-        account.controls = _stored_controls(controls)
+        account.controls = stored_controls(controls)
         writer.put_account(account)
         _event(writer, now_ms, "controls.updated", "account_controls", account_id=account.id)
         return Reply(status=200, body=_encode(controls))
@@ -266,7 +263,7 @@ def set_account_controls(account_id: str, controls: Controls) -> Operation:
 def set_card_controls(card_id: str, controls: Controls) -> Operation:
     def run(writer: Writer, now_ms: int) -> Reply:
         card_key, card = _card(writer, card_id)
-        changed = msgspec.structs.replace(card, controls=_stored_controls(controls))
+        changed = msgspec.structs.replace(card, controls=stored_controls(controls))
         writer.put_card(card_key, changed, card.account_id)
         _event(writer, now_ms, "controls.updated", "card_controls", card=changed)
         return Reply(status=200, body=_encode(controls))
@@ -385,7 +382,7 @@ def issue_virtual_card(
             pan,
             account_id=account.id,
             expiry=expiry,
-            controls=_stored_controls(controls),
+            controls=stored_controls(controls),
             created_ms=now_ms,
             virtual=True,
             cvc2_key=None if key is None else key[0],
@@ -421,7 +418,7 @@ def register_card(
             pan,
             account_id=account.id,
             expiry=expiry,
-            controls=_stored_controls(controls),
+            controls=stored_controls(controls),
             created_ms=now_ms,
         )
         writer.put_card(card_key, card, None)

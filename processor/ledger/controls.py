@@ -123,6 +123,11 @@ class Controls(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 NO_CONTROLS: Final = Controls()
 
 
+def stored_controls(controls: Controls | None) -> Controls | None:
+    """How controls are kept: none at all as None, whether a file or a request said `{}`."""
+    return None if controls is None or controls.empty else controls
+
+
 # Column of each calendar interval in a Usage counter row: [amount, count] per interval.
 INTERVAL_COLUMN: Final = {"daily": 0, "weekly": 2, "monthly": 4, "yearly": 6, "all_time": 8}
 COUNTER_ROW_LENGTH: Final = 10

@@ -24,7 +24,13 @@ from msgspec import Meta
 
 from processor import limits
 from processor.currency import UnknownCurrency, exponent, numeric_code
-from processor.ledger.controls import AmountLimit, Catalog, Controls, control_errors
+from processor.ledger.controls import (
+    AmountLimit,
+    Catalog,
+    Controls,
+    control_errors,
+    stored_controls,
+)
 from processor.ledger.records import Account, AccountStatus, Card, CardStatus, OutboxRecord
 from processor.ledger.store import Ledger, LedgerFull, Reader, Writer
 from processor.security import PanHasher, luhn_valid
@@ -195,7 +201,11 @@ def apply_load_file(
     from processor.catalog import default_catalog
 
     chosen = catalog or default_catalog()
-    at_ms = int(time.time() * 1000) if now_ms is None else now_ms
+
+    def at_ms() -> int:
+        """The time of each chunk's commit (events are stamped as they are made)."""
+        return int(time.time() * 1000) if now_ms is None else now_ms
+
     errors = controls_errors(data, chosen, source)
     with ledger.read() as reader:
         errors += _conflicts(reader, data, chosen, source)
@@ -208,17 +218,19 @@ def apply_load_file(
     try:
         if data.programme_controls is not None:
             controls = data.programme_controls
-            ledger.write_growing(partial(_put_programme_controls, controls=controls, now_ms=at_ms))
+            ledger.write_growing(
+                partial(_put_programme_controls, controls=controls, now_ms=at_ms())
+            )
         for first in range(0, len(accounts), chunk_records):
             some = accounts[first : first + chunk_records]
             counts += ledger.write_growing(
-                partial(_put_accounts, entries=some, source=source, now_ms=at_ms)
+                partial(_put_accounts, entries=some, source=source, now_ms=at_ms())
             )
             done += len(some)
         for first in range(0, len(cards), chunk_records):
             more = cards[first : first + chunk_records]
             counts += ledger.write_growing(
-                partial(_put_cards, entries=more, hasher=hasher, source=source, now_ms=at_ms)
+                partial(_put_cards, entries=more, hasher=hasher, source=source, now_ms=at_ms())
             )
             done += len(more)
     except LedgerFull as full:
@@ -284,6 +296,7 @@ def _put_accounts(
 ) -> Counter[str]:
     counts: Counter[str] = Counter()
     for index, entry in entries:
+        controls = stored_controls(entry.controls)
         account = writer.account(entry.id)
         if account is None:
             counts["accounts_created"] += 1
@@ -293,39 +306,63 @@ def _put_accounts(
                 posted=0,
                 credit_limit=entry.credit_limit,
                 status=entry.status,
-                controls=entry.controls,
+                controls=controls,
                 created_ms=now_ms,
             )
+            writer.put_account(account)
         else:
             counts["accounts_updated"] += 1
             conflict = _currency_conflict(source, index, entry, account)
             if conflict is not None:  # holds opened since the check
                 raise LoadError(conflict)
-            # Held (the open holds) and the sequences are the ledger's; posted moves below.
-            controls_changed = account.controls != entry.controls
-            account.currency = entry.currency
-            account.credit_limit = entry.credit_limit
-            account.status = entry.status
-            account.controls = entry.controls
-            if controls_changed:
-                writer.put_account(account)
-                _event(writer, now_ms, "controls.updated", "account_controls", account=account)
-        writer.put_account(account)
-        change = entry.balance - account.posted
-        if change:
-            kind: Literal["fund", "debit"] = "fund" if change > 0 else "debit"
-            moved = writer.append_entry(account, kind, change, f"load_{kind}", now_ms)
-            writer.put_account(account)
-            _event(
-                writer,
-                now_ms,
-                "account.funded" if kind == "fund" else "account.debited",
-                f"load_{kind}",
-                account=account,
-                amount=abs(change),
-                entry_sequence=moved.sequence,
-            )
+            _update_account(writer, account, entry, controls, now_ms)
+        _move_balance(writer, account, entry.balance, now_ms)
     return counts
+
+
+def _update_account(
+    writer: Writer, account: Account, entry: AccountEntry, controls: Controls | None, now_ms: int
+) -> None:
+    """The file's terms for an existing account, an event for each that changed. Held (the
+    open holds) and the sequences are the ledger's; posted moves in `_move_balance`."""
+    if account.currency != entry.currency:
+        # Amounts of two currencies do not subtract: the balance leaves in the old currency
+        # (an entry and its event), and the file's arrives in the new one after.
+        _move_balance(writer, account, 0, now_ms)
+        account.currency = entry.currency
+        writer.put_account(account)
+        _event(writer, now_ms, "account.updated", "currency_changed", account=account)
+    if account.credit_limit != entry.credit_limit:
+        account.credit_limit = entry.credit_limit
+        writer.put_account(account)
+        _event(writer, now_ms, "account.updated", "credit_limit_changed", account=account)
+    if account.status != entry.status:
+        account.status = entry.status
+        writer.put_account(account)
+        _event(writer, now_ms, "account.updated", f"account_{entry.status}", account=account)
+    if account.controls != controls:
+        account.controls = controls
+        writer.put_account(account)
+        _event(writer, now_ms, "controls.updated", "account_controls", account=account)
+
+
+def _move_balance(writer: Writer, account: Account, balance: int, now_ms: int) -> None:
+    """Posted to `balance` by a ledger entry with its event, when they differ."""
+    change = balance - account.posted
+    if not change:
+        return
+    kind: Literal["fund", "debit"] = "fund" if change > 0 else "debit"
+    moved = writer.append_entry(account, kind, change, f"load_{kind}", now_ms)
+    writer.put_account(account)
+    _event(
+        writer,
+        now_ms,
+        "account.funded" if kind == "fund" else "account.debited",
+        f"load_{kind}",
+        account=account,
+        amount=abs(change),
+        entry_sequence=moved.sequence,
+    )
 
 
 def _put_cards(
@@ -336,7 +373,7 @@ def _put_cards(
         account = writer.account(card_entry.account)
         if account is None:  # removed since the check: not possible today
             raise LoadError(_no_account(source, index, card_entry))
-        controls = card_controls(card_entry, account.currency)
+        controls = stored_controls(card_controls(card_entry, account.currency))
         card_key = hasher.card_key(card_entry.pan)
         previous = writer.card(card_key)
         counts["cards_created" if previous is None else "cards_updated"] += 1
@@ -352,13 +389,23 @@ def _put_cards(
             cvc2_key=previous.cvc2_key if previous is not None else None,  # the card's own
         )
         writer.put_card(card_key, card, previous.account_id if previous is not None else None)
-        if previous is None:
-            continue
-        if previous.status != card.status:
-            _event(writer, now_ms, "card.status_changed", f"card_{card.status}", card=card)
-        if previous.controls != card.controls:
-            _event(writer, now_ms, "controls.updated", "card_controls", card=card)
+        if previous is not None:
+            _card_events(writer, previous, card, now_ms)
     return counts
+
+
+def _card_events(writer: Writer, previous: Card, card: Card, now_ms: int) -> None:
+    """An event for each change a load made to an existing card. A card that moved is
+    announced to both accounts: each one's events tell its whole story."""
+    if previous.account_id != card.account_id:
+        _event(writer, now_ms, "card.updated", "card_moved_out", card=previous)
+        _event(writer, now_ms, "card.updated", "card_moved_in", card=card)
+    if previous.expiry != card.expiry:
+        _event(writer, now_ms, "card.updated", "expiry_changed", card=card)
+    if previous.status != card.status:
+        _event(writer, now_ms, "card.status_changed", f"card_{card.status}", card=card)
+    if previous.controls != card.controls:
+        _event(writer, now_ms, "controls.updated", "card_controls", card=card)
 
 
 def _event(

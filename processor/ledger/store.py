@@ -230,18 +230,19 @@ class Ledger:
                     migrate, stored = _MIGRATIONS[stored]
                     migrate(self.env, txn, self._dbs, self._codecs)
                     txn.put(b"schema", stored, db=self._dbs["meta"])
-                log.warning(
-                    "ledger %s: migrated from schema %s to %s",
-                    self.path,
-                    self.migrated_from.decode(),
-                    stored.decode(),
-                )
             if stored is None:
                 txn.put(b"schema", SCHEMA_VERSION, db=self._dbs["meta"])
             elif stored != SCHEMA_VERSION:
                 raise LedgerError(
                     f"ledger {self.path}: schema {stored!r}, this build reads {SCHEMA_VERSION!r}"
                 )
+        if self.migrated_from is not None:  # committed: said once, and only when it happened
+            log.warning(
+                "ledger %s: migrated from schema %s to %s",
+                self.path,
+                self.migrated_from.decode(),
+                SCHEMA_VERSION.decode(),
+            )
 
     def close(self) -> None:
         self.env.close()

@@ -462,7 +462,6 @@ DATABASES: Final = frozenset(
         b"idempotency",
     }
 )
-# Databases the lifecycle never writes: as the load left them.
 # An event's facts that only messages and clearing have; the load's events have none of them.
 NO_FACTS: Final[dict[str, Any]] = {
     "created_ms": int(START.timestamp() * 1000),
@@ -487,6 +486,7 @@ NO_FACTS: Final[dict[str, Any]] = {
     "in_answer": False,
     "entry_sequence": None,
 }
+# Databases the lifecycle never writes: as the load left them.
 UNCHANGED: Final = (b"cards", b"card_ids", b"account_cards", b"entries", b"idempotency")
 BIG_U64: Final = struct.Struct(">Q")  # hold ids, expiry times, event sequences in keys
 LITTLE_U64: Final = struct.Struct("<Q")  # approval times in Usage.recent

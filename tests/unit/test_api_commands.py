@@ -159,8 +159,14 @@ def test_close_needs_an_empty_account(ledger: Ledger) -> None:
         assert account is not None
         account.held = 0
         writer.put_account(account)
+    with ledger.read() as reader:
+        before = reader.outbox_last_sequence()
     assert body(run(ledger, commands.close_account("a1")))["status"] == "closed"
     assert run(ledger, commands.close_account("a1")).code == "account_closed"
+    with ledger.read() as reader:  # closed once: one event, none for the refusal after
+        assert [(r.type, r.reason) for r in reader.outbox(before + 1, 10)] == [
+            ("account.updated", "account_closed")
+        ]
 
 
 def test_empty_controls_are_stored_as_none(ledger: Ledger) -> None:
@@ -303,7 +309,8 @@ def test_card_controls_replace_the_set(ledger: Ledger) -> None:
 
 
 def test_account_record_defaults_are_what_views_show(ledger: Ledger) -> None:
-    # An account loaded from a file has no creation time: the view says null, not 1970.
+    # An account written before creation times were recorded has none: the view says null,
+    # not 1970.
     with ledger.write() as writer:
         writer.put_account(Account(id="loaded", currency="EUR", posted=5))
     reply = run(ledger, commands.set_account_controls("loaded", Controls()))

@@ -406,6 +406,56 @@ def test_a_load_that_changes_cards_and_controls_says_so(loaded: Ledger) -> None:
     assert records[2].masked_pan == mask_pan(CREDIT)
 
 
+def test_a_load_that_changes_a_currency_moves_the_balance_out_and_in(loaded: Ledger) -> None:
+    seen = events_made(loaded)
+    load_text(
+        loaded,
+        LOAD_FILE.replace(b'currency = "JPY"\nbalance = 50000', b'currency = "EUR"\nbalance = 400'),
+    )
+    assert load_events(loaded, seen + 1) == [
+        ("account.debited", "acct-yen", "load_debit", 50_000),  # in yen, before the change
+        ("account.updated", "acct-yen", "currency_changed", None),
+        ("account.funded", "acct-yen", "load_fund", 400),  # in euros, after it
+    ]
+    with loaded.read() as reader:
+        records = reader.outbox(seen + 1, 3)
+    assert [r.account_currency for r in records] == ["JPY", "EUR", "EUR"]
+    assert [r.posted_after for r in records] == [0, 0, 400]
+
+
+def test_a_load_that_changes_an_accounts_terms_says_which(loaded: Ledger) -> None:
+    seen = events_made(loaded)
+    load_text(
+        loaded,
+        LOAD_FILE.replace(b"credit_limit = 3000", b'credit_limit = 4000\nstatus = "frozen"'),
+    )
+    assert load_events(loaded, seen + 1) == [
+        ("account.updated", "acct-credit", "credit_limit_changed", None),
+        ("account.updated", "acct-credit", "account_frozen", None),
+    ]
+
+
+def test_a_card_moved_by_a_load_is_announced_to_both_accounts(loaded: Ledger) -> None:
+    seen = events_made(loaded)
+    moved = f'[[cards]]\npan = "{MAIN}"\naccount = "acct-credit"\nexpiry = "3101"\n'.encode()
+    load_text(loaded, moved + b'per_transaction_limit = 50000\nblocked_mccs = ["5933"]\n')
+    assert load_events(loaded, seen + 1) == [
+        ("card.updated", "acct-main", "card_moved_out", None),
+        ("card.updated", "acct-credit", "card_moved_in", None),
+        ("card.updated", "acct-credit", "expiry_changed", None),
+    ]
+
+
+def test_empty_controls_are_kept_as_none_the_way_the_api_keeps_them(loaded: Ledger) -> None:
+    load_text(loaded, LOAD_FILE.replace(b"balance = 50000", b"balance = 50000\ncontrols = {}"))
+    seen = events_made(loaded)
+    with loaded.read() as reader:
+        yen = reader.account("acct-yen")
+    assert yen is not None and yen.controls is None
+    load_text(loaded, LOAD_FILE)  # no controls: the same as {}, nothing changed, no event
+    assert events_made(loaded) == seen
+
+
 def test_load_path_loads_the_demo_data(ledger: Ledger) -> None:
     summary = load_path(ledger, demo_data_path(), HASHER)
 
