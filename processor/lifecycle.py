@@ -178,7 +178,14 @@ class Lifecycle:
         if account is None:
             return card, None, decide(request, card, None, self._rules, batch.now_yymm), None
         state = writer.card_state(card)
-        spend = Spend(batch.programme, usage_of(state), usage_of(account), batch.periods)
+        spend = Spend(
+            batch.programme,
+            usage_of(state),
+            usage_of(account),
+            batch.periods,
+            state.sca_exempt_count,
+            state.sca_exempt_amount,
+        )
         check = self._card_check(request, card, state)
         decision = decide(request, card, account, self._rules, batch.now_yymm, spend, check)
         return card, account, decision, check
@@ -198,6 +205,19 @@ class Lifecycle:
         if matched is None:
             return CardCheck("key_unavailable", blocked)
         return CardCheck("match" if matched else "mismatch", blocked)
+
+    @staticmethod
+    def _count_sca_exemption(
+        writer: Writer, card: Card, request: AuthorizationRequest, decision: Decision
+    ) -> None:
+        """Low-value exemptions add up until the cardholder next authenticates (specs/sca.md)."""
+        if decision.low_value_exemption:
+            state = writer.changed_card_state(card)
+            state.sca_exempt_count += 1
+            state.sca_exempt_amount += decision.hold_amount
+        elif request.cardholder_authenticated and writer.card_state(card).sca_exempt_count:
+            state = writer.changed_card_state(card)
+            state.sca_exempt_count = state.sca_exempt_amount = 0
 
     def _count_cvc2(
         self, writer: Writer, card: Card, decision: Decision, result: Result, batch: Batch
@@ -314,6 +334,7 @@ class Lifecycle:
                 numeric_code(account.currency),
             )
             self._count_usage(writer, card, account, decision.hold_amount, request.mcc, batch)
+            self._count_sca_exemption(writer, card, request, decision)
             result.usage_amount = decision.hold_amount
             result.usage_mcc = request.mcc
             if post:

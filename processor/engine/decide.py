@@ -36,6 +36,9 @@ class Decision(msgspec.Struct, frozen=True, gc=False):
     # Set when the transaction currency differs from the account's: the amount in the account
     # currency, answered in fields 6 and 51.
     billing_amount: int | None = None
+    # Approved without strong customer authentication under the low-value exemption: the
+    # card's count since its last authenticated approval grows (specs/sca.md).
+    low_value_exemption: bool = False
 
     @property
     def approved(self) -> bool:
@@ -67,6 +70,9 @@ class Spend(msgspec.Struct, frozen=True, gc=False):
     card_usage: Usage
     account_usage: Usage
     periods: Periods  # the calendar periods of "now" in the programme's time zone
+    # Low-value SCA exemptions used since the card's last authenticated approval (CardState).
+    sca_exempt_count: int = 0
+    sca_exempt_amount: int = 0
 
 
 def billing_amount(
@@ -129,6 +135,10 @@ CURRENCY_NOT_SUPPORTED: Final = Decision("57", "currency_not_supported")
 BALANCE: Final = Decision("00", "balance_inquiry", balance_inquiry=True)
 INVALID_AMOUNT: Final = Decision("13", "invalid_amount")
 INSUFFICIENT_FUNDS: Final = Decision("51", "insufficient_funds")
+# The schemes' soft declines for "authenticate and try again" (PSD2): Visa-style 1A,
+# Mastercard-style 65, by the card's scheme (its first digit).
+SCA_REQUIRED_VISA: Final = Decision("1A", "sca_required")
+SCA_REQUIRED_MASTERCARD: Final = Decision("65", "sca_required")
 
 
 def card_not_present(request: AuthorizationRequest) -> bool:
@@ -220,17 +230,66 @@ def decide(
             if refusal is not None:
                 return Decision(refusal.response_code, refusal.reason)
     available = account.posted + account.credit_limit - account.held
-    if amount > available:
-        # Partial approvals answer an amount in field 4, the transaction currency: only
-        # offered when no conversion stands between the two.
-        if (
-            available > 0
-            and not converted
-            and transaction_type == PURCHASE
-            and request.partial_approval_supported
-        ):
-            return Decision("10", "partial_approval", hold_amount=available)
+    # Partial approvals answer an amount in field 4, the transaction currency: only offered
+    # when no conversion stands between the two.
+    partial = amount > available
+    if partial and not (
+        available > 0
+        and not converted
+        and transaction_type == PURCHASE
+        and request.partial_approval_supported
+    ):
         return INSUFFICIENT_FUNDS
+    # Strong authentication is asked for only what would otherwise be approved: a cardholder
+    # is not sent through 3-D Secure to be declined for funds after it.
+    approved = available if partial else amount
+    sca = "" if spend is None else strong_authentication(request, card, account, spend, approved)
+    if sca == "required":
+        return SCA_REQUIRED_VISA if card.bin[:1] == "4" else SCA_REQUIRED_MASTERCARD
+    exempt = sca == "low_value"
+    if partial:
+        return Decision("10", "partial_approval", hold_amount=available, low_value_exemption=exempt)
     if converted:
-        return Decision("00", "approved", hold_amount=amount, billing_amount=amount)
+        return Decision(
+            "00", "approved", hold_amount=amount, billing_amount=amount, low_value_exemption=exempt
+        )
+    if exempt:
+        return Decision("00", "approved", hold_amount=amount, low_value_exemption=True)
     return Decision("00", "approved", hold_amount=amount)
+
+
+def strong_authentication(
+    request: AuthorizationRequest, card: Card, account: Account, spend: Spend, amount: int
+) -> Literal["", "required", "low_value"]:
+    """Whether PSD2 strong customer authentication stands between this request and approval:
+    "required" (soft decline), "low_value" (exempt, and counted), "" (not needed).
+
+    Only e-commerce the network says was not authenticated, and not merchant-initiated or
+    recurring, is in scope; every level's `require_sca` in the account's currency applies,
+    the strictest deciding.
+    """
+    rules = [
+        controls.require_sca
+        for controls in (spend.programme, account.controls, card.controls)
+        if controls is not None
+        and controls.require_sca is not None
+        and controls.require_sca.currency == account.currency
+    ]
+    if not rules or request.cardholder_authenticated or request.sca_out_of_scope:
+        return ""
+    channels = channels_of(request.processing_code, request.pos_entry_mode, request.pos_condition)
+    if "ecommerce" not in channels:
+        return ""
+    verdict: Literal["", "required", "low_value"] = ""
+    for rule in rules:
+        if amount <= rule.above:
+            continue
+        if (
+            amount <= rule.low_value_max
+            and spend.sca_exempt_amount + amount <= rule.low_value_total_max
+            and spend.sca_exempt_count < rule.low_value_count_max
+        ):
+            verdict = "low_value"
+            continue
+        return "required"
+    return verdict

@@ -102,6 +102,23 @@ class Channels(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 ALL_CHANNELS_ON: Final = Channels()
 
 
+class StrongAuthentication(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """PSD2 strong customer authentication for e-commerce (specs/sca.md): an e-commerce
+    authorisation the network says was not authenticated (3-D Secure) is soft-declined, so
+    the merchant retries with it, unless out of scope (merchant-initiated, recurring) or
+    exempt as low value.
+    """
+
+    # The amounts' currency: the rule applies to accounts in it (as amount limits do).
+    currency: CurrencyCode
+    above: MinorUnits = 0  # required for amounts above this; 0: for any amount
+    # The low-value exemption (PSD2 RTS, article 16: 30 EUR each, and at most 100 EUR or five
+    # in a row without authentication): 0 turns it off.
+    low_value_max: MinorUnits = 0
+    low_value_total_max: MinorUnits = 0
+    low_value_count_max: Annotated[int, Meta(ge=0, le=1000)] = 0
+
+
 class Controls(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     amount_limits: Annotated[tuple[AmountLimit, ...], Meta(max_length=CONTROL_ENTRIES_MAX)] = ()
     count_limits: Annotated[tuple[CountLimit, ...], Meta(max_length=CONTROL_ENTRIES_MAX)] = ()
@@ -114,6 +131,7 @@ class Controls(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     allowed_countries: Countries = ()
     blocked_countries: Countries = ()
     channels: Channels = ALL_CHANNELS_ON
+    require_sca: StrongAuthentication | None = None
 
     @property
     def empty(self) -> bool:
@@ -253,5 +271,16 @@ def control_errors(
             errors.append(
                 f"{where}.amount_limits[{index}].currency: {amount_limit.currency!r} is not "
                 f"the account's currency {account_currency!r}"
+            )
+    sca = controls.require_sca
+    if sca is not None:
+        try:
+            exponent(sca.currency)
+        except UnknownCurrency as error:
+            errors.append(f"{where}.require_sca.currency: {error}")
+        if account_currency is not None and sca.currency != account_currency:
+            errors.append(
+                f"{where}.require_sca.currency: {sca.currency!r} is not the account's "
+                f"currency {account_currency!r}"
             )
     return errors

@@ -84,6 +84,10 @@ class CardState(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     # CVC2 mismatches in a row (reset by an approval with a matching CVC2, or by the
     # programme); at security.cvc2_attempts_max card-not-present use is blocked.
     cvc2_failures: int = 0
+    # E-commerce approvals under the low-value SCA exemption since the card's last
+    # authenticated one: how many, and their amount in the account currency (specs/sca.md).
+    sca_exempt_count: int = 0
+    sca_exempt_amount: int = 0
 
 
 class Hold(msgspec.Struct, array_like=True, kw_only=True, gc=False):

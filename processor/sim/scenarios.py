@@ -44,6 +44,7 @@ GROCERIES_TRANSPORT = "4761739001010176"  # allowed categories groceries, transp
 NO_QUASI_CASH = "4761739001010184"  # blocked quasi_cash, digital_goods; MCC 5993
 CASH_LIMIT = "4761739001010192"  # cash at most 200.00 a day
 PLAIN = "4761739001010200"  # no card controls
+SCA = "4761739001010226"  # e-commerce needs strong customer authentication (require_sca)
 # Registered through the control API by freeze_then_swipe; not in demo.toml.
 API_CARD = "4761739001010218"
 API_ACCOUNT = "sim-api"
@@ -110,6 +111,7 @@ class Session:
         entry_mode: str = "051",
         condition: str = "00",
         country: str | None = "DE",
+        additional_data: str | None = None,
     ) -> dict[str, str]:
         """An authorisation; `country` None leaves field 43 (merchant location) out."""
         fields = {
@@ -132,6 +134,8 @@ class Session:
             fields["43"] = merchant_location("DEMO SHOP", CITIES.get(country, "CITY"), country)
         if expiry is not None:
             fields["14"] = expiry
+        if additional_data is not None:
+            fields["48"] = additional_data
         return fields
 
     async def reverse(self, original: dict[str, str]) -> str:
@@ -204,6 +208,7 @@ class Swipe:
     entry_mode: str = "051"  # chip
     condition: str = "00"
     country: str | None = "DE"
+    additional_data: str | None = None  # field 48
 
 
 def _swipes(sent: str, *swipes: Swipe) -> Scenario:
@@ -225,6 +230,7 @@ def _swipes(sent: str, *swipes: Swipe) -> Scenario:
                 entry_mode=swipe.entry_mode,
                 condition=swipe.condition,
                 country=swipe.country,
+                additional_data=swipe.additional_data,
             )
             _, response = await session.client.exchange(fields)
             code = response.get("39", "--")
@@ -377,6 +383,12 @@ SCENARIOS: dict[str, Scenario] = {
     "retransmission": Scenario(_retransmission, ("approved",)),
     "duplicate_different_content": Scenario(_duplicate_different),
     "format_error": Scenario(_format_error),
+    # --- strong customer authentication (PSD2): a soft decline, then the retry with 3-D Secure
+    "sca_soft_decline_then_authenticated": _swipes(
+        "e-commerce without, then with 3-D Secure (field 48 se 42 = 212)",
+        Swipe(SCA, "1A", "sca_required", entry_mode="812", condition="59"),
+        Swipe(SCA, "00", "approved", entry_mode="812", condition="59", additional_data="R4203212"),
+    ),
     # --- spend controls: channels (57) ---
     "channel_blocked_ecommerce": _chip_only("810", "59", "ecommerce"),
     "channel_blocked_contactless": _chip_only("071", "00", "contactless"),

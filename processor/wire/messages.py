@@ -93,6 +93,25 @@ class AuthorizationRequest(msgspec.Struct, frozen=True, gc=False):
             return None
         return additional_data_subelements(data).get("92")
 
+    @property
+    def cardholder_authenticated(self) -> bool:
+        """Field 48 subelement 42 (the electronic-commerce security level indicator), position
+        3 = 2: the issuer's access control server authenticated the cardholder (3-D Secure,
+        UCAF/AAV in subelement 43). 1 (attempted) and 0 (none) are not strong authentication."""
+        data = self.additional_data
+        if not data or "42" not in data:
+            return False
+        return additional_data_subelements(data).get("42", "")[2:3] == "2"
+
+    @property
+    def sca_out_of_scope(self) -> bool:
+        """Field 48 subelement 22 = 01 (merchant-initiated) or 02 (recurring, after the first):
+        payments the cardholder does not take part in, outside PSD2's SCA (specs/sca.md)."""
+        data = self.additional_data
+        if not data or "22" not in data:
+            return False
+        return additional_data_subelements(data).get("22", "")[:2] in ("01", "02")
+
     def replacement_amount(self) -> int | None:
         """Field 95's actual transaction amount (partial reversal), when present and digits."""
         data = self.replacement_amounts

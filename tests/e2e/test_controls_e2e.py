@@ -225,6 +225,24 @@ def test_channel_switches(daemon: RunningDaemon, link: Link, tmp_path: Path) -> 
     sent.check_reasons(daemon)
 
 
+def test_strong_customer_authentication_on_a_card(
+    daemon: RunningDaemon, link: Link, tmp_path: Path
+) -> None:
+    psd2 = (
+        'controls.require_sca = { currency = "EUR", low_value_max = 3000, '
+        "low_value_total_max = 10000, low_value_count_max = 5 }"
+    )
+    load(daemon, tmp_path, account() + card(CARD_A, psd2))
+    online = {"22": "812", "25": "59"}
+    sent = Sent(link)
+    sent.swipe(CARD_A, 5_000, "1A", "sca_required", **online)  # a Visa-range card: 1A
+    sent.swipe(CARD_A, 5_000, "00", "approved", **online, **{"48": "R4203212"})  # 3-D Secure
+    sent.swipe(CARD_A, 2_000, "00", "approved", **online)  # low value: exempt
+    sent.swipe(CARD_A, 5_000, "00", "approved", **online, **{"48": "R220201"})  # MIT
+    sent.swipe(CARD_A, 5_000, "00", "approved", **{"22": "051", "25": "00"})  # chip: in person
+    sent.check_reasons(daemon)
+
+
 def test_account_limit_counts_every_card_of_the_account(
     daemon: RunningDaemon, link: Link, tmp_path: Path
 ) -> None:

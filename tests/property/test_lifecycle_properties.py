@@ -1766,6 +1766,8 @@ class LifecycleMachine(RuleBasedStateMachine):
                 approval_day=model.approval_day,
                 approval_codes=model.approval_codes,
                 cvc2_failures=0,  # no CVC2 is ever sent here
+                sca_exempt_count=0,  # nor does any control require SCA (tests/unit/test_sca.py)
+                sca_exempt_amount=0,
             )
             assert_stored(with_usage(reader.card_state(card)), expected, model.card_id)
         assert reader.card(HASHER.card_key(CARDS[3].pan)) is None

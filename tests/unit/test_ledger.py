@@ -460,7 +460,7 @@ def test_load_path_loads_the_demo_data(ledger: Ledger) -> None:
     summary = load_path(ledger, demo_data_path(), HASHER)
 
     assert summary == LoadSummary(
-        accounts_created=4, accounts_updated=0, cards_created=19, cards_updated=0
+        accounts_created=4, accounts_updated=0, cards_created=20, cards_updated=0
     )
     card = card_of(ledger, "4761739001010010")
     assert card is not None and card.account_id == "demo-main"

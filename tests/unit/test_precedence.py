@@ -20,7 +20,14 @@ from processor.catalog import default_catalog
 from processor.engine import Decision, ProgrammeRules, Spend, decide
 from processor.engine.controls import periods_at, record_usage
 from processor.engine.decide import CardCheck
-from processor.ledger.controls import AmountLimit, Channels, Controls, CountLimit, Usage
+from processor.ledger.controls import (
+    AmountLimit,
+    Channels,
+    Controls,
+    CountLimit,
+    StrongAuthentication,
+    Usage,
+)
 from processor.ledger.records import Account, Card
 from processor.resources import spec_path
 from processor.wire.messages import AuthorizationRequest
@@ -125,6 +132,7 @@ def failing_everything() -> State:
             blocked_mccs=("7995",),
             blocked_countries=("US",),
             amount_limits=(eur("per_authorization", 1_000),),
+            require_sca=StrongAuthentication(currency="EUR"),
         ),
         card_usage=used_once(1_000, "6011"),
         account_usage=used_once(1_000, "6011"),
@@ -237,6 +245,8 @@ FIXES: dict[str, Callable[[State], State]] = {
     },
     "trailing_count_limit": drop_first_card_limit("count_limits"),
     "insufficient_funds": lambda s: with_account(s, credit_limit=500),
+    # The cardholder authenticated with 3-D Secure (field 48 subelement 42, position 3 = 2).
+    "sca_required": lambda s: with_request(s, additional_data="R4203212"),
 }
 
 
@@ -260,7 +270,8 @@ def test_table_shape() -> None:
     assert len(reasons) == len(set(reasons)), "a reason listed in two rows"
     for row in TABLE:
         assert row["check"].strip()
-        assert len(row["response_code"]) == 2 and row["response_code"].isdigit()
+        # Two digits, or a scheme's alphanumeric code (1A: Visa's "authenticate and retry").
+        assert len(row["response_code"]) == 2 and row["response_code"].isalnum()
         assert row["reasons"]
     assert TABLE[-1]["response_code"] == "00" and TABLE[-1]["reasons"] == ["approved"]
 
@@ -309,7 +320,8 @@ def test_walk_start_really_fails_every_check() -> None:
 def test_every_reason_decide_can_return_is_in_the_table(decision: Decision) -> None:
     rows = rows_with_reason(decision.reason)
     assert len(rows) == 1, f"{decision.reason} is in {len(rows)} rows of the table"
-    assert rows[0]["response_code"] == decision.response_code
+    codes = {rows[0]["response_code"], *rows[0].get("response_codes_by_scheme", {}).values()}
+    assert decision.response_code in codes
 
 
 def test_every_table_row_is_a_decision_decide_returns() -> None:
