@@ -32,6 +32,15 @@ class CardCreated(msgspec.Struct, frozen=True):
     id: str  # the card id; everything else in the body is not needed here
 
 
+class CardIssued(msgspec.Struct, frozen=True):
+    """A virtual card as issued: the only answer that holds its number and CVC2."""
+
+    id: str
+    pan: str
+    expiry: str
+    cvc2: str | None = None  # absent when the daemon has no card verification key for the BIN
+
+
 class ApiAnswer(msgspec.Struct, frozen=True):
     status: int
     body: bytes
@@ -135,6 +144,19 @@ class ControlApi:
             return msgspec.json.decode(answer.body, type=CardCreated).id
         except msgspec.DecodeError as error:
             raise ApiProblem(f"POST /v1/cards: answer without a card id: {error}") from None
+
+    async def issue_virtual_card(self, account_id: str) -> CardIssued:
+        """A new card each call (no idempotency key: a rerun is meant to get another)."""
+        answer = await self.expect(
+            "POST", "/v1/cards/virtual", {"account_id": account_id}, ok=(201,)
+        )
+        try:
+            return msgspec.json.decode(answer.body, type=CardIssued)
+        except msgspec.DecodeError as error:
+            raise ApiProblem(f"POST /v1/cards/virtual: unexpected answer: {error}") from None
+
+    async def reset_cvc2(self, card_id: str) -> None:
+        await self.expect("POST", f"/v1/cards/{card_id}/reset-cvc2")
 
     async def freeze(self, card_id: str) -> None:
         await self.expect("POST", f"/v1/cards/{card_id}/freeze")

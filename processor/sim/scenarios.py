@@ -342,6 +342,47 @@ async def _freeze_then_swipe(session: Session) -> Row:
     )
 
 
+async def _cvc2_lockout(session: Session) -> Row:
+    """The programme issues a virtual card; three wrong CVC2s online (82 each) block its
+    card-not-present use (57 even with the right one) until the programme resets it (00)."""
+    api = session.api
+    assert api is not None, "run_rows skips API scenarios without --api"
+    received: list[str] = []
+    approved: list[dict[str, str]] = []
+
+    async def online(pan: str, expiry: str, cvc2: str) -> None:
+        fields = session.authorization(
+            pan, 1500, entry_mode="812", condition="59", additional_data=f"R92{len(cvc2):02d}{cvc2}"
+        )
+        fields["14"] = expiry
+        _, response = await session.client.exchange(fields)
+        received.append(response.get("39", "--"))
+        if received[-1] in APPROVED:
+            approved.append(fields)
+
+    try:
+        await api.ensure_account(API_ACCOUNT, "EUR")
+        await api.fund(API_ACCOUNT, 100_000, "processor sim float", API_FUND_KEY)
+        card = await api.issue_virtual_card(API_ACCOUNT)
+        if card.cvc2 is None:
+            raise ApiProblem("POST /v1/cards/virtual: no cvc2 (no card verification key)")
+        wrong = f"{(int(card.cvc2) + 1) % 1000:03d}"
+        for _ in range(3):
+            await online(card.pan, card.expiry, wrong)
+        await online(card.pan, card.expiry, card.cvc2)
+        await api.reset_cvc2(card.id)
+        await online(card.pan, card.expiry, card.cvc2)
+    except ApiProblem as problem:
+        received.append(f"API {problem}")
+    problems = await session.reverse_all(approved)
+    return Row(
+        "",
+        "API virtual card: 3 x wrong CVC2, right CVC2, reset, right CVC2",
+        "82 82 82 57 00",
+        " ".join(received + problems),
+    )
+
+
 def _chip_only(entry_mode: str, condition: str, channel: str) -> Scenario:
     return _swipes(
         f"pos {entry_mode}/{condition} ({channel} off)",
@@ -495,6 +536,9 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     # --- the control API (needs --api) ---
     "freeze_then_swipe": Scenario(_freeze_then_swipe, ("approved", "card_frozen"), needs_api=True),
+    "cvc2_lockout": Scenario(
+        _cvc2_lockout, ("cvc2_mismatch", "cvc2_attempts_exceeded", "approved"), needs_api=True
+    ),
 }
 
 
