@@ -110,7 +110,14 @@ async def serve(settings: StartSettings) -> int:
     )
     floor = DeliveryFloor(config)
     daemon = Daemon(
-        config, ledger, hasher, metrics, rates, delivery_floor=floor, card_keys=settings.card_keys
+        config,
+        ledger,
+        hasher,
+        metrics,
+        rates,
+        delivery_floor=floor,
+        card_keys=settings.card_keys,
+        personal_data=settings.personal_data,
     )
     loop = asyncio.get_running_loop()
     shared = config.server.workers > 1

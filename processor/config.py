@@ -195,6 +195,11 @@ class SecurityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # Consecutive CVC2 mismatches after which a card's card-not-present use is blocked, until
     # the programme resets it (POST /v1/cards/{id}/reset-cvc2); 0 = never blocked.
     cvc2_attempts_max: Annotated[int, Meta(ge=0, le=100)] = 3
+    # Variables holding the AES-256 keys (64 hex digits) that seal cardholders' personal data:
+    # the first seals, every one opens what it sealed (rotation). Required outside --demo.
+    personal_data_key_envs: Annotated[
+        tuple[Annotated[str, Meta(min_length=1)], ...], Meta(min_length=1, max_length=4)
+    ] = ("PROCESSOR_DATA_KEY",)
 
     def __post_init__(self) -> None:
         prefixes = [each.bin_prefix for each in self.card_verification_keys]
@@ -216,6 +221,8 @@ class CardIssuingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     bin_prefix: Annotated[str, Meta(pattern=r"^([0-9]{6,11})?$")] = ""
     pan_length: Annotated[int, Meta(ge=13, le=19)] = 16
     expiry_months: Annotated[int, Meta(ge=1, le=120)] = 36  # from the month of issue
+    # A card is issued only to a cardholder whose KYC is approved (POST /v1/cardholders).
+    require_cardholder: bool = True
 
     def __post_init__(self) -> None:
         if self.bin_prefix and self.pan_length - len(self.bin_prefix) < 4:

@@ -36,6 +36,8 @@ EventType = Literal[
     "card.cvc2_locked",
     "card.cvc2_reset",
     "controls.updated",
+    "cardholder.created",
+    "cardholder.kyc_updated",
 ]
 
 # What a CVC2 sent with a message showed; absent when none was sent. Never the CVC2.
@@ -88,6 +90,8 @@ class EventData(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     entry: int | None = None  # account.funded/debited: its entry (GET /v1/accounts/{id}/entries)
     # not_checked: the card has no card verification key (registered or loaded with its PAN)
     cvc2: Cvc2Outcome | None = None
+    cardholder_id: str | None = None  # cardholder.* events (never personal data)
+    kyc_status: str | None = None  # cardholder.* events: pending, approved, rejected, review
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):
@@ -162,6 +166,8 @@ def render(record: OutboxRecord, ledger_id: str) -> Event:
             balance_after=balances,
             entry=record.entry_sequence,
             cvc2=record.cvc2,  # type: ignore[arg-type]
+            cardholder_id=record.cardholder_id,
+            kyc_status=record.kyc_status,
         ),
     )
 

@@ -22,9 +22,12 @@ from typing import Final, Literal
 import msgspec
 
 from processor.api.views import (
+    CardholderDetails,
+    Individual,
     MovementResult,
     account_view,
     card_view,
+    cardholder_view,
     entry_view,
     issued_card,
 )
@@ -34,8 +37,18 @@ from processor.config import CardIssuingConfig
 from processor.cvc2 import NO_KEYS, CardVerificationKeys, compute_cvc2
 from processor.ledger.controls import Controls, stored_controls
 from processor.ledger.load import card_record
-from processor.ledger.records import Account, Card, CardStatus, IdempotentResponse, OutboxRecord
+from processor.ledger.records import (
+    Account,
+    Card,
+    Cardholder,
+    CardholderKind,
+    CardStatus,
+    IdempotentResponse,
+    KycStatus,
+    OutboxRecord,
+)
 from processor.ledger.store import Writer
+from processor.personal_data import PersonalDataCipher
 from processor.security import PanHasher, luhn_check_digit
 
 # Random numbers drawn before giving up on a free card number: with a sane BIN range a
@@ -137,13 +150,19 @@ def _card(writer: Writer, card_id: str) -> tuple[bytes, Card]:
 
 
 def create_account(
-    account_id: str, currency: str, credit_limit: int, controls: Controls | None
+    account_id: str,
+    currency: str,
+    credit_limit: int,
+    controls: Controls | None,
+    cardholder_id: str | None = None,
 ) -> Operation:
     def run(writer: Writer, now_ms: int) -> Reply:
         if writer.account(account_id) is not None:
             raise Refused(
                 409, "account_exists", f"account {account_id!r} already exists", field="$.id"
             )
+        if cardholder_id is not None:
+            _cardholder(writer, cardholder_id, field="$.cardholder_id")
         account = Account(
             id=account_id,
             currency=currency,
@@ -151,6 +170,7 @@ def create_account(
             credit_limit=credit_limit,
             controls=stored_controls(controls),
             created_ms=now_ms,
+            cardholder_id=cardholder_id,
         )
         writer.put_account(account)
         return Reply(status=201, body=_encode(account_view(account)))
@@ -202,6 +222,7 @@ def _event(
     card: Card | None = None,
     amount: int | None = None,
     entry_sequence: int | None = None,
+    cardholder: Cardholder | None = None,
 ) -> None:
     """An event for a change made through the API, in its transaction (every change has one:
     the programme's other systems follow the ledger through them, not through API replies)."""
@@ -215,6 +236,8 @@ def _event(
         masked_pan=None if card is None else card.masked_pan,
         amount=amount,
         entry_sequence=entry_sequence,
+        cardholder_id=None if cardholder is None else cardholder.id,
+        kyc_status=None if cardholder is None else cardholder.kyc_status,
     )
     writer.emit(record)
 
@@ -329,6 +352,86 @@ def reset_cvc2(card_id: str) -> Operation:
     return run
 
 
+def _issuing_to(
+    writer: Writer, cardholder_id: str | None, issuing: CardIssuingConfig
+) -> str | None:
+    """The cardholder a new card goes to: it must exist and its KYC be approved."""
+    if cardholder_id is None:
+        if issuing.require_cardholder:
+            raise Refused(
+                409,
+                "cardholder_required",
+                "a card is issued only to a verified cardholder: name one (cardholder_id), or "
+                "open the account for one",
+                field="$.cardholder_id",
+            )
+        return None
+    holder = _cardholder(writer, cardholder_id, field="$.cardholder_id")
+    if holder.kyc_status != "approved":
+        raise Refused(
+            409,
+            "kyc_not_approved",
+            f"cardholder {holder.id} has KYC status {holder.kyc_status}; a card is issued only "
+            "once it is approved",
+            field="$.cardholder_id",
+            details={"status": holder.kyc_status},
+        )
+    return holder.id
+
+
+def _cardholder(writer: Writer, cardholder_id: str, *, field: str | None = None) -> Cardholder:
+    holder = writer.cardholder(cardholder_id)
+    if holder is None:
+        raise Refused(404, "cardholder_not_found", f"no cardholder {cardholder_id!r}", field=field)
+    return holder
+
+
+# --- cardholders -----------------------------------------------------------------------------
+
+
+def create_cardholder(details: CardholderDetails, cipher: PersonalDataCipher) -> Operation:
+    """A cardholder whose KYC is pending, its personal data sealed before it is stored. The
+    idempotent replay answers the cardholder without `details` (never kept in the clear)."""
+    kind: CardholderKind = "individual" if isinstance(details, Individual) else "business"
+    cardholder_id = "ch_" + secrets.token_hex(10)
+    plaintext = msgspec.json.encode(details)
+
+    def run(writer: Writer, now_ms: int) -> Reply:
+        sealed_with, sealed = cipher.seal(plaintext, cardholder_id)
+        holder = Cardholder(
+            id=cardholder_id,
+            kind=kind,
+            kyc_status="pending",
+            created_ms=now_ms,
+            updated_ms=now_ms,
+            sealed_with=sealed_with,
+            sealed=sealed,
+        )
+        writer.put_cardholder(holder)
+        _event(writer, now_ms, "cardholder.created", "kyc_pending", cardholder=holder)
+        return Reply(
+            status=201,
+            body=_encode(cardholder_view(holder, details)),
+            kept=_encode(cardholder_view(holder)),
+        )
+
+    return run
+
+
+def set_kyc_status(cardholder_id: str, status: KycStatus) -> Operation:
+    """The programme's verification provider decided; an event when the status changed."""
+
+    def run(writer: Writer, now_ms: int) -> Reply:
+        holder = _cardholder(writer, cardholder_id)
+        if holder.kyc_status != status:
+            holder = msgspec.structs.replace(holder, kyc_status=status, updated_ms=now_ms)
+            writer.put_cardholder(holder)
+            _event(writer, now_ms, "cardholder.kyc_updated", f"kyc_{status}", cardholder=holder)
+        return Reply(status=200, body=_encode(cardholder_view(holder)))
+
+    return run
+
+
 def random_pan(bin_prefix: str, length: int) -> str:
     free = length - len(bin_prefix) - 1
     body = bin_prefix + f"{secrets.randbelow(10**free):0{free}d}"
@@ -350,6 +453,7 @@ def issue_virtual_card(
     draw: Callable[[str, int], str] = random_pan,
     *,
     card_keys: CardVerificationKeys = NO_KEYS,
+    cardholder_id: str | None = None,
 ) -> Operation:
     """A new card number in the programme's BIN range, never one already in the ledger, with
     its CVC2 when the range has a card verification key.
@@ -360,6 +464,7 @@ def issue_virtual_card(
 
     def run(writer: Writer, now_ms: int) -> Reply:
         account = _open_account(writer, account_id, field="$.account_id")
+        holder = _issuing_to(writer, cardholder_id or account.cardholder_id, issuing)
         expiry = expiry_after(now_ms, issuing.expiry_months)
         for _ in range(PAN_ATTEMPTS_MAX):
             pan = draw(issuing.bin_prefix, issuing.pan_length)
@@ -386,6 +491,7 @@ def issue_virtual_card(
             created_ms=now_ms,
             virtual=True,
             cvc2_key=None if key is None else key[0],
+            cardholder_id=holder,
         )
         writer.put_card(card_key, card, None)
         return Reply(

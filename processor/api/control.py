@@ -28,15 +28,20 @@ from processor.api.port import Processor
 from processor.api.views import (
     ACCOUNT_ID_PATTERN,
     CARD_ID_PATTERN,
+    CARDHOLDER_ID_PATTERN,
     AuthorizationsPage,
+    CardholderDetails,
     CardRegistration,
     EntriesPage,
+    KycUpdate,
     Movement,
     NewAccount,
+    NewCardholder,
     NewVirtualCard,
     account_view,
     authorization_view,
     card_view,
+    cardholder_view,
     entry_view,
     usage_view,
 )
@@ -47,6 +52,7 @@ from processor.engine.controls import Periods, control_errors, periods_at
 from processor.ledger.controls import NO_CONTROLS, Controls, account_scope, card_scope
 from processor.ledger.records import Card
 from processor.ledger.store import LedgerError, LedgerFull, Reader
+from processor.personal_data import PersonalDataCipher, PersonalDataError
 from processor.security import PanHasher, luhn_valid
 
 log = logging.getLogger("processor.api")
@@ -159,6 +165,12 @@ def account_id_of(request: web.Request) -> str:
 
 def card_id_of(request: web.Request) -> str:
     return _id_in_path(request, "card_id", CARD_ID_PATTERN, "card_not_found", "card")
+
+
+def cardholder_id_of(request: web.Request) -> str:
+    return _id_in_path(
+        request, "cardholder_id", CARDHOLDER_ID_PATTERN, "cardholder_not_found", "cardholder"
+    )
 
 
 def page_limit(request: web.Request) -> int:
@@ -288,6 +300,10 @@ class ControlApi:
         for action in CARD_ACTIONS:
             table.append(("POST", f"{card}/{action}", self._card_action(action), ()))
         table.append(("POST", card + "/reset-cvc2", self.reset_cvc2, ()))
+        cardholder = "/v1/cardholders/{cardholder_id}"
+        table.append(("POST", "/v1/cardholders", self.create_cardholder, ()))
+        table.append(("GET", cardholder, self.get_cardholder, ()))
+        table.append(("POST", cardholder + "/kyc", self.set_kyc_status, ()))
         return [
             web.route(method, path, only_query(handler, query))
             for method, path, handler, query in table
@@ -352,7 +368,7 @@ class ControlApi:
             raise ApiError(400, "invalid_body", "$.id: letters, digits and _.:- only", field="$.id")
         account_id = body.id or "acct_" + secrets.token_hex(12)
         operation = commands.create_account(
-            account_id, body.currency, body.credit_limit, body.controls
+            account_id, body.currency, body.credit_limit, body.controls, body.cardholder_id
         )
         return await self._apply(request, raw, operation)
 
@@ -446,6 +462,7 @@ class ControlApi:
             self.hasher,
             self.daemon.config.programme.card_issuing,
             card_keys=self.daemon.card_keys,
+            cardholder_id=body.cardholder_id,
         )
         return await self._apply(request, raw, operation)
 
@@ -489,6 +506,38 @@ class ControlApi:
             return await self._apply(request, raw, commands.change_card_status(card_id, action))
 
         return handle
+
+    def _cipher(self) -> PersonalDataCipher:
+        cipher = self.daemon.personal_data
+        if cipher is None:  # a process without the keys (workers serve no HTTP)
+            raise ApiError(503, "personal_data_unavailable", "no personal-data key here")
+        return cipher
+
+    async def create_cardholder(self, request: web.Request) -> web.Response:
+        raw, body = await json_body(request, NewCardholder)
+        operation = commands.create_cardholder(body.details, self._cipher())
+        return await self._apply(request, raw, operation)
+
+    async def get_cardholder(self, request: web.Request) -> web.Response:
+        cardholder_id = cardholder_id_of(request)
+        with self.daemon.ledger.read() as reader:
+            holder = reader.cardholder(cardholder_id)
+        if holder is None:
+            raise ApiError(404, "cardholder_not_found", f"no cardholder {cardholder_id!r}")
+        try:
+            plaintext = self._cipher().open(holder.sealed_with, holder.sealed, holder.id)
+        except PersonalDataError as error:
+            log.error("control API: %s", error)  # names the cardholder and key id, no data
+            raise ApiError(
+                503, "personal_data_unavailable", f"cardholder {holder.id}: cannot open its data"
+            ) from None
+        details = msgspec.json.decode(plaintext, type=CardholderDetails)
+        return json_response(cardholder_view(holder, details))
+
+    async def set_kyc_status(self, request: web.Request) -> web.Response:
+        cardholder_id = cardholder_id_of(request)
+        raw, body = await json_body(request, KycUpdate)
+        return await self._apply(request, raw, commands.set_kyc_status(cardholder_id, body.status))
 
     async def reset_cvc2(self, request: web.Request) -> web.Response:
         card_id = card_id_of(request)

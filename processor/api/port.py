@@ -15,6 +15,7 @@ from processor.config import Config
 from processor.cvc2 import CardVerificationKeys
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
+from processor.personal_data import PersonalDataCipher
 from processor.security import PanHasher
 
 
@@ -24,6 +25,7 @@ class Processor(Protocol):
     metrics: Metrics
     hasher: PanHasher  # the key the ledger is bound to
     card_keys: CardVerificationKeys  # computes the CVC2 of the cards the API issues
+    personal_data: PersonalDataCipher | None  # seals and opens cardholders' personal data
     stopping: bool
     ledger_full: bool  # the last batch found the map full at its ceiling
 

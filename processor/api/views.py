@@ -30,9 +30,12 @@ from processor.ledger.records import (
     Account,
     AccountStatus,
     Card,
+    Cardholder,
+    CardholderKind,
     CardStatus,
     EntryKind,
     HoldStatus,
+    KycStatus,
     LedgerEntry,
     StoredAnswer,
 )
@@ -54,6 +57,8 @@ AccountId = Annotated[
     ),
 ]
 CardId = Annotated[str, Meta(pattern=CARD_ID_PATTERN)]
+CARDHOLDER_ID_PATTERN: Final = r"^ch_[0-9a-f]{20}$"
+CardholderId = Annotated[str, Meta(pattern=CARDHOLDER_ID_PATTERN)]
 CurrencyCode = Annotated[
     str,
     Meta(
@@ -115,6 +120,7 @@ class NewAccount(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     currency: CurrencyCode
     credit_limit: MinorUnits = 0
     controls: Controls | None = None
+    cardholder_id: CardholderId | None = None  # whose account (must exist)
 
 
 class Movement(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -127,6 +133,59 @@ class Movement(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class NewVirtualCard(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     account_id: AccountId
     controls: Controls | None = None
+    # Who gets it; absent: the account's cardholder. Its KYC must be approved
+    # (programme.card_issuing.require_cardholder).
+    cardholder_id: CardholderId | None = None
+
+
+class Address(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    line1: Annotated[str, Meta(min_length=1, max_length=100)]
+    line2: Annotated[str, Meta(max_length=100)] | None = None
+    city: Annotated[str, Meta(min_length=1, max_length=60)]
+    postal_code: Annotated[str, Meta(min_length=1, max_length=16)]
+    country: Annotated[str, Meta(pattern=r"^[A-Z]{2}$")]  # ISO 3166-1 alpha-2
+
+
+class Individual(
+    msgspec.Struct,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    omit_defaults=True,
+    tag="individual",
+    tag_field="type",
+):
+    """A person. Kept sealed (AES-256-GCM); never in logs, metrics or events."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=140)]
+    date_of_birth: date
+    address: Address
+    email: Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+$", max_length=254)] | None = None
+    phone: Annotated[str, Meta(pattern=r"^\+[1-9][0-9]{6,14}$")] | None = None  # E.164
+
+
+class Business(
+    msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag="business", tag_field="type"
+):
+    """A company (KYB). Kept sealed like a person's data."""
+
+    legal_name: Annotated[str, Meta(min_length=1, max_length=140)]
+    registration_number: Annotated[str, Meta(min_length=1, max_length=40)]
+    address: Address
+
+
+CardholderDetails = Individual | Business  # the body's "type" says which
+
+
+class NewCardholder(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A person or business to verify; KYC starts `pending` (POST .../kyc sets it)."""
+
+    details: CardholderDetails
+
+
+class KycUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The programme's verification provider decided (or wants another look)."""
+
+    status: KycStatus
 
 
 class CardRegistration(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -153,6 +212,19 @@ class AccountView(msgspec.Struct, kw_only=True):
     status: AccountStatus
     controls: Controls
     created: Timestamp | None  # null for accounts loaded from a file before this was recorded
+    cardholder_id: str | None  # whose account; null when none was named
+
+
+class CardholderView(msgspec.Struct, kw_only=True):
+    """A cardholder. `details` (the personal data) is answered to GET only: the creating
+    request's idempotent replay and the KYC update leave it out."""
+
+    id: str
+    type: CardholderKind
+    kyc_status: KycStatus
+    created: Timestamp
+    updated: Timestamp
+    details: CardholderDetails | UnsetType = UNSET
 
 
 class EntryView(msgspec.Struct, kw_only=True):
@@ -193,6 +265,7 @@ class CardView(msgspec.Struct, kw_only=True):
     # CVC2 mismatches in a row; at security.cvc2_attempts_max its card-not-present use is
     # blocked until POST /v1/cards/{id}/reset-cvc2.
     cvc2_failures: Annotated[int, Meta(ge=0)]
+    cardholder_id: str | None  # who holds it; null for cards from before cardholders
 
 
 class IssuedCard(CardView, kw_only=True):
@@ -296,6 +369,19 @@ def account_view(account: Account) -> AccountView:
         status=account.status,
         controls=account.controls or NO_CONTROLS,
         created=_created(account.created_ms),
+        cardholder_id=account.cardholder_id,
+    )
+
+
+def cardholder_view(holder: Cardholder, details: CardholderDetails | None = None) -> CardholderView:
+    """`details` only where the caller opened the sealed data and may answer it."""
+    return CardholderView(
+        id=holder.id,
+        type=holder.kind,
+        kyc_status=holder.kyc_status,
+        created=timestamp(holder.created_ms),
+        updated=timestamp(holder.updated_ms),
+        details=UNSET if details is None else details,
     )
 
 
@@ -323,6 +409,7 @@ def card_view(card: Card, cvc2_failures: int = 0) -> CardView:
         created=_created(card.created_ms),
         cvc2_checked=card.cvc2_key is not None,
         cvc2_failures=cvc2_failures,
+        cardholder_id=card.cardholder_id,
     )
 
 
@@ -418,6 +505,9 @@ SCHEMA_TYPES: Final[tuple[Any, ...]] = (
     AuthorizationView,
     AuthorizationsPage,
     Controls,
+    NewCardholder,
+    KycUpdate,
+    CardholderView,
 )
 
 

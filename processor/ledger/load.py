@@ -155,6 +155,7 @@ def card_record(
     created_ms: int = 0,
     virtual: bool = False,
     cvc2_key: str | None = None,
+    cardholder_id: str | None = None,
 ) -> Card:
     """The one way a PAN becomes a card record: its id from the keyed hash, and of the number
     only what may be shown (BIN, last four, length)."""
@@ -170,6 +171,7 @@ def card_record(
         created_ms=created_ms,
         virtual=virtual,
         cvc2_key=cvc2_key,
+        cardholder_id=cardholder_id,
     )
 
 
@@ -387,6 +389,7 @@ def _put_cards(
             created_ms=previous.created_ms if previous is not None else now_ms,
             virtual=previous.virtual if previous is not None else False,
             cvc2_key=previous.cvc2_key if previous is not None else None,  # the card's own
+            cardholder_id=previous.cardholder_id if previous is not None else None,
         )
         writer.put_card(card_key, card, previous.account_id if previous is not None else None)
         if previous is not None:

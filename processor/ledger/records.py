@@ -14,6 +14,9 @@ from processor.ledger.controls import Controls, Usage
 
 CardStatus = Literal["active", "inactive", "frozen", "lost", "stolen", "closed"]
 AccountStatus = Literal["active", "frozen", "closed"]
+CardholderKind = Literal["individual", "business"]
+# Know-your-customer (KYB for a business) status, set by the programme from its provider.
+KycStatus = Literal["pending", "approved", "rejected", "review"]
 HoldStatus = Literal["open", "released", "captured", "expired"]
 EntryKind = Literal["fund", "debit"]  # a ledger entry made through the control API or a load
 
@@ -34,6 +37,7 @@ class Account(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     usage: Usage | None = None  # spend-control usage of all its cards together (None = none yet)
     last_answer: bytes | None = None  # newest answer about it: head of its history chain
     open_holds: int = 0  # how many of its holds are open (their sum is `held`)
+    cardholder_id: str | None = None  # whose account (a business's may carry many cardholders)
 
     @property
     def available(self) -> int:
@@ -58,6 +62,7 @@ class Card(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     # The check value of the card verification key its CVC2 was computed with (processor/
     # cvc2.py); None: the processor gave it no CVC2 (registered or loaded: not checked).
     cvc2_key: str | None = None
+    cardholder_id: str | None = None  # who holds it (issuing needs an approved cardholder)
 
     @property
     def masked_pan(self) -> str:
@@ -272,3 +277,19 @@ class OutboxRecord(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     # What the CVC2 the request carried showed (match, mismatch, not_checked: the card has no
     # key, key_unavailable); None: none was sent. Never the CVC2 itself.
     cvc2: str | None = None
+    cardholder_id: str | None = None  # cardholder.* events
+    kyc_status: str | None = None  # cardholder.* events: the status now
+
+
+class Cardholder(msgspec.Struct, array_like=True, kw_only=True, gc=False):
+    """A person or business the programme verified (or is verifying). In the clear only what
+    authorisations, events and metrics may know; the personal data is `sealed`
+    (processor/personal_data.py: AES-256-GCM under `sealed_with`, the id as associated data)."""
+
+    id: str
+    kind: CardholderKind
+    kyc_status: KycStatus
+    created_ms: int
+    updated_ms: int
+    sealed_with: str  # the id of the key that sealed it
+    sealed: bytes

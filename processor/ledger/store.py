@@ -24,6 +24,7 @@ from processor.ledger.controls import Controls, Usage
 from processor.ledger.records import (
     Account,
     Card,
+    Cardholder,
     CardState,
     ClearedRecord,
     EntryKind,
@@ -64,6 +65,7 @@ _DATABASES = (
     "card_ids",  # card id -> card key: the API names cards by id, the ledger keys them by HMAC
     "entries",  # account id + u64 sequence -> LedgerEntry: funding and debits via the API
     "idempotency",  # Idempotency-Key scope -> IdempotentResponse: API POSTs applied once
+    "cardholders",  # cardholder id -> Cardholder (personal data sealed, processor/personal_data)
 )
 # Databases of schema 1 whose content schema 2 keeps in other records; dropped by the migration.
 _RETIRED_DATABASES = ("usage", "card_answers", "account_answers", "account_holds")
@@ -96,6 +98,7 @@ class _Codecs:
         "answer",
         "card",
         "card_state",
+        "cardholder",
         "cleared",
         "controls",
         "encoder",
@@ -118,6 +121,7 @@ class _Codecs:
         self.usage = msgspec.msgpack.Decoder(Usage)
         self.controls = msgspec.msgpack.Decoder(Controls)
         self.entry = msgspec.msgpack.Decoder(LedgerEntry)
+        self.cardholder = msgspec.msgpack.Decoder(Cardholder)
         self.event_ids = msgspec.msgpack.Decoder(EventIds)
 
 
@@ -167,7 +171,9 @@ class Ledger:
                 # A read-only environment opens each database in a transaction of its own;
                 # handles opened inside a shared read transaction are unusable after it ends.
                 self._dbs = {}
-                for name in _DATABASES:
+                # The schema first: an older ledger also lacks databases, and "migrate it" is
+                # the answer to both.
+                for name in ("meta", *(each for each in _DATABASES if each != "meta")):
                     try:
                         self._dbs[name] = self.env.open_db(name.encode(), create=False)
                     except lmdb.NotFoundError:
@@ -176,14 +182,8 @@ class Ledger:
                             "older version); open it read-write once, e.g. by starting the "
                             "daemon or `processor ledger load`, to add it"
                         ) from None
-                with self.env.begin(write=False) as txn:
-                    stored = txn.get(b"schema", db=self._dbs["meta"])
-                if stored is not None and bytes(stored) != SCHEMA_VERSION:
-                    raise LedgerError(
-                        f"ledger {self.path}: schema {bytes(stored)!r}, this build reads "
-                        f"{SCHEMA_VERSION!r}; open it read-write once (start the daemon or run "
-                        "`processor ledger migrate`) to migrate it"
-                    )
+                    if name == "meta":
+                        self._check_schema_read_only()
             else:
                 # A migration rewrites records and may need more room than the map has: it
                 # grows the map up to its ceiling, as a batch does, and runs again from the
@@ -211,6 +211,16 @@ class Ledger:
         except LedgerError:
             self.env.close()
             raise
+
+    def _check_schema_read_only(self) -> None:
+        with self.env.begin(write=False) as txn:
+            stored = txn.get(b"schema", db=self._dbs["meta"])
+        if stored is not None and bytes(stored) != SCHEMA_VERSION:
+            raise LedgerError(
+                f"ledger {self.path}: schema {bytes(stored)!r}, this build reads "
+                f"{SCHEMA_VERSION!r}; open it read-write once (start the daemon or run "
+                "`processor ledger migrate`) to migrate it"
+            )
 
     def _open_read_write(self) -> None:
         """Open (creating) every database, name the ledger, and migrate an older schema, in
@@ -527,6 +537,10 @@ class Reader:
     def hold_of(self, identity: bytes, answer: StoredAnswer | None) -> Hold | None:
         """The hold the answer to `identity` opened, if it opened one."""
         return None if answer is None else hold_view(identity, answer)
+
+    def cardholder(self, cardholder_id: str) -> Cardholder | None:
+        raw = self._txn.get(cardholder_id.encode(), db=self._dbs["cardholders"])
+        return None if raw is None else self._codecs.cardholder.decode(raw)
 
     def clearing_record(self, record_id: str) -> ClearedRecord | None:
         """What the clearing record with this id did when it was applied; None if it never was."""
@@ -1051,6 +1065,13 @@ class Writer(Reader):
                 if hold is not None and hold.status == "open":
                     holds.append(hold)
         return holds
+
+    def put_cardholder(self, cardholder: Cardholder) -> None:
+        self._txn.put(
+            cardholder.id.encode(),
+            self._codecs.encoder.encode(cardholder),
+            db=self._dbs["cardholders"],
+        )
 
     def put_clearing_record(self, record_id: str, outcome: ClearedRecord) -> None:
         self._txn.put(

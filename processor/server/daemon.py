@@ -32,6 +32,7 @@ from processor.ledger.store import Ledger, LedgerError
 from processor.lifecycle import ADVICE_CLASSES
 from processor.log_budget import LogBudget
 from processor.metrics import Metrics
+from processor.personal_data import PersonalDataCipher
 from processor.security import PanHasher
 from processor.server.acceptor import REFUSAL_REASONS, Acceptor, Reserve
 from processor.server.link import Link, Listener, Queued
@@ -63,10 +64,12 @@ class Daemon:
         *,
         sweeps_ledger: bool = True,
         card_keys: CardVerificationKeys | None = None,
+        personal_data: PersonalDataCipher | None = None,
     ):
         self.config = config
         self.ledger = ledger
         self.hasher = hasher
+        self.personal_data = personal_data  # the primary's, for the control API
         # The primary's come checked from start-up; a worker reads the same variables.
         self.card_keys = (
             card_keys

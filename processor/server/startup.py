@@ -18,6 +18,7 @@ from processor import limits
 from processor.config import DEMO_BIN_PREFIX, CardVerificationRange, Config
 from processor.cvc2 import NO_KEYS, CardVerificationError, CardVerificationKeys
 from processor.cvc2 import keys_from_environment as card_keys_from_environment
+from processor.personal_data import PersonalDataCipher, PersonalDataError, cipher_from_environment
 from processor.security import INSECURE_DEVELOPMENT_KEY, PanHasher
 
 log = logging.getLogger("processor.daemon")
@@ -34,6 +35,7 @@ class StartSettings(msgspec.Struct, frozen=True):
     demo: bool
     generated_token: bool  # --demo made up the token: announce it once
     card_keys: CardVerificationKeys = NO_KEYS
+    personal_data: PersonalDataCipher | None = None
 
     def __repr__(self) -> str:  # a traceback or a debug print never shows the token
         return f"StartSettings(demo={self.demo}, api_token={'set' if self.api_token else None})"
@@ -62,10 +64,24 @@ def start_settings(config: Config, environ: dict[str, str], *, demo: bool) -> St
         card_keys = card_keys_from_environment(config.security.card_verification_keys, environ)
     except CardVerificationError as error:
         problems.append(str(error))
+    personal_data = None
+    try:
+        if config.http.control_api:  # cardholders are reached through it alone
+            personal_data = cipher_from_environment(
+                config.security.personal_data_key_envs, environ, demo=demo
+            )
+    except PersonalDataError as error:
+        problems.append(str(error))
+    if personal_data is not None and personal_data.insecure:
+        log.warning(
+            "--demo: %s is not set: sealing cardholders' personal data with the INSECURE "
+            "published development key. Never put real people in it.",
+            config.security.personal_data_key_envs[0],
+        )
     if problems:
         raise Unready("; ".join(problems) + " (or run `processor serve --demo` to try it out)")
     assert hasher is not None
-    return StartSettings(config, hasher, token, demo, generated, card_keys)
+    return StartSettings(config, hasher, token, demo, generated, card_keys, personal_data)
 
 
 def _card_verification(config: Config, demo: bool, api: bool, problems: list[str]) -> Config:

@@ -13,6 +13,18 @@ import aiohttp
 import msgspec
 
 REQUEST_SECONDS = 10.0  # one API call; a slow answer is a failure, not a hang
+# The simulated programme's cardholder: made up, as a test system's are.
+SIM_PERSON: dict[str, Any] = {
+    "type": "individual",
+    "name": "Sim Cardholder",
+    "date_of_birth": "1990-01-01",
+    "address": {
+        "line1": "1 Test Street",
+        "city": "Berlin",
+        "postal_code": "10115",
+        "country": "DE",
+    },
+}
 
 
 class ApiProblem(Exception):
@@ -145,10 +157,23 @@ class ControlApi:
         except msgspec.DecodeError as error:
             raise ApiProblem(f"POST /v1/cards: answer without a card id: {error}") from None
 
-    async def issue_virtual_card(self, account_id: str) -> CardIssued:
+    async def verified_cardholder(self) -> str:
+        """A made-up person whose KYC the simulated programme approves at once."""
+        answer = await self.expect("POST", "/v1/cardholders", {"details": SIM_PERSON}, ok=(201,))
+        try:
+            cardholder_id = msgspec.json.decode(answer.body, type=CardCreated).id
+        except msgspec.DecodeError as error:
+            raise ApiProblem(f"POST /v1/cardholders: answer without an id: {error}") from None
+        await self.expect("POST", f"/v1/cardholders/{cardholder_id}/kyc", {"status": "approved"})
+        return cardholder_id
+
+    async def issue_virtual_card(self, account_id: str, cardholder_id: str) -> CardIssued:
         """A new card each call (no idempotency key: a rerun is meant to get another)."""
         answer = await self.expect(
-            "POST", "/v1/cards/virtual", {"account_id": account_id}, ok=(201,)
+            "POST",
+            "/v1/cards/virtual",
+            {"account_id": account_id, "cardholder_id": cardholder_id},
+            ok=(201,),
         )
         try:
             return msgspec.json.decode(answer.body, type=CardIssued)

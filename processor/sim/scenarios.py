@@ -363,7 +363,7 @@ async def _cvc2_lockout(session: Session) -> Row:
     try:
         await api.ensure_account(API_ACCOUNT, "EUR")
         await api.fund(API_ACCOUNT, 100_000, "processor sim float", API_FUND_KEY)
-        card = await api.issue_virtual_card(API_ACCOUNT)
+        card = await api.issue_virtual_card(API_ACCOUNT, await api.verified_cardholder())
         if card.cvc2 is None:
             raise ApiProblem("POST /v1/cards/virtual: no cvc2 (no card verification key)")
         wrong = f"{(int(card.cvc2) + 1) % 1000:03d}"

@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -175,8 +176,34 @@ def link(daemon: RunningDaemon) -> Iterator[Link]:
         connection.close()
 
 
+def verified_cardholder(api: Api) -> str:
+    """A cardholder whose KYC the programme approved: cards may be issued to it."""
+    created = api.post("/v1/cardholders", {"details": ADA})
+    assert created.status == 201, created.text
+    cardholder_id = created.body["id"]
+    approved = api.post(f"/v1/cardholders/{cardholder_id}/kyc", {"status": "approved"})
+    assert approved.status == 200, approved.text
+    return cardholder_id
+
+
+ADA = {
+    "type": "individual",
+    "name": "Ada Quietwater",
+    "date_of_birth": "1985-12-10",
+    "address": {
+        "line1": "Kastanienallee 12",
+        "city": "Berlin",
+        "postal_code": "10435",
+        "country": "DE",
+    },
+    "email": "ada.quietwater@example.org",
+}
+
+
 def new_account(api: Api, balance: int = 0, currency: str = "EUR", **extra: Any) -> str:
+    """An account for a verified cardholder (so virtual cards may be issued on it)."""
     account_id = unique("acct")
+    extra.setdefault("cardholder_id", verified_cardholder(api))
     created = api.post("/v1/accounts", {"id": account_id, "currency": currency, **extra})
     assert created.status == 201, created.text
     if balance:
@@ -551,6 +578,46 @@ def test_virtual_card_number_is_answered_once(daemon: RunningDaemon, api: Api, l
     assert api.get(f"/v1/cards/{card_id}").body["cvc2_failures"] == 0
     logs = "".join(daemon.stdout) + daemon.stderr()
     assert pan not in logs and f"R9203{cvc2}" not in logs
+
+
+def test_cardholders_kyc_gates_issuing_and_personal_data_stays_sealed(
+    daemon: RunningDaemon, api: Api
+) -> None:
+    from harness import run_cli
+
+    created = api.post("/v1/cardholders", {"details": ADA})
+    assert created.status == 201 and created.body["kyc_status"] == "pending"
+    cardholder_id = created.body["id"]
+    shown = api.get(f"/v1/cardholders/{cardholder_id}")
+    assert shown.status == 200 and shown.body["details"] == ADA
+    account_id = new_account(api, balance=10_000, cardholder_id=cardholder_id)
+    for status in ("review", "rejected"):
+        assert api.post(f"/v1/cardholders/{cardholder_id}/kyc", {"status": status}).status == 200
+        refused = api.post("/v1/cards/virtual", {"account_id": account_id})
+        assert (refused.status, refused.code) == (409, "kyc_not_approved")
+        assert refused.body["error"]["details"] == {"status": status}
+    approved = api.post(f"/v1/cardholders/{cardholder_id}/kyc", {"status": "approved"})
+    assert approved.status == 200 and "details" not in approved.body
+    issued = api.post("/v1/cards/virtual", {"account_id": account_id})
+    assert issued.status == 201 and issued.body["cardholder_id"] == cardholder_id
+    bad = api.post("/v1/cardholders", {"details": dict(ADA, phone="12345")})
+    assert (bad.status, bad.code, bad.field) == (400, "invalid_body", "$.details.phone")
+
+    # No personal data in logs, metrics, events or the ledger's file: only the id and status.
+    listed = run_cli("events", "list", "--ledger", str(daemon.ledger), "--limit", "100000")
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.http_port}/metrics") as response:
+        metrics = response.read().decode()
+    places = {
+        "logs": "".join(daemon.stdout) + daemon.stderr(),
+        "metrics": metrics,
+        "events": listed.stdout,
+        "ledger": (daemon.ledger / "data.mdb").read_bytes().decode("latin-1"),
+    }
+    for where, text in places.items():
+        for secret in ("Quietwater", "Kastanienallee", "ada.quietwater", "1985-12-10"):
+            assert secret not in text, (where, secret)
+    assert f'"cardholder_id":"{cardholder_id}"' in listed.stdout.replace(" ", "")
+    assert '"kyc_status":"approved"' in listed.stdout.replace(" ", "")
 
 
 def test_register_card(api: Api) -> None:

@@ -465,7 +465,13 @@ def test_a_production_start_has_no_demo_data(tmp_path: Path) -> None:
         "[[security.card_verification_keys]]\nbin_prefix = '539999'\nkey_envs = ['CVK']\n"
     )
     cvk = "89ABCDEF0123456776543210FEDCBA98"
-    env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, PROCESSOR_API_TOKEN="p" * 24, CVK=cvk)
+    env = dict(
+        os.environ,
+        PROCESSOR_PAN_KEY=PAN_KEY,
+        PROCESSOR_API_TOKEN="p" * 24,
+        CVK=cvk,
+        PROCESSOR_DATA_KEY="5a" * 32,
+    )
     running = RunningDaemon(tmp_path / "ledger", config=config, env=env, demo=False).start()
     try:
         assert any("(durability fsync, 0 accounts)" in line for line in running.stdout)

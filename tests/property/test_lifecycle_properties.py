@@ -460,6 +460,7 @@ DATABASES: Final = frozenset(
         b"card_ids",
         b"entries",
         b"idempotency",
+        b"cardholders",
     }
 )
 # An event's facts that only messages and clearing have; the load's events have none of them.
@@ -487,7 +488,9 @@ NO_FACTS: Final[dict[str, Any]] = {
     "entry_sequence": None,
 }
 # Databases the lifecycle never writes: as the load left them.
-UNCHANGED: Final = (b"cards", b"card_ids", b"account_cards", b"entries", b"idempotency")
+UNCHANGED: Final = (
+    *(b"cards", b"card_ids", b"account_cards", b"entries", b"idempotency", b"cardholders"),
+)
 BIG_U64: Final = struct.Struct(">Q")  # hold ids, expiry times, event sequences in keys
 LITTLE_U64: Final = struct.Struct("<Q")  # approval times in Usage.recent
 # Responses to financial-class messages echo these when present (specs/messages.md).
@@ -872,7 +875,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             account.events += 1
         # The model's messages carry no CVC2 (tests/unit/test_cvc2_authorization.py has them),
         # and nothing else has one: no event says what one showed.
-        facts = {"cvc2": None, **facts}
+        facts = {"cvc2": None, "cardholder_id": None, "kyc_status": None, **facts}
         self.events.append(
             modelled(
                 OutboxRecord,
@@ -1737,6 +1740,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                     self.loaded_accounts[spec.id],
                     *("id", "currency", "credit_limit", "status", "controls", "created_ms"),
                     "entry_sequence",  # API funding and debits only
+                    "cardholder_id",  # as loaded (none)
                 ),
                 posted=model.posted,
                 held=model.held,
@@ -1922,6 +1926,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             b"outbox": len(self.events),
             b"entries": sum(1 for spec in ACCOUNTS if spec.posted),  # the load's fundings
             b"idempotency": 0,  # API POSTs only
+            b"cardholders": 0,  # API only
         }
 
     def digest(self, content: Any, stored: bytes) -> bytes:

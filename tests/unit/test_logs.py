@@ -224,8 +224,9 @@ def test_the_daemon_writes_only_json_lines_to_stderr(tmp_path: Path) -> None:
         assert {"ts", "level", "logger", "message"} <= set(record), record
         assert TS.match(record["ts"])
     insecure = [r for r in records if "INSECURE" in r["message"]]
-    # The development PAN key, and the development card verification key of the demo BIN.
-    assert len(insecure) == 2, records
+    # The development keys: PAN hashing, the demo BIN's card verification, personal data.
+    assert len(insecure) == 3, records
     assert "PROCESSOR_PAN_KEY" in insecure[0]["message"]
     assert "card verification key for BIN 476173" in insecure[1]["message"]
+    assert "PROCESSOR_DATA_KEY" in insecure[2]["message"]
     assert {record["level"] for record in insecure} == {"warning"}

@@ -18,7 +18,13 @@ WITH_BIN = parse_config(
     "[programme.card_issuing]\nbin_prefix = '53999900'\n"
     "[[security.card_verification_keys]]\nbin_prefix = '539999'\nkey_envs = ['CVK_5399']\n"
 )
-READY = {"PROCESSOR_PAN_KEY": KEY, "PROCESSOR_API_TOKEN": TOKEN, "CVK_5399": CVK}
+DATA_KEY = "aa" * 32
+READY = {
+    "PROCESSOR_PAN_KEY": KEY,
+    "PROCESSOR_API_TOKEN": TOKEN,
+    "CVK_5399": CVK,
+    "PROCESSOR_DATA_KEY": DATA_KEY,
+}
 
 
 def unready(config: Config, environ: dict[str, str]) -> str:
@@ -64,14 +70,16 @@ def test_an_api_token_one_character_short_is_refused() -> None:
 
 def test_the_variables_named_in_the_config_are_the_ones_checked() -> None:
     config = parse_config(
-        "[security]\npan_key_env = 'MY_KEY'\n[http]\napi_token_env = 'MY_TOKEN'\n"
+        "[security]\npan_key_env = 'MY_KEY'\npersonal_data_key_envs = ['MY_DATA']\n"
+        "[http]\napi_token_env = 'MY_TOKEN'\n"
         "[programme.card_issuing]\nbin_prefix = '53999900'\n"
         "[[security.card_verification_keys]]\nbin_prefix = '539999'\nkey_envs = ['MY_CVK']\n"
     )
     message = unready(config, READY)
     assert "MY_KEY is not set" in message and "MY_TOKEN is not set" in message
-    assert "key_envs[0]: MY_CVK is not set" in message
-    settings = start_settings(config, {"MY_KEY": KEY, "MY_TOKEN": TOKEN, "MY_CVK": CVK}, demo=False)
+    assert "key_envs[0]: MY_CVK is not set" in message and "(MY_DATA) is not set" in message
+    mine = {"MY_KEY": KEY, "MY_TOKEN": TOKEN, "MY_CVK": CVK, "MY_DATA": DATA_KEY}
+    settings = start_settings(config, mine, demo=False)
     assert settings.api_token == TOKEN
 
 
@@ -79,7 +87,8 @@ def test_with_the_control_api_off_no_token_is_needed() -> None:
     config = msgspec.structs.replace(
         WITH_BIN, http=msgspec.structs.replace(WITH_BIN.http, control_api=False)
     )
-    settings = start_settings(config, {"PROCESSOR_PAN_KEY": KEY, "CVK_5399": CVK}, demo=False)
+    environ = {"PROCESSOR_PAN_KEY": KEY, "CVK_5399": CVK, "PROCESSOR_DATA_KEY": DATA_KEY}
+    settings = start_settings(config, environ, demo=False)
     assert settings.api_token is None
 
 
@@ -178,3 +187,15 @@ def test_demo_gives_the_issuing_bin_the_development_key_and_only_demo_may() -> N
     assert "development_key is the published development key: --demo only" in unready(
         development, READY
     )
+
+
+def test_the_personal_data_key_is_required_outside_demo_and_named_when_wrong() -> None:
+    missing = unready(WITH_BIN, {k: v for k, v in READY.items() if k != "PROCESSOR_DATA_KEY"})
+    assert "personal_data_key_envs[0] (PROCESSOR_DATA_KEY) is not set" in missing
+    short = unready(WITH_BIN, dict(READY, PROCESSOR_DATA_KEY="ab" * 16))
+    assert "holds 16 bytes; AES-256 needs 32" in short and "ab" * 16 not in short
+    settings = start_settings(WITH_BIN, READY, demo=False)
+    assert settings.personal_data is not None and not settings.personal_data.insecure
+    assert DATA_KEY not in repr(settings.personal_data)
+    demo = start_settings(Config(), {}, demo=True)
+    assert demo.personal_data is not None and demo.personal_data.insecure
