@@ -557,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--framing", choices=("len2", "ascii4"), default="len2")
 
     sim = sub.add_parser(
-        "sim", help="network simulator: scenarios (default: all), or `sim load ...`"
+        "sim",
+        help="network simulator: scenarios (default: all), `sim load ...` or `sim bureau ...`",
     )
     target(sim)
     sim.add_argument(
@@ -575,6 +576,37 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("scenarios", nargs="*", help="scenario names; `list` to list them")
     sim.set_defaults(func=cmd_sim)
     return parser
+
+
+def build_bureau_parser() -> argparse.ArgumentParser:
+    bureau = argparse.ArgumentParser(
+        prog="processor sim bureau",
+        description="play the card bureau: report a physical card's fulfilment through the API",
+    )
+    bureau.add_argument("--api", required=True, help="control API base URL (127.0.0.1)")
+    bureau.add_argument("--api-token-env", default="PROCESSOR_API_TOKEN")
+    bureau.add_argument("--card", required=True, help="the card id (card_...)")
+    bureau.add_argument(
+        "--to", choices=("in_production", "shipped", "delivered"), default="delivered"
+    )
+    bureau.set_defaults(func=cmd_sim_bureau)
+    return bureau
+
+
+def cmd_sim_bureau(args: argparse.Namespace) -> int:
+    import os
+
+    import uvloop
+
+    from processor.sim.bureau import run_bureau
+
+    token = os.environ.get(args.api_token_env, "")
+    if not token:
+        print(
+            f"processor sim bureau: needs the API token in ${args.api_token_env}", file=sys.stderr
+        )
+        return 2
+    return uvloop.run(run_bureau(args.api, token, args.card, args.to))
 
 
 def build_load_parser() -> argparse.ArgumentParser:
@@ -604,6 +636,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) >= 2 and argv[0] == "sim" and argv[1] == "load":
         args = build_load_parser().parse_args(argv[2:])
+    elif len(argv) >= 2 and argv[0] == "sim" and argv[1] == "bureau":
+        args = build_bureau_parser().parse_args(argv[2:])
     else:
         args = build_parser().parse_args(argv)
     try:

@@ -32,6 +32,7 @@ EventType = Literal[
     "account.debited",
     "account.updated",
     "card.status_changed",
+    "card.fulfilment_updated",
     "card.updated",
     "card.cvc2_locked",
     "card.cvc2_reset",

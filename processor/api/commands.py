@@ -332,8 +332,7 @@ def change_card_status(card_id: str, action: CardAction) -> Operation:
         changed = msgspec.structs.replace(card, status=target)
         writer.put_card(card_key, changed, card.account_id)
         _event(writer, now_ms, "card.status_changed", f"card_{target}", card=changed)
-        failures = writer.card_state(changed).cvc2_failures
-        return Reply(status=200, body=_encode(card_view(changed, failures)))
+        return _card_reply(writer, changed)
 
     return run
 
@@ -445,6 +444,22 @@ def expiry_after(now_ms: int, months: int) -> str:
     return f"{(index // 12) % 100:02d}{index % 12 + 1:02d}"
 
 
+class Issuing(msgspec.Struct, frozen=True, kw_only=True):
+    """What every new card of the programme needs: its range, keys and number source."""
+
+    hasher: PanHasher
+    config: CardIssuingConfig
+    card_keys: CardVerificationKeys = NO_KEYS
+    draw: Callable[[str, int], str] = random_pan
+
+
+class Shipping(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a physical card goes: sealed like all personal data (processor/personal_data)."""
+
+    key: str
+    sealed: bytes
+
+
 def issue_virtual_card(
     account_id: str,
     controls: Controls | None,
@@ -456,51 +471,225 @@ def issue_virtual_card(
     cardholder_id: str | None = None,
 ) -> Operation:
     """A new card number in the programme's BIN range, never one already in the ledger, with
-    its CVC2 when the range has a card verification key.
+    its CVC2 when the range has a card verification key; active at once.
 
     The reply carries the full number and the CVC2; the copy kept for idempotent replays does
     not (neither is stored anywhere).
     """
+    source = Issuing(hasher=hasher, config=issuing, card_keys=card_keys, draw=draw)
 
     def run(writer: Writer, now_ms: int) -> Reply:
         account = _open_account(writer, account_id, field="$.account_id")
         holder = _issuing_to(writer, cardholder_id or account.cardholder_id, issuing)
-        expiry = expiry_after(now_ms, issuing.expiry_months)
-        for _ in range(PAN_ATTEMPTS_MAX):
-            pan = draw(issuing.bin_prefix, issuing.pan_length)
-            card_key = hasher.card_key(pan)
-            if writer.card(card_key) is not None:
-                continue
-            key = card_keys.issuing(pan)
-            cvc2 = None if key is None else compute_cvc2(key[1], pan, expiry)
-            if key is None or cvc2 is not None:  # else one of the rare numbers without one
-                break
-        else:
-            raise Refused(
-                503,
-                "card_numbers_exhausted",
-                f"no free card number found in {PAN_ATTEMPTS_MAX} draws in BIN range "
-                f"{issuing.bin_prefix}; widen programme.card_issuing",
-            )
-        card = card_record(
-            card_key,
-            pan,
-            account_id=account.id,
-            expiry=expiry,
-            controls=stored_controls(controls),
-            created_ms=now_ms,
-            virtual=True,
-            cvc2_key=None if key is None else key[0],
-            cardholder_id=holder,
-        )
-        writer.put_card(card_key, card, None)
-        return Reply(
-            status=201,
-            body=_encode(issued_card(card, pan, cvc2)),
-            kept=_encode(card_view(card)),
+        return _issue(writer, now_ms, source, account, holder, stored_controls(controls))
+
+    return run
+
+
+def order_physical_card(
+    account_id: str,
+    controls: Controls | None,
+    source: Issuing,
+    shipping: Shipping,
+    cardholder_id: str | None = None,
+) -> Operation:
+    """A card the bureau prints and ships: `inactive`, fulfilment `ordered`, until the
+    cardholder activates it once it has shipped. The reply holds its number and CVC2 for the
+    bureau, once, as a virtual card's does."""
+
+    def run(writer: Writer, now_ms: int) -> Reply:
+        account = _open_account(writer, account_id, field="$.account_id")
+        holder = _issuing_to(writer, cardholder_id or account.cardholder_id, source.config)
+        return _issue(
+            writer, now_ms, source, account, holder, stored_controls(controls), shipping=shipping
         )
 
     return run
+
+
+def _issue(
+    writer: Writer,
+    now_ms: int,
+    source: Issuing,
+    account: Account,
+    holder: str | None,
+    controls: Controls | None,
+    *,
+    shipping: Shipping | None = None,
+    replaces: str | None = None,
+) -> Reply:
+    issuing = source.config
+    expiry = expiry_after(now_ms, issuing.expiry_months)
+    for _ in range(PAN_ATTEMPTS_MAX):
+        pan = source.draw(issuing.bin_prefix, issuing.pan_length)
+        card_key = source.hasher.card_key(pan)
+        if writer.card(card_key) is not None:
+            continue
+        key = source.card_keys.issuing(pan)
+        cvc2 = None if key is None else compute_cvc2(key[1], pan, expiry)
+        if key is None or cvc2 is not None:  # else one of the rare numbers without one
+            break
+    else:
+        raise Refused(
+            503,
+            "card_numbers_exhausted",
+            f"no free card number found in {PAN_ATTEMPTS_MAX} draws in BIN range "
+            f"{issuing.bin_prefix}; widen programme.card_issuing",
+        )
+    card = card_record(
+        card_key,
+        pan,
+        account_id=account.id,
+        expiry=expiry,
+        status="active" if shipping is None else "inactive",
+        controls=controls,
+        created_ms=now_ms,
+        virtual=shipping is None,
+        cvc2_key=None if key is None else key[0],
+        cardholder_id=holder,
+    )
+    if shipping is not None:
+        card = msgspec.structs.replace(
+            card,
+            fulfilment="ordered",
+            shipping_key=shipping.key,
+            shipping_sealed=shipping.sealed,
+            replaces=replaces,
+        )
+    elif replaces is not None:
+        card = msgspec.structs.replace(card, replaces=replaces)
+    writer.put_card(card_key, card, None)
+    return Reply(
+        status=201,
+        body=_encode(issued_card(card, pan, cvc2)),
+        kept=_encode(card_view(card)),
+    )
+
+
+# Fulfilment states a physical card moves through, as the bureau reports them.
+FULFILMENT: Final[tuple[str, ...]] = ("ordered", "in_production", "shipped", "delivered")
+
+
+def update_fulfilment(card_id: str, status: str) -> Operation:
+    """The bureau's word: forward only (a report may skip a state), an event each change."""
+
+    def run(writer: Writer, now_ms: int) -> Reply:
+        card_key, card = _card(writer, card_id)
+        if card.fulfilment is None:
+            raise Refused(409, "not_a_physical_card", f"card {card_id} is not a physical card")
+        if FULFILMENT.index(status) < FULFILMENT.index(card.fulfilment):
+            raise Refused(
+                409,
+                "invalid_fulfilment_transition",
+                f"card {card_id} is {card.fulfilment} already; fulfilment only moves forward",
+                details={"from": card.fulfilment, "to": status},
+            )
+        if status != card.fulfilment:
+            card = msgspec.structs.replace(card, fulfilment=status)
+            writer.put_card(card_key, card, card.account_id)
+            _event(writer, now_ms, "card.fulfilment_updated", f"fulfilment_{status}", card=card)
+        return Reply(
+            status=200, body=_encode(card_view(card, writer.card_state(card).cvc2_failures))
+        )
+
+    return run
+
+
+def activate_card(card_id: str) -> Operation:
+    """The cardholder has the physical card: it authorises from now on. The card it replaces
+    (expiring or damaged) stops now."""
+
+    def run(writer: Writer, now_ms: int) -> Reply:
+        card_key, card = _card(writer, card_id)
+        if card.fulfilment not in ("shipped", "delivered") or card.status != "inactive":
+            raise Refused(
+                409,
+                "card_not_activatable",
+                f"card {card_id} is {card.status}, fulfilment {card.fulfilment}: only a "
+                "physical card that has shipped and was never activated can be",
+                details={"status": card.status, "fulfilment": card.fulfilment or "none"},
+            )
+        card = msgspec.structs.replace(card, status="active")
+        writer.put_card(card_key, card, card.account_id)
+        _event(writer, now_ms, "card.status_changed", "card_active", card=card)
+        if card.replaces is not None:
+            _stop(writer, now_ms, card.replaces, "closed")
+        return Reply(
+            status=200, body=_encode(card_view(card, writer.card_state(card).cvc2_failures))
+        )
+
+    return run
+
+
+ReplaceReason = Literal["lost", "stolen", "damaged", "expiring"]
+
+
+def replace_card(
+    card_id: str, reason: ReplaceReason, source: Issuing, shipping: Shipping | None
+) -> Operation:
+    """A new number on the same account, for the same cardholder, of the same kind. A lost or
+    stolen card stops at once; an expiring or damaged one when its replacement is activated
+    (a virtual replacement is active at once, so then)."""
+
+    def run(writer: Writer, now_ms: int) -> Reply:
+        _, old = _card(writer, card_id)
+        if old.status in ("lost", "stolen", "closed") or old.replaced_by is not None:
+            raise Refused(
+                409,
+                "card_not_replaceable",
+                f"card {card_id} is {old.status}"
+                + ("" if old.replaced_by is None else f", replaced by {old.replaced_by}"),
+            )
+        account = _open_account(writer, old.account_id)
+        physical = old.fulfilment is not None
+        ship = shipping
+        if physical and ship is None and old.shipping_key and old.shipping_sealed:
+            ship = Shipping(key=old.shipping_key, sealed=old.shipping_sealed)
+        if physical and ship is None:
+            raise Refused(
+                400,
+                "invalid_body",
+                "a physical card's replacement needs a shipping_address",
+                field="$.shipping_address",
+            )
+        holder = _issuing_to(writer, old.cardholder_id, source.config)  # still verified
+        reply = _issue(
+            writer,
+            now_ms,
+            source,
+            account,
+            holder,
+            old.controls,
+            shipping=ship if physical else None,
+            replaces=old.card_id,
+        )
+        new_id = msgspec.json.decode(reply.body)["id"]
+        old_key, old = _card(writer, card_id)
+        writer.put_card(old_key, msgspec.structs.replace(old, replaced_by=new_id), old.account_id)
+        if reason in ("lost", "stolen"):
+            _stop(writer, now_ms, old.card_id, reason)
+        elif not physical:
+            _stop(writer, now_ms, old.card_id, "closed")
+        return reply
+
+    return run
+
+
+def _card_reply(writer: Writer, card: Card) -> Reply:
+    return Reply(status=200, body=_encode(card_view(card, writer.card_state(card).cvc2_failures)))
+
+
+def _stop(writer: Writer, now_ms: int, card_id: str, status: CardStatus) -> None:
+    """The card stops authorising (lost, stolen or closed), with its event, if not already."""
+    found = writer.card_by_id(card_id)
+    if found is None:
+        return
+    card_key, card = found
+    if card.status in ("lost", "stolen", "closed"):
+        return
+    changed = msgspec.structs.replace(card, status=status)
+    writer.put_card(card_key, changed, card.account_id)
+    _event(writer, now_ms, "card.status_changed", f"card_{status}", card=changed)
 
 
 def register_card(

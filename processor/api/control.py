@@ -29,14 +29,18 @@ from processor.api.views import (
     ACCOUNT_ID_PATTERN,
     CARD_ID_PATTERN,
     CARDHOLDER_ID_PATTERN,
+    Address,
     AuthorizationsPage,
     CardholderDetails,
     CardRegistration,
+    CardReplacement,
     EntriesPage,
+    FulfilmentUpdate,
     KycUpdate,
     Movement,
     NewAccount,
     NewCardholder,
+    NewPhysicalCard,
     NewVirtualCard,
     account_view,
     authorization_view,
@@ -300,6 +304,10 @@ class ControlApi:
         for action in CARD_ACTIONS:
             table.append(("POST", f"{card}/{action}", self._card_action(action), ()))
         table.append(("POST", card + "/reset-cvc2", self.reset_cvc2, ()))
+        table.append(("POST", "/v1/cards/physical", self.order_physical_card, ()))
+        table.append(("POST", card + "/fulfilment", self.update_fulfilment, ()))
+        table.append(("POST", card + "/activate", self.activate_card, ()))
+        table.append(("POST", card + "/replace", self.replace_card, ()))
         cardholder = "/v1/cardholders/{cardholder_id}"
         table.append(("POST", "/v1/cardholders", self.create_cardholder, ()))
         table.append(("GET", cardholder, self.get_cardholder, ()))
@@ -538,6 +546,50 @@ class ControlApi:
         cardholder_id = cardholder_id_of(request)
         raw, body = await json_body(request, KycUpdate)
         return await self._apply(request, raw, commands.set_kyc_status(cardholder_id, body.status))
+
+    def _issuing(self) -> commands.Issuing:
+        return commands.Issuing(
+            hasher=self.hasher,
+            config=self.daemon.config.programme.card_issuing,
+            card_keys=self.daemon.card_keys,
+        )
+
+    def _shipping(self, address: Address, account_id: str) -> commands.Shipping:
+        """The address sealed like all personal data, bound to the account it ships for."""
+        key, sealed = self._cipher().seal(msgspec.json.encode(address), f"shipping:{account_id}")
+        return commands.Shipping(key=key, sealed=sealed)
+
+    async def order_physical_card(self, request: web.Request) -> web.Response:
+        raw, body = await json_body(request, NewPhysicalCard)
+        self._check_account_id(body.account_id)
+        currency = self._account_currency(body.account_id, "$.account_id")
+        check_controls(body.controls, currency, "$.controls")
+        shipping = self._shipping(body.shipping_address, body.account_id)
+        operation = commands.order_physical_card(
+            body.account_id, body.controls, self._issuing(), shipping, body.cardholder_id
+        )
+        return await self._apply(request, raw, operation)
+
+    async def update_fulfilment(self, request: web.Request) -> web.Response:
+        card_id = card_id_of(request)
+        raw, body = await json_body(request, FulfilmentUpdate)
+        return await self._apply(request, raw, commands.update_fulfilment(card_id, body.status))
+
+    async def activate_card(self, request: web.Request) -> web.Response:
+        card_id = card_id_of(request)
+        raw = await request.read()  # no body expected; it only enters the key's digest
+        return await self._apply(request, raw, commands.activate_card(card_id))
+
+    async def replace_card(self, request: web.Request) -> web.Response:
+        card_id = card_id_of(request)
+        raw, body = await json_body(request, CardReplacement)
+        shipping = None
+        if body.shipping_address is not None:
+            with self.daemon.ledger.read() as reader:
+                card = self._read_card(reader, card_id)
+            shipping = self._shipping(body.shipping_address, card.account_id)
+        operation = commands.replace_card(card_id, body.reason, self._issuing(), shipping)
+        return await self._apply(request, raw, operation)
 
     async def reset_cvc2(self, request: web.Request) -> web.Response:
         card_id = card_id_of(request)

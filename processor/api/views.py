@@ -182,6 +182,29 @@ class NewCardholder(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     details: CardholderDetails
 
 
+class NewPhysicalCard(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A card to print and ship; it authorises once the cardholder activates it."""
+
+    account_id: AccountId
+    shipping_address: Address
+    controls: Controls | None = None
+    cardholder_id: CardholderId | None = None  # absent: the account's cardholder
+
+
+class FulfilmentUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The card bureau's progress on a physical card (forward only)."""
+
+    status: Literal["ordered", "in_production", "shipped", "delivered"]
+
+
+class CardReplacement(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Why the card is replaced; a physical card's replacement ships to `shipping_address`,
+    or where the card it replaces went."""
+
+    reason: Literal["lost", "stolen", "damaged", "expiring"]
+    shipping_address: Address | None = None
+
+
 class KycUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The programme's verification provider decided (or wants another look)."""
 
@@ -266,6 +289,11 @@ class CardView(msgspec.Struct, kw_only=True):
     # blocked until POST /v1/cards/{id}/reset-cvc2.
     cvc2_failures: Annotated[int, Meta(ge=0)]
     cardholder_id: str | None  # who holds it; null for cards from before cardholders
+    # A physical card's fulfilment (ordered, in_production, shipped, delivered); null for a
+    # virtual or registered card.
+    fulfilment: str | None
+    replaces: str | None  # the card this one replaces
+    replaced_by: str | None  # the card that replaces this one
 
 
 class IssuedCard(CardView, kw_only=True):
@@ -410,6 +438,9 @@ def card_view(card: Card, cvc2_failures: int = 0) -> CardView:
         cvc2_checked=card.cvc2_key is not None,
         cvc2_failures=cvc2_failures,
         cardholder_id=card.cardholder_id,
+        fulfilment=card.fulfilment,
+        replaces=card.replaces,
+        replaced_by=card.replaced_by,
     )
 
 
@@ -508,6 +539,9 @@ SCHEMA_TYPES: Final[tuple[Any, ...]] = (
     NewCardholder,
     KycUpdate,
     CardholderView,
+    NewPhysicalCard,
+    FulfilmentUpdate,
+    CardReplacement,
 )
 
 

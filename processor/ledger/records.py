@@ -63,6 +63,13 @@ class Card(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     # cvc2.py); None: the processor gave it no CVC2 (registered or loaded: not checked).
     cvc2_key: str | None = None
     cardholder_id: str | None = None  # who holds it (issuing needs an approved cardholder)
+    # A physical card: where the bureau's fulfilment stands (ordered, in_production, shipped,
+    # delivered); None for a virtual or registered card.
+    fulfilment: str | None = None
+    shipping_key: str | None = None  # the personal-data key that sealed its shipping address
+    shipping_sealed: bytes | None = None
+    replaces: str | None = None  # the card this one replaces (stopped when this is activated)
+    replaced_by: str | None = None
 
     @property
     def masked_pan(self) -> str:

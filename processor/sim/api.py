@@ -180,6 +180,22 @@ class ControlApi:
         except msgspec.DecodeError as error:
             raise ApiProblem(f"POST /v1/cards/virtual: unexpected answer: {error}") from None
 
+    async def order_physical_card(self, account_id: str, cardholder_id: str) -> CardIssued:
+        """A card for the bureau to print, shipped to the simulated cardholder's address."""
+        body = {
+            "account_id": account_id,
+            "cardholder_id": cardholder_id,
+            "shipping_address": SIM_PERSON["address"],
+        }
+        answer = await self.expect("POST", "/v1/cards/physical", body, ok=(201,))
+        try:
+            return msgspec.json.decode(answer.body, type=CardIssued)
+        except msgspec.DecodeError as error:
+            raise ApiProblem(f"POST /v1/cards/physical: unexpected answer: {error}") from None
+
+    async def activate(self, card_id: str) -> None:
+        await self.expect("POST", f"/v1/cards/{card_id}/activate")
+
     async def reset_cvc2(self, card_id: str) -> None:
         await self.expect("POST", f"/v1/cards/{card_id}/reset-cvc2")
 

@@ -383,6 +383,42 @@ async def _cvc2_lockout(session: Session) -> Row:
     )
 
 
+async def _physical_card_activation(session: Session) -> Row:
+    """The programme orders a physical card: refused (62) until the bureau has shipped it
+    and the cardholder has activated it (00)."""
+    from processor.sim.bureau import play_bureau
+
+    api = session.api
+    assert api is not None, "run_rows skips API scenarios without --api"
+    received: list[str] = []
+    approved: list[dict[str, str]] = []
+
+    async def swipe(pan: str, expiry: str) -> None:
+        fields = session.authorization(pan, 1500, expiry=expiry)
+        _, response = await session.client.exchange(fields)
+        received.append(response.get("39", "--"))
+        if received[-1] in APPROVED:
+            approved.append(fields)
+
+    try:
+        await api.ensure_account(API_ACCOUNT, "EUR")
+        await api.fund(API_ACCOUNT, 100_000, "processor sim float", API_FUND_KEY)
+        card = await api.order_physical_card(API_ACCOUNT, await api.verified_cardholder())
+        await swipe(card.pan, card.expiry)
+        await play_bureau(api, card.id, "shipped")
+        await api.activate(card.id)
+        await swipe(card.pan, card.expiry)
+    except ApiProblem as problem:
+        received.append(f"API {problem}")
+    problems = await session.reverse_all(approved)
+    return Row(
+        "",
+        "API physical card: 0100, bureau ships it, activate, 0100",
+        "62 00",
+        " ".join(received + problems),
+    )
+
+
 def _chip_only(entry_mode: str, condition: str, channel: str) -> Scenario:
     return _swipes(
         f"pos {entry_mode}/{condition} ({channel} off)",
@@ -536,6 +572,9 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     # --- the control API (needs --api) ---
     "freeze_then_swipe": Scenario(_freeze_then_swipe, ("approved", "card_frozen"), needs_api=True),
+    "physical_card_activation": Scenario(
+        _physical_card_activation, ("card_inactive", "approved"), needs_api=True
+    ),
     "cvc2_lockout": Scenario(
         _cvc2_lockout, ("cvc2_mismatch", "cvc2_attempts_exceeded", "approved"), needs_api=True
     ),

@@ -620,6 +620,40 @@ def test_cardholders_kyc_gates_issuing_and_personal_data_stays_sealed(
     assert '"kyc_status":"approved"' in listed.stdout.replace(" ", "")
 
 
+def test_a_physical_card_walked_by_the_bureau_then_activated(
+    daemon: RunningDaemon, api: Api, link: Link
+) -> None:
+    from harness import run_cli
+
+    account_id = new_account(api, balance=50_000)
+    ordered = api.post(
+        "/v1/cards/physical", {"account_id": account_id, "shipping_address": ADA["address"]}
+    )
+    assert ordered.status == 201, ordered.text
+    assert (ordered.body["status"], ordered.body["fulfilment"]) == ("inactive", "ordered")
+    card_id, pan, expiry = ordered.body["id"], ordered.body["pan"], ordered.body["expiry"]
+    assert link.exchange(authorization(pan=pan, amount=100, **{"14": expiry}))["39"] == "62"
+    early = api.post(f"/v1/cards/{card_id}/activate")
+    assert (early.status, early.code) == (409, "card_not_activatable")
+
+    env = dict(os.environ, PROCESSOR_API_TOKEN=TOKEN)
+    url = f"http://127.0.0.1:{daemon.http_port}"
+    bureau = run_cli("sim", "bureau", "--api", url, "--card", card_id, "--to", "shipped", env=env)
+    assert bureau.returncode == 0, bureau.stdout + bureau.stderr
+    assert bureau.stdout.splitlines() == [
+        f"card {card_id}: in_production",
+        f"card {card_id}: shipped",
+    ]
+    assert api.post(f"/v1/cards/{card_id}/activate").body["status"] == "active"
+    assert link.exchange(authorization(pan=pan, amount=100, **{"14": expiry}))["39"] == "00"
+    assert "Kastanienallee" not in "".join(daemon.stdout) + daemon.stderr()
+
+    # Lost: it stops at once, and its replacement ships where it went.
+    replaced = api.post(f"/v1/cards/{card_id}/replace", {"reason": "lost"})
+    assert replaced.status == 201 and replaced.body["replaces"] == card_id
+    assert link.exchange(authorization(pan=pan, amount=100, **{"14": expiry}))["39"] == "41"
+
+
 def test_register_card(api: Api) -> None:
     account_id = new_account(api)
     pan = pan_with("4761737700001")

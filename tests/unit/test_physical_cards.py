@@ -1,0 +1,177 @@
+"""Physical cards: ordered inactive, the bureau's fulfilment, activation, replacement."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from processor.api import commands
+from processor.api.views import Address
+from processor.authorizer import Authorizer
+from processor.authorizer import CommandRefused as Refused
+from processor.config import CardIssuingConfig
+from processor.engine import ProgrammeRules
+from processor.ledger.records import Cardholder
+from processor.ledger.store import Ledger
+from processor.personal_data import PersonalDataCipher
+from processor.security import PanHasher
+from processor.wire.codec import Codec
+from processor.wire.messages import AuthorizationRequest
+from processor.wire.spec import load_spec
+
+HASHER = PanHasher(b"physical-test-key")
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+NOW_MS = int(NOW.timestamp() * 1000)
+CIPHER = PersonalDataCipher([bytes(range(32))])
+SOURCE = commands.Issuing(
+    hasher=HASHER, config=CardIssuingConfig(bin_prefix="476173", pan_length=16, expiry_months=36)
+)
+HOME = Address(line1="Kastanienallee 12", city="Berlin", postal_code="10435", country="DE")
+CODEC = Codec(load_spec())
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    ledger = Ledger(tmp_path, durability="process", map_size_bytes=64 << 20)
+    with ledger.write() as writer:  # an approved cardholder and a funded account for it
+        writer.put_cardholder(
+            Cardholder(
+                id="ch_" + "a" * 20,
+                kind="individual",
+                kyc_status="approved",
+                created_ms=NOW_MS,
+                updated_ms=NOW_MS,
+                sealed_with="x",
+                sealed=b"",
+            )
+        )
+    run(ledger, commands.create_account("a1", "EUR", 0, None, "ch_" + "a" * 20))
+    run(ledger, commands.move_funds("a1", "fund", 100_000, "test"))
+    yield ledger
+    ledger.close()
+
+
+def run(ledger: Ledger, operation: commands.Operation) -> dict[str, object] | Refused:
+    try:
+        with ledger.write() as writer:
+            reply = operation(writer, NOW_MS)
+    except Refused as refused:
+        return refused
+    decoded: dict[str, object] = msgspec.json.decode(reply.body)
+    return decoded
+
+
+def ok(answer: dict[str, object] | Refused) -> dict[str, object]:
+    assert not isinstance(answer, Refused), answer
+    return answer
+
+
+def shipping() -> commands.Shipping:
+    key, sealed = CIPHER.seal(msgspec.json.encode(HOME), "shipping:a1")
+    return commands.Shipping(key=key, sealed=sealed)
+
+
+def order(ledger: Ledger) -> dict[str, object]:
+    return ok(run(ledger, commands.order_physical_card("a1", None, SOURCE, shipping())))
+
+
+def swipe(ledger: Ledger, pan: str, stan: str) -> tuple[str, str]:
+    fields = {
+        "t": "0100",
+        "2": pan,
+        "3": "000000",
+        "4": "000000000100",
+        "7": "1124120000",
+        "11": stan,
+        "18": "5411",
+        "32": "123456",
+        "49": "978",
+        "22": "051",
+        "25": "00",
+    }
+    request = CODEC.decode(CODEC.encode(fields))
+    assert isinstance(request, AuthorizationRequest)
+    authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600)
+    [outcome] = authorizer.authorize_batch([request], NOW)
+    return outcome.response_code, outcome.reason
+
+
+def event_reasons(ledger: Ledger) -> list[tuple[str, str]]:
+    with ledger.read() as reader:
+        return [(r.type, r.reason) for r in reader.outbox(1, 100) if r.type.startswith("card.")]
+
+
+def test_a_physical_card_authorises_only_once_shipped_and_activated(ledger: Ledger) -> None:
+    card = order(ledger)
+    assert (card["status"], card["fulfilment"], card["virtual"]) == ("inactive", "ordered", False)
+    assert card["cardholder_id"] == "ch_" + "a" * 20 and "pan" in card and "cvc2" not in card
+    card_id, pan = str(card["id"]), str(card["pan"])
+    assert swipe(ledger, pan, "000001") == ("62", "card_inactive")
+    refused = run(ledger, commands.activate_card(card_id))
+    assert isinstance(refused, Refused) and refused.code == "card_not_activatable"
+    assert refused.details == {"status": "inactive", "fulfilment": "ordered"}
+    for status in ("in_production", "shipped", "shipped"):
+        assert ok(run(ledger, commands.update_fulfilment(card_id, status)))["fulfilment"] == status
+    backwards = run(ledger, commands.update_fulfilment(card_id, "ordered"))
+    assert isinstance(backwards, Refused) and backwards.code == "invalid_fulfilment_transition"
+    assert ok(run(ledger, commands.activate_card(card_id)))["status"] == "active"
+    assert swipe(ledger, pan, "000002") == ("00", "approved")
+    again = run(ledger, commands.activate_card(card_id))
+    assert isinstance(again, Refused) and again.code == "card_not_activatable"
+    assert event_reasons(ledger) == [
+        ("card.fulfilment_updated", "fulfilment_in_production"),
+        ("card.fulfilment_updated", "fulfilment_shipped"),
+        ("card.status_changed", "card_active"),
+    ]
+
+
+def test_a_virtual_card_has_no_fulfilment(ledger: Ledger) -> None:
+    card = ok(run(ledger, commands.issue_virtual_card("a1", None, HASHER, SOURCE.config)))
+    refused = run(ledger, commands.update_fulfilment(str(card["id"]), "shipped"))
+    assert isinstance(refused, Refused) and refused.code == "not_a_physical_card"
+
+
+def test_a_lost_card_stops_at_once_and_its_replacement_ships_where_it_went(
+    ledger: Ledger,
+) -> None:
+    old = order(ledger)
+    old_id = str(old["id"])
+    for status in ("shipped",):
+        run(ledger, commands.update_fulfilment(old_id, status))
+    run(ledger, commands.activate_card(old_id))
+    new = ok(run(ledger, commands.replace_card(old_id, "lost", SOURCE, None)))
+    assert (new["status"], new["fulfilment"], new["replaces"]) == ("inactive", "ordered", old_id)
+    assert new["pan"] != old["pan"] and new["cardholder_id"] == old["cardholder_id"]
+    assert swipe(ledger, str(old["pan"]), "000003") == ("41", "card_lost")
+    with ledger.read() as reader:
+        found = reader.card_by_id(old_id)
+        assert found is not None and found[1].replaced_by == new["id"]
+        replacement = reader.card_by_id(str(new["id"]))
+        assert replacement is not None and replacement[1].shipping_sealed is not None
+    twice = run(ledger, commands.replace_card(old_id, "lost", SOURCE, None))
+    assert isinstance(twice, Refused) and twice.code == "card_not_replaceable"
+
+
+def test_an_expiring_card_works_until_its_replacement_is_activated(ledger: Ledger) -> None:
+    old = order(ledger)
+    old_id = str(old["id"])
+    run(ledger, commands.update_fulfilment(old_id, "delivered"))
+    run(ledger, commands.activate_card(old_id))
+    new = ok(run(ledger, commands.replace_card(old_id, "expiring", SOURCE, shipping())))
+    assert swipe(ledger, str(old["pan"]), "000004") == ("00", "approved")  # still works
+    run(ledger, commands.update_fulfilment(str(new["id"]), "shipped"))
+    run(ledger, commands.activate_card(str(new["id"])))
+    assert swipe(ledger, str(old["pan"]), "000005") == ("62", "card_closed")
+    assert swipe(ledger, str(new["pan"]), "000006") == ("00", "approved")
+
+
+def test_a_virtual_replacement_is_active_at_once_and_closes_the_old_card(ledger: Ledger) -> None:
+    old = ok(run(ledger, commands.issue_virtual_card("a1", None, HASHER, SOURCE.config)))
+    new = ok(run(ledger, commands.replace_card(str(old["id"]), "damaged", SOURCE, None)))
+    assert (new["status"], new["virtual"], new["fulfilment"]) == ("active", True, None)
+    assert swipe(ledger, str(old["pan"]), "000007") == ("62", "card_closed")
+    assert swipe(ledger, str(new["pan"]), "000008") == ("00", "approved")
