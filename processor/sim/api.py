@@ -157,13 +157,17 @@ class ControlApi:
         except msgspec.DecodeError as error:
             raise ApiProblem(f"POST /v1/cards: answer without a card id: {error}") from None
 
-    async def verified_cardholder(self) -> str:
-        """A made-up person whose KYC the simulated programme approves at once."""
+    async def new_cardholder(self) -> str:
+        """A made-up person, KYC pending."""
         answer = await self.expect("POST", "/v1/cardholders", {"details": SIM_PERSON}, ok=(201,))
         try:
-            cardholder_id = msgspec.json.decode(answer.body, type=CardCreated).id
+            return msgspec.json.decode(answer.body, type=CardCreated).id
         except msgspec.DecodeError as error:
             raise ApiProblem(f"POST /v1/cardholders: answer without an id: {error}") from None
+
+    async def verified_cardholder(self) -> str:
+        """A made-up person whose KYC the simulated programme approves at once."""
+        cardholder_id = await self.new_cardholder()
         await self.expect("POST", f"/v1/cardholders/{cardholder_id}/kyc", {"status": "approved"})
         return cardholder_id
 

@@ -419,6 +419,30 @@ async def _physical_card_activation(session: Session) -> Row:
     )
 
 
+async def _unverified_cardholder(session: Session) -> Row:
+    """A card is issued only once the cardholder's KYC is approved: 409 before, 201 after."""
+    api = session.api
+    assert api is not None, "run_rows skips API scenarios without --api"
+    received: list[str] = []
+    try:
+        await api.ensure_account(API_ACCOUNT, "EUR")
+        cardholder_id = await api.new_cardholder()
+        body = {"account_id": API_ACCOUNT, "cardholder_id": cardholder_id}
+        refused = await api.call("POST", "/v1/cards/virtual", body)
+        received.append(f"{refused.status} {refused.error_code or ''}".strip())
+        await api.expect("POST", f"/v1/cardholders/{cardholder_id}/kyc", {"status": "approved"})
+        issued = await api.call("POST", "/v1/cards/virtual", body)
+        received.append(str(issued.status))
+    except ApiProblem as problem:
+        received.append(f"API {problem}")
+    return Row(
+        "",
+        "API: virtual card for a pending cardholder, approve its KYC, again",
+        "409 kyc_not_approved 201",
+        " ".join(received),
+    )
+
+
 def _chip_only(entry_mode: str, condition: str, channel: str) -> Scenario:
     return _swipes(
         f"pos {entry_mode}/{condition} ({channel} off)",
@@ -572,6 +596,7 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     # --- the control API (needs --api) ---
     "freeze_then_swipe": Scenario(_freeze_then_swipe, ("approved", "card_frozen"), needs_api=True),
+    "unverified_cardholder": Scenario(_unverified_cardholder, (), needs_api=True),
     "physical_card_activation": Scenario(
         _physical_card_activation, ("card_inactive", "approved"), needs_api=True
     ),

@@ -297,7 +297,7 @@ def test_simulator_control_scenarios_pass_with_their_reasons(daemon: RunningDaem
         result = run_cli("sim", "--port", str(daemon.port))
         assert result.returncode == 0, result.stdout + result.stderr
         assert "MISMATCH" not in result.stdout
-        assert re.search(r"\b0 failed, 3 skipped$", result.stdout.strip()), result.stdout
+        assert re.search(r"\b0 failed, 4 skipped$", result.stdout.strip()), result.stdout
         assert "skipped (needs --api)" in result.stdout
     # Every approval the control scenarios made was reversed: nothing is left held.
     ledger = Ledger(daemon.ledger, readonly=True)
