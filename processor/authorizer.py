@@ -391,9 +391,11 @@ class Authorizer:
         return Outcome(reply_fields(echo, mti, code), mti, code, reason)
 
     def _fingerprint(self, card_key: bytes, request: AuthorizationRequest) -> bytes:
-        # What makes two requests with one identity "the same": everything the decision reads,
+        # What makes two requests with one identity "the same": what the decision reads,
         # without the repeat bit of the MTI. Field 48 stays out: it may carry a CVC2, which must
-        # not be kept even as a keyed digest.
+        # not be kept even as a keyed digest. So a retransmission whose field 48 differs (a
+        # 3-D Secure result added, subelements 42 and 22) gets the first answer: a merchant's
+        # retry after an SCA soft decline is a new request, with an identity of its own.
         content = (
             card_key,
             request.processing_code,

@@ -147,6 +147,11 @@ def _key_from(value: str, variable: str, where: str) -> bytes:
             f"{where}: {variable} holds {len(key)} bytes; a card verification key is a "
             f"double-length 3DES key of {CVK_BYTES} bytes ({CVK_BYTES * 2} hex digits)"
         )
+    if key == INSECURE_DEVELOPMENT_CVK:
+        raise CardVerificationError(
+            f"{where}: {variable} holds the published development key (check value "
+            f"{key_check_value(key)}): anyone can compute its CVC2s"
+        )
     if key[:8] == key[8:]:
         raise CardVerificationError(
             f"{where}: {variable} is single-length DES repeated (both halves equal), which "

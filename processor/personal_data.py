@@ -88,5 +88,7 @@ def cipher_from_environment(
             raise PersonalDataError(f"{where} is not hexadecimal") from None
         if len(key) != KEY_BYTES:
             raise PersonalDataError(f"{where} holds {len(key)} bytes; AES-256 needs {KEY_BYTES}")
+        if key == INSECURE_DEVELOPMENT_KEY:
+            raise PersonalDataError(f"{where} holds the published development key")
         keys.append(key)
     return PersonalDataCipher(keys)

@@ -378,6 +378,15 @@ def _issuing_to(
     return holder.id
 
 
+def _account_holder_verified(
+    writer: Writer, account: Account, holder: str | None, issuing: CardIssuingConfig
+) -> None:
+    """A card for someone else on an account (a business's employee) needs the account's own
+    cardholder approved too: naming another cardholder must not get round a rejection."""
+    if account.cardholder_id is not None and account.cardholder_id != holder:
+        _issuing_to(writer, account.cardholder_id, issuing)
+
+
 def _cardholder(writer: Writer, cardholder_id: str, *, field: str | None = None) -> Cardholder:
     holder = writer.cardholder(cardholder_id)
     if holder is None:
@@ -481,6 +490,7 @@ def issue_virtual_card(
     def run(writer: Writer, now_ms: int) -> Reply:
         account = _open_account(writer, account_id, field="$.account_id")
         holder = _issuing_to(writer, cardholder_id or account.cardholder_id, issuing)
+        _account_holder_verified(writer, account, holder, issuing)
         return _issue(writer, now_ms, source, account, holder, stored_controls(controls))
 
     return run
@@ -500,6 +510,7 @@ def order_physical_card(
     def run(writer: Writer, now_ms: int) -> Reply:
         account = _open_account(writer, account_id, field="$.account_id")
         holder = _issuing_to(writer, cardholder_id or account.cardholder_id, source.config)
+        _account_holder_verified(writer, account, holder, source.config)
         return _issue(
             writer, now_ms, source, account, holder, stored_controls(controls), shipping=shipping
         )
@@ -601,12 +612,18 @@ def activate_card(card_id: str) -> Operation:
 
     def run(writer: Writer, now_ms: int) -> Reply:
         card_key, card = _card(writer, card_id)
-        if card.fulfilment not in ("shipped", "delivered") or card.status != "inactive":
+        if (
+            card.fulfilment not in ("shipped", "delivered")
+            or card.status != "inactive"
+            or card.replaced_by is not None
+        ):
             raise Refused(
                 409,
                 "card_not_activatable",
-                f"card {card_id} is {card.status}, fulfilment {card.fulfilment}: only a "
-                "physical card that has shipped and was never activated can be",
+                f"card {card_id} is {card.status}, fulfilment {card.fulfilment}"
+                + ("" if card.replaced_by is None else f", replaced by {card.replaced_by}")
+                + ": only a physical card that has shipped, was never activated and was not "
+                "replaced can be",
                 details={"status": card.status, "fulfilment": card.fulfilment or "none"},
             )
         card = msgspec.structs.replace(card, status="active")
@@ -633,13 +650,15 @@ def replace_card(
 
     def run(writer: Writer, now_ms: int) -> Reply:
         _, old = _card(writer, card_id)
-        if old.status in ("lost", "stolen", "closed") or old.replaced_by is not None:
-            raise Refused(
+        successor = None if old.replaced_by is None else writer.card_by_id(old.replaced_by)
+        if successor is not None and successor[1].status not in ("lost", "stolen", "closed"):
+            raise Refused(  # its replacement is on its way or in use: replace that one
                 409,
                 "card_not_replaceable",
-                f"card {card_id} is {old.status}"
-                + ("" if old.replaced_by is None else f", replaced by {old.replaced_by}"),
+                f"card {card_id} is replaced by {old.replaced_by} already",
             )
+        if old.status == "closed" and successor is None:
+            raise Refused(409, "card_not_replaceable", f"card {card_id} is closed")
         account = _open_account(writer, old.account_id)
         physical = old.fulfilment is not None
         ship = shipping
@@ -653,6 +672,9 @@ def replace_card(
                 field="$.shipping_address",
             )
         holder = _issuing_to(writer, old.cardholder_id, source.config)  # still verified
+        # A replacement never activated hands on what it was to replace: activating the new
+        # card stops the one still in the cardholder's wallet.
+        replaces = old.replaces if old.status == "inactive" and old.replaces else old.card_id
         reply = _issue(
             writer,
             now_ms,
@@ -661,15 +683,23 @@ def replace_card(
             holder,
             old.controls,
             shipping=ship if physical else None,
-            replaces=old.card_id,
+            replaces=replaces,
         )
         new_id = msgspec.json.decode(reply.body)["id"]
-        old_key, old = _card(writer, card_id)
-        writer.put_card(old_key, msgspec.structs.replace(old, replaced_by=new_id), old.account_id)
+        for each in {old.card_id, replaces}:  # each points at the card that now replaces it
+            found = writer.card_by_id(each)
+            if found is not None:
+                key, card = found
+                writer.put_card(
+                    key, msgspec.structs.replace(card, replaced_by=new_id), card.account_id
+                )
         if reason in ("lost", "stolen"):
             _stop(writer, now_ms, old.card_id, reason)
         elif not physical:
+            _stop(writer, now_ms, replaces, "closed")
             _stop(writer, now_ms, old.card_id, "closed")
+        elif old.status == "inactive":
+            _stop(writer, now_ms, old.card_id, "closed")  # never in use: nothing to wait for
         return reply
 
     return run

@@ -308,6 +308,7 @@ class ControlApi:
         table.append(("POST", card + "/fulfilment", self.update_fulfilment, ()))
         table.append(("POST", card + "/activate", self.activate_card, ()))
         table.append(("POST", card + "/replace", self.replace_card, ()))
+        table.append(("GET", card + "/shipping-address", self.shipping_address, ()))
         cardholder = "/v1/cardholders/{cardholder_id}"
         table.append(("POST", "/v1/cardholders", self.create_cardholder, ()))
         table.append(("GET", cardholder, self.get_cardholder, ()))
@@ -569,6 +570,23 @@ class ControlApi:
             body.account_id, body.controls, self._issuing(), shipping, body.cardholder_id
         )
         return await self._apply(request, raw, operation)
+
+    async def shipping_address(self, request: web.Request) -> web.Response:
+        """Where the bureau ships a physical card: opened for this answer only."""
+        card_id = card_id_of(request)
+        with self.daemon.ledger.read() as reader:
+            card = self._read_card(reader, card_id)
+        if card.shipping_key is None or card.shipping_sealed is None:
+            raise ApiError(404, "no_shipping_address", f"card {card_id} is not a physical card")
+        owner = f"shipping:{card.account_id}"
+        try:
+            plaintext = self._cipher().open(card.shipping_key, card.shipping_sealed, owner)
+        except PersonalDataError as error:
+            log.error("control API: %s", error)  # names the card's account and key id only
+            raise ApiError(
+                503, "personal_data_unavailable", f"card {card_id}: cannot open its address"
+            ) from None
+        return json_response(msgspec.json.decode(plaintext, type=Address))
 
     async def update_fulfilment(self, request: web.Request) -> web.Response:
         card_id = card_id_of(request)

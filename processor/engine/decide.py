@@ -183,7 +183,11 @@ def decide(
     if request.expiry is not None and request.expiry != card.expiry:
         return EXPIRY_MISMATCH
     if card_check is not None:
-        if card_check.card_not_present_blocked and card_not_present(request):
+        # Blocked: card-not-present use, and any request carrying a CVC2 whatever its
+        # channel fields say (else the count could be guessed past on a "chip" request).
+        if card_check.card_not_present_blocked and (
+            card_check.cvc2 is not None or card_not_present(request)
+        ):
             return CVC2_ATTEMPTS_EXCEEDED
         cvc2 = card_check.cvc2
         if cvc2 == "mismatch":
@@ -284,10 +288,11 @@ def strong_authentication(
     for rule in rules:
         if amount <= rule.above:
             continue
+        total, count = rule.low_value_total_max, rule.low_value_count_max
         if (
             amount <= rule.low_value_max
-            and spend.sca_exempt_amount + amount <= rule.low_value_total_max
-            and spend.sca_exempt_count < rule.low_value_count_max
+            and (not total or spend.sca_exempt_amount + amount <= total)
+            and (not count or spend.sca_exempt_count < count)
         ):
             verdict = "low_value"
             continue

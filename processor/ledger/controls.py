@@ -112,8 +112,9 @@ class StrongAuthentication(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
     # The amounts' currency: the rule applies to accounts in it (as amount limits do).
     currency: CurrencyCode
     above: MinorUnits = 0  # required for amounts above this; 0: for any amount
-    # The low-value exemption (PSD2 RTS, article 16: 30 EUR each, and at most 100 EUR or five
-    # in a row without authentication): 0 turns it off.
+    # The low-value exemption (PSD2 RTS, article 16: 30 EUR each, and since the last
+    # authentication at most 100 EUR in all, or five payments; a programme sets one or both).
+    # low_value_max 0 turns the exemption off; a total or count of 0 is no limit of that kind.
     low_value_max: MinorUnits = 0
     low_value_total_max: MinorUnits = 0
     low_value_count_max: Annotated[int, Meta(ge=0, le=1000)] = 0

@@ -378,6 +378,11 @@ def _put_cards(
         controls = stored_controls(card_controls(card_entry, account.currency))
         card_key = hasher.card_key(card_entry.pan)
         previous = writer.card(card_key)
+        if previous is not None and previous.cvc2_key and previous.expiry != card_entry.expiry:
+            raise LoadError(  # every CVC2 printed on it would mismatch, and lock it out
+                f"{source}: $.cards[{index}].expiry: card {previous.card_id} has a CVC2 "
+                f"computed with its expiry {previous.expiry}; replace the card instead"
+            )
         counts["cards_created" if previous is None else "cards_updated"] += 1
         card = card_record(
             card_key,
@@ -391,6 +396,15 @@ def _put_cards(
             cvc2_key=previous.cvc2_key if previous is not None else None,  # the card's own
             cardholder_id=previous.cardholder_id if previous is not None else None,
         )
+        if previous is not None:  # what the processor knows of it that no file says
+            card = msgspec.structs.replace(
+                card,
+                fulfilment=previous.fulfilment,
+                shipping_key=previous.shipping_key,
+                shipping_sealed=previous.shipping_sealed,
+                replaces=previous.replaces,
+                replaced_by=previous.replaced_by,
+            )
         writer.put_card(card_key, card, previous.account_id if previous is not None else None)
         if previous is not None:
             _card_events(writer, previous, card, now_ms)

@@ -48,9 +48,12 @@ T = TypeVar("T")
 # are appended. specs/ledger.md has the layout. Schema 3: events refer to their stored answer
 # for the message's facts instead of repeating them. Schema 4: a hold is kept inside the
 # answer of the request that opened it, not in a database of its own (one record per approval
-# instead of two, one B-tree fewer for a lone approval's commit to copy the path of). Older
+# instead of two, one B-tree fewer for a lone approval's commit to copy the path of). Schema 5
+# adds to records only (controls' `require_sca`, cards' CVC2 key and fulfilment, cardholders),
+# which this build reads in schema-4 records, but which a build of schema 4 would refuse
+# (controls forbid unknown fields) or misread: the number says so before it tries. Older
 # schemas are migrated on open.
-SCHEMA_VERSION = b"4"
+SCHEMA_VERSION = b"5"
 _U64 = struct.Struct(">Q")
 _DATABASES = (
     "accounts",  # account id -> Account; account id, NUL, card id -> CardState (beside it)
@@ -1285,6 +1288,13 @@ def _migrate_3_to_4(
     txn.drop(holds_db, delete=True)
 
 
+def _migrate_4_to_5(
+    env: lmdb.Environment, txn: lmdb.Transaction, dbs: dict[str, Any], codecs: _Codecs
+) -> None:
+    """Schema 4 -> 5: nothing to rewrite. Every field schema 5 added has a default that reads
+    a schema-4 record as it was meant, and the `cardholders` database is created on open."""
+
+
 _Migration = Callable[[lmdb.Environment, lmdb.Transaction, dict[str, Any], _Codecs], None]
 # Each schema that can be migrated: the step and the schema it leaves. The steps run in one
 # write transaction, in order, so a ledger two releases old migrates in one all-or-nothing open.
@@ -1292,6 +1302,7 @@ _MIGRATIONS: dict[bytes, tuple[_Migration, bytes]] = {
     b"1": (_migrate_1_to_2, b"2"),
     b"2": (_migrate_2_to_3, b"3"),
     b"3": (_migrate_3_to_4, b"4"),
+    b"4": (_migrate_4_to_5, b"5"),
 }
 
 

@@ -203,7 +203,8 @@ ADA = {
 def new_account(api: Api, balance: int = 0, currency: str = "EUR", **extra: Any) -> str:
     """An account for a verified cardholder (so virtual cards may be issued on it)."""
     account_id = unique("acct")
-    extra.setdefault("cardholder_id", verified_cardholder(api))
+    if "cardholder_id" not in extra:
+        extra["cardholder_id"] = verified_cardholder(api)
     created = api.post("/v1/accounts", {"id": account_id, "currency": currency, **extra})
     assert created.status == 201, created.text
     if balance:

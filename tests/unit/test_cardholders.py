@@ -184,3 +184,33 @@ def test_an_account_opened_for_a_cardholder_gives_its_cards_to_it(ledger: Ledger
     run(ledger, commands.set_kyc_status(cardholder_id, "approved"))
     issued = body(run(ledger, commands.issue_virtual_card("a2", None, HASHER, ISSUING)))
     assert issued["cardholder_id"] == cardholder_id
+
+
+def test_naming_another_cardholder_does_not_get_round_the_accounts_rejection(
+    ledger: Ledger,
+) -> None:
+    owner, other = new_cardholder(ledger), new_cardholder(ledger)
+    run(ledger, commands.create_account("a3", "EUR", 0, None, owner))
+    run(ledger, commands.set_kyc_status(owner, "rejected"))
+    run(ledger, commands.set_kyc_status(other, "approved"))
+    refused = run(
+        ledger, commands.issue_virtual_card("a3", None, HASHER, ISSUING, cardholder_id=other)
+    )
+    assert isinstance(refused, Refused) and refused.code == "kyc_not_approved"
+    assert refused.details == {"status": "rejected"}
+    run(ledger, commands.set_kyc_status(owner, "approved"))  # an employee of an approved firm
+    issued = body(
+        run(ledger, commands.issue_virtual_card("a3", None, HASHER, ISSUING, cardholder_id=other))
+    )
+    assert issued["cardholder_id"] == other
+
+
+def test_the_stored_idempotent_reply_holds_no_personal_data(ledger: Ledger) -> None:
+    from processor.api.commands import Idempotency, idempotent
+
+    key = Idempotency(scope=b"scope-ch-1", body_digest=b"digest")
+    reply = run(ledger, idempotent(key, commands.create_cardholder(ADA, CIPHER)))
+    assert isinstance(reply, commands.Reply) and b"Quietwater" in reply.body
+    with ledger.read() as reader:
+        kept = reader.idempotent(b"scope-ch-1")
+    assert kept is not None and b"Quietwater" not in kept and b"details" not in kept

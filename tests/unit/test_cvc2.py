@@ -18,7 +18,7 @@ from processor.cvc2 import (
 
 # The key of the published examples (IBM's CVV Generate, psec's documentation).
 PUBLISHED_KEY = bytes.fromhex("0123456789ABCDEFFEDCBA9876543210")
-KEY_A = "0123456789ABCDEFFEDCBA9876543210"
+KEY_A = "4A6F686E4361726473313233343536FE"
 KEY_B = "89ABCDEF0123456776543210FEDCBA98"
 
 
@@ -85,6 +85,7 @@ def test_the_narrowest_range_issues() -> None:
         ({"CVK": "xyz"}, "key_envs[0]: CVK is not hexadecimal"),
         ({"CVK": "00" * 8}, "key_envs[0]: CVK holds 8 bytes"),
         ({"CVK": "0123456789ABCDEF" * 2}, "single-length DES repeated"),
+        ({"CVK": PUBLISHED_KEY.hex()}, "the published development key (check value 08D7B4)"),
         ({"CVK": KEY_A, "AGAIN": KEY_A}, "key_envs[1]: AGAIN holds the same key as"),
     ],
 )

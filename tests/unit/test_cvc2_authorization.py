@@ -27,7 +27,7 @@ HASHER = PanHasher(b"cvc2-test-key")
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 PAN = "4761739001010085"  # demo-main, expiry 3012 in the demo data
 REGISTERED = "4761739001010069"  # demo-low: loaded with its PAN, no key
-KEY = "0123456789ABCDEFFEDCBA9876543210"
+KEY = "4A6F686E4361726473313233343536FE"  # any double-length key but the published one
 KEYS = keys_from_environment(
     (CardVerificationRange(bin_prefix="476173", key_envs=("CVK",)),), {"CVK": KEY}
 )
@@ -147,6 +147,17 @@ def test_three_wrong_in_a_row_block_card_not_present_use_until_reset(ledger: Led
     assert answer(ledger, message("000007", RIGHT)).response_code == "00"
 
 
+def test_a_locked_card_takes_no_cvc2_on_any_channel(ledger: Ledger) -> None:
+    for n in range(3):
+        answer(ledger, message(f"00008{n}", WRONG))
+    # A request that says "chip" but carries a CVC2 is refused too: no guessing past the lock,
+    # and no match lifting it.
+    for stan, cvc2 in (("000090", WRONG), ("000091", RIGHT)):
+        outcome = answer(ledger, message(stan, cvc2, **CHIP))
+        assert (outcome.response_code, outcome.reason) == ("57", "cvc2_attempts_exceeded")
+    assert failures(ledger) == 3
+
+
 def test_an_approval_with_the_right_cvc2_starts_the_count_again(ledger: Ledger) -> None:
     for n in range(2):
         assert answer(ledger, message(f"00001{n}", WRONG)).response_code == "82"
@@ -184,8 +195,10 @@ def test_no_cvc2_in_the_stored_answer_or_event(ledger: Ledger) -> None:
         request = message("000060", RIGHT)
         stored = reader.answer(request.answer_key)
         records = reader.outbox(1, 100)
-    assert stored is not None and marker not in repr(stored)
+    assert stored is not None and marker not in repr(stored) and "48" not in stored.response
     assert all(marker not in repr(record) for record in records)
+    # What an event may say of a CVC2 is one of four words, never digits.
+    assert {record.cvc2 for record in records} <= {None, "match", "mismatch", "not_checked"}
 
 
 def events_of_card(ledger: Ledger) -> str:

@@ -163,7 +163,7 @@ def test_ledger_migrate_command(v1_copy: Path, capsys: pytest.CaptureFixture[str
     from processor.cli import main
 
     assert main(["ledger", "migrate", "--ledger", str(v1_copy)]) == 0
-    assert "migrated from schema 1 to 4" in capsys.readouterr().out
+    assert "migrated from schema 1 to 5" in capsys.readouterr().out
     assert main(["ledger", "migrate", "--ledger", str(v1_copy)]) == 0
     assert "nothing to migrate" in capsys.readouterr().out
     Ledger(v1_copy, readonly=True).close()

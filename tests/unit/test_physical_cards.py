@@ -175,3 +175,78 @@ def test_a_virtual_replacement_is_active_at_once_and_closes_the_old_card(ledger:
     assert (new["status"], new["virtual"], new["fulfilment"]) == ("active", True, None)
     assert swipe(ledger, str(old["pan"]), "000007") == ("62", "card_closed")
     assert swipe(ledger, str(new["pan"]), "000008") == ("00", "approved")
+
+
+def activated(ledger: Ledger, card: dict[str, object]) -> None:
+    run(ledger, commands.update_fulfilment(str(card["id"]), "shipped"))
+    assert ok(run(ledger, commands.activate_card(str(card["id"]))))["status"] == "active"
+
+
+def test_a_replacement_lost_in_the_post_hands_on_the_card_it_was_to_replace(
+    ledger: Ledger,
+) -> None:
+    a = order(ledger)
+    activated(ledger, a)
+    b = ok(run(ledger, commands.replace_card(str(a["id"]), "damaged", SOURCE, None)))
+    refused = run(ledger, commands.activate_card(str(a["id"])))  # A was replaced: never again
+    assert isinstance(refused, Refused) and refused.code == "card_not_activatable"
+    c = ok(run(ledger, commands.replace_card(str(b["id"]), "lost", SOURCE, None)))
+    assert c["replaces"] == a["id"]
+    assert swipe(ledger, str(a["pan"]), "000010") == ("00", "approved")  # until C arrives
+    activated(ledger, c)
+    assert swipe(ledger, str(a["pan"]), "000011") == ("62", "card_closed")
+    assert swipe(ledger, str(b["pan"]), "000012") == ("41", "card_lost")
+    assert swipe(ledger, str(c["pan"]), "000013") == ("00", "approved")
+
+
+def test_a_card_reported_lost_first_can_still_be_replaced(ledger: Ledger) -> None:
+    a = order(ledger)
+    activated(ledger, a)
+    ok(run(ledger, commands.change_card_status(str(a["id"]), "report-lost")))
+    b = ok(run(ledger, commands.replace_card(str(a["id"]), "lost", SOURCE, None)))
+    assert b["replaces"] == a["id"]
+    again = run(ledger, commands.replace_card(str(a["id"]), "lost", SOURCE, None))
+    assert isinstance(again, Refused) and again.code == "card_not_replaceable"  # B is coming
+
+
+def test_a_physical_cards_cvc2_comes_with_its_order_when_the_range_has_a_key(
+    ledger: Ledger,
+) -> None:
+    from processor.config import CardVerificationRange
+    from processor.cvc2 import compute_cvc2, keys_from_environment
+
+    key = "4A6F686E4361726473313233343536FE"
+    ranges = (CardVerificationRange(bin_prefix="476173", key_envs=("K",)),)
+    keyed = msgspec.structs.replace(SOURCE, card_keys=keys_from_environment(ranges, {"K": key}))
+    card = ok(run(ledger, commands.order_physical_card("a1", None, keyed, shipping())))
+    expected = compute_cvc2(bytes.fromhex(key), str(card["pan"]), str(card["expiry"]))
+    assert card["cvc2"] == expected and card["cvc2_checked"] is True
+
+
+def test_a_load_keeps_what_it_does_not_know_and_never_moves_a_keyed_expiry(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    from processor.config import CardVerificationRange
+    from processor.cvc2 import keys_from_environment
+    from processor.ledger.load import LoadError, load_path
+
+    ranges = (CardVerificationRange(bin_prefix="476173", key_envs=("K",)),)
+    keys = keys_from_environment(ranges, {"K": "4A6F686E4361726473313233343536FE"})
+    keyed = msgspec.structs.replace(SOURCE, card_keys=keys)
+    card = ok(run(ledger, commands.order_physical_card("a1", None, keyed, shipping())))
+    run(ledger, commands.update_fulfilment(str(card["id"]), "shipped"))
+    same = tmp_path / "same.toml"
+    same.write_text(
+        f'[[cards]]\npan = "{card["pan"]}"\naccount = "a1"\nexpiry = "{card["expiry"]}"\n'
+        'status = "inactive"\n'
+    )
+    load_path(ledger, same, HASHER)
+    with ledger.read() as reader:
+        found = reader.card_by_id(str(card["id"]))
+    assert found is not None
+    assert (found[1].fulfilment, found[1].shipping_sealed is not None) == ("shipped", True)
+    assert found[1].cvc2_key is not None
+    moved = tmp_path / "moved.toml"
+    moved.write_text(same.read_text().replace(f'expiry = "{card["expiry"]}"', 'expiry = "3912"'))
+    with pytest.raises(LoadError, match="has a CVC2 computed with its expiry"):
+        load_path(ledger, moved, HASHER)

@@ -143,3 +143,17 @@ def test_a_card_with_too_little_money_is_declined_51_not_sent_to_authenticate(
     low = "4761739001010069"  # demo-low: 50.00 EUR
     request = msgspec.structs.replace(message("000070", 9_000), pan=low)
     assert answer(ledger, request).reason == "insufficient_funds"
+
+
+def test_a_count_alone_bounds_the_exemption(ledger: Ledger) -> None:
+    with ledger.write() as writer:
+        writer.put_programme_controls(
+            Controls(
+                require_sca=StrongAuthentication(
+                    currency="EUR", low_value_max=3_000, low_value_count_max=2
+                )
+            )
+        )
+    assert answer(ledger, message("000080", 3_000)).response_code == "00"
+    assert answer(ledger, message("000081", 3_000)).response_code == "00"
+    assert answer(ledger, message("000082", 100)).reason == "sca_required"  # the third
