@@ -522,6 +522,17 @@ class ControlApi:
             raise ApiError(503, "personal_data_unavailable", "no personal-data key here")
         return cipher
 
+    def _open(self, key: str, sealed: bytes, owner: str, what: str) -> bytes:
+        """Sealed personal data, opened for one answer; a 503 naming `what` when it cannot be
+        (the log line names the owner and key id, never data)."""
+        try:
+            return self._cipher().open(key, sealed, owner)
+        except PersonalDataError as error:
+            log.error("control API: %s", error)
+            raise ApiError(
+                503, "personal_data_unavailable", f"{what}: cannot open its personal data"
+            ) from None
+
     async def create_cardholder(self, request: web.Request) -> web.Response:
         raw, body = await json_body(request, NewCardholder)
         operation = commands.create_cardholder(body.details, self._cipher())
@@ -533,13 +544,9 @@ class ControlApi:
             holder = reader.cardholder(cardholder_id)
         if holder is None:
             raise ApiError(404, "cardholder_not_found", f"no cardholder {cardholder_id!r}")
-        try:
-            plaintext = self._cipher().open(holder.sealed_with, holder.sealed, holder.id)
-        except PersonalDataError as error:
-            log.error("control API: %s", error)  # names the cardholder and key id, no data
-            raise ApiError(
-                503, "personal_data_unavailable", f"cardholder {holder.id}: cannot open its data"
-            ) from None
+        plaintext = self._open(
+            holder.sealed_with, holder.sealed, holder.id, f"cardholder {holder.id}"
+        )
         details = msgspec.json.decode(plaintext, type=CardholderDetails)
         return json_response(cardholder_view(holder, details))
 
@@ -579,13 +586,7 @@ class ControlApi:
         if card.shipping_key is None or card.shipping_sealed is None:
             raise ApiError(404, "no_shipping_address", f"card {card_id} is not a physical card")
         owner = f"shipping:{card.account_id}"
-        try:
-            plaintext = self._cipher().open(card.shipping_key, card.shipping_sealed, owner)
-        except PersonalDataError as error:
-            log.error("control API: %s", error)  # names the card's account and key id only
-            raise ApiError(
-                503, "personal_data_unavailable", f"card {card_id}: cannot open its address"
-            ) from None
+        plaintext = self._open(card.shipping_key, card.shipping_sealed, owner, f"card {card_id}")
         return json_response(msgspec.json.decode(plaintext, type=Address))
 
     async def update_fulfilment(self, request: web.Request) -> web.Response:

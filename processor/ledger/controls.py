@@ -264,24 +264,22 @@ def control_errors(
                     f"{where}.{field}.categories[{position}]: unknown MCC category {name!r}"
                 )
     for index, amount_limit in enumerate(controls.amount_limits):
-        try:
-            exponent(amount_limit.currency)
-        except UnknownCurrency as error:
-            errors.append(f"{where}.amount_limits[{index}].currency: {error}")
-        if account_currency is not None and amount_limit.currency != account_currency:
-            errors.append(
-                f"{where}.amount_limits[{index}].currency: {amount_limit.currency!r} is not "
-                f"the account's currency {account_currency!r}"
-            )
-    sca = controls.require_sca
-    if sca is not None:
-        try:
-            exponent(sca.currency)
-        except UnknownCurrency as error:
-            errors.append(f"{where}.require_sca.currency: {error}")
-        if account_currency is not None and sca.currency != account_currency:
-            errors.append(
-                f"{where}.require_sca.currency: {sca.currency!r} is not the account's "
-                f"currency {account_currency!r}"
-            )
+        where_currency = f"{where}.amount_limits[{index}].currency"
+        errors += _currency_errors(amount_limit.currency, account_currency, where_currency)
+    if controls.require_sca is not None:
+        currency = controls.require_sca.currency
+        errors += _currency_errors(currency, account_currency, f"{where}.require_sca.currency")
+    return errors
+
+
+def _currency_errors(currency: str, account_currency: str | None, where: str) -> list[str]:
+    """A control's amounts are in `currency`: a known one, and at account and card level the
+    account's."""
+    errors = []
+    try:
+        exponent(currency)
+    except UnknownCurrency as error:
+        errors.append(f"{where}: {error}")
+    if account_currency is not None and currency != account_currency:
+        errors.append(f"{where}: {currency!r} is not the account's currency {account_currency!r}")
     return errors

@@ -305,82 +305,83 @@ async def _format_error(session: Session) -> Row:
     return Row("", "0100 without field 18", "30", response.get("39", "--"))
 
 
+class _ApiRun:
+    """What an API scenario does on the link: sends, records each field 39, and reverses its
+    approvals at the end, so reruns find the account as they left it."""
+
+    def __init__(self, session: Session) -> None:
+        assert session.api is not None, "run_rows skips API scenarios without --api"
+        self.session, self.api = session, session.api
+        self.received: list[str] = []
+        self.approved: list[dict[str, str]] = []
+
+    async def funded_account(self) -> None:
+        await self.api.ensure_account(API_ACCOUNT, "EUR")
+        # A fixed idempotency key: a rerun replays the first funding.
+        await self.api.fund(API_ACCOUNT, 100_000, "processor sim float", API_FUND_KEY)
+
+    async def send(self, fields: dict[str, str]) -> None:
+        _, response = await self.session.client.exchange(fields)
+        self.received.append(response.get("39", "--"))
+        if self.received[-1] in APPROVED:
+            self.approved.append(fields)
+
+    async def row(self, sent: str, expected: str, problem: ApiProblem | None) -> Row:
+        if problem is not None:
+            self.received.append(f"API {problem}")
+        problems = await self.session.reverse_all(self.approved)
+        return Row("", sent, expected, " ".join(self.received + problems))
+
+
 async def _freeze_then_swipe(session: Session) -> Row:
     """The programme registers a card, swipes, freezes, swipes, unfreezes, swipes (00 62 00)."""
-    api = session.api
-    assert api is not None, "run_rows skips API scenarios without --api"
-    received: list[str] = []
-    approved: list[dict[str, str]] = []
-
-    async def swipe() -> None:
-        fields = session.authorization(API_CARD, 1500)
-        _, response = await session.client.exchange(fields)
-        received.append(response.get("39", "--"))
-        if received[-1] in APPROVED:
-            approved.append(fields)
-
+    run = _ApiRun(session)
+    failed = None
     try:
-        await api.ensure_account(API_ACCOUNT, "EUR")
-        # Fixed idempotency keys: a rerun replays the first funding and the first 201 (card id).
-        await api.fund(API_ACCOUNT, 100_000, "processor sim float", API_FUND_KEY)
-        card_id = await api.register_card(API_CARD, "3012", API_ACCOUNT, API_CARD_KEY)
+        await run.funded_account()
+        # A fixed idempotency key: a rerun replays the first 201 (card id).
+        card_id = await run.api.register_card(API_CARD, "3012", API_ACCOUNT, API_CARD_KEY)
         # A run stopped between freeze and unfreeze left the card frozen: start from active.
-        await api.unfreeze_if_frozen(card_id)
-        await swipe()
-        await api.freeze(card_id)
-        await swipe()
-        await api.unfreeze(card_id)
-        await swipe()
+        await run.api.unfreeze_if_frozen(card_id)
+        await run.send(session.authorization(API_CARD, 1500))
+        await run.api.freeze(card_id)
+        await run.send(session.authorization(API_CARD, 1500))
+        await run.api.unfreeze(card_id)
+        await run.send(session.authorization(API_CARD, 1500))
     except ApiProblem as problem:
-        received.append(f"API {problem}")
-    problems = await session.reverse_all(approved)
-    return Row(
-        "",
-        f"API card {mask_pan(API_CARD)}: 0100, freeze, 0100, unfreeze, 0100",
-        "00 62 00",
-        " ".join(received + problems),
-    )
+        failed = problem
+    sent = f"API card {mask_pan(API_CARD)}: 0100, freeze, 0100, unfreeze, 0100"
+    return await run.row(sent, "00 62 00", failed)
 
 
 async def _cvc2_lockout(session: Session) -> Row:
     """The programme issues a virtual card; three wrong CVC2s online (82 each) block its
     card-not-present use (57 even with the right one) until the programme resets it (00)."""
-    api = session.api
-    assert api is not None, "run_rows skips API scenarios without --api"
-    received: list[str] = []
-    approved: list[dict[str, str]] = []
+    run = _ApiRun(session)
+    failed = None
 
-    async def online(pan: str, expiry: str, cvc2: str) -> None:
+    def online(pan: str, expiry: str, cvc2: str) -> dict[str, str]:
         fields = session.authorization(
             pan, 1500, entry_mode="812", condition="59", additional_data=f"R92{len(cvc2):02d}{cvc2}"
         )
         fields["14"] = expiry
-        _, response = await session.client.exchange(fields)
-        received.append(response.get("39", "--"))
-        if received[-1] in APPROVED:
-            approved.append(fields)
+        return fields
 
     try:
-        await api.ensure_account(API_ACCOUNT, "EUR")
-        await api.fund(API_ACCOUNT, 100_000, "processor sim float", API_FUND_KEY)
-        card = await api.issue_virtual_card(API_ACCOUNT, await api.verified_cardholder())
+        await run.funded_account()
+        card = await run.api.issue_virtual_card(API_ACCOUNT, await run.api.verified_cardholder())
         if card.cvc2 is None:
             raise ApiProblem("POST /v1/cards/virtual: no cvc2 (no card verification key)")
         wrong = f"{(int(card.cvc2) + 1) % 1000:03d}"
         for _ in range(3):
-            await online(card.pan, card.expiry, wrong)
-        await online(card.pan, card.expiry, card.cvc2)
-        await api.reset_cvc2(card.id)
-        await online(card.pan, card.expiry, card.cvc2)
+            await run.send(online(card.pan, card.expiry, wrong))
+        await run.send(online(card.pan, card.expiry, card.cvc2))
+        await run.api.reset_cvc2(card.id)
+        await run.send(online(card.pan, card.expiry, card.cvc2))
     except ApiProblem as problem:
-        received.append(f"API {problem}")
-    problems = await session.reverse_all(approved)
-    return Row(
-        "",
-        "API virtual card: 3 x wrong CVC2, right CVC2, reset, right CVC2",
-        "82 82 82 57 00",
-        " ".join(received + problems),
-    )
+        failed = problem
+    sent = "API virtual card: 3 x wrong CVC2, right CVC2, reset, right CVC2"
+    return await run.row(sent, "82 82 82 57 00", failed)
 
 
 async def _physical_card_activation(session: Session) -> Row:
@@ -388,34 +389,20 @@ async def _physical_card_activation(session: Session) -> Row:
     and the cardholder has activated it (00)."""
     from processor.sim.bureau import play_bureau
 
-    api = session.api
-    assert api is not None, "run_rows skips API scenarios without --api"
-    received: list[str] = []
-    approved: list[dict[str, str]] = []
-
-    async def swipe(pan: str, expiry: str) -> None:
-        fields = session.authorization(pan, 1500, expiry=expiry)
-        _, response = await session.client.exchange(fields)
-        received.append(response.get("39", "--"))
-        if received[-1] in APPROVED:
-            approved.append(fields)
-
+    run = _ApiRun(session)
+    failed = None
     try:
-        await api.ensure_account(API_ACCOUNT, "EUR")
-        await api.fund(API_ACCOUNT, 100_000, "processor sim float", API_FUND_KEY)
-        card = await api.order_physical_card(API_ACCOUNT, await api.verified_cardholder())
-        await swipe(card.pan, card.expiry)
-        await play_bureau(api, card.id, "shipped")
-        await api.activate(card.id)
-        await swipe(card.pan, card.expiry)
+        await run.funded_account()
+        cardholder_id = await run.api.verified_cardholder()
+        card = await run.api.order_physical_card(API_ACCOUNT, cardholder_id)
+        await run.send(session.authorization(card.pan, 1500, expiry=card.expiry))
+        await play_bureau(run.api, card.id, "shipped")
+        await run.api.activate(card.id)
+        await run.send(session.authorization(card.pan, 1500, expiry=card.expiry))
     except ApiProblem as problem:
-        received.append(f"API {problem}")
-    problems = await session.reverse_all(approved)
-    return Row(
-        "",
-        "API physical card: 0100, bureau ships it, activate, 0100",
-        "62 00",
-        " ".join(received + problems),
+        failed = problem
+    return await run.row(
+        "API physical card: 0100, bureau ships it, activate, 0100", "62 00", failed
     )
 
 

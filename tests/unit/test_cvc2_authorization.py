@@ -8,21 +8,17 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from support import authorization, demo_ledger
 
 from processor.api import commands
 from processor.authorizer import Authorizer, Outcome
 from processor.config import CardVerificationRange
 from processor.cvc2 import NO_KEYS, CardVerificationKeys, compute_cvc2, keys_from_environment
 from processor.engine import ProgrammeRules
-from processor.ledger.load import load_path
 from processor.ledger.store import Ledger
-from processor.resources import demo_data_path
 from processor.security import PanHasher
-from processor.wire.codec import Codec
 from processor.wire.messages import AuthorizationRequest
-from processor.wire.spec import load_spec
 
-CODEC = Codec(load_spec())
 HASHER = PanHasher(b"cvc2-test-key")
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 PAN = "4761739001010085"  # demo-main, expiry 3012 in the demo data
@@ -40,30 +36,15 @@ CHIP = {"22": "051", "25": "00"}
 
 
 def message(stan: str, cvc2: str | None, pan: str = PAN, **channel: str) -> AuthorizationRequest:
-    fields = {
-        "t": "0100",
-        "2": pan,
-        "3": "000000",
-        "4": "000000000100",
-        "7": "1124120000",
-        "11": stan,
-        "18": "5411",
-        "32": "123456",
-        "37": f"63301200{stan[-4:]}",
-        "49": "978",
-        **(channel or ECOMMERCE),
-    }
-    if cvc2 is not None:
-        fields["48"] = f"R92{len(cvc2):02d}{cvc2}"
-    request = CODEC.decode(CODEC.encode(fields))
-    assert isinstance(request, AuthorizationRequest)
-    return request
+    extra = {"48": f"R92{len(cvc2):02d}{cvc2}"} if cvc2 is not None else {}
+    return authorization(
+        pan, stan, 100, **{"37": f"63301200{stan[-4:]}"}, **(channel or ECOMMERCE), **extra
+    )
 
 
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    ledger = Ledger(tmp_path, durability="process", map_size_bytes=64 << 20)
-    load_path(ledger, demo_data_path(), HASHER)
+    ledger = demo_ledger(tmp_path, HASHER)
     # As if the processor had issued demo-main's card: its CVC2 computed with the range's key.
     with ledger.write() as writer:
         card = writer.card(HASHER.card_key(PAN))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from support import authorization
 
 from processor.api import commands
 from processor.api.views import Address
@@ -19,9 +20,6 @@ from processor.ledger.records import Cardholder
 from processor.ledger.store import Ledger
 from processor.personal_data import PersonalDataCipher
 from processor.security import PanHasher
-from processor.wire.codec import Codec
-from processor.wire.messages import AuthorizationRequest
-from processor.wire.spec import load_spec
 
 HASHER = PanHasher(b"physical-test-key")
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -31,7 +29,6 @@ SOURCE = commands.Issuing(
     hasher=HASHER, config=CardIssuingConfig(bin_prefix="476173", pan_length=16, expiry_months=36)
 )
 HOME = Address(line1="Kastanienallee 12", city="Berlin", postal_code="10435", country="DE")
-CODEC = Codec(load_spec())
 
 
 @pytest.fixture
@@ -80,21 +77,7 @@ def order(ledger: Ledger) -> dict[str, object]:
 
 
 def swipe(ledger: Ledger, pan: str, stan: str) -> tuple[str, str]:
-    fields = {
-        "t": "0100",
-        "2": pan,
-        "3": "000000",
-        "4": "000000000100",
-        "7": "1124120000",
-        "11": stan,
-        "18": "5411",
-        "32": "123456",
-        "49": "978",
-        "22": "051",
-        "25": "00",
-    }
-    request = CODEC.decode(CODEC.encode(fields))
-    assert isinstance(request, AuthorizationRequest)
+    request = authorization(pan, stan, 100, **{"22": "051", "25": "00"})
     authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600)
     [outcome] = authorizer.authorize_batch([request], NOW)
     return outcome.response_code, outcome.reason

@@ -8,20 +8,16 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from support import authorization, demo_ledger
 
 from processor.authorizer import Authorizer, Outcome
 from processor.engine import ProgrammeRules
 from processor.ledger.controls import Controls, StrongAuthentication
-from processor.ledger.load import load_path
 from processor.ledger.records import CardState
 from processor.ledger.store import Ledger
-from processor.resources import demo_data_path
 from processor.security import PanHasher
-from processor.wire.codec import Codec
 from processor.wire.messages import AuthorizationRequest
-from processor.wire.spec import load_spec
 
-CODEC = Codec(load_spec())
 HASHER = PanHasher(b"sca-test-key")
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 VISA = "4761739001010085"  # demo-main
@@ -35,29 +31,13 @@ AUTHENTICATED = "R4203212"  # field 48: subelement 42, position 3 = 2 (3-D Secur
 def message(
     stan: str, amount: int, additional: str | None = None, **fields: str
 ) -> AuthorizationRequest:
-    values = {
-        "t": "0100",
-        "2": VISA,
-        "3": "000000",
-        "4": f"{amount:012d}",
-        "7": "1124120000",
-        "11": stan,
-        "18": "5411",
-        "32": "123456",
-        "49": "978",
-        **(fields or ONLINE),
-    }
-    if additional is not None:
-        values["48"] = additional
-    request = CODEC.decode(CODEC.encode(values))
-    assert isinstance(request, AuthorizationRequest)
-    return request
+    extra = {"48": additional} if additional is not None else {}
+    return authorization(VISA, stan, amount, **(fields or ONLINE), **extra)
 
 
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    ledger = Ledger(tmp_path, durability="process", map_size_bytes=64 << 20)
-    load_path(ledger, demo_data_path(), HASHER)
+    ledger = demo_ledger(tmp_path, HASHER)
     with ledger.write() as writer:
         writer.put_programme_controls(Controls(require_sca=PSD2))
     yield ledger
