@@ -579,6 +579,17 @@ def test_virtual_card_number_is_answered_once(daemon: RunningDaemon, api: Api, l
     assert api.get(f"/v1/cards/{card_id}").body["cvc2_failures"] == 0
     logs = "".join(daemon.stdout) + daemon.stderr()
     assert pan not in logs and f"R9203{cvc2}" not in logs
+    # Nor in the ledger's file, the events or the metrics (CVC2s are three digits, so they are
+    # looked for with their subelement's tag and length, as they travel).
+    from harness import run_cli
+
+    listed = run_cli("events", "list", "--ledger", str(daemon.ledger), "--limit", "100000")
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.http_port}/metrics") as response:
+        metrics = response.read().decode()
+    stored = (daemon.ledger / "data.mdb").read_bytes().decode("latin-1")
+    for where, text in {"ledger": stored, "events": listed.stdout, "metrics": metrics}.items():
+        assert pan not in text and f"9203{cvc2}" not in text, where
+    assert '"cvc2":"mismatch"' in listed.stdout.replace(" ", "")
 
 
 def test_cardholders_kyc_gates_issuing_and_personal_data_stays_sealed(
