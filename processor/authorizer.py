@@ -101,6 +101,7 @@ class Authorizer:
         retention_every_seconds: float = limits.retention_step_seconds,
         card_keys: CardVerificationKeys = NO_KEYS,
         cvc2_attempts_max: int = 3,
+        cvc2_required_card_not_present: bool = False,
     ) -> None:
         self._ledger = ledger
         # The ledger's upkeep rides in each batch's write transaction (no commit or fsync of
@@ -124,6 +125,7 @@ class Authorizer:
             draw=draw,
             card_keys=card_keys,
             cvc2_attempts_max=cvc2_attempts_max,
+            cvc2_required_card_not_present=cvc2_required_card_not_present,
         )
         self._fingerprint_encoder = msgspec.msgpack.Encoder()
 

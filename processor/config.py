@@ -195,6 +195,9 @@ class SecurityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # Consecutive CVC2 mismatches after which a card's card-not-present use is blocked, until
     # the programme resets it (POST /v1/cards/{id}/reset-cvc2); 0 = never blocked.
     cvc2_attempts_max: Annotated[int, Meta(ge=0, le=100)] = 3
+    # true: a card-not-present authorisation of a card with a CVC2 must carry it (82
+    # `cvc2_missing`), unless a stored credential, merchant-initiated or recurring.
+    cvc2_required_card_not_present: bool = False
     # Variables holding the AES-256 keys (64 hex digits) that seal cardholders' personal data:
     # the first seals, every one opens what it sealed (rotation). Required outside --demo.
     personal_data_key_envs: Annotated[

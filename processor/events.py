@@ -42,7 +42,7 @@ EventType = Literal[
 ]
 
 # What a CVC2 sent with a message showed; absent when none was sent. Never the CVC2.
-Cvc2Outcome = Literal["match", "mismatch", "not_checked", "key_unavailable"]
+Cvc2Outcome = Literal["match", "mismatch", "not_checked", "key_unavailable", "missing"]
 
 
 class Money(msgspec.Struct, frozen=True, kw_only=True):

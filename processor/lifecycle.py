@@ -21,7 +21,7 @@ from processor.currency import numeric_code
 from processor.cvc2 import NO_KEYS, CardVerificationKeys
 from processor.engine import Decision, ProgrammeRules, Spend, decide
 from processor.engine.controls import Periods, periods_at, record_usages, release_usage
-from processor.engine.decide import CardCheck, Cvc2Result, billing_amount
+from processor.engine.decide import CardCheck, Cvc2Result, billing_amount, card_not_present
 from processor.engine.fx import scale
 from processor.engine.settle import capture_verdict, void_verdict
 from processor.ledger.controls import Controls, Usage
@@ -89,6 +89,13 @@ def new_approval_code(state: CardState, day: int, draw: Callable[[int], int]) ->
     raise AssertionError(f"{limits.approval_code_draws_max} approval codes drawn, all taken")
 
 
+def _cvc2_expected(request: AuthorizationRequest) -> bool:
+    """Card-not-present with the cardholder taking part: not a stored credential (field 22 =
+    10, where no CVC2 may be kept), not merchant-initiated or recurring."""
+    entry = request.pos_entry_mode or ""
+    return card_not_present(request) and entry[:2] != "10" and not request.sca_out_of_scope
+
+
 def usage_of(record: CardState | Account) -> Usage:
     """The usage kept with a card's state or an account, made empty on first use."""
     if record.usage is None:
@@ -107,10 +114,12 @@ class Lifecycle:
         draw: Callable[[int], int] | None = None,
         card_keys: CardVerificationKeys = NO_KEYS,
         cvc2_attempts_max: int = 3,
+        cvc2_required_card_not_present: bool = False,
     ) -> None:
         self._rules = rules
         self._card_keys = card_keys
         self._cvc2_attempts_max = cvc2_attempts_max
+        self._cvc2_required = cvc2_required_card_not_present
         self._zone = zone
         # Approval codes: the OS CSPRNG, read in bulk; injectable so tests can replay a draw.
         self._draw = draw if draw is not None else BufferedRandom().below
@@ -196,9 +205,11 @@ class Lifecycle:
         """The CVC2 sent, checked with the card's key; None when there is nothing to weigh."""
         blocked = 0 < self._cvc2_attempts_max <= state.cvc2_failures
         sent = request.cvc2
-        if sent is None:
-            return CardCheck(None, blocked) if blocked else None
         key = card.cvc2_key
+        if sent is None:
+            if self._cvc2_required and key is not None and _cvc2_expected(request):
+                return CardCheck("missing", blocked)
+            return CardCheck(None, blocked) if blocked else None
         if key is None:  # registered or loaded: the processor does not know its CVC2
             return CardCheck("not_checked", blocked)
         matched = self._card_keys.verify(key, request.pan, card.expiry, sent)

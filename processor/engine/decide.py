@@ -52,7 +52,7 @@ class ProgrammeRules(msgspec.Struct, frozen=True):
     catalog: Catalog = EMPTY_CATALOG  # MCC categories and country groups the controls name
 
 
-Cvc2Result = Literal["match", "mismatch", "not_checked", "key_unavailable"]
+Cvc2Result = Literal["match", "mismatch", "not_checked", "key_unavailable", "missing"]
 
 
 class CardCheck(msgspec.Struct, frozen=True, gc=False):
@@ -128,6 +128,7 @@ CARD_EXPIRED: Final = Decision("54", "card_expired")
 EXPIRY_MISMATCH: Final = Decision("54", "expiry_mismatch")
 CVC2_ATTEMPTS_EXCEEDED: Final = Decision("57", "cvc2_attempts_exceeded")
 CVC2_MISMATCH: Final = Decision("82", "cvc2_mismatch")
+CVC2_MISSING: Final = Decision("82", "cvc2_missing")
 CVC2_KEY_UNAVAILABLE: Final = Decision("96", "cvc2_key_unavailable")
 UNSUPPORTED_PROCESSING_CODE: Final = Decision("12", "unsupported_processing_code")
 UNKNOWN_CURRENCY: Final = Decision("12", "unknown_currency")
@@ -192,6 +193,8 @@ def decide(
         cvc2 = card_check.cvc2
         if cvc2 == "mismatch":
             return CVC2_MISMATCH
+        if cvc2 == "missing":  # security.cvc2_required_card_not_present
+            return CVC2_MISSING
         if cvc2 == "key_unavailable":  # the card's key was removed from the configuration
             return CVC2_KEY_UNAVAILABLE
     transaction_type = request.transaction_type

@@ -118,6 +118,7 @@ class Daemon:
             expire_in_batches=True,
             card_keys=self.card_keys,
             cvc2_attempts_max=config.security.cvc2_attempts_max,
+            cvc2_required_card_not_present=config.security.cvc2_required_card_not_present,
         )
         self.links: set[Link] = set()
         # Open links per (listener, peer address), for the per-address limit.

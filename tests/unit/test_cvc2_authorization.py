@@ -56,7 +56,9 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
     ledger.close()
 
 
-def authorizer(ledger: Ledger, keys: CardVerificationKeys = KEYS) -> Authorizer:
+def authorizer(
+    ledger: Ledger, keys: CardVerificationKeys = KEYS, *, required: bool = False
+) -> Authorizer:
     return Authorizer(
         ledger,
         HASHER,
@@ -64,6 +66,7 @@ def authorizer(ledger: Ledger, keys: CardVerificationKeys = KEYS) -> Authorizer:
         hold_lifetime_seconds=3600,
         card_keys=keys,
         cvc2_attempts_max=3,
+        cvc2_required_card_not_present=required,
     )
 
 
@@ -195,3 +198,24 @@ def run(ledger: Ledger, operation: commands.Operation) -> dict[str, object]:
     assert isinstance(reply, commands.Reply) and reply.status == 200
     decoded: dict[str, object] = msgspec.json.decode(reply.body)
     return decoded
+
+
+def test_a_cvc2_can_be_required_online_except_where_none_can_be_sent(ledger: Ledger) -> None:
+    strict = authorizer(ledger, required=True)
+
+    def answered(request: AuthorizationRequest) -> tuple[str, str]:
+        [outcome] = strict.authorize_batch([request], NOW)
+        return outcome.response_code, outcome.reason
+
+    assert answered(message("000100", None)) == ("82", "cvc2_missing")
+    assert failures(ledger) == 0  # not a guess: not counted
+    assert answered(message("000101", RIGHT)) == ("00", "approved")
+    assert answered(message("000102", None, **CHIP)) == ("00", "approved")  # card present
+    stored = {"22": "100", "25": "59"}  # a stored credential: no CVC2 may be kept
+    assert answered(message("000103", None, **stored)) == ("00", "approved")
+    recurring = authorization(PAN, "000104", 100, **ECOMMERCE, **{"48": "R220202"})
+    assert answered(recurring) == ("00", "approved")
+    registered = message("000105", None, pan=REGISTERED)  # no key: nothing to require
+    assert answered(registered) == ("00", "approved")
+    # Off (the default): no CVC2 online is approved, as before.
+    assert answer(ledger, message("000106", None)).response_code == "00"

@@ -219,7 +219,8 @@ FIXES: dict[str, Callable[[State], State]] = {
     "cvc2_attempts_exceeded": lambda s: msgspec.structs.replace(
         s, card_check=CardCheck("mismatch")
     ),
-    "cvc2_mismatch": lambda s: msgspec.structs.replace(s, card_check=CardCheck("key_unavailable")),
+    "cvc2_mismatch": lambda s: msgspec.structs.replace(s, card_check=CardCheck("missing")),
+    "cvc2_missing": lambda s: msgspec.structs.replace(s, card_check=CardCheck("key_unavailable")),
     "cvc2_key_unavailable": lambda s: msgspec.structs.replace(s, card_check=CardCheck("match")),
     "unsupported_processing_code": lambda s: with_request(s, processing_code="310000"),
     "unknown_currency": lambda s: with_request(s, currency="840"),
