@@ -659,6 +659,13 @@ def replace_card(
             )
         if old.status == "closed" and successor is None:
             raise Refused(409, "card_not_replaceable", f"card {card_id} is closed")
+        if not old.virtual and old.fulfilment is None:
+            raise Refused(  # registered or loaded: its number is another issuer's
+                409,
+                "card_not_replaceable",
+                f"card {card_id} was issued elsewhere: its issuer replaces it (register the "
+                "new number)",
+            )
         account = _open_account(writer, old.account_id)
         physical = old.fulfilment is not None
         ship = shipping
@@ -671,7 +678,8 @@ def replace_card(
                 "a physical card's replacement needs a shipping_address",
                 field="$.shipping_address",
             )
-        holder = _issuing_to(writer, old.cardholder_id, source.config)  # still verified
+        # Still verified; a card from before cardholders goes to its account's.
+        holder = _issuing_to(writer, old.cardholder_id or account.cardholder_id, source.config)
         # A replacement never activated hands on what it was to replace: activating the new
         # card stops the one still in the cardholder's wallet.
         replaces = old.replaces if old.status == "inactive" and old.replaces else old.card_id

@@ -233,3 +233,20 @@ def test_a_load_keeps_what_it_does_not_know_and_never_moves_a_keyed_expiry(
     moved.write_text(same.read_text().replace(f'expiry = "{card["expiry"]}"', 'expiry = "3912"'))
     with pytest.raises(LoadError, match="has a CVC2 computed with its expiry"):
         load_path(ledger, moved, HASHER)
+
+
+def test_a_card_from_before_cardholders_is_replaced_for_its_accounts(ledger: Ledger) -> None:
+    legacy = ok(run(ledger, commands.issue_virtual_card("a1", None, HASHER, SOURCE.config)))
+    with ledger.write() as writer:  # as a card issued before cardholders existed
+        found = writer.card_by_id(str(legacy["id"]))
+        assert found is not None
+        key, card = found
+        writer.put_card(key, msgspec.structs.replace(card, cardholder_id=None), card.account_id)
+    new = ok(run(ledger, commands.replace_card(str(legacy["id"]), "damaged", SOURCE, None)))
+    assert new["cardholder_id"] == "ch_" + "a" * 20 and new["virtual"] is True
+    registered = ok(
+        run(ledger, commands.register_card("4761730000000003", "3012", "a1", None, HASHER))
+    )
+    refused = run(ledger, commands.replace_card(str(registered["id"]), "lost", SOURCE, None))
+    assert isinstance(refused, Refused) and refused.code == "card_not_replaceable"
+    assert "issued elsewhere" in refused.message
