@@ -118,6 +118,7 @@ async def serve(settings: StartSettings) -> int:
         delivery_floor=floor,
         card_keys=settings.card_keys,
         personal_data=settings.personal_data,
+        pan_vault=settings.pan_vault,
     )
     loop = asyncio.get_running_loop()
     shared = config.server.workers > 1

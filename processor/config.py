@@ -109,6 +109,9 @@ class HttpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     # switches /v1 off (it answers 503; metrics and health stay up).
     control_api: bool = True
     api_token_env: Annotated[str, Meta(min_length=1)] = "PROCESSOR_API_TOKEN"
+    # Pages allowed to embed the card-details page (/reveal/...) in an iframe: its
+    # Content-Security-Policy frame-ancestors, e.g. ["https://app.example.com"]; none: 'none'.
+    reveal_frame_ancestors: tuple[Annotated[str, Meta(pattern=r"^https://[^\s;,']+$")], ...] = ()
 
 
 class LedgerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -203,6 +206,13 @@ class SecurityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     personal_data_key_envs: Annotated[
         tuple[Annotated[str, Meta(min_length=1)], ...], Meta(min_length=1, max_length=4)
     ] = ("PROCESSOR_DATA_KEY",)
+    # Key-encryption keys (64 hex digits) of the PAN vault: issued cards' PANs, kept for the
+    # cardholder to see through a one-time reveal. The first wraps; each unwraps.
+    pan_vault_key_envs: Annotated[
+        tuple[Annotated[str, Meta(min_length=1)], ...], Meta(min_length=1, max_length=4)
+    ] = ("PROCESSOR_PAN_VAULT_KEY",)
+    # How long a reveal token may wait for its one use.
+    reveal_token_seconds: Annotated[int, Meta(ge=10, le=3600)] = 300
 
     def __post_init__(self) -> None:
         prefixes = [each.bin_prefix for each in self.card_verification_keys]

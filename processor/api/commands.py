@@ -14,6 +14,7 @@ two concurrent repeats cannot both apply.
 
 from __future__ import annotations
 
+import hmac
 import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -42,12 +43,15 @@ from processor.ledger.records import (
     Card,
     Cardholder,
     CardholderKind,
+    CardSecret,
     CardStatus,
     IdempotentResponse,
     KycStatus,
     OutboxRecord,
+    RevealToken,
 )
 from processor.ledger.store import Writer
+from processor.pan_vault import PanVault
 from processor.personal_data import PersonalDataCipher
 from processor.security import PanHasher, luhn_check_digit
 
@@ -460,6 +464,7 @@ class Issuing(msgspec.Struct, frozen=True, kw_only=True):
     config: CardIssuingConfig
     card_keys: CardVerificationKeys = NO_KEYS
     draw: Callable[[str, int], str] = random_pan
+    vault: PanVault | None = None  # keeps the PAN for the cardholder's one-time reveal
 
 
 class Shipping(msgspec.Struct, frozen=True, kw_only=True):
@@ -478,6 +483,7 @@ def issue_virtual_card(
     *,
     card_keys: CardVerificationKeys = NO_KEYS,
     cardholder_id: str | None = None,
+    vault: PanVault | None = None,
 ) -> Operation:
     """A new card number in the programme's BIN range, never one already in the ledger, with
     its CVC2 when the range has a card verification key; active at once.
@@ -485,7 +491,7 @@ def issue_virtual_card(
     The reply carries the full number and the CVC2; the copy kept for idempotent replays does
     not (neither is stored anywhere).
     """
-    source = Issuing(hasher=hasher, config=issuing, card_keys=card_keys, draw=draw)
+    source = Issuing(hasher=hasher, config=issuing, card_keys=card_keys, draw=draw, vault=vault)
 
     def run(writer: Writer, now_ms: int) -> Reply:
         account = _open_account(writer, account_id, field="$.account_id")
@@ -570,6 +576,8 @@ def _issue(
     elif replaces is not None:
         card = msgspec.structs.replace(card, replaces=replaces)
     writer.put_card(card_key, card, None)
+    if source.vault is not None:
+        writer.put_card_secret(card.card_id, source.vault.seal(card.card_id, pan))
     return Reply(
         status=201,
         body=_encode(issued_card(card, pan, cvc2)),
@@ -709,6 +717,53 @@ def replace_card(
         elif old.status == "inactive":
             _stop(writer, now_ms, old.card_id, "closed")  # never in use: nothing to wait for
         return reply
+
+    return run
+
+
+def create_reveal_token(card_id: str, digest: bytes, expires_ms: int) -> Operation:
+    """Permission to show this card's details once, until `expires_ms`: kept by the token's
+    digest (the token is answered to the programme's backend and never stored)."""
+
+    def run(writer: Writer, now_ms: int) -> Reply:
+        _, card = _card(writer, card_id)
+        if writer.card_secret(card.card_id) is None:
+            raise Refused(
+                409,
+                "card_not_revealable",
+                f"card {card_id} was not issued by this processor with its PAN kept: there is "
+                "nothing to show",
+            )
+        if card.status in ("lost", "stolen", "closed"):
+            raise Refused(409, "card_not_revealable", f"card {card_id} is {card.status}")
+        # One live token per card: this one replaces any earlier one.
+        writer.put_reveal_token(card.card_id, RevealToken(digest=digest, expires_ms=expires_ms))
+        return Reply(status=201, body=b"{}")
+
+    return run
+
+
+class Revealed(msgspec.Struct, frozen=True):
+    card: Card
+    secret: CardSecret
+
+
+def take_reveal_token(card_id: str, digest: bytes) -> Command:
+    """Use the token once: the card and its sealed PAN when the token is this card's, unused
+    and unexpired; None otherwise (the page then shows one error for every case)."""
+
+    def run(writer: Writer, now_ms: int) -> Revealed | None:
+        token = writer.reveal_token(card_id)
+        if token is None or not hmac.compare_digest(token.digest, digest):
+            return None
+        writer.delete_reveal_token(card_id)  # used, or expired: either way gone
+        if token.expires_ms <= now_ms:
+            return None
+        found = writer.card_by_id(card_id)
+        secret = writer.card_secret(card_id)
+        if found is None or secret is None or found[1].status in ("lost", "stolen", "closed"):
+            return None
+        return Revealed(card=found[1], secret=secret)
 
     return run
 

@@ -16,6 +16,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, Final, Literal, TypeVar
 
 import lmdb
@@ -25,6 +26,7 @@ from aiohttp import web
 from processor.api import commands
 from processor.api.commands import CARD_ACTIONS, CardAction, Idempotency, Operation, Reply
 from processor.api.port import Processor
+from processor.api.reveal import token_digest
 from processor.api.views import (
     ACCOUNT_ID_PATTERN,
     CARD_ID_PATTERN,
@@ -42,6 +44,7 @@ from processor.api.views import (
     NewCardholder,
     NewPhysicalCard,
     NewVirtualCard,
+    RevealTokenView,
     account_view,
     authorization_view,
     card_view,
@@ -309,6 +312,7 @@ class ControlApi:
         table.append(("POST", card + "/activate", self.activate_card, ()))
         table.append(("POST", card + "/replace", self.replace_card, ()))
         table.append(("GET", card + "/shipping-address", self.shipping_address, ()))
+        table.append(("POST", card + "/reveal-token", self.reveal_token, ()))
         cardholder = "/v1/cardholders/{cardholder_id}"
         table.append(("POST", "/v1/cardholders", self.create_cardholder, ()))
         table.append(("GET", cardholder, self.get_cardholder, ()))
@@ -472,6 +476,7 @@ class ControlApi:
             self.daemon.config.programme.card_issuing,
             card_keys=self.daemon.card_keys,
             cardholder_id=body.cardholder_id,
+            vault=self.daemon.pan_vault,
         )
         return await self._apply(request, raw, operation)
 
@@ -560,7 +565,26 @@ class ControlApi:
             hasher=self.hasher,
             config=self.daemon.config.programme.card_issuing,
             card_keys=self.daemon.card_keys,
+            vault=self.daemon.pan_vault,
         )
+
+    async def reveal_token(self, request: web.Request) -> web.Response:
+        """A one-time token for the card-details page. Never kept for idempotent replays (a
+        retry gets a token of its own; the first expires unused)."""
+        card_id = card_id_of(request)
+        await request.read()  # no body expected
+        token = secrets.token_urlsafe(32)
+        seconds = self.daemon.config.security.reveal_token_seconds
+        expires_ms = int(time.time() * 1000) + seconds * 1000
+        digest = token_digest(token)
+        await self._run(commands.create_reveal_token(card_id, digest, expires_ms))
+        body = RevealTokenView(
+            token=token,
+            url=f"/reveal/{card_id}/{token}",
+            expires=datetime.fromtimestamp(expires_ms / 1000, UTC),
+        )
+        log.info("control API: reveal token for card %s, %d s", card_id, seconds)
+        return json_response(body, status=201)
 
     def _shipping(self, address: Address, account_id: str) -> commands.Shipping:
         """The address sealed like all personal data, bound to the account it ships for."""

@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from processor import limits
 from processor.api.control import BODY_BYTES_MAX, ApiError, ControlApi
 from processor.api.port import Processor
+from processor.api.reveal import REVEAL_PATH, reveal_handler
 from processor.api.views import ErrorBody, ErrorDetail
 from processor.log_budget import LogBudget
 from processor.metrics import Metrics
@@ -208,6 +209,8 @@ def build_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_routes(ControlApi(daemon, hasher).routes())
+    # Outside /v1: the cardholder's browser comes with a one-time token, not the bearer token.
+    app.router.add_get(REVEAL_PATH, reveal_handler(daemon))
     return app
 
 

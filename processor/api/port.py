@@ -15,6 +15,7 @@ from processor.config import Config
 from processor.cvc2 import CardVerificationKeys
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
+from processor.pan_vault import PanVault
 from processor.personal_data import PersonalDataCipher
 from processor.security import PanHasher
 
@@ -26,6 +27,7 @@ class Processor(Protocol):
     hasher: PanHasher  # the key the ledger is bound to
     card_keys: CardVerificationKeys  # computes the CVC2 of the cards the API issues
     personal_data: PersonalDataCipher | None  # seals and opens cardholders' personal data
+    pan_vault: PanVault | None  # keeps issued cards' PANs for the one-time reveal
     stopping: bool
     ledger_full: bool  # the last batch found the map full at its ceiling
 

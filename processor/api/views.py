@@ -238,6 +238,15 @@ class AccountView(msgspec.Struct, kw_only=True):
     cardholder_id: str | None  # whose account; null when none was named
 
 
+class RevealTokenView(msgspec.Struct, kw_only=True):
+    """A one-time token for the card-details page. Hand `url` (relative to this port) to the
+    cardholder's browser; the token works once, for this card, until `expires`."""
+
+    token: str
+    url: str
+    expires: Timestamp
+
+
 class CardholderView(msgspec.Struct, kw_only=True):
     """A cardholder. `details` (the personal data) is answered on creation and to GET; the
     creating request's idempotent replay and the KYC update leave it out."""
@@ -544,6 +553,7 @@ SCHEMA_TYPES: Final[tuple[Any, ...]] = (
     NewPhysicalCard,
     FulfilmentUpdate,
     CardReplacement,
+    RevealTokenView,
 )
 
 

@@ -300,3 +300,21 @@ class Cardholder(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     updated_ms: int
     sealed_with: str  # the id of the key that sealed it
     sealed: bytes
+
+
+class CardSecret(msgspec.Struct, array_like=True, kw_only=True, gc=False):
+    """An issued card's PAN under envelope encryption (processor/pan_vault.py), by card id in
+    the `card_secrets` database: read only to show the cardholder their card."""
+
+    key_id: str  # the key-encryption key that wrapped the data key
+    wrapped_key: bytes  # the card's own data key, AES key wrap
+    sealed_pan: bytes  # nonce + AES-256-GCM of the PAN, the card id as associated data
+
+
+class RevealToken(msgspec.Struct, array_like=True, kw_only=True, gc=False):
+    """A one-time permission to show a card's details, in `reveal_tokens` under the card id:
+    one live token per card (a new one replaces it), deleted when used, so the database is
+    bounded by the cards. The token itself is never stored, only its SHA-256."""
+
+    digest: bytes
+    expires_ms: int

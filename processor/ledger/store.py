@@ -25,6 +25,7 @@ from processor.ledger.records import (
     Account,
     Card,
     Cardholder,
+    CardSecret,
     CardState,
     ClearedRecord,
     EntryKind,
@@ -34,6 +35,7 @@ from processor.ledger.records import (
     HoldStatus,
     LedgerEntry,
     OutboxRecord,
+    RevealToken,
     StoredAnswer,
 )
 
@@ -69,6 +71,8 @@ _DATABASES = (
     "entries",  # account id + u64 sequence -> LedgerEntry: funding and debits via the API
     "idempotency",  # Idempotency-Key scope -> IdempotentResponse: API POSTs applied once
     "cardholders",  # cardholder id -> Cardholder (personal data sealed, processor/personal_data)
+    "card_secrets",  # card id -> CardSecret: issued cards' PANs, envelope-encrypted
+    "reveal_tokens",  # card id -> RevealToken: its one live card-details token (digest)
 )
 # Databases of schema 1 whose content schema 2 keeps in other records; dropped by the migration.
 _RETIRED_DATABASES = ("usage", "card_answers", "account_answers", "account_holds")
@@ -100,6 +104,7 @@ class _Codecs:
         "account",
         "answer",
         "card",
+        "card_secret",
         "card_state",
         "cardholder",
         "cleared",
@@ -109,6 +114,7 @@ class _Codecs:
         "event_ids",
         "hold",
         "outbox",
+        "reveal_token",
         "usage",
     )
 
@@ -125,6 +131,8 @@ class _Codecs:
         self.controls = msgspec.msgpack.Decoder(Controls)
         self.entry = msgspec.msgpack.Decoder(LedgerEntry)
         self.cardholder = msgspec.msgpack.Decoder(Cardholder)
+        self.card_secret = msgspec.msgpack.Decoder(CardSecret)
+        self.reveal_token = msgspec.msgpack.Decoder(RevealToken)
         self.event_ids = msgspec.msgpack.Decoder(EventIds)
 
 
@@ -540,6 +548,14 @@ class Reader:
     def hold_of(self, identity: bytes, answer: StoredAnswer | None) -> Hold | None:
         """The hold the answer to `identity` opened, if it opened one."""
         return None if answer is None else hold_view(identity, answer)
+
+    def card_secret(self, card_id: str) -> CardSecret | None:
+        raw = self._txn.get(card_id.encode(), db=self._dbs["card_secrets"])
+        return None if raw is None else self._codecs.card_secret.decode(raw)
+
+    def reveal_token(self, card_id: str) -> RevealToken | None:
+        raw = self._txn.get(card_id.encode(), db=self._dbs["reveal_tokens"])
+        return None if raw is None else self._codecs.reveal_token.decode(raw)
 
     def cardholder(self, cardholder_id: str) -> Cardholder | None:
         raw = self._txn.get(cardholder_id.encode(), db=self._dbs["cardholders"])
@@ -1068,6 +1084,17 @@ class Writer(Reader):
                 if hold is not None and hold.status == "open":
                     holds.append(hold)
         return holds
+
+    def put_card_secret(self, card_id: str, secret: CardSecret) -> None:
+        encoded = self._codecs.encoder.encode(secret)
+        self._txn.put(card_id.encode(), encoded, db=self._dbs["card_secrets"])
+
+    def put_reveal_token(self, card_id: str, token: RevealToken) -> None:
+        encoded = self._codecs.encoder.encode(token)
+        self._txn.put(card_id.encode(), encoded, db=self._dbs["reveal_tokens"])
+
+    def delete_reveal_token(self, card_id: str) -> None:
+        self._txn.delete(card_id.encode(), db=self._dbs["reveal_tokens"])
 
     def put_cardholder(self, cardholder: Cardholder) -> None:
         self._txn.put(

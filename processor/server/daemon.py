@@ -32,6 +32,7 @@ from processor.ledger.store import Ledger, LedgerError
 from processor.lifecycle import ADVICE_CLASSES
 from processor.log_budget import LogBudget
 from processor.metrics import Metrics
+from processor.pan_vault import PanVault
 from processor.personal_data import PersonalDataCipher
 from processor.security import PanHasher
 from processor.server.acceptor import REFUSAL_REASONS, Acceptor, Reserve
@@ -65,11 +66,13 @@ class Daemon:
         sweeps_ledger: bool = True,
         card_keys: CardVerificationKeys | None = None,
         personal_data: PersonalDataCipher | None = None,
+        pan_vault: PanVault | None = None,
     ):
         self.config = config
         self.ledger = ledger
         self.hasher = hasher
         self.personal_data = personal_data  # the primary's, for the control API
+        self.pan_vault = pan_vault  # the same
         # The primary's come checked from start-up; a worker reads the same variables.
         self.card_keys = (
             card_keys

@@ -18,6 +18,7 @@ from processor import limits
 from processor.config import DEMO_BIN_PREFIX, CardVerificationRange, Config
 from processor.cvc2 import NO_KEYS, CardVerificationError, CardVerificationKeys
 from processor.cvc2 import keys_from_environment as card_keys_from_environment
+from processor.pan_vault import PanVault, VaultError, vault_from_environment
 from processor.personal_data import PersonalDataCipher, PersonalDataError, cipher_from_environment
 from processor.security import INSECURE_DEVELOPMENT_KEY, PanHasher
 
@@ -36,6 +37,7 @@ class StartSettings(msgspec.Struct, frozen=True):
     generated_token: bool  # --demo made up the token: announce it once
     card_keys: CardVerificationKeys = NO_KEYS
     personal_data: PersonalDataCipher | None = None
+    pan_vault: PanVault | None = None
 
     def __repr__(self) -> str:  # a traceback or a debug print never shows the token
         return f"StartSettings(demo={self.demo}, api_token={'set' if self.api_token else None})"
@@ -65,6 +67,7 @@ def start_settings(config: Config, environ: dict[str, str], *, demo: bool) -> St
     except CardVerificationError as error:
         problems.append(str(error))
     personal_data = None
+    pan_vault = None
     try:
         if config.http.control_api:  # cardholders are reached through it alone
             personal_data = cipher_from_environment(
@@ -72,6 +75,19 @@ def start_settings(config: Config, environ: dict[str, str], *, demo: bool) -> St
             )
     except PersonalDataError as error:
         problems.append(str(error))
+    try:
+        if config.http.control_api:  # it issues the cards whose PANs the vault keeps
+            pan_vault = vault_from_environment(
+                config.security.pan_vault_key_envs, environ, demo=demo
+            )
+    except VaultError as error:
+        problems.append(str(error))
+    if pan_vault is not None and pan_vault.insecure:
+        log.warning(
+            "--demo: %s is not set: keeping issued cards' PANs under the INSECURE published "
+            "development key. Never put real cards in it.",
+            config.security.pan_vault_key_envs[0],
+        )
     if personal_data is not None and personal_data.insecure:
         log.warning(
             "--demo: %s is not set: sealing cardholders' personal data with the INSECURE "
@@ -81,7 +97,9 @@ def start_settings(config: Config, environ: dict[str, str], *, demo: bool) -> St
     if problems:
         raise Unready("; ".join(problems) + " (or run `processor serve --demo` to try it out)")
     assert hasher is not None
-    return StartSettings(config, hasher, token, demo, generated, card_keys, personal_data)
+    return StartSettings(
+        config, hasher, token, demo, generated, card_keys, personal_data, pan_vault
+    )
 
 
 def _card_verification(config: Config, demo: bool, api: bool, problems: list[str]) -> Config:

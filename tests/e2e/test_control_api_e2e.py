@@ -12,7 +12,10 @@ import http.client
 import json
 import os
 import re
+import shutil
+import subprocess
 import threading
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -664,6 +667,74 @@ def test_a_physical_card_walked_by_the_bureau_then_activated(
     replaced = api.post(f"/v1/cards/{card_id}/replace", {"reason": "lost"})
     assert replaced.status == 201 and replaced.body["replaces"] == card_id
     assert link.exchange(authorization(pan=pan, amount=100, **{"14": expiry}))["39"] == "41"
+
+
+def reveal_url(daemon: RunningDaemon, api: Api, card_id: str) -> str:
+    granted = api.post(f"/v1/cards/{card_id}/reveal-token")
+    assert granted.status == 201, granted.text
+    assert granted.body["url"] == f"/reveal/{card_id}/{granted.body['token']}"
+    return f"http://127.0.0.1:{daemon.http_port}{granted.body['url']}"
+
+
+def grouped(pan: str) -> str:
+    return " ".join(pan[index : index + 4] for index in range(0, len(pan), 4))
+
+
+def test_the_card_details_page_shows_a_card_once_with_strict_headers(
+    daemon: RunningDaemon, api: Api
+) -> None:
+    account_id = new_account(api, balance=1_000)
+    issued = api.post("/v1/cards/virtual", {"account_id": account_id}).body
+    card_id, pan, cvc2 = issued["id"], issued["pan"], issued["cvc2"]
+    url = reveal_url(daemon, api, card_id)
+    with urllib.request.urlopen(url) as response:  # no bearer token: the browser has none
+        page = response.read().decode()
+        headers = response.headers
+    assert grouped(pan) in page and f'<dd id="cvc2">{cvc2}</dd>' in page
+    assert f"{issued['expiry'][2:]}/{issued['expiry'][:2]}" in page
+    assert headers["Cache-Control"] == "no-store" and headers["Referrer-Policy"] == "no-referrer"
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    # Used: the same address shows the refusal, as does a token on another card's address.
+    for address in (url, url.replace(card_id, new_card(api, account_id)[0])):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(address)
+        assert refused.value.code == 404
+        body = refused.value.read().decode()
+        assert "This link cannot show a card" in body and pan not in body
+    registered, _ = new_card(api, account_id)  # its number is not kept: nothing to show
+    answer = api.post(f"/v1/cards/{registered}/reveal-token")
+    assert (answer.status, answer.code) == (409, "card_not_revealable")
+    assert pan not in "".join(daemon.stdout) + daemon.stderr()
+    assert pan not in (daemon.ledger / "data.mdb").read_bytes().decode("latin-1")
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="needs Chromium (Debian: apt-get install chromium)"
+)
+def test_the_card_details_page_in_a_real_headless_browser(daemon: RunningDaemon, api: Api) -> None:
+    account_id = new_account(api, balance=1_000)
+    issued = api.post("/v1/cards/virtual", {"account_id": account_id}).body
+    other = api.post("/v1/cards/virtual", {"account_id": account_id}).body
+
+    def rendered(url: str) -> str:
+        shown = subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert shown.returncode == 0, shown.stderr[-2000:]
+        return shown.stdout
+
+    url = reveal_url(daemon, api, issued["id"])
+    first = rendered(url)
+    assert grouped(issued["pan"]) in first and issued["cvc2"] in first
+    assert "This link cannot show a card" in rendered(url)  # a second use
+    foreign = reveal_url(daemon, api, other["id"]).replace(other["id"], issued["id"])
+    assert "This link cannot show a card" in rendered(foreign)  # another card's token
+    assert grouped(other["pan"]) not in rendered(foreign)
 
 
 def test_register_card(api: Api) -> None:

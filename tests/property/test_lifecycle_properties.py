@@ -461,6 +461,8 @@ DATABASES: Final = frozenset(
         b"entries",
         b"idempotency",
         b"cardholders",
+        b"card_secrets",
+        b"reveal_tokens",
     }
 )
 # An event's facts that only messages and clearing have; the load's events have none of them.
@@ -490,6 +492,7 @@ NO_FACTS: Final[dict[str, Any]] = {
 # Databases the lifecycle never writes: as the load left them.
 UNCHANGED: Final = (
     *(b"cards", b"card_ids", b"account_cards", b"entries", b"idempotency", b"cardholders"),
+    *(b"card_secrets", b"reveal_tokens"),
 )
 BIG_U64: Final = struct.Struct(">Q")  # hold ids, expiry times, event sequences in keys
 LITTLE_U64: Final = struct.Struct("<Q")  # approval times in Usage.recent
@@ -1927,6 +1930,8 @@ class LifecycleMachine(RuleBasedStateMachine):
             b"entries": sum(1 for spec in ACCOUNTS if spec.posted),  # the load's fundings
             b"idempotency": 0,  # API POSTs only
             b"cardholders": 0,  # API only
+            b"card_secrets": 0,  # issued through the API only
+            b"reveal_tokens": 0,
         }
 
     def digest(self, content: Any, stored: bytes) -> bytes:

@@ -224,9 +224,15 @@ def test_the_daemon_writes_only_json_lines_to_stderr(tmp_path: Path) -> None:
         assert {"ts", "level", "logger", "message"} <= set(record), record
         assert TS.match(record["ts"])
     insecure = [r for r in records if "INSECURE" in r["message"]]
-    # The development keys: PAN hashing, the demo BIN's card verification, personal data.
-    assert len(insecure) == 3, records
-    assert "PROCESSOR_PAN_KEY" in insecure[0]["message"]
-    assert "card verification key for BIN 476173" in insecure[1]["message"]
-    assert "PROCESSOR_DATA_KEY" in insecure[2]["message"]
+    # The development keys: PAN hashing, the demo BIN's card verification, personal data,
+    # the PAN vault.
+    assert len(insecure) == 4, records
+    said = " | ".join(record["message"] for record in insecure)
+    for what in (
+        "PROCESSOR_PAN_KEY",
+        "card verification key for BIN 476173",
+        "PROCESSOR_DATA_KEY",
+        "PROCESSOR_PAN_VAULT_KEY",
+    ):
+        assert what in said, what
     assert {record["level"] for record in insecure} == {"warning"}

@@ -24,6 +24,7 @@ READY = {
     "PROCESSOR_API_TOKEN": TOKEN,
     "CVK_5399": CVK,
     "PROCESSOR_DATA_KEY": DATA_KEY,
+    "PROCESSOR_PAN_VAULT_KEY": "bb" * 32,
 }
 
 
@@ -79,6 +80,7 @@ def test_the_variables_named_in_the_config_are_the_ones_checked() -> None:
     assert "MY_KEY is not set" in message and "MY_TOKEN is not set" in message
     assert "key_envs[0]: MY_CVK is not set" in message and "(MY_DATA) is not set" in message
     mine = {"MY_KEY": KEY, "MY_TOKEN": TOKEN, "MY_CVK": CVK, "MY_DATA": DATA_KEY}
+    mine["PROCESSOR_PAN_VAULT_KEY"] = "bb" * 32
     settings = start_settings(config, mine, demo=False)
     assert settings.api_token == TOKEN
 
@@ -199,3 +201,13 @@ def test_the_personal_data_key_is_required_outside_demo_and_named_when_wrong() -
     assert DATA_KEY not in repr(settings.personal_data)
     demo = start_settings(Config(), {}, demo=True)
     assert demo.personal_data is not None and demo.personal_data.insecure
+
+
+def test_the_pan_vault_key_is_required_outside_demo() -> None:
+    missing = unready(WITH_BIN, {k: v for k, v in READY.items() if k != "PROCESSOR_PAN_VAULT_KEY"})
+    assert "pan_vault_key_envs[0] (PROCESSOR_PAN_VAULT_KEY) is not set" in missing
+    settings = start_settings(WITH_BIN, READY, demo=False)
+    assert settings.pan_vault is not None and not settings.pan_vault.insecure
+    assert "bb" * 32 not in repr(settings.pan_vault)
+    demo = start_settings(Config(), {}, demo=True)
+    assert demo.pan_vault is not None and demo.pan_vault.insecure
