@@ -471,6 +471,7 @@ def test_a_production_start_has_no_demo_data(tmp_path: Path) -> None:
         PROCESSOR_API_TOKEN="p" * 24,
         CVK=cvk,
         PROCESSOR_DATA_KEY="5a" * 32,
+        PROCESSOR_PAN_VAULT_KEY="6b" * 32,
     )
     running = RunningDaemon(tmp_path / "ledger", config=config, env=env, demo=False).start()
     try:
