@@ -20,9 +20,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
+from processor.aes_keys import KEY_BYTES, aes_keys_from_environment
 from processor.ledger.records import CardSecret
 
-KEY_BYTES: Final = 32
 NONCE_BYTES: Final = 12
 # For `processor serve --demo` only: published, so anyone can open what it wrapped.
 INSECURE_DEVELOPMENT_KEY: Final = bytes.fromhex("fedcba9876543210" * 4)
@@ -77,26 +77,19 @@ class PanVault:
 def vault_from_environment(
     variables: tuple[str, ...], environ: Mapping[str, str], *, demo: bool
 ) -> PanVault:
-    """The keys the variables hold (64 hex digits each); under `demo` with none set, the
-    published development key. An error names the variable, never its value."""
-    if demo and not any(environ.get(variable) for variable in variables):
+    """The keys the variables hold; under `demo` with none set, the published development
+    key."""
+    try:
+        keys = aes_keys_from_environment(
+            variables,
+            environ,
+            setting="security.pan_vault_key_envs",
+            purpose="the PANs of issued cards are kept under it for the cardholder to see",
+            published=INSECURE_DEVELOPMENT_KEY,
+            demo=demo,
+        )
+    except ValueError as error:
+        raise VaultError(str(error)) from None
+    if keys is None:
         return PanVault([INSECURE_DEVELOPMENT_KEY], insecure=True)
-    keys: list[bytes] = []
-    for position, variable in enumerate(variables):
-        value = environ.get(variable, "")
-        where = f"security.pan_vault_key_envs[{position}] ({variable})"
-        if not value:
-            raise VaultError(
-                f"{where} is not set: the PANs of issued cards are kept under it for the "
-                f"cardholder to see (AES-256: {KEY_BYTES * 2} hex digits)"
-            )
-        try:
-            key = bytes.fromhex(value)
-        except ValueError:
-            raise VaultError(f"{where} is not hexadecimal") from None
-        if len(key) != KEY_BYTES or key == INSECURE_DEVELOPMENT_KEY:
-            raise VaultError(
-                f"{where} is not a usable AES-256 key (32 bytes, not the published one)"
-            )
-        keys.append(key)
     return PanVault(keys)

@@ -19,7 +19,8 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-KEY_BYTES: Final = 32  # AES-256
+from processor.aes_keys import aes_keys_from_environment
+
 NONCE_BYTES: Final = 12
 # For `processor serve --demo` only: published, so anyone can open what it sealed.
 INSECURE_DEVELOPMENT_KEY: Final = bytes.fromhex("00112233445566778899aabbccddeeff" * 2)
@@ -69,26 +70,19 @@ class PersonalDataCipher:
 def cipher_from_environment(
     variables: tuple[str, ...], environ: Mapping[str, str], *, demo: bool
 ) -> PersonalDataCipher:
-    """The keys the variables hold (64 hex digits each); under `demo` with none set, the
-    published development key. An error names the variable, never its value."""
-    if demo and not any(environ.get(variable) for variable in variables):
+    """The keys the variables hold; under `demo` with none set, the published development
+    key."""
+    try:
+        keys = aes_keys_from_environment(
+            variables,
+            environ,
+            setting="security.personal_data_key_envs",
+            purpose="cardholders' personal data is sealed with it",
+            published=INSECURE_DEVELOPMENT_KEY,
+            demo=demo,
+        )
+    except ValueError as error:
+        raise PersonalDataError(str(error)) from None
+    if keys is None:
         return PersonalDataCipher([INSECURE_DEVELOPMENT_KEY], insecure=True)
-    keys: list[bytes] = []
-    for position, variable in enumerate(variables):
-        value = environ.get(variable, "")
-        where = f"security.personal_data_key_envs[{position}] ({variable})"
-        if not value:
-            raise PersonalDataError(
-                f"{where} is not set: cardholders' personal data is sealed with it "
-                f"(AES-256: {KEY_BYTES * 2} hex digits, e.g. openssl rand -hex {KEY_BYTES})"
-            )
-        try:
-            key = bytes.fromhex(value)
-        except ValueError:
-            raise PersonalDataError(f"{where} is not hexadecimal") from None
-        if len(key) != KEY_BYTES:
-            raise PersonalDataError(f"{where} holds {len(key)} bytes; AES-256 needs {KEY_BYTES}")
-        if key == INSECURE_DEVELOPMENT_KEY:
-            raise PersonalDataError(f"{where} holds the published development key")
-        keys.append(key)
     return PersonalDataCipher(keys)
