@@ -27,6 +27,21 @@ SOURCE = commands.Issuing(
 )
 
 
+def test_the_primitives_give_the_published_values() -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+
+    # RFC 3394, 4.6: 256 bits of key data wrapped with a 256-bit KEK.
+    kek = bytes.fromhex("000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F")
+    data = bytes.fromhex("00112233445566778899AABBCCDDEEFF000102030405060708090A0B0C0D0E0F")
+    assert aes_key_wrap(kek, data).hex().upper() == (
+        "28C9F404C4B810F4CBCCB35CFB87F8263F5786E2D80ED326CBC7F0E71A99F43BFB988B9B7A02DD21"
+    )
+    # The GCM specification (McGrew and Viega), test case 14: AES-256, zero key, IV and block.
+    sealed = AESGCM(bytes(32)).encrypt(bytes(12), bytes(16), None)
+    assert sealed.hex() == "cea7403d4d606b6e074ec5d3baf39d18" + "d0d1c8a799996bf0265b98b5d48ab919"
+
+
 def test_a_pan_opens_only_for_its_card_untouched_and_with_its_key() -> None:
     secret = VAULT.seal("card_1", "4761739001010085")
     assert b"4761739001010085" not in secret.sealed_pan + secret.wrapped_key
