@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -735,6 +736,32 @@ def test_the_card_details_page_in_a_real_headless_browser(daemon: RunningDaemon,
     foreign = reveal_url(daemon, api, other["id"]).replace(other["id"], issued["id"])
     assert "This link cannot show a card" in rendered(foreign)  # another card's token
     assert grouped(other["pan"]) not in rendered(foreign)
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="needs Chromium (Debian: apt-get install chromium)"
+)
+def test_an_expired_card_details_link_shows_the_refusal_in_a_browser(tmp_path: Path) -> None:
+    config = tmp_path / "processor.toml"
+    config.write_text("[security]\nreveal_token_seconds = 10\n")
+    env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, PROCESSOR_API_TOKEN=TOKEN)
+    running = RunningDaemon(tmp_path / "ledger", config=config, env=env).start()
+    try:
+        api = Api(running.http_port)
+        account_id = new_account(api, balance=1_000)
+        issued = api.post("/v1/cards/virtual", {"account_id": account_id}).body
+        url = reveal_url(running, api, issued["id"])
+        time.sleep(10.5)  # the token's whole life
+        shown = subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "This link cannot show a card" in shown.stdout, shown.stderr[-2000:]
+        assert grouped(issued["pan"]) not in shown.stdout
+    finally:
+        running.stop()
 
 
 def test_register_card(api: Api) -> None:
