@@ -113,7 +113,10 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return error_response(error.status, code, message, headers=headers)
     except Exception:
         # A bug, not bad input (input errors are ApiErrors): say so without details.
-        log.exception("%s %s failed", request.method, request.rel_url.path[:200])
+        # The route's template, not the address: an address may carry a secret (a token).
+        resource = request.match_info.route.resource
+        where = resource.canonical if resource is not None else request.rel_url.path[:200]
+        log.exception("%s %s failed", request.method, where)
         return error_response(
             500, "internal_error", "the processor failed on this request; it is logged"
         )
@@ -210,7 +213,8 @@ def build_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_routes(ControlApi(daemon, hasher).routes())
     # Outside /v1: the cardholder's browser comes with a one-time token, not the bearer token.
-    app.router.add_get(REVEAL_PATH, reveal_handler(daemon))
+    # GET only: a HEAD (link checkers, previews) must not spend the one use.
+    app.router.add_get(REVEAL_PATH, reveal_handler(daemon), allow_head=False)
     return app
 
 

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
 
+import lmdb
 from aiohttp import web
 
 from processor.api.commands import Revealed, take_reveal_token
@@ -91,14 +92,24 @@ def refusal_page(ancestors: tuple[str, ...], status: int = 404) -> web.Response:
 def reveal_handler(daemon: Processor) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def reveal(request: web.Request) -> web.Response:
         ancestors = daemon.config.http.reveal_frame_ancestors
+        card_id = request.match_info["card_id"][:64]
+        try:
+            return await _reveal(request, ancestors)
+        except Exception:
+            # Never the middleware's error path: it would log the address, token included
+            # (still valid when the batch failed), and answer without this page's headers.
+            log.exception("card details page failed: card %s", card_id)
+            return refusal_page(ancestors, 500)
+
+    async def _reveal(request: web.Request, ancestors: tuple[str, ...]) -> web.Response:
         vault = daemon.pan_vault
         card_id, token = request.match_info["card_id"], request.match_info["token"]
         if vault is None or len(token) > 128 or len(card_id) > 64:
             return refusal_page(ancestors)
         try:
             taken = await daemon.execute(take_reveal_token(card_id, token_digest(token)))
-        except LedgerError as error:
-            log.error("card details page: ledger failed: %s", error)
+        except (LedgerError, lmdb.Error) as error:
+            log.error("card details page: ledger failed: %s", type(error).__name__)
             return refusal_page(ancestors, 503)
         if not isinstance(taken, Revealed):
             return refusal_page(ancestors)
