@@ -691,6 +691,7 @@ def test_the_card_details_page_shows_a_card_once_with_strict_headers(
     with pytest.raises(urllib.error.HTTPError) as head:  # a link checker's HEAD spends nothing
         urllib.request.urlopen(urllib.request.Request(url, method="HEAD"))
     assert head.value.code == 405
+    head.value.close()
     with urllib.request.urlopen(url) as response:  # no bearer token: the browser has none
         page = response.read().decode()
         headers = response.headers
@@ -706,6 +707,7 @@ def test_the_card_details_page_shows_a_card_once_with_strict_headers(
             urllib.request.urlopen(address)
         assert refused.value.code == 404
         body = refused.value.read().decode()
+        refused.value.close()
         assert "This link cannot show a card" in body and pan not in body
     registered, _ = new_card(api, account_id)  # its number is not kept: nothing to show
     answer = api.post(f"/v1/cards/{registered}/reveal-token")
