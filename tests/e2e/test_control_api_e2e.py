@@ -677,6 +677,18 @@ def reveal_url(daemon: RunningDaemon, api: Api, card_id: str) -> str:
     return f"http://127.0.0.1:{daemon.http_port}{granted.body['url']}"
 
 
+def chromium_dom(url: str) -> str:
+    """The page as a real browser renders it: headless Chromium's DOM after loading `url`."""
+    shown = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    return shown.stdout
+
+
 def grouped(pan: str) -> str:
     return " ".join(pan[index : index + 4] for index in range(0, len(pan), 4))
 
@@ -724,16 +736,7 @@ def test_the_card_details_page_in_a_real_headless_browser(daemon: RunningDaemon,
     issued = api.post("/v1/cards/virtual", {"account_id": account_id}).body
     other = api.post("/v1/cards/virtual", {"account_id": account_id}).body
 
-    def rendered(url: str) -> str:
-        shown = subprocess.run(
-            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert shown.returncode == 0, shown.stderr[-2000:]
-        return shown.stdout
-
+    rendered = chromium_dom
     url = reveal_url(daemon, api, issued["id"])
     first = rendered(url)
     assert grouped(issued["pan"]) in first and issued["cvc2"] in first
@@ -757,17 +760,7 @@ def test_an_expired_card_details_link_shows_the_refusal_in_a_browser(tmp_path: P
         issued = api.post("/v1/cards/virtual", {"account_id": account_id}).body
         url = reveal_url(running, api, issued["id"])
         time.sleep(10.5)  # the token's whole life
-
-        def rendered(address: str) -> str:
-            shown = subprocess.run(
-                ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", address],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            assert shown.returncode == 0, shown.stderr[-2000:]
-            return shown.stdout
-
+        rendered = chromium_dom
         late = rendered(url)
         assert "This link cannot show a card" in late and grouped(issued["pan"]) not in late
         # The same daemon shows a fresh token's card: the refusal above was the expiry's.
