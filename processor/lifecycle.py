@@ -25,7 +25,15 @@ from processor.engine.decide import CardCheck, Cvc2Result, billing_amount, card_
 from processor.engine.fx import scale
 from processor.engine.settle import capture_verdict, void_verdict
 from processor.ledger.controls import Controls, Usage
-from processor.ledger.records import Account, Card, CardState, Hold, OutboxRecord, StoredAnswer
+from processor.ledger.records import (
+    Account,
+    Card,
+    CardState,
+    Hold,
+    OutboxRecord,
+    StoredAnswer,
+    change_event,
+)
 from processor.ledger.store import Writer
 from processor.randomness import BufferedRandom
 from processor.wire.messages import AuthorizationRequest
@@ -239,14 +247,8 @@ class Lifecycle:
             state = writer.changed_card_state(card)
             state.cvc2_failures += 1
             if state.cvc2_failures == self._cvc2_attempts_max:
-                result.event_after = OutboxRecord(
-                    sequence=0,
-                    type="card.cvc2_locked",
-                    created_ms=batch.now_ms,
-                    account_id=card.account_id,
-                    card_id=card.card_id,
-                    masked_pan=card.masked_pan,
-                    reason="cvc2_attempts_exceeded",
+                result.event_after = change_event(
+                    "card.cvc2_locked", "cvc2_attempts_exceeded", batch.now_ms, card=card
                 )
         elif decision.approved and result.cvc2 == "match" and writer.card_state(card).cvc2_failures:
             writer.changed_card_state(card).cvc2_failures = 0

@@ -47,8 +47,8 @@ from processor.ledger.records import (
     CardStatus,
     IdempotentResponse,
     KycStatus,
-    OutboxRecord,
     RevealToken,
+    change_event,
 )
 from processor.ledger.store import Writer
 from processor.pan_vault import PanVault
@@ -230,20 +230,18 @@ def _event(
 ) -> None:
     """An event for a change made through the API, in its transaction (every change has one:
     the programme's other systems follow the ledger through them, not through API replies)."""
-    record = OutboxRecord(
-        sequence=0,
-        type=type,
-        created_ms=now_ms,
-        reason=reason,
-        account_id=card.account_id if card is not None else account_id,
-        card_id=None if card is None else card.card_id,
-        masked_pan=None if card is None else card.masked_pan,
-        amount=amount,
-        entry_sequence=entry_sequence,
-        cardholder_id=None if cardholder is None else cardholder.id,
-        kyc_status=None if cardholder is None else cardholder.kyc_status,
+    writer.emit(
+        change_event(
+            type,
+            reason,
+            now_ms,
+            account_id=account_id,
+            card=card,
+            amount=amount,
+            entry_sequence=entry_sequence,
+            cardholder=cardholder,
+        )
     )
-    writer.emit(record)
 
 
 def close_account(account_id: str) -> Operation:

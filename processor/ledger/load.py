@@ -31,7 +31,7 @@ from processor.ledger.controls import (
     control_errors,
     stored_controls,
 )
-from processor.ledger.records import Account, AccountStatus, Card, CardStatus, OutboxRecord
+from processor.ledger.records import Account, AccountStatus, Card, CardStatus, change_event
 from processor.ledger.store import Ledger, LedgerFull, Reader, Writer
 from processor.security import PanHasher, luhn_valid
 
@@ -437,18 +437,12 @@ def _event(
     entry_sequence: int | None = None,
 ) -> None:
     writer.emit(
-        OutboxRecord(
-            sequence=0,
-            type=type,
-            created_ms=now_ms,
-            reason=reason,
-            account_id=card.account_id
-            if card is not None
-            else None
-            if account is None
-            else account.id,
-            card_id=None if card is None else card.card_id,
-            masked_pan=None if card is None else card.masked_pan,
+        change_event(
+            type,
+            reason,
+            now_ms,
+            account_id=None if account is None else account.id,
+            card=card,
             amount=amount,
             entry_sequence=entry_sequence,
         )

@@ -288,6 +288,34 @@ class OutboxRecord(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     kyc_status: str | None = None  # cardholder.* events: the status now
 
 
+def change_event(
+    type: str,
+    reason: str,
+    now_ms: int,
+    *,
+    account_id: str | None = None,
+    card: Card | None = None,
+    amount: int | None = None,
+    entry_sequence: int | None = None,
+    cardholder: Cardholder | None = None,
+) -> OutboxRecord:
+    """The event of a change that is no message's (the API, a load, a lock-out): a card's
+    event belongs to its account; numbered and stamped by Writer.emit."""
+    return OutboxRecord(
+        sequence=0,
+        type=type,
+        created_ms=now_ms,
+        reason=reason,
+        account_id=card.account_id if card is not None else account_id,
+        card_id=None if card is None else card.card_id,
+        masked_pan=None if card is None else card.masked_pan,
+        amount=amount,
+        entry_sequence=entry_sequence,
+        cardholder_id=None if cardholder is None else cardholder.id,
+        kyc_status=None if cardholder is None else cardholder.kyc_status,
+    )
+
+
 class Cardholder(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     """A person or business the programme verified (or is verifying). In the clear only what
     authorisations, events and metrics may know; the personal data is `sealed`
