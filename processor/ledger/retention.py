@@ -39,7 +39,7 @@ import msgspec
 
 from processor import limits
 from processor.config import RetentionConfig
-from processor.ledger.records import ClearedRecord, IdempotentResponse, OutboxRecord, StoredAnswer
+from processor.ledger.records import ClearedRecord, EventCodec, IdempotentResponse, StoredAnswer
 from processor.ledger.store import Writer, answer_key_of
 
 _U64 = struct.Struct(">Q")
@@ -96,7 +96,7 @@ class Retention:
         self._events_seen: int | None = None  # the ledger's event count at the last budget
         self._owed = 0  # visits earned by new events and not yet spent
         self._answer = msgspec.msgpack.Decoder(StoredAnswer)
-        self._event = msgspec.msgpack.Decoder(OutboxRecord)
+        self._events_codec = EventCodec()
         self._cleared = msgspec.msgpack.Decoder(ClearedRecord)
         self._idempotent = msgspec.msgpack.Decoder(IdempotentResponse)
 
@@ -151,26 +151,26 @@ class Retention:
             return None, last_pruned
         for _ in range(budget):
             try:
-                event = self._event.decode(cursor.value())
+                created_ms = self._events_codec.created_ms(cursor.value())
             except msgspec.DecodeError:
                 # Never dropped unread; the cut stops here, and so does pruning answers (an
                 # event that cannot be read might refer to any of them).
                 done.keep("events", "unreadable")
                 return 0, last_pruned
-            if event.created_ms >= cutoff:
-                return event.created_ms, last_pruned
+            if created_ms >= cutoff:
+                return created_ms, last_pruned
             done.count(done.visited, "events")
             sequence = _U64.unpack(cursor.key())[0]
             if floor is not None and sequence >= floor:
                 done.keep("events", "undelivered")
-                return event.created_ms, last_pruned
+                return created_ms, last_pruned
             done.count(done.pruned, "events")
             last_pruned = sequence
             cursor.delete()  # the cursor moves to the next event, if there is one
             if not cursor.key():
                 return None, last_pruned
         try:
-            return self._event.decode(cursor.value()).created_ms, last_pruned  # more to do
+            return self._events_codec.created_ms(cursor.value()), last_pruned  # more to do
         except msgspec.DecodeError:
             return 0, last_pruned
 

@@ -22,6 +22,7 @@ import msgspec
 from processor import limits
 from processor.ledger.controls import Controls, Usage
 from processor.ledger.records import (
+    SAME_AS_CARD,
     Account,
     Card,
     Cardholder,
@@ -29,6 +30,7 @@ from processor.ledger.records import (
     CardState,
     ClearedRecord,
     EntryKind,
+    EventCodec,
     EventIds,
     Hold,
     HoldState,
@@ -53,9 +55,11 @@ T = TypeVar("T")
 # instead of two, one B-tree fewer for a lone approval's commit to copy the path of). Schema 5
 # adds to records only (controls' `require_sca`, cards' CVC2 key and fulfilment, cardholders),
 # which this build reads in schema-4 records, but which a build of schema 4 would refuse
-# (controls forbid unknown fields) or misread: the number says so before it tries. Older
-# schemas are migrated on open.
-SCHEMA_VERSION = b"5"
+# (controls forbid unknown fields) or misread: the number says so before it tries. Schema 6
+# writes smaller records (records.MessageEvent for a message's event, SAME_AS_CARD for an
+# account's history link that is its card's); it reads schema 5's as they are. Older schemas
+# are migrated on open.
+SCHEMA_VERSION = b"6"
 _U64 = struct.Struct(">Q")
 _DATABASES = (
     "accounts",  # account id -> Account; account id, NUL, card id -> CardState (beside it)
@@ -112,8 +116,8 @@ class _Codecs:
         "encoder",
         "entry",
         "event_ids",
+        "events",
         "hold",
-        "outbox",
         "reveal_token",
         "usage",
     )
@@ -126,7 +130,7 @@ class _Codecs:
         self.hold = msgspec.msgpack.Decoder(Hold)
         self.answer = msgspec.msgpack.Decoder(StoredAnswer)
         self.cleared = msgspec.msgpack.Decoder(ClearedRecord)
-        self.outbox = msgspec.msgpack.Decoder(OutboxRecord)
+        self.events = EventCodec()
         self.usage = msgspec.msgpack.Decoder(Usage)
         self.controls = msgspec.msgpack.Decoder(Controls)
         self.entry = msgspec.msgpack.Decoder(LedgerEntry)
@@ -389,7 +393,7 @@ class Ledger:
 
     def _oldest_ms(self, txn: lmdb.Transaction, name: str) -> int | None:
         decoders: dict[str, Callable[[bytes], int]] = {
-            "outbox": lambda raw: self._codecs.outbox.decode(raw).created_ms,
+            "outbox": self._codecs.events.created_ms,
             "answers": lambda raw: self._codecs.answer.decode(raw).answered_ms,
         }
         decode = decoders.get(name)
@@ -590,14 +594,14 @@ class Reader:
             last = self.answer(before[len(prefix) :])
             if last is None or (last.card_id if of == "card" else last.account_id) != owner_id:
                 return []
-            key = last.previous_for_card if of == "card" else last.previous_for_account
+            key = last.previous_for_card if of == "card" else last.previous_in_account
         found: list[tuple[bytes, StoredAnswer, bytes]] = []
         while key is not None and len(found) < limit:
             answer = self.answer(key)
             if answer is None:
                 break  # the chain reaches past what the ledger still keeps
             found.append((key, answer, prefix + key))
-            key = answer.previous_for_card if of == "card" else answer.previous_for_account
+            key = answer.previous_for_card if of == "card" else answer.previous_in_account
         return found
 
     def card_key_by_id(self, card_id: str) -> bytes | None:
@@ -673,8 +677,8 @@ class Reader:
         records: list[OutboxRecord] = []
         cursor = self._txn.cursor(db=self._dbs["outbox"])
         if cursor.set_range(_U64.pack(first_sequence)):
-            for value in cursor.iternext(keys=False, values=True):
-                record = self._codecs.outbox.decode(value)
+            for key, value in cursor.iternext(keys=True, values=True):
+                record = self._codecs.events.decode(_U64.unpack(key)[0], value)
                 if record.in_answer:
                     self._fill_from_answer(record)
                 records.append(record)
@@ -757,8 +761,9 @@ class Reader:
         """(sequence, account id, per-account sequence) of every event, in order, without
         completing them from their answers: for checks, not for delivery."""
         for key, raw in self._txn.cursor(db=self._dbs["outbox"]):
-            record = self._codecs.outbox.decode(raw)
-            yield _U64.unpack(bytes(key))[0], record.account_id, record.account_sequence
+            sequence = _U64.unpack(bytes(key))[0]
+            record = self._codecs.events.decode(sequence, raw)
+            yield sequence, record.account_id, record.account_sequence
 
     def account_holds(self, account_id: str, limit: int = limits.holds_listed_max) -> list[Hold]:
         """Open holds of an account, oldest first, at most `limit`.
@@ -783,7 +788,7 @@ class Reader:
             hold = hold_view(key, answer)
             if hold is not None and hold.status == "open":
                 holds.append(hold)
-            key = answer.previous_for_account
+            key = answer.previous_in_account
         holds.reverse()
         return holds[:limit]
 
@@ -922,7 +927,10 @@ class Writer(Reader):
         if answer.account_id is not None:
             account = self.account(answer.account_id)
             if account is not None:
-                answer.previous_for_account = account.last_answer
+                previous = account.last_answer
+                if previous is not None and previous == answer.previous_for_card:
+                    previous = SAME_AS_CARD  # the account's one card: say so in one byte
+                answer.previous_for_account = previous
                 account.last_answer = identity
                 self.put_account(account)
         self.put_answer(identity, answer)
@@ -1148,7 +1156,7 @@ class Writer(Reader):
     def append_event(self, record: OutboxRecord) -> None:
         appended = self._txn.put(
             _U64.pack(record.sequence),
-            self._codecs.encoder.encode(record),
+            self._codecs.events.encode(record),
             db=self._dbs["outbox"],
             append=True,
         )
@@ -1322,6 +1330,14 @@ def _migrate_4_to_5(
     a schema-4 record as it was meant, and the `cardholders` database is created on open."""
 
 
+def _migrate_5_to_6(
+    env: lmdb.Environment, txn: lmdb.Transaction, dbs: dict[str, Any], codecs: _Codecs
+) -> None:
+    """Schema 5 -> 6: nothing to rewrite. Schema 6 reads schema 5's full events and history
+    links as they are; the version changes so that a schema-5 build refuses a ledger whose
+    compact events (records.COMPACT_EVENT_MARK) and one-byte account links it would misread."""
+
+
 _Migration = Callable[[lmdb.Environment, lmdb.Transaction, dict[str, Any], _Codecs], None]
 # Each schema that can be migrated: the step and the schema it leaves. The steps run in one
 # write transaction, in order, so a ledger two releases old migrates in one all-or-nothing open.
@@ -1330,6 +1346,7 @@ _MIGRATIONS: dict[bytes, tuple[_Migration, bytes]] = {
     b"2": (_migrate_2_to_3, b"3"),
     b"3": (_migrate_3_to_4, b"4"),
     b"4": (_migrate_4_to_5, b"5"),
+    b"5": (_migrate_5_to_6, b"6"),
 }
 
 

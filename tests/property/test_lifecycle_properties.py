@@ -1123,7 +1123,11 @@ class LifecycleMachine(RuleBasedStateMachine):
             state.stored = True
         if answer.account is not None:
             account = self.accounts[answer.account]
-            answer.previous_for_account, account.last_answer = account.last_answer, key
+            previous = account.last_answer
+            # Stored as b"" (SAME_AS_CARD) when it is the card's link too (specs/ledger.md).
+            same = previous is not None and previous == answer.previous_for_card
+            answer.previous_for_account = b"" if same else previous
+            account.last_answer = key
         message_class = fields["t"][:3] + "0"
         self.emit(
             answer.account,

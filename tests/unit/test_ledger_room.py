@@ -63,7 +63,7 @@ def test_a_batch_that_does_not_fit_grows_the_map_and_is_applied_once(tmp_path: P
     try:
         load_path(ledger, demo_data_path(), HASHER)
         authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600)
-        requests = [approval(stan) for stan in range(1, 2001)]  # over 1 MiB of records
+        requests = [approval(stan) for stan in range(1, 3001)]  # over 1 MiB of records
         with ledger.read() as reader:
             loaded = reader.outbox_last_sequence()  # the load's events
         outcomes = authorizer.authorize_batch(requests, NOW)

@@ -1,4 +1,4 @@
-"""Ledgers written by the schema-1, 2 and 3 releases are migrated on open, never misread.
+"""Ledgers written by the schema-1, 2, 3 and 5 releases are migrated on open, never misread.
 
 tests/fixtures/ledger_vN was written by that release (tests/fixtures/make_ledger.py), and
 ledger_vN.json holds what it read back from it then. After the migration the same questions
@@ -32,7 +32,8 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 EXPECTED: dict[str, Any] = json.loads((FIXTURES / "ledger_v1.json").read_text())
 EXPECTED_V2: dict[str, Any] = json.loads((FIXTURES / "ledger_v2.json").read_text())
 EXPECTED_V3: dict[str, Any] = json.loads((FIXTURES / "ledger_v3.json").read_text())
-RELEASES = {"v1": EXPECTED, "v2": EXPECTED_V2, "v3": EXPECTED_V3}
+EXPECTED_V5: dict[str, Any] = json.loads((FIXTURES / "ledger_v5.json").read_text())
+RELEASES = {"v1": EXPECTED, "v2": EXPECTED_V2, "v3": EXPECTED_V3, "v5": EXPECTED_V5}
 HASHER = PanHasher(b"fixture-pan-key")
 
 
@@ -118,6 +119,15 @@ def test_migration_keeps_balances_holds_histories_and_usage(
                 assert sorted(expiring) == sorted(
                     hold.hold_id for hold in holds if hold.status == "open"
                 )
+            if "events" in expected:
+                # Every event renders as the release that wrote it rendered it.
+                from processor.events import render
+
+                rendered = [
+                    msgspec.json.decode(msgspec.json.encode(render(r, reader.ledger_id())))
+                    for r in reader.outbox(1, 1000)
+                ]
+                assert rendered == expected["events"]
         with ledger.read() as reader:
             assert verify(reader).problems == []
     finally:
@@ -163,7 +173,7 @@ def test_ledger_migrate_command(v1_copy: Path, capsys: pytest.CaptureFixture[str
     from processor.cli import main
 
     assert main(["ledger", "migrate", "--ledger", str(v1_copy)]) == 0
-    assert "migrated from schema 1 to 5" in capsys.readouterr().out
+    assert "migrated from schema 1 to 6" in capsys.readouterr().out
     assert main(["ledger", "migrate", "--ledger", str(v1_copy)]) == 0
     assert "nothing to migrate" in capsys.readouterr().out
     Ledger(v1_copy, readonly=True).close()
@@ -291,3 +301,65 @@ def test_a_schema_3_hold_without_its_answer_stops_the_migration(tmp_path: Path) 
             assert txn.get(b"schema", db=env.open_db(b"meta", txn=txn, create=False)) == b"3"
     finally:
         env.close()
+
+
+def test_schema_6_writes_a_messages_event_and_an_accounts_link_smaller(tmp_path: Path) -> None:
+    """After the migration from schema 5, the same requests under new identities store their
+    events compact (records.MessageEvent) and, on accounts of one card, the account's history
+    link as SAME_AS_CARD; both read as schema 5 wrote them: the same event facts and the same
+    histories."""
+    from processor.events import render
+    from processor.ledger.records import COMPACT_EVENT_MARK, MESSAGE_EVENT_TYPES, SAME_AS_CARD
+
+    path = tmp_path / "ledger"
+    shutil.copytree(FIXTURES / "ledger_v5", path)
+    ledger = Ledger(path, durability="process", map_size_bytes=16 << 20)
+    assert ledger.migrated_from == b"5"
+    try:
+        with ledger.read() as reader:
+            first_new = reader.outbox_last_sequence() + 1
+            old_raw = [bytes(v) for _, v in reader._txn.cursor(db=reader._dbs["outbox"])]
+        assert not any(raw.startswith(COMPACT_EVENT_MARK) for raw in old_raw)
+        requests = []
+        for exchange in EXPECTED_V5["exchanges"]:
+            fields = dict(exchange["request"], **{"7": "1125101010"})
+            if "90" in fields:
+                fields["90"] = fields["90"][:10] + "1125101010" + fields["90"][20:]
+            request = CODEC.decode(CODEC.encode(fields))
+            assert isinstance(request, AuthorizationRequest)
+            requests.append(request)
+        authorizer_on(ledger).authorize_batch(requests, datetime(2026, 11, 25, 10, 10, tzinfo=UTC))
+        with ledger.read() as reader:
+            cursor = reader._txn.cursor(db=reader._dbs["outbox"])
+            assert cursor.set_range(first_new.to_bytes(8, "big"))
+            new_raw = [bytes(value) for value in cursor.iternext(keys=False, values=True)]
+            new = reader.outbox(first_new, 1000)
+            fresh = [msgspec.to_builtins(render(r, reader.ledger_id())) for r in new]
+            histories = {}
+            for card_id in EXPECTED_V5["cards"]:
+                found = reader.card_by_id(card_id)
+                assert found is not None
+                account_id = found[1].account_id
+                histories[account_id] = (
+                    reader.history("account", account_id, 100),
+                    reader.history("card", card_id, 100),
+                )
+    finally:
+        ledger.close()
+    assert new and all(raw.startswith(COMPACT_EVENT_MARK) for raw in new_raw)
+
+    def facts(event: dict[str, Any]) -> dict[str, Any]:
+        data = dict(event["data"])
+        for moving in ("authorization_id", "balance_after", "hold_id"):
+            data.pop(moving, None)
+        network = dict(data.pop("network", {}))
+        network.pop("approval_code", None)
+        return {"type": event["type"], "data": data, "network": network}
+
+    was = [facts(e) for e in EXPECTED_V5["events"] if e["type"] in MESSAGE_EVENT_TYPES]
+    assert [facts(e) for e in fresh] == was
+    for account_id, (of_account, of_card) in histories.items():
+        # Each demo account has one card: its history is the card's, old links and new.
+        assert [key for key, _, _ in of_account] == [key for key, _, _ in of_card], account_id
+        newest = [answer for _, answer, _ in of_account[: len(of_account) // 2]]
+        assert newest and all(a.previous_for_account == SAME_AS_CARD for a in newest[:-1])
