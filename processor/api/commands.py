@@ -39,6 +39,7 @@ from processor.cvc2 import NO_KEYS, CardVerificationKeys, compute_cvc2
 from processor.ledger.controls import Controls, stored_controls
 from processor.ledger.load import card_record
 from processor.ledger.records import (
+    CARD_STATUSES_FINAL,
     Account,
     Card,
     Cardholder,
@@ -657,7 +658,7 @@ def replace_card(
     def run(writer: Writer, now_ms: int) -> Reply:
         _, old = _card(writer, card_id)
         successor = None if old.replaced_by is None else writer.card_by_id(old.replaced_by)
-        if successor is not None and successor[1].status not in ("lost", "stolen", "closed"):
+        if successor is not None and successor[1].status not in CARD_STATUSES_FINAL:
             raise Refused(  # its replacement is on its way or in use: replace that one
                 409,
                 "card_not_replaceable",
@@ -732,7 +733,7 @@ def create_reveal_token(card_id: str, digest: bytes, expires_ms: int) -> Operati
                 f"card {card_id} was not issued by this processor with its PAN kept: there is "
                 "nothing to show",
             )
-        if card.status in ("lost", "stolen", "closed"):
+        if card.status in CARD_STATUSES_FINAL:
             raise Refused(409, "card_not_revealable", f"card {card_id} is {card.status}")
         # One live token per card: this one replaces any earlier one.
         writer.put_reveal_token(card.card_id, RevealToken(digest=digest, expires_ms=expires_ms))
@@ -759,7 +760,7 @@ def take_reveal_token(card_id: str, digest: bytes) -> Command:
             return None
         found = writer.card_by_id(card_id)
         secret = writer.card_secret(card_id)
-        if found is None or secret is None or found[1].status in ("lost", "stolen", "closed"):
+        if found is None or secret is None or found[1].status in CARD_STATUSES_FINAL:
             return None
         return Revealed(card=found[1], secret=secret)
 
@@ -776,7 +777,7 @@ def _stop(writer: Writer, now_ms: int, card_id: str, status: CardStatus) -> None
     if found is None:
         return
     card_key, card = found
-    if card.status in ("lost", "stolen", "closed"):
+    if card.status in CARD_STATUSES_FINAL:
         return
     changed = msgspec.structs.replace(card, status=status)
     writer.put_card(card_key, changed, card.account_id)

@@ -14,6 +14,9 @@ import msgspec
 from processor.ledger.controls import Controls, Usage
 
 CardStatus = Literal["active", "inactive", "frozen", "lost", "stolen", "closed"]
+# A card in one of these never authorises or shows its details again (the API's transitions end
+# there): the ledger keeps nothing of its number but the keyed hash its history is found by.
+CARD_STATUSES_FINAL: Final[frozenset[CardStatus]] = frozenset({"lost", "stolen", "closed"})
 AccountStatus = Literal["active", "frozen", "closed"]
 CardholderKind = Literal["individual", "business"]
 # Know-your-customer (KYB for a business) status, set by the programme from its provider.

@@ -22,6 +22,7 @@ import msgspec
 from processor import limits
 from processor.ledger.controls import Controls, Usage
 from processor.ledger.records import (
+    CARD_STATUSES_FINAL,
     SAME_AS_CARD,
     Account,
     Card,
@@ -502,6 +503,14 @@ def _index_card_ids(txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
         txn.put(decode(raw).card_id.encode(), bytes(key), db=dbs["card_ids"])
 
 
+def _forget_card_secrets(txn: lmdb.Transaction, dbs: dict[str, Any], card_id: str) -> None:
+    """A stopped card's sealed PAN and live card-details token go with the change that stops
+    it: nothing may show its number again, and PCI DSS keeps cardholder data no longer than
+    it is needed. Its keyed hash stays (late presentments and histories find it by that)."""
+    txn.delete(card_id.encode(), db=dbs["card_secrets"])
+    txn.delete(card_id.encode(), db=dbs["reveal_tokens"])
+
+
 def _walk_prefix_backwards(
     cursor: lmdb.Cursor, prefix: bytes, before: bytes | None
 ) -> Iterator[bytes]:
@@ -907,6 +916,8 @@ class Writer(Reader):
         self._txn.put(card_key, self._codecs.encoder.encode(card), db=self._dbs["cards"])
         self._txn.put(_prefix_key(card.account_id, card_key), b"", db=self._dbs["account_cards"])
         self._txn.put(card.card_id.encode(), card_key, db=self._dbs["card_ids"])
+        if card.status in CARD_STATUSES_FINAL:
+            _forget_card_secrets(self._txn, self._dbs, card.card_id)
 
     def card_of(self, card_id: str, card_key_hint: bytes) -> Card | None:
         """The card `card_id`, looked up through `card_key_hint` when that is its key."""
@@ -1333,9 +1344,15 @@ def _migrate_4_to_5(
 def _migrate_5_to_6(
     env: lmdb.Environment, txn: lmdb.Transaction, dbs: dict[str, Any], codecs: _Codecs
 ) -> None:
-    """Schema 5 -> 6: nothing to rewrite. Schema 6 reads schema 5's full events and history
-    links as they are; the version changes so that a schema-5 build refuses a ledger whose
-    compact events (records.COMPACT_EVENT_MARK) and one-byte account links it would misread."""
+    """Schema 5 -> 6: schema 6 reads schema 5's full events and history links as they are;
+    the version changes so that a schema-5 build refuses a ledger whose compact events
+    (records.COMPACT_EVENT_MARK) and one-byte account links it would misread. Cards schema 5
+    stopped keep their sealed PAN and card-details token: both go now, as schema 6 drops them
+    when a card stops (_forget_card_secrets)."""
+    for _, raw in txn.cursor(db=dbs["cards"]):
+        card = codecs.card.decode(raw)
+        if card.status in CARD_STATUSES_FINAL:
+            _forget_card_secrets(txn, dbs, card.card_id)
 
 
 _Migration = Callable[[lmdb.Environment, lmdb.Transaction, dict[str, Any], _Codecs], None]

@@ -140,3 +140,47 @@ def test_no_token_for_a_card_without_a_kept_pan_or_one_that_stopped(ledger: Ledg
     with ledger.write() as writer, pytest.raises(Refused) as caught:
         commands.create_reveal_token(kept, token_digest("y"), NOW_MS + 1)(writer, NOW_MS)
     assert caught.value.code == "card_not_revealable"
+
+
+@pytest.mark.parametrize("action", ["close", "report-lost", "report-stolen"])
+def test_a_card_that_stops_forgets_its_sealed_pan_and_its_token(
+    ledger: Ledger, action: commands.CardAction
+) -> None:
+    card_id, _ = issue(ledger)
+    other, _ = issue(ledger)
+    grant(ledger, card_id, "live-token", NOW_MS + 300_000)
+    with ledger.write() as writer:
+        commands.change_card_status(card_id, action)(writer, NOW_MS)
+    with ledger.read() as reader:
+        assert reader.card_secret(card_id) is None
+        assert reader.reveal_token(card_id) is None
+        assert reader.card_secret(other) is not None  # only the stopped card's
+    assert take(ledger, card_id, "live-token") is None
+
+
+def test_the_migration_from_schema_5_forgets_what_stopped_cards_kept(tmp_path: Path) -> None:
+    """Schema 5 kept a stopped card's sealed PAN and token; opening it with schema 6 drops
+    them, and only theirs."""
+    ledger = Ledger(tmp_path, durability="process", map_size_bytes=64 << 20)
+    with ledger.write() as writer:
+        commands.create_account("a1", "EUR", 0, None)(writer, NOW_MS)
+    stopped, _ = issue(ledger)
+    kept, _ = issue(ledger)
+    grant(ledger, kept, "still-live", NOW_MS + 300_000)
+    with ledger.write() as writer:
+        commands.change_card_status(stopped, "close")(writer, NOW_MS)
+        # What schema 5 left behind: the sealed PAN and a token of a closed card.
+        writer.put_card_secret(stopped, VAULT.seal(stopped, "4761730000000000"))
+        writer.put_reveal_token(stopped, commands.RevealToken(digest=b"d" * 32, expires_ms=1))
+        writer._txn.put(b"schema", b"5", db=writer._dbs["meta"])
+    ledger.close()
+    ledger = Ledger(tmp_path, durability="process", map_size_bytes=64 << 20)
+    try:
+        assert ledger.migrated_from == b"5"
+        with ledger.read() as reader:
+            assert reader.card_secret(stopped) is None
+            assert reader.reveal_token(stopped) is None
+            assert reader.card_secret(kept) is not None
+            assert reader.reveal_token(kept) is not None
+    finally:
+        ledger.close()
