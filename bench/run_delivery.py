@@ -10,6 +10,12 @@ the load stopped, how long the rest took to arrive, and the delivery process's o
 event (from /proc, from before the load to the end of the drain).
 
     python bench/run_delivery.py --rates 2000,5000 --duration 10
+    python bench/run_delivery.py --pin ...   # daemon on the first CPU, the rest on the last
+
+With --pin (both arms alike): the daemon runs on the first CPU (`server.cpus`), and this script,
+the load generator, the receiver and (with an endpoint) the delivery process
+(`webhooks.delivery_cpus`) on the last, so what delivery costs cannot land on the
+authorisations' core.
 
 Bounded: each load runs --duration seconds; waiting for the backlog stops after --drain-max
 seconds. Everything on 127.0.0.1.
@@ -21,6 +27,7 @@ import argparse
 import base64
 import json
 import math
+import os
 import random
 import signal
 import subprocess
@@ -160,8 +167,12 @@ def one_run(scratch: Path, args: argparse.Namespace, rate: float, endpoint: bool
     directory = scratch / name
     directory.mkdir()
     config_text = daemon_config("fsync", 4 << 30)
+    if args.pin:
+        config_text = f"[server]\ncpus = [{args.pin[0]}]\n" + config_text
     receiver = Receiver(directory) if endpoint else None
     if receiver is not None:
+        if args.pin:
+            config_text += f"[webhooks]\ndelivery_cpus = [{args.pin[1]}]\n"
         config_text += (
             f'[[webhooks.endpoints]]\nname = "{ENDPOINT}"\nurl = "{receiver.url}"\n'
             'secret_envs = ["BENCH_WEBHOOK_SECRET"]\n'
@@ -270,7 +281,16 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=1, help="without/with runs per rate")
     parser.add_argument("--drain-max", type=float, default=60.0)
     parser.add_argument("--json", help="also write everything as JSON to this file")
+    parser.add_argument(
+        "--pin", action="store_true", help="the daemon on the first CPU, the rest on the last"
+    )
     args = parser.parse_args()
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs two CPUs")
+        args.pin = (cpus[0], cpus[-1])
+        os.sched_setaffinity(0, {cpus[-1]})  # the load generator and receiver inherit it
     build_loadgen()
     print(
         "| rate | endpoint | answered | auth p50 us | auth p99 us | daemon CPU us/msg "

@@ -16,6 +16,7 @@ import sys
 
 from processor.api.http import start_http
 from processor.config import Config, ConfigError
+from processor.cpus import pin
 from processor.ledger.load import load_path
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
@@ -97,6 +98,7 @@ def announce(text: str) -> None:
 
 async def serve(settings: StartSettings) -> int:
     config, hasher = settings.config, settings.hasher
+    pin(config.server.cpus)  # before any process is started: they inherit it
     before, after = raise_open_files_limit()
     if after != before:
         log.info("open files limit raised from %d to %d (the hard limit)", before, after)

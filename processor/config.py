@@ -99,6 +99,9 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # what a greedy peer adds to another link's latency; smaller costs throughput (an fsync
     # per fewer requests). bench/RESULTS.md, 2026-12-06, measures the trade.
     batch_seconds_max: Annotated[float, Meta(ge=0, le=1)] = 0.005
+    # CPUs the daemon runs on (its worker processes too), e.g. [0]; empty: wherever the kernel
+    # puts it. With webhooks.delivery_cpus, keeps webhook delivery off the authorisation core.
+    cpus: tuple[Annotated[int, Meta(ge=0)], ...] = ()
 
 
 class HttpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -294,6 +297,9 @@ class WebhooksConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     endpoints: tuple[WebhookEndpoint, ...] = ()
     backoff_initial_seconds: Annotated[float, Meta(gt=0)] = 1.0
     backoff_max_seconds: Annotated[float, Meta(gt=0)] = 300.0
+    # CPUs the delivery process runs on, e.g. [1]; empty: the daemon's (server.cpus). Given
+    # cores of its own, a delivery burst never takes the core an authorisation waits for.
+    delivery_cpus: tuple[Annotated[int, Meta(ge=0)], ...] = ()
 
 
 class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -16,6 +16,7 @@ import msgspec
 
 from processor import limits
 from processor.config import DEMO_BIN_PREFIX, CardVerificationRange, Config
+from processor.cpus import unavailable_cpus
 from processor.cvc2 import NO_KEYS, CardVerificationError, CardVerificationKeys
 from processor.cvc2 import keys_from_environment as card_keys_from_environment
 from processor.pan_vault import PanVault, VaultError, vault_from_environment
@@ -94,6 +95,13 @@ def start_settings(config: Config, environ: dict[str, str], *, demo: bool) -> St
             "published development key. Never put real people in it.",
             config.security.personal_data_key_envs[0],
         )
+    for setting, cpus in (
+        ("server.cpus", config.server.cpus),
+        ("webhooks.delivery_cpus", config.webhooks.delivery_cpus),
+    ):
+        wrong = unavailable_cpus(setting, cpus)
+        if wrong is not None:
+            raise Unready(wrong)  # not a secret --demo could fill in
     if problems:
         raise Unready("; ".join(problems) + " (or run `processor serve --demo` to try it out)")
     assert hasher is not None

@@ -29,6 +29,7 @@ import msgspec
 from processor import limits
 from processor.channel import Report, last_report, report_until_stopped, send_report
 from processor.config import Config
+from processor.cpus import pin
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
 from processor.webhooks.dispatcher import Dispatcher, configured_endpoints
@@ -105,7 +106,9 @@ def main(argv: list[str]) -> int:
     os.set_inheritable(channel_fd, False)
     os.set_inheritable(wake_fd, False)
     # When the cores are busy, the authorisations come first: delivery lag may grow (it is
-    # measured and shown), an authorisation's answer may not wait for a webhook.
+    # measured and shown), an authorisation's answer may not wait for a webhook. Cores of its
+    # own (webhooks.delivery_cpus) keep it off the authorisation core altogether.
+    pin(config.webhooks.delivery_cpus)
     os.nice(limits.delivery_nice)
     return uvloop.run(serve_delivery(config, channel_fd, wake_fd))
 

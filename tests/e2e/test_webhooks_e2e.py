@@ -651,3 +651,35 @@ def test_delivery_runs_in_a_process_of_its_own_and_resumes_after_a_kill9(
     finally:
         daemon.stop()
         receiver.close()
+
+
+def test_the_daemon_and_delivery_run_on_the_cpus_configured(tmp_path: Path) -> None:
+    """server.cpus pins the daemon (and what it starts), webhooks.delivery_cpus the delivery
+    process: on a machine of several cores, each on its own; events still arrive."""
+    import re
+
+    available = sorted(os.sched_getaffinity(0))
+    daemon_cpu, delivery_cpu = available[0], available[-1]  # one core: both on it
+    receiver = Receiver()
+    config = tmp_path / "processor.toml"
+    config.write_text(
+        f"[server]\ncpus = [{daemon_cpu}]\n"
+        f"[webhooks]\nbackoff_initial_seconds = 0.05\ndelivery_cpus = [{delivery_cpu}]\n"
+        + endpoint("main", receiver.url)
+    )
+    environment = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, HOOK_SECRET=SECRET)
+    daemon = RunningDaemon(tmp_path / "ledger", config=config, env=environment).start()
+    try:
+        [line] = [line for line in daemon.stdout if "webhooks: 1 endpoint(s)" in line]
+        match = re.search(r"\(delivery process (\d+)\)", line)
+        assert match is not None, line
+        assert os.sched_getaffinity(daemon.process.pid) == {daemon_cpu}  # type: ignore[union-attr]
+        assert os.sched_getaffinity(int(match.group(1))) == {delivery_cpu}
+        link = daemon.connect()
+        stan = link.exchange(authorization(pan="4761739001010085", amount=100))["11"]
+        link.close()
+        _, by_stan = events_covering(receiver, {stan}, time.monotonic() + 30)
+        assert set(by_stan) == {stan}
+    finally:
+        daemon.stop()
+        receiver.close()

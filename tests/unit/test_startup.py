@@ -211,3 +211,21 @@ def test_the_pan_vault_key_is_required_outside_demo() -> None:
     assert "bb" * 32 not in repr(settings.pan_vault)
     demo = start_settings(Config(), {}, demo=True)
     assert demo.pan_vault is not None and demo.pan_vault.insecure
+
+
+@pytest.mark.parametrize("setting", ["server.cpus", "webhooks.delivery_cpus"])
+def test_a_cpu_this_process_may_not_run_on_is_refused_by_its_key(setting: str) -> None:
+    import os
+
+    missing = os.cpu_count() or 1  # numbered from 0: one past the last
+    table, key = setting.split(".")
+    config = parse_config(f"[{table}]\n{key} = [{missing}]\n")
+    before = os.sched_getaffinity(0)
+    message = unready(config, READY)
+    assert message.startswith(f"{setting}: CPU {missing} is not one this machine lets")
+    assert os.sched_getaffinity(0) == before  # the check put the mask back
+    # --demo does not excuse it: it is no secret to fill in.
+    with pytest.raises(Unready, match=setting):
+        start_settings(config, {}, demo=True)
+    usable = parse_config(f"[{table}]\n{key} = [{min(os.sched_getaffinity(0))}]\n")
+    assert start_settings(usable, {}, demo=True).config.server == usable.server
