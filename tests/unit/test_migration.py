@@ -232,6 +232,31 @@ def test_a_reversal_without_field_90_still_finds_its_original_by_rrn(v1_copy: Pa
         ledger.close()
 
 
+def send_again_as_new(ledger: Ledger, exchanges: list[dict[str, Any]]) -> None:
+    """The recorded requests again under new identities (field 7 a day later, and in the
+    original data element of reversals and completions), decided in one batch."""
+    requests = []
+    for exchange in exchanges:
+        fields = dict(exchange["request"], **{"7": "1125101010"})
+        if "90" in fields:
+            fields["90"] = fields["90"][:10] + "1125101010" + fields["90"][20:]
+        request = CODEC.decode(CODEC.encode(fields))
+        assert isinstance(request, AuthorizationRequest)
+        requests.append(request)
+    authorizer_on(ledger).authorize_batch(requests, datetime(2026, 11, 25, 10, 10, tzinfo=UTC))
+
+
+def facts(event: dict[str, Any]) -> dict[str, Any]:
+    """A rendered event without what differs by construction between two requests of the same
+    content: ids, times, balances, approval codes."""
+    data = dict(event["data"])
+    for moving in ("authorization_id", "balance_after", "hold_id"):
+        data.pop(moving, None)
+    network = dict(data.pop("network", {}))
+    network.pop("approval_code", None)
+    return {"type": event["type"], "data": data, "network": network}
+
+
 def test_events_of_schema_2_render_as_before_and_new_ones_in_full(tmp_path: Path) -> None:
     from processor.events import render
 
@@ -247,15 +272,7 @@ def test_events_of_schema_2_render_as_before_and_new_ones_in_full(tmp_path: Path
         assert rendered == EXPECTED_V2["events"]
         # The same requests again under new identities: schema 3 stores their events compact
         # (the facts stay in the answers) and they render with the same facts as before.
-        requests = []
-        for exchange in EXPECTED_V2["exchanges"]:
-            fields = dict(exchange["request"], **{"7": "1125101010"})
-            if "90" in fields:
-                fields["90"] = fields["90"][:10] + "1125101010" + fields["90"][20:]
-            request = CODEC.decode(CODEC.encode(fields))
-            assert isinstance(request, AuthorizationRequest)
-            requests.append(request)
-        authorizer_on(ledger).authorize_batch(requests, datetime(2026, 11, 25, 10, 10, tzinfo=UTC))
+        send_again_as_new(ledger, EXPECTED_V2["exchanges"])
         with ledger.read() as reader:
             new = reader.outbox(len(old) + 1, 1000)
             assert new and all(record.in_answer for record in new)
@@ -263,16 +280,7 @@ def test_events_of_schema_2_render_as_before_and_new_ones_in_full(tmp_path: Path
     finally:
         ledger.close()
 
-    # Everything but what differs by construction (ids, times, balances, approval codes)
-    # reads the same as the schema-2 event of the same request.
-    def facts(event: dict[str, Any]) -> dict[str, Any]:
-        data = dict(event["data"])
-        for moving in ("authorization_id", "balance_after", "hold_id"):
-            data.pop(moving, None)
-        network = dict(data.pop("network", {}))
-        network.pop("approval_code", None)
-        return {"type": event["type"], "data": data, "network": network}
-
+    # The schema-2 event of the same request, but for what differs by construction.
     was = [facts(e) for e in EXPECTED_V2["events"] if e["type"] != "authorization.expired"]
     assert [facts(e) for e in fresh] == was
 
@@ -320,15 +328,7 @@ def test_schema_6_writes_a_messages_event_and_an_accounts_link_smaller(tmp_path:
             first_new = reader.outbox_last_sequence() + 1
             old_raw = [bytes(v) for _, v in reader._txn.cursor(db=reader._dbs["outbox"])]
         assert not any(raw.startswith(COMPACT_EVENT_MARK) for raw in old_raw)
-        requests = []
-        for exchange in EXPECTED_V5["exchanges"]:
-            fields = dict(exchange["request"], **{"7": "1125101010"})
-            if "90" in fields:
-                fields["90"] = fields["90"][:10] + "1125101010" + fields["90"][20:]
-            request = CODEC.decode(CODEC.encode(fields))
-            assert isinstance(request, AuthorizationRequest)
-            requests.append(request)
-        authorizer_on(ledger).authorize_batch(requests, datetime(2026, 11, 25, 10, 10, tzinfo=UTC))
+        send_again_as_new(ledger, EXPECTED_V5["exchanges"])
         with ledger.read() as reader:
             cursor = reader._txn.cursor(db=reader._dbs["outbox"])
             assert cursor.set_range(first_new.to_bytes(8, "big"))
@@ -347,15 +347,6 @@ def test_schema_6_writes_a_messages_event_and_an_accounts_link_smaller(tmp_path:
     finally:
         ledger.close()
     assert new and all(raw.startswith(COMPACT_EVENT_MARK) for raw in new_raw)
-
-    def facts(event: dict[str, Any]) -> dict[str, Any]:
-        data = dict(event["data"])
-        for moving in ("authorization_id", "balance_after", "hold_id"):
-            data.pop(moving, None)
-        network = dict(data.pop("network", {}))
-        network.pop("approval_code", None)
-        return {"type": event["type"], "data": data, "network": network}
-
     was = [facts(e) for e in EXPECTED_V5["events"] if e["type"] in MESSAGE_EVENT_TYPES]
     assert [facts(e) for e in fresh] == was
     for account_id, (of_account, of_card) in histories.items():
