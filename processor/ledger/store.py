@@ -940,7 +940,7 @@ class Writer(Reader):
             if account is not None:
                 previous = account.last_answer
                 if previous is not None and previous == answer.previous_for_card:
-                    previous = SAME_AS_CARD  # the account's one card: say so in one byte
+                    previous = SAME_AS_CARD  # the account's one card: two bytes, not 30
                 answer.previous_for_account = previous
                 account.last_answer = identity
                 self.put_account(account)
@@ -1346,7 +1346,7 @@ def _migrate_5_to_6(
 ) -> None:
     """Schema 5 -> 6: schema 6 reads schema 5's full events and history links as they are;
     the version changes so that a schema-5 build refuses a ledger whose compact events
-    (records.COMPACT_EVENT_MARK) and one-byte account links it would misread. Cards schema 5
+    (records.COMPACT_EVENT_MARK) and empty account links it would misread. Cards schema 5
     stopped keep their sealed PAN and card-details token: both go now, as schema 6 drops them
     when a card stops (_forget_card_secrets)."""
     for _, raw in txn.cursor(db=dbs["cards"]):
