@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TextIO
 
 # What a production start needs (processor/server/startup.py), for ledgers benches build.
 BENCH_PAN_KEY = "bench-pan-key-of-at-least-32-bytes"
@@ -53,7 +54,29 @@ def start_daemon(
     """
     config = ledger.parent / f"{ledger.name}.toml"
     config.write_text(config_text if demo else config_text + BENCH_BIN)
-    process = subprocess.Popen(
+    # The daemon's log, kept out of the pipes (nothing reads them during a run) and shown when
+    # it does not start.
+    log_path = ledger.parent / f"{ledger.name}.stderr"
+    with log_path.open("w") as log_file:
+        process = _spawn(config, ledger, log_file, env, demo)
+    assert process.stdout is not None
+    port = 0
+    for line in process.stdout:
+        if match := re.search(r"ISO 8583 listening on [\d.]+:(\d+)", line):
+            port = int(match.group(1))
+        if ports is not None and (match := re.search(r"HTTP listening on [\d.]+:(\d+)", line)):
+            ports["http"] = int(match.group(1))
+        if line.strip() == "processor: ready":
+            return process, port
+    process.wait(timeout=30)
+    process.stdout.close()
+    raise RuntimeError(f"daemon did not start: {log_path.read_text()[-2000:].strip()}")
+
+
+def _spawn(
+    config: Path, ledger: Path, log_file: TextIO, env: dict[str, str] | None, demo: bool
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -70,26 +93,16 @@ def start_daemon(
             *(["--demo"] if demo else []),
         ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=log_file,
         text=True,
-        env=dict(
-            os.environ,
-            PROCESSOR_PAN_KEY=BENCH_PAN_KEY,
-            PROCESSOR_API_TOKEN=BENCH_API_TOKEN,
+        env={
+            **os.environ,
+            "PROCESSOR_PAN_KEY": BENCH_PAN_KEY,
+            "PROCESSOR_API_TOKEN": BENCH_API_TOKEN,
             **BENCH_KEYS,
             **(env or {}),
-        ),
+        },
     )
-    assert process.stdout is not None
-    port = 0
-    for line in process.stdout:
-        if match := re.search(r"ISO 8583 listening on [\d.]+:(\d+)", line):
-            port = int(match.group(1))
-        if ports is not None and (match := re.search(r"HTTP listening on [\d.]+:(\d+)", line)):
-            ports["http"] = int(match.group(1))
-        if line.strip() == "processor: ready":
-            return process, port
-    raise RuntimeError("daemon did not start")
 
 
 def load(port: int, rate: int, duration: float, connections: int, message: str) -> dict:

@@ -18,6 +18,7 @@ from processor import limits
 from processor.types import FRAME_BYTES_CEILING, Bitmap, Framing
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
+CpuId = Annotated[int, Meta(ge=0, le=limits.cpu_id_max)]  # as sched_setaffinity numbers them
 Mcc = Annotated[str, Meta(pattern=r"^[0-9]{4}$")]
 Seconds = Annotated[int, Meta(gt=0)]
 
@@ -101,7 +102,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     batch_seconds_max: Annotated[float, Meta(ge=0, le=1)] = 0.005
     # CPUs the daemon runs on (its worker processes too), e.g. [0]; empty: wherever the kernel
     # puts it. With webhooks.delivery_cpus, keeps webhook delivery off the authorisation core.
-    cpus: tuple[Annotated[int, Meta(ge=0)], ...] = ()
+    cpus: tuple[CpuId, ...] = ()
 
 
 class HttpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -299,7 +300,7 @@ class WebhooksConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     backoff_max_seconds: Annotated[float, Meta(gt=0)] = 300.0
     # CPUs the delivery process runs on, e.g. [1]; empty: the daemon's (server.cpus). Given
     # cores of its own, a delivery burst never takes the core an authorisation waits for.
-    delivery_cpus: tuple[Annotated[int, Meta(ge=0)], ...] = ()
+    delivery_cpus: tuple[CpuId, ...] = ()
 
 
 class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

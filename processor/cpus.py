@@ -2,8 +2,10 @@
 
 On a machine whose cores are shared by the authorisation loop and webhook delivery, each can
 be given cores of its own: the kernel then never runs a delivery burst on the core an
-authorisation is waiting for (issue 13; bench/RESULTS.md measures it). Empty: the process
-runs wherever the kernel puts it, as it inherited.
+authorisation is waiting for (issue 13). bench/RESULTS.md (2026-12-07) found no gain on a
+2-core machine, where the second core then carries delivery and everything else: it is for
+machines with a core to spare. Empty: the process runs wherever the kernel puts it, as it
+inherited. `server.cpus` holds for the daemon's worker processes too (they inherit it).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def unavailable_cpus(setting: str, cpus: Collection[int]) -> str | None:
     try:
         os.sched_setaffinity(0, wanted)
         granted = os.sched_getaffinity(0)
-    except (OSError, ValueError):
+    except (OSError, ValueError, OverflowError):
         granted = set()
     finally:
         os.sched_setaffinity(0, current)
@@ -34,12 +36,14 @@ def unavailable_cpus(setting: str, cpus: Collection[int]) -> str | None:
     if not missing:
         return None
     return (
-        f"{setting}: CPU {', '.join(map(str, missing))} is not one this machine lets the "
-        f"daemon run on ({os.cpu_count()} CPUs)"
+        f"{setting}: CPU {', '.join(map(str, missing))} is not one this machine (or its "
+        "cpuset) lets the daemon run on"
     )
 
 
 def pin(cpus: Collection[int]) -> None:
-    """Run this process (and what it starts later) on `cpus`; nothing when empty."""
+    """Run this process (and what it starts later) on `cpus`; nothing when empty. Called
+    before the process starts any thread: the mask is set for the calling thread, which
+    threads started later inherit."""
     if cpus:
         os.sched_setaffinity(0, set(cpus))

@@ -63,6 +63,9 @@ delivery_report_seconds: Final = 0.25
 # The delivery process's niceness above the daemon's: on busy cores the scheduler gives the
 # authorisation loop about 3x its share (Linux CFS weights 1024 against 335).
 delivery_nice: Final = 5
+# The highest CPU number server.cpus and webhooks.delivery_cpus accept (Linux's CONFIG_NR_CPUS
+# goes to 8192): a larger one would only make Python allocate a huge affinity mask.
+cpu_id_max: Final = 8191
 delivery_wake_bytes_max: Final = 4096  # wakes read at once (each is one committed batch)
 worker_report_bytes_max: Final = 4 << 20  # a report larger than this is a bug: worker dropped
 

@@ -31,7 +31,14 @@ from processor.ledger.controls import (
     control_errors,
     stored_controls,
 )
-from processor.ledger.records import Account, AccountStatus, Card, CardStatus, change_event
+from processor.ledger.records import (
+    CARD_STATUSES_FINAL,
+    Account,
+    AccountStatus,
+    Card,
+    CardStatus,
+    change_event,
+)
 from processor.ledger.store import Ledger, LedgerFull, Reader, Writer
 from processor.security import PanHasher, luhn_valid
 
@@ -382,6 +389,15 @@ def _put_cards(
             raise LoadError(  # every CVC2 printed on it would mismatch, and lock it out
                 f"{source}: $.cards[{index}].expiry: card {previous.card_id} has a CVC2 "
                 f"computed with its expiry {previous.expiry}; replace the card instead"
+            )
+        if (
+            previous is not None
+            and previous.status in CARD_STATUSES_FINAL
+            and card_entry.status != previous.status
+        ):
+            raise LoadError(  # as through the API: its sealed PAN went when it stopped
+                f"{source}: $.cards[{index}].status: card {previous.card_id} is "
+                f"{previous.status}, which is final; issue or register a new card instead"
             )
         counts["cards_created" if previous is None else "cards_updated"] += 1
         card = card_record(

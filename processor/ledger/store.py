@@ -71,7 +71,7 @@ _DATABASES = (
     "rrn_index",  # RRN|acquirer|STAN -> answer key: reversal matching without field 90
     "meta",
     "clearing",  # clearing record id -> ClearedRecord: presentments applied once each
-    "outbox",  # event sequence (appended) -> OutboxRecord: events, same txn as the changes
+    "outbox",  # event sequence (appended) -> event (records.EventCodec), same txn as the change
     "card_ids",  # card id -> card key: the API names cards by id, the ledger keys them by HMAC
     "entries",  # account id + u64 sequence -> LedgerEntry: funding and debits via the API
     "idempotency",  # Idempotency-Key scope -> IdempotentResponse: API POSTs applied once

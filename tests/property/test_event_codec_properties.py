@@ -94,3 +94,12 @@ def test_an_approvals_event_is_about_45_bytes_smaller() -> None:
     )
     full, compact = len(msgspec.msgpack.encode(record)), len(CODEC.encode(record))
     assert full - compact >= 40, (full, compact)
+
+
+def test_a_type_position_past_the_table_is_a_decode_error_not_another_type() -> None:
+    import pytest
+
+    for position in (len(MESSAGE_EVENT_TYPES), -1):
+        raw = COMPACT_EVENT_MARK + msgspec.msgpack.encode([position, 1, "0100|1|000001|1"])
+        with pytest.raises(msgspec.DecodeError):
+            CODEC.decode(7, raw)

@@ -1563,3 +1563,14 @@ def test_the_stored_answer_keeps_what_is_left_to_give_back(ledger: Ledger) -> No
     assert answers(authorizer, [full], NOW) == [("00", "reversed")]
     assert stored() == (0, "")  # given back whole: nothing left to give
     assert daily_usage(ledger, NOW) == (0, 0)
+
+
+def test_a_load_does_not_bring_a_stopped_card_back(loaded: Ledger) -> None:
+    """Lost, stolen and closed are final, through a load as through the API."""
+    stopped = LOAD_FILE.replace(b'expiry = "2611"', b'expiry = "2611"\nstatus = "lost"')
+    load_text(loaded, stopped)
+    with pytest.raises(LoadError, match=r"\.status: card .* is lost, which is final"):
+        load_text(loaded, LOAD_FILE)  # the file from before: the card active again
+    card = card_of(loaded, CREDIT)
+    assert card is not None and card.status == "lost"
+    load_text(loaded, stopped)  # the same again changes nothing and is no error

@@ -222,7 +222,7 @@ def test_a_cpu_this_process_may_not_run_on_is_refused_by_its_key(setting: str) -
     config = parse_config(f"[{table}]\n{key} = [{missing}]\n")
     before = os.sched_getaffinity(0)
     message = unready(config, READY)
-    assert message.startswith(f"{setting}: CPU {missing} is not one this machine lets")
+    assert message.startswith(f"{setting}: CPU {missing} is not one this machine (or its")
     assert os.sched_getaffinity(0) == before  # the check put the mask back
     # --demo does not excuse it: it is no secret to fill in.
     with pytest.raises(Unready, match=setting):
