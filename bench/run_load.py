@@ -29,6 +29,11 @@ BENCH_BIN = (
     '[programme.card_issuing]\nbin_prefix = "476173"\n'
     '[[security.card_verification_keys]]\nbin_prefix = "476173"\nkey_envs = ["BENCH_CVK"]\n'
 )
+# Where `python -m processor.cli` subprocesses run: `-m` puts the working directory first on
+# sys.path, so run from a checkout it would import that checkout's processor even when
+# PYTHONPATH names another tree (a worktree measured as the baseline). From here, PYTHONPATH
+# or the installed package decides, as for the benchmark script itself.
+PROCESS_CWD = tempfile.gettempdir()
 # The keys issue 14 made a production start ask for (CVC2, cardholders' data, the PAN vault):
 # benches issue no cards, but the daemon checks its settings before it knows that.
 BENCH_KEYS = {
@@ -95,6 +100,7 @@ def _spawn(
         stdout=subprocess.PIPE,
         stderr=log_file,
         text=True,
+        cwd=PROCESS_CWD,
         env={
             **os.environ,
             "PROCESSOR_PAN_KEY": BENCH_PAN_KEY,
@@ -128,6 +134,7 @@ def load(port: int, rate: int, duration: float, connections: int, message: str) 
                 out.name,
             ],
             check=False,
+            cwd=PROCESS_CWD,
             capture_output=True,
             timeout=duration + 60,
         )

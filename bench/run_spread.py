@@ -52,6 +52,7 @@ from typing import Any
 import lmdb
 from run_load import (
     BENCH_PAN_KEY,
+    PROCESS_CWD,
     start_daemon,
 )  # bench/ is on sys.path when this file is run as a script
 
@@ -193,6 +194,7 @@ def build_ledger(
             capture_output=True,
             env=dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY.decode()),
             timeout=600,
+            cwd=PROCESS_CWD,
         )
     loaded = time.perf_counter()
     return pans, {
