@@ -232,6 +232,15 @@ def test_a_reversal_without_field_90_still_finds_its_original_by_rrn(v1_copy: Pa
         ledger.close()
 
 
+def open_migrated(tmp_path: Path, release: str) -> Ledger:
+    """A copy of `release`'s fixture ledger, opened for writing: migrated from its schema."""
+    path = tmp_path / "ledger"
+    shutil.copytree(FIXTURES / f"ledger_{release}", path)
+    ledger = Ledger(path, durability="process", map_size_bytes=16 << 20)
+    assert ledger.migrated_from == release[1:].encode()
+    return ledger
+
+
 def send_again_as_new(ledger: Ledger, exchanges: list[dict[str, Any]]) -> None:
     """The recorded requests again under new identities (field 7 a day later, and in the
     original data element of reversals and completions), decided in one batch."""
@@ -260,10 +269,7 @@ def facts(event: dict[str, Any]) -> dict[str, Any]:
 def test_events_of_schema_2_render_as_before_and_new_ones_in_full(tmp_path: Path) -> None:
     from processor.events import render
 
-    path = tmp_path / "ledger"
-    shutil.copytree(FIXTURES / "ledger_v2", path)
-    ledger = Ledger(path, durability="process", map_size_bytes=16 << 20)
-    assert ledger.migrated_from == b"2"
+    ledger = open_migrated(tmp_path, "v2")
     try:
         with ledger.read() as reader:
             old = reader.outbox(1, 1000)
@@ -319,10 +325,7 @@ def test_schema_6_writes_a_messages_event_and_an_accounts_link_smaller(tmp_path:
     from processor.events import render
     from processor.ledger.records import COMPACT_EVENT_MARK, MESSAGE_EVENT_TYPES, SAME_AS_CARD
 
-    path = tmp_path / "ledger"
-    shutil.copytree(FIXTURES / "ledger_v5", path)
-    ledger = Ledger(path, durability="process", map_size_bytes=16 << 20)
-    assert ledger.migrated_from == b"5"
+    ledger = open_migrated(tmp_path, "v5")
     try:
         with ledger.read() as reader:
             first_new = reader.outbox_last_sequence() + 1
