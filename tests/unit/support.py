@@ -1,7 +1,4 @@
-"""Helpers the unit tests share: an ISO 8583 0100 as the codec reads it, a demo ledger.
-
-(Older test modules still carry their own copies; new ones take these.)
-"""
+"""Helpers the unit tests share: an ISO 8583 0100 as the codec reads it, a demo ledger."""
 
 from __future__ import annotations
 

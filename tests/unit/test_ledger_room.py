@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from support import authorization
 
 from processor.authorizer import Authorizer
 from processor.engine import ProgrammeRules
@@ -16,31 +17,15 @@ from processor.ledger.load import LoadError, apply_load_file, load_path, parse_l
 from processor.ledger.store import Ledger, LedgerFull
 from processor.resources import demo_data_path
 from processor.security import PanHasher, luhn_check_digit
-from processor.wire.codec import Codec
 from processor.wire.messages import AuthorizationRequest
-from processor.wire.spec import load_spec
 
-CODEC = Codec(load_spec())
 HASHER = PanHasher(b"ledger-room-test-key")
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 MIB = 1 << 20
 
 
 def approval(stan: int) -> AuthorizationRequest:
-    fields = {
-        "t": "0100",
-        "2": "4761739001010085",
-        "3": "000000",
-        "4": "000000000001",
-        "7": "1124120000",
-        "11": f"{stan:06d}",
-        "18": "5411",
-        "32": "123456",
-        "49": "978",
-    }
-    request = CODEC.decode(CODEC.encode(fields))
-    assert isinstance(request, AuthorizationRequest)
-    return request
+    return authorization("4761739001010085", f"{stan:06d}", 1)
 
 
 def test_the_map_doubles_up_to_its_ceiling_and_no_further(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from support import authorization
 
 from processor.authorizer import Authorizer
 from processor.engine import ProgrammeRules
@@ -19,11 +20,8 @@ from processor.ledger.verify import verify
 from processor.metrics import Metrics
 from processor.resources import demo_data_path
 from processor.security import PanHasher
-from processor.wire.codec import Codec
 from processor.wire.messages import AuthorizationRequest
-from processor.wire.spec import load_spec
 
-CODEC = Codec(load_spec())
 HASHER = PanHasher(b"verify-test-key")
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 # Loading the demo data is a change with events: its programme controls and the funding of its
@@ -36,22 +34,8 @@ LOW = "4761739001010069"  # demo-low
 def message(
     mti: str, stan: str, amount: int, pan: str = LOAD, **extra: str
 ) -> AuthorizationRequest:
-    fields = {
-        "t": mti,
-        "2": pan,
-        "3": "000000",
-        "4": f"{amount:012d}",
-        "7": "1124120000",
-        "11": stan,
-        "18": "5411",
-        "32": "123456",
-        "37": f"63301200{stan[-4:]}",
-        "49": "978",
-    }
-    fields.update(extra)
-    request = CODEC.decode(CODEC.encode(fields))
-    assert isinstance(request, AuthorizationRequest)
-    return request
+    """A message on the demo ledger's cards (support.authorization), with an RRN."""
+    return authorization(pan, stan, amount, t=mti, **{"37": f"63301200{stan[-4:]}", **extra})
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from support import authorization
 
 from processor.authorizer import Authorizer
 from processor.engine import ProgrammeRules
@@ -16,11 +17,9 @@ from processor.ledger.load import load_path
 from processor.ledger.store import Ledger
 from processor.resources import demo_data_path
 from processor.security import PanHasher
-from processor.wire.codec import Codec
-from processor.wire.spec import load_spec
+from processor.wire.messages import AuthorizationRequest
 
 ROOT = Path(__file__).resolve().parents[2]
-CODEC = Codec(load_spec())
 HASHER = PanHasher(b"outbox-test-key")
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 LOAD = "4761739001010085"  # demo-main
@@ -28,22 +27,17 @@ LOW = "4761739001010069"  # demo-low
 UNKNOWN = "4761739001010093"
 
 
-def message(mti: str, stan: str, amount: int, pan: str = LOAD, **extra: str):  # type: ignore[no-untyped-def]
-    fields = {
-        "t": mti,
-        "2": pan,
-        "3": "000000",
-        "4": f"{amount:012d}",
-        "7": "1124120000",
-        "11": stan,
-        "18": "5411",
-        "32": "123456",
-        "37": f"63301200{stan[-4:]}",
-        "49": "978",
-        "43": "DEMO SHOP              BERLIN       DE  ",
-    }
-    fields.update(extra)
-    return CODEC.decode(CODEC.encode(fields))
+def message(
+    mti: str, stan: str, amount: int, pan: str = LOAD, **extra: str
+) -> AuthorizationRequest:
+    """A message on the demo ledger's cards (support.authorization), with an RRN."""
+    return authorization(
+        pan,
+        stan,
+        amount,
+        t=mti,
+        **{"37": f"63301200{stan[-4:]}", "43": "DEMO SHOP              BERLIN       DE  ", **extra},
+    )
 
 
 @pytest.fixture

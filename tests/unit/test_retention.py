@@ -9,6 +9,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from support import authorization
 
 from processor.authorizer import Authorizer
 from processor.config import RetentionConfig
@@ -20,11 +21,8 @@ from processor.ledger.store import Ledger
 from processor.ledger.verify import verify
 from processor.resources import demo_data_path
 from processor.security import PanHasher
-from processor.wire.codec import Codec
 from processor.wire.messages import AuthorizationRequest, rrn_key
-from processor.wire.spec import load_spec
 
-CODEC = Codec(load_spec())
 HASHER = PanHasher(b"retention-test-key")
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 MAIN = "4761739001010085"  # demo-main
@@ -41,22 +39,8 @@ DEMO_LOAD_EVENTS = 5
 def message(
     mti: str, stan: str, amount: int, pan: str = MAIN, **extra: str
 ) -> AuthorizationRequest:
-    fields = {
-        "t": mti,
-        "2": pan,
-        "3": "000000",
-        "4": f"{amount:012d}",
-        "7": "1124120000",
-        "11": stan,
-        "18": "5411",
-        "32": "123456",
-        "37": f"63301200{stan[-4:]}",
-        "49": "978",
-    }
-    fields.update(extra)
-    request = CODEC.decode(CODEC.encode(fields))
-    assert isinstance(request, AuthorizationRequest)
-    return request
+    """A message on the demo ledger's cards (support.authorization), with an RRN."""
+    return authorization(pan, stan, amount, t=mti, **{"37": f"63301200{stan[-4:]}", **extra})
 
 
 ORIGINAL_1 = f"0100000001112412000000000123456{0:011d}"
