@@ -98,7 +98,8 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # limits.batch_size_min, at most ledger.batch_size_max); 0 = bounded by count alone. A
     # request that arrives during a batch waits for it and then for its own, so this bounds
     # what a greedy peer adds to another link's latency; smaller costs throughput (an fsync
-    # per fewer requests). bench/RESULTS.md, 2026-12-06, measures the trade.
+    # per fewer requests). bench/RESULTS.md, 2026-12-06, measures the trade. Saturated with no
+    # light link about, batches take up to ledger.batch_size_max (specs/messages.md).
     batch_seconds_max: Annotated[float, Meta(ge=0, le=1)] = 0.005
     # CPUs the daemon runs on (its worker processes too), e.g. [0]; empty: wherever the kernel
     # puts it. With webhooks.delivery_cpus, keeps webhook delivery off the authorisation core.

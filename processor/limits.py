@@ -74,6 +74,14 @@ batch_size_max: Final = 256  # requests decided and applied in one LMDB write tr
 # The fewest requests a time-bounded batch is cut to (server.batch_seconds_max): below this the
 # fsync per batch costs more throughput than the shorter wait gains anyone.
 batch_size_min: Final = 8
+# A light link: one that queued a request within light_link_seconds and has at most
+# light_link_in_flight_max in flight. Batches are bounded in time only while one is about
+# (Daemon._batch_size), looked for at most every light_links_check_seconds.
+light_link_seconds: Final = 1.0
+light_link_in_flight_max: Final = 8
+light_links_check_seconds: Final = 0.05
+# ... and only once the queue has been longer than a time-bounded batch for this long.
+saturated_seconds_min: Final = 0.1
 
 # Control-API changes applied in one write transaction, ahead of that batch's requests.
 commands_per_batch_max: Final = 64

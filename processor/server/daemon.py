@@ -146,6 +146,15 @@ class Daemon:
         self._pacer = Pacer(
             config.ledger.batch_size_max, config.server.batch_seconds_max, limits.batch_size_min
         )
+        self._batch_size_max = config.ledger.batch_size_max
+        self._light_about = True  # whether a light link is about (see _batch_size)
+        self._light_checked_until = 0.0  # monotonic seconds; checked again from then
+        # Links with more framed than their last turn took (Link._turn): reading lags behind
+        # what arrives, so short batches, for turns of reading between them (_batch_size).
+        self.backlogged_links = 0
+        # Since when every flush found more queued than a time-bounded batch takes (None: the
+        # last one did not): the daemon saturated, not a moment's queue (_batch_size).
+        self._saturated_since: float | None = None
         self._admission_seconds = (
             config.server.decision_deadline_seconds * limits.admission_deadline_share
         )
@@ -303,6 +312,7 @@ class Daemon:
                 self._send(link, header, self.authorizer.overloaded(request), received_ns)
                 return
             link.queue.append((header, request, received_ns))
+            link.requested_at = link.last_received
             self._queued += 1
             if not link.ready:
                 link.ready = True
@@ -447,7 +457,7 @@ class Daemon:
         if not self._queued and not self._commands:
             return
         self._answer_late(time.perf_counter_ns() - self._deadline_ns)
-        batch = self._take(self._pacer.size)
+        batch = self._take(self._batch_size())
         commands = self._commands[: limits.commands_per_batch_max]
         del self._commands[: limits.commands_per_batch_max]
         if self._queued or self._commands:
@@ -512,6 +522,38 @@ class Daemon:
             [(done_ns - received_ns) / 1e9 for _, _, _, received_ns in batch],
         )
         self._ledger_errors(outcomes)
+
+    def _batch_size(self) -> int:
+        """How many requests the next batch may take: the pacer's time-bounded size, or the
+        count limit alone while the daemon is saturated and no light link is about.
+
+        A light link (one that queued a request lately and has few in flight) is the one
+        short batches protect: its request, arriving during a batch, waits for that batch and
+        its own. With none about, every queued request waits behind the others anyway, and a
+        larger batch shares its fsync among more of them: more decided per second, and so
+        less time queued for each (bench/RESULTS.md, 2026-12-07 sixth session). Unless
+        reading lags (a link had more framed than its turn took): then the loop needs its
+        turns of reading between batches more, so that what it cannot decide in time is
+        still answered in time (a 91 at admission).
+        """
+        now = time.monotonic()
+        if self._queued <= self._pacer.size:
+            self._saturated_since = None
+            return self._pacer.size  # what is queued fits a time-bounded batch anyway
+        if self._saturated_since is None:
+            self._saturated_since = now
+        if now - self._saturated_since < limits.saturated_seconds_min:
+            return self._pacer.size  # a moment's queue: not yet worth a long batch
+        if now >= self._light_checked_until:
+            self._light_checked_until = now + limits.light_links_check_seconds
+            recently = now - limits.light_link_seconds
+            self._light_about = any(
+                link.in_flight <= limits.light_link_in_flight_max and link.requested_at >= recently
+                for link in self.links
+            )
+        if self._light_about or self.backlogged_links:
+            return self._pacer.size
+        return self._batch_size_max
 
     def _ledger_errors(self, outcomes: list[Outcome]) -> None:
         """Log a batch's 96s within the error budget, and note whether the ledger is full."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
@@ -68,6 +69,7 @@ class Link(asyncio.Protocol):
         "peer_address",
         "queue",
         "ready",
+        "requested_at",
         "signed_on",
         "transport",
     )
@@ -90,6 +92,9 @@ class Link(asyncio.Protocol):
         self.last_received = time.monotonic()  # for the idle timeout
         self.partial_since: float | None = None  # when the frame still buffered began
         self.signed_on = False
+        # When it last queued a request to decide (monotonic seconds; -inf: never): a link
+        # that did lately with few in flight is a light one, which short batches protect.
+        self.requested_at = -math.inf
         self.queue: deque[Queued] = deque()  # requests waiting to be decided, oldest first
         self.ready = False  # in the daemon's round-robin of links with queued requests
         self._output: list[bytes] | None = None  # answers collected during a turn, else None
@@ -170,6 +175,7 @@ class Link(asyncio.Protocol):
                 asyncio.get_running_loop().call_soon(self._continue, received_ns)
             if more != self._paused_for_backlog:
                 self._paused_for_backlog = more
+                self._daemon.backlogged_links += 1 if more else -1
                 self._update_reading()
 
     def _write_output(self) -> None:
@@ -181,6 +187,9 @@ class Link(asyncio.Protocol):
         return False  # close our side too; in-flight answers are stored for a retransmission
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._paused_for_backlog:
+            self._paused_for_backlog = False
+            self._daemon.backlogged_links -= 1
         self._daemon.link_closed(self)
 
     def pause_writing(self) -> None:

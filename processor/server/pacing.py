@@ -7,7 +7,8 @@ Bounding batches in *time* (not only in count) bounds that wait on any machine: 
 follows from what batches measure, the time per request to decide and apply (which grows with
 the batch) and the time of the commit (mostly one fsync, whatever the batch holds). A larger
 budget shares each fsync among more requests (throughput); a smaller one answers sooner
-(latency, fairness between links). bench/RESULTS.md measures both.
+(latency, fairness between links). bench/RESULTS.md measures both. The daemon lifts the bound
+while it protects no one (saturated, no light link about: Daemon._batch_size).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import iso8583
 import msgspec
 import pytest
 
+from processor import limits
 from processor.authorizer import CommandRefused
 from processor.config import Config
 from processor.ledger.load import load_path
@@ -20,6 +21,7 @@ from processor.resources import demo_data_path
 from processor.security import PanHasher
 from processor.server.daemon import Daemon
 from processor.server.link import Link, Listener
+from processor.server.pacing import Pacer
 from processor.wire.codec import Codec
 from processor.wire.framing import Framer
 from processor.wire.spec import load_spec
@@ -276,6 +278,67 @@ def test_a_read_of_many_frames_is_decoded_a_share_per_turn(
     assert len(transport.writes[0]) > 0 and len(transport.frames()) == count
     assert [f["11"] for f in transport.frames()] == [f"{s:06d}" for s in range(1, count + 1)]
     assert transport.reading
+    daemon.ledger.close()
+
+
+def test_batches_are_bounded_in_time_unless_saturated_with_no_light_link_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon = make_daemon(tmp_path)
+    # As if batches had measured that 8 requests fill the time budget (and kept measuring so).
+    daemon._pacer.size = 8
+    monkeypatch.setattr(Pacer, "measured", lambda *args: None)
+    heavy, heavy_transport = new_link(daemon), FakeTransport()
+    light, light_transport = new_link(daemon), FakeTransport()
+
+    def batches(since: int) -> list[int]:
+        """Frames per write to the heavy link from write `since` on: one write per batch."""
+        framer = Framer("len2", max_frame_bytes=8192)
+        return [len(framer.feed(data)) for data in heavy_transport.writes[since:]]
+
+    def send(count: int, first: int) -> Callable[[], None]:
+        frames = b"".join(auth_frame(stan) for stan in range(first, first + count))
+        return lambda: heavy.data_received(frames)
+
+    def alone() -> None:
+        heavy.connection_made(heavy_transport)  # type: ignore[arg-type]
+        send(40, 1)()
+
+    run(alone, turns=20)
+    # A queue longer than a batch, but only for a moment: time-bounded batches.
+    assert batches(0) == [8] * 5
+
+    monkeypatch.setattr(limits, "saturated_seconds_min", 0.0)  # saturated from the first flush
+    before = len(heavy_transport.writes)
+    run(send(40, 100))
+    # Forty in flight on one link and no other: nobody gains from short batches, one takes all.
+    assert batches(before) == [40]
+
+    def beside_a_light_link() -> None:
+        light.connection_made(light_transport)  # type: ignore[arg-type]
+        light.data_received(auth_frame(1000))  # one in flight, just now: a light link
+        send(40, 200)()
+
+    daemon._light_checked_until = 0.0  # looked for again at once (every 50 ms otherwise)
+    before = len(heavy_transport.writes)
+    run(beside_a_light_link, turns=20)
+    sizes = batches(before)
+    assert sum(sizes) == 40 and max(sizes) <= 8  # batches of the pacer's size
+    assert [f["39"] for f in light_transport.frames()] == ["00"]
+
+    # The light link quiet for longer than limits.light_link_seconds: not about any more.
+    light.requested_at -= limits.light_link_seconds + 1
+    daemon._light_checked_until = 0.0
+    before = len(heavy_transport.writes)
+    run(send(40, 300))
+    assert batches(before) == [40]
+
+    # More arrived than a turn reads (reading lags): short batches, turns of reading between.
+    before = len(heavy_transport.writes)
+    run(send(300, 400), turns=40)
+    sizes = batches(before)
+    assert sum(sizes) == 300 and sizes[0] == 8
+    assert daemon.backlogged_links == 0  # read to the end
     daemon.ledger.close()
 
 
