@@ -2,7 +2,9 @@
 
 Group commit runs on the event-loop thread: authorisations that arrive while a batch is being
 committed queue up and form the next batch, so one fsync serves many requests. (A writer thread
-measured worse: handing the GIL back costs milliseconds; DESIGN.md, performance model.)
+measured worse: the two threads contend for the GIL for everything but the fsync, and the
+loop waits for the disk only about a fifth of the time at saturation; bench/RESULTS.md,
+2026-12-07 sixth session.)
 """
 
 from __future__ import annotations
