@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from datetime import UTC, datetime
 
 from processor.api.http import start_http
 from processor.config import Config, ConfigError
@@ -122,6 +123,14 @@ async def serve(settings: StartSettings) -> int:
         personal_data=settings.personal_data,
         pan_vault=settings.pan_vault,
     )
+    locked = daemon.authorizer.apply_cvc2_limit(datetime.now(UTC))
+    if locked:
+        log.warning(
+            "security.cvc2_attempts_max lowered to %d: %d cards at or past it are locked for "
+            "card-not-present use (a card.cvc2_locked event each)",
+            config.security.cvc2_attempts_max,
+            locked,
+        )
     loop = asyncio.get_running_loop()
     shared = config.server.workers > 1
     sockets = []

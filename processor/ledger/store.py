@@ -805,6 +805,17 @@ class Reader:
         account = self.account(account_id)
         return 0 if account is None else account.open_holds
 
+    def cards(self) -> Iterator[Card]:
+        """Every card, in key order (a scan: for rare upkeep, never the hot path)."""
+        decode = self._codecs.card.decode
+        for _, raw in self._txn.cursor(db=self._dbs["cards"]):
+            yield decode(raw)
+
+    def cvc2_attempts_max(self) -> int | None:
+        """security.cvc2_attempts_max as the daemon last applied it (None: never recorded)."""
+        raw = self._txn.get(b"cvc2_attempts_max", db=self._dbs["meta"])
+        return None if raw is None else _U64.unpack(raw)[0]
+
     def account_cards(self, account_id: str) -> list[Card]:
         prefix = _prefix_key(account_id, b"")
         cards: list[Card] = []
@@ -957,6 +968,9 @@ class Writer(Reader):
             b"event_ids", self._codecs.encoder.encode(EventIds(ranges)), db=self._dbs["meta"]
         )
         return fresh
+
+    def put_cvc2_attempts_max(self, limit: int) -> None:
+        self._txn.put(b"cvc2_attempts_max", _U64.pack(limit), db=self._dbs["meta"])
 
     def put_programme_controls(self, controls: Controls) -> None:
         self._txn.put(b"controls", self._codecs.encoder.encode(controls), db=self._dbs["meta"])

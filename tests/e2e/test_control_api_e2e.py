@@ -27,7 +27,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from harness import PAN_KEY, Link, RunningDaemon, authorization
+from harness import PAN_KEY, Link, RunningDaemon, authorization, run_cli
 
 from processor.api.commands import luhn_check_digit
 from processor.security import luhn_valid
@@ -988,3 +988,44 @@ def test_authorization_listings_page(api: Api, link: Link) -> None:
     first = api.get(f"/v1/cards/{card_id}/authorizations?limit=1").body
     foreign = api.get(f"/v1/cards/{other_id}/authorizations?cursor={first['next_cursor']}")
     assert (foreign.status, foreign.code, foreign.field) == (400, "invalid_query", "cursor")
+
+
+def test_a_lowered_cvc2_limit_locks_the_cards_past_it_at_the_next_start(tmp_path: Path) -> None:
+    env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, PROCESSOR_API_TOKEN=TOKEN)
+    config = tmp_path / "processor.toml"
+    config.write_text("[security]\ncvc2_attempts_max = 3\n")
+    running = RunningDaemon(tmp_path / "ledger", config=config, env=env).start()
+    try:
+        api = Api(running.http_port)
+        issued = api.post("/v1/cards/virtual", {"account_id": new_account(api, balance=50_000)})
+        assert issued.status == 201, issued.text
+        card_id, pan, cvc2 = issued.body["id"], issued.body["pan"], issued.body["cvc2"]
+        online = {"14": issued.body["expiry"], "22": "810", "25": "59"}
+        wrong = f"{(int(cvc2) + 1) % 1000:03d}"
+        link = running.connect()
+        for _ in range(2):
+            sent = authorization(pan=pan, amount=100, **online, **{"48": f"R9203{wrong}"})
+            assert link.exchange(sent)["39"] == "82"
+        link.close()
+    finally:
+        running.stop()
+    assert (
+        "card.cvc2_locked"
+        not in run_cli("events", "list", "--ledger", str(tmp_path / "ledger")).stdout
+    )
+
+    config.write_text("[security]\ncvc2_attempts_max = 2\n")
+    running = RunningDaemon(tmp_path / "ledger", config=config, env=env).start()
+    try:
+        assert "cvc2_attempts_max lowered to 2: 1 cards" in running.stderr()
+        api = Api(running.http_port)
+        assert api.get(f"/v1/cards/{card_id}").body["cvc2_failures"] == 2
+        link = running.connect()
+        sent = authorization(pan=pan, amount=100, **online, **{"48": f"R9203{cvc2}"})
+        assert link.exchange(sent)["39"] == "57"  # locked: even the right CVC2, online
+        link.close()
+    finally:
+        running.stop()
+    listed = run_cli("events", "list", "--ledger", str(tmp_path / "ledger"), "--limit", "1000")
+    locked = [line for line in listed.stdout.splitlines() if "card.cvc2_locked" in line]
+    assert len(locked) == 1 and card_id in locked[0]

@@ -219,3 +219,54 @@ def test_a_cvc2_can_be_required_online_except_where_none_can_be_sent(ledger: Led
     assert answered(registered) == ("00", "approved")
     # Off (the default): no CVC2 online is approved, as before.
     assert answer(ledger, message("000106", None)).response_code == "00"
+
+
+def limit_applied(ledger: Ledger, limit: int) -> tuple[int, list[tuple[str, str, str | None]]]:
+    """A daemon start with security.cvc2_attempts_max = `limit`: how many cards it locked,
+    and the events it wrote (type, reason, card id)."""
+    before = last_event(ledger)
+    started = Authorizer(
+        ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600, cvc2_attempts_max=limit
+    )
+    locked = started.apply_cvc2_limit(NOW)
+    with ledger.read() as reader:
+        records = reader.outbox(before + 1, 100)
+    return locked, sorted((r.type, r.reason, r.card_id) for r in records)
+
+
+def test_a_lowered_cvc2_limit_locks_the_cards_now_past_it_with_an_event(ledger: Ledger) -> None:
+    cards = {}
+    with ledger.write() as writer:
+        for pan, count in ((PAN, 2), (REGISTERED, 4)):
+            card = writer.card(HASHER.card_key(pan))
+            assert card is not None
+            writer.changed_card_state(card).cvc2_failures = count
+            cards[pan] = card.card_id
+    locked = ("card.cvc2_locked", "cvc2_attempts_exceeded")
+    # The first start that records its limit: what the counts were held against is not known.
+    assert limit_applied(ledger, 5) == (0, [])
+    # Lowered to 2: both cards are past it, and neither was told at 5.
+    assert limit_applied(ledger, 2) == (
+        2,
+        sorted([(*locked, cards[PAN]), (*locked, cards[REGISTERED])]),
+    )
+    strict = Authorizer(
+        ledger,
+        HASHER,
+        ProgrammeRules(),
+        hold_lifetime_seconds=3600,
+        card_keys=KEYS,
+        cvc2_attempts_max=2,
+    )
+    [outcome] = strict.authorize_batch([message("000001", RIGHT)], NOW)
+    assert (outcome.response_code, outcome.reason) == ("57", "cvc2_attempts_exceeded")
+    assert limit_applied(ledger, 2) == (0, [])  # the same limit again: nothing new
+    assert limit_applied(ledger, 4) == (0, [])  # raised: the card at 2 is usable again
+    # Lowered from 4 to 3: the card at 4 was locked at 4 already, the one at 2 is not past 3.
+    assert limit_applied(ledger, 3) == (0, [])
+    # Off, then on at 2: whatever was counted while it was off locks now, with its event.
+    assert limit_applied(ledger, 0) == (0, [])
+    assert limit_applied(ledger, 2) == (
+        2,
+        sorted([(*locked, cards[PAN]), (*locked, cards[REGISTERED])]),
+    )
