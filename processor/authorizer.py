@@ -23,7 +23,7 @@ from processor import limits
 from processor.cvc2 import NO_KEYS, CardVerificationKeys
 from processor.engine import ProgrammeRules, yymm
 from processor.engine.controls import periods_at
-from processor.ledger.records import OutboxRecord, StoredAnswer, change_event
+from processor.ledger.records import OutboxRecord, StoredAnswer
 from processor.ledger.retention import Retention, SweepStep
 from processor.ledger.store import Ledger, LedgerError, LedgerFull, Writer
 from processor.lifecycle import ADVICE_CLASSES, ORIGINAL_CLASSES, Batch, Lifecycle
@@ -128,7 +128,6 @@ class Authorizer:
             cvc2_required_card_not_present=cvc2_required_card_not_present,
         )
         self._fingerprint_encoder = msgspec.msgpack.Encoder()
-        self._cvc2_attempts_max = cvc2_attempts_max
 
     # --- messages that never touch the ledger -------------------------------------------------
 
@@ -340,39 +339,12 @@ class Authorizer:
         return Outcome(fields, request.mti, result.response_code, result.reason)
 
     def apply_cvc2_limit(self, now: datetime) -> int:
-        """Record security.cvc2_attempts_max as configured now; when it is lower than the one
-        the ledger last ran with (or the lock was off), the cards it locks from now on get
-        their `card.cvc2_locked` event, which no decline gave them. One write transaction, a
-        scan of the cards only when the limit went down. Returns how many were locked.
-
-        Not the other way: a limit raised unlocks cards without an event (nothing tells the
-        programme a card it was told is locked can be used again, but it is not misled either:
-        it can reset any card it likes). A ledger that never recorded a limit records this
-        one and locks nothing: what limit its cards were counted against is not known.
-        """
-        limit = self._cvc2_attempts_max
+        """security.cvc2_attempts_max as configured now, recorded; the cards a lower one locks
+        get their events (Lifecycle.apply_cvc2_limit). One write transaction at start."""
         now_ms = int(now.timestamp() * 1000)
-
-        def work(writer: Writer) -> int:
-            before = writer.cvc2_attempts_max()
-            if before == limit:
-                return 0
-            writer.put_cvc2_attempts_max(limit)
-            if before is None or limit == 0 or 0 < before < limit:
-                return 0
-            locked = 0
-            for card in writer.cards():
-                failures = writer.card_state(card).cvc2_failures
-                if limit <= failures and (before == 0 or failures < before):
-                    writer.emit(
-                        change_event(
-                            "card.cvc2_locked", "cvc2_attempts_exceeded", now_ms, card=card
-                        )
-                    )
-                    locked += 1
-            return locked
-
-        return self._ledger.write_growing(work)
+        return self._ledger.write_growing(
+            lambda writer: self._lifecycle.apply_cvc2_limit(writer, now_ms)
+        )
 
     def sweep_expired(self, now: datetime, limit: int) -> int:
         """Release at most `limit` holds whose expiry has passed, in one write transaction."""

@@ -253,6 +253,33 @@ class Lifecycle:
         elif decision.approved and result.cvc2 == "match" and writer.card_state(card).cvc2_failures:
             writer.changed_card_state(card).cvc2_failures = 0
 
+    def apply_cvc2_limit(self, writer: Writer, now_ms: int) -> int:
+        """Record the limit as configured now; when it is lower than the one the ledger last
+        ran with (or the lock was off), the cards it locks from now on get the
+        `card.cvc2_locked` event no decline gave them. Scans the cards only then. Returns how
+        many were locked.
+
+        Not the other way: a raised limit unlocks cards without an event (the programme is
+        not misled: it may reset any card it likes). A ledger that never recorded a limit
+        records this one and locks nothing: what its counts were held against is not known.
+        """
+        limit = self._cvc2_attempts_max
+        before = writer.cvc2_attempts_max()
+        if before == limit:
+            return 0
+        writer.put_cvc2_attempts_max(limit)
+        if before is None or limit == 0 or 0 < before < limit:
+            return 0
+        locked = 0
+        for card in writer.cards():
+            failures = writer.card_state(card).cvc2_failures
+            if limit <= failures and (before == 0 or failures < before):
+                writer.emit(
+                    change_event("card.cvc2_locked", "cvc2_attempts_exceeded", now_ms, card=card)
+                )
+                locked += 1
+        return locked
+
     # --- spend-control usage --------------------------------------------------------------------
 
     def _count_usage(

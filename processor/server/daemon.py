@@ -148,7 +148,6 @@ class Daemon:
         self._pacer = Pacer(
             config.ledger.batch_size_max, config.server.batch_seconds_max, limits.batch_size_min
         )
-        self._batch_size_max = config.ledger.batch_size_max
         self._light_about = True  # whether a light link is about (see _batch_size)
         self._light_checked_until = 0.0  # monotonic seconds; checked again from then
         # Links with more framed than their last turn took (Link._turn): reading lags behind
@@ -555,7 +554,7 @@ class Daemon:
             )
         if self._light_about or self.backlogged_links:
             return self._pacer.size
-        return self._batch_size_max
+        return self._pacer.size_max
 
     def _ledger_errors(self, outcomes: list[Outcome]) -> None:
         """Log a batch's 96s within the error budget, and note whether the ledger is full."""

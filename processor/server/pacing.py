@@ -22,10 +22,10 @@ SMOOTHING: Final = 0.2  # weight of the newest batch in the moving averages
 
 
 class Pacer:
-    __slots__ = ("_apply_per_request", "_budget", "_commit", "_size_max", "_size_min", "size")
+    __slots__ = ("_apply_per_request", "_budget", "_commit", "_size_min", "size", "size_max")
 
     def __init__(self, size_max: int, budget_seconds: float, size_min: int) -> None:
-        self._size_max = size_max
+        self.size_max = size_max  # the count limit (ledger.batch_size_max)
         self._size_min = min(size_min, size_max)
         self._budget = budget_seconds  # 0: batches bounded by count alone
         self._apply_per_request = 0.0  # seconds to decide and apply one request (average)
@@ -47,7 +47,7 @@ class Pacer:
             # requests per fsync.
             apply_budget = max(self._budget - self._commit, self._commit)
             fits = int(apply_budget / self._apply_per_request)
-            self.size = max(self._size_min, min(self._size_max, fits))
+            self.size = max(self._size_min, min(self.size_max, fits))
 
     def queue_seconds(self, queued: int) -> float:
         """How long `queued` requests would take to decide and commit, batches as now."""
