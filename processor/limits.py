@@ -82,6 +82,8 @@ light_link_in_flight_max: Final = 8
 light_links_check_seconds: Final = 0.05
 # ... and only once the queue has been longer than a time-bounded batch for this long.
 saturated_seconds_min: Final = 0.1
+# A batch that takes a light link's request beside a busy link's is cut to this many.
+light_batch_size: Final = 8
 
 # Control-API changes applied in one write transaction, ahead of that batch's requests.
 commands_per_batch_max: Final = 64

@@ -525,8 +525,9 @@ class Daemon:
         self._ledger_errors(outcomes)
 
     def _batch_size(self) -> int:
-        """How many requests the next batch may take: the pacer's time-bounded size, or the
-        count limit alone while the daemon is saturated and no light link is about.
+        """How many requests the next batch may take: the pacer's time-bounded size; fewer
+        when a light link's request waits beside a busy link's; the count limit alone while
+        the daemon is saturated and no light link is about.
 
         A light link (one that queued a request lately and has few in flight) is the one
         short batches protect: its request, arriving during a batch, waits for that batch and
@@ -538,6 +539,14 @@ class Daemon:
         still answered in time (a 91 at admission).
         """
         now = time.monotonic()
+        light_max = limits.light_link_in_flight_max
+        ready = self._ready
+        if any(link.in_flight <= light_max for link in ready) and any(
+            link.in_flight > light_max for link in ready
+        ):
+            # A light link's request waits beside a busy link's many: its batch short, so it
+            # waits for little more than the batch under way (specs/messages.md).
+            return min(self._pacer.size, limits.light_batch_size)
         if self._queued <= self._pacer.size:
             self._saturated_since = None
             return self._pacer.size  # what is queued fits a time-bounded batch anyway

@@ -342,6 +342,31 @@ def test_batches_are_bounded_in_time_unless_saturated_with_no_light_link_about(
     daemon.ledger.close()
 
 
+def test_a_light_links_request_beside_a_busy_links_goes_in_a_short_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon = make_daemon(tmp_path)
+    daemon._pacer.size = 32  # as if 32 requests fill the time budget
+    monkeypatch.setattr(Pacer, "measured", lambda *args: None)
+    busy, busy_transport = new_link(daemon), FakeTransport()
+    light, light_transport = new_link(daemon), FakeTransport()
+
+    def body() -> None:
+        busy.connection_made(busy_transport)  # type: ignore[arg-type]
+        light.connection_made(light_transport)  # type: ignore[arg-type]
+        busy.data_received(b"".join(auth_frame(stan) for stan in range(1, 41)))
+        light.data_received(auth_frame(100))
+
+    run(body, turns=20)
+    framer = Framer("len2", max_frame_bytes=8192)
+    batches = [len(framer.feed(data)) for data in busy_transport.writes]
+    # The first batch takes the light link's request with 7 of the busy link's (round-robin,
+    # cut to limits.light_batch_size); then the busy link's rest in batches of the pacer's size.
+    assert batches == [limits.light_batch_size - 1, 32, 1]
+    assert [f["39"] for f in light_transport.frames()] == ["00"]
+    daemon.ledger.close()
+
+
 def test_admission_answers_91_when_the_queue_would_outlast_the_deadline(tmp_path: Path) -> None:
     daemon = make_daemon(tmp_path)
     link, transport = new_link(daemon), FakeTransport()
