@@ -558,8 +558,7 @@ class Daemon:
             self._light_checked_until = now + limits.light_links_check_seconds
             recently = now - limits.light_link_seconds
             self._light_about = any(
-                link.in_flight <= limits.light_link_in_flight_max and link.requested_at >= recently
-                for link in self.links
+                link.in_flight <= light_max and link.requested_at >= recently for link in self.links
             )
         if self._light_about or self.backlogged_links:
             return self._pacer.size
