@@ -274,9 +274,7 @@ class Lifecycle:
         for card in writer.cards():
             failures = writer.card_state(card).cvc2_failures
             if limit <= failures and (before == 0 or failures < before):
-                writer.emit(
-                    change_event("card.cvc2_locked", "cvc2_attempts_exceeded", now_ms, card=card)
-                )
+                writer.emit_change(now_ms, "card.cvc2_locked", "cvc2_attempts_exceeded", card=card)
                 locked += 1
         return locked
 

@@ -49,7 +49,6 @@ from processor.ledger.records import (
     IdempotentResponse,
     KycStatus,
     RevealToken,
-    change_event,
 )
 from processor.ledger.store import Writer
 from processor.pan_vault import PanVault
@@ -202,8 +201,7 @@ def move_funds(
             account, kind, amount if kind == "fund" else -amount, reason, now_ms
         )
         writer.put_account(account)
-        _event(
-            writer,
+        writer.emit_change(
             now_ms,
             "account.funded" if kind == "fund" else "account.debited",
             f"api_{kind}",
@@ -215,34 +213,6 @@ def move_funds(
         return Reply(status=200, body=_encode(result))
 
     return run
-
-
-def _event(
-    writer: Writer,
-    now_ms: int,
-    type: str,
-    reason: str,
-    *,
-    account_id: str | None = None,
-    card: Card | None = None,
-    amount: int | None = None,
-    entry_sequence: int | None = None,
-    cardholder: Cardholder | None = None,
-) -> None:
-    """An event for a change made through the API, in its transaction (every change has one:
-    the programme's other systems follow the ledger through them, not through API replies)."""
-    writer.emit(
-        change_event(
-            type,
-            reason,
-            now_ms,
-            account_id=account_id,
-            card=card,
-            amount=amount,
-            entry_sequence=entry_sequence,
-            cardholder=cardholder,
-        )
-    )
 
 
 def close_account(account_id: str) -> Operation:
@@ -257,7 +227,7 @@ def close_account(account_id: str) -> Operation:
             )
         account.status = "closed"
         writer.put_account(account)
-        _event(writer, now_ms, "account.updated", "account_closed", account_id=account.id)
+        writer.emit_change(now_ms, "account.updated", "account_closed", account_id=account.id)
         return Reply(status=200, body=_encode(account_view(account)))
 
     return run
@@ -269,7 +239,7 @@ def close_account(account_id: str) -> Operation:
 def set_programme_controls(controls: Controls) -> Operation:
     def run(writer: Writer, now_ms: int) -> Reply:
         writer.put_programme_controls(controls)
-        _event(writer, now_ms, "controls.updated", "programme_controls")
+        writer.emit_change(now_ms, "controls.updated", "programme_controls")
         return Reply(status=200, body=_encode(controls))
 
     return run
@@ -280,7 +250,7 @@ def set_account_controls(account_id: str, controls: Controls) -> Operation:
         account = _account(writer, account_id)
         account.controls = stored_controls(controls)
         writer.put_account(account)
-        _event(writer, now_ms, "controls.updated", "account_controls", account_id=account.id)
+        writer.emit_change(now_ms, "controls.updated", "account_controls", account_id=account.id)
         return Reply(status=200, body=_encode(controls))
 
     return run
@@ -291,7 +261,7 @@ def set_card_controls(card_id: str, controls: Controls) -> Operation:
         card_key, card = _card(writer, card_id)
         changed = msgspec.structs.replace(card, controls=stored_controls(controls))
         writer.put_card(card_key, changed, card.account_id)
-        _event(writer, now_ms, "controls.updated", "card_controls", card=changed)
+        writer.emit_change(now_ms, "controls.updated", "card_controls", card=changed)
         return Reply(status=200, body=_encode(controls))
 
     return run
@@ -334,7 +304,7 @@ def change_card_status(card_id: str, action: CardAction) -> Operation:
             )
         changed = msgspec.structs.replace(card, status=target)
         writer.put_card(card_key, changed, card.account_id)
-        _event(writer, now_ms, "card.status_changed", f"card_{target}", card=changed)
+        writer.emit_change(now_ms, "card.status_changed", f"card_{target}", card=changed)
         return _card_reply(writer, changed)
 
     return run
@@ -348,7 +318,7 @@ def reset_cvc2(card_id: str) -> Operation:
         _, card = _card(writer, card_id)
         if writer.card_state(card).cvc2_failures:
             writer.changed_card_state(card).cvc2_failures = 0
-            _event(writer, now_ms, "card.cvc2_reset", "cvc2_reset", card=card)
+            writer.emit_change(now_ms, "card.cvc2_reset", "cvc2_reset", card=card)
         return Reply(status=200, body=_encode(card_view(card, 0)))
 
     return run
@@ -419,7 +389,7 @@ def create_cardholder(details: CardholderDetails, cipher: PersonalDataCipher) ->
             sealed=sealed,
         )
         writer.put_cardholder(holder)
-        _event(writer, now_ms, "cardholder.created", "kyc_pending", cardholder=holder)
+        writer.emit_change(now_ms, "cardholder.created", "kyc_pending", cardholder=holder)
         return Reply(
             status=201,
             body=_encode(cardholder_view(holder, details)),
@@ -437,7 +407,7 @@ def set_kyc_status(cardholder_id: str, status: KycStatus) -> Operation:
         if holder.kyc_status != status:
             holder = msgspec.structs.replace(holder, kyc_status=status, updated_ms=now_ms)
             writer.put_cardholder(holder)
-            _event(writer, now_ms, "cardholder.kyc_updated", f"kyc_{status}", cardholder=holder)
+            writer.emit_change(now_ms, "cardholder.kyc_updated", f"kyc_{status}", cardholder=holder)
         return Reply(status=200, body=_encode(cardholder_view(holder)))
 
     return run
@@ -605,7 +575,7 @@ def update_fulfilment(card_id: str, status: str) -> Operation:
         if status != card.fulfilment:
             card = msgspec.structs.replace(card, fulfilment=status)
             writer.put_card(card_key, card, card.account_id)
-            _event(writer, now_ms, "card.fulfilment_updated", f"fulfilment_{status}", card=card)
+            writer.emit_change(now_ms, "card.fulfilment_updated", f"fulfilment_{status}", card=card)
         return Reply(
             status=200, body=_encode(card_view(card, writer.card_state(card).cvc2_failures))
         )
@@ -635,7 +605,7 @@ def activate_card(card_id: str) -> Operation:
             )
         card = msgspec.structs.replace(card, status="active")
         writer.put_card(card_key, card, card.account_id)
-        _event(writer, now_ms, "card.status_changed", "card_active", card=card)
+        writer.emit_change(now_ms, "card.status_changed", "card_active", card=card)
         if card.replaces is not None:
             _stop(writer, now_ms, card.replaces, "closed")
         return Reply(
@@ -781,7 +751,7 @@ def _stop(writer: Writer, now_ms: int, card_id: str, status: CardStatus) -> None
         return
     changed = msgspec.structs.replace(card, status=status)
     writer.put_card(card_key, changed, card.account_id)
-    _event(writer, now_ms, "card.status_changed", f"card_{status}", card=changed)
+    writer.emit_change(now_ms, "card.status_changed", f"card_{status}", card=changed)
 
 
 def register_card(

@@ -37,7 +37,6 @@ from processor.ledger.records import (
     AccountStatus,
     Card,
     CardStatus,
-    change_event,
 )
 from processor.ledger.store import Ledger, LedgerFull, Reader, Writer
 from processor.security import PanHasher, luhn_valid
@@ -297,7 +296,7 @@ def _put_programme_controls(writer: Writer, controls: Controls, now_ms: int) -> 
     if writer.programme_controls() == controls:
         return
     writer.put_programme_controls(controls)
-    _event(writer, now_ms, "controls.updated", "programme_controls")
+    writer.emit_change(now_ms, "controls.updated", "programme_controls")
 
 
 def _put_accounts(
@@ -340,19 +339,21 @@ def _update_account(
         _move_balance(writer, account, 0, now_ms)
         account.currency = entry.currency
         writer.put_account(account)
-        _event(writer, now_ms, "account.updated", "currency_changed", account=account)
+        writer.emit_change(now_ms, "account.updated", "currency_changed", account_id=account.id)
     if account.credit_limit != entry.credit_limit:
         account.credit_limit = entry.credit_limit
         writer.put_account(account)
-        _event(writer, now_ms, "account.updated", "credit_limit_changed", account=account)
+        writer.emit_change(now_ms, "account.updated", "credit_limit_changed", account_id=account.id)
     if account.status != entry.status:
         account.status = entry.status
         writer.put_account(account)
-        _event(writer, now_ms, "account.updated", f"account_{entry.status}", account=account)
+        writer.emit_change(
+            now_ms, "account.updated", f"account_{entry.status}", account_id=account.id
+        )
     if account.controls != controls:
         account.controls = controls
         writer.put_account(account)
-        _event(writer, now_ms, "controls.updated", "account_controls", account=account)
+        writer.emit_change(now_ms, "controls.updated", "account_controls", account_id=account.id)
 
 
 def _move_balance(writer: Writer, account: Account, balance: int, now_ms: int) -> None:
@@ -363,12 +364,11 @@ def _move_balance(writer: Writer, account: Account, balance: int, now_ms: int) -
     kind: Literal["fund", "debit"] = "fund" if change > 0 else "debit"
     moved = writer.append_entry(account, kind, change, f"load_{kind}", now_ms)
     writer.put_account(account)
-    _event(
-        writer,
+    writer.emit_change(
         now_ms,
         "account.funded" if kind == "fund" else "account.debited",
         f"load_{kind}",
-        account=account,
+        account_id=account.id,
         amount=abs(change),
         entry_sequence=moved.sequence,
     )
@@ -431,38 +431,14 @@ def _card_events(writer: Writer, previous: Card, card: Card, now_ms: int) -> Non
     """An event for each change a load made to an existing card. A card that moved is
     announced to both accounts: each one's events tell its whole story."""
     if previous.account_id != card.account_id:
-        _event(writer, now_ms, "card.updated", "card_moved_out", card=previous)
-        _event(writer, now_ms, "card.updated", "card_moved_in", card=card)
+        writer.emit_change(now_ms, "card.updated", "card_moved_out", card=previous)
+        writer.emit_change(now_ms, "card.updated", "card_moved_in", card=card)
     if previous.expiry != card.expiry:
-        _event(writer, now_ms, "card.updated", "expiry_changed", card=card)
+        writer.emit_change(now_ms, "card.updated", "expiry_changed", card=card)
     if previous.status != card.status:
-        _event(writer, now_ms, "card.status_changed", f"card_{card.status}", card=card)
+        writer.emit_change(now_ms, "card.status_changed", f"card_{card.status}", card=card)
     if previous.controls != card.controls:
-        _event(writer, now_ms, "controls.updated", "card_controls", card=card)
-
-
-def _event(
-    writer: Writer,
-    now_ms: int,
-    type: str,
-    reason: str,
-    *,
-    account: Account | None = None,
-    card: Card | None = None,
-    amount: int | None = None,
-    entry_sequence: int | None = None,
-) -> None:
-    writer.emit(
-        change_event(
-            type,
-            reason,
-            now_ms,
-            account_id=None if account is None else account.id,
-            card=card,
-            amount=amount,
-            entry_sequence=entry_sequence,
-        )
-    )
+        writer.emit_change(now_ms, "controls.updated", "card_controls", card=card)
 
 
 def load_path(

@@ -40,6 +40,7 @@ from processor.ledger.records import (
     OutboxRecord,
     RevealToken,
     StoredAnswer,
+    change_event,
 )
 
 log = logging.getLogger("processor.ledger")
@@ -1160,6 +1161,33 @@ class Writer(Reader):
         sequence = self._next_event
         self._next_event += 1
         return sequence
+
+    def emit_change(
+        self,
+        now_ms: int,
+        type: str,
+        reason: str,
+        *,
+        account_id: str | None = None,
+        card: Card | None = None,
+        amount: int | None = None,
+        entry_sequence: int | None = None,
+        cardholder: Cardholder | None = None,
+    ) -> None:
+        """The event of a change that is no message's (the API, a load, a lock-out), in this
+        transaction: every change has one (records.change_event)."""
+        self.emit(
+            change_event(
+                type,
+                reason,
+                now_ms,
+                account_id=account_id,
+                card=card,
+                amount=amount,
+                entry_sequence=entry_sequence,
+                cardholder=cardholder,
+            )
+        )
 
     def emit(self, record: OutboxRecord) -> None:
         """Number the event (globally and per account), stamp its account's balances after
