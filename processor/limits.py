@@ -84,6 +84,14 @@ light_links_check_seconds: Final = 0.05
 saturated_seconds_min: Final = 0.1
 # A batch that takes a light link's request beside a busy link's is cut to this many.
 light_batch_size: Final = 8
+# ... and while a light link is about but has nothing queued, a batch of a greedy link's
+# requests (one with more than greedy_link_in_flight_min in flight) is bounded to this time (or
+# server.batch_seconds_max if less): the light link's next request, arriving during it, waits
+# for it. Not for any link past light_link_in_flight_max: at 5,000/s over 8 links, links pass 8
+# in a moment's hiccup, and the shorter batches then made it last (bench/RESULTS.md, 2026-12-07
+# seventh session).
+light_batch_seconds: Final = 0.001
+greedy_link_in_flight_min: Final = 64
 
 # Control-API changes applied in one write transaction, ahead of that batch's requests.
 commands_per_batch_max: Final = 64
@@ -158,6 +166,7 @@ sim_duration_seconds_max: Final = 600.0
 assert frame_bytes_max <= frame_bytes_ceiling
 assert header_bytes_max < frame_bytes_max
 assert batch_size_max <= in_flight_per_link_max
+assert light_link_in_flight_max < greedy_link_in_flight_min <= in_flight_per_link_max
 assert links_max >= sim_connections_max
 
 # Card verification keys one card range may list at once (the issuing key and older ones

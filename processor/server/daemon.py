@@ -526,27 +526,31 @@ class Daemon:
 
     def _batch_size(self) -> int:
         """How many requests the next batch may take: the pacer's time-bounded size; fewer
-        when a light link's request waits beside a busy link's; the count limit alone while
-        the daemon is saturated and no light link is about.
+        while a light link is about beside a busy link; the count limit alone while the
+        daemon is saturated and no light link is about.
 
         A light link (one that queued a request lately and has few in flight) is the one
         short batches protect: its request, arriving during a batch, waits for that batch and
-        its own. With none about, every queued request waits behind the others anyway, and a
-        larger batch shares its fsync among more of them: more decided per second, and so
-        less time queued for each (bench/RESULTS.md, 2026-12-07 sixth session). Unless
-        reading lags (a link had more framed than its turn took): then the loop needs its
-        turns of reading between batches more, so that what it cannot decide in time is
-        still answered in time (a 91 at admission).
+        its own. So its own batch is cut to a few requests when a busy link's also wait, and,
+        while it has nothing queued, a greedy link's batches are bounded to a shorter time (its
+        next request will wait for one of them). With none about, every queued request waits
+        behind the others anyway, and a larger batch shares its fsync among more of them:
+        more decided per second, and so less time queued for each (bench/RESULTS.md,
+        2026-12-07 sixth session). Unless reading lags (a link had more framed than its turn
+        took): then the loop needs its turns of reading between batches more, so that what it
+        cannot decide in time is still answered in time (a 91 at admission).
         """
         now = time.monotonic()
         light_max = limits.light_link_in_flight_max
         ready = self._ready
-        if any(link.in_flight <= light_max for link in ready) and any(
-            link.in_flight > light_max for link in ready
-        ):
-            # A light link's request waits beside a busy link's many: its batch short, so it
-            # waits for little more than the batch under way (specs/messages.md).
-            return min(self._pacer.size, limits.light_batch_size)
+        if any(link.in_flight > light_max for link in ready):
+            if any(link.in_flight <= light_max for link in ready):
+                # A light link's request waits beside a busy link's many: its batch short, so
+                # it waits for little more than the batch under way (specs/messages.md).
+                return min(self._pacer.size, limits.light_batch_size)
+            greedy_min = limits.greedy_link_in_flight_min
+            if any(link.in_flight > greedy_min for link in ready) and self._light_link_about(now):
+                return self._pacer.size_within(limits.light_batch_seconds)
         if self._queued <= self._pacer.size:
             self._saturated_since = None
             return self._pacer.size  # what is queued fits a time-bounded batch anyway
@@ -554,15 +558,21 @@ class Daemon:
             self._saturated_since = now
         if now - self._saturated_since < limits.saturated_seconds_min:
             return self._pacer.size  # a moment's queue: not yet worth a long batch
+        if self._light_link_about(now) or self.backlogged_links:
+            return self._pacer.size
+        return self._pacer.size_max
+
+    def _light_link_about(self, now: float) -> bool:
+        """Whether a link queued a request within limits.light_link_seconds and has few in
+        flight now; looked for at most every limits.light_links_check_seconds."""
         if now >= self._light_checked_until:
             self._light_checked_until = now + limits.light_links_check_seconds
             recently = now - limits.light_link_seconds
+            light_max = limits.light_link_in_flight_max
             self._light_about = any(
                 link.in_flight <= light_max and link.requested_at >= recently for link in self.links
             )
-        if self._light_about or self.backlogged_links:
-            return self._pacer.size
-        return self._pacer.size_max
+        return self._light_about
 
     def _ledger_errors(self, outcomes: list[Outcome]) -> None:
         """Log a batch's 96s within the error budget, and note whether the ledger is full."""

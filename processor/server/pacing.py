@@ -41,13 +41,23 @@ class Pacer:
             per_request = apply_seconds / requests
             self._apply_per_request += SMOOTHING * (per_request - self._apply_per_request)
         if self._budget and self._apply_per_request > 0:
-            # Deciding and applying get what the commit leaves of the budget, but never less
-            # than the commit takes: on a slow disk (an fsync of 5-10 ms) batches then stay
-            # large enough that at least half of their time is work, not a collapse to a few
-            # requests per fsync.
-            apply_budget = max(self._budget - self._commit, self._commit)
-            fits = int(apply_budget / self._apply_per_request)
-            self.size = max(self._size_min, min(self.size_max, fits))
+            self.size = self._fitting(self._budget)
+
+    def _fitting(self, budget: float) -> int:
+        # Deciding and applying get what the commit leaves of the budget, but never less
+        # than the commit takes: on a slow disk (an fsync of 5-10 ms) batches then stay
+        # large enough that at least half of their time is work, not a collapse to a few
+        # requests per fsync.
+        apply_budget = max(budget - self._commit, self._commit)
+        fits = int(apply_budget / self._apply_per_request)
+        return max(self._size_min, min(self.size_max, fits))
+
+    def size_within(self, seconds: float) -> int:
+        """The most requests a batch may take to last about `seconds` (if less than the
+        budget; never more than `size`)."""
+        if not self._budget or self._apply_per_request <= 0 or seconds >= self._budget:
+            return self.size
+        return min(self.size, self._fitting(seconds))
 
     def queue_seconds(self, queued: int) -> float:
         """How long `queued` requests would take to decide and commit, batches as now."""

@@ -367,6 +367,60 @@ def test_a_light_links_request_beside_a_busy_links_goes_in_a_short_batch(
     daemon.ledger.close()
 
 
+def test_a_greedy_links_batches_are_shorter_while_a_light_link_is_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from processor.server import link as link_module
+
+    # Every read decoded in one turn, however slow the machine: in flight as sent.
+    monkeypatch.setattr(link_module, "_TURN_NS", 10**12)
+    daemon = make_daemon(tmp_path)
+    # As if batches had measured 20 us per request and 0.5 ms per commit, with 32 filling the
+    # time budget: 25 fill limits.light_batch_seconds (1 ms; the commit takes half).
+    pacer = daemon._pacer
+    pacer.size, pacer._apply_per_request, pacer._commit = 32, 0.00002, 0.0005
+    monkeypatch.setattr(Pacer, "measured", lambda *args: None)
+    assert pacer.size_within(limits.light_batch_seconds) == 25
+    greedy, greedy_transport = new_link(daemon), FakeTransport()
+    light, light_transport = new_link(daemon), FakeTransport()
+
+    def batches(since: int) -> list[int]:
+        framer = Framer("len2", max_frame_bytes=8192)
+        return [len(framer.feed(data)) for data in greedy_transport.writes[since:]]
+
+    def send(count: int, first: int) -> Callable[[], None]:
+        frames = b"".join(auth_frame(stan) for stan in range(first, first + count))
+        return lambda: greedy.data_received(frames)
+
+    def light_first() -> None:
+        greedy.connection_made(greedy_transport)  # type: ignore[arg-type]
+        light.connection_made(light_transport)  # type: ignore[arg-type]
+        light.data_received(auth_frame(1000))
+
+    run(light_first)
+    assert [f["39"] for f in light_transport.frames()] == ["00"]
+    # The light link answered, nothing queued, but about: its next request would wait for the
+    # batch under way, so a greedy link's (more than greedy_link_in_flight_min in flight)
+    # are the shorter ones, until it has no more than that in flight.
+    count = limits.greedy_link_in_flight_min + 36  # 100
+    run(send(count, 1), turns=20)
+    assert batches(0) == [25, 25, 32, 18]
+
+    # A busy link that is not greedy (more than light_link_in_flight_max, not more than
+    # greedy_link_in_flight_min): the time budget's batches.
+    before = len(greedy_transport.writes)
+    run(send(40, 200), turns=20)
+    assert batches(before) == [32, 8]
+
+    # The light link quiet for longer than limits.light_link_seconds: not about any more.
+    light.requested_at -= limits.light_link_seconds + 1
+    daemon._light_checked_until = 0.0
+    before = len(greedy_transport.writes)
+    run(send(count, 300), turns=20)
+    assert batches(before) == [32, 32, 32, 4]
+    daemon.ledger.close()
+
+
 def test_admission_answers_91_when_the_queue_would_outlast_the_deadline(tmp_path: Path) -> None:
     daemon = make_daemon(tmp_path)
     link, transport = new_link(daemon), FakeTransport()

@@ -52,3 +52,17 @@ def test_the_queue_wait_counts_a_commit_per_batch() -> None:
     assert pacer.queue_seconds(0) == 0
     assert pacer.queue_seconds(4) == pytest.approx(0.004 + 0.010)
     assert pacer.queue_seconds(5) == pytest.approx(0.005 + 0.020)
+
+
+def test_a_shorter_time_gives_a_smaller_batch_never_a_larger_one() -> None:
+    pacer = Pacer(256, 0.005, 8)
+    for _ in range(50):  # 100 us per request, 1 ms per commit: 40 fill the 5 ms budget
+        pacer.measured(100, 0.010, 0.001)
+    assert pacer.size_within(0.002) == 10  # (2 ms - 1 ms) / 100 us
+    assert pacer.size_within(0.0011) == 10  # work still gets at least the commit's time
+    assert pacer.size_within(0.0001) == 10
+    assert pacer.size_within(0.010) == 40  # longer than the budget: the budget's size
+    # Without a time budget the operator asked for batches bounded by count alone.
+    unbounded = Pacer(256, 0.0, 8)
+    unbounded.measured(100, 0.010, 0.001)
+    assert unbounded.size_within(0.001) == 256
