@@ -92,6 +92,10 @@ light_batch_size: Final = 8
 # seventh session).
 light_batch_seconds: Final = 0.001
 greedy_link_in_flight_min: Final = 64
+# While the last batch protected a light link (either of the two cuts above), a link's turn of
+# reading is bounded to this instead of turn_seconds_max: the light link's request, read in the
+# same turn of the loop, waits for the busy link's share first.
+light_turn_seconds_max: Final = 0.0005
 
 # Control-API changes applied in one write transaction, ahead of that batch's requests.
 commands_per_batch_max: Final = 64
@@ -167,6 +171,7 @@ assert frame_bytes_max <= frame_bytes_ceiling
 assert header_bytes_max < frame_bytes_max
 assert batch_size_max <= in_flight_per_link_max
 assert light_link_in_flight_max < greedy_link_in_flight_min <= in_flight_per_link_max
+assert light_turn_seconds_max <= turn_seconds_max
 assert links_max >= sim_connections_max
 
 # Card verification keys one card range may list at once (the issuing key and older ones

@@ -153,6 +153,9 @@ class Daemon:
         # Links with more framed than their last turn took (Link._turn): reading lags behind
         # what arrives, so short batches, for turns of reading between them (_batch_size).
         self.backlogged_links = 0
+        # Whether the last batch was cut for a light link: turns of reading are shorter then
+        # (Link._turn), as its request waits for the busy link's turn as well as the batch.
+        self.protecting_light_link = False
         # Since when every flush found more queued than a time-bounded batch takes (None: the
         # last one did not): the daemon saturated, not a moment's queue (_batch_size).
         self._saturated_since: float | None = None
@@ -543,13 +546,16 @@ class Daemon:
         now = time.monotonic()
         light_max = limits.light_link_in_flight_max
         ready = self._ready
+        self.protecting_light_link = False
         if any(link.in_flight > light_max for link in ready):
             if any(link.in_flight <= light_max for link in ready):
                 # A light link's request waits beside a busy link's many: its batch short, so
                 # it waits for little more than the batch under way (specs/messages.md).
+                self.protecting_light_link = True
                 return min(self._pacer.size, limits.light_batch_size)
             greedy_min = limits.greedy_link_in_flight_min
             if any(link.in_flight > greedy_min for link in ready) and self._light_link_about(now):
+                self.protecting_light_link = True
                 return self._pacer.size_within(limits.light_batch_seconds)
         if self._queued <= self._pacer.size:
             self._saturated_since = None

@@ -37,6 +37,7 @@ Queued = tuple[bytes, "AuthorizationRequest", int]
 log = logging.getLogger("processor.link")
 
 _TURN_NS = int(limits.turn_seconds_max * 1e9)
+_LIGHT_TURN_NS = int(limits.light_turn_seconds_max * 1e9)
 
 
 class Listener:
@@ -127,7 +128,8 @@ class Link(asyncio.Protocol):
         buffered, pause reading and take the next share in the next turn of the loop.
 
         A share is bounded in count (`limits.frames_per_turn_max`) and in time
-        (`limits.turn_seconds_max`, checked every `limits.frames_per_chunk` frames): what the
+        (`limits.turn_seconds_max`, or `limits.light_turn_seconds_max` while the daemon
+        protects a light link; checked every `limits.frames_per_chunk` frames): what the
         frames cost varies (an echo, a 91, a request queued, a bad message logged), and what
         another link waits for is the time. The share bounds the framing work too, not only
         decoding: a read of 64 KiB of zero-length frames is 32,768 frames, which framing all at
@@ -160,7 +162,8 @@ class Link(asyncio.Protocol):
                     on_message(self, header, message, received_ns)
                 if len(frames) < chunk or not self.open or daemon.stopping:
                     break
-                if taken >= share or time.perf_counter_ns() - started_ns > _TURN_NS:
+                turn_ns = _LIGHT_TURN_NS if daemon.protecting_light_link else _TURN_NS
+                if taken >= share or time.perf_counter_ns() - started_ns > turn_ns:
                     # Stopping: what is still framed was never decoded, so nothing of it was
                     # applied; the network repeats it elsewhere. Drain answers what was queued.
                     more = True

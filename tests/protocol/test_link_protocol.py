@@ -281,6 +281,38 @@ def test_a_read_of_many_frames_is_decoded_a_share_per_turn(
     daemon.ledger.close()
 
 
+def test_turns_of_reading_are_shorter_while_a_light_link_is_protected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from processor.server import link as link_module
+
+    # All the time there is for a turn, or, protecting a light link, none: one chunk per turn.
+    monkeypatch.setattr(link_module, "_TURN_NS", 10**12)
+    monkeypatch.setattr(link_module, "_LIGHT_TURN_NS", 0)
+    daemon = make_daemon(tmp_path)
+    link, transport = new_link(daemon), FakeTransport()
+    count = limits.frames_per_chunk * 3
+    after_read: list[int] = []
+
+    def read(first: int) -> Callable[[], None]:
+        frames = b"".join(echo_frame(stan) for stan in range(first, first + count))
+
+        def body() -> None:
+            link.data_received(frames)
+            after_read.append(len(transport.frames()))
+
+        return body
+
+    link.connection_made(transport)  # type: ignore[arg-type]
+    run(read(1), turns=10)
+    daemon.protecting_light_link = True  # as a batch cut for a light link leaves it
+    run(read(count + 1), turns=10)
+    # Echoes are answered in the turn that reads them: all in one turn, then one chunk.
+    assert after_read == [count, count + limits.frames_per_chunk]
+    assert len(transport.frames()) == 2 * count
+    daemon.ledger.close()
+
+
 def test_batches_are_bounded_in_time_unless_saturated_with_no_light_link_about(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -383,6 +415,15 @@ def test_a_greedy_links_batches_are_shorter_while_a_light_link_is_about(
     assert pacer.size_within(limits.light_batch_seconds) == 25
     greedy, greedy_transport = new_link(daemon), FakeTransport()
     light, light_transport = new_link(daemon), FakeTransport()
+    protected: list[bool] = []  # per batch: whether it was cut for a light link
+    batch_size = daemon._batch_size
+
+    def recording_batch_size() -> int:
+        size = batch_size()
+        protected.append(daemon.protecting_light_link)
+        return size
+
+    monkeypatch.setattr(daemon, "_batch_size", recording_batch_size)
 
     def batches(since: int) -> list[int]:
         framer = Framer("len2", max_frame_bytes=8192)
@@ -403,8 +444,10 @@ def test_a_greedy_links_batches_are_shorter_while_a_light_link_is_about(
     # batch under way, so a greedy link's (more than greedy_link_in_flight_min in flight)
     # are the shorter ones, until it has no more than that in flight.
     count = limits.greedy_link_in_flight_min + 36  # 100
+    protected.clear()
     run(send(count, 1), turns=20)
     assert batches(0) == [25, 25, 32, 18]
+    assert protected == [True, True, False, False]  # turns of reading shorter meanwhile
 
     # A busy link that is not greedy (more than light_link_in_flight_max, not more than
     # greedy_link_in_flight_min): the time budget's batches.
