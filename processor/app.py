@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from processor.api.http import start_http
 from processor.config import Config, ConfigError
 from processor.cpus import pin
+from processor.heap import freeze_setup
 from processor.ledger.load import load_path
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
@@ -191,6 +192,7 @@ async def serve(settings: StartSettings) -> int:
         stop.set()
 
     daemon.on_fatal = fatal
+    freeze_setup()
     announce("ready")
     daemon.sweep()
     daemon.retain()

@@ -33,6 +33,7 @@ import msgspec
 from processor import limits
 from processor.channel import Child, Report, last_report, report_until_stopped, send_report
 from processor.config import Config
+from processor.heap import freeze_setup
 from processor.metrics import Metrics
 
 log = logging.getLogger("processor.workers")
@@ -132,6 +133,7 @@ async def serve_worker(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     daemon.supervise()  # idle and stalled links (the hold sweeper stays in the primary)
+    freeze_setup()
     await send_report(writer, Report("ready"))
     log.info("worker %d: serving links", index)
 

@@ -30,6 +30,7 @@ from processor import limits
 from processor.channel import Report, last_report, report_until_stopped, send_report
 from processor.config import Config
 from processor.cpus import pin
+from processor.heap import freeze_setup
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
 from processor.webhooks.dispatcher import Dispatcher, configured_endpoints
@@ -78,6 +79,7 @@ async def serve_delivery(config: Config, channel_fd: int, wake_fd: int) -> int:
         + f" (delivery process {os.getpid()})",
         flush=True,
     )
+    freeze_setup()
     await send_report(writer, Report("ready"))
 
     try:
