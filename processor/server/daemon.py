@@ -192,7 +192,7 @@ class Daemon:
             return
         self.links.add(link)
         self._links_per_address[address] = self._links_per_address.get(address, 0) + 1
-        self.metrics.open_links.labels(name).inc()
+        self.metrics.child(self.metrics.open_links, name).inc()
         self._link_line(link, "link_opened", "link opened from %s")
 
     def log_budget_for(self, peer_address: str) -> LogBudget:
@@ -211,19 +211,19 @@ class Daemon:
     def links_refused(self, listener: Listener, reason: str, count: int, peer: str) -> None:
         """Count `count` links refused for `reason` (the latest from `peer`); log within a
         budget, so a flood of refusals writes a few lines that say how many."""
-        self.metrics.links_closed.labels(listener.name, reason).inc(count)
+        self.metrics.child(self.metrics.links_closed, listener.name, reason).inc(count)
         self._refusal_line(f"link(s) refused on listener {listener.name}", reason, count, peer)
 
     def http_connections_refused(self, reason: str, count: int, peer: str) -> None:
         """The HTTP port's connections refused at the open-files limit: counted and logged
         like links (a scraper or the programme's backend is being turned away)."""
-        self.metrics.http_connections_refused.labels(reason).inc(count)
+        self.metrics.child(self.metrics.http_connections_refused, reason).inc(count)
         self._refusal_line("HTTP connection(s) refused", reason, count, peer)
 
     def _refusal_line(self, what: str, reason: str, count: int, peer: str) -> None:
         suppressed = self._refusal_log.allow(reason, time.monotonic())
         if suppressed is None:
-            self.metrics.log_lines_suppressed.labels(reason).inc()
+            self.metrics.child(self.metrics.log_lines_suppressed, reason).inc()
             return
         more = f" ({suppressed} more refusals left out of the log)" if suppressed else ""
         if reason in REFUSAL_REASONS.values():
@@ -250,7 +250,7 @@ class Daemon:
                 self._links_per_address[address] = left
             else:
                 del self._links_per_address[address]
-            self.metrics.open_links.labels(link.listener.name).dec()
+            self.metrics.child(self.metrics.open_links, link.listener.name).dec()
             self._link_line(link, "link_closed", "link from %s closed")
 
     def framing_error(self, link: Link, error: FramingError) -> None:
@@ -264,8 +264,8 @@ class Daemon:
             )
         else:
             self._peer_warning(link, "framing", "framing error, closing: %s", error)
-        self.metrics.bad_messages.labels(name, "framing", "").inc()
-        self.metrics.links_closed.labels(name, "framing_error").inc()
+        self.metrics.child(self.metrics.bad_messages, name, "framing", "").inc()
+        self.metrics.child(self.metrics.links_closed, name, "framing_error").inc()
         link.close()
 
     # --- dispatch ----------------------------------------------------------------------------
@@ -277,8 +277,8 @@ class Daemon:
             if not message and not header:  # a zero-length frame (no real frame lacks both)
                 self._zero_length_frame(link)
                 return
-            self.metrics.bad_messages.labels(
-                link.listener.name, "undecodable", error.field or ""
+            self.metrics.child(
+                self.metrics.bad_messages, link.listener.name, "undecodable", error.field or ""
             ).inc()
             # Not even an MTI of 4 ASCII digits as the first thing a link sends: whatever it
             # speaks, it is not this listener's dialect.
@@ -289,8 +289,8 @@ class Daemon:
             self._bad_message(link)
             return
         except InvalidMessage as error:
-            self.metrics.bad_messages.labels(
-                link.listener.name, "format_error", error.field or ""
+            self.metrics.child(
+                self.metrics.bad_messages, link.listener.name, "format_error", error.field or ""
             ).inc()
             if (
                 error.unparsed
@@ -355,7 +355,7 @@ class Daemon:
         link's budget, and the link closed past its listener's rate). Some channels send it as
         a keep-alive; ISO 8583's is the 0800 echo test, which is answered. It does not count as
         a first message: the link's dialect is still unknown."""
-        self.metrics.bad_messages.labels(link.listener.name, "zero_length", "").inc()
+        self.metrics.child(self.metrics.bad_messages, link.listener.name, "zero_length", "").inc()
         self._peer_warning(
             link, "zero_length", "dropped a zero-length frame (keep-alives are 0800 echo tests)"
         )
@@ -373,7 +373,7 @@ class Daemon:
         a line left out is counted in processor_log_lines_suppressed_total{kind}."""
         suppressed = link.log_budget.allow(kind, time.monotonic(), burst)
         if suppressed is None:
-            self.metrics.log_lines_suppressed.labels(kind).inc()
+            self.metrics.child(self.metrics.log_lines_suppressed, kind).inc()
             return
         if suppressed:
             message += f" ({suppressed} more like it left out)"
@@ -389,7 +389,9 @@ class Daemon:
                 config.bad_messages_max,
                 config.bad_message_window_seconds,
             )
-            self.metrics.links_closed.labels(link.listener.name, "bad_message_rate").inc()
+            self.metrics.child(
+                self.metrics.links_closed, link.listener.name, "bad_message_rate"
+            ).inc()
             link.close()
 
     def _wrong_dialect(self, link: Link, frame: bytes, error: WireError, certain: bool) -> bool:
@@ -423,7 +425,7 @@ class Daemon:
             error,
             cause or "a framing, header_bytes or bitmap setting unlike the peer's",
         )
-        self.metrics.links_closed.labels(link.listener.name, "dialect_mismatch").inc()
+        self.metrics.child(self.metrics.links_closed, link.listener.name, "dialect_mismatch").inc()
         link.close()
         return True
 
@@ -590,7 +592,7 @@ class Daemon:
             full = full or outcome.reason == "ledger_full"
             suppressed = self._error_log.allow(outcome.reason, now)
             if suppressed is None:
-                self.metrics.log_lines_suppressed.labels("answered_96").inc()
+                self.metrics.child(self.metrics.log_lines_suppressed, "answered_96").inc()
                 continue
             log.error(
                 "answered 96: %s%s",
@@ -800,7 +802,7 @@ class Daemon:
             if reason is None or not link.open:
                 continue
             self._peer_warning(link, reason, "%s, closing", reason.replace("_", " "))
-            self.metrics.links_closed.labels(link.listener.name, reason).inc()
+            self.metrics.child(self.metrics.links_closed, link.listener.name, reason).inc()
             link.close()
             closed += 1
         return closed
