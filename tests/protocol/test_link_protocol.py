@@ -114,6 +114,18 @@ def new_link(daemon: Daemon) -> Link:
     return Link(daemon, daemon.listeners[0])
 
 
+def frames_per_write(transport: FakeTransport, since: int = 0) -> list[int]:
+    """Frames in each write to `transport` from write `since` on: one write per batch."""
+    framer = Framer("len2", max_frame_bytes=8192)
+    return [len(framer.feed(data)) for data in transport.writes[since:]]
+
+
+def sender(link: Link, count: int, first: int) -> Callable[[], None]:
+    """What sends `count` 0100s at once on `link`, STANs from `first` on."""
+    frames = b"".join(auth_frame(stan) for stan in range(first, first + count))
+    return lambda: link.data_received(frames)
+
+
 def run(coroutine_body, turns: int = 5):  # type: ignore[no-untyped-def]
     async def main() -> None:
         coroutine_body()
@@ -323,38 +335,29 @@ def test_batches_are_bounded_in_time_unless_saturated_with_no_light_link_about(
     heavy, heavy_transport = new_link(daemon), FakeTransport()
     light, light_transport = new_link(daemon), FakeTransport()
 
-    def batches(since: int) -> list[int]:
-        """Frames per write to the heavy link from write `since` on: one write per batch."""
-        framer = Framer("len2", max_frame_bytes=8192)
-        return [len(framer.feed(data)) for data in heavy_transport.writes[since:]]
-
-    def send(count: int, first: int) -> Callable[[], None]:
-        frames = b"".join(auth_frame(stan) for stan in range(first, first + count))
-        return lambda: heavy.data_received(frames)
-
     def alone() -> None:
         heavy.connection_made(heavy_transport)  # type: ignore[arg-type]
-        send(40, 1)()
+        sender(heavy, 40, 1)()
 
     run(alone, turns=20)
     # A queue longer than a batch, but only for a moment: time-bounded batches.
-    assert batches(0) == [8] * 5
+    assert frames_per_write(heavy_transport, 0) == [8] * 5
 
     monkeypatch.setattr(limits, "saturated_seconds_min", 0.0)  # saturated from the first flush
     before = len(heavy_transport.writes)
-    run(send(40, 100))
+    run(sender(heavy, 40, 100))
     # Forty in flight on one link and no other: nobody gains from short batches, one takes all.
-    assert batches(before) == [40]
+    assert frames_per_write(heavy_transport, before) == [40]
 
     def beside_a_light_link() -> None:
         light.connection_made(light_transport)  # type: ignore[arg-type]
         light.data_received(auth_frame(1000))  # one in flight, just now: a light link
-        send(40, 200)()
+        sender(heavy, 40, 200)()
 
     daemon._light_checked_until = 0.0  # looked for again at once (every 50 ms otherwise)
     before = len(heavy_transport.writes)
     run(beside_a_light_link, turns=20)
-    sizes = batches(before)
+    sizes = frames_per_write(heavy_transport, before)
     assert sum(sizes) == 40 and max(sizes) <= 8  # batches of the pacer's size
     assert [f["39"] for f in light_transport.frames()] == ["00"]
 
@@ -362,13 +365,13 @@ def test_batches_are_bounded_in_time_unless_saturated_with_no_light_link_about(
     light.requested_at -= limits.light_link_seconds + 1
     daemon._light_checked_until = 0.0
     before = len(heavy_transport.writes)
-    run(send(40, 300))
-    assert batches(before) == [40]
+    run(sender(heavy, 40, 300))
+    assert frames_per_write(heavy_transport, before) == [40]
 
     # More arrived than a turn reads (reading lags): short batches, turns of reading between.
     before = len(heavy_transport.writes)
-    run(send(300, 400), turns=40)
-    sizes = batches(before)
+    run(sender(heavy, 300, 400), turns=40)
+    sizes = frames_per_write(heavy_transport, before)
     assert sum(sizes) == 300 and sizes[0] == 8
     assert daemon.backlogged_links == 0  # read to the end
     daemon.ledger.close()
@@ -390,8 +393,7 @@ def test_a_light_links_request_beside_a_busy_links_goes_in_a_short_batch(
         light.data_received(auth_frame(100))
 
     run(body, turns=20)
-    framer = Framer("len2", max_frame_bytes=8192)
-    batches = [len(framer.feed(data)) for data in busy_transport.writes]
+    batches = frames_per_write(busy_transport)
     # The first batch takes the light link's request with 7 of the busy link's (round-robin,
     # cut to limits.light_batch_size); then the busy link's rest in batches of the pacer's size.
     assert batches == [limits.light_batch_size - 1, 32, 1]
@@ -425,14 +427,6 @@ def test_a_greedy_links_batches_are_shorter_while_a_light_link_is_about(
 
     monkeypatch.setattr(daemon, "_batch_size", recording_batch_size)
 
-    def batches(since: int) -> list[int]:
-        framer = Framer("len2", max_frame_bytes=8192)
-        return [len(framer.feed(data)) for data in greedy_transport.writes[since:]]
-
-    def send(count: int, first: int) -> Callable[[], None]:
-        frames = b"".join(auth_frame(stan) for stan in range(first, first + count))
-        return lambda: greedy.data_received(frames)
-
     def light_first() -> None:
         greedy.connection_made(greedy_transport)  # type: ignore[arg-type]
         light.connection_made(light_transport)  # type: ignore[arg-type]
@@ -445,22 +439,22 @@ def test_a_greedy_links_batches_are_shorter_while_a_light_link_is_about(
     # are the shorter ones, until it has no more than that in flight.
     count = limits.greedy_link_in_flight_min + 36  # 100
     protected.clear()
-    run(send(count, 1), turns=20)
-    assert batches(0) == [25, 25, 32, 18]
+    run(sender(greedy, count, 1), turns=20)
+    assert frames_per_write(greedy_transport, 0) == [25, 25, 32, 18]
     assert protected == [True, True, False, False]  # turns of reading shorter meanwhile
 
     # A busy link that is not greedy (more than light_link_in_flight_max, not more than
     # greedy_link_in_flight_min): the time budget's batches.
     before = len(greedy_transport.writes)
-    run(send(40, 200), turns=20)
-    assert batches(before) == [32, 8]
+    run(sender(greedy, 40, 200), turns=20)
+    assert frames_per_write(greedy_transport, before) == [32, 8]
 
     # The light link quiet for longer than limits.light_link_seconds: not about any more.
     light.requested_at -= limits.light_link_seconds + 1
     daemon._light_checked_until = 0.0
     before = len(greedy_transport.writes)
-    run(send(count, 300), turns=20)
-    assert batches(before) == [32, 32, 32, 4]
+    run(sender(greedy, count, 300), turns=20)
+    assert frames_per_write(greedy_transport, before) == [32, 32, 32, 4]
     daemon.ledger.close()
 
 
