@@ -20,7 +20,7 @@ daemon (point 1 of the overload issue: every request answered, none later than t
 deadline plus a margin).
 
 Bounded: every peer stops at its time limit (and a pipeline peer at its request count); it
-talks only to 127.0.0.1.
+talks only to 127.0.0.1 (the bad peer from 127.0.0.2).
 
     python bench/run_hostile.py --cards 10000 --duration 10 --good-rate 100
     python bench/run_hostile.py --peers none --overload 30000 --duration 5
@@ -59,6 +59,10 @@ Json = dict[str, Any]
 PEERS = ("none", "pipeline", "greedy", "garbage", "hostile")
 PEER_START_SECONDS = 1.0  # the bad peer runs this long before the good link starts
 PIPELINE_REQUESTS = 200_000  # a pipelining peer's bound besides time
+# The bad peer connects to 127.0.0.1 from an address of its own (Linux routes all of 127/8 to
+# the loopback), as a network and an attacker would: the daemon refuses an address whose links
+# it keeps closing for bad messages (listener bad_links_per_address_max), not the good link's.
+PEER_SOURCE_HOST = "127.0.0.2"
 
 
 # ---- the bad peers (each run as `run_hostile.py peer KIND PORT SECONDS CARDS`) ------------------
@@ -105,7 +109,9 @@ def run_peer(kind: str, port: int, seconds: float, cards: int) -> int:
     position = 0
     while time.monotonic() < deadline and (kind != "pipeline" or position < len(frames)):
         try:
-            link = socket.create_connection(("127.0.0.1", port), timeout=1.0)
+            link = socket.create_connection(
+                ("127.0.0.1", port), timeout=1.0, source_address=(PEER_SOURCE_HOST, 0)
+            )
         except OSError:
             refused += 1
             time.sleep(0.01)

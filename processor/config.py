@@ -61,6 +61,13 @@ class ListenerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # Links one peer address may hold on this listener, so one process cannot take every
     # link slot (links_max is shared by all peers).
     links_per_address_max: Annotated[int, Meta(ge=1, le=limits.links_max)] = 256
+    # A peer address whose links were closed this many times for what they sent (bad-message
+    # rate, framing error, another dialect) within bad_links_window_seconds has its new links
+    # refused until the oldest close leaves the window; 0 = never.
+    bad_links_per_address_max: Annotated[
+        int, Meta(ge=0, le=limits.bad_links_per_address_ceiling)
+    ] = 20
+    bad_links_window_seconds: Annotated[float, Meta(gt=0, le=3600)] = 10.0
     # A link that sends nothing for this long is closed (networks send 0800 echo tests to keep
     # a link alive; any message counts); 0 = never.
     idle_timeout_seconds: Annotated[float, Meta(ge=0, le=86400)] = 300.0

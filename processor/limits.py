@@ -69,6 +69,11 @@ cpu_id_max: Final = 8191
 delivery_wake_bytes_max: Final = 4096  # wakes read at once (each is one committed batch)
 worker_report_bytes_max: Final = 4 << 20  # a report larger than this is a bug: worker dropped
 
+# Peer addresses whose bad link closes are remembered (processor/server/bad_peers.py), and the
+# most closes an address's limit may count (each address keeps at most that many times).
+bad_peer_addresses_max: Final = 4096
+bad_links_per_address_ceiling: Final = 10_000
+
 # Group commit
 batch_size_max: Final = 256  # requests decided and applied in one LMDB write transaction
 # The fewest requests a time-bounded batch is cut to (server.batch_seconds_max): below this the

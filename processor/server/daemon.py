@@ -38,6 +38,7 @@ from processor.pan_vault import PanVault
 from processor.personal_data import PersonalDataCipher
 from processor.security import PanHasher
 from processor.server.acceptor import REFUSAL_REASONS, Acceptor, Reserve
+from processor.server.bad_peers import BadPeers
 from processor.server.link import Link, Listener, Queued
 from processor.server.pacing import Pacer
 from processor.wire.dialect import framing_cause, undecodable_cause
@@ -128,6 +129,7 @@ class Daemon:
         self.links: set[Link] = set()
         # Open links per (listener, peer address), for the per-address limit.
         self._links_per_address: dict[tuple[str, str], int] = {}
+        self._bad_peers = BadPeers(limits.bad_peer_addresses_max)
         # Per peer address, so reconnecting does not reset a peer's budget (oldest forgotten).
         self._peer_logs: dict[str, LogBudget] = {}
         self._refusal_log = LogBudget()  # refused connections: logged, never a flood
@@ -186,6 +188,13 @@ class Daemon:
             refused = "over_capacity"
         elif self._links_per_address.get(address, 0) >= link.listener.config.links_per_address_max:
             refused = "per_address_limit"
+        elif self._bad_peers.refused(
+            address,
+            time.monotonic(),
+            link.listener.config.bad_links_per_address_max,
+            link.listener.config.bad_links_window_seconds,
+        ):
+            refused = "bad_peer"
         if refused is not None:
             self.links_refused(link.listener, refused, 1, link.peer)
             link.close()
@@ -194,6 +203,16 @@ class Daemon:
         self._links_per_address[address] = self._links_per_address.get(address, 0) + 1
         self.metrics.child(self.metrics.open_links, name).inc()
         self._link_line(link, "link_opened", "link opened from %s")
+
+    def _close_for_what_it_sent(self, link: Link) -> None:
+        """Close a link for its peer's messages, and count it against the peer's address."""
+        config = link.listener.config
+        self._bad_peers.closed(
+            (link.listener.name, link.peer_address),
+            time.monotonic(),
+            config.bad_links_per_address_max,
+        )
+        link.close()
 
     def log_budget_for(self, peer_address: str) -> LogBudget:
         """The log budget of everything links from `peer_address` cause."""
@@ -266,7 +285,7 @@ class Daemon:
             self._peer_warning(link, "framing", "framing error, closing: %s", error)
         self.metrics.child(self.metrics.bad_messages, name, "framing", "").inc()
         self.metrics.child(self.metrics.links_closed, name, "framing_error").inc()
-        link.close()
+        self._close_for_what_it_sent(link)
 
     # --- dispatch ----------------------------------------------------------------------------
 
@@ -392,7 +411,7 @@ class Daemon:
             self.metrics.child(
                 self.metrics.links_closed, link.listener.name, "bad_message_rate"
             ).inc()
-            link.close()
+            self._close_for_what_it_sent(link)
 
     def _wrong_dialect(self, link: Link, frame: bytes, error: WireError, certain: bool) -> bool:
         """Close a link whose first message is in another dialect; True when it closed.
@@ -426,7 +445,7 @@ class Daemon:
             cause or "a framing, header_bytes or bitmap setting unlike the peer's",
         )
         self.metrics.child(self.metrics.links_closed, link.listener.name, "dialect_mismatch").inc()
-        link.close()
+        self._close_for_what_it_sent(link)
         return True
 
     def _send(self, link: Link, header: bytes, outcome: Outcome, received_ns: int) -> None:

@@ -46,6 +46,51 @@ def test_zero_length_frames_are_counted_and_close_the_link_at_the_rate(tmp_path:
         running.stop()
 
 
+def test_an_address_whose_links_keep_being_closed_is_refused_and_others_are_not(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "processor.toml"
+    config.write_text(
+        "[[listeners]]\nname = 'network'\nport = 0\nbad_messages_max = 2\n"
+        "bad_links_per_address_max = 3\nbad_links_window_seconds = 60\n"
+    )
+    running = RunningDaemon(tmp_path / "ledger", config=config).start()
+
+    def from_other_address() -> socket.socket:
+        # Linux routes all of 127/8 to the loopback: a second peer address on this machine.
+        return socket.create_connection(
+            ("127.0.0.1", running.port), timeout=5, source_address=("127.0.0.2", 0)
+        )
+
+    def closed_by_daemon(sock: socket.socket) -> bool:
+        try:
+            return sock.recv(65536) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+
+    try:
+        good = running.connect()  # from 127.0.0.1, before and after
+        for _ in range(3):
+            bad = from_other_address()
+            bad.sendall(b"\x00\x04JUNK" * 2)
+            assert closed_by_daemon(bad)
+            bad.close()
+        refused = from_other_address()
+        assert closed_by_daemon(refused)  # closed without a word, before it sent anything
+        refused.close()
+        assert good.exchange(echo_test())["39"] == "00"
+        good.close()
+        fresh = running.connect()  # a new link from the good address: accepted
+        assert fresh.exchange(echo_test())["39"] == "00"
+        fresh.close()
+        metrics = scrape(running)
+        closed = 'processor_links_closed_total{listener="network",reason="bad_peer"}'
+        assert sample(metrics, closed) == 1
+        assert "refused: bad_peer" in running.stderr()
+    finally:
+        running.stop()
+
+
 def sign_on(code: str = "001") -> dict[str, str]:
     return {"t": "0800", "7": "1124101010", "11": next_stan(), "70": code}
 

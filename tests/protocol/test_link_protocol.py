@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,14 @@ FRAMER = Framer("len2", max_frame_bytes=8192)
 
 
 class FakeTransport:
-    def __init__(self) -> None:
+    def __init__(self, peer_host: str = "127.0.0.1") -> None:
         self.writes: list[bytes] = []
         self.closed = False
         self.reading = True
+        self.peer_host = peer_host
 
     def get_extra_info(self, name: str) -> object:
-        return ("127.0.0.1", 40000) if name == "peername" else None
+        return (self.peer_host, 40000) if name == "peername" else None
 
     def set_write_buffer_limits(self, high: int) -> None:
         pass
@@ -511,6 +513,49 @@ def test_bad_messages_answered_or_dropped_then_the_rate_closes(tmp_path: Path) -
     daemon.ledger.close()
 
 
+def test_an_address_whose_links_keep_being_closed_for_bad_messages_is_refused_a_while(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    window = 0.2
+    daemon = make_daemon(
+        tmp_path, bad_messages_max=2, bad_links_per_address_max=3, bad_links_window_seconds=window
+    )
+    kept, kept_transport = new_link(daemon), FakeTransport()  # the address's good link
+    closed: list[FakeTransport] = []
+    late, late_transport = new_link(daemon), FakeTransport()
+    other, other_transport = new_link(daemon), FakeTransport("192.0.2.9")
+
+    def body() -> None:
+        kept.connection_made(kept_transport)  # type: ignore[arg-type]
+        for _ in range(3):  # three links closed for junk within the window
+            link, transport = new_link(daemon), FakeTransport()
+            closed.append(transport)
+            link.connection_made(transport)  # type: ignore[arg-type]
+            link.data_received(FRAMER.frame(b"", b"JUNK") * 2)
+            link.connection_lost(None)
+        late.connection_made(late_transport)  # type: ignore[arg-type]
+        other.connection_made(other_transport)  # type: ignore[arg-type]
+        kept.data_received(echo_frame(1))
+        other.data_received(echo_frame(2))
+
+    with caplog.at_level("WARNING", logger="processor.daemon"):
+        run(body)
+    assert all(transport.closed for transport in closed)
+    assert late_transport.closed and not late_transport.writes  # refused at once
+    assert [f["39"] for f in kept_transport.frames()] == ["00"]  # its open link keeps going
+    assert [f["39"] for f in other_transport.frames()] == ["00"]  # another address: accepted
+    refused = daemon.metrics.links_closed.labels("network", "bad_peer")._value.get()
+    assert refused == 1
+    assert any("refused: bad_peer" in r.getMessage() for r in caplog.records)
+
+    time.sleep(window)  # the closes leave the window: accepted again
+    again, again_transport = new_link(daemon), FakeTransport()
+    run(lambda: again.connection_made(again_transport))  # type: ignore[arg-type]
+    run(lambda: again.data_received(echo_frame(3)))
+    assert [f["39"] for f in again_transport.frames()] == ["00"]
+    daemon.ledger.close()
+
+
 def test_framing_error_closes_the_link(tmp_path: Path) -> None:
     daemon = make_daemon(tmp_path, max_frame_bytes=512)
     link, transport = new_link(daemon), FakeTransport()
@@ -792,7 +837,9 @@ def test_a_peer_that_reconnects_does_not_get_a_fresh_log_budget(
 ) -> None:
     from processor import limits
 
-    daemon = make_daemon(tmp_path, bad_messages_max=3)
+    # Without refusing the address after its bad closes (tested on its own below): what is
+    # counted here is the log budget over 200 reconnections.
+    daemon = make_daemon(tmp_path, bad_messages_max=3, bad_links_per_address_max=0)
     transports: list[FakeTransport] = []
 
     def body() -> None:
@@ -824,7 +871,7 @@ def test_the_dialect_diagnosis_runs_only_while_its_line_would_be_logged(
     from processor import limits
     from processor.server import daemon as daemon_module
 
-    daemon = make_daemon(tmp_path, bad_messages_max=2)
+    daemon = make_daemon(tmp_path, bad_messages_max=2, bad_links_per_address_max=0)
     binary = Codec(load_spec("binary")).encode(ECHO_FIELDS)
     diagnosed: list[bytes] = []
     real = daemon_module.undecodable_cause
