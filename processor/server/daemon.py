@@ -204,14 +204,12 @@ class Daemon:
         self.metrics.child(self.metrics.open_links, name).inc()
         self._link_line(link, "link_opened", "link opened from %s")
 
-    def _close_for_what_it_sent(self, link: Link) -> None:
-        """Close a link for its peer's messages, and count it against the peer's address."""
-        config = link.listener.config
-        self._bad_peers.closed(
-            (link.listener.name, link.peer_address),
-            time.monotonic(),
-            config.bad_links_per_address_max,
-        )
+    def _close_for_what_it_sent(self, link: Link, reason: str) -> None:
+        """Close a link for its peer's messages: counted under `reason`, and against the
+        peer's address."""
+        name, limit = link.listener.name, link.listener.config.bad_links_per_address_max
+        self.metrics.child(self.metrics.links_closed, name, reason).inc()
+        self._bad_peers.closed((name, link.peer_address), time.monotonic(), limit)
         link.close()
 
     def log_budget_for(self, peer_address: str) -> LogBudget:
@@ -284,8 +282,7 @@ class Daemon:
         else:
             self._peer_warning(link, "framing", "framing error, closing: %s", error)
         self.metrics.child(self.metrics.bad_messages, name, "framing", "").inc()
-        self.metrics.child(self.metrics.links_closed, name, "framing_error").inc()
-        self._close_for_what_it_sent(link)
+        self._close_for_what_it_sent(link, "framing_error")
 
     # --- dispatch ----------------------------------------------------------------------------
 
@@ -408,10 +405,7 @@ class Daemon:
                 config.bad_messages_max,
                 config.bad_message_window_seconds,
             )
-            self.metrics.child(
-                self.metrics.links_closed, link.listener.name, "bad_message_rate"
-            ).inc()
-            self._close_for_what_it_sent(link)
+            self._close_for_what_it_sent(link, "bad_message_rate")
 
     def _wrong_dialect(self, link: Link, frame: bytes, error: WireError, certain: bool) -> bool:
         """Close a link whose first message is in another dialect; True when it closed.
@@ -444,8 +438,7 @@ class Daemon:
             error,
             cause or "a framing, header_bytes or bitmap setting unlike the peer's",
         )
-        self.metrics.child(self.metrics.links_closed, link.listener.name, "dialect_mismatch").inc()
-        self._close_for_what_it_sent(link)
+        self._close_for_what_it_sent(link, "dialect_mismatch")
         return True
 
     def _send(self, link: Link, header: bytes, outcome: Outcome, received_ns: int) -> None:
