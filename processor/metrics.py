@@ -262,7 +262,9 @@ class Metrics:
             registry=r,
         )
         self._answered: dict[tuple[str, str, str], Callable[[float], None]] = {}
-        self._latency: dict[str, Histogram] = {}  # label child per MTI label, resolved once
+        # Label child per MTI label, resolved once. Not through `child()`: this is per answer
+        # (every echo and 91 too), and a key of one string measured 0.1 us less than child()'s.
+        self._latency: dict[str, Histogram] = {}
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
         self.workers = WorkerSamples()
 
