@@ -118,8 +118,10 @@ def daemon_config(
     batch_size_max: int = 0,
     batch_seconds_max: float | None = None,
     retention: str = "default",
+    ledger_options: tuple[str, ...] = (),
 ) -> str:
     # Keys only when asked for: an older tree, measured as the baseline, may not have them.
+    # `ledger_options`: more [ledger] lines as given (`checkpoint_seconds = 0.02`).
     server = f"workers = {workers}\n" if workers > 1 else ""
     if batch_seconds_max is not None:
         server += f"batch_seconds_max = {batch_seconds_max}\n"
@@ -128,6 +130,7 @@ def daemon_config(
         (f"[server]\n{server}" if server else "")
         + f'[ledger]\ndurability = "{durability}"\n'
         + f"map_size_bytes = {map_size_bytes}\n{batch}"
+        + "".join(f"{option}\n" for option in ledger_options)
         + '[log]\nlevel = "warning"\n'
         + RETENTION_CONFIGS[retention]
     )
@@ -678,6 +681,12 @@ def main() -> int:
         help="build the ledger with load_path in this process, or `processor ledger load`",
     )
     parser.add_argument("--map-size-gib", type=int, default=8, help="ledger map size")
+    parser.add_argument(
+        "--ledger-option",
+        action="append",
+        default=[],
+        help="another [ledger] line for the daemon, e.g. 'checkpoint_seconds = 0.02' (repeatable)",
+    )
     parser.add_argument("--seed", type=int, default=8583)
     parser.add_argument("--scratch", help="directory for the scratch ledger (default: a temp dir)")
     parser.add_argument("--json", help="also write everything as JSON to this file")
@@ -717,6 +726,7 @@ def main() -> int:
         args.workers,
         batch_seconds_max=args.batch_seconds_max,
         retention=args.retention,
+        ledger_options=tuple(args.ledger_option),
     )
     with tempfile.TemporaryDirectory(prefix="run_spread-", dir=args.scratch) as scratch_name:
         scratch = Path(scratch_name)

@@ -46,13 +46,19 @@ from processor.webhooks.supervisor import DeliveryError, DeliveryProcess
 log = logging.getLogger("processor.daemon")
 
 
-def open_ledger(config: Config, hasher: PanHasher, *, demo: bool = False) -> Ledger:
-    """Open (create, migrate) the ledger, bind the PAN key; `demo` seeds an empty one."""
+def open_ledger(
+    config: Config, hasher: PanHasher, *, demo: bool = False, serving: bool = False
+) -> Ledger:
+    """Open (create, migrate, replay its write-ahead log) the ledger, bind the PAN key; `demo`
+    seeds an empty one. `serving`: the daemon's primary, which alone logs its writes ahead
+    (with one worker: workers commit through LMDB, whose lock orders them)."""
+    logs = serving and config.server.workers == 1
     ledger = Ledger(
         config.ledger.path,
         map_size_bytes=config.ledger.map_size_bytes,
         map_size_max_bytes=config.ledger.map_ceiling_bytes,
         durability=config.ledger.durability,
+        write_ahead_log_bytes=config.ledger.write_ahead_log_bytes if logs else 0,
     )
     try:
         ledger.bind_pan_key(hasher.fingerprint)
@@ -105,7 +111,7 @@ async def serve(settings: StartSettings) -> int:
     if after != before:
         log.info("open files limit raised from %d to %d (the hard limit)", before, after)
     rates = load_rates(config.programme.rates_file) if config.programme.rates_file else {}
-    ledger = open_ledger(config, hasher, demo=settings.demo)
+    ledger = open_ledger(config, hasher, demo=settings.demo, serving=True)
     metrics = Metrics()
     metrics.watch_ledger(
         ledger.map_usage,
@@ -203,6 +209,7 @@ async def serve(settings: StartSettings) -> int:
     if pool is not None:
         pool.signal_stop()  # the workers drain theirs meanwhile
     await drain(daemon, servers)
+    ledger.checkpoint()  # what the links were answered reaches LMDB (and delivery) now
     if pool is not None:
         await pool.stop()
     await http_runner.cleanup()  # the HTTP side port

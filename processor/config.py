@@ -136,9 +136,20 @@ class LedgerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # process: committed to the OS page cache only (survives a crash of the daemon, not of the
     # machine); for benchmarks and test rigs where the disk is the bottleneck.
     durability: Literal["fsync", "process"] = "fsync"
+    # With fsync and one worker: a batch is durable once its changes are in a write-ahead log
+    # of this size (one contiguous write, one flush) and reaches LMDB in a checkpoint at most
+    # checkpoint_seconds later, with every batch since the last (processor/ledger/wal.py).
+    # 0: every batch commits through LMDB itself (two flushes of scattered pages).
+    write_ahead_log_bytes: Annotated[int, Meta(ge=0)] = 8 << 20
+    checkpoint_seconds: Annotated[float, Meta(gt=0, le=1)] = 0.005
     batch_size_max: Annotated[int, Meta(ge=1, le=limits.batch_size_max)] = limits.batch_size_max
 
     def __post_init__(self) -> None:
+        if 0 < self.write_ahead_log_bytes < limits.write_ahead_log_bytes_min:
+            raise ValueError(
+                f"write_ahead_log_bytes {self.write_ahead_log_bytes} is below "
+                f"{limits.write_ahead_log_bytes_min}: too small for a batch; 0 turns the log off"
+            )
         if self.map_size_max_bytes is not None and self.map_size_max_bytes < self.map_size_bytes:
             raise ValueError(
                 f"map_size_max_bytes {self.map_size_max_bytes} is below map_size_bytes "

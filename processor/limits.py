@@ -150,6 +150,8 @@ map_size_bytes_default: Final = 1 << 30
 # The map grows by itself (doubling) up to ledger.map_size_max_bytes: address space is reserved,
 # the file grows only as pages are used. Past this, answers are 96 ledger_full.
 map_size_max_bytes_default: Final = 64 << 30
+# A write-ahead log smaller than this holds too few batches between checkpoints to be worth it.
+write_ahead_log_bytes_min: Final = 64 << 10
 # Of the ceiling in use: a warning (and the gauges to alert on) at the first, /readyz degraded at
 # the second.
 map_used_warning_ratio: Final = 0.8

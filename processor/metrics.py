@@ -127,6 +127,12 @@ class Metrics:
             buckets=COMMIT_BUCKETS_SECONDS,
             registry=r,
         )
+        self.checkpoint_seconds = Histogram(
+            "processor_ledger_checkpoint_seconds",
+            "Durable LMDB commit of the batches the write-ahead log held (the loop waits)",
+            buckets=COMMIT_BUCKETS_SECONDS,
+            registry=r,
+        )
         # Per listener (its configured name): a bounded label, since only config adds one.
         self.open_links = Gauge(
             "processor_open_links", "Open network links", ["listener"], registry=r

@@ -34,13 +34,12 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-import lmdb
 import msgspec
 
 from processor import limits
 from processor.config import RetentionConfig
 from processor.ledger.records import ClearedRecord, EventCodec, IdempotentResponse, StoredAnswer
-from processor.ledger.store import Writer, answer_key_of
+from processor.ledger.store import Cursor, Writer, answer_key_of
 
 _U64 = struct.Struct(">Q")
 # The record kinds as metrics label them.
@@ -260,7 +259,7 @@ class Retention:
             return self._cleared.decode(raw).processed_ms
         return self._idempotent.decode(raw).created_ms
 
-    def _hand(self, writer: Writer, database: str) -> lmdb.Cursor:
+    def _hand(self, writer: Writer, database: str) -> Cursor:
         """A cursor where the database's clock hand stopped (its start at first and after a
         round); on no record when the database is empty."""
         cursor = writer.maintenance_cursor(database)

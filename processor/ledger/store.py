@@ -42,6 +42,16 @@ from processor.ledger.records import (
     StoredAnswer,
     change_event,
 )
+from processor.ledger.wal import (
+    GENERATION,
+    Change,
+    LogInUse,
+    WriteAheadLog,
+    decode_changes,
+    encode_changes,
+    held,
+)
+from processor.ledger.wal import records as logged_records
 
 log = logging.getLogger("processor.ledger")
 T = TypeVar("T")
@@ -151,7 +161,12 @@ class Ledger:
         map_size_max_bytes: int | None = None,
         durability: Literal["fsync", "process"] = "fsync",
         readonly: bool = False,
+        write_ahead_log_bytes: int = 0,
     ) -> None:
+        """`write_ahead_log_bytes` > 0 (with fsync, read-write): batches are made durable
+        through a write-ahead log of that size and checkpointed into LMDB by `checkpoint`
+        (processor/ledger/wal.py); only the one process that writes batches may use it.
+        Every read-write open replays what a log holds beyond the last checkpoint."""
         self.path = Path(path)
         # The map grows by itself up to this (`grow`); None: it never grows.
         self.map_size_max_bytes = max(map_size_bytes, map_size_max_bytes or map_size_bytes)
@@ -179,7 +194,21 @@ class Ledger:
         # How long the latest write transaction's commit took (its fsync, with durability
         # fsync): batches are paced by it (processor/server/pacing.py).
         self.last_commit_seconds = 0.0
+        self.last_checkpoint_seconds = 0.0
         self._codecs = _Codecs()
+        self._names: dict[int, str] = {}  # id(database handle) -> its name, for the log
+        self._wal: WriteAheadLog | None = None
+        # The checkpoint's transaction: every logged batch since the last checkpoint, each
+        # committed into it as a nested transaction once its log record was flushed.
+        self._pending: lmdb.Transaction | None = None
+        self._generation = 0  # of the log records the pending checkpoint's batches wrote
+        self._broken: str | None = None  # why logged writes stopped (a checkpoint was lost)
+        self.pending_since: float | None = None  # perf_counter when the pending one began
+        self.replayed = 0  # log records this open replayed
+        self.unreplayed = 0  # log records a read-only open found and cannot replay
+        # When a checkpoint becomes pending (the daemon schedules it), and after one.
+        self.on_pending: Callable[[], None] | None = None
+        self.on_checkpoint: Callable[[], None] | None = None
         if not readonly:
             # Reader slots of processes that died (kill -9) would pin old pages forever.
             self.env.reader_check()
@@ -201,6 +230,7 @@ class Ledger:
                         ) from None
                     if name == "meta":
                         self._check_schema_read_only()
+                self._warn_unreplayed()
             else:
                 # A migration rewrites records and may need more room than the map has: it
                 # grows the map up to its ceiling, as a batch does, and runs again from the
@@ -212,6 +242,19 @@ class Ledger:
                     except lmdb.MapFullError:
                         if not self.grow():
                             raise
+                if write_ahead_log_bytes > 0 and durable:
+                    try:
+                        self._wal = WriteAheadLog(self._wal_path, write_ahead_log_bytes)
+                    except LogInUse:
+                        raise LedgerError(
+                            f"ledger {self.path}: another process (a daemon) logs its writes "
+                            "already; one daemon per ledger"
+                        ) from None
+                    except OSError as error:
+                        raise LedgerError(
+                            f"ledger {self.path}: cannot open its write-ahead log "
+                            f"{self._wal_path}: {error.strerror}"
+                        ) from None
         except lmdb.MapFullError:
             mapped = self.env.info()["map_size"]
             self.env.close()
@@ -246,7 +289,10 @@ class Ledger:
             self._dbs = {
                 name: self.env.open_db(name.encode(), txn=txn, create=True) for name in _DATABASES
             }
+            self._names = {id(db): name for name, db in self._dbs.items()}
             stored = txn.get(b"schema", db=self._dbs["meta"])
+            # Before any migration: the log's records are in the schema that wrote them.
+            self.replayed = self._replay(txn)
             if txn.get(b"ledger_id", db=self._dbs["meta"]) is None:
                 # Prefixes event ids, so two ledgers never issue the same id.
                 txn.put(b"ledger_id", os.urandom(4).hex().encode(), db=self._dbs["meta"])
@@ -263,6 +309,13 @@ class Ledger:
                 raise LedgerError(
                     f"ledger {self.path}: schema {stored!r}, this build reads {SCHEMA_VERSION!r}"
                 )
+        if self.replayed:
+            log.warning(
+                "ledger %s: replayed %d batches from the write-ahead log (not checkpointed "
+                "when it last stopped)",
+                self.path,
+                self.replayed,
+            )
         if self.migrated_from is not None:  # committed: said once, and only when it happened
             log.warning(
                 "ledger %s: migrated from schema %s to %s",
@@ -271,7 +324,113 @@ class Ledger:
                 SCHEMA_VERSION.decode(),
             )
 
+    @property
+    def logging(self) -> bool:
+        """Whether batches are made durable through the write-ahead log (and reach LMDB, and
+        other processes, at the next checkpoint)."""
+        return self._wal is not None
+
+    @property
+    def _wal_path(self) -> Path:
+        return self.path / "wal"
+
+    def _warn_unreplayed(self) -> None:
+        """A reader after a crash: batches answered and logged, not yet in LMDB, which a
+        read-write open replays. While a daemon logs, its pending ones are not a crash's."""
+        if held(self._wal_path):
+            return
+        with self.env.begin(write=False) as txn:
+            raw = txn.get(b"wal_generation", db=self._dbs["meta"])
+        generation = (0 if raw is None else GENERATION.unpack(raw)[0]) + 1
+        self.unreplayed = sum(1 for _ in logged_records(self._wal_path, generation))
+        if self.unreplayed:
+            log.warning(
+                "ledger %s: %d batches in its write-ahead log are not in LMDB yet (it stopped "
+                "before a checkpoint), and this read-only view does not show them: start the "
+                "daemon or run `processor ledger migrate`, which replay them",
+                self.path,
+                self.unreplayed,
+            )
+
+    def _replay(self, txn: lmdb.Transaction) -> int:
+        """Apply, in `txn`, the log records of the generation after the last checkpointed one;
+        their number. In a write transaction: no other writer can log meanwhile."""
+        meta = self._dbs["meta"]
+        raw = txn.get(b"wal_generation", db=meta)
+        generation = (0 if raw is None else GENERATION.unpack(raw)[0]) + 1
+        count = 0
+        for payload in logged_records(self._wal_path, generation):
+            try:
+                changes = decode_changes(payload)
+            except msgspec.DecodeError as error:
+                raise LedgerError(
+                    f"ledger {self.path}: write-ahead log record {count + 1} of generation "
+                    f"{generation} passed its checksum but does not decode: {error}"
+                ) from None
+            for name, key, value in changes:
+                db = self._dbs.get(name)
+                if db is None:
+                    raise LedgerError(
+                        f"ledger {self.path}: the write-ahead log names database {name!r}, "
+                        "which this build does not have"
+                    )
+                if value is None:
+                    txn.delete(key, db=db)
+                else:
+                    txn.put(key, value, db=db)
+            count += 1
+        if count:
+            txn.put(b"wal_generation", GENERATION.pack(generation), db=meta)
+        return count
+
+    def checkpoint(self) -> bool:
+        """Commit the batches logged since the last checkpoint into LMDB, durably; False when
+        there were none. Other processes (webhook delivery, readers) see them from now."""
+        parent = self._pending
+        if parent is None:
+            return False
+        wal = self._wal
+        assert wal is not None
+        self._pending = self.pending_since = None
+        started = time.perf_counter()
+        try:
+            parent.commit()
+        except lmdb.Error as error:
+            # LMDB aborted it; the log still holds every batch of it: replay them.
+            log.error("ledger %s: checkpoint failed (%s); replaying the log", self.path, error)
+            self._replay_alone()
+        wal.restart()
+        self.last_checkpoint_seconds = time.perf_counter() - started
+        if self.on_checkpoint is not None:
+            self.on_checkpoint()
+        return True
+
+    def _replay_alone(self) -> None:
+        """The pending generation again from the log, in a transaction of its own (after a
+        checkpoint or a nested commit failed), growing the map if it must."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    self._replay(txn)
+                return
+            except lmdb.MapFullError:
+                if self.grow():
+                    continue
+                self._broken = "the map is full at its ceiling (ledger.map_size_max_bytes)"
+            except lmdb.Error as error:
+                self._broken = str(error)
+            log.critical(
+                "ledger %s: batches answered and in the write-ahead log cannot be checkpointed "
+                "(%s): no more writes until a restart replays them",
+                self.path,
+                self._broken,
+            )
+            raise LedgerError(f"ledger {self.path}: checkpoint failed: {self._broken}")
+
     def close(self) -> None:
+        self.checkpoint()
+        if self._wal is not None:
+            self._wal.close()
         self.env.close()
 
     def pan_key_fingerprint(self) -> str | None:
@@ -281,6 +440,7 @@ class Ledger:
 
     def bind_pan_key(self, fingerprint: str) -> None:
         """Refuse a ledger whose cards were keyed with another PAN key."""
+        self.checkpoint()  # one write transaction per thread: never beside the pending one
         with self.env.begin(write=True) as txn:
             meta = self._dbs["meta"]
             stored = txn.get(b"pan_key_fingerprint", db=meta)
@@ -305,6 +465,7 @@ class Ledger:
         """Double the map, up to `map_size_max_bytes`, after a MapFullError; False when it is
         at its ceiling already. Only with no transaction open in this process (LMDB's rule):
         the daemon calls it between batches. Other processes adopt the size (`_begin`)."""
+        self.checkpoint()
         size = self.env.info()["map_size"]
         if size >= self.map_size_max_bytes:
             return False
@@ -326,7 +487,12 @@ class Ledger:
 
     @contextmanager
     def write(self) -> Iterator[Writer]:
-        """One write transaction: commits (durably, per `durability`) unless the block raises."""
+        """One write transaction: commits (durably, per `durability`) unless the block raises.
+        With the write-ahead log, durable once its record is flushed (`_write_logged`)."""
+        if self._wal is not None:
+            with self._write_logged() as logged:
+                yield logged
+            return
         txn = self._begin(write=True)
         writer = Writer(txn, self._dbs, self._codecs)
         try:
@@ -338,6 +504,78 @@ class Ledger:
         except BaseException:
             txn.abort()
             raise
+
+    @contextmanager
+    def _write_logged(self) -> Iterator[Writer]:
+        """A nested transaction in the pending checkpoint's, its changes logged and flushed
+        before it is committed into it; nothing of it applied if the block or the log fails."""
+        wal = self._wal
+        assert wal is not None
+        if self._broken is not None:
+            raise LedgerError(f"ledger {self.path}: no writes until a restart: {self._broken}")
+        parent = self._pending
+        if parent is None:
+            parent = self._begin(write=True)
+            meta = self._dbs["meta"]
+            try:
+                raw = parent.get(b"wal_generation", db=meta)
+                self._generation = (0 if raw is None else GENERATION.unpack(raw)[0]) + 1
+                parent.put(b"wal_generation", GENERATION.pack(self._generation), db=meta)
+            except BaseException:
+                parent.abort()  # the map full, say: the caller grows it, with nothing open
+                raise
+            self._pending, self.pending_since = parent, time.perf_counter()
+            # Every generation's records start at the beginning: recovery reads from there.
+            wal.restart()
+            if self.on_pending is not None:
+                self.on_pending()
+        child = self.env.begin(write=True, parent=parent)
+        logged = _LoggedTxn(child, self._names)
+        writer = Writer(logged, self._dbs, self._codecs)
+        try:
+            yield writer
+            writer.flush()
+        except BaseException:
+            child.abort()
+            raise
+        started = time.perf_counter()
+        fits = True
+        if logged.changes:
+            try:
+                fits = wal.append(self._generation, encode_changes(logged.changes))
+                if fits:
+                    wal.sync()
+            except OSError as error:
+                child.abort()
+                self._log_failed(wal, error)
+                raise LedgerError(f"ledger {self.path}: write-ahead log failed: {error}") from None
+        try:
+            child.commit()
+        except lmdb.Error as error:
+            # Logged, but not in the pending transaction: the log is the truth; rebuild from
+            # it. Then the batch is in LMDB, durably, as logged, and its answers stand.
+            log.error("ledger %s: nested commit failed (%s); replaying the log", self.path, error)
+            parent.abort()
+            self._pending = self.pending_since = None
+            self._replay_alone()  # LedgerError if it cannot: nothing more is written then
+            if self.on_checkpoint is not None:
+                self.on_checkpoint()
+            fits = True
+        if not fits:
+            self.checkpoint()  # more than the log has room for: durable through LMDB itself
+        self.last_commit_seconds = time.perf_counter() - started
+
+    def _log_failed(self, wal: WriteAheadLog, error: OSError) -> None:
+        """After a failed write or flush the file's state is unknown (the kernel may have
+        dropped its pages): checkpoint what is pending and log nothing more in it."""
+        log.critical(
+            "ledger %s: write-ahead log failed (%s); batches commit through LMDB from now",
+            self.path,
+            error,
+        )
+        self.checkpoint()
+        self._wal = None
+        wal.close()
 
     def write_growing(self, work: Callable[[Writer], T]) -> T:
         """`work` in one write transaction, committed; when it does not fit, the map grows (up
@@ -357,6 +595,7 @@ class Ledger:
 
     @contextmanager
     def read(self) -> Iterator[Reader]:
+        self.checkpoint()  # a reader in this process sees what it answered
         with self._begin(write=False) as txn:
             yield Reader(txn, self._dbs, self._codecs)
 
@@ -365,6 +604,7 @@ class Ledger:
         compacted (free pages left out: LMDB's copy with compaction), from one read
         transaction while writers go on. Returns the last outbox sequence in the copy: every
         change up to that event is in it."""
+        self.checkpoint()
         with self._begin(write=False) as txn:
             # The sequence counter, not the last key: retention may have pruned the outbox.
             raw = txn.get(b"seq:event", db=self._dbs["meta"])
@@ -504,7 +744,7 @@ def _index_card_ids(txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
         txn.put(decode(raw).card_id.encode(), bytes(key), db=dbs["card_ids"])
 
 
-def _forget_card_secrets(txn: lmdb.Transaction, dbs: dict[str, Any], card_id: str) -> None:
+def _forget_card_secrets(txn: Txn, dbs: dict[str, Any], card_id: str) -> None:
     """A stopped card's sealed PAN and live card-details token go with the change that stops
     it: nothing may show its number again, and PCI DSS keeps cardholder data no longer than
     it is needed. Its keyed hash stays (late presentments and histories find it by that)."""
@@ -512,9 +752,7 @@ def _forget_card_secrets(txn: lmdb.Transaction, dbs: dict[str, Any], card_id: st
     txn.delete(card_id.encode(), db=dbs["reveal_tokens"])
 
 
-def _walk_prefix_backwards(
-    cursor: lmdb.Cursor, prefix: bytes, before: bytes | None
-) -> Iterator[bytes]:
+def _walk_prefix_backwards(cursor: Cursor, prefix: bytes, before: bytes | None) -> Iterator[bytes]:
     """Keys starting with `prefix`, newest (largest) first, those below `before` when given."""
     start = before if before is not None else prefix + b"\xff" * 32
     if not cursor.set_range(start):
@@ -531,10 +769,73 @@ def _walk_prefix_backwards(
             return
 
 
+class _LoggedTxn:
+    """A nested write transaction whose puts and deletes are also kept, for the log record.
+    Only what the Reader and Writer call; anything else is an AttributeError, so a new kind of
+    change cannot go unlogged."""
+
+    __slots__ = ("_names", "_txn", "changes", "get")
+
+    def __init__(self, txn: lmdb.Transaction, names: dict[int, str]) -> None:
+        self._txn = txn
+        self._names = names
+        self.changes: list[Change] = []
+        self.get = txn.get
+
+    def put(
+        self, key: bytes, value: bytes, *, db: Any, overwrite: bool = True, append: bool = False
+    ) -> bool:
+        done: bool = self._txn.put(key, value, db=db, overwrite=overwrite, append=append)
+        if done:
+            self.changes.append((self._names[id(db)], bytes(key), bytes(value)))
+        return done
+
+    def delete(self, key: bytes, *, db: Any) -> bool:
+        done: bool = self._txn.delete(key, db=db)
+        if done:
+            self.changes.append((self._names[id(db)], bytes(key), None))
+        return done
+
+    def cursor(self, *, db: Any) -> _LoggedCursor:
+        return _LoggedCursor(self._txn.cursor(db=db), self._names[id(db)], self.changes)
+
+
+class _LoggedCursor:
+    """A cursor of a _LoggedTxn: reads pass through, a delete is logged; other changes
+    through a cursor are refused (none is used)."""
+
+    __slots__ = ("_changes", "_cursor", "_name")
+
+    def __init__(self, cursor: lmdb.Cursor, name: str, changes: list[Change]) -> None:
+        self._cursor = cursor
+        self._name = name
+        self._changes = changes
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute in ("put", "putmulti", "replace", "pop"):
+            raise AttributeError(f"cursor.{attribute} is not logged: use the transaction's")
+        return getattr(self._cursor, attribute)
+
+    def __iter__(self) -> Iterator[tuple[bytes | memoryview, bytes | memoryview]]:
+        return iter(self._cursor)
+
+    def delete(self) -> bool:
+        key = bytes(self._cursor.key())
+        done: bool = self._cursor.delete()
+        if done:
+            self._changes.append((self._name, key, None))
+        return done
+
+
+# What a Reader or Writer works through: LMDB's own, or the logged ones of the write-ahead log.
+Txn = lmdb.Transaction | _LoggedTxn
+Cursor = lmdb.Cursor | _LoggedCursor
+
+
 class Reader:
     __slots__ = ("_codecs", "_dbs", "_txn")
 
-    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any], codecs: _Codecs) -> None:
+    def __init__(self, txn: Txn, dbs: dict[str, Any], codecs: _Codecs) -> None:
         self._txn = txn
         self._dbs = dbs
         self._codecs = codecs
@@ -855,7 +1156,7 @@ class Writer(Reader):
         "_opened",
     )
 
-    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any], codecs: _Codecs) -> None:
+    def __init__(self, txn: Txn, dbs: dict[str, Any], codecs: _Codecs) -> None:
         super().__init__(txn, dbs, codecs)
         self._next_hold_id: int | None = None
         self._next_event: int | None = None
@@ -997,7 +1298,7 @@ class Writer(Reader):
     def put_idempotent(self, scope: bytes, value: bytes) -> None:
         self._txn.put(scope, value, db=self._dbs["idempotency"])
 
-    def maintenance_cursor(self, database: str) -> lmdb.Cursor:
+    def maintenance_cursor(self, database: str) -> Cursor:
         """A cursor over one database, for the ledger's own sweeps (retention.py): they walk
         and delete records this transaction has not cached (answers are written at flush)."""
         return self._txn.cursor(db=self._dbs[database])

@@ -10,6 +10,7 @@ loop waits for the disk only about a fifth of the time at saturation; bench/RESU
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -172,6 +173,9 @@ class Daemon:
         self._last_batch = time.monotonic()  # when the last batch ran (retention idles after)
         self._supervision_handle: asyncio.TimerHandle | None = None
         self.on_commit: Callable[[], None] | None = None  # e.g. wake the webhook dispatcher
+        self._checkpoint_handle: asyncio.TimerHandle | None = None
+        ledger.on_pending = self._checkpoint_pending
+        ledger.on_checkpoint = self._checkpointed
         # Called when an assertion fails: a programmer error stops the daemon (after answering
         # the batch 96) rather than answering 96 forever with a ledger no check vouches for.
         self.on_fatal: Callable[[], None] | None = None
@@ -531,8 +535,9 @@ class Daemon:
         finally:
             # After the answers left (and whatever became of them: the batch is committed):
             # waking the delivery process (a pipe write, and the kernel waking a process on
-            # the other core) is not the network's wait.
-            if self.on_commit is not None:
+            # the other core) is not the network's wait. A logged batch reaches LMDB, where
+            # that process reads, at the checkpoint: the wake comes then (`_checkpointed`).
+            if self.on_commit is not None and not self.ledger.logging:
                 self.on_commit()
         done_ns = time.perf_counter_ns()
         self.metrics.answered_batch(
@@ -540,6 +545,33 @@ class Daemon:
             [(done_ns - received_ns) / 1e9 for _, _, _, received_ns in batch],
         )
         self._ledger_errors(outcomes)
+
+    def _checkpoint_pending(self) -> None:
+        """The ledger logged a batch LMDB does not have yet: checkpoint within
+        ledger.checkpoint_seconds, with whatever else is logged by then."""
+        if self._checkpoint_handle is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a tool, a test): the next read or the close checkpoints
+        self._checkpoint_handle = loop.call_later(
+            self.config.ledger.checkpoint_seconds, self._checkpoint_due
+        )
+
+    def _checkpoint_due(self) -> None:
+        self._checkpoint_handle = None
+        # A failure is said by the ledger (critical); its writes are refused then, answered 96.
+        with contextlib.suppress(LedgerError):
+            self.ledger.checkpoint()
+
+    def _checkpointed(self) -> None:
+        if self._checkpoint_handle is not None:
+            self._checkpoint_handle.cancel()
+            self._checkpoint_handle = None
+        self.metrics.checkpoint_seconds.observe(self.ledger.last_checkpoint_seconds)
+        if self.on_commit is not None:
+            self.on_commit()
 
     def _batch_size(self) -> int:
         """How many requests the next batch may take: the pacer's time-bounded size; fewer

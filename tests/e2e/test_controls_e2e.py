@@ -300,6 +300,7 @@ def test_simulator_control_scenarios_pass_with_their_reasons(daemon: RunningDaem
         assert re.search(r"\b0 failed, 4 skipped$", result.stdout.strip()), result.stdout
         assert "skipped (needs --api)" in result.stdout
     # Every approval the control scenarios made was reversed: nothing is left held.
+    daemon.settle()
     ledger = Ledger(daemon.ledger, readonly=True)
     try:
         with ledger.read() as reader:

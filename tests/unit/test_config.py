@@ -34,6 +34,12 @@ def test_no_file_means_defaults() -> None:
         ("[[listeners]]\nname = 'a'\n[[listeners]]\nname = 'b'\n", "127.0.0.1:8583 is used twice"),
         ("[ledger]\ndurability = 'maybe'\n", "$.ledger.durability"),
         ("[ledger]\nmap_size_max_bytes = 1024\n", "$.ledger.map_size_max_bytes"),
+        ("[ledger]\ncheckpoint_seconds = 0\n", "$.ledger.checkpoint_seconds"),
+        ("[ledger]\nwrite_ahead_log_bytes = -1\n", "$.ledger.write_ahead_log_bytes"),
+        (
+            "[ledger]\nwrite_ahead_log_bytes = 4096\n",
+            "write_ahead_log_bytes 4096 is below 65536: too small for a batch",
+        ),
         (
             "[ledger]\nmap_size_bytes = 4194304\nmap_size_max_bytes = 2097152\n",
             "map_size_max_bytes 2097152 is below map_size_bytes 4194304",

@@ -1,0 +1,156 @@
+"""The write-ahead log: a batch is durable once its changes are here, before LMDB has them.
+
+Why: LMDB makes a commit durable with two device flushes, an fdatasync of every page the
+commit copied (17 scattered pages for one approval) and then a synchronous write of its meta
+page. Measured on this VM (bench/RESULTS.md, 2026-12-07 eighth session): about 300 us and
+140 us, 510 us per lone commit with the writes, against about 140 us for one contiguous write
+and one fdatasync. So a batch's changes (the keys and values its transaction put and deleted,
+never a PAN or a CVC2: the ledger holds neither) are written here in one record and flushed
+once; the answers leave; LMDB's durable commit (a checkpoint) follows within
+`ledger.checkpoint_seconds`, for every batch since the last one together.
+
+The file is preallocated and rewritten from its start after every checkpoint. A record:
+
+    payload length (u32) | CRC-32 of generation and payload (u32) | generation (u64) | payload
+
+Each checkpoint's LMDB transaction stores the generation its records carry (`wal_generation`
+in the meta database). Recovery replays, in order, the records of the generation after the
+one LMDB has, from the start of the file up to the first record that is not of that
+generation or whose checksum fails (a torn write, or an older generation's record beyond the
+newest one's end). Replaying is idempotent: the records hold the values written, not deltas.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+HEADER: Final = struct.Struct("<IIQ")
+GENERATION: Final = struct.Struct("<Q")
+FILL_CHUNK_BYTES: Final = 1 << 20
+
+# One change: (database name, key, value), value None for a delete. Names rather than
+# positions, so that a record written by one build replays into the same database in another.
+Change = tuple[str, bytes, bytes | None]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(list[tuple[str, bytes, bytes | None]])
+
+
+def encode_changes(changes: list[Change]) -> bytes:
+    return _encoder.encode(changes)
+
+
+def decode_changes(payload: bytes) -> list[Change]:
+    return _decoder.decode(payload)
+
+
+class LogInUse(Exception):
+    """Another live process logs this ledger's writes (holds the log's lock)."""
+
+
+class WriteAheadLog:
+    """The log file of one ledger, appended to by the one process that owns its writes: it
+    holds an exclusive lock on the file while open (LogInUse for a second one), which also
+    tells readers that records beyond the last checkpoint are not a crash's."""
+
+    __slots__ = ("_fd", "_offset", "path", "size_bytes")
+
+    def __init__(self, path: Path, size_bytes: int) -> None:
+        self.path = path
+        created = not path.exists()
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LogInUse(f"{path} is locked by another process") from None
+            if os.fstat(self._fd).st_size < size_bytes:
+                # Real zeros, not a sparse or fallocated range: a flush of a write into a block
+                # the file system has yet to allocate (or mark written) commits its journal too.
+                self._fill(os.fstat(self._fd).st_size, size_bytes)
+                if created:
+                    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                    try:
+                        os.fsync(directory)
+                    finally:
+                        os.close(directory)
+        except (OSError, LogInUse):
+            os.close(self._fd)
+            raise
+        self.size_bytes = os.fstat(self._fd).st_size
+        self._offset = 0
+
+    def _fill(self, start: int, end: int) -> None:
+        zeros = bytes(FILL_CHUNK_BYTES)
+        offset = start
+        while offset < end:
+            offset += os.pwrite(self._fd, zeros[: min(FILL_CHUNK_BYTES, end - offset)], offset)
+        os.fsync(self._fd)
+
+    def append(self, generation: int, payload: bytes) -> bool:
+        """Write one record (not yet flushed: `sync`); False, writing nothing, when it does
+        not fit in what is left of the file before the next checkpoint."""
+        end = self._offset + HEADER.size + len(payload)
+        if end > self.size_bytes:
+            return False
+        stamp = GENERATION.pack(generation)
+        checksum = zlib.crc32(payload, zlib.crc32(stamp))
+        written = os.pwritev(
+            self._fd, [HEADER.pack(len(payload), checksum, generation), payload], self._offset
+        )
+        if written != end - self._offset:
+            raise OSError(f"write-ahead log {self.path}: short write ({written} bytes)")
+        self._offset = end
+        return True
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def restart(self) -> None:
+        """After a checkpoint: the next generation's records start at the beginning."""
+        self._offset = 0
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def held(path: Path) -> bool:
+    """Whether a live process logs into `path` now (holds its lock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and with it the shared lock, if it was taken
+    return False
+
+
+def records(path: Path, generation: int) -> Iterator[bytes]:
+    """The payloads of `generation`'s records in `path`, in order (none when it is absent)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    offset = 0
+    while offset + HEADER.size <= len(data):
+        length, checksum, found = HEADER.unpack_from(data, offset)
+        start = offset + HEADER.size
+        if found != generation or start + length > len(data):
+            return
+        payload = data[start : start + length]
+        if zlib.crc32(payload, zlib.crc32(GENERATION.pack(found))) != checksum:
+            return
+        yield payload
+        offset = start + length

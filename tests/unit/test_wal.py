@@ -1,0 +1,336 @@
+"""The write-ahead log: records, checkpoints, and what a reopened ledger replays after a crash.
+
+A crash is the pending checkpoint's transaction never committed: LMDB then holds the last
+checkpoint, and the log every batch flushed since. The state the pending transaction saw just
+before (every batch answered) must be the state the reopened ledger has, byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import lmdb
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support import authorization
+
+from processor.authorizer import Authorizer
+from processor.engine import ProgrammeRules
+from processor.ledger.load import load_path
+from processor.ledger.store import Ledger, LedgerError
+from processor.ledger.wal import (
+    HEADER,
+    LogInUse,
+    WriteAheadLog,
+    decode_changes,
+    encode_changes,
+    held,
+    records,
+)
+from processor.resources import demo_data_path
+from processor.security import PanHasher
+from processor.wire.messages import AuthorizationRequest
+
+HASHER = PanHasher(b"write-ahead-log-test-key")
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+LOG_BYTES = 1 << 20
+PANS = ("4761739001010085", "4761739001010010", "4761739001010069", "4761739001010101")
+
+
+# --- the log file ---------------------------------------------------------------------------
+
+
+def test_records_come_back_in_order_for_their_generation_only(tmp_path: Path) -> None:
+    log = WriteAheadLog(tmp_path / "wal", 64 << 10)
+    try:
+        assert log.size_bytes == 64 << 10  # preallocated
+        assert log.append(7, b"first") and log.append(7, b"second")
+        log.sync()
+        assert list(records(tmp_path / "wal", 7)) == [b"first", b"second"]
+        assert list(records(tmp_path / "wal", 8)) == []
+        # The next generation starts over at the beginning; the older records beyond its end
+        # are not its own.
+        log.restart()
+        assert log.append(8, b"third")
+        assert list(records(tmp_path / "wal", 8)) == [b"third"]
+        assert list(records(tmp_path / "wal", 7)) == []
+    finally:
+        log.close()
+
+
+def test_a_torn_record_ends_the_log(tmp_path: Path) -> None:
+    log = WriteAheadLog(tmp_path / "wal", 64 << 10)
+    try:
+        log.append(1, b"whole")
+        log.append(1, b"torn in two")
+        log.sync()
+    finally:
+        log.close()
+    data = bytearray((tmp_path / "wal").read_bytes())
+    second = HEADER.size + len(b"whole")
+    data[second + HEADER.size + 3] ^= 0xFF  # one byte of the second payload
+    (tmp_path / "wal").write_bytes(bytes(data))
+    assert list(records(tmp_path / "wal", 1)) == [b"whole"]
+
+
+def test_a_record_longer_than_the_room_left_is_refused_whole(tmp_path: Path) -> None:
+    log = WriteAheadLog(tmp_path / "wal", 64 << 10)
+    try:
+        assert not log.append(1, bytes(64 << 10))
+        assert log.append(1, b"fits")
+        assert list(records(tmp_path / "wal", 1)) == [b"fits"]
+    finally:
+        log.close()
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(("accounts", "answers", "outbox")),
+            st.binary(min_size=1, max_size=40),
+            st.none() | st.binary(max_size=200),
+        ),
+        max_size=30,
+    )
+)
+def test_changes_encode_and_decode_as_they_were(
+    changes: list[tuple[str, bytes, bytes | None]],
+) -> None:
+    assert decode_changes(encode_changes(changes)) == changes
+
+
+# --- a ledger that logs ---------------------------------------------------------------------
+
+
+def logging_ledger(directory: Path, log_bytes: int = LOG_BYTES) -> Ledger:
+    return Ledger(directory, map_size_bytes=64 << 20, write_ahead_log_bytes=log_bytes)
+
+
+def dump(txn: lmdb.Transaction, ledger: Ledger) -> dict[str, list[tuple[bytes, bytes]]]:
+    return {
+        name: [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db)]
+        for name, db in ledger._dbs.items()
+    }
+
+
+def crash(ledger: Ledger) -> dict[str, list[tuple[bytes, bytes]]]:
+    """What the pending checkpoint holds, then the process "dies": it is never committed."""
+    pending = ledger._pending
+    assert pending is not None
+    expected = dump(pending, ledger)
+    pending.abort()
+    ledger._pending = None
+    assert ledger._wal is not None
+    ledger._wal.close()
+    ledger._wal = None
+    ledger.env.close()
+    return expected
+
+
+@pytest.fixture
+def loaded(tmp_path: Path) -> Iterator[Path]:
+    ledger = logging_ledger(tmp_path / "ledger")
+    load_path(ledger, demo_data_path(), HASHER)
+    ledger.close()
+    yield tmp_path / "ledger"
+
+
+def requests(stans: range, amount: int = 100) -> list[AuthorizationRequest]:
+    return [authorization(PANS[stan % len(PANS)], f"{stan:06d}", amount) for stan in stans]
+
+
+def approve(ledger: Ledger, stans: range, amount: int = 100) -> None:
+    authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600)
+    outcomes = authorizer.authorize_batch(requests(stans, amount), NOW)
+    # Approvals, and declines that are decisions too (limits, funds): never a 96.
+    assert {outcome.response_code for outcome in outcomes} <= {"00", "51", "61", "65"}, {
+        outcome.reason for outcome in outcomes
+    }
+
+
+def test_batches_since_the_last_checkpoint_are_replayed_on_open(loaded: Path) -> None:
+    ledger = logging_ledger(loaded)
+    approve(ledger, range(1, 11))
+    assert ledger.checkpoint()  # these ten are in LMDB
+    approve(ledger, range(11, 21))
+    approve(ledger, range(21, 31))
+    expected = crash(ledger)
+
+    reopened = logging_ledger(loaded)
+    try:
+        assert reopened.replayed == 2  # the two batches after the checkpoint
+        with reopened.env.begin() as txn:
+            assert dump(txn, reopened) == expected
+    finally:
+        reopened.close()
+    # Replayed and checkpointed once: a second open has nothing to replay.
+    again = Ledger(loaded, map_size_bytes=64 << 20)  # not logging itself: still replays
+    try:
+        assert again.replayed == 0
+    finally:
+        again.close()
+
+
+def test_any_read_write_open_replays_not_only_a_logging_one(loaded: Path) -> None:
+    ledger = logging_ledger(loaded)
+    approve(ledger, range(1, 6))
+    expected = crash(ledger)
+    tool = Ledger(loaded, map_size_bytes=64 << 20)  # `processor ledger ...`, say
+    try:
+        assert tool.replayed == 1
+        with tool.env.begin() as txn:
+            assert dump(txn, tool) == expected
+    finally:
+        tool.close()
+
+
+def test_a_reader_in_the_logging_process_sees_what_it_answered(loaded: Path) -> None:
+    ledger = logging_ledger(loaded)
+    try:
+        with ledger.read() as reader:
+            before = reader.outbox_last_sequence()
+        approve(ledger, range(1, 4))
+        assert ledger.pending_since is not None  # logged, not yet in LMDB
+        with ledger.read() as reader:  # checkpoints first
+            assert reader.outbox_last_sequence() == before + 3
+        assert ledger.pending_since is None
+    finally:
+        ledger.close()
+
+
+def test_a_batch_larger_than_the_log_commits_through_lmdb(loaded: Path) -> None:
+    (loaded / "wal").unlink()  # checkpointed at close; a log file keeps the size it has
+    ledger = logging_ledger(loaded, log_bytes=64 << 10)
+    checkpoints: list[float] = []
+    ledger.on_checkpoint = lambda: checkpoints.append(ledger.last_checkpoint_seconds)
+    try:
+        approve(ledger, range(1, 301))  # about 300 records of a few hundred bytes: > 64 KiB
+        assert len(checkpoints) == 1 and ledger.pending_since is None
+    finally:
+        ledger.close()
+    reopened = logging_ledger(loaded)
+    try:
+        assert reopened.replayed == 0
+    finally:
+        reopened.close()
+
+
+def test_a_failed_flush_applies_nothing_and_later_batches_commit_through_lmdb(
+    loaded: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = logging_ledger(loaded)
+    try:
+        approve(ledger, range(1, 3))  # pending, logged
+        with ledger.read() as reader:
+            before = reader.outbox_last_sequence()
+
+        def failing_sync(self: WriteAheadLog) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(WriteAheadLog, "sync", failing_sync)
+        with (
+            pytest.raises(LedgerError, match="write-ahead log failed"),
+            ledger.write() as writer,
+        ):
+            writer.put_idempotent(b"scope", b"value")
+        assert not ledger.logging
+        with ledger.read() as reader:
+            assert reader.idempotent(b"scope") is None  # not applied
+        monkeypatch.undo()
+        with ledger.read() as reader:
+            assert reader.outbox_last_sequence() == before
+        approve(ledger, range(3, 5))  # through LMDB now
+        with ledger.read() as reader:
+            assert reader.outbox_last_sequence() == before + 2
+    finally:
+        ledger.close()
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.integers(1, 40), st.just("checkpoint")),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_whatever_was_logged_when_it_crashed_is_what_it_reopens_with(
+    steps: list[int | str],
+) -> None:
+    directory = Path(os.environ.get("TMPDIR", "/tmp")) / f"wal-property-{os.getpid()}"
+    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        ledger = logging_ledger(directory)
+        load_path(ledger, demo_data_path(), HASHER)
+        ledger.checkpoint()
+        stan, logged = 1, 0
+        for step in steps:
+            if step == "checkpoint":
+                logged = 0 if ledger.checkpoint() or logged == 0 else logged
+                continue
+            assert isinstance(step, int)
+            approve(ledger, range(stan, stan + step), amount=step * 7)
+            stan += step
+            logged += 1
+        if ledger._pending is None:
+            approve(ledger, range(stan, stan + 1))
+            logged = 1
+        expected = crash(ledger)
+        reopened = logging_ledger(directory)
+        try:
+            assert reopened.replayed == logged
+            with reopened.env.begin() as txn:
+                assert dump(txn, reopened) == expected
+        finally:
+            reopened.close()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_one_process_logs_a_ledger_at_a_time(tmp_path: Path) -> None:
+    log = WriteAheadLog(tmp_path / "wal", 64 << 10)
+    try:
+        assert held(tmp_path / "wal")  # what a reader looks at: a live logger
+        with pytest.raises(LogInUse):
+            WriteAheadLog(tmp_path / "wal", 64 << 10)  # a second daemon on the same ledger
+    finally:
+        log.close()
+    assert not held(tmp_path / "wal")
+
+
+def test_a_reader_is_told_of_a_crash_s_batches_it_cannot_show(
+    loaded: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = logging_ledger(loaded)
+    approve(ledger, range(1, 4))
+    crash(ledger)
+    after = Ledger(loaded, readonly=True)
+    try:
+        assert after.unreplayed == 1
+        assert "1 batches in its write-ahead log are not in LMDB yet" in caplog.text
+    finally:
+        after.close()
+
+
+def test_a_lost_checkpoint_transaction_is_rebuilt_from_the_log(loaded: Path) -> None:
+    # What Ledger.checkpoint does when LMDB refuses the commit (it aborts the transaction):
+    # every batch of it is in the log, replayed into a transaction of its own.
+    ledger = logging_ledger(loaded)
+    try:
+        approve(ledger, range(1, 6))
+        approve(ledger, range(6, 9))
+        pending = ledger._pending
+        assert pending is not None
+        expected = dump(pending, ledger)
+        pending.abort()
+        ledger._pending = ledger.pending_since = None
+        ledger._replay_alone()
+        with ledger.env.begin() as txn:
+            assert dump(txn, ledger) == expected
+    finally:
+        ledger.close()
