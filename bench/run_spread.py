@@ -521,6 +521,13 @@ def run_one(session: Session, workload: str, profile: str, mode: str, **load: fl
             # batches (summed over worker processes): near 1, the writer lock is the limit.
             "commit_share": batches.get("processor_commit_seconds_sum", 0.0)
             / max(1e-9, result["wall_s"]),
+            # The write-ahead log's checkpoints (durable LMDB commits outside the batches).
+            "checkpoints": batches.get("processor_ledger_checkpoint_seconds_count", 0.0),
+            "checkpoint_share": batches.get("processor_ledger_checkpoint_seconds_sum", 0.0)
+            / max(1e-9, result["wall_s"]),
+            "mean_checkpoint_ms": 1000
+            * batches.get("processor_ledger_checkpoint_seconds_sum", 0.0)
+            / max(1.0, batches.get("processor_ledger_checkpoint_seconds_count", 0.0)),
         },
         "retention_pruned": batches.get("retention_pruned", 0.0),  # records, during the run
         "retention_steps": step_quantiles(batches),
@@ -546,6 +553,8 @@ def batch_metrics(http_port: int) -> dict[str, float]:
         "processor_commit_batch_size_count",
         "processor_commit_seconds_sum",
         "processor_commit_seconds_count",
+        "processor_ledger_checkpoint_seconds_sum",  # absent in trees before the log
+        "processor_ledger_checkpoint_seconds_count",
     )
     found: dict[str, float] = {}
     for line in text.splitlines():
@@ -811,6 +820,13 @@ def main() -> int:
                 f"{result['cpu_us_per_wakeup']:.1f} us CPU per wakeup; retention pruned "
                 f"{record['retention_pruned']:.0f} records meanwhile"
             )
+            made = record["batches"]
+            if made["checkpoints"]:
+                print(
+                    f"  checkpoints: {made['checkpoints']:.0f}, mean "
+                    f"{made['mean_checkpoint_ms']:.2f} ms, {made['checkpoint_share']:.2f} of "
+                    "the run"
+                )
             steps = record["retention_steps"]
             if steps["steps"]:
                 print(

@@ -152,6 +152,10 @@ map_size_bytes_default: Final = 1 << 30
 map_size_max_bytes_default: Final = 64 << 30
 # A write-ahead log smaller than this holds too few batches between checkpoints to be worth it.
 write_ahead_log_bytes_min: Final = 64 << 10
+# A batch of this many requests and commands or more commits through LMDB rather than the
+# write-ahead log: at a busy daemon's batch sizes (about 250) one LMDB commit per batch is
+# already shared by many, and logging it ahead added a flush and a checkpoint per batch.
+logged_batch_requests_max: Final = 64
 # Of the ceiling in use: a warning (and the gauges to alert on) at the first, /readyz degraded at
 # the second.
 map_used_warning_ratio: Final = 0.8

@@ -486,13 +486,17 @@ class Ledger:
         return True
 
     @contextmanager
-    def write(self) -> Iterator[Writer]:
+    def write(self, *, log_ahead: bool = True) -> Iterator[Writer]:
         """One write transaction: commits (durably, per `durability`) unless the block raises.
-        With the write-ahead log, durable once its record is flushed (`_write_logged`)."""
+        With the write-ahead log, durable once its record is flushed (`_write_logged`), unless
+        `log_ahead` is False: then committed through LMDB, after what is pending (a large
+        batch: its LMDB commit is shared by many requests, and the log would add its own)."""
         if self._wal is not None:
-            with self._write_logged() as logged:
-                yield logged
-            return
+            if log_ahead:
+                with self._write_logged() as logged:
+                    yield logged
+                return
+            self.checkpoint()
         txn = self._begin(write=True)
         writer = Writer(txn, self._dbs, self._codecs)
         try:
@@ -577,14 +581,14 @@ class Ledger:
         self._wal = None
         wal.close()
 
-    def write_growing(self, work: Callable[[Writer], T]) -> T:
+    def write_growing(self, work: Callable[[Writer], T], *, log_ahead: bool = True) -> T:
         """`work` in one write transaction, committed; when it does not fit, the map grows (up
         to `map_size_max_bytes`) and `work` runs again from the start, in a new transaction:
         nothing of an aborted attempt was applied, so `work` must keep its effects inside
         the transaction (or redo them harmlessly). LedgerFull at the ceiling."""
         while True:
             try:
-                with self.write() as writer:
+                with self.write(log_ahead=log_ahead) as writer:
                     return work(writer)
             except lmdb.MapFullError:
                 if not self.grow():

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import authorization
 
+from processor import limits
 from processor.authorizer import Authorizer
 from processor.engine import ProgrammeRules
 from processor.ledger.load import load_path
@@ -203,13 +204,18 @@ def test_a_reader_in_the_logging_process_sees_what_it_answered(loaded: Path) -> 
         ledger.close()
 
 
-def test_a_batch_larger_than_the_log_commits_through_lmdb(loaded: Path) -> None:
+def test_a_batch_the_log_has_no_room_for_commits_through_lmdb(loaded: Path) -> None:
     (loaded / "wal").unlink()  # checkpointed at close; a log file keeps the size it has
     ledger = logging_ledger(loaded, log_bytes=64 << 10)
     checkpoints: list[float] = []
     ledger.on_checkpoint = lambda: checkpoints.append(ledger.last_checkpoint_seconds)
     try:
-        approve(ledger, range(1, 301))  # about 300 records of a few hundred bytes: > 64 KiB
+        # About 565 bytes of record per approval: the third batch of 50 (logged, under 64)
+        # finds less than its 28 KiB left of 64 KiB.
+        approve(ledger, range(1, 51))
+        approve(ledger, range(51, 101))
+        assert not checkpoints and ledger.pending_since is not None
+        approve(ledger, range(101, 151))
         assert len(checkpoints) == 1 and ledger.pending_since is None
     finally:
         ledger.close()
@@ -334,3 +340,23 @@ def test_a_lost_checkpoint_transaction_is_rebuilt_from_the_log(loaded: Path) -> 
             assert dump(txn, ledger) == expected
     finally:
         ledger.close()
+
+
+def test_a_large_batch_commits_through_lmdb_after_what_is_pending(loaded: Path) -> None:
+    ledger = logging_ledger(loaded)
+    try:
+        approve(ledger, range(1, 6))
+        assert ledger.pending_since is not None  # logged
+        approve(ledger, range(6, 6 + limits.logged_batch_requests_max))
+        assert ledger.pending_since is None  # both in LMDB: the pending one first
+        with ledger.env.begin() as txn:
+            expected = dump(txn, ledger)
+    finally:
+        ledger.close()
+    reopened = logging_ledger(loaded)
+    try:
+        assert reopened.replayed == 0
+        with reopened.env.begin() as txn:
+            assert dump(txn, reopened) == expected
+    finally:
+        reopened.close()
