@@ -166,7 +166,7 @@ def one_run(scratch: Path, args: argparse.Namespace, rate: float, endpoint: bool
     name = f"{'with' if endpoint else 'without'}-{rate:.0f}-{time.monotonic_ns()}"
     directory = scratch / name
     directory.mkdir()
-    config_text = daemon_config("fsync", 4 << 30)
+    config_text = daemon_config("fsync", 4 << 30, ledger_options=tuple(args.ledger_option))
     if args.pin:
         config_text = f"[server]\ncpus = [{args.pin[0]}]\n" + config_text
     receiver = Receiver(directory) if endpoint else None
@@ -175,7 +175,8 @@ def one_run(scratch: Path, args: argparse.Namespace, rate: float, endpoint: bool
             config_text += f"[webhooks]\ndelivery_cpus = [{args.pin[1]}]\n"
         config_text += (
             f'[[webhooks.endpoints]]\nname = "{ENDPOINT}"\nurl = "{receiver.url}"\n'
-            'secret_envs = ["BENCH_WEBHOOK_SECRET"]\n'
+            + (f"in_flight_max = {args.in_flight}\n" if args.in_flight else "")
+            + 'secret_envs = ["BENCH_WEBHOOK_SECRET"]\n'
             # The authorisations' events: the ledger's load made one per funded account
             # before the daemon started, which are not what this measures.
             'event_types = ["authorization.approved", "authorization.declined"]\n'
@@ -284,6 +285,13 @@ def main() -> int:
     parser.add_argument(
         "--pin", action="store_true", help="the daemon on the first CPU, the rest on the last"
     )
+    parser.add_argument(
+        "--ledger-option",
+        action="append",
+        default=[],
+        help="another [ledger] line for the daemon, e.g. 'checkpoint_seconds = 0.002'",
+    )
+    parser.add_argument("--in-flight", type=int, help="the endpoint's in_flight_max")
     args = parser.parse_args()
     if args.pin:
         cpus = sorted(os.sched_getaffinity(0))

@@ -153,9 +153,12 @@ map_size_max_bytes_default: Final = 64 << 30
 # A write-ahead log smaller than this holds too few batches between checkpoints to be worth it.
 write_ahead_log_bytes_min: Final = 64 << 10
 # A batch of this many requests and commands or more commits through LMDB rather than the
-# write-ahead log: at a busy daemon's batch sizes (about 250) one LMDB commit per batch is
-# already shared by many, and logging it ahead added a flush and a checkpoint per batch.
-logged_batch_requests_max: Final = 64
+# write-ahead log: its LMDB commit is shared by several requests already, and logging it ahead
+# adds a flush and soon a checkpoint. The log pays where commits are lone (the quiet hours).
+# Measured (bench/RESULTS.md, 2026-12-07 eighth session): at 64, a webhook endpoint at 5,000/s
+# (batches of about 10) got its events at each checkpoint, 25 at a time, and the bursts raised
+# the authorisations' p50 to 2.7-3.3 ms; at 4 that rate commits as before (2.1 ms).
+logged_batch_requests_max: Final = 4
 # Of the ceiling in use: a warning (and the gauges to alert on) at the first, /readyz degraded at
 # the second.
 map_used_warning_ratio: Final = 0.8

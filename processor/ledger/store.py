@@ -204,6 +204,9 @@ class Ledger:
         self._generation = 0  # of the log records the pending checkpoint's batches wrote
         self._broken: str | None = None  # why logged writes stopped (a checkpoint was lost)
         self.pending_since: float | None = None  # perf_counter when the pending one began
+        # Whether the latest write went to the log (in LMDB at the next checkpoint) rather
+        # than straight into LMDB (visible to other processes at once).
+        self.last_write_logged = False
         self.replayed = 0  # log records this open replayed
         self.unreplayed = 0  # log records a read-only open found and cannot replay
         # When a checkpoint becomes pending (the daemon schedules it), and after one.
@@ -491,6 +494,7 @@ class Ledger:
         With the write-ahead log, durable once its record is flushed (`_write_logged`), unless
         `log_ahead` is False: then committed through LMDB, after what is pending (a large
         batch: its LMDB commit is shared by many requests, and the log would add its own)."""
+        self.last_write_logged = self._wal is not None and log_ahead
         if self._wal is not None:
             if log_ahead:
                 with self._write_logged() as logged:

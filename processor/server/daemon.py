@@ -537,7 +537,7 @@ class Daemon:
             # waking the delivery process (a pipe write, and the kernel waking a process on
             # the other core) is not the network's wait. A logged batch reaches LMDB, where
             # that process reads, at the checkpoint: the wake comes then (`_checkpointed`).
-            if self.on_commit is not None and not self.ledger.logging:
+            if self.on_commit is not None and not self.ledger.last_write_logged:
                 self.on_commit()
         done_ns = time.perf_counter_ns()
         self.metrics.answered_batch(

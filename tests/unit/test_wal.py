@@ -40,6 +40,7 @@ from processor.wire.messages import AuthorizationRequest
 HASHER = PanHasher(b"write-ahead-log-test-key")
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 LOG_BYTES = 1 << 20
+SMALL = limits.logged_batch_requests_max - 1  # the largest batch the log takes
 PANS = ("4761739001010085", "4761739001010010", "4761739001010069", "4761739001010101")
 
 
@@ -156,10 +157,10 @@ def approve(ledger: Ledger, stans: range, amount: int = 100) -> None:
 
 def test_batches_since_the_last_checkpoint_are_replayed_on_open(loaded: Path) -> None:
     ledger = logging_ledger(loaded)
-    approve(ledger, range(1, 11))
-    assert ledger.checkpoint()  # these ten are in LMDB
-    approve(ledger, range(11, 21))
-    approve(ledger, range(21, 31))
+    approve(ledger, range(1, 1 + SMALL))
+    assert ledger.checkpoint()  # these are in LMDB
+    approve(ledger, range(11, 11 + SMALL))
+    approve(ledger, range(21, 21 + SMALL))
     expected = crash(ledger)
 
     reopened = logging_ledger(loaded)
@@ -179,7 +180,7 @@ def test_batches_since_the_last_checkpoint_are_replayed_on_open(loaded: Path) ->
 
 def test_any_read_write_open_replays_not_only_a_logging_one(loaded: Path) -> None:
     ledger = logging_ledger(loaded)
-    approve(ledger, range(1, 6))
+    approve(ledger, range(1, 1 + SMALL))
     expected = crash(ledger)
     tool = Ledger(loaded, map_size_bytes=64 << 20)  # `processor ledger ...`, say
     try:
@@ -195,10 +196,10 @@ def test_a_reader_in_the_logging_process_sees_what_it_answered(loaded: Path) -> 
     try:
         with ledger.read() as reader:
             before = reader.outbox_last_sequence()
-        approve(ledger, range(1, 4))
+        approve(ledger, range(1, 1 + SMALL))
         assert ledger.pending_since is not None  # logged, not yet in LMDB
         with ledger.read() as reader:  # checkpoints first
-            assert reader.outbox_last_sequence() == before + 3
+            assert reader.outbox_last_sequence() == before + SMALL
         assert ledger.pending_since is None
     finally:
         ledger.close()
@@ -210,12 +211,12 @@ def test_a_batch_the_log_has_no_room_for_commits_through_lmdb(loaded: Path) -> N
     checkpoints: list[float] = []
     ledger.on_checkpoint = lambda: checkpoints.append(ledger.last_checkpoint_seconds)
     try:
-        # About 565 bytes of record per approval: the third batch of 50 (logged, under 64)
-        # finds less than its 28 KiB left of 64 KiB.
-        approve(ledger, range(1, 51))
-        approve(ledger, range(51, 101))
-        assert not checkpoints and ledger.pending_since is not None
-        approve(ledger, range(101, 151))
+        # About 565 bytes of record per approval: small batches fill 64 KiB in about 40.
+        stan, batches = 1, 0
+        while not checkpoints and batches < 200:
+            approve(ledger, range(stan, stan + SMALL))
+            stan, batches = stan + SMALL, batches + 1
+        assert 20 < batches < 200  # the log held the first ones, then had no room
         assert len(checkpoints) == 1 and ledger.pending_since is None
     finally:
         ledger.close()
@@ -231,7 +232,7 @@ def test_a_failed_flush_applies_nothing_and_later_batches_commit_through_lmdb(
 ) -> None:
     ledger = logging_ledger(loaded)
     try:
-        approve(ledger, range(1, 3))  # pending, logged
+        approve(ledger, range(1, 1 + SMALL))  # pending, logged
         with ledger.read() as reader:
             before = reader.outbox_last_sequence()
 
@@ -250,9 +251,9 @@ def test_a_failed_flush_applies_nothing_and_later_batches_commit_through_lmdb(
         monkeypatch.undo()
         with ledger.read() as reader:
             assert reader.outbox_last_sequence() == before
-        approve(ledger, range(3, 5))  # through LMDB now
+        approve(ledger, range(11, 11 + SMALL))  # through LMDB now
         with ledger.read() as reader:
-            assert reader.outbox_last_sequence() == before + 2
+            assert reader.outbox_last_sequence() == before + SMALL
     finally:
         ledger.close()
 
@@ -260,7 +261,7 @@ def test_a_failed_flush_applies_nothing_and_later_batches_commit_through_lmdb(
 @settings(max_examples=15, deadline=None)
 @given(
     st.lists(
-        st.one_of(st.integers(1, 40), st.just("checkpoint")),
+        st.one_of(st.integers(1, 40), st.integers(1, SMALL), st.just("checkpoint")),
         min_size=1,
         max_size=12,
     )
@@ -282,10 +283,12 @@ def test_whatever_was_logged_when_it_crashed_is_what_it_reopens_with(
             assert isinstance(step, int)
             approve(ledger, range(stan, stan + step), amount=step * 7)
             stan += step
-            logged += 1
+            # A small batch is logged; a large one checkpoints what is pending, then commits.
+            logged = logged + 1 if step <= SMALL else 0
         if ledger._pending is None:
             approve(ledger, range(stan, stan + 1))
             logged = 1
+        assert ledger.pending_since is not None
         expected = crash(ledger)
         reopened = logging_ledger(directory)
         try:
@@ -313,7 +316,7 @@ def test_a_reader_is_told_of_a_crash_s_batches_it_cannot_show(
     loaded: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     ledger = logging_ledger(loaded)
-    approve(ledger, range(1, 4))
+    approve(ledger, range(1, 1 + SMALL))
     crash(ledger)
     after = Ledger(loaded, readonly=True)
     try:
@@ -328,8 +331,8 @@ def test_a_lost_checkpoint_transaction_is_rebuilt_from_the_log(loaded: Path) -> 
     # every batch of it is in the log, replayed into a transaction of its own.
     ledger = logging_ledger(loaded)
     try:
-        approve(ledger, range(1, 6))
-        approve(ledger, range(6, 9))
+        approve(ledger, range(1, 1 + SMALL))
+        approve(ledger, range(11, 11 + SMALL))
         pending = ledger._pending
         assert pending is not None
         expected = dump(pending, ledger)
@@ -345,9 +348,9 @@ def test_a_lost_checkpoint_transaction_is_rebuilt_from_the_log(loaded: Path) -> 
 def test_a_large_batch_commits_through_lmdb_after_what_is_pending(loaded: Path) -> None:
     ledger = logging_ledger(loaded)
     try:
-        approve(ledger, range(1, 6))
+        approve(ledger, range(1, 1 + SMALL))
         assert ledger.pending_since is not None  # logged
-        approve(ledger, range(6, 6 + limits.logged_batch_requests_max))
+        approve(ledger, range(11, 11 + limits.logged_batch_requests_max))
         assert ledger.pending_since is None  # both in LMDB: the pending one first
         with ledger.env.begin() as txn:
             expected = dump(txn, ledger)
