@@ -50,8 +50,9 @@ def open_ledger(
     config: Config, hasher: PanHasher, *, demo: bool = False, serving: bool = False
 ) -> Ledger:
     """Open (create, migrate, replay its write-ahead log) the ledger, bind the PAN key; `demo`
-    seeds an empty one. `serving`: the daemon's primary, which alone logs its writes ahead
-    (with one worker: workers commit through LMDB, whose lock orders them)."""
+    seeds an empty one. `serving`: the daemon's primary, which logs its writes ahead when it
+    is the only process writing (server.workers = 1; workers commit through LMDB, whose lock
+    orders them)."""
     logs = serving and config.server.workers == 1
     ledger = Ledger(
         config.ledger.path,

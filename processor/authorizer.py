@@ -203,9 +203,9 @@ class Authorizer:
         expired = [0]
         try:
             # A batch that does not fit is decided again from the start with a larger map.
-            # A large batch (a busy daemon's) shares one LMDB commit between many requests;
-            # logging it ahead would add a flush of its own (bench/RESULTS.md, 2026-12-07
-            # eighth session). A small one is answered after the log's single flush.
+            # A lone request, or two or three, is answered after the write-ahead log's single
+            # flush; a larger batch shares one LMDB commit already, and logging it ahead would
+            # add a flush (limits.logged_batch_requests_max).
             log_ahead = len(requests) + len(commands) < limits.logged_batch_requests_max
             done = self._ledger.write_growing(apply, log_ahead=log_ahead)
             self._note_swept(swept)

@@ -343,8 +343,7 @@ class Ledger:
         if held(self._wal_path):
             return
         with self.env.begin(write=False) as txn:
-            raw = txn.get(b"wal_generation", db=self._dbs["meta"])
-        generation = (0 if raw is None else GENERATION.unpack(raw)[0]) + 1
+            generation = self._next_generation(txn)
         self.unreplayed = sum(1 for _ in logged_records(self._wal_path, generation))
         if self.unreplayed:
             log.warning(
@@ -355,12 +354,17 @@ class Ledger:
                 self.unreplayed,
             )
 
+    def _next_generation(self, txn: lmdb.Transaction) -> int:
+        """The generation the log's records carry until the next checkpoint: one past the
+        last checkpointed (or replayed) one, which LMDB stores."""
+        raw = txn.get(b"wal_generation", db=self._dbs["meta"])
+        return (0 if raw is None else GENERATION.unpack(raw)[0]) + 1
+
     def _replay(self, txn: lmdb.Transaction) -> int:
         """Apply, in `txn`, the log records of the generation after the last checkpointed one;
         their number. In a write transaction: no other writer can log meanwhile."""
         meta = self._dbs["meta"]
-        raw = txn.get(b"wal_generation", db=meta)
-        generation = (0 if raw is None else GENERATION.unpack(raw)[0]) + 1
+        generation = self._next_generation(txn)
         count = 0
         for payload in logged_records(self._wal_path, generation):
             try:
@@ -392,8 +396,6 @@ class Ledger:
         parent = self._pending
         if parent is None:
             return False
-        wal = self._wal
-        assert wal is not None
         self._pending = self.pending_since = None
         started = time.perf_counter()
         try:
@@ -402,7 +404,6 @@ class Ledger:
             # LMDB aborted it; the log still holds every batch of it: replay them.
             log.error("ledger %s: checkpoint failed (%s); replaying the log", self.path, error)
             self._replay_alone()
-        wal.restart()
         self.last_checkpoint_seconds = time.perf_counter() - started
         if self.on_checkpoint is not None:
             self.on_checkpoint()
@@ -524,11 +525,11 @@ class Ledger:
         parent = self._pending
         if parent is None:
             parent = self._begin(write=True)
-            meta = self._dbs["meta"]
             try:
-                raw = parent.get(b"wal_generation", db=meta)
-                self._generation = (0 if raw is None else GENERATION.unpack(raw)[0]) + 1
-                parent.put(b"wal_generation", GENERATION.pack(self._generation), db=meta)
+                self._generation = self._next_generation(parent)
+                parent.put(
+                    b"wal_generation", GENERATION.pack(self._generation), db=self._dbs["meta"]
+                )
             except BaseException:
                 parent.abort()  # the map full, say: the caller grows it, with nothing open
                 raise

@@ -115,7 +115,7 @@ class WriteAheadLog:
         os.fdatasync(self._fd)
 
     def restart(self) -> None:
-        """After a checkpoint: the next generation's records start at the beginning."""
+        """A new generation: its records start at the beginning."""
         self._offset = 0
 
     def close(self) -> None:

@@ -120,6 +120,12 @@ def dump(txn: lmdb.Transaction, ledger: Ledger) -> dict[str, list[tuple[bytes, b
     }
 
 
+def lmdb_state(ledger: Ledger) -> dict[str, list[tuple[bytes, bytes]]]:
+    """What LMDB itself holds (a new read transaction: checkpointed or committed)."""
+    with ledger.env.begin() as txn:
+        return dump(txn, ledger)
+
+
 def crash(ledger: Ledger) -> dict[str, list[tuple[bytes, bytes]]]:
     """What the pending checkpoint holds, then the process "dies": it is never committed."""
     pending = ledger._pending
@@ -166,8 +172,7 @@ def test_batches_since_the_last_checkpoint_are_replayed_on_open(loaded: Path) ->
     reopened = logging_ledger(loaded)
     try:
         assert reopened.replayed == 2  # the two batches after the checkpoint
-        with reopened.env.begin() as txn:
-            assert dump(txn, reopened) == expected
+        assert lmdb_state(reopened) == expected
     finally:
         reopened.close()
     # Replayed and checkpointed once: a second open has nothing to replay.
@@ -185,8 +190,7 @@ def test_any_read_write_open_replays_not_only_a_logging_one(loaded: Path) -> Non
     tool = Ledger(loaded, map_size_bytes=64 << 20)  # `processor ledger ...`, say
     try:
         assert tool.replayed == 1
-        with tool.env.begin() as txn:
-            assert dump(txn, tool) == expected
+        assert lmdb_state(tool) == expected
     finally:
         tool.close()
 
@@ -293,8 +297,7 @@ def test_whatever_was_logged_when_it_crashed_is_what_it_reopens_with(
         reopened = logging_ledger(directory)
         try:
             assert reopened.replayed == logged
-            with reopened.env.begin() as txn:
-                assert dump(txn, reopened) == expected
+            assert lmdb_state(reopened) == expected
         finally:
             reopened.close()
     finally:
@@ -339,8 +342,7 @@ def test_a_lost_checkpoint_transaction_is_rebuilt_from_the_log(loaded: Path) -> 
         pending.abort()
         ledger._pending = ledger.pending_since = None
         ledger._replay_alone()
-        with ledger.env.begin() as txn:
-            assert dump(txn, ledger) == expected
+        assert lmdb_state(ledger) == expected
     finally:
         ledger.close()
 
@@ -352,14 +354,12 @@ def test_a_large_batch_commits_through_lmdb_after_what_is_pending(loaded: Path) 
         assert ledger.pending_since is not None  # logged
         approve(ledger, range(11, 11 + limits.logged_batch_requests_max))
         assert ledger.pending_since is None  # both in LMDB: the pending one first
-        with ledger.env.begin() as txn:
-            expected = dump(txn, ledger)
+        expected = lmdb_state(ledger)
     finally:
         ledger.close()
     reopened = logging_ledger(loaded)
     try:
         assert reopened.replayed == 0
-        with reopened.env.begin() as txn:
-            assert dump(txn, reopened) == expected
+        assert lmdb_state(reopened) == expected
     finally:
         reopened.close()
