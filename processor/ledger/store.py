@@ -192,7 +192,8 @@ class Ledger:
         self.durability = durability
         self.migrated_from: bytes | None = None  # the schema this open migrated from, if any
         # How long the latest write transaction's commit took (its fsync, with durability
-        # fsync): batches are paced by it (processor/server/pacing.py).
+        # fsync; a logged one's: the log's flush): batches are paced by it
+        # (processor/server/pacing.py).
         self.last_commit_seconds = 0.0
         self.last_checkpoint_seconds = 0.0
         self._codecs = _Codecs()
@@ -569,9 +570,9 @@ class Ledger:
             self._replay_alone()  # LedgerError if it cannot: nothing more is written then
             if self.on_checkpoint is not None:
                 self.on_checkpoint()
-            fits = True
-        if not fits:
-            self.checkpoint()  # more than the log has room for: durable through LMDB itself
+        else:
+            if not fits:
+                self.checkpoint()  # more than the log has room for: durable through LMDB
         self.last_commit_seconds = time.perf_counter() - started
 
     def _log_failed(self, wal: WriteAheadLog, error: OSError) -> None:

@@ -41,7 +41,13 @@ FILL_CHUNK_BYTES: Final = 1 << 20
 Change = tuple[str, bytes, bytes | None]
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(list[tuple[str, bytes, bytes | None]])
+_decoder = msgspec.msgpack.Decoder(list[Change])
+
+
+def _checksum(generation: int, payload: bytes) -> int:
+    """CRC-32 of the record's generation and payload: a record of another generation, or a
+    torn one, does not pass."""
+    return zlib.crc32(payload, zlib.crc32(GENERATION.pack(generation)))
 
 
 def encode_changes(changes: list[Change]) -> bytes:
@@ -101,11 +107,8 @@ class WriteAheadLog:
         end = self._offset + HEADER.size + len(payload)
         if end > self.size_bytes:
             return False
-        stamp = GENERATION.pack(generation)
-        checksum = zlib.crc32(payload, zlib.crc32(stamp))
-        written = os.pwritev(
-            self._fd, [HEADER.pack(len(payload), checksum, generation), payload], self._offset
-        )
+        header = HEADER.pack(len(payload), _checksum(generation, payload), generation)
+        written = os.pwritev(self._fd, [header, payload], self._offset)
         if written != end - self._offset:
             raise OSError(f"write-ahead log {self.path}: short write ({written} bytes)")
         self._offset = end
@@ -150,7 +153,7 @@ def records(path: Path, generation: int) -> Iterator[bytes]:
         if found != generation or start + length > len(data):
             return
         payload = data[start : start + length]
-        if zlib.crc32(payload, zlib.crc32(GENERATION.pack(found))) != checksum:
+        if _checksum(found, payload) != checksum:
             return
         yield payload
         offset = start + length
