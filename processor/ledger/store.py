@@ -12,7 +12,7 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -502,7 +502,10 @@ class Ledger:
                 with self._write_logged() as logged:
                     yield logged
                 return
-            self.checkpoint()
+            if self._pending is not None:
+                with self._write_with_pending() as writer:
+                    yield writer
+                return
         txn = self._begin(write=True)
         writer = Writer(txn, self._dbs, self._codecs)
         try:
@@ -574,6 +577,39 @@ class Ledger:
             if not fits:
                 self.checkpoint()  # more than the log has room for: durable through LMDB
         self.last_commit_seconds = time.perf_counter() - started
+
+    @contextmanager
+    def _write_with_pending(self) -> Iterator[Writer]:
+        """A batch not logged while logged ones are pending: a nested transaction of the
+        pending one, which then commits as the checkpoint, so that one LMDB commit (two device
+        flushes) makes both durable where a checkpoint before the batch's own commit took two.
+        Nothing of the batch is applied if the block, its nested commit or the checkpoint
+        fails; the logged batches stand either way (a failed checkpoint replays the log)."""
+        parent = self._pending
+        assert parent is not None
+        child = self.env.begin(write=True, parent=parent)
+        writer = Writer(child, self._dbs, self._codecs)
+        try:
+            yield writer
+            writer.flush()
+        except BaseException:
+            child.abort()  # the pending transaction is as it was: a map full grows and reruns
+            raise
+        started = time.perf_counter()
+        self._pending = self.pending_since = None
+        try:
+            child.commit()
+            parent.commit()
+        except lmdb.Error as error:
+            log.error("ledger %s: checkpoint failed (%s); replaying the log", self.path, error)
+            with suppress(lmdb.Error):
+                parent.abort()  # after a failed nested commit; a failed commit has ended it
+            self._replay_alone()  # the logged batches; LedgerError if it cannot
+            raise  # this batch was not applied: it fails as on any failed commit
+        finally:
+            self.last_commit_seconds = self.last_checkpoint_seconds = time.perf_counter() - started
+            if self.on_checkpoint is not None:
+                self.on_checkpoint()
 
     def _log_failed(self, wal: WriteAheadLog, error: OSError) -> None:
         """After a failed write or flush the file's state is unknown (the kernel may have

@@ -287,7 +287,7 @@ def test_whatever_was_logged_when_it_crashed_is_what_it_reopens_with(
             assert isinstance(step, int)
             approve(ledger, range(stan, stan + step), amount=step * 7)
             stan += step
-            # A small batch is logged; a large one checkpoints what is pending, then commits.
+            # A small batch is logged; a large one commits with what is pending, in one commit.
             logged = logged + 1 if step <= SMALL else 0
         if ledger._pending is None:
             approve(ledger, range(stan, stan + 1))
@@ -347,13 +347,16 @@ def test_a_lost_checkpoint_transaction_is_rebuilt_from_the_log(loaded: Path) -> 
         ledger.close()
 
 
-def test_a_large_batch_commits_through_lmdb_after_what_is_pending(loaded: Path) -> None:
+def test_a_large_batch_commits_with_what_is_pending_in_one_lmdb_commit(loaded: Path) -> None:
     ledger = logging_ledger(loaded)
     try:
         approve(ledger, range(1, 1 + SMALL))
         assert ledger.pending_since is not None  # logged
+        committed = ledger.env.info()["last_txnid"]
         approve(ledger, range(11, 11 + limits.logged_batch_requests_max))
-        assert ledger.pending_since is None  # both in LMDB: the pending one first
+        assert ledger.pending_since is None  # both in LMDB
+        # One commit for both: checkpointing first and then committing the batch took two.
+        assert ledger.env.info()["last_txnid"] == committed + 1
         expected = lmdb_state(ledger)
     finally:
         ledger.close()
@@ -361,5 +364,83 @@ def test_a_large_batch_commits_through_lmdb_after_what_is_pending(loaded: Path) 
     try:
         assert reopened.replayed == 0
         assert lmdb_state(reopened) == expected
+        with reopened.read() as reader:
+            assert reader.outbox_last_sequence() == expected_events(expected)
     finally:
         reopened.close()
+
+
+def expected_events(state: dict[str, list[tuple[bytes, bytes]]]) -> int:
+    """The newest event sequence LMDB holds (its outbox keys are big-endian sequences)."""
+    return int.from_bytes(state["outbox"][-1][0], "big")
+
+
+def test_a_large_batch_that_fails_leaves_what_is_pending_as_it_was(loaded: Path) -> None:
+    ledger = logging_ledger(loaded)
+    try:
+        approve(ledger, range(1, 1 + SMALL))
+        pending = ledger._pending
+        assert pending is not None
+        expected = dump(pending, ledger)
+        with pytest.raises(RuntimeError), ledger.write(log_ahead=False) as writer:
+            writer.put_idempotent(b"scope", b"value")
+            raise RuntimeError("a bug in the batch")
+        assert ledger._pending is pending  # still pending, still to be checkpointed
+        assert ledger.checkpoint()
+        assert lmdb_state(ledger) == expected  # the logged batch, nothing of the failed one
+    finally:
+        ledger.close()
+
+
+class _RefusedCommit:
+    """A pending transaction whose commit LMDB refuses (py-lmdb's types take no patches)."""
+
+    def __init__(self, txn: lmdb.Transaction) -> None:
+        self.txn = txn
+
+    def commit(self) -> None:
+        self.txn.abort()  # as LMDB leaves a transaction whose commit failed: ended
+        raise lmdb.DiskError("No space left on device")
+
+    def abort(self) -> None:
+        self.txn.abort()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.txn, name)
+
+
+class _Environment:
+    """The ledger's environment, beginning nested transactions in the real pending one."""
+
+    def __init__(self, env: lmdb.Environment) -> None:
+        self.env = env
+
+    def begin(self, *, parent: object = None, **options: object) -> lmdb.Transaction:
+        if isinstance(parent, _RefusedCommit):
+            parent = parent.txn
+        return self.env.begin(parent=parent, **options)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.env, name)
+
+
+def test_a_refused_checkpoint_with_a_large_batch_replays_the_log_and_fails_the_batch(
+    loaded: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = logging_ledger(loaded)
+    try:
+        approve(ledger, range(1, 1 + SMALL))
+        pending = ledger._pending
+        assert pending is not None
+        expected = dump(pending, ledger)
+        monkeypatch.setattr(ledger, "env", _Environment(ledger.env))
+        ledger._pending = _RefusedCommit(pending)  # type: ignore[assignment]
+        authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600)
+        large = requests(range(11, 11 + limits.logged_batch_requests_max))
+        outcomes = authorizer.authorize_batch(large, NOW)
+        assert {(o.response_code, o.reason) for o in outcomes} == {("96", "ledger_error:DiskError")}
+        monkeypatch.undo()
+        assert ledger._pending is None
+        assert lmdb_state(ledger) == expected  # the logged batch stands; the large one is not
+    finally:
+        ledger.close()
