@@ -87,7 +87,8 @@ light_link_in_flight_max: Final = 8
 light_links_check_seconds: Final = 0.05
 # ... and only once the queue has been longer than a time-bounded batch for this long.
 saturated_seconds_min: Final = 0.1
-# A batch that takes a light link's request beside a busy link's is cut to this many.
+# A batch that takes a light link's request beside a busy link's is cut to this many (fewer
+# than logged_batch_requests_max while the ledger logs: Daemon._light_batch_size).
 light_batch_size: Final = 8
 # ... and while a light link is about but has nothing queued, a batch of a greedy link's
 # requests (one with more than greedy_link_in_flight_min in flight) is bounded to this time (or

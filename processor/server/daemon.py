@@ -598,7 +598,7 @@ class Daemon:
                 # A light link's request waits beside a busy link's many: its batch short, so
                 # it waits for little more than the batch under way (specs/messages.md).
                 self.protecting_light_link = True
-                return min(self._pacer.size, limits.light_batch_size)
+                return min(self._pacer.size, self._light_batch_size())
             greedy_min = limits.greedy_link_in_flight_min
             if any(link.in_flight > greedy_min for link in ready) and self._light_link_about(now):
                 self.protecting_light_link = True
@@ -613,6 +613,14 @@ class Daemon:
         if self._light_link_about(now) or self.backlogged_links:
             return self._pacer.size
         return self._pacer.size_max
+
+    def _light_batch_size(self) -> int:
+        """What a batch holding a light link's request beside a busy link's is cut to: while
+        the ledger logs, few enough to be logged (one flush of the log where an LMDB commit
+        is two; the busy link's next batch then commits it with its own, Ledger.write)."""
+        if self.ledger.logging:
+            return min(limits.light_batch_size, limits.logged_batch_requests_max - 1)
+        return limits.light_batch_size
 
     def _light_link_about(self, now: float) -> bool:
         """Whether a link queued a request within limits.light_link_seconds and has few in

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import iso8583
 import msgspec
@@ -71,19 +71,32 @@ class FakeTransport:
 
 
 def make_daemon(
-    tmp_path: Path, batch_size_max: int = 256, batch_seconds_max: float = 0.005, **listener: object
+    tmp_path: Path,
+    batch_size_max: int = 256,
+    batch_seconds_max: float = 0.005,
+    *,
+    logging: bool = False,
+    **listener: object,
 ) -> Daemon:
+    """A daemon on a ledger without fsync, or, `logging`, with fsync and the write-ahead log
+    (as the daemon runs by default with one worker)."""
+    durability: Literal["fsync", "process"] = "fsync" if logging else "process"
     config = Config()
     config = msgspec.structs.replace(
         config,
         listeners=(msgspec.structs.replace(config.listeners[0], **listener),),
         ledger=msgspec.structs.replace(
-            config.ledger, path=str(tmp_path), durability="process", batch_size_max=batch_size_max
+            config.ledger, path=str(tmp_path), durability=durability, batch_size_max=batch_size_max
         ),
         server=msgspec.structs.replace(config.server, batch_seconds_max=batch_seconds_max),
     )
     hasher = PanHasher(b"protocol-test-key")
-    ledger = Ledger(tmp_path, durability="process", map_size_bytes=64 << 20)
+    ledger = Ledger(
+        tmp_path,
+        durability=durability,
+        map_size_bytes=64 << 20,
+        write_ahead_log_bytes=(1 << 20) if logging else 0,
+    )
     load_path(ledger, demo_data_path(), hasher)
     return Daemon(config, ledger, hasher, Metrics())
 
@@ -379,10 +392,12 @@ def test_batches_are_bounded_in_time_unless_saturated_with_no_light_link_about(
     daemon.ledger.close()
 
 
+@pytest.mark.parametrize("logging", [False, True])
 def test_a_light_links_request_beside_a_busy_links_goes_in_a_short_batch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logging: bool
 ) -> None:
-    daemon = make_daemon(tmp_path)
+    daemon = make_daemon(tmp_path, logging=logging)
+    assert daemon.ledger.logging == logging
     daemon._pacer.size = 32  # as if 32 requests fill the time budget
     monkeypatch.setattr(Pacer, "measured", lambda *args: None)
     busy, busy_transport = new_link(daemon), FakeTransport()
@@ -397,9 +412,12 @@ def test_a_light_links_request_beside_a_busy_links_goes_in_a_short_batch(
     run(body, turns=20)
     batches = frames_per_write(busy_transport)
     # The first batch takes the light link's request with 7 of the busy link's (round-robin,
-    # cut to limits.light_batch_size); then the busy link's rest in batches of the pacer's size.
-    assert batches == [limits.light_batch_size - 1, 32, 1]
+    # cut to limits.light_batch_size), or with 2 while the ledger logs (a batch of 3 is logged:
+    # one flush); then the busy link's rest in batches of the pacer's size.
+    first = limits.logged_batch_requests_max - 1 if logging else limits.light_batch_size
+    assert batches == [first - 1, 32, 40 - 32 - (first - 1)]
     assert [f["39"] for f in light_transport.frames()] == ["00"]
+    assert all(f["39"] == "00" for f in busy_transport.frames())
     daemon.ledger.close()
 
 
