@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +270,7 @@ def measure(args: argparse.Namespace) -> int:
             if args.overload:
                 session.links = args.links
                 session.depth = 32
+                refusals_before = refusals(session.http_port)
                 record = run_one(
                     session,
                     "overload",
@@ -280,6 +282,12 @@ def measure(args: argparse.Namespace) -> int:
                 )
                 result = record["loadgen"]
                 codes = " ".join(f"{k}={n}" for k, n in sorted(result["codes_by_mti"].items()))
+                refused = {
+                    reason: count - refusals_before.get(reason, 0)
+                    for reason, count in refusals(session.http_port).items()
+                }
+                record["refusals"] = refused
+                codes += "; 91 " + ", ".join(f"{r} {n:.0f}" for r, n in sorted(refused.items()))
                 latency = result["latency_us"]
                 print(
                     f"\noverload {args.overload}/s for {args.duration}s over {args.links} links: "
@@ -302,6 +310,19 @@ def measure(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     return 1 if session.problems else 0
+
+
+def refusals(http_port: int) -> dict[str, float]:
+    """The daemon's 91s so far by reason (/metrics): at arrival (issuer_overloaded) or after
+    waiting out the deadline in the queue (issuer_deadline)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("processor_requests_total{") and 'response_code="91"' in line:
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            counts[reason] = counts.get(reason, 0.0) + float(line.rpartition(" ")[2])
+    return counts
 
 
 def main() -> int:
