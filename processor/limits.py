@@ -187,6 +187,7 @@ assert header_bytes_max < frame_bytes_max
 assert batch_size_max <= in_flight_per_link_max
 assert light_link_in_flight_max < greedy_link_in_flight_min <= in_flight_per_link_max
 assert light_turn_seconds_max <= turn_seconds_max
+assert logged_batch_requests_max >= 2  # a light link's batch is cut to one less
 assert links_max >= sim_connections_max
 
 # Card verification keys one card range may list at once (the issuing key and older ones

@@ -203,7 +203,7 @@ class Ledger:
         # committed into it as a nested transaction once its log record was flushed.
         self._pending: lmdb.Transaction | None = None
         self._generation = 0  # of the log records the pending checkpoint's batches wrote
-        self._broken: str | None = None  # why logged writes stopped (a checkpoint was lost)
+        self._broken: str | None = None  # why writes stopped (a checkpoint was lost)
         self.pending_since: float | None = None  # perf_counter when the pending one began
         # Whether the latest write went to the log (in LMDB at the next checkpoint) rather
         # than straight into LMDB (visible to other processes at once).
@@ -405,10 +405,14 @@ class Ledger:
             # LMDB aborted it; the log still holds every batch of it: replay them.
             log.error("ledger %s: checkpoint failed (%s); replaying the log", self.path, error)
             self._replay_alone()
+        self._checkpointed(started)
+        return True
+
+    def _checkpointed(self, started: float) -> None:
+        """What was pending is in LMDB (committed, or replayed after a failed commit)."""
         self.last_checkpoint_seconds = time.perf_counter() - started
         if self.on_checkpoint is not None:
             self.on_checkpoint()
-        return True
 
     def _replay_alone(self) -> None:
         """The pending generation again from the log, in a transaction of its own (after a
@@ -497,6 +501,10 @@ class Ledger:
         `log_ahead` is False: then committed through LMDB, after what is pending (a large
         batch: its LMDB commit is shared by many requests, and the log would add its own)."""
         self.last_write_logged = self._wal is not None and log_ahead
+        if self._broken is not None:
+            # Batches answered and logged are not in LMDB: a write committed over them now
+            # would be overwritten by their older values when a restart replays the log.
+            raise LedgerError(f"ledger {self.path}: no writes until a restart: {self._broken}")
         if self._wal is not None:
             if log_ahead:
                 with self._write_logged() as logged:
@@ -524,8 +532,6 @@ class Ledger:
         before it is committed into it; nothing of it applied if the block or the log fails."""
         wal = self._wal
         assert wal is not None
-        if self._broken is not None:
-            raise LedgerError(f"ledger {self.path}: no writes until a restart: {self._broken}")
         parent = self._pending
         if parent is None:
             parent = self._begin(write=True)
@@ -605,11 +611,10 @@ class Ledger:
             with suppress(lmdb.Error):
                 parent.abort()  # after a failed nested commit; a failed commit has ended it
             self._replay_alone()  # the logged batches; LedgerError if it cannot
+            self._checkpointed(started)
             raise  # this batch was not applied: it fails as on any failed commit
-        finally:
-            self.last_commit_seconds = self.last_checkpoint_seconds = time.perf_counter() - started
-            if self.on_checkpoint is not None:
-                self.on_checkpoint()
+        self._checkpointed(started)
+        self.last_commit_seconds = self.last_checkpoint_seconds
 
     def _log_failed(self, wal: WriteAheadLog, error: OSError) -> None:
         """After a failed write or flush the file's state is unknown (the kernel may have

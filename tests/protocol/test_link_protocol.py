@@ -409,8 +409,12 @@ def test_a_light_links_request_beside_a_busy_links_goes_in_a_short_batch(
         busy.data_received(b"".join(auth_frame(stan) for stan in range(1, 41)))
         light.data_received(auth_frame(100))
 
+    committed = daemon.ledger.env.info()["last_txnid"]
     run(body, turns=20)
     batches = frames_per_write(busy_transport)
+    if logging:  # the batch of 3 logged; the busy link's next one committed it with its own
+        assert daemon.ledger._pending is None
+        assert daemon.ledger.env.info()["last_txnid"] == committed + 2  # that one, then 6
     # The first batch takes the light link's request with 7 of the busy link's (round-robin,
     # cut to limits.light_batch_size), or with 2 while the ledger logs (a batch of 3 is logged:
     # one flush); then the busy link's rest in batches of the pacer's size.

@@ -375,13 +375,20 @@ def expected_events(state: dict[str, list[tuple[bytes, bytes]]]) -> int:
     return int.from_bytes(state["outbox"][-1][0], "big")
 
 
+def pending_after_a_logged_batch(
+    ledger: Ledger,
+) -> tuple[lmdb.Transaction, dict[str, list[tuple[bytes, bytes]]]]:
+    """A small batch approved (logged, pending), the pending transaction, and what it holds."""
+    approve(ledger, range(1, 1 + SMALL))
+    pending = ledger._pending
+    assert pending is not None
+    return pending, dump(pending, ledger)
+
+
 def test_a_large_batch_that_fails_leaves_what_is_pending_as_it_was(loaded: Path) -> None:
     ledger = logging_ledger(loaded)
     try:
-        approve(ledger, range(1, 1 + SMALL))
-        pending = ledger._pending
-        assert pending is not None
-        expected = dump(pending, ledger)
+        pending, expected = pending_after_a_logged_batch(ledger)
         with pytest.raises(RuntimeError), ledger.write(log_ahead=False) as writer:
             writer.put_idempotent(b"scope", b"value")
             raise RuntimeError("a bug in the batch")
@@ -410,14 +417,18 @@ class _RefusedCommit:
 
 
 class _Environment:
-    """The ledger's environment, beginning nested transactions in the real pending one."""
+    """The ledger's environment, beginning nested transactions in the real pending one;
+    `refusing` write transactions of its own (as when the disk is gone)."""
 
-    def __init__(self, env: lmdb.Environment) -> None:
+    def __init__(self, env: lmdb.Environment, *, refusing: bool = False) -> None:
         self.env = env
+        self.refusing = refusing
 
     def begin(self, *, parent: object = None, **options: object) -> lmdb.Transaction:
         if isinstance(parent, _RefusedCommit):
             parent = parent.txn
+        elif parent is None and options.get("write") and self.refusing:
+            raise lmdb.DiskError("Input/output error")
         return self.env.begin(parent=parent, **options)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> object:
@@ -429,10 +440,7 @@ def test_a_refused_checkpoint_with_a_large_batch_replays_the_log_and_fails_the_b
 ) -> None:
     ledger = logging_ledger(loaded)
     try:
-        approve(ledger, range(1, 1 + SMALL))
-        pending = ledger._pending
-        assert pending is not None
-        expected = dump(pending, ledger)
+        pending, expected = pending_after_a_logged_batch(ledger)
         monkeypatch.setattr(ledger, "env", _Environment(ledger.env))
         ledger._pending = _RefusedCommit(pending)  # type: ignore[assignment]
         authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600)
@@ -444,3 +452,38 @@ def test_a_refused_checkpoint_with_a_large_batch_replays_the_log_and_fails_the_b
         assert lmdb_state(ledger) == expected  # the logged batch stands; the large one is not
     finally:
         ledger.close()
+
+
+def test_a_checkpoint_that_cannot_be_replayed_stops_every_write(
+    loaded: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The log's batches are then not in LMDB: a batch committed over them would be overwritten
+    # by their older values when a restart replays the log. So nothing commits, logged or not.
+    ledger = logging_ledger(loaded)
+    try:
+        ledger.checkpoint()
+        before = lmdb_state(ledger)
+        pending, _ = pending_after_a_logged_batch(ledger)
+        monkeypatch.setattr(ledger, "env", _Environment(ledger.env, refusing=True))
+        ledger._pending = _RefusedCommit(pending)  # type: ignore[assignment]
+        authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600)
+        large = requests(range(11, 11 + limits.logged_batch_requests_max))
+        outcomes = authorizer.authorize_batch(large, NOW)
+        assert {(o.response_code, o.reason) for o in outcomes} == {
+            ("96", "ledger_error:LedgerError")
+        }
+        monkeypatch.undo()  # the disk is back: still nothing until a restart replays the log
+        for batch in (requests(range(21, 22)), large):
+            outcomes = authorizer.authorize_batch(batch, NOW)
+            assert {o.reason for o in outcomes} == {"ledger_error:LedgerError"}
+        assert lmdb_state(ledger) == before
+    finally:
+        assert ledger._wal is not None
+        ledger._wal.close()  # nothing to checkpoint at close: the restart replays the log
+        ledger._wal = None
+        ledger.env.close()
+    reopened = logging_ledger(loaded)
+    try:
+        assert reopened.replayed == 1  # the logged batch, answered before the checkpoint failed
+    finally:
+        reopened.close()
