@@ -498,8 +498,9 @@ class Ledger:
     def write(self, *, log_ahead: bool = True) -> Iterator[Writer]:
         """One write transaction: commits (durably, per `durability`) unless the block raises.
         With the write-ahead log, durable once its record is flushed (`_write_logged`), unless
-        `log_ahead` is False: then committed through LMDB, after what is pending (a large
-        batch: its LMDB commit is shared by many requests, and the log would add its own)."""
+        `log_ahead` is False: then committed through LMDB, with what is pending if anything is
+        (`_write_with_pending`; a large batch: its LMDB commit is shared by many requests, and
+        the log would add its own). None once the ledger is broken (LedgerError)."""
         self.last_write_logged = self._wal is not None and log_ahead
         if self._broken is not None:
             # Batches answered and logged are not in LMDB: a write committed over them now
