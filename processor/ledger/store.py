@@ -608,7 +608,10 @@ class Ledger:
             child.commit()
             parent.commit()
         except lmdb.Error as error:
-            log.error("ledger %s: checkpoint failed (%s); replaying the log", self.path, error)
+            if isinstance(error, lmdb.MapFullError):  # the caller grows the map and reruns
+                log.warning("ledger %s: map full at a checkpoint; replaying the log", self.path)
+            else:
+                log.error("ledger %s: checkpoint failed (%s); replaying the log", self.path, error)
             with suppress(lmdb.Error):
                 parent.abort()  # after a failed nested commit; a failed commit has ended it
             self._replay_alone()  # the logged batches; LedgerError if it cannot
