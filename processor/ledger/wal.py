@@ -25,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,10 @@ import msgspec
 HEADER: Final = struct.Struct("<IIQ")
 GENERATION: Final = struct.Struct("<Q")
 FILL_CHUNK_BYTES: Final = 1 << 20
+# A second logger is refused after this many tries this far apart (a reader's look holds a
+# shared lock for a moment).
+LOCK_ATTEMPTS: Final = 20
+LOCK_RETRY_SECONDS: Final = 0.005
 
 # One change: (database name, key, value), value None for a delete. Names rather than
 # positions, so that a record written by one build replays into the same database in another.
@@ -71,28 +76,37 @@ class WriteAheadLog:
 
     def __init__(self, path: Path, size_bytes: int) -> None:
         self.path = path
-        created = not path.exists()
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise LogInUse(f"{path} is locked by another process") from None
+            self._lock(path)
             if os.fstat(self._fd).st_size < size_bytes:
                 # Real zeros, not a sparse or fallocated range: a flush of a write into a block
                 # the file system has yet to allocate (or mark written) commits its journal too.
                 self._fill(os.fstat(self._fd).st_size, size_bytes)
-                if created:
-                    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-                    try:
-                        os.fsync(directory)
-                    finally:
-                        os.close(directory)
+            # The file's name too, at every open (once per start): an opener that died after
+            # creating it, before this, left an entry that may not be on disk yet.
+            directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
         except (OSError, LogInUse):
             os.close(self._fd)
             raise
         self.size_bytes = os.fstat(self._fd).st_size
         self._offset = 0
+
+    def _lock(self, path: Path) -> None:
+        """The exclusive lock, or LogInUse. A reader's look (`held`) takes a shared lock for
+        a moment: waited out, a few times, rather than taken for a second logger."""
+        for attempt in range(LOCK_ATTEMPTS):
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if attempt + 1 < LOCK_ATTEMPTS:
+                    time.sleep(LOCK_RETRY_SECONDS)
+        raise LogInUse(f"{path} is locked by another process")
 
     def _fill(self, start: int, end: int) -> None:
         zeros = bytes(FILL_CHUNK_BYTES)
@@ -138,6 +152,20 @@ def held(path: Path) -> bool:
     finally:
         os.close(fd)  # and with it the shared lock, if it was taken
     return False
+
+
+def first_generation(path: Path) -> int | None:
+    """The generation of the record at the start of `path` (None: no file, or too short):
+    what a process that does not log looks at before each write (Ledger.write)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        header = os.pread(fd, HEADER.size, 0)
+    finally:
+        os.close(fd)
+    return HEADER.unpack(header)[2] if len(header) == HEADER.size else None
 
 
 def records(path: Path, generation: int) -> Iterator[bytes]:

@@ -7,8 +7,12 @@ before (every batch answered) must be the state the reopened ledger has, byte fo
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -537,5 +541,109 @@ def test_batches_that_fill_the_map_grow_it_and_apply_once(
     try:
         assert reopened.replayed == 1
         assert lmdb_state(reopened) == expected
+    finally:
+        reopened.close()
+
+
+def test_a_batch_the_log_had_no_room_for_fails_with_its_checkpoint(
+    loaded: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It went into the pending transaction unlogged: when that commit fails, the log rebuilds
+    # the logged batches only, so this one must be answered as failed, not as approved.
+    ledger = logging_ledger(loaded)
+    try:
+        pending, expected = pending_after_a_logged_batch(ledger)
+        monkeypatch.setattr(WriteAheadLog, "append", lambda *args: False)  # no room left
+        monkeypatch.setattr(ledger, "env", _Environment(ledger.env))
+        ledger._pending = _RefusedCommit(pending)  # type: ignore[assignment]
+        outcomes = Authorizer(
+            ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600
+        ).authorize_batch(requests(range(11, 12)), NOW)
+        assert [(o.response_code, o.reason) for o in outcomes] == [("96", "ledger_error:DiskError")]
+        monkeypatch.undo()
+        assert lmdb_state(ledger) == expected  # the logged batch; nothing of this one
+    finally:
+        ledger.close()
+
+
+def test_after_a_failed_flush_the_log_stays_locked_until_close(
+    loaded: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Batches commit through LMDB from then on; a second daemon must not start logging beside
+    # them (its records, replayed after it died, would overwrite what this one committed).
+    ledger = logging_ledger(loaded)
+    try:
+        approve(ledger, range(1, 1 + SMALL))
+
+        def failing_sync(self: WriteAheadLog) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(WriteAheadLog, "sync", failing_sync)
+        with pytest.raises(LedgerError), ledger.write() as writer:
+            writer.put_idempotent(b"scope", b"value")
+        monkeypatch.undo()
+        assert not ledger.logging
+        assert held(loaded / "wal")
+        with pytest.raises(LogInUse):
+            WriteAheadLog(loaded / "wal", LOG_BYTES)
+    finally:
+        ledger.close()
+    assert not held(loaded / "wal")
+
+
+def test_a_reader_looking_at_the_lock_does_not_keep_a_daemon_from_starting(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "wal"
+    WriteAheadLog(path, 64 << 10).close()
+    reader = os.open(path, os.O_RDONLY)
+    fcntl.flock(reader, fcntl.LOCK_SH)  # what `held` takes, for a moment, in a reader
+    threading.Timer(0.02, os.close, (reader,)).start()
+    log = WriteAheadLog(path, 64 << 10)  # waited the look out
+    log.close()
+
+
+DEAD_LOGGER = """
+import os, sys
+from datetime import UTC, datetime
+sys.path.insert(0, sys.argv[2])
+from support import authorization
+from processor.authorizer import Authorizer
+from processor.engine import ProgrammeRules
+from processor.ledger.store import Ledger
+from processor.security import PanHasher
+ledger = Ledger(sys.argv[1], map_size_bytes=64 << 20, write_ahead_log_bytes=1 << 20)
+hasher = PanHasher(b"write-ahead-log-test-key")
+outcome = Authorizer(ledger, hasher, ProgrammeRules(), hold_lifetime_seconds=3600).authorize_batch(
+    [authorization("4761739001010085", "000901", 100)], datetime(2026, 11, 24, 12, tzinfo=UTC)
+)[0]
+assert outcome.response_code == "00" and ledger.pending_since is not None, outcome
+os._exit(0)  # as kill -9: the answer is out, the batch is in the log only
+"""
+
+
+def test_a_tool_writing_after_the_daemon_died_replays_its_log_first(loaded: Path) -> None:
+    # A `processor ledger ...` tool opened the ledger while the daemon ran; the daemon then
+    # logged a batch and died before its checkpoint. The tool's next write puts that batch in
+    # first, or the daemon's restart would replay its older values over the tool's write.
+    tool = Ledger(loaded, map_size_bytes=64 << 20)  # does not log
+    try:
+        subprocess.run(
+            [sys.executable, "-c", DEAD_LOGGER, str(loaded), str(Path(__file__).parent)],
+            check=True,
+            timeout=60,
+        )
+        with tool.write() as writer:
+            writer.put_idempotent(b"scope", b"value")
+        with tool.read() as reader:
+            assert reader.answer(requests(range(901, 902))[0].answer_key) is not None
+            assert reader.idempotent(b"scope") is not None
+    finally:
+        tool.close()
+    reopened = logging_ledger(loaded)
+    try:
+        assert reopened.replayed == 0  # the tool did it
+        with reopened.read() as reader:
+            assert reader.idempotent(b"scope") is not None
     finally:
         reopened.close()
