@@ -592,7 +592,11 @@ class Ledger:
             try:
                 fits = wal.append(self._generation, encode_changes(logged.changes))
                 if fits:
-                    wal.sync()
+                    try:
+                        wal.sync()
+                    except OSError:
+                        wal.discard_last()  # answered as failed: never to be replayed
+                        raise
             except OSError as error:
                 child.abort()
                 self._log_failed(wal, error)

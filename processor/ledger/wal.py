@@ -28,6 +28,7 @@ import struct
 import time
 import zlib
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Final
 
@@ -72,7 +73,7 @@ class WriteAheadLog:
     holds an exclusive lock on the file while open (LogInUse for a second one), which also
     tells readers that records beyond the last checkpoint are not a crash's."""
 
-    __slots__ = ("_fd", "_offset", "path", "size_bytes")
+    __slots__ = ("_fd", "_last_start", "_offset", "path", "size_bytes")
 
     def __init__(self, path: Path, size_bytes: int) -> None:
         self.path = path
@@ -94,7 +95,7 @@ class WriteAheadLog:
             os.close(self._fd)
             raise
         self.size_bytes = os.fstat(self._fd).st_size
-        self._offset = 0
+        self._offset = self._last_start = 0
 
     def _lock(self, path: Path) -> None:
         """The exclusive lock, or LogInUse. A reader's look (`held`) takes a shared lock for
@@ -125,8 +126,16 @@ class WriteAheadLog:
         written = os.pwritev(self._fd, [header, payload], self._offset)
         if written != end - self._offset:
             raise OSError(f"write-ahead log {self.path}: short write ({written} bytes)")
-        self._offset = end
+        self._last_start, self._offset = self._offset, end
         return True
+
+    def discard_last(self) -> None:
+        """After the last record's flush failed (its batch answered as failed): its header
+        zeroed, so that no replay applies it: this process's own after a failed checkpoint,
+        or a restart's if the zeros reach the disk. Best effort: the device failed once."""
+        with suppress(OSError):
+            os.pwrite(self._fd, bytes(HEADER.size), self._last_start)
+        self._offset = self._last_start
 
     def sync(self) -> None:
         os.fdatasync(self._fd)

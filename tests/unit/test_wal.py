@@ -647,3 +647,26 @@ def test_a_tool_writing_after_the_daemon_died_replays_its_log_first(loaded: Path
             assert reader.idempotent(b"scope") is not None
     finally:
         reopened.close()
+
+
+def test_a_record_whose_flush_failed_is_never_replayed(
+    loaded: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its batch is answered 96. The record may still be whole in the page cache: when the
+    # checkpoint that follows is refused too, the rebuild from the log must not apply it.
+    ledger = logging_ledger(loaded)
+    try:
+        pending, expected = pending_after_a_logged_batch(ledger)
+
+        def failing_sync(self: WriteAheadLog) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(WriteAheadLog, "sync", failing_sync)
+        monkeypatch.setattr(ledger, "env", _Environment(ledger.env))
+        ledger._pending = _RefusedCommit(pending)  # type: ignore[assignment]
+        with pytest.raises(LedgerError, match="write-ahead log failed"), ledger.write() as writer:
+            writer.put_idempotent(b"scope", b"value")
+        monkeypatch.undo()
+        assert lmdb_state(ledger) == expected  # the logged batch, rebuilt; not the failed one
+    finally:
+        ledger.close()
