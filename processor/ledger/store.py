@@ -364,9 +364,15 @@ class Ledger:
         its first record until the checkpoint), which this process opened the ledger before.
         They go in first: a restart's replay would otherwise write their older values over
         this transaction's. A header read per transaction (a few microseconds)."""
-        if first_generation(self._wal_path) != self._next_generation(txn):
+        generation = self._next_generation(txn)
+        if first_generation(self._wal_path) != generation:
             return
         replayed = self._replay(txn)
+        if not replayed:
+            # Its first record torn (never flushed, so never answered): passed over for good,
+            # or every write of this process would read the whole log again.
+            txn.put(b"wal_generation", GENERATION.pack(generation), db=self._dbs["meta"])
+            return
         log.warning(
             "ledger %s: replayed %d batches of a daemon that stopped before its checkpoint",
             self.path,

@@ -670,3 +670,37 @@ def test_a_record_whose_flush_failed_is_never_replayed(
         assert lmdb_state(ledger) == expected  # the logged batch, rebuilt; not the failed one
     finally:
         ledger.close()
+
+
+def test_a_torn_first_record_of_a_dead_daemon_is_passed_over_once(
+    loaded: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its header names the next generation, its payload never reached the disk whole (so its
+    # batch was never answered): a tool's write passes it over for good, not at every write.
+    tool = Ledger(loaded, map_size_bytes=64 << 20)
+    try:
+        with tool.read() as reader:
+            assert reader.idempotent(b"scope") is None
+        with tool.env.begin() as txn:
+            generation = tool._next_generation(txn)
+        torn = HEADER.pack(100, 0, generation) + bytes(10)  # a checksum its payload fails
+        fd = os.open(loaded / "wal", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, torn, 0)
+        finally:
+            os.close(fd)
+        read: list[object] = []
+
+        def reading(path: Path, generation: int) -> Iterator[bytes]:
+            read.append(generation)
+            return records(path, generation)  # the real reader: the torn record ends it
+
+        monkeypatch.setattr("processor.ledger.store.logged_records", reading)
+        for _ in range(3):
+            with tool.write() as writer:
+                writer.put_idempotent(b"scope", b"value")
+        assert len(read) == 1  # looked into once
+        with tool.env.begin() as txn:
+            assert tool._next_generation(txn) == generation + 1
+    finally:
+        tool.close()
