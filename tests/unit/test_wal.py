@@ -244,9 +244,6 @@ def test_a_failed_flush_applies_nothing_and_later_batches_commit_through_lmdb(
         with ledger.read() as reader:
             before = reader.outbox_last_sequence()
 
-        def failing_sync(self: WriteAheadLog) -> None:
-            raise OSError(5, "Input/output error")
-
         monkeypatch.setattr(WriteAheadLog, "sync", failing_sync)
         with (
             pytest.raises(LedgerError, match="write-ahead log failed"),
@@ -439,14 +436,31 @@ class _Environment:
         return getattr(self.env, name)
 
 
+def refuse_the_checkpoint(
+    ledger: Ledger,
+    pending: lmdb.Transaction,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    refusing: bool = False,
+) -> None:
+    """LMDB will refuse to commit `pending` (and, `refusing`, any write transaction of the
+    ledger's own, as a rebuild from the log begins); `monkeypatch.undo()` ends it."""
+    monkeypatch.setattr(ledger, "env", _Environment(ledger.env, refusing=refusing))
+    ledger._pending = _RefusedCommit(pending)  # type: ignore[assignment]
+
+
+def failing_sync(self: WriteAheadLog) -> None:
+    """WriteAheadLog.sync when the device fails the flush."""
+    raise OSError(5, "Input/output error")
+
+
 def test_a_refused_checkpoint_with_a_large_batch_replays_the_log_and_fails_the_batch(
     loaded: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ledger = logging_ledger(loaded)
     try:
         pending, expected = pending_after_a_logged_batch(ledger)
-        monkeypatch.setattr(ledger, "env", _Environment(ledger.env))
-        ledger._pending = _RefusedCommit(pending)  # type: ignore[assignment]
+        refuse_the_checkpoint(ledger, pending, monkeypatch)
         authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600)
         large = requests(range(11, 11 + limits.logged_batch_requests_max))
         outcomes = authorizer.authorize_batch(large, NOW)
@@ -468,8 +482,7 @@ def test_a_checkpoint_that_cannot_be_replayed_stops_every_write(
         ledger.checkpoint()
         before = lmdb_state(ledger)
         pending, _ = pending_after_a_logged_batch(ledger)
-        monkeypatch.setattr(ledger, "env", _Environment(ledger.env, refusing=True))
-        ledger._pending = _RefusedCommit(pending)  # type: ignore[assignment]
+        refuse_the_checkpoint(ledger, pending, monkeypatch, refusing=True)
         authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600)
         large = requests(range(11, 11 + limits.logged_batch_requests_max))
         outcomes = authorizer.authorize_batch(large, NOW)
@@ -554,8 +567,7 @@ def test_a_batch_the_log_had_no_room_for_fails_with_its_checkpoint(
     try:
         pending, expected = pending_after_a_logged_batch(ledger)
         monkeypatch.setattr(WriteAheadLog, "append", lambda *args: False)  # no room left
-        monkeypatch.setattr(ledger, "env", _Environment(ledger.env))
-        ledger._pending = _RefusedCommit(pending)  # type: ignore[assignment]
+        refuse_the_checkpoint(ledger, pending, monkeypatch)
         outcomes = Authorizer(
             ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600
         ).authorize_batch(requests(range(11, 12)), NOW)
@@ -574,9 +586,6 @@ def test_after_a_failed_flush_the_log_stays_locked_until_close(
     ledger = logging_ledger(loaded)
     try:
         approve(ledger, range(1, 1 + SMALL))
-
-        def failing_sync(self: WriteAheadLog) -> None:
-            raise OSError(5, "Input/output error")
 
         monkeypatch.setattr(WriteAheadLog, "sync", failing_sync)
         with pytest.raises(LedgerError), ledger.write() as writer:
@@ -657,13 +666,8 @@ def test_a_record_whose_flush_failed_is_never_replayed(
     ledger = logging_ledger(loaded)
     try:
         pending, expected = pending_after_a_logged_batch(ledger)
-
-        def failing_sync(self: WriteAheadLog) -> None:
-            raise OSError(5, "Input/output error")
-
         monkeypatch.setattr(WriteAheadLog, "sync", failing_sync)
-        monkeypatch.setattr(ledger, "env", _Environment(ledger.env))
-        ledger._pending = _RefusedCommit(pending)  # type: ignore[assignment]
+        refuse_the_checkpoint(ledger, pending, monkeypatch)
         with pytest.raises(LedgerError, match="write-ahead log failed"), ledger.write() as writer:
             writer.put_idempotent(b"scope", b"value")
         monkeypatch.undo()
