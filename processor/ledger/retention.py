@@ -38,7 +38,13 @@ import msgspec
 
 from processor import limits
 from processor.config import RetentionConfig
-from processor.ledger.records import ClearedRecord, EventCodec, IdempotentResponse, StoredAnswer
+from processor.ledger.records import (
+    AnswerTime,
+    ClearedRecord,
+    EventCodec,
+    IdempotentResponse,
+    StoredAnswer,
+)
 from processor.ledger.store import Cursor, Writer, answer_key_of
 
 _U64 = struct.Struct(">Q")
@@ -95,6 +101,7 @@ class Retention:
         self._events_seen: int | None = None  # the ledger's event count at the last budget
         self._owed = 0  # visits earned by new events and not yet spent
         self._answer = msgspec.msgpack.Decoder(StoredAnswer)
+        self._answer_time = msgspec.msgpack.Decoder(AnswerTime)
         self._events_codec = EventCodec()
         self._cleared = msgspec.msgpack.Decoder(ClearedRecord)
         self._idempotent = msgspec.msgpack.Decoder(IdempotentResponse)
@@ -189,13 +196,14 @@ class Retention:
                 done.wrapped = True
                 return
             done.count(done.visited, "answers")
+            raw = cursor.value()
             try:
-                answer = self._answer.decode(cursor.value())
+                if self._answer_time.decode(raw).answered_ms >= cutoff:
+                    cursor.next()  # the usual case: too young, and only its time decoded
+                    continue
+                answer = self._answer.decode(raw)
             except msgspec.DecodeError:
                 done.keep("answers", "unreadable")
-                cursor.next()
-                continue
-            if answer.answered_ms >= cutoff:
                 cursor.next()
                 continue
             if answer.hold is not None and answer.hold.status == "open":

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from support import authorization
 
 from processor.authorizer import Authorizer
 from processor.config import RetentionConfig
 from processor.engine import ProgrammeRules
 from processor.ledger.load import load_path
-from processor.ledger.records import ClearedRecord, IdempotentResponse
+from processor.ledger.records import AnswerTime, ClearedRecord, IdempotentResponse, StoredAnswer
 from processor.ledger.retention import Retention, SweepStep
 from processor.ledger.store import Ledger
 from processor.ledger.verify import verify
@@ -302,3 +304,23 @@ def test_an_unreadable_delivery_state_keeps_every_event(tmp_path: Path) -> None:
     floor = DeliveryFloor(config)
     assert floor() == 1  # as if nothing were delivered: no event is pruned
     assert DeliveryFloor(Config(ledger=LedgerConfig(path=str(tmp_path / "x"))))() is None
+
+
+@given(
+    st.builds(
+        StoredAnswer,
+        fingerprint=st.binary(max_size=40),
+        response=st.dictionaries(st.sampled_from(["4", "37", "38", "39", "43"]), st.text()),
+        response_code=st.text(max_size=2),
+        reason=st.text(max_size=40),
+        answered_ms=st.integers(0, 2**62),
+        card_id=st.none() | st.text(max_size=20),
+        hold_id=st.none() | st.integers(0, 2**40),
+        previous_for_card=st.none() | st.binary(max_size=40),
+    )
+)
+def test_an_answers_time_reads_as_the_whole_answer_gives_it(answer: StoredAnswer) -> None:
+    # What the clock hand decodes of a young answer (AnswerTime) must be StoredAnswer's own
+    # answered_ms: the two types' first fields agree.
+    raw = msgspec.msgpack.encode(answer)
+    assert msgspec.msgpack.decode(raw, type=AnswerTime).answered_ms == answer.answered_ms
