@@ -429,15 +429,28 @@ class Ledger:
         try:
             parent.commit()
         except lmdb.Error as error:
-            # LMDB aborted it; the log still holds every batch of it: replay them.
-            log.error("ledger %s: checkpoint failed (%s); replaying the log", self.path, error)
-            self._replay_alone()
-            self._checkpointed(started)
+            self._rebuild_from_log(parent, "checkpoint", error, started)
             if holding_unlogged:
                 raise
             return True
         self._checkpointed(started)
         return True
+
+    def _rebuild_from_log(
+        self, parent: lmdb.Transaction, what: str, error: lmdb.Error, started: float
+    ) -> None:
+        """The pending transaction `parent` could not commit (or take a batch: `what` failed):
+        ended, and its batches rebuilt from the log in a transaction of their own, which is
+        then the checkpoint. LedgerError (writes refused until a restart) if even that fails."""
+        if isinstance(error, lmdb.MapFullError):  # _replay_alone grows the map; so may the caller
+            log.warning("ledger %s: map full at the %s; replaying the log", self.path, what)
+        else:
+            log.error("ledger %s: %s failed (%s); replaying the log", self.path, what, error)
+        with suppress(lmdb.Error):
+            parent.abort()  # a failed commit has ended it already
+        self._pending = self.pending_since = None
+        self._replay_alone()
+        self._checkpointed(started)
 
     def _checkpointed(self, started: float) -> None:
         """What was pending is in LMDB (committed, or replayed after a failed commit)."""
@@ -612,12 +625,7 @@ class Ledger:
         except lmdb.Error as error:
             # Logged, but not in the pending transaction: the log is the truth; rebuild from
             # it. Then the batch is in LMDB, durably, as logged, and its answers stand.
-            log.error("ledger %s: nested commit failed (%s); replaying the log", self.path, error)
-            parent.abort()
-            self._pending = self.pending_since = None
-            self._replay_alone()  # LedgerError if it cannot: nothing more is written then
-            if self.on_checkpoint is not None:
-                self.on_checkpoint()
+            self._rebuild_from_log(parent, "nested commit", error, started)
         else:
             if not fits:  # more than the log has room for: durable through LMDB
                 self.checkpoint(holding_unlogged=True)
@@ -646,14 +654,7 @@ class Ledger:
             child.commit()
             parent.commit()
         except lmdb.Error as error:
-            if isinstance(error, lmdb.MapFullError):  # the caller grows the map and reruns
-                log.warning("ledger %s: map full at a checkpoint; replaying the log", self.path)
-            else:
-                log.error("ledger %s: checkpoint failed (%s); replaying the log", self.path, error)
-            with suppress(lmdb.Error):
-                parent.abort()  # after a failed nested commit; a failed commit has ended it
-            self._replay_alone()  # the logged batches; LedgerError if it cannot
-            self._checkpointed(started)
+            self._rebuild_from_log(parent, "checkpoint", error, started)
             raise  # this batch was not applied: it fails as on any failed commit
         self._checkpointed(started)
         self.last_commit_seconds = self.last_checkpoint_seconds
