@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from support import authorization
 
 from processor import limits
-from processor.authorizer import Authorizer
+from processor.authorizer import Authorizer, Outcome
 from processor.engine import ProgrammeRules
 from processor.ledger.load import load_path
 from processor.ledger.store import Ledger, LedgerError
@@ -156,9 +156,14 @@ def requests(stans: range, amount: int = 100) -> list[AuthorizationRequest]:
     return [authorization(PANS[stan % len(PANS)], f"{stan:06d}", amount) for stan in stans]
 
 
-def approve(ledger: Ledger, stans: range, amount: int = 100) -> None:
+def authorize(ledger: Ledger, batch: list[AuthorizationRequest]) -> list[Outcome]:
+    """One batch, decided and applied as the daemon does."""
     authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600)
-    outcomes = authorizer.authorize_batch(requests(stans, amount), NOW)
+    return authorizer.authorize_batch(batch, NOW)
+
+
+def approve(ledger: Ledger, stans: range, amount: int = 100) -> None:
+    outcomes = authorize(ledger, requests(stans, amount))
     # Approvals, and declines that are decisions too (limits, funds): never a 96.
     assert {outcome.response_code for outcome in outcomes} <= {"00", "51", "61", "65"}, {
         outcome.reason for outcome in outcomes
@@ -461,9 +466,8 @@ def test_a_refused_checkpoint_with_a_large_batch_replays_the_log_and_fails_the_b
     try:
         pending, expected = pending_after_a_logged_batch(ledger)
         refuse_the_checkpoint(ledger, pending, monkeypatch)
-        authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600)
         large = requests(range(11, 11 + limits.logged_batch_requests_max))
-        outcomes = authorizer.authorize_batch(large, NOW)
+        outcomes = authorize(ledger, large)
         assert {(o.response_code, o.reason) for o in outcomes} == {("96", "ledger_error:DiskError")}
         monkeypatch.undo()
         assert ledger._pending is None
@@ -483,15 +487,14 @@ def test_a_checkpoint_that_cannot_be_replayed_stops_every_write(
         before = lmdb_state(ledger)
         pending, _ = pending_after_a_logged_batch(ledger)
         refuse_the_checkpoint(ledger, pending, monkeypatch, refusing=True)
-        authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600)
         large = requests(range(11, 11 + limits.logged_batch_requests_max))
-        outcomes = authorizer.authorize_batch(large, NOW)
+        outcomes = authorize(ledger, large)
         assert {(o.response_code, o.reason) for o in outcomes} == {
             ("96", "ledger_error:LedgerError")
         }
         monkeypatch.undo()  # the disk is back: still nothing until a restart replays the log
         for batch in (requests(range(21, 22)), large):
-            outcomes = authorizer.authorize_batch(batch, NOW)
+            outcomes = authorize(ledger, batch)
             assert {o.reason for o in outcomes} == {"ledger_error:LedgerError"}
         assert lmdb_state(ledger) == before
     finally:
@@ -568,9 +571,7 @@ def test_a_batch_the_log_had_no_room_for_fails_with_its_checkpoint(
         pending, expected = pending_after_a_logged_batch(ledger)
         monkeypatch.setattr(WriteAheadLog, "append", lambda *args: False)  # no room left
         refuse_the_checkpoint(ledger, pending, monkeypatch)
-        outcomes = Authorizer(
-            ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600
-        ).authorize_batch(requests(range(11, 12)), NOW)
+        outcomes = authorize(ledger, requests(range(11, 12)))
         assert [(o.response_code, o.reason) for o in outcomes] == [("96", "ledger_error:DiskError")]
         monkeypatch.undo()
         assert lmdb_state(ledger) == expected  # the logged batch; nothing of this one
