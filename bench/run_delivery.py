@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from run_spread import (
     build_ledger,
     build_loadgen,
     daemon_config,
+    metrics_text,
     process_cpu_seconds,
     run_one,
 )
@@ -147,10 +147,7 @@ def delivery_cpu_seconds(daemon_pid: int) -> float | None:
 
 
 def scrape(http_port: int, name: str) -> float | None:
-    url = f"http://127.0.0.1:{http_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    for line in text.splitlines():
+    for line in metrics_text(http_port).splitlines():
         key, _, value = line.rpartition(" ")
         if key == name:
             return float(value)

@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,7 @@ from run_spread import (
     build_loadgen,
     card_pan,
     daemon_config,
+    metrics_text,
     run_one,
     write_requests,
 )
@@ -315,10 +315,8 @@ def measure(args: argparse.Namespace) -> int:
 def refusals(http_port: int) -> dict[str, float]:
     """The daemon's 91s so far by reason (/metrics): at arrival (issuer_overloaded) or after
     waiting out the deadline in the queue (issuer_deadline)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
     counts: dict[str, float] = {}
-    for line in text.splitlines():
+    for line in metrics_text(http_port).splitlines():
         if line.startswith("processor_requests_total{") and 'response_code="91"' in line:
             reason = line.split('reason="', 1)[1].split('"', 1)[0]
             counts[reason] = counts.get(reason, 0.0) + float(line.rpartition(" ")[2])

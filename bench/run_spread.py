@@ -543,11 +543,16 @@ def run_one(session: Session, workload: str, profile: str, mode: str, **load: fl
 WORKER_REPORT_WAIT_SECONDS = 1.2
 
 
-def batch_metrics(http_port: int) -> dict[str, float]:
-    """The daemon's batch-size and commit-time histogram sums and counts, from /metrics."""
+def metrics_text(http_port: int) -> str:
+    """The daemon's /metrics, as Prometheus scrapes it."""
     url = f"http://127.0.0.1:{http_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
+        return str(response.read().decode())
+
+
+def batch_metrics(http_port: int) -> dict[str, float]:
+    """The daemon's batch-size and commit-time histogram sums and counts, from /metrics."""
+    text = metrics_text(http_port)
     wanted = (
         "processor_commit_batch_size_sum",
         "processor_commit_batch_size_count",
