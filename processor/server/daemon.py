@@ -349,7 +349,15 @@ class Daemon:
             outcome = self.authorizer.network_management(request)
             if outcome.reason in ("sign_on", "sign_off"):
                 link.signed_on = outcome.reason == "sign_on"
-                log.info("link %s: %s", link.peer, outcome.reason.replace("_", "-"))
+                # Within the address's budget: a peer may sign on and off as often as it likes.
+                self._peer_line(
+                    link,
+                    logging.INFO,
+                    outcome.reason,
+                    limits.log_lines_per_kind_burst,
+                    "link %s: %s",
+                    outcome.reason.replace("_", "-"),
+                )
             self._send(link, header, outcome, received_ns)
         else:
             self._send(link, header, self.authorizer.unsupported(request), received_ns)
@@ -426,7 +434,13 @@ class Daemon:
         # will be written, or a peer that reconnects after each close makes us do it each time
         # (42 % of the loop, measured). Past the budget, a frame that starts like an MTI is a
         # bad message in the right dialect: counted, and the bad-message rate closes the link.
-        if link.log_budget.would_allow("dialect_mismatch", time.monotonic()):
+        # The diagnosis itself is budgeted too: a frame in which no neighbouring dialect finds a
+        # cause writes no line, and would otherwise be diagnosed again on every bad frame.
+        now, budget = time.monotonic(), link.log_budget
+        if (
+            budget.would_allow("dialect_mismatch", now)
+            and budget.allow("dialect_diagnosis", now) is not None
+        ):
             cause = undecodable_cause(
                 frame,
                 bitmap=config.bitmap,
@@ -446,13 +460,35 @@ class Daemon:
         return True
 
     def _send(self, link: Link, header: bytes, outcome: Outcome, received_ns: int) -> None:
-        link.write(link.framer.frame(header, link.listener.codec.encode(outcome.fields)))
+        data = self._wire(link, header, outcome)
+        if data is not None:
+            link.write(data)
         self.metrics.answered(
             outcome.mti,
             outcome.response_code,
             outcome.reason,
             (time.perf_counter_ns() - received_ns) / 1e9,
         )
+
+    def _wire(self, link: Link, header: bytes, outcome: Outcome) -> bytes | None:
+        """The answer encoded and framed; None, logged (within the address's budget) and
+        counted as an internal error, when it cannot be: one answer that cannot leave must not
+        take its batch's other answers with it, nor leave a request counted in flight."""
+        try:
+            return link.framer.frame(header, link.listener.codec.encode(outcome.fields))
+        except (FramingError, ValueError) as error:  # neither quotes a field's value
+            self.metrics.internal_errors.inc()
+            self._peer_line(
+                link,
+                logging.ERROR,
+                "unanswerable",
+                limits.log_lines_per_kind_burst,
+                "link %s: the answer to a %s (response code %s) cannot be sent: %s",
+                outcome.mti,
+                outcome.response_code,
+                error,
+            )
+            return None
 
     # --- control-API changes -----------------------------------------------------------------
 
@@ -524,13 +560,13 @@ class Daemon:
             self.metrics.batch_size.observe(len(batch))
         try:
             # One transport.write per link per batch.
-            by_link: dict[Link, list[bytes]] = defaultdict(list)
+            by_link: dict[Link, list[bytes | None]] = defaultdict(list)
             for (link, header, _, _), outcome in zip(batch, outcomes, strict=True):
-                by_link[link].append(
-                    link.framer.frame(header, link.listener.codec.encode(outcome.fields))
-                )
+                by_link[link].append(self._wire(link, header, outcome))
             for link, frames in by_link.items():
-                link.write(b"".join(frames))
+                data = b"".join(frame for frame in frames if frame is not None)
+                if data:
+                    link.write(data)
                 link.requests_finished(len(frames))
         finally:
             # After the answers left (and whatever became of them: the batch is committed):

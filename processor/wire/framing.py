@@ -26,6 +26,7 @@ EMPTY_FRAME: Final = (b"", b"")  # (header, message) of a zero-length frame
 class Framer:
     __slots__ = (
         "_buffer",
+        "_ceiling",
         "_counted",
         "_header_bytes",
         "_max_frame_bytes",
@@ -42,6 +43,7 @@ class Framer:
         if not 0 <= header_bytes < max_frame_bytes:
             raise ValueError(f"framing: header_bytes {header_bytes} not below max_frame_bytes")
         self._prefix = prefix
+        self._ceiling = ceiling
         self._prefix_bytes = 4 if prefix == "ascii4" else 2
         # What the prefix counts beyond the frame's body: its own bytes, for len2_inclusive.
         self._counted = 2 if prefix == "len2_inclusive" else 0
@@ -111,10 +113,18 @@ class Framer:
         return int(digits)
 
     def frame(self, header: bytes, message: bytes) -> bytes:
-        """Prefix `header + message` with its length."""
+        """Prefix `header + message` with its length.
+
+        `max_frame_bytes` bounds what a peer may make us buffer, not what we answer: an answer
+        echoes its request's fields and adds its own (38, 39, 54, ...), so it can be longer
+        than a request that fitted, and refusing it would leave a decided request unanswered.
+        Only a length the prefix cannot express is a FramingError."""
         length = len(header) + len(message)
-        if length > self._max_frame_bytes:
-            raise FramingError(f"outgoing frame {length} exceeds max_frame_bytes")
+        if length > self._ceiling:
+            raise FramingError(
+                f"outgoing frame {length} exceeds what {self._prefix} framing can express "
+                f"({self._ceiling})"
+            )
         if self._prefix != "ascii4":
             return (length + self._counted).to_bytes(2, "big") + header + message
         return b"%04d" % length + header + message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -1246,4 +1247,149 @@ def test_sign_on_is_per_link(tmp_path: Path) -> None:
         ("000002", "00"),
     ]
     assert [(f["11"], f["39"]) for f in second_transport.frames()] == [("000003", "91")]
+    daemon.ledger.close()
+
+
+# --- answers that do not fit, and what a peer can make the daemon log or compute ------------
+
+
+def test_an_answer_longer_than_the_inbound_frame_limit_still_leaves(tmp_path: Path) -> None:
+    """max_frame_bytes bounds what a peer may send; an approval adds fields 38 and 39 to what
+    it echoes, so its answer is longer than a request that fitted, and it leaves all the same."""
+    request = auth_frame(1)
+    daemon = make_daemon(tmp_path, max_frame_bytes=len(request) - 2)  # the request fits exactly
+    first, first_transport = new_link(daemon), FakeTransport("10.0.0.1")
+    second, second_transport = new_link(daemon), FakeTransport("10.0.0.2")
+
+    def body() -> None:
+        first.connection_made(first_transport)  # type: ignore[arg-type]
+        second.connection_made(second_transport)  # type: ignore[arg-type]
+        first.data_received(request)
+        second.data_received(auth_frame(2))
+
+    run(body)
+    answers = first_transport.frames() + second_transport.frames()
+    assert [(answer["11"], answer["39"]) for answer in answers] == [
+        ("000001", "00"),
+        ("000002", "00"),
+    ]
+    assert len(first_transport.writes[0]) - 2 > len(request) - 2  # longer than the limit
+    assert first.in_flight == second.in_flight == 0
+    daemon.ledger.close()
+
+
+def refusing_to_encode(monkeypatch: pytest.MonkeyPatch, stan: str) -> None:
+    """Make the codec fail on the answer to STAN `stan` (as an answer no framing can carry
+    would), and only on that one."""
+    real = Codec.encode
+
+    def encode(codec: Codec, fields: dict[str, str]) -> bytes:
+        if fields.get("11") == stan and fields["t"] == "0110":  # the answer, not the request
+            raise ValueError("cannot encode response field 2: too long")
+        return real(codec, fields)
+
+    monkeypatch.setattr(Codec, "encode", encode)
+
+
+def test_an_answer_that_cannot_be_sent_costs_no_other_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon = make_daemon(tmp_path)
+    refusing_to_encode(monkeypatch, "000002")
+    first, first_transport = new_link(daemon), FakeTransport("10.0.0.1")
+    second, second_transport = new_link(daemon), FakeTransport("10.0.0.2")
+
+    def body() -> None:
+        first.connection_made(first_transport)  # type: ignore[arg-type]
+        second.connection_made(second_transport)  # type: ignore[arg-type]
+        first.data_received(auth_frame(1) + auth_frame(2) + auth_frame(3))
+        second.data_received(auth_frame(4))
+
+    run(body)
+    assert [answer["11"] for answer in first_transport.frames()] == ["000001", "000003"]
+    assert [answer["11"] for answer in second_transport.frames()] == ["000004"]
+    assert first.in_flight == second.in_flight == 0 and daemon.pending == 0
+    assert daemon.metrics.internal_errors._value.get() == 1
+    daemon.ledger.close()
+
+
+def test_a_late_answer_that_cannot_be_sent_leaves_the_daemon_deciding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 91 to a request that waited past the deadline, when it cannot be sent: the queue's
+    count and the link's in-flight count stay true, and later requests are decided."""
+    daemon = make_daemon(tmp_path)
+    refusing_to_encode(monkeypatch, "000001")
+    late, late_transport = new_link(daemon), FakeTransport("10.0.0.1")
+    other, other_transport = new_link(daemon), FakeTransport("10.0.0.2")
+    waited = time.perf_counter_ns() - int(2e9)  # past the 1.5 s deadline
+
+    def body() -> None:
+        late.connection_made(late_transport)  # type: ignore[arg-type]
+        other.connection_made(other_transport)  # type: ignore[arg-type]
+        daemon.on_message(late, b"", auth_frame(1)[2:], waited)
+        daemon.on_message(late, b"", auth_frame(2)[2:], waited)
+
+    run(body)
+    assert [(a["11"], a["39"]) for a in late_transport.frames()] == [("000002", "91")]
+    assert late.in_flight == 0 and daemon.pending == 0
+
+    run(lambda: other.data_received(auth_frame(3) + auth_frame(4)))
+    assert [(a["11"], a["39"]) for a in other_transport.frames()] == [
+        ("000003", "00"),
+        ("000004", "00"),
+    ]
+    daemon.ledger.close()
+
+
+def test_signing_on_and_off_all_day_writes_a_bounded_number_of_log_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = make_daemon(tmp_path)
+    link, transport = new_link(daemon), FakeTransport()
+    caplog.set_level(logging.INFO, logger="processor.daemon")
+    frames = b"".join(network_frame("001" if n % 2 else "002", n) for n in range(1, 2001))
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(frames)
+
+    run(body, turns=50)
+    assert len(transport.frames()) == 2000  # every one answered
+    lines = [r.getMessage() for r in caplog.records if "sign-o" in r.getMessage()]
+    assert len(lines) == 2 * limits.log_lines_per_kind_burst  # sign-on's and sign-off's
+    suppressed = daemon.metrics.log_lines_suppressed
+    assert suppressed.labels("sign_on")._value.get() == 1000 - limits.log_lines_per_kind_burst
+    daemon.ledger.close()
+
+
+def test_frames_no_dialect_explains_are_diagnosed_a_bounded_number_of_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first frame that starts like an MTI but decodes in no neighbouring dialect writes no
+    dialect line; its diagnosis (hundreds of trial decodes) is budgeted all the same, or a
+    peer staying under the bad-message rate on many links makes the daemon do it each time."""
+    from processor.server import daemon as daemon_module
+
+    daemon = make_daemon(tmp_path)  # 20 bad messages a minute close a link
+    diagnosed: list[bytes] = []
+    real = daemon_module.undecodable_cause
+
+    def counting(frame: bytes, **dialect: Any) -> str | None:
+        diagnosed.append(frame)
+        return real(frame, **dialect)
+
+    monkeypatch.setattr(daemon_module, "undecodable_cause", counting)
+    links = [(new_link(daemon), FakeTransport("10.0.0.9")) for _ in range(10)]
+    frame = FRAMER.frame(b"", b"0100" * 512)
+
+    def body() -> None:
+        for link, transport in links:
+            link.connection_made(transport)  # type: ignore[arg-type]
+            for _ in range(19):  # under the rate: the links stay open
+                link.data_received(frame)
+
+    run(body)
+    assert all(not transport.closed for _, transport in links)
+    assert len(diagnosed) == limits.log_lines_per_kind_burst
     daemon.ledger.close()

@@ -2,6 +2,7 @@
 
 import pytest
 
+from processor.types import FRAME_BYTES_CEILING
 from processor.wire.errors import FramingError, WireError
 from processor.wire.framing import EMPTY_FRAME, Framer
 
@@ -256,14 +257,19 @@ def test_frame_output_is_read_back_by_feed() -> None:
         ]
 
 
-@pytest.mark.parametrize("prefix", ["len2", "ascii4"])
-def test_frame_oversize_raises(prefix: str) -> None:
+@pytest.mark.parametrize("prefix", ["len2", "len2_inclusive", "ascii4"])
+def test_an_outgoing_frame_is_bounded_by_what_its_prefix_can_express(prefix: str) -> None:
+    """max_frame_bytes bounds what a peer sends; an answer may be longer than the request that
+    fitted (it adds fields), and is framed up to what the length prefix can say."""
     framer = Framer(prefix, max_frame_bytes=10)
-    assert framer.frame(b"", b"x" * 10)  # exactly max is fine
-    with pytest.raises(FramingError):
-        framer.frame(b"", b"x" * 11)
-    with pytest.raises(FramingError):
-        Framer(prefix, header_bytes=2, max_frame_bytes=10).frame(b"HH", b"x" * 9)
+    ceiling = FRAME_BYTES_CEILING[prefix]
+    eleven = {"len2": b"\x00\x0b", "len2_inclusive": b"\x00\x0d", "ascii4": b"0011"}[prefix]
+    assert framer.frame(b"", b"x" * 11) == eleven + b"x" * 11  # longer than max: framed
+    assert len(framer.frame(b"", b"x" * ceiling)) == ceiling + (4 if prefix == "ascii4" else 2)
+    with pytest.raises(FramingError, match="can express"):
+        framer.frame(b"", b"x" * (ceiling + 1))
+    with pytest.raises(FramingError, match="can express"):
+        Framer(prefix, header_bytes=2, max_frame_bytes=10).frame(b"HH", b"x" * (ceiling - 1))
 
 
 # --- construction --------------------------------------------------------------------------
