@@ -24,6 +24,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -44,6 +45,10 @@ from processor.webhooks.state import DeadLetter, DeliveryState, Disabled
 log = logging.getLogger("processor.webhooks")
 
 READ_BATCH = 100  # outbox records read per read transaction
+# Events read past the stored position and held (a sequence number each) behind their account's
+# event in flight, at most. An account whose event retries (up to retry_max_age_seconds) holds
+# the stored position; other accounts' events go ahead this far, then reading waits for it.
+AHEAD_MAX = 100_000
 # An endpoint's position is written at most this often, and at the latest this long after it
 # moved: a write transaction per event was a tenth of the delivery process's time (at a few
 # thousand events a second one at a time, each event left nothing running, and "write whenever
@@ -82,6 +87,20 @@ def uniform_jitter() -> float:
 # What became of one event at one endpoint: a 2xx, a dead letter after its retry age, or
 # nothing because the endpoint was disabled (a 410) before it got through.
 Outcome = Literal["delivered", "dead_letter", "disabled"]
+
+
+async def _abandon(running: Mapping[asyncio.Task[Outcome], OutboxRecord]) -> None:
+    """Cancel deliveries in flight and wait until they have stopped."""
+    for task in running:
+        task.cancel()
+    for task in running:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await task  # one that raised before it was cancelled: delivered again anyway
+
+
+def _account_key(record: OutboxRecord) -> str:
+    """What per-account order is kept by: its account, or the event alone if it has none."""
+    return record.account_id or f"#{record.sequence}"
 
 
 class Endpoint(msgspec.Struct, frozen=True):
@@ -140,6 +159,12 @@ class Dispatcher:
         # Per endpoint, its delivered counter and latency histogram: `labels()` looks the
         # series up under a lock each time, a few microseconds per delivered event.
         self._delivered: dict[str, tuple[Counter, Histogram]] = {}
+        # An endpoint's task that raised (a bug, an unreadable outbox record, a state write
+        # that failed): delivery to it has stopped. Logged; then `on_failure`, with which the
+        # delivery process exits so that its supervisor starts it again from the stored
+        # positions (at least once, nothing skipped).
+        self.failed: BaseException | None = None
+        self.on_failure: Callable[[], None] | None = None
 
     def notify(self) -> None:
         """New events were committed: wake the endpoint tasks."""
@@ -186,6 +211,27 @@ class Dispatcher:
         await self.open_session()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run(endpoint)) for endpoint in self.endpoints]
+        for task, endpoint in zip(self._tasks, self.endpoints, strict=True):
+            task.add_done_callback(self._stopped(endpoint.config.name))
+
+    def _stopped(self, name: str) -> Callable[[asyncio.Task[None]], None]:
+        def stopped(task: asyncio.Task[None]) -> None:
+            if task.cancelled() or task.exception() is None:
+                return
+            failure = task.exception()
+            log.critical(
+                "endpoint %s: delivery stopped: %r; the delivery process exits, to be started "
+                "again from the stored positions",
+                name,
+                failure,
+                exc_info=failure,
+            )
+            if self.failed is None:
+                self.failed = failure
+                if self.on_failure is not None:
+                    self.on_failure()
+
+        return stopped
 
     async def open_session(self) -> None:
         """The HTTP client the deliveries share (`start` opens it; tests may open it alone)."""
@@ -196,8 +242,8 @@ class Dispatcher:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task  # one that raised was logged when it did (`_stopped`)
         for name, position in self._positions.items():
             if position != self.state.position(name):
                 self.state.advance(name, position)  # what was delivered since the last write
@@ -207,16 +253,18 @@ class Dispatcher:
     async def _run(self, endpoint: Endpoint) -> None:
         """Deliver in outbox order with up to `in_flight_max` requests at once.
 
-        Per-account order holds because an account never has two events in flight: a later
-        event of a busy account waits, events of other accounts go ahead. The stored position
-        only advances over a contiguous run of finished events, so a restart redelivers
-        (same ids) rather than skips.
+        Per-account order holds because an account never has two events started: a later
+        event of an account whose event is in flight (or about to be) is held, as a sequence
+        number, until that one finishes, then read again; events of other accounts go ahead,
+        up to AHEAD_MAX events read past the stored position. The stored position is the
+        lowest sequence not yet finished (or, with none outstanding, the one after the last
+        read: sequences retention pruned are passed over), so a restart redelivers (same ids)
+        rather than skips.
         """
         name = endpoint.config.name
         wake = self._wakes[name]
         window = endpoint.config.in_flight_max
         position = self._state.position(name)
-        waiting: list[OutboxRecord] = []  # read, not started, in sequence order
         read_up_to = position - 1
         # Whether the outbox may hold events past read_up_to: after a wake, a finished delivery
         # or an idle poll (worker processes and tools commit without waking us), or a full
@@ -224,58 +272,61 @@ class Dispatcher:
         unread = True
         replays_at = -REPLAY_POLL_SECONDS  # monotonic time replay requests were last looked for
         running: dict[asyncio.Task[Outcome], OutboxRecord] = {}
-        busy: set[str] = set()
-        finished: set[int] = set()
+        ready: deque[OutboxRecord] = deque()  # read, their accounts' next, not started
+        owners: set[str] = set()  # accounts with an event running or ready
+        held: dict[str, deque[int]] = {}  # per account, later sequences read, in order
+        held_count = 0
         ids = EventIds([(1, "")])  # read with the events (a restored backup names its own)
         written, written_at = position, time.monotonic()  # the position last stored
         while True:
             unread = unread or wake.is_set()
             wake.clear()
-            if name in self.disabled:
-                # Abandon what is in flight: nothing more goes to a receiver that said Gone.
-                # Events finished past the stored position are delivered again once enabled.
-                for task in running:
-                    task.cancel()
-                for task in running:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                running, busy, waiting, finished = {}, set(), [], set()
-                read_up_to, unread = position - 1, True
-                await self._until_enabled(name, position)
-                continue
-            if not running and time.monotonic() - replays_at >= REPLAY_POLL_SECONDS:
+            replays = False
+            if time.monotonic() - replays_at >= REPLAY_POLL_SECONDS:
                 replays_at = time.monotonic()
+                replays = self._state.has_replays(name)
+            if name in self.disabled or replays:
+                # Abandon what is in flight, and read again from the position: for a receiver
+                # that said Gone, nothing more goes to it; for replays, they are applied now
+                # rather than after an event that may retry for hours. What is abandoned, and
+                # what finished past the position, is delivered again (at least once).
+                await _abandon(running)
+                running, ready, owners, held, held_count = {}, deque(), set(), {}, 0
+                read_up_to, unread = position - 1, True
+                if name in self.disabled:
+                    await self._until_enabled(name, position)
+                    continue
                 rewound = await self._replay(endpoint, position)
-                if rewound < position:
-                    position, read_up_to, waiting, finished = rewound, rewound - 1, [], set()
-                    written, unread = rewound, True  # _replay stored it
-            if unread and len(waiting) < READ_BATCH:
+                if rewound < position:  # _replay stored it
+                    position, read_up_to, written = rewound, rewound - 1, rewound
+                if name in self.disabled:
+                    continue
+            if unread and len(ready) < READ_BATCH and held_count < AHEAD_MAX:
                 with self._ledger.read() as reader:
                     ids = reader.event_ids()
                     fresh = reader.outbox(read_up_to + 1, READ_BATCH)
                 unread = len(fresh) == READ_BATCH
                 if fresh:
                     read_up_to = fresh[-1].sequence
-                    waiting.extend(fresh)
-            still_waiting: list[OutboxRecord] = []
-            blocked: set[str] = set()
-            for record in waiting:
-                key = record.account_id or f"#{record.sequence}"
-                if not endpoint.wants(record.type):
-                    finished.add(record.sequence)
-                elif len(running) < window and key not in busy and key not in blocked:
-                    busy.add(key)
-                    task = asyncio.get_running_loop().create_task(
-                        self.deliver(endpoint, record, ids.prefix(record.sequence))
-                    )
-                    running[task] = record
-                else:
-                    blocked.add(key)  # keeps this account's later events behind this one
-                    still_waiting.append(record)
-            waiting = still_waiting
-            while position in finished:
-                finished.discard(position)
-                position += 1
+                for record in fresh:
+                    if not endpoint.wants(record.type):
+                        continue  # finished as read
+                    key = _account_key(record)
+                    if key in owners:
+                        held.setdefault(key, deque()).append(record.sequence)
+                        held_count += 1
+                    else:
+                        owners.add(key)
+                        ready.append(record)
+            while ready and len(running) < window:
+                record = ready.popleft()
+                task = asyncio.get_running_loop().create_task(
+                    self.deliver(endpoint, record, ids.prefix(record.sequence))
+                )
+                running[task] = record
+            outstanding = [record.sequence for record in (*running.values(), *ready)]
+            outstanding.extend(sequences[0] for sequences in held.values())
+            position = min(outstanding, default=read_up_to + 1)
             self._positions[name] = position
             if position != written and time.monotonic() - written_at >= POSITION_WRITE_SECONDS:
                 self._state.advance(name, position)
@@ -289,20 +340,58 @@ class Dispatcher:
                 unread = True
                 for task in done:
                     record = running.pop(task)
-                    busy.discard(record.account_id or f"#{record.sequence}")
-                    if self._outcome(task, name, record) != "disabled":
-                        finished.add(record.sequence)
-            elif not waiting and not unread:
+                    outcome = self._outcome(task, name, record)
+                    if outcome is None:
+                        # It raised (logged): not delivered, not dead-lettered. Tried again
+                        # after a pause, its account's later events still behind it.
+                        running[self._again(endpoint, record, ids)] = record
+                        continue
+                    if outcome == "disabled":
+                        continue  # the next pass abandons everything
+                    key = _account_key(record)
+                    owners.discard(key)
+                    later = held.get(key, deque())
+                    while later and key not in owners:  # its account's next event, if any
+                        found = self._record(later.popleft())
+                        held_count -= 1
+                        if found is not None:
+                            owners.add(key)
+                            ready.append(found)
+                    if not later:
+                        held.pop(key, None)
+            elif not ready and not unread:
                 idle = IDLE_POLL_SECONDS
                 if position != written:  # wake up to write it when due
                     idle = max(0.0, written_at + POSITION_WRITE_SECONDS - time.monotonic())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), idle)
                 unread = True  # woken, or an idle poll
-            elif not running:
+            else:
                 # A full read of types this endpoint does not want: read on, but let the other
                 # endpoints, the wake pipe and the metrics reports have the loop in between.
                 await asyncio.sleep(0)
+
+    def _record(self, sequence: int) -> OutboxRecord | None:
+        """The outbox record of a held sequence, read again. Retention keeps every event from
+        the stored position on, which is at most this one, so it is there; if not (a ledger
+        edited by hand), it is passed over, logged."""
+        with self._ledger.read() as reader:
+            records = reader.outbox(sequence, 1)
+        if records and records[0].sequence == sequence:
+            return records[0]
+        log.error("outbox event %d is gone before it was delivered; passed over", sequence)
+        return None
+
+    def _again(
+        self, endpoint: Endpoint, record: OutboxRecord, ids: EventIds
+    ) -> asyncio.Task[Outcome]:
+        """Deliver `record` again after IDLE_POLL_SECONDS, as a task (its last try raised)."""
+
+        async def later() -> Outcome:
+            await self._clock.sleep(IDLE_POLL_SECONDS)
+            return await self.deliver(endpoint, record, ids.prefix(record.sequence))
+
+        return asyncio.get_running_loop().create_task(later())
 
     @staticmethod
     def _outcome(task: asyncio.Task[Outcome], name: str, record: OutboxRecord) -> Outcome | None:

@@ -39,6 +39,7 @@ from processor.webhooks.state import DeliveryState, state_path
 log = logging.getLogger("processor.webhooks")
 
 EXIT_CONFIG = 2  # what the primary checked at start no longer holds (a secret went away)
+EXIT_FAILED = 1  # an endpoint's delivery stopped on an error (logged); the primary restarts it
 
 
 async def serve_delivery(config: Config, channel_fd: int, wake_fd: int) -> int:
@@ -56,6 +57,7 @@ async def serve_delivery(config: Config, channel_fd: int, wake_fd: int) -> int:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    dispatcher.on_failure = stop.set  # an endpoint's delivery stopped: exit, to be restarted
 
     def woken() -> None:
         try:
@@ -92,7 +94,7 @@ async def serve_delivery(config: Config, channel_fd: int, wake_fd: int) -> int:
         await last_report(writer, metrics)
         state.close()
         ledger.close()
-    return 0
+    return 0 if dispatcher.failed is None else EXIT_FAILED
 
 
 def main(argv: list[str]) -> int:

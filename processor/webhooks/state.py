@@ -136,14 +136,19 @@ class DeliveryState:
             key = endpoint.encode() + b"\x00" + _U64.pack(sequence)
             txn.put(key, kind.encode(), db=self._replays)
 
+    def has_replays(self, endpoint: str) -> bool:
+        """Whether replay requests wait for the endpoint (a read, no lock)."""
+        prefix = endpoint.encode() + b"\x00"
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._replays)
+            return bool(cursor.set_range(prefix)) and bytes(cursor.key()).startswith(prefix)
+
     def take_replays(self, endpoint: str) -> list[tuple[int, str]]:
         """Replay requests for the endpoint, oldest sequence first; removed as they are taken."""
         prefix = endpoint.encode() + b"\x00"
         taken: list[tuple[int, str]] = []
-        with self.env.begin() as txn:  # asked for on every idle turn: a read first, no lock
-            cursor = txn.cursor(db=self._replays)
-            if not cursor.set_range(prefix) or not bytes(cursor.key()).startswith(prefix):
-                return taken
+        if not self.has_replays(endpoint):  # a read first, no lock
+            return taken
         with self.env.begin(write=True) as txn:
             cursor = txn.cursor(db=self._replays)
             if cursor.set_range(prefix):

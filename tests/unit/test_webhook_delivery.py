@@ -540,3 +540,174 @@ def test_an_endpoint_reads_past_a_full_read_of_types_it_does_not_want(
         await wait_until(lambda: harness.state.position("main") == unwanted + 2)
 
     run(tmp_path, [], test, accounts=("acct-1",) * unwanted, event_types=["authorization.reversed"])
+
+
+# --- the position, errors and one account's retries (a review's findings) -------------------
+
+
+def prune_outbox(ledger: Ledger, through: int) -> None:
+    """What retention does to events 1..`through` once every endpoint is past them."""
+    with ledger.write() as writer:
+        for sequence in range(1, through + 1):
+            writer.maintenance_delete("outbox", sequence.to_bytes(8, "big"))
+        writer.note_pruned_events(through)
+
+
+def event_sequences(receiver: ScriptedReceiver) -> list[int]:
+    return [int(r.headers["webhook-id"][-12:], 16) for r in receiver.requests]  # its sequence
+
+
+def test_a_new_endpoint_on_a_pruned_outbox_moves_its_position_past_the_pruned_events(
+    tmp_path: Path,
+) -> None:
+    """Position 1 on an outbox that starts at 6: it moves on, so that retention, the backlog
+    gauge and a restart all see the events delivered (it stayed at 1 for good)."""
+
+    async def test(harness: Harness) -> None:
+        prune_outbox(harness.ledger, 5)
+        await harness.dispatcher.start()
+        await wait_until(lambda: len(harness.receiver.requests) == 5)
+        await wait_until(lambda: harness.state.position("main") == 11)
+        assert sorted(event_sequences(harness.receiver)) == [6, 7, 8, 9, 10]
+        assert harness.state.floor(["main"]) == 11
+        assert harness.dispatcher.backlog("main")[0] == 0
+
+    run(tmp_path, [], test, accounts=tuple(f"a{n}" for n in range(10)))
+
+
+def test_a_replay_from_before_the_pruned_events_delivers_what_is_left_and_moves_on(
+    tmp_path: Path,
+) -> None:
+    async def test(harness: Harness) -> None:
+        prune_outbox(harness.ledger, 5)
+        harness.state.advance("main", 11)  # everything delivered
+        harness.state.request_replay("main", 1, "from")  # `processor webhooks replay --from 1`
+        await harness.dispatcher.start()
+        await wait_until(lambda: len(harness.receiver.requests) == 5)
+        add_events(harness.ledger, ["new"])
+        harness.dispatcher.notify()
+        await wait_until(lambda: harness.state.position("main") == 12)
+        assert sorted(event_sequences(harness.receiver)) == [6, 7, 8, 9, 10, 11]
+
+    run(tmp_path, [], test, accounts=tuple(f"a{n}" for n in range(10)))
+
+
+def test_a_delivery_that_raised_is_tried_again_not_passed_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Burying event 1 fails once (the state's map full, say): the event is neither delivered
+    nor a dead letter, so it is tried again, and its account's event 2 waits behind it."""
+    import lmdb
+
+    async def test(harness: Harness) -> None:
+        real = harness.state.bury
+        failures = [lmdb.MapFullError("mdb_put: MDB_MAP_FULL")]
+
+        def bury(*args: object) -> None:
+            if failures:
+                raise failures.pop()
+            real(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(harness.state, "bury", bury)
+        await harness.dispatcher.start()
+        await wait_until(lambda: len(harness.receiver.requests) == 1)  # 500, then bury raised
+        await wait_until(lambda: clock.waiting() == 1)  # the pause before trying again
+        assert harness.state.position("main") == 1  # not passed over
+        clock.advance_to(clock.time + 1.0)
+        await wait_until(lambda: len(harness.receiver.requests) == 3)
+        assert event_sequences(harness.receiver) == [1, 1, 2]  # again, then its account's next
+        await wait_until(lambda: harness.state.position("main") == 3)
+
+    clock = ManualClock(T0 + 10)  # the events are 10 s old: past their retry age
+    run(
+        tmp_path,
+        [(500, {}), (500, {})],
+        test,
+        accounts=("acct-1", "acct-1"),
+        retry_max_age_seconds=1,
+        clock=clock,
+    )
+
+
+def test_an_endpoint_whose_delivery_stops_on_an_error_says_so_and_fails_the_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outbox value that does not decode stops the endpoint's task: logged as critical and
+    `on_failure` called (the delivery process then exits and is restarted), not left silent."""
+
+    async def test(harness: Harness) -> None:
+        with harness.ledger.env.begin(write=True) as txn:
+            txn.put((2).to_bytes(8, "big"), b"\xc1", db=harness.ledger._dbs["outbox"])
+        failed: list[bool] = []
+        harness.dispatcher.on_failure = lambda: failed.append(True)
+        await harness.dispatcher.start()
+        await wait_until(lambda: bool(failed))
+        assert harness.dispatcher.failed is not None
+        assert any(
+            r.levelno == logging.CRITICAL and "delivery stopped" in r.getMessage()
+            for r in caplog.records
+        )
+
+    run(tmp_path, [], test)
+
+
+def test_one_account_s_retrying_event_does_not_hold_back_other_accounts(tmp_path: Path) -> None:
+    clock = ManualClock()
+
+    async def test(harness: Harness) -> None:
+        add_events(harness.ledger, ["hot"] * 250)  # its later events, held behind its first
+        add_events(harness.ledger, [f"other-{n}" for n in range(10)])
+        await harness.dispatcher.start()
+        await wait_until(lambda: len(harness.receiver.requests) == 11)
+        assert sorted(event_sequences(harness.receiver)) == [1, *range(252, 262)]
+        await wait_until(lambda: harness.dispatcher.backlog("main")[0] == 261)  # from 1 on
+        assert harness.state.position("main") == 1  # hot's first event is not delivered yet
+        clock.advance_to(clock.time + 1.0)  # its retry, answered 204: the rest of hot's follow
+        await wait_until(lambda: len(harness.receiver.requests) == 262)
+        hot = [s for s in event_sequences(harness.receiver) if s <= 251]
+        assert hot == [1, *range(1, 252)]  # in order, after the retry
+        await wait_until(lambda: harness.state.position("main") == 262)
+
+    run(tmp_path, [(500, {})], test, clock=clock, accounts=("hot",))
+
+
+def test_a_replay_is_applied_while_an_event_backs_off(tmp_path: Path) -> None:
+    clock = ManualClock()
+
+    async def test(harness: Harness) -> None:
+        add_events(harness.ledger, ["b"])
+        await harness.dispatcher.start()
+        await wait_until(lambda: len(harness.receiver.requests) == 2)  # a: 500, b: 204
+        harness.state.request_replay("main", 2, "one")  # b again, please
+        # Within an idle poll, not after a's retry: in flight, a is abandoned and delivered
+        # again afterwards (and b, past the position, once more: at least once).
+        await wait_until(lambda: event_sequences(harness.receiver)[2:4] == [2, 1])
+        assert not harness.state.has_replays("main")
+
+    run(tmp_path, [(500, {})], test, clock=clock, accounts=("a",))
+
+
+def test_what_is_read_ahead_of_a_retrying_event_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory: an account's events held behind its retrying first are counted, and once
+    AHEAD_MAX are, reading waits for it (a read takes READ_BATCH records at most, so that is
+    the bound's slack): other accounts' events beyond are not read yet."""
+    from processor.webhooks import dispatcher as dispatcher_module
+
+    monkeypatch.setattr(dispatcher_module, "AHEAD_MAX", 20)
+    clock = ManualClock()
+    hot = READ_BATCH + 50
+
+    async def test(harness: Harness) -> None:
+        add_events(harness.ledger, ["hot"] * (hot - 1))  # 2..hot: held behind event 1
+        add_events(harness.ledger, [f"other-{n}" for n in range(5)])  # past the first read
+        await harness.dispatcher.start()
+        await wait_until(lambda: len(harness.receiver.requests) == 1)
+        await asyncio.sleep(1.5)  # past an idle poll of the loop: nothing more read or sent
+        assert event_sequences(harness.receiver) == [1]
+        clock.advance_to(clock.time + 1.0)  # event 1 delivered: hot's others, then the rest
+        await wait_until(lambda: len(harness.receiver.requests) == hot + 6)
+        assert sorted(event_sequences(harness.receiver)[1:]) == list(range(1, hot + 6))
+
+    run(tmp_path, [(500, {})], test, clock=clock, accounts=("hot",))
