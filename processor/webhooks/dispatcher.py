@@ -25,7 +25,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -45,9 +45,10 @@ from processor.webhooks.state import DeadLetter, DeliveryState, Disabled
 log = logging.getLogger("processor.webhooks")
 
 READ_BATCH = 100  # outbox records read per read transaction
-# Events read past the stored position and held (a sequence number each) behind their account's
-# event in flight, at most. An account whose event retries (up to retry_max_age_seconds) holds
-# the stored position; other accounts' events go ahead this far, then reading waits for it.
+# Events held (a sequence number each) behind their account's event in flight, at most (a read
+# may take READ_BATCH more). An account whose event retries (up to retry_max_age_seconds) holds
+# the stored position; other accounts' events go ahead until this many are held, then reading
+# waits for it.
 AHEAD_MAX = 100_000
 # An endpoint's position is written at most this often, and at the latest this long after it
 # moved: a write transaction per event was a tenth of the delivery process's time (at a few
@@ -89,13 +90,15 @@ def uniform_jitter() -> float:
 Outcome = Literal["delivered", "dead_letter", "disabled"]
 
 
-async def _abandon(running: Mapping[asyncio.Task[Outcome], OutboxRecord]) -> None:
-    """Cancel deliveries in flight and wait until they have stopped."""
-    for task in running:
+async def _abandon(tasks: Iterable[asyncio.Task[Outcome]]) -> None:
+    """Cancel deliveries and wait until they have stopped. asyncio.wait, not an await of each:
+    their own errors and cancellations stay theirs, and a cancellation of the caller (stop())
+    is not swallowed."""
+    waited = list(tasks)
+    for task in waited:
         task.cancel()
-    for task in running:
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await task  # one that raised before it was cancelled: delivered again anyway
+    if waited:
+        await asyncio.wait(waited)
 
 
 def _account_key(record: OutboxRecord) -> str:
@@ -147,6 +150,8 @@ class Dispatcher:
         self._config = config
         self._metrics = metrics
         self._wakes = {endpoint.config.name: asyncio.Event() for endpoint in endpoints}
+        # Per endpoint, the sequences with a request at the receiver now (not in a back-off).
+        self._sending: dict[str, set[int]] = {endpoint.config.name: set() for endpoint in endpoints}
         self._tasks: list[asyncio.Task[None]] = []
         self._client: HttpClient | None = None
         self.state = state
@@ -241,9 +246,8 @@ class Dispatcher:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await task  # one that raised was logged when it did (`_stopped`)
+        if self._tasks:
+            await asyncio.wait(self._tasks)  # one that raised was logged when it did (`_stopped`)
         for name, position in self._positions.items():
             if position != self.state.position(name):
                 self.state.advance(name, position)  # what was delivered since the last write
@@ -255,8 +259,8 @@ class Dispatcher:
 
         Per-account order holds because an account never has two events started: a later
         event of an account whose event is in flight (or about to be) is held, as a sequence
-        number, until that one finishes, then read again; events of other accounts go ahead,
-        up to AHEAD_MAX events read past the stored position. The stored position is the
+        number, until that one finishes, then read again; events of other accounts go ahead
+        while fewer than AHEAD_MAX are held. The stored position is the
         lowest sequence not yet finished (or, with none outstanding, the one after the last
         read: sequences retention pruned are passed over), so a restart redelivers (same ids)
         rather than skips.
@@ -271,105 +275,126 @@ class Dispatcher:
         # read (more may follow at once; types the endpoint does not want are read past).
         unread = True
         replays_at = -REPLAY_POLL_SECONDS  # monotonic time replay requests were last looked for
+        replay_due = False  # requests found, to apply once no request is at the receiver
         running: dict[asyncio.Task[Outcome], OutboxRecord] = {}
         ready: deque[OutboxRecord] = deque()  # read, their accounts' next, not started
         owners: set[str] = set()  # accounts with an event running or ready
         held: dict[str, deque[int]] = {}  # per account, later sequences read, in order
         held_count = 0
+        raised: dict[int, int] = {}  # per sequence, delivery attempts that raised
         ids = EventIds([(1, "")])  # read with the events (a restored backup names its own)
         written, written_at = position, time.monotonic()  # the position last stored
-        while True:
-            unread = unread or wake.is_set()
-            wake.clear()
-            replays = False
-            if time.monotonic() - replays_at >= REPLAY_POLL_SECONDS:
-                replays_at = time.monotonic()
-                replays = self._state.has_replays(name)
-            if name in self.disabled or replays:
-                # Abandon what is in flight, and read again from the position: for a receiver
-                # that said Gone, nothing more goes to it; for replays, they are applied now
-                # rather than after an event that may retry for hours. What is abandoned, and
-                # what finished past the position, is delivered again (at least once).
-                await _abandon(running)
-                running, ready, owners, held, held_count = {}, deque(), set(), {}, 0
-                read_up_to, unread = position - 1, True
-                if name in self.disabled:
-                    await self._until_enabled(name, position)
-                    continue
-                rewound = await self._replay(endpoint, position)
-                if rewound < position:  # _replay stored it
-                    position, read_up_to, written = rewound, rewound - 1, rewound
-                if name in self.disabled:
-                    continue
-            if unread and len(ready) < READ_BATCH and held_count < AHEAD_MAX:
-                with self._ledger.read() as reader:
-                    ids = reader.event_ids()
-                    fresh = reader.outbox(read_up_to + 1, READ_BATCH)
-                unread = len(fresh) == READ_BATCH
-                if fresh:
-                    read_up_to = fresh[-1].sequence
-                for record in fresh:
-                    if not endpoint.wants(record.type):
-                        continue  # finished as read
-                    key = _account_key(record)
-                    if key in owners:
-                        held.setdefault(key, deque()).append(record.sequence)
-                        held_count += 1
-                    else:
-                        owners.add(key)
-                        ready.append(record)
-            while ready and len(running) < window:
-                record = ready.popleft()
-                task = asyncio.get_running_loop().create_task(
-                    self.deliver(endpoint, record, ids.prefix(record.sequence))
-                )
-                running[task] = record
-            outstanding = [record.sequence for record in (*running.values(), *ready)]
-            outstanding.extend(sequences[0] for sequences in held.values())
-            position = min(outstanding, default=read_up_to + 1)
-            self._positions[name] = position
-            if position != written and time.monotonic() - written_at >= POSITION_WRITE_SECONDS:
-                self._state.advance(name, position)
-                written, written_at = position, time.monotonic()
-            if running:
-                done, _ = await asyncio.wait(
-                    running, timeout=IDLE_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
-                )
-                # Read again after a finished delivery too: worker processes commit events
-                # without waking this process, and a pass that finds nothing new is cheap.
-                unread = True
-                for task in done:
-                    record = running.pop(task)
-                    outcome = self._outcome(task, name, record)
-                    if outcome is None:
-                        # It raised (logged): not delivered, not dead-lettered. Tried again
-                        # after a pause, its account's later events still behind it.
-                        running[self._again(endpoint, record, ids)] = record
+        try:
+            while True:
+                unread = unread or wake.is_set()
+                wake.clear()
+                if not replay_due and time.monotonic() - replays_at >= REPLAY_POLL_SECONDS:
+                    replays_at = time.monotonic()
+                    replay_due = self._state.has_replays(name)
+                if replay_due:
+                    # Replays are applied now rather than after an event that may retry for hours:
+                    # nothing new starts, deliveries waiting out a back-off are cancelled, and those
+                    # with a request at the receiver are let finish it (cancelling one would only
+                    # close our socket, and its event, sent again, could overlap with its account's
+                    # next at the receiver).
+                    sending = self._sending[name]
+                    waiting_out = [task for task, r in running.items() if r.sequence not in sending]
+                    await _abandon(waiting_out)
+                    for task in waiting_out:
+                        del running[task]
+                if name in self.disabled or (replay_due and not running):
+                    # Read again from the position: for a receiver that said Gone, nothing more
+                    # goes to it (what is in flight is abandoned); for replays, after applying them.
+                    # What is abandoned, and what finished past the position, is delivered again
+                    # (at least once).
+                    await _abandon(running)
+                    running, ready, owners, held, held_count, raised = {}, deque(), set(), {}, 0, {}
+                    read_up_to, unread = position - 1, True
+                    if name in self.disabled:
+                        await self._until_enabled(name, position)
                         continue
-                    if outcome == "disabled":
-                        continue  # the next pass abandons everything
-                    key = _account_key(record)
-                    owners.discard(key)
-                    later = held.get(key, deque())
-                    while later and key not in owners:  # its account's next event, if any
-                        found = self._record(later.popleft())
-                        held_count -= 1
-                        if found is not None:
+                    replay_due = False
+                    rewound = await self._replay(endpoint, position)
+                    if rewound < position:  # _replay stored it
+                        position, read_up_to, written = rewound, rewound - 1, rewound
+                    if name in self.disabled:
+                        continue
+                if unread and len(ready) < READ_BATCH and held_count < AHEAD_MAX:
+                    with self._ledger.read() as reader:
+                        ids = reader.event_ids()
+                        fresh = reader.outbox(read_up_to + 1, READ_BATCH)
+                    unread = len(fresh) == READ_BATCH
+                    if fresh:
+                        read_up_to = fresh[-1].sequence
+                    for record in fresh:
+                        if not endpoint.wants(record.type):
+                            continue  # finished as read
+                        key = _account_key(record)
+                        if key in owners:
+                            held.setdefault(key, deque()).append(record.sequence)
+                            held_count += 1
+                        else:
                             owners.add(key)
-                            ready.append(found)
-                    if not later:
-                        held.pop(key, None)
-            elif not ready and not unread:
-                idle = IDLE_POLL_SECONDS
-                if position != written:  # wake up to write it when due
-                    idle = max(0.0, written_at + POSITION_WRITE_SECONDS - time.monotonic())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), idle)
-                unread = True  # woken, or an idle poll
-            else:
-                # A full read of types this endpoint does not want: read on, but let the other
-                # endpoints, the wake pipe and the metrics reports have the loop in between.
-                await asyncio.sleep(0)
+                            ready.append(record)
+                while ready and len(running) < window and not replay_due:
+                    record = ready.popleft()
+                    task = asyncio.get_running_loop().create_task(
+                        self.deliver(endpoint, record, ids.prefix(record.sequence))
+                    )
+                    running[task] = record
+                outstanding = [record.sequence for record in (*running.values(), *ready)]
+                outstanding.extend(sequences[0] for sequences in held.values())
+                position = min(outstanding, default=read_up_to + 1)
+                self._positions[name] = position
+                if position != written and time.monotonic() - written_at >= POSITION_WRITE_SECONDS:
+                    self._state.advance(name, position)
+                    written, written_at = position, time.monotonic()
+                if running:
+                    done, _ = await asyncio.wait(
+                        running, timeout=IDLE_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    # Read again after a finished delivery too: worker processes commit events
+                    # without waking this process, and a pass that finds nothing new is cheap.
+                    unread = True
+                    for task in done:
+                        record = running.pop(task)
+                        outcome = self._outcome(task, name, record)
+                        if outcome is None:
+                            # It raised (logged): not delivered, not dead-lettered. Tried again
+                            # after a back-off, its account's later events still behind it.
+                            raised[record.sequence] = raised.get(record.sequence, 0) + 1
+                            retry = self._again(endpoint, record, ids, raised[record.sequence])
+                            running[retry] = record
+                            continue
+                        raised.pop(record.sequence, None)
+                        if outcome == "disabled":
+                            continue  # the next pass abandons everything
+                        key = _account_key(record)
+                        owners.discard(key)
+                        later = held.get(key, deque())
+                        while later and key not in owners:  # its account's next event, if any
+                            found = self._record(later.popleft())
+                            held_count -= 1
+                            if found is not None:
+                                owners.add(key)
+                                ready.append(found)
+                        if not later:
+                            held.pop(key, None)
+                elif not ready and not unread and not replay_due:
+                    idle = IDLE_POLL_SECONDS
+                    if position != written:  # wake up to write it when due
+                        idle = max(0.0, written_at + POSITION_WRITE_SECONDS - time.monotonic())
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), idle)
+                    unread = True  # woken, or an idle poll
+                else:
+                    # A full read of types this endpoint does not want: read on, but let the other
+                    # endpoints, the wake pipe and the metrics reports have the loop in between.
+                    await asyncio.sleep(0)
+        finally:
+            # Stopped (or failed): its deliveries must not go on behind the stored positions.
+            for task in running:
+                task.cancel()
 
     def _record(self, sequence: int) -> OutboxRecord | None:
         """The outbox record of a held sequence, read again. Retention keeps every event from
@@ -383,12 +408,16 @@ class Dispatcher:
         return None
 
     def _again(
-        self, endpoint: Endpoint, record: OutboxRecord, ids: EventIds
+        self, endpoint: Endpoint, record: OutboxRecord, ids: EventIds, raised: int
     ) -> asyncio.Task[Outcome]:
-        """Deliver `record` again after IDLE_POLL_SECONDS, as a task (its last try raised)."""
+        """Deliver `record` again, as a task, after the back-off of a failed attempt (its last
+        `raised` tries raised: logged each, so the back-off also bounds the lines)."""
+        delay = backoff_seconds(
+            raised, self._config.backoff_initial_seconds, self._config.backoff_max_seconds, 1.0
+        )
 
         async def later() -> Outcome:
-            await self._clock.sleep(IDLE_POLL_SECONDS)
+            await self._clock.sleep(delay)
             return await self.deliver(endpoint, record, ids.prefix(record.sequence))
 
         return asyncio.get_running_loop().create_task(later())
@@ -454,7 +483,12 @@ class Dispatcher:
             if name in self.disabled:
                 return "disabled"
             attempt += 1
-            answer = await self._attempt(endpoint, event.id, body)
+            sending = self._sending.setdefault(name, set())
+            sending.add(record.sequence)
+            try:
+                answer = await self._attempt(endpoint, event.id, body)
+            finally:
+                sending.discard(record.sequence)
             if answer.delivered:
                 series = self._delivered.get(name)
                 if series is None:

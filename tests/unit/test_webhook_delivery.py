@@ -100,6 +100,9 @@ class ScriptedReceiver:
         self.script = list(script)
         self.otherwise = otherwise
         self.requests: list[Request] = []
+        # When set, a request is recorded on arrival and answered only once the gate opens: a
+        # receiver still working on what it was sent.
+        self.gate: asyncio.Event | None = None
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._answer)
         self.server = TestServer(app, host="127.0.0.1")
@@ -108,6 +111,8 @@ class ScriptedReceiver:
         body = await request.read()
         headers = {k.lower(): v for k, v in request.headers.items()}
         self.requests.append(Request(request.method, request.path, headers, body))
+        if self.gate is not None:
+            await self.gate.wait()
         status, extra = self.script.pop(0) if self.script else self.otherwise
         return web.Response(status=status, headers=extra)
 
@@ -711,3 +716,52 @@ def test_what_is_read_ahead_of_a_retrying_event_is_bounded(
         assert sorted(event_sequences(harness.receiver)[1:]) == list(range(1, hot + 6))
 
     run(tmp_path, [(500, {})], test, clock=clock, accounts=("hot",))
+
+
+def test_a_replay_waits_for_a_request_at_the_receiver_so_an_account_never_has_two(
+    tmp_path: Path,
+) -> None:
+    """Abandoning a request only closes our socket; the receiver may still be working on it.
+    So a replay waits for it: no event of its account is sent again, nor its next, meanwhile."""
+
+    async def test(harness: Harness) -> None:
+        gate = harness.receiver.gate = asyncio.Event()
+        await harness.dispatcher.start()
+        await wait_until(lambda: sorted(event_sequences(harness.receiver)) == [1, 3])
+        harness.state.request_replay("main", 3, "one")
+        await asyncio.sleep(1.5)  # past the replay poll and an idle poll of the loop
+        assert sorted(event_sequences(harness.receiver)) == [1, 3]  # a's event 1 still there
+        gate.set()
+        await wait_until(lambda: event_sequences(harness.receiver).count(3) >= 2)
+        await wait_until(lambda: 2 in event_sequences(harness.receiver))
+        assert not harness.state.has_replays("main")
+
+    run(tmp_path, [], test, accounts=("a", "a", "b"))
+
+
+def test_stop_returns_when_it_lands_as_a_replay_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() (SIGTERM, or a failed endpoint) cancelling the endpoint's task just as it finds
+    a replay, with a request at the receiver: the cancellation is not swallowed on the way."""
+
+    async def test(harness: Harness) -> None:
+        harness.receiver.gate = asyncio.Event()  # never opened: the request stays there
+        await harness.dispatcher.start()
+        await wait_until(lambda: len(harness.receiver.requests) == 1)
+        stopping: list[asyncio.Task[None]] = []
+        real = harness.state.has_replays
+
+        def has_replays(name: str) -> bool:
+            found = real(name)
+            if found and not stopping:
+                stopping.append(asyncio.ensure_future(harness.dispatcher.stop()))
+            return found
+
+        monkeypatch.setattr(harness.state, "has_replays", has_replays)
+        harness.state.request_replay("main", 1, "one")
+        await wait_until(lambda: bool(stopping))
+        await asyncio.wait_for(stopping[0], 2)  # not after the request's own timeout
+        assert all(task.done() for task in harness.dispatcher._tasks)
+
+    run(tmp_path, [], test)
