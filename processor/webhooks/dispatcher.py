@@ -33,7 +33,7 @@ import msgspec
 from prometheus_client import Counter, Histogram
 
 from processor.config import WebhookEndpoint, WebhooksConfig
-from processor.events import render
+from processor.events import event_id, render
 from processor.ledger.records import EventIds, OutboxRecord
 from processor.ledger.store import Ledger
 from processor.metrics import Metrics
@@ -360,12 +360,13 @@ class Dispatcher:
                         record = running.pop(task)
                         outcome = self._outcome(task, name, record)
                         if outcome is None:
-                            # It raised (logged): not delivered, not dead-lettered. Tried again
-                            # after a back-off, its account's later events still behind it.
-                            raised[record.sequence] = raised.get(record.sequence, 0) + 1
-                            retry = self._again(endpoint, record, ids, raised[record.sequence])
-                            running[retry] = record
-                            continue
+                            # It raised (logged): not delivered. Tried again after a back-off,
+                            # its account's later events still behind it, until it is past its
+                            # retry age like any failing event: then a dead letter.
+                            tries = raised[record.sequence] = raised.get(record.sequence, 0) + 1
+                            if not self._bury_raising(endpoint, record, ids, tries):
+                                running[self._again(endpoint, record, ids, tries)] = record
+                                continue
                         raised.pop(record.sequence, None)
                         if outcome == "disabled":
                             continue  # the next pass abandons everything
@@ -406,6 +407,38 @@ class Dispatcher:
             return records[0]
         log.error("outbox event %d is gone before it was delivered; passed over", sequence)
         return None
+
+    def _bury_raising(
+        self, endpoint: Endpoint, record: OutboxRecord, ids: EventIds, raised: int
+    ) -> bool:
+        """Whether an event whose delivery keeps raising is past its retry age and is now a
+        dead letter (replayable, keeping retention behind it), rather than tried forever."""
+        now = self._clock.now()
+        if now - record.created_ms / 1000 < endpoint.config.retry_max_age_seconds:
+            return False
+        name = endpoint.config.name
+        letter = DeadLetter(
+            sequence=record.sequence,
+            event_id=event_id(ids.prefix(record.sequence), record.sequence),
+            attempts=raised,
+            last_error="internal_error",
+            dead_ms=int(now * 1000),
+        )
+        try:
+            self._state.bury(name, letter)
+        except Exception as error:  # the state full, say: tried again with the event
+            log.error(
+                "endpoint %s: %s could not be dead-lettered: %r", name, letter.event_id, error
+            )
+            return False
+        log.warning(
+            "endpoint %s: %s dead-lettered after %d attempts that raised",
+            name,
+            letter.event_id,
+            raised,
+        )
+        self._metrics.webhook_dead_letters.labels(name).inc()
+        return True
 
     def _again(
         self, endpoint: Endpoint, record: OutboxRecord, ids: EventIds, raised: int

@@ -600,38 +600,33 @@ def test_a_replay_from_before_the_pruned_events_delivers_what_is_left_and_moves_
 def test_a_delivery_that_raised_is_tried_again_not_passed_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Burying event 1 fails once (the state's map full, say): the event is neither delivered
-    nor a dead letter, so it is tried again, and its account's event 2 waits behind it."""
-    import lmdb
+    """Delivering event 1 raises once: it is neither delivered nor a dead letter, so it is
+    tried again after a back-off, and its account's event 2 waits behind it."""
+    from processor.webhooks import dispatcher as dispatcher_module
+
+    real = dispatcher_module.render
+    failures = [ValueError("a passing fault")]
+
+    def render(record: OutboxRecord, ledger_id: str) -> object:
+        if record.sequence == 1 and failures:
+            raise failures.pop()
+        return real(record, ledger_id)
+
+    monkeypatch.setattr(dispatcher_module, "render", render)
+    clock = ManualClock()
 
     async def test(harness: Harness) -> None:
-        real = harness.state.bury
-        failures = [lmdb.MapFullError("mdb_put: MDB_MAP_FULL")]
-
-        def bury(*args: object) -> None:
-            if failures:
-                raise failures.pop()
-            real(*args)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(harness.state, "bury", bury)
         await harness.dispatcher.start()
-        await wait_until(lambda: len(harness.receiver.requests) == 1)  # 500, then bury raised
-        await wait_until(lambda: clock.waiting() == 1)  # the pause before trying again
+        await wait_until(lambda: clock.waiting() == 1)  # the back-off before trying again
+        await asyncio.sleep(0.2)
+        assert harness.receiver.requests == []  # event 2 is behind event 1
         assert harness.state.position("main") == 1  # not passed over
         clock.advance_to(clock.time + 1.0)
-        await wait_until(lambda: len(harness.receiver.requests) == 3)
-        assert event_sequences(harness.receiver) == [1, 1, 2]  # again, then its account's next
+        await wait_until(lambda: len(harness.receiver.requests) == 2)
+        assert event_sequences(harness.receiver) == [1, 2]
         await wait_until(lambda: harness.state.position("main") == 3)
 
-    clock = ManualClock(T0 + 10)  # the events are 10 s old: past their retry age
-    run(
-        tmp_path,
-        [(500, {}), (500, {})],
-        test,
-        accounts=("acct-1", "acct-1"),
-        retry_max_age_seconds=1,
-        clock=clock,
-    )
+    run(tmp_path, [], test, accounts=("acct-1", "acct-1"), clock=clock)
 
 
 def test_an_endpoint_whose_delivery_stops_on_an_error_says_so_and_fails_the_process(
@@ -765,3 +760,37 @@ def test_stop_returns_when_it_lands_as_a_replay_is_found(
         assert all(task.done() for task in harness.dispatcher._tasks)
 
     run(tmp_path, [], test)
+
+
+def test_an_event_whose_delivery_keeps_raising_becomes_a_dead_letter_at_its_retry_age(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rendering event 1 raises every time (a record this build cannot render, say): past its
+    retry age it is a dead letter like any failing event, and its account's next goes on."""
+    from processor.webhooks import dispatcher as dispatcher_module
+
+    real = dispatcher_module.render
+
+    def render(record: OutboxRecord, ledger_id: str) -> object:
+        if record.sequence == 1:
+            raise ValueError("cannot render")
+        return real(record, ledger_id)
+
+    monkeypatch.setattr(dispatcher_module, "render", render)
+
+    async def test(harness: Harness) -> None:
+        await harness.dispatcher.start()
+        await wait_until(lambda: len(harness.receiver.requests) == 1)
+        assert event_sequences(harness.receiver) == [2]
+        [letter] = harness.state.dead_letters("main")
+        assert (letter.sequence, letter.last_error) == (1, "internal_error")
+        await wait_until(lambda: harness.state.position("main") == 3)
+
+    run(
+        tmp_path,
+        [],
+        test,
+        accounts=("acct-1", "acct-1"),
+        retry_max_age_seconds=1,
+        clock=ManualClock(T0 + 10),  # the events are 10 s old: past their retry age
+    )
