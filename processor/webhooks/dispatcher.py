@@ -489,6 +489,7 @@ class Dispatcher:
             if kind == "from":
                 position = min(position, sequence)
                 self.state.advance(name, position)
+                self._positions[name] = position  # what stop() writes, if it comes meanwhile
                 continue
             with self._ledger.read() as reader:
                 ledger_id = reader.event_ids().prefix(sequence)
@@ -496,7 +497,12 @@ class Dispatcher:
             found = records[0] if records and records[0].sequence == sequence else None
             if found is None:
                 continue
-            outcome = await self.deliver(endpoint, found, ledger_id)
+            try:
+                outcome = await self.deliver(endpoint, found, ledger_id)
+            except asyncio.CancelledError:  # stopped: this request and the rest wait for a start
+                for kept in requests[index:]:
+                    self.state.request_replay(name, *kept)
+                raise
             if outcome == "delivered":
                 self.state.forget_dead_letter(name, sequence)
             elif outcome == "disabled":

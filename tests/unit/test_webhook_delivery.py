@@ -794,3 +794,23 @@ def test_an_event_whose_delivery_keeps_raising_becomes_a_dead_letter_at_its_retr
         retry_max_age_seconds=1,
         clock=ManualClock(T0 + 10),  # the events are 10 s old: past their retry age
     )
+
+
+def test_replays_taken_when_the_process_stops_are_kept_for_its_next_start(
+    tmp_path: Path,
+) -> None:
+    """stop() while a replayed event is at the receiver: the rewind stays stored, and the
+    replay requests not yet done are there for the next start."""
+
+    async def test(harness: Harness) -> None:
+        harness.state.advance("main", 4)  # 1..3 delivered
+        harness.state.request_replay("main", 2, "from")
+        harness.state.request_replay("main", 3, "one")
+        harness.receiver.gate = asyncio.Event()  # never opened: the replayed 3 stays there
+        await harness.dispatcher.start()
+        await wait_until(lambda: event_sequences(harness.receiver) == [3])
+        await asyncio.wait_for(harness.dispatcher.stop(), 5)
+        assert harness.state.position("main") == 2
+        assert harness.state.take_replays("main") == [(3, "one")]
+
+    run(tmp_path, [], test, accounts=("a", "b", "c"))
