@@ -427,6 +427,10 @@ class Lifecycle:
             return Result(
                 "00", "advice_currency_not_supported", account_id=account.id, card_id=card.card_id
             )
+        if amount <= 0:  # a billing amount of 0, or converted to less than a minor unit
+            return Result(
+                "00", "advice_invalid_amount", account_id=account.id, card_id=card.card_id
+            )
         hold = self._hold(writer, account, card, request, amount, key, batch)
         # Spent is spent: a stand-in approval counts against the controls' usage (it was never
         # checked against them), so later authorisations see it.
@@ -443,6 +447,27 @@ class Lifecycle:
         )
 
     # --- matching an original ------------------------------------------------------------------
+
+    @staticmethod
+    def _card_mismatch(
+        writer: Writer, card_key: bytes, original: StoredAnswer | None
+    ) -> Result | None:
+        """A completion or reversal whose original is another card's: acknowledged (advices)
+        and applied never, as clearing rejects it (`card_mismatch`), or card A's message would
+        capture, post against or release card B's money."""
+        if original is None or original.card_id is None:
+            return None
+        card = writer.card(card_key)
+        if card is not None and card.card_id == original.card_id:
+            return None
+        return Result("00", "card_mismatch", card_id=None if card is None else card.card_id)
+
+    @staticmethod
+    def _converted(writer: Writer, original: StoredAnswer) -> bool:
+        """Whether the original's amount was converted into its account's currency."""
+        account = writer.account(original.account_id) if original.account_id else None
+        currency = original.response.get("49")
+        return account is not None and currency != numeric_code(account.currency)
 
     def _original(
         self, writer: Writer, request: AuthorizationRequest
@@ -475,10 +500,13 @@ class Lifecycle:
         key: bytes,
         batch: Batch,
     ) -> Result:
-        if request.amount is None:
+        if not request.amount:  # absent, not digits, or 0: nothing to capture or post
             return Result("00", "completion_invalid_amount")
         found = self._original(writer, request)
         original_key, original = found if found is not None else (b"", None)
+        mismatch = self._card_mismatch(writer, card_key, original)
+        if mismatch is not None:
+            return mismatch
         hold = writer.hold_of(original_key, original)
         verdict = capture_verdict(original, hold)
         if verdict == "already_posted":
@@ -503,6 +531,10 @@ class Lifecycle:
             if amount is None:
                 # No way to price the final amount: capture what was held, and say so.
                 amount = hold.amount
+            if amount <= 0:  # converted to less than a minor unit: nothing to capture
+                return Result(
+                    "00", "completion_invalid_amount", account_id=account.id, card_id=hold.card_id
+                )
             writer.capture_hold(account, hold, amount, batch.now_ms)
             writer.put_account(account)
             return Result(
@@ -527,6 +559,10 @@ class Lifecycle:
                 account_id=account.id,
                 card_id=card.card_id,
             )
+        if amount <= 0:
+            return Result(
+                "00", "completion_invalid_amount", account_id=account.id, card_id=card.card_id
+            )
         account.posted -= amount
         writer.put_account(account)
         return Result(
@@ -548,13 +584,24 @@ class Lifecycle:
         if found is None:
             return Result("00", "orphan_reversal") if advice else Result("25", "original_not_found")
         original_key, original = found
+        mismatch = self._card_mismatch(writer, card_key, original)
+        if mismatch is not None:
+            return mismatch if advice else Result("25", "original_not_found")
         account_id, card_id = original.account_id, original.card_id
         replacement = request.replacement_amount()
         target = replacement if replacement else 0  # what the transaction should now be worth
         original_amount, billed = original.response.get("4"), original.response.get("6")
-        if target and billed and original_amount and original_amount.isdigit():
+        if (
+            target
+            and billed
+            and original_amount
+            and original_amount.isdigit()
+            and self._converted(writer, original)
+        ):
             # The original was converted: field 95 is in the transaction currency, the hold in
-            # the account's. Scale by the original's own rate, not today's.
+            # the account's. Scale by the original's own rate, not today's. (Field 6 alone
+            # does not say so: a request may carry it in the account's own currency, and a
+            # partial approval's field 4 is then what was approved, not what was asked.)
             target = scale(target, int(billed), int(original_amount))
         hold = writer.hold_of(original_key, original)
         verdict = void_verdict(original, hold, target)

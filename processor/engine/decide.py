@@ -213,6 +213,10 @@ def decide(
         amount = billing_amount(request, account, rules)
         if amount is None:
             return CURRENCY_NOT_SUPPORTED
+        if amount <= 0:
+            # A billing amount (field 6) of 0, or a few units that convert to less than one
+            # minor unit: approving it would hold and post nothing.
+            return INVALID_AMOUNT
     if spend is not None:
         levels: list[tuple[Controls, Usage]] = []
         if spend.programme is not None:

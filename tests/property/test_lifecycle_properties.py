@@ -1016,6 +1016,9 @@ class LifecycleMachine(RuleBasedStateMachine):
     def completion(
         self, fields: dict[str, str], card: CardSpec, amount: int, answer: ModelAnswer
     ) -> str:
+        if not amount:  # nothing to capture or post: acknowledged, nothing changes
+            answer.card_id = None
+            return "completion_invalid_amount"
         found = self.lookup(fields)
         original = self.answers[found] if found is not None else None
         if original is not None and original.posted_amount:  # a 0200: posted when approved

@@ -1,0 +1,226 @@
+"""Money at the edges a review found: amounts that convert to nothing, a completion of 0, a
+partial approval reversed in part, and completions or reversals naming another card's
+transaction. Each drives the real Authorizer against a scratch ledger of two EUR accounts of
+100.00, and checks what the answers say and what the balances hold."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+from processor.authorizer import Authorizer, Outcome
+from processor.catalog import default_catalog
+from processor.engine import ProgrammeRules
+from processor.ledger.load import apply_load_file, parse_load_file
+from processor.ledger.store import Ledger
+from processor.security import PanHasher
+from processor.wire.codec import Codec
+from processor.wire.messages import AuthorizationRequest
+from processor.wire.spec import load_spec
+
+HASHER = PanHasher(b"money-edges-key")
+CODEC = Codec(load_spec())
+START = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+PAN_A, PAN_B = "5200001111222233", "5200001111222241"
+LOAD = f"""
+[[accounts]]
+id = "acct-a"
+currency = "EUR"
+balance = 10000
+
+[[accounts]]
+id = "acct-b"
+currency = "EUR"
+balance = 10000
+
+[[cards]]
+pan = "{PAN_A}"
+account = "acct-a"
+expiry = "3012"
+
+[[cards]]
+pan = "{PAN_B}"
+account = "acct-b"
+expiry = "3012"
+""".encode()
+
+
+def build(tmp_path: Path, rules: ProgrammeRules | None = None) -> tuple[Ledger, Authorizer]:
+    ledger = Ledger(tmp_path / "ledger", durability="process", map_size_bytes=64 << 20)
+    apply_load_file(
+        ledger, parse_load_file(LOAD, "test"), HASHER, "test", now_ms=int(START.timestamp() * 1000)
+    )
+    rules = rules or ProgrammeRules(catalog=default_catalog())
+    return ledger, Authorizer(ledger, HASHER, rules, hold_lifetime_seconds=7 * 86400)
+
+
+def request(mti: str = "0100", **fields: str) -> AuthorizationRequest:
+    values = {
+        "t": mti,
+        "2": PAN_A,
+        "3": "000000",
+        "7": "1124120000",
+        "18": "5411",
+        "32": "123456",
+        "49": "978",
+        "37": "000000000001",
+    }
+    values.update(fields)
+    decoded = CODEC.decode(CODEC.encode(values))
+    assert isinstance(decoded, AuthorizationRequest)
+    return decoded
+
+
+def original_data(mti: str, stan: str) -> str:
+    """Field 90 naming the request `mti` + `stan` of `request()`'s acquirer and time."""
+    return f"{mti}{stan}1124120000{123456:011d}{0:011d}"
+
+
+def balances(ledger: Ledger, account_id: str) -> tuple[int, int]:
+    """(posted, held) in minor units."""
+    with ledger.read() as reader:
+        account = reader.account(account_id)
+    assert account is not None
+    return account.posted, account.held
+
+
+def answer(authorizer: Authorizer, *requests: AuthorizationRequest) -> list[Outcome]:
+    return authorizer.authorize_batch(list(requests), START)
+
+
+def test_a_billing_amount_of_zero_is_declined_not_approved_for_nothing(tmp_path: Path) -> None:
+    ledger, authorizer = build(tmp_path)
+    [outcome] = answer(
+        authorizer,
+        request(
+            "0200", **{"4": "000009999999", "11": "000001", "49": "840", "6": "0" * 12, "51": "978"}
+        ),
+    )
+    assert (outcome.response_code, outcome.reason) == ("13", "invalid_amount")
+    assert balances(ledger, "acct-a") == (10000, 0)
+
+
+def test_an_amount_converting_to_less_than_a_cent_is_declined(tmp_path: Path) -> None:
+    rules = ProgrammeRules(rates={("KRW", "EUR"): Decimal("0.00063")}, catalog=default_catalog())
+    ledger, authorizer = build(tmp_path, rules)
+    [outcome] = answer(authorizer, request(**{"4": "000000000007", "11": "000001", "49": "410"}))
+    assert (outcome.response_code, outcome.reason) == ("13", "invalid_amount")
+    assert balances(ledger, "acct-a") == (10000, 0)
+
+
+def test_a_stand_in_advice_worth_nothing_is_acknowledged_and_fails_no_batch(
+    tmp_path: Path,
+) -> None:
+    """It reached a hold of 0, whose assertion failed the whole batch (96 to the others, and
+    the daemon stops on an assertion): the network would resend it for ever."""
+    ledger, authorizer = build(tmp_path)
+    good = request(**{"4": "000000000100", "11": "000009"})
+    advice = request(
+        "0120",
+        **{
+            "4": "000000005000",
+            "11": "000001",
+            "49": "840",
+            "6": "0" * 12,
+            "51": "978",
+            "39": "00",
+        },
+    )
+    outcomes = answer(authorizer, good, advice)
+    assert [(o.response_code, o.reason) for o in outcomes] == [
+        ("00", "approved"),
+        ("00", "advice_invalid_amount"),
+    ]
+    assert balances(ledger, "acct-a") == (10000, 100)
+
+
+def test_a_completion_of_zero_changes_nothing_and_fails_no_batch(tmp_path: Path) -> None:
+    ledger, authorizer = build(tmp_path)
+    answer(authorizer, request(**{"4": "000000003000", "11": "000001"}))
+    outcomes = answer(
+        authorizer,
+        request("0220", **{"4": "0" * 12, "11": "000002", "90": original_data("0100", "000001")}),
+        request("0220", **{"4": "0" * 12, "11": "000003"}),  # no original: not a force post
+    )
+    assert [o.reason for o in outcomes] == ["completion_invalid_amount"] * 2
+    assert balances(ledger, "acct-a") == (10000, 3000)
+
+
+def test_a_partial_approval_reversed_in_part_keeps_what_was_spent(tmp_path: Path) -> None:
+    """150.00 asked with field 6 in the account's own currency (as Mastercard sends it),
+    100.00 approved (10), then 40.00 said to be the final amount: the hold is 40.00. Field 6
+    was read as a conversion, and the reversal scaled by 150/100."""
+    ledger, authorizer = build(tmp_path)
+    partial = "R" + "61" + "03" + "100"  # field 48: the merchant takes a partial approval
+    [approved] = answer(
+        authorizer,
+        request(
+            **{"4": "000000015000", "11": "000001", "48": partial, "6": "000000015000", "51": "978"}
+        ),
+    )
+    assert (approved.response_code, approved.fields["4"]) == ("10", "000000010000")
+    answer(
+        authorizer,
+        request(
+            "0400",
+            **{
+                "4": "000000015000",
+                "11": "000002",
+                "90": original_data("0100", "000001"),
+                "95": f"{4000:012d}" + "0" * 30,
+            },
+        ),
+    )
+    assert balances(ledger, "acct-a") == (10000, 4000)
+
+
+def test_a_completion_naming_another_cards_transaction_moves_no_money(tmp_path: Path) -> None:
+    ledger, authorizer = build(tmp_path)
+    answer(authorizer, request(**{"4": "000000003000", "11": "000001", "2": PAN_B}))
+    [completion] = answer(
+        authorizer,
+        request(
+            "0220",
+            **{
+                "4": "000000009000",
+                "11": "000002",
+                "2": PAN_A,
+                "90": original_data("0100", "000001"),
+            },
+        ),
+    )
+    assert (completion.response_code, completion.reason) == ("00", "card_mismatch")
+    assert balances(ledger, "acct-b") == (10000, 3000)  # B's hold stands, nothing posted
+    assert balances(ledger, "acct-a") == (10000, 0)
+
+
+def test_a_reversal_naming_another_cards_transaction_moves_no_money(tmp_path: Path) -> None:
+    ledger, authorizer = build(tmp_path)
+    answer(authorizer, request(**{"4": "000000003000", "11": "000001", "2": PAN_B}))
+    outcomes = answer(
+        authorizer,
+        request(
+            "0400",
+            **{
+                "4": "000000003000",
+                "11": "000002",
+                "2": PAN_A,
+                "90": original_data("0100", "000001"),
+            },
+        ),
+        request(
+            "0420",
+            **{
+                "4": "000000003000",
+                "11": "000003",
+                "2": PAN_A,
+                "90": original_data("0100", "000001"),
+            },
+        ),
+    )
+    assert [(o.response_code, o.reason) for o in outcomes] == [
+        ("25", "original_not_found"),
+        ("00", "card_mismatch"),
+    ]
+    assert balances(ledger, "acct-b") == (10000, 3000)
