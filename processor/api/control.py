@@ -65,6 +65,7 @@ from processor.security import PanHasher, luhn_valid
 log = logging.getLogger("processor.api")
 
 BODY_BYTES_MAX: Final = 64 * 1024
+ENTRY_SEQUENCE_MAX: Final = 2**64 - 1  # an account's entries are keyed by a u64 sequence
 PAGE_LIMIT_DEFAULT: Final = 50
 PAGE_LIMIT_MAX: Final = 100
 IDEMPOTENCY_KEY_BYTES_MAX: Final = 255
@@ -418,7 +419,7 @@ class ControlApi:
         before = None
         if cursor is not None:
             number = cursor[len(prefix) :]
-            if not number.isdigit() or len(number) > 20:
+            if not number.isdigit() or len(number) > 20 or int(number) > ENTRY_SEQUENCE_MAX:
                 raise ApiError(
                     400, "invalid_query", "cursor is not one this listing gave out", field="cursor"
                 )

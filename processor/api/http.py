@@ -34,7 +34,7 @@ from processor.api.reveal import REVEAL_PATH, reveal_handler
 from processor.api.views import ErrorBody, ErrorDetail
 from processor.log_budget import LogBudget
 from processor.metrics import Metrics
-from processor.security import PanHasher
+from processor.security import PanHasher, luhn_valid, mask_pan
 
 log = logging.getLogger("processor.api")
 
@@ -57,6 +57,19 @@ STATUS_CODES: Final = {
 PASSED_HEADERS: Final = ("Allow", "WWW-Authenticate", "Retry-After")
 
 
+# A run of digits as long as a card number, in an error's message.
+_CARD_NUMBER_LIKE: Final = re.compile(r"\d{13,19}")
+
+
+def _masked(text: str) -> str:
+    """`text` with every card number in it masked (first six, last four): an error quotes
+    what was sent (an enum value msgspec names, a path id, a catalog entry), and a card
+    number sent in the wrong place must not come back in clear."""
+    return _CARD_NUMBER_LIKE.sub(
+        lambda found: mask_pan(found[0]) if luhn_valid(found[0]) else found[0], text
+    )
+
+
 def error_response(
     status: int,
     code: str,
@@ -66,6 +79,9 @@ def error_response(
     details: dict[str, str] | None = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
+    message = _masked(message)
+    if details is not None:
+        details = {key: _masked(value) for key, value in details.items()}
     body = ErrorBody(error=ErrorDetail(code=code, message=message, field=field, details=details))
     return web.Response(
         body=msgspec.json.encode(body),
@@ -100,6 +116,19 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
             details=error.details,
             headers=error.headers,
         )
+    except web.RequestPayloadError:
+        # The body does not decode (a corrupt gzip or deflate stream, a broken chunk): the
+        # client's to fix, not a failure of ours.
+        return error_response(
+            400,
+            "invalid_body",
+            "the body could not be read: its Content-Encoding or chunking is broken",
+            field="Content-Encoding",
+        )
+    except ConnectionResetError:
+        # The client went away before its body arrived: nothing to answer, nothing to log loud.
+        log.debug("%s %s: the client closed before sending its body", request.method, request.path)
+        return error_response(400, "incomplete_body", "the connection closed mid-body")
     except web.HTTPException as error:
         if error.status < 400:
             raise
@@ -356,7 +385,13 @@ async def start_http(accept: Accept, daemon: Processor, api_token: str | None) -
     def connection() -> web.RequestHandler:
         # What manager() makes (no access log, as asked of the runner), with the answers of
         # JsonErrorRequestHandler.handle_error.
-        return JsonErrorRequestHandler(manager, malformed=malformed, loop=loop, access_log=None)
+        # lingering_time=0: a body the handler left unread (an unauthenticated POST, a 404) is
+        # not read on after the answer; the connection closes instead. Reading it on decoded a
+        # corrupt gzip body and logged aiohttp's "Unhandled exception" traceback per request,
+        # before any token was checked.
+        return JsonErrorRequestHandler(
+            manager, malformed=malformed, loop=loop, access_log=None, lingering_time=0
+        )
 
     try:
         accepting = accept(connection)

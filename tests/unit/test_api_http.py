@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import lmdb
 import msgspec
 import pytest
@@ -332,3 +335,100 @@ def test_a_flood_of_malformed_requests_writes_a_bounded_number_of_lines(
     assert len(caplog.records) == limits.log_lines_per_kind_burst
     suppressed = metrics.log_lines_suppressed.labels("http_bad_request")._value.get()
     assert suppressed == 1000 - limits.log_lines_per_kind_burst
+
+
+def test_a_body_that_does_not_decode_or_a_forged_cursor_is_a_400_not_a_500(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    bearer = {"Authorization": "Bearer s3cret"}
+
+    async def check(client: TestClient[web.Request, web.Application]) -> None:
+        created = await client.post("/v1/accounts", json={"currency": "EUR"}, headers=bearer)
+        account_id = (await created.json())["id"]
+        # A cursor of the entries' own form whose sequence does not fit their u64 keys.
+        forged = base64.urlsafe_b64encode(b"e:18446744073709551616").decode().rstrip("=")
+        paged = await client.get(
+            f"/v1/accounts/{account_id}/entries?cursor={forged}", headers=bearer
+        )
+        assert paged.status == 400 and (await paged.json())["error"]["field"] == "cursor"
+        # A corrupt gzip body: a 400 (aiohttp's parser then closes the connection), or the
+        # connection closed first; never a 500 with a traceback.
+        try:
+            corrupt = await client.post(
+                f"/v1/accounts/{account_id}/fund",
+                data=b"xxxxx",
+                headers={**bearer, "Content-Type": "application/json", "Content-Encoding": "gzip"},
+            )
+        except aiohttp.ServerDisconnectedError:
+            pass
+        else:
+            assert corrupt.status == 400
+            assert (await corrupt.json())["error"]["field"] == "Content-Encoding"
+
+    with_app(tmp_path, monkeypatch, "s3cret", check)
+
+
+def test_a_card_number_sent_anywhere_never_comes_back_in_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bearer = {"Authorization": "Bearer s3cret"}
+    pan = "4761731696953232"  # passes the Luhn check
+
+    async def check(client: TestClient[web.Request, web.Application]) -> None:
+        answers = [
+            await client.put(
+                "/v1/controls",
+                json={"amount_limits": [{"interval": pan, "amount": 100}]},
+                headers=bearer,
+            ),
+            await client.get(f"/v1/cards/{pan}", headers=bearer),
+        ]
+        for answer in answers:
+            text = await answer.text()
+            assert answer.status in (400, 404), text
+            assert pan not in text and "476173******3232" in text, text
+
+    with_app(tmp_path, monkeypatch, "s3cret", check)
+
+
+def test_a_corrupt_compressed_body_logs_no_traceback_with_or_without_a_token(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The side port as the daemon serves it: aiohttp read on a body the handler left unread
+    (an unauthenticated POST), and a corrupt gzip stream logged its "Unhandled exception"
+    traceback per request, before any token was checked: a way to fill the log."""
+    from processor.api.http import start_http
+    from processor.server.daemon import accept_http, listen
+
+    config = Config(ledger=LedgerConfig(path=str(tmp_path / "ledger"), durability="process"))
+    ledger = Ledger(config.ledger.path, map_size_bytes=1 << 24, durability="process")
+    daemon = Daemon(config, ledger, HASHER, Metrics())
+    token = "s3cret-token-of-16+"
+    corrupt = (
+        b"POST /v1/accounts/a/fund HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Encoding: gzip\r\nContent-Length: 5\r\nConnection: close\r\n"
+    )
+    requests = {
+        "no token": corrupt + b"\r\nxxxxx",
+        "token": corrupt + b"Authorization: Bearer " + token.encode() + b"\r\n\r\nxxxxx",
+    }
+    answers: dict[str, bytes] = {}
+
+    async def main() -> None:
+        sock = listen("127.0.0.1", 0, name="HTTP")
+        bound = sock.getsockname()[1]
+        port = await start_http(accept_http(daemon, sock), daemon, token)
+        loop = asyncio.get_running_loop()
+        try:
+            for name, data in requests.items():
+                answers[name] = await loop.run_in_executor(None, raw_http, bound, data)
+        finally:
+            await port.cleanup()
+
+    try:
+        asyncio.run(main())
+    finally:
+        ledger.close()
+    assert answers["no token"].startswith(b"HTTP/1.1 401")
+    assert answers["token"].startswith(b"HTTP/1.1 400") or answers["token"] == b""
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
