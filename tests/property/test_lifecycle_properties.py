@@ -1050,6 +1050,8 @@ class LifecycleMachine(RuleBasedStateMachine):
             account.overdrawn_by_network = True
         answer.account, answer.posted_amount = card.account, amount
         answer.card_id = self.card_ids[card.pan]
+        if original is not None:  # marked posted: the next completion or presentment of it
+            original.posted_amount = amount  # finds it so (already_posted)
         return "force_post"
 
     def reversal(
@@ -1466,7 +1468,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         else:
             found = self.clearing_lookup(record)
             original = None if found is None else self.answers[found]
-            if original is not None and original.hold_id is not None:
+            # A held original force-posted once its hold was gone is posted: row 1 first.
+            if original is not None and original.hold_id is not None and not original.posted_amount:
                 hold = self.holds[original.hold_id]
                 detail = f"of a {hold.status} hold"
                 if hold.pan != pan:
@@ -1499,6 +1502,8 @@ class LifecycleMachine(RuleBasedStateMachine):
             if not outcome:
                 self.debit(card.account, amount)
                 outcome = "force_posted"
+                if original is not None:  # marked posted, as a 0220's force-post marks it
+                    original.posted_amount = amount
         self.cleared[record_id] = ModelCleared(
             clearing_content(record),
             outcome,

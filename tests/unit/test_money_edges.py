@@ -5,12 +5,14 @@ transaction. Each drives the real Authorizer against a scratch ledger of two EUR
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import json
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 from processor.authorizer import Authorizer, Outcome
 from processor.catalog import default_catalog
+from processor.clearing import apply_clearing, parse_lines
 from processor.engine import ProgrammeRules
 from processor.ledger.load import apply_load_file, parse_load_file
 from processor.ledger.store import Ledger
@@ -224,3 +226,71 @@ def test_a_reversal_naming_another_cards_transaction_moves_no_money(tmp_path: Pa
         ("00", "card_mismatch"),
     ]
     assert balances(ledger, "acct-b") == (10000, 3000)
+
+
+def presentment(amount: int) -> list[bytes]:
+    """A clearing purchase record for `request()`'s 0100 of STAN 000001 on card A."""
+    record = {
+        "record_id": "r1",
+        "type": "purchase",
+        "pan": PAN_A,
+        "acquirer": "123456",
+        "stan": "000001",
+        "transmission_datetime": "1124120000",
+        "amount": amount,
+        "currency": "EUR",
+        "rrn": "000000000001",
+    }
+    return [json.dumps(record).encode()]
+
+
+def test_a_purchase_force_posted_by_its_completion_is_not_posted_again_by_clearing(
+    tmp_path: Path,
+) -> None:
+    """Its hold expired, the 0220 posts 30.00 as the network says; the presentment of the same
+    purchase then finds it posted (it posted it a second time)."""
+    ledger, authorizer = build(tmp_path)
+    answer(authorizer, request(**{"4": "000000003000", "11": "000001"}))
+    later = START + timedelta(days=8)
+    assert authorizer.sweep_expired(later, 512) == 1
+    [completion] = authorizer.authorize_batch(
+        [
+            request(
+                "0220",
+                **{
+                    "4": "000000003000",
+                    "11": "000002",
+                    "7": "1202120000",
+                    "90": original_data("0100", "000001"),
+                },
+            )
+        ],
+        later,
+    )
+    assert completion.reason == "force_post"
+    summary = apply_clearing(ledger, parse_lines(presentment(3000)), HASHER, later)
+    assert summary.already_posted == 1
+    assert balances(ledger, "acct-a") == (7000, 0)
+
+
+def test_a_purchase_force_posted_by_clearing_is_not_posted_again_by_its_completion(
+    tmp_path: Path,
+) -> None:
+    ledger, authorizer = build(tmp_path)
+    answer(authorizer, request(**{"4": "000000003000", "11": "000001"}))
+    answer(
+        authorizer,
+        request(
+            "0420", **{"4": "000000003000", "11": "000002", "90": original_data("0100", "000001")}
+        ),
+    )
+    summary = apply_clearing(ledger, parse_lines(presentment(3000)), HASHER, START)
+    assert summary.force_posted == 1
+    [completion] = answer(
+        authorizer,
+        request(
+            "0220", **{"4": "000000003000", "11": "000003", "90": original_data("0100", "000001")}
+        ),
+    )
+    assert completion.reason == "already_posted"
+    assert balances(ledger, "acct-a") == (7000, 0)
