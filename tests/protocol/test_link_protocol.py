@@ -888,14 +888,10 @@ def test_a_peer_that_reconnects_does_not_get_a_fresh_log_budget(
     daemon.ledger.close()
 
 
-def test_the_dialect_diagnosis_runs_only_while_its_line_would_be_logged(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from processor import limits
+def counting_diagnoses(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The frames the daemon runs its dialect diagnosis on, from now on (it still runs)."""
     from processor.server import daemon as daemon_module
 
-    daemon = make_daemon(tmp_path, bad_messages_max=2, bad_links_per_address_max=0)
-    binary = Codec(load_spec("binary")).encode(ECHO_FIELDS)
     diagnosed: list[bytes] = []
     real = daemon_module.undecodable_cause
 
@@ -904,6 +900,17 @@ def test_the_dialect_diagnosis_runs_only_while_its_line_would_be_logged(
         return real(frame, **dialect)
 
     monkeypatch.setattr(daemon_module, "undecodable_cause", counting)
+    return diagnosed
+
+
+def test_the_dialect_diagnosis_runs_only_while_its_line_would_be_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from processor import limits
+
+    daemon = make_daemon(tmp_path, bad_messages_max=2, bad_links_per_address_max=0)
+    binary = Codec(load_spec("binary")).encode(ECHO_FIELDS)
+    diagnosed = counting_diagnoses(monkeypatch)
     transports = [FakeTransport() for _ in range(50)]
 
     def body() -> None:
@@ -1369,17 +1376,9 @@ def test_frames_no_dialect_explains_are_diagnosed_a_bounded_number_of_times(
     """A first frame that starts like an MTI but decodes in no neighbouring dialect writes no
     dialect line; its diagnosis (hundreds of trial decodes) is budgeted all the same, or a
     peer staying under the bad-message rate on many links makes the daemon do it each time."""
-    from processor.server import daemon as daemon_module
 
     daemon = make_daemon(tmp_path)  # 20 bad messages a minute close a link
-    diagnosed: list[bytes] = []
-    real = daemon_module.undecodable_cause
-
-    def counting(frame: bytes, **dialect: Any) -> str | None:
-        diagnosed.append(frame)
-        return real(frame, **dialect)
-
-    monkeypatch.setattr(daemon_module, "undecodable_cause", counting)
+    diagnosed = counting_diagnoses(monkeypatch)
     links = [(new_link(daemon), FakeTransport("10.0.0.9")) for _ in range(10)]
     frame = FRAMER.frame(b"", b"0100" * 512)
 

@@ -265,12 +265,30 @@ def raw_http(port: int, data: bytes) -> bytes:
     return answer
 
 
-def test_malformed_requests_are_answered_in_json_logged_once_and_echo_nothing(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+async def over_side_port(
+    daemon: Daemon, token: str, requests: dict[str, bytes]
+) -> dict[str, bytes]:
+    """Each raw request's raw answer from the side port as the daemon serves it (its own
+    request handler, not the test server's)."""
     from processor.api.http import start_http
     from processor.server.daemon import accept_http, listen
 
+    sock = listen("127.0.0.1", 0, name="HTTP")
+    bound = sock.getsockname()[1]
+    port = await start_http(accept_http(daemon, sock), daemon, token)
+    loop = asyncio.get_running_loop()
+    answers: dict[str, bytes] = {}
+    try:
+        for name, data in requests.items():
+            answers[name] = await loop.run_in_executor(None, raw_http, bound, data)
+    finally:
+        await port.cleanup()
+    return answers
+
+
+def test_malformed_requests_are_answered_in_json_logged_once_and_echo_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     config = Config(ledger=LedgerConfig(path=str(tmp_path / "ledger"), durability="process"))
     ledger = Ledger(config.ledger.path, map_size_bytes=1 << 24, durability="process")
     daemon = Daemon(config, ledger, HASHER, Metrics())
@@ -283,22 +301,9 @@ def test_malformed_requests_are_answered_in_json_logged_once_and_echo_nothing(
         "request_line": b"G(T /SECRETVALUE HTTP/1.1\r\nHost: x\r\n\r\n",
         "healthy": b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     }
-    answers: dict[str, bytes] = {}
-
-    async def main() -> None:
-        sock = listen("127.0.0.1", 0, name="HTTP")
-        bound = sock.getsockname()[1]
-        port = await start_http(accept_http(daemon, sock), daemon, "s3cret-token-of-16+")
-        loop = asyncio.get_running_loop()
-        try:
-            for name, data in requests.items():
-                answers[name] = await loop.run_in_executor(None, raw_http, bound, data)
-        finally:
-            await port.cleanup()
-
     with caplog.at_level("DEBUG"):
         try:
-            asyncio.run(main())
+            answers = asyncio.run(over_side_port(daemon, "s3cret-token-of-16+", requests))
         finally:
             ledger.close()
     expected = {
@@ -397,9 +402,6 @@ def test_a_corrupt_compressed_body_logs_no_traceback_with_or_without_a_token(
     """The side port as the daemon serves it: aiohttp read on a body the handler left unread
     (an unauthenticated POST), and a corrupt gzip stream logged its "Unhandled exception"
     traceback per request, before any token was checked: a way to fill the log."""
-    from processor.api.http import start_http
-    from processor.server.daemon import accept_http, listen
-
     config = Config(ledger=LedgerConfig(path=str(tmp_path / "ledger"), durability="process"))
     ledger = Ledger(config.ledger.path, map_size_bytes=1 << 24, durability="process")
     daemon = Daemon(config, ledger, HASHER, Metrics())
@@ -412,21 +414,8 @@ def test_a_corrupt_compressed_body_logs_no_traceback_with_or_without_a_token(
         "no token": corrupt + b"\r\nxxxxx",
         "token": corrupt + b"Authorization: Bearer " + token.encode() + b"\r\n\r\nxxxxx",
     }
-    answers: dict[str, bytes] = {}
-
-    async def main() -> None:
-        sock = listen("127.0.0.1", 0, name="HTTP")
-        bound = sock.getsockname()[1]
-        port = await start_http(accept_http(daemon, sock), daemon, token)
-        loop = asyncio.get_running_loop()
-        try:
-            for name, data in requests.items():
-                answers[name] = await loop.run_in_executor(None, raw_http, bound, data)
-        finally:
-            await port.cleanup()
-
     try:
-        asyncio.run(main())
+        answers = asyncio.run(over_side_port(daemon, token, requests))
     finally:
         ledger.close()
     assert answers["no token"].startswith(b"HTTP/1.1 401")
