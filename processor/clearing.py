@@ -24,6 +24,7 @@ from typing import Annotated, BinaryIO, Final, Literal
 import msgspec
 from msgspec import Meta
 
+from processor import limits
 from processor.currency import UnknownCurrency, exponent, numeric_code
 from processor.engine.settle import capture_verdict
 from processor.ledger.records import Card, ClearedRecord, OutboxRecord, StoredAnswer
@@ -275,6 +276,8 @@ def _apply_record(
     hold_id: int | None = None
     outcome: Outcome
     if record.type == "refund":
+        if account.posted + record.amount > limits.account_posted_max:
+            raise _Rejected("balance_limit")
         account.posted += record.amount
         writer.put_account(account)
         outcome, account_id = "refund", account.id

@@ -193,3 +193,8 @@ assert links_max >= sim_connections_max
 # Card verification keys one card range may list at once (the issuing key and older ones
 # whose cards are still in use).
 card_verification_keys_per_range_max: Final = 4
+# An account's posted balance never goes above this many minor units: a funding or a refund
+# that would take it higher is refused. Far beyond any real account (10^16 euros), and far
+# below what the account record's 64-bit integers hold: past them, the batch that wrote it
+# failed, and every authorisation in it was answered 96.
+account_posted_max: Final = 10**18

@@ -22,6 +22,7 @@ from typing import Final, Literal
 
 import msgspec
 
+from processor import limits
 from processor.api.views import (
     CardholderDetails,
     Individual,
@@ -195,6 +196,14 @@ def move_funds(
                 "insufficient_funds",
                 f"debit of {amount} exceeds the available {account.available} "
                 f"{account.currency} minor units of account {account_id!r}",
+                field="$.amount",
+            )
+        if kind == "fund" and account.posted + amount > limits.account_posted_max:
+            raise Refused(
+                409,
+                "balance_limit",
+                f"funding {amount} would take account {account_id!r} above the most a posted "
+                f"balance may hold ({limits.account_posted_max} minor units)",
                 field="$.amount",
             )
         entry = writer.append_entry(

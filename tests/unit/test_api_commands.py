@@ -359,3 +359,21 @@ def test_every_api_change_has_its_event_in_the_same_transaction(ledger: Ledger) 
     assert events[5].data.account_id is None  # the programme's: no account
     assert account is not None and account.event_sequence == 5  # numbered per account
     assert [e.account_sequence for e in events[:5]] == [1, 2, 3, 4, 5]
+
+
+def test_a_funding_beyond_the_most_a_balance_may_hold_is_refused(ledger: Ledger) -> None:
+    """Past 64-bit integers the account record would not encode, and the batch writing it
+    would fail for every authorisation in it: the funding is refused first."""
+    from processor import limits
+
+    open_account(ledger, "c1")
+    with ledger.write() as writer:
+        account = writer.account("c1")
+        assert account is not None
+        account.posted = limits.account_posted_max - 10
+        writer.put_account(account)
+    refused = run(ledger, commands.move_funds("c1", "fund", 11, "one too many"))
+    assert isinstance(refused, Refused)
+    assert (refused.status, refused.code, refused.field) == (409, "balance_limit", "$.amount")
+    funded = run(ledger, commands.move_funds("c1", "fund", 10, "to the brim"))
+    assert body(funded)["account"]["posted"] == limits.account_posted_max

@@ -752,3 +752,16 @@ def test_cli_refuses_a_ledger_keyed_with_another_pan_key(
     monkeypatch.setenv("PROCESSOR_PAN_KEY", "another-key")
     assert main(["clearing", "ingest", "--ledger", str(cli_ledger), str(path)]) == 1
     assert "another PAN key" in capsys.readouterr().err
+
+
+def test_a_refund_beyond_the_most_a_balance_may_hold_is_rejected(ledger: Ledger) -> None:
+    from processor import limits
+
+    with ledger.write() as writer:
+        account = writer.account("acct-yen")
+        assert account is not None
+        account.posted = limits.account_posted_max - 100
+        writer.put_account(account)
+    summary = ingest(ledger, record(type="refund", pan=YEN, amount=300, currency="JPY"))
+    assert [rejection.reason for rejection in summary.rejections] == ["balance_limit"]
+    assert state(ledger, "acct-yen") == (limits.account_posted_max - 100, 0)
