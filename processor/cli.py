@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -11,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from processor import limits
 from processor.config import Config, ConfigError, load_config, with_overrides
 
 if TYPE_CHECKING:
@@ -56,12 +58,40 @@ def _writable_ledger(config: Config) -> tuple[Ledger, PanHasher]:
     from processor.app import open_ledger
     from processor.security import hasher_from_environment
 
-    hasher = hasher_from_environment(config.security.pan_key_env)
+    variable = config.security.pan_key_env
+    hasher = hasher_from_environment(variable)
     if hasher.insecure:
-        logging.warning(
-            "%s is not set: using the insecure development PAN key", config.security.pan_key_env
+        # Only a --demo ledger, bound to the development key already, is written without the
+        # real key: on any other, the tool would bind a new ledger to a guessable key (and the
+        # daemon, started with the real key, then refuses it).
+        if not _bound_to(config, hasher.fingerprint):
+            raise ConfigError(
+                f"{variable} is not set: the PAN-hashing key is needed to write this ledger "
+                "(only a --demo ledger, made with the development key, takes a tool without it)"
+            )
+        logging.warning("%s is not set: using the insecure development PAN key", variable)
+    elif len(os.environ[variable].encode("utf-8")) < limits.pan_key_bytes_min:
+        raise ConfigError(
+            f"{variable} holds {len(os.environ[variable].encode('utf-8'))} bytes: the "
+            f"PAN-hashing key must be a secret of at least {limits.pan_key_bytes_min} bytes"
         )
     return open_ledger(config, hasher), hasher
+
+
+def _bound_to(config: Config, fingerprint: str) -> bool:
+    """Whether the configured ledger exists and its cards were keyed with this PAN key."""
+    from processor.ledger.store import Ledger, LedgerError, ledger_exists
+
+    if not ledger_exists(config.ledger.path):
+        return False
+    try:
+        ledger = Ledger(config.ledger.path, readonly=True)
+    except LedgerError:
+        return False
+    try:
+        return ledger.pan_key_fingerprint() == fingerprint
+    finally:
+        ledger.close()
 
 
 def cmd_ledger_load(args: argparse.Namespace) -> int:
@@ -651,7 +681,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from processor.server.workers import WorkerError
 
         if isinstance(error, LoadError | LedgerError | WorkerError):
-            print(f"processor: {error}", file=sys.stderr)
+            from processor.security import mask_card_numbers
+
+            # Errors quote what they were given (an id, an enum value): a card number typed
+            # in the wrong column must not be printed in clear.
+            print(f"processor: {mask_card_numbers(str(error))}", file=sys.stderr)
             return 1
         raise
 

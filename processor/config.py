@@ -321,6 +321,18 @@ class WebhooksConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # cores of its own, a delivery burst never takes the core an authorisation waits for.
     delivery_cpus: tuple[CpuId, ...] = ()
 
+    def __post_init__(self) -> None:
+        # Positions, dead letters and the disabled mark are kept by name: two endpoints of one
+        # name would share a position, one passing over what the other delivered.
+        names: set[str] = set()
+        for index, endpoint in enumerate(self.endpoints):
+            if endpoint.name in names:
+                raise ValueError(
+                    f"endpoints[{index}].name: {endpoint.name!r} is used twice; each endpoint "
+                    "needs a name of its own"
+                )
+            names.add(endpoint.name)
+
 
 class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     level: Literal["debug", "info", "warning", "error"] = "info"

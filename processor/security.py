@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
+from typing import Final
 
 INSECURE_DEVELOPMENT_KEY = b"processor-insecure-development-pan-key"
 
@@ -69,6 +71,19 @@ def mask_pan(pan: str) -> str:
     if len(pan) < 13:
         return "*" * len(pan)
     return f"{pan[:6]}{'*' * (len(pan) - 10)}{pan[-4:]}"
+
+
+# A run of digits as long as a card number.
+_CARD_NUMBER_LIKE: Final = re.compile(r"\d{13,19}")
+
+
+def mask_card_numbers(text: str) -> str:
+    """`text` with every card number in it (a Luhn-valid run of 13-19 digits) masked: for
+    messages that quote what was sent (an enum value msgspec names, an id, a catalog entry),
+    where a card number put in the wrong place must not come back in clear."""
+    return _CARD_NUMBER_LIKE.sub(
+        lambda found: mask_pan(found[0]) if luhn_valid(found[0]) else found[0], text
+    )
 
 
 def _luhn_sum(digits: str, doubled_parity: int) -> int:

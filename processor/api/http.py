@@ -34,7 +34,7 @@ from processor.api.reveal import REVEAL_PATH, reveal_handler
 from processor.api.views import ErrorBody, ErrorDetail
 from processor.log_budget import LogBudget
 from processor.metrics import Metrics
-from processor.security import PanHasher, luhn_valid, mask_pan
+from processor.security import PanHasher, mask_card_numbers
 
 log = logging.getLogger("processor.api")
 
@@ -57,19 +57,6 @@ STATUS_CODES: Final = {
 PASSED_HEADERS: Final = ("Allow", "WWW-Authenticate", "Retry-After")
 
 
-# A run of digits as long as a card number, in an error's message.
-_CARD_NUMBER_LIKE: Final = re.compile(r"\d{13,19}")
-
-
-def _masked(text: str) -> str:
-    """`text` with every card number in it masked (first six, last four): an error quotes
-    what was sent (an enum value msgspec names, a path id, a catalog entry), and a card
-    number sent in the wrong place must not come back in clear."""
-    return _CARD_NUMBER_LIKE.sub(
-        lambda found: mask_pan(found[0]) if luhn_valid(found[0]) else found[0], text
-    )
-
-
 def error_response(
     status: int,
     code: str,
@@ -79,9 +66,9 @@ def error_response(
     details: dict[str, str] | None = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    message = _masked(message)
+    message = mask_card_numbers(message)
     if details is not None:
-        details = {key: _masked(value) for key, value in details.items()}
+        details = {key: mask_card_numbers(value) for key, value in details.items()}
     body = ErrorBody(error=ErrorDetail(code=code, message=message, field=field, details=details))
     return web.Response(
         body=msgspec.json.encode(body),

@@ -41,7 +41,7 @@ from processor.wire.codec import Codec
 from processor.wire.messages import AuthorizationRequest
 from processor.wire.spec import load_spec
 
-PAN_KEY = "clearing-test-key"
+PAN_KEY = "clearing-test-key-of-full-strength-32+"  # tools refuse a shorter one
 HASHER = PanHasher(PAN_KEY.encode())
 CODEC = Codec(load_spec())
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -749,7 +749,7 @@ def test_cli_refuses_a_ledger_keyed_with_another_pan_key(
 ) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(b"".join(lines_of(record())))
-    monkeypatch.setenv("PROCESSOR_PAN_KEY", "another-key")
+    monkeypatch.setenv("PROCESSOR_PAN_KEY", "another-key-of-full-strength-32+-bytes")
     assert main(["clearing", "ingest", "--ledger", str(cli_ledger), str(path)]) == 1
     assert "another PAN key" in capsys.readouterr().err
 
@@ -765,3 +765,30 @@ def test_a_refund_beyond_the_most_a_balance_may_hold_is_rejected(ledger: Ledger)
     summary = ingest(ledger, record(type="refund", pan=YEN, amount=300, currency="JPY"))
     assert [rejection.reason for rejection in summary.rejections] == ["balance_limit"]
     assert state(ledger, "acct-yen") == (limits.account_posted_max - 100, 0)
+
+
+def test_a_tool_refuses_to_write_a_ledger_without_a_full_strength_pan_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Unset, the tool bound a new ledger to the guessable development key (the daemon, with
+    the real key, then refused it); short, it bound it to a weak one."""
+    load_file = tmp_path / "load.toml"
+    load_file.write_bytes(LOAD_FILE)
+    monkeypatch.delenv("PROCESSOR_PAN_KEY", raising=False)
+    assert main(["ledger", "load", "--ledger", str(tmp_path / "a"), str(load_file)]) == 2
+    assert "PROCESSOR_PAN_KEY is not set" in capsys.readouterr().err
+    monkeypatch.setenv("PROCESSOR_PAN_KEY", "short")
+    assert main(["ledger", "load", "--ledger", str(tmp_path / "b"), str(load_file)]) == 2
+    assert "holds 5 bytes" in capsys.readouterr().err
+
+
+def test_a_load_error_never_prints_a_card_number_in_clear(
+    cli_ledger: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A card's PAN typed in its account column: the error quotes the account it looked for."""
+    pan = "4761731696953232"
+    swapped = tmp_path / "swapped.toml"
+    swapped.write_text(f'[[cards]]\npan = "{pan}"\naccount = "{pan}"\nexpiry = "3012"\n')
+    assert main(["ledger", "load", "--ledger", str(cli_ledger), str(swapped)]) == 1
+    err = capsys.readouterr().err
+    assert pan not in err and "476173******3232" in err

@@ -32,6 +32,13 @@ def test_no_file_means_defaults() -> None:
         ("listeners = []\n", "at least one [[listeners]]"),
         ("[[listeners]]\nname = 'a'\n[[listeners]]\nname = 'a'\nport = 1\n", "'a' is used twice"),
         ("[[listeners]]\nname = 'a'\n[[listeners]]\nname = 'b'\n", "127.0.0.1:8583 is used twice"),
+        (
+            "[[webhooks.endpoints]]\nname = 'h'\nurl = 'http://127.0.0.1:1/'\n"
+            "secret_envs = ['S']\n"
+            "[[webhooks.endpoints]]\nname = 'h'\nurl = 'http://127.0.0.1:2/'\n"
+            "secret_envs = ['S']\n",
+            "endpoints[1].name: 'h' is used twice",
+        ),
         ("[ledger]\ndurability = 'maybe'\n", "$.ledger.durability"),
         ("[ledger]\nmap_size_max_bytes = 1024\n", "$.ledger.map_size_max_bytes"),
         ("[ledger]\ncheckpoint_seconds = 0\n", "$.ledger.checkpoint_seconds"),
