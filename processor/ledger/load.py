@@ -39,7 +39,7 @@ from processor.ledger.records import (
     CardStatus,
 )
 from processor.ledger.store import Ledger, LedgerFull, Reader, Writer
-from processor.security import PanHasher, luhn_valid
+from processor.security import PanHasher, luhn_valid, mask_pan
 
 MinorUnits = Annotated[int, Meta(ge=0, le=10**15)]
 AccountId = Annotated[
@@ -216,7 +216,7 @@ def apply_load_file(
 
     errors = controls_errors(data, chosen, source)
     with ledger.read() as reader:
-        errors += _conflicts(reader, data, chosen, source)
+        errors += _conflicts(reader, data, chosen, source, hasher)
     if errors:
         raise LoadError("\n".join(errors))
     counts: Counter[str] = Counter()
@@ -251,18 +251,41 @@ def apply_load_file(
     )
 
 
-def _conflicts(reader: Reader, data: LoadFile, catalog: Catalog, source: str) -> list[str]:
-    """What the ledger as it is makes impossible: a currency change under open holds, a card
-    on an account neither the file nor the ledger has, card controls unfit for the currency of
-    a ledger account the file does not name (controls_errors checks the file's own)."""
+def _conflicts(
+    reader: Reader, data: LoadFile, catalog: Catalog, source: str, hasher: PanHasher
+) -> list[str]:
+    """What the ledger as it is makes impossible, and what the file says twice: a currency
+    change under open holds, a card on an account neither the file nor the ledger has, card
+    controls unfit for the currency of a ledger account the file does not name
+    (controls_errors checks the file's own), a change a card's history forbids
+    (`_card_conflict`), an account or a card in the file twice (which entry should win?).
+    All before anything is written: a file with a mistake changes nothing."""
     errors = []
     in_file = {entry.id: entry.currency for entry in data.accounts}
+    first_account: dict[str, int] = {}
     for index, entry in enumerate(data.accounts):
+        if entry.id in first_account:
+            errors.append(
+                f"{source}: $.accounts[{index}].id: account {entry.id!r} is in the file twice "
+                f"(also $.accounts[{first_account[entry.id]}])"
+            )
+        first_account.setdefault(entry.id, index)
         existing = reader.account(entry.id)
         conflict = _currency_conflict(source, index, entry, existing)
         if conflict is not None:
             errors.append(conflict)
+    first_card: dict[bytes, int] = {}
     for index, card_entry in enumerate(data.cards):
+        card_key = hasher.card_key(card_entry.pan)
+        if card_key in first_card:
+            errors.append(
+                f"{source}: $.cards[{index}].pan: card {mask_pan(card_entry.pan)} is in the "
+                f"file twice (also $.cards[{first_card[card_key]}])"
+            )
+        first_card.setdefault(card_key, index)
+        conflict = _card_conflict(source, index, card_entry, reader.card(card_key))
+        if conflict is not None:
+            errors.append(conflict)
         if card_entry.account in in_file:
             continue
         account = reader.account(card_entry.account)
@@ -275,6 +298,27 @@ def _conflicts(reader: Reader, data: LoadFile, catalog: Catalog, source: str) ->
             found = control_errors(controls, catalog, account.currency, where)
             errors += [f"{source}: {error}" for error in found]
     return errors
+
+
+def _card_conflict(
+    source: str, index: int, card_entry: CardEntry, previous: Card | None
+) -> str | None:
+    """What a card's history forbids the file to change: its expiry, once CVC2s were computed
+    with it (every CVC2 printed on it would mismatch, and lock it out), or a final status (as
+    through the API: its sealed PAN went when it stopped)."""
+    if previous is None:
+        return None
+    if previous.cvc2_key and previous.expiry != card_entry.expiry:
+        return (
+            f"{source}: $.cards[{index}].expiry: card {previous.card_id} has a CVC2 computed "
+            f"with its expiry {previous.expiry}; replace the card instead"
+        )
+    if previous.status in CARD_STATUSES_FINAL and card_entry.status != previous.status:
+        return (
+            f"{source}: $.cards[{index}].status: card {previous.card_id} is "
+            f"{previous.status}, which is final; issue or register a new card instead"
+        )
+    return None
 
 
 def _currency_conflict(
@@ -385,20 +429,9 @@ def _put_cards(
         controls = stored_controls(card_controls(card_entry, account.currency))
         card_key = hasher.card_key(card_entry.pan)
         previous = writer.card(card_key)
-        if previous is not None and previous.cvc2_key and previous.expiry != card_entry.expiry:
-            raise LoadError(  # every CVC2 printed on it would mismatch, and lock it out
-                f"{source}: $.cards[{index}].expiry: card {previous.card_id} has a CVC2 "
-                f"computed with its expiry {previous.expiry}; replace the card instead"
-            )
-        if (
-            previous is not None
-            and previous.status in CARD_STATUSES_FINAL
-            and card_entry.status != previous.status
-        ):
-            raise LoadError(  # as through the API: its sealed PAN went when it stopped
-                f"{source}: $.cards[{index}].status: card {previous.card_id} is "
-                f"{previous.status}, which is final; issue or register a new card instead"
-            )
+        conflict = _card_conflict(source, index, card_entry, previous)
+        if conflict is not None:  # changed since the check (through the API, while loading)
+            raise LoadError(conflict)
         counts["cards_created" if previous is None else "cards_updated"] += 1
         card = card_record(
             card_key,

@@ -1574,3 +1574,45 @@ def test_a_load_does_not_bring_a_stopped_card_back(loaded: Ledger) -> None:
     card = card_of(loaded, CREDIT)
     assert card is not None and card.status == "lost"
     load_text(loaded, stopped)  # the same again changes nothing and is no error
+
+
+def test_a_file_a_cards_history_refuses_changes_nothing_not_even_its_accounts(
+    ledger: Ledger,
+) -> None:
+    """The final-status check ran as its card was written, after the file's accounts were:
+    the refused file had moved a balance and created an account all the same."""
+    closed = ACCOUNT + b"\n" + card_entry(MAIN, 'status = "closed"\n')
+    apply_load_file(ledger, parse_load_file(closed, "first.toml"), HASHER, "first.toml")
+    again = (
+        ACCOUNT.replace(b"balance = 100", b"balance = 999999")
+        + b'\n[[accounts]]\nid = "new"\ncurrency = "EUR"\nbalance = 5\n\n'
+        + card_entry(MAIN, 'status = "active"\n')
+    )
+    with pytest.raises(LoadError, match=r"\$\.cards\[0\]\.status: .* which is final"):
+        apply_load_file(ledger, parse_load_file(again, "again.toml"), HASHER, "again.toml")
+    with ledger.read() as reader:
+        account = reader.account("a")
+        assert account is not None and account.posted == 100
+        assert reader.account("new") is None
+
+
+def test_an_account_or_a_card_in_a_file_twice_is_refused_naming_both(ledger: Ledger) -> None:
+    twice = (
+        ACCOUNT
+        + b"\n"
+        + ACCOUNT.replace(b"balance = 100", b"balance = 5")
+        + b"\n"
+        + card_entry(MAIN)
+        + b"\n"
+        + card_entry(MAIN).replace(b"3012", b"2901")
+    )
+    with pytest.raises(LoadError) as raised:
+        apply_load_file(ledger, parse_load_file(twice, "twice.toml"), HASHER, "twice.toml")
+    message = str(raised.value)
+    assert "$.accounts[1].id: account 'a' is in the file twice (also $.accounts[0])" in message
+    assert f"$.cards[1].pan: card {mask_pan(MAIN)} is in the file twice (also $.cards[0])" in (
+        message
+    )
+    assert MAIN not in message
+    with ledger.read() as reader:
+        assert reader.account_count() == 0
