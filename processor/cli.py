@@ -70,10 +70,10 @@ def _writable_ledger(config: Config) -> tuple[Ledger, PanHasher]:
                 "(only a --demo ledger, made with the development key, takes a tool without it)"
             )
         logging.warning("%s is not set: using the insecure development PAN key", variable)
-    elif len(os.environ[variable].encode("utf-8")) < limits.pan_key_bytes_min:
+    elif (held := len(os.environ[variable].encode("utf-8"))) < limits.pan_key_bytes_min:
         raise ConfigError(
-            f"{variable} holds {len(os.environ[variable].encode('utf-8'))} bytes: the "
-            f"PAN-hashing key must be a secret of at least {limits.pan_key_bytes_min} bytes"
+            f"{variable} holds {held} bytes: the PAN-hashing key must be a secret of at least "
+            f"{limits.pan_key_bytes_min} bytes"
         )
     return open_ledger(config, hasher), hasher
 
