@@ -544,8 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     events = sub.add_parser("events", help="the outbox: events for the programme")
     events_sub = events.add_subparsers(dest="events_command", required=True)
     listing = ledger_command(events_sub, "list", "print outbox events as JSON lines, in order")
-    listing.add_argument("--from", dest="first", type=int, default=1, help="first sequence")
-    listing.add_argument("--limit", type=int, default=1000)
+    listing.add_argument("--from", dest="first", type=_positive, default=1, help="first sequence")
+    listing.add_argument("--limit", type=_positive, default=1000)
     listing.set_defaults(func=cmd_events_list)
 
     webhooks = sub.add_parser("webhooks", help="event delivery: status, replay, a local receiver")
@@ -559,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     hook_replay = ledger_command(webhooks_sub, "replay", "deliver events again (the daemon does)")
     hook_replay.add_argument("--endpoint", required=True)
     what = hook_replay.add_mutually_exclusive_group(required=True)
-    what.add_argument("--from", dest="first", type=int, help="every event from this sequence")
+    what.add_argument("--from", dest="first", type=_positive, help="every event from this sequence")
     what.add_argument("--event", help="one event, by id (a dead letter, say)")
     hook_replay.set_defaults(func=cmd_webhooks_replay)
     hook_enable = ledger_command(
@@ -662,6 +662,18 @@ def build_load_parser() -> argparse.ArgumentParser:
     return load
 
 
+def _positive(text: str) -> int:
+    """An argument that counts or numbers something from 1 (a sequence, a limit): a usage
+    error otherwise, not a struct.error from the ledger's 64-bit keys."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 and 2^64 - 1")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) >= 2 and argv[0] == "sim" and argv[1] == "load":
@@ -672,6 +684,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        # The reader went away (`processor events list | head`): stop quietly, as Python's
+        # documentation advises, with stdout pointed at /dev/null so that the flush at exit
+        # does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ConfigError as error:
         print(f"processor: config error: {error}", file=sys.stderr)
         return 2

@@ -315,13 +315,18 @@ class WebhookEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
 class WebhooksConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     endpoints: tuple[WebhookEndpoint, ...] = ()
-    backoff_initial_seconds: Annotated[float, Meta(gt=0)] = 1.0
-    backoff_max_seconds: Annotated[float, Meta(gt=0)] = 300.0
+    backoff_initial_seconds: Annotated[float, Meta(gt=0, le=3600)] = 1.0
+    backoff_max_seconds: Annotated[float, Meta(gt=0, le=86400)] = 300.0
     # CPUs the delivery process runs on, e.g. [1]; empty: the daemon's (server.cpus). Given
     # cores of its own, a delivery burst never takes the core an authorisation waits for.
     delivery_cpus: tuple[CpuId, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.backoff_initial_seconds > self.backoff_max_seconds:
+            raise ValueError(
+                f"backoff_initial_seconds {self.backoff_initial_seconds} is above "
+                f"backoff_max_seconds {self.backoff_max_seconds}"
+            )
         # Positions, dead letters and the disabled mark are kept by name: two endpoints of one
         # name would share a position, one passing over what the other delivered.
         names: set[str] = set()

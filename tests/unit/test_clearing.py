@@ -792,3 +792,33 @@ def test_a_load_error_never_prints_a_card_number_in_clear(
     assert main(["ledger", "load", "--ledger", str(cli_ledger), str(swapped)]) == 1
     err = capsys.readouterr().err
     assert pan not in err and "476173******3232" in err
+
+
+@pytest.mark.parametrize("argv", [["--from", "-5"], ["--from", "0"], ["--limit", "-1"]])
+def test_event_listing_arguments_out_of_range_are_usage_errors(
+    cli_ledger: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A negative sequence reached the ledger's 64-bit key packing as a traceback."""
+    with pytest.raises(SystemExit) as exited:
+        main(["events", "list", "--ledger", str(cli_ledger), *argv])
+    assert exited.value.code == 2
+    assert "is not between 1 and 2^64 - 1" in capsys.readouterr().err
+
+
+def test_a_listing_piped_into_a_reader_that_stops_ends_without_a_traceback(
+    cli_ledger: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    listing = subprocess.Popen(
+        [sys.executable, "-m", "processor.cli", "events", "list", "--ledger", str(cli_ledger)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert listing.stdout is not None and listing.stderr is not None
+    listing.stdout.close()  # `| head -0`
+    err = listing.stderr.read().decode()
+    listing.stderr.close()
+    assert listing.wait(timeout=60) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err

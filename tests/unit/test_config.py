@@ -32,6 +32,11 @@ def test_no_file_means_defaults() -> None:
         ("listeners = []\n", "at least one [[listeners]]"),
         ("[[listeners]]\nname = 'a'\n[[listeners]]\nname = 'a'\nport = 1\n", "'a' is used twice"),
         ("[[listeners]]\nname = 'a'\n[[listeners]]\nname = 'b'\n", "127.0.0.1:8583 is used twice"),
+        ("[webhooks]\nbackoff_max_seconds = inf\n", "$.webhooks.backoff_max_seconds"),
+        (
+            "[webhooks]\nbackoff_initial_seconds = 60\nbackoff_max_seconds = 30\n",
+            "backoff_initial_seconds 60.0 is above backoff_max_seconds 30.0",
+        ),
         (
             "[[webhooks.endpoints]]\nname = 'h'\nurl = 'http://127.0.0.1:1/'\n"
             "secret_envs = ['S']\n"
