@@ -245,13 +245,7 @@ def _purchase(
     # network says the money was spent. Its word stands: post it like an unmatched purchase.
     account = writer.account(card.account_id)
     assert account is not None  # checked by the caller
-    account.posted -= record.amount
-    writer.put_account(account)
-    if original is not None:
-        # Posted now: a 0220 completion of it (or another presentment) must find it so, or the
-        # one purchase is debited twice (capture_verdict's already_posted).
-        original.posted_amount = record.amount
-        writer.put_answer(original_key, original)
+    writer.force_post(account, record.amount, original_key, original)
     return "force_posted", account.id, None
 
 

@@ -563,13 +563,7 @@ class Lifecycle:
             return Result(
                 "00", "completion_invalid_amount", account_id=account.id, card_id=card.card_id
             )
-        account.posted -= amount
-        writer.put_account(account)
-        if original is not None:
-            # Posted now: its clearing presentment (or another completion) must find it so, or
-            # the one purchase is debited twice (capture_verdict's already_posted).
-            original.posted_amount = amount
-            writer.put_answer(original_key, original)
+        writer.force_post(account, amount, original_key, original)
         return Result(
             "00", "force_post", account_id=account.id, card_id=card.card_id, posted_amount=amount
         )

@@ -1496,6 +1496,25 @@ class Writer(Reader):
         self.close_hold(account, hold, "captured", now_ms)
         account.posted -= amount
 
+    def force_post(
+        self,
+        account: Account,
+        amount: int,
+        original_key: bytes,
+        original: StoredAnswer | None,
+    ) -> None:
+        """Post `amount` with no open hold to capture (capture_verdict's `post`), and mark
+        the original, if one was found, posted: its next completion or presentment is then
+        `already_posted`, not a second debit of the one purchase.
+
+        The one way a completion and a clearing presentment post without a hold.
+        """
+        account.posted -= amount
+        self.put_account(account)
+        if original is not None:
+            original.posted_amount = amount
+            self.put_answer(original_key, original)
+
     def shrink_hold(self, account: Account, hold: Hold, amount: int) -> None:
         """Lower an open hold to `amount` (partial reversal)."""
         assert hold.status == "open" and 0 < amount <= hold.amount, (hold, amount)

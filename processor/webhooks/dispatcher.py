@@ -425,20 +425,25 @@ class Dispatcher:
             dead_ms=int(now * 1000),
         )
         try:
-            self._state.bury(name, letter)
+            self._bury(name, letter)
         except Exception as error:  # the state full, say: tried again with the event
             log.error(
                 "endpoint %s: %s could not be dead-lettered: %r", name, letter.event_id, error
             )
             return False
+        return True
+
+    def _bury(self, name: str, letter: DeadLetter) -> None:
+        """Store a dead letter (replayable), then say so and count it."""
+        self._state.bury(name, letter)
         log.warning(
-            "endpoint %s: %s dead-lettered after %d attempts that raised",
+            "endpoint %s: %s dead-lettered after %d attempts (%s)",
             name,
             letter.event_id,
-            raised,
+            letter.attempts,
+            letter.last_error,
         )
         self._metrics.webhook_dead_letters.labels(name).inc()
-        return True
 
     def _again(
         self, endpoint: Endpoint, record: OutboxRecord, ids: EventIds, raised: int
@@ -554,15 +559,7 @@ class Dispatcher:
             now = self._clock.now()
             age_seconds = now - record.created_ms / 1000
             if age_seconds >= endpoint.config.retry_max_age_seconds:
-                log.warning(
-                    "endpoint %s: %s dead-lettered after %d attempts (%s)",
-                    name,
-                    event.id,
-                    attempt,
-                    answer.error,
-                )
-                self._metrics.webhook_dead_letters.labels(name).inc()
-                self._state.bury(
+                self._bury(
                     name,
                     DeadLetter(
                         sequence=record.sequence,
