@@ -336,7 +336,7 @@ class Authorizer:
         )
         if result.event_after is not None:
             writer.emit(result.event_after)
-        if message_class in ORIGINAL_CLASSES:
+        if message_class in ORIGINAL_CLASSES and result.rrn_indexed:
             lookup = request.rrn_key
             if lookup is not None:
                 writer.index_rrn(lookup, key)

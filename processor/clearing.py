@@ -29,6 +29,7 @@ from processor.currency import UnknownCurrency, exponent, numeric_code
 from processor.engine.settle import capture_verdict
 from processor.ledger.records import Card, ClearedRecord, OutboxRecord, StoredAnswer
 from processor.ledger.store import Ledger, Writer
+from processor.lifecycle import confirmed_original
 from processor.security import PanHasher, luhn_valid, mask_pan
 from processor.wire.messages import acquirer_number, rrn_key, transaction_key
 
@@ -209,10 +210,13 @@ def _original(writer: Writer, record: ClearingRecord) -> tuple[bytes, StoredAnsw
     key = record.original_key()
     answer = writer.answer(key)
     if answer is not None:
-        return key, answer
+        return confirmed_original(writer, key, answer)
     lookup = record.rrn_lookup()
     indexed = None if lookup is None else writer.answer_by_rrn(lookup)
-    return (key, None) if indexed is None else (indexed, writer.answer(indexed))
+    if indexed is None:
+        return key, None
+    answer = writer.answer(indexed)
+    return (indexed, None) if answer is None else confirmed_original(writer, indexed, answer)
 
 
 def _purchase(

@@ -36,13 +36,28 @@ from processor.ledger.records import (
 )
 from processor.ledger.store import Writer
 from processor.randomness import BufferedRandom
-from processor.wire.messages import AuthorizationRequest
+from processor.wire.messages import AuthorizationRequest, transaction_key
 from processor.wire.responses import approved_fields, balances
 
 # Message classes whose answers a reversal or completion may point at.
 ORIGINAL_CLASSES: Final = ("0100", "0200", "0120")
 # Advices tell what already happened: always acknowledged with 00.
 ADVICE_CLASSES: Final = ("0120", "0220", "0420")
+# An 0120 about a transaction this issuer approved itself: it stands for that approval.
+ADVICE_OF_APPROVAL: Final = "advice_of_issuer_approval"
+
+
+def confirmed_original(
+    writer: Writer, key: bytes, answer: StoredAnswer
+) -> tuple[bytes, StoredAnswer]:
+    """The original a message naming `key` means: the approval an 0120 confirmed (it opened
+    no hold of its own), else the answer itself. Completions, reversals and clearing all
+    reach the one hold through it, whichever of the two messages they name."""
+    if answer.reason != ADVICE_OF_APPROVAL or not key.startswith(b"0120|"):
+        return key, answer
+    approval_key = b"0100" + key[4:]
+    approval = writer.answer(approval_key)
+    return (key, answer) if approval is None else (approval_key, approval)
 
 
 class Batch(msgspec.Struct, frozen=True, gc=False):
@@ -69,6 +84,9 @@ class Result(_Answer, kw_only=True, gc=False):
     usage_mcc: str = ""
     cvc2: Cvc2Result | None = None  # what the CVC2 sent showed, for the event
     event_after: OutboxRecord | None = None  # a second event the answer caused (a lock-out)
+    # Whether a reversal or completion without field 90 finds this answer by its RRN (an 0120
+    # that stands for an earlier approval leaves the RRN to that approval).
+    rrn_indexed: bool = True
 
 
 APPROVAL_CODES: Final = 1_000_000  # six digits
@@ -415,6 +433,9 @@ class Lifecycle:
             )
         if card is None:
             return Result("00", "advice_unknown_card")
+        approval = self._issuer_approval(writer, request, card)
+        if approval is not None:
+            return approval
         account = writer.account(card.account_id)
         if account is None:
             return Result("00", "advice_account_missing", card_id=card.card_id)
@@ -444,6 +465,28 @@ class Lifecycle:
             hold_id=hold.hold_id,
             usage_amount=amount,
             usage_mcc=request.mcc,
+        )
+
+    @staticmethod
+    def _issuer_approval(
+        writer: Writer, request: AuthorizationRequest, card: Card
+    ) -> Result | None:
+        """An 0120 about an 0100 this issuer approved (its answer reached the network too late,
+        and the network stood in): that approval's hold, open or captured, holds the money
+        already, and a second hold would take it twice. Acknowledged, naming the hold; None
+        when there is no such approval (declined, unknown, or its hold released or expired:
+        then the network's stand-in is the only approval, and opens its own hold)."""
+        key = transaction_key("0100", request.acquirer, request.stan, request.transmission_datetime)
+        hold = writer.hold_of(key, writer.answer(key))
+        if hold is None or hold.card_id != card.card_id or hold.status not in ("open", "captured"):
+            return None
+        return Result(
+            "00",
+            ADVICE_OF_APPROVAL,
+            account_id=hold.account_id,
+            card_id=card.card_id,
+            hold_id=hold.hold_id,
+            rrn_indexed=False,
         )
 
     # --- matching an original ------------------------------------------------------------------
@@ -480,14 +523,14 @@ class Lifecycle:
             if message_class not in ORIGINAL_CLASSES:
                 return None  # a reversal or completion is nobody's original
             answer = writer.answer(key)
-            return None if answer is None else (key, answer)
+            return None if answer is None else confirmed_original(writer, key, answer)
         lookup = request.rrn_key
         if lookup is not None:
             indexed = writer.answer_by_rrn(lookup)
             if indexed is not None:
                 answer = writer.answer(indexed)
                 if answer is not None:
-                    return indexed, answer
+                    return confirmed_original(writer, indexed, answer)
         return None
 
     # --- 0220: completion advice ----------------------------------------------------------------

@@ -294,3 +294,108 @@ def test_a_purchase_force_posted_by_clearing_is_not_posted_again_by_its_completi
     )
     assert completion.reason == "already_posted"
     assert balances(ledger, "acct-a") == (7000, 0)
+
+
+# --- an 0120 about a transaction the issuer approved itself -----------------------------------
+# The issuer's 0110 reached the network after its timeout; the network stood in, approved, and
+# told the issuer with an 0120 of the same acquirer, STAN and field 7. One purchase, one hold.
+
+
+def stand_in(
+    stan: str = "000001", amount: str = "000000003000", **fields: str
+) -> AuthorizationRequest:
+    return request("0120", **{"4": amount, "11": stan, "39": "00", **fields})
+
+
+def test_an_advice_of_an_approved_authorisation_opens_no_second_hold(tmp_path: Path) -> None:
+    ledger, authorizer = build(tmp_path)
+    [approved] = answer(authorizer, request(**{"4": "000000003000", "11": "000001"}))
+    [advice] = answer(authorizer, stand_in())
+    assert (approved.response_code, advice.response_code) == ("00", "00")
+    assert advice.reason == "advice_of_issuer_approval"
+    assert balances(ledger, "acct-a") == (10000, 3000)
+    with ledger.read() as reader:
+        holds = reader.account_holds("acct-a")
+    assert [hold.status for hold in holds] == ["open"]
+
+
+def test_the_one_hold_is_released_whichever_message_the_reversal_names(tmp_path: Path) -> None:
+    for number, named in enumerate(
+        (
+            {"90": original_data("0100", "000001")},
+            {"90": original_data("0120", "000001")},
+            {"37": "000000000001"},  # no field 90: by acquirer, STAN and RRN
+        )
+    ):
+        ledger, authorizer = build(tmp_path / str(number))
+        answer(authorizer, request(**{"4": "000000003000", "11": "000001"}), stand_in())
+        reversal = request("0400", **{"4": "000000003000", "11": "000002", **named})
+        if "90" not in named:
+            reversal = request("0400", **{"4": "000000003000", "11": "000001", **named})
+        [reversed_] = answer(authorizer, reversal)
+        assert (reversed_.response_code, reversed_.reason) == ("00", "reversed"), named
+        assert balances(ledger, "acct-a") == (10000, 0), named
+
+
+def test_a_completion_naming_the_advice_captures_the_approvals_hold(tmp_path: Path) -> None:
+    ledger, authorizer = build(tmp_path)
+    answer(authorizer, request(**{"4": "000000003000", "11": "000001"}), stand_in())
+    [completion] = answer(
+        authorizer,
+        request(
+            "0220", **{"4": "000000002500", "11": "000002", "90": original_data("0120", "000001")}
+        ),
+    )
+    assert completion.reason == "captured"
+    assert balances(ledger, "acct-a") == (7500, 0)
+
+
+def test_clearing_of_the_advice_captures_the_approvals_hold(tmp_path: Path) -> None:
+    ledger, authorizer = build(tmp_path)
+    answer(authorizer, request(**{"4": "000000003000", "11": "000001"}), stand_in())
+    line = {
+        "record_id": "clr-1",
+        "type": "purchase",
+        "pan": PAN_A,
+        "acquirer": "123456",
+        "stan": "000001",
+        "transmission_datetime": "1124120000",
+        "original_mti": "0120",
+        "amount": 2800,
+        "currency": "EUR",
+    }
+    summary = apply_clearing(ledger, parse_lines([json.dumps(line).encode()]), HASHER, START)
+    assert (summary.matched, summary.force_posted, summary.rejections) == (1, 0, []), summary
+    assert balances(ledger, "acct-a") == (7200, 0)
+
+
+def test_an_advice_after_a_decline_or_a_release_opens_the_stand_in_hold(tmp_path: Path) -> None:
+    """The network's stand-in is then the only approval: its hold is the purchase's."""
+    ledger, authorizer = build(tmp_path)
+    declined, released = "000001", "000002"
+    answer(
+        authorizer,
+        request(**{"4": "000000900000", "11": declined}),  # over the balance: 51
+        request(**{"4": "000000001000", "11": released}),
+    )
+    answer(
+        authorizer,
+        request(
+            "0400", **{"4": "000000001000", "11": "000003", "90": original_data("0100", released)}
+        ),
+    )
+    assert balances(ledger, "acct-a") == (10000, 0)
+    outcomes = answer(
+        authorizer, stand_in(declined, "000000002000"), stand_in(released, "000000001000")
+    )
+    assert [o.reason for o in outcomes] == ["stand_in_approved", "stand_in_approved"]
+    assert balances(ledger, "acct-a") == (10000, 3000)
+
+
+def test_an_advice_of_another_cards_approval_is_not_taken_for_it(tmp_path: Path) -> None:
+    ledger, authorizer = build(tmp_path)
+    answer(authorizer, request(**{"4": "000000003000", "11": "000001", "2": PAN_B}))
+    [advice] = answer(authorizer, stand_in())
+    assert advice.reason == "stand_in_approved"
+    assert balances(ledger, "acct-a") == (10000, 3000)
+    assert balances(ledger, "acct-b") == (10000, 3000)
