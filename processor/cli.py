@@ -95,13 +95,14 @@ def _bound_to(config: Config, fingerprint: str) -> bool:
 
 
 def cmd_ledger_load(args: argparse.Namespace) -> int:
-    from processor.ledger.load import load_path
+    from processor.ledger.load import apply_load_file, read_load_file
 
     config = _common_config(args)
     _setup_logging(config.log.level)
+    data = read_load_file(args.file)
     ledger, hasher = _writable_ledger(config)
     try:
-        summary = load_path(ledger, args.file, hasher)
+        summary = apply_load_file(ledger, data, hasher, args.file)
     finally:
         ledger.close()
     print(

@@ -474,12 +474,17 @@ def _card_events(writer: Writer, previous: Card, card: Card, now_ms: int) -> Non
         writer.emit_change(now_ms, "controls.updated", "card_controls", card=card)
 
 
-def load_path(
-    ledger: Ledger, path: str | Path, hasher: PanHasher, *, now_ms: int | None = None
-) -> LoadSummary:
+def read_load_file(path: str | Path) -> LoadFile:
+    """The file at `path`, read and checked: what a tool does before it opens any ledger, so
+    a file that cannot be loaded leaves no ledger directory behind."""
     try:
         text = Path(path).read_bytes()
     except OSError as error:
         raise LoadError(f"{path}: cannot read: {error.strerror}") from None
-    data = parse_load_file(text, str(path))
-    return apply_load_file(ledger, data, hasher, str(path), now_ms=now_ms)
+    return parse_load_file(text, str(path))
+
+
+def load_path(
+    ledger: Ledger, path: str | Path, hasher: PanHasher, *, now_ms: int | None = None
+) -> LoadSummary:
+    return apply_load_file(ledger, read_load_file(path), hasher, str(path), now_ms=now_ms)

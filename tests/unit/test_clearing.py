@@ -741,6 +741,18 @@ def test_cli_exit_codes(
     assert usage.value.code == 2
 
 
+def test_a_load_file_that_does_not_parse_leaves_no_ledger_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PROCESSOR_PAN_KEY", PAN_KEY)
+    load_file = tmp_path / "load.toml"
+    load_file.write_bytes(b"[[accounts]]\nid = 7\n")
+    path = tmp_path / "never-made"
+    assert main(["ledger", "load", "--ledger", str(path), str(load_file)]) == 1
+    assert "$.accounts[0].id" in capsys.readouterr().err
+    assert not path.exists()
+
+
 def test_cli_refuses_a_ledger_keyed_with_another_pan_key(
     cli_ledger: Path,
     tmp_path: Path,
