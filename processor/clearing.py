@@ -27,10 +27,10 @@ from msgspec import Meta
 from processor import limits
 from processor.currency import UnknownCurrency, exponent, numeric_code
 from processor.engine.settle import capture_verdict
-from processor.ledger.records import Card, ClearedRecord, OutboxRecord, StoredAnswer
+from processor.ledger.records import Account, Card, ClearedRecord, OutboxRecord, StoredAnswer
 from processor.ledger.store import Ledger, Writer
 from processor.lifecycle import confirmed_original
-from processor.security import PanHasher, luhn_valid, mask_pan
+from processor.security import DIGIT_RUN, PanHasher, luhn_valid, mask_pan, masked_run
 from processor.wire.messages import acquirer_number, rrn_key, transaction_key
 
 CHUNK_RECORDS: Final = 500  # records applied per write transaction
@@ -80,6 +80,7 @@ class ClearingRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 class _RecordIdOnly(msgspec.Struct):
     record_id: str | None = None
+    pan: str | None = None
 
 
 class Entry(msgspec.Struct, frozen=True, gc=False):
@@ -117,13 +118,26 @@ class ClearingSummary(msgspec.Struct, kw_only=True, gc=False):
 
 _DECODER: Final = msgspec.json.Decoder(ClearingRecord)
 _ID_DECODER: Final = msgspec.json.Decoder(_RecordIdOnly)
-_PAN_SHAPED: Final = re.compile(r"(?<![0-9])[0-9]{13,19}(?![0-9])")
 _UNPRINTABLE: Final = re.compile(r"[^!-~]")
+_NOT_DIGITS: Final = {code: None for code in range(128) if not chr(code).isdigit()}
+_CONTROL: Final = re.compile(r"[^ -~]")  # a message may hold spaces, never a line break
+PROBLEM_CHARS_MAX: Final = 300  # a printed problem or record id, after masking
 
 
 def shown(text: str) -> str:
-    """`text` fit for a person: every run of 13-19 digits masked like a PAN (first 6, last 4)."""
-    return _PAN_SHAPED.sub(lambda match: mask_pan(match.group()), text)
+    """`text` fit for a person: on one line, printable, every run of 13-19 digits (grouped by
+    spaces or dashes or not) masked like a PAN, first 6 and last 4; cut to PROBLEM_CHARS_MAX.
+
+    Longer runs stay: record ids are often acquirer reference numbers (23 digits), which an
+    operator must be able to read; a record id holding its record's PAN inside a longer run is
+    refused, and its id is then not shown (`_readable_record_id`).
+    """
+
+    def masked(found: re.Match[str]) -> str:
+        run = found[0]
+        return masked_run(run) if len(run.translate(_NOT_DIGITS)) <= 19 else run
+
+    return DIGIT_RUN.sub(masked, _CONTROL.sub("?", text))[:PROBLEM_CHARS_MAX]
 
 
 def parse_record(line: bytes) -> ClearingRecord:
@@ -134,9 +148,12 @@ def parse_record(line: bytes) -> ClearingRecord:
         # msgspec names the path ($.amount) and never echoes a string value; an unknown key is
         # named, though, and could be a PAN: mask anything shaped like one.
         raise InvalidRecord(shown(str(error))) from None
+    except RecursionError:  # arrays nested thousands deep, under a key msgspec skips
+        raise InvalidRecord("nested too deeply") from None
     if not luhn_valid(record.pan):
         raise InvalidRecord("$.pan fails the Luhn check")
-    if record.pan in record.record_id:
+    if record.pan in record.record_id.translate(_NOT_DIGITS):
+        # Written any way (grouped, dashed, inside other digits): record ids are kept as keys.
         raise InvalidRecord("$.record_id contains the PAN; record ids are kept and printed")
     try:
         exponent(record.currency)
@@ -147,12 +164,18 @@ def parse_record(line: bytes) -> ClearingRecord:
 
 def _readable_record_id(line: bytes) -> str | None:
     try:
-        record_id = _ID_DECODER.decode(line).record_id
-    except (msgspec.ValidationError, msgspec.DecodeError):
+        readable = _ID_DECODER.decode(line)
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
+    record_id = readable.record_id
     if not record_id:
         return None
-    return shown(_UNPRINTABLE.sub("?", record_id[:RECORD_ID_CHARS_MAX]))
+    pan = readable.pan
+    if pan and len(pan) >= 13 and pan.isdigit() and pan in record_id.translate(_NOT_DIGITS):
+        return None  # holds the record's PAN, perhaps inside a longer run: not shown at all
+    # Masked whole, then cut: cut first, a card number at the cut would lose the digits that
+    # made it one and come out in part.
+    return shown(_UNPRINTABLE.sub("?", record_id))[:RECORD_ID_CHARS_MAX]
 
 
 def parse_lines(lines: Iterable[bytes]) -> Iterator[Entry]:
@@ -160,7 +183,7 @@ def parse_lines(lines: Iterable[bytes]) -> Iterator[Entry]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        if len(line) > LINE_BYTES_MAX:
+        if len(line.rstrip(b"\r\n")) > LINE_BYTES_MAX:
             yield Entry(number, None, f"line longer than {LINE_BYTES_MAX} bytes")
             continue
         try:
@@ -221,36 +244,52 @@ def _original(writer: Writer, record: ClearingRecord) -> tuple[bytes, StoredAnsw
 
 def _purchase(
     writer: Writer, record: ClearingRecord, card: Card, now_ms: int
-) -> tuple[Outcome, str, int | None]:
-    """(outcome, account posted to or found, hold id) of a purchase on `card`."""
+) -> tuple[Outcome, str, int | None, bytes | None]:
+    """(outcome, account posted to or found, hold id, the original's answer key when one was
+    found) of a purchase on `card`."""
     original_key, original = _original(writer, record)
+    if original is not None and original.card_id is None:
+        # Declined before any card was known (an unknown card, 14): nothing was held or
+        # posted, and no card's money is at stake; the network's word stands, as for any
+        # declined original.
+        original_key, original = record.original_key(), None
     if original is not None and original.card_id != card.card_id:
-        # The original is another card's, whatever became of it (held, posted or declined), or
-        # was on a card unknown at the time: not this record's to capture or to post against.
+        # The original is another card's, whatever became of it (held, posted or declined):
+        # not this record's to capture or to post against.
         raise _Rejected("card_mismatch")
+    found = None if original is None else original_key
     hold = writer.hold_of(original_key, original)
     verdict = capture_verdict(original, hold)
     if verdict == "already_posted":
         assert original is not None
-        return "already_posted", original.account_id or card.account_id, None
+        return "already_posted", original.account_id or card.account_id, None, found
     if verdict == "already_captured":
         assert hold is not None
-        return "already_captured", hold.account_id, hold.hold_id
+        return "already_captured", hold.account_id, hold.hold_id, found
     if verdict == "capture":
         assert hold is not None
         if hold.currency != record.currency:
             raise _Rejected("currency_mismatch")
         account = writer.account(hold.account_id)
         assert account is not None, hold.account_id
+        _debit_allowed(account, record.amount)
         writer.capture_hold(account, hold, record.amount, now_ms)
         writer.put_account(account)
-        return "matched", account.id, hold.hold_id
+        return "matched", account.id, hold.hold_id, found
     # No original, or its hold was released (reversed) or expired: the hold is gone but the
     # network says the money was spent. Its word stands: post it like an unmatched purchase.
     account = writer.account(card.account_id)
     assert account is not None  # checked by the caller
+    _debit_allowed(account, record.amount)
     writer.force_post(account, record.amount, original_key, original)
-    return "force_posted", account.id, None
+    return "force_posted", account.id, None, found
+
+
+def _debit_allowed(account: Account, amount: int) -> None:
+    """A debit may not take posted below -account_posted_max: past the ledger's 64-bit
+    integers the record could never be stored (every run of the file would fail on it)."""
+    if account.posted - amount < -limits.account_posted_max:
+        raise _Rejected("balance_limit")
 
 
 def _apply_record(
@@ -272,6 +311,7 @@ def _apply_record(
     if record.currency != account.currency:
         raise _Rejected("currency_mismatch")
     hold_id: int | None = None
+    original_key: bytes | None = None
     outcome: Outcome
     if record.type == "refund":
         if account.posted + record.amount > limits.account_posted_max:
@@ -280,7 +320,7 @@ def _apply_record(
         writer.put_account(account)
         outcome, account_id = "refund", account.id
     else:
-        outcome, account_id, hold_id = _purchase(writer, record, card, now_ms)
+        outcome, account_id, hold_id, original_key = _purchase(writer, record, card, now_ms)
     writer.emit(
         OutboxRecord(
             sequence=0,
@@ -289,7 +329,11 @@ def _apply_record(
             account_id=account_id,
             card_id=card.card_id,
             masked_pan=card.masked_pan,
-            answer_key=record.original_key().decode("ascii") if record.type == "purchase" else None,
+            # The authorisation it settled as found (by its key or through its RRN), else the
+            # one it names.
+            answer_key=(original_key or record.original_key()).decode("ascii")
+            if record.type == "purchase"
+            else None,
             amount=record.amount,
             currency=numeric_code(record.currency),
             reason=outcome,

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import msgspec
 
-from processor.security import mask_pan
+from processor.security import mask_card_numbers
 
 LEVELS: Final = {
     "debug": logging.DEBUG,
@@ -32,8 +32,8 @@ LEVELS: Final = {
     "error": logging.ERROR,
 }
 
-# A run of 13-19 digits, not part of a longer run: the lengths a PAN can have (ISO/IEC 7812).
-_PAN_RUN = re.compile(r"(?<!\d)\d{13,19}(?!\d)")
+# 13 digits in a row at least: as long as a PAN can be (ISO/IEC 7812).
+_LONG_NUMBER = re.compile(r"\d{13}")
 
 # The attributes every LogRecord has; anything else on a record came from `extra=`.
 _RECORD_ATTRIBUTES: Final = frozenset(
@@ -46,8 +46,9 @@ _encoder = msgspec.json.Encoder()
 
 
 def mask_digits(text: str) -> str:
-    """`text` with every run of 13-19 digits masked: first six, stars, last four."""
-    return _PAN_RUN.sub(lambda match: mask_pan(match.group()), text)
+    """`text` with every run of 13 digits or more (or of digit groups split by spaces or dashes)
+    masked: first six, stars, last four, whether it is a card number or not."""
+    return mask_card_numbers(text, every_run=True)
 
 
 def _scrub(value: Any) -> Any:
@@ -59,7 +60,7 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, int | float):
         written = repr(value)
         # A number that reads as a PAN goes out as a masked string: JSON has no masked number.
-        return mask_digits(written) if _PAN_RUN.search(written) else value
+        return mask_digits(written) if _LONG_NUMBER.search(written) else value
     if isinstance(value, list):
         return [_scrub(item) for item in value]
     if isinstance(value, dict):

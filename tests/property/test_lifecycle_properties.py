@@ -91,7 +91,7 @@ from processor.ledger.records import (
     StoredAnswer,
 )
 from processor.ledger.store import Ledger, Reader
-from processor.security import PanHasher, mask_pan
+from processor.security import PanHasher
 from processor.wire.codec import Codec
 from processor.wire.messages import AuthorizationRequest
 from processor.wire.responses import response_mti
@@ -1422,7 +1422,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                 record["RRN"] = "633012000001"  # misspelt
             elif how == "pan_in_id":
                 record["record_id"] = f"clr-{record['pan']}"
-                shown_id = f"clr-{mask_pan(record['pan'])}"
+                shown_id = None  # holds its own PAN: its id is not shown
             line = json.dumps(record).encode()
             if how == "not_json":
                 line, shown_id = line[:-9], None
@@ -1462,12 +1462,16 @@ class LifecycleMachine(RuleBasedStateMachine):
         if record["currency"] != "EUR":
             return "rejected", "currency_mismatch"
         outcome, account_id, hold_id, detail = "", card.account, None, ""
+        found: bytes | None = None
         if record["type"] == "refund":
             self.accounts[card.account].posted += amount
             outcome = "refund"
         else:
             found = self.clearing_lookup(record)
             original = None if found is None else self.answers[found]
+            if original is not None and CARD_BY_PAN[original.pan].account is None:
+                # Declined before its card was known: no card's, so no original at all.
+                found = original = None
             # A held original force-posted once its hold was gone is posted: row 1 first.
             if original is not None and original.hold_id is not None and not original.posted_amount:
                 hold = self.holds[original.hold_id]
@@ -1522,8 +1526,13 @@ class LifecycleMachine(RuleBasedStateMachine):
             card_id=self.card_ids[pan],
             masked_pan=masked(pan),
             answer_key=(
-                f"{record.get('original_mti', '0100')}|{number(record['acquirer'])}|"
-                f"{record['stan']}|{record['transmission_datetime']}"
+                # The authorisation found (by key or RRN), else the one the record names.
+                (
+                    found.decode()
+                    if found is not None
+                    else f"{record.get('original_mti', '0100')}|{number(record['acquirer'])}|"
+                    f"{record['stan']}|{record['transmission_datetime']}"
+                )
                 if purchase
                 else None
             ),

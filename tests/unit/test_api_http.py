@@ -392,6 +392,17 @@ def test_a_card_number_sent_anywhere_never_comes_back_in_an_error(
             text = await answer.text()
             assert answer.status in (400, 404), text
             assert pan not in text and "476173******3232" in text, text
+        # Grouped, or followed by its expiry: masked all the same (they came back in clear).
+        grouped = " ".join(pan[i : i + 4] for i in range(0, 16, 4))
+        for sent, masked in (
+            (grouped.replace(" ", "%20"), "4761 73** **** 3232"),
+            (grouped.replace(" ", "-"), "4761-73**-****-3232"),
+            (pan + "3012", "476173**********3012"),
+        ):
+            answer = await client.get(f"/v1/accounts/{sent}", headers=bearer)
+            text = await answer.text()
+            assert answer.status == 404, text
+            assert pan[6:12] not in text and masked in text, text
 
     with_app(tmp_path, monkeypatch, "s3cret", check)
 

@@ -779,6 +779,86 @@ def test_a_refund_beyond_the_most_a_balance_may_hold_is_rejected(ledger: Ledger)
     assert state(ledger, "acct-yen") == (limits.account_posted_max - 100, 0)
 
 
+def test_a_debit_beyond_the_least_a_balance_may_hold_is_rejected(ledger: Ledger) -> None:
+    """Unbounded below, 9,300 force posts of 10^15 took posted past -2^63: the chunk then
+    failed to store, with a traceback, on every run of the file."""
+    from processor import limits
+
+    with ledger.write() as writer:
+        account = writer.account("acct-yen")
+        assert account is not None
+        account.posted = 100 - limits.account_posted_max
+        writer.put_account(account)
+    summary = ingest(ledger, record(pan=YEN, amount=300, currency="JPY"))
+    assert [rejection.reason for rejection in summary.rejections] == ["balance_limit"]
+    assert state(ledger, "acct-yen") == (100 - limits.account_posted_max, 0)
+
+
+def test_a_line_nested_too_deeply_is_rejected_and_the_file_goes_on(ledger: Ledger) -> None:
+    """Skipping an unknown key's value 1,000 arrays deep raised RecursionError out of the
+    parse: the whole chunk lost, on every run."""
+    deep = '{"record_id": "bad-2", "x": ' + "[" * 1000 + "]" * 1000 + "}"
+    summary = ingest(
+        ledger, record(record_id="ok-1"), deep, record(record_id="ok-3", stan="000003")
+    )
+    assert counts(summary) == {"force_posted": 2, "rejected": 1}
+    assert summary.rejections[0].line == 2
+
+
+def test_a_record_id_holding_its_pan_in_any_form_is_refused_and_not_shown() -> None:
+    dashed = "-".join(MAIN[i : i + 4] for i in range(0, 16, 4))
+    for record_id in (MAIN + "0001", dashed, "x" * 116 + MAIN):
+        lines = lines_of(record(record_id=record_id), record(record_id=record_id, amount=0))
+        entries = list(parse_lines(lines))
+        assert all(entry.record is None for entry in entries), record_id
+        assert [entry.record_id for entry in entries] == [None, None], record_id
+        if len(record_id) <= 128:  # longer: refused for its length, and its id not shown
+            assert "$.record_id contains the PAN" in str(entries[0].problem)
+        assert all(MAIN[6:12] not in str(entry) for entry in entries), record_id
+
+
+def test_shown_masks_grouped_numbers_and_keeps_reports_on_their_lines() -> None:
+    assert shown("4761 7390 0101 0010") == "4761 73** **** 0010"
+    assert shown("4761-7390-0101-0010") == "4761-73**-****-0010"
+    forged = json.dumps(record(**{"x\n  matched           99": 1}))
+    [entry] = parse_lines([forged.encode()])
+    assert entry.problem is not None and "\n" not in entry.problem
+
+
+def test_a_line_of_the_longest_length_is_read() -> None:
+    line = json.dumps(record(record_id="r" * 40)).encode()
+    padded = line[:-1] + b" " * (LINE_BYTES_MAX - len(line)) + b"}"
+    assert len(padded) == LINE_BYTES_MAX
+    stream = io.BytesIO(padded + b"\n" + padded + b" \n")
+    entries = list(parse_lines(read_lines(stream)))
+    assert entries[0].record is not None
+    assert entries[1].problem == f"line longer than {LINE_BYTES_MAX} bytes"
+
+
+def test_an_original_declined_before_its_card_was_known_is_no_other_cards(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    """Declined 14 (no such card), then the card is loaded and the presentment comes: the
+    spec says a declined original is force-posted; it was rejected card_mismatch for ever."""
+    assert authorise(authorizer, request(pan=UNKNOWN, amount=100)) == ["14"]
+    extra = f'[[cards]]\npan = "{UNKNOWN}"\naccount = "acct-other"\nexpiry = "3012"\n'
+    apply_load_file(ledger, parse_load_file(extra.encode(), "x.toml"), HASHER, "x.toml")
+    assert counts(ingest(ledger, record(pan=UNKNOWN, amount=100))) == {"force_posted": 1}
+    assert state(ledger, "acct-other") == (4_900, 0)
+
+
+def test_the_event_names_the_authorisation_matched_through_its_rrn(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    assert authorise(authorizer, request(amount=800, rrn="RRN000000042")) == ["00"]
+    other_time = record(transmission_datetime="1124235959", rrn="RRN000000042", amount=800)
+    assert counts(ingest(ledger, other_time)) == {"matched": 1}
+    with ledger.read() as reader:
+        event = reader.outbox(0, 10_000)[-1]
+    assert event.type == "transaction.cleared"
+    assert event.answer_key == "0100|123456|000001|1124120000"
+
+
 def test_a_tool_refuses_to_write_a_ledger_without_a_full_strength_pan_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -183,6 +183,19 @@ def test_shorter_digit_runs_are_left_alone() -> None:
     assert mask_digits("4761739001010010123") == "476173*********0123"  # 19 digits
 
 
+def test_card_numbers_grouped_or_inside_longer_runs_are_masked() -> None:
+    """Only lone runs of 13-19 digits were masked: "4111 1111 1111 1111", a dashed PAN or
+    one followed by its expiry went to the log in clear."""
+    assert mask_digits(f"dropped: {PAN[:4]} {PAN[4:8]} {PAN[8:12]} {PAN[12:]}") == (
+        f"dropped: {PAN[:4]} {PAN[4:6]}** **** {PAN[12:]}"
+    )
+    assert mask_digits(f"{PAN[:4]}-{PAN[4:8]}-{PAN[8:12]}-{PAN[12:]}") == (
+        f"{PAN[:4]}-{PAN[4:6]}**-****-{PAN[12:]}"
+    )
+    assert mask_digits(f"{PAN}2512") == f"{PAN[:6]}{'*' * 10}2512"
+    assert PAN[6:12] not in mask_digits("9" * 30 + PAN + "9" * 30)
+
+
 @pytest.mark.e2e
 def test_the_daemon_writes_only_json_lines_to_stderr(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PROCESSOR_PAN_KEY"}
