@@ -85,6 +85,11 @@ def is_request_mti(mti: str) -> bool:
     return len(mti) == 4 and mti.isdigit() and mti[2] in "024" and mti[3] in "01"
 
 
+# A hex bitmap: 16 digits (with bit 65 set, pyiso8583 reads a tertiary bitmap into the same
+# field: 32).
+_HEX_DIGITS: Final = re.compile(rb"(?:[0-9A-Fa-f]{16}){1,2}")
+
+
 class Codec:
     __slots__ = ("_calendar_seen", "_digit_fields", "_fast", "_iso", "spec")
 
@@ -112,6 +117,14 @@ class Codec:
         for key in fields:
             if key in self._digit_fields and not fields[key].isdigit():
                 raise InvalidMessage("not ASCII digits", key, mti, self._echo(mti, fields))
+        replacement = fields.get("95")
+        if replacement is not None and not replacement[:12].isdigit():
+            # Field 95 is "an" (its later parts may be spaces), but a reversal reads its
+            # first 12 as the amount the transaction is now worth: unreadable, a partial
+            # reversal would release the whole hold.
+            raise InvalidMessage(
+                "actual amount not ASCII digits", "95", mti, self._echo(mti, fields)
+            )
         for key, (layout, matches) in _CALENDAR_FIELDS.items():
             value = fields.get(key)
             if value is None:
@@ -176,7 +189,8 @@ class Codec:
         """pyiso8583: for what the fast codec would not vouch for, and for its precise errors."""
         failure: UndecodableMessage | InvalidMessage | None = None
         try:
-            fields, _ = iso8583.decode(message, self._iso)
+            fields, encoded = iso8583.decode(message, self._iso)
+            failure = self._lenient(mti, fields, encoded)
         except DecodeError as error:
             # Never quote the error itself: its document holds whatever decoded, PAN included.
             partial = {k: v for k, v in error.doc_dec.items() if isinstance(v, str)}
@@ -190,6 +204,24 @@ class Codec:
             # message, PAN included) is not chained as __context__ into our logs.
             raise failure
         return fields
+
+    def _lenient(
+        self, mti: str, fields: dict[str, str], encoded: dict[str, dict[str, bytes]]
+    ) -> UndecodableMessage | InvalidMessage | None:
+        """What pyiso8583 takes and the wire format does not: it reads a length prefix with
+        int() (" 9", "+9", "0_8" and "-00" all pass) and a bitmap with bytes.fromhex()
+        (which skips spaces). A message written so is malformed, whatever it decoded to."""
+        for key, parts in encoded.items():
+            length = parts.get("len", b"")
+            if length and not length.isdigit():
+                return self._invalid(mti, fields, "length prefix is not ASCII digits", key, 0)
+            if (
+                key in ("p", "1")
+                and self._iso[key]["data_enc"] == "ascii"
+                and not _HEX_DIGITS.fullmatch(parts.get("data", b""))
+            ):
+                return self._invalid(mti, fields, "bitmap is not hex digits", key, 0)
+        return None
 
     def _invalid(
         self, mti: str, partial: dict[str, str], reason: str, field: str, position: int

@@ -265,6 +265,50 @@ def test_non_digit_amount_is_a_format_error(codec: Codec, amount: bytes) -> None
 
 
 @pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        (2, b"+9411111111"),
+        (2, b" 9411111111"),
+        (32, b" 6123456"),
+        (48, b"0_8R9203123"),
+        (48, b"-00"),
+    ],
+)
+def test_a_length_prefix_that_is_not_digits_is_a_format_error(
+    codec: Codec, field: int, value: bytes
+) -> None:
+    """pyiso8583 reads a prefix with int(): " 9", "+9", "0_8" and "-00" were decided as if
+    well formed."""
+    with pytest.raises(InvalidMessage, match="length prefix") as caught:
+        codec.decode(build(b"0100", with_field(field, value)))
+    assert caught.value.field == str(field)
+
+
+def test_a_bitmap_with_spaces_is_a_format_error(codec: Codec) -> None:
+    """bytes.fromhex() skips spaces: a bitmap ending in two was read as one ending in 00."""
+    message = build(b"0100", FIELDS_0100)
+    spaced = message[:18] + b"  " + message[20:]
+    assert message[18:20] == b"00"  # the pair replaced names no field
+    with pytest.raises(InvalidMessage, match="bitmap"):
+        codec.decode(spaced)
+
+
+@pytest.mark.parametrize("replacement", [b"00000000040O", b"         400"])
+def test_a_replacement_amount_that_is_not_digits_is_a_format_error(
+    codec: Codec, replacement: bytes
+) -> None:
+    """Read as no replacement, it turned a partial reversal into a full one: the whole hold
+    released for an amount the network never sent."""
+    field_95 = replacement + b"0" * 12 + b" " * 18
+    with pytest.raises(InvalidMessage) as caught:
+        codec.decode(build(b"0400", with_field(95, field_95)))
+    assert caught.value.field == "95"
+    spaces_after = b"000000000400" + b" " * 30  # its later parts may be spaces
+    request = codec.decode(build(b"0400", with_field(95, spaces_after)))
+    assert isinstance(request, AuthorizationRequest) and request.replacement_amount() == 400
+
+
+@pytest.mark.parametrize(
     ("field", "value", "layout"),
     [
         (7, b"1324101010", "MMDDhhmmss"),  # month 13
