@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
+from processor.development_keys import is_published
+
 KEY_BYTES: Final = 32
 
 
@@ -39,7 +41,7 @@ def aes_keys_from_environment(
             raise ValueError(f"{where} is not hexadecimal") from None
         if len(key) != KEY_BYTES:
             raise ValueError(f"{where} holds {len(key)} bytes; AES-256 needs {KEY_BYTES}")
-        if key == published:
-            raise ValueError(f"{where} holds the published development key")
+        if key == published or is_published(key):
+            raise ValueError(f"{where} holds a published development key")
         keys.append(key)
     return keys

@@ -56,6 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _writable_ledger(config: Config) -> tuple[Ledger, PanHasher]:
     """The ledger and PAN hasher a tool writes with (no demo seeding; the PAN key checked)."""
     from processor.app import open_ledger
+    from processor.development_keys import is_published
     from processor.security import hasher_from_environment
 
     variable = config.security.pan_key_env
@@ -74,6 +75,14 @@ def _writable_ledger(config: Config) -> tuple[Ledger, PanHasher]:
         raise ConfigError(
             f"{variable} holds {held} bytes: the PAN-hashing key must be a secret of at least "
             f"{limits.pan_key_bytes_min} bytes"
+        )
+    elif is_published(os.environ[variable].encode("utf-8")) and not _bound_to(
+        config, hasher.fingerprint
+    ):
+        # As unset: a --demo ledger, bound to it already, is all it may write.
+        raise ConfigError(
+            f"{variable} holds a published development key: the PAN-hashing key must be a "
+            "secret (only a --demo ledger, made with the development key, takes it)"
         )
     return open_ledger(config, hasher), hasher
 

@@ -21,6 +21,7 @@ import psec
 from cryptography.utils import CryptographyDeprecationWarning
 
 from processor.config import CardVerificationRange
+from processor.development_keys import CARD_VERIFICATION_KEY, is_published
 
 # psec reaches 3DES through pyca/cryptography's primitives module, which warns that 3DES has
 # moved to its `decrepit` module and that two-key 3DES is deprecated. Two-key 3DES is what the
@@ -30,7 +31,7 @@ warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning, modul
 SERVICE_CODE_CVC2: Final = "000"  # the schemes' service code for the value printed on the card
 CVK_BYTES: Final = 16  # double-length 3DES
 # A fixed, published key for `processor serve --demo` only: anyone can compute its CVC2s.
-INSECURE_DEVELOPMENT_CVK: Final = bytes.fromhex("0123456789ABCDEFFEDCBA9876543210")
+INSECURE_DEVELOPMENT_CVK: Final = CARD_VERIFICATION_KEY
 
 
 class CardVerificationError(ValueError):
@@ -147,9 +148,9 @@ def _key_from(value: str, variable: str, where: str) -> bytes:
             f"{where}: {variable} holds {len(key)} bytes; a card verification key is a "
             f"double-length 3DES key of {CVK_BYTES} bytes ({CVK_BYTES * 2} hex digits)"
         )
-    if key == INSECURE_DEVELOPMENT_CVK:
+    if is_published(key):
         raise CardVerificationError(
-            f"{where}: {variable} holds the published development key (check value "
+            f"{where}: {variable} holds a published development key (check value "
             f"{key_check_value(key)}): anyone can compute its CVC2s"
         )
     if key[:8] == key[8:]:

@@ -21,11 +21,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from processor.aes_keys import KEY_BYTES, aes_keys_from_environment
+from processor.development_keys import PAN_VAULT_KEY
 from processor.ledger.records import CardSecret
 
 NONCE_BYTES: Final = 12
 # For `processor serve --demo` only: published, so anyone can open what it wrapped.
-INSECURE_DEVELOPMENT_KEY: Final = bytes.fromhex("fedcba9876543210" * 4)
+INSECURE_DEVELOPMENT_KEY: Final = PAN_VAULT_KEY
 
 
 class VaultError(ValueError):

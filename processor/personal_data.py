@@ -20,10 +20,11 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from processor.aes_keys import aes_keys_from_environment
+from processor.development_keys import PERSONAL_DATA_KEY
 
 NONCE_BYTES: Final = 12
 # For `processor serve --demo` only: published, so anyone can open what it sealed.
-INSECURE_DEVELOPMENT_KEY: Final = bytes.fromhex("00112233445566778899aabbccddeeff" * 2)
+INSECURE_DEVELOPMENT_KEY: Final = PERSONAL_DATA_KEY
 
 
 class PersonalDataError(ValueError):

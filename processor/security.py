@@ -13,8 +13,9 @@ import os
 import re
 from typing import Final
 
-INSECURE_DEVELOPMENT_KEY = b"processor-insecure-development-pan-key"
+from processor.development_keys import PAN_KEY
 
+INSECURE_DEVELOPMENT_KEY: Final = PAN_KEY
 
 _BLOCK_BYTES = 64  # SHA-256's block size, the HMAC pad length
 

@@ -19,6 +19,7 @@ from processor.config import DEMO_BIN_PREFIX, CardVerificationRange, Config
 from processor.cpus import unavailable_cpus
 from processor.cvc2 import NO_KEYS, CardVerificationError, CardVerificationKeys
 from processor.cvc2 import keys_from_environment as card_keys_from_environment
+from processor.development_keys import is_published
 from processor.pan_vault import PanVault, VaultError, vault_from_environment
 from processor.personal_data import PersonalDataCipher, PersonalDataError, cipher_from_environment
 from processor.security import INSECURE_DEVELOPMENT_KEY, PanHasher
@@ -160,6 +161,12 @@ def _pan_hasher(
         problems.append(
             f"{variable} {what}: the PAN-hashing key must be a secret of at least "
             f"{limits.pan_key_bytes_min} bytes (e.g. openssl rand -hex 32)"
+        )
+        return None
+    if is_published(key) and not demo:
+        problems.append(
+            f"{variable} holds a published development key: with it anyone can recover a "
+            "PAN from its card id and masked PAN (e.g. openssl rand -hex 32 for a secret)"
         )
         return None
     return PanHasher(key)

@@ -872,6 +872,9 @@ def test_a_tool_refuses_to_write_a_ledger_without_a_full_strength_pan_key(
     monkeypatch.setenv("PROCESSOR_PAN_KEY", "short")
     assert main(["ledger", "load", "--ledger", str(tmp_path / "b"), str(load_file)]) == 2
     assert "holds 5 bytes" in capsys.readouterr().err
+    monkeypatch.setenv("PROCESSOR_PAN_KEY", "processor-insecure-development-pan-key")
+    assert main(["ledger", "load", "--ledger", str(tmp_path / "c"), str(load_file)]) == 2
+    assert "holds a published development key" in capsys.readouterr().err
 
 
 def test_a_load_error_never_prints_a_card_number_in_clear(

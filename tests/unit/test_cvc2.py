@@ -85,7 +85,7 @@ def test_the_narrowest_range_issues() -> None:
         ({"CVK": "xyz"}, "key_envs[0]: CVK is not hexadecimal"),
         ({"CVK": "00" * 8}, "key_envs[0]: CVK holds 8 bytes"),
         ({"CVK": "0123456789ABCDEF" * 2}, "single-length DES repeated"),
-        ({"CVK": PUBLISHED_KEY.hex()}, "the published development key (check value 08D7B4)"),
+        ({"CVK": PUBLISHED_KEY.hex()}, "a published development key (check value 08D7B4)"),
         ({"CVK": KEY_A, "AGAIN": KEY_A}, "key_envs[1]: AGAIN holds the same key as"),
     ],
 )

@@ -5,7 +5,7 @@ import secrets
 import msgspec
 import pytest
 
-from processor import limits
+from processor import development_keys, limits
 from processor.config import DEMO_BIN_PREFIX, Config, parse_config
 from processor.cvc2 import INSECURE_DEVELOPMENT_CVK
 from processor.security import INSECURE_DEVELOPMENT_KEY, PanHasher
@@ -211,6 +211,24 @@ def test_the_pan_vault_key_is_required_outside_demo() -> None:
     assert "bb" * 32 not in repr(settings.pan_vault)
     demo = start_settings(Config(), {}, demo=True)
     assert demo.pan_vault is not None and demo.pan_vault.insecure
+
+
+@pytest.mark.parametrize(
+    ("variable", "published"),
+    [
+        ("PROCESSOR_PAN_KEY", development_keys.PAN_KEY.decode()),
+        ("PROCESSOR_PAN_KEY", development_keys.PAN_VAULT_KEY.hex()),
+        ("PROCESSOR_DATA_KEY", development_keys.PAN_VAULT_KEY.hex()),
+        ("PROCESSOR_PAN_VAULT_KEY", development_keys.PERSONAL_DATA_KEY.hex()),
+        ("CVK_5399", development_keys.CARD_VERIFICATION_KEY.hex()),
+    ],
+)
+def test_no_published_development_key_is_taken_outside_demo(variable: str, published: str) -> None:
+    """The published PAN key started a production daemon (a card id and masked PAN then give
+    back the PAN in seconds), and each AES key was refused only in its own slot."""
+    message = unready(WITH_BIN, dict(READY, **{variable: published}))
+    assert "published development key" in message, message
+    assert published not in message
 
 
 @pytest.mark.parametrize("setting", ["server.cpus", "webhooks.delivery_cpus"])
