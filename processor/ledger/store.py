@@ -771,6 +771,17 @@ def answer_key_of(stored_key: bytes) -> bytes:
     return b"|".join((message_class, acquirer, stan, transmitted))
 
 
+def _links_back(
+    answer: StoredAnswer, owner: str | None, owner_id: str, newer_ms: int | None
+) -> bool:
+    """Whether `answer`, reached through a history chain, is still that chain's: its owner's,
+    and older than the step before it. An answer key is class|acquirer|STAN|field 7, and
+    field 7 has no year: once retention prunes an answer, its key may be used again a year
+    on, by another card (the walk would list that card's history) or by the same one (a loop
+    that paginated for ever; one batch's answers share their time, so not strictly older)."""
+    return owner == owner_id and (newer_ms is None or answer.answered_ms <= newer_ms)
+
+
 def hold_view(identity: bytes, answer: StoredAnswer) -> Hold | None:
     """The hold the answer to `identity` opened, whole (HoldState holds only what the answer
     does not); None if that request opened none."""
@@ -990,6 +1001,8 @@ class Reader:
         previous one. `before` is the page key of the last item of the previous page.
         """
         prefix = _prefix_key(owner_id, b"")
+        newer_ms: int | None = None  # the time of the step before: a chain only goes back
+        came_from: bytes | None = None
         if before is None:
             if of == "card":
                 found_card = self.card_by_id(owner_id)
@@ -1002,12 +1015,17 @@ class Reader:
             if last is None or (last.card_id if of == "card" else last.account_id) != owner_id:
                 return []
             key = last.previous_for_card if of == "card" else last.previous_in_account
+            newer_ms, came_from = last.answered_ms, before[len(prefix) :]
         found: list[tuple[bytes, StoredAnswer, bytes]] = []
-        while key is not None and len(found) < limit:
+        while key is not None and key != came_from and len(found) < limit:
             answer = self.answer(key)
             if answer is None:
                 break  # the chain reaches past what the ledger still keeps
+            owner = answer.card_id if of == "card" else answer.account_id
+            if not _links_back(answer, owner, owner_id, newer_ms):
+                break  # the key was pruned and used again: what it holds is not this chain's
             found.append((key, answer, prefix + key))
+            newer_ms, came_from = answer.answered_ms, key
             key = answer.previous_for_card if of == "card" else answer.previous_in_account
         return found
 
@@ -1184,13 +1202,16 @@ class Reader:
         holds: list[Hold] = []
         key = account.last_answer
         walked = 0
-        while key is not None and len(holds) < account.open_holds:
+        newer_ms: int | None = None
+        came_from: bytes | None = None
+        while key is not None and key != came_from and len(holds) < account.open_holds:
             walked += 1
             if walked > limits.history_walk_max:
                 break  # a listing, not a decision: show what a bounded walk found
             answer = self.answer(key)
-            if answer is None:
+            if answer is None or not _links_back(answer, answer.account_id, account_id, newer_ms):
                 break
+            newer_ms, came_from = answer.answered_ms, key
             # Only the answer that opened the hold carries it: a reversal's answer names it too.
             hold = hold_view(key, answer)
             if hold is not None and hold.status == "open":
@@ -1342,13 +1363,19 @@ class Writer(Reader):
             card = self.card_of(answer.card_id, card_key_hint)
             if card is not None:
                 state = self.changed_card_state(card)
-                answer.previous_for_card = state.last_answer
+                # Never itself: a key pruned and then used again (field 7 has no year) would
+                # make the chain a loop.
+                answer.previous_for_card = (
+                    state.last_answer if state.last_answer != identity else None
+                )
                 state.last_answer = identity
         if answer.account_id is not None:
             account = self.account(answer.account_id)
             if account is not None:
                 previous = account.last_answer
-                if previous is not None and previous == answer.previous_for_card:
+                if previous == identity:
+                    previous = None
+                elif previous is not None and previous == answer.previous_for_card:
                     previous = SAME_AS_CARD  # the account's one card: two bytes, not 30
                 answer.previous_for_account = previous
                 account.last_answer = identity

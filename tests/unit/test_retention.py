@@ -324,3 +324,53 @@ def test_an_answers_time_reads_as_the_whole_answer_gives_it(answer: StoredAnswer
     # answered_ms: the two types' first fields agree.
     raw = msgspec.msgpack.encode(answer)
     assert msgspec.msgpack.decode(raw, type=AnswerTime).answered_ms == answer.answered_ms
+
+
+# --- an answer key used again after its answer was pruned ---------------------------------------
+# The key is class|acquirer|STAN|field 7, and field 7 has no year: a year on, the acquirer's
+# STAN can come round at the same second, and the histories still naming the key must not
+# follow it into what it holds now.
+
+
+def test_a_key_used_again_by_another_card_stays_out_of_the_first_cards_history(
+    ledger: Ledger,
+) -> None:
+    authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=HOUR)
+    [first] = authorizer.authorize_batch(
+        [message("0200", "777777", 50)], NOW + timedelta(minutes=1)
+    )
+    assert first.response_code == "00"
+    later = NOW + timedelta(hours=3)
+    authorizer.sweep_expired(later, 100)
+    step(ledger, retention(), later)
+    with ledger.read() as reader:
+        card = reader.card(HASHER.card_key(MAIN))
+        assert card is not None
+        main_card, main_account = card.card_id, card.account_id
+        assert reader.card_history(main_card, 20) == []
+    [again] = authorizer.authorize_batch(
+        [message("0200", "777777", 5, pan=LOW)], NOW + timedelta(days=365)
+    )
+    assert again.response_code == "00"
+    with ledger.read() as reader:
+        assert reader.card_history(main_card, 20) == []
+        assert [a.account_id for _, a, _ in reader.history("account", main_account, 20)] == []
+
+
+def test_a_key_used_again_by_the_same_card_is_listed_once(ledger: Ledger) -> None:
+    """Its answer linked to itself: the chain was a loop, every page the same key and a next
+    cursor for ever."""
+    authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=HOUR)
+    authorizer.authorize_batch([message("0200", "777777", 50)], NOW + timedelta(minutes=1))
+    later = NOW + timedelta(hours=3)
+    authorizer.sweep_expired(later, 100)
+    step(ledger, retention(), later)
+    authorizer.authorize_batch([message("0200", "777777", 5)], NOW + timedelta(days=365))
+    with ledger.read() as reader:
+        card = reader.card(HASHER.card_key(MAIN))
+        assert card is not None
+        page = reader.history("card", card.card_id, 5)
+        assert len(page) == 1
+        assert reader.history("card", card.card_id, 5, before=page[-1][2]) == []
+        accounts = reader.history("account", card.account_id, 5)
+        assert len(accounts) == 1
