@@ -62,6 +62,8 @@ def open_ledger(
         write_ahead_log_bytes=config.ledger.write_ahead_log_bytes if logs else 0,
     )
     try:
+        if serving:
+            ledger.claim_for_daemon()
         ledger.bind_pan_key(hasher.fingerprint)
         if demo:
             with ledger.read() as reader:

@@ -7,6 +7,7 @@ processes, so `processor ledger load` may run beside the daemon.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import struct
@@ -206,6 +207,7 @@ class Ledger:
         self._generation = 0  # of the log records the pending checkpoint's batches wrote
         self._broken: str | None = None  # why writes stopped (a checkpoint was lost)
         self._retired_wal: WriteAheadLog | None = None  # logging stopped; its lock kept
+        self._daemon_lock: int | None = None  # the daemon's claim (claim_for_daemon)
         self.pending_since: float | None = None  # perf_counter when the pending one began
         # Whether the latest write went to the log (in LMDB at the next checkpoint) rather
         # than straight into LMDB (visible to other processes at once).
@@ -486,6 +488,24 @@ class Ledger:
             if wal is not None:
                 wal.close()
         self.env.close()
+        if self._daemon_lock is not None:
+            os.close(self._daemon_lock)
+            self._daemon_lock = None
+
+    def claim_for_daemon(self) -> None:
+        """Take the ledger's daemon lock (`<ledger>/daemon.lock`, held while open) or raise
+        LedgerError: one daemon per ledger, whatever its workers or durability. The log's
+        own lock said so only while the daemon logged (one worker, fsync): two daemons then
+        ran two hold sweepers, two retentions and two webhook deliveries on one outbox."""
+        fd = os.open(self.path / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LedgerError(
+                f"ledger {self.path}: another daemon serves it already; one daemon per ledger"
+            ) from None
+        self._daemon_lock = fd
 
     def pan_key_fingerprint(self) -> str | None:
         with self.env.begin(write=False) as txn:

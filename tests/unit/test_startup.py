@@ -1,13 +1,16 @@
 """What a production start requires, and what --demo fills in instead."""
 
 import secrets
+from pathlib import Path
 
 import msgspec
 import pytest
 
 from processor import development_keys, limits
+from processor.app import open_ledger
 from processor.config import DEMO_BIN_PREFIX, Config, parse_config
 from processor.cvc2 import INSECURE_DEVELOPMENT_CVK
+from processor.ledger.store import LedgerError
 from processor.security import INSECURE_DEVELOPMENT_KEY, PanHasher
 from processor.server.startup import Unready, start_settings
 
@@ -247,3 +250,22 @@ def test_a_cpu_this_process_may_not_run_on_is_refused_by_its_key(setting: str) -
         start_settings(config, {}, demo=True)
     usable = parse_config(f"[{table}]\n{key} = [{min(os.sched_getaffinity(0))}]\n")
     assert start_settings(usable, {}, demo=True).config.server == usable.server
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_daemon_claims_its_ledger_whatever_its_workers(tmp_path: Path, workers: int) -> None:
+    """Only the write-ahead log's lock said "one daemon per ledger", and only a daemon of one
+    worker (with fsync) logs: a second daemon of two workers started and answered beside the
+    first, with a second sweeper, retention and webhook delivery on one outbox."""
+    config = parse_config(
+        f"[ledger]\npath = '{tmp_path / 'ledger'}'\ndurability = 'process'\n"
+        f"[server]\nworkers = {workers}\n"
+    )
+    ledger = open_ledger(config, PanHasher(KEY.encode()), serving=True)
+    try:
+        with pytest.raises(LedgerError, match="another daemon serves it already"):
+            ledger.claim_for_daemon()  # as a second daemon's open would
+    finally:
+        ledger.close()
+    again = open_ledger(config, PanHasher(KEY.encode()), serving=True)  # released on close
+    again.close()
