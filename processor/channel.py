@@ -19,6 +19,7 @@ import time
 from asyncio import FIRST_COMPLETED
 from collections import deque
 from collections.abc import Callable
+from contextlib import suppress
 
 import msgspec
 
@@ -65,7 +66,10 @@ class Child:
     when it dies (sharing a budget of restarts a minute with its siblings), stopped.
 
     `prepare` is called before each start: the descriptors to pass on (after the channel),
-    and what to do once the process has them (close the parent's copies, say).
+    and what to do once the process has them (close the parent's copies, say). `rest` is
+    called with True when it is left down for a while (its restart budget spent) and with
+    False before it is started again: a worker's listening sockets are closed meanwhile, or
+    the kernel would go on handing it links that nobody accepts.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class Child:
         metrics: Metrics,
         restarts: deque[float],
         prepare: Callable[[], tuple[list[int], Callable[[], None]]],
+        rest: Callable[[bool], None] | None = None,
     ) -> None:
         self.name = name  # for the log: "worker 2", "webhook delivery process"
         self._index = index  # its metrics' place among the primary's children
@@ -87,6 +92,8 @@ class Child:
         self._up = metrics.child_process_up.labels(label)  # in /metrics: worker-2, ...
         self._restarts = restarts
         self._prepare = prepare
+        self._rest = rest
+        self._stop_asked = asyncio.Event()  # wakes a supervisor resting between restarts
         self.process: asyncio.subprocess.Process | None = None
         self._channel: asyncio.StreamWriter | None = None
         self._reports: asyncio.Task[None] | None = None
@@ -161,7 +168,9 @@ class Child:
                 self.process.kill()
 
     async def supervise(self) -> None:
-        """Start it again whenever it exits, until stopped or past the restart budget."""
+        """Start it again whenever it exits, until stopped; past the restart budget, after a
+        rest until the budget allows one more (it was left down for good: a worker then held
+        its share of new links in a queue nobody read)."""
         while True:
             assert self.process is not None
             code = await self.process.wait()
@@ -177,13 +186,20 @@ class Child:
             while self._restarts and self._restarts[0] < now - 60:
                 self._restarts.popleft()
             if len(self._restarts) >= limits.worker_restarts_per_minute_max:
+                resting = self._restarts[0] + 60 - now
                 log.error(
-                    "%s exited (code %s); %d restarts in the last minute, leaving it down",
+                    "%s exited (code %s); %d restarts in the last minute, leaving it down "
+                    "for %.0f s",
                     self.name,
                     code,
                     len(self._restarts),
+                    resting,
                 )
-                return
+                if not await self._rested(resting):
+                    return
+                now = time.monotonic()
+                while self._restarts and self._restarts[0] < now - 60:
+                    self._restarts.popleft()
             self._restarts.append(now)
             log.error("%s exited (code %s); restarting it", self.name, code)
             try:
@@ -192,9 +208,22 @@ class Child:
                 log.error("%s could not be started again: %r", self.name, error)
                 await asyncio.sleep(1.0)  # then the loop counts it against the budget again
 
+    async def _rested(self, seconds: float) -> bool:
+        """Down for `seconds` (its `rest` hook told), then True; False when stopped first."""
+        if self._rest is not None:
+            self._rest(True)
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_asked.wait(), max(seconds, 0.0))
+        if self.stopping:
+            return False
+        if self._rest is not None:
+            self._rest(False)
+        return True
+
     def signal_stop(self) -> None:
         """Ask it to stop (SIGTERM); it drains what it does meanwhile."""
         self.stopping = True
+        self._stop_asked.set()
         if self.process is not None and self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
 

@@ -56,7 +56,9 @@ shutdown_drain_seconds_max: Final = 10.0
 workers_max: Final = 16
 worker_start_seconds_max: Final = 30.0  # a worker that is not ready by then fails the start
 worker_report_seconds: Final = 1.0  # how often a worker sends its metrics to the primary
-worker_restarts_per_minute_max: Final = 5  # past this a crashing worker stays down (logged)
+worker_restarts_per_minute_max: Final = (
+    5  # past this a crashing child rests till the minute allows one
+)
 # The webhook delivery process reports its metrics this often: how stale its part of /metrics
 # (backlog, delivery time, failures) may be.
 delivery_report_seconds: Final = 0.25

@@ -50,8 +50,14 @@ class WorkerPool:
         from processor.server.daemon import listen
 
         assert config.server.workers > 1, config.server.workers
-        # The primary's sockets carry the ports chosen (a configured port 0 is chosen once).
-        addresses = [sock.getsockname()[:2] for sock in listeners]
+        # The primary's sockets carry the ports chosen (a configured port 0 is chosen once);
+        # the host is the configured one: "" read back from a dual-stack socket is "::", and
+        # a socket bound to "::" is IPv6 only, which the kernel never groups with the
+        # primary's dual-stack one (the workers then got no link at all).
+        addresses = [
+            (each.host, sock.getsockname()[1])
+            for each, sock in zip(config.listeners, listeners, strict=True)
+        ]
         restarts: deque[float] = deque()  # shared: the budget is for the pool
         self._sockets: list[list[socket.socket]] = []
         self._workers: list[Child] = []
@@ -68,6 +74,7 @@ class WorkerPool:
                     metrics,
                     restarts,
                     _passing(sockets),
+                    _resting(sockets, addresses),
                 )
             )
         self._supervisors: list[asyncio.Task[None]] = []
@@ -102,6 +109,26 @@ class WorkerPool:
 def _passing(sockets: list[socket.socket]) -> Callable[[], tuple[list[int], Callable[[], None]]]:
     """A worker's listening sockets, passed on at every start (the primary keeps them)."""
     return lambda: ([sock.fileno() for sock in sockets], lambda: None)
+
+
+def _resting(
+    sockets: list[socket.socket], addresses: list[tuple[str, int]]
+) -> Callable[[bool], None]:
+    """While a worker is left down, its sockets closed (links queued on them are reset, and
+    the kernel hands new ones to the other processes); listening again before its restart."""
+    from processor.server.daemon import StartupError, listen
+
+    def rest(down: bool) -> None:
+        for sock in sockets:
+            sock.close()
+        if down:
+            return
+        try:
+            sockets[:] = [listen(host, port, shared=True) for host, port in addresses]
+        except StartupError as error:  # its start then fails, and is tried again
+            log.error("a worker cannot listen again: %s", error)
+
+    return rest
 
 
 # --- the worker's side -------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""A child process past its restart budget rests and is started again (processor/channel.py).
+
+It was left down for good: a worker's listening sockets stayed open in the primary, and the
+kernel went on handing it a share of new links that nobody accepted (14 of 40 hung, in the
+review's run). The child here is a real interpreter that exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+import pytest
+
+from processor import limits
+from processor.channel import Child
+from processor.config import Config
+from processor.metrics import Metrics
+
+
+def test_a_child_past_its_budget_rests_then_starts_again_and_stops_when_asked() -> None:
+    async def run() -> list[object]:
+        calls: list[object] = []
+        # The budget spent 59.7 s ago: one more start is allowed 0.3 s from now.
+        spent = time.monotonic() - 59.7
+        restarts = deque([spent] * limits.worker_restarts_per_minute_max)
+        child = Child(
+            "test child",
+            "test-child",
+            1,
+            ["processor.no_such_module"],  # python -m exits 1 at once
+            Config(),
+            Metrics(),
+            restarts,
+            lambda: ([], lambda: None),
+            rest=calls.append,
+        )
+        await child.spawn()
+        supervisor = asyncio.create_task(child.supervise())
+        deadline = time.monotonic() + 10
+        while len(calls) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert child.process is not None
+        calls.append(("budget spent before", sum(1 for at in restarts if at <= spent)))
+        await child.stop()
+        await asyncio.wait_for(supervisor, 5)
+        return calls
+
+    calls = asyncio.run(run())
+    assert calls[:2] == [True, False], calls  # left down (sockets closed), then back up
+    assert calls[2] == ("budget spent before", 0), calls  # the old starts left the window
+
+
+def test_a_resting_child_stops_at_once_when_asked() -> None:
+    async def run() -> None:
+        restarts = deque([time.monotonic()] * limits.worker_restarts_per_minute_max)
+        rests: list[bool] = []
+        child = Child(
+            "test child",
+            "test-child",
+            1,
+            ["processor.no_such_module"],
+            Config(),
+            Metrics(),
+            restarts,
+            lambda: ([], lambda: None),
+            rest=rests.append,
+        )
+        await child.spawn()
+        supervisor = asyncio.create_task(child.supervise())
+        while not rests:
+            await asyncio.sleep(0.05)
+        await child.stop()
+        await asyncio.wait_for(supervisor, 5)  # woken: not after the minute's rest
+        assert rests == [True]
+
+    asyncio.run(run())
+
+
+def test_a_workers_socket_joins_the_primarys_on_a_dual_stack_listener() -> None:
+    """With host = "" the pool bound its workers to the address read back from the primary's
+    socket, "::": IPv6 only, which the kernel never groups with the primary's dual-stack
+    socket, so every link went to the primary."""
+    import socket
+
+    from processor.config import parse_config
+    from processor.server.daemon import listen
+    from processor.server.workers import WorkerPool
+
+    if not socket.has_dualstack_ipv6():
+        pytest.skip("no dual-stack sockets here: the case cannot arise")
+    config = parse_config(
+        "[server]\nworkers = 2\n[[listeners]]\nname = 'network'\nhost = ''\nport = 0\n"
+    )
+    primary = listen("", 0, shared=True)
+    try:
+        pool = WorkerPool(config, [primary], Metrics())
+        [[worker]] = pool._sockets
+        try:
+            assert worker.getsockname()[1] == primary.getsockname()[1]
+            v6only = (socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+            assert worker.getsockopt(*v6only) == primary.getsockopt(*v6only) == 0
+        finally:
+            worker.close()
+    finally:
+        primary.close()
