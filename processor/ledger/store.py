@@ -462,7 +462,12 @@ class Ledger:
 
     def _replay_alone(self) -> None:
         """The pending generation again from the log, in a transaction of its own (after a
-        checkpoint or a nested commit failed), growing the map if it must."""
+        checkpoint or a nested commit failed), growing the map if it must.
+
+        Whatever stops it (LMDB; the log unreadable, OSError, say EIO on the disk whose
+        commit just failed; a record that does not decode, LedgerError) breaks the ledger:
+        a write after it would start the same generation's log again from its start, over
+        batches answered and nowhere else."""
         while True:
             try:
                 with self.env.begin(write=True) as txn:
@@ -472,8 +477,10 @@ class Ledger:
                 if self.grow():
                     continue
                 self._broken = "the map is full at its ceiling (ledger.map_size_max_bytes)"
-            except lmdb.Error as error:
+            except (lmdb.Error, LedgerError) as error:
                 self._broken = str(error)
+            except OSError as error:
+                self._broken = f"the write-ahead log cannot be read: {error.strerror or error}"
             log.critical(
                 "ledger %s: batches answered and in the write-ahead log cannot be checkpointed "
                 "(%s): no more writes until a restart replays them",

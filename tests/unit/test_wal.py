@@ -509,6 +509,43 @@ def test_a_checkpoint_that_cannot_be_replayed_stops_every_write(
         reopened.close()
 
 
+def test_a_rebuild_that_cannot_read_the_log_stops_every_write(
+    loaded: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only LMDB's errors broke the ledger: an OSError reading the log (EIO, on the disk
+    whose commit had just failed) escaped, writes went on, and the next logged batch began
+    the same generation's log again from its start, over the batches answered."""
+    ledger = logging_ledger(loaded)
+    try:
+        ledger.checkpoint()
+        pending, _ = pending_after_a_logged_batch(ledger)
+        refuse_the_checkpoint(ledger, pending, monkeypatch)
+
+        def unreadable(path: Path, generation: int) -> object:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr("processor.ledger.store.logged_records", unreadable)
+        with pytest.raises(LedgerError, match="write-ahead log cannot be read"):
+            ledger.checkpoint()
+        monkeypatch.undo()
+        outcomes = authorize(ledger, requests(range(101, 102)))
+        assert {o.reason for o in outcomes} == {"ledger_error:LedgerError"}
+    finally:
+        assert ledger._wal is not None
+        ledger._wal.close()
+        ledger._wal = None
+        ledger.env.close()
+    reopened = logging_ledger(loaded)
+    try:
+        assert reopened.replayed == 1  # the batch answered before the checkpoint failed
+        with reopened.read() as reader:
+            assert all(
+                reader.answer(r.answer_key) is not None for r in requests(range(1, 1 + SMALL))
+            )
+    finally:
+        reopened.close()
+
+
 def test_batches_that_fill_the_map_grow_it_and_apply_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
