@@ -85,6 +85,10 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
     reason: str
 
 
+class _StepFailed(Exception):
+    """A retention step failed inside a batch's transaction: the batch runs again without it."""
+
+
 class Authorizer:
     def __init__(
         self,
@@ -207,7 +211,12 @@ class Authorizer:
             # flush; a larger batch shares one LMDB commit already, and logging it ahead would
             # add a flush (limits.logged_batch_requests_max).
             log_ahead = len(requests) + len(commands) < limits.logged_batch_requests_max
-            done = self._ledger.write_growing(apply, log_ahead=log_ahead)
+            try:
+                done = self._ledger.write_growing(apply, log_ahead=log_ahead)
+            except _StepFailed:
+                # Nothing of that attempt was applied: the batch alone, decided again (steps
+                # are paused now, so this attempt takes none).
+                done = self._ledger.write_growing(apply, log_ahead=log_ahead)
             self._note_swept(swept)
             self._expired_done += expired[0]
             return done
@@ -223,7 +232,9 @@ class Authorizer:
         """A retention step, at most every `retention_every_seconds` of batches, with the
         visits the ledger's new events earned since the last one (Retention.budget: events
         made by every process, worker processes included). A bug in it must not cost the
-        batch: it is logged, steps pause for a while, and the batch commits."""
+        batch: it is logged, steps pause for a while, and the batch runs again without it
+        (_StepFailed): committed with the step's writes so far, it left pruned events with
+        their answers kept, an RRN unindexed from an answer still stored."""
         if self._retention is None:
             return []
         now = time.monotonic()
@@ -241,7 +252,7 @@ class Authorizer:
                 limits.retention_failure_pause_seconds,
             )
             self._retention_at = now + limits.retention_failure_pause_seconds
-            return []
+            raise _StepFailed from None
 
     def sweep_retention(self, now: datetime, budget: int) -> SweepStep | None:
         """One retention step in a write transaction of its own (when no batch ran lately),

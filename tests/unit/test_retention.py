@@ -374,3 +374,48 @@ def test_a_key_used_again_by_the_same_card_is_listed_once(ledger: Ledger) -> Non
         assert reader.history("card", card.card_id, 5, before=page[-1][2]) == []
         accounts = reader.history("account", card.account_id, 5)
         assert len(accounts) == 1
+
+
+def test_a_step_that_fails_in_a_batch_leaves_nothing_half_done(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the step after some of its writes: the batch committed them (events pruned,
+    an answer's RRN entry deleted with the answer kept). The batch now runs again without
+    the step, and nothing of the step stays."""
+    sweep = retention()
+    sweep._events_seen = 0  # as after a while of traffic: a budget of visits per event made
+    authorizer = Authorizer(
+        ledger,
+        HASHER,
+        ProgrammeRules(),
+        hold_lifetime_seconds=HOUR,
+        retention=sweep,
+        retention_every_seconds=0.0,
+    )
+    real = SweepStep.count
+
+    def buggy(self: SweepStep, into: dict[str, int], record: str) -> None:
+        if into is self.pruned and record == "answers":
+            raise RuntimeError("a bug in the step")
+        real(self, into, record)
+
+    monkeypatch.setattr(SweepStep, "count", buggy)
+
+    def rrn_index() -> dict[str, bytes | None]:
+        with ledger.read() as reader:
+            return {r.stan: reader.answer_by_rrn(r.rrn_key) for r in REQUESTS if r.rrn_key}
+
+    indexed = rrn_index()
+    with ledger.read() as reader:
+        events_before = len(reader.outbox(1, 100))
+    later = NOW + timedelta(hours=3)
+    [outcome] = authorizer.authorize_batch(
+        [message("0100", "000099", 10, **{"7": "1124150000"})], later
+    )
+    assert outcome.response_code == "00"
+    assert authorizer.take_retention_step() is None
+    with ledger.read() as reader:
+        assert reader.events_pruned_through() == 0
+        assert len(reader.outbox(1, 100)) == events_before + 1  # the batch's own event
+        assert all(reader.answer(request.answer_key) is not None for request in REQUESTS)
+    assert rrn_index() == indexed  # no entry deleted beside its kept answer
