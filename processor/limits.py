@@ -134,6 +134,10 @@ retention_visits_step_max: Final = 512  # of what earlier steps left owed, per s
 retention_visits_step_ceiling: Final = 4096  # in one step at most: about 10 ms
 retention_step_seconds: Final = 0.002
 retention_visits_idle: Final = 256
+# Events are kept in commit order, stamped with a clock read earlier (a worker's, before LMDB's
+# writer lock; a clock stepped back): answers this much older than the oldest event kept stay
+# with it, for an event behind it stamped earlier.
+event_order_skew_ms: Final = 10 * 60 * 1000
 retention_idle_seconds: Final = 1.0
 retention_busy_seconds: Final = 0.01
 retention_failure_pause_seconds: Final = 60  # after a failed step (a bug): logged once a minute

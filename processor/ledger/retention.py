@@ -216,8 +216,14 @@ class Retention:
                 done.keep("answers", "written_now")
                 cursor.next()
                 continue
-            if oldest_event_ms is not None and answer.answered_ms >= oldest_event_ms:
-                done.keep("answers", "event_kept")  # an event still kept may refer to it
+            if (
+                oldest_event_ms is not None
+                and answer.answered_ms >= oldest_event_ms - limits.event_order_skew_ms
+            ):
+                # An event still kept may refer to it. The outbox is in commit order, not in
+                # time order: a worker reads its clock before LMDB's writer lock, a clock may
+                # step back; so an event behind the first kept may be stamped a little earlier.
+                done.keep("answers", "event_kept")
                 cursor.next()
                 continue
             if answer.hold is not None and answer.hold_id is not None:

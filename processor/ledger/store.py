@@ -765,7 +765,17 @@ class Ledger:
         if decode is None:
             return None
         cursor = txn.cursor(db=self._dbs[name])
-        return decode(bytes(cursor.value())) if cursor.first() else None
+        if not cursor.first():
+            return None
+        oldest = decode(bytes(cursor.value()))
+        if name == "answers":
+            # Answers sort by field 7, MMDDhhmmss without a year: after New Year, last
+            # December's sort after this January's. Any stamped later in the year than
+            # tomorrow is last year's, and the first of those is then the oldest.
+            tomorrow = time.gmtime(time.time() + 86400)
+            if cursor.set_range(time.strftime("%m%d%H%M%S", tomorrow).encode()):
+                oldest = min(oldest, decode(bytes(cursor.value())))
+        return oldest
 
     def map_usage(self) -> tuple[int, int]:
         """(bytes in use, map size)."""

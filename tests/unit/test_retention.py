@@ -419,3 +419,41 @@ def test_a_step_that_fails_in_a_batch_leaves_nothing_half_done(
         assert len(reader.outbox(1, 100)) == events_before + 1  # the batch's own event
         assert all(reader.answer(request.answer_key) is not None for request in REQUESTS)
     assert rrn_index() == indexed  # no entry deleted beside its kept answer
+
+
+def test_an_event_kept_behind_the_first_but_stamped_earlier_keeps_its_answer(
+    ledger: Ledger,
+) -> None:
+    """Answers were kept from the first kept event's time only: an event committed after it
+    but stamped a second earlier (a worker reads its clock before the writer lock) lost its
+    answer, and rendered without card, amount, response code or network ids."""
+    authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=HOUR)
+    first = message("0200", "000100", 10, **{"7": "1124120002"})
+    behind = message("0200", "000101", 10, **{"7": "1124120001"})
+    assert authorizer.authorize_batch([first], NOW + timedelta(seconds=2))[0].response_code == "00"
+    assert authorizer.authorize_batch([behind], NOW + timedelta(seconds=1))[0].response_code == "00"
+    with ledger.read() as reader:
+        last = reader.outbox_last_sequence()
+    step(ledger, retention(floor=last - 1), NOW + timedelta(hours=3))  # neither delivered
+    with ledger.read() as reader:
+        assert [e.sequence for e in reader.outbox(last - 1, 10)] == [last - 1, last]
+        assert reader.answer(behind.answer_key) is not None
+        [event] = reader.outbox(last, 1)
+        assert event.mti == "0200" and event.response_code == "00"
+
+
+def test_the_oldest_answer_is_found_across_new_year(tmp_path: Path) -> None:
+    """Answers sort by field 7 without a year: the first in key order (this January's) was
+    reported as the oldest, last December's sorting after it."""
+    ledger = Ledger(tmp_path, durability="process", map_size_bytes=64 << 20)
+    try:
+        load_path(ledger, demo_data_path(), HASHER, now_ms=int(NOW.timestamp() * 1000))
+        authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=HOUR)
+        december = datetime(2026, 12, 31, 23, 0, tzinfo=UTC)
+        january = datetime(2027, 1, 1, 1, 0, tzinfo=UTC)
+        authorizer.authorize_batch([message("0200", "000001", 10, **{"7": "1231230000"})], december)
+        authorizer.authorize_batch([message("0200", "000002", 10, **{"7": "0101010000"})], january)
+        [answers] = [each for each in ledger.stats() if each.name == "answers"]
+        assert answers.oldest_ms == int(december.timestamp() * 1000)
+    finally:
+        ledger.close()
