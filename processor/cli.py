@@ -170,14 +170,14 @@ def cmd_ledger_backup(args: argparse.Namespace) -> int:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         print(f"processor: {target} exists and is not an empty directory", file=sys.stderr)
         return 1
-    target.mkdir(parents=True, exist_ok=True)
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)  # a copy of card data: the owner's
     copied = "the ledger"
     source_state = state_path(config)
     if (source_state / "data.mdb").exists():
         # The delivery positions, dead letters and replay requests, copied before the ledger:
         # they then name only events the ledger's copy holds, so a restore delivers again
         # what was delivered meanwhile (at least once) and never skips an event.
-        (target / "webhooks").mkdir()
+        (target / "webhooks").mkdir(mode=0o700)
         state = DeliveryState(source_state, readonly=True)
         try:
             state.env.copy(str(target / "webhooks"), compact=True)
@@ -266,7 +266,7 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
         describe_controls,
         describe_history,
     )
-    from processor.security import hasher_from_environment
+    from processor.security import hasher_from_environment, mask_card_numbers
 
     config = _common_config(args)
     pan = None
@@ -282,7 +282,11 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
         if args.account is not None:
             account = reader.account(args.account)
             if account is None:
-                print(f"processor: no account {args.account!r}", file=sys.stderr)
+                # What was typed is quoted: a card number typed here is not printed in clear.
+                print(
+                    f"processor: no account {mask_card_numbers(repr(args.account))}",
+                    file=sys.stderr,
+                )
                 return 1
             print("\n".join(describe_account(reader, account, now)))
             for held_card in reader.account_cards(account.id):
@@ -291,7 +295,7 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
         if args.card is not None:
             found = reader.card_by_id(args.card)
             if found is None:
-                print(f"processor: no card {args.card!r}", file=sys.stderr)
+                print(f"processor: no card {mask_card_numbers(repr(args.card))}", file=sys.stderr)
                 return 1
             return _show_card(reader, found[1], now)
         assert pan is not None  # read before the ledger was opened
@@ -439,8 +443,16 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_sim_load(args: argparse.Namespace) -> int:
+    from processor.security import mask_card_numbers
     from processor.sim.load import LoadSpec, run_load
 
+    pan = LoadSpec.pan
+    if args.pan_env is not None:
+        pan = os.environ.get(args.pan_env, "")
+        if not pan.isdigit():
+            variable = mask_card_numbers(args.pan_env)
+            print(f"processor: {variable} holds no card number", file=sys.stderr)
+            return 2
     spec = LoadSpec(
         host=args.host,
         port=args.port,
@@ -448,7 +460,7 @@ def cmd_sim_load(args: argparse.Namespace) -> int:
         duration=args.duration,
         connections=args.connections,
         framing=args.framing,
-        pan=args.pan,
+        pan=pan,
         amount=args.amount,
         json_out=args.json,
         message=args.message,
@@ -651,7 +663,9 @@ def cmd_sim_bureau(args: argparse.Namespace) -> int:
 
 def build_load_parser() -> argparse.ArgumentParser:
     load = argparse.ArgumentParser(
-        prog="processor sim load", description="open-loop load generator, HDR latency report"
+        prog="processor sim load",
+        description="open-loop load generator, HDR latency report",
+        allow_abbrev=False,  # "--pan 4761..." must not pass as --pan-env, naming a variable
     )
     load.add_argument("--host", default="127.0.0.1")
     load.add_argument("--port", type=int, default=8583)
@@ -659,7 +673,12 @@ def build_load_parser() -> argparse.ArgumentParser:
     load.add_argument("--rate", type=float, required=True, help="requests per second, in total")
     load.add_argument("--duration", type=float, required=True, help="seconds")
     load.add_argument("--connections", type=int, default=1)
-    load.add_argument("--pan", default="4761739001010085", help="card to authorise against")
+    load.add_argument(
+        "--pan-env",
+        metavar="VAR",
+        help="the card to authorise against, by the PAN in environment variable VAR (never on "
+        "the command line, which every user of the machine can read; default: a demo card)",
+    )
     load.add_argument("--amount", type=int, default=100, help="minor units per authorisation")
     load.add_argument("--json", help="also write the report as JSON to this file")
     load.add_argument(

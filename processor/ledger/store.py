@@ -174,7 +174,10 @@ class Ledger:
         self.map_size_max_bytes = max(map_size_bytes, map_size_max_bytes or map_size_bytes)
         if not readonly:
             try:
-                self.path.mkdir(parents=True, exist_ok=True)
+                # The owner's alone (files 0600 too): the cards' keyed hashes, sealed PANs
+                # and balances are nobody else's to read. An existing directory is left as
+                # the operator made it.
+                self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as error:
                 raise LedgerError(f"ledger {self.path}: cannot create: {error.strerror}") from None
         durable = durability == "fsync"
@@ -188,6 +191,7 @@ class Ledger:
                 readonly=readonly,
                 readahead=False,
                 lock=True,
+                mode=0o600,
             )
         except lmdb.Error as error:
             raise LedgerError(f"ledger {self.path}: cannot open: {error}") from None

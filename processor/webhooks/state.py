@@ -54,7 +54,7 @@ def state_path(config: Config) -> Path:
 
 class DeliveryState:
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
-        Path(path).mkdir(parents=True, exist_ok=True) if not readonly else None
+        Path(path).mkdir(mode=0o700, parents=True, exist_ok=True) if not readonly else None
         self.env = lmdb.open(
             str(path),
             map_size=64 << 20,
@@ -63,6 +63,7 @@ class DeliveryState:
             metasync=False,
             readonly=readonly,
             lock=True,
+            mode=0o600,
         )
         create = not readonly
         self._positions = self.env.open_db(b"positions", create=create)

@@ -877,6 +877,24 @@ def test_a_tool_refuses_to_write_a_ledger_without_a_full_strength_pan_key(
     assert "holds a published development key" in capsys.readouterr().err
 
 
+def test_ledger_show_never_prints_a_card_number_typed_as_an_id(
+    cli_ledger: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for option in ("--account", "--card"):
+        assert main(["ledger", "show", "--ledger", str(cli_ledger), option, MAIN]) == 1
+        err = capsys.readouterr().err
+        assert MAIN not in err and mask_pan(MAIN) in err, err
+
+
+def test_the_load_generator_takes_its_card_from_the_environment_only() -> None:
+    from processor.cli import build_load_parser
+
+    with pytest.raises(SystemExit):
+        build_load_parser().parse_args(["--rate", "1", "--duration", "1", "--pan", MAIN])
+    args = build_load_parser().parse_args(["--rate", "1", "--duration", "1", "--pan-env", "V"])
+    assert args.pan_env == "V"
+
+
 def test_a_load_error_never_prints_a_card_number_in_clear(
     cli_ledger: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
