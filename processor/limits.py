@@ -134,6 +134,10 @@ retention_visits_step_max: Final = 512  # of what earlier steps left owed, per s
 retention_visits_step_ceiling: Final = 4096  # in one step at most: about 10 ms
 retention_step_seconds: Final = 0.002
 retention_visits_idle: Final = 256
+# The card details page: a client address refused this often within a minute is refused
+# without a look at the ledger until the minute has passed; addresses remembered at most.
+reveal_refusals_per_minute_max: Final = 20
+reveal_addresses_remembered_max: Final = 10_000
 # Events are kept in commit order, stamped with a clock read earlier (a worker's, before LMDB's
 # writer lock; a clock stepped back): answers this much older than the oldest event kept stay
 # with it, for an event behind it stamped earlier.

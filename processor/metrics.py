@@ -154,7 +154,7 @@ class Metrics:
         self.child_process_up = Gauge(
             "processor_child_process_up",
             "1 while a child process of the daemon runs (worker-N, webhook-delivery); 0 while"
-            " it is down: between a crash and its restart, or for good past the restart budget",
+            " it is down: between a crash and its restart, or while it rests past its budget",
             ["process"],
             registry=r,
         )
@@ -162,6 +162,14 @@ class Metrics:
             "processor_http_connections_refused",
             "Connections to the HTTP port accepted and closed at once: no file descriptor left"
             " (open_files_limit, system_open_files_limit)",
+            ["reason"],
+            registry=r,
+        )
+        self.reveal_refusals = Counter(
+            "processor_reveal_refusals",
+            "Card details pages refused: no such token for the card (no_token), a token expired"
+            " or a card closed (not_usable), or a client past its refusals a minute"
+            " (rate_limited, answered without reading the ledger)",
             ["reason"],
             registry=r,
         )

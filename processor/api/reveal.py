@@ -7,23 +7,35 @@ before it expires, for that card only), opens the PAN from the vault, computes t
 and answers a small page that is never cached, loads nothing, runs no script and may be framed
 only by the origins in `http.reveal_frame_ancestors`. Every refusal is the same page, so a
 guesser learns nothing about which tokens exist.
+
+A token is looked up in a read transaction first, and only one that matches is taken in a
+write (the next batch's): every guess used to be a write command in the authorisation batches,
+at about a thousand a second from one client. Refusals are counted
+(`processor_reveal_refusals_total{reason}`) and logged within a budget; a client address
+refused `limits.reveal_refusals_per_minute_max` times within a minute is refused (429) without
+reading the ledger until its oldest refusal is a minute old.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import html
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Final
 
 import lmdb
 from aiohttp import web
 
+from processor import limits
 from processor.api.commands import Revealed, take_reveal_token
 from processor.api.port import Processor
 from processor.cvc2 import compute_cvc2
 from processor.ledger.store import LedgerError
+from processor.log_budget import LogBudget
 from processor.pan_vault import VaultError
 
 log = logging.getLogger("processor.api")
@@ -89,7 +101,53 @@ def refusal_page(ancestors: tuple[str, ...], status: int = 404) -> web.Response:
     return _page("Link not usable", body, status, ancestors)
 
 
+class Refusals:
+    """Refused looks per client address within the last minute."""
+
+    __slots__ = ("_by_address",)
+
+    def __init__(self) -> None:
+        self._by_address: dict[str, deque[float]] = {}
+
+    def over(self, address: str, now: float) -> bool:
+        """Whether `address` has been refused its most within the last minute."""
+        times = self._by_address.get(address)
+        if times is None:
+            return False
+        while times and times[0] <= now - 60:
+            times.popleft()
+        if not times:
+            del self._by_address[address]
+            return False
+        return len(times) >= limits.reveal_refusals_per_minute_max
+
+    def note(self, address: str, now: float) -> None:
+        if len(self._by_address) >= limits.reveal_addresses_remembered_max:
+            self._by_address.clear()  # a flood from many addresses: start again
+        self._by_address.setdefault(address, deque()).append(now)
+
+
 def reveal_handler(daemon: Processor) -> Callable[[web.Request], Awaitable[web.Response]]:
+    refusals = Refusals()
+    budget = LogBudget()
+
+    def refused(address: str, reason: str, ancestors: tuple[str, ...]) -> web.Response:
+        now = time.monotonic()
+        daemon.metrics.reveal_refusals.labels(reason).inc()
+        if reason != "rate_limited":
+            refusals.note(address, now)
+        left_out = budget.allow(f"reveal_{reason}", now)
+        if left_out is None:
+            daemon.metrics.log_lines_suppressed.labels(f"reveal_{reason}").inc()
+        else:
+            log.warning(
+                "card details page refused (%s) to %s (%d such lines left out)",
+                reason,
+                address,
+                left_out,
+            )
+        return refusal_page(ancestors, 429 if reason == "rate_limited" else 404)
+
     async def reveal(request: web.Request) -> web.Response:
         ancestors = daemon.config.http.reveal_frame_ancestors
         card_id = request.match_info["card_id"][:64]
@@ -104,15 +162,23 @@ def reveal_handler(daemon: Processor) -> Callable[[web.Request], Awaitable[web.R
     async def _reveal(request: web.Request, ancestors: tuple[str, ...]) -> web.Response:
         vault = daemon.pan_vault
         card_id, token = request.match_info["card_id"], request.match_info["token"]
+        address = request.remote or "unknown"
+        if refusals.over(address, time.monotonic()):
+            return refused(address, "rate_limited", ancestors)
         if vault is None or len(token) > 128 or len(card_id) > 64:
-            return refusal_page(ancestors)
+            return refused(address, "no_token", ancestors)
+        digest = token_digest(token)
         try:
-            taken = await daemon.execute(take_reveal_token(card_id, token_digest(token)))
+            with daemon.ledger.read() as reader:
+                stored = reader.reveal_token(card_id)
+            if stored is None or not hmac.compare_digest(stored.digest, digest):
+                return refused(address, "no_token", ancestors)
+            taken = await daemon.execute(take_reveal_token(card_id, digest))
         except (LedgerError, lmdb.Error) as error:
             log.error("card details page: ledger failed: %s", type(error).__name__)
             return refusal_page(ancestors, 503)
         if not isinstance(taken, Revealed):
-            return refusal_page(ancestors)
+            return refused(address, "not_usable", ancestors)
         card = taken.card
         try:
             pan = vault.open(card.card_id, taken.secret)

@@ -27,7 +27,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from harness import PAN_KEY, Link, RunningDaemon, authorization, run_cli
+from harness import PAN_KEY, Link, RunningDaemon, authorization, run_cli, sample, scrape
 
 from processor.api.commands import luhn_check_digit
 from processor.security import luhn_valid
@@ -765,6 +765,31 @@ def test_an_expired_card_details_link_shows_the_refusal_in_a_browser(tmp_path: P
         assert "This link cannot show a card" in late and grouped(issued["pan"]) not in late
         # The same daemon shows a fresh token's card: the refusal above was the expiry's.
         assert grouped(issued["pan"]) in rendered(reveal_url(running, api, issued["id"]))
+    finally:
+        running.stop()
+
+
+def test_guessed_card_details_links_cost_no_write_and_are_limited(tmp_path: Path) -> None:
+    """Every guess was a write command in the authorisation batches (about a thousand a
+    second from one client), neither logged nor counted. A daemon of its own: the limit is
+    per client address, and every test here comes from 127.0.0.1."""
+    env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, PROCESSOR_API_TOKEN=TOKEN)
+    running = RunningDaemon(tmp_path / "ledger", env=env).start()
+    try:
+        before = sample(scrape(running), "processor_commit_batch_size_count", 0)
+        base = f"http://127.0.0.1:{running.http_port}/reveal/card_0000000000000000000a/"
+        codes = []
+        for guess in range(25):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(base + f"{guess:064x}")
+            codes.append(refused.value.code)
+            refused.value.close()
+        assert codes == [404] * 20 + [429] * 5
+        metrics = scrape(running)
+        assert sample(metrics, "processor_commit_batch_size_count", 0) == before
+        assert sample(metrics, 'processor_reveal_refusals_total{reason="no_token"}') == 20
+        assert sample(metrics, 'processor_reveal_refusals_total{reason="rate_limited"}') == 5
+        assert "card details page refused (no_token) to 127.0.0.1" in running.stderr()
     finally:
         running.stop()
 
