@@ -281,7 +281,15 @@ def _purchase(
     account = writer.account(card.account_id)
     assert account is not None  # checked by the caller
     _debit_allowed(account, record.amount)
-    writer.force_post(account, record.amount, original_key, original)
+    writer.force_post(
+        account,
+        record.amount,
+        original_key,
+        original,
+        card_id=card.card_id,
+        now_ms=now_ms,
+        rrn_lookup=record.rrn_lookup(),
+    )
     return "force_posted", account.id, None, found
 
 

@@ -36,7 +36,7 @@ from processor.ledger.records import (
 )
 from processor.ledger.store import Writer
 from processor.randomness import BufferedRandom
-from processor.wire.messages import AuthorizationRequest, transaction_key
+from processor.wire.messages import AuthorizationRequest, rrn_key, transaction_key
 from processor.wire.responses import approved_fields, balances
 
 # Message classes whose answers a reversal or completion may point at.
@@ -606,7 +606,31 @@ class Lifecycle:
             return Result(
                 "00", "completion_invalid_amount", account_id=account.id, card_id=card.card_id
             )
-        writer.force_post(account, amount, original_key, original)
+        lookup = None
+        named = request.original_key()
+        if original is None and named is not None and named[0] in ORIGINAL_CLASSES:
+            # Field 90 names an original nobody answered: the posting is marked under its key
+            # (and the original's acquirer, STAN and RRN), for its presentment to find.
+            original_key = named[1]
+            data = request.original_data or ""
+            lookup = rrn_key(data[20:31], data[4:10], request.rrn) if request.rrn else None
+        elif (
+            original is None
+            and request.rrn_key is not None
+            and writer.answer_by_rrn(request.rrn_key) is None
+        ):
+            # No field 90: this answer (posted_amount, stored next) stands for the original
+            # its acquirer, STAN and RRN name, unless something else already does.
+            writer.index_rrn(request.rrn_key, key)
+        writer.force_post(
+            account,
+            amount,
+            original_key,
+            original,
+            card_id=card.card_id,
+            now_ms=batch.now_ms,
+            rrn_lookup=lookup,
+        )
         return Result(
             "00", "force_post", account_id=account.id, card_id=card.card_id, posted_amount=amount
         )

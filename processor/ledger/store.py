@@ -812,6 +812,10 @@ def answer_key_of(stored_key: bytes) -> bytes:
     return b"|".join((message_class, acquirer, stan, transmitted))
 
 
+# The reason of the answer force_post leaves under an original's key that nothing answered.
+POSTED_WITHOUT_ORIGINAL = "posted_without_original"
+
+
 def _links_back(
     answer: StoredAnswer, owner: str | None, owner_id: str, newer_ms: int | None
 ) -> bool:
@@ -1570,15 +1574,37 @@ class Writer(Reader):
         amount: int,
         original_key: bytes,
         original: StoredAnswer | None,
+        *,
+        card_id: str,
+        now_ms: int,
+        rrn_lookup: bytes | None = None,
     ) -> None:
         """Post `amount` with no open hold to capture (capture_verdict's `post`), and mark
-        the original, if one was found, posted: its next completion or presentment is then
-        `already_posted`, not a second debit of the one purchase.
+        the original posted: its next completion or presentment is then `already_posted`,
+        not a second debit of the one purchase.
 
-        The one way a completion and a clearing presentment post without a hold.
+        The one way a completion and a clearing presentment post without a hold. With no
+        original found but its key known (`original_key`: field 90, a clearing record's
+        identity), a marker answer under that key says so, and `rrn_lookup` names it: a 0220
+        and a presentment of one purchase with no authorisation otherwise debited it twice,
+        whichever came first.
         """
         account.posted -= amount
         self.put_account(account)
+        if original is None and original_key:
+            original = self.answer(original_key)  # declined on no card: that answer is it
+            if original is None:
+                original = StoredAnswer(
+                    fingerprint=b"",  # no request's: a late original is refused (94), not applied
+                    response={},
+                    response_code="00",
+                    reason=POSTED_WITHOUT_ORIGINAL,
+                    answered_ms=now_ms,
+                    card_id=card_id,
+                    account_id=account.id,
+                )
+            if rrn_lookup is not None and self.answer_by_rrn(rrn_lookup) is None:
+                self.index_rrn(rrn_lookup, original_key)
         if original is not None:
             original.posted_amount = amount
             self.put_answer(original_key, original)

@@ -678,6 +678,7 @@ class ModelAnswer:
     response: bytes | None = None  # the first answer's bytes, once seen
     detail: str = ""  # for the statistics: which branch the model took
     pan: str | None = None  # the card of an original (0100/0200/0120)
+    marker: bool = False  # left by a force post under an original nobody answered
 
 
 @dataclass
@@ -1052,7 +1053,40 @@ class LifecycleMachine(RuleBasedStateMachine):
         answer.card_id = self.card_ids[card.pan]
         if original is not None:  # marked posted: the next completion or presentment of it
             original.posted_amount = amount  # finds it so (already_posted)
+            return "force_post"
+        data = fields.get("90", "")
+        if len(data) == 42 and data.isdigit() and data[:3] + "0" in ORIGINAL_CLASSES:
+            # Field 90 names an original nobody answered: a marker under its key says posted.
+            named = f"{data[:3]}0|{number(data[20:31])}|{data[4:10]}|{data[10:20]}".encode()
+            lookup = (
+                f"{number(data[20:31])}|{data[4:10]}|{fields['37']}" if "37" in fields else None
+            )
+            self.mark_posted(named, card.account, card.pan, amount, lookup)
+        elif "37" in fields:  # its own answer stands for the original its RRN names
+            own = f"{number(fields['32'])}|{fields['11']}|{fields['37']}"
+            self.rrn_index.setdefault(own, answer_key(fields))
         return "force_post"
+
+    def mark_posted(
+        self, key: bytes, account: str, pan: str, amount: int, rrn_lookup: str | None
+    ) -> None:
+        """What a force post leaves under the key of an original it did not find."""
+        original = self.answers.get(key)
+        if original is None:
+            original = self.answers[key] = ModelAnswer(
+                (("marker", ""),),
+                "00",
+                "posted_without_original",
+                "",
+                self.now_ms,
+                account=account,
+                card_id=self.card_ids[pan],
+                pan=pan,
+                marker=True,
+            )
+        original.posted_amount = amount
+        if rrn_lookup is not None:
+            self.rrn_index.setdefault(rrn_lookup, key)
 
     def reversal(
         self, fields: dict[str, str], message_class: str, answer: ModelAnswer
@@ -1508,6 +1542,17 @@ class LifecycleMachine(RuleBasedStateMachine):
                 outcome = "force_posted"
                 if original is not None:  # marked posted, as a 0220's force-post marks it
                     original.posted_amount = amount
+                else:  # nothing found: posted all the same, under the key the record names
+                    named = (
+                        f"{record.get('original_mti', '0100')}|{number(record['acquirer'])}|"
+                        f"{record['stan']}|{record['transmission_datetime']}"
+                    ).encode()
+                    lookup = (
+                        f"{number(record['acquirer'])}|{record['stan']}|{record['rrn']}"
+                        if "rrn" in record
+                        else None
+                    )
+                    self.mark_posted(named, card.account, pan, amount, lookup)
         self.cleared[record_id] = ModelCleared(
             clearing_content(record),
             outcome,
@@ -1835,7 +1880,9 @@ class LifecycleMachine(RuleBasedStateMachine):
             identityless = tuple(kv for kv in model.content if kv[0] not in IDENTITY)
             expected = modelled(
                 StoredAnswer,
-                fingerprint=self.digest(("answer", identityless), stored.fingerprint),
+                fingerprint=b""
+                if model.marker
+                else self.digest(("answer", identityless), stored.fingerprint),
                 response=model.stored,
                 response_code=model.code,
                 reason=model.reason,

@@ -625,10 +625,11 @@ def test_a_record_id_reused_with_other_content_is_rejected(ledger: Ledger) -> No
 
 def test_a_record_id_repeated_within_a_file_is_a_duplicate(ledger: Ledger) -> None:
     for chunk_size in (500, 1):
+        stan = f"{chunk_size:06d}"  # each its own purchase: one is posted once only
         summary = ingest(
             ledger,
-            record(record_id=f"d{chunk_size}", amount=10),
-            record(record_id=f"d{chunk_size}", amount=10),
+            record(record_id=f"d{chunk_size}", amount=10, stan=stan),
+            record(record_id=f"d{chunk_size}", amount=10, stan=stan),
             chunk_size=chunk_size,
         )
         assert counts(summary) == {"force_posted": 1, "duplicates": 1}
@@ -636,7 +637,7 @@ def test_a_record_id_repeated_within_a_file_is_a_duplicate(ledger: Ledger) -> No
 
 
 def test_records_are_applied_a_chunk_per_transaction(ledger: Ledger) -> None:
-    records = [record(record_id=f"k{i}", amount=1) for i in range(5)]
+    records = [record(record_id=f"k{i}", amount=1, stan=f"{i:06d}") for i in range(5)]
     summary = ingest(ledger, *records, chunk_size=2)
     assert (summary.records, summary.transactions, summary.force_posted) == (5, 3, 5)
     assert state(ledger) == (99_995, 0)
@@ -645,15 +646,16 @@ def test_records_are_applied_a_chunk_per_transaction(ledger: Ledger) -> None:
 
 
 def test_a_failure_midway_keeps_the_chunks_before_it(ledger: Ledger) -> None:
+    file = [record(record_id=f"f{i}", amount=1, stan=f"{i:06d}") for i in range(3)]
+
     def entries() -> Iterator[Entry]:
-        yield from parse_lines(lines_of(*(record(record_id=f"f{i}", amount=1) for i in range(3))))
+        yield from parse_lines(lines_of(*file))
         raise OSError(5, "Input/output error")
 
     with pytest.raises(OSError):
         apply_clearing(ledger, entries(), HASHER, LATER, chunk_size=2)
     assert state(ledger) == (99_998, 0)  # f0 and f1 committed, f2's chunk never did
-    rerun = [record(record_id=f"f{i}", amount=1) for i in range(3)]
-    assert counts(ingest(ledger, *rerun)) == {"duplicates": 2, "force_posted": 1}
+    assert counts(ingest(ledger, *file)) == {"duplicates": 2, "force_posted": 1}
 
 
 def test_no_pan_is_stored_by_clearing(ledger: Ledger, authorizer: Authorizer) -> None:

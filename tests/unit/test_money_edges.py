@@ -399,3 +399,67 @@ def test_an_advice_of_another_cards_approval_is_not_taken_for_it(tmp_path: Path)
     assert advice.reason == "stand_in_approved"
     assert balances(ledger, "acct-a") == (10000, 3000)
     assert balances(ledger, "acct-b") == (10000, 3000)
+
+
+# --- a completion and a presentment of one purchase nobody authorised here ------------------
+
+
+def presentment_of(stan: str, amount: int, record_id: str) -> list[bytes]:
+    record = {
+        "record_id": record_id,
+        "type": "purchase",
+        "pan": PAN_A,
+        "acquirer": "123456",
+        "stan": stan,
+        "transmission_datetime": "1124120000",
+        "amount": amount,
+        "currency": "EUR",
+        "rrn": "000000000001",
+    }
+    return [json.dumps(record).encode()]
+
+
+def completion_of(stan: str, amount: str, *, by_field_90: bool) -> AuthorizationRequest:
+    if by_field_90:
+        return request("0220", **{"4": amount, "11": "000077", "90": original_data("0100", stan)})
+    return request("0220", **{"4": amount, "11": stan})  # acquirer, STAN and RRN: the original's
+
+
+def test_a_completion_then_a_presentment_of_one_unauthorised_purchase_debit_once(
+    tmp_path: Path,
+) -> None:
+    """force_post marked an original posted only when one was found: with none, the 0220
+    and the presentment each debited the purchase."""
+    for number, by_field_90 in enumerate((True, False)):
+        ledger, authorizer = build(tmp_path / str(number))
+        [posted] = answer(
+            authorizer, completion_of("000001", "000000003000", by_field_90=by_field_90)
+        )
+        assert posted.reason == "force_post"
+        summary = apply_clearing(
+            ledger, parse_lines(presentment_of("000001", 3000, "clr-1")), HASHER, START
+        )
+        assert (summary.already_posted, summary.force_posted) == (1, 0), by_field_90
+        assert balances(ledger, "acct-a") == (7000, 0), by_field_90
+
+
+def test_a_presentment_then_a_completion_of_one_unauthorised_purchase_debit_once(
+    tmp_path: Path,
+) -> None:
+    for number, by_field_90 in enumerate((True, False)):
+        ledger, authorizer = build(tmp_path / str(number))
+        summary = apply_clearing(
+            ledger, parse_lines(presentment_of("000001", 3000, "clr-1")), HASHER, START
+        )
+        assert summary.force_posted == 1
+        [completion] = answer(
+            authorizer, completion_of("000001", "000000003000", by_field_90=by_field_90)
+        )
+        assert completion.reason == "already_posted", by_field_90
+        assert balances(ledger, "acct-a") == (7000, 0), by_field_90
+        # Another purchase of the same card is its own: posted.
+        other = apply_clearing(
+            ledger, parse_lines(presentment_of("000002", 500, "clr-2")), HASHER, START
+        )
+        assert other.force_posted == 1
+        assert balances(ledger, "acct-a") == (6500, 0)
