@@ -139,9 +139,11 @@ retention_visits_idle: Final = 256
 reveal_refusals_per_minute_max: Final = 20
 reveal_addresses_remembered_max: Final = 10_000
 # Events are kept in commit order, stamped with a clock read earlier (a worker's, before LMDB's
-# writer lock; a clock stepped back): answers this much older than the oldest event kept stay
-# with it, for an event behind it stamped earlier.
-event_order_skew_ms: Final = 10 * 60 * 1000
+# writer lock: a batch or two, at worst the requests' deadline of 1.5 s): answers this much
+# older than the oldest event kept stay with it, for an event behind it stamped earlier. Not
+# more: with short horizons every second kept is live data (a clock stepped back further
+# loses those events' facts from their answers; the events keep their own).
+event_order_skew_ms: Final = 2_000
 retention_idle_seconds: Final = 1.0
 retention_busy_seconds: Final = 0.01
 retention_failure_pause_seconds: Final = 60  # after a failed step (a bug): logged once a minute
