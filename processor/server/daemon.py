@@ -208,13 +208,16 @@ class Daemon:
         self.metrics.child(self.metrics.open_links, name).inc()
         self._link_line(link, "link_opened", "link opened from %s")
 
-    def _close_for_what_it_sent(self, link: Link, reason: str) -> None:
+    def _close_for_what_it_sent(self, link: Link, reason: str, *, answered: bool = False) -> None:
         """Close a link for its peer's messages: counted under `reason`, and against the
-        peer's address."""
+        peer's address; `answered`: once the requests it sent are answered."""
         name, limit = link.listener.name, link.listener.config.bad_links_per_address_max
         self.metrics.child(self.metrics.links_closed, name, reason).inc()
         self._bad_peers.closed((name, link.peer_address), time.monotonic(), limit)
-        link.close()
+        if answered:
+            link.close_when_answered()
+        else:
+            link.close()
 
     def log_budget_for(self, peer_address: str) -> LogBudget:
         """The log budget of everything links from `peer_address` cause."""
@@ -286,7 +289,7 @@ class Daemon:
         else:
             self._peer_warning(link, "framing", "framing error, closing: %s", error)
         self.metrics.child(self.metrics.bad_messages, name, "framing", "").inc()
-        self._close_for_what_it_sent(link, "framing_error")
+        self._close_for_what_it_sent(link, "framing_error", answered=True)
 
     # --- dispatch ----------------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ class Listener:
 class Link(asyncio.Protocol):
     __slots__ = (
         "_bad_times",
+        "_closing",
         "_daemon",
         "_output",
         "_paused_for_backlog",
@@ -102,6 +103,7 @@ class Link(asyncio.Protocol):
         self._paused_for_backlog = False
         self._paused_for_in_flight = False
         self._paused_for_writes = False
+        self._closing = False  # to be closed once its requests are answered
 
     # --- asyncio callbacks -------------------------------------------------------------------
 
@@ -148,6 +150,8 @@ class Link(asyncio.Protocol):
         self._output = []
         try:
             while True:
+                if self._closing:
+                    return  # its stream broke: nothing more is read from it
                 try:
                     frames = framer.feed(data, chunk)
                 except FramingError as error:
@@ -157,9 +161,13 @@ class Link(asyncio.Protocol):
                 taken += len(frames)
                 transport = self.transport
                 for header, message in frames:
-                    if transport is None or transport.is_closing():
+                    if transport is None or transport.is_closing() or self._closing:
                         break  # closed (bad-message budget): apply nothing that cannot be answered
                     on_message(self, header, message, received_ns)
+                if framer.error is not None:  # behind the frames just handled
+                    if not self._closing:
+                        daemon.framing_error(self, framer.error)
+                    return
                 if len(frames) < chunk or not self.open or daemon.stopping:
                     break
                 turn_ns = _LIGHT_TURN_NS if daemon.protecting_light_link else _TURN_NS
@@ -250,6 +258,9 @@ class Link(asyncio.Protocol):
     def requests_finished(self, count: int) -> None:
         self.in_flight -= count
         assert self.in_flight >= 0, self.in_flight
+        if self._closing and not self.in_flight:
+            self.close()
+            return
         if self._paused_for_in_flight and self.in_flight < (
             self.listener.config.in_flight_per_link_max // 2 or 1
         ):
@@ -261,10 +272,25 @@ class Link(asyncio.Protocol):
             self._write_output()  # answers of this turn so far leave before the link closes
             self.transport.close()
 
+    def close_when_answered(self) -> None:
+        """Read no more and close once the requests it sent are answered: what a peer sent
+        whole before its stream broke is decided and answered, as on any link, not applied
+        and left unanswered by a link closed under it."""
+        if not self.in_flight:
+            self.close()
+            return
+        self._closing = True
+        self._update_reading()
+
     def _update_reading(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if self._paused_for_in_flight or self._paused_for_writes or self._paused_for_backlog:
+        if (
+            self._paused_for_in_flight
+            or self._paused_for_writes
+            or self._paused_for_backlog
+            or self._closing
+        ):
             self.transport.pause_reading()
         elif not self._daemon.stopping:
             self.transport.resume_reading()

@@ -23,6 +23,14 @@ from processor.wire.errors import FramingError
 EMPTY_FRAME: Final = (b"", b"")  # (header, message) of a zero-length frame
 
 
+class _Stopped(Exception):
+    """A framing error, with the bytes the frames before it took."""
+
+    def __init__(self, error: FramingError, offset: int) -> None:
+        super().__init__(str(error))
+        self.error, self.offset = error, offset
+
+
 class Framer:
     __slots__ = (
         "_buffer",
@@ -32,6 +40,7 @@ class Framer:
         "_max_frame_bytes",
         "_prefix",
         "_prefix_bytes",
+        "error",
     )
 
     def __init__(self, prefix: Framing = "len2", *, header_bytes: int = 0, max_frame_bytes: int):
@@ -50,6 +59,8 @@ class Framer:
         self._header_bytes = header_bytes
         self._max_frame_bytes = max_frame_bytes
         self._buffer = bytearray()
+        # The framing error found behind the frames a call returned: raised by the next call.
+        self.error: FramingError | None = None
 
     @property
     def buffered_bytes(self) -> int:
@@ -62,28 +73,58 @@ class Framer:
     def feed(self, data: bytes, limit: int | None = None) -> list[tuple[bytes, bytes]]:
         """Add received bytes; return the complete frames as (header, message) pairs, a
         zero-length frame as `(b"", b"")`. With `limit`, at most that many: the rest stays
-        buffered for the next call (which may add nothing: `feed(b"", limit)`)."""
+        buffered for the next call (which may add nothing: `feed(b"", limit)`).
+
+        FramingError when the stream cannot be framed any further. Found behind complete
+        frames, those are returned first and the error kept in `error`, raised by the next
+        call: frames a peer sent whole are answered before its link is closed."""
+        if self.error is not None:
+            raise self.error
         buffer = self._buffer
         buffer += data
         frames: list[tuple[bytes, bytes]] = []
         offset = 0
         size = len(buffer)
+        try:
+            offset = self._frames(buffer, size, frames, size if limit is None else limit)
+        except _Stopped as stopped:
+            if not frames:
+                raise stopped.error from None
+            self.error, offset = stopped.error, stopped.offset
+        if offset:
+            del buffer[:offset]
+        return frames
+
+    def _frames(
+        self, buffer: bytearray, size: int, frames: list[tuple[bytes, bytes]], left: int
+    ) -> int:
+        """Append at most `left` frames of `buffer` to `frames`; the bytes they took. _Stopped
+        (with the bytes taken before it) at a framing error."""
+        offset = 0
         prefix_bytes = self._prefix_bytes
-        left = size if limit is None else limit
         while size - offset >= prefix_bytes and left:
             left -= 1
-            length = self._length(buffer, offset)
+            try:
+                length = self._length(buffer, offset)
+            except FramingError as error:
+                raise _Stopped(error, offset) from None
             if length > self._max_frame_bytes:
-                raise FramingError(
-                    f"frame length {length} exceeds max_frame_bytes {self._max_frame_bytes}"
+                raise _Stopped(
+                    FramingError(
+                        f"frame length {length} exceeds max_frame_bytes {self._max_frame_bytes}"
+                    ),
+                    offset,
                 )
             end = offset + prefix_bytes + length
             if end > size:
                 break
             if length:
                 if length < self._header_bytes:
-                    raise FramingError(
-                        f"frame length {length} shorter than header_bytes {self._header_bytes}"
+                    raise _Stopped(
+                        FramingError(
+                            f"frame length {length} shorter than header_bytes {self._header_bytes}"
+                        ),
+                        offset,
                     )
                 body_start = offset + prefix_bytes + self._header_bytes
                 frames.append(
@@ -95,9 +136,7 @@ class Framer:
             else:
                 frames.append(EMPTY_FRAME)
             offset = end
-        if offset:
-            del buffer[:offset]
-        return frames
+        return offset
 
     def _length(self, buffer: bytearray, offset: int) -> int:
         if self._prefix != "ascii4":

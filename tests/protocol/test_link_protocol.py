@@ -592,6 +592,35 @@ def test_framing_error_closes_the_link(tmp_path: Path) -> None:
     daemon.ledger.close()
 
 
+def test_frames_sent_whole_before_a_framing_error_are_answered_then_the_link_closes(
+    tmp_path: Path,
+) -> None:
+    """They were thrown away with the error: never decoded, answered or counted, so the
+    network waited out its timeout on each."""
+    daemon = make_daemon(tmp_path, max_frame_bytes=512)
+    link, transport = new_link(daemon), FakeTransport()
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(echo_frame(7) + auth_frame(8, amount=300) + b"\x02\x01" + b"0" * 10)
+        assert not transport.closed and not transport.reading  # answering first, reading no more
+
+    run(body)
+    assert [(f["t"], f["11"], f["39"]) for f in transport.frames()] == [
+        ("0810", "000007", "00"),
+        ("0110", "000008", "00"),
+    ]
+    assert transport.closed
+    assert (
+        daemon.metrics.child(daemon.metrics.bad_messages, "network", "framing", "")._value.get()
+        == 1
+    )
+    with daemon.ledger.read() as reader:
+        account = reader.account("demo-main")
+        assert account is not None and account.held == 300
+    daemon.ledger.close()
+
+
 def test_header_bytes_are_echoed(tmp_path: Path) -> None:
     daemon = make_daemon(tmp_path, header_bytes=4)
     link, transport = new_link(daemon), FakeTransport()

@@ -90,10 +90,17 @@ def test_len2_huge_prefix_raises() -> None:
         framer.feed(b"\xff\xff" + b"x" * 100)
 
 
-def test_len2_oversize_after_good_frames_in_same_feed_raises() -> None:
+def test_len2_oversize_after_good_frames_in_same_feed_returns_them_then_raises() -> None:
+    """The frames sent whole before the error were thrown away: never decoded, answered or
+    counted. They come first now; the error is kept and raised by the next call."""
     framer = Framer("len2", max_frame_bytes=16)
+    assert framer.feed(b"\x00\x02ok\x00\x00\x00\x11" + b"y" * 17) == [(b"", b"ok"), (b"", b"")]
+    assert framer.error is not None and "exceeds max_frame_bytes" in str(framer.error)
+    assert framer.head(2) == b"\x00\x11"  # where the frame that broke framing starts
     with pytest.raises(FramingError):
-        framer.feed(b"\x00\x02ok\x00\x11" + b"y" * 17)
+        framer.feed(b"")
+    with pytest.raises(FramingError):
+        framer.feed(b"\x00\x02ok")  # stays failed
 
 
 def test_len2_framer_stays_failed_after_oversize() -> None:
