@@ -20,7 +20,7 @@ from processor.config import Config, ConfigError
 from processor.cpus import pin
 from processor.heap import freeze_setup
 from processor.ledger.load import load_path
-from processor.ledger.store import Ledger
+from processor.ledger.store import Ledger, claim_for_daemon
 from processor.metrics import Metrics
 from processor.rates import load_rates
 from processor.resources import demo_data_path
@@ -54,16 +54,22 @@ def open_ledger(
     is the only process writing (server.workers = 1; workers commit through LMDB, whose lock
     orders them)."""
     logs = serving and config.server.workers == 1
-    ledger = Ledger(
-        config.ledger.path,
-        map_size_bytes=config.ledger.map_size_bytes,
-        map_size_max_bytes=config.ledger.map_ceiling_bytes,
-        durability=config.ledger.durability,
-        write_ahead_log_bytes=config.ledger.write_ahead_log_bytes if logs else 0,
-    )
+    lock = claim_for_daemon(config.ledger.path) if serving else None
     try:
-        if serving:
-            ledger.claim_for_daemon()
+        ledger = Ledger(
+            config.ledger.path,
+            map_size_bytes=config.ledger.map_size_bytes,
+            map_size_max_bytes=config.ledger.map_ceiling_bytes,
+            durability=config.ledger.durability,
+            write_ahead_log_bytes=config.ledger.write_ahead_log_bytes if logs else 0,
+        )
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
+    if lock is not None:
+        ledger.keep_daemon_lock(lock)
+    try:
         ledger.bind_pan_key(hasher.fingerprint)
         if demo:
             with ledger.read() as reader:

@@ -30,7 +30,7 @@ from processor.engine.settle import capture_verdict
 from processor.ledger.records import Account, Card, ClearedRecord, OutboxRecord, StoredAnswer
 from processor.ledger.store import Ledger, Writer
 from processor.lifecycle import confirmed_original
-from processor.security import DIGIT_RUN, PanHasher, luhn_valid, mask_pan, masked_run
+from processor.security import PanHasher, luhn_valid, mask_card_numbers, mask_pan
 from processor.wire.messages import acquirer_number, rrn_key, transaction_key
 
 CHUNK_RECORDS: Final = 500  # records applied per write transaction
@@ -125,19 +125,12 @@ PROBLEM_CHARS_MAX: Final = 300  # a printed problem or record id, after masking
 
 
 def shown(text: str) -> str:
-    """`text` fit for a person: on one line, printable, every run of 13-19 digits (grouped by
-    spaces or dashes or not) masked like a PAN, first 6 and last 4; cut to PROBLEM_CHARS_MAX.
-
-    Longer runs stay: record ids are often acquirer reference numbers (23 digits), which an
-    operator must be able to read; a record id holding its record's PAN inside a longer run is
-    refused, and its id is then not shown (`_readable_record_id`).
-    """
-
-    def masked(found: re.Match[str]) -> str:
-        run = found[0]
-        return masked_run(run) if len(run.translate(_NOT_DIGITS)) <= 19 else run
-
-    return DIGIT_RUN.sub(masked, _CONTROL.sub("?", text))[:PROBLEM_CHARS_MAX]
+    """`text` fit for a person: on one line, printable, every run of 13 digits or more
+    (grouped by spaces or dashes or not) masked like a PAN, first 6 and last 4, whether it is
+    one or not; cut to PROBLEM_CHARS_MAX. An acquirer reference number (23 digits) shows its
+    ends only: a PAN and its expiry make a run as long, and the line number says which
+    record it is."""
+    return mask_card_numbers(_CONTROL.sub("?", text), every_run=True)[:PROBLEM_CHARS_MAX]
 
 
 def parse_record(line: bytes) -> ClearingRecord:
@@ -248,14 +241,11 @@ def _purchase(
     """(outcome, account posted to or found, hold id, the original's answer key when one was
     found) of a purchase on `card`."""
     original_key, original = _original(writer, record)
-    if original is not None and original.card_id is None:
-        # Declined before any card was known (an unknown card, 14): nothing was held or
-        # posted, and no card's money is at stake; the network's word stands, as for any
-        # declined original.
-        original_key, original = record.original_key(), None
-    if original is not None and original.card_id != card.card_id:
+    if original is not None and original.card_id not in (None, card.card_id):
         # The original is another card's, whatever became of it (held, posted or declined):
-        # not this record's to capture or to post against.
+        # not this record's to capture or to post against. One declined before any card was
+        # known (14) is no card's: a declined original, posted as the network says, unless
+        # a completion posted it already (it is marked so).
         raise _Rejected("card_mismatch")
     found = None if original is None else original_key
     hold = writer.hold_of(original_key, original)
@@ -288,6 +278,7 @@ def _purchase(
         original,
         card_id=card.card_id,
         now_ms=now_ms,
+        rrn=record.rrn,
         rrn_lookup=record.rrn_lookup(),
     )
     return "force_posted", account.id, None, found

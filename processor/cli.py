@@ -170,7 +170,8 @@ def cmd_ledger_backup(args: argparse.Namespace) -> int:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         print(f"processor: {target} exists and is not an empty directory", file=sys.stderr)
         return 1
-    target.mkdir(mode=0o700, parents=True, exist_ok=True)  # a copy of card data: the owner's
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target.chmod(0o700)  # a copy of card data is the owner's alone, made here or not
     copied = "the ledger"
     source_state = state_path(config)
     if (source_state / "data.mdb").exists():
@@ -195,6 +196,10 @@ def cmd_ledger_backup(args: argparse.Namespace) -> int:
             writer.name_events_from(last_event + 1)
     finally:
         copy.close()
+    # LMDB's copy makes its file as the umask says (0644, often): the owner's alone.
+    for made in (target / "data.mdb", target / "webhooks" / "data.mdb"):
+        if made.exists():
+            made.chmod(0o600)
     print(
         f"backed up {copied} of {config.ledger.path} to {target} (compacted): every change "
         f"up to event {last_event} is in it; restore by serving that directory (--ledger)"

@@ -629,6 +629,7 @@ class Lifecycle:
             original,
             card_id=card.card_id,
             now_ms=batch.now_ms,
+            rrn=request.rrn,
             rrn_lookup=lookup,
         )
         return Result(

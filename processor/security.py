@@ -76,14 +76,15 @@ def mask_pan(pan: str) -> str:
 
 # Digits a card number may be written with: one run, or groups split by single spaces or
 # dashes ("4111 1111 1111 1111", "4111-1111-1111-1111"); 13 digits at least.
-DIGIT_RUN: Final = re.compile(r"\d(?:[ -]?\d){12,}")
+_DIGIT_RUN: Final = re.compile(r"\d(?:[ -]?\d){12,}")
 _SEPARATORS: Final = str.maketrans("", "", " -")
-# A run longer than this is masked without looking for a card number in it: the search is
-# quadratic, and nobody needs a run that long back in clear.
-_RUN_SEARCHED_MAX: Final = 64
+# A run of more digits than a PAN has is masked whole (but for its first six and last four):
+# a card number may sit inside it (followed by its expiry, say), and looking for one would
+# cost a search per window.
+_PAN_DIGITS_MAX: Final = 19
 
 
-def masked_run(run: str) -> str:
+def _masked_run(run: str) -> str:
     """The run with every digit but its first six and last four starred, separators kept: a
     card number anywhere in it shows at most its first six or last four digits."""
     total = sum(char.isdigit() for char in run)
@@ -98,34 +99,25 @@ def masked_run(run: str) -> str:
     return "".join(out)
 
 
-def holds_card_number(digits: str) -> bool:
-    """Whether some 13-19 digits in a row of `digits` (digits only) pass the Luhn check."""
-    if len(digits) > _RUN_SEARCHED_MAX:
-        return True
-    return any(
-        luhn_valid(digits[start : start + length])
-        for length in range(13, min(19, len(digits)) + 1)
-        for start in range(len(digits) - length + 1)
-    )
-
-
 def mask_card_numbers(text: str, *, every_run: bool = False) -> str:
     """`text` with every card number in it masked, written as one run or grouped by spaces or
     dashes, alone or inside a longer run of digits (a PAN followed by its expiry): for
     messages that quote what was sent (an enum value msgspec names, an id, a catalog entry),
     where a card number put in the wrong place must not come back in clear.
 
-    A run is masked when some 13-19 of its digits pass the Luhn check, or, with `every_run`
-    (logs, which cannot tell a card number from its neighbours), always.
+    A run of 13-19 digits is masked when it passes the Luhn check, or, with `every_run` (logs
+    and reports, which cannot tell a card number from its neighbours), always; a longer run
+    always. Linear in the text.
     """
 
     def masked(found: re.Match[str]) -> str:
         run = found[0]
-        if every_run or holds_card_number(run.translate(_SEPARATORS)):
-            return masked_run(run)
+        digits = run.translate(_SEPARATORS)
+        if every_run or len(digits) > _PAN_DIGITS_MAX or luhn_valid(digits):
+            return _masked_run(run)
         return run
 
-    return DIGIT_RUN.sub(masked, text)
+    return _DIGIT_RUN.sub(masked, text)
 
 
 def _luhn_sum(digits: str, doubled_parity: int) -> int:

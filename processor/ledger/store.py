@@ -503,19 +503,8 @@ class Ledger:
             os.close(self._daemon_lock)
             self._daemon_lock = None
 
-    def claim_for_daemon(self) -> None:
-        """Take the ledger's daemon lock (`<ledger>/daemon.lock`, held while open) or raise
-        LedgerError: one daemon per ledger, whatever its workers or durability. The log's
-        own lock said so only while the daemon logged (one worker, fsync): two daemons then
-        ran two hold sweepers, two retentions and two webhook deliveries on one outbox."""
-        fd = os.open(self.path / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise LedgerError(
-                f"ledger {self.path}: another daemon serves it already; one daemon per ledger"
-            ) from None
+    def keep_daemon_lock(self, fd: int) -> None:
+        """Hold `fd` (claim_for_daemon's) while the ledger is open; closed with it."""
         self._daemon_lock = fd
 
     def pan_key_fingerprint(self) -> str | None:
@@ -816,6 +805,28 @@ def answer_key_of(stored_key: bytes) -> bytes:
 POSTED_WITHOUT_ORIGINAL = "posted_without_original"
 
 
+def claim_for_daemon(path: str | Path) -> int:
+    """Take the ledger's daemon lock (`<ledger>/daemon.lock`), before the ledger is opened
+    (an open may migrate it and replay its log), or raise LedgerError: one daemon per
+    ledger, whatever its workers or durability. The log's own lock said so only while the
+    daemon logged (one worker, fsync): two daemons then ran two hold sweepers, two
+    retentions and two webhook deliveries on one outbox. Returns the descriptor to hold."""
+    directory = Path(path)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(directory / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise LedgerError(f"ledger {directory}: cannot create: {error.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LedgerError(
+            f"ledger {directory}: another daemon serves it already; one daemon per ledger"
+        ) from None
+    return fd
+
+
 def _links_back(
     answer: StoredAnswer, owner: str | None, owner_id: str, newer_ms: int | None
 ) -> bool:
@@ -823,8 +834,12 @@ def _links_back(
     and older than the step before it. An answer key is class|acquirer|STAN|field 7, and
     field 7 has no year: once retention prunes an answer, its key may be used again a year
     on, by another card (the walk would list that card's history) or by the same one (a loop
-    that paginated for ever; one batch's answers share their time, so not strictly older)."""
-    return owner == owner_id and (newer_ms is None or answer.answered_ms <= newer_ms)
+    that paginated for ever). Not strictly older: one batch's answers share their time, and a
+    clock read before LMDB's writer lock (a worker's) may be a little behind the one before;
+    a key used again is a year newer."""
+    return owner == owner_id and (
+        newer_ms is None or answer.answered_ms <= newer_ms + limits.event_order_skew_ms
+    )
 
 
 def hold_view(identity: bytes, answer: StoredAnswer) -> Hold | None:
@@ -1577,6 +1592,7 @@ class Writer(Reader):
         *,
         card_id: str,
         now_ms: int,
+        rrn: str | None = None,
         rrn_lookup: bytes | None = None,
     ) -> None:
         """Post `amount` with no open hold to capture (capture_verdict's `post`), and mark
@@ -1585,9 +1601,10 @@ class Writer(Reader):
 
         The one way a completion and a clearing presentment post without a hold. With no
         original found but its key known (`original_key`: field 90, a clearing record's
-        identity), a marker answer under that key says so, and `rrn_lookup` names it: a 0220
-        and a presentment of one purchase with no authorisation otherwise debited it twice,
-        whichever came first.
+        identity), a marker answer under that key says so, and the RRN index names it under
+        `rrn_lookup` (the key's acquirer and STAN, and `rrn`): a 0220 and a presentment of
+        one purchase with no authorisation otherwise debited it twice, whichever came first.
+        The marker keeps the RRN (field 37 of its response): retention unindexes it with it.
         """
         account.posted -= amount
         self.put_account(account)
@@ -1596,7 +1613,7 @@ class Writer(Reader):
             if original is None:
                 original = StoredAnswer(
                     fingerprint=b"",  # no request's: a late original is refused (94), not applied
-                    response={},
+                    response={} if rrn is None else {"37": rrn},
                     response_code="00",
                     reason=POSTED_WITHOUT_ORIGINAL,
                     answered_ms=now_ms,

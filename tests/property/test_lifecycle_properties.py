@@ -1061,14 +1061,20 @@ class LifecycleMachine(RuleBasedStateMachine):
             lookup = (
                 f"{number(data[20:31])}|{data[4:10]}|{fields['37']}" if "37" in fields else None
             )
-            self.mark_posted(named, card.account, card.pan, amount, lookup)
+            self.mark_posted(named, card.account, card.pan, amount, lookup, fields.get("37"))
         elif "37" in fields:  # its own answer stands for the original its RRN names
             own = f"{number(fields['32'])}|{fields['11']}|{fields['37']}"
             self.rrn_index.setdefault(own, answer_key(fields))
         return "force_post"
 
     def mark_posted(
-        self, key: bytes, account: str, pan: str, amount: int, rrn_lookup: str | None
+        self,
+        key: bytes,
+        account: str,
+        pan: str,
+        amount: int,
+        rrn_lookup: str | None,
+        rrn: str | None,
     ) -> None:
         """What a force post leaves under the key of an original it did not find."""
         original = self.answers.get(key)
@@ -1083,6 +1089,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                 card_id=self.card_ids[pan],
                 pan=pan,
                 marker=True,
+                stored={} if rrn is None else {"37": rrn},
             )
         original.posted_amount = amount
         if rrn_lookup is not None:
@@ -1503,9 +1510,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         else:
             found = self.clearing_lookup(record)
             original = None if found is None else self.answers[found]
-            if original is not None and CARD_BY_PAN[original.pan].account is None:
-                # Declined before its card was known: no card's, so no original at all.
-                found = original = None
+            # Declined before its card was known: no card's, so no other card's either.
+            no_card = original is not None and CARD_BY_PAN[original.pan].account is None
             # A held original force-posted once its hold was gone is posted: row 1 first.
             if original is not None and original.hold_id is not None and not original.posted_amount:
                 hold = self.holds[original.hold_id]
@@ -1524,7 +1530,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                     self.debit(hold.account, amount)
                     outcome, account_id, hold_id = "matched", hold.account, hold.hold_id
             elif original is not None and original.posted_amount:
-                if original.pan != pan:
+                if original.pan != pan and not no_card:
                     return "rejected", "card_mismatch"
                 outcome, account_id = "already_posted", original.account or card.account
                 if original.reversed_amount:
@@ -1532,7 +1538,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                     # (a reversed 0100's released hold, by contrast, is force-posted).
                     detail = "after a reversal"
             elif original is not None:  # declined, a balance inquiry, an advice of decline
-                if original.pan != pan:
+                if original.pan != pan and not no_card:
                     # The spec: the original must belong to the record's card. Known bug 3: the
                     # code force-posts instead; `steer` keeps the machine off this path.
                     return "rejected", "card_mismatch"
@@ -1552,7 +1558,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                         if "rrn" in record
                         else None
                     )
-                    self.mark_posted(named, card.account, pan, amount, lookup)
+                    self.mark_posted(named, card.account, pan, amount, lookup, record.get("rrn"))
         self.cleared[record_id] = ModelCleared(
             clearing_content(record),
             outcome,

@@ -324,11 +324,13 @@ def test_an_unknown_key_shaped_like_a_pan_is_masked() -> None:
     assert mask_pan(MAIN) in str(caught.value)
 
 
-def test_shown_masks_pan_shaped_digit_runs_only() -> None:
+def test_shown_masks_long_digit_runs_only() -> None:
     assert shown(f"id-{MAIN}-x") == f"id-{mask_pan(MAIN)}-x"
     assert shown("clr-633012000001") == "clr-633012000001"  # 12 digits: an RRN, not a PAN
-    arn = "74567896123456789012345"  # 23 digits: an acquirer reference number
-    assert shown(arn) == arn
+    # 23 digits: an acquirer reference number shows its ends only, as a PAN and its expiry
+    # (a run as long) must.
+    assert shown("74567896123456789012345") == "745678*************2345"
+    assert MAIN[6:12] not in shown(f"{MAIN}-2612") and MAIN[6:12] not in shown(f"{MAIN}2612")
 
 
 def test_parse_lines_numbers_lines_skips_blanks_and_reads_ids_of_bad_records() -> None:
@@ -849,6 +851,21 @@ def test_an_original_declined_before_its_card_was_known_is_no_other_cards(
     assert state(ledger, "acct-other") == (4_900, 0)
 
 
+def test_an_original_declined_before_its_card_was_known_and_completed_is_posted_once(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    """The first fix for it took such an original for none at all, and missed the posting a
+    0220 had marked on it: the purchase was debited twice."""
+    assert authorise(authorizer, request(pan=UNKNOWN, amount=3_000)) == ["14"]
+    extra = f'[[cards]]\npan = "{UNKNOWN}"\naccount = "acct-main"\nexpiry = "3012"\n'
+    apply_load_file(ledger, parse_load_file(extra.encode(), "x.toml"), HASHER, "x.toml")
+    completion = request(pan=UNKNOWN, mti="0220", amount=3_000, stan="000002", **{"90": field_90()})
+    assert authorise(authorizer, completion) == ["00"]
+    assert state(ledger) == (97_000, 0)
+    assert counts(ingest(ledger, record(pan=UNKNOWN, amount=3_000))) == {"already_posted": 1}
+    assert state(ledger) == (97_000, 0)
+
+
 def test_the_event_names_the_authorisation_matched_through_its_rrn(
     ledger: Ledger, authorizer: Authorizer
 ) -> None:
@@ -886,6 +903,16 @@ def test_ledger_show_never_prints_a_card_number_typed_as_an_id(
         assert main(["ledger", "show", "--ledger", str(cli_ledger), option, MAIN]) == 1
         err = capsys.readouterr().err
         assert MAIN not in err and mask_pan(MAIN) in err, err
+
+
+def test_a_backup_is_its_owners_alone(cli_ledger: Path, tmp_path: Path) -> None:
+    """LMDB's copy made data.mdb 0644, and an existing empty target kept its mode."""
+    target = tmp_path / "backup"
+    target.mkdir(mode=0o755)
+    target.chmod(0o755)
+    assert main(["ledger", "backup", "--ledger", str(cli_ledger), str(target)]) == 0
+    assert target.stat().st_mode & 0o777 == 0o700
+    assert (target / "data.mdb").stat().st_mode & 0o077 == 0
 
 
 def test_the_load_generator_takes_its_card_from_the_environment_only() -> None:

@@ -457,3 +457,47 @@ def test_the_oldest_answer_is_found_across_new_year(tmp_path: Path) -> None:
         assert answers.oldest_ms == int(december.timestamp() * 1000)
     finally:
         ledger.close()
+
+
+def test_a_history_walk_goes_past_an_answer_stamped_a_little_earlier(ledger: Ledger) -> None:
+    """A worker reads its clock before LMDB's writer lock: the next batch may be stamped a
+    little earlier than the one before it. The walk stopped there for good."""
+    authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=HOUR)
+    first = message("0100", "000101", 10, **{"7": "1124120002"})
+    behind = message("0100", "000102", 10, **{"7": "1124120001"})
+    authorizer.authorize_batch([first], NOW + timedelta(seconds=2))
+    authorizer.authorize_batch([behind], NOW + timedelta(seconds=1))
+    with ledger.read() as reader:
+        card = reader.card(HASHER.card_key(MAIN))
+        assert card is not None
+        listed = [key for key, _ in reader.card_history(card.card_id, 100)]
+        assert listed[:2] == [behind.answer_key, first.answer_key]
+        holds = reader.account_holds(card.account_id)
+        assert {first.answer_key, behind.answer_key} <= {hold.identity for hold in holds}
+
+
+def test_a_posting_marker_leaves_the_rrn_index_with_it(ledger: Ledger) -> None:
+    """A force post with no original leaves a marker answer and an RRN entry naming it; the
+    marker kept no RRN, so retention pruned it and left the entry behind."""
+    from processor.clearing import apply_clearing, parse_lines
+
+    record = {
+        "record_id": "clr-1",
+        "type": "purchase",
+        "pan": MAIN,
+        "acquirer": "123456",
+        "stan": "000777",
+        "transmission_datetime": "1124120000",
+        "amount": 100,
+        "currency": "EUR",
+        "rrn": "633012000777",
+    }
+    summary = apply_clearing(ledger, parse_lines([msgspec.json.encode(record)]), HASHER, NOW)
+    assert summary.force_posted == 1
+    lookup = rrn_key("123456", "000777", "633012000777")
+    with ledger.read() as reader:
+        assert reader.answer_by_rrn(lookup) == b"0100|123456|000777|1124120000"
+    step(ledger, retention(), NOW + timedelta(days=2))
+    with ledger.read() as reader:
+        assert reader.answer(b"0100|123456|000777|1124120000") is None
+        assert reader.answer_by_rrn(lookup) is None

@@ -10,7 +10,7 @@ from processor import development_keys, limits
 from processor.app import open_ledger
 from processor.config import DEMO_BIN_PREFIX, Config, parse_config
 from processor.cvc2 import INSECURE_DEVELOPMENT_CVK
-from processor.ledger.store import LedgerError
+from processor.ledger.store import LedgerError, claim_for_daemon
 from processor.security import INSECURE_DEVELOPMENT_KEY, PanHasher
 from processor.server.startup import Unready, start_settings
 
@@ -264,7 +264,7 @@ def test_a_daemon_claims_its_ledger_whatever_its_workers(tmp_path: Path, workers
     ledger = open_ledger(config, PanHasher(KEY.encode()), serving=True)
     try:
         with pytest.raises(LedgerError, match="another daemon serves it already"):
-            ledger.claim_for_daemon()  # as a second daemon's open would
+            claim_for_daemon(tmp_path / "ledger")  # what a second daemon does first
     finally:
         ledger.close()
     again = open_ledger(config, PanHasher(KEY.encode()), serving=True)  # released on close
