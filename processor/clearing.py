@@ -224,15 +224,15 @@ def _original(writer: Writer, record: ClearingRecord) -> tuple[bytes, StoredAnsw
     """(answer key, stored answer) of the authoriser's answer to the original: by its key,
     else by acquirer|STAN|RRN; the answer None when there is none."""
     key = record.original_key()
-    answer = writer.answer(key)
-    if answer is not None:
-        return confirmed_original(writer, key, answer)
+    found = confirmed_original(writer, key, writer.answer(key))
+    if found is not None:
+        return found
     lookup = record.rrn_lookup()
     indexed = None if lookup is None else writer.answer_by_rrn(lookup)
     if indexed is None:
         return key, None
-    answer = writer.answer(indexed)
-    return (indexed, None) if answer is None else confirmed_original(writer, indexed, answer)
+    found = confirmed_original(writer, indexed, writer.answer(indexed))
+    return (indexed, None) if found is None else found
 
 
 def _purchase(

@@ -48,16 +48,25 @@ ADVICE_OF_APPROVAL: Final = "advice_of_issuer_approval"
 
 
 def confirmed_original(
-    writer: Writer, key: bytes, answer: StoredAnswer
-) -> tuple[bytes, StoredAnswer]:
-    """The original a message naming `key` means: the approval an 0120 confirmed (it opened
-    no hold of its own), else the answer itself. Completions, reversals and clearing all
-    reach the one hold through it, whichever of the two messages they name."""
-    if answer.reason != ADVICE_OF_APPROVAL or not key.startswith(b"0120|"):
-        return key, answer
-    approval_key = b"0100" + key[4:]
-    approval = writer.answer(approval_key)
-    return (key, answer) if approval is None else (approval_key, approval)
+    writer: Writer, key: bytes, answer: StoredAnswer | None
+) -> tuple[bytes, StoredAnswer] | None:
+    """The original a message naming `key` (answered `answer`) means, when the network stood
+    in for it: completions, reversals and clearing reach the one hold whichever of the two
+    messages (0100, 0120) they name. An 0120 that confirmed the issuer's approval stands for
+    it; an 0100 declined or never received stands for the 0120 that approved it in its place
+    and opened the hold (an acquirer's reversal names the 0100). Else the answer itself."""
+    if key.startswith(b"0120|"):
+        if answer is None or answer.reason != ADVICE_OF_APPROVAL:
+            return None if answer is None else (key, answer)
+        approval_key = b"0100" + key[4:]
+        approval = writer.answer(approval_key)
+        return (key, answer) if approval is None else (approval_key, approval)
+    if key.startswith(b"0100|") and (answer is None or answer.response_code not in ("00", "10")):
+        stand_in_key = b"0120" + key[4:]
+        stand_in = writer.answer(stand_in_key)
+        if stand_in is not None and stand_in.hold is not None:
+            return stand_in_key, stand_in
+    return None if answer is None else (key, answer)
 
 
 class Batch(msgspec.Struct, frozen=True, gc=False):
@@ -522,8 +531,7 @@ class Lifecycle:
             message_class, key = pointed
             if message_class not in ORIGINAL_CLASSES:
                 return None  # a reversal or completion is nobody's original
-            answer = writer.answer(key)
-            return None if answer is None else confirmed_original(writer, key, answer)
+            return confirmed_original(writer, key, writer.answer(key))
         lookup = request.rrn_key
         if lookup is not None:
             indexed = writer.answer_by_rrn(lookup)

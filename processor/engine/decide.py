@@ -135,6 +135,7 @@ UNKNOWN_CURRENCY: Final = Decision("12", "unknown_currency")
 CURRENCY_NOT_SUPPORTED: Final = Decision("57", "currency_not_supported")
 BALANCE: Final = Decision("00", "balance_inquiry", balance_inquiry=True)
 INVALID_AMOUNT: Final = Decision("13", "invalid_amount")
+AMOUNT_MAX: Final = 999_999_999_999  # what an n12 amount field (4, 6) can carry
 INSUFFICIENT_FUNDS: Final = Decision("51", "insufficient_funds")
 # The schemes' soft declines for "authenticate and try again" (PSD2): Visa-style 1A,
 # Mastercard-style 65, by the card's scheme (its first digit).
@@ -216,6 +217,11 @@ def decide(
         if amount <= 0:
             # A billing amount (field 6) of 0, or a few units that convert to less than one
             # minor unit: approving it would hold and post nothing.
+            return INVALID_AMOUNT
+        if amount > AMOUNT_MAX:
+            # Field 6 is n12: an approval would be held and recorded with an answer that
+            # cannot be encoded, so never sent (the network times out, and every repeat gets
+            # the same unsendable answer).
             return INVALID_AMOUNT
     if spend is not None:
         levels: list[tuple[Controls, Usage]] = []

@@ -111,6 +111,23 @@ def test_an_amount_converting_to_less_than_a_cent_is_declined(tmp_path: Path) ->
     assert balances(ledger, "acct-a") == (10000, 0)
 
 
+def test_an_amount_converting_past_twelve_digits_is_declined_not_held_unanswerable(
+    tmp_path: Path,
+) -> None:
+    """Field 6 is n12: 1,000,000.00 EUR at 17,500 IDR was approved and held with an answer
+    that could not be encoded, so it was never sent, nor any repeat's."""
+    rules = ProgrammeRules(rates={("USD", "EUR"): Decimal("1000000")}, catalog=default_catalog())
+    ledger, authorizer = build(tmp_path, rules)
+    with ledger.write() as writer:  # enough to approve it
+        account = writer.account("acct-a")
+        assert account is not None
+        account.posted = 10**14
+        writer.put_account(account)
+    [outcome] = answer(authorizer, request(**{"4": "000010000000", "11": "000001", "49": "840"}))
+    assert (outcome.response_code, outcome.reason) == ("13", "invalid_amount")
+    assert balances(ledger, "acct-a") == (10**14, 0)
+
+
 def test_a_stand_in_advice_worth_nothing_is_acknowledged_and_fails_no_batch(
     tmp_path: Path,
 ) -> None:
@@ -463,3 +480,39 @@ def test_a_presentment_then_a_completion_of_one_unauthorised_purchase_debit_once
         )
         assert other.force_posted == 1
         assert balances(ledger, "acct-a") == (6500, 0)
+
+
+def test_a_reversal_naming_the_declined_or_unseen_0100_releases_the_stand_in_hold(
+    tmp_path: Path,
+) -> None:
+    """The network stood in for an 0100 this issuer declined (or never received) and its
+    0120 opened the hold; the acquirer's reversal names the 0100 in field 90. It found the
+    declined answer (original_declined) or nothing (25), and the hold stayed."""
+    for number, declined_first in enumerate((True, False)):
+        ledger, authorizer = build(tmp_path / str(number))
+        if declined_first:
+            [declined] = answer(authorizer, request(**{"4": "000000900000", "11": "000001"}))
+            assert declined.response_code == "51"
+        [advice] = answer(authorizer, stand_in("000001", "000000003000"))
+        assert advice.reason == "stand_in_approved"
+        assert balances(ledger, "acct-a") == (10000, 3000)
+        named = {"90": original_data("0100", "000001")}
+        [reversal] = answer(
+            authorizer, request("0400", **{"4": "000000003000", "11": "000002", **named})
+        )
+        assert (reversal.response_code, reversal.reason) == ("00", "reversed"), declined_first
+        assert balances(ledger, "acct-a") == (10000, 0), declined_first
+
+
+def test_a_completion_naming_the_declined_0100_captures_the_stand_in_hold(tmp_path: Path) -> None:
+    ledger, authorizer = build(tmp_path)
+    answer(authorizer, request(**{"4": "000000900000", "11": "000001"}))  # 51
+    answer(authorizer, stand_in("000001", "000000003000"))
+    [completion] = answer(
+        authorizer,
+        request(
+            "0220", **{"4": "000000002000", "11": "000002", "90": original_data("0100", "000001")}
+        ),
+    )
+    assert completion.reason == "captured"
+    assert balances(ledger, "acct-a") == (8000, 0)
