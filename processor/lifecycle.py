@@ -21,7 +21,13 @@ from processor.currency import numeric_code
 from processor.cvc2 import NO_KEYS, CardVerificationKeys
 from processor.engine import Decision, ProgrammeRules, Spend, decide
 from processor.engine.controls import Periods, periods_at, record_usages, release_usage
-from processor.engine.decide import CardCheck, Cvc2Result, billing_amount, card_not_present
+from processor.engine.decide import (
+    AMOUNT_MAX,
+    CardCheck,
+    Cvc2Result,
+    billing_amount,
+    card_not_present,
+)
 from processor.engine.fx import scale
 from processor.engine.settle import capture_verdict, void_verdict
 from processor.ledger.controls import Controls, Usage
@@ -457,7 +463,9 @@ class Lifecycle:
             return Result(
                 "00", "advice_currency_not_supported", account_id=account.id, card_id=card.card_id
             )
-        if amount <= 0:  # a billing amount of 0, or converted to less than a minor unit
+        if amount <= 0 or amount > AMOUNT_MAX:
+            # A billing amount of 0, or converted to less than a minor unit; or more than
+            # field 6 can carry.
             return Result(
                 "00", "advice_invalid_amount", account_id=account.id, card_id=card.card_id
             )
@@ -466,7 +474,7 @@ class Lifecycle:
         # checked against them), so later authorisations see it.
         self._count_usage(writer, card, account, amount, request.mcc, batch)
         reason = "stand_in_approved" if account.available >= 0 else "stand_in_overdrawn"
-        return Result(
+        result = Result(
             "00",
             reason,
             account_id=account.id,
@@ -475,6 +483,11 @@ class Lifecycle:
             usage_amount=amount,
             usage_mcc=request.mcc,
         )
+        if numeric_code(account.currency) not in (request.currency, request.billing_currency):
+            # Converted here: the answer says what was held, in fields 6 and 51 as an
+            # approval's do (a partial reversal scales field 95 by them, the event shows them).
+            result.extra = approved_fields("00", amount, amount, numeric_code(account.currency))
+        return result
 
     @staticmethod
     def _issuer_approval(

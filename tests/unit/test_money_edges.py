@@ -516,3 +516,30 @@ def test_a_completion_naming_the_declined_0100_captures_the_stand_in_hold(tmp_pa
     )
     assert completion.reason == "captured"
     assert balances(ledger, "acct-a") == (8000, 0)
+
+
+def test_a_converted_stand_in_says_what_it_held_and_is_reversed_in_part_by_it(
+    tmp_path: Path,
+) -> None:
+    """An 0120 of 10,000 JPY held 60.00 EUR but kept no field 6: a reversal down to 5,000 JPY
+    read field 95 as 50.00 EUR, and the event had no billing amount."""
+    rules = ProgrammeRules(rates={("JPY", "EUR"): Decimal("0.006")}, catalog=default_catalog())
+    ledger, authorizer = build(tmp_path, rules)
+    [advice] = answer(authorizer, stand_in("000001", "000000010000", **{"49": "392"}))
+    assert (advice.fields["6"], advice.fields["51"]) == ("000000006000", "978")
+    assert balances(ledger, "acct-a") == (10000, 6000)
+    [reversal] = answer(
+        authorizer,
+        request(
+            "0400",
+            **{
+                "4": "000000010000",
+                "49": "392",
+                "11": "000002",
+                "90": original_data("0120", "000001"),
+                "95": "000000005000" + "0" * 30,
+            },
+        ),
+    )
+    assert reversal.reason == "partially_reversed"
+    assert balances(ledger, "acct-a") == (10000, 3000)
