@@ -263,12 +263,24 @@ def control_errors(
                 errors.append(
                     f"{where}.{field}.categories[{position}]: unknown MCC category {name!r}"
                 )
+            elif name in categories[:position]:
+                # Counted once per listing, it was counted twice: the limit met at half.
+                errors.append(
+                    f"{where}.{field}.categories[{position}]: MCC category {name!r} listed twice"
+                )
     for index, amount_limit in enumerate(controls.amount_limits):
         where_currency = f"{where}.amount_limits[{index}].currency"
         errors += _currency_errors(amount_limit.currency, account_currency, where_currency)
     if controls.require_sca is not None:
-        currency = controls.require_sca.currency
-        errors += _currency_errors(currency, account_currency, f"{where}.require_sca.currency")
+        sca = controls.require_sca
+        errors += _currency_errors(sca.currency, account_currency, f"{where}.require_sca.currency")
+        if sca.low_value_max and not (sca.low_value_total_max or sca.low_value_count_max):
+            # RTS article 16: the exemption stops at a cumulative amount or count since the
+            # last authentication; without either, every low-value payment went unchecked.
+            errors.append(
+                f"{where}.require_sca.low_value_max: a low-value exemption needs "
+                "low_value_total_max or low_value_count_max (PSD2 RTS article 16)"
+            )
     return errors
 
 

@@ -40,6 +40,7 @@ from processor.ledger.controls import (
     Channels,
     Controls,
     CountLimit,
+    StrongAuthentication,
     Usage,
 )
 from processor.ledger.records import Account, Card
@@ -1430,6 +1431,33 @@ def test_balance_inquiry_is_not_subject_to_controls() -> None:
         (
             Controls(amount_limits=(AmountLimit(interval="daily", amount=1, currency="USD"),)),
             None,
+            [],
+        ),
+        # A category listed twice was counted twice: the limit met at half.
+        (
+            Controls(
+                amount_limits=(
+                    AmountLimit(
+                        interval="daily", amount=1, currency="EUR", categories=("cash", "cash")
+                    ),
+                )
+            ),
+            "EUR",
+            ["$.c.amount_limits[0].categories[1]: MCC category 'cash' listed twice"],
+        ),
+        # A low-value exemption with no cumulative cap exempted every low-value payment.
+        (
+            Controls(require_sca=StrongAuthentication(currency="EUR", low_value_max=3000)),
+            "EUR",
+            ["$.c.require_sca.low_value_max: a low-value exemption needs"],
+        ),
+        (
+            Controls(
+                require_sca=StrongAuthentication(
+                    currency="EUR", low_value_max=3000, low_value_count_max=5
+                )
+            ),
+            "EUR",
             [],
         ),
     ],
