@@ -664,11 +664,24 @@ def replace_card(
                 "a physical card's replacement needs a shipping_address",
                 field="$.shipping_address",
             )
-        # Still verified; a card from before cardholders goes to its account's.
+        # Still verified (and the account's own holder, for someone else's card on it, as
+        # at issuing: a replacement got round a rejection); a card from before cardholders
+        # goes to its account's.
         holder = _issuing_to(writer, old.cardholder_id or account.cardholder_id, source.config)
+        _account_holder_verified(writer, account, holder, source.config)
         # A replacement never activated hands on what it was to replace: activating the new
-        # card stops the one still in the cardholder's wallet.
-        replaces = old.replaces if old.status == "inactive" and old.replaces else old.card_id
+        # card stops the one still in the cardholder's wallet. Never activated and lost, too:
+        # its predecessor, still in use, is what the new card replaces (else it stayed
+        # active for good, replaced by a card that never came).
+        predecessor = None if old.replaces is None else writer.card_by_id(old.replaces)
+        handed_on = predecessor is not None and (
+            old.status == "inactive"
+            or (
+                predecessor[1].replaced_by == old.card_id
+                and predecessor[1].status not in CARD_STATUSES_FINAL
+            )
+        )
+        replaces = old.replaces if handed_on and old.replaces else old.card_id
         reply = _issue(
             writer,
             now_ms,

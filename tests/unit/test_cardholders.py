@@ -205,6 +205,22 @@ def test_naming_another_cardholder_does_not_get_round_the_accounts_rejection(
     assert issued["cardholder_id"] == other
 
 
+def test_a_replacement_does_not_get_round_the_accounts_rejection(ledger: Ledger) -> None:
+    """Issuing checked the account's own holder; replacing did not: an employee's card was
+    replaced (a new active card) after the firm's KYC was rejected."""
+    owner, other = new_cardholder(ledger), new_cardholder(ledger)
+    run(ledger, commands.create_account("a3", "EUR", 0, None, owner))
+    run(ledger, commands.set_kyc_status(owner, "approved"))
+    run(ledger, commands.set_kyc_status(other, "approved"))
+    card = body(
+        run(ledger, commands.issue_virtual_card("a3", None, HASHER, ISSUING, cardholder_id=other))
+    )
+    run(ledger, commands.set_kyc_status(owner, "rejected"))
+    source = commands.Issuing(hasher=HASHER, config=ISSUING)
+    refused = run(ledger, commands.replace_card(str(card["id"]), "damaged", source, None))
+    assert isinstance(refused, Refused) and refused.code == "kyc_not_approved"
+
+
 def test_the_stored_idempotent_reply_holds_no_personal_data(ledger: Ledger) -> None:
     from processor.api.commands import Idempotency, idempotent
 

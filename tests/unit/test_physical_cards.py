@@ -182,6 +182,22 @@ def test_a_replacement_lost_in_the_post_hands_on_the_card_it_was_to_replace(
     assert swipe(ledger, str(c["pan"]), "000013") == ("00", "approved")
 
 
+def test_a_replacement_reported_lost_before_it_came_hands_on_the_card_still_in_use(
+    ledger: Ledger,
+) -> None:
+    """B, replacing A, was reported lost in the post, then replaced: C replaced B, not A, and
+    activating C left A active for good (replaced by a lost card that never came)."""
+    a = order(ledger)
+    activated(ledger, a)
+    b = ok(run(ledger, commands.replace_card(str(a["id"]), "damaged", SOURCE, None)))
+    ok(run(ledger, commands.change_card_status(str(b["id"]), "report-lost")))
+    c = ok(run(ledger, commands.replace_card(str(b["id"]), "lost", SOURCE, None)))
+    assert c["replaces"] == a["id"]
+    activated(ledger, c)
+    assert swipe(ledger, str(a["pan"]), "000012") == ("62", "card_closed")
+    assert swipe(ledger, str(c["pan"]), "000013") == ("00", "approved")
+
+
 def test_a_card_reported_lost_first_can_still_be_replaced(ledger: Ledger) -> None:
     a = order(ledger)
     activated(ledger, a)
