@@ -398,12 +398,22 @@ class Lifecycle:
             self._count_cvc2(writer, card, decision, result, batch)
         if decision.hold_amount:
             assert account is not None and card is not None
+            currency = numeric_code(account.currency)
             result.extra = approved_fields(
                 decision.response_code,
                 decision.hold_amount,
                 decision.billing_amount,
-                numeric_code(account.currency),
+                currency,
             )
+            if (
+                decision.response_code == "10"
+                and decision.billing_amount is None
+                and request.billing_currency == currency
+                and request.billing_amount is not None
+            ):
+                # Partial, in the account's own currency, with the network's field 6 in it
+                # too (as Mastercard sends it): the echo would say the whole amount asked.
+                result.extra["6"] = f"{decision.hold_amount:012d}"
             self._count_usage(writer, card, account, decision.hold_amount, request.mcc, batch)
             self._count_sca_exemption(writer, card, request, decision)
             result.usage_amount = decision.hold_amount

@@ -21,6 +21,7 @@ import lmdb
 import msgspec
 
 from processor import limits
+from processor.currency import numeric_code
 from processor.ledger.controls import Controls, Usage
 from processor.ledger.records import (
     CARD_STATUSES_FINAL,
@@ -1192,7 +1193,17 @@ class Reader:
         if record.amount is None:
             record.amount = _digits(response.get("4"))
         record.currency = response.get("49")
-        record.billing_amount = _digits(response.get("6"))
+        # Field 6 is the account's money only when field 51 says so: a network's billing
+        # amount in another currency, echoed, is not what the account was charged.
+        billing_currency = response.get("51")
+        account_currency = record.account_currency
+        record.billing_amount = (
+            _digits(response.get("6"))
+            if account_currency is not None
+            and billing_currency is not None
+            and billing_currency == numeric_code(account_currency)
+            else None
+        )
         record.terminal = response.get("41")
         record.merchant_id = response.get("42")
         record.stan = response.get("11") or _stan_of(record.answer_key)

@@ -543,3 +543,43 @@ def test_a_converted_stand_in_says_what_it_held_and_is_reversed_in_part_by_it(
     )
     assert reversal.reason == "partially_reversed"
     assert balances(ledger, "acct-a") == (10000, 3000)
+
+
+def last_event_billing(ledger: Ledger) -> tuple[object, object]:
+    """(billing_amount, amount) of the newest event, as a receiver gets them."""
+    from processor.events import render
+
+    with ledger.read() as reader:
+        event = render(reader.outbox(0, 100_000)[-1], reader.ledger_id())
+    data = event.data
+    billing = None if data.billing_amount is None else data.billing_amount.amount
+    return billing, None if data.amount is None else data.amount.amount
+
+
+def test_a_partial_approval_says_what_it_held_in_field_6_too(tmp_path: Path) -> None:
+    """Field 6 (the network's, in the account's own currency) was echoed: the 0110 said 4 =
+    100.00 approved but 6 = 150.00, and so did the event's billing amount."""
+    ledger, authorizer = build(tmp_path)
+    partial = "R" + "61" + "03" + "100"
+    [approved] = answer(
+        authorizer,
+        request(
+            **{"4": "000000015000", "11": "000001", "48": partial, "6": "000000015000", "51": "978"}
+        ),
+    )
+    assert approved.response_code == "10"
+    assert (approved.fields["4"], approved.fields["6"]) == ("000000010000", "000000010000")
+    assert last_event_billing(ledger) == (10000, 15000)
+
+
+def test_a_billing_amount_in_another_currency_is_not_shown_as_the_accounts(
+    tmp_path: Path,
+) -> None:
+    """An EUR purchase on the EUR account with the network's field 6 in JPY (51 = 392): the
+    event showed 1,600 JPY as 16.00 EUR."""
+    ledger, authorizer = build(tmp_path)
+    answer(
+        authorizer,
+        request(**{"4": "000000001000", "11": "000001", "6": "000000001600", "51": "392"}),
+    )
+    assert last_event_billing(ledger) == (None, 1000)
