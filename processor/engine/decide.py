@@ -258,9 +258,10 @@ def decide(
     ):
         return INSUFFICIENT_FUNDS
     # Strong authentication is asked for only what would otherwise be approved: a cardholder
-    # is not sent through 3-D Secure to be declined for funds after it.
-    approved = available if partial else amount
-    sca = "" if spend is None else strong_authentication(request, card, account, spend, approved)
+    # is not sent through 3-D Secure to be declined for funds after it. Its thresholds weigh
+    # the payment's amount, not the part a partial approval holds (RTS article 16: a 50.00
+    # payment is no low-value one because 25.00 of it is approved).
+    sca = "" if spend is None else strong_authentication(request, card, account, spend, amount)
     if sca == "required":
         return SCA_REQUIRED_VISA if card.bin[:1] == "4" else SCA_REQUIRED_MASTERCARD
     exempt = sca == "low_value"

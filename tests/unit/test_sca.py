@@ -137,3 +137,17 @@ def test_a_count_alone_bounds_the_exemption(ledger: Ledger) -> None:
     assert answer(ledger, message("000080", 3_000)).response_code == "00"
     assert answer(ledger, message("000081", 3_000)).response_code == "00"
     assert answer(ledger, message("000082", 100)).reason == "sca_required"  # the third
+
+
+def test_a_partial_approval_is_weighed_at_the_payments_amount(ledger: Ledger) -> None:
+    """50.00 asked on a card with 25.00 available, partial approvals welcome: the thresholds
+    weighed the 25.00 held, so a payment above the low-value limit went through exempt."""
+    low = "4761739001010069"  # demo-low: 50.00 EUR
+    with ledger.write() as writer:
+        account = writer.account("demo-low")
+        assert account is not None
+        account.posted = 2_500
+        writer.put_account(account)
+    partial = "R" + "61" + "03" + "100"  # field 48: the terminal takes a partial approval
+    request = msgspec.structs.replace(message("000090", 5_000, partial), pan=low)
+    assert answer(ledger, request).reason == "sca_required"
