@@ -262,6 +262,7 @@ def _conflicts(
     All before anything is written: a file with a mistake changes nothing."""
     errors = []
     in_file = {entry.id: entry.currency for entry in data.accounts}
+    cards_in_file = {card_id_for(hasher.card_key(entry.pan)) for entry in data.cards}
     first_account: dict[str, int] = {}
     for index, entry in enumerate(data.accounts):
         if entry.id in first_account:
@@ -274,6 +275,16 @@ def _conflicts(
         conflict = _currency_conflict(source, index, entry, existing)
         if conflict is not None:
             errors.append(conflict)
+        if existing is not None and existing.currency != entry.currency:
+            # Its cards' limits in the old currency would be skipped for good (a limit
+            # weighs only amounts in its own currency): the file must give them anew.
+            for held in reader.account_cards(entry.id):
+                if held.card_id not in cards_in_file and _priced_in(held.controls, existing):
+                    errors.append(
+                        f"{source}: $.accounts[{index}].currency: card {held.card_id} on "
+                        f"account {entry.id} has limits in {existing.currency}; give its "
+                        f"controls in {entry.currency} in the same file"
+                    )
     first_card: dict[bytes, int] = {}
     for index, card_entry in enumerate(data.cards):
         card_key = hasher.card_key(card_entry.pan)
@@ -332,6 +343,15 @@ def _currency_conflict(
     )
 
 
+def _priced_in(controls: Controls | None, account: Account) -> bool:
+    """Whether `controls` weigh amounts in the account's currency (amount limits, SCA)."""
+    if controls is None:
+        return False
+    return controls.require_sca is not None or any(
+        limit.currency == account.currency for limit in controls.amount_limits
+    )
+
+
 def _no_account(source: str, index: int, card_entry: CardEntry) -> str:
     return f"{source}: $.cards[{index}].account: no account {card_entry.account!r}"
 
@@ -382,6 +402,10 @@ def _update_account(
         # (an entry and its event), and the file's arrives in the new one after.
         _move_balance(writer, account, 0, now_ms)
         account.currency = entry.currency
+        # Spend-control usage counts amounts of the old currency: it starts again.
+        account.usage = None
+        for held in writer.account_cards(account.id):
+            writer.changed_card_state(held).usage = None
         writer.put_account(account)
         writer.emit_change(now_ms, "account.updated", "currency_changed", account_id=account.id)
     if account.credit_limit != entry.credit_limit:
@@ -456,6 +480,10 @@ def _put_cards(
             )
         writer.put_card(card_key, card, previous.account_id if previous is not None else None)
         if previous is not None:
+            before = writer.account(previous.account_id)
+            if before is not None and before.currency != account.currency:
+                # Moved into another currency: its usage counted the old one's amounts.
+                writer.changed_card_state(card).usage = None
             _card_events(writer, previous, card, now_ms)
     return counts
 

@@ -423,6 +423,48 @@ def test_a_load_that_changes_a_currency_moves_the_balance_out_and_in(loaded: Led
     assert [r.posted_after for r in records] == [0, 0, 400]
 
 
+def test_a_currency_change_needs_its_cards_limits_anew_and_starts_usage_again(
+    loaded: Ledger, authorizer: Authorizer
+) -> None:
+    """acct-main's card has a 500.00 EUR limit: re-loaded in JPY without the card, the limit
+    was kept in EUR and skipped for good (5,000,000 JPY approved); the usage kept counting
+    euros as yen."""
+    [posted] = authorizer.authorize_batch([auth_request(mti="0200")], NOW)  # no hold
+    assert posted.response_code == "00"
+    in_yen = b'[[accounts]]\nid = "acct-main"\ncurrency = "JPY"\nbalance = 10000000\n'
+    with pytest.raises(LoadError, match=r"has limits in EUR; give its controls in JPY"):
+        load_text(loaded, in_yen)
+    with loaded.read() as reader:
+        account = reader.account("acct-main")
+        assert account is not None and account.currency == "EUR"  # nothing changed
+    cards = f'[[cards]]\npan = "{MAIN}"\naccount = "acct-main"\nexpiry = "3012"\n'.encode()
+    frozen = f'[[cards]]\npan = "{FROZEN}"\naccount = "acct-main"\nexpiry = "3012"\n'.encode()
+    load_text(loaded, in_yen + cards + frozen)  # the cards given anew: no limits now
+    with loaded.read() as reader:
+        account = reader.account("acct-main")
+        assert account is not None and account.currency == "JPY" and account.usage is None
+        card = reader.card(HASHER.card_key(MAIN))
+        assert card is not None and reader.card_state(card).usage is None
+
+
+def test_a_card_moved_into_another_currency_starts_its_usage_again(
+    loaded: Ledger, authorizer: Authorizer
+) -> None:
+    """900.00 EUR of usage moved with the card to a JPY account and was read as 90,000 JPY."""
+    [posted] = authorizer.authorize_batch([auth_request(mti="0200")], NOW)
+    assert posted.response_code == "00"
+    with loaded.read() as reader:
+        card = reader.card(HASHER.card_key(MAIN))
+        assert card is not None and reader.card_state(card).usage is not None
+    load_text(
+        loaded, f'[[cards]]\npan = "{MAIN}"\naccount = "acct-yen"\nexpiry = "3012"\n'.encode()
+    )
+    with loaded.read() as reader:
+        card = reader.card(HASHER.card_key(MAIN))
+        assert card is not None and card.account_id == "acct-yen"
+        assert reader.card_state(card).usage is None
+
+
 def test_a_load_that_changes_an_accounts_terms_says_which(loaded: Ledger) -> None:
     seen = events_made(loaded)
     load_text(
