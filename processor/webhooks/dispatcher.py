@@ -102,8 +102,13 @@ async def _abandon(tasks: Iterable[asyncio.Task[Outcome]]) -> None:
 
 
 def _account_key(record: OutboxRecord) -> str:
-    """What per-account order is kept by: its account, or the event alone if it has none."""
-    return record.account_id or f"#{record.sequence}"
+    """What order is kept by: its account; for an event of none, its cardholder's (KYC
+    changes), or else the one lane of the programme's (programme controls, messages about
+    unknown cards). Keyed by the event alone, two KYC changes of one cardholder were in
+    flight at once, and a retried older status could arrive after the newer."""
+    if record.account_id:
+        return record.account_id
+    return f"cardholder:{record.cardholder_id}" if record.cardholder_id else "programme:"
 
 
 class Endpoint(msgspec.Struct, frozen=True):

@@ -671,6 +671,34 @@ def test_one_account_s_retrying_event_does_not_hold_back_other_accounts(tmp_path
     run(tmp_path, [(500, {})], test, clock=clock, accounts=("hot",))
 
 
+def test_a_cardholders_events_keep_their_order_though_of_no_account(tmp_path: Path) -> None:
+    """KYC events carry no account: keyed by the event alone, the newer status went out
+    while the older one waited for its retry, and arrived after it."""
+    clock = ManualClock()
+
+    async def test(harness: Harness) -> None:
+        with harness.ledger.write() as writer:
+            for status in ("kyc_review", "kyc_approved"):
+                writer.append_event(
+                    OutboxRecord(
+                        sequence=writer.next_event_sequence(),
+                        type="cardholder.kyc_updated",
+                        created_ms=int(T0 * 1000),
+                        cardholder_id="ch_1",
+                        reason=status,
+                    )
+                )
+        await harness.dispatcher.start()
+        await wait_until(lambda: len(harness.receiver.requests) == 1)  # the first: 500
+        await asyncio.sleep(0.2)
+        assert event_sequences(harness.receiver) == [1]  # the second waits behind it
+        clock.advance_to(clock.time + 1.0)
+        await wait_until(lambda: len(harness.receiver.requests) == 3)
+        assert event_sequences(harness.receiver) == [1, 1, 2]
+
+    run(tmp_path, [(500, {})], test, clock=clock, accounts=())
+
+
 def test_a_replay_is_applied_while_an_event_backs_off(tmp_path: Path) -> None:
     clock = ManualClock()
 
