@@ -23,7 +23,7 @@ from processor.engine.controls import (
     country_of,
 )
 from processor.engine.fx import convert
-from processor.ledger.controls import Controls, Usage
+from processor.ledger.controls import Controls, Usage, with_shorthands
 from processor.ledger.records import Account, Card
 from processor.wire.messages import AuthorizationRequest
 
@@ -229,8 +229,14 @@ def decide(
             levels.append((spend.programme, spend.card_usage))
         if account.controls is not None:
             levels.append((account.controls, spend.account_usage))
-        if card.controls is not None:
-            levels.append((card.controls, spend.card_usage))
+        own = card.controls
+        if card.per_transaction_limit is not None or card.blocked_mccs:
+            # A record from before card controls: its shorthands are its controls.
+            own = with_shorthands(
+                own, card.per_transaction_limit, card.blocked_mccs, account.currency
+            )
+        if own is not None:
+            levels.append((own, spend.card_usage))
         if levels:
             refusal = check_controls(
                 levels,

@@ -295,3 +295,29 @@ def _currency_errors(currency: str, account_currency: str | None, where: str) ->
     if account_currency is not None and currency != account_currency:
         errors.append(f"{where}: {currency!r} is not the account's currency {account_currency!r}")
     return errors
+
+
+def with_shorthands(
+    controls: Controls | None,
+    per_transaction_limit: int | None,
+    blocked_mccs: Sequence[str],
+    currency: str,
+) -> Controls | None:
+    """`controls` with a card's two older shorthands folded in: a per-authorisation amount
+    limit in `currency` (the account's) and blocked MCCs. A load file may still use them,
+    and card records written before card controls existed still carry them (the engine
+    reads those through this too: no migration rewrote them)."""
+    if per_transaction_limit is None and not blocked_mccs:
+        return controls
+    folded = controls or Controls()
+    amount_limits = folded.amount_limits
+    if per_transaction_limit is not None:
+        amount_limits += (
+            AmountLimit(
+                interval="per_authorization", amount=per_transaction_limit, currency=currency
+            ),
+        )
+    blocked = folded.blocked_mccs + tuple(
+        mcc for mcc in blocked_mccs if mcc not in folded.blocked_mccs
+    )
+    return msgspec.structs.replace(folded, amount_limits=amount_limits, blocked_mccs=blocked)

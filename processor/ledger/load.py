@@ -25,11 +25,11 @@ from msgspec import Meta
 from processor import limits
 from processor.currency import UnknownCurrency, exponent, numeric_code
 from processor.ledger.controls import (
-    AmountLimit,
     Catalog,
     Controls,
     control_errors,
     stored_controls,
+    with_shorthands,
 )
 from processor.ledger.records import (
     CARD_STATUSES_FINAL,
@@ -91,21 +91,9 @@ class LoadSummary(msgspec.Struct, frozen=True):
 
 def card_controls(entry: CardEntry, currency: str) -> Controls | None:
     """The card's controls with the legacy shorthands folded in."""
-    controls = entry.controls
-    if entry.per_transaction_limit is None and not entry.blocked_mccs:
-        return controls
-    controls = controls or Controls()
-    limits_ = controls.amount_limits
-    if entry.per_transaction_limit is not None:
-        limits_ += (
-            AmountLimit(
-                interval="per_authorization", amount=entry.per_transaction_limit, currency=currency
-            ),
-        )
-    blocked = controls.blocked_mccs + tuple(
-        mcc for mcc in entry.blocked_mccs if mcc not in controls.blocked_mccs
+    return with_shorthands(
+        entry.controls, entry.per_transaction_limit, entry.blocked_mccs, currency
     )
-    return msgspec.structs.replace(controls, amount_limits=limits_, blocked_mccs=blocked)
 
 
 def controls_errors(data: LoadFile, catalog: Catalog, source: str) -> list[str]:

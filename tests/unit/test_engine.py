@@ -301,12 +301,18 @@ CASES = [
         hold=1_000,
     ),
     Case(
-        "legacy card record fields are not read by decide()",
-        "00",
-        "approved",
+        "legacy card record fields are its controls (nothing rewrote such records)",
+        "57",
+        "mcc_blocked",
         request={"mcc": "5933", "amount": 2_000},
         card={"per_transaction_limit": 1, "blocked_mccs": ("5933",)},
-        hold=2_000,
+    ),
+    Case(
+        "a legacy per-transaction limit is a per-authorisation amount limit",
+        "61",
+        "per_authorization_amount_limit",
+        request={"mcc": "5411", "amount": 2_000},
+        card={"per_transaction_limit": 1_000},
     ),
     # 61: per-authorisation amount limit (inclusive).
     Case(

@@ -583,3 +583,31 @@ def test_a_billing_amount_in_another_currency_is_not_shown_as_the_accounts(
         request(**{"4": "000000001000", "11": "000001", "6": "000000001600", "51": "392"}),
     )
     assert last_event_billing(ledger) == (None, 1000)
+
+
+def test_a_card_record_from_before_card_controls_keeps_its_limits(tmp_path: Path) -> None:
+    """Card records once carried a per-transaction limit and blocked MCCs of their own; when
+    controls came, the engine stopped reading them and nothing rewrote them: such a card
+    approved 90.00 over its 50.00 limit, and at an MCC it blocked."""
+    import msgspec as msgspec_module
+
+    ledger, authorizer = build(tmp_path)
+    key = HASHER.card_key(PAN_A)
+    with ledger.write() as writer:
+        card = writer.card(key)
+        assert card is not None and card.controls is None
+        legacy = msgspec_module.structs.replace(
+            card, per_transaction_limit=5000, blocked_mccs=("5933",)
+        )
+        writer.put_card(key, legacy, card.account_id)
+    outcomes = answer(
+        authorizer,
+        request(**{"4": "000000009000", "11": "000001"}),
+        request(**{"4": "000000001000", "11": "000002", "18": "5933"}),
+        request(**{"4": "000000001000", "11": "000003"}),
+    )
+    assert [(o.response_code, o.reason) for o in outcomes] == [
+        ("61", "per_authorization_amount_limit"),
+        ("57", "mcc_blocked"),
+        ("00", "approved"),
+    ]
