@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import html
+import ipaddress
 import logging
 import time
 from collections import deque
@@ -101,6 +102,22 @@ def refusal_page(ancestors: tuple[str, ...], status: int = 404) -> web.Response:
     return _page("Link not usable", body, status, ancestors)
 
 
+def client_of(remote: str | None) -> str:
+    """Whom refusals are counted against: the address, or for IPv6 its /64 (one host is
+    handed a whole /64, and would otherwise guess from as many addresses as it likes)."""
+    if remote is None:
+        return "unknown"
+    try:
+        address = ipaddress.ip_address(remote)
+    except ValueError:
+        return remote
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
 class Refusals:
     """Refused looks per client address within the last minute."""
 
@@ -162,7 +179,7 @@ def reveal_handler(daemon: Processor) -> Callable[[web.Request], Awaitable[web.R
     async def _reveal(request: web.Request, ancestors: tuple[str, ...]) -> web.Response:
         vault = daemon.pan_vault
         card_id, token = request.match_info["card_id"], request.match_info["token"]
-        address = request.remote or "unknown"
+        address = client_of(request.remote)
         if refusals.over(address, time.monotonic()):
             return refused(address, "rate_limited", ancestors)
         if vault is None or len(token) > 128 or len(card_id) > 64:

@@ -432,3 +432,17 @@ def test_a_corrupt_compressed_body_logs_no_traceback_with_or_without_a_token(
     assert answers["no token"].startswith(b"HTTP/1.1 401")
     assert answers["token"].startswith(b"HTTP/1.1 400") or answers["token"] == b""
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_card_details_refusals_count_an_ipv6_host_by_its_slash_64() -> None:
+    from processor.api.reveal import client_of
+
+    assert (
+        client_of("2001:db8:1:2:aaaa::1")
+        == client_of("2001:db8:1:2:bbbb::2")
+        == ("2001:db8:1:2::/64")
+    )
+    assert client_of("2001:db8:1:3::1") != client_of("2001:db8:1:2::1")
+    assert client_of("192.0.2.7") == "192.0.2.7"
+    assert client_of("::ffff:192.0.2.7") == "192.0.2.7"
+    assert client_of(None) == "unknown"
