@@ -67,10 +67,18 @@ def confirmed_original(
         approval_key = b"0100" + key[4:]
         approval = writer.answer(approval_key)
         return (key, answer) if approval is None else (approval_key, approval)
-    if key.startswith(b"0100|") and (answer is None or answer.response_code not in ("00", "10")):
+    if key.startswith(b"0100|") and (
+        answer is None or (answer.response_code not in ("00", "10") and not answer.posted_amount)
+    ):
+        # Not when a completion or presentment already posted it (marked on the declined
+        # answer): the stand-in's hold is then the same purchase held again, not its original.
         stand_in_key = b"0120" + key[4:]
         stand_in = writer.answer(stand_in_key)
-        if stand_in is not None and stand_in.hold is not None:
+        if (
+            stand_in is not None
+            and stand_in.hold is not None
+            and (answer is None or answer.card_id is None or answer.card_id == stand_in.card_id)
+        ):
             return stand_in_key, stand_in
     return None if answer is None else (key, answer)
 
@@ -473,9 +481,7 @@ class Lifecycle:
             return Result(
                 "00", "advice_currency_not_supported", account_id=account.id, card_id=card.card_id
             )
-        if amount <= 0 or amount > AMOUNT_MAX:
-            # A billing amount of 0, or converted to less than a minor unit; or more than
-            # field 6 can carry.
+        if amount <= 0:  # a billing amount of 0, or converted to less than a minor unit
             return Result(
                 "00", "advice_invalid_amount", account_id=account.id, card_id=card.card_id
             )
@@ -493,10 +499,13 @@ class Lifecycle:
             usage_amount=amount,
             usage_mcc=request.mcc,
         )
-        if numeric_code(account.currency) not in (request.currency, request.billing_currency):
-            # Converted here: the answer says what was held, in fields 6 and 51 as an
-            # approval's do (a partial reversal scales field 95 by them, the event shows them).
-            result.extra = approved_fields("00", amount, amount, numeric_code(account.currency))
+        currency = numeric_code(account.currency)
+        priced = request.billing_currency == currency and (request.billing_amount or "").isdigit()
+        if request.currency != currency and not priced and amount <= AMOUNT_MAX:
+            # Converted here (billing_amount's own test): the answer says what was held, in
+            # fields 6 and 51 as an approval's do (a partial reversal scales field 95 by them,
+            # the event shows them). Past 12 digits they cannot be said; the hold stands.
+            result.extra = approved_fields("00", amount, amount, currency)
         return result
 
     @staticmethod

@@ -637,11 +637,14 @@ def replace_card(
     def run(writer: Writer, now_ms: int) -> Reply:
         _, old = _card(writer, card_id)
         successor = None if old.replaced_by is None else writer.card_by_id(old.replaced_by)
-        if successor is not None and successor[1].status not in CARD_STATUSES_FINAL:
-            raise Refused(  # its replacement is on its way or in use: replace that one
+        if successor is not None:
+            # Its replacement is on its way, in use, or itself lost: replace that one. (A
+            # second replacement of the same card skipped the chain: the card still in use
+            # was then replaced by nothing anyone would activate.)
+            raise Refused(
                 409,
                 "card_not_replaceable",
-                f"card {card_id} is replaced by {old.replaced_by} already",
+                f"card {card_id} is replaced by {old.replaced_by} already; replace that one",
             )
         if old.status == "closed" and successor is None:
             raise Refused(409, "card_not_replaceable", f"card {card_id} is closed")

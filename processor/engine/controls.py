@@ -137,6 +137,14 @@ def used(
     return _used(usage, INTERVAL_COLUMN[interval], periods.numbers, categories)
 
 
+def _once(categories: Sequence[str]) -> Sequence[str]:
+    """The categories a limit weighs, each once ("" for all spend): controls stored before
+    duplicates were refused counted a category listed twice twice."""
+    if len(categories) < 2:
+        return categories or ("",)
+    return tuple(dict.fromkeys(categories))
+
+
 def _used(
     usage: Usage, column: int, current: list[int], categories: Sequence[str]
 ) -> tuple[int, int]:
@@ -146,7 +154,7 @@ def _used(
         return 0, 0
     counters = usage.counters
     amount = count = 0
-    for category in categories or ("",):
+    for category in _once(categories):
         row = counters.get(category)
         if row is not None:
             amount += row[column]
@@ -174,7 +182,7 @@ def _bisect_packed(packed: bytearray, value: int) -> int:
 def recent_count(usage: Usage, since_ms: int, categories: Sequence[str]) -> int:
     """Approvals after `since_ms`, at least as many as there were (never fewer)."""
     count = 0
-    for category in categories or ("",):
+    for category in _once(categories):
         packed = usage.recent.get(category)
         if packed:
             count += (len(packed) >> 3) - _bisect_packed(packed, since_ms)

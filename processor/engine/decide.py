@@ -318,7 +318,8 @@ def strong_authentication(
             continue
         total, count = rule.low_value_total_max, rule.low_value_count_max
         if (
-            amount <= rule.low_value_max
+            (total or count)  # no cap, no exemption: RTS article 16 (stored before refused)
+            and amount <= rule.low_value_max
             and (not total or spend.sca_exempt_amount + amount <= total)
             and (not count or spend.sca_exempt_count < count)
         ):

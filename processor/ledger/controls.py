@@ -321,3 +321,15 @@ def with_shorthands(
         mcc for mcc in blocked_mccs if mcc not in folded.blocked_mccs
     )
     return msgspec.structs.replace(folded, amount_limits=amount_limits, blocked_mccs=blocked)
+
+
+def without_amounts(usage: Usage | None) -> Usage | None:
+    """`usage` with its amounts at zero and its counts and approval times kept: what stays
+    true when the currency its amounts were counted in changes."""
+    if usage is None:
+        return None
+    counters = {
+        category: [0 if index % 2 == 0 else value for index, value in enumerate(row)]
+        for category, row in usage.counters.items()
+    }
+    return msgspec.structs.replace(usage, counters=counters)

@@ -30,6 +30,7 @@ from processor.ledger.controls import (
     control_errors,
     stored_controls,
     with_shorthands,
+    without_amounts,
 )
 from processor.ledger.records import (
     CARD_STATUSES_FINAL,
@@ -205,6 +206,17 @@ def apply_load_file(
     errors = controls_errors(data, chosen, source)
     with ledger.read() as reader:
         errors += _conflicts(reader, data, chosen, source, hasher)
+        # What usage was counted in before the file changes it: an account's currency, and
+        # the cards the file moves to another account.
+        currencies_before: dict[str, str] = {}
+        moving: set[str] = set()
+        for card_entry in data.cards:
+            previous = reader.card(hasher.card_key(card_entry.pan))
+            if previous is not None and previous.account_id != card_entry.account:
+                moving.add(previous.card_id)
+                held_by = reader.account(previous.account_id)
+                if held_by is not None:
+                    currencies_before[held_by.id] = held_by.currency
     if errors:
         raise LoadError("\n".join(errors))
     counts: Counter[str] = Counter()
@@ -220,13 +232,20 @@ def apply_load_file(
         for first in range(0, len(accounts), chunk_records):
             some = accounts[first : first + chunk_records]
             counts += ledger.write_growing(
-                partial(_put_accounts, entries=some, source=source, now_ms=at_ms())
+                partial(_put_accounts, entries=some, source=source, now_ms=at_ms(), moving=moving)
             )
             done += len(some)
         for first in range(0, len(cards), chunk_records):
             more = cards[first : first + chunk_records]
             counts += ledger.write_growing(
-                partial(_put_cards, entries=more, hasher=hasher, source=source, now_ms=at_ms())
+                partial(
+                    _put_cards,
+                    entries=more,
+                    hasher=hasher,
+                    source=source,
+                    now_ms=at_ms(),
+                    currencies_before=currencies_before,
+                )
             )
             done += len(more)
     except LedgerFull as full:
@@ -267,7 +286,7 @@ def _conflicts(
             # Its cards' limits in the old currency would be skipped for good (a limit
             # weighs only amounts in its own currency): the file must give them anew.
             for held in reader.account_cards(entry.id):
-                if held.card_id not in cards_in_file and _priced_in(held.controls, existing):
+                if held.card_id not in cards_in_file and _priced_in(held, existing):
                     errors.append(
                         f"{source}: $.accounts[{index}].currency: card {held.card_id} on "
                         f"account {entry.id} has limits in {existing.currency}; give its "
@@ -331,13 +350,17 @@ def _currency_conflict(
     )
 
 
-def _priced_in(controls: Controls | None, account: Account) -> bool:
-    """Whether `controls` weigh amounts in the account's currency (amount limits, SCA)."""
+def _priced_in(card: Card, account: Account) -> bool:
+    """Whether the card's controls weigh amounts in the account's currency (amount limits,
+    SCA, and an older record's per-transaction limit, which is read in it)."""
+    if card.per_transaction_limit is not None:
+        return True
+    controls = card.controls
     if controls is None:
         return False
-    return controls.require_sca is not None or any(
-        limit.currency == account.currency for limit in controls.amount_limits
-    )
+    if controls.require_sca is not None and controls.require_sca.currency == account.currency:
+        return True
+    return any(limit.currency == account.currency for limit in controls.amount_limits)
 
 
 def _no_account(source: str, index: int, card_entry: CardEntry) -> str:
@@ -352,7 +375,11 @@ def _put_programme_controls(writer: Writer, controls: Controls, now_ms: int) -> 
 
 
 def _put_accounts(
-    writer: Writer, entries: Indexed[AccountEntry], source: str, now_ms: int
+    writer: Writer,
+    entries: Indexed[AccountEntry],
+    source: str,
+    now_ms: int,
+    moving: set[str],
 ) -> Counter[str]:
     counts: Counter[str] = Counter()
     for index, entry in entries:
@@ -375,13 +402,18 @@ def _put_accounts(
             conflict = _currency_conflict(source, index, entry, account)
             if conflict is not None:  # holds opened since the check
                 raise LoadError(conflict)
-            _update_account(writer, account, entry, controls, now_ms)
+            _update_account(writer, account, entry, controls, now_ms, moving)
         _move_balance(writer, account, entry.balance, now_ms)
     return counts
 
 
 def _update_account(
-    writer: Writer, account: Account, entry: AccountEntry, controls: Controls | None, now_ms: int
+    writer: Writer,
+    account: Account,
+    entry: AccountEntry,
+    controls: Controls | None,
+    now_ms: int,
+    moving: set[str],
 ) -> None:
     """The file's terms for an existing account, an event for each that changed. Held (the
     open holds) and the sequences are the ledger's; posted moves in `_move_balance`."""
@@ -390,10 +422,15 @@ def _update_account(
         # (an entry and its event), and the file's arrives in the new one after.
         _move_balance(writer, account, 0, now_ms)
         account.currency = entry.currency
-        # Spend-control usage counts amounts of the old currency: it starts again.
-        account.usage = None
+        # Spend-control usage counted amounts of the old currency: those start again (counts
+        # and approval times stay true), for the account and for its cards the file does not
+        # move (a moved one is seen to by _put_cards, against where it goes).
+        account.usage = without_amounts(account.usage)
         for held in writer.account_cards(account.id):
-            writer.changed_card_state(held).usage = None
+            if held.card_id not in moving:
+                state = writer.changed_card_state(held)
+                state.usage = without_amounts(state.usage)
+                state.sca_exempt_amount = 0
         writer.put_account(account)
         writer.emit_change(now_ms, "account.updated", "currency_changed", account_id=account.id)
     if account.credit_limit != entry.credit_limit:
@@ -431,7 +468,12 @@ def _move_balance(writer: Writer, account: Account, balance: int, now_ms: int) -
 
 
 def _put_cards(
-    writer: Writer, entries: Indexed[CardEntry], hasher: PanHasher, source: str, now_ms: int
+    writer: Writer,
+    entries: Indexed[CardEntry],
+    hasher: PanHasher,
+    source: str,
+    now_ms: int,
+    currencies_before: dict[str, str],
 ) -> Counter[str]:
     counts: Counter[str] = Counter()
     for index, card_entry in entries:
@@ -468,10 +510,12 @@ def _put_cards(
             )
         writer.put_card(card_key, card, previous.account_id if previous is not None else None)
         if previous is not None:
-            before = writer.account(previous.account_id)
-            if before is not None and before.currency != account.currency:
+            before = currencies_before.get(previous.account_id)
+            if before is not None and before != account.currency:
                 # Moved into another currency: its usage counted the old one's amounts.
-                writer.changed_card_state(card).usage = None
+                state = writer.changed_card_state(card)
+                state.usage = without_amounts(state.usage)
+                state.sca_exempt_amount = 0
             _card_events(writer, previous, card, now_ms)
     return counts
 

@@ -979,6 +979,21 @@ def test_category_restricted_count_limit(limit: CountLimit, mcc: str, reason: st
     assert refusal(card_level(Controls(count_limits=(limit,)), usage), mcc=mcc) == reason
 
 
+def test_a_category_listed_twice_in_stored_controls_counts_once() -> None:
+    """Controls stored before duplicates were refused counted a category listed twice
+    twice: 60.00 of groceries read as 120.00 against a 100.00 limit."""
+    usage = usage_of((6_000, "5411", NOW_MS - 10_000))
+    twice = ("groceries", "groceries")
+    amounts = Controls(
+        amount_limits=(
+            AmountLimit(interval="daily", amount=10_000, currency="EUR", categories=twice),
+        )
+    )
+    assert refusal(card_level(amounts, usage), amount=4_000) is None
+    counts = Controls(count_limits=(CountLimit(count=2, window_seconds=60, categories=twice),))
+    assert refusal(card_level(counts, usage)) is None
+
+
 def test_amount_limits_come_before_count_limits() -> None:
     controls = Controls(
         amount_limits=(AmountLimit(interval="daily", amount=100, currency="EUR"),),

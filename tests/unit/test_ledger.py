@@ -442,9 +442,14 @@ def test_a_currency_change_needs_its_cards_limits_anew_and_starts_usage_again(
     load_text(loaded, in_yen + cards + frozen)  # the cards given anew: no limits now
     with loaded.read() as reader:
         account = reader.account("acct-main")
-        assert account is not None and account.currency == "JPY" and account.usage is None
+        assert account is not None and account.currency == "JPY" and account.usage is not None
         card = reader.card(HASHER.card_key(MAIN))
-        assert card is not None and reader.card_state(card).usage is None
+        assert card is not None
+        usage = reader.card_state(card).usage
+        assert usage is not None
+        # Amounts (even places) start again in yen; counts (odd places) stay true.
+        for row in (usage.counters[""], account.usage.counters[""]):
+            assert row[0::2] == [0] * 5 and row[1::2] == [1] * 5
 
 
 def test_a_card_moved_into_another_currency_starts_its_usage_again(
@@ -462,7 +467,29 @@ def test_a_card_moved_into_another_currency_starts_its_usage_again(
     with loaded.read() as reader:
         card = reader.card(HASHER.card_key(MAIN))
         assert card is not None and card.account_id == "acct-yen"
-        assert reader.card_state(card).usage is None
+        usage = reader.card_state(card).usage
+        assert usage is not None and usage.counters[""][0::2] == [0] * 5
+        assert usage.counters[""][1::2] == [1] * 5  # its count stays
+
+
+def test_a_card_moved_off_an_account_changing_currency_keeps_its_usage(
+    loaded: Ledger, authorizer: Authorizer
+) -> None:
+    """acct-main goes to JPY in the file that moves its card to acct-credit (EUR): the card's
+    usage was reset with the account's, though it never changed currency."""
+    [posted] = authorizer.authorize_batch([auth_request(mti="0200")], NOW)
+    assert posted.response_code == "00"
+    text = (
+        b'[[accounts]]\nid = "acct-main"\ncurrency = "JPY"\nbalance = 10\n'
+        + f'[[cards]]\npan = "{MAIN}"\naccount = "acct-credit"\nexpiry = "3012"\n'.encode()
+        + f'[[cards]]\npan = "{FROZEN}"\naccount = "acct-main"\nexpiry = "3012"\n'.encode()
+    )
+    load_text(loaded, text)
+    with loaded.read() as reader:
+        card = reader.card(HASHER.card_key(MAIN))
+        assert card is not None and card.account_id == "acct-credit"
+        usage = reader.card_state(card).usage
+        assert usage is not None and usage.counters[""][0] == 1_000
 
 
 def test_a_load_that_changes_an_accounts_terms_says_which(loaded: Ledger) -> None:

@@ -611,3 +611,65 @@ def test_a_card_record_from_before_card_controls_keeps_its_limits(tmp_path: Path
         ("57", "mcc_blocked"),
         ("00", "approved"),
     ]
+
+
+def test_a_declined_0100_already_posted_does_not_lead_to_a_later_stand_in(
+    tmp_path: Path,
+) -> None:
+    """Declined, then force-posted by a 0220, then an 0120 held the purchase again: the
+    presentment naming the 0100 captured that hold, a second debit."""
+    ledger, authorizer = build(tmp_path)
+    answer(authorizer, request(**{"4": "000000900000", "11": "000001"}))  # 51
+    answer(
+        authorizer,
+        request(
+            "0220", **{"4": "000000003000", "11": "000002", "90": original_data("0100", "000001")}
+        ),
+    )
+    answer(authorizer, stand_in("000001", "000000003000"))
+    assert balances(ledger, "acct-a") == (7000, 3000)
+    summary = apply_clearing(
+        ledger, parse_lines(presentment_of("000001", 3000, "clr-1")), HASHER, START
+    )
+    assert (summary.already_posted, summary.matched) == (1, 0)
+    assert balances(ledger, "acct-a") == (7000, 3000)
+
+
+def test_another_cards_stand_in_of_the_same_identity_is_not_taken_for_the_0100(
+    tmp_path: Path,
+) -> None:
+    ledger, authorizer = build(tmp_path)
+    answer(authorizer, request(**{"4": "000000900000", "11": "000001"}))  # A: 51
+    answer(authorizer, stand_in("000001", "000000003000", **{"2": PAN_B}))  # B's stand-in
+    assert balances(ledger, "acct-b") == (10000, 3000)
+    [reversal] = answer(
+        authorizer,
+        request(
+            "0400",
+            **{
+                "4": "000000003000",
+                "11": "000002",
+                "2": PAN_B,
+                "90": original_data("0100", "000001"),
+            },
+        ),
+    )
+    assert (reversal.response_code, reversal.reason) == ("25", "original_not_found")  # A's
+    assert balances(ledger, "acct-b") == (10000, 3000)  # B's hold stands
+
+
+def test_a_stand_in_converted_here_with_field_51_alone_says_what_it_held(tmp_path: Path) -> None:
+    """Field 51 the account's but no field 6: converted by this processor all the same."""
+    rules = ProgrammeRules(rates={("JPY", "EUR"): Decimal("0.006")}, catalog=default_catalog())
+    _, authorizer = build(tmp_path, rules)
+    [advice] = answer(authorizer, stand_in("000001", "000000010000", **{"49": "392", "51": "978"}))
+    assert advice.fields["6"] == "000000006000"
+
+
+def test_a_stand_in_past_twelve_digits_converted_is_held_all_the_same(tmp_path: Path) -> None:
+    """The network approved: the advice is held, only fields 6 and 51 cannot say it."""
+    rules = ProgrammeRules(rates={("USD", "EUR"): Decimal("1000000")}, catalog=default_catalog())
+    ledger, authorizer = build(tmp_path, rules)
+    [advice] = answer(authorizer, stand_in("000001", "000010000000", **{"49": "840"}))
+    assert advice.reason == "stand_in_overdrawn" and "6" not in advice.fields
+    assert balances(ledger, "acct-a") == (10000, 10**13)

@@ -198,6 +198,24 @@ def test_a_replacement_reported_lost_before_it_came_hands_on_the_card_still_in_u
     assert swipe(ledger, str(c["pan"]), "000013") == ("00", "approved")
 
 
+def test_replacements_lost_one_after_another_still_close_the_card_in_use(ledger: Ledger) -> None:
+    """B replaced A and was lost, C replaced B (for A) and was lost too: replacing B again
+    made D replace B, and activating D left A active for good. B is replaced by C already:
+    C is the one to replace, and its replacement replaces A."""
+    a = order(ledger)
+    activated(ledger, a)
+    b = ok(run(ledger, commands.replace_card(str(a["id"]), "damaged", SOURCE, None)))
+    ok(run(ledger, commands.change_card_status(str(b["id"]), "report-lost")))
+    c = ok(run(ledger, commands.replace_card(str(b["id"]), "lost", SOURCE, None)))
+    ok(run(ledger, commands.change_card_status(str(c["id"]), "report-lost")))
+    again = run(ledger, commands.replace_card(str(b["id"]), "lost", SOURCE, None))
+    assert isinstance(again, Refused) and again.code == "card_not_replaceable"
+    d = ok(run(ledger, commands.replace_card(str(c["id"]), "lost", SOURCE, None)))
+    assert d["replaces"] == a["id"]
+    activated(ledger, d)
+    assert swipe(ledger, str(a["pan"]), "000021") == ("62", "card_closed")
+
+
 def test_a_card_reported_lost_first_can_still_be_replaced(ledger: Ledger) -> None:
     a = order(ledger)
     activated(ledger, a)

@@ -151,3 +151,13 @@ def test_a_partial_approval_is_weighed_at_the_payments_amount(ledger: Ledger) ->
     partial = "R" + "61" + "03" + "100"  # field 48: the terminal takes a partial approval
     request = msgspec.structs.replace(message("000090", 5_000, partial), pan=low)
     assert answer(ledger, request).reason == "sca_required"
+
+
+def test_a_stored_exemption_with_no_cap_exempts_nothing(ledger: Ledger) -> None:
+    """Controls stored before such rules were refused: every low-value payment went
+    through exempt, without end."""
+    with ledger.write() as writer:
+        writer.put_programme_controls(
+            Controls(require_sca=StrongAuthentication(currency="EUR", low_value_max=3_000))
+        )
+    assert answer(ledger, message("000095", 500)).reason == "sca_required"
