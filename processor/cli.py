@@ -166,6 +166,18 @@ def cmd_ledger_backup(args: argparse.Namespace) -> int:
     config = _common_config(args)
     if _no_ledger(config):
         return 1
+    with _read_only(config) as ledger:
+        unreplayed = ledger.unreplayed
+    if unreplayed:
+        # A dead daemon's answered batches, in its log and not in LMDB: the copy would leave
+        # them out, and a restore from it would forget answers given.
+        print(
+            f"processor: {config.ledger.path}: {unreplayed} answered batches are in its "
+            "write-ahead log and not in LMDB (the daemon stopped before a checkpoint); start "
+            "the daemon or run `processor ledger migrate` first",
+            file=sys.stderr,
+        )
+        return 1
     target = Path(args.directory)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         print(f"processor: {target} exists and is not an empty directory", file=sys.stderr)
@@ -190,10 +202,14 @@ def cmd_ledger_backup(args: argparse.Namespace) -> int:
         last_event = ledger.copy_to(target)
     # The copy's own events from here on get an id of their own: the ledger backed up goes on
     # numbering (and delivering) events past `last_event`, which a restore must not repeat.
-    copy = Ledger(target, map_size_bytes=config.ledger.map_size_bytes)
+    # The copy is compacted to what it holds: its map may grow (up to the configured ceiling).
+    copy = Ledger(
+        target,
+        map_size_bytes=config.ledger.map_size_bytes,
+        map_size_max_bytes=config.ledger.map_ceiling_bytes,
+    )
     try:
-        with copy.write() as writer:
-            writer.name_events_from(last_event + 1)
+        copy.write_growing(lambda writer: writer.name_events_from(last_event + 1))
     finally:
         copy.close()
     # LMDB's copy makes its file as the umask says (0644, often): the owner's alone.

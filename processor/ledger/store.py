@@ -289,6 +289,7 @@ class Ledger:
         with self.env.begin(write=False) as txn:
             stored = txn.get(b"schema", db=self._dbs["meta"])
         if stored is not None and bytes(stored) != SCHEMA_VERSION:
+            _refuse_newer(self.path, bytes(stored))
             raise LedgerError(
                 f"ledger {self.path}: schema {bytes(stored)!r}, this build reads "
                 f"{SCHEMA_VERSION!r}; open it read-write once (start the daemon or run "
@@ -304,6 +305,10 @@ class Ledger:
             }
             self._names = {id(db): name for name, db in self._dbs.items()}
             stored = txn.get(b"schema", db=self._dbs["meta"])
+            if stored is not None:
+                # Before the log is replayed: a newer release's log may name what this build
+                # does not have, and the error would then not say why.
+                _refuse_newer(self.path, bytes(stored))
             # Before any migration: the log's records are in the schema that wrote them.
             self.replayed = self._replay(txn)
             if txn.get(b"ledger_id", db=self._dbs["meta"]) is None:
@@ -826,6 +831,18 @@ def claim_for_daemon(path: str | Path) -> int:
             f"ledger {directory}: another daemon serves it already; one daemon per ledger"
         ) from None
     return fd
+
+
+def _refuse_newer(path: Path, stored: bytes) -> None:
+    """LedgerError when the ledger's schema is one this build does not know (a newer
+    release's): it cannot be migrated back, and must not be read as if it were this one's."""
+    if stored == SCHEMA_VERSION or stored in _MIGRATIONS:
+        return
+    raise LedgerError(
+        f"ledger {path}: schema {stored.decode(errors='replace')!r} was written by a newer "
+        f"release (this build reads {SCHEMA_VERSION.decode()!r} and migrates older ones); "
+        "run that release, or restore a backup taken before it"
+    )
 
 
 def _links_back(

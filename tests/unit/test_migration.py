@@ -77,6 +77,22 @@ def test_read_only_open_refuses_an_unmigrated_ledger(v1_copy: Path) -> None:
         Ledger(v1_copy, readonly=True)
 
 
+def test_a_ledger_of_a_newer_release_is_refused_saying_so(tmp_path: Path) -> None:
+    """A read-only open told to migrate it (this build cannot), and a read-write open
+    replayed the newer release's log first and failed on what it named."""
+    import lmdb
+
+    ledger = Ledger(tmp_path / "ledger", durability="process", map_size_bytes=16 << 20)
+    ledger.close()
+    env = lmdb.open(str(tmp_path / "ledger"), max_dbs=64)
+    with env.begin(write=True) as txn:
+        txn.put(b"schema", b"99", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    for readonly in (True, False):
+        with pytest.raises(LedgerError, match="written by a newer release"):
+            Ledger(tmp_path / "ledger", map_size_bytes=16 << 20, readonly=readonly)
+
+
 def test_migration_keeps_balances_holds_histories_and_usage(
     old_copy: tuple[Path, dict[str, Any]],
 ) -> None:

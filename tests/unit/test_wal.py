@@ -746,3 +746,55 @@ def test_a_torn_first_record_of_a_dead_daemon_is_passed_over_once(
             assert tool._next_generation(txn) == generation + 1
     finally:
         tool.close()
+
+
+def test_a_backup_of_a_ledger_with_batches_left_in_its_log_is_refused(
+    loaded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The copy is LMDB's: batches answered and logged by a daemon that died before its
+    checkpoint were left out, and the backup said every change up to its last event was in
+    it. A restore would have forgotten answers given."""
+    from processor.cli import main
+
+    ledger = logging_ledger(loaded)
+    approve(ledger, range(1, 1 + SMALL))
+    crash(ledger)
+    target = tmp_path / "backup"
+    assert main(["ledger", "backup", "--ledger", str(loaded), str(target)]) == 1
+    assert "in its write-ahead log and not in LMDB" in capsys.readouterr().err
+    assert not target.exists()
+    logging_ledger(loaded).close()  # a read-write open replays them
+    assert main(["ledger", "backup", "--ledger", str(loaded), str(target)]) == 0
+    copy = Ledger(target, map_size_bytes=64 << 20, readonly=True)
+    try:
+        with copy.read() as reader:
+            stans = range(1, 1 + SMALL)
+            assert all(reader.answer(r.answer_key) is not None for r in requests(stans))
+    finally:
+        copy.close()
+
+
+def test_a_backup_of_a_ledger_larger_than_the_configured_map_start(tmp_path: Path) -> None:
+    """The compacted copy was reopened with the map's starting size and no ceiling: past it,
+    naming the copy's events failed (a traceback), leaving a copy without its event ids."""
+    from processor.cli import main
+    from processor.ledger.records import Account
+
+    ledger = Ledger(tmp_path / "ledger", durability="process", map_size_bytes=64 << 20)
+    with ledger.write() as writer:
+        for number in range(6_000):
+            writer.put_account(
+                Account(id=f"acct-{number:05d}-{'x' * 200}", currency="EUR", posted=number)
+            )
+    ledger.close()
+    config = tmp_path / "small.toml"
+    config.write_text(f"[ledger]\npath = '{tmp_path / 'ledger'}'\nmap_size_bytes = 1048576\n")
+    target = tmp_path / "backup"
+    assert (tmp_path / "ledger" / "data.mdb").stat().st_size > 1 << 20
+    assert main(["ledger", "backup", "--config", str(config), str(target)]) == 0
+    copy = Ledger(target, map_size_bytes=64 << 20, readonly=True)
+    try:
+        with copy.read() as reader:
+            assert len(reader.event_ids().ranges) == 2  # the copy's own id from here on
+    finally:
+        copy.close()
