@@ -710,6 +710,11 @@ class Lifecycle:
             # does not say so: a request may carry it in the account's own currency, and a
             # partial approval's field 4 is then what was approved, not what was asked.)
             target = scale(target, int(billed), int(original_amount))
+        elif target and not billed and self._converted(writer, original):
+            # Converted, but by how much is not kept (a stand-in past what field 6 carries):
+            # field 95 cannot be put in the account's currency. The hold stays whole rather
+            # than shrink by an amount of another currency (it released nearly all of it).
+            target = max(target, 10**18)
         hold = writer.hold_of(original_key, original)
         verdict = void_verdict(original, hold, target)
         if verdict.action in ("release", "shrink"):

@@ -37,7 +37,7 @@ from processor.authorizer import Command
 from processor.authorizer import CommandRefused as Refused  # returned to the API as the result
 from processor.config import CardIssuingConfig
 from processor.cvc2 import NO_KEYS, CardVerificationKeys, compute_cvc2
-from processor.ledger.controls import Controls, stored_controls
+from processor.ledger.controls import Controls, stored_controls, with_shorthands
 from processor.ledger.load import card_record
 from processor.ledger.records import (
     CARD_STATUSES_FINAL,
@@ -268,7 +268,11 @@ def set_account_controls(account_id: str, controls: Controls) -> Operation:
 def set_card_controls(card_id: str, controls: Controls) -> Operation:
     def run(writer: Writer, now_ms: int) -> Reply:
         card_key, card = _card(writer, card_id)
-        changed = msgspec.structs.replace(card, controls=stored_controls(controls))
+        # The new controls replace an older record's shorthands too (the engine reads those
+        # as controls: left, they still declined with nothing on screen to say why).
+        changed = msgspec.structs.replace(
+            card, controls=stored_controls(controls), per_transaction_limit=None, blocked_mccs=()
+        )
         writer.put_card(card_key, changed, card.account_id)
         writer.emit_change(now_ms, "controls.updated", "card_controls", card=changed)
         return Reply(status=200, body=_encode(controls))
@@ -637,16 +641,17 @@ def replace_card(
     def run(writer: Writer, now_ms: int) -> Reply:
         _, old = _card(writer, card_id)
         successor = None if old.replaced_by is None else writer.card_by_id(old.replaced_by)
-        if successor is not None:
-            # Its replacement is on its way, in use, or itself lost: replace that one. (A
-            # second replacement of the same card skipped the chain: the card still in use
-            # was then replaced by nothing anyone would activate.)
+        if successor is not None and successor[1].status != "closed":
+            # Its replacement is on its way, in use, or itself lost or stolen: replace that
+            # one. (A second replacement of the same card skipped the chain: the card still
+            # in use was then replaced by nothing anyone would activate.) A replacement closed
+            # before it came leaves this card to be replaced again.
             raise Refused(
                 409,
                 "card_not_replaceable",
                 f"card {card_id} is replaced by {old.replaced_by} already; replace that one",
             )
-        if old.status == "closed" and successor is None:
+        if old.status == "closed":
             raise Refused(409, "card_not_replaceable", f"card {card_id} is closed")
         if not old.virtual and old.fulfilment is None:
             raise Refused(  # registered or loaded: its number is another issuer's
@@ -691,7 +696,10 @@ def replace_card(
             source,
             account,
             holder,
-            old.controls,
+            # An older record's shorthands are its controls: the new card keeps them too.
+            with_shorthands(
+                old.controls, old.per_transaction_limit, old.blocked_mccs, account.currency
+            ),
             shipping=ship if physical else None,
             replaces=replaces,
         )

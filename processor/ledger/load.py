@@ -204,16 +204,22 @@ def apply_load_file(
         return int(time.time() * 1000) if now_ms is None else now_ms
 
     errors = controls_errors(data, chosen, source)
+    in_file_currency = {entry.id: entry.currency for entry in data.accounts}
     with ledger.read() as reader:
         errors += _conflicts(reader, data, chosen, source, hasher)
-        # What usage was counted in before the file changes it: an account's currency, and
-        # the cards the file moves to another account.
+        # What usage was counted in before the file changes it: an account's currency; and
+        # the cards the file moves to another account, with the currency they go to.
         currencies_before: dict[str, str] = {}
-        moving: set[str] = set()
+        moving: dict[str, str] = {}
         for card_entry in data.cards:
             previous = reader.card(hasher.card_key(card_entry.pan))
             if previous is not None and previous.account_id != card_entry.account:
-                moving.add(previous.card_id)
+                destination = in_file_currency.get(card_entry.account)
+                if destination is None:
+                    found = reader.account(card_entry.account)
+                    destination = None if found is None else found.currency
+                if destination is not None:
+                    moving[previous.card_id] = destination
                 held_by = reader.account(previous.account_id)
                 if held_by is not None:
                     currencies_before[held_by.id] = held_by.currency
@@ -379,7 +385,7 @@ def _put_accounts(
     entries: Indexed[AccountEntry],
     source: str,
     now_ms: int,
-    moving: set[str],
+    moving: dict[str, str],
 ) -> Counter[str]:
     counts: Counter[str] = Counter()
     for index, entry in entries:
@@ -413,7 +419,7 @@ def _update_account(
     entry: AccountEntry,
     controls: Controls | None,
     now_ms: int,
-    moving: set[str],
+    moving: dict[str, str],
 ) -> None:
     """The file's terms for an existing account, an event for each that changed. Held (the
     open holds) and the sequences are the ledger's; posted moves in `_move_balance`."""
@@ -421,13 +427,15 @@ def _update_account(
         # Amounts of two currencies do not subtract: the balance leaves in the old currency
         # (an entry and its event), and the file's arrives in the new one after.
         _move_balance(writer, account, 0, now_ms)
+        old_currency = account.currency
         account.currency = entry.currency
         # Spend-control usage counted amounts of the old currency: those start again (counts
-        # and approval times stay true), for the account and for its cards the file does not
-        # move (a moved one is seen to by _put_cards, against where it goes).
+        # and approval times stay true), for the account and its cards, but for a card the
+        # file moves to an account of the old currency (where they stay true). Done here, not
+        # when the card moves: the cards' chunk may fail after this one committed.
         account.usage = without_amounts(account.usage)
         for held in writer.account_cards(account.id):
-            if held.card_id not in moving:
+            if moving.get(held.card_id) != old_currency:
                 state = writer.changed_card_state(held)
                 state.usage = without_amounts(state.usage)
                 state.sca_exempt_amount = 0

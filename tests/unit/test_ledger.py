@@ -492,6 +492,39 @@ def test_a_card_moved_off_an_account_changing_currency_keeps_its_usage(
         assert usage is not None and usage.counters[""][0] == 1_000
 
 
+def test_a_currency_change_whose_cards_chunk_failed_leaves_no_old_amounts_on_a_retry(
+    loaded: Ledger, authorizer: Authorizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The accounts' chunk commits alone: when the cards' failed, a card the file moved was
+    left on the re-currencied account with euros read as yen, and the retry, seeing yen
+    already, never zeroed them."""
+    from processor.ledger import load as load_module
+    from processor.ledger.store import LedgerFull
+
+    [posted] = authorizer.authorize_batch([auth_request(mti="0200")], NOW)
+    assert posted.response_code == "00"
+    text = (
+        b'[[accounts]]\nid = "acct-main"\ncurrency = "JPY"\nbalance = 10\n'
+        + f'[[cards]]\npan = "{MAIN}"\naccount = "acct-yen"\nexpiry = "3012"\n'.encode()
+        + f'[[cards]]\npan = "{FROZEN}"\naccount = "acct-main"\nexpiry = "3012"\n'.encode()
+    )
+    real = load_module._put_cards
+
+    def full_once(*args: object, **kwargs: object) -> object:
+        monkeypatch.setattr(load_module, "_put_cards", real)
+        raise LedgerFull("the map is full")
+
+    monkeypatch.setattr(load_module, "_put_cards", full_once)
+    with pytest.raises(LedgerFull):
+        load_text(loaded, text)
+    load_text(loaded, text)  # the retry
+    with loaded.read() as reader:
+        card = reader.card(HASHER.card_key(MAIN))
+        assert card is not None and card.account_id == "acct-yen"
+        usage = reader.card_state(card).usage
+        assert usage is not None and usage.counters[""][0::2] == [0] * 5
+
+
 def test_a_load_that_changes_an_accounts_terms_says_which(loaded: Ledger) -> None:
     seen = events_made(loaded)
     load_text(

@@ -667,9 +667,26 @@ def test_a_stand_in_converted_here_with_field_51_alone_says_what_it_held(tmp_pat
 
 
 def test_a_stand_in_past_twelve_digits_converted_is_held_all_the_same(tmp_path: Path) -> None:
-    """The network approved: the advice is held, only fields 6 and 51 cannot say it."""
+    """The network approved: the advice is held, only fields 6 and 51 cannot say it; and a
+    partial reversal, which cannot be put in the account's currency without them, leaves
+    the hold whole (it released nearly all of it, field 95 read as euros)."""
     rules = ProgrammeRules(rates={("USD", "EUR"): Decimal("1000000")}, catalog=default_catalog())
     ledger, authorizer = build(tmp_path, rules)
     [advice] = answer(authorizer, stand_in("000001", "000010000000", **{"49": "840"}))
     assert advice.reason == "stand_in_overdrawn" and "6" not in advice.fields
+    assert balances(ledger, "acct-a") == (10000, 10**13)
+    [reversal] = answer(
+        authorizer,
+        request(
+            "0420",
+            **{
+                "4": "000010000000",
+                "49": "840",
+                "11": "000002",
+                "90": original_data("0120", "000001"),
+                "95": "000005000000" + "0" * 30,
+            },
+        ),
+    )
+    assert reversal.reason == "reversal_no_change"
     assert balances(ledger, "acct-a") == (10000, 10**13)

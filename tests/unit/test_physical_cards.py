@@ -216,6 +216,48 @@ def test_replacements_lost_one_after_another_still_close_the_card_in_use(ledger:
     assert swipe(ledger, str(a["pan"]), "000021") == ("62", "card_closed")
 
 
+def test_a_card_whose_replacement_was_closed_before_it_came_can_be_replaced_again(
+    ledger: Ledger,
+) -> None:
+    """B (replacing A) closed before activation: A, still in use, was refused a replacement
+    ("replace that one") and B too (closed): A could never be replaced."""
+    a = order(ledger)
+    activated(ledger, a)
+    b = ok(run(ledger, commands.replace_card(str(a["id"]), "expiring", SOURCE, None)))
+    ok(run(ledger, commands.change_card_status(str(b["id"]), "close")))
+    assert swipe(ledger, str(a["pan"]), "000031") == ("00", "approved")
+    c = ok(run(ledger, commands.replace_card(str(a["id"]), "expiring", SOURCE, None)))
+    assert c["replaces"] == a["id"]
+
+
+def with_legacy_limits(ledger: Ledger, card_id: str) -> None:
+    """The card's record as one written before card controls: shorthands of its own."""
+    with ledger.write() as writer:
+        found = writer.card_by_id(card_id)
+        assert found is not None
+        key, card = found
+        legacy = msgspec.structs.replace(card, per_transaction_limit=50, blocked_mccs=("5411",))
+        writer.put_card(key, legacy, card.account_id)
+
+
+def test_an_older_records_limits_go_with_new_controls_and_stay_on_its_replacement(
+    ledger: Ledger,
+) -> None:
+    """The engine reads an older record's shorthands as its controls: new controls through
+    the API left them declining with nothing on screen to say why, and a replacement card
+    dropped them."""
+    a = order(ledger)
+    activated(ledger, a)
+    with_legacy_limits(ledger, str(a["id"]))
+    assert swipe(ledger, str(a["pan"]), "000041") == ("57", "mcc_blocked")
+    ok(run(ledger, commands.set_card_controls(str(a["id"]), commands.Controls())))
+    assert swipe(ledger, str(a["pan"]), "000042") == ("00", "approved")
+    with_legacy_limits(ledger, str(a["id"]))
+    b = ok(run(ledger, commands.replace_card(str(a["id"]), "lost", SOURCE, None)))
+    activated(ledger, b)
+    assert swipe(ledger, str(b["pan"]), "000043") == ("57", "mcc_blocked")
+
+
 def test_a_card_reported_lost_first_can_still_be_replaced(ledger: Ledger) -> None:
     a = order(ledger)
     activated(ledger, a)
