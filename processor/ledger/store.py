@@ -1265,6 +1265,16 @@ class Reader:
             raw = bytes(key)
             yield _U64.unpack(raw[:8])[0], _U64.unpack(raw[8:])[0], bytes(value)
 
+    def rrn_entries(self) -> Iterator[tuple[bytes, bytes]]:
+        """(RRN lookup, answer key) of every RRN index entry: for checks."""
+        for key, value in self._txn.cursor(db=self._dbs["rrn_index"]):
+            yield bytes(key), bytes(value)
+
+    def events_numbered(self) -> int:
+        """How many events the ledger has numbered (the next one's sequence less one)."""
+        raw = self._txn.get(b"seq:event", db=self._dbs["meta"])
+        return 0 if raw is None else int(_U64.unpack(raw)[0]) - 1
+
     def all_answers(self) -> Iterator[StoredAnswer]:
         """Every stored answer; walks the database: for checks, not for hot paths."""
         for raw in self._txn.cursor(db=self._dbs["answers"]).iternext(keys=False, values=True):

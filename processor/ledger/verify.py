@@ -11,7 +11,10 @@ a kill -9, after a migration):
   that exists, of the same account, unless retention pruned the answer that kept it;
 - the outbox's sequences run from 1 (or from after the last event retention pruned) without a
   gap, and each account's events are numbered 1, 2, ... (or on from its first one kept) up to
-  the account's `event_sequence`, none missing or repeated.
+  the account's `event_sequence`, none missing or repeated; the event counter is not behind
+  the last event (the next write would fail on it);
+- every RRN index entry names an answer that is kept (a reversal without field 90 would
+  find nothing, or a key used again a year on).
 
 A read transaction does not block the daemon's writers, so this runs beside a serving daemon;
 it walks every record, so it takes time on a large ledger and keeps the pages it reads from
@@ -138,6 +141,17 @@ def verify(reader: Reader) -> Verified:
             )
     for account_id in numbered.keys() - accounts.keys():
         problem(f"account {account_id}: has events but no record")
+    numbered_events = reader.events_numbered()
+    if expected - 1 > numbered_events:
+        problem(
+            f"outbox: events up to {expected - 1}, but the ledger has numbered {numbered_events}"
+        )
+    for lookup, answer_key in reader.rrn_entries():
+        if reader.answer(answer_key) is None:
+            problem(
+                f"RRN index: {lookup.decode(errors='replace')} names "
+                f"{answer_key.decode(errors='replace')}, which is not kept"
+            )
     return Verified(
         accounts=len(accounts),
         holds=holds,

@@ -122,6 +122,22 @@ def test_an_open_hold_missing_from_the_expiry_index_is_named(ledger: Ledger) -> 
     assert found.problems == [f"hold {open_hold.hold_id}: open, but not in the hold expiry index"]
 
 
+def test_an_rrn_entry_naming_no_answer_and_an_event_counter_behind_are_named(
+    ledger: Ledger,
+) -> None:
+    """Both passed verify: a reversal without field 90 then found nothing, and the next
+    event written failed (its sequence not above the outbox's last)."""
+    with ledger.write() as writer:
+        txn, dbs = writer._txn, writer._dbs  # damage no processor path could do
+        writer.index_rrn(b"633012000777|123456|000777", b"0100|123456|000777|1124120000")
+        assert txn.put(b"seq:event", struct.pack(">Q", 3), db=dbs["meta"])
+    with ledger.read() as reader:
+        found = verify(reader)
+    text = "\n".join(found.problems)
+    assert "RRN index: 633012000777|123456|000777 names 0100|123456|000777|1124120000" in text
+    assert f"outbox: events up to {DEMO_LOAD_EVENTS + 6}, but the ledger has numbered 2" in text
+
+
 def test_stats_count_each_database_and_date_the_ones_in_time_order(ledger: Ledger) -> None:
     stats = {each.name: each for each in ledger.stats()}
     with ledger.read() as reader:
