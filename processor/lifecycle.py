@@ -461,8 +461,13 @@ class Lifecycle:
         # could not record is flagged in the reason, never refused.
         card = writer.card(card_key)
         if request.network_response_code not in (None, "00", "10"):
+            # About the card's account all the same: its event belongs in that account's
+            # stream (an event of no account reaches the programme's lane only).
             return Result(
-                "00", "advice_of_decline", card_id=card.card_id if card is not None else None
+                "00",
+                "advice_of_decline",
+                card_id=None if card is None else card.card_id,
+                account_id=None if card is None else card.account_id,
             )
         if card is None:
             return Result("00", "advice_unknown_card")
@@ -689,7 +694,14 @@ class Lifecycle:
         advice = request.message_class == "0420"
         found = self._original(writer, request)
         if found is None:
-            return Result("00", "orphan_reversal") if advice else Result("25", "original_not_found")
+            card = writer.card(card_key)  # a known card's: its account's event stream has it
+            code, reason = ("00", "orphan_reversal") if advice else ("25", "original_not_found")
+            return Result(
+                code,
+                reason,
+                card_id=None if card is None else card.card_id,
+                account_id=None if card is None else card.account_id,
+            )
         original_key, original = found
         mismatch = self._card_mismatch(writer, card_key, original)
         if mismatch is not None:

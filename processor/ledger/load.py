@@ -292,7 +292,11 @@ def _conflicts(
             # Its cards' limits in the old currency would be skipped for good (a limit
             # weighs only amounts in its own currency): the file must give them anew.
             for held in reader.account_cards(entry.id):
-                if held.card_id not in cards_in_file and _priced_in(held, existing):
+                if (
+                    held.card_id not in cards_in_file
+                    and held.status not in CARD_STATUSES_FINAL  # it never authorises again
+                    and _priced_in(held, existing)
+                ):
                     errors.append(
                         f"{source}: $.accounts[{index}].currency: card {held.card_id} on "
                         f"account {entry.id} has limits in {existing.currency}; give its "

@@ -993,6 +993,9 @@ class LifecycleMachine(RuleBasedStateMachine):
             answer.reason = self.completion(fields, card, int(fields["4"]), answer)
         else:
             answer.code, answer.reason = self.reversal(fields, message_class, answer)
+            if answer.reason in ("orphan_reversal", "original_not_found") and card.account:
+                # About a known card all the same: in its account's stream and history.
+                answer.account, answer.card_id = card.account, self.card_ids.get(card.pan)
         return answer, response
 
     def stand_in(
@@ -1000,6 +1003,7 @@ class LifecycleMachine(RuleBasedStateMachine):
     ) -> str:
         if fields.get("39") not in (None, "00", "10"):
             answer.card_id = self.card_ids.get(card.pan)
+            answer.account = card.account  # in its account's stream and history
             return "advice_of_decline"
         if card.account is None:
             return "advice_unknown_card"
