@@ -525,6 +525,18 @@ def test_a_currency_change_whose_cards_chunk_failed_leaves_no_old_amounts_on_a_r
         assert usage is not None and usage.counters[""][0::2] == [0] * 5
 
 
+def test_a_stopped_cards_old_limits_do_not_block_a_currency_change(loaded: Ledger) -> None:
+    """A closed card never authorises again: its limits in the old currency refused the
+    change all the same."""
+    closed = f'[[cards]]\npan = "{MAIN}"\naccount = "acct-main"\nexpiry = "3012"\n'
+    closed += 'status = "closed"\nper_transaction_limit = 50000\n'
+    load_text(loaded, closed.encode())
+    load_text(loaded, b'[[accounts]]\nid = "acct-main"\ncurrency = "JPY"\nbalance = 10\n')
+    with loaded.read() as reader:
+        account = reader.account("acct-main")
+        assert account is not None and account.currency == "JPY"
+
+
 def test_a_load_that_changes_an_accounts_terms_says_which(loaded: Ledger) -> None:
     seen = events_made(loaded)
     load_text(
