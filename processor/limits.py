@@ -138,9 +138,10 @@ retention_visits_idle: Final = 256
 # without a look at the ledger until the minute has passed; addresses remembered at most.
 reveal_refusals_per_minute_max: Final = 20
 reveal_addresses_remembered_max: Final = 10_000
-# Events are kept in commit order, stamped with a clock read earlier (a worker's, before LMDB's
-# writer lock: a batch or two, at worst the requests' deadline of 1.5 s): answers this much
-# older than the oldest event kept stay with it, for an event behind it stamped earlier. Not
+# Records are kept in commit order, stamped with a clock read earlier (a worker's, before LMDB's
+# writer lock: a batch or two, at worst the requests' deadline of 1.5 s). Retention keeps the
+# answers this much older than the oldest event kept (an event behind it stamped earlier), and
+# a history walk takes an answer this much newer than the step before as still its own. Not
 # more: with short horizons every second kept is live data (a clock stepped back further
 # loses those events' facts from their answers; the events keep their own).
 event_order_skew_ms: Final = 2_000

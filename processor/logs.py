@@ -6,8 +6,9 @@ every `extra=` field of the call whose value JSON can carry (others are left out
 
 The masking is a safety net, not the protection: code must not log PANs at all. Every string that
 leaves (message, traceback, logger name, extra keys and values, numbers written out) has each run
-of 13-19 digits masked like `processor.security.mask_pan` (first six, stars, last four), so a PAN
-that slips into a log call or an exception message still never reaches a log line.
+of 13 digits or more, grouped by spaces or dashes or not, masked
+(`processor.security.mask_card_numbers`: first six, stars, last four), so a PAN that slips into
+a log call or an exception message still never reaches a log line.
 
 The "processor: ..." lines on stdout (`processor.app.announce`) are not logs: people and
 test harnesses read them, and they keep their plain form.
