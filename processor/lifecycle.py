@@ -51,6 +51,8 @@ ORIGINAL_CLASSES: Final = ("0100", "0200", "0120")
 ADVICE_CLASSES: Final = ("0120", "0220", "0420")
 # An 0120 about a transaction this issuer approved itself: it stands for that approval.
 ADVICE_OF_APPROVAL: Final = "advice_of_issuer_approval"
+# An 0120 about a purchase already posted (a completion or presentment came first).
+ADVICE_OF_POSTING: Final = "advice_of_posted_purchase"
 
 
 def confirmed_original(
@@ -62,7 +64,7 @@ def confirmed_original(
     it; an 0100 declined or never received stands for the 0120 that approved it in its place
     and opened the hold (an acquirer's reversal names the 0100). Else the answer itself."""
     if key.startswith(b"0120|"):
-        if answer is None or answer.reason != ADVICE_OF_APPROVAL:
+        if answer is None or answer.reason not in (ADVICE_OF_APPROVAL, ADVICE_OF_POSTING):
             return None if answer is None else (key, answer)
         approval_key = b"0100" + key[4:]
         approval = writer.answer(approval_key)
@@ -519,21 +521,41 @@ class Lifecycle:
     ) -> Result | None:
         """An 0120 about an 0100 this issuer approved (its answer reached the network too late,
         and the network stood in): that approval's hold, open or captured, holds the money
-        already, and a second hold would take it twice. Acknowledged, naming the hold; None
-        when there is no such approval (declined, unknown, or its hold released or expired:
-        then the network's stand-in is the only approval, and opens its own hold)."""
+        already, and a second hold would take it twice. Acknowledged, naming the hold; or
+        about a purchase posted already (below). None when there is neither (declined,
+        unknown, or its hold released or expired: then the network's stand-in is the only
+        approval, and opens its own hold)."""
         key = transaction_key("0100", request.acquirer, request.stan, request.transmission_datetime)
-        hold = writer.hold_of(key, writer.answer(key))
-        if hold is None or hold.card_id != card.card_id or hold.status not in ("open", "captured"):
-            return None
-        return Result(
-            "00",
-            ADVICE_OF_APPROVAL,
-            account_id=hold.account_id,
-            card_id=card.card_id,
-            hold_id=hold.hold_id,
-            rrn_indexed=False,
-        )
+        answer = writer.answer(key)
+        hold = writer.hold_of(key, answer)
+        approved = hold is not None and hold.status in ("open", "captured")
+        if approved and hold is not None and hold.card_id == card.card_id:
+            return Result(
+                "00",
+                ADVICE_OF_APPROVAL,
+                account_id=hold.account_id,
+                card_id=card.card_id,
+                hold_id=hold.hold_id,
+                rrn_indexed=False,
+            )
+        # Posted already, without a hold: a 0220 or a presentment came before the advice (its
+        # 0100 declined, or never seen; found by the 0100's key or through the RRN). A stand-in
+        # hold would take the money a second time until it expired.
+        posted = answer if answer is not None and answer.posted_amount else None
+        if posted is None and request.rrn_key is not None:
+            indexed = writer.answer_by_rrn(request.rrn_key)
+            found = None if indexed is None else writer.answer(indexed)
+            if found is not None and found.posted_amount and found.hold is None:
+                posted = found
+        if posted is not None and posted.card_id in (None, card.card_id):
+            return Result(
+                "00",
+                ADVICE_OF_POSTING,
+                account_id=card.account_id,
+                card_id=card.card_id,
+                rrn_indexed=False,
+            )
+        return None
 
     # --- matching an original ------------------------------------------------------------------
 

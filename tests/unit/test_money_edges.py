@@ -617,7 +617,8 @@ def test_a_declined_0100_already_posted_does_not_lead_to_a_later_stand_in(
     tmp_path: Path,
 ) -> None:
     """Declined, then force-posted by a 0220, then an 0120 held the purchase again: the
-    presentment naming the 0100 captured that hold, a second debit."""
+    presentment naming the 0100 captured that hold, a second debit. (The 0120 holds nothing
+    now either: advice_of_posted_purchase.)"""
     ledger, authorizer = build(tmp_path)
     answer(authorizer, request(**{"4": "000000900000", "11": "000001"}))  # 51
     answer(
@@ -627,12 +628,12 @@ def test_a_declined_0100_already_posted_does_not_lead_to_a_later_stand_in(
         ),
     )
     answer(authorizer, stand_in("000001", "000000003000"))
-    assert balances(ledger, "acct-a") == (7000, 3000)
+    assert balances(ledger, "acct-a") == (7000, 0)
     summary = apply_clearing(
         ledger, parse_lines(presentment_of("000001", 3000, "clr-1")), HASHER, START
     )
     assert (summary.already_posted, summary.matched) == (1, 0)
-    assert balances(ledger, "acct-a") == (7000, 3000)
+    assert balances(ledger, "acct-a") == (7000, 0)
 
 
 def test_another_cards_stand_in_of_the_same_identity_is_not_taken_for_the_0100(
@@ -690,3 +691,24 @@ def test_a_stand_in_past_twelve_digits_converted_is_held_all_the_same(tmp_path: 
     )
     assert reversal.reason == "reversal_no_change"
     assert balances(ledger, "acct-a") == (10000, 10**13)
+
+
+def test_an_advice_after_its_purchase_was_posted_holds_nothing(tmp_path: Path) -> None:
+    """A completion (naming the declined 0100, or with no field 90) posted the purchase
+    before the network's 0120 came: the stand-in held it a second time until it expired."""
+    for number, by_field_90 in enumerate((True, False)):
+        ledger, authorizer = build(tmp_path / str(number))
+        if by_field_90:
+            answer(authorizer, request(**{"4": "000000900000", "11": "000001"}))  # 51
+        [posted] = answer(
+            authorizer, completion_of("000001", "000000003000", by_field_90=by_field_90)
+        )
+        assert posted.reason == "force_post"
+        [advice] = answer(authorizer, stand_in("000001", "000000003000"))
+        assert advice.reason == "advice_of_posted_purchase", by_field_90
+        assert balances(ledger, "acct-a") == (7000, 0), by_field_90
+        summary = apply_clearing(
+            ledger, parse_lines(presentment_of("000001", 3000, "clr-1")), HASHER, START
+        )
+        assert (summary.already_posted, summary.force_posted, summary.matched) == (1, 0, 0)
+        assert balances(ledger, "acct-a") == (7000, 0), by_field_90
