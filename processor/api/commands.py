@@ -516,6 +516,7 @@ def _issue(
     *,
     shipping: Shipping | None = None,
     replaces: str | None = None,
+    frozen: bool = False,
 ) -> Reply:
     issuing = source.config
     expiry = expiry_after(now_ms, issuing.expiry_months)
@@ -540,7 +541,7 @@ def _issue(
         pan,
         account_id=account.id,
         expiry=expiry,
-        status="active" if shipping is None else "inactive",
+        status="inactive" if shipping is not None else "frozen" if frozen else "active",
         controls=controls,
         created_ms=now_ms,
         virtual=shipping is None,
@@ -702,6 +703,9 @@ def replace_card(
             ),
             shipping=ship if physical else None,
             replaces=replaces,
+            # A card the programme froze stays frozen in its replacement (a virtual one is
+            # live at once: a damaged report got round the freeze).
+            frozen=old.status == "frozen",
         )
         new_id = msgspec.json.decode(reply.body)["id"]
         for each in {old.card_id, replaces}:  # each points at the card that now replaces it

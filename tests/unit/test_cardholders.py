@@ -221,6 +221,19 @@ def test_a_replacement_does_not_get_round_the_accounts_rejection(ledger: Ledger)
     assert isinstance(refused, Refused) and refused.code == "kyc_not_approved"
 
 
+def test_a_frozen_virtual_cards_replacement_is_frozen_too(ledger: Ledger) -> None:
+    """A virtual replacement is live at once: reported damaged, a card the programme froze
+    came back active in its replacement."""
+    holder = new_cardholder(ledger)
+    run(ledger, commands.set_kyc_status(holder, "approved"))
+    run(ledger, commands.create_account("a5", "EUR", 0, None, holder))
+    card = body(run(ledger, commands.issue_virtual_card("a5", None, HASHER, ISSUING)))
+    run(ledger, commands.change_card_status(str(card["id"]), "freeze"))
+    source = commands.Issuing(hasher=HASHER, config=ISSUING)
+    new = body(run(ledger, commands.replace_card(str(card["id"]), "damaged", source, None)))
+    assert new["status"] == "frozen"
+
+
 def test_the_stored_idempotent_reply_holds_no_personal_data(ledger: Ledger) -> None:
     from processor.api.commands import Idempotency, idempotent
 
