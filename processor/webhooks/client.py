@@ -33,6 +33,11 @@ KEEPALIVE_SECONDS: Final = 30.0
 IDLE_CONNECTIONS_PER_ORIGIN_MAX: Final = 64
 HEADER_VALUE_KEPT_BYTES_MAX: Final = 2048  # of Location and Retry-After; the rest is dropped
 ANSWER_HEADERS_BYTES_MAX: Final = 64 * 1024  # an answer whose headers run longer is refused
+# All of an answer (its body and chunked trailers too): nothing of it is read but its status
+# and two headers, and trailers, after the headers, were gathered without bound (httptools
+# joins a header value by repeated concatenation: quadratic, a hostile receiver pinned a
+# core and 200 MiB in 10 s on one connection).
+ANSWER_BYTES_MAX: Final = 1024 * 1024
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,12 +100,14 @@ class _Connection(asyncio.Protocol):
         if self._parser is None:
             self._fail(HttpError("bad_answer", "bytes from the server with no request out"))
             return
-        if not self._headers_done:
-            # httptools gathers a header line before it calls back, unbounded: count here.
-            self._header_bytes += len(data)
-            if self._header_bytes > ANSWER_HEADERS_BYTES_MAX:
-                self._fail(HttpError("bad_answer", "headers over 64 KiB"))
-                return
+        # httptools gathers a header line before it calls back, unbounded: count here.
+        self._header_bytes += len(data)
+        if not self._headers_done and self._header_bytes > ANSWER_HEADERS_BYTES_MAX:
+            self._fail(HttpError("bad_answer", "headers over 64 KiB"))
+            return
+        if self._header_bytes > ANSWER_BYTES_MAX:
+            self._fail(HttpError("bad_answer", "answer over 1 MiB"))
+            return
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:

@@ -161,6 +161,9 @@ class Dispatcher:
         self._client: HttpClient | None = None
         self.state = state
         self._positions: dict[str, int] = {}
+        # Per endpoint, dead letters a `replay --from` rewound over: each is forgotten once
+        # delivered (kept, it stayed listed as dead and held retention's floor for good).
+        self._rewound_dead: dict[str, set[int]] = {}
         # Per endpoint, the clock time before which no attempt starts (from Retry-After).
         self._paused_until: dict[str, float] = {}
         # Endpoints that answered 410, as in the state (which the CLI changes): read at start,
@@ -375,6 +378,10 @@ class Dispatcher:
                         raised.pop(record.sequence, None)
                         if outcome == "disabled":
                             continue  # the next pass abandons everything
+                        dead = self._rewound_dead.get(name)
+                        if dead and outcome == "delivered" and record.sequence in dead:
+                            dead.discard(record.sequence)
+                            self._state.forget_dead_letter(name, record.sequence)
                         key = _account_key(record)
                         owners.discard(key)
                         later = held.get(key, deque())
@@ -497,6 +504,11 @@ class Dispatcher:
                     self.state.request_replay(name, *kept)
                 break
             if kind == "from":
+                self._rewound_dead.setdefault(name, set()).update(
+                    letter.sequence
+                    for letter in self.state.dead_letters(name)
+                    if letter.sequence >= sequence
+                )
                 position = min(position, sequence)
                 self.state.advance(name, position)
                 self._positions[name] = position  # what stop() writes, if it comes meanwhile

@@ -135,6 +135,8 @@ class DeliveryState:
         assert kind in ("from", "one"), kind
         with self.env.begin(write=True) as txn:
             key = endpoint.encode() + b"\x00" + _U64.pack(sequence)
+            if kind == "one" and txn.get(key, db=self._replays) == b"from":
+                return  # a rewind from it delivers it again anyway; overwritten, it was lost
             txn.put(key, kind.encode(), db=self._replays)
 
     def has_replays(self, endpoint: str) -> bool:

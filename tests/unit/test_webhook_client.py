@@ -4,6 +4,7 @@ back, when a connection is kept, and every way an answer can fail to come."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -288,6 +289,39 @@ def test_headers_that_never_end_are_refused_without_waiting_for_the_timeout() ->
         return b"HTTP/1.1 200 OK\r\nX-Endless: " + b"a" * 100_000, False  # and no line end
 
     assert failure_of(script, timeout_seconds=30.0)[0] == "bad_answer"
+
+
+def test_trailers_that_never_end_are_refused_without_waiting_for_the_timeout() -> None:
+    """Only the headers were counted: chunked trailers sent after them were gathered without
+    bound (quadratic in httptools) until the timeout."""
+
+    async def body() -> HttpError:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the headers are read, and complete, first
+            writer.write(b"0\r\nX-Trailer: ")
+            with contextlib.suppress(ConnectionError):
+                for _ in range(64):  # 4 MiB of one trailer line, in reads of their own
+                    writer.write(b"a" * 65536)
+                    await writer.drain()
+                    await asyncio.sleep(0)
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = HttpClient()
+        try:
+            with pytest.raises(HttpError) as failure:
+                await client.post(f"http://127.0.0.1:{port}/", b"{}", {}, 30.0)
+        finally:
+            await client.close()
+            server.close()
+        return failure.value
+
+    failure = asyncio.run(body())
+    assert (failure.kind, "answer over 1 MiB" in str(failure)) == ("bad_answer", True)
 
 
 def test_an_upgrade_answer_is_refused() -> None:

@@ -842,3 +842,33 @@ def test_replays_taken_when_the_process_stops_are_kept_for_its_next_start(
         assert harness.state.take_replays("main") == [(3, "one")]
 
     run(tmp_path, [], test, accounts=("a", "b", "c"))
+
+
+def test_a_replay_of_one_event_does_not_undo_a_rewind_from_it(tmp_path: Path) -> None:
+    """Both were kept under endpoint + sequence: `replay --event` after `replay --from` of
+    the same event overwrote the rewind, and the events after it were never replayed."""
+
+    async def test(harness: Harness) -> None:
+        harness.state.advance("main", 4)  # events 1..3 delivered
+        harness.state.request_replay("main", 1, "from")
+        harness.state.request_replay("main", 1, "one")
+        await harness.dispatcher.start()
+        await wait_until(lambda: sorted(event_sequences(harness.receiver)) == [1, 2, 3])
+
+    run(tmp_path, [], test, accounts=("a", "b", "c"))
+
+
+def test_a_dead_letter_delivered_by_a_rewind_is_no_longer_dead(tmp_path: Path) -> None:
+    """Only a replay of one event forgot its dead letter: delivered by `replay --from`, it
+    stayed listed as dead, and held retention's floor at it for good."""
+
+    async def test(harness: Harness) -> None:
+        await harness.dispatcher.start()
+        await wait_until(lambda: len(harness.state.dead_letters("main")) == 1)
+        await wait_until(lambda: harness.state.position("main") == 2)
+        harness.receiver.otherwise = (204, {})
+        harness.state.request_replay("main", 1, "from")
+        await wait_until(lambda: harness.state.dead_letters("main") == [])
+        assert harness.state.floor(["main"]) == 2
+
+    run(tmp_path, [], test, otherwise=(500, {}), retry_max_age_seconds=10)
