@@ -698,5 +698,11 @@ def shown_location(location: str | None) -> str:
         parts = urlsplit(location)
     except ValueError:
         return "(an unreadable Location)"
+    if not parts.netloc:
+        # No "//": urlsplit finds no host, and user info ("u:secret@host/x") sits in the
+        # path. What comes before the last "@" goes, wherever it is.
+        return (
+            location.rpartition("@")[2].split("?")[0].split("#")[0][:LOCATION_SHOWN_CHARACTERS_MAX]
+        )
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, host, parts.path, "", ""))[:LOCATION_SHOWN_CHARACTERS_MAX]

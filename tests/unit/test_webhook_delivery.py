@@ -312,6 +312,9 @@ def test_a_redirect_answered_until_the_retry_age_is_a_dead_letter(tmp_path: Path
         (None, "(no Location)"),
         ("http://[::1", "(an unreadable Location)"),
         ("https://h.example/" + "a" * 500, "https://h.example/" + "a" * 182),
+        # No "//": the user info sat in what urlsplit takes for the path, shown in clear.
+        ("u:secret@h.example/x?k=1", "h.example/x"),
+        ("http:u:secret@h.example/x", "h.example/x"),
     ],
 )
 def test_a_location_is_logged_without_what_may_be_a_credential(

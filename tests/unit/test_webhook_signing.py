@@ -104,6 +104,13 @@ def test_a_receiver_with_either_secret_verifies_one_with_neither_does_not() -> N
     assert not verify([parse_secret(SECRET_OTHER, "c")], signed, BODY, now=TIMESTAMP)
 
 
+def test_our_receiver_refuses_a_timestamp_of_other_digits_instead_of_failing() -> None:
+    """ "²" is a digit to isdigit(): int() then raised, a 500 from `webhooks listen`."""
+    signed = headers([parse_secret(SECRET, "a")], "evt_1", TIMESTAMP, BODY)
+    signed["webhook-timestamp"] = "\u00b2"
+    assert not verify([parse_secret(SECRET, "a")], signed, BODY, now=TIMESTAMP)
+
+
 def configured(*variables: str) -> WebhookEndpoint:
     return WebhookEndpoint(name="main", url="https://hooks.example/", secret_envs=variables)
 
