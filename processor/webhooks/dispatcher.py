@@ -520,7 +520,7 @@ class Dispatcher:
             if found is None:
                 continue
             try:
-                outcome = await self.deliver(endpoint, found, ledger_id)
+                outcome = await self.deliver(endpoint, found, ledger_id, once=True)
             except asyncio.CancelledError:  # stopped: this request and the rest wait for a start
                 for kept in requests[index:]:
                     self.state.request_replay(name, *kept)
@@ -532,9 +532,13 @@ class Dispatcher:
         self._positions[name] = position
         return position
 
-    async def deliver(self, endpoint: Endpoint, record: OutboxRecord, ledger_id: str) -> Outcome:
+    async def deliver(
+        self, endpoint: Endpoint, record: OutboxRecord, ledger_id: str, *, once: bool = False
+    ) -> Outcome:
         """One event to one endpoint, retried until delivered or dead-lettered, or until the
-        endpoint is disabled (this event's 410, or another's)."""
+        endpoint is disabled (this event's 410, or another's). `once`: one attempt, and a
+        dead letter if it fails (a replay of one event runs in the endpoint's loop: retried
+        there with back-off, it held every other account's events for up to a day)."""
         event = render(record, ledger_id)
         body = msgspec.json.encode(event)
         name = endpoint.config.name
@@ -575,7 +579,7 @@ class Dispatcher:
                 )
             now = self._clock.now()
             age_seconds = now - record.created_ms / 1000
-            if age_seconds >= endpoint.config.retry_max_age_seconds:
+            if once or age_seconds >= endpoint.config.retry_max_age_seconds:
                 self._bury(
                     name,
                     DeadLetter(

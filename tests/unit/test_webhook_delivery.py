@@ -875,3 +875,21 @@ def test_a_dead_letter_delivered_by_a_rewind_is_no_longer_dead(tmp_path: Path) -
         assert harness.state.floor(["main"]) == 2
 
     run(tmp_path, [], test, otherwise=(500, {}), retry_max_age_seconds=10)
+
+
+def test_a_replay_of_one_event_that_fails_is_a_dead_letter_not_a_wait(tmp_path: Path) -> None:
+    """It ran in the endpoint's loop with the back-off of any failing event: every other
+    account's events waited behind it, up to its retry age (a day by default)."""
+    clock = ManualClock()
+
+    async def test(harness: Harness) -> None:
+        harness.state.advance("main", 2)  # event 1 (account a) delivered
+        harness.state.request_replay("main", 1, "one")  # answered 500
+        await harness.dispatcher.start()
+        await wait_until(lambda: len(harness.receiver.requests) == 1)
+        add_events(harness.ledger, ["b"])
+        harness.dispatcher.notify()
+        await wait_until(lambda: event_sequences(harness.receiver) == [1, 2])
+        assert [letter.sequence for letter in harness.state.dead_letters("main")] == [1]
+
+    run(tmp_path, [(500, {})], test, clock=clock, accounts=("a",))
