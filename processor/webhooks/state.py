@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Final
 
 import lmdb
 import msgspec
@@ -52,12 +53,21 @@ def state_path(config: Config) -> Path:
     return Path(config.ledger.path) / "webhooks"
 
 
+# The state's map: it starts here and doubles when a write does not fit, up to the ceiling
+# (dead letters are ~80 bytes each: a dead endpoint at 2,000 events/s filled a fixed 64 MiB in
+# about seven minutes, and then no event of it could be buried, nor the endpoint move on).
+STATE_MAP_BYTES: Final = 64 << 20
+STATE_MAP_BYTES_MAX: Final = 64 << 30
+
+
 class DeliveryState:
-    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, *, readonly: bool = False, map_size: int = STATE_MAP_BYTES
+    ) -> None:
         Path(path).mkdir(mode=0o700, parents=True, exist_ok=True) if not readonly else None
         self.env = lmdb.open(
             str(path),
-            map_size=64 << 20,
+            map_size=map_size,
             max_dbs=8,
             sync=False,
             metasync=False,
@@ -111,9 +121,20 @@ class DeliveryState:
         return min(needed)
 
     def bury(self, endpoint: str, letter: DeadLetter) -> None:
-        with self.env.begin(write=True) as txn:
-            key = endpoint.encode() + b"\x00" + _U64.pack(letter.sequence)
-            txn.put(key, self._encoder.encode(letter), db=self._dead)
+        key = endpoint.encode() + b"\x00" + _U64.pack(letter.sequence)
+        encoded = self._encoder.encode(letter)
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    txn.put(key, encoded, db=self._dead)
+                return
+            except lmdb.MapFullError:
+                size = self.env.info()["map_size"]
+                if size >= STATE_MAP_BYTES_MAX:
+                    raise
+                # No transaction of this process is open here (one thread, none held): the
+                # map may change. Long-lived readers elsewhere adopt it (DeliveryFloor).
+                self.env.set_mapsize(min(size * 2, STATE_MAP_BYTES_MAX))
 
     def dead_letters(self, endpoint: str) -> list[DeadLetter]:
         prefix = endpoint.encode() + b"\x00"
@@ -219,9 +240,16 @@ class DeliveryFloor:
         self._read_at = now
         try:
             if self._state is None and (self._path / "data.mdb").exists():
-                self._state = DeliveryState(self._path, readonly=True)
+                # The smallest map: LMDB takes the file's own size when it is larger, and this
+                # reader then follows the delivery process's growth (MapResizedError below).
+                self._state = DeliveryState(self._path, readonly=True, map_size=1 << 20)
             if self._state is not None:
-                self._floor = self._state.floor(self._endpoints)
+                try:
+                    self._floor = self._state.floor(self._endpoints)
+                except lmdb.MapResizedError:
+                    # The delivery process grew the map: adopt its size, read again.
+                    self._state.env.set_mapsize(0)
+                    self._floor = self._state.floor(self._endpoints)
         except lmdb.Error as error:
             # Unreadable now (being created, damaged): as if nothing were delivered, so no
             # event is pruned meanwhile. Never an error for the batch asking.

@@ -306,6 +306,57 @@ def test_an_unreadable_delivery_state_keeps_every_event(tmp_path: Path) -> None:
     assert DeliveryFloor(Config(ledger=LedgerConfig(path=str(tmp_path / "x"))))() is None
 
 
+def test_dead_letters_grow_the_delivery_state_and_the_floor_reads_on(tmp_path: Path) -> None:
+    """The state's map was a fixed 64 MiB: some 815,000 dead letters filled it, and then the
+    endpoint could bury nothing more and never moved on. It grows; the daemon's floor reader
+    (another process) adopts the new size instead of reading "unreadable" (and so keeping
+    every event for good)."""
+    import subprocess
+    import sys
+
+    from processor.config import Config, LedgerConfig, WebhookEndpoint, WebhooksConfig
+    from processor.webhooks.state import DeliveryFloor
+
+    config = Config(
+        ledger=LedgerConfig(path=str(tmp_path / "ledger")),
+        webhooks=WebhooksConfig(
+            endpoints=(WebhookEndpoint(name="a", url="http://127.0.0.1:9/", secret_envs=("S",)),)
+        ),
+    )
+    where = tmp_path / "ledger" / "webhooks"
+    writer = (
+        "import sys\n"
+        "from processor.webhooks.state import DeadLetter, DeliveryState\n"
+        "state = DeliveryState(sys.argv[1], map_size=1 << 20)\n"
+        "state.advance('a', 50_000)\n"
+        "for sequence in range(int(sys.argv[2]), int(sys.argv[3])):\n"
+        "    state.bury('a', DeadLetter(sequence=sequence, event_id='e', attempts=1,\n"
+        "                               last_error='x', dead_ms=1))\n"
+        "print(state.env.info()['map_size'])\n"
+        "state.close()\n"
+    )
+
+    def delivery_process(first: int, end: int) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", writer, str(where), str(first), str(end)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        return int(done.stdout)
+
+    assert delivery_process(40_000, 40_001) == 1 << 20
+    ticks = iter(range(0, 10_000, 10))
+    floor = DeliveryFloor(config, clock=lambda: float(next(ticks)))
+    try:
+        assert floor() == 40_000
+        assert delivery_process(20_000, 40_000) > 1 << 20  # grown, not full
+        assert floor() == 20_000  # the oldest dead letter, read through the grown map
+    finally:
+        floor.close()
+
+
 @given(
     st.builds(
         StoredAnswer,
