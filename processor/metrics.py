@@ -30,8 +30,16 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 # Families a sum over processes would make meaningless: the primary's own stand for the daemon.
+# (Open descriptors against the primary's limit alone: summed, the usual open/max alert read
+# (workers + 1) times too high.)
 NOT_SUMMED: Final = frozenset(
-    {"process_start_time_seconds", "process_max_fds", "python_info", "processor_build"}
+    {
+        "process_start_time_seconds",
+        "process_max_fds",
+        "process_open_fds",
+        "python_info",
+        "processor_build",
+    }
 )
 Labelled = TypeVar("Labelled", bound=MetricWrapperBase)
 ANSWER_KINDS_CACHED_MAX: Final = 4096  # cached label children of (MTI, code, reason) seen
@@ -241,7 +249,24 @@ class Metrics:
             "processor_webhook_delivery_seconds",
             "Commit of an event to its 2xx, by endpoint",
             ["endpoint"],
-            buckets=(*COMMIT_BUCKETS_SECONDS, 2.5, 5.0, 10.0, 30.0, 60.0),
+            # Up to a day: retries back off to 5 minutes and go on for retry_max_age_seconds
+            # (a day); past 60 s every delivery read as 60 s in the quantiles.
+            buckets=(
+                *COMMIT_BUCKETS_SECONDS,
+                2.5,
+                5.0,
+                10.0,
+                30.0,
+                60.0,
+                120.0,
+                300.0,
+                600.0,
+                1800.0,
+                3600.0,
+                7200.0,
+                21600.0,
+                86400.0,
+            ),
             registry=r,
         )
         self.webhook_endpoint_disabled = Gauge(

@@ -186,8 +186,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready while accepting, the ledger answers a read transaction and has room: 503 when it
-    is full at its ceiling (authorisations are answered 96), ready but `degraded` from 90 %
-    of the ceiling in use."""
+    is full at its ceiling or the last batch failed to commit (authorisations are answered
+    96), ready but `degraded` from 90 % of the ceiling in use."""
     daemon = request.app[DAEMON_KEY]
     if daemon.stopping:
         return web.json_response({"ready": False, "reason": "stopping"}, status=503)
@@ -204,6 +204,13 @@ async def readyz(request: web.Request) -> web.Response:
     if daemon.ledger_full or used >= limits.map_used_full_ratio:
         return web.json_response(
             {"ready": False, "reason": "ledger_full", "map_used_ratio": round(used, 3)},
+            status=503,
+        )
+    if daemon.ledger_failing is not None:
+        # Reads work, writes do not (a disk error, a file size limit, a lost checkpoint):
+        # every authorisation of the last batch was answered 96.
+        return web.json_response(
+            {"ready": False, "reason": "ledger_error", "error": daemon.ledger_failing},
             status=503,
         )
     if used >= limits.map_used_degraded_ratio:

@@ -30,6 +30,7 @@ class Processor(Protocol):
     pan_vault: PanVault | None  # keeps issued cards' PANs for the one-time reveal
     stopping: bool
     ledger_full: bool  # the last batch found the map full at its ceiling
+    ledger_failing: str | None  # the last batch's ledger error (answered 96), if it had one
 
     def map_used_ratio(self) -> float:
         """The share of the ledger map's ceiling in use."""

@@ -140,6 +140,9 @@ class Daemon:
         # The last batch found the ledger full at its ceiling (answered 96 ledger_full): not
         # ready (/readyz 503) until a batch commits again.
         self.ledger_full = False
+        # The last batch's ledger failure (ledger_error:...), until a batch commits again:
+        # /readyz is not ready meanwhile (every authorisation is answered 96).
+        self.ledger_failing: str | None = None
         self._map_warned = False  # the 80 % warning was logged (again once below 75 %)
         self.stopping = False
         self.write_buffer_high_bytes = limits.write_buffer_high_bytes
@@ -676,11 +679,14 @@ class Daemon:
     def _ledger_errors(self, outcomes: list[Outcome]) -> None:
         """Log a batch's 96s within the error budget, and note whether the ledger is full."""
         full = False
+        failing: str | None = None
         now = time.monotonic()
         for outcome in outcomes:
             if outcome.response_code != "96":
                 continue
             full = full or outcome.reason == "ledger_full"
+            if outcome.reason.startswith("ledger_error"):
+                failing = outcome.reason
             suppressed = self._error_log.allow(outcome.reason, now)
             if suppressed is None:
                 self.metrics.child(self.metrics.log_lines_suppressed, "answered_96").inc()
@@ -701,6 +707,7 @@ class Daemon:
             log.warning("ledger no longer full: batches commit again")
         if outcomes:
             self.ledger_full = full
+            self.ledger_failing = failing
 
     def map_used_ratio(self) -> float:
         """The share of the map's ceiling in use; warns once when it passes 80 %."""

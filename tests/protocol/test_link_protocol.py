@@ -726,6 +726,29 @@ def test_readyz_is_not_ready_while_the_ledger_is_unavailable(tmp_path: Path) -> 
     assert asyncio.run(ask())[0] == 503
 
 
+def test_readyz_is_not_ready_while_batches_fail_to_commit(tmp_path: Path) -> None:
+    """Reads worked and writes did not (a disk error, a file size limit): every answer was 96
+    and /readyz said ready."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from processor.api.http import build_app, readyz
+    from processor.authorizer import Outcome
+
+    daemon = make_daemon(tmp_path)
+    app = build_app(daemon, None)
+
+    async def ask() -> tuple[int, bytes]:
+        response = await readyz(make_mocked_request("GET", "/readyz", app=app))
+        return response.status, response.body  # type: ignore[return-value]
+
+    daemon._ledger_errors([Outcome({}, "0110", "96", "ledger_error:DiskError")])
+    status, body = asyncio.run(ask())
+    assert status == 503 and b"ledger_error:DiskError" in body
+    daemon._ledger_errors([Outcome({}, "0110", "00", "approved")])  # a batch commits again
+    assert asyncio.run(ask())[0] == 200
+    daemon.ledger.close()
+
+
 def freeze_card(pan: str) -> Callable[[Writer, int], str]:
     """A control-API style command: freeze the card, say which."""
 

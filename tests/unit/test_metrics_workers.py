@@ -124,3 +124,5 @@ def test_worker_reports_leave_out_what_a_sum_would_garble() -> None:
     families = {family for family, _, _, _ in Metrics().snapshot()}
     assert "process_cpu_seconds" in families  # summed: the daemon's CPU in all
     assert not families & {"process_start_time_seconds", "python_info", "processor_build"}
+    # Each process has its own descriptor limit: summed, open/max read (workers + 1) too high.
+    assert not families & {"process_open_fds", "process_max_fds"}
