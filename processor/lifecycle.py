@@ -27,6 +27,7 @@ from processor.engine.decide import (
     Cvc2Result,
     billing_amount,
     card_not_present,
+    network_billing,
 )
 from processor.engine.fx import scale
 from processor.engine.settle import capture_verdict, void_verdict
@@ -507,11 +508,11 @@ class Lifecycle:
             usage_mcc=request.mcc,
         )
         currency = numeric_code(account.currency)
-        priced = request.billing_currency == currency and (request.billing_amount or "").isdigit()
-        if request.currency != currency and not priced and amount <= AMOUNT_MAX:
-            # Converted here (billing_amount's own test): the answer says what was held, in
-            # fields 6 and 51 as an approval's do (a partial reversal scales field 95 by them,
-            # the event shows them). Past 12 digits they cannot be said; the hold stands.
+        converted_here = request.currency != currency and network_billing(request, account) is None
+        if converted_here and amount <= AMOUNT_MAX:
+            # The answer says what was held, in fields 6 and 51 as an approval's do (a partial
+            # reversal scales field 95 by them, the event shows them). Past 12 digits they
+            # cannot be said; the hold stands.
             result.extra = approved_fields("00", amount, amount, currency)
         return result
 
@@ -528,8 +529,11 @@ class Lifecycle:
         key = transaction_key("0100", request.acquirer, request.stan, request.transmission_datetime)
         answer = writer.answer(key)
         hold = writer.hold_of(key, answer)
-        approved = hold is not None and hold.status in ("open", "captured")
-        if approved and hold is not None and hold.card_id == card.card_id:
+        if (
+            hold is not None
+            and hold.status in ("open", "captured")
+            and hold.card_id == card.card_id
+        ):
             return Result(
                 "00",
                 ADVICE_OF_APPROVAL,
@@ -748,7 +752,7 @@ class Lifecycle:
             # Converted, but by how much is not kept (a stand-in past what field 6 carries):
             # field 95 cannot be put in the account's currency. The hold stays whole rather
             # than shrink by an amount of another currency (it released nearly all of it).
-            target = max(target, 10**18)
+            target = max(target, limits.account_posted_max)  # above any hold: no change
         hold = writer.hold_of(original_key, original)
         verdict = void_verdict(original, hold, target)
         if verdict.action in ("release", "shrink"):

@@ -89,6 +89,16 @@ def billing_amount(
     source = alpha_code(request.currency)
     if source == account.currency:
         return amount
+    billed = network_billing(request, account)
+    if billed is not None:
+        return billed
+    if source is None:
+        return None
+    return convert(amount, source, account.currency, rules.rates, rules.fx_markup_bps)
+
+
+def network_billing(request: AuthorizationRequest, account: Account) -> int | None:
+    """The network's own conversion: field 6 when field 51 says it is the account's currency."""
     billing = request.billing_amount
     if (
         billing is not None
@@ -97,9 +107,7 @@ def billing_amount(
         and alpha_code(request.billing_currency) == account.currency
     ):
         return int(billing)
-    if source is None:
-        return None
-    return convert(amount, source, account.currency, rules.rates, rules.fx_markup_bps)
+    return None
 
 
 PURCHASE: Final = "00"
@@ -214,14 +222,11 @@ def decide(
         amount = billing_amount(request, account, rules)
         if amount is None:
             return CURRENCY_NOT_SUPPORTED
-        if amount <= 0:
+        if amount <= 0 or amount > AMOUNT_MAX:
             # A billing amount (field 6) of 0, or a few units that convert to less than one
-            # minor unit: approving it would hold and post nothing.
-            return INVALID_AMOUNT
-        if amount > AMOUNT_MAX:
-            # Field 6 is n12: an approval would be held and recorded with an answer that
-            # cannot be encoded, so never sent (the network times out, and every repeat gets
-            # the same unsendable answer).
+            # minor unit: approving it would hold and post nothing. Past what field 6 (n12)
+            # carries, the approval would be held with an answer that cannot be encoded,
+            # never sent (nor any repeat's).
             return INVALID_AMOUNT
     if spend is not None:
         levels: list[tuple[Controls, Usage]] = []

@@ -161,7 +161,7 @@ class Link(asyncio.Protocol):
                 taken += len(frames)
                 transport = self.transport
                 for header, message in frames:
-                    if transport is None or transport.is_closing() or self._closing:
+                    if transport is None or transport.is_closing():
                         break  # closed (bad-message budget): apply nothing that cannot be answered
                     on_message(self, header, message, received_ns)
                 if framer.error is not None:  # behind the frames just handled

@@ -23,14 +23,6 @@ from processor.wire.errors import FramingError
 EMPTY_FRAME: Final = (b"", b"")  # (header, message) of a zero-length frame
 
 
-class _Stopped(Exception):
-    """A framing error, with the bytes the frames before it took."""
-
-    def __init__(self, error: FramingError, offset: int) -> None:
-        super().__init__(str(error))
-        self.error, self.offset = error, offset
-
-
 class Framer:
     __slots__ = (
         "_buffer",
@@ -85,58 +77,41 @@ class Framer:
         frames: list[tuple[bytes, bytes]] = []
         offset = 0
         size = len(buffer)
+        prefix_bytes = self._prefix_bytes
+        left = size if limit is None else limit
         try:
-            offset = self._frames(buffer, size, frames, size if limit is None else limit)
-        except _Stopped as stopped:
+            while size - offset >= prefix_bytes and left:
+                left -= 1
+                length = self._length(buffer, offset)
+                if length > self._max_frame_bytes:
+                    raise FramingError(
+                        f"frame length {length} exceeds max_frame_bytes {self._max_frame_bytes}"
+                    )
+                end = offset + prefix_bytes + length
+                if end > size:
+                    break
+                if length:
+                    if length < self._header_bytes:
+                        raise FramingError(
+                            f"frame length {length} shorter than header_bytes {self._header_bytes}"
+                        )
+                    body_start = offset + prefix_bytes + self._header_bytes
+                    frames.append(
+                        (
+                            bytes(buffer[offset + prefix_bytes : body_start]),
+                            bytes(buffer[body_start:end]),
+                        )
+                    )
+                else:
+                    frames.append(EMPTY_FRAME)
+                offset = end
+        except FramingError as error:
             if not frames:
-                raise stopped.error from None
-            self.error, offset = stopped.error, stopped.offset
+                raise
+            self.error = error  # `offset` is where the frame that broke framing starts
         if offset:
             del buffer[:offset]
         return frames
-
-    def _frames(
-        self, buffer: bytearray, size: int, frames: list[tuple[bytes, bytes]], left: int
-    ) -> int:
-        """Append at most `left` frames of `buffer` to `frames`; the bytes they took. _Stopped
-        (with the bytes taken before it) at a framing error."""
-        offset = 0
-        prefix_bytes = self._prefix_bytes
-        while size - offset >= prefix_bytes and left:
-            left -= 1
-            try:
-                length = self._length(buffer, offset)
-            except FramingError as error:
-                raise _Stopped(error, offset) from None
-            if length > self._max_frame_bytes:
-                raise _Stopped(
-                    FramingError(
-                        f"frame length {length} exceeds max_frame_bytes {self._max_frame_bytes}"
-                    ),
-                    offset,
-                )
-            end = offset + prefix_bytes + length
-            if end > size:
-                break
-            if length:
-                if length < self._header_bytes:
-                    raise _Stopped(
-                        FramingError(
-                            f"frame length {length} shorter than header_bytes {self._header_bytes}"
-                        ),
-                        offset,
-                    )
-                body_start = offset + prefix_bytes + self._header_bytes
-                frames.append(
-                    (
-                        bytes(buffer[offset + prefix_bytes : body_start]),
-                        bytes(buffer[body_start:end]),
-                    )
-                )
-            else:
-                frames.append(EMPTY_FRAME)
-            offset = end
-        return offset
 
     def _length(self, buffer: bytearray, offset: int) -> int:
         if self._prefix != "ascii4":
