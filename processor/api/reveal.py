@@ -24,7 +24,6 @@ import html
 import ipaddress
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -34,6 +33,7 @@ from aiohttp import web
 from processor import limits
 from processor.api.commands import Revealed, take_reveal_token
 from processor.api.port import Processor
+from processor.bad_peers import BadPeers
 from processor.cvc2 import compute_cvc2
 from processor.ledger.store import LedgerError
 from processor.log_budget import LogBudget
@@ -118,41 +118,16 @@ def client_of(remote: str | None) -> str:
     return str(address)
 
 
-class Refusals:
-    """Refused looks per client address within the last minute."""
-
-    __slots__ = ("_by_address",)
-
-    def __init__(self) -> None:
-        self._by_address: dict[str, deque[float]] = {}
-
-    def over(self, address: str, now: float) -> bool:
-        """Whether `address` has been refused its most within the last minute."""
-        times = self._by_address.get(address)
-        if times is None:
-            return False
-        while times and times[0] <= now - 60:
-            times.popleft()
-        if not times:
-            del self._by_address[address]
-            return False
-        return len(times) >= limits.reveal_refusals_per_minute_max
-
-    def note(self, address: str, now: float) -> None:
-        if len(self._by_address) >= limits.reveal_addresses_remembered_max:
-            self._by_address.clear()  # a flood from many addresses: start again
-        self._by_address.setdefault(address, deque()).append(now)
-
-
 def reveal_handler(daemon: Processor) -> Callable[[web.Request], Awaitable[web.Response]]:
-    refusals = Refusals()
+    refusals = BadPeers(limits.reveal_addresses_remembered_max)
+    limit = limits.reveal_refusals_per_minute_max
     budget = LogBudget()
 
     def refused(address: str, reason: str, ancestors: tuple[str, ...]) -> web.Response:
         now = time.monotonic()
         daemon.metrics.reveal_refusals.labels(reason).inc()
         if reason != "rate_limited":
-            refusals.note(address, now)
+            refusals.closed(("reveal", address), now, limit)
         left_out = budget.allow(f"reveal_{reason}", now)
         if left_out is None:
             daemon.metrics.log_lines_suppressed.labels(f"reveal_{reason}").inc()
@@ -180,7 +155,7 @@ def reveal_handler(daemon: Processor) -> Callable[[web.Request], Awaitable[web.R
         vault = daemon.pan_vault
         card_id, token = request.match_info["card_id"], request.match_info["token"]
         address = client_of(request.remote)
-        if refusals.over(address, time.monotonic()):
+        if refusals.refused(("reveal", address), time.monotonic(), limit, 60.0):
             return refused(address, "rate_limited", ancestors)
         if vault is None or len(token) > 128 or len(card_id) > 64:
             return refused(address, "no_token", ancestors)

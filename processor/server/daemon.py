@@ -26,6 +26,7 @@ import lmdb
 
 from processor import limits
 from processor.authorizer import Authorizer, Command, CommandRefused, Outcome
+from processor.bad_peers import BadPeers
 from processor.catalog import default_catalog
 from processor.config import Config
 from processor.cvc2 import CardVerificationKeys, keys_from_environment
@@ -39,7 +40,6 @@ from processor.pan_vault import PanVault
 from processor.personal_data import PersonalDataCipher
 from processor.security import PanHasher
 from processor.server.acceptor import REFUSAL_REASONS, Acceptor, Reserve
-from processor.server.bad_peers import BadPeers
 from processor.server.link import Link, Listener, Queued
 from processor.server.pacing import Pacer
 from processor.wire.dialect import framing_cause, undecodable_cause

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from processor.server.bad_peers import BadPeers
+from processor.bad_peers import BadPeers
 
 PEER = ("network", "192.0.2.7")
 

@@ -10,6 +10,9 @@ within `bad_links_window_seconds` has its new links refused until the oldest of 
 the window. Links it already holds are left alone: a network whose one link misbehaves keeps
 its others. With worker processes each counts the links it closed itself (the kernel spreads a
 peer's links over them), so a peer is refused by each after that process's count.
+
+The card details page (processor/api/reveal.py) counts its refused looks per client the same
+way: below the server and the HTTP side, which both use it and must not import each other.
 """
 
 from __future__ import annotations
