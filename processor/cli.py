@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from processor import limits
 from processor.config import Config, ConfigError, load_config, with_overrides
 
 if TYPE_CHECKING:
@@ -57,33 +56,23 @@ def _writable_ledger(config: Config) -> tuple[Ledger, PanHasher]:
     """The ledger and PAN hasher a tool writes with (no demo seeding; the PAN key checked)."""
     from processor.app import open_ledger
     from processor.development_keys import is_published
-    from processor.security import hasher_from_environment
+    from processor.security import hasher_from_environment, pan_key_weakness
 
     variable = config.security.pan_key_env
+    key = os.environ.get(variable, "").encode("utf-8")
     hasher = hasher_from_environment(variable)
-    if hasher.insecure:
-        # Only a --demo ledger, bound to the development key already, is written without the
-        # real key: on any other, the tool would bind a new ledger to a guessable key (and the
-        # daemon, started with the real key, then refuses it).
-        if not _bound_to(config, hasher.fingerprint):
+    weakness = pan_key_weakness(variable, key)
+    if weakness is not None:
+        # Only a --demo ledger, bound to the development key already, is written without a
+        # secret (unset, or the published key): on any other, the tool would bind a new
+        # ledger to a guessable key (and the daemon, started with the real key, refuses it).
+        demo_key = hasher.insecure or is_published(key)
+        if not demo_key or not _bound_to(config, hasher.fingerprint):
             raise ConfigError(
-                f"{variable} is not set: the PAN-hashing key is needed to write this ledger "
-                "(only a --demo ledger, made with the development key, takes a tool without it)"
+                f"{weakness}; only a --demo ledger, made with the development key, takes a "
+                "tool without one"
             )
-        logging.warning("%s is not set: using the insecure development PAN key", variable)
-    elif (held := len(os.environ[variable].encode("utf-8"))) < limits.pan_key_bytes_min:
-        raise ConfigError(
-            f"{variable} holds {held} bytes: the PAN-hashing key must be a secret of at least "
-            f"{limits.pan_key_bytes_min} bytes"
-        )
-    elif is_published(os.environ[variable].encode("utf-8")) and not _bound_to(
-        config, hasher.fingerprint
-    ):
-        # As unset: a --demo ledger, bound to it already, is all it may write.
-        raise ConfigError(
-            f"{variable} holds a published development key: the PAN-hashing key must be a "
-            "secret (only a --demo ledger, made with the development key, takes it)"
-        )
+        logging.warning("%s: using the insecure development PAN key", variable)
     return open_ledger(config, hasher), hasher
 
 

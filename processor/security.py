@@ -13,7 +13,8 @@ import os
 import re
 from typing import Final
 
-from processor.development_keys import PAN_KEY
+from processor import limits
+from processor.development_keys import PAN_KEY, is_published
 
 INSECURE_DEVELOPMENT_KEY: Final = PAN_KEY
 
@@ -58,6 +59,24 @@ class PanHasher:
     def digest(self, data: bytes) -> bytes:
         """Keyed digest of arbitrary request content (duplicate detection without storing it)."""
         return self._hmac(data)[:16]
+
+
+def pan_key_weakness(variable: str, key: bytes) -> str | None:
+    """Why `key` (from `variable`) may not key a ledger's cards outside --demo, or None: the
+    one rule for the daemon's start and the tools. Unset or short, or a published
+    development key (with it anyone can recover a PAN from its card id and masked PAN)."""
+    if len(key) < limits.pan_key_bytes_min:
+        what = "is not set" if not key else f"holds {len(key)} bytes"
+        return (
+            f"{variable} {what}: the PAN-hashing key must be a secret of at least "
+            f"{limits.pan_key_bytes_min} bytes (e.g. openssl rand -hex 32)"
+        )
+    if is_published(key):
+        return (
+            f"{variable} holds a published development key: with it anyone can recover a "
+            "PAN from its card id and masked PAN (e.g. openssl rand -hex 32 for a secret)"
+        )
+    return None
 
 
 def hasher_from_environment(variable: str) -> PanHasher:

@@ -22,7 +22,7 @@ from processor.cvc2 import keys_from_environment as card_keys_from_environment
 from processor.development_keys import is_published
 from processor.pan_vault import PanVault, VaultError, vault_from_environment
 from processor.personal_data import PersonalDataCipher, PersonalDataError, cipher_from_environment
-from processor.security import INSECURE_DEVELOPMENT_KEY, PanHasher
+from processor.security import INSECURE_DEVELOPMENT_KEY, PanHasher, pan_key_weakness
 
 log = logging.getLogger("processor.daemon")
 
@@ -156,18 +156,9 @@ def _pan_hasher(
             variable,
         )
         return PanHasher(INSECURE_DEVELOPMENT_KEY, insecure=True)
-    if len(key) < limits.pan_key_bytes_min:
-        what = "is not set" if not key else f"holds {len(key)} bytes"
-        problems.append(
-            f"{variable} {what}: the PAN-hashing key must be a secret of at least "
-            f"{limits.pan_key_bytes_min} bytes (e.g. openssl rand -hex 32)"
-        )
-        return None
-    if is_published(key) and not demo:
-        problems.append(
-            f"{variable} holds a published development key: with it anyone can recover a "
-            "PAN from its card id and masked PAN (e.g. openssl rand -hex 32 for a secret)"
-        )
+    weakness = pan_key_weakness(variable, key)
+    if weakness is not None and not (demo and is_published(key)):
+        problems.append(weakness)
         return None
     return PanHasher(key)
 
