@@ -41,6 +41,7 @@ from processor.server.startup import (
     start_settings,
 )
 from processor.webhooks.state import DeliveryFloor
+from processor.webhooks.supervisor import SAMPLES_INDEX as DELIVERY_SAMPLES
 from processor.webhooks.supervisor import DeliveryError, DeliveryProcess
 
 log = logging.getLogger("processor.daemon")
@@ -128,6 +129,8 @@ async def serve(settings: StartSettings) -> int:
         lambda: [(s.name, s.entries, s.bytes, s.oldest_ms) for s in ledger.stats()],
     )
     floor = DeliveryFloor(config)
+    if config.webhooks.endpoints:
+        metrics.workers.stand_ins[DELIVERY_SAMPLES] = lambda: floor.stored_samples(ledger)
     daemon = Daemon(
         config,
         ledger,

@@ -428,10 +428,13 @@ class WorkerSamples:
     def __init__(self) -> None:
         self._latest: dict[int, list[Sample]] = {}
         self._retired: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+        # Per child, gauges the primary computes in its place while it has no report of its
+        # own (down, or not yet reporting): the webhook delivery process's backlog.
+        self.stand_ins: dict[int, Callable[[], list[Sample]]] = {}
 
     @property
     def reported(self) -> bool:
-        return bool(self._latest or self._retired)
+        return bool(self._latest or self._retired or self.stand_ins)
 
     def update(self, worker: int, samples: list[Sample]) -> None:
         self._latest[worker] = samples
@@ -444,7 +447,10 @@ class WorkerSamples:
 
     def totals(self) -> dict[tuple[str, str, tuple[tuple[str, str], ...]], float]:
         summed = dict(self._retired)
-        for samples in self._latest.values():
+        absent = [
+            stand_in for child, stand_in in self.stand_ins.items() if child not in self._latest
+        ]
+        for samples in [*self._latest.values(), *(stand_in() for stand_in in absent)]:
             for family, name, labels, value in samples:
                 key = (family, name, labels)
                 summed[key] = summed.get(key, 0.0) + value

@@ -40,7 +40,7 @@ from processor.metrics import Metrics
 from processor.webhooks.client import HttpClient, HttpError, parse_target
 from processor.webhooks.policy import RETRY_AFTER_STATUSES, backoff_seconds, pause_seconds
 from processor.webhooks.signing import endpoint_secrets, headers
-from processor.webhooks.state import DeadLetter, DeliveryState, Disabled
+from processor.webhooks.state import DeadLetter, DeliveryState, Disabled, backlog_at
 
 log = logging.getLogger("processor.webhooks")
 
@@ -186,12 +186,9 @@ class Dispatcher:
 
     def backlog(self, name: str) -> tuple[int, float]:
         """(events not yet delivered, age in seconds of the oldest) for an endpoint."""
-        position = self._positions.get(name, 1)
         with self._ledger.read() as reader:
-            last = reader.outbox_last_sequence()
-            waiting = reader.outbox(position, 1) if last >= position else []
-        age = self._clock.now() - waiting[0].created_ms / 1000 if waiting else 0.0
-        return max(0, last - position + 1), max(0.0, age)
+            waiting, age = backlog_at(reader, self._positions.get(name, 1), self._clock.now())
+        return int(waiting), age
 
     def _gauge(self, name: str, which: int) -> Callable[[], float]:
         return lambda: float(self.backlog(name)[which])

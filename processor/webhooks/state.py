@@ -13,15 +13,18 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import lmdb
 import msgspec
 
 from processor import limits
 from processor.config import Config
+from processor.ledger.store import Ledger, Reader
+from processor.metrics import Sample
 
 _U64 = struct.Struct(">Q")
+_T = TypeVar("_T")
 log = logging.getLogger("processor.webhooks")
 
 
@@ -239,17 +242,9 @@ class DeliveryFloor:
             return self._floor
         self._read_at = now
         try:
-            if self._state is None and (self._path / "data.mdb").exists():
-                # The smallest map: LMDB takes the file's own size when it is larger, and this
-                # reader then follows the delivery process's growth (MapResizedError below).
-                self._state = DeliveryState(self._path, readonly=True, map_size=1 << 20)
-            if self._state is not None:
-                try:
-                    self._floor = self._state.floor(self._endpoints)
-                except lmdb.MapResizedError:
-                    # The delivery process grew the map: adopt its size, read again.
-                    self._state.env.set_mapsize(0)
-                    self._floor = self._state.floor(self._endpoints)
+            floor = self._read(lambda state: state.floor(self._endpoints))
+            if floor is not None:
+                self._floor = floor
         except lmdb.Error as error:
             # Unreadable now (being created, damaged): as if nothing were delivered, so no
             # event is pruned meanwhile. Never an error for the batch asking.
@@ -261,6 +256,62 @@ class DeliveryFloor:
                 )
         return self._floor
 
+    def _read(self, read: Callable[[DeliveryState], _T]) -> _T | None:
+        """`read` of the delivery process's state; None before that process has made it."""
+        if self._state is None and (self._path / "data.mdb").exists():
+            # The smallest map: LMDB takes the file's own size when it is larger, and this
+            # reader then follows the delivery process's growth (MapResizedError below).
+            self._state = DeliveryState(self._path, readonly=True, map_size=1 << 20)
+        if self._state is None:
+            return None
+        try:
+            return read(self._state)
+        except lmdb.MapResizedError:
+            # The delivery process grew the map: adopt its size, read again.
+            self._state.env.set_mapsize(0)
+            return read(self._state)
+
+    def stored_samples(self, ledger: Ledger) -> list[Sample]:
+        """Each endpoint's backlog gauges as the delivery process reports them, computed here
+        from the positions it stored: /metrics shows these while that process is down (an
+        outage of delivery is when an SRE looks at its backlog). Its stored position trails
+        its own by at most a state write, so the backlog may read a few events high."""
+
+        def read(state: DeliveryState) -> list[tuple[str, int, bool]]:
+            return [
+                (name, state.position(name), state.disabled(name) is not None)
+                for name in self._endpoints
+            ]
+
+        try:
+            stored = self._read(read)
+            if stored is None:
+                stored = [(name, 1, False) for name in self._endpoints]  # nothing delivered yet
+            now = time.time()
+            with ledger.read() as reader:
+                backlogs = [backlog_at(reader, position, now) for _, position, _ in stored]
+        except lmdb.Error:
+            return []  # unreadable now: no backlog shown rather than a wrong one
+        samples: list[Sample] = []
+        for (name, _, disabled), (waiting, age) in zip(stored, backlogs, strict=True):
+            labels = (("endpoint", name),)
+            for family, value in (
+                ("processor_outbox_backlog", waiting),
+                ("processor_outbox_oldest_undelivered_seconds", age),
+                ("processor_webhook_endpoint_disabled", 1.0 if disabled else 0.0),
+            ):
+                samples.append((family, family, labels, value))  # a gauge's sample: its family
+        return samples
+
     def close(self) -> None:
         if self._state is not None:
             self._state.close()
+
+
+def backlog_at(reader: Reader, position: int, now: float) -> tuple[float, float]:
+    """(events from `position` on, age in seconds of the one at `position`): an endpoint's
+    backlog when `position` is the next event it is to get, at wall time `now`."""
+    last = reader.outbox_last_sequence()
+    waiting = reader.outbox(position, 1) if last >= position else []
+    age = now - waiting[0].created_ms / 1000 if waiting else 0.0
+    return float(max(0, last - position + 1)), max(0.0, age)

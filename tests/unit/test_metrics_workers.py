@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,49 @@ def test_worker_reports_leave_out_what_a_sum_would_garble() -> None:
     assert not families & {"process_start_time_seconds", "python_info", "processor_build"}
     # Each process has its own descriptor limit: summed, open/max read (workers + 1) too high.
     assert not families & {"process_open_fds", "process_max_fds"}
+
+
+def test_while_delivery_is_down_its_backlog_is_read_from_what_it_stored(tmp_path: Path) -> None:
+    """The delivery process reports the backlog gauges; when it died (or rested past its
+    restart budget) they vanished from /metrics, when an SRE looks for them most."""
+    from support import demo_ledger
+
+    from processor.config import Config, LedgerConfig, WebhookEndpoint, WebhooksConfig
+    from processor.security import PanHasher
+    from processor.webhooks.state import DeliveryFloor, DeliveryState, Disabled
+
+    config = Config(
+        ledger=LedgerConfig(path=str(tmp_path / "ledger")),
+        webhooks=WebhooksConfig(
+            endpoints=(WebhookEndpoint(name="a", url="http://127.0.0.1:9/", secret_envs=("S",)),)
+        ),
+    )
+    ledger = demo_ledger(tmp_path / "ledger", PanHasher(b"metrics-test-key"))
+    floor = DeliveryFloor(config)
+    try:
+        primary = Metrics()
+        primary.workers.stand_ins[0] = lambda: floor.stored_samples(ledger)
+        backlog = 'processor_outbox_backlog{endpoint="a"}'
+        oldest = 'processor_outbox_oldest_undelivered_seconds{endpoint="a"}'
+        disabled = 'processor_webhook_endpoint_disabled{endpoint="a"}'
+        text = primary.exposition().decode()
+        assert value(text, backlog) == 5  # no state yet: the demo load's five events wait
+        assert value(text, oldest) >= 0 and value(text, disabled) == 0
+        state = DeliveryState(tmp_path / "ledger" / "webhooks")
+        state.advance("a", 4)
+        state.disable("a", Disabled(since_ms=1, reason="http_410", event_id="e"))
+        state.close()
+        text = primary.exposition().decode()
+        assert value(text, backlog) == 2 and value(text, disabled) == 1
+        # While it reports, its own gauges are shown, once, in place of these.
+        delivery = Metrics()
+        delivery.outbox_backlog.labels("a").set(7)
+        primary.workers.update(0, delivery.snapshot())
+        text = primary.exposition().decode()
+        assert value(text, backlog) == 7
+        assert text.count(backlog) == 1 and disabled not in text
+        primary.workers.retire(0)  # it died again
+        assert value(primary.exposition().decode(), backlog) == 2
+    finally:
+        floor.close()
+        ledger.close()
