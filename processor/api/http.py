@@ -52,6 +52,7 @@ STATUS_CODES: Final = {
     405: "method_not_allowed",
     413: "body_too_large",
     415: "unsupported_media_type",
+    417: "expectation_failed",
 }
 # Kept from aiohttp's error responses: they tell the client what to do next.
 PASSED_HEADERS: Final = ("Allow", "WWW-Authenticate", "Retry-After")
@@ -136,6 +137,28 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return error_response(
             500, "internal_error", "the processor failed on this request; it is logged"
         )
+
+
+async def json_escaped_errors(request: web.Request, response: web.StreamResponse) -> None:
+    """The errors aiohttp raises before the middleware runs, in the API's format too.
+
+    An Expect header other than 100-continue is refused by the route's expect handler before
+    any middleware: aiohttp's text/plain 417 quoted the header back, to a client that had
+    shown no token. Any route, an unknown one included, has that handler, so the answer is
+    rewritten here, as it is prepared (on_response_prepare), rather than per route."""
+    if not isinstance(response, web.HTTPException) or response.status < 400:
+        return
+    code = STATUS_CODES.get(response.status) or response.reason.lower().replace(" ", "_")
+    message = ESCAPED_MESSAGES.get(response.status, response.reason)
+    body = ErrorBody(error=ErrorDetail(code=code, message=message))
+    response.body = msgspec.json.encode(body)
+    response.content_type = "application/json"
+    if is_control_api(request):
+        response.headers["Cache-Control"] = "no-store"
+
+
+# What an error raised before the middleware says; never quoted from the request.
+ESCAPED_MESSAGES: Final = {417: "the only expectation supported is Expect: 100-continue"}
 
 
 @web.middleware
@@ -229,6 +252,7 @@ def build_app(
     )
     app[DAEMON_KEY] = daemon
     app[TOKEN_KEY] = api_token
+    app.on_response_prepare.append(json_escaped_errors)
     if hasher is None:
         hasher = daemon.hasher  # the key the ledger is bound to
     app.router.add_get("/metrics", metrics)

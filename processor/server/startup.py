@@ -179,6 +179,15 @@ def _api_token(
             f"{limits.api_token_chars_min} characters (or set http.control_api = false)"
         )
         return None, False
+    if not all("!" <= character <= "~" for character in token):
+        # A header carries no newline, and the guard strips the spaces around what it is sent:
+        # a token read from a file with its line end, say, could never be matched (every call
+        # 401). Said here rather than found at the first call; the token itself is not quoted.
+        problems.append(
+            f"{variable} holds a space, a line end, a control or a non-ASCII character: the "
+            "bearer token must be printable ASCII without spaces"
+        )
+        return None, False
     return token, False
 
 

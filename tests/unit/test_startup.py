@@ -72,6 +72,15 @@ def test_an_api_token_one_character_short_is_refused() -> None:
     assert "http.control_api = false" in message
 
 
+@pytest.mark.parametrize("token", [TOKEN + "\n", " " * len(TOKEN), TOKEN + " x", TOKEN + "é"])
+def test_an_api_token_no_header_can_carry_is_refused(token: str) -> None:
+    # A trailing line end (a token read from a secret file) passed the length check, and then
+    # every call was 401: the header cannot carry it, and the guard strips what is around.
+    message = unready(WITH_BIN, dict(READY, PROCESSOR_API_TOKEN=token))
+    assert "PROCESSOR_API_TOKEN holds a space, a line end" in message
+    assert TOKEN not in message
+
+
 def test_the_variables_named_in_the_config_are_the_ones_checked() -> None:
     config = parse_config(
         "[security]\npan_key_env = 'MY_KEY'\npersonal_data_key_envs = ['MY_DATA']\n"
