@@ -332,7 +332,7 @@ def reset_cvc2(card_id: str) -> Operation:
         if writer.card_state(card).cvc2_failures:
             writer.changed_card_state(card).cvc2_failures = 0
             writer.emit_change(now_ms, "card.cvc2_reset", "cvc2_reset", card=card)
-        return Reply(status=200, body=_encode(card_view(card, 0)))
+        return _card_reply(writer, card)
 
     return run
 
@@ -590,9 +590,7 @@ def update_fulfilment(card_id: str, status: str) -> Operation:
             card = msgspec.structs.replace(card, fulfilment=status)
             writer.put_card(card_key, card, card.account_id)
             writer.emit_change(now_ms, "card.fulfilment_updated", f"fulfilment_{status}", card=card)
-        return Reply(
-            status=200, body=_encode(card_view(card, writer.card_state(card).cvc2_failures))
-        )
+        return _card_reply(writer, card)
 
     return run
 
@@ -622,9 +620,7 @@ def activate_card(card_id: str) -> Operation:
         writer.emit_change(now_ms, "card.status_changed", "card_active", card=card)
         if card.replaces is not None:
             _stop(writer, now_ms, card.replaces, "closed")
-        return Reply(
-            status=200, body=_encode(card_view(card, writer.card_state(card).cvc2_failures))
-        )
+        return _card_reply(writer, card)
 
     return run
 
@@ -775,7 +771,10 @@ def take_reveal_token(card_id: str, digest: bytes) -> Command:
 
 
 def _card_reply(writer: Writer, card: Card) -> Reply:
-    return Reply(status=200, body=_encode(card_view(card, writer.card_state(card).cvc2_failures)))
+    account = writer.account(card.account_id)
+    currency = None if account is None else account.currency
+    failures = writer.card_state(card).cvc2_failures
+    return Reply(status=200, body=_encode(card_view(card, failures, currency)))
 
 
 def _stop(writer: Writer, now_ms: int, card_id: str, status: CardStatus) -> None:

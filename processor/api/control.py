@@ -47,6 +47,7 @@ from processor.api.views import (
     RevealTokenView,
     account_view,
     authorization_view,
+    card_controls,
     card_view,
     cardholder_view,
     entry_view,
@@ -505,7 +506,9 @@ class ControlApi:
         with self.daemon.ledger.read() as reader:
             card = self._read_card(reader, card_id)
             failures = reader.card_state(card).cvc2_failures
-        return json_response(card_view(card, failures))
+            account = reader.account(card.account_id)
+        currency = None if account is None else account.currency
+        return json_response(card_view(card, failures, currency))
 
     @staticmethod
     def _read_card(reader: Reader, card_id: str) -> Card:
@@ -723,7 +726,9 @@ class ControlApi:
         card_id = card_id_of(request)
         with self.daemon.ledger.read() as reader:
             card = self._read_card(reader, card_id)
-        return json_response(card.controls or NO_CONTROLS)
+            account = reader.account(card.account_id)
+        # As enforced: an older card record's shorthands folded in (views.card_controls).
+        return json_response(card_controls(card, None if account is None else account.currency))
 
     async def put_card_controls(self, request: web.Request) -> web.Response:
         card_id = card_id_of(request)

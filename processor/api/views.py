@@ -25,7 +25,9 @@ from processor.ledger.controls import (
     TRAILING_WINDOW_SECONDS_MAX,
     Controls,
     Usage,
+    with_shorthands,
 )
+from processor.ledger.load import ACCOUNT_ID_CHARACTERS
 from processor.ledger.records import (
     Account,
     AccountStatus,
@@ -45,7 +47,7 @@ from processor.schemas import normalise_descriptions
 
 # The load file's account-id rule (processor/ledger/load.py), with its length bound spelt into
 # the pattern so the document states it once.
-ACCOUNT_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
+ACCOUNT_ID_PATTERN: Final = rf"^{ACCOUNT_ID_CHARACTERS}{{1,64}}$"
 CARD_ID_PATTERN: Final = r"^card_[0-9a-f]{20}$"
 AccountId = Annotated[
     str,
@@ -53,7 +55,7 @@ AccountId = Annotated[
         min_length=1,
         max_length=64,
         pattern=ACCOUNT_ID_PATTERN,
-        description="Letters, digits and `_ . : -`, at most 64.",
+        description="Letters, digits and `_ . : -` (not dots alone), at most 64.",
     ),
 ]
 CardId = Annotated[str, Meta(pattern=CARD_ID_PATTERN)]
@@ -435,15 +437,17 @@ def entry_view(entry: LedgerEntry) -> EntryView:
     )
 
 
-def card_view(card: Card, cvc2_failures: int = 0) -> CardView:
-    """`cvc2_failures` from the card's state (CardState), which the card record does not hold."""
+def card_view(card: Card, cvc2_failures: int = 0, currency: str | None = None) -> CardView:
+    """`cvc2_failures` from the card's state (CardState), which the card record does not hold;
+    `currency` the account's, for a card whose record still has the older per-transaction
+    limit: the controls shown are the ones the engine enforces (it folds them in too)."""
     return CardView(
         id=card.card_id,
         account_id=card.account_id,
         masked_pan=card.masked_pan,
         expiry=card.expiry,
         status=card.status,
-        controls=card.controls or NO_CONTROLS,
+        controls=card_controls(card, currency),
         virtual=card.virtual,
         created=_created(card.created_ms),
         cvc2_checked=card.cvc2_key is not None,
@@ -453,6 +457,14 @@ def card_view(card: Card, cvc2_failures: int = 0) -> CardView:
         replaces=card.replaces,
         replaced_by=card.replaced_by,
     )
+
+
+def card_controls(card: Card, currency: str | None) -> Controls:
+    """A card's controls as the engine enforces them: with the two shorthands an older card
+    record (or a load file's) still carries folded in, the limit in `currency`."""
+    limit = card.per_transaction_limit if currency is not None else None
+    folded = with_shorthands(card.controls, limit, card.blocked_mccs, currency or "")
+    return folded or NO_CONTROLS
 
 
 def issued_card(card: Card, pan: str, cvc2: str | None) -> IssuedCard:

@@ -43,8 +43,16 @@ from processor.ledger.store import Ledger, LedgerFull, Reader, Writer
 from processor.security import PanHasher, luhn_valid, mask_pan
 
 MinorUnits = Annotated[int, Meta(ge=0, le=10**15)]
+# Letters, digits and `_ . : -`, but not dots alone: `.` and `..` are path segments every
+# HTTP client removes (RFC 3986), so /v1/accounts/. could never be reached again.
+ACCOUNT_ID_CHARACTERS: Final = r"(?!\.+$)[A-Za-z0-9_.:-]"
 AccountId = Annotated[
-    str, Meta(min_length=1, max_length=limits.account_id_bytes_max, pattern=r"^[A-Za-z0-9_.:-]+$")
+    str,
+    Meta(
+        min_length=1,
+        max_length=limits.account_id_bytes_max,
+        pattern=rf"^{ACCOUNT_ID_CHARACTERS}+$",
+    ),
 ]
 
 

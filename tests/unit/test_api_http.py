@@ -217,6 +217,72 @@ def test_a_ledger_failure_is_503_and_applies_nothing(
     with_app(tmp_path, monkeypatch, "s3cret", check)
 
 
+def test_a_card_records_older_shorthands_show_among_its_controls(tmp_path: Path) -> None:
+    """Card records from before card controls still carry a per-transaction limit and blocked
+    MCCs, which the engine enforces (61, 57); the card and its controls showed none of them,
+    so the programme could not see why its authorisations were declined."""
+    config = Config(ledger=LedgerConfig(path=str(tmp_path / "ledger"), durability="process"))
+    ledger = Ledger(config.ledger.path, map_size_bytes=1 << 24, durability="process")
+    daemon = Daemon(config, ledger, HASHER, Metrics())
+    bearer = {"Authorization": "Bearer s3cret-token-of-16+"}
+
+    async def main() -> None:
+        app = build_app(daemon, "s3cret-token-of-16+", hasher=HASHER)
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            await client.post("/v1/accounts", json={"currency": "JPY", "id": "old"}, headers=bearer)
+            registered = await client.post(
+                "/v1/cards",
+                json={"pan": "4761730000000003", "expiry": "3012", "account_id": "old"},
+                headers=bearer,
+            )
+            card_id = (await registered.json())["id"]
+            with ledger.write() as writer:  # as a record written before card controls
+                found = writer.card_by_id(card_id)
+                assert found is not None
+                key, card = found
+                older = msgspec.structs.replace(
+                    card, per_transaction_limit=100, blocked_mccs=("7995",)
+                )
+                writer.put_card(key, older, card.account_id)
+            for path in (f"/v1/cards/{card_id}/controls", f"/v1/cards/{card_id}"):
+                answer = await client.get(path, headers=bearer)
+                body = await answer.json()
+                controls = body.get("controls", body)
+                assert controls["blocked_mccs"] == ["7995"], path
+                [limit] = controls["amount_limits"]
+                assert limit["interval"] == "per_authorization" and limit["categories"] == []
+                assert (limit["amount"], limit["currency"]) == (100, "JPY")
+            frozen = await client.post(f"/v1/cards/{card_id}/freeze", headers=bearer)
+            assert (await frozen.json())["controls"]["blocked_mccs"] == ["7995"]
+
+    try:
+        asyncio.run(main())
+    finally:
+        ledger.close()
+
+
+def test_an_account_id_of_dots_alone_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `.` and `..` were accepted (201), and then every client removed them from the path
+    # (RFC 3986): /v1/accounts/. became /v1/accounts/, the account out of reach for good.
+    bearer = {"Authorization": "Bearer s3cret"}
+
+    async def check(client: TestClient[web.Request, web.Application]) -> None:
+        for refused in (".", "..", "..."):
+            answer = await client.post(
+                "/v1/accounts", json={"currency": "EUR", "id": refused}, headers=bearer
+            )
+            assert answer.status == 400, refused
+            assert (await answer.json())["error"]["field"] == "$.id", refused
+        kept = await client.post(
+            "/v1/accounts", json={"currency": "EUR", "id": ".a."}, headers=bearer
+        )
+        assert kept.status == 201
+
+    with_app(tmp_path, monkeypatch, "s3cret", check)
+
+
 # --- requests aiohttp's parser refuses ---------------------------------------------------------
 
 
@@ -322,6 +388,34 @@ def test_malformed_requests_are_answered_in_json_logged_once_and_echo_nothing(
     assert len(lines) == 3  # one each, no more
     assert all(r.exc_info is None and r.levelname == "WARNING" for r in lines)
     assert not any("SSSS" in r.getMessage() or "SECRET" in r.getMessage() for r in lines)
+
+
+def test_an_unknown_expectation_is_refused_in_the_api_format_quoting_nothing(
+    tmp_path: Path,
+) -> None:
+    """aiohttp refuses an Expect other than 100-continue before any middleware: its text/plain
+    417 quoted the header back (a card number in it too), to a client that showed no token."""
+    config = Config(ledger=LedgerConfig(path=str(tmp_path / "ledger"), durability="process"))
+    ledger = Ledger(config.ledger.path, map_size_bytes=1 << 24, durability="process")
+    daemon = Daemon(config, ledger, HASHER, Metrics())
+    expect = b"Expect: 4761739001010010-SECRETVALUE\r\n"
+    requests = {
+        "control": b"POST /v1/accounts HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        + expect
+        + b"Connection: close\r\n\r\n{}",
+        "unknown": b"GET /nowhere HTTP/1.1\r\nHost: x\r\n" + expect + b"Connection: close\r\n\r\n",
+    }
+    try:
+        answers = asyncio.run(over_side_port(daemon, "s3cret-token-of-16+", requests))
+    finally:
+        ledger.close()
+    for name, answer in answers.items():
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == b"417", name
+        assert b"Content-Type: application/json" in head, name
+        assert json.loads(body)["error"]["code"] == "expectation_failed", name
+        assert b"SECRET" not in answer and b"4761739001010010" not in answer, name
+    assert b"Cache-Control: no-store" in answers["control"]
 
 
 def test_a_flood_of_malformed_requests_writes_a_bounded_number_of_lines(
