@@ -7,6 +7,7 @@ or without fsync. Secrets are never in this file: it only names the environment 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -15,12 +16,19 @@ import msgspec
 from msgspec import Meta
 
 from processor import limits
-from processor.types import FRAME_BYTES_CEILING, Bitmap, Framing
+from processor.types import FRAME_BYTES_CEILING, Bitmap, EventType, Framing
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
 CpuId = Annotated[int, Meta(ge=0, le=limits.cpu_id_max)]  # as sched_setaffinity numbers them
 Mcc = Annotated[str, Meta(pattern=r"^[0-9]{4}$")]
-Seconds = Annotated[int, Meta(gt=0)]
+# Durations of holds, retention and retries: ten years at most. Unbounded, a typo's extra
+# digits passed the config and then every approval failed (96) to store its hold's expiry.
+Seconds = Annotated[int, Meta(gt=0, le=limits.config_seconds_max)]
+# The name of an environment variable holding a secret (never the secret: see the module).
+EnvironmentVariable = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+# Sizes of the ledger's files: 256 TiB at most. LMDB takes a 64-bit size; past it a value
+# failed inside LMDB (OverflowError), and a huge log size was written out in zeros first.
+FileBytes = Annotated[int, Meta(ge=1 << 20, le=1 << 48)]
 
 
 class ConfigError(Exception):
@@ -120,18 +128,18 @@ class HttpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     # daemon does not start without it (outside --demo) unless control_api = false, which
     # switches /v1 off (it answers 503; metrics and health stay up).
     control_api: bool = True
-    api_token_env: Annotated[str, Meta(min_length=1)] = "PROCESSOR_API_TOKEN"
+    api_token_env: EnvironmentVariable = "PROCESSOR_API_TOKEN"
     # Pages allowed to embed the card-details page (/reveal/...) in an iframe: its
     # Content-Security-Policy frame-ancestors, e.g. ["https://app.example.com"]; none: 'none'.
     reveal_frame_ancestors: tuple[Annotated[str, Meta(pattern=r"^https://[^\s;,']+$")], ...] = ()
 
 
 class LedgerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    path: str = "var/ledger"
-    map_size_bytes: Annotated[int, Meta(ge=1 << 20)] = limits.map_size_bytes_default
+    path: Annotated[str, Meta(min_length=1)] = "var/ledger"
+    map_size_bytes: FileBytes = limits.map_size_bytes_default
     # The map doubles by itself when full, up to this ceiling (issue 12: never full by surprise);
     # unset: 64 GiB, or map_size_bytes where that is larger (`map_ceiling_bytes`).
-    map_size_max_bytes: Annotated[int, Meta(ge=1 << 20)] | None = None
+    map_size_max_bytes: FileBytes | None = None
     # fsync: a response leaves only after its batch is on disk (survives power loss).
     # process: committed to the OS page cache only (survives a crash of the daemon, not of the
     # machine); for benchmarks and test rigs where the disk is the bottleneck.
@@ -140,7 +148,7 @@ class LedgerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # of this size (one contiguous write, one flush) and reaches LMDB in a checkpoint at most
     # checkpoint_seconds later, with every batch since the last (processor/ledger/wal.py).
     # 0: every batch commits through LMDB itself (two flushes of scattered pages).
-    write_ahead_log_bytes: Annotated[int, Meta(ge=0)] = 8 << 20
+    write_ahead_log_bytes: Annotated[int, Meta(ge=0, le=limits.write_ahead_log_bytes_max)] = 8 << 20
     checkpoint_seconds: Annotated[float, Meta(gt=0, le=1)] = 0.005
     batch_size_max: Annotated[int, Meta(ge=1, le=limits.batch_size_max)] = limits.batch_size_max
 
@@ -200,7 +208,7 @@ class CardVerificationRange(msgspec.Struct, frozen=True, kw_only=True, forbid_un
     # every one verifies the cards it computed (rotation: put the new key first, keep the old
     # while its cards are in use).
     key_envs: Annotated[
-        tuple[Annotated[str, Meta(min_length=1)], ...],
+        tuple[EnvironmentVariable, ...],
         Meta(max_length=limits.card_verification_keys_per_range_max),
     ] = ()
     # The built-in, published key: `processor serve --demo` only (refused otherwise).
@@ -215,7 +223,7 @@ class CardVerificationRange(msgspec.Struct, frozen=True, kw_only=True, forbid_un
 
 
 class SecurityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pan_key_env: str = "PROCESSOR_PAN_KEY"
+    pan_key_env: EnvironmentVariable = "PROCESSOR_PAN_KEY"
     # CVC2 of the cards issued through the control API, per card range.
     card_verification_keys: tuple[CardVerificationRange, ...] = ()
     # Consecutive CVC2 mismatches after which a card's card-not-present use is blocked, until
@@ -227,12 +235,12 @@ class SecurityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # Variables holding the AES-256 keys (64 hex digits) that seal cardholders' personal data:
     # the first seals, every one opens what it sealed (rotation). Required outside --demo.
     personal_data_key_envs: Annotated[
-        tuple[Annotated[str, Meta(min_length=1)], ...], Meta(min_length=1, max_length=4)
+        tuple[EnvironmentVariable, ...], Meta(min_length=1, max_length=4)
     ] = ("PROCESSOR_DATA_KEY",)
     # Key-encryption keys (64 hex digits) of the PAN vault: issued cards' PANs, kept for the
     # cardholder to see through a one-time reveal. The first wraps; each unwraps.
     pan_vault_key_envs: Annotated[
-        tuple[Annotated[str, Meta(min_length=1)], ...], Meta(min_length=1, max_length=4)
+        tuple[EnvironmentVariable, ...], Meta(min_length=1, max_length=4)
     ] = ("PROCESSOR_PAN_VAULT_KEY",)
     # How long a reveal token may wait for its one use.
     reveal_token_seconds: Annotated[int, Meta(ge=10, le=3600)] = 300
@@ -298,12 +306,13 @@ class WebhookEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # Environment variables holding the whsec_ signing secrets. Each delivery carries one
     # signature per secret, so a secret is rotated by listing the new one beside the old.
     secret_envs: Annotated[
-        tuple[Annotated[str, Meta(min_length=1)], ...],
+        tuple[EnvironmentVariable, ...],
         Meta(min_length=1, max_length=limits.webhook_secrets_per_endpoint_max),
     ]
-    event_types: tuple[str, ...] = ("*",)  # "*" or exact types, e.g. "authorization.approved"
+    # "*" or exact types, e.g. "authorization.approved" (a misspelt one matched nothing, silently)
+    event_types: tuple[EventType | Literal["*"], ...] = ("*",)
     timeout_seconds: Annotated[float, Meta(gt=0, le=60)] = 5.0
-    retry_max_age_seconds: Annotated[int, Meta(gt=0)] = 86400  # then the event is dead-lettered
+    retry_max_age_seconds: Seconds = 86400  # then the event is dead-lettered
     # Requests in flight at once; never two for one account, so per-account order holds.
     in_flight_max: Annotated[int, Meta(ge=1, le=64)] = 16
 
@@ -427,11 +436,31 @@ def parse_config(text: bytes | str, source: str = "<config>") -> Config:
     try:
         return msgspec.convert(raw, type=Config)
     except msgspec.ValidationError as error:
-        message = f"{source}: {error}"
+        message = f"{source}: {error}{_value_at(raw, str(error))}"
         for old, new in RENAMED_KEYS.items():
             if f"unknown field `{old}`" in str(error):
                 message += f"; `{old}` is now {new}"
         raise ConfigError(message) from None
+
+
+def _value_at(raw: object, error: str) -> str:
+    """ " (got 70000)": the value at the path msgspec's error ends with (`$.a[0].b`), when it
+    is a scalar; the key alone did not say what was wrong with `port = 70000`."""
+    match = re.search(r" - at `\$((?:\.[^.\[`]+|\[\d+\])*)`$", error)
+    if match is None:
+        return ""
+    value = raw
+    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", match.group(1)):
+        if name and isinstance(value, dict) and name in value:
+            value = value[name]
+        elif index and isinstance(value, list) and int(index) < len(value):
+            value = value[int(index)]
+        else:
+            return ""
+    if isinstance(value, dict | list):
+        return ""
+    shown = repr(value)
+    return f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
 
 
 def load_config(path: str | Path | None) -> Config:
@@ -469,6 +498,8 @@ def with_overrides(
     if http_port is not None:
         http = msgspec.structs.replace(http, port=_port("--http-port", http_port))
     if ledger_path is not None:
+        if not ledger_path:
+            raise ConfigError("--ledger: an empty path (the ledger would be the current directory)")
         ledger = msgspec.structs.replace(ledger, path=ledger_path)
     return msgspec.structs.replace(config, listeners=listeners, http=http, ledger=ledger)
 

@@ -15,31 +15,7 @@ import msgspec
 from processor.currency import UnknownCurrency, alpha_code, exponent
 from processor.ledger.records import OutboxRecord
 from processor.schemas import normalise_descriptions
-
-EventType = Literal[
-    "authorization.approved",
-    "authorization.declined",
-    "authorization.balance_inquiry",
-    "authorization.advice",
-    "authorization.reversed",
-    "authorization.expired",
-    "reversal.orphaned",
-    "transaction.posted",
-    "transaction.completed",
-    "transaction.cleared",
-    "transaction.refunded",
-    "account.funded",
-    "account.debited",
-    "account.updated",
-    "card.status_changed",
-    "card.fulfilment_updated",
-    "card.updated",
-    "card.cvc2_locked",
-    "card.cvc2_reset",
-    "controls.updated",
-    "cardholder.created",
-    "cardholder.kyc_updated",
-]
+from processor.types import EventType
 
 # What a CVC2 sent with a message showed; absent when none was sent. Never the CVC2.
 Cvc2Outcome = Literal["match", "mismatch", "not_checked", "key_unavailable", "missing"]

@@ -211,3 +211,7 @@ card_verification_keys_per_range_max: Final = 4
 # below what the account record's 64-bit integers hold: past them, the batch that wrote it
 # failed, and every authorisation in it was answered 96.
 account_posted_max: Final = 10**18
+
+# Bounds of the configuration's durations and of the write-ahead log's preallocated size.
+config_seconds_max: Final = 10 * 366 * 86400
+write_ahead_log_bytes_max: Final = 1 << 30

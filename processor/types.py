@@ -18,3 +18,30 @@ FRAME_BYTES_CEILING: Final[dict[str, int]] = {
 }
 # Bitmaps as 16 hex ASCII characters or 8 raw bytes.
 Bitmap = Literal["ascii", "binary"]
+
+# What happened, as the programme's webhooks and the events API name it (processor/events.py);
+# an endpoint's event_types (config) names these or "*".
+EventType = Literal[
+    "authorization.approved",
+    "authorization.declined",
+    "authorization.balance_inquiry",
+    "authorization.advice",
+    "authorization.reversed",
+    "authorization.expired",
+    "reversal.orphaned",
+    "transaction.posted",
+    "transaction.completed",
+    "transaction.cleared",
+    "transaction.refunded",
+    "account.funded",
+    "account.debited",
+    "account.updated",
+    "card.status_changed",
+    "card.fulfilment_updated",
+    "card.updated",
+    "card.cvc2_locked",
+    "card.cvc2_reset",
+    "controls.updated",
+    "cardholder.created",
+    "cardholder.kyc_updated",
+]

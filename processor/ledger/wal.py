@@ -112,9 +112,15 @@ class WriteAheadLog:
     def _fill(self, start: int, end: int) -> None:
         zeros = bytes(FILL_CHUNK_BYTES)
         offset = start
-        while offset < end:
-            offset += os.pwrite(self._fd, zeros[: min(FILL_CHUNK_BYTES, end - offset)], offset)
-        os.fsync(self._fd)
+        try:
+            while offset < end:
+                offset += os.pwrite(self._fd, zeros[: min(FILL_CHUNK_BYTES, end - offset)], offset)
+            os.fsync(self._fd)
+        except OSError:
+            # A full disk or a file size limit: leave the file as it was (what it held before
+            # is all below `start`), not hundreds of megabytes of zeros on the ledger's disk.
+            os.ftruncate(self._fd, start)
+            raise
 
     def append(self, generation: int, payload: bytes) -> bool:
         """Write one record (not yet flushed: `sync`); False, writing nothing, when it does

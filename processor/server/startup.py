@@ -48,6 +48,7 @@ class StartSettings(msgspec.Struct, frozen=True):
 def start_settings(config: Config, environ: dict[str, str], *, demo: bool) -> StartSettings:
     """Check (or, under `demo`, fill in) the PAN key, the API token and the card-issuing BIN."""
     problems: list[str] = []
+    _one_role_per_secret(config, environ, problems)
     hasher = _pan_hasher(config, environ, demo, problems)
     token, generated = _api_token(config, environ, demo, problems)
     issuing = config.programme.card_issuing
@@ -109,6 +110,45 @@ def start_settings(config: Config, environ: dict[str, str], *, demo: bool) -> St
     return StartSettings(
         config, hasher, token, demo, generated, card_keys, personal_data, pan_vault
     )
+
+
+def _one_role_per_secret(config: Config, environ: dict[str, str], problems: list[str]) -> None:
+    """Each secret does one job. One variable named for two (http.api_token_env =
+    "PROCESSOR_PAN_KEY") sent the PAN-hashing key in every API call's header, where anyone
+    who sees that traffic can then recover card numbers from their keyed hashes; two
+    variables holding one value do the same. Rotation lists (several variables for one role)
+    and one variable shared within a role (two endpoints' signing secret) are fine."""
+    security = config.security
+    roles: dict[str, tuple[str, ...]] = {
+        "security.pan_key_env": (security.pan_key_env,),
+        "security.card_verification_keys": tuple(
+            variable for each in security.card_verification_keys for variable in each.key_envs
+        ),
+        "webhooks.endpoints[].secret_envs": tuple(
+            variable for each in config.webhooks.endpoints for variable in each.secret_envs
+        ),
+    }
+    if config.http.control_api:  # otherwise these are not read
+        roles["http.api_token_env"] = (config.http.api_token_env,)
+        roles["security.personal_data_key_envs"] = security.personal_data_key_envs
+        roles["security.pan_vault_key_envs"] = security.pan_vault_key_envs
+    role_of_variable: dict[str, str] = {}
+    role_of_value: dict[str, tuple[str, str]] = {}
+    for role, variables in roles.items():
+        for variable in dict.fromkeys(variables):
+            other = role_of_variable.setdefault(variable, role)
+            if other != role:
+                problems.append(f"{variable} is named by both {other} and {role}: one secret each")
+                continue
+            value = environ.get(variable, "")
+            if not value:
+                continue
+            other_role, other_variable = role_of_value.setdefault(value, (role, variable))
+            if other_role != role:
+                problems.append(
+                    f"{variable} ({role}) holds the same value as {other_variable} "
+                    f"({other_role}): one secret each"
+                )
 
 
 def _card_verification(config: Config, demo: bool, api: bool, problems: list[str]) -> Config:

@@ -72,6 +72,20 @@ def test_no_file_means_defaults() -> None:
             "$.programme.card_issuing.bin_prefix",
         ),
         ("[nope]\n", "nope"),
+        # Bounds a typo's extra digits used to pass (then: every approval 96, a disk filled
+        # with zeros, an OverflowError from LMDB), names that are no variable, an empty path.
+        ("[programme]\nhold_lifetime_seconds = 100000000000000000\n", "hold_lifetime_seconds"),
+        ("[programme.hold_lifetime_by_mcc]\n7011 = 10000000000000\n", "hold_lifetime_by_mcc"),
+        ("[ledger]\nwrite_ahead_log_bytes = 1099511627776000\n", "write_ahead_log_bytes"),
+        ("[ledger]\nmap_size_bytes = 18446744073709551616\n", "$.ledger.map_size_bytes"),
+        ("[ledger]\npath = ''\n", "$.ledger.path"),
+        ("[security]\npan_key_env = ''\n", "$.security.pan_key_env"),
+        ("[http]\napi_token_env = 'MY TOKEN'\n", "$.http.api_token_env"),
+        (
+            "[[webhooks.endpoints]]\nname = 'h'\nurl = 'http://127.0.0.1:1/'\n"
+            "secret_envs = ['S']\nevent_types = ['authorisation.aproved']\n",
+            "$.webhooks.endpoints[0].event_types[0]",
+        ),
     ],
 )
 def test_bad_config_names_the_key(text: str, named: str) -> None:
@@ -79,6 +93,26 @@ def test_bad_config_names_the_key(text: str, named: str) -> None:
         parse_config(text, "test.toml")
     assert named in str(caught.value)
     assert "test.toml" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("[[listeners]]\nname = 'a'\nport = 70000\n", "(got 70000)"),
+        ("[server]\nworkers = 'four'\n", "(got 'four')"),
+        ("[[listeners]]\nname = 'Network A'\n", "(got 'Network A')"),
+        ("[ledger]\npath = ''\n", "(got '')"),
+    ],
+)
+def test_a_bad_value_is_shown_beside_its_key(text: str, shown: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "test.toml")
+    assert str(caught.value).endswith(shown)
+
+
+def test_an_empty_ledger_flag_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--ledger: an empty path"):
+        with_overrides(Config(), ledger_path="")
 
 
 def test_bad_time_zone_names_the_key_and_the_value() -> None:

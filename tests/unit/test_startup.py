@@ -278,3 +278,50 @@ def test_a_daemon_claims_its_ledger_whatever_its_workers(tmp_path: Path, workers
         ledger.close()
     again = open_ledger(config, PanHasher(KEY.encode()), serving=True)  # released on close
     again.close()
+
+
+def test_one_secret_serves_one_role() -> None:
+    # The PAN-hashing key as the API token went out in every API call's header.
+    named_twice = parse_config(
+        "[http]\napi_token_env = 'PROCESSOR_PAN_KEY'\n"
+        "[programme.card_issuing]\nbin_prefix = '53999900'\n"
+        "[[security.card_verification_keys]]\nbin_prefix = '539999'\nkey_envs = ['CVK_5399']\n"
+    )
+    message = unready(named_twice, READY)
+    assert (
+        "PROCESSOR_PAN_KEY is named by both security.pan_key_env and http.api_token_env" in message
+    )
+    same_value = dict(READY, PROCESSOR_PAN_VAULT_KEY=DATA_KEY)
+    message = unready(WITH_BIN, same_value)
+    assert (
+        "PROCESSOR_PAN_VAULT_KEY (security.pan_vault_key_envs) holds the same value as "
+        "PROCESSOR_DATA_KEY (security.personal_data_key_envs)" in message
+    )
+    assert DATA_KEY not in message
+    # Rotation lists and a secret shared within a role are not a second role.
+    hook = "[[webhooks.endpoints]]\nname = '{}'\nurl = 'http://127.0.0.1:9/'\nsecret_envs = ['H']\n"
+    shared = parse_config(
+        "[programme.card_issuing]\nbin_prefix = '53999900'\n"
+        "[[security.card_verification_keys]]\nbin_prefix = '539999'\nkey_envs = ['CVK_5399']\n"
+        + hook.format("a")
+        + hook.format("b")
+    )
+    assert start_settings(shared, dict(READY, H="whsec_x"), demo=False).api_token == TOKEN
+
+
+def test_the_readmes_production_recipe_starts() -> None:
+    # It left out PROCESSOR_PAN_VAULT_KEY: followed to the letter, the daemon did not start.
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    recipe = readme[: readme.index("processor serve --config my-processor.toml")]
+    recipe = recipe[recipe.rindex("```sh") :]
+    exported = re.findall(r"(PROCESSOR_\w+)=\$\(openssl rand -hex (\d+)\)", recipe)
+    assert len(exported) >= 5, recipe
+    environ = {name: secrets.token_hex(int(size)) for name, size in exported}
+    config = parse_config(
+        '[programme.card_issuing]\nbin_prefix = "53999900"\n'
+        '[[security.card_verification_keys]]\nbin_prefix = "539999"\n'
+        'key_envs = ["PROCESSOR_CVK_539999"]\n'
+    )
+    assert start_settings(config, environ, demo=False).api_token == environ["PROCESSOR_API_TOKEN"]

@@ -798,3 +798,25 @@ def test_a_backup_of_a_ledger_larger_than_the_configured_map_start(tmp_path: Pat
             assert len(reader.event_ids().ranges) == 2  # the copy's own id from here on
     finally:
         copy.close()
+
+
+def test_a_log_that_cannot_be_filled_is_left_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk (or a file size limit) while the log is filled with zeros left the part
+    written on the ledger's disk: 200 MB of zeros under `ulimit -f 204800`."""
+    path = tmp_path / "wal"
+    WriteAheadLog(path, 1 << 20).close()  # an earlier, smaller log
+    written = []
+    real_pwrite = os.pwrite
+
+    def fails_after_two(fd: int, data: bytes, offset: int) -> int:
+        if len(written) == 2:
+            raise OSError(27, "File too large")
+        written.append(offset)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", fails_after_two)
+    with pytest.raises(OSError, match="File too large"):
+        WriteAheadLog(path, 8 << 20)
+    assert len(written) == 2 and path.stat().st_size == 1 << 20
