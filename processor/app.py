@@ -88,19 +88,26 @@ def open_ledger(
     return ledger
 
 
-async def start_webhooks(config: Config, metrics: Metrics) -> DeliveryProcess | None:
-    """The webhook delivery process for the configured endpoints, once it delivers.
-
-    The signing secrets are checked here first, so a missing or unfit one stops the start with
-    the config error that names it (the process reads them again from the environment)."""
+def check_webhooks(config: Config) -> None:
+    """The endpoints' URLs and signing secrets, before anything is opened or bound: a missing
+    or unfit one stops the start with the config error that names it (checked once the ports
+    were announced, links could be answered in between; the delivery process reads them
+    again from the environment)."""
     from processor.webhooks.dispatcher import configured_endpoints
 
     if not config.webhooks.endpoints:
-        return None
+        return
     try:
         configured_endpoints(config.webhooks, os.environ)
     except ValueError as error:  # a secret (SecretError) or a URL, its key named
         raise ConfigError(str(error)) from None
+
+
+async def start_webhooks(config: Config, metrics: Metrics) -> DeliveryProcess | None:
+    """The webhook delivery process for the configured endpoints (check_webhooks has passed),
+    once it delivers."""
+    if not config.webhooks.endpoints:
+        return None
     delivery = DeliveryProcess(config, metrics)
     try:
         await delivery.start()
@@ -110,12 +117,25 @@ async def start_webhooks(config: Config, metrics: Metrics) -> DeliveryProcess | 
 
 
 def announce(text: str) -> None:
-    """Lines on stdout that people and test harnesses read (ports are chosen at run time)."""
-    print(f"processor: {text}", flush=True)
+    """Lines on stdout that people and test harnesses read (ports are chosen at run time).
+    Never in the way of serving: with stdout full or closed (a pipe whose reader left), the
+    start went on failing with a traceback and a stop skipped its drain and checkpoint."""
+    try:
+        print(f"processor: {text}", flush=True)
+    except OSError as error:
+        log.warning("stdout cannot be written (%s); its lines are lost", error.strerror)
 
 
 async def serve(settings: StartSettings) -> int:
     config, hasher = settings.config, settings.hasher
+    check_webhooks(config)
+    # Signal handlers first: a SIGTERM or Ctrl-C during the start (opening the ledger, binding)
+    # killed the process with a traceback, after links could be answered; now the start
+    # completes and the stop is the orderly one (drain, checkpoint) at once.
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     pin(config.server.cpus)  # before any process is started: they inherit it
     before, after = raise_open_files_limit()
     if after != before:
@@ -150,7 +170,6 @@ async def serve(settings: StartSettings) -> int:
             config.security.cvc2_attempts_max,
             locked,
         )
-    loop = asyncio.get_running_loop()
     shared = config.server.workers > 1
     sockets = []
     try:
@@ -198,10 +217,6 @@ async def serve(settings: StartSettings) -> int:
     delivery = await start_webhooks(config, metrics)
     if delivery is not None:
         daemon.on_commit = delivery.notify
-    # Signal handlers before "ready": whoever waits for ready may stop us at once.
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     exit_code = 0
 
     def fatal() -> None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -540,3 +544,75 @@ def test_idle_and_half_sent_links_are_closed_over_real_sockets(tmp_path: Path) -
             assert metric_value(metrics, series) == 1, reason
     finally:
         running.stop()
+
+
+def _serving(ledger: Path) -> subprocess.Popen[str]:
+    """`processor serve --demo` on free ports, its stdout a pipe this test reads (or closes)."""
+    command = [sys.executable, "-m", "processor.cli", "serve", "--demo", "--ledger", str(ledger)]
+    return subprocess.Popen(
+        [*command, "--port", "0", "--http-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY),
+    )
+
+
+def _line_until(process: subprocess.Popen[str], start: str) -> None:
+    assert process.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        assert line, "the daemon exited during its start"
+        if line.startswith(start):
+            return
+    raise AssertionError(f"no {start!r} within 60 s")
+
+
+def test_a_sigterm_during_the_start_ends_in_the_orderly_stop(tmp_path: Path) -> None:
+    # The handlers came just before "ready": a SIGTERM once the ports were bound (links could
+    # be answered already) killed the daemon (-15) without its drain and checkpoint.
+    process = _serving(tmp_path / "ledger")
+    try:
+        _line_until(process, "processor: ISO 8583 listening")
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    assert process.returncode == 0, err
+    assert "processor: stopped" in out and "Traceback" not in err
+
+
+def test_a_stdout_nobody_reads_any_more_does_not_stop_the_stop(tmp_path: Path) -> None:
+    # The reader of stdout gone (a closed pipe): "stopping" raised BrokenPipeError, and the
+    # daemon exited 1 without draining or checkpointing.
+    process = _serving(tmp_path / "ledger")
+    try:
+        _line_until(process, "processor: ready")
+        assert process.stdout is not None
+        process.stdout.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.stderr is not None
+        err = process.stderr.read()
+        process.stderr.close()
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    assert process.returncode == 0, err
+    assert "stdout cannot be written" in err and "Traceback" not in err
+
+
+def test_a_bad_webhook_url_stops_the_start_before_any_port_is_bound(tmp_path: Path) -> None:
+    config = tmp_path / "processor.toml"
+    config.write_text(
+        "[[webhooks.endpoints]]\nname = 'main'\nurl = 'http://'\nsecret_envs = ['HOOK']\n"
+    )
+    env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, HOOK="whsec_" + "A" * 40)
+    result = run_serve(tmp_path / "ledger", "--demo", "--config", str(config), env=env)
+    assert result.returncode == 2
+    assert "$.webhooks.endpoints[0].url" in result.stderr
+    assert "listening" not in result.stdout
