@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import iso8583
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from iso8583.decoder import DecodeError
 from iso8583.encoder import EncodeError
@@ -91,35 +93,148 @@ def test_mutated_messages_decode_like_pyiso8583_or_not_at_all(
         assert fast == reference_decode(mutated, variant)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@SETTINGS
-@given(raw=st.binary(max_size=300))
-def test_arbitrary_bytes_decode_like_pyiso8583_or_not_at_all(variant: str, raw: bytes) -> None:
-    fast = FAST[variant].decode(raw)
-    if fast is not None:
-        assert fast == reference_decode(raw, variant)
+NON_ASCII = st.characters(min_codepoint=0x80, blacklist_categories=("Cs",))
+FIELD_NUMBERS = st.integers(2, 128).filter(lambda n: n != 65)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@SETTINGS
-@given(
-    document=st.dictionaries(
-        st.sampled_from(["t", *map(str, range(2, 129))]),
-        st.text(st.characters(max_codepoint=0x2FF), max_size=30),
-        max_size=8,
+def bitmap_bytes(numbers: set[int], variant: str, lower: bool) -> bytes:
+    """Primary bitmap, and secondary (bit 1 set) when a field above 64 is present."""
+    words = 2 if any(n > 64 for n in numbers) else 1
+    value = (1 << (64 * words - 1) if words == 2 else 0) | sum(
+        1 << (64 * words - n) for n in numbers
     )
-)
-def test_bad_documents_encode_like_pyiso8583_or_not_at_all(
-    variant: str, document: dict[str, str]
-) -> None:
-    assume("65" not in document)
-    fast = FAST[variant].encode(document)
-    if fast is not None:
+    raw = value.to_bytes(8 * words, "big")
+    if variant == "binary":
+        return raw
+    hexed = raw.hex()
+    return (hexed if lower else hexed.upper()).encode()
+
+
+@st.composite
+def field_bytes(draw: st.DrawFn, number: int, variant: str) -> bytes:
+    """Field data as it sits on the wire: well formed most of the time, else a defect."""
+    field = SPECS[variant].iso[str(number)]
+    length_type, maximum = field["len_type"], field["max_len"]
+    kind = draw(st.sampled_from(["good"] * 6 + ["random", "long", "non_ascii", "bad_prefix"]))
+    if kind == "random":
+        return draw(st.binary(max_size=12))
+    size = maximum if not length_type else draw(st.integers(0, min(maximum, 30)))
+    data = bytearray(draw(st.text(PRINTABLE, min_size=size, max_size=size)).encode())
+    if kind == "non_ascii" and data:
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0x80, 0xFF))
+    if not length_type:
+        return bytes(data)
+    announced = maximum + draw(st.integers(1, 3)) if kind == "long" else size
+    prefix = b"%0*d" % (length_type, announced)
+    if kind == "bad_prefix":
+        prefix = draw(st.binary(min_size=length_type, max_size=length_type))
+    return prefix[-length_type:] + bytes(data)
+
+
+@st.composite
+def plausible_messages(draw: st.DrawFn, variant: str) -> bytes:
+    """A real MTI and bitmap(s), then each named field's bytes (mostly well formed), then
+    trailing bytes half the time: a good share decode, and refusals of every kind occur."""
+    numbers = draw(st.sets(FIELD_NUMBERS, max_size=10))
+    mti = draw(st.text("0123456789", min_size=4, max_size=4)).encode()
+    message = mti + bitmap_bytes(numbers, variant, lower=draw(st.booleans()))
+    for number in sorted(numbers):
+        message += draw(field_bytes(number, variant))
+    if draw(st.booleans()):
+        message += draw(st.binary(min_size=1, max_size=5))
+    return message
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_arbitrary_bytes_decode_like_pyiso8583_or_not_at_all(variant: str) -> None:
+    outcomes: Counter[str] = Counter()
+
+    @SETTINGS
+    @example(message=b"0100" + bitmap_bytes({11}, variant, lower=False) + b"123456")
+    @example(message=b"0100" + bitmap_bytes({11}, variant, lower=False) + b"1234567")
+    @example(message=b"0100" + bitmap_bytes({2}, variant, lower=True) + b"0412349")
+    @given(message=plausible_messages(variant))
+    def check(message: bytes) -> None:
+        fast = FAST[variant].decode(message)
+        reference = reference_decode(message, variant)
+        if reference is None:
+            assert fast is None, f"fast codec decoded what pyiso8583 refuses: {message!r}"
+        assert fast is None or fast == reference
+        outcome = "refused" if reference is None else "decoded" if fast else "left"
+        event(outcome)
+        outcomes[outcome] += 1
+
+    check()
+    # The comparisons above ran on real decodes, not only on refusals.
+    assert outcomes["decoded"] >= 50, outcomes
+    assert outcomes["refused"] >= 50, outcomes
+
+
+@st.composite
+def bad_documents(draw: st.DrawFn, variant: str) -> tuple[str, dict[str, str]]:
+    """A valid document, then (most of the time) exactly one defect in it."""
+    document = draw(documents(variant))
+    kinds = ["none", "non_ascii", "wrong_mti", "no_mti"]
+    fixed = [k for k in document if k != "t" and not SPECS[variant].iso[k]["len_type"]]
+    variable = [k for k in document if k != "t" and SPECS[variant].iso[k]["len_type"]]
+    kinds += ["wrong_fixed_length"] * 2 if fixed else []
+    kinds += ["too_long"] * 2 if variable else []
+    kind = draw(st.sampled_from(kinds))
+    if kind == "non_ascii":
+        # Same length in characters: only the ASCII check can refuse it.
+        key = draw(st.sampled_from(sorted(document)))
+        value = document[key] or draw(st.text(PRINTABLE, min_size=1, max_size=1))
+        position = draw(st.integers(0, len(value) - 1))
+        document[key] = value[:position] + draw(NON_ASCII) + value[position + 1 :]
+    elif kind == "wrong_mti":
+        size = draw(st.sampled_from([0, 1, 2, 3, 5, 6]))
+        document["t"] = draw(st.text("0123456789", min_size=size, max_size=size))
+    elif kind == "no_mti":
+        del document["t"]
+    elif kind == "wrong_fixed_length":
+        key = draw(st.sampled_from(fixed))
+        size = SPECS[variant].iso[key]["max_len"]
+        size = draw(st.integers(0, size - 1) | st.integers(size + 1, size + 3))
+        document[key] = draw(st.text(PRINTABLE, min_size=size, max_size=size))
+    elif kind == "too_long":
+        key = draw(st.sampled_from(variable))
+        size = SPECS[variant].iso[key]["max_len"] + draw(st.integers(1, 3))
+        document[key] = draw(st.text(PRINTABLE, min_size=size, max_size=size))
+    return kind, document
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bad_documents_encode_like_pyiso8583_or_not_at_all(variant: str) -> None:
+    outcomes: Counter[str] = Counter()
+
+    @SETTINGS
+    @example(case=("non_ascii", {"t": "0100", "11": "12345\u00e9"}))
+    @example(case=("non_ascii", {"t": "0100", "2": "4\u20ac1", "128": "1" * 16}))
+    @example(case=("non_ascii", {"t": "01\u00e90"}))
+    @example(case=("too_long", {"t": "0100", "2": "1" * 20}))
+    @example(case=("wrong_fixed_length", {"t": "0100", "11": "12345"}))
+    @example(case=("none", {"t": "0100", "11": "123456", "70": "301"}))
+    @given(case=bad_documents(variant))
+    def check(case: tuple[str, dict[str, str]]) -> None:
+        kind, document = case
+        fast = FAST[variant].encode(dict(document))
         try:
             expected = bytes(iso8583.encode(dict(document), SPECS[variant].iso)[0])
         except EncodeError:
-            pytest.fail(f"fast codec encoded what pyiso8583 refuses: {document!r}")
-        assert fast == expected
+            assert fast is None, f"fast codec encoded what pyiso8583 refuses: {document!r}"
+            outcome = "refused"
+        else:
+            assert fast == expected
+            outcome = "encoded"
+        event(f"{kind}: {outcome}")
+        outcomes[outcome] += 1
+        outcomes[kind] += 1
+
+    check()
+    # Both branches ran, and every kind of defect was tried.
+    assert outcomes["refused"] >= 100, outcomes
+    assert outcomes["encoded"] >= 20, outcomes
+    assert all(outcomes[k] >= 5 for k in ("non_ascii", "too_long", "wrong_fixed_length")), outcomes
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from itertools import pairwise
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from processor.wire.codec import AUTHORIZATION_ECHO, Codec
@@ -304,37 +305,113 @@ def test_mutated_valid_message_raises_only_wire_errors(
 # --- (c) hostile bytes into Framer.feed ----------------------------------------------------
 
 framer_config = st.tuples(
-    st.sampled_from(["len2", "ascii4"]),
+    st.sampled_from(["len2", "len2_inclusive", "ascii4"]),
     st.integers(0, 6),  # header bytes
     st.integers(7, 300),  # max frame bytes
 )
 
 
-@SETTINGS
-@given(
-    config=framer_config,
-    chunks=st.lists(
-        st.binary(max_size=200) | st.text("0123456789", max_size=20).map(str.encode),
-        max_size=10,
-    ),
-)
-def test_framer_raises_only_framing_errors(
-    config: tuple[str, int, int], chunks: list[bytes]
-) -> None:
-    prefix, header_bytes, max_frame_bytes = config
-    framer = Framer(prefix, header_bytes=header_bytes, max_frame_bytes=max_frame_bytes)  # type: ignore[arg-type]
-    prefix_bytes = 2 if prefix == "len2" else 4
-    for chunk in chunks:
-        try:
-            frames = framer.feed(chunk)
-        except FramingError:
-            return
-        for header, message in frames:
-            assert len(header) + len(message) <= max_frame_bytes
-            # A frame carries the full header, or is zero-length (no header, no message).
-            assert len(header) == header_bytes or (header, message) == (b"", b"")
-        # Bounded: never more than one incomplete frame of legal size is held.
-        assert framer.buffered_bytes < prefix_bytes + max_frame_bytes
+@st.composite
+def hostile_stream(
+    draw: st.DrawFn, prefix: str, header_bytes: int, max_frame_bytes: int
+) -> tuple[bytes, list[tuple[bytes, bytes]], str | None]:
+    """Well-formed prefixes announcing 0..max_frame_bytes+3 (empty, shorter than the header,
+    legal, too long), now and then a broken prefix, random bodies, the stream maybe cut short.
+
+    Returns the stream, the frames a Framer must hand out, in order, and the framing error it
+    must find (None, "prefix", "too long", "short"): a model walking the stream as it does."""
+    prefix_bytes = 4 if prefix == "ascii4" else 2
+    huge = 9999 if prefix == "ascii4" else 0xFFFF - 2
+    segments: list[tuple[bool, int, bytes]] = []  # (broken prefix, announced length, body)
+    stream = b""
+    for _ in range(draw(st.integers(1, 6))):
+        length = draw(
+            st.sampled_from(["legal"] * 7 + ["small"] * 2 + ["too long"]).flatmap(
+                lambda kind: {
+                    "legal": st.integers(0, max_frame_bytes),
+                    "small": st.integers(0, header_bytes + 1),  # empty, or short of its header
+                    "too long": st.integers(max_frame_bytes + 1, max_frame_bytes + 3)
+                    | st.just(huge),
+                }[kind]
+            )
+        )
+        broken = prefix != "len2" and draw(st.integers(0, 9)) == 0
+        if broken:  # ascii4: not 4 ASCII digits; len2_inclusive: below its own 2 bytes
+            head = draw(st.sampled_from([b"12 4", b"+123", b"\xb2000", b"abcd", b"-001"]))
+            head = head if prefix == "ascii4" else b"\x00\x01"
+        elif prefix == "ascii4":
+            head = b"%04d" % length
+        elif prefix == "len2_inclusive":  # zero-length: 2, or 0 as plain len2 peers send it
+            head = (length + 2 if length or draw(st.booleans()) else 0).to_bytes(2, "big")
+        else:
+            head = length.to_bytes(2, "big")
+        size = min(length, max_frame_bytes + 3)
+        body = draw(st.binary(min_size=size, max_size=size))
+        segments.append((broken, length, body))
+        stream += head + body
+    cut = draw(st.integers(0, len(stream)))
+    stream = stream[: len(stream) - draw(st.sampled_from([0, 0, cut]))]
+
+    expected: list[tuple[bytes, bytes]] = []
+    offset = 0
+    for broken, length, body in segments:
+        if len(stream) - offset < prefix_bytes:
+            return stream, expected, None  # waiting for the rest of a prefix
+        if broken or length > max_frame_bytes:  # refused from its prefix alone
+            return stream, expected, "prefix" if broken else "too long"
+        end = offset + prefix_bytes + length
+        if end > len(stream):
+            return stream, expected, None  # waiting for the rest of a frame
+        if 0 < length < header_bytes:
+            return stream, expected, "short"  # complete, but shorter than its header
+        expected.append((body[:header_bytes], body[header_bytes:]) if length else (b"", b""))
+        offset = end
+    return stream, expected, None
+
+
+def test_framer_raises_only_framing_errors() -> None:
+    outcomes: Counter[str] = Counter()
+
+    @SETTINGS
+    @given(config=framer_config, data=st.data())
+    def check(config: tuple[str, int, int], data: st.DataObject) -> None:
+        prefix, header_bytes, max_frame_bytes = config
+        stream, expected, error = data.draw(hostile_stream(prefix, header_bytes, max_frame_bytes))
+        cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=6))
+        bounds = [0, *sorted(cuts), len(stream)]
+        chunks = [stream[start:end] for start, end in pairwise(bounds)]
+        chunks.append(b"")  # a framing error found behind frames is raised by the next call
+
+        framer = Framer(prefix, header_bytes=header_bytes, max_frame_bytes=max_frame_bytes)  # type: ignore[arg-type]
+        prefix_bytes = 4 if prefix == "ascii4" else 2
+        received: list[tuple[bytes, bytes]] = []
+        raised = False
+        for chunk in chunks:
+            try:
+                frames = framer.feed(chunk)
+            except FramingError:
+                raised = True
+                break
+            for header, message in frames:
+                assert len(header) + len(message) <= max_frame_bytes
+                # A frame carries the full header, or is zero-length (no header, no message).
+                assert len(header) == header_bytes or (header, message) == (b"", b"")
+            received += frames
+            if framer.error is None:
+                # Bounded: never more than one incomplete frame of legal size is held.
+                assert framer.buffered_bytes < prefix_bytes + max_frame_bytes
+        assert received == expected
+        assert raised == (error is not None)
+        outcomes["frames"] += len(received)
+        outcomes["headed frames"] += sum(1 for header, _ in received if header)
+        outcomes[f"error: {error}"] += 1
+        event(f"error: {error}")
+
+    check()
+    # Frames were checked, and each kind of framing error occurred.
+    assert outcomes["frames"] >= 200 and outcomes["headed frames"] >= 100, outcomes
+    assert all(outcomes[f"error: {k}"] >= 5 for k in ("prefix", "too long", "short")), outcomes
+    assert outcomes["error: None"] >= 50, outcomes
 
 
 # --- (d) stream splitting ------------------------------------------------------------------
