@@ -597,7 +597,8 @@ def update_fulfilment(card_id: str, status: str) -> Operation:
 
 def activate_card(card_id: str) -> Operation:
     """The cardholder has the physical card: it authorises from now on. The card it replaces
-    (expiring or damaged) stops now."""
+    (expiring or damaged) stops now; if the programme has that card frozen, the new one is
+    frozen instead of active (the cardholder's activation got round the freeze)."""
 
     def run(writer: Writer, now_ms: int) -> Reply:
         card_key, card = _card(writer, card_id)
@@ -615,9 +616,13 @@ def activate_card(card_id: str) -> Operation:
                 "replaced can be",
                 details={"status": card.status, "fulfilment": card.fulfilment or "none"},
             )
-        card = msgspec.structs.replace(card, status="active")
+        predecessor = None if card.replaces is None else writer.card_by_id(card.replaces)
+        status: CardStatus = (
+            "frozen" if predecessor is not None and predecessor[1].status == "frozen" else "active"
+        )
+        card = msgspec.structs.replace(card, status=status)
         writer.put_card(card_key, card, card.account_id)
-        writer.emit_change(now_ms, "card.status_changed", "card_active", card=card)
+        writer.emit_change(now_ms, "card.status_changed", f"card_{status}", card=card)
         if card.replaces is not None:
             _stop(writer, now_ms, card.replaces, "closed")
         return _card_reply(writer, card)

@@ -326,3 +326,27 @@ def test_a_card_from_before_cardholders_is_replaced_for_its_accounts(ledger: Led
     refused = run(ledger, commands.replace_card(str(registered["id"]), "lost", SOURCE, None))
     assert isinstance(refused, Refused) and refused.code == "card_not_replaceable"
     assert "issued elsewhere" in refused.message
+
+
+def test_a_frozen_cards_physical_replacement_is_frozen_when_activated(ledger: Ledger) -> None:
+    # The programme froze the card (suspected fraud, say); the damaged-card replacement it
+    # ordered became active at the cardholder's activation, round the freeze.
+    old = order(ledger)
+    activated(ledger, old)
+    ok(run(ledger, commands.change_card_status(str(old["id"]), "freeze")))
+    new = ok(run(ledger, commands.replace_card(str(old["id"]), "damaged", SOURCE, shipping())))
+    run(ledger, commands.update_fulfilment(str(new["id"]), "shipped"))
+    assert ok(run(ledger, commands.activate_card(str(new["id"]))))["status"] == "frozen"
+    assert swipe(ledger, str(new["pan"]), "000011") == ("62", "card_frozen")
+    assert swipe(ledger, str(old["pan"]), "000012") == ("62", "card_closed")
+    assert ok(run(ledger, commands.change_card_status(str(new["id"]), "unfreeze")))["status"] == (
+        "active"
+    )
+    assert ("card.status_changed", "card_frozen") in event_reasons(ledger)
+    # Unfrozen before the replacement came: it is activated as it should be.
+    other = order(ledger)
+    activated(ledger, other)
+    ok(run(ledger, commands.change_card_status(str(other["id"]), "freeze")))
+    later = ok(run(ledger, commands.replace_card(str(other["id"]), "expiring", SOURCE, shipping())))
+    ok(run(ledger, commands.change_card_status(str(other["id"]), "unfreeze")))
+    activated(ledger, later)
