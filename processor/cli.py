@@ -449,6 +449,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         framing=args.framing,
         api_url=args.api,
         api_token=token,
+        run_seconds=args.deadline,
     )
 
 
@@ -616,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     def target(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8583)
-        p.add_argument("--framing", choices=("len2", "ascii4"), default="len2")
+        p.add_argument("--framing", choices=("len2", "len2_inclusive", "ascii4"), default="len2")
 
     sim = sub.add_parser(
         "sim",
@@ -634,6 +635,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="PROCESSOR_API_TOKEN",
         metavar="VAR",
         help="environment variable holding the API bearer token (default: %(default)s)",
+    )
+    sim.add_argument(
+        "--deadline",
+        type=_seconds,
+        default=120.0,
+        metavar="SECONDS",
+        help="bound on the whole run; scenarios not run by then fail (default: %(default)s)",
     )
     sim.add_argument("scenarios", nargs="*", help="scenario names; `list` to list them")
     sim.set_defaults(func=cmd_sim)
@@ -699,6 +707,17 @@ def build_load_parser() -> argparse.ArgumentParser:
     )
     load.set_defaults(func=cmd_sim_load)
     return load
+
+
+def _seconds(text: str) -> float:
+    """A time bound: a usage error for 0, a negative, nan or inf (each bounded nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive, finite number of seconds")
+    return value
 
 
 def _positive(text: str) -> int:

@@ -7,6 +7,7 @@ the daemon serves it.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import aiohttp
@@ -141,17 +142,20 @@ class ControlApi:
             idempotency_key=idempotency_key,
         )
 
-    async def register_card(
-        self, pan: str, expiry: str, account_id: str, idempotency_key: str
-    ) -> str:
-        """The card id. The same key on a rerun replays the first 201, id included."""
-        answer = await self.expect(
+    async def register_new_card(self, pan: str, expiry: str, account_id: str) -> str | None:
+        """The new card's id; None when the number is registered already (409 card_exists).
+
+        A key of its own per call: the call is retried safely, and never replays an old run's."""
+        answer = await self.call(
             "POST",
             "/v1/cards",
             {"pan": pan, "expiry": expiry, "account_id": account_id},
-            ok=(200, 201),
-            idempotency_key=idempotency_key,
+            idempotency_key=f"sim-card-{uuid.uuid4()}",
         )
+        if answer.status == 409 and answer.error_code == "card_exists":
+            return None
+        if answer.status not in (200, 201):
+            raise ApiProblem(f"POST /v1/cards: {answer.describe()}")
         try:
             return msgspec.json.decode(answer.body, type=CardCreated).id
         except msgspec.DecodeError as error:
@@ -208,10 +212,3 @@ class ControlApi:
 
     async def unfreeze(self, card_id: str) -> None:
         await self.expect("POST", f"/v1/cards/{card_id}/unfreeze")
-
-    async def unfreeze_if_frozen(self, card_id: str) -> None:
-        """Unfreeze; a card that is not frozen (409 invalid_card_transition) is left as it is."""
-        path = f"/v1/cards/{card_id}/unfreeze"
-        answer = await self.call("POST", path)
-        if answer.status != 200 and answer.error_code != "invalid_card_transition":
-            raise ApiProblem(f"POST {path}: {answer.describe()}")

@@ -159,9 +159,13 @@ async def generate(spec: LoadSpec) -> LoadReport:
 
     def on_response(message: bytes, now: float) -> None:
         nonlocal answered, unmatched
-        fields, _ = iso8583.decode(message, iso_spec)
-        index = int(fields["11"])
-        if index >= total or answered_at[index] or not scheduled[index]:
+        try:
+            fields, _ = iso8583.decode(message, iso_spec)
+            index = int(fields["11"])
+        except (iso8583.DecodeError, ValueError, KeyError):
+            unmatched += 1  # no STAN to match: it answers nothing this run sent
+            return
+        if not 0 <= index < total or answered_at[index] or not scheduled[index]:
             unmatched += 1
             return
         answered_at[index] = now
@@ -242,4 +246,14 @@ def run_load(spec: LoadSpec) -> int:
     if spec.json_out:
         with open(spec.json_out, "w") as out:
             json.dump(asdict(report), out, indent=2)
-    return 0 if report.unanswered == 0 else 1
+    return exit_status(report)
+
+
+def exit_status(report: LoadReport) -> int:
+    """0 only when every request got exactly one answer: an unmatched answer (a duplicate, a
+    STAN this run never sent, an undecodable frame) is as wrong as a missing one."""
+    if report.unanswered == 0 and report.unmatched == 0:
+        return 0
+    if report.unmatched:
+        print(f"processor sim load: {report.unmatched} answer(s) matched no request of this run")
+    return 1

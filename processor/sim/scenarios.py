@@ -8,19 +8,31 @@ give (`Scenario.reasons`), which the end-to-end tests check in /metrics.
 
 Scenarios are repeatable on the same ledger, any number of times a day: a limit scenario asks
 for more than the limit in one request, and a scenario that needs approvals to reach a limit
-reverses (0400) every approval it made, which gives the usage back.
+reverses (0400) every approval it made, which gives the usage back. Whatever a scenario leaves
+unreversed, because it stopped half-way (a timeout, a closed link, Ctrl-C) or never meant to
+reverse, is reversed after it, over a new link when its own is gone.
+
+Every answer is checked against the wire contract (processor/sim/client.py: MTI, echo set,
+approval code), not only field 39; a row is printed as soon as its scenario finishes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import sys
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from processor.security import mask_pan
+from processor.security import luhn_check_digit, mask_pan
 from processor.sim.api import ApiProblem, ControlApi
-from processor.sim.client import WireClient, transmission_datetime
+from processor.sim.client import (
+    APPROVED,
+    BadAnswer,
+    WireClient,
+    transmission_datetime,
+)
 from processor.types import Framing
 
 # Demo cards (processor/data/demo.toml).
@@ -45,13 +57,12 @@ NO_QUASI_CASH = "4761739001010184"  # blocked quasi_cash, digital_goods; MCC 599
 CASH_LIMIT = "4761739001010192"  # cash at most 200.00 a day
 PLAIN = "4761739001010200"  # no card controls
 SCA = "4761739001010226"  # e-commerce needs strong customer authentication (require_sca)
-# Registered through the control API by freeze_then_swipe; not in demo.toml.
-API_CARD = "4761739001010218"
+# freeze_then_swipe registers a new card of this range through the control API each run (a
+# fixed card under a fixed key fails with card_exists once retention forgets the key).
+API_CARD_RANGE = "4761739009"
 API_ACCOUNT = "sim-api"
-API_CARD_KEY = "sim-freeze-then-swipe-card-1"  # same key every run: the API replays the 201
 API_FUND_KEY = "sim-freeze-then-swipe-fund-1"
-
-APPROVED = ("00", "10")
+RUN_SECONDS = 120.0  # the whole run: a daemon that answers nothing cannot hold CI for longer
 
 
 def merchant_location(name: str, city: str, country: str) -> str:
@@ -75,10 +86,13 @@ class Row:
     expected: str
     received: str
     skipped: str = ""  # why the scenario did not run; a skipped row is not a failure
+    # Found once the scenario was over: approvals it left that could not be reversed, answers
+    # nobody awaited. Each one fails the row.
+    after: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return bool(self.skipped) or self.expected == self.received
+        return bool(self.skipped) or (self.expected == self.received and not self.after)
 
     @property
     def result(self) -> str:
@@ -87,12 +101,56 @@ class Row:
         return "ok" if self.ok else "MISMATCH"
 
 
+def _identity(fields: dict[str, str]) -> tuple[str, str, str, str]:
+    """A transaction's identity as the daemon keys it: class (a repeat is its original's),
+    acquirer, STAN, transmission date-time."""
+    return (fields["t"][:3], str(int(fields.get("32", "0") or "0")), fields["11"], fields["7"])
+
+
+def _holds(fields: dict[str, str]) -> bool:
+    """Whether an approval of this request holds or posts money (and so needs a reversal)."""
+    return fields["t"][:2] in ("01", "02") and not fields.get("3", "").startswith("31")
+
+
+def describe_request(fields: dict[str, str]) -> str:
+    """A request as it may be printed: the PAN masked, no CVC2 (field 48 is left out)."""
+    pan = mask_pan(fields["2"]) if "2" in fields else "no PAN"
+    return f"{fields['t']} {pan} amt {int(fields.get('4', '0') or '0')} STAN {fields['11']}"
+
+
 class Session:
-    def __init__(self, client: WireClient, api: ControlApi | None = None) -> None:
+    def __init__(
+        self,
+        client: WireClient,
+        api: ControlApi | None = None,
+        reconnect: Callable[[], Awaitable[WireClient]] | None = None,
+    ) -> None:
         self.client = client
         self.api = api
+        self._reconnect = reconnect
         self._stan = random.randrange(100_000, 900_000)
         self.acquirer = f"{random.randrange(10**5, 10**6)}"
+        # Requests that hold money and may have been approved: approved ones, and those whose
+        # answer never came or could not be trusted (a reversal of a declined original is
+        # answered 00 and changes nothing, so reversing those too is safe).
+        self.unreversed: dict[tuple[str, str, str, str], dict[str, str]] = {}
+        self._approved: set[tuple[str, str, str, str]] = set()  # of those, the ones known to be
+
+    async def exchange(self, fields: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+        """`client.exchange`, remembering what will need a reversal."""
+        key = _identity(fields)
+        new = _holds(fields) and key not in self.unreversed
+        if new:
+            self.unreversed[key] = fields
+        raw, response = await self.client.exchange(fields)
+        if response.get("39") in APPROVED:
+            self._approved.add(key)
+        elif new:
+            del self.unreversed[key]
+        return raw, response
+
+    async def send(self, fields: dict[str, str]) -> dict[str, str]:
+        return (await self.exchange(fields))[1]
 
     def next_stan(self) -> str:
         self._stan = (self._stan + 1) % 1_000_000
@@ -159,7 +217,69 @@ class Session:
             ),
         }
         _, response = await self.client.exchange(fields)
+        # Answered: a code other than 00 is the caller's to report, not to reverse again.
+        self.unreversed.pop(_identity(original), None)
+        self._approved.discard(_identity(original))
         return response.get("39", "--")
+
+    async def settle(self) -> list[str]:
+        """Reverse whatever is left unreversed; what could not be, with why (PAN masked)."""
+        if not self.unreversed:
+            return []
+        client, spare = self.client, None
+        failed: list[str] = []
+        if client.failure is not None:
+            if self._reconnect is None:
+                failed = [
+                    f"{describe_request(f)}: {client.failure}" for f in self.unreversed.values()
+                ]
+                self.unreversed.clear()
+                return failed
+            try:
+                client = spare = await self._reconnect()
+            except OSError as error:
+                failed = [
+                    f"{describe_request(f)}: no new link: {error.strerror or error}"
+                    for f in self.unreversed.values()
+                ]
+                self.unreversed.clear()
+                return failed
+        own, self.client = self.client, client
+        try:
+            for original in list(self.unreversed.values()):
+                # An answer nobody awaited would fail this reversal before it is even sent.
+                failed += [f"(unexpected) {found}" for found in client.take_unsolicited()]
+                try:
+                    code = await self.reverse(original)
+                except (TimeoutError, ConnectionError, BadAnswer) as error:
+                    self.unreversed.pop(_identity(original), None)
+                    failed.append(f"{describe_request(original)}: {error}")
+                    continue
+                # 25 (no original) is right for a request the daemon never got or declined.
+                maybe = _identity(original) not in self._approved
+                if code != "00" and not (maybe and code == "25"):
+                    failed.append(f"{describe_request(original)}: reversal answered {code}")
+        finally:
+            self.client = own
+            if spare is not None:
+                await spare.close()
+        return failed
+
+    async def balances(self, pan: str) -> dict[str, int]:
+        """A balance inquiry's field 54 by amount type (01 ledger, 02 available), signed."""
+        fields = self.authorization(pan, 0, processing_code="310000", mcc="6011")
+        response = await self.send(fields)
+        code, blocks = response.get("39", "--"), response.get("54", "")
+        if code != "00" or not blocks or len(blocks) % 20:
+            raise BadAnswer(f"balance inquiry answered {code}, field 54 {blocks!r}")
+        found = {}
+        for at in range(0, len(blocks), 20):
+            block = blocks[at : at + 20]
+            sign = {"C": 1, "D": -1}.get(block[7])
+            if sign is None or not block[8:].isdigit():
+                raise BadAnswer(f"balance inquiry: unreadable field 54 block {block!r}")
+            found[block[2:4]] = sign * int(block[8:])
+        return found
 
     async def reverse_all(self, approved: list[dict[str, str]]) -> list[str]:
         """Reverse each approval; the problems found, e.g. ["reversal 25"]."""
@@ -185,7 +305,7 @@ class Scenario:
 def _auth_check(expected: str, reason: str, pan: str, **kwargs: object) -> Scenario:
     async def check(session: Session) -> Row:
         fields = session.authorization(pan, **kwargs)  # type: ignore[arg-type]
-        _, response = await session.client.exchange(fields)
+        response = await session.send(fields)
         received = response.get("39", "--")
         if expected == "00" and received == "00" and "38" not in response:
             received = "00 without approval code"
@@ -232,7 +352,7 @@ def _swipes(sent: str, *swipes: Swipe) -> Scenario:
                 country=swipe.country,
                 additional_data=swipe.additional_data,
             )
-            _, response = await session.client.exchange(fields)
+            response = await session.send(fields)
             code = response.get("39", "--")
             received.append(code)
             if code in APPROVED:
@@ -264,7 +384,7 @@ async def _sign_on(session: Session) -> Row:
 
 async def _balance_inquiry(session: Session) -> Row:
     fields = session.authorization(ACTIVE, 0, processing_code="310000", mcc="6011")
-    _, response = await session.client.exchange(fields)
+    response = await session.send(fields)
     received = response.get("39", "--")
     balances = response.get("54", "")
     if received == "00" and (not balances or len(balances) % 20 != 0):
@@ -273,35 +393,49 @@ async def _balance_inquiry(session: Session) -> Row:
 
 
 async def _retransmission(session: Session) -> Row:
-    fields = session.authorization(ACTIVE, 1234)
-    first, response = await session.client.exchange(fields)
-    again, _ = await session.client.exchange(fields)
-    repeat_fields = dict(fields, t="0101")
-    repeat, _ = await session.client.exchange(repeat_fields)
+    """The same 0100 three times (twice as is, once as an 0101 repeat): the same answer byte for
+    byte, and one hold only, which the available balance shows; then reversed."""
+    amount = 1234
+    before = (await session.balances(ACTIVE))["02"]
+    fields = session.authorization(ACTIVE, amount)
+    first, response = await session.exchange(fields)
+    again, _ = await session.exchange(fields)
+    repeat, _ = await session.exchange(dict(fields, t="0101"))
+    after = (await session.balances(ACTIVE))["02"]
+    reversal = await session.reverse(fields) if response.get("39") in APPROVED else "00"
+    restored = (await session.balances(ACTIVE))["02"]
     received = response.get("39", "--")
     if again != first:
         received = "retransmission answered differently"
     elif repeat != first:
         received = "0101 repeat answered differently"
+    elif received == "00" and before - after != amount:
+        received = f"available moved by {before - after}, not {amount} once"
+    elif received == "00":
+        received = "00 x3 same bytes, held once"
+    if reversal != "00":
+        received += f" reversal {reversal}"
+    elif restored != before:
+        received += f" reversal gave back {restored - after}, not {amount}"
     return Row(
         "",
-        "0100, same 0100 again, then 0101",
-        "00 x3 same bytes",
-        ("00 x3 same bytes" if received == "00" else received),
+        "inquiry, 0100, same 0100 again, 0101, inquiry, 0400",
+        "00 x3 same bytes, held once",
+        received,
     )
 
 
 async def _duplicate_different(session: Session) -> Row:
     fields = session.authorization(ACTIVE, 1500)
-    await session.client.exchange(fields)
-    _, response = await session.client.exchange(dict(fields, **{"4": f"{1600:012d}"}))
+    await session.send(fields)
+    response = await session.send(dict(fields, **{"4": f"{1600:012d}"}))
     return Row("", "0100 then same STAN, other amount", "94", response.get("39", "--"))
 
 
 async def _format_error(session: Session) -> Row:
     fields = session.authorization(ACTIVE)
     del fields["18"]  # MCC is mandatory in an 0100
-    _, response = await session.client.exchange(fields)
+    response = await session.send(fields)
     return Row("", "0100 without field 18", "30", response.get("39", "--"))
 
 
@@ -321,7 +455,7 @@ class _ApiRun:
         await self.api.fund(API_ACCOUNT, 100_000, "processor sim float", API_FUND_KEY)
 
     async def send(self, fields: dict[str, str]) -> None:
-        _, response = await self.session.client.exchange(fields)
+        response = await self.session.send(fields)
         self.received.append(response.get("39", "--"))
         if self.received[-1] in APPROVED:
             self.approved.append(fields)
@@ -333,24 +467,36 @@ class _ApiRun:
         return Row("", sent, expected, " ".join(self.received + problems))
 
 
+def fresh_api_pan() -> str:
+    """A Luhn-valid number in API_CARD_RANGE, drawn anew each call."""
+    digits = f"{API_CARD_RANGE}{random.randrange(10**5):05d}"
+    return digits + luhn_check_digit(digits)
+
+
 async def _freeze_then_swipe(session: Session) -> Row:
     """The programme registers a card, swipes, freezes, swipes, unfreezes, swipes (00 62 00)."""
     run = _ApiRun(session)
     failed = None
+    pan = ""
     try:
         await run.funded_account()
-        # A fixed idempotency key: a rerun replays the first 201 (card id).
-        card_id = await run.api.register_card(API_CARD, "3012", API_ACCOUNT, API_CARD_KEY)
-        # A run stopped between freeze and unfreeze left the card frozen: start from active.
-        await run.api.unfreeze_if_frozen(card_id)
-        await run.send(session.authorization(API_CARD, 1500))
+        # A new card each run: nothing depends on what the API still remembers of earlier runs.
+        for _ in range(3):  # a number an earlier run registered is taken: draw another
+            pan = fresh_api_pan()
+            card_id = await run.api.register_new_card(pan, "3012", API_ACCOUNT)
+            if card_id is not None:
+                break
+        else:
+            raise ApiProblem(f"POST /v1/cards: 3 numbers in {API_CARD_RANGE}... all card_exists")
+        await run.send(session.authorization(pan, 1500))
         await run.api.freeze(card_id)
-        await run.send(session.authorization(API_CARD, 1500))
+        await run.send(session.authorization(pan, 1500))
         await run.api.unfreeze(card_id)
-        await run.send(session.authorization(API_CARD, 1500))
+        await run.send(session.authorization(pan, 1500))
     except ApiProblem as problem:
         failed = problem
-    sent = f"API card {mask_pan(API_CARD)}: 0100, freeze, 0100, unfreeze, 0100"
+    shown = mask_pan(pan) if pan else f"{API_CARD_RANGE}..."
+    sent = f"API card {shown}: 0100, freeze, 0100, unfreeze, 0100"
     return await run.row(sent, "00 62 00", failed)
 
 
@@ -593,6 +739,47 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
+def _failed_row(name: str, error: BaseException) -> Row:
+    if isinstance(error, TimeoutError) and not str(error):
+        return Row(name, "-", "answer", "not finished within the run's time bound")
+    return Row(name, "-", "answer", f"{type(error).__name__}: {error}")
+
+
+async def _run_one(session: Session, name: str, scenario: Scenario, deadline: float) -> Row:
+    """One scenario, bounded by the run's deadline, then its leftovers reversed."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout_at(loop.time() + max(0.0, deadline - time.monotonic())):
+            row = await scenario.check(session)
+    except (TimeoutError, ConnectionError, BadAnswer) as error:
+        row = _failed_row(name, error)
+    except asyncio.CancelledError:
+        # Ctrl-C: the reversals still go out (a rerun would fail on the usage they hold) and
+        # what could not be reversed is printed before the run stops.
+        row = Row(name, "-", "answer", "interrupted")
+        row.after = await _leftovers(session)
+        row.name = name
+        raise _Interrupted(row) from None
+    row.after = await _leftovers(session)
+    return row
+
+
+async def _leftovers(session: Session) -> list[str]:
+    # Taken first: an answer nobody awaited would otherwise fail the first reversal's exchange.
+    found = [f"unexpected: {problem}" for problem in session.client.take_unsolicited()]
+    found += [f"not reversed: {problem}" for problem in await session.settle()]
+    found += [f"unexpected: {problem}" for problem in session.client.take_unsolicited()]
+    return found
+
+
+class _Interrupted(Exception):
+    """The run was cancelled (Ctrl-C) during a scenario; carries that scenario's row."""
+
+    def __init__(self, row: Row) -> None:
+        super().__init__(row.name)
+        self.row = row
+
+
 async def run_rows(
     host: str,
     port: int,
@@ -600,44 +787,71 @@ async def run_rows(
     framing: Framing,
     api_url: str | None = None,
     api_token: str = "",
+    *,
+    on_row: Callable[[Row], None] = lambda row: None,
+    run_seconds: float = RUN_SECONDS,
 ) -> list[Row]:
+    """Run the scenarios in order; `on_row` gets each row as soon as it is known.
+
+    A dead link fails the scenarios after it at once (with its cause) rather than each after a
+    timeout, and the whole run stops at `run_seconds`: the rows not run are failures.
+    """
     client = await WireClient.connect(host, port, framing)
     api = ControlApi(api_url, api_token) if api_url else None
+    deadline = time.monotonic() + run_seconds
+
+    async def reconnect() -> WireClient:
+        return await WireClient.connect(host, port, framing)
+
+    session = Session(client, api, reconnect)
+    rows: list[Row] = []
     try:
-        session = Session(client, api)
-        rows = []
         for name in names:
             scenario = SCENARIOS[name]
             if scenario.needs_api and api is None:
-                rows.append(Row(name, "-", "-", "-", skipped="needs --api"))
-                continue
-            try:
-                row = await scenario.check(session)
-            except (TimeoutError, ConnectionError) as error:
-                row = Row("", "-", "answer", f"no answer: {type(error).__name__}")
+                row = Row(name, "-", "-", "-", skipped="needs --api")
+            elif client.failure is not None:
+                row = Row(name, "-", "answer", f"not run: the link is down ({client.failure})")
+            elif time.monotonic() >= deadline:
+                row = Row(name, "-", "answer", f"not run: the run's {run_seconds:g} s are up")
+            else:
+                row = await _run_one(session, name, scenario, deadline)
             row.name = name
             rows.append(row)
+            on_row(row)
         return rows
+    except _Interrupted as interrupted:
+        on_row(interrupted.row)
+        raise asyncio.CancelledError from None
     finally:
         if api is not None:
             await api.close()
         await client.close()
 
 
-def print_table(rows: list[Row]) -> None:
-    width = max(len(row.name) for row in rows)
-    sent_width = max(len(row.sent) for row in rows)
-    expected_width = max(16, *(len(row.expected) for row in rows))
-    received_width = max(16, *(len(row.received) for row in rows))
-    print(
-        f"{'scenario':<{width}}  {'sent':<{sent_width}}  {'expected':<{expected_width}}  "
-        f"{'received':<{received_width}}  result"
+COLUMNS = (52, 26, 26)  # sent, expected, received: rows are printed before all are known
+
+
+def _line(name: str, width: int, sent: str, expected: str, received: str, result: str) -> str:
+    sent_w, expected_w, received_w = COLUMNS
+    return (
+        f"{name:<{width}}  {sent:<{sent_w}}  {expected:<{expected_w}}  "
+        f"{received:<{received_w}}  {result}"
     )
-    for row in rows:
-        print(
-            f"{row.name:<{width}}  {row.sent:<{sent_width}}  {row.expected:<{expected_width}}  "
-            f"{row.received:<{received_width}}  {row.result}"
-        )
+
+
+def print_header(width: int) -> None:
+    print(_line("scenario", width, "sent", "expected", "received", "result"), flush=True)
+
+
+def print_row(row: Row, width: int) -> None:
+    print(_line(row.name, width, row.sent, row.expected, row.received, row.result))
+    for problem in row.after:
+        print(f"{'':<{width}}  {problem}")
+    sys.stdout.flush()
+
+
+def print_summary(rows: list[Row]) -> None:
     failed = sum(not row.ok for row in rows)
     skipped = sum(bool(row.skipped) for row in rows)
     print(f"{len(rows) - failed - skipped} passed, {failed} failed, {skipped} skipped")
@@ -651,8 +865,10 @@ def run_scenarios(
     framing: Framing = "len2",
     api_url: str | None = None,
     api_token: str = "",
+    run_seconds: float = RUN_SECONDS,
 ) -> int:
-    """Run the named scenarios (all when none); 1 on any mismatch, 2 when nothing could run.
+    """Run the named scenarios (all when none); 1 on any mismatch, 2 when nothing could run
+    (the processor unreachable, or every scenario skipped), 130 when interrupted.
 
     Without `api_url` the scenarios that need the control API are shown as skipped and do not
     count as failures; with it, they run and count like any other.
@@ -665,12 +881,40 @@ def run_scenarios(
     if unknown:
         print(f"processor sim: unknown scenario(s) {', '.join(unknown)}; try `processor sim list`")
         return 2
+    names = names or list(SCENARIOS)
+    width = max(len("scenario"), *(len(name) for name in names))
+    done: list[Row] = []
+
+    def on_row(row: Row) -> None:
+        if not done:
+            print_header(width)
+        done.append(row)
+        print_row(row, width)
+
     try:
         rows = asyncio.run(
-            run_rows(host, port, names or list(SCENARIOS), framing, api_url, api_token)
+            run_rows(
+                host,
+                port,
+                names,
+                framing,
+                api_url,
+                api_token,
+                on_row=on_row,
+                run_seconds=run_seconds,
+            )
         )
     except OSError as error:
         print(f"processor sim: cannot reach {host}:{port}: {error.strerror or error}")
         return 2
-    print_table(rows)
-    return 1 if any(not row.ok for row in rows) else 0
+    except KeyboardInterrupt:
+        print_summary(done)
+        print(f"processor sim: interrupted after {len(done)} of {len(names)} scenarios")
+        return 130
+    print_summary(rows)
+    if any(not row.ok for row in rows):
+        return 1
+    if all(row.skipped for row in rows):
+        print("processor sim: every scenario was skipped: nothing was checked")
+        return 2
+    return 0

@@ -326,7 +326,7 @@ def test_simulator_api_scenario_freeze_then_swipe(tmp_path: Path) -> None:
     try:
         daemon.start()
         api = f"http://127.0.0.1:{daemon.http_port}"
-        for _ in range(2):  # the second run replays the card registration by its key
+        for _ in range(2):  # each run registers a card of its own: the second passes too
             result = run_cli("sim", "--port", str(daemon.port), "--api", api, env=env)
             assert result.returncode == 0, result.stdout + result.stderr + daemon.stderr()
             assert re.search(r"\b0 failed, 0 skipped$", result.stdout.strip()), result.stdout

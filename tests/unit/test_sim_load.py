@@ -19,3 +19,27 @@ def test_stan_offset_is_not_fooled_by_field_7_digits(seconds: str) -> None:
     decoded = CODEC.decode(patched)
     assert decoded.stan == "000042"
     assert decoded.echo["7"] == f"11240259{seconds}"
+
+
+def test_a_duplicated_answer_fails_the_run() -> None:
+    # Every request answered, but twice: the second copies match nothing, and that is a failure.
+    import asyncio
+    import threading
+
+    from sim_fakes import FakeIssuer
+
+    from processor.sim.load import LoadSpec, run_load
+
+    issuer = FakeIssuer(duplicate=True)
+    loop = asyncio.new_event_loop()
+    port = loop.run_until_complete(issuer.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        spec = LoadSpec("127.0.0.1", port, rate=50, duration=0.2, connections=1, message="echo")
+        assert run_load(spec) == 1
+    finally:
+        asyncio.run_coroutine_threadsafe(issuer.stop(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
