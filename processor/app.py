@@ -116,14 +116,20 @@ async def start_webhooks(config: Config, metrics: Metrics) -> DeliveryProcess | 
     return delivery
 
 
+_stdout_lost = False
+
+
 def announce(text: str) -> None:
     """Lines on stdout that people and test harnesses read (ports are chosen at run time).
     Never in the way of serving: with stdout full or closed (a pipe whose reader left), the
     start went on failing with a traceback and a stop skipped its drain and checkpoint."""
+    global _stdout_lost
     try:
         print(f"processor: {text}", flush=True)
     except OSError as error:
-        log.warning("stdout cannot be written (%s); its lines are lost", error.strerror)
+        if not _stdout_lost:
+            _stdout_lost = True
+            log.warning("stdout cannot be written (%s); its lines are lost", error.strerror)
 
 
 async def serve(settings: StartSettings) -> int:
@@ -183,11 +189,16 @@ async def serve(settings: StartSettings) -> int:
         raise
     servers = await start_listeners(daemon, sockets)
     pool = None
-    if shared:
-        from processor.server.workers import WorkerPool
+    if shared and not stop.is_set():
+        from processor.server.workers import WorkerError, WorkerPool
 
         pool = WorkerPool(config, sockets, metrics)
-        await pool.start()
+        try:
+            await pool.start()
+        except WorkerError:
+            if not stop.is_set():
+                raise
+            pool = None  # a stop signalled to every process (systemd's) reached it starting
     http_socket = listen(config.http.host, config.http.port, name="HTTP")
     http_port = http_socket.getsockname()[1]  # with port 0 the OS picked one
     http_runner = await start_http(accept_http(daemon, http_socket), daemon, settings.api_token)
@@ -214,7 +225,13 @@ async def serve(settings: StartSettings) -> int:
     announce(
         f"ledger {config.ledger.path} (durability {config.ledger.durability}, {accounts} accounts)"
     )
-    delivery = await start_webhooks(config, metrics)
+    delivery = None
+    if not stop.is_set():
+        try:
+            delivery = await start_webhooks(config, metrics)
+        except StartupError:
+            if not stop.is_set():
+                raise  # as above: a stop that reached the delivery process too is no failure
     if delivery is not None:
         daemon.on_commit = delivery.notify
     exit_code = 0

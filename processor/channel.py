@@ -119,6 +119,10 @@ class Child:
                     *(str(fd) for fd in fds),
                     stdin=asyncio.subprocess.PIPE,
                     pass_fds=(theirs.fileno(), *fds),
+                    # A session of its own: Ctrl-C in the daemon's terminal signals the daemon
+                    # alone, which stops its children in order (they died with it mid-start).
+                    # Children end when the primary does (their channel closes).
+                    start_new_session=True,
                 )
             finally:
                 theirs.close()

@@ -16,6 +16,7 @@ import msgspec
 from msgspec import Meta
 
 from processor import limits
+from processor.security import mask_card_numbers
 from processor.types import FRAME_BYTES_CEILING, Bitmap, EventType, Framing
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
@@ -459,7 +460,12 @@ def _value_at(raw: object, error: str) -> str:
             return ""
     if isinstance(value, dict | list):
         return ""
-    shown = repr(value)
+    key = re.findall(r"\.([^.\[]+)", match.group(1))[-1:] or [""]
+    if isinstance(value, str) and re.search(r"(url|_envs?)$", key[0]):
+        # A webhook URL may carry credentials or a token in its path; a variable's name may be
+        # a secret pasted in its place: the length says enough.
+        return f" (got a string of {len(value)} characters)"
+    shown = mask_card_numbers(repr(value))
     return f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
 
 

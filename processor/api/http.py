@@ -153,6 +153,8 @@ async def json_escaped_errors(request: web.Request, response: web.StreamResponse
     body = ErrorBody(error=ErrorDetail(code=code, message=message))
     response.body = msgspec.json.encode(body)
     response.content_type = "application/json"
+    # The exception's own text set the length; kept, a client reading by it got a cut body.
+    response.headers["Content-Length"] = str(len(response.body))
     if is_control_api(request):
         response.headers["Cache-Control"] = "no-store"
 

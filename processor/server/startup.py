@@ -219,13 +219,14 @@ def _api_token(
             f"{limits.api_token_chars_min} characters (or set http.control_api = false)"
         )
         return None, False
-    if not all("!" <= character <= "~" for character in token):
-        # A header carries no newline, and the guard strips the spaces around what it is sent:
-        # a token read from a file with its line end, say, could never be matched (every call
-        # 401). Said here rather than found at the first call; the token itself is not quoted.
+    if token != token.strip() or not all(" " <= character <= "~" for character in token):
+        # A header carries no line end or control character, and the guard strips the spaces
+        # around what it is sent: a token read from a file with its line end, say, could never
+        # be matched (every call 401). Spaces inside it do match. Said here rather than found
+        # at the first call; the token itself is not quoted.
         problems.append(
-            f"{variable} holds a space, a line end, a control or a non-ASCII character: the "
-            "bearer token must be printable ASCII without spaces"
+            f"{variable} starts or ends with a space or a line end, or holds a control or a "
+            "non-ASCII character: no Authorization header can carry it as it is"
         )
         return None, False
     return token, False

@@ -546,15 +546,17 @@ def test_idle_and_half_sent_links_are_closed_over_real_sockets(tmp_path: Path) -
         running.stop()
 
 
-def _serving(ledger: Path) -> subprocess.Popen[str]:
-    """`processor serve --demo` on free ports, its stdout a pipe this test reads (or closes)."""
+def _serving(ledger: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """`processor serve --demo` on free ports, its stdout a pipe this test reads (or closes),
+    in a session of its own (a signal to its process group reaches nothing of the test's)."""
     command = [sys.executable, "-m", "processor.cli", "serve", "--demo", "--ledger", str(ledger)]
     return subprocess.Popen(
-        [*command, "--port", "0", "--http-port", "0"],
+        [*command, "--port", "0", "--http-port", "0", *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY),
+        env=dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY) if env is None else env,
+        start_new_session=True,
     )
 
 
@@ -616,3 +618,30 @@ def test_a_bad_webhook_url_stops_the_start_before_any_port_is_bound(tmp_path: Pa
     assert result.returncode == 2
     assert "$.webhooks.endpoints[0].url" in result.stderr
     assert "listening" not in result.stdout
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.1, 0.3])
+def test_ctrl_c_while_the_delivery_process_starts_is_the_orderly_stop(
+    tmp_path: Path, delay: float
+) -> None:
+    # Ctrl-C signals the terminal's whole process group: the delivery process, starting, died
+    # of it, and the daemon (its ports bound and announced) failed its start with exit 2 and a
+    # traceback, never draining or checkpointing.
+    config = tmp_path / "processor.toml"
+    config.write_text(
+        "[[webhooks.endpoints]]\nname = 'main'\nurl = 'http://127.0.0.1:9/'\n"
+        "secret_envs = ['HOOK']\n"
+    )
+    env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, HOOK="whsec_" + "A" * 40)
+    process = _serving(tmp_path / "ledger", "--config", str(config), env=env)
+    try:
+        _line_until(process, "processor: ISO 8583 listening")
+        time.sleep(delay)
+        os.killpg(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    assert process.returncode == 0, err
+    assert "processor: stopped" in out and "Traceback" not in err

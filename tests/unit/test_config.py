@@ -110,6 +110,31 @@ def test_a_bad_value_is_shown_beside_its_key(text: str, shown: str) -> None:
     assert str(caught.value).endswith(shown)
 
 
+@pytest.mark.parametrize(
+    ("text", "shown", "hidden"),
+    [
+        (
+            "[[webhooks.endpoints]]\nname = 'a'\nurl = ' https://user:hunter2@hooks.example/'\n"
+            "secret_envs = ['S']\n",
+            "(got a string of 36 characters)",
+            "hunter2",
+        ),
+        ("[security]\npan_key_env = 'not a name'\n", "(got a string of 10 characters)", "not a"),
+        (
+            "[programme.card_issuing]\nbin_prefix = '4761739001010010'\n",
+            "(got '476173******0010')",
+            "4761739001010010",
+        ),
+    ],
+)
+def test_a_bad_value_that_may_be_a_secret_is_not_shown(text: str, shown: str, hidden: str) -> None:
+    # A webhook URL may carry credentials or a token; a variable's name may be the secret
+    # pasted in its place; a card number is masked wherever it turns up.
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "test.toml")
+    assert str(caught.value).endswith(shown) and hidden not in str(caught.value)
+
+
 def test_an_empty_ledger_flag_is_refused() -> None:
     with pytest.raises(ConfigError, match="--ledger: an empty path"):
         with_overrides(Config(), ledger_path="")

@@ -72,13 +72,21 @@ def test_an_api_token_one_character_short_is_refused() -> None:
     assert "http.control_api = false" in message
 
 
-@pytest.mark.parametrize("token", [TOKEN + "\n", " " * len(TOKEN), TOKEN + " x", TOKEN + "é"])
+@pytest.mark.parametrize(
+    "token", [TOKEN + "\n", " " * len(TOKEN), " " + TOKEN, TOKEN + "\x01", TOKEN + "é"]
+)
 def test_an_api_token_no_header_can_carry_is_refused(token: str) -> None:
     # A trailing line end (a token read from a secret file) passed the length check, and then
     # every call was 401: the header cannot carry it, and the guard strips what is around.
     message = unready(WITH_BIN, dict(READY, PROCESSOR_API_TOKEN=token))
-    assert "PROCESSOR_API_TOKEN holds a space, a line end" in message
+    assert "PROCESSOR_API_TOKEN starts or ends with a space or a line end" in message
     assert TOKEN not in message
+
+
+def test_an_api_token_with_spaces_inside_is_accepted() -> None:
+    # The guard matches it (only what surrounds the credentials is stripped): it worked.
+    token = "correct horse battery staple"
+    assert start_settings(WITH_BIN, dict(READY, PROCESSOR_API_TOKEN=token), demo=False).api_token
 
 
 def test_the_variables_named_in_the_config_are_the_ones_checked() -> None:
