@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from processor.config import Config, ConfigError, load_config, with_overrides
 
@@ -330,6 +330,8 @@ def _pan_from(args: argparse.Namespace) -> str | None:
     every user of the machine can read (ps, /proc). None (said on stderr) when unusable."""
     import os
 
+    from processor.security import mask_card_numbers
+
     if args.pan_argv is not None:
         print(
             "processor: a PAN on the command line is visible to every user of this machine; "
@@ -344,7 +346,9 @@ def _pan_from(args: argparse.Namespace) -> str | None:
         pan = sys.stdin.readline().strip()
         where = "standard input"
     if not (13 <= len(pan) <= 19 and pan.isdigit()):
-        print(f"processor: {where} does not hold a PAN (13 to 19 digits)", file=sys.stderr)
+        # `where` may be a number itself: --pan-e=4761... abbreviates --pan-env.
+        shown = mask_card_numbers(where)
+        print(f"processor: {shown} does not hold a PAN (13 to 19 digits)", file=sys.stderr)
         return None
     return pan
 
@@ -482,7 +486,7 @@ def cmd_sim_load(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from processor import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="processor",
         description="An issuer-side card authorisation processor: ISO 8583 links in, decisions "
         "against an LMDB ledger, signed webhooks out, a control API on the HTTP port.",
@@ -498,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="TOML config file (default: embedded defaults)")
 
     def ledger_command(
-        parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+        parent: argparse._SubParsersAction[_Parser], name: str, help: str
     ) -> argparse.ArgumentParser:
         """A subcommand working on a ledger: --config and --ledger, like every tool."""
         command = parent.add_parser(name, help=help)
@@ -604,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
         "listen", help="a local receiver: verify signatures, print events"
     )
     hook_listen.add_argument("--host", default="127.0.0.1")
-    hook_listen.add_argument("--port", type=int, required=True)
+    hook_listen.add_argument("--port", type=_port_number, required=True)
     hook_listen.add_argument(
         "--secret-env",
         dest="secret_envs",
@@ -616,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def target(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1")
-        p.add_argument("--port", type=int, default=8583)
+        p.add_argument("--port", type=_port_number, default=8583)
         p.add_argument("--framing", choices=("len2", "len2_inclusive", "ascii4"), default="len2")
 
     sim = sub.add_parser(
@@ -649,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_bureau_parser() -> argparse.ArgumentParser:
-    bureau = argparse.ArgumentParser(
+    bureau = _Parser(
         prog="processor sim bureau",
         description="play the card bureau: report a physical card's fulfilment through the API",
     )
@@ -680,13 +684,13 @@ def cmd_sim_bureau(args: argparse.Namespace) -> int:
 
 
 def build_load_parser() -> argparse.ArgumentParser:
-    load = argparse.ArgumentParser(
+    load = _Parser(
         prog="processor sim load",
         description="open-loop load generator, HDR latency report",
         allow_abbrev=False,  # "--pan 4761..." must not pass as --pan-env, naming a variable
     )
     load.add_argument("--host", default="127.0.0.1")
-    load.add_argument("--port", type=int, default=8583)
+    load.add_argument("--port", type=_port_number, default=8583)
     load.add_argument("--framing", choices=("len2", "ascii4"), default="len2")
     load.add_argument("--rate", type=float, required=True, help="requests per second, in total")
     load.add_argument("--duration", type=float, required=True, help="seconds")
@@ -707,6 +711,27 @@ def build_load_parser() -> argparse.ArgumentParser:
     )
     load.set_defaults(func=cmd_sim_load)
     return load
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's, with its usage errors masked: they quote what they were given ("unrecognized
+    arguments: --pan 4761...", an ambiguous abbreviation's value), a card number included."""
+
+    def error(self, message: str) -> NoReturn:
+        from processor.security import mask_card_numbers
+
+        super().error(mask_card_numbers(message))
+
+
+def _port_number(text: str) -> int:
+    """A TCP port: a usage error outside 0..65535, not an OverflowError from bind()."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0..65535")
+    return value
 
 
 def _seconds(text: str) -> float:
@@ -742,6 +767,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except KeyboardInterrupt:
+        print("processor: interrupted", file=sys.stderr)
+        return 130  # as a shell reports a command ended by SIGINT
     except BrokenPipeError:
         # The reader went away (`processor events list | head`): stop quietly, as Python's
         # documentation advises, with stdout pointed at /dev/null so that the flush at exit
@@ -754,14 +782,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # operating errors of a CLI: one line, no traceback with data
         from processor.ledger.load import LoadError
         from processor.ledger.store import LedgerError
+        from processor.security import mask_card_numbers
         from processor.server.workers import WorkerError
 
         if isinstance(error, LoadError | LedgerError | WorkerError):
-            from processor.security import mask_card_numbers
-
             # Errors quote what they were given (an id, an enum value): a card number typed
             # in the wrong column must not be printed in clear.
             print(f"processor: {mask_card_numbers(str(error))}", file=sys.stderr)
+            return 1
+        if isinstance(error, OSError):
+            # The machine's answer to what the command was asked to do (a directory that
+            # cannot be made, a port in use, a host that does not resolve): one line.
+            what = error.strerror or str(error)
+            where = f" ({error.filename})" if error.filename else ""
+            print(f"processor: {mask_card_numbers(what + where)}", file=sys.stderr)
             return 1
         raise
 

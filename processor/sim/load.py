@@ -234,18 +234,28 @@ async def generate(spec: LoadSpec) -> LoadReport:
 def run_load(spec: LoadSpec) -> int:
     import uvloop
 
-    try:
-        report = uvloop.run(generate(spec))
-    except ValueError as error:
-        print(f"processor sim load: {error}")
-        return 2
-    except OSError as error:
-        print(f"processor sim load: cannot reach {spec.host}:{spec.port}: {error}")
-        return 2
-    print("\n".join(report.lines()))
+    json_file = None
     if spec.json_out:
-        with open(spec.json_out, "w") as out:
-            json.dump(asdict(report), out, indent=2)
+        try:  # before the run, not after minutes of it
+            json_file = open(spec.json_out, "w")  # noqa: SIM115 (closed below, after the run)
+        except OSError as error:
+            print(f"processor sim load: --json {spec.json_out}: {error.strerror}")
+            return 2
+    try:
+        try:
+            report = uvloop.run(generate(spec))
+        except ValueError as error:
+            print(f"processor sim load: {error}")
+            return 2
+        except OSError as error:
+            print(f"processor sim load: cannot reach {spec.host}:{spec.port}: {error}")
+            return 2
+        print("\n".join(report.lines()))
+        if json_file is not None:
+            json.dump(asdict(report), json_file, indent=2)
+    finally:
+        if json_file is not None:
+            json_file.close()
     return exit_status(report)
 
 
