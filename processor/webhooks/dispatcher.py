@@ -347,9 +347,14 @@ class Dispatcher:
                         self.deliver(endpoint, record, ids.prefix(record.sequence))
                     )
                     running[task] = record
-                outstanding = [record.sequence for record in (*running.values(), *ready)]
-                outstanding.extend(sequences[0] for sequences in held.values())
-                position = min(outstanding, default=read_up_to + 1)
+                if not replay_due:
+                    # While a replay waits for a request at the receiver, the position stays:
+                    # the deliveries it abandoned are no longer outstanding, and worked out
+                    # without them it moved past them, reading restarted there, and they were
+                    # never sent again (nor dead-lettered).
+                    outstanding = [record.sequence for record in (*running.values(), *ready)]
+                    outstanding.extend(sequences[0] for sequences in held.values())
+                    position = min(outstanding, default=read_up_to + 1)
                 self._positions[name] = position
                 if position != written and time.monotonic() - written_at >= POSITION_WRITE_SECONDS:
                     self._state.advance(name, position)
@@ -495,6 +500,7 @@ class Dispatcher:
         """Apply `processor webhooks replay` requests: rewind, or deliver single events again."""
         name = endpoint.config.name
         requests = self.state.take_replays(name)
+        walked_from = position  # the loop reads (and so delivers) from here after the replays
         for index, (sequence, kind) in enumerate(requests):
             if name in self.disabled:  # a 410 meanwhile: the rest wait until it is enabled
                 for kept in requests[index:]:
@@ -515,6 +521,17 @@ class Dispatcher:
                 records = reader.outbox(sequence, 1)
             found = records[0] if records and records[0].sequence == sequence else None
             if found is None:
+                continue
+            if sequence >= walked_from and not self.state.is_dead_letter(name, sequence):
+                # At or past the position: the walk after the replays sends it (again) in its
+                # account's order. Sent now too, it reached the receiver ahead of its account's
+                # earlier events when they were still retrying, and a failed attempt left a
+                # dead letter that nothing removed (holding retention's floor).
+                log.info(
+                    "endpoint %s: event %s is sent again in its turn",
+                    name,
+                    event_id(ledger_id, sequence),
+                )
                 continue
             try:
                 outcome = await self.deliver(endpoint, found, ledger_id, once=True)

@@ -151,6 +151,11 @@ class DeliveryState:
                     letters.append(self._dead_decoder.decode(value))
         return letters
 
+    def is_dead_letter(self, endpoint: str, sequence: int) -> bool:
+        with self.env.begin() as txn:
+            key = endpoint.encode() + b"\x00" + _U64.pack(sequence)
+            return txn.get(key, db=self._dead) is not None
+
     def forget_dead_letter(self, endpoint: str, sequence: int) -> None:
         with self.env.begin(write=True) as txn:
             txn.delete(endpoint.encode() + b"\x00" + _U64.pack(sequence), db=self._dead)

@@ -101,8 +101,11 @@ class ScriptedReceiver:
         self.otherwise = otherwise
         self.requests: list[Request] = []
         # When set, a request is recorded on arrival and answered only once the gate opens: a
-        # receiver still working on what it was sent.
+        # receiver still working on what it was sent (only the `gated` sequences', if given).
         self.gate: asyncio.Event | None = None
+        self.gated: set[int] | None = None
+        # Per event sequence, answers given to it before the script's (popped in order).
+        self.by_sequence: dict[int, list[Answer]] = {}
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._answer)
         self.server = TestServer(app, host="127.0.0.1")
@@ -111,9 +114,13 @@ class ScriptedReceiver:
         body = await request.read()
         headers = {k.lower(): v for k, v in request.headers.items()}
         self.requests.append(Request(request.method, request.path, headers, body))
-        if self.gate is not None:
+        sequence = int(headers["webhook-id"][-12:], 16) if "webhook-id" in headers else -1
+        if self.gate is not None and (self.gated is None or sequence in self.gated):
             await self.gate.wait()
-        status, extra = self.script.pop(0) if self.script else self.otherwise
+        if self.by_sequence.get(sequence):
+            status, extra = self.by_sequence[sequence].pop(0)
+        else:
+            status, extra = self.script.pop(0) if self.script else self.otherwise
         return web.Response(status=status, headers=extra)
 
     def url(self, path: str = "/hook") -> str:
@@ -710,9 +717,10 @@ def test_a_replay_is_applied_while_an_event_backs_off(tmp_path: Path) -> None:
         await harness.dispatcher.start()
         await wait_until(lambda: len(harness.receiver.requests) == 2)  # a: 500, b: 204
         harness.state.request_replay("main", 2, "one")  # b again, please
-        # Within an idle poll, not after a's retry: in flight, a is abandoned and delivered
-        # again afterwards (and b, past the position, once more: at least once).
-        await wait_until(lambda: event_sequences(harness.receiver)[2:4] == [2, 1])
+        # Within an idle poll, not after a's retry (the clock stands still): a's, backing off,
+        # is abandoned, and reading starts again from the position, a's: both are sent again,
+        # b's as asked (past the position, it goes in its turn, not ahead of it).
+        await wait_until(lambda: sorted(event_sequences(harness.receiver)[2:4]) == [1, 2])
         assert not harness.state.has_replays("main")
 
     run(tmp_path, [(500, {})], test, clock=clock, accounts=("a",))
@@ -763,6 +771,61 @@ def test_a_replay_waits_for_a_request_at_the_receiver_so_an_account_never_has_tw
         assert not harness.state.has_replays("main")
 
     run(tmp_path, [], test, accounts=("a", "a", "b"))
+
+
+def test_a_replay_found_while_a_request_is_at_the_receiver_loses_no_event_backing_off(
+    tmp_path: Path,
+) -> None:
+    """The replay abandoned a's event 1 (backing off) and, while b's event 2 was still at the
+    receiver, the position was worked out again without it: it moved past 1, was stored, and
+    reading restarted there. Event 1 was never sent again nor dead-lettered, and a's event 3
+    went out without it."""
+    clock = ManualClock()
+
+    async def test(harness: Harness) -> None:
+        receiver = harness.receiver
+        receiver.by_sequence[1] = [(500, {})]  # a's first: backs off (the clock stands still)
+        receiver.gate, receiver.gated = asyncio.Event(), {2}  # b's: slow at the receiver
+        await harness.dispatcher.start()
+        await wait_until(lambda: sorted(event_sequences(receiver)) == [1, 2])
+        harness.state.request_replay("main", 2, "one")
+        await asyncio.sleep(1.5)  # past the replay poll: found while 2 is at the receiver
+        receiver.gate.set()
+        await asyncio.sleep(1.5)
+        clock.advance_to(clock.time + 3600)  # any back-off long over
+        await wait_until(lambda: 3 in event_sequences(receiver))
+        sent = event_sequences(receiver)
+        assert sent.count(1) >= 2  # sent again
+        last_one = len(sent) - 1 - sent[::-1].index(1)
+        assert sent.index(3) > last_one  # and before a's next
+        assert harness.state.dead_letters("main") == []
+
+    run(tmp_path, [], test, clock=clock, accounts=("a", "b", "a"), in_flight_max=4)
+
+
+def test_a_replay_of_an_event_not_delivered_yet_waits_for_its_turn(tmp_path: Path) -> None:
+    """`replay --event` of a's second event while a's first backs off: it was sent at once,
+    ahead of the first, and its failed attempt left a dead letter that stayed after the walk
+    delivered it (listed for good, holding retention's floor)."""
+    clock = ManualClock()
+
+    async def test(harness: Harness) -> None:
+        receiver = harness.receiver
+        receiver.by_sequence[1] = [(500, {})]
+        receiver.by_sequence[2] = [(500, {})]
+        await harness.dispatcher.start()
+        await wait_until(lambda: event_sequences(receiver) == [1])
+        harness.state.request_replay("main", 2, "one")
+        await asyncio.sleep(1.5)  # past the replay poll: applied
+        assert not harness.state.has_replays("main")
+        clock.advance_to(clock.time + 3600)
+        await wait_until(lambda: harness.state.position("main") == 3)
+        sent = event_sequences(receiver)
+        assert sent.index(2) > sent.index(1, 1)  # 2 only after 1 was delivered
+        assert harness.state.dead_letters("main") == []
+        assert harness.state.floor(["main"]) == 3
+
+    run(tmp_path, [], test, clock=clock, accounts=("a", "a"), in_flight_max=4)
 
 
 def test_stop_returns_when_it_lands_as_a_replay_is_found(
