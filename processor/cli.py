@@ -491,8 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="An issuer-side card authorisation processor: ISO 8583 links in, decisions "
         "against an LMDB ledger, signed webhooks out, a control API on the HTTP port.",
         epilog="Try it: `processor serve --demo`, then `processor sim` in another shell. "
-        "In production: set PROCESSOR_PAN_KEY and PROCESSOR_API_TOKEN in the environment and "
-        "programme.card_issuing.bin_prefix in a config (`processor serve --config FILE`). "
+        "In production: set PROCESSOR_PAN_KEY, PROCESSOR_API_TOKEN, PROCESSOR_DATA_KEY and "
+        "PROCESSOR_PAN_VAULT_KEY in the environment, and in a config (`processor serve --config "
+        "FILE`) programme.card_issuing.bin_prefix and a card verification key for it "
+        "(README.md). "
         "`processor COMMAND --help` for each command.",
     )
     parser.add_argument("--version", action="version", version=f"processor {__version__}")
@@ -526,8 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="try it out: demo cards into an empty ledger, the development PAN key and a "
         "made-up control API token when none is set, virtual cards in a test BIN. Without it "
-        "the daemon needs PROCESSOR_PAN_KEY, PROCESSOR_API_TOKEN and "
-        "programme.card_issuing.bin_prefix",
+        "the daemon needs PROCESSOR_PAN_KEY, PROCESSOR_API_TOKEN, PROCESSOR_DATA_KEY, "
+        "PROCESSOR_PAN_VAULT_KEY, programme.card_issuing.bin_prefix and a card verification key "
+        "for it (the error names each one missing)",
     )
     serve.set_defaults(func=cmd_serve)
 
