@@ -89,6 +89,17 @@ class _StepFailed(Exception):
     """A retention step failed inside a batch's transaction: the batch runs again without it."""
 
 
+class _CommandFailed(Exception):
+    """A control-API command raised what no command should (a bug, not a refusal): the batch
+    runs again without it, and its caller gets the error (a 500). Failing the batch cost every
+    authorisation in it a 96."""
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(f"command {index} failed: {error!r}")
+        self.index = index
+        self.error = error
+
+
 class Authorizer:
     def __init__(
         self,
@@ -169,7 +180,8 @@ class Authorizer:
 
         Commands go first, so an authorisation in the same batch already sees a freeze or a
         new control. Each command's result is its return value or the CommandRefused it
-        raised (a command checks before it writes, so a refusal leaves nothing behind). On a
+        raised (a command checks before it writes, so a refusal leaves nothing behind), or
+        the exception of a bug in it (the batch then runs again without it). On a
         ledger failure nothing is applied: requests are answered 96 and every command's result
         is the error.
         """
@@ -184,13 +196,22 @@ class Authorizer:
             card_key = self._hasher.card_key(request.pan)
             prepared.append((request, card_key, self._fingerprint(card_key, request)))
 
+        failed: dict[int, Exception] = {}  # commands left out of the attempts after their bug
+
         def apply(writer: Writer) -> tuple[list[Outcome], list[object]]:
             results: list[object] = []
-            for command in commands:
+            for index, command in enumerate(commands):
+                if index in failed:
+                    results.append(failed[index])
+                    continue
                 try:
                     results.append(command(writer, now_ms))
                 except CommandRefused as refused:
                     results.append(refused)
+                except (lmdb.Error, LedgerError, AssertionError):
+                    raise  # the ledger's (the map grows, or 96 for all) or a broken invariant
+                except Exception as error:
+                    raise _CommandFailed(index, error) from error
             batch = Batch(now_ms, now_yymm, periods, writer.programme_controls())
             outcomes = [self._process(writer, *each, batch) for each in prepared]
             changes = len(prepared) + len(commands)
@@ -211,12 +232,21 @@ class Authorizer:
             # flush; a larger batch shares one LMDB commit already, and logging it ahead would
             # add a flush (limits.logged_batch_requests_max).
             log_ahead = len(requests) + len(commands) < limits.logged_batch_requests_max
-            try:
-                done = self._ledger.write_growing(apply, log_ahead=log_ahead)
-            except _StepFailed:
-                # Nothing of that attempt was applied: the batch alone, decided again (steps
-                # are paused now, so this attempt takes none).
-                done = self._ledger.write_growing(apply, log_ahead=log_ahead)
+            while True:  # each command fails at most once; a failed step pauses the steps
+                try:
+                    done = self._ledger.write_growing(apply, log_ahead=log_ahead)
+                    break
+                except _StepFailed:
+                    # Nothing of that attempt was applied: the batch alone, decided again
+                    # (steps are paused now, so this attempt takes none).
+                    continue
+                except _CommandFailed as failure:
+                    log.error(
+                        "a control API command failed inside a batch (a bug; nothing of it is "
+                        "applied, its caller gets a 500); the batch runs again without it",
+                        exc_info=failure.error,
+                    )
+                    failed[failure.index] = failure.error
             self._note_swept(swept)
             self._expired_done += expired[0]
             return done

@@ -151,3 +151,26 @@ def test_schema_in_specs_is_current() -> None:
     assert shipped == json.loads(msgspec.json.encode(schema())), (
         "specs/events.schema.json drifted: python -m processor.events > specs/events.schema.json"
     )
+
+
+def test_a_command_that_fails_with_a_bug_costs_the_batch_nothing_else(setup) -> None:  # type: ignore[no-untyped-def]
+    """A control-API command raising what no command should (a bug) failed the whole batch:
+    every authorisation in it was answered 96. It is left out, half-written changes and all,
+    and the batch runs again without it; its caller gets the error."""
+    from processor.api import commands
+
+    ledger, authorizer = setup
+    fund = commands.move_funds("demo-main", "fund", 5, "kept")
+
+    def buggy(writer, now_ms):  # type: ignore[no-untyped-def]
+        commands.move_funds("demo-main", "fund", 7, "half-written")(writer, now_ms)
+        raise KeyError("a bug")
+
+    with ledger.read() as reader:
+        posted = reader.account("demo-main").posted
+    outcomes, results = authorizer.run_batch([message("0100", "000901", 100)], [buggy, fund], NOW)
+    assert [o.response_code for o in outcomes] == ["00"]
+    assert isinstance(results[0], KeyError) and not isinstance(results[1], Exception)
+    with ledger.read() as reader:
+        assert reader.account("demo-main").posted == posted + 5  # the bug's 7 is not there
+    assert [e.type for e in events(ledger)] == ["account.funded", "authorization.approved"]
