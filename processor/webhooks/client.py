@@ -195,6 +195,7 @@ class HttpClient:
 
     def __init__(self) -> None:
         self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
+        self._sweep: asyncio.TimerHandle | None = None  # closes connections idle too long
         self._targets: dict[str, _Target] = {}
         self._tls: ssl.SSLContext | None = None
 
@@ -223,6 +224,9 @@ class HttpClient:
             return await self._exchange(target.origin, connection, request)
 
     async def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for connections in self._idle.values():
             for connection in connections:
                 connection.close()
@@ -238,12 +242,34 @@ class HttpClient:
             raise
         if connection.reusable:
             idle = self._idle.setdefault(origin, deque())
+            self._close_stale(idle)
             if len(idle) < IDLE_CONNECTIONS_PER_ORIGIN_MAX:
                 connection.idle_since = time.monotonic()
                 idle.append(connection)
+                if self._sweep is None:
+                    self._sweep = asyncio.get_running_loop().call_later(
+                        KEEPALIVE_SECONDS, self._sweep_idle
+                    )
             else:
                 connection.close()
         return reply
+
+    @staticmethod
+    def _close_stale(idle: deque[_Connection]) -> None:
+        """Close the connections idle for KEEPALIVE_SECONDS or more (the oldest are first)."""
+        now = time.monotonic()
+        while idle and now - idle[0].idle_since >= KEEPALIVE_SECONDS:
+            idle.popleft().close()
+
+    def _sweep_idle(self) -> None:
+        """Idle connections were closed only when the next request looked for one: an
+        endpoint that went quiet kept up to IDLE_CONNECTIONS_PER_ORIGIN_MAX sockets open for
+        good. Swept while any are idle, every KEEPALIVE_SECONDS."""
+        self._sweep = None
+        for idle in self._idle.values():
+            self._close_stale(idle)
+        if any(self._idle.values()):
+            self._sweep = asyncio.get_running_loop().call_later(KEEPALIVE_SECONDS, self._sweep_idle)
 
     def _take_idle(self, origin: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(origin)

@@ -363,3 +363,25 @@ def test_a_configured_url_no_post_can_go_to_stops_the_start_naming_its_key() -> 
     secret = "whsec_" + "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
     with pytest.raises(ValueError, match=r"^\$\.webhooks\.endpoints\[1\]\.url: Port out of range"):
         configured_endpoints(config, {"S": secret})
+
+
+def test_an_idle_connection_is_closed_after_the_keepalive_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Closed only when a later request looked for one: an endpoint gone quiet kept its
+    # connections open for good (up to 64 per origin), not the 30 s the spec says.
+    from processor.webhooks import client as client_module
+
+    monkeypatch.setattr(client_module, "KEEPALIVE_SECONDS", 0.2)
+
+    async def body() -> None:
+        async with Server(answering(NO_CONTENT)) as server:
+            client = HttpClient()
+            await client.post(server.url, b"{}", {}, 5.0)
+            await asyncio.sleep(0.05)
+            assert len(server._handlers) == 1  # kept alive for the next request
+            await asyncio.sleep(0.6)
+            assert not server._handlers  # closed by the client, no request since
+            await client.close()
+
+    run(body)
