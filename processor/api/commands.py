@@ -555,6 +555,7 @@ def _issue(
             shipping_key=shipping.key,
             shipping_sealed=shipping.sealed,
             replaces=replaces,
+            frozen_when_activated=frozen,
         )
     elif replaces is not None:
         card = msgspec.structs.replace(card, replaces=replaces)
@@ -617,9 +618,11 @@ def activate_card(card_id: str) -> Operation:
                 details={"status": card.status, "fulfilment": card.fulfilment or "none"},
             )
         predecessor = None if card.replaces is None else writer.card_by_id(card.replaces)
-        status: CardStatus = (
-            "frozen" if predecessor is not None and predecessor[1].status == "frozen" else "active"
-        )
+        if predecessor is not None and predecessor[1].status not in CARD_STATUSES_FINAL:
+            frozen = predecessor[1].status == "frozen"  # still in use: as it is now
+        else:  # stopped (lost, stolen): as it was when this one was ordered
+            frozen = card.frozen_when_activated
+        status: CardStatus = "frozen" if frozen else "active"
         card = msgspec.structs.replace(card, status=status)
         writer.put_card(card_key, card, card.account_id)
         writer.emit_change(now_ms, "card.status_changed", f"card_{status}", card=card)

@@ -350,3 +350,22 @@ def test_a_frozen_cards_physical_replacement_is_frozen_when_activated(ledger: Le
     later = ok(run(ledger, commands.replace_card(str(other["id"]), "expiring", SOURCE, shipping())))
     ok(run(ledger, commands.change_card_status(str(other["id"]), "unfreeze")))
     activated(ledger, later)
+
+
+@pytest.mark.parametrize("reason", ["lost", "stolen"])
+def test_a_frozen_card_replaced_as_lost_keeps_its_freeze_in_the_replacement(
+    ledger: Ledger, reason: str
+) -> None:
+    # A lost card is stopped at once: at activation there was no frozen card left to look at,
+    # and the replacement became active (a virtual one is issued frozen).
+    old = order(ledger)
+    activated(ledger, old)
+    ok(run(ledger, commands.change_card_status(str(old["id"]), "freeze")))
+    new = ok(run(ledger, commands.replace_card(str(old["id"]), reason, SOURCE, None)))
+    run(ledger, commands.update_fulfilment(str(new["id"]), "shipped"))
+    assert ok(run(ledger, commands.activate_card(str(new["id"]))))["status"] == "frozen"
+    # Not frozen when it was ordered: active.
+    fine = order(ledger)
+    activated(ledger, fine)
+    again = ok(run(ledger, commands.replace_card(str(fine["id"]), reason, SOURCE, None)))
+    activated(ledger, again)
