@@ -42,7 +42,9 @@ def _shown(key: str, value: str | None) -> str:
     return mask_pan(value) if key == "2" else repr(value)
 
 
-def check_answer(request: dict[str, str], answer: dict[str, str]) -> list[str]:
+def check_answer(
+    request: dict[str, str], answer: dict[str, str], *, repeat: bool = False
+) -> list[str]:
     """What in `answer` breaks the contract for `request`; empty when nothing does.
 
     The answer MTI is the daemon's own mapping; the echo set is the codec's (specs/messages.md:
@@ -64,6 +66,10 @@ def check_answer(request: dict[str, str], answer: dict[str, str]) -> list[str]:
         sent, got = request[key], answer.get(key)
         if got == sent or (got is None and code == "30"):
             continue
+        if key in ("6", "51") and got is not None and got.isdigit() and len(got) == len(sent):
+            continue  # converted here (the network's 51 not the account's): what was held
+        if key in ("12", "13") and repeat:
+            continue  # a retransmission is replayed with the original's (they are not matched)
         if code == "10" and key in ("4", "6"):
             if got is not None and got.isdigit() and 0 < int(got) <= int(sent):
                 continue
@@ -199,6 +205,7 @@ class WireClient:
         )
         self._waiting[stan] = _Awaited(request, future)
         # A retransmission reuses its STAN: the answer it gets is not a duplicate.
+        repeat = stan in self._answered or stan in self._timed_out or request["t"].endswith("1")
         self._answered.discard(stan)
         self._timed_out.discard(stan)
         self.send_raw(message)
@@ -210,7 +217,7 @@ class WireClient:
             raise TimeoutError(
                 f"no answer to {request['t']} STAN {stan} within {timeout:g} s"
             ) from None
-        problems = check_answer(request, answer)
+        problems = check_answer(request, answer, repeat=repeat)
         if problems:
             raise BadAnswer(f"{request['t']} STAN {stan}: {'; '.join(problems)}")
         self._raise_unsolicited()

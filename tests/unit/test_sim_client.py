@@ -34,7 +34,7 @@ def request(**fields: str) -> dict[str, str]:
 
 
 def answer_to(sent: dict[str, str], **fields: str) -> dict[str, str]:
-    keys = ("2", "3", "4", "7", "11", "32", "37", "41", "42", "49", "70")
+    keys = ("2", "3", "4", "6", "7", "11", "12", "13", "32", "37", "41", "42", "49", "51", "70")
     answer = {k: sent[k] for k in keys if k in sent}
     answer["t"] = f"{sent['t'][:2]}{int(sent['t'][2]) + 1}0"
     answer.update(fields)
@@ -150,3 +150,19 @@ def test_a_failed_link_fails_at_once(issuer: FakeIssuer, error: type, message: s
         await issuer.stop()
 
     asyncio.run(main())
+
+
+def test_what_the_daemon_may_change_in_an_echoed_field_is_not_a_mismatch() -> None:
+    """Converted here (the network's field 51 not the account's), an approval and an advice's
+    acknowledgement carry what was held in 6 and 51; a retransmission is replayed with the
+    original's 12 and 13 (not matched). Each was reported as a field not echoed."""
+    sent = request(**{"6": "000000000800", "51": "826", "12": "111111", "13": "1207"})
+    converted = answer_to(sent, **{"39": "00", "38": "123456", "6": "000000000920", "51": "978"})
+    assert check_answer(sent, converted) == []
+    advice = {**sent, "t": "0120", "39": "00"}
+    acknowledged = answer_to(advice, **{"39": "00", "6": "000000000920", "51": "978"})
+    assert check_answer(advice, acknowledged) == []
+    replayed = answer_to(sent, **{"39": "00", "38": "123456", "12": "101010"})
+    assert check_answer(sent, replayed, repeat=True) == []
+    assert check_answer(sent, replayed) != []  # not a repeat: 12 must be echoed
+    assert check_answer(sent, answer_to(sent, **{"39": "00", "38": "123456", "51": "97"})) != []
