@@ -796,7 +796,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(error, OSError):
             # The machine's answer to what the command was asked to do (a directory that
             # cannot be made, a port in use, a host that does not resolve): one line.
-            what = error.strerror or str(error)
+            what = error.strerror or str(error) or type(error).__name__
             where = f" ({error.filename})" if error.filename else ""
             print(f"processor: {mask_card_numbers(what + where)}", file=sys.stderr)
             return 1

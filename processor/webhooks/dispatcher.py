@@ -543,6 +543,11 @@ class Dispatcher:
                 self.state.forget_dead_letter(name, sequence)
             elif outcome == "disabled":
                 self.state.request_replay(name, sequence, kind)
+            elif sequence >= position:
+                # Dead again, but a `--from` rewind in these requests has the walk send it
+                # too: forgotten once that delivers it (else listed for good, holding the
+                # retention floor).
+                self._rewound_dead.setdefault(name, set()).add(sequence)
         self._positions[name] = position
         return position
 

@@ -956,3 +956,21 @@ def test_a_replay_of_one_event_that_fails_is_a_dead_letter_not_a_wait(tmp_path: 
         assert [letter.sequence for letter in harness.state.dead_letters("main")] == [1]
 
     run(tmp_path, [(500, {})], test, clock=clock, accounts=("a",))
+
+
+def test_an_event_replayed_alone_and_by_a_rewind_is_not_left_dead(tmp_path: Path) -> None:
+    """`replay --from 1` and `replay --event 2` together: the one attempt at 2 failed and left
+    a dead letter, which stayed listed after the rewind's walk delivered 2 (holding retention's
+    floor at it for good)."""
+
+    async def test(harness: Harness) -> None:
+        harness.state.advance("main", 3)  # 1 and 2 delivered
+        harness.state.request_replay("main", 1, "from")
+        harness.state.request_replay("main", 2, "one")
+        harness.receiver.by_sequence[2] = [(500, {})]  # the one attempt fails
+        await harness.dispatcher.start()
+        await wait_until(lambda: event_sequences(harness.receiver).count(2) == 2)
+        await wait_until(lambda: harness.state.position("main") == 3)
+        assert harness.state.dead_letters("main") == []
+
+    run(tmp_path, [], test, accounts=("a", "b"))
