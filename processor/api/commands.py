@@ -318,6 +318,8 @@ def change_card_status(card_id: str, action: CardAction) -> Operation:
         changed = msgspec.structs.replace(card, status=target)
         writer.put_card(card_key, changed, card.account_id)
         writer.emit_change(now_ms, "card.status_changed", f"card_{target}", card=changed)
+        if target in CARD_STATUSES_FINAL:
+            _hand_on_freeze(writer, card)
         return _card_reply(writer, changed)
 
     return run
@@ -555,7 +557,6 @@ def _issue(
             shipping_key=shipping.key,
             shipping_sealed=shipping.sealed,
             replaces=replaces,
-            frozen_when_activated=frozen,
         )
     elif replaces is not None:
         card = msgspec.structs.replace(card, replaces=replaces)
@@ -796,6 +797,24 @@ def _stop(writer: Writer, now_ms: int, card_id: str, status: CardStatus) -> None
     changed = msgspec.structs.replace(card, status=status)
     writer.put_card(card_key, changed, card.account_id)
     writer.emit_change(now_ms, "card.status_changed", f"card_{status}", card=changed)
+    _hand_on_freeze(writer, card)
+
+
+def _hand_on_freeze(writer: Writer, stopped: Card) -> None:
+    """`stopped` (as it was) stops for good: its replacement not activated yet records whether
+    the programme had it frozen, for its activation to keep the freeze. Recorded when the card
+    stops, not when the replacement is ordered: a freeze or unfreeze between counts."""
+    if stopped.replaced_by is None:
+        return
+    found = writer.card_by_id(stopped.replaced_by)
+    if found is None or found[1].status != "inactive":
+        return
+    # A replacement not activated either (lost in the post) hands on what it carried.
+    frozen = stopped.status == "frozen" or stopped.frozen_when_activated
+    key, successor = found
+    if successor.frozen_when_activated != frozen:
+        successor = msgspec.structs.replace(successor, frozen_when_activated=frozen)
+        writer.put_card(key, successor, successor.account_id)
 
 
 def register_card(

@@ -527,6 +527,7 @@ def _put_cards(
                 shipping_sealed=previous.shipping_sealed,
                 replaces=previous.replaces,
                 replaced_by=previous.replaced_by,
+                frozen_when_activated=previous.frozen_when_activated,
             )
         writer.put_card(card_key, card, previous.account_id if previous is not None else None)
         if previous is not None:

@@ -75,9 +75,9 @@ class Card(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     shipping_sealed: bytes | None = None
     replaces: str | None = None  # the card this one replaces (stopped when this is activated)
     replaced_by: str | None = None
-    # A physical replacement ordered while the programme had the card it replaces frozen: if
-    # that card is stopped before this one is activated (lost, stolen), activation leaves
-    # this one frozen (the freeze is not lost with it).
+    # Not activated yet, this replacement's predecessor stopped (lost, stolen) while the
+    # programme had it frozen: activation leaves this one frozen (the freeze is not lost with
+    # it). Set when the predecessor stops (api/commands.py, _hand_on_freeze).
     frozen_when_activated: bool = False
 
     @property

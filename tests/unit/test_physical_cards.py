@@ -369,3 +369,37 @@ def test_a_frozen_card_replaced_as_lost_keeps_its_freeze_in_the_replacement(
     activated(ledger, fine)
     again = ok(run(ledger, commands.replace_card(str(fine["id"]), reason, SOURCE, None)))
     activated(ledger, again)
+
+
+def test_the_freeze_handed_on_is_the_one_in_force_when_the_card_stopped(ledger: Ledger) -> None:
+    """What counts is the old card's status when it stops, not when its replacement was
+    ordered: unfrozen meanwhile, the replacement is active; frozen meanwhile, frozen. And a
+    replacement lost in the post hands on what it carried to the one replacing it."""
+
+    def replacement_status(freeze_first: bool, unfreeze_later: bool, freeze_later: bool) -> str:
+        old = order(ledger)
+        activated(ledger, old)
+        old_id = str(old["id"])
+        if freeze_first:
+            ok(run(ledger, commands.change_card_status(old_id, "freeze")))
+        new = ok(run(ledger, commands.replace_card(old_id, "damaged", SOURCE, shipping())))
+        if unfreeze_later:
+            ok(run(ledger, commands.change_card_status(old_id, "unfreeze")))
+        if freeze_later:
+            ok(run(ledger, commands.change_card_status(old_id, "freeze")))
+        ok(run(ledger, commands.change_card_status(old_id, "report-lost")))
+        run(ledger, commands.update_fulfilment(str(new["id"]), "shipped"))
+        return str(ok(run(ledger, commands.activate_card(str(new["id"]))))["status"])
+
+    assert replacement_status(True, True, False) == "active"
+    assert replacement_status(False, False, True) == "frozen"
+    assert replacement_status(False, False, False) == "active"
+
+    first = order(ledger)
+    activated(ledger, first)
+    ok(run(ledger, commands.change_card_status(str(first["id"]), "freeze")))
+    second = ok(run(ledger, commands.replace_card(str(first["id"]), "lost", SOURCE, None)))
+    third = ok(run(ledger, commands.replace_card(str(second["id"]), "lost", SOURCE, None)))
+    assert third["replaces"] == first["id"]
+    run(ledger, commands.update_fulfilment(str(third["id"]), "shipped"))
+    assert ok(run(ledger, commands.activate_card(str(third["id"]))))["status"] == "frozen"
