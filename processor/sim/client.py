@@ -60,14 +60,26 @@ def check_answer(
     code = answer.get("39")
     if code is None:
         problems.append("no field 39")
+    # Converted here (the network's 51 not the account's): an approval, or an advice's
+    # acknowledgement, carries what was held, in the account's currency, in 6 and 51 together.
+    billing, billed = answer.get("6", ""), answer.get("51", "")
+    converted = (
+        mti in ("0100", "0101", "0120", "0121")
+        and code == "00"
+        and "51" in request
+        and billed != request["51"]
+        and len(billed) == 3
+        and billed.isdigit()
+        and billing.isdigit()
+    )
     for key in NETWORK_ECHO if mti.startswith("08") else AUTHORIZATION_ECHO:
         if key not in request:
             continue
         sent, got = request[key], answer.get(key)
         if got == sent or (got is None and code == "30"):
             continue
-        if key in ("6", "51") and got is not None and got.isdigit() and len(got) == len(sent):
-            continue  # converted here (the network's 51 not the account's): what was held
+        if key in ("6", "51") and converted:
+            continue
         if key in ("12", "13") and repeat:
             continue  # a retransmission is replayed with the original's (they are not matched)
         if code == "10" and key in ("4", "6"):

@@ -166,3 +166,11 @@ def test_what_the_daemon_may_change_in_an_echoed_field_is_not_a_mismatch() -> No
     assert check_answer(sent, replayed, repeat=True) == []
     assert check_answer(sent, replayed) != []  # not a repeat: 12 must be echoed
     assert check_answer(sent, answer_to(sent, **{"39": "00", "38": "123456", "51": "97"})) != []
+    # Not converted (51 as sent), or not an approval: 6 must be echoed as ever.
+    changed = answer_to(sent, **{"39": "00", "38": "123456", "6": "000000999999"})
+    assert check_answer(sent, changed) != []
+    declined = answer_to(sent, **{"39": "51", "6": "000000000920", "51": "978"})
+    assert check_answer(sent, declined) != []
+    partial = request(**{"6": "000000000800", "51": "978", "49": "978"})
+    above = answer_to(partial, **{"39": "10", "38": "123456", "6": "000000000900"})
+    assert check_answer(partial, above) != []  # a partial approval above what was asked
