@@ -247,9 +247,7 @@ class HttpClient:
                 connection.idle_since = time.monotonic()
                 idle.append(connection)
                 if self._sweep is None:
-                    self._sweep = asyncio.get_running_loop().call_later(
-                        KEEPALIVE_SECONDS, self._sweep_idle
-                    )
+                    self._schedule_sweep()
             else:
                 connection.close()
         return reply
@@ -264,12 +262,17 @@ class HttpClient:
     def _sweep_idle(self) -> None:
         """Idle connections were closed only when the next request looked for one: an
         endpoint that went quiet kept up to IDLE_CONNECTIONS_PER_ORIGIN_MAX sockets open for
-        good. Swept while any are idle, every KEEPALIVE_SECONDS."""
+        good. Swept while any are idle, when the oldest of them has been for KEEPALIVE_SECONDS."""
         self._sweep = None
         for idle in self._idle.values():
             self._close_stale(idle)
-        if any(self._idle.values()):
-            self._sweep = asyncio.get_running_loop().call_later(KEEPALIVE_SECONDS, self._sweep_idle)
+        self._schedule_sweep()
+
+    def _schedule_sweep(self) -> None:
+        oldest = min((idle[0].idle_since for idle in self._idle.values() if idle), default=None)
+        if oldest is not None:
+            delay = max(0.0, oldest + KEEPALIVE_SECONDS - time.monotonic())
+            self._sweep = asyncio.get_running_loop().call_later(delay, self._sweep_idle)
 
     def _take_idle(self, origin: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(origin)

@@ -385,3 +385,26 @@ def test_an_idle_connection_is_closed_after_the_keepalive_time(
             await client.close()
 
     run(body)
+
+
+def test_a_connection_reused_just_before_a_sweep_is_closed_a_keepalive_time_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Swept on a fixed period from the first idle time, a connection reused just after it went
+    # idle waited a second period: idle for nearly twice the keep-alive time.
+    from processor.webhooks import client as client_module
+
+    monkeypatch.setattr(client_module, "KEEPALIVE_SECONDS", 0.4)
+
+    async def body() -> None:
+        async with Server(answering(NO_CONTENT)) as server:
+            client = HttpClient()
+            await client.post(server.url, b"{}", {}, 5.0)
+            await asyncio.sleep(0.05)
+            await client.post(server.url, b"{}", {}, 5.0)  # the same connection, idle again
+            assert server.connections == 1
+            await asyncio.sleep(0.55)  # 0.4 s after it went idle again, well before 0.8 s
+            assert not server._handlers
+            await client.close()
+
+    run(body)
