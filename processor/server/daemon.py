@@ -549,6 +549,13 @@ class Daemon:
             if isinstance(error, AssertionError) and self.on_fatal is not None:
                 log.critical("an assertion failed: stopping the daemon (exit code 70)")
                 self.on_fatal()
+        else:
+            # A command's bug, left out of the batch (the batch ran again without it): counted
+            # as the batch's own bug was, when it failed every request.
+            for result in results:
+                operating = (CommandRefused, lmdb.Error, LedgerError)
+                if isinstance(result, Exception) and not isinstance(result, operating):
+                    self.metrics.internal_errors.inc()
         for (_, future), result in zip(commands, results, strict=True):
             if future.done():
                 continue  # the API caller went away; the change stands regardless

@@ -814,6 +814,8 @@ def test_a_command_in_a_failing_batch_raises_and_applies_nothing(tmp_path: Path)
     with daemon.ledger.read() as reader:
         card = reader.card(PanHasher(b"protocol-test-key").card_key("4761739001010085"))
         assert card is not None and card.status == "active"  # the transaction was aborted
+    # Counted, as the batch's failure was before the batch ran again without it.
+    assert daemon.metrics.internal_errors._value.get() == 1
     daemon.ledger.close()
 
 
