@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -560,6 +562,17 @@ def _serving(ledger: Path, *flags: str, env: dict[str, str] | None = None) -> su
     )
 
 
+@contextlib.contextmanager
+def _reaped(process: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """The process, killed on the way out if the test left it running."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
 def _line_until(process: subprocess.Popen[str], start: str) -> None:
     assert process.stdout is not None
     deadline = time.monotonic() + 60
@@ -574,15 +587,10 @@ def _line_until(process: subprocess.Popen[str], start: str) -> None:
 def test_a_sigterm_during_the_start_ends_in_the_orderly_stop(tmp_path: Path) -> None:
     # The handlers came just before "ready": a SIGTERM once the ports were bound (links could
     # be answered already) killed the daemon (-15) without its drain and checkpoint.
-    process = _serving(tmp_path / "ledger")
-    try:
+    with _reaped(_serving(tmp_path / "ledger")) as process:
         _line_until(process, "processor: ISO 8583 listening")
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
     assert process.returncode == 0, err
     assert "processor: stopped" in out and "Traceback" not in err
 
@@ -590,8 +598,7 @@ def test_a_sigterm_during_the_start_ends_in_the_orderly_stop(tmp_path: Path) -> 
 def test_a_stdout_nobody_reads_any_more_does_not_stop_the_stop(tmp_path: Path) -> None:
     # The reader of stdout gone (a closed pipe): "stopping" raised BrokenPipeError, and the
     # daemon exited 1 without draining or checkpointing.
-    process = _serving(tmp_path / "ledger")
-    try:
+    with _reaped(_serving(tmp_path / "ledger")) as process:
         _line_until(process, "processor: ready")
         assert process.stdout is not None
         process.stdout.close()
@@ -600,10 +607,6 @@ def test_a_stdout_nobody_reads_any_more_does_not_stop_the_stop(tmp_path: Path) -
         err = process.stderr.read()
         process.stderr.close()
         process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
     assert process.returncode == 0, err
     assert "stdout cannot be written" in err and "Traceback" not in err
 
@@ -633,15 +636,10 @@ def test_ctrl_c_while_the_delivery_process_starts_is_the_orderly_stop(
         "secret_envs = ['HOOK']\n"
     )
     env = dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY, HOOK="whsec_" + "A" * 40)
-    process = _serving(tmp_path / "ledger", "--config", str(config), env=env)
-    try:
+    with _reaped(_serving(tmp_path / "ledger", "--config", str(config), env=env)) as process:
         _line_until(process, "processor: ISO 8583 listening")
         time.sleep(delay)
         os.killpg(process.pid, signal.SIGINT)
         out, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
     assert process.returncode == 0, err
     assert "processor: stopped" in out and "Traceback" not in err

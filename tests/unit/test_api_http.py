@@ -26,7 +26,7 @@ from processor.api.control import (
     is_json,
     validation_error,
 )
-from processor.api.http import build_app
+from processor.api.http import DAEMON_KEY, build_app
 from processor.api.views import Movement, NewAccount
 from processor.config import Config, LedgerConfig
 from processor.ledger.controls import Controls
@@ -218,48 +218,41 @@ def test_a_ledger_failure_is_503_and_applies_nothing(
     with_app(tmp_path, monkeypatch, "s3cret", check)
 
 
-def test_a_card_records_older_shorthands_show_among_its_controls(tmp_path: Path) -> None:
+def test_a_card_records_older_shorthands_show_among_its_controls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Card records from before card controls still carry a per-transaction limit and blocked
     MCCs, which the engine enforces (61, 57); the card and its controls showed none of them,
     so the programme could not see why its authorisations were declined."""
-    config = Config(ledger=LedgerConfig(path=str(tmp_path / "ledger"), durability="process"))
-    ledger = Ledger(config.ledger.path, map_size_bytes=1 << 24, durability="process")
-    daemon = Daemon(config, ledger, HASHER, Metrics())
-    bearer = {"Authorization": "Bearer s3cret-token-of-16+"}
+    bearer = {"Authorization": "Bearer s3cret"}
 
-    async def main() -> None:
-        app = build_app(daemon, "s3cret-token-of-16+", hasher=HASHER)
-        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
-            await client.post("/v1/accounts", json={"currency": "JPY", "id": "old"}, headers=bearer)
-            registered = await client.post(
-                "/v1/cards",
-                json={"pan": "4761730000000003", "expiry": "3012", "account_id": "old"},
-                headers=bearer,
-            )
-            card_id = (await registered.json())["id"]
-            with ledger.write() as writer:  # as a record written before card controls
-                found = writer.card_by_id(card_id)
-                assert found is not None
-                key, card = found
-                older = msgspec.structs.replace(
-                    card, per_transaction_limit=100, blocked_mccs=("7995",)
-                )
-                writer.put_card(key, older, card.account_id)
-            for path in (f"/v1/cards/{card_id}/controls", f"/v1/cards/{card_id}"):
-                answer = await client.get(path, headers=bearer)
-                body = await answer.json()
-                controls = body.get("controls", body)
-                assert controls["blocked_mccs"] == ["7995"], path
-                [limit] = controls["amount_limits"]
-                assert limit["interval"] == "per_authorization" and limit["categories"] == []
-                assert (limit["amount"], limit["currency"]) == (100, "JPY")
-            frozen = await client.post(f"/v1/cards/{card_id}/freeze", headers=bearer)
-            assert (await frozen.json())["controls"]["blocked_mccs"] == ["7995"]
+    async def check(client: TestClient[web.Request, web.Application]) -> None:
+        ledger = client.server.app[DAEMON_KEY].ledger
+        await client.post("/v1/accounts", json={"currency": "JPY", "id": "old"}, headers=bearer)
+        registered = await client.post(
+            "/v1/cards",
+            json={"pan": "4761730000000003", "expiry": "3012", "account_id": "old"},
+            headers=bearer,
+        )
+        card_id = (await registered.json())["id"]
+        with ledger.write() as writer:  # as a record written before card controls
+            found = writer.card_by_id(card_id)
+            assert found is not None
+            key, card = found
+            older = msgspec.structs.replace(card, per_transaction_limit=100, blocked_mccs=("7995",))
+            writer.put_card(key, older, card.account_id)
+        for path in (f"/v1/cards/{card_id}/controls", f"/v1/cards/{card_id}"):
+            answer = await client.get(path, headers=bearer)
+            body = await answer.json()
+            controls = body.get("controls", body)
+            assert controls["blocked_mccs"] == ["7995"], path
+            [limit] = controls["amount_limits"]
+            assert limit["interval"] == "per_authorization" and limit["categories"] == []
+            assert (limit["amount"], limit["currency"]) == (100, "JPY")
+        frozen = await client.post(f"/v1/cards/{card_id}/freeze", headers=bearer)
+        assert (await frozen.json())["controls"]["blocked_mccs"] == ["7995"]
 
-    try:
-        asyncio.run(main())
-    finally:
-        ledger.close()
+    with_app(tmp_path, monkeypatch, "s3cret", check)
 
 
 def test_an_account_id_of_dots_alone_is_refused(
