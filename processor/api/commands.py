@@ -37,6 +37,7 @@ from processor.authorizer import Command
 from processor.authorizer import CommandRefused as Refused  # returned to the API as the result
 from processor.config import CardIssuingConfig
 from processor.cvc2 import NO_KEYS, CardVerificationKeys, compute_cvc2
+from processor.ledger.card_stops import hand_on_freeze, stopped
 from processor.ledger.controls import Controls, stored_controls, with_shorthands
 from processor.ledger.load import card_record
 from processor.ledger.records import (
@@ -315,11 +316,12 @@ def change_card_status(card_id: str, action: CardAction) -> Operation:
                 f"{' or '.join(sorted(starts))} (lost, stolen and closed are final)",
                 details={"from": card.status, "to": target},
             )
-        changed = msgspec.structs.replace(card, status=target)
+        final = target in CARD_STATUSES_FINAL
+        changed = stopped(card, target) if final else msgspec.structs.replace(card, status=target)
         writer.put_card(card_key, changed, card.account_id)
         writer.emit_change(now_ms, "card.status_changed", f"card_{target}", card=changed)
-        if target in CARD_STATUSES_FINAL:
-            _hand_on_freeze(writer, card)
+        if final:
+            hand_on_freeze(writer, changed)
         return _card_reply(writer, changed)
 
     return run
@@ -720,6 +722,10 @@ def replace_card(
                 writer.put_card(
                     key, msgspec.structs.replace(card, replaced_by=new_id), card.account_id
                 )
+        if old.status in CARD_STATUSES_FINAL:  # reported lost first, replaced now
+            found = writer.card_by_id(old.card_id)
+            if found is not None:
+                hand_on_freeze(writer, found[1])  # what it recorded when it stopped
         if reason in ("lost", "stolen"):
             _stop(writer, now_ms, old.card_id, reason)
         elif not physical:
@@ -794,27 +800,10 @@ def _stop(writer: Writer, now_ms: int, card_id: str, status: CardStatus) -> None
     card_key, card = found
     if card.status in CARD_STATUSES_FINAL:
         return
-    changed = msgspec.structs.replace(card, status=status)
+    changed = stopped(card, status)
     writer.put_card(card_key, changed, card.account_id)
     writer.emit_change(now_ms, "card.status_changed", f"card_{status}", card=changed)
-    _hand_on_freeze(writer, card)
-
-
-def _hand_on_freeze(writer: Writer, stopped: Card) -> None:
-    """`stopped` (as it was) stops for good: its replacement not activated yet records whether
-    the programme had it frozen, for its activation to keep the freeze. Recorded when the card
-    stops, not when the replacement is ordered: a freeze or unfreeze between counts."""
-    if stopped.replaced_by is None:
-        return
-    found = writer.card_by_id(stopped.replaced_by)
-    if found is None or found[1].status != "inactive":
-        return
-    # A replacement not activated either (lost in the post) hands on what it carried.
-    frozen = stopped.status == "frozen" or stopped.frozen_when_activated
-    key, successor = found
-    if successor.frozen_when_activated != frozen:
-        successor = msgspec.structs.replace(successor, frozen_when_activated=frozen)
-        writer.put_card(key, successor, successor.account_id)
+    hand_on_freeze(writer, changed)
 
 
 def register_card(

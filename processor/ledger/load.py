@@ -24,6 +24,7 @@ from msgspec import Meta
 
 from processor import limits
 from processor.currency import UnknownCurrency, exponent, numeric_code
+from processor.ledger.card_stops import hand_on_freeze, stopped
 from processor.ledger.controls import (
     Catalog,
     Controls,
@@ -529,7 +530,18 @@ def _put_cards(
                 replaced_by=previous.replaced_by,
                 frozen_when_activated=previous.frozen_when_activated,
             )
+        stopping = (
+            previous is not None
+            and card.status in CARD_STATUSES_FINAL
+            and previous.status not in CARD_STATUSES_FINAL
+        )
+        if stopping:
+            # Stopped by the file as by the API: its freeze goes to its replacement.
+            assert previous is not None
+            card = stopped(msgspec.structs.replace(card, status=previous.status), card.status)
         writer.put_card(card_key, card, previous.account_id if previous is not None else None)
+        if stopping:
+            hand_on_freeze(writer, card)
         if previous is not None:
             before = currencies_before.get(previous.account_id)
             if before is not None and before != account.currency:

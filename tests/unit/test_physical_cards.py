@@ -403,3 +403,44 @@ def test_the_freeze_handed_on_is_the_one_in_force_when_the_card_stopped(ledger: 
     assert third["replaces"] == first["id"]
     run(ledger, commands.update_fulfilment(str(third["id"]), "shipped"))
     assert ok(run(ledger, commands.activate_card(str(third["id"]))))["status"] == "frozen"
+
+
+def test_a_freeze_is_handed_on_however_the_frozen_card_stops(ledger: Ledger) -> None:
+    """Reported lost first and replaced after, stopped by a load file, or a replacement lost
+    in the post and replaced: each left the new card active though the card it replaces was
+    frozen when it stopped."""
+    from processor.ledger.load import CardEntry, LoadFile, apply_load_file
+
+    def frozen_card() -> dict[str, object]:
+        card = order(ledger)
+        activated(ledger, card)
+        ok(run(ledger, commands.change_card_status(str(card["id"]), "freeze")))
+        return card
+
+    def activation(card: dict[str, object]) -> str:
+        run(ledger, commands.update_fulfilment(str(card["id"]), "shipped"))
+        return str(ok(run(ledger, commands.activate_card(str(card["id"]))))["status"])
+
+    first = frozen_card()
+    ok(run(ledger, commands.change_card_status(str(first["id"]), "report-lost")))
+    assert (
+        activation(ok(run(ledger, commands.replace_card(str(first["id"]), "lost", SOURCE, None))))
+        == "frozen"
+    )
+
+    second = frozen_card()
+    new = ok(run(ledger, commands.replace_card(str(second["id"]), "damaged", SOURCE, shipping())))
+    with ledger.read() as reader:
+        found = reader.card_by_id(str(second["id"]))
+        assert found is not None
+        expiry = found[1].expiry
+    entry = CardEntry(pan=str(second["pan"]), account="a1", expiry=expiry, status="lost")
+    apply_load_file(ledger, LoadFile(cards=(entry,)), HASHER, "cards.toml", now_ms=NOW_MS)
+    assert activation(new) == "frozen"
+
+    third = frozen_card()
+    posted = ok(run(ledger, commands.replace_card(str(third["id"]), "damaged", SOURCE, shipping())))
+    ok(run(ledger, commands.change_card_status(str(third["id"]), "report-lost")))
+    ok(run(ledger, commands.change_card_status(str(posted["id"]), "report-lost")))
+    again = ok(run(ledger, commands.replace_card(str(posted["id"]), "lost", SOURCE, None)))
+    assert activation(again) == "frozen"
