@@ -64,7 +64,7 @@ def check_answer(
     # acknowledgement, carries what was held, in the account's currency, in 6 and 51 together.
     billing, billed = answer.get("6", ""), answer.get("51", "")
     converted = (
-        mti in ("0100", "0101", "0120", "0121")
+        mti in ("0100", "0101", "0120", "0121", "0200", "0201")
         and code == "00"
         and "51" in request
         and billed != request["51"]

@@ -174,3 +174,10 @@ def test_what_the_daemon_may_change_in_an_echoed_field_is_not_a_mismatch() -> No
     partial = request(**{"6": "000000000800", "51": "978", "49": "978"})
     above = answer_to(partial, **{"39": "10", "38": "123456", "6": "000000000900"})
     assert check_answer(partial, above) != []  # a partial approval above what was asked
+
+
+def test_a_converted_purchase_answer_is_no_mismatch() -> None:
+    # An 0200 is decided and answered as an 0100 is: converted, its 6 and 51 are what posted.
+    sent = request(t="0200", **{"6": "000000000800", "51": "826"})
+    answer = answer_to(sent, **{"39": "00", "38": "123456", "6": "000000000920", "51": "978"})
+    assert check_answer(sent, answer) == []
