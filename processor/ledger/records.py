@@ -75,9 +75,9 @@ class Card(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     shipping_sealed: bytes | None = None
     replaces: str | None = None  # the card this one replaces (stopped when this is activated)
     replaced_by: str | None = None
-    # Not activated yet, this replacement's predecessor stopped (lost, stolen) while the
-    # programme had it frozen: activation leaves this one frozen (the freeze is not lost with
-    # it). Set when the predecessor stops (api/commands.py, _hand_on_freeze).
+    # On a replacement not activated yet: the card it replaces stopped (lost, stolen) while
+    # the programme had it frozen, so activation leaves this one frozen. On a stopped card:
+    # it was frozen when it stopped, for a replacement ordered later (ledger/card_stops.py).
     frozen_when_activated: bool = False
 
     @property
