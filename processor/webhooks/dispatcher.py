@@ -597,6 +597,10 @@ class Dispatcher:
                     shown_location(answer.location),
                 )
             now = self._clock.now()
+            # Before a burial too: a 429's or 503's Retry-After is about the receiver, and
+            # the endpoint's next event must wait for it (a replayed event's single attempt
+            # was buried first, and the next went straight into the rate limit).
+            self._pause(name, answer, now)
             age_seconds = now - record.created_ms / 1000
             if once or age_seconds >= endpoint.config.retry_max_age_seconds:
                 self._bury(
@@ -610,7 +614,6 @@ class Dispatcher:
                     ),
                 )
                 return "dead_letter"
-            self._pause(name, answer, now)
             await self._clock.sleep(
                 backoff_seconds(
                     attempt,

@@ -365,6 +365,26 @@ def test_retry_after_sets_the_next_attempt(
     run(tmp_path, [answer], test)
 
 
+def test_a_single_attempts_retry_after_still_pauses_the_endpoint(tmp_path: Path) -> None:
+    """A replayed event gets one attempt and is buried when it fails: answered 429 with
+    Retry-After, it was buried before the pause was noted, and the next event went out at
+    once, into the receiver's rate limit."""
+
+    async def test(harness: Harness) -> None:
+        await harness.dispatcher.open_session()
+        endpoint = harness.dispatcher.endpoints[0]
+        with harness.ledger.read() as reader:
+            first, second = reader.outbox(1, 2)
+            ledger_id = reader.ledger_id()
+        assert await harness.dispatcher.deliver(endpoint, first, ledger_id, once=True) == (
+            "dead_letter"
+        )
+        assert await harness.dispatcher.deliver(endpoint, second, ledger_id) == "delivered"
+        assert harness.receiver.timestamps() == [T0, T0 + 30]
+
+    run(tmp_path, [(429, {"Retry-After": "30"})], test, accounts=("a", "b"))
+
+
 def test_retry_after_logged_with_the_pause_or_as_unreadable(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
