@@ -552,8 +552,8 @@ class Daemon:
         else:
             # A command's bug, left out of the batch (the batch ran again without it): counted
             # as the batch's own bug was, when it failed every request.
+            operating = (CommandRefused, lmdb.Error, LedgerError)
             for result in results:
-                operating = (CommandRefused, lmdb.Error, LedgerError)
                 if isinstance(result, Exception) and not isinstance(result, operating):
                     self.metrics.internal_errors.inc()
         for (_, future), result in zip(commands, results, strict=True):

@@ -25,6 +25,13 @@ from processor.metrics import Sample
 
 _U64 = struct.Struct(">Q")
 _T = TypeVar("_T")
+
+
+def _key(endpoint: str, sequence: int) -> bytes:
+    """An endpoint's record about one event (dead letter, replay request), in sequence order."""
+    return endpoint.encode() + b"\x00" + _U64.pack(sequence)
+
+
 log = logging.getLogger("processor.webhooks")
 
 
@@ -124,7 +131,7 @@ class DeliveryState:
         return min(needed)
 
     def bury(self, endpoint: str, letter: DeadLetter) -> None:
-        key = endpoint.encode() + b"\x00" + _U64.pack(letter.sequence)
+        key = _key(endpoint, letter.sequence)
         encoded = self._encoder.encode(letter)
         while True:
             try:
@@ -153,17 +160,16 @@ class DeliveryState:
 
     def is_dead_letter(self, endpoint: str, sequence: int) -> bool:
         with self.env.begin() as txn:
-            key = endpoint.encode() + b"\x00" + _U64.pack(sequence)
-            return txn.get(key, db=self._dead) is not None
+            return txn.get(_key(endpoint, sequence), db=self._dead) is not None
 
     def forget_dead_letter(self, endpoint: str, sequence: int) -> None:
         with self.env.begin(write=True) as txn:
-            txn.delete(endpoint.encode() + b"\x00" + _U64.pack(sequence), db=self._dead)
+            txn.delete(_key(endpoint, sequence), db=self._dead)
 
     def request_replay(self, endpoint: str, sequence: int, kind: str) -> None:
         assert kind in ("from", "one"), kind
         with self.env.begin(write=True) as txn:
-            key = endpoint.encode() + b"\x00" + _U64.pack(sequence)
+            key = _key(endpoint, sequence)
             if kind == "one" and txn.get(key, db=self._replays) == b"from":
                 return  # a rewind from it delivers it again anyway; overwritten, it was lost
             txn.put(key, kind.encode(), db=self._replays)
