@@ -208,9 +208,14 @@ class Authorizer:
                     results.append(command(writer, now_ms))
                 except CommandRefused as refused:
                     results.append(refused)
-                except (lmdb.Error, LedgerError, AssertionError):
-                    raise  # the ledger's (the map grows, or 96 for all) or a broken invariant
+                except (lmdb.MapFullError, LedgerError, AssertionError):
+                    raise  # the map grows (or 96 for all at its ceiling), a broken invariant
                 except Exception as error:
+                    # Any other LMDB error of a command too (a key it made too long, a put it
+                    # made on the wrong database): the attempt is aborted with its transaction,
+                    # and one the ledger itself caused (a disk error) recurs in the rerun,
+                    # whose requests are then answered 96 as before. Raised through, a
+                    # command's own mistake cost every authorisation in its batch a 96.
                     raise _CommandFailed(index, error) from error
             batch = Batch(now_ms, now_yymm, periods, writer.programme_controls())
             outcomes = [self._process(writer, *each, batch) for each in prepared]
@@ -242,8 +247,9 @@ class Authorizer:
                     continue
                 except _CommandFailed as failure:
                     log.error(
-                        "a control API command failed inside a batch (a bug; nothing of it is "
-                        "applied, its caller gets a 500); the batch runs again without it",
+                        "a control API command failed inside a batch (a bug, or an LMDB error "
+                        "its caller gets as a 503; nothing of it is applied); the batch runs "
+                        "again without it",
                         exc_info=failure.error,
                     )
                     failed[failure.index] = failure.error

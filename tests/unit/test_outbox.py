@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import lmdb
 import msgspec
 import pytest
 from support import authorization
@@ -153,10 +154,16 @@ def test_schema_in_specs_is_current() -> None:
     )
 
 
-def test_a_command_that_fails_with_a_bug_costs_the_batch_nothing_else(setup) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    "bug",
+    [KeyError("a bug"), lmdb.BadValsizeError("a key the command made too long")],
+    ids=["python", "lmdb"],
+)
+def test_a_command_that_fails_with_a_bug_costs_the_batch_nothing_else(setup, bug) -> None:  # type: ignore[no-untyped-def]
     """A control-API command raising what no command should (a bug) failed the whole batch:
     every authorisation in it was answered 96. It is left out, half-written changes and all,
-    and the batch runs again without it; its caller gets the error."""
+    and the batch runs again without it; its caller gets the error. An LMDB error a command
+    caused itself (not the map filling up) was raised through and still cost the batch."""
     from processor.api import commands
 
     ledger, authorizer = setup
@@ -164,13 +171,13 @@ def test_a_command_that_fails_with_a_bug_costs_the_batch_nothing_else(setup) -> 
 
     def buggy(writer, now_ms):  # type: ignore[no-untyped-def]
         commands.move_funds("demo-main", "fund", 7, "half-written")(writer, now_ms)
-        raise KeyError("a bug")
+        raise bug
 
     with ledger.read() as reader:
         posted = reader.account("demo-main").posted
     outcomes, results = authorizer.run_batch([message("0100", "000901", 100)], [buggy, fund], NOW)
     assert [o.response_code for o in outcomes] == ["00"]
-    assert isinstance(results[0], KeyError) and not isinstance(results[1], Exception)
+    assert results[0] is bug and not isinstance(results[1], Exception)
     with ledger.read() as reader:
         assert reader.account("demo-main").posted == posted + 5  # the bug's 7 is not there
     assert [e.type for e in events(ledger)] == ["account.funded", "authorization.approved"]
