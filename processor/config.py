@@ -322,6 +322,10 @@ class WebhookEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             if self.secret_envs.count(variable) > 1:
                 raise ValueError(f"secret_envs names {variable!r} more than once")
 
+    def wants(self, event_type: str) -> bool:
+        """Whether the endpoint subscribes to `event_type` (its event_types)."""
+        return "*" in self.event_types or event_type in self.event_types
+
 
 class WebhooksConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     endpoints: tuple[WebhookEndpoint, ...] = ()

@@ -74,8 +74,8 @@ def status(config: Config, now: float) -> int:
 
 
 def replay(config: Config, endpoint: str, first: int | None, event: str | None) -> int:
-    names = {e.name for e in config.webhooks.endpoints}
-    if endpoint not in names:
+    configured = {e.name: e for e in config.webhooks.endpoints}
+    if endpoint not in configured:
         print(f"processor: no endpoint {endpoint!r} in webhooks.endpoints", file=sys.stderr)
         return 2
     if event is not None:
@@ -83,11 +83,22 @@ def replay(config: Config, endpoint: str, first: int | None, event: str | None) 
         try:
             with ledger.read() as reader:
                 found = reader.event_ids().sequence(event)
+                records = reader.outbox(found, 1) if found is not None else []
         finally:
             ledger.close()
         if found is None:
             print(f"processor: {event!r} is not an event id of this ledger", file=sys.stderr)
             return 2
+        if records and records[0].sequence == found:
+            event_type = records[0].type
+            if not configured[endpoint].wants(event_type):
+                # Accepted, it was sent if the endpoint had passed it and never otherwise.
+                print(
+                    f"processor: endpoint {endpoint} does not subscribe to {event_type} events "
+                    f"(webhooks.endpoints event_types); {event} is not sent to it",
+                    file=sys.stderr,
+                )
+                return 2
         sequence, kind = found, "one"
     else:
         assert first is not None

@@ -116,8 +116,7 @@ class Endpoint(msgspec.Struct, frozen=True):
     secrets: tuple[bytes, ...]  # one signature each, in the order of config.secret_envs
 
     def wants(self, event_type: str) -> bool:
-        types = self.config.event_types
-        return "*" in types or event_type in types
+        return self.config.wants(event_type)
 
 
 def configured_endpoints(config: WebhooksConfig, environment: Mapping[str, str]) -> list[Endpoint]:
@@ -521,6 +520,18 @@ class Dispatcher:
                 records = reader.outbox(sequence, 1)
             found = records[0] if records and records[0].sequence == sequence else None
             if found is None:
+                continue
+            if not endpoint.wants(found.type):
+                # The replay command refuses such a request; one made before event_types
+                # changed is dropped as the walk drops the type (sent before the position
+                # only, it was sent or not depending on where the endpoint was).
+                log.warning(
+                    "endpoint %s: replay of event %s dropped: its type %s is not in the "
+                    "endpoint's event_types",
+                    name,
+                    event_id(ledger_id, sequence),
+                    found.type,
+                )
                 continue
             if sequence >= walked_from and not self.state.is_dead_letter(name, sequence):
                 # At or past the position: the walk after the replays sends it (again) in its

@@ -10,7 +10,7 @@ import pytest
 from processor.config import Config, parse_config
 from processor.ledger.records import OutboxRecord
 from processor.ledger.store import Ledger
-from processor.webhooks.commands import enable, status
+from processor.webhooks.commands import enable, replay, status
 from processor.webhooks.state import DeliveryState, Disabled
 
 T0 = 1_795_486_000.0  # 2026-11-24T02:06:40Z
@@ -139,3 +139,42 @@ def test_state_written_before_endpoints_could_be_disabled_reads_as_none_disabled
     writer.disable("main", WHY)
     assert writer.disabled("main") == WHY
     writer.close()
+
+
+def test_replay_of_an_event_the_endpoint_does_not_subscribe_to_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Accepted, it was sent when the endpoint had passed it and dropped by the walk when it
+    had not: refused now, with the setting that decides it named."""
+    ledger_path = tmp_path / "ledger"
+    config = parse_config(
+        f'[ledger]\npath = "{ledger_path}"\n'
+        '[[webhooks.endpoints]]\nname = "main"\nurl = "https://hooks.example/"\n'
+        'secret_envs = ["HOOK"]\nevent_types = ["authorization.reversed"]\n'
+    )
+    ledger = Ledger(config.ledger.path, durability="process", map_size_bytes=64 << 20)
+    with ledger.write() as writer:
+        for kind in ("authorization.approved", "authorization.reversed"):
+            writer.append_event(
+                OutboxRecord(
+                    sequence=writer.next_event_sequence(),
+                    type=kind,
+                    created_ms=int(T0 * 1000),
+                    account_id="acct-1",
+                )
+            )
+    with ledger.read() as reader:
+        ledger_id = reader.ledger_id()
+    ledger.close()
+    approved, reversed_ = (f"evt_{ledger_id}{sequence:012x}" for sequence in (1, 2))
+    assert replay(config, "main", None, approved) == 2
+    assert capsys.readouterr().err == (
+        "processor: endpoint main does not subscribe to authorization.approved events "
+        f"(webhooks.endpoints event_types); {approved} is not sent to it\n"
+    )
+    assert replay(config, "main", None, reversed_) == 0
+    state = state_of(config)
+    try:
+        assert state.take_replays("main") == [(2, "one")]
+    finally:
+        state.close()

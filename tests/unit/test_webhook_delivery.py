@@ -978,6 +978,34 @@ def test_a_replay_of_one_event_that_fails_is_a_dead_letter_not_a_wait(tmp_path: 
     run(tmp_path, [(500, {})], test, clock=clock, accounts=("a",))
 
 
+def test_a_replay_of_one_event_of_a_type_the_endpoint_does_not_want_is_dropped(
+    tmp_path: Path,
+) -> None:
+    """Before the endpoint's position it was sent, at or past it the walk dropped it: whether
+    an unsubscribed event reached the receiver depended on where the endpoint was. Asked for
+    before event_types changed (the replay command refuses it now), it is dropped either way."""
+
+    async def test(harness: Harness) -> None:
+        with harness.ledger.write() as writer:  # 2, a type it wants: sent by the walk
+            writer.append_event(
+                OutboxRecord(
+                    sequence=writer.next_event_sequence(),
+                    type="authorization.reversed",
+                    created_ms=int(T0 * 1000),
+                    account_id="a",
+                    account_sequence=2,
+                )
+            )
+        harness.state.advance("main", 2)  # event 1 (a type it does not want) passed
+        harness.state.request_replay("main", 1, "one")
+        await harness.dispatcher.start()
+        await wait_until(lambda: harness.state.position("main") == 3)
+        assert event_sequences(harness.receiver) == [2]
+        assert harness.state.dead_letters("main") == []
+
+    run(tmp_path, [], test, accounts=("a",), event_types=["authorization.reversed"])
+
+
 def test_an_event_replayed_alone_and_by_a_rewind_is_not_left_dead(tmp_path: Path) -> None:
     """`replay --from 1` and `replay --event 2` together: the one attempt at 2 failed and left
     a dead letter, which stayed listed after the rewind's walk delivered 2 (holding retention's
