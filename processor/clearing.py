@@ -30,7 +30,9 @@ from processor.engine.settle import capture_verdict
 from processor.ledger.records import Account, Card, ClearedRecord, OutboxRecord, StoredAnswer
 from processor.ledger.store import Ledger, Writer
 from processor.lifecycle import confirmed_original
+from processor.schemas import readable
 from processor.security import PanHasher, luhn_valid, mask_card_numbers, mask_pan
+from processor.types import CURRENCY_PATTERN, PAN_PATTERN
 from processor.wire.messages import acquirer_number, rrn_key, transaction_key
 
 CHUNK_RECORDS: Final = 500  # records applied per write transaction
@@ -52,17 +54,17 @@ class ClearingRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # Closed sets are patterns rather than Literals: msgspec echoes a bad enum value in its
     # message, and a PAN in the wrong field must not be echoed.
     record_id: Annotated[
-        str, Meta(min_length=1, max_length=RECORD_ID_CHARS_MAX, pattern=r"^[!-~]+$")
+        str, Meta(min_length=1, max_length=RECORD_ID_CHARS_MAX, pattern=r"^[!-~]+\Z")
     ]
-    type: Annotated[str, Meta(pattern=r"^(purchase|refund)$")]
-    pan: Annotated[str, Meta(pattern=r"^[0-9]{13,19}$")]
-    acquirer: Annotated[str, Meta(pattern=r"^[0-9]{1,11}$")]  # field 32
-    stan: Annotated[str, Meta(pattern=r"^[0-9]{6}$")]  # field 11
-    transmission_datetime: Annotated[str, Meta(pattern=r"^[0-9]{10}$")]  # field 7, MMDDhhmmss
+    type: Annotated[str, Meta(pattern=r"^(purchase|refund)\Z")]
+    pan: Annotated[str, Meta(pattern=PAN_PATTERN)]
+    acquirer: Annotated[str, Meta(pattern=r"^[0-9]{1,11}\Z")]  # field 32
+    stan: Annotated[str, Meta(pattern=r"^[0-9]{6}\Z")]  # field 11
+    transmission_datetime: Annotated[str, Meta(pattern=r"^[0-9]{10}\Z")]  # field 7, MMDDhhmmss
     amount: Annotated[int, Meta(gt=0, le=10**15)]  # final amount, minor units of `currency`
-    currency: Annotated[str, Meta(pattern=r"^[A-Z]{3}$")]  # ISO 4217 alphabetic
-    rrn: Annotated[str, Meta(pattern=r"^[0-9A-Za-z]{12}$")] | None = None  # field 37
-    original_mti: Annotated[str, Meta(pattern=r"^(0100|0120|0200)$")] = "0100"
+    currency: Annotated[str, Meta(pattern=CURRENCY_PATTERN)]  # ISO 4217 alphabetic
+    rrn: Annotated[str, Meta(pattern=r"^[0-9A-Za-z]{12}\Z")] | None = None  # field 37
+    original_mti: Annotated[str, Meta(pattern=r"^(0100|0120|0200)\Z")] = "0100"
 
     def __repr__(self) -> str:  # a record in a traceback or a log shows no PAN
         return f"ClearingRecord(record_id={self.record_id!r}, pan={mask_pan(self.pan)!r}, ...)"
@@ -140,7 +142,7 @@ def parse_record(line: bytes) -> ClearingRecord:
     except (msgspec.ValidationError, msgspec.DecodeError) as error:
         # msgspec names the path ($.amount) and never echoes a string value; an unknown key is
         # named, though, and could be a PAN: mask anything shaped like one.
-        raise InvalidRecord(shown(str(error))) from None
+        raise InvalidRecord(shown(readable(error))) from None
     except RecursionError:  # arrays nested thousands deep, under a key msgspec skips
         raise InvalidRecord("nested too deeply") from None
     if not luhn_valid(record.pan):

@@ -17,16 +17,16 @@ from msgspec import Meta
 
 from processor import limits
 from processor.security import mask_card_numbers
-from processor.types import FRAME_BYTES_CEILING, Bitmap, EventType, Framing
+from processor.types import FRAME_BYTES_CEILING, MCC_PATTERN, Bitmap, EventType, Framing
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
 CpuId = Annotated[int, Meta(ge=0, le=limits.cpu_id_max)]  # as sched_setaffinity numbers them
-Mcc = Annotated[str, Meta(pattern=r"^[0-9]{4}$")]
+Mcc = Annotated[str, Meta(pattern=MCC_PATTERN)]
 # Durations of holds, retention and retries: ten years at most. Unbounded, a typo's extra
 # digits passed the config and then every approval failed (96) to store its hold's expiry.
 Seconds = Annotated[int, Meta(gt=0, le=limits.config_seconds_max)]
 # The name of an environment variable holding a secret (never the secret: see the module).
-EnvironmentVariable = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+EnvironmentVariable = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")]
 # Sizes of the ledger's files: 256 TiB at most. LMDB takes a 64-bit size; past it a value
 # failed inside LMDB (OverflowError), and a huge log size was written out in zeros first.
 FileBytes = Annotated[int, Meta(ge=1 << 20, le=1 << 48)]
@@ -36,7 +36,7 @@ class ConfigError(Exception):
     """A configuration file or flag that cannot be used; the message names the key."""
 
 
-ListenerName = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,32}$")]
+ListenerName = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,32}\Z")]
 
 
 class ListenerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -132,7 +132,7 @@ class HttpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     api_token_env: EnvironmentVariable = "PROCESSOR_API_TOKEN"
     # Pages allowed to embed the card-details page (/reveal/...) in an iframe: its
     # Content-Security-Policy frame-ancestors, e.g. ["https://app.example.com"]; none: 'none'.
-    reveal_frame_ancestors: tuple[Annotated[str, Meta(pattern=r"^https://[^\s;,']+$")], ...] = ()
+    reveal_frame_ancestors: tuple[Annotated[str, Meta(pattern=r"^https://[^\s;,']+\Z")], ...] = ()
 
 
 class LedgerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -204,7 +204,7 @@ class RetentionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 class CardVerificationRange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The card verification keys of one card range (processor/cvc2.py)."""
 
-    bin_prefix: Annotated[str, Meta(pattern=r"^[0-9]{6,11}$")]
+    bin_prefix: Annotated[str, Meta(pattern=r"^[0-9]{6,11}\Z")]
     # Variables holding double-length 3DES keys in hex. The first computes new cards' CVC2;
     # every one verifies the cards it computed (rotation: put the new key first, keep the old
     # while its cards are in use).
@@ -263,7 +263,7 @@ class CardIssuingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     daemon refuses to start without one (`--demo` uses DEMO_BIN_PREFIX, the demo cards' BIN).
     """
 
-    bin_prefix: Annotated[str, Meta(pattern=r"^([0-9]{6,11})?$")] = ""
+    bin_prefix: Annotated[str, Meta(pattern=r"^([0-9]{6,11})?\Z")] = ""
     pan_length: Annotated[int, Meta(ge=13, le=19)] = 16
     expiry_months: Annotated[int, Meta(ge=1, le=120)] = 36  # from the month of issue
     # A card is issued only to a cardholder whose KYC is approved (POST /v1/cardholders).
@@ -302,7 +302,7 @@ class ProgrammeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
 
 class WebhookEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    name: Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,40}$")]
+    name: Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,40}\Z")]
     url: Annotated[str, Meta(pattern=r"^https?://")]
     # Environment variables holding the whsec_ signing secrets. Each delivery carries one
     # signature per secret, so a secret is rotated by listing the new one beside the old.

@@ -14,7 +14,7 @@ import msgspec
 
 from processor.currency import UnknownCurrency, alpha_code, exponent
 from processor.ledger.records import OutboxRecord
-from processor.schemas import normalise_descriptions
+from processor.schemas import normalise_schema
 from processor.types import EventType
 
 # What a CVC2 sent with a message showed; absent when none was sent. Never the CVC2.
@@ -150,7 +150,7 @@ def render(record: OutboxRecord, ledger_id: str) -> Event:
 
 
 def schema() -> dict[str, object]:
-    normalised: dict[str, object] = normalise_descriptions(msgspec.json.schema(Event))
+    normalised: dict[str, object] = normalise_schema(msgspec.json.schema(Event))
     return normalised
 
 

@@ -45,3 +45,14 @@ EventType = Literal[
     "cardholder.created",
     "cardholder.kyc_updated",
 ]
+
+# --- patterns of input fields ----------------------------------------------------------------
+
+# Ended with `\Z`, never `$`: msgspec matches a pattern with re.search, and Python's `$` also
+# matches before a final newline, so "000001\n" passed ^[0-9]{6}$ (a clearing record then
+# missed its hold and was debited again; a load wrote a card no read could decode).
+# processor/schemas.py writes them with `$` for JSON Schema, whose `$` is the end alone.
+PAN_PATTERN: Final = r"^[0-9]{13,19}\Z"
+CURRENCY_PATTERN: Final = r"^[A-Z]{3}\Z"  # ISO 4217 alphabetic
+EXPIRY_PATTERN: Final = r"^[0-9]{2}(0[1-9]|1[0-2])\Z"  # YYMM
+MCC_PATTERN: Final = r"^[0-9]{4}\Z"

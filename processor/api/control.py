@@ -61,6 +61,7 @@ from processor.ledger.controls import NO_CONTROLS, Controls, account_scope, card
 from processor.ledger.records import Card
 from processor.ledger.store import LedgerError, LedgerFull, Reader
 from processor.personal_data import PersonalDataCipher, PersonalDataError
+from processor.schemas import readable
 from processor.security import PanHasher, luhn_valid
 
 log = logging.getLogger("processor.api")
@@ -107,7 +108,7 @@ _NAMED_FIELD = re.compile(r"^Object (?:missing required|contains unknown) field 
 def validation_error(error: msgspec.ValidationError) -> ApiError:
     """msgspec's message names the path ($.controls.amount_limits[0].amount) and never the
     value, so a card number sent in the wrong place is not echoed back."""
-    text = str(error)
+    text = readable(error)
     at = _AT.search(text)
     path = at.group(1) if at else "$"
     named = _NAMED_FIELD.search(text)
@@ -162,8 +163,7 @@ def check_currency(currency: str, where: str) -> None:
 
 def _id_in_path(request: web.Request, name: str, pattern: str, code: str, what: str) -> str:
     value = request.match_info[name]
-    # fullmatch: `$` would let a trailing newline through.
-    if re.fullmatch(pattern.strip("^$"), value) is None:
+    if re.fullmatch(pattern, value) is None:
         raise ApiError(404, code, f"no {what} {value[:80]!r}")
     return value
 
@@ -379,7 +379,7 @@ class ControlApi:
         raw, body = await json_body(request, NewAccount)
         check_currency(body.currency, "$.currency")
         check_controls(body.controls, body.currency, "$.controls")
-        if body.id is not None and re.fullmatch(ACCOUNT_ID_PATTERN.strip("^$"), body.id) is None:
+        if body.id is not None and re.fullmatch(ACCOUNT_ID_PATTERN, body.id) is None:
             raise ApiError(400, "invalid_body", "$.id: letters, digits and _.:- only", field="$.id")
         account_id = body.id or "acct_" + secrets.token_hex(12)
         operation = commands.create_account(
@@ -498,7 +498,7 @@ class ControlApi:
 
     @staticmethod
     def _check_account_id(account_id: str) -> None:
-        if re.fullmatch(ACCOUNT_ID_PATTERN.strip("^$"), account_id) is None:
+        if re.fullmatch(ACCOUNT_ID_PATTERN, account_id) is None:
             raise ApiError(404, "account_not_found", "no such account", field="$.account_id")
 
     async def get_card(self, request: web.Request) -> web.Response:

@@ -41,14 +41,15 @@ from processor.ledger.records import (
     LedgerEntry,
     StoredAnswer,
 )
-from processor.schemas import normalise_descriptions
+from processor.schemas import normalise_schema
+from processor.types import CURRENCY_PATTERN, EXPIRY_PATTERN, PAN_PATTERN
 
 # --- field types -----------------------------------------------------------------------------
 
 # The load file's account-id rule (processor/ledger/load.py), with its length bound spelt into
 # the pattern so the document states it once.
-ACCOUNT_ID_PATTERN: Final = rf"^{ACCOUNT_ID_CHARACTERS}{{1,64}}$"
-CARD_ID_PATTERN: Final = r"^card_[0-9a-f]{20}$"
+ACCOUNT_ID_PATTERN: Final = rf"^{ACCOUNT_ID_CHARACTERS}{{1,64}}\Z"
+CARD_ID_PATTERN: Final = r"^card_[0-9a-f]{20}\Z"
 AccountId = Annotated[
     str,
     Meta(
@@ -59,12 +60,12 @@ AccountId = Annotated[
     ),
 ]
 CardId = Annotated[str, Meta(pattern=CARD_ID_PATTERN)]
-CARDHOLDER_ID_PATTERN: Final = r"^ch_[0-9a-f]{20}$"
+CARDHOLDER_ID_PATTERN: Final = r"^ch_[0-9a-f]{20}\Z"
 CardholderId = Annotated[str, Meta(pattern=CARDHOLDER_ID_PATTERN)]
 CurrencyCode = Annotated[
     str,
     Meta(
-        pattern=r"^[A-Z]{3}$",
+        pattern=CURRENCY_PATTERN,
         description="ISO 4217 alphabetic code of a currency with a minor unit (EUR, JPY, BHD).",
     ),
 ]
@@ -82,13 +83,11 @@ Reason = Annotated[
 Pan = Annotated[
     str,
     Meta(
-        pattern=r"^[0-9]{13,19}$",
+        pattern=PAN_PATTERN,
         description="The full card number, 13-19 digits, Luhn-valid. Never answered back.",
     ),
 ]
-Expiry = Annotated[
-    str, Meta(pattern=r"^[0-9]{2}(0[1-9]|1[0-2])$", description="YYMM, valid to month end.")
-]
+Expiry = Annotated[str, Meta(pattern=EXPIRY_PATTERN, description="YYMM, valid to month end.")]
 Timestamp = Annotated[datetime, Meta(tz=True, description="RFC 3339, UTC.")]
 # In answers: no upper bound (a sum of many amounts may pass what one request may carry).
 Amount = Annotated[int, Meta(ge=0, description="Minor units of the currency, never a float.")]
@@ -100,7 +99,7 @@ Amount = Annotated[int, Meta(ge=0, description="Minor units of the currency, nev
 class ErrorDetail(msgspec.Struct, kw_only=True, omit_defaults=True):
     """What went wrong: `code` is stable (program against it), `message` is for people."""
 
-    code: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]*$")]
+    code: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]*\Z")]
     message: str
     # The one input at fault: a JSON path into the body ($.amount_limits[0].currency), or the
     # name of the query parameter or header (limit, Idempotency-Key).
@@ -145,7 +144,7 @@ class Address(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_def
     line2: Annotated[str, Meta(max_length=100)] | None = None
     city: Annotated[str, Meta(min_length=1, max_length=60)]
     postal_code: Annotated[str, Meta(min_length=1, max_length=16)]
-    country: Annotated[str, Meta(pattern=r"^[A-Z]{2}$")]  # ISO 3166-1 alpha-2
+    country: Annotated[str, Meta(pattern=r"^[A-Z]{2}\Z")]  # ISO 3166-1 alpha-2
 
 
 class Individual(
@@ -161,8 +160,8 @@ class Individual(
     name: Annotated[str, Meta(min_length=1, max_length=140)]
     date_of_birth: date
     address: Address
-    email: Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+$", max_length=254)] | None = None
-    phone: Annotated[str, Meta(pattern=r"^\+[1-9][0-9]{6,14}$")] | None = None  # E.164
+    email: Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+\Z", max_length=254)] | None = None
+    phone: Annotated[str, Meta(pattern=r"^\+[1-9][0-9]{6,14}\Z")] | None = None  # E.164
 
 
 class Business(
@@ -316,9 +315,9 @@ class IssuedCard(CardView, kw_only=True):
     `pan`: the processor never stores a card number, so it cannot give it again.
     """
 
-    pan: Annotated[str, Meta(pattern=r"^[0-9]{13,19}$")] | UnsetType = UNSET
+    pan: Annotated[str, Meta(pattern=PAN_PATTERN)] | UnsetType = UNSET
     # The CVC2 to print or show, answered with `pan` and as rarely: computed, never stored.
-    cvc2: Annotated[str, Meta(pattern=r"^[0-9]{3}$")] | UnsetType = UNSET
+    cvc2: Annotated[str, Meta(pattern=r"^[0-9]{3}\Z")] | UnsetType = UNSET
 
 
 class CategoryUsage(msgspec.Struct, kw_only=True):
@@ -369,7 +368,7 @@ class AuthorizationView(msgspec.Struct, kw_only=True):
     mti: str  # the request's message type
     card_id: str | None
     account_id: str | None
-    response_code: Annotated[str, Meta(pattern=r"^[0-9A-Z]{2}$")]  # field 39
+    response_code: Annotated[str, Meta(pattern=r"^[0-9A-Z]{2}\Z")]  # field 39
     reason: str  # machine reason: approved, card_frozen, daily_amount_limit, ...
     amount: Amount | None  # field 4 of the answer (a partial approval's approved amount)
     currency: str | None  # ISO 4217 alphabetic, from field 49
@@ -575,7 +574,7 @@ def component_schemas() -> dict[str, Any]:
         SCHEMA_TYPES, ref_template="#/components/schemas/{name}"
     )
     # Through JSON and back: defaults such as () become the [] a YAML or JSON reader sees.
-    normalised: dict[str, Any] = normalise_descriptions(
+    normalised: dict[str, Any] = normalise_schema(
         msgspec.json.decode(msgspec.json.encode(components))
     )
     return dict(sorted(normalised.items()))

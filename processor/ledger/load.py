@@ -41,18 +41,20 @@ from processor.ledger.records import (
     CardStatus,
 )
 from processor.ledger.store import Ledger, LedgerFull, Reader, Writer
+from processor.schemas import readable
 from processor.security import PanHasher, luhn_valid, mask_pan
+from processor.types import CURRENCY_PATTERN, EXPIRY_PATTERN, MCC_PATTERN, PAN_PATTERN
 
 MinorUnits = Annotated[int, Meta(ge=0, le=10**15)]
 # Letters, digits and `_ . : -`, but not dots alone: `.` and `..` are path segments every
 # HTTP client removes (RFC 3986), so /v1/accounts/. could never be reached again.
-ACCOUNT_ID_CHARACTERS: Final = r"(?!\.+$)[A-Za-z0-9_.:-]"
+ACCOUNT_ID_CHARACTERS: Final = r"(?!\.+\Z)[A-Za-z0-9_.:-]"
 AccountId = Annotated[
     str,
     Meta(
         min_length=1,
         max_length=limits.account_id_bytes_max,
-        pattern=rf"^{ACCOUNT_ID_CHARACTERS}+$",
+        pattern=rf"^{ACCOUNT_ID_CHARACTERS}+\Z",
     ),
 ]
 
@@ -66,7 +68,7 @@ class LoadError(Exception):
 
 class AccountEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     id: AccountId
-    currency: Annotated[str, Meta(pattern=r"^[A-Z]{3}$")]
+    currency: Annotated[str, Meta(pattern=CURRENCY_PATTERN)]
     balance: Annotated[int, Meta(ge=-(10**15), le=10**15)]
     credit_limit: MinorUnits = 0
     status: AccountStatus = "active"
@@ -75,13 +77,13 @@ class AccountEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 class CardEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # 13-19 digits: for shorter PANs the display rule (first 6, last 4) would reveal most digits.
-    pan: Annotated[str, Meta(pattern=r"^[0-9]{13,19}$")]
+    pan: Annotated[str, Meta(pattern=PAN_PATTERN)]
     account: AccountId
-    expiry: Annotated[str, Meta(pattern=r"^[0-9]{2}(0[1-9]|1[0-2])$")]
+    expiry: Annotated[str, Meta(pattern=EXPIRY_PATTERN)]
     status: CardStatus = "active"
     # Shorthands kept from before `controls`: folded into the card's controls on load.
     per_transaction_limit: MinorUnits | None = None
-    blocked_mccs: tuple[Annotated[str, Meta(pattern=r"^[0-9]{4}$")], ...] = ()
+    blocked_mccs: tuple[Annotated[str, Meta(pattern=MCC_PATTERN)], ...] = ()
     controls: Controls | None = None
 
 
@@ -129,7 +131,7 @@ def parse_load_file(text: bytes, source: str) -> LoadFile:
         data = msgspec.toml.decode(text, type=LoadFile)
     except msgspec.ValidationError as error:
         # msgspec names the path ($.cards[2].pan) but never echoes the value, so no PAN leaks.
-        raise LoadError(f"{source}: {error}") from None
+        raise LoadError(f"{source}: {readable(error)}") from None
     except msgspec.DecodeError as error:
         raise LoadError(f"{source}: not valid TOML: {error}") from None
     for index, card in enumerate(data.cards):
