@@ -780,7 +780,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except ConfigError as error:
-        print(f"processor: config error: {error}", file=sys.stderr)
+        from processor.security import mask_card_numbers
+
+        # Its "(got ...)" is masked where it is made, but msgspec's own text quotes an enum
+        # value as it was written ("Invalid enum value '4111...'"): masked whole here.
+        print(f"processor: config error: {mask_card_numbers(str(error))}", file=sys.stderr)
         return 2
     except Exception as error:  # operating errors of a CLI: one line, no traceback with data
         from processor.ledger.load import LoadError

@@ -97,10 +97,12 @@ def mask_pan(pan: str) -> str:
 # dashes ("4111 1111 1111 1111", "4111-1111-1111-1111"); 13 digits at least.
 _DIGIT_RUN: Final = re.compile(r"\d(?:[ -]?\d){12,}")
 _SEPARATORS: Final = str.maketrans("", "", " -")
-# A run of more digits than a PAN has is masked whole (but for its first six and last four):
-# a card number may sit inside it (followed by its expiry, say), and looking for one would
-# cost a search per window.
-_PAN_DIGITS_MAX: Final = 19
+# A run of more digits than most PANs have is masked whole (but for its first six and last
+# four): a card number may sit inside it, followed by its expiry (15 + 4 digits pass no Luhn
+# check as a whole), or be one of the rare 17-19-digit PANs. Looking for one at each offset
+# would cost a search per window.
+_WHOLE_RUN_DIGITS_MIN: Final = 17
+_PAN_DIGITS_MIN: Final = 13
 
 
 def _masked_run(run: str) -> str:
@@ -124,15 +126,20 @@ def mask_card_numbers(text: str, *, every_run: bool = False) -> str:
     messages that quote what was sent (an enum value msgspec names, an id, a catalog entry),
     where a card number put in the wrong place must not come back in clear.
 
-    A run of 13-19 digits is masked when it passes the Luhn check, or, with `every_run` (logs
-    and reports, which cannot tell a card number from its neighbours), always; a longer run
+    A run of 13-16 digits is masked when it or one of its first 13 or more digits pass the
+    Luhn check (a short PAN followed by its expiry month), or, with `every_run` (logs and
+    reports, which cannot tell a card number from its neighbours), always; a longer run
     always. Linear in the text.
     """
 
     def masked(found: re.Match[str]) -> str:
         run = found[0]
         digits = run.translate(_SEPARATORS)
-        if every_run or len(digits) > _PAN_DIGITS_MAX or luhn_valid(digits):
+        if (
+            every_run
+            or len(digits) >= _WHOLE_RUN_DIGITS_MIN
+            or any(luhn_valid(digits[:end]) for end in range(_PAN_DIGITS_MIN, len(digits) + 1))
+        ):
             return _masked_run(run)
         return run
 

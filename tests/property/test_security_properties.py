@@ -1,4 +1,5 @@
-"""PanHasher's pre-keyed HMAC equals the standard library's HMAC-SHA256."""
+"""PanHasher's pre-keyed HMAC equals the standard library's HMAC-SHA256; masking a message
+leaves no card number in it."""
 
 import hashlib
 import hmac
@@ -6,7 +7,7 @@ import hmac
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processor.security import PanHasher, mask_pan
+from processor.security import PanHasher, luhn_valid, mask_card_numbers, mask_pan
 
 
 @settings(max_examples=300, deadline=None)
@@ -26,3 +27,24 @@ def test_card_key_is_hmac_of_the_pan_and_masking_keeps_six_and_four(key: bytes, 
     masked = mask_pan(pan)
     assert masked[:6] == pan[:6] and masked[-4:] == pan[-4:]
     assert set(masked[6:-4]) <= {"*"} and len(masked) == len(pan)
+
+
+def with_check_digit(body: str) -> str:
+    """`body` and the Luhn check digit that makes it valid."""
+    return next(body + digit for digit in "0123456789" if luhn_valid(body + digit))
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    body=st.text("0123456789", min_size=12, max_size=18),
+    after=st.sampled_from(["", "12", "2512", "0"]),
+    around=st.sampled_from([("", ""), ("no account '", "'"), ("id-", "-x")]),
+)
+def test_a_message_quoting_a_card_number_shows_at_most_its_first_six_and_last_four(
+    body: str, after: str, around: tuple[str, str]
+) -> None:
+    """In messages (not logs, which mask every run), a 13-15-digit card number followed by
+    its expiry came back in clear: the run as a whole fails the Luhn check."""
+    run = with_check_digit(body) + after
+    masked = run[:6] + "*" * (len(run) - 10) + run[-4:]
+    assert mask_card_numbers(around[0] + run + around[1]) == around[0] + masked + around[1]

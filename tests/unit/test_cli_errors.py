@@ -106,3 +106,14 @@ def test_ctrl_c_ends_a_command_with_130(
     monkeypatch.setattr(cli, "cmd_sim", interrupted)
     code, said = answer(capsys, "sim", "echo")
     assert code == 130 and "Traceback" not in said
+
+
+def test_a_card_number_in_a_config_error_is_masked(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # The "(got ...)" part was masked, msgspec's own "Invalid enum value '...'" was not.
+    config = tmp_path / "bad.toml"
+    config.write_text(f'[ledger]\ndurability = "{PAN}"\n')
+    code, said = answer(capsys, "ledger", "show", "--config", str(config), "--account", "a")
+    assert code == 2 and "$.ledger.durability" in said
+    assert PAN not in said and "476173******0010" in said
