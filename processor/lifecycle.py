@@ -23,6 +23,7 @@ from processor.engine import Decision, ProgrammeRules, Spend, decide
 from processor.engine.controls import Periods, periods_at, record_usages, release_usage
 from processor.engine.decide import (
     AMOUNT_MAX,
+    SPEND_TRANSACTION_TYPES,
     CardCheck,
     Cvc2Result,
     billing_amount,
@@ -439,14 +440,17 @@ class Lifecycle:
                 result.hold_id = hold.hold_id
                 result.extra["38"] = hold.approval_code
         elif decision.balance_inquiry:
-            assert account is not None
+            assert account is not None and card is not None
             result.extra = {
                 "54": balances(
                     request.processing_code[2:4],
                     numeric_code(account.currency),
                     account.posted,
                     account.available,
-                )
+                ),
+                # An approval carries its code (DESIGN.md, wire contract; the networks' hosts
+                # expect field 38 whenever 39 is 00), though it holds nothing.
+                "38": self._approval_code(writer, card, batch),
             }
         return result
 
@@ -474,6 +478,15 @@ class Lifecycle:
             )
         if card is None:
             return Result("00", "advice_unknown_card")
+        if request.transaction_type not in SPEND_TRANSACTION_TYPES:
+            # A refund (20) stood in for is a credit that clearing brings, a balance inquiry
+            # (31) moves nothing: held as a purchase, either took the cardholder's money.
+            return Result(
+                "00",
+                "advice_unsupported_processing_code",
+                card_id=card.card_id,
+                account_id=card.account_id,
+            )
         approval = self._issuer_approval(writer, request, card)
         if approval is not None:
             return approval
@@ -616,6 +629,10 @@ class Lifecycle:
     ) -> Result:
         if not request.amount:  # absent, not digits, or 0: nothing to capture or post
             return Result("00", "completion_invalid_amount")
+        if request.transaction_type not in SPEND_TRANSACTION_TYPES:
+            # A refund's completion (20) is a credit that clearing brings: captured or posted
+            # as a purchase, it took the money the cardholder was to get back.
+            return Result("00", "completion_unsupported_processing_code")
         found = self._original(writer, request)
         original_key, original = found if found is not None else (b"", None)
         mismatch = self._card_mismatch(writer, card_key, original)

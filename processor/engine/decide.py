@@ -114,9 +114,9 @@ PURCHASE: Final = "00"
 CASH: Final = "01"
 PURCHASE_WITH_CASHBACK: Final = "09"
 BALANCE_INQUIRY: Final = "31"
-SUPPORTED_TRANSACTION_TYPES: Final = frozenset(
-    {PURCHASE, CASH, PURCHASE_WITH_CASHBACK, BALANCE_INQUIRY}
-)
+# What moves the cardholder's money towards a merchant: held (0100, 0120), posted (0200, 0220).
+SPEND_TRANSACTION_TYPES: Final = frozenset({PURCHASE, CASH, PURCHASE_WITH_CASHBACK})
+SUPPORTED_TRANSACTION_TYPES: Final = SPEND_TRANSACTION_TYPES | {BALANCE_INQUIRY}
 
 # Preallocated: a decline allocates nothing on the hot path.
 UNKNOWN_CARD: Final = Decision("14", "card_not_found")

@@ -90,10 +90,10 @@ def check_answer(
         problems.append(f"field {key} not echoed: sent {_shown(key, sent)}, got {_shown(key, got)}")
     approval = answer.get("38")
     if mti in _DECIDED:
-        inquiry = request.get("3", "")[:2] == "31"
-        if code in APPROVED and not inquiry and (approval is None or len(approval) != 6):
+        # Every approval, a balance inquiry's too (DESIGN.md, wire contract).
+        if code in APPROVED and (approval is None or len(approval) != 6):
             problems.append(f"39 = {code} without a 6-character approval code (38)")
-        elif approval is not None and (code not in APPROVED or inquiry):
+        elif approval is not None and code not in APPROVED:
             problems.append(f"approval code (38) on a 39 = {code} answer")
     elif mti[:2] in ("04", "08") and approval is not None:
         problems.append(f"approval code (38) on an {answer.get('t')} answer")

@@ -206,6 +206,8 @@ ADVICE = st.tuples(
     MCC,
     st.sampled_from(("00", "00", "00", "10", "05")),  # field 39: what stand-in answered
     REPEAT_BIT,
+    # field 3: a purchase mostly; a refund or an inquiry the network stood in for moves nothing
+    st.sampled_from(("000000",) * 4 + ("200000", "310000")),
 )
 COMPLETION = st.tuples(
     st.just("0220"),
@@ -945,7 +947,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         transaction_type = fields["3"][:2]
         if transaction_type == "31":
             blocks = balance_blocks(fields["3"][2:4], account.posted, account.available)
-            return "00", "balance_inquiry", 0, {"54": blocks}
+            # An approval carries its code, an inquiry's too (it holds nothing).
+            return "00", "balance_inquiry", 0, {"54": blocks, "38": self.give_code(card.pan)}
         amount = int(fields.get("4", "0"))
         if amount == 0:
             return "13", "invalid_amount", 0, {}
@@ -1008,6 +1011,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         if card.account is None:
             return "advice_unknown_card"
         answer.account, answer.card_id = card.account, self.card_ids[card.pan]
+        if fields["3"][:2] not in ("00", "01", "09"):
+            return "advice_unsupported_processing_code"
         hold = self.open_hold(card.account, key, int(fields["4"]), fields, card.pan)
         answer.hold_id = hold.hold_id
         # Spent is spent: a stand-in approval counts against the controls' usage.
@@ -1242,10 +1247,11 @@ class LifecycleMachine(RuleBasedStateMachine):
             inquiry = processing.startswith("31")
             return self.message(mti, card, None if inquiry else amount, acquirer, **extra), card
         if kind == "0120":
-            _, card_index, amount, acquirer, mcc, stand_in, repeat = operation
+            _, card_index, amount, acquirer, mcc, stand_in, repeat, processing = operation
             card = CARDS[card_index]
             mti = "0121" if repeat else "0120"
-            return self.message(mti, card, amount, acquirer, **{"18": mcc, "39": stand_in}), card
+            extra = {"3": processing, "18": mcc, "39": stand_in}
+            return self.message(mti, card, amount, acquirer, **extra), card
         if kind == "0220":
             _, which, mode, delta, card_index, repeat = operation
             mti = "0221" if repeat else "0220"

@@ -118,6 +118,7 @@ class FakeIssuer:
         if request["3"].startswith("31"):
             reply["39"] = "00"
             reply["54"] = f"0001978C{self.available:012d}0002978C{self.available:012d}"
+            reply["38"] = f"B{request['11'][-5:]}"
         elif request["2"] in self.frozen:
             reply["39"] = "62"
         elif amount > self.available:

@@ -1297,6 +1297,32 @@ def test_stored_answer_has_no_pan(loaded: Ledger, authorizer: Authorizer) -> Non
     assert len(stored.fingerprint) == 16
 
 
+@pytest.mark.parametrize("processing_code", ["200000", "310000", "400000"])
+@pytest.mark.parametrize(
+    ("mti", "reason"),
+    [
+        ("0120", "advice_unsupported_processing_code"),
+        ("0220", "completion_unsupported_processing_code"),
+    ],
+)
+def test_an_advice_of_a_refund_or_an_inquiry_moves_no_money(
+    loaded: Ledger, authorizer: Authorizer, mti: str, reason: str, processing_code: str
+) -> None:
+    """An 0120 of a refund the network stood in for opened a hold for it, an 0220 of one
+    posted it as a purchase: the money the cardholder was to get back was taken. Refunds are
+    credited by clearing; an advice of anything but a purchase, cash or cashback changes
+    nothing (and is acknowledged, as every advice is)."""
+    before = account_state(loaded, "acct-main")
+    advice = auth_request(MAIN, 2_000, mti=mti, processing_code=processing_code)
+    [outcome] = authorizer.authorize_batch([advice], NOW)
+    assert (outcome.response_code, outcome.reason) == ("00", reason)
+    assert account_state(loaded, "acct-main") == before
+    assert open_holds(loaded, "acct-main") == []
+    purchase = auth_request(MAIN, 2_000, mti=mti, stan="000002")  # the same as a purchase
+    [outcome] = authorizer.authorize_batch([purchase], NOW)
+    assert outcome.reason in ("stand_in_approved", "force_post")
+
+
 def test_balance_inquiry_answers_field_54_and_holds_nothing(
     loaded: Ledger, authorizer: Authorizer
 ) -> None:
@@ -1307,7 +1333,8 @@ def test_balance_inquiry_answers_field_54_and_holds_nothing(
 
     assert (outcome.response_code, outcome.reason) == ("00", "balance_inquiry")
     fields = response_fields(outcome)
-    assert "38" not in fields and "4" not in fields
+    # An approval carries its code (DESIGN.md; the networks expect 38 whenever 39 is 00).
+    assert len(fields["38"]) == 6 and "4" not in fields
     balances = fields["54"]
     assert len(balances) == 40
     ledger_block, available_block = balances[:20], balances[20:]

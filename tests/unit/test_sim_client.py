@@ -89,8 +89,11 @@ def test_an_approval_code_exactly_when_approved() -> None:
     assert check_answer(sent, answer_to(sent, **{"39": "05", "38": "123456"})) == [
         "approval code (38) on a 39 = 05 answer"
     ]
-    inquiry = request(**{"3": "310000"})
-    assert check_answer(inquiry, answer_to(inquiry, **{"39": "00", "38": "123456"})) != []
+    inquiry = request(**{"3": "310000"})  # an approval carries its code, an inquiry's too
+    assert check_answer(inquiry, answer_to(inquiry, **{"39": "00", "38": "123456"})) == []
+    assert check_answer(inquiry, answer_to(inquiry, **{"39": "00"})) == [
+        "39 = 00 without a 6-character approval code (38)"
+    ]
 
 
 async def _client(issuer: FakeIssuer) -> WireClient:
