@@ -423,7 +423,9 @@ class Daemon:
                 config.bad_messages_max,
                 config.bad_message_window_seconds,
             )
-            self._close_for_what_it_sent(link, "bad_message_rate")
+            # Once what it queued before is answered: closed at once, its requests were still
+            # decided and applied (a hold) and their answers dropped with the transport.
+            self._close_for_what_it_sent(link, "bad_message_rate", answered=True)
 
     def _wrong_dialect(self, link: Link, frame: bytes, error: WireError, certain: bool) -> bool:
         """Close a link whose first message is in another dialect; True when it closed.

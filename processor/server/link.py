@@ -161,8 +161,8 @@ class Link(asyncio.Protocol):
                 taken += len(frames)
                 transport = self.transport
                 for header, message in frames:
-                    if transport is None or transport.is_closing():
-                        break  # closed (bad-message budget): apply nothing that cannot be answered
+                    if self._closing or transport is None or transport.is_closing():
+                        break  # closing (bad-message budget): nothing more is read from it
                     on_message(self, header, message, received_ns)
                 if framer.error is not None:  # behind the frames just handled
                     if not self._closing:

@@ -1457,3 +1457,27 @@ def test_frames_no_dialect_explains_are_diagnosed_a_bounded_number_of_times(
     assert all(not transport.closed for _, transport in links)
     assert len(diagnosed) == limits.log_lines_per_kind_burst
     daemon.ledger.close()
+
+
+def test_a_link_closed_for_its_bad_messages_answers_what_it_queued_before(
+    tmp_path: Path,
+) -> None:
+    """Closed at once, the link's 0100 queued before the bad messages was still decided and
+    applied (a hold), and its approval dropped with the transport: the network timed out on
+    an approval the issuer had recorded. It is answered now, then the link closes; what came
+    after the last bad message in the same read is neither applied nor answered."""
+    daemon = make_daemon(tmp_path, bad_messages_max=3)
+    link, transport = new_link(daemon), FakeTransport()
+    bad = FRAMER.frame(b"", CODEC.encode({"t": "0110", "11": "000009", "39": "00"}))
+
+    def body() -> None:
+        link.connection_made(transport)  # type: ignore[arg-type]
+        link.data_received(auth_frame(1) + bad * 3 + auth_frame(2))
+
+    run(body, until=lambda: transport.closed)
+    assert transport.closed
+    assert [(f["t"], f["11"], f["39"]) for f in transport.frames()] == [("0110", "000001", "00")]
+    with daemon.ledger.read() as reader:
+        assert reader.answer(b"0100|123456|000001|1124101010") is not None
+        assert reader.answer(b"0100|123456|000002|1124101010") is None
+    daemon.ledger.close()
