@@ -1,9 +1,9 @@
 """Decode ISO 8583 frames into typed requests and encode responses, via pyiso8583.
 
 Validation happens here, before anything reaches the engine: a request class MTI, a STAN, the
-mandatory fields of its MTI and ASCII digits in every numeric field. The one exception is the
-amount (field 4): a malformed amount is answered 13 (invalid amount) by the engine, the more
-precise code, rather than 30.
+mandatory fields of its MTI, ASCII digits in every numeric field (field 4 included: 30, as
+specs/messages.md says), dates and times in range. A format error's answer never echoes the
+field at fault.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class Codec:
             # first 12 as the amount the transaction is now worth: unreadable, a partial
             # reversal would release the whole hold.
             raise InvalidMessage(
-                "actual amount not ASCII digits", "95", mti, self._echo(mti, fields)
+                "actual amount not ASCII digits", "95", mti, self._echo(mti, fields, "95")
             )
         for key, (layout, matches) in _CALENDAR_FIELDS.items():
             value = fields.get(key)
@@ -229,16 +229,20 @@ class Codec:
         stan = partial.get("11")
         if stan is None or len(stan) != 6 or not stan.isdigit():
             return UndecodableMessage(reason, field, position)
-        echo = self._echo(mti, partial)
+        # The STAN was read well (just checked): pyiso8583 names the last field for data after
+        # it, and an answer without 11 cannot be matched.
+        echo = self._echo(mti, partial, None if field == "11" else field)
         return InvalidMessage(reason, field, mti, echo, unparsed=True)
 
-    def _echo(self, mti: str, fields: dict[str, str]) -> dict[str, str]:
-        """Echo-able fields of a bad message: only those that decoded and are well formed."""
+    def _echo(self, mti: str, fields: dict[str, str], fault: str | None = None) -> dict[str, str]:
+        """Echo-able fields of a bad message: only those that decoded and are well formed, and
+        never the field at `fault` (specs/messages.md): what decoded of it through a bad
+        length prefix, or an "an" field 95 whose amount is not digits, is not what was sent."""
         keys = NETWORK_ECHO if mti.startswith("08") else AUTHORIZATION_ECHO
         echo = {}
         for key in keys:
             value = fields.get(key)
-            if value is None or not self._well_formed(key, value):
+            if value is None or key == fault or not self._well_formed(key, value):
                 continue
             echo[key] = value
         return echo

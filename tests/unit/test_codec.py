@@ -282,6 +282,8 @@ def test_a_length_prefix_that_is_not_digits_is_a_format_error(
     with pytest.raises(InvalidMessage, match="length prefix") as caught:
         codec.decode(build(b"0100", with_field(field, value)))
     assert caught.value.field == str(field)
+    # What decoded through the bad prefix is not what was sent: never echoed.
+    assert str(field) not in caught.value.echo
 
 
 def test_a_bitmap_with_spaces_is_a_format_error(codec: Codec) -> None:
@@ -303,6 +305,7 @@ def test_a_replacement_amount_that_is_not_digits_is_a_format_error(
     with pytest.raises(InvalidMessage) as caught:
         codec.decode(build(b"0400", with_field(95, field_95)))
     assert caught.value.field == "95"
+    assert "95" not in caught.value.echo  # the field at fault is never echoed
     spaces_after = b"000000000400" + b" " * 30  # its later parts may be spaces
     request = codec.decode(build(b"0400", with_field(95, spaces_after)))
     assert isinstance(request, AuthorizationRequest) and request.replacement_amount() == 400
