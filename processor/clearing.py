@@ -252,16 +252,24 @@ def _purchase(
     found = None if original is None else original_key
     hold = writer.hold_of(original_key, original)
     verdict = capture_verdict(original, hold)
+    # Each outcome checks the currency against the account it is about: the one the original
+    # held or posted on, which need not be the card's account now (a load or the API may have
+    # moved the card since), else the card's. Checked against the card's account, a moved
+    # card's hold could never be captured.
     if verdict == "already_posted":
         assert original is not None
-        return "already_posted", original.account_id or card.account_id, None, found
+        posted_on = original.account_id or card.account_id
+        _same_currency(writer, posted_on, record)
+        return "already_posted", posted_on, None, found
+    if verdict in ("already_captured", "capture"):
+        assert hold is not None
+        if hold.currency != record.currency:
+            raise _Rejected("currency_mismatch")
     if verdict == "already_captured":
         assert hold is not None
         return "already_captured", hold.account_id, hold.hold_id, found
     if verdict == "capture":
         assert hold is not None
-        if hold.currency != record.currency:
-            raise _Rejected("currency_mismatch")
         account = writer.account(hold.account_id)
         assert account is not None, hold.account_id
         _debit_allowed(account, record.amount)
@@ -270,8 +278,7 @@ def _purchase(
         return "matched", account.id, hold.hold_id, found
     # No original, or its hold was released (reversed) or expired: the hold is gone but the
     # network says the money was spent. Its word stands: post it like an unmatched purchase.
-    account = writer.account(card.account_id)
-    assert account is not None  # checked by the caller
+    account = _same_currency(writer, card.account_id, record)
     _debit_allowed(account, record.amount)
     writer.force_post(
         account,
@@ -284,6 +291,16 @@ def _purchase(
         rrn_lookup=record.rrn_lookup(),
     )
     return "force_posted", account.id, None, found
+
+
+def _same_currency(writer: Writer, account_id: str, record: ClearingRecord) -> Account:
+    """The account, when the record is in its currency (else currency_mismatch)."""
+    account = writer.account(account_id)
+    if account is None:
+        raise _Rejected("account_missing")
+    if account.currency != record.currency:
+        raise _Rejected("currency_mismatch")
+    return account
 
 
 def _debit_allowed(account: Account, amount: int) -> None:
@@ -309,12 +326,12 @@ def _apply_record(
     account = writer.account(card.account_id)
     if account is None:
         raise _Rejected("account_missing")
-    if record.currency != account.currency:
-        raise _Rejected("currency_mismatch")
     hold_id: int | None = None
     original_key: bytes | None = None
     outcome: Outcome
     if record.type == "refund":
+        if record.currency != account.currency:
+            raise _Rejected("currency_mismatch")
         if account.posted + record.amount > limits.account_posted_max:
             raise _Rejected("balance_limit")
         account.posted += record.amount

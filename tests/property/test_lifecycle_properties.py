@@ -1510,11 +1510,14 @@ class LifecycleMachine(RuleBasedStateMachine):
         card = CARD_BY_PAN[pan]
         if card.account is None:
             return "rejected", "unknown_card"
-        if record["currency"] != "EUR":
-            return "rejected", "currency_mismatch"
+        # Every account is in EUR: a record in another currency is rejected, once it is known
+        # to be this card's (the currency is that of the account it is about).
+        mismatch = record["currency"] != "EUR"
         outcome, account_id, hold_id, detail = "", card.account, None, ""
         found: bytes | None = None
         if record["type"] == "refund":
+            if mismatch:
+                return "rejected", "currency_mismatch"
             self.accounts[card.account].posted += amount
             outcome = "refund"
         else:
@@ -1528,6 +1531,8 @@ class LifecycleMachine(RuleBasedStateMachine):
                 detail = f"of a {hold.status} hold"
                 if hold.pan != pan:
                     return "rejected", "card_mismatch"
+                if mismatch:
+                    return "rejected", "currency_mismatch"
                 if hold.status == "captured":
                     outcome, account_id, hold_id = "already_captured", hold.account, hold.hold_id
                 elif hold.status == "open":
@@ -1542,6 +1547,8 @@ class LifecycleMachine(RuleBasedStateMachine):
             elif original is not None and original.posted_amount:
                 if original.pan != pan and not no_card:
                     return "rejected", "card_mismatch"
+                if mismatch:
+                    return "rejected", "currency_mismatch"
                 outcome, account_id = "already_posted", original.account or card.account
                 if original.reversed_amount:
                     # The spec's table: an approved 0200 is already_posted, reversed or not
@@ -1553,6 +1560,8 @@ class LifecycleMachine(RuleBasedStateMachine):
                     # code force-posts instead; `steer` keeps the machine off this path.
                     return "rejected", "card_mismatch"
                 detail = "of a declined original"
+            if mismatch and not outcome:
+                return "rejected", "currency_mismatch"
             if not outcome:
                 self.debit(card.account, amount)
                 outcome = "force_posted"

@@ -500,7 +500,7 @@ def test_rejections_are_counted_and_the_rest_of_the_file_goes_on(
     summary = ingest(
         ledger,
         record(record_id="r-unknown", pan=UNKNOWN),
-        record(record_id="r-currency", pan=YEN, currency="EUR"),
+        record(record_id="r-currency", pan=YEN, currency="EUR", stan="000077"),  # no original
         record(record_id="r-zero", amount=0),
         "{not json",
         record(record_id="r-other-card", pan=OTHER),
@@ -523,6 +523,33 @@ def test_rejections_are_counted_and_the_rest_of_the_file_goes_on(
     with ledger.read() as reader:  # rejected records are not remembered
         assert reader.clearing_record("r-unknown") is None
         assert reader.clearing_record("r-ok") is not None
+
+
+def test_a_moved_cards_hold_is_captured_in_the_holds_currency(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    """The record's currency was checked against the card's account now: a card moved to a
+    yen account after its EUR approval had that hold's EUR presentment rejected
+    currency_mismatch at every ingestion, and the hold could never be captured."""
+    assert authorise(authorizer, request(amount=1_000)) == ["00"]
+    moved = f'[[cards]]\npan = "{MAIN}"\naccount = "acct-yen"\nexpiry = "3012"\n'.encode()
+    apply_load_file(ledger, parse_load_file(moved, "move.toml"), HASHER, "move.toml")
+    summary = ingest(
+        ledger,
+        record(record_id="c-yen", amount=1_000, currency="JPY"),  # not the hold's currency
+        record(record_id="c-eur", amount=1_000, currency="EUR"),
+        record(record_id="c-again", amount=1_000, currency="JPY"),  # captured: same rule
+        record(record_id="c-new", amount=500, currency="EUR", stan="000077"),  # no original
+        record(record_id="c-new-yen", amount=500, currency="JPY", stan="000078"),
+    )
+    assert counts(summary) == {"matched": 1, "force_posted": 1, "rejected": 3}
+    assert [(r.record_id, r.reason) for r in summary.rejections] == [
+        ("c-yen", "currency_mismatch"),
+        ("c-again", "currency_mismatch"),
+        ("c-new", "currency_mismatch"),  # posted to the card's account now: yen
+    ]
+    assert state(ledger) == (99_000, 0)
+    assert state(ledger, "acct-yen") == (49_500, 0)
 
 
 def test_card_on_a_missing_account_is_rejected(ledger: Ledger) -> None:
