@@ -120,26 +120,33 @@ def _masked_run(run: str) -> str:
     return "".join(out)
 
 
+def _holds_a_pan(digits: str) -> bool:
+    """Whether 13 or more consecutive of `digits` (at most 16) pass the Luhn check: at most
+    ten windows."""
+    size = len(digits)
+    return any(
+        luhn_valid(digits[start:end])
+        for start in range(size - _PAN_DIGITS_MIN + 1)
+        for end in range(start + _PAN_DIGITS_MIN, size + 1)
+    )
+
+
 def mask_card_numbers(text: str, *, every_run: bool = False) -> str:
     """`text` with every card number in it masked, written as one run or grouped by spaces or
     dashes, alone or inside a longer run of digits (a PAN followed by its expiry): for
     messages that quote what was sent (an enum value msgspec names, an id, a catalog entry),
     where a card number put in the wrong place must not come back in clear.
 
-    A run of 13-16 digits is masked when it or one of its first 13 or more digits pass the
-    Luhn check (a short PAN followed by its expiry month), or, with `every_run` (logs and
-    reports, which cannot tell a card number from its neighbours), always; a longer run
-    always. Linear in the text.
+    A run of 13-16 digits is masked when any 13 or more consecutive digits of it pass the Luhn
+    check (a short PAN with its expiry month after it, or a length prefix before it), or,
+    with `every_run` (logs and reports, which cannot tell a card number from its
+    neighbours), always; a longer run always. Linear in the text.
     """
 
     def masked(found: re.Match[str]) -> str:
         run = found[0]
         digits = run.translate(_SEPARATORS)
-        if (
-            every_run
-            or len(digits) >= _WHOLE_RUN_DIGITS_MIN
-            or any(luhn_valid(digits[:end]) for end in range(_PAN_DIGITS_MIN, len(digits) + 1))
-        ):
+        if every_run or len(digits) >= _WHOLE_RUN_DIGITS_MIN or _holds_a_pan(digits):
             return _masked_run(run)
         return run
 

@@ -67,7 +67,11 @@ def error_response(
     details: dict[str, str] | None = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
+    # Each part may quote what the client sent: an unknown key or query parameter is named in
+    # `field` as well as in the message.
     message = mask_card_numbers(message)
+    if field is not None:
+        field = mask_card_numbers(field)
     if details is not None:
         details = {key: mask_card_numbers(value) for key, value in details.items()}
     body = ErrorBody(error=ErrorDetail(code=code, message=message, field=field, details=details))

@@ -37,14 +37,16 @@ def with_check_digit(body: str) -> str:
 @settings(max_examples=500, deadline=None)
 @given(
     body=st.text("0123456789", min_size=12, max_size=18),
+    before=st.sampled_from(["", "1", "13", "019"]),
     after=st.sampled_from(["", "12", "2512", "0"]),
     around=st.sampled_from([("", ""), ("no account '", "'"), ("id-", "-x")]),
 )
 def test_a_message_quoting_a_card_number_shows_at_most_its_first_six_and_last_four(
-    body: str, after: str, around: tuple[str, str]
+    body: str, before: str, after: str, around: tuple[str, str]
 ) -> None:
     """In messages (not logs, which mask every run), a 13-15-digit card number followed by
-    its expiry came back in clear: the run as a whole fails the Luhn check."""
-    run = with_check_digit(body) + after
+    its expiry, or after a length prefix, came back in clear: the run as a whole fails the
+    Luhn check."""
+    run = before + with_check_digit(body) + after
     masked = run[:6] + "*" * (len(run) - 10) + run[-4:]
     assert mask_card_numbers(around[0] + run + around[1]) == around[0] + masked + around[1]

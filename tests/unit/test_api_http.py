@@ -478,6 +478,9 @@ def test_a_card_number_sent_anywhere_never_comes_back_in_an_error(
                 headers=bearer,
             ),
             await client.get(f"/v1/cards/{pan}", headers=bearer),
+            # Named in the error's `field` too, which was not masked.
+            await client.post("/v1/accounts", json={"currency": "EUR", pan: "x"}, headers=bearer),
+            await client.get(f"/v1/controls?{pan}=1", headers=bearer),
         ]
         for answer in answers:
             text = await answer.text()
