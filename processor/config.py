@@ -16,6 +16,7 @@ import msgspec
 from msgspec import Meta
 
 from processor import limits
+from processor.schemas import readable
 from processor.security import mask_card_numbers
 from processor.types import FRAME_BYTES_CEILING, MCC_PATTERN, Bitmap, EventType, Framing
 
@@ -441,7 +442,7 @@ def parse_config(text: bytes | str, source: str = "<config>") -> Config:
     try:
         return msgspec.convert(raw, type=Config)
     except msgspec.ValidationError as error:
-        message = f"{source}: {error}{_value_at(raw, str(error))}"
+        message = f"{source}: {readable(error)}{_value_at(raw, str(error))}"
         for old, new in RENAMED_KEYS.items():
             if f"unknown field `{old}`" in str(error):
                 message += f"; `{old}` is now {new}"

@@ -71,6 +71,11 @@ def test_no_file_means_defaults() -> None:
             "[programme.card_issuing]\nbin_prefix = '47617x'\n",
             "$.programme.card_issuing.bin_prefix",
         ),
+        # The pattern as people write it: the code's \Z read as a doubled backslash.
+        (
+            "[programme.card_issuing]\nbin_prefix = '47617x'\n",
+            "matching regex '^([0-9]{6,11})?$' - at",
+        ),
         ("[nope]\n", "nope"),
         # Bounds a typo's extra digits used to pass (then: every approval 96, a disk filled
         # with zeros, an OverflowError from LMDB), names that are no variable, an empty path.
