@@ -619,6 +619,16 @@ class Lifecycle:
 
     # --- 0220: completion advice ----------------------------------------------------------------
 
+    @staticmethod
+    def _about_card(writer: Writer, card_key: bytes, reason: str) -> Result:
+        """An acknowledgement that changes nothing, about the card's account all the same: its
+        event belongs in that account's stream (one of no account reaches the programme's
+        lane only)."""
+        card = writer.card(card_key)
+        if card is None:
+            return Result("00", reason)
+        return Result("00", reason, card_id=card.card_id, account_id=card.account_id)
+
     def completion(
         self,
         writer: Writer,
@@ -628,11 +638,11 @@ class Lifecycle:
         batch: Batch,
     ) -> Result:
         if not request.amount:  # absent, not digits, or 0: nothing to capture or post
-            return Result("00", "completion_invalid_amount")
+            return self._about_card(writer, card_key, "completion_invalid_amount")
         if request.transaction_type not in SPEND_TRANSACTION_TYPES:
             # A refund's completion (20) is a credit that clearing brings: captured or posted
             # as a purchase, it took the money the cardholder was to get back.
-            return Result("00", "completion_unsupported_processing_code")
+            return self._about_card(writer, card_key, "completion_unsupported_processing_code")
         found = self._original(writer, request)
         original_key, original = found if found is not None else (b"", None)
         mismatch = self._card_mismatch(writer, card_key, original)

@@ -1027,7 +1027,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         self, fields: dict[str, str], card: CardSpec, amount: int, answer: ModelAnswer
     ) -> str:
         if not amount:  # nothing to capture or post: acknowledged, nothing changes
-            answer.card_id = None
+            # About its card's account all the same: in that account's stream.
+            answer.account, answer.card_id = card.account, self.card_ids.get(card.pan)
             return "completion_invalid_amount"
         found = self.lookup(fields)
         original = self.answers[found] if found is not None else None

@@ -1318,6 +1318,9 @@ def test_an_advice_of_a_refund_or_an_inquiry_moves_no_money(
     assert (outcome.response_code, outcome.reason) == ("00", reason)
     assert account_state(loaded, "acct-main") == before
     assert open_holds(loaded, "acct-main") == []
+    with loaded.read() as reader:  # its event is in the card's account's stream
+        [event] = reader.outbox(reader.outbox_last_sequence(), 1)
+    assert (event.account_id, event.reason) == ("acct-main", reason)
     purchase = auth_request(MAIN, 2_000, mti=mti, stan="000002")  # the same as a purchase
     [outcome] = authorizer.authorize_batch([purchase], NOW)
     assert outcome.reason in ("stand_in_approved", "force_post")
