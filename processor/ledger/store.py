@@ -47,6 +47,7 @@ from processor.ledger.records import (
 from processor.ledger.wal import (
     GENERATION,
     Change,
+    CorruptLog,
     LogInUse,
     WriteAheadLog,
     decode_changes,
@@ -359,7 +360,11 @@ class Ledger:
             return
         with self.env.begin(write=False) as txn:
             generation = self._next_generation(txn)
-        self.unreplayed = sum(1 for _ in logged_records(self._wal_path, generation))
+        try:
+            self.unreplayed = sum(1 for _ in logged_records(self._wal_path, generation))
+        except CorruptLog as error:
+            log.error("ledger %s: %s", self.path, error)  # a read-write open refuses it
+            return
         if self.unreplayed:
             log.warning(
                 "ledger %s: %d batches in its write-ahead log are not in LMDB yet (it stopped "
@@ -403,7 +408,11 @@ class Ledger:
         meta = self._dbs["meta"]
         generation = self._next_generation(txn)
         count = 0
-        for payload in logged_records(self._wal_path, generation):
+        try:
+            logged = list(logged_records(self._wal_path, generation))
+        except CorruptLog as error:
+            raise LedgerError(f"ledger {self.path}: {error}") from None
+        for payload in logged:
             try:
                 changes = decode_changes(payload)
             except msgspec.DecodeError as error:
@@ -649,9 +658,19 @@ class Ledger:
         try:
             child.commit()
         except lmdb.Error as error:
-            # Logged, but not in the pending transaction: the log is the truth; rebuild from
-            # it. Then the batch is in LMDB, durably, as logged, and its answers stand.
-            self._rebuild_from_log(parent, "nested commit", error, started)
+            # Not in the pending transaction: the log is the truth; rebuild from it. A batch
+            # it holds is then in LMDB, durably, as logged, and its answers stand.
+            logged_it = fits and bool(logged.changes)
+            try:
+                self._rebuild_from_log(parent, "nested commit", error, started)
+            except LedgerError:
+                if not logged_it:
+                    raise
+                # Flushed, it is durable whatever LMDB does: answered 96, the restart's replay
+                # applied it all the same, and a retransmission then got its 00. Its answers
+                # stand; the ledger is broken, so nothing is written until that restart.
+            if not logged_it and logged.changes:
+                raise  # in no log and not in LMDB: it fails as on any failed commit
         else:
             if not fits:  # more than the log has room for: durable through LMDB
                 self.checkpoint(holding_unlogged=True)

@@ -183,8 +183,26 @@ def first_generation(path: Path) -> int | None:
     return HEADER.unpack(header)[2] if len(header) == HEADER.size else None
 
 
+class CorruptLog(Exception):
+    """A record of the generation fails its checksum and a whole one of it follows: the
+    device changed what was flushed, not a crash's torn write."""
+
+    def __init__(self, path: Path, generation: int, offset: int, follower: int) -> None:
+        super().__init__(
+            f"write-ahead log {path}: the record of generation {generation} at byte {offset} "
+            f"is corrupt and a whole record of it follows at byte {follower}: the device "
+            "changed batches that were flushed and answered. Replaying up to it would lose "
+            f"the rest. Keep a copy of {path}; moving it aside opens the ledger without them"
+        )
+
+
 def records(path: Path, generation: int) -> Iterator[bytes]:
-    """The payloads of `generation`'s records in `path`, in order (none when it is absent)."""
+    """The payloads of `generation`'s records in `path`, in order (none when it is absent).
+
+    They end at the first record that is not of `generation` or fails its checksum: a crash
+    tears at most the last one (each is flushed before the next is written). A record of
+    `generation` that passes its checksum after a failing one can only mean the device
+    corrupted flushed data: CorruptLog, rather than a silent loss of every batch after it."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -194,9 +212,33 @@ def records(path: Path, generation: int) -> Iterator[bytes]:
         length, checksum, found = HEADER.unpack_from(data, offset)
         start = offset + HEADER.size
         if found != generation or start + length > len(data):
-            return
+            break
         payload = data[start : start + length]
         if _checksum(found, payload) != checksum:
-            return
+            break
         yield payload
         offset = start + length
+    else:
+        return  # the file ends with a whole record
+    # Only within the generation's own records: a file whose first record is of another
+    # generation holds none of this one (each starts at the beginning of the file).
+    follower = (
+        _whole_record_after(data, offset, generation) if offset or found == generation else None
+    )
+    if follower is not None:
+        raise CorruptLog(path, generation, offset, follower)
+
+
+def _whole_record_after(data: bytes, offset: int, generation: int) -> int | None:
+    """Where a record of `generation` that passes its checksum starts after `offset`, if one
+    does: found by its generation's bytes (a C search), each candidate checked whole."""
+    tag = GENERATION.pack(generation)
+    at = data.find(tag, offset + 1 + 8)
+    while at != -1:
+        start = at - 8
+        length, checksum = HEADER.unpack_from(data, start)[:2]
+        end = start + HEADER.size + length
+        if end <= len(data) and _checksum(generation, data[start + HEADER.size : end]) == checksum:
+            return start
+        at = data.find(tag, at + 1)
+    return None

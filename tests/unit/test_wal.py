@@ -30,6 +30,7 @@ from processor.ledger.load import load_path
 from processor.ledger.store import Ledger, LedgerError
 from processor.ledger.wal import (
     HEADER,
+    CorruptLog,
     LogInUse,
     WriteAheadLog,
     decode_changes,
@@ -82,6 +83,34 @@ def test_a_torn_record_ends_the_log(tmp_path: Path) -> None:
     data[second + HEADER.size + 3] ^= 0xFF  # one byte of the second payload
     (tmp_path / "wal").write_bytes(bytes(data))
     assert list(records(tmp_path / "wal", 1)) == [b"whole"]
+
+
+def test_a_corrupt_record_with_whole_ones_after_it_is_refused_not_the_end(
+    tmp_path: Path,
+) -> None:
+    """A crash tears at most the last record (each is flushed before the next is written):
+    a failing record with a whole one of its generation after it is the device's corruption.
+    Read as the log's end, every batch after it was lost in silence."""
+    log = WriteAheadLog(tmp_path / "wal", 64 << 10)
+    try:
+        for payload in (b"first", b"second", b"third", b"fourth"):
+            log.append(3, payload)
+        log.sync()
+    finally:
+        log.close()
+    whole = (tmp_path / "wal").read_bytes()
+    second = HEADER.size + len(b"first")
+    for damaged in (second + HEADER.size + 2, second):  # a payload byte; the length field
+        data = bytearray(whole)
+        data[damaged] ^= 0x40
+        (tmp_path / "wal").write_bytes(bytes(data))
+        with pytest.raises(CorruptLog, match=f"generation 3 at byte {second} is corrupt"):
+            list(records(tmp_path / "wal", 3))
+    last = len(whole.rstrip(b"\0")) - 1  # the last record's last byte: a torn write
+    data = bytearray(whole)
+    data[last] ^= 0x40
+    (tmp_path / "wal").write_bytes(bytes(data))
+    assert list(records(tmp_path / "wal", 3)) == [b"first", b"second", b"third"]
 
 
 def test_a_record_longer_than_the_room_left_is_refused_whole(tmp_path: Path) -> None:
@@ -190,6 +219,30 @@ def test_batches_since_the_last_checkpoint_are_replayed_on_open(loaded: Path) ->
         assert again.replayed == 0
     finally:
         again.close()
+
+
+def test_a_log_corrupt_before_answered_batches_keeps_the_ledger_from_opening(
+    loaded: Path,
+) -> None:
+    """Replayed up to the corrupt record, and that generation then marked done: the batches
+    after it, answered, were lost for good. The open is refused, naming the record."""
+    ledger = logging_ledger(loaded)
+    for stan in range(1, 5):
+        approve(ledger, range(stan, stan + 1))  # four batches, a record each
+    crash(ledger)
+    wal = loaded / "wal"
+    data = bytearray(wal.read_bytes())
+    data[HEADER.size + 5] ^= 0x40  # inside the first record's payload
+    wal.write_bytes(bytes(data))
+    with pytest.raises(LedgerError, match="is corrupt and a whole record of it follows"):
+        logging_ledger(loaded)
+    data[HEADER.size + 5] ^= 0x40  # the device repaired, say: all four come back
+    wal.write_bytes(bytes(data))
+    reopened = logging_ledger(loaded)
+    try:
+        assert reopened.replayed == 4
+    finally:
+        reopened.close()
 
 
 def test_any_read_write_open_replays_not_only_a_logging_one(loaded: Path) -> None:
@@ -820,3 +873,86 @@ def test_a_log_that_cannot_be_filled_is_left_as_it_was(
     with pytest.raises(OSError, match="File too large"):
         WriteAheadLog(path, 8 << 20)
     assert len(written) == 2 and path.stat().st_size == 1 << 20
+
+
+class _NestedCommitFails:
+    """The ledger's environment, whose nested transactions (a batch's, in the pending
+    checkpoint's) fail to commit, as on a disk error."""
+
+    class _Txn:
+        def __init__(self, txn: lmdb.Transaction) -> None:
+            self.txn = txn
+
+        def commit(self) -> None:
+            self.txn.abort()
+            raise lmdb.DiskError("Input/output error")
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.txn, name)
+
+    def __init__(self, env: lmdb.Environment) -> None:
+        self.env = env
+
+    def begin(self, *, parent: object = None, **options: object) -> object:
+        txn = self.env.begin(parent=parent, **options)  # type: ignore[arg-type]
+        return txn if parent is None else self._Txn(txn)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.env, name)
+
+
+def test_a_logged_batch_whose_rebuild_fails_is_answered_as_logged(
+    loaded: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flushed to the log, then its nested commit and the rebuild from the log both failed:
+    it was answered 96 and the restart's replay applied it anyway, so a retransmission got a
+    00 the network was never sent. Its answers stand; nothing is written until the restart."""
+    ledger = logging_ledger(loaded)
+    real_env = ledger.env
+    try:
+        ledger.checkpoint()
+        monkeypatch.setattr(ledger, "env", _NestedCommitFails(real_env))
+
+        def unreadable(path: Path, generation: int) -> object:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr("processor.ledger.store.logged_records", unreadable)
+        outcomes = authorize(ledger, requests(range(1, 2)))
+        assert [(o.response_code, o.reason) for o in outcomes] == [("00", "approved")]
+        monkeypatch.undo()
+        outcomes = authorize(ledger, requests(range(2, 3)))
+        assert [o.reason for o in outcomes] == ["ledger_error:LedgerError"]
+    finally:
+        assert ledger._wal is not None
+        ledger._wal.close()  # nothing to checkpoint at close: the restart replays the log
+        ledger._wal = None
+        real_env.close()
+    reopened = logging_ledger(loaded)
+    try:
+        assert reopened.replayed == 1
+        with reopened.read() as reader:
+            stored = reader.answer(requests(range(1, 2))[0].answer_key)
+        assert stored is not None and stored.response_code == "00"
+    finally:
+        reopened.close()
+
+
+def test_a_batch_the_log_had_no_room_for_fails_when_its_nested_commit_does(
+    loaded: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Too large for the log, then its nested commit failed: the rebuild from the log (which
+    does not hold it) succeeded and the batch was answered 00, in no log and not in LMDB."""
+    ledger = logging_ledger(loaded)
+    real_env = ledger.env
+    try:
+        approve(ledger, range(1, 2))  # pending, logged
+        monkeypatch.setattr(ledger, "env", _NestedCommitFails(real_env))
+        monkeypatch.setattr(WriteAheadLog, "append", lambda self, generation, payload: False)
+        outcomes = authorize(ledger, requests(range(2, 3)))
+        assert [(o.response_code, o.reason) for o in outcomes] == [("96", "ledger_error:DiskError")]
+        monkeypatch.undo()
+        with ledger.read() as reader:
+            assert reader.answer(requests(range(1, 2))[0].answer_key) is not None
+            assert reader.answer(requests(range(2, 3))[0].answer_key) is None
+    finally:
+        ledger.close()
