@@ -37,6 +37,8 @@ ORPHAN_REASONS: Final = frozenset({"orphan_reversal", "original_not_found"})
 def event_type(message_class: str, response_code: str, reason: str) -> str:
     if reason == "balance_inquiry":
         return "authorization.balance_inquiry"
+    if reason == "account_verified":  # 85: not declined, an approval of nothing
+        return "authorization.approved"
     if reason in ORPHAN_REASONS:
         return "reversal.orphaned"
     if response_code in ("00", "10"):

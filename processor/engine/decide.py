@@ -120,6 +120,7 @@ SUPPORTED_TRANSACTION_TYPES: Final = SPEND_TRANSACTION_TYPES | {BALANCE_INQUIRY}
 
 # Preallocated: a decline allocates nothing on the hot path.
 UNKNOWN_CARD: Final = Decision("14", "card_not_found")
+ACCOUNT_VERIFIED: Final = Decision("85", "account_verified")  # ISO 8583: no reason to decline
 ACCOUNT_MISSING: Final = Decision("96", "card_account_missing")
 CARD_LOST: Final = Decision("41", "card_lost")
 CARD_STOLEN: Final = Decision("43", "card_stolen")
@@ -215,7 +216,12 @@ def decide(
     if transaction_type == BALANCE_INQUIRY:
         return BALANCE
     amount = request.amount
-    if not amount:  # absent, not digits, or zero
+    if amount == 0 and transaction_type == PURCHASE:
+        # A purchase of zero is an account verification (a card stored on file, added to a
+        # wallet): status, expiry and CVC2 passed above. 85, nothing held or counted; a 13
+        # declined every merchant that checks a card before it keeps it.
+        return ACCOUNT_VERIFIED
+    if not amount:  # absent, or zero outside a purchase
         return INVALID_AMOUNT
     converted = source != account.currency
     if converted:

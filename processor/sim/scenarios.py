@@ -605,7 +605,8 @@ SCENARIOS: dict[str, Scenario] = {
     "currency_not_supported": _auth_check(
         "57", "currency_not_supported", USD_ACCOUNT, currency="978"
     ),
-    "zero_amount": _auth_check("13", "invalid_amount", ACTIVE, amount=0),
+    # A purchase of zero is an account verification: 85, nothing held.
+    "zero_amount": _auth_check("85", "account_verified", ACTIVE, amount=0),
     # Programme level (demo.toml [programme_controls]): gambling is blocked for every card.
     "blocked_mcc": _auth_check("57", "mcc_category_blocked:gambling", ACTIVE, mcc="7995"),
     "blocked_mcc_by_card": _auth_check("57", "mcc_blocked", ACTIVE, mcc="5933"),

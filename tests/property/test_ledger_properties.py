@@ -160,8 +160,8 @@ class LedgerMachine(RuleBasedStateMachine):
             available = self.available(card.account)
             balances = f"0001978C{posted:012d}0002978C{available:012d}"
             return Expectation("new", sent, "00", "balance_inquiry", balances=balances)
-        if amount == 0:
-            return Expectation("new", sent, "13", "invalid_amount")
+        if amount == 0:  # a purchase of zero: an account verification, nothing held
+            return Expectation("new", sent, "85", "account_verified")
         if card.limit is not None and amount > card.limit:
             return Expectation("new", sent, "61", "per_authorization_amount_limit")
         if amount > self.available(card.account):

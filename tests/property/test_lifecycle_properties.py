@@ -519,6 +519,8 @@ def event_type_of(message_class: str, code: str, reason: str) -> str:
     """The outbox event of an answered request (specs/events.md, Types)."""
     if reason == "balance_inquiry":
         return "authorization.balance_inquiry"
+    if reason == "account_verified":  # 85: not declined, an approval of nothing
+        return "authorization.approved"
     if reason in ("orphan_reversal", "original_not_found"):
         return "reversal.orphaned"
     approved = code in ("00", "10")
@@ -950,6 +952,8 @@ class LifecycleMachine(RuleBasedStateMachine):
             # An approval carries its code, an inquiry's too (it holds nothing).
             return "00", "balance_inquiry", 0, {"54": blocks, "38": self.give_code(card.pan)}
         amount = int(fields.get("4", "0"))
+        if amount == 0 and "4" in fields and transaction_type == "00":
+            return "85", "account_verified", 0, {}  # an account verification: nothing held
         if amount == 0:
             return "13", "invalid_amount", 0, {}
         if fields["18"] in PROGRAMME_BLOCKED_MCCS:

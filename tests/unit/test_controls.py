@@ -1358,8 +1358,12 @@ def test_controls_come_before_the_balance_and_after_the_card() -> None:
     assert decide_with(make_request(amount=10**9), card_controls=blocked) == refused("mcc_blocked")
     frozen = decide_with(make_request(), card_controls=blocked, card_status="frozen")
     assert frozen == Decision("62", "card_frozen")
-    assert decide_with(make_request(amount=0), card_controls=blocked) == Decision(
+    assert decide_with(make_request(amount=None), card_controls=blocked) == Decision(
         "13", "invalid_amount"
+    )
+    # An account verification spends nothing: the controls on spend do not refuse it.
+    assert decide_with(make_request(amount=0), card_controls=blocked) == Decision(
+        "85", "account_verified"
     )
 
 

@@ -256,7 +256,13 @@ CASES = [
         balance_inquiry=True,
     ),
     # 13: amount.
-    Case("zero amount", "13", "invalid_amount", request={"amount": 0}),
+    Case("zero amount", "85", "account_verified", request={"amount": 0}),
+    Case(
+        "zero amount of cash",
+        "13",
+        "invalid_amount",
+        request={"amount": 0, "processing_code": "010000"},
+    ),
     Case("absent amount", "13", "invalid_amount", request={"amount": None}),
     # 57: MCC rules, programme first (spend controls; the full matrix is in test_controls.py).
     Case(
@@ -606,7 +612,7 @@ def test_without_spend_no_controls_apply(case: Case) -> None:
 def test_table_covers_every_response_code_of_the_precedence() -> None:
     codes = {case.code for case in CASES}
     assert codes == {
-        "00", "10", "12", "13", "14", "41", "43", "51", "54", "57", "61", "62", "65", "96"
+        "00", "10", "12", "13", "14", "41", "43", "51", "54", "57", "61", "62", "65", "85", "96"
     }  # fmt: skip
 
 

@@ -966,7 +966,7 @@ def test_declines_hold_nothing(loaded: Ledger, authorizer: Authorizer) -> None:
         auth_request(MAIN, 1_000, stan="000002", mcc="5933"),  # 57 blocked by the card
         auth_request(FROZEN, 1_000, stan="000003"),  # 62
         auth_request(UNKNOWN, 1_000, stan="000004"),  # 14
-        auth_request(MAIN, 0, stan="000005"),  # 13
+        auth_request(MAIN, None, stan="000005"),  # 13
         auth_request(MAIN, 1_000, stan="000006", currency="840"),  # 57: no USD->EUR rate
     ]
     outcomes = authorizer.authorize_batch(requests, NOW)
@@ -983,6 +983,30 @@ def test_declines_hold_nothing(loaded: Ledger, authorizer: Authorizer) -> None:
         assert "38" not in response_fields(outcome)
     assert account_state(loaded, "acct-main") == (100000, 0, 100000)
     assert open_holds(loaded, "acct-main") == []
+
+
+def test_a_purchase_of_zero_is_an_account_verification(
+    loaded: Ledger, authorizer: Authorizer
+) -> None:
+    """A merchant checking a card before it keeps it on file (or a wallet adding it) sends a
+    purchase of zero: it was declined 13 invalid_amount. Now 85 (no reason to decline) once
+    the card's checks pass, with nothing held or counted and no approval code; a frozen
+    card is still 62."""
+    before = account_state(loaded, "acct-main")
+    [outcome] = authorizer.authorize_batch([auth_request(MAIN, 0)], NOW)
+    assert (outcome.response_code, outcome.reason) == ("85", "account_verified")
+    assert "38" not in response_fields(outcome)
+    assert account_state(loaded, "acct-main") == before
+    assert open_holds(loaded, "acct-main") == []
+    with loaded.read() as reader:
+        [event] = reader.outbox(reader.outbox_last_sequence(), 1)
+    assert (event.type, event.reason, event.account_id) == (
+        "authorization.approved",
+        "account_verified",
+        "acct-main",
+    )
+    [frozen] = authorizer.authorize_batch([auth_request(FROZEN, 0, stan="000002")], NOW)
+    assert (frozen.response_code, frozen.reason) == ("62", "card_frozen")
 
 
 def test_programme_controls_reach_the_decision(loaded: Ledger, authorizer: Authorizer) -> None:

@@ -226,6 +226,7 @@ FIXES: dict[str, Callable[[State], State]] = {
     "unknown_currency": lambda s: with_request(s, currency="840"),
     "currency_not_supported": lambda s: with_request(s, currency="978"),
     "balance_inquiry": lambda s: with_request(s, processing_code="000000"),
+    "account_verified": lambda s: with_request(s, amount=None),
     "invalid_amount": lambda s: with_request(s, amount=1_500),
     "channel_blocked:ecommerce": lambda s: with_programme(s, channels=Channels()),
     "mcc_blocked": lambda s: with_programme(s, blocked_mccs=()),
