@@ -258,9 +258,14 @@ def _purchase(
     # card's hold could never be captured.
     if verdict == "already_posted":
         assert original is not None
-        posted_on = original.account_id or card.account_id
-        _same_currency(writer, posted_on, record)
-        return "already_posted", posted_on, None, found
+        # Nothing moves. The posting is on the original's account, or on the card's when a
+        # force post came after the card moved (the answer keeps the account it was decided
+        # on, which its history chain needs): the record may be in either one's currency.
+        for posted_on in (original.account_id or card.account_id, card.account_id):
+            account = writer.account(posted_on)
+            if account is not None and account.currency == record.currency:
+                return "already_posted", posted_on, None, found
+        raise _Rejected("currency_mismatch")
     if verdict in ("already_captured", "capture"):
         assert hold is not None
         if hold.currency != record.currency:

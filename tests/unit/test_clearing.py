@@ -552,6 +552,30 @@ def test_a_moved_cards_hold_is_captured_in_the_holds_currency(
     assert state(ledger, "acct-yen") == (49_500, 0)
 
 
+def test_a_moved_cards_posted_purchase_is_presented_again_in_the_currency_it_moved_in(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    """A released EUR hold's presentment after the card moved to a yen account is posted
+    there; presented again in yen it was rejected currency_mismatch (checked against the
+    original's account only), in EUR taken as already posted on the EUR account."""
+    reversal = request(mti="0400", stan="000002", **{"90": field_90()})
+    assert authorise(authorizer, request(amount=1_000), reversal) == ["00", "00"]
+    moved = f'[[cards]]\npan = "{MAIN}"\naccount = "acct-yen"\nexpiry = "3012"\n'.encode()
+    apply_load_file(ledger, parse_load_file(moved, "move.toml"), HASHER, "move.toml")
+    first = ingest(ledger, record(record_id="p1", amount=700, currency="JPY"))
+    assert counts(first) == {"force_posted": 1}
+    again = ingest(
+        ledger,
+        record(record_id="p2", amount=700, currency="JPY"),
+        record(record_id="p3", amount=700, currency="USD"),
+    )
+    assert counts(again) == {"already_posted": 1, "rejected": 1}
+    assert [(r.record_id, r.reason) for r in again.rejections] == [("p3", "currency_mismatch")]
+    with ledger.read() as reader:
+        assert reader.clearing_record("p2").account_id == "acct-yen"  # type: ignore[union-attr]
+    assert state(ledger, "acct-yen") == (49_300, 0) and state(ledger) == (100_000, 0)
+
+
 def test_card_on_a_missing_account_is_rejected(ledger: Ledger) -> None:
     with ledger.write() as writer:
         key = HASHER.card_key(UNKNOWN)
