@@ -22,6 +22,7 @@ from processor.cvc2 import NO_KEYS, CardVerificationKeys
 from processor.engine import Decision, ProgrammeRules, Spend, decide
 from processor.engine.controls import Periods, periods_at, record_usages, release_usage
 from processor.engine.decide import (
+    ACCOUNT_VERIFIED,
     AMOUNT_MAX,
     SPEND_TRANSACTION_TYPES,
     CardCheck,
@@ -287,7 +288,8 @@ class Lifecycle:
         self, writer: Writer, card: Card, decision: Decision, result: Result, batch: Batch
     ) -> None:
         """Mismatches in a row lock card-not-present use at the limit (with an event); an
-        approval with a matching CVC2 starts the count again."""
+        approval or an account verification (how a merchant or a wallet checks a CVC2 before
+        it keeps the card) with a matching CVC2 starts the count again."""
         if decision.reason == "cvc2_mismatch":
             state = writer.changed_card_state(card)
             state.cvc2_failures += 1
@@ -295,7 +297,11 @@ class Lifecycle:
                 result.event_after = change_event(
                     "card.cvc2_locked", "cvc2_attempts_exceeded", batch.now_ms, card=card
                 )
-        elif decision.approved and result.cvc2 == "match" and writer.card_state(card).cvc2_failures:
+        elif (
+            (decision.approved or decision is ACCOUNT_VERIFIED)
+            and result.cvc2 == "match"
+            and writer.card_state(card).cvc2_failures
+        ):
             writer.changed_card_state(card).cvc2_failures = 0
 
     def apply_cvc2_limit(self, writer: Writer, now_ms: int) -> int:

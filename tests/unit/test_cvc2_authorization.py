@@ -35,10 +35,12 @@ ECOMMERCE = {"22": "810", "25": "59"}
 CHIP = {"22": "051", "25": "00"}
 
 
-def message(stan: str, cvc2: str | None, pan: str = PAN, **channel: str) -> AuthorizationRequest:
+def message(
+    stan: str, cvc2: str | None, pan: str = PAN, amount: int = 100, **channel: str
+) -> AuthorizationRequest:
     extra = {"48": f"R92{len(cvc2):02d}{cvc2}"} if cvc2 is not None else {}
     return authorization(
-        pan, stan, 100, **{"37": f"63301200{stan[-4:]}"}, **(channel or ECOMMERCE), **extra
+        pan, stan, amount, **{"37": f"63301200{stan[-4:]}"}, **(channel or ECOMMERCE), **extra
     )
 
 
@@ -150,6 +152,22 @@ def test_an_approval_with_the_right_cvc2_starts_the_count_again(ledger: Ledger) 
     assert failures(ledger) == 0
     assert answer(ledger, message("000021", WRONG)).response_code == "82"
     assert failures(ledger) == 1  # not locked: the count began again
+
+
+def test_an_account_verification_with_the_right_cvc2_starts_the_count_again(
+    ledger: Ledger,
+) -> None:
+    """How a merchant or a wallet checks a CVC2 before it keeps the card: answered 85, it
+    left the count standing, and one more typo later locked the card."""
+    for n in range(2):
+        assert answer(ledger, message(f"00001{n}", WRONG)).response_code == "82"
+    verified = answer(ledger, message("000020", RIGHT, amount=0))
+    assert (verified.response_code, verified.reason) == ("85", "account_verified")
+    assert failures(ledger) == 0
+    assert answer(ledger, message("000021", WRONG)).response_code == "82"
+    assert answer(ledger, message("000022", RIGHT)).response_code == "00"  # not locked
+    wrong = answer(ledger, message("000023", WRONG, amount=0))  # a verification counts too
+    assert (wrong.response_code, failures(ledger)) == ("82", 1)
 
 
 def test_a_card_registered_with_its_pan_is_not_checked_and_the_event_says_so(
