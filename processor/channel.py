@@ -159,8 +159,26 @@ class Child:
         return "did not start in time" if code is None else f"exited with code {code}"
 
     async def _read_reports(self, reader: asyncio.StreamReader) -> None:
+        silence = limits.child_report_silence_seconds_max
         try:
-            while (report := await receive_report(reader)) is not None:
+            while True:
+                # Ready, it reports every second or faster until asked to stop (then it
+                # drains, silent, for up to shutdown_drain_seconds_max).
+                watched = self._ready.is_set() and not self.stopping
+                try:
+                    report = await asyncio.wait_for(
+                        receive_report(reader), silence if watched else None
+                    )
+                except TimeoutError:
+                    if self.stopping:
+                        continue  # asked to stop meanwhile: its drain is silent
+                    # Hung: only its exit was watched, and a worker's share of new links went
+                    # unanswered while /readyz, /healthz and child_process_up said all was well.
+                    log.error("%s sent no report for %.0f s (hung); killing it", self.name, silence)
+                    self._kill()
+                    return
+                if report is None:
+                    return
                 if report.kind == "ready":
                     self._ready.set()
                 elif report.kind == "metrics":
@@ -168,8 +186,11 @@ class Child:
         except (ValueError, msgspec.DecodeError) as error:
             # Not what a child of ours writes: stop trusting it; supervision starts another.
             log.error("%s sent an unreadable report (%s); killing it", self.name, error)
-            if self.process is not None and self.process.returncode is None:
-                self.process.kill()
+            self._kill()
+
+    def _kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()  # supervise() sees it exit and starts another
 
     async def supervise(self) -> None:
         """Start it again whenever it exits, until stopped; past the restart budget, after a

@@ -62,6 +62,10 @@ worker_restarts_per_minute_max: Final = (
 # The webhook delivery process reports its metrics this often: how stale its part of /metrics
 # (backlog, delivery time, failures) may be.
 delivery_report_seconds: Final = 0.25
+# A child that reported ready and then sends no report for this long is hung (a deadlock, a
+# stuck system call, SIGSTOP): killed and started again. A hung worker's share of new links
+# (SO_REUSEPORT) went unanswered while every probe said healthy. Ten reports a worker misses.
+child_report_silence_seconds_max: Final = 10.0
 # The delivery process's niceness above the daemon's: on busy cores the scheduler gives the
 # authorisation loop about 3x its share (Linux CFS weights 1024 against 335).
 delivery_nice: Final = 5

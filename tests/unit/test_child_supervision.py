@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,46 @@ def test_a_child_past_its_budget_rests_then_starts_again_and_stops_when_asked() 
     calls = asyncio.run(run())
     assert calls[:2] == [True, False], calls  # left down (sockets closed), then back up
     assert calls[2] == ("budget spent before", 0), calls  # the old starts left the window
+
+
+def test_a_child_that_stops_reporting_is_killed_and_started_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a child's exit was watched: a hung worker (a deadlock, SIGSTOP) kept its share of
+    new links unanswered while every probe said healthy. Silent past the bound once ready,
+    it is killed, and supervision starts another."""
+    monkeypatch.setattr(limits, "child_report_silence_seconds_max", 0.5)
+    # The child imports tests.unit.silent_child from the repository, wherever pytest runs.
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
+
+    async def run() -> tuple[int, int]:
+        child = Child(
+            "test child",
+            "test-child",
+            1,
+            ["tests.unit.silent_child"],  # reports ready, then hangs
+            Config(),
+            Metrics(),
+            deque(),
+            lambda: ([], lambda: None),
+        )
+        await child.spawn()
+        assert await child.ready(10) is None
+        assert child.process is not None
+        first = child.process.pid
+        supervisor = asyncio.create_task(child.supervise())
+        deadline = time.monotonic() + 10
+        while child.process.pid == first and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        second = child.process.pid
+        await child.stop()
+        await asyncio.wait_for(supervisor, 5)
+        return first, second
+
+    with caplog.at_level("ERROR", logger="processor.children"):
+        first, second = asyncio.run(run())
+    assert second != first  # killed, and another started
+    assert any("sent no report for" in r.getMessage() for r in caplog.records)
 
 
 def test_a_resting_child_stops_at_once_when_asked() -> None:
