@@ -159,6 +159,12 @@ class Metrics:
             ["listener", "reason"],
             registry=r,
         )
+        self.ledger_writes_failing = Gauge(
+            "processor_ledger_writes_failing",
+            "Processes whose last batch could not be written (answered 96: the ledger full at"
+            " its ceiling, or a ledger error); /readyz is 503 while any is",
+            registry=r,
+        )
         self.child_process_up = Gauge(
             "processor_child_process_up",
             "1 while a child process of the daemon runs (worker-N, webhook-delivery); 0 while"
@@ -444,6 +450,16 @@ class WorkerSamples:
             if not _is_gauge_sample(family, name):  # its links and the like died with it
                 key = (family, name, labels)
                 self._retired[key] = self._retired.get(key, 0.0) + value
+
+    def gauge(self, name: str) -> float:
+        """A gauge summed over the children reporting now: what the primary's own does not
+        know (a worker's last batch failing, say)."""
+        return sum(
+            value
+            for samples in self._latest.values()
+            for family, sample, _, value in samples
+            if family == sample == name
+        )
 
     def totals(self) -> dict[tuple[str, str, tuple[tuple[str, str], ...]], float]:
         summed = dict(self._retired)

@@ -215,8 +215,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready while accepting, the ledger answers a read transaction and has room: 503 when it
-    is full at its ceiling or the last batch failed to commit (authorisations are answered
-    96), ready but `degraded` from 90 % of the ceiling in use."""
+    is full at its ceiling or the last batch of this process or of a worker process failed to
+    commit (authorisations are answered 96), ready but `degraded` from 90 % of the ceiling in
+    use."""
     daemon = request.app[DAEMON_KEY]
     if daemon.stopping:
         return web.json_response({"ready": False, "reason": "stopping"}, status=503)
@@ -240,6 +241,18 @@ async def readyz(request: web.Request) -> web.Response:
         # every authorisation of the last batch was answered 96.
         return web.json_response(
             {"ready": False, "reason": "ledger_error", "error": daemon.ledger_failing},
+            status=503,
+        )
+    failing_elsewhere = daemon.metrics.workers.gauge("processor_ledger_writes_failing")
+    if failing_elsewhere:
+        # The links a network keeps open may all be a worker's: answering 96 to everything
+        # while /readyz said ready (each process only knew its own batches).
+        return web.json_response(
+            {
+                "ready": False,
+                "reason": "ledger_error_in_workers",
+                "workers": int(failing_elsewhere),
+            },
             status=503,
         )
     if used >= limits.map_used_degraded_ratio:

@@ -717,6 +717,8 @@ class Daemon:
         if outcomes:
             self.ledger_full = full
             self.ledger_failing = failing
+            # Summed over processes in /metrics, and what /readyz sees of a worker's batches.
+            self.metrics.ledger_writes_failing.set(1 if full or failing else 0)
 
     def map_used_ratio(self) -> float:
         """The share of the map's ceiling in use; warns once when it passes 80 %."""

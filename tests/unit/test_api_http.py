@@ -540,3 +540,44 @@ def test_card_details_refusals_count_an_ipv6_host_by_its_slash_64() -> None:
     assert client_of("192.0.2.7") == "192.0.2.7"
     assert client_of("::ffff:192.0.2.7") == "192.0.2.7"
     assert client_of(None) == "unknown"
+
+
+def test_readyz_is_503_while_a_workers_batches_fail(tmp_path: Path) -> None:
+    """Each process knew only its own batches: with the disk full, links a worker had
+    accepted were answered 96 to everything while /readyz said ready (40 of 40, in a
+    review's run). A worker's failing batches reach the primary in its reports."""
+    from processor.authorizer import Outcome
+
+    config = Config(ledger=LedgerConfig(path=str(tmp_path / "ledger"), durability="process"))
+    ledger = Ledger(config.ledger.path, map_size_bytes=1 << 24, durability="process")
+    daemon = Daemon(config, ledger, HASHER, Metrics())
+    gauge = "processor_ledger_writes_failing"
+
+    def worker_reports(value: float) -> None:
+        daemon.metrics.workers.update(2, [(gauge, gauge, (), value)])
+
+    async def main() -> list[tuple[int, dict[str, object]]]:
+        seen = []
+        app = build_app(daemon, None, hasher=HASHER)
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            for value in (None, 1.0, 0.0):
+                if value is not None:
+                    worker_reports(value)
+                answer = await client.get("/readyz")
+                seen.append((answer.status, await answer.json()))
+        return seen
+
+    try:
+        assert asyncio.run(main()) == [
+            (200, {"ready": True}),
+            (503, {"ready": False, "reason": "ledger_error_in_workers", "workers": 1}),
+            (200, {"ready": True}),
+        ]
+        # What a worker reports: its own last batch's failure, as the gauge.
+        failed = Outcome({}, "0100", "96", "ledger_error:DiskError")
+        daemon._ledger_errors([failed])
+        assert daemon.metrics.ledger_writes_failing._value.get() == 1
+        daemon._ledger_errors([Outcome({}, "0100", "00", "approved")])
+        assert daemon.metrics.ledger_writes_failing._value.get() == 0
+    finally:
+        ledger.close()
