@@ -90,6 +90,7 @@ class Child:
         self._config = config
         self._samples = metrics.workers
         self._up = metrics.child_process_up.labels(label)  # in /metrics: worker-2, ...
+        self._exits = metrics.child_process_exits.labels(label)
         self._restarts = restarts
         self._prepare = prepare
         self._rest = rest
@@ -141,7 +142,6 @@ class Child:
         self.process, self._channel = process, writer
         self._ready.clear()
         self._reports = asyncio.create_task(self._read_reports(reader))
-        self._up.set(1)
         if self.stopping:
             self.signal_stop()  # stopped while it was being started again: this one too
 
@@ -181,6 +181,9 @@ class Child:
                     return
                 if report.kind == "ready":
                     self._ready.set()
+                    # Up from here, not from its start: a restart takes tens of milliseconds,
+                    # and a scrape never saw the 0 of a child crashing every 20 s.
+                    self._up.set(1)
                 elif report.kind == "metrics":
                     self._samples.update(self._index, report.samples)
         except (ValueError, msgspec.DecodeError) as error:
@@ -207,10 +210,12 @@ class Child:
                 self._channel.close()
             if self.stopping:
                 return
+            self._exits.inc()
             now = time.monotonic()
             while self._restarts and self._restarts[0] < now - 60:
                 self._restarts.popleft()
-            if len(self._restarts) >= limits.worker_restarts_per_minute_max:
+            rested = len(self._restarts) >= limits.worker_restarts_per_minute_max
+            if rested:
                 resting = self._restarts[0] + 60 - now
                 log.error(
                     "%s exited (code %s); %d restarts in the last minute, leaving it down "
@@ -226,7 +231,10 @@ class Child:
                 while self._restarts and self._restarts[0] < now - 60:
                     self._restarts.popleft()
             self._restarts.append(now)
-            log.error("%s exited (code %s); restarting it", self.name, code)
+            if rested:  # its exit was logged when it began to rest: once per exit
+                log.warning("%s: rested, starting it again", self.name)
+            else:
+                log.error("%s exited (code %s); restarting it", self.name, code)
             try:
                 await self.spawn()
             except Exception as error:  # EMFILE for its socket pair, say: try again later

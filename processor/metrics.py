@@ -167,8 +167,16 @@ class Metrics:
         )
         self.child_process_up = Gauge(
             "processor_child_process_up",
-            "1 while a child process of the daemon runs (worker-N, webhook-delivery); 0 while"
-            " it is down: between a crash and its restart, or while it rests past its budget",
+            "1 while a child process of the daemon serves (worker-N, webhook-delivery): from its"
+            " ready report until it exits; 0 while it is down or starting again",
+            ["process"],
+            registry=r,
+        )
+        self.child_process_exits = Counter(
+            "processor_child_process_exits",
+            "Exits of a child process of the daemon other than the stop it was asked for (a"
+            " crash, a kill after it hung); each is followed by a restart, at once or after a"
+            " rest past the restart budget",
             ["process"],
             registry=r,
         )

@@ -63,6 +63,10 @@ def test_a_child_that_stops_reporting_is_killed_and_started_again(
     # The child imports tests.unit.silent_child from the repository, wherever pytest runs.
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
 
+    metrics = Metrics()
+    up = metrics.child_process_up.labels("test-child")
+    seen_up: list[float] = []
+
     async def run() -> tuple[int, int]:
         child = Child(
             "test child",
@@ -70,12 +74,14 @@ def test_a_child_that_stops_reporting_is_killed_and_started_again(
             1,
             ["tests.unit.silent_child"],  # reports ready, then hangs
             Config(),
-            Metrics(),
+            metrics,
             deque(),
             lambda: ([], lambda: None),
         )
         await child.spawn()
+        seen_up.append(up._value.get())  # started, not ready yet: not up
         assert await child.ready(10) is None
+        seen_up.append(up._value.get())
         assert child.process is not None
         first = child.process.pid
         supervisor = asyncio.create_task(child.supervise())
@@ -90,6 +96,8 @@ def test_a_child_that_stops_reporting_is_killed_and_started_again(
     with caplog.at_level("ERROR", logger="processor.children"):
         first, second = asyncio.run(run())
     assert second != first  # killed, and another started
+    assert seen_up == [0.0, 1.0]
+    assert metrics.child_process_exits.labels("test-child")._value.get() == 1
     assert any("sent no report for" in r.getMessage() for r in caplog.records)
 
 
