@@ -162,21 +162,22 @@ class Child:
         silence = limits.child_report_silence_seconds_max
         try:
             while True:
+                # One read, never cancelled: cut off between a report's length and its body,
+                # the next read took the body for a length (and killed a draining child).
+                reading = asyncio.ensure_future(receive_report(reader))
                 # Ready, it reports every second or faster until asked to stop (then it
                 # drains, silent, for up to shutdown_drain_seconds_max).
-                watched = self._ready.is_set() and not self.stopping
-                try:
-                    report = await asyncio.wait_for(
-                        receive_report(reader), silence if watched else None
-                    )
-                except TimeoutError:
-                    if self.stopping:
-                        continue  # asked to stop meanwhile: its drain is silent
-                    # Hung: only its exit was watched, and a worker's share of new links went
-                    # unanswered while /readyz, /healthz and child_process_up said all was well.
-                    log.error("%s sent no report for %.0f s (hung); killing it", self.name, silence)
-                    self._kill()
-                    return
+                while self._ready.is_set() and not self.stopping and not reading.done():
+                    await asyncio.wait((reading,), timeout=silence)
+                    if not reading.done() and not self.stopping:
+                        # Hung: only its exit was watched, and a worker's share of new links
+                        # went unanswered while every probe said all was well.
+                        log.error(
+                            "%s sent no report for %.0f s (hung); killing it", self.name, silence
+                        )
+                        self._kill()
+                        break
+                report = await reading  # its exit ends the read (None)
                 if report is None:
                     return
                 if report.kind == "ready":
@@ -199,18 +200,21 @@ class Child:
         """Start it again whenever it exits, until stopped; past the restart budget, after a
         rest until the budget allows one more (it was left down for good: a worker then held
         its share of new links in a queue nobody read)."""
+        spawn_failed = False
         while True:
             assert self.process is not None
             code = await self.process.wait()
-            self._up.set(0)
-            if self._reports is not None:
-                await self._reports  # its last report counts
-            self._samples.retire(self._index)
-            if self._channel is not None:
-                self._channel.close()
+            if not spawn_failed:  # else that exit was counted, and the start failed since
+                self._up.set(0)
+                if self._reports is not None:
+                    await self._reports  # its last report counts
+                self._samples.retire(self._index)
+                if self._channel is not None:
+                    self._channel.close()
             if self.stopping:
                 return
-            self._exits.inc()
+            if not spawn_failed:
+                self._exits.inc()
             now = time.monotonic()
             while self._restarts and self._restarts[0] < now - 60:
                 self._restarts.popleft()
@@ -233,12 +237,16 @@ class Child:
             self._restarts.append(now)
             if rested:  # its exit was logged when it began to rest: once per exit
                 log.warning("%s: rested, starting it again", self.name)
+            elif spawn_failed:
+                log.warning("%s: trying to start it again", self.name)
             else:
                 log.error("%s exited (code %s); restarting it", self.name, code)
             try:
                 await self.spawn()
+                spawn_failed = False
             except Exception as error:  # EMFILE for its socket pair, say: try again later
                 log.error("%s could not be started again: %r", self.name, error)
+                spawn_failed = True
                 await asyncio.sleep(1.0)  # then the loop counts it against the budget again
 
     async def _rested(self, seconds: float) -> bool:

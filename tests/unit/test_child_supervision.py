@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,82 @@ def test_a_child_that_stops_reporting_is_killed_and_started_again(
     assert seen_up == [0.0, 1.0]
     assert metrics.child_process_exits.labels("test-child")._value.get() == 1
     assert any("sent no report for" in r.getMessage() for r in caplog.records)
+
+
+def test_a_report_half_read_when_a_stop_comes_is_read_whole(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The silence bound cut a read off between a report's length and its body: asked to
+    stop meanwhile, the next read took the body for a length and killed the draining child."""
+    from processor.channel import _LENGTH, Report, _encode_report
+
+    monkeypatch.setattr(limits, "child_report_silence_seconds_max", 0.3)
+    metrics = Metrics()
+    child = Child(
+        "test child", "test-child", 1, [], Config(), metrics, deque(), lambda: ([], lambda: None)
+    )
+    sample = ("processor_open_links", "processor_open_links", (("listener", "x"),), 3.0)
+    body = _encode_report(Report("metrics", [sample]))
+
+    async def run() -> None:
+        reader = asyncio.StreamReader()
+        child._ready.set()
+        reading = asyncio.create_task(child._read_reports(reader))
+        reader.feed_data(_LENGTH.pack(len(body)))  # the length, then the child is busy
+        await asyncio.sleep(0.1)
+        child.stopping = True  # a stop, while the silence bound runs out
+        await asyncio.sleep(0.4)
+        reader.feed_data(body)
+        reader.feed_eof()
+        await asyncio.wait_for(reading, 5)
+
+    with caplog.at_level("ERROR", logger="processor.children"):
+        asyncio.run(run())
+    assert not [r.getMessage() for r in caplog.records]
+    assert metrics.workers.gauge("processor_open_links") == 3.0
+
+
+def test_a_failed_start_is_tried_again_without_counting_another_exit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a start failed (EMFILE, say), the loop waited on the old process, exited long
+    ago: each retry counted and logged one more exit."""
+    monkeypatch.setattr(limits, "child_report_silence_seconds_max", 60.0)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
+    metrics = Metrics()
+    starts = [0]
+
+    def prepare() -> tuple[list[int], Callable[[], None]]:
+        starts[0] += 1
+        if starts[0] in (2, 3):  # the first two restarts fail
+            raise OSError(24, "Too many open files")
+        return [], lambda: None
+
+    async def run() -> None:
+        child = Child(
+            "test child",
+            "test-child",
+            1,
+            ["tests.unit.silent_child"],
+            Config(),
+            metrics,
+            deque(),
+            prepare,
+        )
+        await child.spawn()
+        assert await child.ready(10) is None
+        assert child.process is not None
+        supervisor = asyncio.create_task(child.supervise())
+        child.process.kill()  # the one exit
+        deadline = time.monotonic() + 15
+        while starts[0] < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert starts[0] == 4 and await child.ready(10) is None
+        await child.stop()
+        await asyncio.wait_for(supervisor, 5)
+
+    asyncio.run(run())
+    assert metrics.child_process_exits.labels("test-child")._value.get() == 1
 
 
 def test_a_resting_child_stops_at_once_when_asked() -> None:
