@@ -136,16 +136,24 @@ def endpoint_config(url: str, **overrides: object) -> WebhookEndpoint:
     return msgspec.convert(fields, WebhookEndpoint)
 
 
-def add_events(ledger: Ledger, accounts: list[str], created: float = T0) -> None:
+def add_events(
+    ledger: Ledger,
+    accounts: list[str],
+    created: float = T0,
+    *,
+    kind: str = "authorization.approved",
+    before: int = 0,
+) -> None:
+    """An event of `kind` per account in `accounts`, numbered in its account after `before`."""
     with ledger.write() as writer:
         for number, account in enumerate(accounts):
             writer.append_event(
                 OutboxRecord(
                     sequence=writer.next_event_sequence(),
-                    type="authorization.approved",
+                    type=kind,
                     created_ms=int(created * 1000),
                     account_id=account,
-                    account_sequence=number + 1,
+                    account_sequence=before + number + 1,
                 )
             )
 
@@ -556,16 +564,7 @@ def test_an_endpoint_reads_past_a_full_read_of_types_it_does_not_want(
     unwanted = 3 * READ_BATCH + 1
 
     async def test(harness: Harness) -> None:
-        with harness.ledger.write() as writer:
-            writer.append_event(
-                OutboxRecord(
-                    sequence=writer.next_event_sequence(),
-                    type="authorization.reversed",
-                    created_ms=int(T0 * 1000),
-                    account_id="acct-1",
-                    account_sequence=unwanted + 1,
-                )
-            )
+        add_events(harness.ledger, ["acct-1"], kind="authorization.reversed", before=unwanted)
         await harness.dispatcher.start()
         await wait_until(lambda: len(harness.receiver.requests) == 1)
         assert (
@@ -986,16 +985,8 @@ def test_a_replay_of_one_event_of_a_type_the_endpoint_does_not_want_is_dropped(
     before event_types changed (the replay command refuses it now), it is dropped either way."""
 
     async def test(harness: Harness) -> None:
-        with harness.ledger.write() as writer:  # 2, a type it wants: sent by the walk
-            writer.append_event(
-                OutboxRecord(
-                    sequence=writer.next_event_sequence(),
-                    type="authorization.reversed",
-                    created_ms=int(T0 * 1000),
-                    account_id="a",
-                    account_sequence=2,
-                )
-            )
+        # 2, a type it wants: sent by the walk
+        add_events(harness.ledger, ["a"], kind="authorization.reversed", before=1)
         harness.state.advance("main", 2)  # event 1 (a type it does not want) passed
         harness.state.request_replay("main", 1, "one")
         await harness.dispatcher.start()
