@@ -711,8 +711,11 @@ def replace_card(
             shipping=ship if physical else None,
             replaces=replaces,
             # A card the programme froze stays frozen in its replacement (a virtual one is
-            # live at once: a damaged report got round the freeze).
-            frozen=old.status == "frozen",
+            # live at once: a damaged report got round the freeze), and so does one it had
+            # frozen when it was reported lost or stolen (a report, then a replacement, got
+            # round it: what the stopped card recorded, as hand_on_freeze does for a physical one).
+            frozen=old.status == "frozen"
+            or (old.status in CARD_STATUSES_FINAL and old.frozen_when_activated),
         )
         new_id = msgspec.json.decode(reply.body)["id"]
         for each in {old.card_id, replaces}:  # each points at the card that now replaces it

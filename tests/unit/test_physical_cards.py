@@ -444,3 +444,19 @@ def test_a_freeze_is_handed_on_however_the_frozen_card_stops(ledger: Ledger) -> 
     ok(run(ledger, commands.change_card_status(str(posted["id"]), "report-lost")))
     again = ok(run(ledger, commands.replace_card(str(posted["id"]), "lost", SOURCE, None)))
     assert activation(again) == "frozen"
+
+
+def test_a_frozen_virtual_card_reported_lost_is_replaced_frozen(ledger: Ledger) -> None:
+    """A virtual replacement is live at once: the freeze the lost card recorded when it stopped
+    goes into it, or a report and a replacement got round the programme's freeze."""
+    old = ok(run(ledger, commands.issue_virtual_card("a1", None, HASHER, SOURCE.config)))
+    ok(run(ledger, commands.change_card_status(str(old["id"]), "freeze")))
+    ok(run(ledger, commands.change_card_status(str(old["id"]), "report-lost")))
+    new = ok(run(ledger, commands.replace_card(str(old["id"]), "lost", SOURCE, None)))
+    assert new["status"] == "frozen"
+    assert swipe(ledger, str(new["pan"]), "000021") == ("62", "card_frozen")
+    # Not frozen when it was reported lost: its replacement is active.
+    other = ok(run(ledger, commands.issue_virtual_card("a1", None, HASHER, SOURCE.config)))
+    ok(run(ledger, commands.change_card_status(str(other["id"]), "report-lost")))
+    fresh = ok(run(ledger, commands.replace_card(str(other["id"]), "lost", SOURCE, None)))
+    assert fresh["status"] == "active"
