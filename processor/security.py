@@ -153,6 +153,13 @@ def mask_card_numbers(text: str, *, every_run: bool = False) -> str:
     return _DIGIT_RUN.sub(masked, text)
 
 
+def holds_card_number(text: str) -> bool:
+    """Whether `text` carries what mask_card_numbers would mask: for free text and ids a caller
+    chooses, which the ledger keeps and shows in clear, so a card number typed into one is
+    refused rather than stored."""
+    return mask_card_numbers(text) != text
+
+
 def _luhn_sum(digits: str, doubled_parity: int) -> int:
     """The Luhn sum of `digits`, doubling those whose index from the right has this parity."""
     total = 0

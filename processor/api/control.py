@@ -62,7 +62,7 @@ from processor.ledger.records import Card
 from processor.ledger.store import LedgerError, LedgerFull, Reader
 from processor.personal_data import PersonalDataCipher, PersonalDataError
 from processor.schemas import readable
-from processor.security import PanHasher, luhn_valid
+from processor.security import PanHasher, holds_card_number, luhn_valid
 
 log = logging.getLogger("processor.api")
 
@@ -159,6 +159,18 @@ def check_currency(currency: str, where: str) -> None:
         exponent(currency)
     except UnknownCurrency as error:
         raise ApiError(400, "invalid_body", f"{where}: {error}", field=where) from None
+
+
+def refuse_card_number(value: str, where: str) -> None:
+    """An id or a reason is kept and shown in clear (views, events, the ledger's keys): one
+    that carries a card number is refused, never stored (and the message does not quote it)."""
+    if holds_card_number(value):
+        raise ApiError(
+            400,
+            "invalid_body",
+            f"{where}: holds a card number; it would be kept and shown in clear",
+            field=where,
+        )
 
 
 def _id_in_path(request: web.Request, name: str, pattern: str, code: str, what: str) -> str:
@@ -381,6 +393,8 @@ class ControlApi:
         check_controls(body.controls, body.currency, "$.controls")
         if body.id is not None and re.fullmatch(ACCOUNT_ID_PATTERN, body.id) is None:
             raise ApiError(400, "invalid_body", "$.id: letters, digits and _.:- only", field="$.id")
+        if body.id is not None:
+            refuse_card_number(body.id, "$.id")
         account_id = body.id or "acct_" + secrets.token_hex(12)
         operation = commands.create_account(
             account_id, body.currency, body.credit_limit, body.controls, body.cardholder_id
@@ -404,6 +418,7 @@ class ControlApi:
     async def _movement(self, request: web.Request, kind: Literal["fund", "debit"]) -> web.Response:
         account_id = account_id_of(request)
         raw, body = await json_body(request, Movement)
+        refuse_card_number(body.reason, "$.reason")
         operation = commands.move_funds(account_id, kind, body.amount, body.reason)
         return await self._apply(request, raw, operation)
 

@@ -56,7 +56,8 @@ AccountId = Annotated[
         min_length=1,
         max_length=64,
         pattern=ACCOUNT_ID_PATTERN,
-        description="Letters, digits and `_ . : -` (not dots alone), at most 64.",
+        description="Letters, digits and `_ . : -` (not dots alone), at most 64; never a card "
+        "number (ids are shown in clear).",
     ),
 ]
 CardId = Annotated[str, Meta(pattern=CARD_ID_PATTERN)]
@@ -78,7 +79,11 @@ PositiveMinorUnits = Annotated[
 SignedMinorUnits = Annotated[int, Meta(description="Minor units; negative when overdrawn.")]
 Reason = Annotated[
     str,
-    Meta(min_length=1, max_length=200, description="Why, for the ledger entry (1-200 chars)."),
+    Meta(
+        min_length=1,
+        max_length=200,
+        description="Why, for the ledger entry (1-200 chars); never a card number.",
+    ),
 ]
 Pan = Annotated[
     str,

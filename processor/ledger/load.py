@@ -42,7 +42,7 @@ from processor.ledger.records import (
 )
 from processor.ledger.store import Ledger, LedgerFull, Reader, Writer
 from processor.schemas import readable
-from processor.security import PanHasher, luhn_valid, mask_pan
+from processor.security import PanHasher, holds_card_number, luhn_valid, mask_pan
 from processor.types import CURRENCY_PATTERN, EXPIRY_PATTERN, MCC_PATTERN, PAN_PATTERN
 
 MinorUnits = Annotated[int, Meta(ge=0, le=10**15)]
@@ -126,6 +126,9 @@ def controls_errors(data: LoadFile, catalog: Catalog, source: str) -> list[str]:
     return [f"{source}: {error}" for error in errors]
 
 
+_CARD_NUMBER_IN_ID: Final = "holds a card number; account ids are kept and shown in clear"
+
+
 def parse_load_file(text: bytes, source: str) -> LoadFile:
     try:
         data = msgspec.toml.decode(text, type=LoadFile)
@@ -137,7 +140,11 @@ def parse_load_file(text: bytes, source: str) -> LoadFile:
     for index, card in enumerate(data.cards):
         if not luhn_valid(card.pan):
             raise LoadError(f"{source}: $.cards[{index}].pan fails the Luhn check")
+        if holds_card_number(card.account):
+            raise LoadError(f"{source}: $.cards[{index}].account: {_CARD_NUMBER_IN_ID}")
     for index, account in enumerate(data.accounts):
+        if holds_card_number(account.id):  # an account id is a key, shown and sent in clear
+            raise LoadError(f"{source}: $.accounts[{index}].id: {_CARD_NUMBER_IN_ID}")
         try:
             numeric_code(account.currency)
             exponent(account.currency)

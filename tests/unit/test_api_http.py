@@ -277,6 +277,46 @@ def test_an_account_id_of_dots_alone_is_refused(
     with_app(tmp_path, monkeypatch, "s3cret", check)
 
 
+def test_a_card_number_in_an_account_id_or_a_reason_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both are kept and shown in clear (views, entries, events, the ledger's keys): a card
+    # number typed into one was stored and answered back as it was.
+    bearer = {"Authorization": "Bearer s3cret"}
+    pan = "4761739001010010"
+
+    async def check(client: TestClient[web.Request, web.Application]) -> None:
+        for account_id in (pan, f"acct-{pan}", "acct-4761-7390-0101-0010"):
+            answer = await client.post(
+                "/v1/accounts", json={"currency": "EUR", "id": account_id}, headers=bearer
+            )
+            assert answer.status == 400, account_id
+            text = await answer.text()
+            assert pan not in text and "0101-0010" not in text, text
+            assert (await answer.json())["error"]["field"] == "$.id"
+        kept = await client.post(
+            "/v1/accounts", json={"currency": "EUR", "id": "a1-20261207"}, headers=bearer
+        )
+        assert kept.status == 201
+        refused = await client.post(
+            "/v1/accounts/a1-20261207/fund",
+            json={"amount": 5, "reason": f"refund {pan}"},
+            headers=bearer,
+        )
+        assert refused.status == 400 and pan not in await refused.text()
+        assert (await refused.json())["error"]["field"] == "$.reason"
+        entries = await client.get("/v1/accounts/a1-20261207/entries", headers=bearer)
+        assert (await entries.json())["items"] == []  # nothing moved
+        moved = await client.post(
+            "/v1/accounts/a1-20261207/fund",
+            json={"amount": 5, "reason": "refund of order 1234567"},
+            headers=bearer,
+        )
+        assert moved.status == 200
+
+    with_app(tmp_path, monkeypatch, "s3cret", check)
+
+
 # --- requests aiohttp's parser refuses ---------------------------------------------------------
 
 

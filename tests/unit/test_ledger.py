@@ -720,6 +720,20 @@ def test_non_luhn_pan_is_named_by_path_without_the_pan(pan: str) -> None:
     assert pan not in message and pan[-4:] not in message
 
 
+def test_an_account_id_holding_a_card_number_is_refused_without_quoting_it() -> None:
+    # An account id is a key, shown in views and sent in events in clear.
+    text = ACCOUNT.replace(b'"a"', f'"acct-{MAIN}"'.encode()) + card_entry(MAIN)
+    with pytest.raises(LoadError) as raised:
+        parse_load_file(text, "bad.toml")
+    assert str(raised.value) == (
+        "bad.toml: $.accounts[0].id: holds a card number; account ids are kept and shown in clear"
+    )
+    on_card = ACCOUNT + card_entry(MAIN).replace(b'account = "a"', f'account = "{MAIN}"'.encode())
+    with pytest.raises(LoadError, match=r"\$\.cards\[0\]\.account: holds a card number"):
+        parse_load_file(on_card, "bad.toml")
+    assert parse_load_file(ACCOUNT + card_entry(MAIN), "good.toml").accounts[0].id == "a"
+
+
 def test_pattern_error_does_not_echo_the_pan() -> None:
     pan = "52000011112222339999x"
     with pytest.raises(LoadError) as raised:
