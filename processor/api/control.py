@@ -430,7 +430,9 @@ class ControlApi:
     async def entries(self, request: web.Request) -> web.Response:
         account_id = account_id_of(request)
         limit = page_limit(request)
-        prefix = b"e:"
+        # The account in the cursor: one from another account's listing is refused, not
+        # read as a position in this one.
+        prefix = b"e:" + account_id.encode() + b"\x00"
         cursor = decode_cursor(request, prefix)
         before = None
         if cursor is not None:

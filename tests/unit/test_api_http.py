@@ -482,11 +482,31 @@ def test_a_body_that_does_not_decode_or_a_forged_cursor_is_a_400_not_a_500(
         created = await client.post("/v1/accounts", json={"currency": "EUR"}, headers=bearer)
         account_id = (await created.json())["id"]
         # A cursor of the entries' own form whose sequence does not fit their u64 keys.
-        forged = base64.urlsafe_b64encode(b"e:18446744073709551616").decode().rstrip("=")
+        page_key = b"e:" + account_id.encode() + b"\x00" + b"18446744073709551616"
+        forged = base64.urlsafe_b64encode(page_key).decode().rstrip("=")
         paged = await client.get(
             f"/v1/accounts/{account_id}/entries?cursor={forged}", headers=bearer
         )
         assert paged.status == 400 and (await paged.json())["error"]["field"] == "cursor"
+        # Another account's cursor is not a position in this one's entries (it was read as one).
+        other = await client.post("/v1/accounts", json={"currency": "EUR"}, headers=bearer)
+        other_id = (await other.json())["id"]
+        for owner in (account_id, other_id):
+            for amount in (1, 2, 3):
+                funded = await client.post(
+                    f"/v1/accounts/{owner}/fund",
+                    json={"amount": amount, "reason": "test"},
+                    headers=bearer,
+                )
+                assert funded.status == 200
+        first = await client.get(f"/v1/accounts/{account_id}/entries?limit=1", headers=bearer)
+        cursor = (await first.json())["next_cursor"]
+        own = await client.get(f"/v1/accounts/{account_id}/entries?cursor={cursor}", headers=bearer)
+        assert [item["amount"] for item in (await own.json())["items"]] == [2, 1]
+        crossed = await client.get(
+            f"/v1/accounts/{other_id}/entries?cursor={cursor}", headers=bearer
+        )
+        assert crossed.status == 400 and (await crossed.json())["error"]["field"] == "cursor"
         # A corrupt gzip body: a 400 (aiohttp's parser then closes the connection), or the
         # connection closed first; never a 500 with a traceback.
         try:
