@@ -143,6 +143,16 @@ def new_approval_code(state: CardState, day: int, draw: Callable[[int], int]) ->
     raise AssertionError(f"{limits.approval_code_draws_max} approval codes drawn, all taken")
 
 
+def _holder_rejected(writer: Writer, cardholder_id: str | None) -> bool:
+    """Whether the cardholder's KYC is rejected: read at each authorisation (one lookup, only
+    for cards issued to cardholders), so a rejection stops their cards at once and a later
+    approval lets them work again, as the provider says, without touching each card."""
+    if cardholder_id is None:
+        return False
+    holder = writer.cardholder(cardholder_id)
+    return holder is not None and holder.kyc_status == "rejected"
+
+
 def _cvc2_expected(request: AuthorizationRequest) -> bool:
     """Card-not-present with the cardholder taking part: not a stored credential (field 22 =
     10, where no CVC2 may be kept), not merchant-initiated or recurring."""
@@ -250,7 +260,13 @@ class Lifecycle:
             state.sca_exempt_amount,
         )
         check = self._card_check(request, card, state)
-        decision = decide(request, card, account, self._rules, batch.now_yymm, spend, check)
+        rejected = _holder_rejected(writer, card.cardholder_id) or (
+            account.cardholder_id != card.cardholder_id
+            and _holder_rejected(writer, account.cardholder_id)
+        )
+        decision = decide(
+            request, card, account, self._rules, batch.now_yymm, spend, check, rejected
+        )
         return card, account, decision, check
 
     def _card_check(

@@ -599,6 +599,11 @@ def update_fulfilment(card_id: str, status: str) -> Operation:
     return run
 
 
+# Activation checks the cardholders a card names as issuing does, but a card ordered before
+# cardholders (none named) is still activated: only what it names must be approved.
+_ACTIVATION: Final = CardIssuingConfig(require_cardholder=False)
+
+
 def activate_card(card_id: str) -> Operation:
     """The cardholder has the physical card: it authorises from now on. The card it replaces
     (expiring or damaged) stops now; if the programme has that card frozen, the new one is
@@ -620,6 +625,11 @@ def activate_card(card_id: str) -> Operation:
                 "replaced can be",
                 details={"status": card.status, "fulfilment": card.fulfilment or "none"},
             )
+        # As at issuing: the account open, the cardholder (and the account's own) verified;
+        # a card ordered before a rejection or a closure is not switched on after it.
+        account = _open_account(writer, card.account_id)
+        holder = _issuing_to(writer, card.cardholder_id, _ACTIVATION)
+        _account_holder_verified(writer, account, holder, _ACTIVATION)
         predecessor = None if card.replaces is None else writer.card_by_id(card.replaces)
         if predecessor is not None and predecessor[1].status not in CARD_STATUSES_FINAL:
             frozen = predecessor[1].status == "frozen"  # still in use: as it is now

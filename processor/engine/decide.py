@@ -133,6 +133,8 @@ ACCOUNT_RESTRICTED: Final = {
     "frozen": Decision("62", "account_frozen"),
     "closed": Decision("62", "account_closed"),
 }
+# The card's cardholder (or its account's) failed KYC after the card was issued.
+CARDHOLDER_REJECTED: Final = Decision("62", "cardholder_rejected")
 CARD_EXPIRED: Final = Decision("54", "card_expired")
 EXPIRY_MISMATCH: Final = Decision("54", "expiry_mismatch")
 CVC2_ATTEMPTS_EXCEEDED: Final = Decision("57", "cvc2_attempts_exceeded")
@@ -172,9 +174,11 @@ def decide(
     now_yymm: int,
     spend: Spend | None = None,
     card_check: CardCheck | None = None,
+    holder_rejected: bool = False,
 ) -> Decision:
     """`spend` None: no controls at any level (tests of the other checks, tools); `card_check`
-    None: no security code was sent or looked at."""
+    None: no security code was sent or looked at; `holder_rejected`: the KYC of the card's
+    cardholder or of its account's is rejected (the programme's provider said no)."""
     if card is None:
         return UNKNOWN_CARD
     if account is None:
@@ -188,6 +192,8 @@ def decide(
         return CARD_RESTRICTED[status]
     if account.status != "active":
         return ACCOUNT_RESTRICTED[account.status]
+    if holder_rejected:
+        return CARDHOLDER_REJECTED
     # A card is valid through the last day of its expiry month.
     if int(card.expiry) < now_yymm:
         return CARD_EXPIRED

@@ -460,3 +460,63 @@ def test_a_frozen_virtual_card_reported_lost_is_replaced_frozen(ledger: Ledger) 
     ok(run(ledger, commands.change_card_status(str(other["id"]), "report-lost")))
     fresh = ok(run(ledger, commands.replace_card(str(other["id"]), "lost", SOURCE, None)))
     assert fresh["status"] == "active"
+
+
+HOLDER = "ch_" + "a" * 20
+
+
+def test_a_rejected_cardholders_cards_are_declined_until_approved_again(ledger: Ledger) -> None:
+    """A rejection after issuing left the cards authorising (00): now 62 while it lasts."""
+    card = ok(run(ledger, commands.issue_virtual_card("a1", None, HASHER, SOURCE.config)))
+    pan = str(card["pan"])
+    assert swipe(ledger, pan, "000031") == ("00", "approved")
+    ok(run(ledger, commands.set_kyc_status(HOLDER, "rejected")))
+    assert swipe(ledger, pan, "000032") == ("62", "cardholder_rejected")
+    ok(run(ledger, commands.set_kyc_status(HOLDER, "review")))  # a review does not stop them
+    assert swipe(ledger, pan, "000033") == ("00", "approved")
+    ok(run(ledger, commands.set_kyc_status(HOLDER, "rejected")))
+    ok(run(ledger, commands.set_kyc_status(HOLDER, "approved")))
+    assert swipe(ledger, pan, "000034") == ("00", "approved")
+
+
+def test_an_accounts_rejected_holder_stops_the_cards_of_others_on_it(ledger: Ledger) -> None:
+    """A business's employee card on the business's account: the business rejected (KYB)."""
+    employee = "ch_" + "b" * 20
+    with ledger.write() as writer:
+        writer.put_cardholder(
+            Cardholder(
+                id=employee,
+                kind="individual",
+                kyc_status="approved",
+                created_ms=NOW_MS,
+                updated_ms=NOW_MS,
+                sealed_with="x",
+                sealed=b"",
+            )
+        )
+    card = ok(
+        run(
+            ledger,
+            commands.issue_virtual_card("a1", None, HASHER, SOURCE.config, cardholder_id=employee),
+        )
+    )
+    assert card["cardholder_id"] == employee
+    ok(run(ledger, commands.set_kyc_status(HOLDER, "rejected")))
+    assert swipe(ledger, str(card["pan"]), "000035") == ("62", "cardholder_rejected")
+
+
+def test_a_card_is_activated_only_while_its_cardholder_is_approved_and_its_account_open(
+    ledger: Ledger,
+) -> None:
+    card = order(ledger)
+    card_id = str(card["id"])
+    run(ledger, commands.update_fulfilment(card_id, "shipped"))
+    ok(run(ledger, commands.set_kyc_status(HOLDER, "rejected")))
+    refused = run(ledger, commands.activate_card(card_id))
+    assert isinstance(refused, Refused) and refused.code == "kyc_not_approved"
+    ok(run(ledger, commands.set_kyc_status(HOLDER, "approved")))
+    ok(run(ledger, commands.move_funds("a1", "debit", 100_000, "test")))
+    ok(run(ledger, commands.close_account("a1")))
+    closed = run(ledger, commands.activate_card(card_id))
+    assert isinstance(closed, Refused) and closed.code == "account_closed"
+    assert event_reasons(ledger) == [("card.fulfilment_updated", "fulfilment_shipped")]

@@ -79,13 +79,23 @@ class State(msgspec.Struct, kw_only=True):
     card_usage: Usage
     account_usage: Usage
     account_missing: bool = False  # the card's account is absent from the ledger
+    holder_rejected: bool = True  # the cardholder's KYC is rejected
     # A wrong CVC2 on a card whose card-not-present use is blocked (the request is e-commerce)
     card_check: CardCheck = CardCheck("mismatch", card_not_present_blocked=True)
 
     def decide(self) -> Decision:
         account = None if self.account_missing else self.account
         spend = Spend(self.programme, self.card_usage, self.account_usage, PERIODS)
-        return decide(self.request, self.card, account, RULES, NOW_YYMM, spend, self.card_check)
+        return decide(
+            self.request,
+            self.card,
+            account,
+            RULES,
+            NOW_YYMM,
+            spend,
+            self.card_check,
+            self.holder_rejected,
+        )
 
 
 def failing_everything() -> State:
@@ -214,6 +224,7 @@ FIXES: dict[str, Callable[[State], State]] = {
     "card_closed": lambda s: with_card(s, status="active"),
     "account_frozen": lambda s: with_account(s, status="closed"),
     "account_closed": lambda s: with_account(s, status="active"),
+    "cardholder_rejected": lambda s: msgspec.structs.replace(s, holder_rejected=False),
     "card_expired": lambda s: with_card(s, expiry="3012"),
     "expiry_mismatch": lambda s: with_request(s, expiry="3012"),
     "cvc2_attempts_exceeded": lambda s: msgspec.structs.replace(
