@@ -453,11 +453,23 @@ class Issuing(msgspec.Struct, frozen=True, kw_only=True):
     vault: PanVault | None = None  # keeps the PAN for the cardholder's one-time reveal
 
 
+def shipping_owner(account_id: str) -> str:
+    """What a shipping address is sealed for (its associated data): the account it ships for."""
+    return f"shipping:{account_id}"
+
+
+def card_shipping_owner(card: Card) -> str:
+    """What the card's shipping address was sealed for: the account it was ordered on, which a
+    load may have moved it from (records from before `shipping_account`: its own)."""
+    return shipping_owner(card.shipping_account or card.account_id)
+
+
 class Shipping(msgspec.Struct, frozen=True, kw_only=True):
     """Where a physical card goes: sealed like all personal data (processor/personal_data)."""
 
     key: str
     sealed: bytes
+    account_id: str  # the account it was sealed for (its associated data names it)
 
 
 def issue_virtual_card(
@@ -558,6 +570,7 @@ def _issue(
             fulfilment="ordered",
             shipping_key=shipping.key,
             shipping_sealed=shipping.sealed,
+            shipping_account=shipping.account_id,
             replaces=replaces,
         )
     elif replaces is not None:
@@ -682,7 +695,11 @@ def replace_card(
         physical = old.fulfilment is not None
         ship = shipping
         if physical and ship is None and old.shipping_key and old.shipping_sealed:
-            ship = Shipping(key=old.shipping_key, sealed=old.shipping_sealed)
+            ship = Shipping(
+                key=old.shipping_key,
+                sealed=old.shipping_sealed,
+                account_id=old.shipping_account or old.account_id,
+            )
         if physical and ship is None:
             raise Refused(
                 400,

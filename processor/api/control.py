@@ -609,8 +609,9 @@ class ControlApi:
 
     def _shipping(self, address: Address, account_id: str) -> commands.Shipping:
         """The address sealed like all personal data, bound to the account it ships for."""
-        key, sealed = self._cipher().seal(msgspec.json.encode(address), f"shipping:{account_id}")
-        return commands.Shipping(key=key, sealed=sealed)
+        plaintext = msgspec.json.encode(address)
+        key, sealed = self._cipher().seal(plaintext, commands.shipping_owner(account_id))
+        return commands.Shipping(key=key, sealed=sealed, account_id=account_id)
 
     async def order_physical_card(self, request: web.Request) -> web.Response:
         raw, body = await json_body(request, NewPhysicalCard)
@@ -630,7 +631,7 @@ class ControlApi:
             card = self._read_card(reader, card_id)
         if card.shipping_key is None or card.shipping_sealed is None:
             raise ApiError(404, "no_shipping_address", f"card {card_id} is not a physical card")
-        owner = f"shipping:{card.account_id}"
+        owner = commands.card_shipping_owner(card)
         plaintext = self._open(card.shipping_key, card.shipping_sealed, owner, f"card {card_id}")
         return json_response(msgspec.json.decode(plaintext, type=Address))
 

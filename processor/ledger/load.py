@@ -535,6 +535,9 @@ def _put_cards(
                 fulfilment=previous.fulfilment,
                 shipping_key=previous.shipping_key,
                 shipping_sealed=previous.shipping_sealed,
+                # Sealed for the account it was on then: moved, it still opens.
+                shipping_account=previous.shipping_account
+                or (previous.account_id if previous.shipping_sealed is not None else None),
                 replaces=previous.replaces,
                 replaced_by=previous.replaced_by,
                 frozen_when_activated=previous.frozen_when_activated,

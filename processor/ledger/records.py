@@ -79,6 +79,10 @@ class Card(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     # the programme had it frozen, so activation leaves this one frozen. On a stopped card:
     # it was frozen when it stopped, for a replacement ordered later (ledger/card_stops.py).
     frozen_when_activated: bool = False
+    # The account the shipping address was sealed for (its associated data), kept because a
+    # load may move the card to another account and a replacement inherits the address:
+    # None for records from before it, sealed for the card's own account.
+    shipping_account: str | None = None
 
     @property
     def masked_pan(self) -> str:

@@ -68,8 +68,8 @@ def ok(answer: dict[str, object] | Refused) -> dict[str, object]:
 
 
 def shipping() -> commands.Shipping:
-    key, sealed = CIPHER.seal(msgspec.json.encode(HOME), "shipping:a1")
-    return commands.Shipping(key=key, sealed=sealed)
+    key, sealed = CIPHER.seal(msgspec.json.encode(HOME), commands.shipping_owner("a1"))
+    return commands.Shipping(key=key, sealed=sealed, account_id="a1")
 
 
 def order(ledger: Ledger) -> dict[str, object]:
@@ -520,3 +520,33 @@ def test_a_card_is_activated_only_while_its_cardholder_is_approved_and_its_accou
     closed = run(ledger, commands.activate_card(card_id))
     assert isinstance(closed, Refused) and closed.code == "account_closed"
     assert event_reasons(ledger) == [("card.fulfilment_updated", "fulfilment_shipped")]
+
+
+def test_a_shipping_address_still_opens_after_a_load_moves_its_card(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    """Sealed for the account it was ordered on: moved to another by a load, it answered 503,
+    and so did its replacement's, which inherited it."""
+    from processor.ledger.load import load_path
+
+    run(ledger, commands.create_account("a2", "EUR", 0, None, HOLDER))
+    card = order(ledger)
+    moved = tmp_path / "moved.toml"
+    moved.write_text(
+        f'[[cards]]\npan = "{card["pan"]}"\naccount = "a2"\nexpiry = "{card["expiry"]}"\n'
+        'status = "inactive"\n'
+    )
+    load_path(ledger, moved, HASHER)
+
+    def address(card_id: str) -> Address:
+        with ledger.read() as reader:
+            found = reader.card_by_id(card_id)
+        assert found is not None and found[1].shipping_key and found[1].shipping_sealed
+        owner = commands.card_shipping_owner(found[1])
+        opened = CIPHER.open(found[1].shipping_key, found[1].shipping_sealed, owner)
+        return msgspec.json.decode(opened, type=Address)
+
+    assert address(str(card["id"])) == HOME
+    new = ok(run(ledger, commands.replace_card(str(card["id"]), "damaged", SOURCE, None)))
+    assert new["account_id"] == "a2"
+    assert address(str(new["id"])) == HOME
