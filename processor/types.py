@@ -56,3 +56,6 @@ PAN_PATTERN: Final = r"^[0-9]{13,19}\Z"
 CURRENCY_PATTERN: Final = r"^[A-Z]{3}\Z"  # ISO 4217 alphabetic
 EXPIRY_PATTERN: Final = r"^[0-9]{2}(0[1-9]|1[0-2])\Z"  # YYMM
 MCC_PATTERN: Final = r"^[0-9]{4}\Z"
+# Text a person typed (names, addresses): no control characters (C0, DEL, C1), which break the
+# card bureau's labels and every log or screen that shows them, and which no name has.
+TEXT_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f]*\Z"

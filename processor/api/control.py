@@ -16,7 +16,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Final, Literal, TypeVar
 
 import lmdb
@@ -38,6 +38,7 @@ from processor.api.views import (
     CardReplacement,
     EntriesPage,
     FulfilmentUpdate,
+    Individual,
     KycUpdate,
     Movement,
     NewAccount,
@@ -159,6 +160,22 @@ def check_currency(currency: str, where: str) -> None:
         exponent(currency)
     except UnknownCurrency as error:
         raise ApiError(400, "invalid_body", f"{where}: {error}", field=where) from None
+
+
+BORN_AFTER: Final = date(1900, 1, 1)
+
+
+def check_date_of_birth(born: date, today: date) -> None:
+    """A person's date of birth: not before 1900 and not in the future (a typo that KYC would
+    carry on with)."""
+    if not BORN_AFTER <= born <= today:
+        raise ApiError(
+            400,
+            "invalid_body",
+            f"$.details.date_of_birth: {born.isoformat()} is not between "
+            f"{BORN_AFTER.isoformat()} and today",
+            field="$.details.date_of_birth",
+        )
 
 
 def refuse_card_number(value: str, where: str) -> None:
@@ -561,6 +578,8 @@ class ControlApi:
 
     async def create_cardholder(self, request: web.Request) -> web.Response:
         raw, body = await json_body(request, NewCardholder)
+        if isinstance(body.details, Individual):
+            check_date_of_birth(body.details.date_of_birth, datetime.now(UTC).date())
         operation = commands.create_cardholder(body.details, self._cipher())
         return await self._apply(request, raw, operation)
 
@@ -652,6 +671,13 @@ class ControlApi:
         if body.shipping_address is not None:
             with self.daemon.ledger.read() as reader:
                 card = self._read_card(reader, card_id)
+            if card.fulfilment is None:  # its replacement is virtual too: nowhere to ship
+                raise ApiError(
+                    400,
+                    "invalid_body",
+                    f"card {card_id} is not a physical card: its replacement is not shipped",
+                    field="$.shipping_address",
+                )
             shipping = self._shipping(body.shipping_address, card.account_id)
         operation = commands.replace_card(card_id, body.reason, self._issuing(), shipping)
         return await self._apply(request, raw, operation)

@@ -42,7 +42,7 @@ from processor.ledger.records import (
     StoredAnswer,
 )
 from processor.schemas import normalise_schema
-from processor.types import CURRENCY_PATTERN, EXPIRY_PATTERN, PAN_PATTERN
+from processor.types import CURRENCY_PATTERN, EXPIRY_PATTERN, PAN_PATTERN, TEXT_PATTERN
 
 # --- field types -----------------------------------------------------------------------------
 
@@ -144,11 +144,14 @@ class NewVirtualCard(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cardholder_id: CardholderId | None = None
 
 
+PRINTABLE: Final = Meta(pattern=TEXT_PATTERN, description="No control characters.")
+
+
 class Address(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
-    line1: Annotated[str, Meta(min_length=1, max_length=100)]
-    line2: Annotated[str, Meta(max_length=100)] | None = None
-    city: Annotated[str, Meta(min_length=1, max_length=60)]
-    postal_code: Annotated[str, Meta(min_length=1, max_length=16)]
+    line1: Annotated[str, Meta(min_length=1, max_length=100), PRINTABLE]
+    line2: Annotated[str, Meta(max_length=100), PRINTABLE] | None = None
+    city: Annotated[str, Meta(min_length=1, max_length=60), PRINTABLE]
+    postal_code: Annotated[str, Meta(min_length=1, max_length=16), PRINTABLE]
     country: Annotated[str, Meta(pattern=r"^[A-Z]{2}\Z")]  # ISO 3166-1 alpha-2
 
 
@@ -162,8 +165,8 @@ class Individual(
 ):
     """A person. Kept sealed (AES-256-GCM); never in logs, metrics or events."""
 
-    name: Annotated[str, Meta(min_length=1, max_length=140)]
-    date_of_birth: date
+    name: Annotated[str, Meta(min_length=1, max_length=140), PRINTABLE]
+    date_of_birth: date  # from 1900, not in the future (control.check_date_of_birth)
     address: Address
     email: Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+\Z", max_length=254)] | None = None
     phone: Annotated[str, Meta(pattern=r"^\+[1-9][0-9]{6,14}\Z")] | None = None  # E.164
@@ -174,8 +177,8 @@ class Business(
 ):
     """A company (KYB). Kept sealed like a person's data."""
 
-    legal_name: Annotated[str, Meta(min_length=1, max_length=140)]
-    registration_number: Annotated[str, Meta(min_length=1, max_length=40)]
+    legal_name: Annotated[str, Meta(min_length=1, max_length=140), PRINTABLE]
+    registration_number: Annotated[str, Meta(min_length=1, max_length=40), PRINTABLE]
     address: Address
 
 

@@ -8,6 +8,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -313,6 +314,73 @@ def test_a_card_number_in_an_account_id_or_a_reason_is_refused(
             headers=bearer,
         )
         assert moved.status == 200
+
+    with_app(tmp_path, monkeypatch, "s3cret", check)
+
+
+def test_personal_data_that_no_person_has_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A birth date in the future or before 1900 and control characters in a name or an
+    address were stored (201), for KYC and the card bureau's labels to carry on with; and a
+    virtual card's replacement took a shipping address it never used."""
+    from processor.personal_data import PersonalDataCipher
+
+    bearer = {"Authorization": "Bearer s3cret"}
+    address = {"line1": "Kastanienallee 12", "city": "Berlin", "postal_code": "10435"}
+    person = {
+        "type": "individual",
+        "name": "Ada Quietwater",
+        "date_of_birth": "1985-12-10",
+        "address": {**address, "country": "DE"},
+    }
+
+    async def check(client: TestClient[web.Request, web.Application]) -> None:
+        client.server.app[DAEMON_KEY].personal_data = PersonalDataCipher([bytes(range(32))])
+        tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
+        refused = {
+            "$.details.date_of_birth": [
+                {**person, "date_of_birth": tomorrow},
+                {**person, "date_of_birth": "1899-12-31"},
+            ],
+            "$.details.name": [{**person, "name": "Ada\u0000"}, {**person, "name": "A\nB"}],
+            "$.details.address.line1": [
+                {**person, "address": {**person["address"], "line1": "12\u0085"}}  # type: ignore[dict-item]
+            ],
+        }
+        for field, bodies in refused.items():
+            for body in bodies:
+                answer = await client.post(
+                    "/v1/cardholders", json={"details": body}, headers=bearer
+                )
+                assert answer.status == 400, body
+                assert (await answer.json())["error"]["field"] == field, body
+        made = await client.post(
+            "/v1/cardholders",
+            json={"details": {**person, "name": "Zoë O'Brien-Łukasiewicz 中"}},
+            headers=bearer,
+        )
+        assert made.status == 201, await made.text()
+        holder = (await made.json())["id"]
+        kyc = await client.post(
+            f"/v1/cardholders/{holder}/kyc", json={"status": "approved"}, headers=bearer
+        )
+        assert kyc.status == 200
+        opened = await client.post(
+            "/v1/accounts", json={"currency": "EUR", "cardholder_id": holder}, headers=bearer
+        )
+        account_id = (await opened.json())["id"]
+        issued = await client.post(
+            "/v1/cards/virtual", json={"account_id": account_id}, headers=bearer
+        )
+        card_id = (await issued.json())["id"]
+        replaced = await client.post(
+            f"/v1/cards/{card_id}/replace",
+            json={"reason": "damaged", "shipping_address": {**address, "country": "DE"}},
+            headers=bearer,
+        )
+        assert replaced.status == 400
+        assert (await replaced.json())["error"]["field"] == "$.shipping_address"
 
     with_app(tmp_path, monkeypatch, "s3cret", check)
 
