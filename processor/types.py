@@ -36,6 +36,8 @@ EventType = Literal[
     "account.funded",
     "account.debited",
     "account.updated",
+    "account.created",
+    "card.created",
     "card.status_changed",
     "card.fulfilment_updated",
     "card.updated",

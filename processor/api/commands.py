@@ -179,6 +179,7 @@ def create_account(
             cardholder_id=cardholder_id,
         )
         writer.put_account(account)
+        writer.emit_change(now_ms, "account.created", "api_account", account_id=account.id)
         return Reply(status=201, body=_encode(account_view(account)))
 
     return run
@@ -576,6 +577,10 @@ def _issue(
     elif replaces is not None:
         card = msgspec.structs.replace(card, replaces=replaces)
     writer.put_card(card_key, card, None)
+    # How it came: issued virtual, ordered physical, or either as a replacement (the card's
+    # `replaces` names the one it replaces).
+    how = "replacement" if replaces is not None else "physical" if shipping else "virtual"
+    writer.emit_change(now_ms, "card.created", f"{how}_card", card=card)
     if source.vault is not None:
         writer.put_card_secret(card.card_id, source.vault.seal(card.card_id, pan))
     return Reply(
@@ -861,6 +866,7 @@ def register_card(
             created_ms=now_ms,
         )
         writer.put_card(card_key, card, None)
+        writer.emit_change(now_ms, "card.created", "registered_card", card=card)
         return Reply(status=201, body=_encode(card_view(card)))
 
     return run

@@ -425,6 +425,7 @@ def _put_accounts(
                 created_ms=now_ms,
             )
             writer.put_account(account)
+            writer.emit_change(now_ms, "account.created", "load_account", account_id=account.id)
         else:
             counts["accounts_updated"] += 1
             conflict = _currency_conflict(source, index, entry, account)
@@ -552,6 +553,8 @@ def _put_cards(
             assert previous is not None
             card = stopped(msgspec.structs.replace(card, status=previous.status), card.status)
         writer.put_card(card_key, card, previous.account_id if previous is not None else None)
+        if previous is None:
+            writer.emit_change(now_ms, "card.created", "load_card", card=card)
         if stopping:
             hand_on_freeze(writer, card)
         if previous is not None:

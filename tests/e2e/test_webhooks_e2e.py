@@ -50,7 +50,8 @@ def signed_by(headers: dict[str, str], body: bytes, *secrets: str) -> bool:
 # too (programme controls, the accounts' funding: test_every_event_arrives_signed_once_in_order);
 # the tests of delivery itself subscribe to the messages' alone, so they count only what they
 # send.
-DEMO_LOAD_EVENTS = 5  # the outbox's first: sequences of the messages' events start after them
+# The outbox's first (tests/unit/support.py): the messages' events' sequences start after them.
+DEMO_LOAD_EVENTS = 29
 MESSAGE_EVENTS = (
     'event_types = ["authorization.approved", "authorization.declined", '
     '"authorization.balance_inquiry", "authorization.advice", "authorization.reversed", '
@@ -95,19 +96,21 @@ def test_every_event_arrives_signed_once_in_order(tmp_path: Path) -> None:
             pan = "4761739001010085" if n % 4 else "4761739001010028"  # some declined 41
             assert link.exchange(authorization(pan=pan, amount=100))["39"] in ("00", "41")
         link.close()
-        # First the demo data's load at start: its programme controls and each account's
-        # funding, as ledger entries.
-        events = receiver.wait_for(5 + 12)
-        assert len(events) == 5 + 12
+        # First the demo data's load at start: its programme controls, each account's
+        # creation and funding (a ledger entry), and each card's creation.
+        events = receiver.wait_for(DEMO_LOAD_EVENTS + 12)
+        assert len(events) == DEMO_LOAD_EVENTS + 12
         for headers, body in receiver.received:
             assert signed_by(headers, body, SECRET)
             assert msgspec.json.decode(body)["id"] == headers["webhook-id"]
-        assert len({e["id"] for e in events}) == 5 + 12
+        assert len({e["id"] for e in events}) == DEMO_LOAD_EVENTS + 12
         # (Delivered concurrently across accounts: the load's are picked out by type.)
-        load_types = {"account.funded", "controls.updated"}
+        load_types = {"account.created", "account.funded", "card.created", "controls.updated"}
         loaded = sorted((e["type"], e["data"]["reason"]) for e in events if e["type"] in load_types)
         assert loaded == [
+            *[("account.created", "load_account")] * 4,
             *[("account.funded", "load_fund")] * 4,
+            *[("card.created", "load_card")] * 20,
             ("controls.updated", "programme_controls"),
         ]
         assert {e["type"] for e in events if e["type"] not in load_types} == {
@@ -479,8 +482,8 @@ def test_a_receiver_that_times_out_gets_every_event_after_retries(tmp_path: Path
         link.close()
         events = receiver.wait_for(3, timeout=20)
         assert len({e["id"] for e in events}) == 3
-        # demo-main's first event was its funding by the demo data's load
-        assert [e["account_sequence"] for e in events] == [2, 3, 4]
+        # demo-main's first events were the demo data's load's
+        assert [e["account_sequence"] for e in events] == [9, 10, 11]
         assert receiver.calls >= 5
     finally:
         daemon.stop()
@@ -595,7 +598,7 @@ def test_410_disables_the_endpoint_across_a_restart_until_enabled(tmp_path: Path
             f"delivery resumes from sequence {DEMO_LOAD_EVENTS + 1}\n"
         )
         events = receiver.wait_for(3, timeout=15)
-        assert [e["account_sequence"] for e in events] == [2, 3, 4]  # after its funding
+        assert [e["account_sequence"] for e in events] == [9, 10, 11]  # after the load's eight
         assert events[0]["id"] == gone.headers["webhook-id"]  # the event answered 410, first
         shown = run_cli("webhooks", "status", *config_args, env=env).stdout
         delivered = f"endpoint main: delivered up to {DEMO_LOAD_EVENTS + 3}, backlog 0"

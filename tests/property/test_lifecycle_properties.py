@@ -79,7 +79,7 @@ from processor.catalog import default_catalog
 from processor.clearing import apply_clearing, parse_lines
 from processor.engine import ProgrammeRules
 from processor.ledger.controls import TRAILING_COUNT_MAX, TRAILING_WINDOW_SECONDS_MAX, Usage
-from processor.ledger.load import apply_load_file, parse_load_file
+from processor.ledger.load import apply_load_file, card_id_for, parse_load_file
 from processor.ledger.records import (
     Account,
     Card,
@@ -91,7 +91,7 @@ from processor.ledger.records import (
     StoredAnswer,
 )
 from processor.ledger.store import Ledger, Reader
-from processor.security import PanHasher
+from processor.security import PanHasher, mask_pan
 from processor.wire.codec import Codec
 from processor.wire.messages import AuthorizationRequest
 from processor.wire.responses import response_mti
@@ -863,9 +863,14 @@ class LifecycleMachine(RuleBasedStateMachine):
             original.usage_mcc = ""
 
     def emit_load_events(self) -> None:
-        """The load's: its programme controls, then each account's balance as an entry."""
+        """The load's: its programme controls, then each account's creation and balance as an
+        entry, then each card's creation."""
         self.emit(None, type="controls.updated", reason="programme_controls", **NO_FACTS)
         for spec in ACCOUNTS:
+            # Created empty: its balance arrives with the entry after.
+            funded, self.accounts[spec.id].posted = self.accounts[spec.id].posted, 0
+            self.emit(spec.id, type="account.created", reason="load_account", **NO_FACTS)
+            self.accounts[spec.id].posted = funded
             if spec.posted:
                 kind = "fund" if spec.posted > 0 else "debit"
                 facts = {**NO_FACTS, "amount": abs(spec.posted), "entry_sequence": 1}
@@ -875,6 +880,14 @@ class LifecycleMachine(RuleBasedStateMachine):
                     reason=f"load_{kind}",
                     **facts,
                 )
+        for card in CARDS:
+            if card.account is not None:
+                facts = {
+                    **NO_FACTS,
+                    "card_id": card_id_for(HASHER.card_key(card.pan)),
+                    "masked_pan": mask_pan(card.pan),
+                }
+                self.emit(card.account, type="card.created", reason="load_card", **facts)
 
     def emit(self, account_id: str | None, **facts: Any) -> None:
         """The next outbox record: numbered, and with its account's balances after the change."""

@@ -14,6 +14,10 @@ from processor.wire.spec import load_spec
 
 CODEC = Codec(load_spec())
 
+# Loading the demo data is a change with events: its programme controls, the creation of its
+# four accounts and twenty cards, and the funding of the accounts. A test's own events follow.
+DEMO_LOAD_EVENTS = 29
+
 
 def authorization(pan: str, stan: str, amount: int = 100, **fields: str) -> AuthorizationRequest:
     """A purchase 0100 in EUR at a grocery, through the codec (encoded, then decoded);

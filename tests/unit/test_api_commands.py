@@ -326,7 +326,7 @@ def test_account_record_defaults_are_what_views_show(ledger: Ledger) -> None:
 
 
 def test_every_api_change_has_its_event_in_the_same_transaction(ledger: Ledger) -> None:
-    open_account(ledger, "a1", posted=5_000)  # created, then funded: one event (the funding)
+    open_account(ledger, "a1", posted=5_000)  # created, then funded: an event each
     run(ledger, commands.move_funds("a1", "debit", 1_200, "fee"))
     run(ledger, commands.register_card("4761730000000003", "3012", "a1", None, HASHER))
     card_id = card_id_for(HASHER.card_key("4761730000000003"))
@@ -341,14 +341,19 @@ def test_every_api_change_has_its_event_in_the_same_transaction(ledger: Ledger) 
         events = [render(record, ledger_id) for record in reader.outbox(1, 100)]
         account = reader.account("a1")
     assert [(e.type, e.data.reason) for e in events] == [
+        ("account.created", "api_account"),
         ("account.funded", "api_fund"),
         ("account.debited", "api_debit"),
+        ("card.created", "registered_card"),
         ("card.status_changed", "card_frozen"),
         ("controls.updated", "card_controls"),
         ("controls.updated", "account_controls"),
         ("controls.updated", "programme_controls"),
     ]
-    funded, debited, frozen = events[0].data, events[1].data, events[2].data
+    created, registered = events[0].data, events[3].data
+    assert created.account_id == "a1" and created.card_id is None
+    assert (registered.card_id, registered.masked_pan) == (card_id, "476173******0003")
+    funded, debited, frozen = events[1].data, events[2].data, events[4].data
     assert funded.amount is not None and (funded.amount.amount, funded.amount.currency) == (
         5_000,
         "EUR",
@@ -356,9 +361,9 @@ def test_every_api_change_has_its_event_in_the_same_transaction(ledger: Ledger) 
     assert funded.entry == 1 and debited.entry == 2
     assert debited.balance_after is not None and debited.balance_after.posted.amount == 3_800
     assert frozen.card_id == card_id and frozen.masked_pan == "476173******0003"
-    assert events[5].data.account_id is None  # the programme's: no account
-    assert account is not None and account.event_sequence == 5  # numbered per account
-    assert [e.account_sequence for e in events[:5]] == [1, 2, 3, 4, 5]
+    assert events[7].data.account_id is None  # the programme's: no account
+    assert account is not None and account.event_sequence == 7  # numbered per account
+    assert [e.account_sequence for e in events[:7]] == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_a_funding_beyond_the_most_a_balance_may_hold_is_refused(ledger: Ledger) -> None:

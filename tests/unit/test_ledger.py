@@ -330,17 +330,26 @@ def events_made(ledger: Ledger) -> int:
 def test_a_load_funds_new_accounts_by_entries_with_their_events(ledger: Ledger) -> None:
     apply_load_file(ledger, parse_load_file(LOAD_FILE, "t.toml"), HASHER, "t.toml", now_ms=7_000)
 
-    # One entry and one event per balance; creating a card or an account is not a money
-    # movement and has no event (as through the API).
+    # One entry and one event per balance, after its account's creation; then the cards'
+    # creations (as through the API: the programme learns of every account and card).
     assert load_events(ledger) == [
+        ("account.created", "acct-main", "load_account", None),
         ("account.funded", "acct-main", "load_fund", 100_000),
+        ("account.created", "acct-credit", "load_account", None),
         ("account.funded", "acct-credit", "load_fund", 2_000),
+        ("account.created", "acct-yen", "load_account", None),
         ("account.funded", "acct-yen", "load_fund", 50_000),
+        ("card.created", "acct-main", "load_card", None),
+        ("card.created", "acct-main", "load_card", None),
+        ("card.created", "acct-credit", "load_card", None),
+        ("card.created", "acct-yen", "load_card", None),
     ]
     with ledger.read() as reader:
         [entry] = reader.entries("acct-main", 10)
-        [event] = reader.outbox(1, 1)
+        [event] = reader.outbox(2, 1)
         main = reader.account("acct-main")
+        cards = {record.card_id for record in reader.outbox(7, 4)}
+    assert len(cards) == 4 and None not in cards
     assert (entry.kind, entry.amount, entry.reason, entry.posted_after, entry.created_ms) == (
         "fund",
         100_000,
@@ -349,7 +358,7 @@ def test_a_load_funds_new_accounts_by_entries_with_their_events(ledger: Ledger) 
         7_000,
     )
     assert event.entry_sequence == entry.sequence and event.posted_after == 100_000
-    assert main is not None and (main.event_sequence, main.created_ms) == (1, 7_000)
+    assert main is not None and (main.event_sequence, main.created_ms) == (4, 7_000)
 
 
 def test_a_load_moves_a_changed_balance_by_the_difference(
@@ -374,7 +383,10 @@ def test_a_new_account_loaded_overdrawn_is_debited(ledger: Ledger) -> None:
     text = b'[[accounts]]\nid = "owing"\ncurrency = "EUR"\nbalance = -300\ncredit_limit = 500\n'
     load_text(ledger, text)
 
-    assert load_events(ledger) == [("account.debited", "owing", "load_debit", 300)]
+    assert load_events(ledger) == [
+        ("account.created", "owing", "load_account", None),
+        ("account.debited", "owing", "load_debit", 300),
+    ]
     assert account_state(ledger, "owing") == (-300, 0, 200)
 
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from support import authorization
+from support import DEMO_LOAD_EVENTS, authorization
 
 from processor.authorizer import Authorizer
 from processor.engine import ProgrammeRules
@@ -24,10 +24,8 @@ from processor.wire.messages import AuthorizationRequest
 
 HASHER = PanHasher(b"verify-test-key")
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
-# Loading the demo data is a change with events: its programme controls and the funding of its
-# four accounts. The requests' events follow them.
-DEMO_LOAD_EVENTS = 5
 LOAD = "4761739001010085"  # demo-main
+MAIN_LOAD_EVENTS = 8  # demo-main's events of the load: its creation, six cards, its funding
 LOW = "4761739001010069"  # demo-low
 
 
@@ -83,7 +81,8 @@ def test_a_held_amount_out_of_step_with_the_holds_is_named(ledger: Ledger) -> No
 def test_a_missing_event_and_a_missing_hold_are_named(ledger: Ledger) -> None:
     with ledger.write() as writer:
         txn, dbs = writer._txn, writer._dbs  # damage no processor path could do
-        # The second request's: demo-main's third event (its funding, then the first request).
+        # The second request's: demo-main's second after the load's (its creation, its cards'
+        # and its funding: MAIN_LOAD_EVENTS).
         assert txn.delete(struct.pack(">Q", DEMO_LOAD_EVENTS + 2), db=dbs["outbox"])
         open_hold = next(h for h in writer.all_holds() if h.status == "open")
         assert txn.delete(stored_answer_key(open_hold.identity), db=dbs["answers"])
@@ -109,7 +108,11 @@ def test_a_missing_event_and_a_missing_hold_are_named(ledger: Ledger) -> None:
     assert "account demo-main: held" in text  # the open hold's amount is not found either
     assert f"hold expiry index: hold {open_hold.hold_id} at" in text
     # The next of demo-main's events is the 0200's, the fourth request.
-    assert f"account demo-main: event {DEMO_LOAD_EVENTS + 4} is its number 4, after 2" in text
+    number, before = MAIN_LOAD_EVENTS + 3, MAIN_LOAD_EVENTS + 1
+    assert (
+        f"account demo-main: event {DEMO_LOAD_EVENTS + 4} is its number {number}, after {before}"
+        in text
+    )
 
 
 def test_an_open_hold_missing_from_the_expiry_index_is_named(ledger: Ledger) -> None:

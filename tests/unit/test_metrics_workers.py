@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from support import DEMO_LOAD_EVENTS
 
 from processor.metrics import Metrics
 
@@ -153,14 +154,15 @@ def test_while_delivery_is_down_its_backlog_is_read_from_what_it_stored(tmp_path
         oldest = 'processor_outbox_oldest_undelivered_seconds{endpoint="a"}'
         disabled = 'processor_webhook_endpoint_disabled{endpoint="a"}'
         text = primary.exposition().decode()
-        assert value(text, backlog) == 5  # no state yet: the demo load's five events wait
+        assert value(text, backlog) == DEMO_LOAD_EVENTS  # no state yet: the load's events wait
         assert value(text, oldest) >= 0 and value(text, disabled) == 0
         state = DeliveryState(tmp_path / "ledger" / "webhooks")
         state.advance("a", 4)
         state.disable("a", Disabled(since_ms=1, reason="http_410", event_id="e"))
         state.close()
         text = primary.exposition().decode()
-        assert value(text, backlog) == 2 and value(text, disabled) == 1
+        # Its next is the fourth: that one and every later one wait.
+        assert value(text, backlog) == DEMO_LOAD_EVENTS - 3 and value(text, disabled) == 1
         # While it reports, its own gauges are shown, once, in place of these.
         delivery = Metrics()
         delivery.outbox_backlog.labels("a").set(7)
@@ -169,7 +171,7 @@ def test_while_delivery_is_down_its_backlog_is_read_from_what_it_stored(tmp_path
         assert value(text, backlog) == 7
         assert text.count(backlog) == 1 and disabled not in text
         primary.workers.retire(0)  # it died again
-        assert value(primary.exposition().decode(), backlog) == 2
+        assert value(primary.exposition().decode(), backlog) == DEMO_LOAD_EVENTS - 3
     finally:
         floor.close()
         ledger.close()

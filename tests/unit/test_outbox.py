@@ -9,7 +9,7 @@ from pathlib import Path
 import lmdb
 import msgspec
 import pytest
-from support import authorization
+from support import DEMO_LOAD_EVENTS, authorization
 
 from processor.authorizer import Authorizer
 from processor.engine import ProgrammeRules
@@ -50,11 +50,6 @@ def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
     authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3600)
     yield ledger, authorizer
     ledger.close()
-
-
-# Loading the demo data is a change with events (test_ledger.py): its programme controls and
-# the funding of its four accounts. The events below are the ones after them.
-DEMO_LOAD_EVENTS = 5
 
 
 def events(ledger: Ledger) -> list[Event]:
@@ -123,6 +118,9 @@ def test_event_content_masks_the_pan_and_carries_balances(setup) -> None:  # typ
 
 def test_per_account_sequence_orders_each_accounts_events(setup) -> None:  # type: ignore[no-untyped-def]
     ledger, authorizer = setup
+    with ledger.read() as reader:  # the load's events: each account's creation, cards, funding
+        loaded = {name: reader.account(name).event_sequence for name in ("demo-main", "demo-low")}  # type: ignore[union-attr]
+    assert loaded == {"demo-main": 8, "demo-low": 3}
     batch = [message("0100", f"{n:06d}", 10, pan=LOAD if n % 2 else LOW) for n in range(1, 9)]
     authorizer.authorize_batch(batch[:4], NOW)
     authorizer.authorize_batch(batch[4:], NOW)
@@ -130,8 +128,7 @@ def test_per_account_sequence_orders_each_accounts_events(setup) -> None:  # typ
     for event in events(ledger):
         assert event.data.account_id is not None
         by_account.setdefault(event.data.account_id, []).append(event.account_sequence)
-    # Each account's first event was its funding by the load.
-    assert by_account == {"demo-main": [2, 3, 4, 5], "demo-low": [2, 3, 4, 5]}
+    assert by_account == {"demo-main": [9, 10, 11, 12], "demo-low": [4, 5, 6, 7]}
 
 
 def test_a_failed_batch_leaves_no_event(setup) -> None:  # type: ignore[no-untyped-def]

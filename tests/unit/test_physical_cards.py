@@ -106,6 +106,7 @@ def test_a_physical_card_authorises_only_once_shipped_and_activated(ledger: Ledg
     again = run(ledger, commands.activate_card(card_id))
     assert isinstance(again, Refused) and again.code == "card_not_activatable"
     assert event_reasons(ledger) == [
+        ("card.created", "physical_card"),
         ("card.fulfilment_updated", "fulfilment_in_production"),
         ("card.fulfilment_updated", "fulfilment_shipped"),
         ("card.status_changed", "card_active"),
@@ -519,7 +520,10 @@ def test_a_card_is_activated_only_while_its_cardholder_is_approved_and_its_accou
     ok(run(ledger, commands.close_account("a1")))
     closed = run(ledger, commands.activate_card(card_id))
     assert isinstance(closed, Refused) and closed.code == "account_closed"
-    assert event_reasons(ledger) == [("card.fulfilment_updated", "fulfilment_shipped")]
+    assert event_reasons(ledger) == [
+        ("card.created", "physical_card"),
+        ("card.fulfilment_updated", "fulfilment_shipped"),
+    ]
 
 
 def test_a_shipping_address_still_opens_after_a_load_moves_its_card(
@@ -550,3 +554,22 @@ def test_a_shipping_address_still_opens_after_a_load_moves_its_card(
     new = ok(run(ledger, commands.replace_card(str(card["id"]), "damaged", SOURCE, None)))
     assert new["account_id"] == "a2"
     assert address(str(new["id"])) == HOME
+
+
+def test_every_new_card_has_its_created_event(ledger: Ledger) -> None:
+    """Issued, ordered or replaced: the programme learns of each card from its events (a
+    backend that lost the 201 had no way to learn the new card's id)."""
+    virtual = ok(run(ledger, commands.issue_virtual_card("a1", None, HASHER, SOURCE.config)))
+    physical = order(ledger)
+    new = ok(run(ledger, commands.replace_card(str(virtual["id"]), "damaged", SOURCE, None)))
+    with ledger.read() as reader:
+        created = [
+            (r.reason, r.card_id, r.account_id, r.masked_pan)
+            for r in reader.outbox(1, 100)
+            if r.type == "card.created"
+        ]
+    assert created == [
+        ("virtual_card", virtual["id"], "a1", virtual["masked_pan"]),
+        ("physical_card", physical["id"], "a1", physical["masked_pan"]),
+        ("replacement_card", new["id"], "a1", new["masked_pan"]),
+    ]

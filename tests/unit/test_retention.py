@@ -11,7 +11,7 @@ import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from support import authorization
+from support import DEMO_LOAD_EVENTS, authorization
 
 from processor.authorizer import Authorizer
 from processor.config import RetentionConfig
@@ -33,9 +33,6 @@ HOUR = 3600
 # Short horizons, as a test or a soak sets them: answers 2 h, events 1 h, holds live 1 h.
 HORIZONS = RetentionConfig(answers_seconds=2 * HOUR, events_seconds=HOUR, clearing_seconds=2 * HOUR)
 BIG = 10_000  # a budget larger than anything here
-# Loading the demo data is a change with events (its programme controls and the funding of its
-# four accounts), made at NOW; the requests' events follow them.
-DEMO_LOAD_EVENTS = 5
 
 
 def message(
@@ -234,11 +231,14 @@ def test_batches_carry_the_sweep_and_report_what_it_did(ledger: Ledger) -> None:
     assert done is not None and done.pruned == {"events": 4}
     assert done.visited["answers"] == 4  # the batch's own share, not a backlog's
     assert authorizer.take_retention_step() is None  # counted once
-    # Batches of three: three visits per change. The old events go first; then nothing
-    # refers to the old answers and they go too, as the clock hand comes round to them.
+    # Batches of three: three visits per change. The old events (the demo load's among them)
+    # go first; then nothing refers to the old answers, and they go too when the clock hand
+    # comes round to them (in the eleventh batch).
     pruned: dict[str, int] = {}
-    for batch in range(3):
-        requests = [message("0100", f"0001{batch}{n}", 10, **{"7": "1124150000"}) for n in range(3)]
+    for batch in range(11):
+        requests = [
+            message("0100", f"001{batch:02d}{n}", 10, **{"7": "1124150000"}) for n in range(3)
+        ]
         assert {o.response_code for o in authorizer.authorize_batch(requests, later)} == {"00"}
         done = authorizer.take_retention_step()
         assert done is not None and max(done.visited.values()) <= 9
