@@ -10,6 +10,7 @@ same rule as `inspect.cleandoc`: a library's whitespace change must not read as 
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 
@@ -31,7 +32,16 @@ def normalise_schema(node: Any) -> Any:
     return node
 
 
+# A bound msgspec states ("Expected `int` <= 1000000000000000"): the schema's, never the value
+# sent. Written with its thousands grouped, because a run of 13 digits or more reads as a card
+# number to the masking every error passes through (10^15 is Luhn-valid): the message then
+# hid the very limit it was about.
+_LONG_BOUND = re.compile(r"(?<=[<>]= )(-?[0-9]{13,})\b")
+
+
 def readable(error: Exception) -> str:
     """A validation error's text with its pattern as people (and JSON Schema) write it: msgspec
-    quotes the pattern's repr, where the code's `\\Z` shows as a doubled backslash."""
-    return str(error).replace("\\\\Z", "$")
+    quotes the pattern's repr, where the code's `\\Z` shows as a doubled backslash; and with
+    its long bounds grouped (1_000_000_000_000_000), so no masking takes them for a PAN."""
+    text = str(error).replace("\\\\Z", "$")
+    return _LONG_BOUND.sub(lambda found: f"{int(found[1]):_}", text)

@@ -385,6 +385,24 @@ def test_personal_data_that_no_person_has_is_refused(
     with_app(tmp_path, monkeypatch, "s3cret", check)
 
 
+def test_a_bound_in_an_error_is_stated_not_masked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 10^15 is Luhn-valid: "Expected `int` <= 100000******0000" hid the limit it was about.
+    bearer = {"Authorization": "Bearer s3cret"}
+
+    async def check(client: TestClient[web.Request, web.Application]) -> None:
+        await client.post("/v1/accounts", json={"currency": "EUR", "id": "a1"}, headers=bearer)
+        answer = await client.post(
+            "/v1/accounts/a1/fund", json={"amount": 10**15 + 1, "reason": "x"}, headers=bearer
+        )
+        error = (await answer.json())["error"]
+        assert (answer.status, error["field"]) == (400, "$.amount")
+        assert error["message"] == "Expected `int` <= 1_000_000_000_000_000 - at `$.amount`"
+
+    with_app(tmp_path, monkeypatch, "s3cret", check)
+
+
 # --- requests aiohttp's parser refuses ---------------------------------------------------------
 
 
