@@ -81,8 +81,17 @@ Operation = Callable[[Writer, int], Reply]
 
 
 class Idempotency(msgspec.Struct, frozen=True, kw_only=True):
-    scope: bytes  # digest of method + path + key: bounded size, whatever the key
-    body_digest: bytes  # keyed digest: a registration body holds a PAN, never kept in clear
+    """A key is the programme's, whatever it is sent with (as Stripe's are): reused for
+    another operation, path or body, it is refused, not applied as a new request."""
+
+    scope: bytes  # digest of the key: bounded size, whatever the key
+    # Keyed digest of method, path and body: a registration body holds a PAN, never kept
+    # in clear.
+    body_digest: bytes
+    # Before keys were the programme's, a key's scope was method + path + key and the digest
+    # the body's alone: records of then are still found (and replayed) until they expire.
+    legacy_scope: bytes | None = None
+    legacy_body_digest: bytes | None = None
 
 
 _stored = msgspec.msgpack.Decoder(IdempotentResponse)
@@ -99,15 +108,17 @@ def idempotent(key: Idempotency | None, operation: Operation) -> Command:
     def run(writer: Writer, now_ms: int) -> Reply:
         if key is None:
             return operation(writer, now_ms)
-        raw = writer.idempotent(key.scope)
+        raw, digest = writer.idempotent(key.scope), key.body_digest
+        if raw is None and key.legacy_scope is not None and key.legacy_body_digest is not None:
+            raw, digest = writer.idempotent(key.legacy_scope), key.legacy_body_digest
         if raw is not None:
             stored = _stored.decode(raw)
-            if stored.body_digest != key.body_digest:
+            if stored.body_digest != digest:
                 raise Refused(
                     409,
                     "idempotency_key_reused",
-                    "this Idempotency-Key was used for a request with another body; "
-                    "use a new key for a new request",
+                    "this Idempotency-Key was used for another request (another operation, "
+                    "path or body); use a new key for a new request",
                     field="Idempotency-Key",
                 )
             return Reply(status=stored.status, body=stored.body, replayed=True)

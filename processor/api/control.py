@@ -261,8 +261,13 @@ def idempotency(request: web.Request, raw: bytes, hasher: PanHasher) -> Idempote
             f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_BYTES_MAX} printable ASCII characters",
             field="Idempotency-Key",
         )
-    scope = f"{request.method} {request.rel_url.path}\n{key}".encode("utf-8", "surrogatepass")
-    return Idempotency(scope=hashlib.sha256(scope).digest(), body_digest=hasher.digest(raw))
+    target = f"{request.method} {request.rel_url.path}\n".encode("utf-8", "surrogatepass")
+    return Idempotency(
+        scope=hashlib.sha256(b"key\n" + key.encode()).digest(),
+        body_digest=hasher.digest(target + raw),
+        legacy_scope=hashlib.sha256(target + key.encode()).digest(),
+        legacy_body_digest=hasher.digest(raw),
+    )
 
 
 def only_query(handler: Handler, names: tuple[str, ...]) -> Handler:

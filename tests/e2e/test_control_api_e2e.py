@@ -478,15 +478,15 @@ def test_idempotent_replay_has_no_second_effect(api: Api) -> None:
         fund, {"amount": 2_000, "reason": "x"}, headers={"Idempotency-Key": "top-up-42"}
     )
     assert (other.status, other.code) == (409, "idempotency_key_reused")
-    # The scope is method + path + key: the same key elsewhere is another request.
-    debit = api.post(
-        f"/v1/accounts/{account_id}/debit", body, headers={"Idempotency-Key": "top-up-42"}
-    )
-    assert debit.status == 200 and "Idempotent-Replayed" not in debit.headers
+    # A key is the programme's: the same key on another path (the same body) is a client's
+    # mistake, refused; it was applied, a debit undoing the funding the key made.
+    for path in (f"/v1/accounts/{account_id}/debit", f"/v1/accounts/{new_account(api)}/fund"):
+        reused = api.post(path, body, headers={"Idempotency-Key": "top-up-42"})
+        assert (reused.status, reused.code) == (409, "idempotency_key_reused"), path
     # Without a key, a repeat is applied again.
     assert api.post(fund, body).status == 200
     assert api.post(fund, body).status == 200
-    assert api.get(f"/v1/accounts/{account_id}").body["posted"] == 2_000
+    assert api.get(f"/v1/accounts/{account_id}").body["posted"] == 3_000
 
     # A refusal is not kept: once the cause is fixed, the same key goes through.
     key = {"Idempotency-Key": "big-debit"}

@@ -92,6 +92,33 @@ def test_a_keyed_repeat_is_answered_from_the_record_without_a_second_effect(
         assert reader.account("a1").posted == 1_000  # type: ignore[union-attr]
 
 
+def test_a_record_stored_under_the_old_scope_is_still_replayed(ledger: Ledger) -> None:
+    """A key's scope was method + path + key: a retry that straddles the upgrade finds the
+    record stored before it and is answered from it, not applied a second time."""
+    open_account(ledger)
+    fund = commands.move_funds("a1", "fund", 500, "top-up")
+    before = Idempotency(scope=b"POST /fund k1", body_digest=HASHER.digest(b"body"))
+    first = run(ledger, idempotent(before, fund))
+    after = Idempotency(
+        scope=b"k1",
+        body_digest=HASHER.digest(b"POST /fund body"),
+        legacy_scope=b"POST /fund k1",
+        legacy_body_digest=HASHER.digest(b"body"),
+    )
+    again = run(ledger, idempotent(after, fund))
+    assert (again.replayed, again.body) == (True, first.body)
+    changed = Idempotency(
+        scope=b"k1",
+        body_digest=HASHER.digest(b"POST /fund other"),
+        legacy_scope=b"POST /fund k1",
+        legacy_body_digest=HASHER.digest(b"other"),
+    )
+    refused = run(ledger, idempotent(changed, fund))
+    assert isinstance(refused, Refused) and refused.code == "idempotency_key_reused"
+    with ledger.read() as reader:
+        assert reader.account("a1").posted == 500  # type: ignore[union-attr]
+
+
 def test_two_repeats_in_one_transaction_apply_once(ledger: Ledger) -> None:
     """What the daemon does with concurrent repeats: both commands in one batch."""
     open_account(ledger)

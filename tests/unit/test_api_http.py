@@ -83,8 +83,13 @@ def test_idempotency_keys() -> None:
     first = idempotency(request("k-1"), b"{}", HASHER)
     assert first is not None and len(first.scope) == 32  # bounded, whatever the key's length
     assert first == idempotency(request("k-1"), b"{}", HASHER)
-    assert first.scope != idempotency(request("k-1", "/v1/accounts/a/debit"), b"{}", HASHER).scope  # type: ignore[union-attr]
+    # The key alone is the scope; the method, path and body are what must match.
+    elsewhere = idempotency(request("k-1", "/v1/accounts/a/debit"), b"{}", HASHER)
+    assert elsewhere is not None and elsewhere.scope == first.scope
+    assert elsewhere.body_digest != first.body_digest
     assert first.body_digest != idempotency(request("k-1"), b"{ }", HASHER).body_digest  # type: ignore[union-attr]
+    # Records stored when the scope was method + path + key are still found under it.
+    assert first.legacy_scope is not None and first.legacy_scope != elsewhere.legacy_scope
     for bad in ("", "x" * 256, "caf\u00e9", "a\x7fb"):
         with pytest.raises(ApiError) as caught:
             idempotency(request(bad), b"{}", HASHER)
