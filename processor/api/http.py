@@ -204,10 +204,13 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON_KEY]
+    # The links of every process: the worker processes' as they last reported (within a
+    # second); the primary's own count alone said 0 while the workers served every network.
+    links = daemon.link_count + int(daemon.metrics.workers.gauge("processor_open_links"))
     return web.json_response(
         {
             "status": "stopping" if daemon.stopping else "ok",
-            "links": daemon.link_count,
+            "links": links,
             "pending": daemon.pending,
         }
     )

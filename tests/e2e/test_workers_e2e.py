@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -93,6 +94,16 @@ def test_links_are_served_by_every_process_on_one_ledger(pool: RunningDaemon) ->
                 break
             time.sleep(0.2)
         assert approved == count
+        # /healthz counts the links of every process, not the primary's alone.
+        links_seen = 0
+        while time.monotonic() < deadline:
+            url = f"http://127.0.0.1:{pool.http_port}/healthz"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                links_seen = json.loads(response.read())["links"]
+            if links_seen == count:
+                break
+            time.sleep(0.2)
+        assert links_seen == count
     finally:
         for link in links:
             link.close()
