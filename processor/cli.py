@@ -30,10 +30,11 @@ def _common_config(args: argparse.Namespace) -> Config:
     )
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, process: str = "processor") -> None:
     from processor.logs import setup_logging
 
-    setup_logging(level)  # JSON lines on stderr; the "processor: ..." stdout lines are not logs
+    # JSON lines on stderr; the "processor: ..." stdout lines are not logs.
+    setup_logging(level, process)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -43,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from processor.server.workers import WorkerError
 
     config = _common_config(args)
-    _setup_logging(config.log.level)
+    _setup_logging(config.log.level, "primary")
     try:
         return run(config, demo=args.demo)
     except (StartupError, LedgerError, WorkerError) as error:

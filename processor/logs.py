@@ -1,6 +1,8 @@
 """Structured logs: one JSON object per line on stderr, PAN-shaped digit runs masked.
 
-Each line carries `ts` (RFC 3339, UTC, milliseconds), `level`, `logger` and `message`; `exc`
+Each line carries `ts` (RFC 3339, UTC, milliseconds), `level`, `logger`, `message`, `process`
+(which of the daemon's processes wrote it: `primary`, `worker-<n>`, `delivery`, or the command
+that ran) and `pid`, since the processes of one daemon share one stderr; `exc`
 (the formatted traceback) when the record has exception info, `stack` when it has stack info; and
 every `extra=` field of the call whose value JSON can carry (others are left out).
 
@@ -41,7 +43,9 @@ _RECORD_ATTRIBUTES: Final = frozenset(
     vars(logging.LogRecord("", logging.INFO, "", 0, "", None, None))
 ) | {"message", "asctime", "taskName"}
 
-_CORE_KEYS: Final = frozenset({"ts", "level", "logger", "message", "exc", "stack"})
+_CORE_KEYS: Final = frozenset(
+    {"ts", "level", "logger", "message", "process", "pid", "exc", "stack"}
+)
 
 _encoder = msgspec.json.Encoder()
 
@@ -85,6 +89,10 @@ def _timestamp(created: float) -> str:
 class JsonFormatter(logging.Formatter):
     """Formats a record as one line of JSON (no newline at the end)."""
 
+    def __init__(self, process: str = "processor") -> None:
+        super().__init__()
+        self._process = process
+
     def format(self, record: logging.LogRecord) -> str:
         try:
             message = record.getMessage()
@@ -95,6 +103,8 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": mask_digits(record.name),
             "message": mask_digits(message),
+            "process": self._process,
+            "pid": record.process,
         }
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
@@ -131,8 +141,9 @@ class StderrHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_logging(level: str) -> None:
-    """Send the root logger's records to stderr as JSON lines, at `level` and above.
+def setup_logging(level: str, process: str = "processor") -> None:
+    """Send the root logger's records to stderr as JSON lines, at `level` and above, each
+    naming `process` (the daemon's `primary`, `worker-<n>`, `delivery`; a command's name).
 
     `level` is one of "debug", "info", "warning", "error" (`log.level` in the config). Calling it
     again replaces the handler it installed before; handlers others installed are left alone.
@@ -147,6 +158,6 @@ def setup_logging(level: str) -> None:
             root.removeHandler(handler)
             handler.close()
     handler = StderrHandler()
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(process))
     root.addHandler(handler)
     root.setLevel(threshold)

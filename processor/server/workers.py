@@ -180,7 +180,7 @@ def main(argv: list[str]) -> int:
 
     index, channel_fd, *listen_fds = (int(value) for value in argv)
     config = msgspec.json.decode(sys.stdin.buffer.read(), type=Config)
-    setup_logging(config.log.level)
+    setup_logging(config.log.level, f"worker-{index}")
     if not __debug__:
         return 2  # assertions guard the ledger (the primary refuses -O too)
     if len(listen_fds) != len(config.listeners):

@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
 
     channel_fd, wake_fd = (int(value) for value in argv)
     config = msgspec.json.decode(sys.stdin.buffer.read(), type=Config)
-    setup_logging(config.log.level)
+    setup_logging(config.log.level, "delivery")
     if not __debug__:
         return EXIT_CONFIG  # the primary refuses -O too
     os.set_inheritable(channel_fd, False)

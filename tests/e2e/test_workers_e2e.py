@@ -104,6 +104,11 @@ def test_links_are_served_by_every_process_on_one_ledger(pool: RunningDaemon) ->
                 break
             time.sleep(0.2)
         assert links_seen == count
+        # Every process writes to the one stderr: each line says which process wrote it.
+        lines = [json.loads(line) for line in pool.stderr().splitlines() if line.startswith("{")]
+        serving = [line for line in lines if line["message"] == "worker 1: serving links"]
+        assert [(line["process"], line["pid"]) for line in serving] == [("worker-1", worker)]
+        assert {line["process"] for line in lines} >= {"primary", "worker-1"}
     finally:
         for link in links:
             link.close()

@@ -56,11 +56,21 @@ def test_a_record_is_one_json_line_with_the_core_keys(capsys: pytest.CaptureFixt
     setup_logging("info")
     logging.getLogger("processor.test").info("hello %s\nsecond line", "world")
     record = only(capsys)
-    assert set(record) == {"ts", "level", "logger", "message"}
+    assert set(record) == {"ts", "level", "logger", "message", "process", "pid"}
+    assert (record["process"], record["pid"]) == ("processor", os.getpid())
     assert TS.match(record["ts"]), record["ts"]
     assert record["level"] == "info"
     assert record["logger"] == "processor.test"
     assert record["message"] == "hello world\nsecond line"
+
+
+def test_a_line_names_the_process_that_wrote_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """A daemon's processes share one stderr: its workers' and delivery's lines could not be
+    told from the primary's."""
+    setup_logging("info", "worker-2")
+    logging.getLogger("processor.test").warning("a worker's line")
+    record = only(capsys)
+    assert (record["process"], record["pid"]) == ("worker-2", os.getpid())
 
 
 def test_extra_fields_are_carried_and_unencodable_ones_left_out(
