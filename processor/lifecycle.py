@@ -260,9 +260,13 @@ class Lifecycle:
             state.sca_exempt_amount,
         )
         check = self._card_check(request, card, state)
-        rejected = _holder_rejected(writer, card.cardholder_id) or (
-            account.cardholder_id != card.cardholder_id
-            and _holder_rejected(writer, account.cardholder_id)
+        # Read only where it can decide: a card or account not active is declined before.
+        rejected = card.status == account.status == "active" and (
+            _holder_rejected(writer, card.cardholder_id)
+            or (
+                account.cardholder_id != card.cardholder_id
+                and _holder_rejected(writer, account.cardholder_id)
+            )
         )
         decision = decide(
             request, card, account, self._rules, batch.now_yymm, spend, check, rejected

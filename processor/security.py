@@ -153,11 +153,27 @@ def mask_card_numbers(text: str, *, every_run: bool = False) -> str:
     return _DIGIT_RUN.sub(masked, text)
 
 
-def holds_card_number(text: str) -> bool:
-    """Whether `text` carries what mask_card_numbers would mask: for free text and ids a caller
-    chooses, which the ledger keeps and shows in clear, so a card number typed into one is
-    refused rather than stored."""
-    return mask_card_numbers(text) != text
+# A card number typed into an id or a reason, its groups split by any character an account
+# id allows as well as spaces and dashes ("4761.7390.0101.0010", "acct:4761_7390_...").
+_TYPED_NUMBER: Final = re.compile(r"\d(?:[ ._:/-]?\d){12,18}(?![ ._:/-]?\d)")
+_TYPED_SEPARATORS: Final = str.maketrans("", "", " ._:/-")
+
+
+def typed_card_numbers(text: str) -> list[str]:
+    """The digits of each run in `text` that could be a card number typed in it: 13-19 digits,
+    grouped or not, passing the Luhn check as a whole. A tenth of any long numbers do, so
+    callers refuse only those the ledger knows as cards (an id or a reason is kept in clear:
+    a card's number typed into one must not be; a customer number that merely passes Luhn
+    must stay usable)."""
+    found = []
+    for run in _TYPED_NUMBER.finditer(text):
+        start = run.start()
+        if start and (text[start - 1].isdigit()):
+            continue  # part of a longer run of digits: not a number of its own
+        digits = run[0].translate(_TYPED_SEPARATORS)
+        if luhn_valid(digits):
+            found.append(digits)
+    return found
 
 
 def _luhn_sum(digits: str, doubled_parity: int) -> int:

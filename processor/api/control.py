@@ -63,7 +63,7 @@ from processor.ledger.records import Card
 from processor.ledger.store import LedgerError, LedgerFull, Reader
 from processor.personal_data import PersonalDataCipher, PersonalDataError
 from processor.schemas import readable
-from processor.security import PanHasher, holds_card_number, luhn_valid
+from processor.security import PanHasher, luhn_valid, typed_card_numbers
 
 log = logging.getLogger("processor.api")
 
@@ -175,18 +175,6 @@ def check_date_of_birth(born: date, today: date) -> None:
             f"$.details.date_of_birth: {born.isoformat()} is not between "
             f"{BORN_AFTER.isoformat()} and today",
             field="$.details.date_of_birth",
-        )
-
-
-def refuse_card_number(value: str, where: str) -> None:
-    """An id or a reason is kept and shown in clear (views, events, the ledger's keys): one
-    that carries a card number is refused, never stored (and the message does not quote it)."""
-    if holds_card_number(value):
-        raise ApiError(
-            400,
-            "invalid_body",
-            f"{where}: holds a card number; it would be kept and shown in clear",
-            field=where,
         )
 
 
@@ -416,7 +404,7 @@ class ControlApi:
         if body.id is not None and re.fullmatch(ACCOUNT_ID_PATTERN, body.id) is None:
             raise ApiError(400, "invalid_body", "$.id: letters, digits and _.:- only", field="$.id")
         if body.id is not None:
-            refuse_card_number(body.id, "$.id")
+            self._refuse_card_number(body.id, "$.id")
         account_id = body.id or "acct_" + secrets.token_hex(12)
         operation = commands.create_account(
             account_id, body.currency, body.credit_limit, body.controls, body.cardholder_id
@@ -440,7 +428,7 @@ class ControlApi:
     async def _movement(self, request: web.Request, kind: Literal["fund", "debit"]) -> web.Response:
         account_id = account_id_of(request)
         raw, body = await json_body(request, Movement)
-        refuse_card_number(body.reason, "$.reason")
+        self._refuse_card_number(body.reason, "$.reason")
         operation = commands.move_funds(account_id, kind, body.amount, body.reason)
         return await self._apply(request, raw, operation)
 
@@ -630,6 +618,24 @@ class ControlApi:
         )
         log.info("control API: reveal token for card %s, %d s", card_id, seconds)
         return json_response(body, status=201)
+
+    def _refuse_card_number(self, value: str, where: str) -> None:
+        """An id or a reason is kept and shown in clear (views, events, the ledger's keys): one
+        that carries the number of a card this ledger knows (typed in by mistake, grouped or
+        not) is refused, never stored, and the message does not quote it. Other numbers that
+        pass the Luhn check (a tenth of all) are customer numbers, not refused."""
+        candidates = typed_card_numbers(value)
+        if not candidates:
+            return
+        with self.daemon.ledger.read() as reader:
+            known = any(reader.card(self.hasher.card_key(digits)) for digits in candidates)
+        if known:
+            raise ApiError(
+                400,
+                "invalid_body",
+                f"{where}: holds a card's number; it would be kept and shown in clear",
+                field=where,
+            )
 
     def _shipping(self, address: Address, account_id: str) -> commands.Shipping:
         """The address sealed like all personal data, bound to the account it ships for."""

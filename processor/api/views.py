@@ -166,9 +166,18 @@ class Individual(
     """A person. Kept sealed (AES-256-GCM); never in logs, metrics or events."""
 
     name: Annotated[str, Meta(min_length=1, max_length=140), PRINTABLE]
-    date_of_birth: date  # from 1900, not in the future (control.check_date_of_birth)
+    date_of_birth: Annotated[
+        date, Meta(description="From 1900-01-01 to today (control.check_date_of_birth).")
+    ]
     address: Address
-    email: Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+\Z", max_length=254)] | None = None
+    # No whitespace and no control characters (as PRINTABLE, in the one pattern msgspec takes).
+    email: (
+        Annotated[
+            str,
+            Meta(pattern=r"^[^@\s\x00-\x1f\x7f-\x9f]+@[^@\s\x00-\x1f\x7f-\x9f]+\Z", max_length=254),
+        ]
+        | None
+    ) = None
     phone: Annotated[str, Meta(pattern=r"^\+[1-9][0-9]{6,14}\Z")] | None = None  # E.164
 
 

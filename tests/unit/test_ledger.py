@@ -732,18 +732,31 @@ def test_non_luhn_pan_is_named_by_path_without_the_pan(pan: str) -> None:
     assert pan not in message and pan[-4:] not in message
 
 
-def test_an_account_id_holding_a_card_number_is_refused_without_quoting_it() -> None:
-    # An account id is a key, shown in views and sent in events in clear.
-    text = ACCOUNT.replace(b'"a"', f'"acct-{MAIN}"'.encode()) + card_entry(MAIN)
-    with pytest.raises(LoadError) as raised:
-        parse_load_file(text, "bad.toml")
-    assert str(raised.value) == (
-        "bad.toml: $.accounts[0].id: holds a card number; account ids are kept and shown in clear"
-    )
-    on_card = ACCOUNT + card_entry(MAIN).replace(b'account = "a"', f'account = "{MAIN}"'.encode())
-    with pytest.raises(LoadError, match=r"\$\.cards\[0\]\.account: holds a card number"):
-        parse_load_file(on_card, "bad.toml")
-    assert parse_load_file(ACCOUNT + card_entry(MAIN), "good.toml").accounts[0].id == "a"
+def test_a_new_account_id_holding_a_cards_number_is_refused_without_quoting_it(
+    loaded: Ledger,
+) -> None:
+    """An account id is a key, shown in views and sent in events in clear: not the number of
+    a card the file or the ledger has, grouped by any separator an id allows."""
+    in_file = "5200001111222274"  # Luhn-valid, new to the ledger: a card of the same file
+    for account_id, card in (
+        (f"acct-{in_file}", in_file),
+        (f"acct:{MAIN[:4]}.{MAIN[4:8]}_{MAIN[8:12]}:{MAIN[12:]}", in_file),  # the ledger's
+    ):
+        text = ACCOUNT + card_entry(card) + ACCOUNT.replace(b'"a"', f'"{account_id}"'.encode())
+        with pytest.raises(LoadError) as raised:
+            apply_load_file(loaded, parse_load_file(text, "bad.toml"), HASHER, "bad.toml")
+        assert str(raised.value) == (
+            "bad.toml: $.accounts[1].id: holds a card's number; account ids are kept and "
+            "shown in clear"
+        )
+        assert in_file not in str(raised.value) and MAIN not in str(raised.value)
+    # A customer number that passes the Luhn check, as a tenth of all numbers do, is no card.
+    customer = "cust-4000056655665556"
+    assert luhn_valid(customer[5:])
+    text = ACCOUNT.replace(b'"a"', f'"{customer}"'.encode())
+    apply_load_file(loaded, parse_load_file(text, "good.toml"), HASHER, "good.toml")
+    with loaded.read() as reader:
+        assert reader.account(customer) is not None
 
 
 def test_pattern_error_does_not_echo_the_pan() -> None:

@@ -480,6 +480,29 @@ def test_a_rejected_cardholders_cards_are_declined_until_approved_again(ledger: 
     assert swipe(ledger, pan, "000034") == ("00", "approved")
 
 
+def test_a_cardholder_is_read_only_where_it_can_decide(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen card is declined before its cardholder matters: no lookup on the hot path."""
+    from processor.ledger.store import Reader
+
+    card = ok(run(ledger, commands.issue_virtual_card("a1", None, HASHER, SOURCE.config)))
+    reads: list[str] = []
+    original = Reader.cardholder
+
+    def counted(self: Reader, cardholder_id: str) -> Cardholder | None:
+        reads.append(cardholder_id)
+        return original(self, cardholder_id)
+
+    monkeypatch.setattr(Reader, "cardholder", counted)
+    assert swipe(ledger, str(card["pan"]), "000041") == ("00", "approved")
+    assert reads == [HOLDER]
+    ok(run(ledger, commands.change_card_status(str(card["id"]), "freeze")))
+    reads.clear()
+    assert swipe(ledger, str(card["pan"]), "000042") == ("62", "card_frozen")
+    assert reads == []
+
+
 def test_an_accounts_rejected_holder_stops_the_cards_of_others_on_it(ledger: Ledger) -> None:
     """A business's employee card on the business's account: the business rejected (KYB)."""
     employee = "ch_" + "b" * 20
