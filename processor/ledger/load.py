@@ -457,6 +457,7 @@ def _update_account(
         _move_balance(writer, account, 0, now_ms)
         old_currency = account.currency
         account.currency = entry.currency
+        account.currency_since_ms = now_ms
         # Spend-control usage counted amounts of the old currency: those start again (counts
         # and approval times stay true), for the account and its cards, but for a card the
         # file moves to an account of the old currency (where they stay true). Done here, not

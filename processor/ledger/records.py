@@ -43,6 +43,13 @@ class Account(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     last_answer: bytes | None = None  # newest answer about it: head of its history chain
     open_holds: int = 0  # how many of its holds are open (their sum is `held`)
     cardholder_id: str | None = None  # whose account (a business's may carry many cardholders)
+    # When a load last changed its currency (0: never): an answer from before it moved money,
+    # and counted usage, in another currency, which a reversal must not give back in this one.
+    currency_since_ms: int = 0
+
+    def counts_in_its_currency(self, answered_ms: int) -> bool:
+        """Whether amounts of an answer given at `answered_ms` are in the currency it has now."""
+        return self.currency_since_ms <= answered_ms
 
     @property
     def available(self) -> int:

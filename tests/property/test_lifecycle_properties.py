@@ -1853,6 +1853,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                     *("id", "currency", "credit_limit", "status", "controls", "created_ms"),
                     "entry_sequence",  # API funding and debits only
                     "cardholder_id",  # as loaded (none)
+                    "currency_since_ms",  # as loaded: the model changes no currency
                 ),
                 posted=model.posted,
                 held=model.held,

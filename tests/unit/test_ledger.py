@@ -1823,3 +1823,72 @@ def test_an_account_or_a_card_in_a_file_twice_is_refused_naming_both(ledger: Led
     assert MAIN not in message
     with ledger.read() as reader:
         assert reader.account_count() == 0
+
+
+def _reversal_of(original: AuthorizationRequest, stan: str) -> AuthorizationRequest:
+    """A full 0400 naming `original` in field 90."""
+    pointing = (
+        f"{original.mti}{original.stan}{original.transmission_datetime}"
+        f"{int(original.acquirer or '0'):011d}{0:011d}"
+    )
+    fields = {
+        "t": "0400",
+        "2": MAIN,
+        "3": "000000",
+        "4": "000000001000",
+        "7": "1124120500",
+        "11": stan,
+        "32": "123456",
+        "37": f"63301200{stan[-4:]}",
+        "49": "978",
+        "90": pointing,
+    }
+    return CODEC.decode(CODEC.encode(fields))
+
+
+def test_a_posted_purchase_is_not_credited_back_after_its_accounts_currency_changed(
+    loaded: Ledger, authorizer: Authorizer
+) -> None:
+    """A 0200 of 10.00 EUR, the account reloaded in JPY, then its reversal: 1,000 minor units
+    of euros were credited as 1,000 yen. Nothing is applied now; the event says why."""
+    original = auth_request(mti="0200", amount=1_000)
+    [posted] = authorizer.authorize_batch([original], NOW)
+    assert posted.response_code == "00"
+    load_text(
+        loaded,
+        LOAD_FILE.replace(
+            b'id = "acct-main"\ncurrency = "EUR"', b'id = "acct-main"\ncurrency = "JPY"'
+        ),
+    )
+    before = account_state(loaded, "acct-main")
+    [reversed_] = authorizer.authorize_batch(
+        [_reversal_of(original, "000002")], NOW + timedelta(minutes=5)
+    )
+    assert (reversed_.response_code, reversed_.reason) == ("00", "currency_changed")
+    assert account_state(loaded, "acct-main") == before
+
+
+def test_a_reversal_gives_back_no_amount_to_usage_counted_in_another_currency(
+    loaded: Ledger, authorizer: Authorizer
+) -> None:
+    """An EUR hold, then its card moved to a JPY account with a daily limit of 5,000 yen, used
+    up; the hold's reversal gave 1,000 back to the yen counters, and 1,000 yen more were
+    approved past the limit."""
+    original = auth_request(amount=1_000)
+    [approved] = authorizer.authorize_batch([original], NOW)
+    assert approved.response_code == "00"
+    load_text(
+        loaded,
+        f'[[cards]]\npan = "{MAIN}"\naccount = "acct-yen"\nexpiry = "3012"\ncontrols.'
+        'amount_limits = [{ interval = "daily", amount = 5000, currency = "JPY" }]\n'.encode(),
+    )
+    spend = auth_request(amount=5_000, currency="392", stan="000003", rrn="633012000003")
+    [yen] = authorizer.authorize_batch([spend], NOW + timedelta(minutes=1))
+    assert yen.response_code == "00", yen.reason  # the day's 5,000 yen used up
+    [reversal] = authorizer.authorize_batch(
+        [_reversal_of(original, "000002")], NOW + timedelta(minutes=2)
+    )
+    assert reversal.reason == "reversed"  # the EUR hold released, on its EUR account
+    more = auth_request(amount=1_000, currency="392", stan="000004", rrn="633012000004")
+    [again] = authorizer.authorize_batch([more], NOW + timedelta(minutes=3))
+    assert (again.response_code, again.reason) == ("61", "daily_amount_limit")
