@@ -14,7 +14,7 @@ Each worker talks to the primary over a socket pair: one `ready` report once it 
 its metrics every `worker_report_seconds`, summed into the primary's /metrics. The config goes
 over stdin (never argv); secrets stay in the environment the worker inherits. A worker whose
 primary goes away (the socket pair closes) drains and exits; a worker that dies is restarted,
-at most `worker_restarts_per_minute_max` times a minute.
+at most `worker_restarts_per_minute_max` times a minute (each worker its own budget).
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ class WorkerPool:
             (each.host, sock.getsockname()[1])
             for each, sock in zip(config.listeners, listeners, strict=True)
         ]
-        restarts: deque[float] = deque()  # shared: the budget is for the pool
         self._sockets: list[list[socket.socket]] = []
         self._workers: list[Child] = []
         for index in range(1, config.server.workers):
@@ -72,7 +71,11 @@ class WorkerPool:
                     ["processor.server.workers", str(index)],
                     config,
                     metrics,
-                    restarts,
+                    # Each worker's own restart budget: one crashing over and over (a peer
+                    # whose message kills it, hashed to it by address) spent the pool's, and
+                    # another worker's one crash then left that one down for up to a minute,
+                    # its share of new links queued unread.
+                    deque(),
                     _passing(sockets),
                     _resting(sockets, addresses),
                 )

@@ -8,7 +8,7 @@ import re
 import signal
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -194,3 +194,42 @@ def test_a_worker_serves_every_listener_in_its_own_dialect(tmp_path: Path) -> No
             link.close()
     finally:
         running.stop()
+
+
+def serving_pids(daemon: RunningDaemon, index: int) -> list[int]:
+    """The pids of worker `index`'s starts, in order, from its "serving links" log lines."""
+    lines = [json.loads(line) for line in daemon.stderr().splitlines() if line.startswith("{")]
+    return [line["pid"] for line in lines if line["message"] == f"worker {index}: serving links"]
+
+
+def wait_for(predicate: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_a_crashing_worker_spends_its_own_restart_budget_not_the_others(tmp_path: Path) -> None:
+    """The budget was the pool's: one worker crashing over and over spent it, and another
+    worker's single crash then left that one down for up to a minute."""
+    from processor import limits
+
+    config = tmp_path / "workers.toml"
+    config.write_text("[server]\nworkers = 3\n")
+    pool = RunningDaemon(tmp_path / "ledger", config).start()
+    try:
+        assert wait_for(lambda: bool(serving_pids(pool, 1) and serving_pids(pool, 2)), 20)
+        for crash in range(limits.worker_restarts_per_minute_max + 1):
+            os.kill(serving_pids(pool, 1)[-1], signal.SIGKILL)
+            if crash < limits.worker_restarts_per_minute_max:
+                starts = crash + 2
+                assert wait_for(lambda: len(serving_pids(pool, 1)) == starts, 20), crash  # noqa: B023
+        assert wait_for(lambda: "leaving it down" in pool.stderr(), 10), pool.stderr()[-2000:]
+        os.kill(serving_pids(pool, 2)[-1], signal.SIGKILL)
+        # Worker 2 has crashed once: started again at once, while worker 1 rests.
+        assert wait_for(lambda: len(serving_pids(pool, 2)) == 2, 20), pool.stderr()[-2000:]
+        assert pool.stderr().count("leaving it down") == 1
+    finally:
+        pool.stop()
