@@ -259,6 +259,12 @@ class Metrics:
             ["endpoint"],
             registry=r,
         )
+        self.webhook_dead_letters_expired = Counter(
+            "processor_webhook_dead_letters_expired",
+            "Dead letters forgotten past retention.events_seconds (no longer replayable)",
+            ["endpoint"],
+            registry=r,
+        )
         self.webhook_delivery_seconds = Histogram(
             "processor_webhook_delivery_seconds",
             "Commit of an event to its 2xx, by endpoint",

@@ -60,6 +60,10 @@ IDLE_POLL_SECONDS = 1.0  # also picks up events committed by other processes (cl
 # How often a busy endpoint looks for `processor webhooks replay` requests (a read of the
 # delivery state; once per event was a measurable share of the process at 2,000 events/s).
 REPLAY_POLL_SECONDS = 0.1
+# Dead letters past their horizon are forgotten this often, at most this many an endpoint a
+# pass (one write transaction each: bounded, however many a dead endpoint made).
+DEAD_LETTER_EXPIRY_SECONDS = 60.0
+DEAD_LETTER_EXPIRY_BATCH = 10_000
 
 
 class Clock(Protocol):
@@ -145,7 +149,11 @@ class Dispatcher:
         *,
         clock: Clock | None = None,
         jitter: Callable[[], float] = uniform_jitter,
+        dead_letter_seconds: int | None = None,
     ) -> None:
+        """`dead_letter_seconds`: how long a dead letter stays replayable (and holds its
+        event from retention): the ledger's `retention.events_seconds`; None, for ever
+        (retention switched off)."""
         self._ledger = ledger
         self._clock: Clock = SystemClock() if clock is None else clock
         self._jitter = jitter
@@ -177,6 +185,7 @@ class Dispatcher:
         # positions (at least once, nothing skipped).
         self.failed: BaseException | None = None
         self.on_failure: Callable[[], None] | None = None
+        self._dead_letter_seconds = dead_letter_seconds
 
     def notify(self) -> None:
         """New events were committed: wake the endpoint tasks."""
@@ -222,6 +231,37 @@ class Dispatcher:
         self._tasks = [loop.create_task(self._run(endpoint)) for endpoint in self.endpoints]
         for task, endpoint in zip(self._tasks, self.endpoints, strict=True):
             task.add_done_callback(self._stopped(endpoint.config.name))
+        if self._dead_letter_seconds is not None and self.endpoints:
+            expiry = loop.create_task(self._expire_dead_letters())
+            expiry.add_done_callback(self._stopped("(dead-letter expiry)"))
+            self._tasks.append(expiry)
+
+    async def _expire_dead_letters(self) -> None:
+        while True:
+            self.expire_dead_letters()
+            await self._clock.sleep(DEAD_LETTER_EXPIRY_SECONDS)
+
+    def expire_dead_letters(self) -> int:
+        """Forget each endpoint's dead letters older than `dead_letter_seconds` (logged and
+        counted): past it their events may go, as every other event's do."""
+        if self._dead_letter_seconds is None:
+            return 0
+        before_ms = int((self._clock.now() - self._dead_letter_seconds) * 1000)
+        total = 0
+        for endpoint in self.endpoints:
+            name = endpoint.config.name
+            expired = self._state.expire_dead_letters(name, before_ms, DEAD_LETTER_EXPIRY_BATCH)
+            if expired:
+                self._metrics.webhook_dead_letters_expired.labels(name).inc(expired)
+                log.warning(
+                    "endpoint %s: %d dead letters older than %d s forgotten (no longer "
+                    "replayable; retention.events_seconds)",
+                    name,
+                    expired,
+                    self._dead_letter_seconds,
+                )
+                total += expired
+        return total
 
     def _stopped(self, name: str) -> Callable[[asyncio.Task[None]], None]:
         def stopped(task: asyncio.Task[None]) -> None:

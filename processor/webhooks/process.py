@@ -52,7 +52,15 @@ async def serve_delivery(config: Config, channel_fd: int, wake_fd: int) -> int:
     ledger = Ledger(config.ledger.path, map_size_bytes=config.ledger.map_size_bytes, readonly=True)
     state = DeliveryState(state_path(config))  # where `processor webhooks` finds it
     metrics = Metrics()
-    dispatcher = Dispatcher(ledger, state, endpoints, config.webhooks, metrics)
+    retention = config.retention
+    dispatcher = Dispatcher(
+        ledger,
+        state,
+        endpoints,
+        config.webhooks,
+        metrics,
+        dead_letter_seconds=retention.events_seconds if retention.enabled else None,
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

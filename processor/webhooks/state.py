@@ -158,6 +158,25 @@ class DeliveryState:
                     letters.append(self._dead_decoder.decode(value))
         return letters
 
+    def expire_dead_letters(self, endpoint: str, before_ms: int, limit: int) -> int:
+        """Forget up to `limit` of the endpoint's oldest dead letters that died before
+        `before_ms`, in sequence order, stopping at the first younger one; how many.
+
+        A dead letter holds retention's floor (its event stays replayable), so one kept for
+        ever kept every later event of the ledger for ever: a single failed delivery, or a
+        dead endpoint's thousands a second, grew the ledger without bound."""
+        prefix = endpoint.encode() + b"\x00"
+        expired = 0
+        with self.env.begin(write=True) as txn:
+            cursor = txn.cursor(db=self._dead)
+            found = cursor.set_range(prefix)
+            while found and expired < limit and bytes(cursor.key()).startswith(prefix):
+                if self._dead_decoder.decode(cursor.value()).dead_ms >= before_ms:
+                    break
+                found = cursor.delete()  # moves to the next record
+                expired += 1
+        return expired
+
     def is_dead_letter(self, endpoint: str, sequence: int) -> bool:
         with self.env.begin() as txn:
             return txn.get(_key(endpoint, sequence), db=self._dead) is not None

@@ -191,6 +191,7 @@ def run(
     backoff_initial_seconds: float = 1.0,
     backoff_max_seconds: float = 300.0,
     clock: LogicalClock | ManualClock | None = None,
+    dead_letter_seconds: int | None = None,
     **endpoint: object,
 ) -> None:
     """Run `test` with a dispatcher (not started unless the test starts it) and a receiver."""
@@ -215,6 +216,7 @@ def run(
             metrics,
             clock=chosen,
             jitter=lambda: 1.0,  # the longest delay of the jitter range: exact logical times
+            dead_letter_seconds=dead_letter_seconds,
         )
         try:
             await test(Harness(ledger, state, dispatcher, receiver, chosen, metrics))
@@ -262,6 +264,51 @@ def test_an_event_older_than_its_retry_age_is_a_dead_letter(tmp_path: Path) -> N
         assert letter.dead_ms == int((T0 + 15) * 1000)
 
     run(tmp_path, [], test, otherwise=(500, {}), retry_max_age_seconds=10)
+
+
+def test_a_dead_letter_is_forgotten_past_the_events_horizon(tmp_path: Path) -> None:
+    """A dead letter held retention's floor for ever: one failed delivery kept every later
+    event of the ledger, and a dead endpoint's thousands a second grew it without bound."""
+
+    async def test(harness: Harness) -> None:
+        assert await deliver_first(harness) == "dead_letter"  # dead at T0 + 15
+        assert harness.dispatcher.expire_dead_letters() == 0  # young: still replayable
+        assert len(harness.state.dead_letters("main")) == 1
+        assert isinstance(harness.clock, LogicalClock)
+        harness.clock.time = T0 + 15 + 3600 + 1
+        assert harness.dispatcher.expire_dead_letters() == 1
+        assert harness.state.dead_letters("main") == []
+        expired = harness.metrics.webhook_dead_letters_expired.labels("main")._value.get()
+        assert expired == 1
+
+    run(tmp_path, [], test, otherwise=(500, {}), retry_max_age_seconds=10, dead_letter_seconds=3600)
+
+
+def test_expired_dead_letters_stop_holding_retention_s_floor(tmp_path: Path) -> None:
+    from processor.webhooks.state import DeadLetter
+
+    state = DeliveryState(tmp_path / "webhooks")
+    try:
+        state.advance("main", 10)
+        for sequence, dead_ms in ((3, 1_000), (5, 9_000), (7, 2_000)):
+            letter = DeadLetter(
+                sequence=sequence,
+                event_id=f"e{sequence}",
+                attempts=1,
+                last_error="x",
+                dead_ms=dead_ms,
+            )
+            state.bury("main", letter)
+        assert state.floor(["main"]) == 3
+        # In sequence order, up to the first younger one: 7 waits behind 5 (its turn comes).
+        assert state.expire_dead_letters("main", 5_000, 100) == 1
+        assert state.floor(["main"]) == 5
+        assert state.expire_dead_letters("main", 10_000, 1) == 1  # bounded per call
+        assert [letter.sequence for letter in state.dead_letters("main")] == [7]
+        assert state.expire_dead_letters("main", 10_000, 100) == 1
+        assert state.floor(["main"]) == 10
+    finally:
+        state.close()
 
 
 def test_every_secret_signs_every_attempt_at_its_own_timestamp(tmp_path: Path) -> None:
