@@ -20,6 +20,7 @@ from asyncio import FIRST_COMPLETED
 from collections import deque
 from collections.abc import Callable
 from contextlib import suppress
+from typing import Final
 
 import msgspec
 
@@ -28,6 +29,11 @@ from processor.config import Config
 from processor.metrics import Metrics, Sample
 
 log = logging.getLogger("processor.children")
+
+# What stops a daemon's process in order (drain, checkpoint): SIGTERM, Ctrl-C, and SIGHUP, which
+# a closed terminal sends the whole process group (and unit files habitually send as a
+# "reload"): it killed every process at once, answers in flight and the checkpoint lost.
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 _LENGTH = struct.Struct(">I")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -150,9 +151,6 @@ def _read_only(config: Config) -> Iterator[Ledger]:
 
 
 def cmd_ledger_backup(args: argparse.Namespace) -> int:
-    from processor.ledger.store import Ledger
-    from processor.webhooks.state import DeliveryState, state_path
-
     config = _common_config(args)
     if _no_ledger(config):
         return 1
@@ -172,8 +170,56 @@ def cmd_ledger_backup(args: argparse.Namespace) -> int:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         print(f"processor: {target} exists and is not an empty directory", file=sys.stderr)
         return 1
-    target.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target.chmod(0o700)  # a copy of card data is the owner's alone, made here or not
+    # Made beside the target and renamed into place once whole: a copy that failed half-way
+    # (a full disk) stayed in TARGET looking like a backup, and serving or verifying it died
+    # of SIGBUS on its truncated file.
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+    staging.mkdir(mode=0o700)
+    staging.chmod(0o700)  # a copy of card data is the owner's alone, made here or not
+    try:
+        copied, last_event = _back_up(config, staging)
+        _sync_tree(staging)
+        if target.exists():
+            target.rmdir()  # empty (checked above): the whole copy takes its place
+        staging.rename(target)
+        _sync_directory(target.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(
+        f"backed up {copied} of {config.ledger.path} to {target} (compacted): every change "
+        f"up to event {last_event} is in it; restore by serving that directory (--ledger)"
+    )
+    return 0
+
+
+def _sync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _sync_tree(root: Path) -> None:
+    """Every file and directory under `root` on the disk before the copy is named a backup."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            descriptor = os.open(Path(directory) / name, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        _sync_directory(Path(directory))
+
+
+def _back_up(config: Config, target: Path) -> tuple[str, int]:
+    """The ledger (and the delivery state) copied into the empty directory `target`: what was
+    copied and the last event in the copy."""
+    from processor.ledger.store import Ledger
+    from processor.webhooks.state import DeliveryState, state_path
+
     copied = "the ledger"
     source_state = state_path(config)
     if (source_state / "data.mdb").exists():
@@ -206,11 +252,7 @@ def cmd_ledger_backup(args: argparse.Namespace) -> int:
     for made in (target / "data.mdb", target / "webhooks" / "data.mdb"):
         if made.exists():
             made.chmod(0o600)
-    print(
-        f"backed up {copied} of {config.ledger.path} to {target} (compacted): every change "
-        f"up to event {last_event} is in it; restore by serving that directory (--ledger)"
-    )
-    return 0
+    return copied, last_event
 
 
 def cmd_ledger_stats(args: argparse.Namespace) -> int:
@@ -796,6 +838,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(error, LoadError | LedgerError | WorkerError):
             # Errors quote what they were given (an id, an enum value): a card number typed
             # in the wrong column must not be printed in clear.
+            print(f"processor: {mask_card_numbers(str(error))}", file=sys.stderr)
+            return 1
+        import lmdb
+
+        if isinstance(error, lmdb.Error):
+            # LMDB's answer (a full disk during a backup, a state directory on a read-only
+            # file system): its text names the call or path and the reason, in one line.
             print(f"processor: {mask_card_numbers(str(error))}", file=sys.stderr)
             return 1
         if isinstance(error, OSError):

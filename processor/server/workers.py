@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 import sys
 from collections import deque
@@ -31,7 +30,14 @@ from collections.abc import Callable
 import msgspec
 
 from processor import limits
-from processor.channel import Child, Report, last_report, report_until_stopped, send_report
+from processor.channel import (
+    STOP_SIGNALS,
+    Child,
+    Report,
+    last_report,
+    report_until_stopped,
+    send_report,
+)
 from processor.config import Config
 from processor.heap import freeze_setup
 from processor.metrics import Metrics
@@ -85,7 +91,11 @@ class WorkerPool:
     async def start(self) -> None:
         """Start every worker and return once all accept links; raise if one does not."""
         for worker in self._workers:
-            await worker.spawn()
+            try:
+                await worker.spawn()
+            except (OSError, RuntimeError) as error:  # as the delivery process's start says
+                await self.stop()
+                raise WorkerError(f"{worker.name} process did not start: {error!r}") from None
         for worker in self._workers:
             why = await worker.ready(limits.worker_start_seconds_max)
             if why is not None:
@@ -160,7 +170,7 @@ async def serve_worker(
     servers = await start_listeners(daemon, sockets)
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=channel_fd))
     stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     daemon.supervise()  # idle and stalled links (the hold sweeper stays in the primary)
     freeze_setup()

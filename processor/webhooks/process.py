@@ -20,14 +20,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 import sys
 
 import msgspec
 
 from processor import limits
-from processor.channel import Report, last_report, report_until_stopped, send_report
+from processor.channel import (
+    STOP_SIGNALS,
+    Report,
+    last_report,
+    report_until_stopped,
+    send_report,
+)
 from processor.config import Config
 from processor.cpus import pin
 from processor.heap import freeze_setup
@@ -63,7 +68,7 @@ async def serve_delivery(config: Config, channel_fd: int, wake_fd: int) -> int:
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     dispatcher.on_failure = stop.set  # an endpoint's delivery stopped: exit, to be restarted
 

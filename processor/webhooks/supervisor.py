@@ -45,7 +45,13 @@ class DeliveryProcess:
 
     async def start(self) -> None:
         """Start the process; return once it delivers, raise DeliveryError if it does not."""
-        await self._child.spawn()
+        try:
+            await self._child.spawn()
+        except (OSError, RuntimeError) as error:
+            # Its pipe closed under the write of its configuration (a Ctrl-C in the daemon's
+            # terminal as it started, say): a failed start, said in one line (a stop asked
+            # meanwhile makes it none: app.serve), not a traceback out of the event loop.
+            raise DeliveryError(f"the webhook delivery process did not start: {error!r}") from None
         why = await self._child.ready(limits.worker_start_seconds_max)
         if why is not None:
             await self.stop()

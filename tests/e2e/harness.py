@@ -100,9 +100,9 @@ class RunningDaemon:
     def stderr(self) -> str:
         return self.stderr_path.read_text() if self.stderr_path.exists() else ""
 
-    def terminate(self, timeout: float = 15.0) -> int:
+    def terminate(self, timeout: float = 15.0, signum: int = signal.SIGTERM) -> int:
         assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
+        self.process.send_signal(signum)
         out, _ = self.process.communicate(timeout=timeout)
         self.stdout.append(out)
         return self.process.returncode

@@ -233,3 +233,18 @@ def test_a_crashing_worker_spends_its_own_restart_budget_not_the_others(tmp_path
         assert pool.stderr().count("leaving it down") == 1
     finally:
         pool.stop()
+
+
+def test_a_sighup_to_every_process_is_the_orderly_stop(pool: RunningDaemon) -> None:
+    """A closed terminal sends SIGHUP to the whole process group: it killed the primary and
+    its workers at once, answers in flight and the checkpoint lost."""
+    assert pool.process is not None
+    workers = worker_pids(pool.process.pid)
+    link = pool.connect()
+    assert link.exchange(authorization(amount=100))["39"] == "00"
+    for pid in workers:  # as the terminal's hang-up reaches each of them
+        os.kill(pid, signal.SIGHUP)
+    assert pool.terminate(signum=signal.SIGHUP) == 0
+    link.close()
+    assert "processor: stopped" in "".join(pool.stdout)
+    assert "Traceback" not in pool.stderr()

@@ -966,6 +966,34 @@ def test_a_backup_is_its_owners_alone(cli_ledger: Path, tmp_path: Path) -> None:
     assert (target / "data.mdb").stat().st_mode & 0o077 == 0
 
 
+def test_a_backup_that_fails_half_way_leaves_nothing_that_looks_like_one(
+    cli_ledger: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A full disk during the copy: a truncated data.mdb stayed in TARGET looking like a
+    backup (serving or verifying it died of SIGBUS), with a traceback for the error."""
+    import lmdb
+
+    from processor.ledger.store import Ledger
+
+    def full_disk(self: Ledger, directory: object) -> int:
+        (Path(str(directory)) / "data.mdb").write_bytes(b"\0" * 4096)  # what was written
+        raise lmdb.DiskError("mdb_env_copy3: No space left on device")
+
+    monkeypatch.setattr(Ledger, "copy_to", full_disk)
+    target = tmp_path / "backup"
+    assert main(["ledger", "backup", "--ledger", str(cli_ledger), str(target)]) == 1
+    err = capsys.readouterr().err
+    assert err == "processor: mdb_env_copy3: No space left on device\n", err
+    assert not target.exists() and list(tmp_path.glob(".backup.partial-*")) == []
+    monkeypatch.undo()
+    # The retry is not refused for what the failure left: there is nothing.
+    assert main(["ledger", "backup", "--ledger", str(cli_ledger), str(target)]) == 0
+    assert (target / "data.mdb").stat().st_size > 4096
+
+
 def test_the_load_generator_takes_its_card_from_the_environment_only() -> None:
     from processor.cli import build_load_parser
 

@@ -178,3 +178,26 @@ def test_replay_of_an_event_the_endpoint_does_not_subscribe_to_is_refused(
         assert state.take_replays("main") == [(2, "one")]
     finally:
         state.close()
+
+
+def test_a_delivery_state_that_cannot_be_opened_is_one_line(
+    config: Config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A read-only file system (what ext4 remounts to after a disk error): `replay` and
+    `enable` printed lmdb's traceback."""
+    from processor.cli import main
+
+    state = Path(config.ledger.path) / "webhooks"
+    state.mkdir(mode=0o700)
+    (state / "data.mdb").mkdir()  # a file LMDB cannot open, as on a read-only mount
+    config_file = tmp_path / "webhooks.toml"
+    config_file.write_text(
+        f'[ledger]\npath = "{config.ledger.path}"\n'
+        '[[webhooks.endpoints]]\nname = "main"\nurl = "https://hooks.example/"\n'
+        'secret_envs = ["HOOK"]\n'
+    )
+    for command in (["replay", "--endpoint", "main", "--from", "1"], ["enable", "main"]):
+        assert main(["webhooks", *command, "--config", str(config_file)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("processor: ") and err.count("\n") == 1, err
+        assert "Traceback" not in err
