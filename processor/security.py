@@ -153,27 +153,46 @@ def mask_card_numbers(text: str, *, every_run: bool = False) -> str:
     return _DIGIT_RUN.sub(masked, text)
 
 
-# A card number typed into an id or a reason, its groups split by any character an account
-# id allows as well as spaces and dashes ("4761.7390.0101.0010", "acct:4761_7390_...").
-_TYPED_NUMBER: Final = re.compile(r"\d(?:[ ._:/-]?\d){12,18}(?![ ._:/-]?\d)")
+# Digits as a card number may be typed into an id or a reason: one run, or groups split by
+# any character an account id allows as well as spaces and dashes ("4761.7390.0101.0010",
+# "acct:4761_7390_..."), with other numbers beside it ("order 12 4761...", "... 05/27").
+_TYPED_DIGITS: Final = re.compile(r"\d(?:[ ._:/-]?\d)*")
 _TYPED_SEPARATORS: Final = str.maketrans("", "", " ._:/-")
 
 
 def typed_card_numbers(text: str) -> list[str]:
-    """The digits of each run in `text` that could be a card number typed in it: 13-19 digits,
-    grouped or not, passing the Luhn check as a whole. A tenth of any long numbers do, so
-    callers refuse only those the ledger knows as cards (an id or a reason is kept in clear:
-    a card's number typed into one must not be; a customer number that merely passes Luhn
-    must stay usable)."""
-    found = []
-    for run in _TYPED_NUMBER.finditer(text):
-        start = run.start()
-        if start and (text[start - 1].isdigit()):
-            continue  # part of a longer run of digits: not a number of its own
+    """Every 13-19 digits in a row of `text` (separators skipped) that pass the Luhn check:
+    what could be a card number typed in it, alone or beside other numbers. A tenth of any
+    such windows pass, so callers refuse only those the ledger knows as cards (an id or a
+    reason is kept in clear: a card's number typed into one must not be; a customer number
+    that merely passes Luhn must stay usable). At most seven windows a digit, each checked
+    in constant time from running sums (this runs on the event loop the authorisations share:
+    a Luhn pass per window of a 200-digit reason took 5 ms)."""
+    found: list[str] = []
+    for run in _TYPED_DIGITS.finditer(text):
         digits = run[0].translate(_TYPED_SEPARATORS)
-        if luhn_valid(digits):
-            found.append(digits)
+        size = len(digits)
+        if size < _PAN_DIGITS_MIN:
+            continue
+        values = [ord(char) - 48 for char in digits]
+        # sums[p][i]: Luhn contributions of digits[:i] when the digits whose index parity is
+        # not p are the doubled ones, as they are in a window whose last digit has parity p.
+        sums = [[0] * (size + 1), [0] * (size + 1)]
+        for index, value in enumerate(values):
+            doubled = _DOUBLED[value]
+            for parity in (0, 1):
+                sums[parity][index + 1] = sums[parity][index] + (
+                    value if index % 2 == parity else doubled
+                )
+        for start in range(size - _PAN_DIGITS_MIN + 1):
+            for end in range(start + _PAN_DIGITS_MIN, min(size, start + 19) + 1):
+                running = sums[(end - 1) % 2]
+                if (running[end] - running[start]) % 10 == 0:
+                    found.append(digits[start:end])
     return found
+
+
+_DOUBLED: Final = tuple((2 * value) // 10 + (2 * value) % 10 for value in range(10))
 
 
 def _luhn_sum(digits: str, doubled_parity: int) -> int:

@@ -303,7 +303,12 @@ def test_a_cards_number_in_an_account_id_or_a_reason_is_refused(
         )
         assert registered.status == 201
         typed = (pan, f"acct-{pan}", "acct-4761-7390-0101-0010", "4761.7390.0101.0010")
-        for account_id in (*typed, "acct:4761:7390:0101:0010", "4761_7390_0101_0010"):
+        beside = (
+            "acct-2024-4761739001010010",
+            "4761739001010010-2",
+            "acct:2024:4761:7390:0101:0010",
+        )
+        for account_id in (*typed, *beside, "acct:4761:7390:0101:0010", "4761_7390_0101_0010"):
             answer = await client.post(
                 "/v1/accounts", json={"currency": "EUR", "id": account_id}, headers=bearer
             )
@@ -318,7 +323,7 @@ def test_a_cards_number_in_an_account_id_or_a_reason_is_refused(
         assert customer.status == 201
         refused = await client.post(
             "/v1/accounts/a1-20261207/fund",
-            json={"amount": 5, "reason": "refund 4761 7390 0101 0010"},
+            json={"amount": 5, "reason": "order 12: refund 3 4761 7390 0101 0010 05/27"},
             headers=bearer,
         )
         assert refused.status == 400 and "0101" not in await refused.text()
