@@ -380,30 +380,20 @@ class Lifecycle:
         category = self._rules.catalog.category(original.usage_mcc)
         approved = periods_at(original.answered_ms, self._zone)
         count = 1 if full else 0
-        # The amount comes back only to usage still counted in the currency it was counted
-        # in: a load since may have changed the account's currency, or moved the card to an
-        # account of another (usage amounts then started again at zero in the new one, and
-        # giving back minor units of the old would free allowance the cardholder never had).
-        # The approval's count and time come back whatever the currency.
-        account = writer.account(original.account_id)
-        same = account is not None and account.counts_in_its_currency(original.answered_ms)
+        # The amount comes back only to usage whose amounts have counted since the approval:
+        # a load since may have changed the account's currency, or moved the card to an
+        # account of another (and maybe back): its amounts then started again at zero, and
+        # giving back minor units counted before would free allowance the cardholder never
+        # had. The approval's count and time come back whatever the currency.
+        answered = original.answered_ms
         card = writer.card_of(original.card_id, card_key)
         if card is not None:
-            holder = account if card.account_id == original.account_id else None
-            if holder is None and same:
-                assert account is not None
-                now_on = writer.account(card.account_id)
-                if (
-                    now_on is not None
-                    and now_on.currency == account.currency
-                    and now_on.counts_in_its_currency(original.answered_ms)
-                ):
-                    holder = now_on
-            given = amount if holder is not None and same else 0
             state = writer.changed_card_state(card)
+            given = amount if state.usage_since_ms <= answered else 0
             release_usage(usage_of(state), given, count, category, approved, batch.periods)
+        account = writer.account(original.account_id)
         if account is not None:
-            given = amount if same else 0
+            given = amount if account.counts_in_its_currency(answered) else 0
             release_usage(usage_of(account), given, count, category, approved, batch.periods)
             writer.put_account(account)
         original.usage_amount -= amount

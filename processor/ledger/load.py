@@ -457,7 +457,8 @@ def _update_account(
         _move_balance(writer, account, 0, now_ms)
         old_currency = account.currency
         account.currency = entry.currency
-        account.currency_since_ms = now_ms
+        since = _reset_stamp(writer, now_ms, account.last_answer)
+        account.currency_since_ms = since
         # Spend-control usage counted amounts of the old currency: those start again (counts
         # and approval times stay true), for the account and its cards, but for a card the
         # file moves to an account of the old currency (where they stay true). Done here, not
@@ -467,6 +468,7 @@ def _update_account(
             if moving.get(held.card_id) != old_currency:
                 state = writer.changed_card_state(held)
                 state.usage = without_amounts(state.usage)
+                state.usage_since_ms = since
                 state.sca_exempt_amount = 0
         writer.put_account(account)
         writer.emit_change(now_ms, "account.updated", "currency_changed", account_id=account.id)
@@ -569,9 +571,19 @@ def _put_cards(
                 # Moved into another currency: its usage counted the old one's amounts.
                 state = writer.changed_card_state(card)
                 state.usage = without_amounts(state.usage)
+                state.usage_since_ms = _reset_stamp(writer, now_ms, state.last_answer)
                 state.sca_exempt_amount = 0
             _card_events(writer, previous, card, now_ms)
     return counts
+
+
+def _reset_stamp(writer: Writer, now_ms: int, head: bytes | None) -> int:
+    """When amounts counted until now stop counting: `now_ms`, or just after the newest answer
+    already about them (`head`, its history's), whichever is later. The chunk's time was taken
+    before its write waited for the writer lock, and a batch committed meanwhile may have
+    answered after it, in the old currency."""
+    newest = None if head is None else writer.answer(head)
+    return now_ms if newest is None else max(now_ms, newest.answered_ms + 1)
 
 
 def _card_events(writer: Writer, previous: Card, card: Card, now_ms: int) -> None:

@@ -120,6 +120,10 @@ class CardState(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     # authenticated one: how many, and their amount in the account currency (specs/sca.md).
     sca_exempt_count: int = 0
     sca_exempt_amount: int = 0
+    # When a load last set its usage amounts to zero (the card moved to an account of another
+    # currency, or its account's currency changed; 0: never): an approval from before counted
+    # amounts of another currency, which its reversal must not give back to these counters.
+    usage_since_ms: int = 0
 
 
 class Hold(msgspec.Struct, array_like=True, kw_only=True, gc=False):

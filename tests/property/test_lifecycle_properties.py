@@ -1885,6 +1885,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                 cvc2_failures=0,  # no CVC2 is ever sent here
                 sca_exempt_count=0,  # nor does any control require SCA (tests/unit/test_sca.py)
                 sca_exempt_amount=0,
+                usage_since_ms=0,  # the model moves no card and changes no currency
             )
             assert_stored(with_usage(reader.card_state(card)), expected, model.card_id)
         assert reader.card(HASHER.card_key(CARDS[3].pan)) is None

@@ -1892,3 +1892,54 @@ def test_a_reversal_gives_back_no_amount_to_usage_counted_in_another_currency(
     more = auth_request(amount=1_000, currency="392", stan="000004", rrn="633012000004")
     [again] = authorizer.authorize_batch([more], NOW + timedelta(minutes=3))
     assert (again.response_code, again.reason) == ("61", "daily_amount_limit")
+
+
+def _card_with_daily_limit(account: str, amount: int, currency: str) -> bytes:
+    return (
+        f'[[cards]]\npan = "{MAIN}"\naccount = "{account}"\nexpiry = "3012"\ncontrols.'
+        f'amount_limits = [{{ interval = "daily", amount = {amount}, currency = "{currency}" }}]\n'
+    ).encode()
+
+
+def test_a_card_moved_away_and_back_gets_back_no_amount_it_no_longer_counts(
+    loaded: Ledger, authorizer: Authorizer
+) -> None:
+    """Its usage amounts started again twice (yen, then euros): the reversal of a hold from
+    before still took its amount off the new count, and 20.00 went through a 15.00 limit."""
+    load_text(loaded, _card_with_daily_limit("acct-main", 1_500, "EUR"))
+    original = auth_request(amount=1_000)
+    [first] = authorizer.authorize_batch([original], NOW)
+    assert first.response_code == "00"
+    load_text(loaded, _card_with_daily_limit("acct-yen", 5_000, "JPY"))
+    load_text(loaded, _card_with_daily_limit("acct-main", 1_500, "EUR"))
+    later = auth_request(amount=1_000, stan="000003", rrn="633012000003")
+    [second] = authorizer.authorize_batch([later], NOW + timedelta(minutes=1))
+    assert second.response_code == "00"
+    [reversal] = authorizer.authorize_batch(
+        [_reversal_of(original, "000002")], NOW + timedelta(minutes=2)
+    )
+    assert reversal.reason == "reversed"
+    more = auth_request(amount=1_000, stan="000004", rrn="633012000004")
+    [third] = authorizer.authorize_batch([more], NOW + timedelta(minutes=3))
+    assert (third.response_code, third.reason) == ("61", "daily_amount_limit")
+
+
+def test_a_currency_change_stamped_before_a_purchase_it_commits_after_still_covers_it(
+    loaded: Ledger, authorizer: Authorizer
+) -> None:
+    """A load's time is taken before its write waits for the lock: a 0200 committed meanwhile
+    (no hold: nothing refuses the change) was later than the stamp, counted as of the new
+    currency, and its reversal credited euro cents as yen."""
+    original = auth_request(mti="0200", amount=1_000)
+    [posted] = authorizer.authorize_batch([original], NOW)
+    assert posted.response_code == "00"
+    jpy = LOAD_FILE.replace(
+        b'id = "acct-main"\ncurrency = "EUR"', b'id = "acct-main"\ncurrency = "JPY"'
+    )
+    stamp = int(NOW.timestamp() * 1000) - 5  # taken 5 ms before the 0200 committed
+    apply_load_file(loaded, parse_load_file(jpy, "x.toml"), HASHER, "x.toml", now_ms=stamp)
+    before = account_state(loaded, "acct-main")
+    [reversal] = authorizer.authorize_batch(
+        [_reversal_of(original, "000002")], NOW + timedelta(minutes=5)
+    )
+    assert (reversal.reason, account_state(loaded, "acct-main")) == ("currency_changed", before)
