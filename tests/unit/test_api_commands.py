@@ -99,21 +99,18 @@ def test_a_record_stored_under_the_old_scope_is_still_replayed(ledger: Ledger) -
     fund = commands.move_funds("a1", "fund", 500, "top-up")
     before = Idempotency(scope=b"POST /fund k1", body_digest=HASHER.digest(b"body"))
     first = run(ledger, idempotent(before, fund))
-    after = Idempotency(
-        scope=b"k1",
-        body_digest=HASHER.digest(b"POST /fund body"),
-        legacy_scope=b"POST /fund k1",
-        legacy_body_digest=HASHER.digest(b"body"),
-    )
-    again = run(ledger, idempotent(after, fund))
+
+    def after_upgrade(body: bytes) -> Idempotency:  # the same key, as this release makes it
+        return Idempotency(
+            scope=b"k1",
+            body_digest=HASHER.digest(b"POST /fund " + body),
+            legacy_scope=b"POST /fund k1",
+            legacy_body_digest=HASHER.digest(body),
+        )
+
+    again = run(ledger, idempotent(after_upgrade(b"body"), fund))
     assert (again.replayed, again.body) == (True, first.body)
-    changed = Idempotency(
-        scope=b"k1",
-        body_digest=HASHER.digest(b"POST /fund other"),
-        legacy_scope=b"POST /fund k1",
-        legacy_body_digest=HASHER.digest(b"other"),
-    )
-    refused = run(ledger, idempotent(changed, fund))
+    refused = run(ledger, idempotent(after_upgrade(b"other"), fund))
     assert isinstance(refused, Refused) and refused.code == "idempotency_key_reused"
     with ledger.read() as reader:
         assert reader.account("a1").posted == 500  # type: ignore[union-attr]

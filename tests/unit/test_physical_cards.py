@@ -34,10 +34,18 @@ HOME = Address(line1="Kastanienallee 12", city="Berlin", postal_code="10435", co
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[Ledger]:
     ledger = Ledger(tmp_path, durability="process", map_size_bytes=64 << 20)
-    with ledger.write() as writer:  # an approved cardholder and a funded account for it
+    approved_cardholder(ledger, "ch_" + "a" * 20)  # and a funded account for it
+    run(ledger, commands.create_account("a1", "EUR", 0, None, "ch_" + "a" * 20))
+    run(ledger, commands.move_funds("a1", "fund", 100_000, "test"))
+    yield ledger
+    ledger.close()
+
+
+def approved_cardholder(ledger: Ledger, cardholder_id: str) -> None:
+    with ledger.write() as writer:
         writer.put_cardholder(
             Cardholder(
-                id="ch_" + "a" * 20,
+                id=cardholder_id,
                 kind="individual",
                 kyc_status="approved",
                 created_ms=NOW_MS,
@@ -46,10 +54,6 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
                 sealed=b"",
             )
         )
-    run(ledger, commands.create_account("a1", "EUR", 0, None, "ch_" + "a" * 20))
-    run(ledger, commands.move_funds("a1", "fund", 100_000, "test"))
-    yield ledger
-    ledger.close()
 
 
 def run(ledger: Ledger, operation: commands.Operation) -> dict[str, object] | Refused:
@@ -506,18 +510,7 @@ def test_a_cardholder_is_read_only_where_it_can_decide(
 def test_an_accounts_rejected_holder_stops_the_cards_of_others_on_it(ledger: Ledger) -> None:
     """A business's employee card on the business's account: the business rejected (KYB)."""
     employee = "ch_" + "b" * 20
-    with ledger.write() as writer:
-        writer.put_cardholder(
-            Cardholder(
-                id=employee,
-                kind="individual",
-                kyc_status="approved",
-                created_ms=NOW_MS,
-                updated_ms=NOW_MS,
-                sealed_with="x",
-                sealed=b"",
-            )
-        )
+    approved_cardholder(ledger, employee)
     card = ok(
         run(
             ledger,
