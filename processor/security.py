@@ -156,7 +156,8 @@ def mask_card_numbers(text: str, *, every_run: bool = False) -> str:
 # Digits as a card number may be typed into an id or a reason: one run, or groups split by
 # any character an account id allows as well as spaces and dashes ("4761.7390.0101.0010",
 # "acct:4761_7390_..."), with other numbers beside it ("order 12 4761...", "... 05/27").
-_TYPED_DIGITS: Final = re.compile(r"\d(?:[ ._:/-]?\d)*")
+# ASCII digits only: `\d` takes any script's (a reason in Arabic-Indic digits raised here).
+_TYPED_DIGITS: Final = re.compile(r"[0-9](?:[ ._:/-]?[0-9])*")
 _TYPED_SEPARATORS: Final = str.maketrans("", "", " ._:/-")
 
 
