@@ -628,7 +628,9 @@ class ControlApi:
         if not candidates:
             return
         with self.daemon.ledger.read() as reader:
-            known = any(reader.card(self.hasher.card_key(digits)) for digits in candidates)
+            known = any(
+                reader.card(self.hasher.card_key(digits)) is not None for digits in candidates
+            )
         if known:
             raise ApiError(
                 400,
