@@ -15,7 +15,7 @@ import sys
 from datetime import UTC, datetime
 
 from processor.api.http import start_http
-from processor.channel import STOP_SIGNALS
+from processor.channel import stop_signals
 from processor.config import Config, ConfigError
 from processor.cpus import pin
 from processor.heap import freeze_setup
@@ -140,7 +140,7 @@ async def serve(settings: StartSettings) -> int:
     # completes and the stop is the orderly one (drain, checkpoint) at once.
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in STOP_SIGNALS:
+    for signum in stop_signals():
         loop.add_signal_handler(signum, stop.set)
     pin(config.server.cpus)  # before any process is started: they inherit it
     before, after = raise_open_files_limit()

@@ -20,7 +20,6 @@ from asyncio import FIRST_COMPLETED
 from collections import deque
 from collections.abc import Callable
 from contextlib import suppress
-from typing import Final
 
 import msgspec
 
@@ -30,10 +29,15 @@ from processor.metrics import Metrics, Sample
 
 log = logging.getLogger("processor.children")
 
-# What stops a daemon's process in order (drain, checkpoint): SIGTERM, Ctrl-C, and SIGHUP, which
-# a closed terminal sends the whole process group (and unit files habitually send as a
-# "reload"): it killed every process at once, answers in flight and the checkpoint lost.
-STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """What stops a daemon's process in order (drain, checkpoint): SIGTERM, Ctrl-C, and SIGHUP,
+    which a closed terminal sends the whole process group (and unit files habitually send as a
+    "reload"): it killed every process at once, answers in flight and the checkpoint lost. But
+    not SIGHUP when the process was started ignoring it (`nohup`): that is what was asked."""
+    hang_up = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGTERM, signal.SIGINT, *hang_up)
+
 
 _LENGTH = struct.Struct(">I")
 

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -168,24 +169,34 @@ def cmd_ledger_backup(args: argparse.Namespace) -> int:
         return 1
     target = Path(args.directory)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        print(f"processor: {target} exists and is not an empty directory", file=sys.stderr)
+        unfinished = target.is_dir() and all(
+            entry.name.startswith(".partial-") for entry in target.iterdir()
+        )
+        print(
+            f"processor: {target} exists and is not an empty directory"
+            + ("; it holds only an unfinished backup (.partial-*): remove it" * unfinished),
+            file=sys.stderr,
+        )
         return 1
-    # Made beside the target and renamed into place once whole: a copy that failed half-way
-    # (a full disk) stayed in TARGET looking like a backup, and serving or verifying it died
-    # of SIGBUS on its truncated file.
-    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
-    staging.mkdir(mode=0o700)
-    staging.chmod(0o700)  # a copy of card data is the owner's alone, made here or not
+    # Made in a hidden directory inside the target and moved up once whole, the ledger's file
+    # last: a copy that failed half-way (a full disk) stayed in TARGET looking like a backup,
+    # and serving or verifying it died of SIGBUS on its truncated file. Inside, not beside:
+    # the target may be a mount point (a backup disk) or a link to one.
+    made = not target.exists()
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target.chmod(0o700)  # a copy of card data is the owner's alone, made here or not
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=target))
     try:
         copied, last_event = _back_up(config, staging)
         _sync_tree(staging)
-        if target.exists():
-            target.rmdir()  # empty (checked above): the whole copy takes its place
-        staging.rename(target)
-        _sync_directory(target.parent)
+        for entry in sorted(staging.iterdir(), key=lambda path: path.name == "data.mdb"):
+            entry.rename(target / entry.name)
+        staging.rmdir()
+        _sync_directory(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if made:
+            shutil.rmtree(target, ignore_errors=True)
         raise
     print(
         f"backed up {copied} of {config.ledger.path} to {target} (compacted): every change "

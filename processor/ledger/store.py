@@ -1475,11 +1475,19 @@ class Writer(Reader):
         return None if found is None else found[1]
 
     def record_answer(self, identity: bytes, answer: StoredAnswer, card_key_hint: bytes) -> None:
-        """Store a new answer at the head of its card's and its account's history chains."""
+        """Store a new answer at the head of its card's and its account's history chains.
+
+        Its time is moved past a load's currency change (or a card's usage reset) that
+        committed before it: the batch read its clock before it waited for the writer lock,
+        and an answer stamped before the change would read as one of the old currency (its
+        reversal refused, nothing given back). Nothing moves but on the first batches after
+        such a load."""
         if answer.card_id is not None:
             card = self.card_of(answer.card_id, card_key_hint)
             if card is not None:
                 state = self.changed_card_state(card)
+                if answer.answered_ms <= state.usage_since_ms:
+                    answer.answered_ms = state.usage_since_ms + 1
                 # Never itself: a key pruned and then used again (field 7 has no year) would
                 # make the chain a loop.
                 answer.previous_for_card = (
@@ -1489,6 +1497,8 @@ class Writer(Reader):
         if answer.account_id is not None:
             account = self.account(answer.account_id)
             if account is not None:
+                if answer.answered_ms <= account.currency_since_ms:
+                    answer.answered_ms = account.currency_since_ms + 1
                 previous = account.last_answer
                 if previous == identity:
                     previous = None

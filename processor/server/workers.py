@@ -31,12 +31,12 @@ import msgspec
 
 from processor import limits
 from processor.channel import (
-    STOP_SIGNALS,
     Child,
     Report,
     last_report,
     report_until_stopped,
     send_report,
+    stop_signals,
 )
 from processor.config import Config
 from processor.heap import freeze_setup
@@ -170,7 +170,7 @@ async def serve_worker(
     servers = await start_listeners(daemon, sockets)
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=channel_fd))
     stop = asyncio.Event()
-    for signum in STOP_SIGNALS:
+    for signum in stop_signals():
         loop.add_signal_handler(signum, stop.set)
     daemon.supervise()  # idle and stalled links (the hold sweeper stays in the primary)
     freeze_setup()

@@ -238,7 +238,10 @@ class Dispatcher:
 
     async def _expire_dead_letters(self) -> None:
         while True:
-            self.expire_dead_letters()
+            try:
+                self.expire_dead_letters()
+            except Exception as error:  # housekeeping (a full state map, say): never delivery's end
+                log.error("dead letters could not be expired: %r; trying again later", error)
             await self._clock.sleep(DEAD_LETTER_EXPIRY_SECONDS)
 
     def expire_dead_letters(self) -> int:

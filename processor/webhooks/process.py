@@ -27,11 +27,11 @@ import msgspec
 
 from processor import limits
 from processor.channel import (
-    STOP_SIGNALS,
     Report,
     last_report,
     report_until_stopped,
     send_report,
+    stop_signals,
 )
 from processor.config import Config
 from processor.cpus import pin
@@ -68,7 +68,7 @@ async def serve_delivery(config: Config, channel_fd: int, wake_fd: int) -> int:
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in STOP_SIGNALS:
+    for signum in stop_signals():
         loop.add_signal_handler(signum, stop.set)
     dispatcher.on_failure = stop.set  # an endpoint's delivery stopped: exit, to be restarted
 

@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -548,7 +548,12 @@ def test_idle_and_half_sent_links_are_closed_over_real_sockets(tmp_path: Path) -
         running.stop()
 
 
-def _serving(ledger: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def _serving(
+    ledger: Path,
+    *flags: str,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], object] | None = None,
+) -> subprocess.Popen[str]:
     """`processor serve --demo` on free ports, its stdout a pipe this test reads (or closes),
     in a session of its own (a signal to its process group reaches nothing of the test's)."""
     command = [sys.executable, "-m", "processor.cli", "serve", "--demo", "--ledger", str(ledger)]
@@ -559,6 +564,7 @@ def _serving(ledger: Path, *flags: str, env: dict[str, str] | None = None) -> su
         text=True,
         env=dict(os.environ, PROCESSOR_PAN_KEY=PAN_KEY) if env is None else env,
         start_new_session=True,
+        preexec_fn=preexec_fn,
     )
 
 
@@ -643,3 +649,21 @@ def test_ctrl_c_while_the_delivery_process_starts_is_the_orderly_stop(
         out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert "processor: stopped" in out and "Traceback" not in err
+
+
+def test_a_daemon_started_under_nohup_goes_on_after_a_sighup(tmp_path: Path) -> None:
+    """SIGHUP stops the daemon in order, unless it was started ignoring it (`nohup`): the
+    handler replaced the ignore, and a closed terminal stopped what nohup was to keep."""
+
+    def as_nohup_does() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    with _reaped(_serving(tmp_path / "ledger", preexec_fn=as_nohup_does)) as process:
+        _line_until(process, "processor: ready")
+        process.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert process.poll() is None, "stopped by a SIGHUP it was started to ignore"
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "processor: stopped" in out

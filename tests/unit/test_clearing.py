@@ -994,6 +994,45 @@ def test_a_backup_that_fails_half_way_leaves_nothing_that_looks_like_one(
     assert (target / "data.mdb").stat().st_size > 4096
 
 
+def test_a_backup_goes_into_a_link_a_current_directory_or_a_mount_point(
+    cli_ledger: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The copy was made beside the target and renamed over it: a target that is a link to an
+    empty directory, `.`, or a mount point (a backup disk) could not be replaced so."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    link = tmp_path / "backup-link"
+    link.symlink_to(disk)
+    here = tmp_path / "here"
+    here.mkdir()
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        == 0
+    )  # root in this sandbox; elsewhere the mount case is left out
+    try:
+        monkeypatch.chdir(here)
+        targets = [(str(link), disk), (".", here), ("rel/b1/", here / "rel" / "b1")]
+        if mounted:
+            targets.append((str(mount), mount))
+        for argument, where in targets:
+            code = main(["ledger", "backup", "--ledger", str(cli_ledger), argument])
+            assert code == 0, (argument, capsys.readouterr().err)
+            assert (where / "data.mdb").stat().st_mode & 0o777 == 0o600, argument
+            assert [entry.name for entry in where.iterdir() if entry.name.startswith(".")] == []
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(mount)], check=True)
+
+
 def test_the_load_generator_takes_its_card_from_the_environment_only() -> None:
     from processor.cli import build_load_parser
 

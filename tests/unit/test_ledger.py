@@ -1943,3 +1943,31 @@ def test_a_currency_change_stamped_before_a_purchase_it_commits_after_still_cove
         [_reversal_of(original, "000002")], NOW + timedelta(minutes=5)
     )
     assert (reversal.reason, account_state(loaded, "acct-main")) == ("currency_changed", before)
+
+
+def test_a_purchase_answered_after_a_currency_change_in_a_batch_timed_before_it_is_reversed(
+    loaded: Ledger, authorizer: Authorizer
+) -> None:
+    """A batch reads its clock before it waits for the writer lock: one committed after the
+    load, in the new currency, could carry a time at or before the change's, and its reversal
+    was refused as of the old currency (00 currency_changed, nothing given back)."""
+    first = auth_request(mti="0200", amount=1_000, stan="000001", rrn="633012000001")
+    [eur] = authorizer.authorize_batch([first], NOW)  # committed before the load
+    assert eur.response_code == "00"
+    jpy = LOAD_FILE.replace(
+        b'id = "acct-main"\ncurrency = "EUR"', b'id = "acct-main"\ncurrency = "JPY"'
+    )
+    stamp = int(NOW.timestamp() * 1000)
+    apply_load_file(loaded, parse_load_file(jpy, "x.toml"), HASHER, "x.toml", now_ms=stamp)
+    before = account_state(loaded, "acct-main")
+    later = auth_request(
+        mti="0200", amount=1_000, currency="392", stan="000005", rrn="633012000005"
+    )
+    [yen] = authorizer.authorize_batch([later], NOW)  # timed in the load's millisecond
+    assert yen.response_code == "00", yen.reason
+    assert account_state(loaded, "acct-main") != before
+    [reversal] = authorizer.authorize_batch(
+        [_reversal_of(later, "000006")], NOW + timedelta(minutes=5)
+    )
+    assert (reversal.response_code, reversal.reason) == ("00", "reversed")
+    assert account_state(loaded, "acct-main") == before

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import lmdb
 import msgspec
 import pytest
 from aiohttp import web
@@ -1066,3 +1067,19 @@ def test_an_event_replayed_alone_and_by_a_rewind_is_not_left_dead(tmp_path: Path
         assert harness.state.dead_letters("main") == []
 
     run(tmp_path, [], test, accounts=("a", "b"))
+
+
+def test_a_failing_dead_letter_expiry_does_not_stop_delivery(tmp_path: Path) -> None:
+    """Housekeeping: a state it cannot write (a full map) is logged and tried again later,
+    not the end of the delivery process (which then restarted into the same failure)."""
+
+    async def test(harness: Harness) -> None:
+        def full(endpoint: str, before_ms: int, limit: int) -> int:
+            raise lmdb.MapFullError("mdb_put: MDB_MAP_FULL")
+
+        harness.state.expire_dead_letters = full  # type: ignore[method-assign]
+        await harness.dispatcher.start()
+        await wait_until(lambda: event_sequences(harness.receiver) == [1])
+        assert harness.dispatcher.failed is None
+
+    run(tmp_path, [], test, dead_letter_seconds=3600)
