@@ -833,6 +833,23 @@ def test_a_backup_of_a_ledger_with_batches_left_in_its_log_is_refused(
         copy.close()
 
 
+def test_a_ledger_with_batches_left_in_its_log_is_not_said_verified(
+    loaded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Verify read LMDB alone: a dead daemon's logged batches were left out, and it said
+    "verified" of a ledger missing answers already given."""
+    from processor.cli import main
+
+    ledger = logging_ledger(loaded)
+    approve(ledger, range(1, 1 + SMALL))
+    crash(ledger)
+    assert main(["ledger", "verify", "--ledger", str(loaded)]) == 1
+    assert "in its write-ahead log and not in LMDB, so not verified" in capsys.readouterr().err
+    logging_ledger(loaded).close()  # a read-write open replays them
+    assert main(["ledger", "verify", "--ledger", str(loaded)]) == 0
+    assert "verified" in capsys.readouterr().out
+
+
 def test_a_backup_of_a_ledger_larger_than_the_configured_map_start(tmp_path: Path) -> None:
     """The compacted copy was reopened with the map's starting size and no ceiling: past it,
     naming the copy's events failed (a traceback), leaving a copy without its event ids."""
