@@ -178,6 +178,12 @@ def check_date_of_birth(born: date, today: date) -> None:
         )
 
 
+def _account_currency(reader: Reader, account_id: str | None) -> str | None:
+    """The currency an answer's posted and reversed amounts are in: its account's."""
+    account = None if account_id is None else reader.account(account_id)
+    return None if account is None else account.currency
+
+
 def _id_in_path(request: web.Request, name: str, pattern: str, code: str, what: str) -> str:
     value = request.match_info[name]
     if re.fullmatch(pattern, value) is None:
@@ -734,9 +740,8 @@ class ControlApi:
                     404, "authorization_not_found", f"no authorization {authorization_id!r}"
                 )
             hold = reader.hold_of(key, answer)
-        return json_response(
-            authorization_view(key, answer, hold.status if hold is not None else None)
-        )
+            currency = _account_currency(reader, answer.account_id)
+        return json_response(authorization_view(key, answer, hold, currency))
 
     def _history(
         self, request: web.Request, reader: Reader, of: Literal["card", "account"], owner: str
@@ -748,7 +753,8 @@ class ControlApi:
         items = []
         for key, answer, _ in page:
             hold = reader.hold_of(key, answer)
-            items.append(authorization_view(key, answer, hold.status if hold else None))
+            currency = _account_currency(reader, answer.account_id)
+            items.append(authorization_view(key, answer, hold, currency))
         next_cursor = encode_cursor(page[-1][2]) if len(found) > limit else None
         return json_response(AuthorizationsPage(items=items, next_cursor=next_cursor))
 

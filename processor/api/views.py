@@ -36,6 +36,7 @@ from processor.ledger.records import (
     CardholderKind,
     CardStatus,
     EntryKind,
+    Hold,
     HoldStatus,
     KycStatus,
     LedgerEntry,
@@ -394,8 +395,15 @@ class AuthorizationView(msgspec.Struct, kw_only=True):
     # The state of the hold this request opened; null on a reversal or completion (the
     # authorisation that opened the hold shows its state).
     hold_status: HoldStatus | None
+    # What the request moved on its account, in the account's currency (`billing_currency`),
+    # which is not field 49's when the amount was converted: posted at once (0200, a
+    # completion), credited back by reversals, and the hold it opened as it stands now
+    # (shrunk by partial reversals; null without one) and what a completion captured of it.
     posted_amount: Amount
     reversed_amount: Amount
+    hold_amount: Amount | None = None
+    captured_amount: Amount | None = None
+    billing_currency: str | None = None  # ISO 4217 alphabetic: the account's currency
     created: Timestamp
 
 
@@ -535,7 +543,7 @@ def usage_view(
 
 
 def authorization_view(
-    key: bytes, answer: StoredAnswer, hold_status: HoldStatus | None
+    key: bytes, answer: StoredAnswer, hold: Hold | None, account_currency: str | None
 ) -> AuthorizationView:
     response = answer.response
     amount = response.get("4")
@@ -551,9 +559,12 @@ def authorization_view(
         currency=alpha_code(currency) if currency is not None else None,
         approval_code=response.get("38"),
         hold_id=answer.hold_id,
-        hold_status=hold_status,
+        hold_status=None if hold is None else hold.status,
         posted_amount=answer.posted_amount,
         reversed_amount=answer.reversed_amount,
+        hold_amount=None if hold is None else hold.amount,
+        captured_amount=None if hold is None else hold.captured_amount,
+        billing_currency=hold.currency if hold is not None else account_currency,
         created=timestamp(answer.answered_ms),
     )
 
