@@ -1226,6 +1226,7 @@ class Reader:
         record.response_code = answer.response_code
         record.reason = answer.reason
         record.processing_code = response.get("3")
+        asked_other = record.amount is not None  # a partial approval: field 4 is what was asked
         if record.amount is None:
             record.amount = _digits(response.get("4"))
         record.currency = response.get("49")
@@ -1240,6 +1241,16 @@ class Reader:
             and billing_currency == numeric_code(account_currency)
             else None
         )
+        if (
+            asked_other
+            and record.billing_amount is None
+            and account_currency is not None
+            and record.currency == numeric_code(account_currency)
+        ):
+            # In the account's currency, not converted: the answer's field 4 is what was
+            # approved and held (the event's amount is what was asked), as specs/events.md
+            # says; nothing carried it, and the approved amount was lost from the event.
+            record.billing_amount = _digits(response.get("4"))
         record.terminal = response.get("41")
         record.merchant_id = response.get("42")
         record.stan = response.get("11") or _stan_of(record.answer_key)

@@ -1213,7 +1213,13 @@ class LifecycleMachine(RuleBasedStateMachine):
             processing_code=fields["3"],
             amount=int(fields["4"]) if "4" in fields else None,
             currency=fields["49"],
-            billing_amount=None,  # field 6: nothing is converted here
+            # Nothing is converted here (no field 6): but a partial approval's event says what
+            # was approved and held (the answer's field 4) beside what was asked.
+            billing_amount=(
+                int(response["4"])
+                if "4" in response and "4" in fields and response["4"] != fields["4"]
+                else None
+            ),
             mcc=fields["18"],
             merchant_name_location=None,  # field 43: never sent
             terminal=fields.get("41"),

@@ -572,6 +572,17 @@ def test_a_partial_approval_says_what_it_held_in_field_6_too(tmp_path: Path) -> 
     assert last_event_billing(ledger) == (10000, 15000)
 
 
+def test_a_partial_approval_s_event_says_what_was_approved_without_field_6(tmp_path: Path) -> None:
+    """In the account's currency, no field 6: the event's amount is what was asked (150.00)
+    and nothing carried the 100.00 approved and held, which specs/events.md promises in its
+    billing amount."""
+    ledger, authorizer = build(tmp_path)
+    partial = "R" + "61" + "03" + "100"
+    [approved] = answer(authorizer, request(**{"4": "000000015000", "11": "000001", "48": partial}))
+    assert (approved.response_code, approved.fields["4"]) == ("10", "000000010000")
+    assert last_event_billing(ledger) == (10000, 15000)
+
+
 def test_a_billing_amount_in_another_currency_is_not_shown_as_the_accounts(
     tmp_path: Path,
 ) -> None:
