@@ -30,6 +30,10 @@ from processor.metrics import Metrics, Sample
 log = logging.getLogger("processor.children")
 
 
+class ChildStartError(Exception):
+    """A child process that could not be started (Child.spawn)."""
+
+
 def stop_signals() -> tuple[signal.Signals, ...]:
     """What stops a daemon's process in order (drain, checkpoint): SIGTERM, Ctrl-C, and SIGHUP,
     which a closed terminal sends the whole process group (and unit files habitually send as a
@@ -112,6 +116,15 @@ class Child:
         self.stopping = False
 
     async def spawn(self) -> None:
+        """Start the process; ChildStartError when the system or the child's pipe refuses
+        (EMFILE for its socket pair, a pipe closed under the write of its configuration by a
+        Ctrl-C as it started): a failed start, not a traceback out of the event loop."""
+        try:
+            await self._spawn()
+        except (OSError, RuntimeError) as error:  # RuntimeError: uvloop's closed transport
+            raise ChildStartError(f"did not start: {error!r}") from None
+
+    async def _spawn(self) -> None:
         ours, theirs = socket.socketpair()
         try:
             fds, started = self._prepare()

@@ -121,14 +121,8 @@ def _masked_run(run: str) -> str:
 
 
 def _holds_a_pan(digits: str) -> bool:
-    """Whether 13 or more consecutive of `digits` (at most 16) pass the Luhn check: at most
-    ten windows."""
-    size = len(digits)
-    return any(
-        luhn_valid(digits[start:end])
-        for start in range(size - _PAN_DIGITS_MIN + 1)
-        for end in range(start + _PAN_DIGITS_MIN, size + 1)
-    )
+    """Whether 13 or more consecutive of `digits` (at most 16) pass the Luhn check."""
+    return bool(_luhn_windows(digits))
 
 
 def mask_card_numbers(text: str, *, every_run: bool = False) -> str:
@@ -171,25 +165,32 @@ def typed_card_numbers(text: str) -> list[str]:
     a Luhn pass per window of a 200-digit reason took 5 ms)."""
     found: list[str] = []
     for run in _TYPED_DIGITS.finditer(text):
-        digits = run[0].translate(_TYPED_SEPARATORS)
-        size = len(digits)
-        if size < _PAN_DIGITS_MIN:
-            continue
-        values = [ord(char) - 48 for char in digits]
-        # sums[p][i]: Luhn contributions of digits[:i] when the digits whose index parity is
-        # not p are the doubled ones, as they are in a window whose last digit has parity p.
-        sums = [[0] * (size + 1), [0] * (size + 1)]
-        for index, value in enumerate(values):
-            doubled = _DOUBLED[value]
-            for parity in (0, 1):
-                sums[parity][index + 1] = sums[parity][index] + (
-                    value if index % 2 == parity else doubled
-                )
-        for start in range(size - _PAN_DIGITS_MIN + 1):
-            for end in range(start + _PAN_DIGITS_MIN, min(size, start + 19) + 1):
-                running = sums[(end - 1) % 2]
-                if (running[end] - running[start]) % 10 == 0:
-                    found.append(digits[start:end])
+        found += _luhn_windows(run[0].translate(_TYPED_SEPARATORS))
+    return found
+
+
+def _luhn_windows(digits: str) -> list[str]:
+    """Every 13-19 consecutive of `digits` (decimal digits, of any script) that pass the Luhn
+    check, each window checked in constant time from running sums."""
+    size = len(digits)
+    if size < _PAN_DIGITS_MIN:
+        return []
+    # sums[p][i]: Luhn contributions of digits[:i] when the digits whose index parity is not
+    # p are the doubled ones, as they are in a window whose last digit has parity p.
+    sums = [[0] * (size + 1), [0] * (size + 1)]
+    for index, char in enumerate(digits):
+        value = int(char)
+        doubled = _DOUBLED[value]
+        for parity in (0, 1):
+            sums[parity][index + 1] = sums[parity][index] + (
+                value if index % 2 == parity else doubled
+            )
+    found = []
+    for start in range(size - _PAN_DIGITS_MIN + 1):
+        for end in range(start + _PAN_DIGITS_MIN, min(size, start + 19) + 1):
+            running = sums[(end - 1) % 2]
+            if (running[end] - running[start]) % 10 == 0:
+                found.append(digits[start:end])
     return found
 
 

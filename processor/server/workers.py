@@ -32,6 +32,7 @@ import msgspec
 from processor import limits
 from processor.channel import (
     Child,
+    ChildStartError,
     Report,
     last_report,
     report_until_stopped,
@@ -93,9 +94,9 @@ class WorkerPool:
         for worker in self._workers:
             try:
                 await worker.spawn()
-            except (OSError, RuntimeError) as error:  # as the delivery process's start says
+            except ChildStartError as error:
                 await self.stop()
-                raise WorkerError(f"{worker.name} process did not start: {error!r}") from None
+                raise WorkerError(f"{worker.name} process {error}") from None
         for worker in self._workers:
             why = await worker.ready(limits.worker_start_seconds_max)
             if why is not None:

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 
 from processor import limits
-from processor.channel import Child
+from processor.channel import Child, ChildStartError
 from processor.config import Config
 from processor.metrics import Metrics
 
@@ -47,11 +47,8 @@ class DeliveryProcess:
         """Start the process; return once it delivers, raise DeliveryError if it does not."""
         try:
             await self._child.spawn()
-        except (OSError, RuntimeError) as error:
-            # Its pipe closed under the write of its configuration (a Ctrl-C in the daemon's
-            # terminal as it started, say): a failed start, said in one line (a stop asked
-            # meanwhile makes it none: app.serve), not a traceback out of the event loop.
-            raise DeliveryError(f"the webhook delivery process did not start: {error!r}") from None
+        except ChildStartError as error:  # one line (a stop asked meanwhile makes it none)
+            raise DeliveryError(f"the webhook delivery process {error}") from None
         why = await self._child.ready(limits.worker_start_seconds_max)
         if why is not None:
             await self.stop()
