@@ -367,6 +367,11 @@ def _issuing_to(
                 field="$.cardholder_id",
             )
         return None
+    return _approved(writer, cardholder_id)
+
+
+def _approved(writer: Writer, cardholder_id: str) -> str:
+    """The cardholder, which must exist and whose KYC must be approved."""
     holder = _cardholder(writer, cardholder_id, field="$.cardholder_id")
     if holder.kyc_status != "approved":
         raise Refused(
@@ -380,13 +385,11 @@ def _issuing_to(
     return holder.id
 
 
-def _account_holder_verified(
-    writer: Writer, account: Account, holder: str | None, issuing: CardIssuingConfig
-) -> None:
+def _account_holder_verified(writer: Writer, account: Account, holder: str | None) -> None:
     """A card for someone else on an account (a business's employee) needs the account's own
     cardholder approved too: naming another cardholder must not get round a rejection."""
     if account.cardholder_id is not None and account.cardholder_id != holder:
-        _issuing_to(writer, account.cardholder_id, issuing)
+        _approved(writer, account.cardholder_id)
 
 
 def _cardholder(writer: Writer, cardholder_id: str, *, field: str | None = None) -> Cardholder:
@@ -506,7 +509,7 @@ def issue_virtual_card(
     def run(writer: Writer, now_ms: int) -> Reply:
         account = _open_account(writer, account_id, field="$.account_id")
         holder = _issuing_to(writer, cardholder_id or account.cardholder_id, issuing)
-        _account_holder_verified(writer, account, holder, issuing)
+        _account_holder_verified(writer, account, holder)
         return _issue(writer, now_ms, source, account, holder, stored_controls(controls))
 
     return run
@@ -526,7 +529,7 @@ def order_physical_card(
     def run(writer: Writer, now_ms: int) -> Reply:
         account = _open_account(writer, account_id, field="$.account_id")
         holder = _issuing_to(writer, cardholder_id or account.cardholder_id, source.config)
-        _account_holder_verified(writer, account, holder, source.config)
+        _account_holder_verified(writer, account, holder)
         return _issue(
             writer, now_ms, source, account, holder, stored_controls(controls), shipping=shipping
         )
@@ -628,11 +631,6 @@ def update_fulfilment(card_id: str, status: str) -> Operation:
     return run
 
 
-# Activation checks the cardholders a card names as issuing does, but a card ordered before
-# cardholders (none named) is still activated: only what it names must be approved.
-_ACTIVATION: Final = CardIssuingConfig(require_cardholder=False)
-
-
 def activate_card(card_id: str) -> Operation:
     """The cardholder has the physical card: it authorises from now on. The card it replaces
     (expiring or damaged) stops now; if the programme has that card frozen, the new one is
@@ -657,8 +655,9 @@ def activate_card(card_id: str) -> Operation:
         # As at issuing: the account open, the cardholder (and the account's own) verified;
         # a card ordered before a rejection or a closure is not switched on after it.
         account = _open_account(writer, card.account_id)
-        holder = _issuing_to(writer, card.cardholder_id, _ACTIVATION)
-        _account_holder_verified(writer, account, holder, _ACTIVATION)
+        # (a card ordered before cardholders names none: only what it names must be approved)
+        holder = None if card.cardholder_id is None else _approved(writer, card.cardholder_id)
+        _account_holder_verified(writer, account, holder)
         predecessor = None if card.replaces is None else writer.card_by_id(card.replaces)
         if predecessor is not None and predecessor[1].status not in CARD_STATUSES_FINAL:
             frozen = predecessor[1].status == "frozen"  # still in use: as it is now
@@ -727,7 +726,7 @@ def replace_card(
         # at issuing: a replacement got round a rejection); a card from before cardholders
         # goes to its account's.
         holder = _issuing_to(writer, old.cardholder_id or account.cardholder_id, source.config)
-        _account_holder_verified(writer, account, holder, source.config)
+        _account_holder_verified(writer, account, holder)
         # A replacement never activated hands on what it was to replace: activating the new
         # card stops the one still in the cardholder's wallet. Never activated and lost, too:
         # its predecessor, still in use, is what the new card replaces (else it stayed
