@@ -379,6 +379,7 @@ class Authorizer:
                 card_id=result.card_id,
                 account_id=result.account_id,
                 cvc2=result.cvc2,
+                billing_amount=result.billed,
             ),
         )
         if result.event_after is not None:

@@ -57,7 +57,9 @@ class EventData(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     mti: str | None = None
     processing_code: str | None = None
     amount: Money | None = None  # as the network sent it (field 4 and 49)
-    billing_amount: Money | None = None  # in the account currency, when converted
+    # In the account currency: what was held or charged when converted or partly approved;
+    # what a reversal or completion moved when `amount` does not say it (specs/events.md).
+    billing_amount: Money | None = None
     merchant: Merchant | None = None
     response_code: str | None = None
     reason: str  # machine reason, e.g. approved, card_frozen, orphan_reversal, hold_expired

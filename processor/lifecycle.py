@@ -112,6 +112,10 @@ class Result(_Answer, kw_only=True, gc=False):
     usage_mcc: str = ""
     cvc2: Cvc2Result | None = None  # what the CVC2 sent showed, for the event
     event_after: OutboxRecord | None = None  # a second event the answer caused (a lock-out)
+    # What a reversal or completion moved on the account, in the account's currency, when
+    # that is not the message's field 4 (converted, or a partial reversal): the event's
+    # billing amount (an approval's is its answer's field 6, or 4 when partial).
+    billed: int | None = None
     # Whether a reversal or completion without field 90 finds this answer by its RRN (an 0120
     # that stands for an earlier approval leaves the RRN to that approval).
     rrn_indexed: bool = True
@@ -158,6 +162,15 @@ def _cvc2_expected(request: AuthorizationRequest) -> bool:
     10, where no CVC2 may be kept), not merchant-initiated or recurring."""
     entry = request.pos_entry_mode or ""
     return card_not_present(request) and entry[:2] != "10" and not request.sca_out_of_scope
+
+
+def _billed(request: AuthorizationRequest, account: Account, moved: int) -> int | None:
+    """Result.billed: `moved` (the account's currency) unless the message's field 4, in the
+    account's currency, says it already. A receiver otherwise had no figure for a converted
+    completion or reversal, nor for what a partial reversal gave back."""
+    if request.currency == numeric_code(account.currency) and request.amount == moved:
+        return None
+    return moved
 
 
 def usage_of(record: CardState | Account) -> Usage:
@@ -719,6 +732,7 @@ class Lifecycle:
                 card_id=hold.card_id,
                 hold_id=hold.hold_id,
                 posted_amount=amount,
+                billed=_billed(request, account, amount),
             )
         # No original, or its hold was reversed or expired before the merchant completed: the
         # network's word stands, post it as it is.
@@ -765,7 +779,12 @@ class Lifecycle:
             rrn_lookup=lookup,
         )
         return Result(
-            "00", "force_post", account_id=account.id, card_id=card.card_id, posted_amount=amount
+            "00",
+            "force_post",
+            account_id=account.id,
+            card_id=card.card_id,
+            posted_amount=amount,
+            billed=_billed(request, account, amount),
         )
 
     # --- 0400 / 0420: reversal and reversal advice ----------------------------------------------
@@ -829,7 +848,12 @@ class Lifecycle:
             writer.put_answer(original_key, original)  # what is left of its usage
             reason = "reversed" if verdict.whole else "partially_reversed"
             return Result(
-                "00", reason, hold_id=hold.hold_id, account_id=account_id, card_id=card_id
+                "00",
+                reason,
+                hold_id=hold.hold_id,
+                account_id=account_id,
+                card_id=card_id,
+                billed=_billed(request, account, verdict.amount),
             )
         if verdict.action == "credit":
             assert original.account_id is not None
@@ -846,7 +870,13 @@ class Lifecycle:
             original.reversed_amount += verdict.amount
             writer.put_answer(original_key, original)
             reason = "reversed" if verdict.whole else "partially_reversed"
-            return Result("00", reason, account_id=account_id, card_id=card_id)
+            return Result(
+                "00",
+                reason,
+                account_id=account_id,
+                card_id=card_id,
+                billed=_billed(request, account, verdict.amount),
+            )
         if verdict.action == "original_declined":
             return Result("00", "original_declined", account_id=account_id, card_id=card_id)
         if verdict.action in ("already_resolved", "no_change"):

@@ -56,6 +56,7 @@ def request_facts(
     card_id: str | None,
     account_id: str | None,
     cvc2: str | None = None,
+    billing_amount: int | None = None,
 ) -> OutboxRecord:
     """What the event says about a message beyond its stored answer (`answer_key`).
 
@@ -63,7 +64,9 @@ def request_facts(
     (processing code, amount, currency, terminal, STAN, RRN, acquirer), the approval code, the
     codes and the card; Reader.outbox fills them in. What the answer does not keep is kept
     here: the MCC and merchant, the amount the network asked for when the answer approved
-    less (10), and the masked PAN of a card the ledger does not know.
+    less (10), the masked PAN of a card the ledger does not know, and what a reversal or
+    completion moved in the account's currency when field 4 does not say it (`billing_amount`,
+    which the reader keeps).
     """
     asked = request.amount
     return OutboxRecord(
@@ -78,4 +81,5 @@ def request_facts(
         merchant_name_location=request.merchant_name_location,
         in_answer=True,
         cvc2=cvc2,
+        billing_amount=billing_amount,
     )

@@ -378,6 +378,9 @@ class MessageEvent(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     amount: int | None = None
     masked_pan: str | None = None
     cvc2: str | None = None
+    # Since 2026-12-07 (a slot at the end: an event written before reads it as None): what
+    # a reversal or completion moved in the account's currency, when field 4 does not say it.
+    billing_amount: int | None = None
 
 
 # The full record's fields a MessageEvent has no slot for: the compact form says the same only

@@ -1234,13 +1234,14 @@ class Reader:
         # amount in another currency, echoed, is not what the account was charged.
         billing_currency = response.get("51")
         account_currency = record.account_currency
-        record.billing_amount = (
-            _digits(response.get("6"))
-            if account_currency is not None
-            and billing_currency is not None
-            and billing_currency == numeric_code(account_currency)
-            else None
-        )
+        if record.billing_amount is None:  # else what a reversal or completion moved, kept
+            record.billing_amount = (
+                _digits(response.get("6"))
+                if account_currency is not None
+                and billing_currency is not None
+                and billing_currency == numeric_code(account_currency)
+                else None
+            )
         if (
             asked_other
             and record.billing_amount is None

@@ -683,6 +683,7 @@ class ModelAnswer:
     detail: str = ""  # for the statistics: which branch the model took
     pan: str | None = None  # the card of an original (0100/0200/0120)
     marker: bool = False  # left by a force post under an original nobody answered
+    moved: int | None = None  # what a reversal released or credited back (its event says)
 
 
 @dataclass
@@ -1144,10 +1145,12 @@ class LifecycleMachine(RuleBasedStateMachine):
             if hold.status != "open":
                 return "00", "already_resolved"
             if target == 0:
+                answer.moved = hold.amount
                 self.give_back_usage(original, hold.amount, full=True)
                 self.close_hold(hold, "released")
                 return "00", "reversed"
             if target < hold.amount:
+                answer.moved = hold.amount - target
                 self.give_back_usage(original, hold.amount - target, full=False)
                 self.accounts[hold.account].held -= hold.amount - target
                 hold.amount = target
@@ -1161,6 +1164,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             if credit <= 0 or original.account is None:
                 return "00", "already_resolved"
             self.accounts[original.account].posted += credit
+            answer.moved = credit
             self.give_back_usage(original, credit, full=target == 0)
             original.reversed_amount += credit
             return "00", "reversed" if target == 0 else "partially_reversed"
@@ -1214,10 +1218,13 @@ class LifecycleMachine(RuleBasedStateMachine):
             amount=int(fields["4"]) if "4" in fields else None,
             currency=fields["49"],
             # Nothing is converted here (no field 6): but a partial approval's event says what
-            # was approved and held (the answer's field 4) beside what was asked.
+            # was approved and held (the answer's field 4) beside what was asked, and a
+            # reversal's what it gave back when that is not its field 4.
             billing_amount=(
                 int(response["4"])
                 if "4" in response and "4" in fields and response["4"] != fields["4"]
+                else answer.moved
+                if answer.moved is not None and answer.moved != int(fields.get("4", "-1"))
                 else None
             ),
             mcc=fields["18"],

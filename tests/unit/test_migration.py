@@ -282,6 +282,17 @@ def facts(event: dict[str, Any]) -> dict[str, Any]:
     return {"type": event["type"], "data": data, "network": network}
 
 
+def given_back(was: list[dict[str, Any]], exchanges: list[dict[str, Any]]) -> None:
+    """The facts of older events (`facts`) as an event says them now: a reversal in part
+    says what it gave back (`billing_amount`), which no event said before 2026-12-07."""
+    sent = {exchange["request"]["11"]: exchange["request"] for exchange in exchanges}
+    for event in was:
+        if event["data"]["reason"] == "partially_reversed":
+            request = sent[event["network"]["stan"]]
+            back = int(request["4"]) - int(request["95"][:12])
+            event["data"]["billing_amount"] = {"amount": back, "currency": "EUR", "exponent": 2}
+
+
 def test_events_of_schema_2_render_as_before_and_new_ones_in_full(tmp_path: Path) -> None:
     from processor.events import render
 
@@ -304,6 +315,7 @@ def test_events_of_schema_2_render_as_before_and_new_ones_in_full(tmp_path: Path
 
     # The schema-2 event of the same request, but for what differs by construction.
     was = [facts(e) for e in EXPECTED_V2["events"] if e["type"] != "authorization.expired"]
+    given_back(was, EXPECTED_V2["exchanges"])
     assert [facts(e) for e in fresh] == was
 
 
@@ -367,6 +379,7 @@ def test_schema_6_writes_a_messages_event_and_an_accounts_link_smaller(tmp_path:
         ledger.close()
     assert new and all(raw.startswith(COMPACT_EVENT_MARK) for raw in new_raw)
     was = [facts(e) for e in EXPECTED_V5["events"] if e["type"] in MESSAGE_EVENT_TYPES]
+    given_back(was, EXPECTED_V5["exchanges"])
     assert [facts(e) for e in fresh] == was
     for account_id, (of_account, of_card) in histories.items():
         # Each demo account has one card: its history is the card's, old links and new.

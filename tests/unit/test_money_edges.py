@@ -723,3 +723,64 @@ def test_an_advice_after_its_purchase_was_posted_holds_nothing(tmp_path: Path) -
         )
         assert (summary.already_posted, summary.force_posted, summary.matched) == (1, 0, 0)
         assert balances(ledger, "acct-a") == (7000, 0), by_field_90
+
+
+def test_converted_reversals_and_completions_say_what_they_moved_on_the_account(
+    tmp_path: Path,
+) -> None:
+    """An approval of 10,000 JPY held 60.00 EUR and its event said so; the partial reversal
+    that released 30.00 EUR, the completion that posted 24.00 EUR and the force post of
+    5,000 JPY (30.00 EUR) said only their yen: a receiver had no figure in the account's
+    money but the balances' differences."""
+    rules = ProgrammeRules(rates={("JPY", "EUR"): Decimal("0.006")}, catalog=default_catalog())
+    ledger, authorizer = build(tmp_path, rules)
+    yen = {"49": "392"}
+    answer(authorizer, request(**{"4": "000000010000", "11": "000001", **yen}))
+    assert last_event_billing(ledger) == (6000, 10000)
+    reversal = {"4": "000000010000", "11": "000002", "90": original_data("0100", "000001")}
+    [reversed_in_part] = answer(
+        authorizer, request("0400", **reversal, **yen, **{"95": "000000005000" + "0" * 30})
+    )
+    assert reversed_in_part.reason == "partially_reversed"
+    assert last_event_billing(ledger) == (3000, 10000)
+    [captured] = answer(
+        authorizer,
+        request(
+            "0220",
+            **{"4": "000000004000", "11": "000003", "90": original_data("0100", "000001")},
+            **yen,
+        ),
+    )
+    assert captured.reason == "captured"
+    assert last_event_billing(ledger) == (2400, 4000)
+    [posted] = answer(authorizer, request("0220", **{"4": "000000005000", "11": "000004"}, **yen))
+    assert posted.reason == "force_post"
+    assert last_event_billing(ledger) == (3000, 5000)
+    assert balances(ledger, "acct-a") == (10000 - 2400 - 3000, 0)
+
+
+def test_a_reversal_in_part_says_what_it_gave_back(tmp_path: Path) -> None:
+    """In the account's own currency, a reversal down to 40.00 of a 100.00 hold released
+    60.00; its event said 100.00 (field 4) and nothing of the 60.00. A whole reversal's field
+    4 is what it released, and its event says no more."""
+    ledger, authorizer = build(tmp_path)
+    answer(authorizer, request(**{"4": "000000010000", "11": "000001"}))
+    reversal = {"4": "000000010000", "90": original_data("0100", "000001")}
+    [shrunk] = answer(
+        authorizer, request("0400", **reversal, **{"11": "000002", "95": "000000004000" + "0" * 30})
+    )
+    assert shrunk.reason == "partially_reversed"
+    assert last_event_billing(ledger) == (6000, 10000)
+    [released] = answer(authorizer, request("0400", **reversal, **{"11": "000003"}))
+    assert released.reason == "reversed"
+    assert last_event_billing(ledger) == (4000, 10000)
+    answer(authorizer, request(**{"4": "000000001000", "11": "000004", "37": "000000000009"}))
+    [whole] = answer(
+        authorizer,
+        request(
+            "0400", **{"4": "000000001000", "11": "000005", "90": original_data("0100", "000004")}
+        ),
+    )
+    assert whole.reason == "reversed"
+    assert last_event_billing(ledger) == (None, 1000)
+    assert balances(ledger, "acct-a") == (10000, 0)
