@@ -68,6 +68,12 @@ def void_verdict(original: StoredAnswer, hold: Hold | None, target: int) -> Void
             return Void("shrink", amount=hold.amount - target, remaining=target)
         return Void("no_change", remaining=hold.amount)
     if original.posted_amount:
+        if not original.mti.startswith("020"):
+            # Not a purchase posted at once (0200): a completion or presentment posted it
+            # without a hold to capture (no authorisation seen, or a balance inquiry's). The
+            # authorisation's reversal then comes after the purchase was settled, as one after
+            # a capture does: crediting it gave back money the merchant is paid.
+            return Void("already_resolved")
         standing = original.posted_amount - original.reversed_amount
         credit = standing - target
         if credit <= 0 or original.account_id is None:

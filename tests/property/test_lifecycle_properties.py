@@ -1156,6 +1156,9 @@ class LifecycleMachine(RuleBasedStateMachine):
                 hold.amount = target
                 return "00", "partially_reversed"
             return "00", "reversal_no_change"
+        if original.posted_amount and not original.mti.startswith("020"):
+            answer.detail = "of a force post"  # posted later, by a completion or presentment
+            return "00", "already_resolved"
         if original.posted_amount:
             answer.detail = "of a posting" + (
                 " already reversed" if original.reversed_amount else ""

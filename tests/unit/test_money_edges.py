@@ -784,3 +784,85 @@ def test_a_reversal_in_part_says_what_it_gave_back(tmp_path: Path) -> None:
     assert whole.reason == "reversed"
     assert last_event_billing(ledger) == (None, 1000)
     assert balances(ledger, "acct-a") == (10000, 0)
+
+
+def test_a_reversal_after_a_force_post_gives_back_nothing(tmp_path: Path) -> None:
+    """A 0220 or a presentment posted 30.00 for an authorisation never seen (or for a balance
+    inquiry's identity): the 0400 of that authorisation then credited the 30.00 back, as if
+    it were a 0200, though the merchant is paid. A reversal after a capture changes nothing;
+    after a force post it must not either."""
+    reversal = request(
+        "0400", **{"4": "000000003000", "11": "000002", "90": original_data("0100", "000001")}
+    )
+    for how in ("completion", "presentment", "inquiry"):
+        ledger, authorizer = build(tmp_path / how)
+        if how == "inquiry":
+            [inquiry] = answer(authorizer, request(**{"3": "310000", "11": "000001"}))
+            assert inquiry.response_code == "00"
+        if how == "presentment":
+            summary = apply_clearing(
+                ledger, parse_lines(presentment_of("000001", 3000, "clr-1")), HASHER, START
+            )
+            assert summary.force_posted == 1
+        else:
+            [posted] = answer(authorizer, completion_of("000001", "000000003000", by_field_90=True))
+            assert posted.reason == "force_post", how
+        assert balances(ledger, "acct-a") == (7000, 0), how
+        [reversed_] = answer(authorizer, reversal)
+        assert (reversed_.response_code, reversed_.reason) == ("00", "already_resolved"), how
+        assert balances(ledger, "acct-a") == (7000, 0), how
+
+
+def test_a_reversal_of_a_0200_still_credits_it_back(tmp_path: Path) -> None:
+    ledger, authorizer = build(tmp_path)
+    [posted] = answer(authorizer, request("0200", **{"4": "000000003000", "11": "000001"}))
+    assert posted.reason == "approved"
+    assert balances(ledger, "acct-a") == (7000, 0)
+    [reversed_] = answer(
+        authorizer,
+        request(
+            "0400", **{"4": "000000003000", "11": "000002", "90": original_data("0200", "000001")}
+        ),
+    )
+    assert reversed_.reason == "reversed"
+    assert balances(ledger, "acct-a") == (10000, 0)
+
+
+def test_a_reversal_gives_back_the_approval_to_a_trailing_window_after_a_currency_change(
+    tmp_path: Path,
+) -> None:
+    """A load changed the account's currency while a batch, its clock read before, waited:
+    the approval's answer was timed past the load (so that it reads as of the new currency)
+    but its usage at the batch's clock, and the full reversal, looking for that exact time,
+    left the approval in the card's one-an-hour window: the next purchase was declined 65."""
+    controlled = LOAD.replace(
+        b'account = "acct-a"\nexpiry = "3012"\n',
+        b'account = "acct-a"\nexpiry = "3012"\n'
+        b"controls.count_limits = [{ count = 1, window_seconds = 3600 }]\n",
+        1,
+    )
+    assert controlled != LOAD
+    ledger = Ledger(tmp_path / "ledger", durability="process", map_size_bytes=64 << 20)
+    start_ms = int(START.timestamp() * 1000)
+    apply_load_file(ledger, parse_load_file(controlled, "test"), HASHER, "test", now_ms=start_ms)
+    dollars = controlled.replace(
+        b'id = "acct-a"\ncurrency = "EUR"', b'id = "acct-a"\ncurrency = "USD"'
+    )
+    apply_load_file(
+        ledger, parse_load_file(dollars, "test"), HASHER, "test", now_ms=start_ms + 5000
+    )
+    authorizer = Authorizer(
+        ledger, HASHER, ProgrammeRules(catalog=default_catalog()), hold_lifetime_seconds=86400
+    )
+    usd = {"49": "840", "4": "000000003000"}
+    [approved] = authorizer.authorize_batch([request(**usd, **{"11": "000001"})], START)
+    assert approved.response_code == "00", approved.reason
+    [reversed_] = authorizer.authorize_batch(
+        [request("0400", **usd, **{"11": "000002", "90": original_data("0100", "000001")})],
+        START + timedelta(seconds=10),
+    )
+    assert reversed_.reason == "reversed"
+    [again] = authorizer.authorize_batch(
+        [request(**usd, **{"11": "000003"})], START + timedelta(seconds=20)
+    )
+    assert (again.response_code, again.reason) == ("00", "approved")

@@ -8,7 +8,13 @@ from processor.engine.settle import Void, capture_verdict, void_verdict
 from processor.ledger.records import Hold, StoredAnswer
 
 
-def answer(code: str = "00", hold_id: int | None = None, posted: int = 0, reversed_: int = 0):  # type: ignore[no-untyped-def]
+def answer(  # type: ignore[no-untyped-def]
+    code: str = "00",
+    hold_id: int | None = None,
+    posted: int = 0,
+    reversed_: int = 0,
+    mti: str = "0200",
+):
     return StoredAnswer(
         fingerprint=b"f" * 16,
         response={},
@@ -20,6 +26,7 @@ def answer(code: str = "00", hold_id: int | None = None, posted: int = 0, revers
         hold_id=hold_id,
         posted_amount=posted,
         reversed_amount=reversed_,
+        mti=mti,
     )
 
 
@@ -76,6 +83,10 @@ def test_capture_ladder(original, its_hold, verdict) -> None:  # type: ignore[no
         (answer(posted=1000, reversed_=700), None, 0, Void("credit", amount=300, whole=True)),
         (answer(posted=1000, reversed_=700), None, 300, Void("already_resolved")),  # boundary
         (answer(posted=1000, reversed_=1000), None, 0, Void("already_resolved")),
+        # Posted by a completion or presentment that found no hold (force_post): the 0100
+        # of a balance inquiry, or the marker of an authorisation never seen (no MTI).
+        (answer(posted=1000, mti="0100"), None, 0, Void("already_resolved")),
+        (answer(posted=1000, mti=""), None, 0, Void("already_resolved")),
         (answer(), None, 0, Void("nothing_to_reverse")),  # approved, neither held nor posted
     ],
 )
