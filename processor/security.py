@@ -94,9 +94,16 @@ def mask_pan(pan: str) -> str:
 
 
 # Digits a card number may be written with: one run, or groups split by single spaces or
-# dashes ("4111 1111 1111 1111", "4111-1111-1111-1111"); 13 digits at least.
-_DIGIT_RUN: Final = re.compile(r"\d(?:[ -]?\d){12,}")
-_SEPARATORS: Final = str.maketrans("", "", " -")
+# dashes ("4111 1111 1111 1111", "4111-1111-1111-1111"); 13 digits at least. Or groups of
+# four digits or more (a 19-digit number's last may have three) split by any character an id
+# allows besides ("4111.1111.1111.1111", "4111_1111_...", "4111/1111/..."): an account id or a
+# path segment may be written so, and its error quoted it in clear. Not shorter groups: times
+# ("10:00:00.123"), addresses and bounds written in thousands ("1_000_000_000_000_000") would
+# read as card numbers (logs mask every long run; a run of zeros passes the Luhn check).
+_DIGIT_RUN: Final = re.compile(
+    r"\d(?:[ -]?\d){12,}|\d{4,}(?:[ ._:/-]\d{4,})+(?:[ ._:/-]\d{3}(?!\d))?"
+)
+_SEPARATORS: Final = str.maketrans("", "", " ._:/-")
 # A run of more digits than most PANs have is masked whole (but for its first six and last
 # four): a card number may sit inside it, followed by its expiry (15 + 4 digits pass no Luhn
 # check as a whole), or be one of the rare 17-19-digit PANs. Looking for one at each offset
@@ -127,9 +134,10 @@ def _holds_a_pan(digits: str) -> bool:
 
 def mask_card_numbers(text: str, *, every_run: bool = False) -> str:
     """`text` with every card number in it masked, written as one run or grouped by spaces or
-    dashes, alone or inside a longer run of digits (a PAN followed by its expiry): for
-    messages that quote what was sent (an enum value msgspec names, an id, a catalog entry),
-    where a card number put in the wrong place must not come back in clear.
+    dashes (or in groups of four or more by `._:/`), alone or inside a longer run of digits (a
+    PAN followed by its expiry): for messages that quote what was sent (an enum value msgspec
+    names, an id, a catalog entry), where a card number put in the wrong place must not come
+    back in clear.
 
     A run of 13-16 digits is masked when any 13 or more consecutive digits of it pass the Luhn
     check (a short PAN with its expiry month after it, or a length prefix before it), or,
@@ -140,6 +148,8 @@ def mask_card_numbers(text: str, *, every_run: bool = False) -> str:
     def masked(found: re.Match[str]) -> str:
         run = found[0]
         digits = run.translate(_SEPARATORS)
+        if len(digits) < _PAN_DIGITS_MIN:
+            return run  # groups, but fewer digits than any card number has
         if every_run or len(digits) >= _WHOLE_RUN_DIGITS_MIN or _holds_a_pan(digits):
             return _masked_run(run)
         return run

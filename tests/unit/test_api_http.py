@@ -750,3 +750,27 @@ def test_readyz_is_503_while_a_workers_batches_fail(tmp_path: Path) -> None:
         assert daemon.metrics.ledger_writes_failing._value.get() == 0
     finally:
         ledger.close()
+
+
+def test_a_card_number_grouped_by_dots_slashes_or_underscores_is_masked_in_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Masking knew spaces and dashes only: `GET /v1/accounts/4761.7390.0101.0010` answered
+    "no account '4761.7390.0101.0010'", and the same number came back whole as an unknown
+    query parameter or an enum value. Bounds written in thousands stay as they are."""
+    bearer = {"Authorization": "Bearer s3cret"}
+
+    async def check(client: TestClient[web.Request, web.Application]) -> None:
+        for written in ("4761.7390.0101.0010", "4761_7390_0101_0010", "4761:7390:0101:0010"):
+            shown = written[:7] + "**" + written[9] + "****" + written[14:]
+            missing = await client.get(f"/v1/accounts/{written}", headers=bearer)
+            assert missing.status == 404
+            assert shown in (await missing.text()) and written not in (await missing.text())
+            await client.post("/v1/accounts", json={"currency": "EUR", "id": "a1"}, headers=bearer)
+            odd = await client.get(f"/v1/accounts/a1/entries?{written}=1", headers=bearer)
+            error = (await odd.json())["error"]
+            assert (odd.status, error["field"]) == (400, shown)
+        nowhere = await client.get("/v1/nothing/4761%2F7390%2F0101%2F0010", headers=bearer)
+        assert "4761/73**/****/0010" in (await nowhere.json())["error"]["message"]
+
+    with_app(tmp_path, monkeypatch, "s3cret", check)
