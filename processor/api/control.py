@@ -747,15 +747,23 @@ class ControlApi:
         self, request: web.Request, reader: Reader, of: Literal["card", "account"], owner: str
     ) -> web.Response:
         limit = page_limit(request)
-        before = decode_cursor(request, owner.encode() + b"\x00")
-        found = reader.history(of, owner, limit + 1, before)
+        # The listing's kind in the cursor too: an account may have a card's id as its own,
+        # and a card's cursor read in that account's listing ended it, silently, at once.
+        kind = b"c:" if of == "card" else b"a:"
+        cursor = decode_cursor(request, kind + owner.encode() + b"\x00")
+        try:
+            found = reader.history(of, owner, limit + 1, None if cursor is None else cursor[2:])
+        except ValueError:
+            raise ApiError(
+                400, "invalid_query", "cursor is not one this listing gave out", field="cursor"
+            ) from None
         page = found[:limit]
         items = []
         for key, answer, _ in page:
             hold = reader.hold_of(key, answer)
             currency = _account_currency(reader, answer.account_id)
             items.append(authorization_view(key, answer, hold, currency))
-        next_cursor = encode_cursor(page[-1][2]) if len(found) > limit else None
+        next_cursor = encode_cursor(kind + page[-1][2]) if len(found) > limit else None
         return json_response(AuthorizationsPage(items=items, next_cursor=next_cursor))
 
     # --- controls ------------------------------------------------------------------------------

@@ -1095,7 +1095,9 @@ class Reader:
         """Answers of a card or an account, newest first: (answer key, answer, page key).
 
         Walks the chain of answers from the owner's `last_answer` back through each answer's
-        previous one. `before` is the page key of the last item of the previous page.
+        previous one. `before` is the page key of the last item of the previous page: one whose
+        answer retention removed ends the listing; one naming another's answer (or no answer
+        key at all) raises ValueError, since it is not one this listing gave out.
         """
         prefix = _prefix_key(owner_id, b"")
         newer_ms: int | None = None  # the time of the step before: a chain only goes back
@@ -1108,9 +1110,13 @@ class Reader:
                 account = self.account(owner_id)
                 key = None if account is None else account.last_answer
         else:
+            if not before.startswith(prefix) or before[len(prefix) :].count(b"|") != 3:
+                raise ValueError("not a page key of this listing")
             last = self.answer(before[len(prefix) :])
-            if last is None or (last.card_id if of == "card" else last.account_id) != owner_id:
-                return []
+            if last is None:
+                return []  # retention removed it since: the listing ends there
+            if (last.card_id if of == "card" else last.account_id) != owner_id:
+                raise ValueError("a page key of another listing")
             key = last.previous_for_card if of == "card" else last.previous_in_account
             newer_ms, came_from = last.answered_ms, before[len(prefix) :]
         found: list[tuple[bytes, StoredAnswer, bytes]] = []

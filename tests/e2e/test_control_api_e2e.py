@@ -8,6 +8,7 @@ authorisation on a link that was already open.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -1013,6 +1014,17 @@ def test_authorization_listings_page(api: Api, link: Link) -> None:
     first = api.get(f"/v1/cards/{card_id}/authorizations?limit=1").body
     foreign = api.get(f"/v1/cards/{other_id}/authorizations?cursor={first['next_cursor']}")
     assert (foreign.status, foreign.code, foreign.field) == (400, "invalid_query", "cursor")
+    # An account may take a card's id as its own: the card's cursor is not its listing's (it
+    # ended that listing at once, 200 and empty). Nor is a cursor naming another card's
+    # authorisation under this card's id.
+    twin = api.post("/v1/accounts", {"currency": "EUR", "id": card_id})
+    assert twin.status == 201, twin.text
+    crossed = api.get(f"/v1/accounts/{card_id}/authorizations?cursor={first['next_cursor']}")
+    assert (crossed.status, crossed.code, crossed.field) == (400, "invalid_query", "cursor")
+    others = api.get(f"/v1/cards/{other_id}/authorizations").body["items"]
+    forged = base64.urlsafe_b64encode(b"c:" + card_id.encode() + b"\x00" + others[0]["id"].encode())
+    stolen = api.get(f"/v1/cards/{card_id}/authorizations?cursor={forged.decode().rstrip('=')}")
+    assert (stolen.status, stolen.code, stolen.field) == (400, "invalid_query", "cursor")
 
 
 def test_a_lowered_cvc2_limit_locks_the_cards_past_it_at_the_next_start(tmp_path: Path) -> None:
