@@ -789,6 +789,10 @@ def create_reveal_token(card_id: str, digest: bytes, expires_ms: int) -> Operati
 
     def run(writer: Writer, now_ms: int) -> Reply:
         _, card = _card(writer, card_id)
+        # The status first: a card stops with its sealed PAN deleted, and one the processor
+        # issued was then said never to have been issued with its PAN kept.
+        if card.status in CARD_STATUSES_FINAL:
+            raise Refused(409, "card_not_revealable", f"card {card_id} is {card.status}")
         if writer.card_secret(card.card_id) is None:
             raise Refused(
                 409,
@@ -796,8 +800,6 @@ def create_reveal_token(card_id: str, digest: bytes, expires_ms: int) -> Operati
                 f"card {card_id} was not issued by this processor with its PAN kept: there is "
                 "nothing to show",
             )
-        if card.status in CARD_STATUSES_FINAL:
-            raise Refused(409, "card_not_revealable", f"card {card_id} is {card.status}")
         # One live token per card: this one replaces any earlier one.
         writer.put_reveal_token(card.card_id, RevealToken(digest=digest, expires_ms=expires_ms))
         return Reply(status=201, body=b"{}")

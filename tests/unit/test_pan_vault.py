@@ -140,6 +140,8 @@ def test_no_token_for_a_card_without_a_kept_pan_or_one_that_stopped(ledger: Ledg
     with ledger.write() as writer, pytest.raises(Refused) as caught:
         commands.create_reveal_token(kept, token_digest("y"), NOW_MS + 1)(writer, NOW_MS)
     assert caught.value.code == "card_not_revealable"
+    # Said as it is: the card stopped (its sealed PAN went with it), not "never kept".
+    assert caught.value.message == f"card {kept} is closed"
 
 
 @pytest.mark.parametrize("action", ["close", "report-lost", "report-stolen"])
