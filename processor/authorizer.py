@@ -337,9 +337,13 @@ class Authorizer:
             if stored.fingerprint != fingerprint:
                 # Same identity, other content: applied never. A request is declined 94; an
                 # advice is acknowledged (a 94 would only make the network resend it forever)
-                # and the conflict flagged.
+                # and the conflict flagged. A marker (no request's fingerprint) means the
+                # original came after its reversal or its posting: late, not a duplicate.
                 code = "00" if message_class in ADVICE_CLASSES else "94"
-                return self._reply(request.echo, request.mti, code, "duplicate_different_content")
+                reason = (
+                    "late_original" if not stored.fingerprint else "duplicate_different_content"
+                )
+                return self._reply(request.echo, request.mti, code, reason)
             code = stored.response_code
             fields = replayed_response(stored.response, request.echo, request.mti, code)
             return Outcome(fields, request.mti, code, "retransmission")

@@ -43,7 +43,7 @@ from processor.ledger.records import (
     StoredAnswer,
     change_event,
 )
-from processor.ledger.store import Writer
+from processor.ledger.store import REVERSED_BEFORE_ORIGINAL, Writer
 from processor.randomness import BufferedRandom
 from processor.wire.messages import AuthorizationRequest, rrn_key, transaction_key
 from processor.wire.responses import approved_fields, balances
@@ -588,6 +588,20 @@ class Lifecycle:
         approval, and opens its own hold)."""
         key = transaction_key("0100", request.acquirer, request.stan, request.transmission_datetime)
         answer = writer.answer(key)
+        if (
+            answer is not None
+            and answer.reason == REVERSED_BEFORE_ORIGINAL
+            and answer.card_id in (None, card.card_id)
+        ):
+            # The network reversed the 0100 before either it or this advice of its stand-in
+            # came: the approval was undone, and a hold now would stand until it expired.
+            return Result(
+                "00",
+                "advice_after_reversal",
+                account_id=card.account_id,
+                card_id=card.card_id,
+                rrn_indexed=False,
+            )
         hold = writer.hold_of(key, answer)
         if (
             hold is not None
@@ -802,6 +816,14 @@ class Lifecycle:
         if found is None:
             card = writer.card(card_key)  # a known card's: its account's event stream has it
             code, reason = ("00", "orphan_reversal") if advice else ("25", "original_not_found")
+            named = request.original_key()
+            if named is not None and named[0] in ORIGINAL_CLASSES:
+                writer.mark_reversed_unseen(
+                    named[1],
+                    card_id=None if card is None else card.card_id,
+                    account_id=None if card is None else card.account_id,
+                    now_ms=batch.now_ms,
+                )
             return Result(
                 code,
                 reason,

@@ -828,6 +828,8 @@ def answer_key_of(stored_key: bytes) -> bytes:
 
 # The reason of the answer force_post leaves under an original's key that nothing answered.
 POSTED_WITHOUT_ORIGINAL = "posted_without_original"
+# The reason of the answer a reversal leaves under the key of an original not seen yet.
+REVERSED_BEFORE_ORIGINAL = "reversed_before_original"
 
 
 def claim_for_daemon(path: str | Path) -> int:
@@ -1710,6 +1712,29 @@ class Writer(Reader):
         if original is not None:
             original.posted_amount = amount
             self.put_answer(original_key, original)
+
+    def mark_reversed_unseen(
+        self, original_key: bytes, *, card_id: str | None, account_id: str | None, now_ms: int
+    ) -> None:
+        """A reversal named `original_key` before its original came (a network sends its
+        0420 when the original timed out, and the two may cross): a marker answer under that
+        key, so the original, arriving late, is refused as a conflict (94; an advice
+        acknowledged) instead of holding the cardholder's money until the hold expired.
+        Nothing when an answer is there already."""
+        if self.answer(original_key) is not None:
+            return
+        self.put_answer(
+            original_key,
+            StoredAnswer(
+                fingerprint=b"",  # no request's: the late original is refused, not applied
+                response={},
+                response_code="25",  # nothing approved under it
+                reason=REVERSED_BEFORE_ORIGINAL,
+                answered_ms=now_ms,
+                card_id=card_id,
+                account_id=account_id,
+            ),
+        )
 
     def shrink_hold(self, account: Account, hold: Hold, amount: int) -> None:
         """Lower an open hold to `amount` (partial reversal)."""

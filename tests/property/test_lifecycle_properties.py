@@ -1017,7 +1017,27 @@ class LifecycleMachine(RuleBasedStateMachine):
             if answer.reason in ("orphan_reversal", "original_not_found") and card.account:
                 # About a known card all the same: in its account's stream and history.
                 answer.account, answer.card_id = card.account, self.card_ids.get(card.pan)
+            if answer.reason in ("orphan_reversal", "original_not_found"):
+                self.mark_reversed_unseen(fields, answer)
         return answer, response
+
+    def mark_reversed_unseen(self, fields: dict[str, str], orphan: ModelAnswer) -> None:
+        """The original field 90 names, marked: should it come after, it holds nothing."""
+        data = fields.get("90")
+        if data is None or len(data) != 42 or not data.isdigit():
+            return
+        named = f"{data[:3]}0|{number(data[20:31])}|{data[4:10]}|{data[10:20]}".encode()
+        if named[:4].decode() in ORIGINAL_CLASSES and named not in self.answers:
+            self.answers[named] = ModelAnswer(
+                (("marker", ""),),
+                "25",
+                "reversed_before_original",
+                "",
+                self.now_ms,
+                account=orphan.account,
+                card_id=orphan.card_id,
+                marker=True,
+            )
 
     def stand_in(
         self, fields: dict[str, str], card: CardSpec, key: bytes, answer: ModelAnswer
@@ -1187,9 +1207,9 @@ class LifecycleMachine(RuleBasedStateMachine):
                 )
             # Never applied; declined 94, or acknowledged 00 when it is an advice.
             code = "00" if fields["t"][:3] + "0" in ADVICE_CLASSES else "94"
-            return Expectation(
-                "conflict", fields, key, code, "duplicate_different_content", reply(fields, code)
-            )
+            # A marker (a force post's or an early reversal's) makes the original late.
+            reason = "late_original" if stored.marker else "duplicate_different_content"
+            return Expectation("conflict", fields, key, code, reason, reply(fields, code))
         answer, extra = self.handle(fields, card)
         response = reply(fields, answer.code, extra)
         # Stored without the PAN, and without what a replay takes from the retransmission.

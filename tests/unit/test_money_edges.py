@@ -866,3 +866,39 @@ def test_a_reversal_gives_back_the_approval_to_a_trailing_window_after_a_currenc
         [request(**usd, **{"11": "000003"})], START + timedelta(seconds=20)
     )
     assert (again.response_code, again.reason) == ("00", "approved")
+
+
+def test_an_original_after_its_reversal_holds_nothing(tmp_path: Path) -> None:
+    """A network sends its 0420 when the 0100 timed out, and the two may cross: the 0420
+    was an orphan, then the 0100 was approved and held 30.00 until the hold expired, a
+    week, for a purchase the acquirer had reversed. Nor may the stand-in's advice hold it."""
+    for late in ("0100", "0120"):
+        ledger, authorizer = build(tmp_path / late)
+        reversal = request(
+            "0420", **{"4": "000000003000", "11": "000002", "90": original_data("0100", "000001")}
+        )
+        original = (
+            request(**{"4": "000000003000", "11": "000001"})
+            if late == "0100"
+            else stand_in("000001", "000000003000")
+        )
+        # In one batch, the reversal first: as they reach the daemon when they cross.
+        [orphan, refused] = answer(authorizer, reversal, original)
+        assert (orphan.response_code, orphan.reason) == ("00", "orphan_reversal")
+        expected = ("94", "late_original") if late == "0100" else ("00", "advice_after_reversal")
+        assert (refused.response_code, refused.reason) == expected, late
+        assert balances(ledger, "acct-a") == (10000, 0), late
+        with ledger.read() as reader:
+            assert reader.account_holds("acct-a") == [], late
+    # A 0400 answered 25 leaves the same mark; an original seen first is reversed as ever.
+    ledger, authorizer = build(tmp_path / "0400")
+    [missing] = answer(
+        authorizer,
+        request(
+            "0400", **{"4": "000000003000", "11": "000002", "90": original_data("0100", "000001")}
+        ),
+    )
+    assert (missing.response_code, missing.reason) == ("25", "original_not_found")
+    [late] = answer(authorizer, request(**{"4": "000000003000", "11": "000001"}))
+    assert (late.response_code, late.reason) == ("94", "late_original")
+    assert balances(ledger, "acct-a") == (10000, 0)
