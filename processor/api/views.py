@@ -78,12 +78,16 @@ PositiveMinorUnits = Annotated[
     int, Meta(ge=1, le=10**15, description="Minor units of the account currency, above zero.")
 ]
 SignedMinorUnits = Annotated[int, Meta(description="Minor units; negative when overdrawn.")]
+# No control characters either: the reason goes on into the account's entries and whatever
+# the programme prints them on (a NUL or an escape sequence in a statement line or a log).
 Reason = Annotated[
     str,
     Meta(
         min_length=1,
         max_length=200,
-        description="Why, for the ledger entry (1-200 chars); never a card number.",
+        pattern=TEXT_PATTERN,
+        description="Why, for the ledger entry (1-200 chars, no control characters); never a "
+        "card number.",
     ),
 ]
 Pan = Annotated[

@@ -774,3 +774,26 @@ def test_a_card_number_grouped_by_dots_slashes_or_underscores_is_masked_in_error
         assert "4761/73**/****/0010" in (await nowhere.json())["error"]["message"]
 
     with_app(tmp_path, monkeypatch, "s3cret", check)
+
+
+def test_a_movement_reason_with_control_characters_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NUL or an escape sequence went on into the account's entries, and on into whatever
+    prints them; personal data and ids refused them already."""
+    bearer = {"Authorization": "Bearer s3cret"}
+
+    async def check(client: TestClient[web.Request, web.Application]) -> None:
+        await client.post("/v1/accounts", json={"currency": "EUR", "id": "a1"}, headers=bearer)
+        for reason in ("a\u0000b", "top-up\u001b[2J", "line\nbreak"):
+            answer = await client.post(
+                "/v1/accounts/a1/fund", json={"amount": 1, "reason": reason}, headers=bearer
+            )
+            error = (await answer.json())["error"]
+            assert (answer.status, error["field"]) == (400, "$.reason"), reason
+        fine = await client.post(
+            "/v1/accounts/a1/fund", json={"amount": 1, "reason": "top-up, März"}, headers=bearer
+        )
+        assert fine.status == 200, await fine.text()
+
+    with_app(tmp_path, monkeypatch, "s3cret", check)
