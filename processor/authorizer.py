@@ -25,7 +25,13 @@ from processor.engine import ProgrammeRules, yymm
 from processor.engine.controls import periods_at
 from processor.ledger.records import OutboxRecord, StoredAnswer
 from processor.ledger.retention import Retention, SweepStep
-from processor.ledger.store import Ledger, LedgerError, LedgerFull, Writer
+from processor.ledger.store import (
+    REVERSED_BEFORE_ORIGINAL,
+    Ledger,
+    LedgerError,
+    LedgerFull,
+    Writer,
+)
 from processor.lifecycle import ADVICE_CLASSES, ORIGINAL_CLASSES, Batch, Lifecycle
 from processor.outbox import event_type, request_facts
 from processor.security import PanHasher
@@ -333,6 +339,16 @@ class Authorizer:
         message_class = request.message_class
         key = request.answer_key
         stored = writer.answer(key)
+        if (
+            stored is not None
+            and stored.reason == REVERSED_BEFORE_ORIGINAL
+            and not stored.fingerprint
+            and self._card_id(writer, card_key) != stored.card_id
+        ):
+            # Another card's reversal marked this identity: decided as new, its answer in
+            # the mark's place.
+            writer.replacing_answer(key)
+            stored = None
         if stored is not None:
             if stored.fingerprint != fingerprint:
                 # Same identity, other content: applied never. A request is declined 94; an
@@ -455,6 +471,11 @@ class Authorizer:
     def _reply(self, echo: dict[str, str], mti: str, code: str, reason: str) -> Outcome:
         """The response MTI, the echoed fields and field 39; nothing stored, nothing applied."""
         return Outcome(reply_fields(echo, mti, code), mti, code, reason)
+
+    @staticmethod
+    def _card_id(writer: Writer, card_key: bytes) -> str | None:
+        card = writer.card(card_key)
+        return None if card is None else card.card_id
 
     def _fingerprint(self, card_key: bytes, request: AuthorizationRequest) -> bytes:
         # What makes two requests with one identity "the same": what the decision reads,

@@ -43,7 +43,7 @@ from processor.ledger.records import (
     StoredAnswer,
     change_event,
 )
-from processor.ledger.store import REVERSED_BEFORE_ORIGINAL, Writer
+from processor.ledger.store import REVERSED_BEFORE_ORIGINAL, Writer, answer_time
 from processor.randomness import BufferedRandom
 from processor.wire.messages import AuthorizationRequest, rrn_key, transaction_key
 from processor.wire.responses import approved_fields, balances
@@ -367,11 +367,16 @@ class Lifecycle:
     def _count_usage(
         self, writer: Writer, card: Card, account: Account, amount: int, mcc: str, batch: Batch
     ) -> None:
+        state = writer.changed_card_state(card)
+        # At the time its answer will carry (moved past a load only just committed), so that
+        # its reversal gives it back to the periods and the window time it was counted in.
+        at_ms = answer_time(batch.now_ms, state, account)
+        periods = batch.periods if at_ms == batch.now_ms else periods_at(at_ms, self._zone)
         record_usages(
-            (usage_of(writer.changed_card_state(card)), usage_of(account)),
+            (usage_of(state), usage_of(account)),
             amount,
             self._rules.catalog.category(mcc),
-            batch.periods,
+            periods,
         )
         writer.put_account(account)
 
@@ -813,16 +818,15 @@ class Lifecycle:
     ) -> Result:
         advice = request.message_class == "0420"
         found = self._original(writer, request)
+        if found is not None and found[1].reason == REVERSED_BEFORE_ORIGINAL:
+            found = None  # an earlier reversal's mark: the original is still unseen
         if found is None:
             card = writer.card(card_key)  # a known card's: its account's event stream has it
             code, reason = ("00", "orphan_reversal") if advice else ("25", "original_not_found")
             named = request.original_key()
-            if named is not None and named[0] in ORIGINAL_CLASSES:
+            if card is not None and named is not None and named[0] in ORIGINAL_CLASSES:
                 writer.mark_reversed_unseen(
-                    named[1],
-                    card_id=None if card is None else card.card_id,
-                    account_id=None if card is None else card.account_id,
-                    now_ms=batch.now_ms,
+                    named[1], card_id=card.card_id, account_id=card.account_id, now_ms=batch.now_ms
                 )
             return Result(
                 code,

@@ -94,14 +94,15 @@ def mask_pan(pan: str) -> str:
 
 
 # Digits a card number may be written with: one run, or groups split by single spaces or
-# dashes ("4111 1111 1111 1111", "4111-1111-1111-1111"); 13 digits at least. Or groups of
-# four digits or more (a 19-digit number's last may have three) split by any character an id
+# dashes ("4111 1111 1111 1111", "4111-1111-1111-1111"); 13 digits at least. Or in fours (the
+# last group of a 13-, 17-, 18- or 19-digit number shorter) split by any character an id
 # allows besides ("4111.1111.1111.1111", "4111_1111_...", "4111/1111/..."): an account id or a
-# path segment may be written so, and its error quoted it in clear. Not shorter groups: times
-# ("10:00:00.123"), addresses and bounds written in thousands ("1_000_000_000_000_000") would
-# read as card numbers (logs mask every long run; a run of zeros passes the Luhn check).
+# path segment may be written so, and its error quoted it in clear. Only fours: times
+# ("1765100000.123456", "20261124_120000"), addresses and bounds written in thousands
+# ("1_000_000_000_000_000") would read as card numbers (logs mask every long run; a run of
+# zeros passes the Luhn check).
 _DIGIT_RUN: Final = re.compile(
-    r"\d(?:[ -]?\d){12,}|\d{4,}(?:[ ._:/-]\d{4,})+(?:[ ._:/-]\d{3}(?!\d))?"
+    r"\d(?:[ -]?\d){12,}|\d{4}(?:[ ._:/-]\d{4}){2,}(?:[ ._:/-]\d{1,3})?(?!\d)"
 )
 _SEPARATORS: Final = str.maketrans("", "", " ._:/-")
 # A run of more digits than most PANs have is masked whole (but for its first six and last
@@ -134,7 +135,7 @@ def _holds_a_pan(digits: str) -> bool:
 
 def mask_card_numbers(text: str, *, every_run: bool = False) -> str:
     """`text` with every card number in it masked, written as one run or grouped by spaces or
-    dashes (or in groups of four or more by `._:/`), alone or inside a longer run of digits (a
+    dashes (or in fours by `._:/`), alone or inside a longer run of digits (a
     PAN followed by its expiry): for messages that quote what was sent (an enum value msgspec
     names, an id, a catalog entry), where a card number put in the wrong place must not come
     back in clear.

@@ -375,12 +375,12 @@ def release_usage(
                     row[column + 1] = max(0, row[column + 1] - count)
         packed = usage.recent.get(key)
         if count and packed:
-            # The newest time at or before the approval's, not only one equal to it: an
-            # answer's time is moved past a load that committed while its batch waited
-            # (Writer.record_answer), after its usage was counted at the batch's clock, and
-            # an exact match then never came and the approval counted in its window for a
-            # day. Times are sorted and dropped oldest first, so when the approval's own
-            # time is gone, so is every earlier one: nothing else is taken for it.
+            # The newest time at or before the approval's, not only one equal to it: until
+            # 2026-12-07 an answer's time could be moved past a load that committed while its
+            # batch waited after its usage was counted at the batch's clock (answer_time),
+            # and an exact match never came for those. Times are sorted and dropped oldest
+            # first, so when the approval's own time is gone, so is every earlier one:
+            # nothing else is taken for it.
             index = _bisect_packed(packed, approved.at_ms) - 1
             if index >= 0:
                 del packed[index << 3 : (index + 1) << 3]

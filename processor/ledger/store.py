@@ -832,6 +832,19 @@ POSTED_WITHOUT_ORIGINAL = "posted_without_original"
 REVERSED_BEFORE_ORIGINAL = "reversed_before_original"
 
 
+def answer_time(now_ms: int, state: CardState | None, account: Account | None) -> int:
+    """When an answer is stamped: `now_ms`, moved past a load's currency change or a card's
+    usage reset that committed before it (the batch read its clock before it waited for the
+    writer lock, and an answer stamped before the change would read as one of the old
+    currency: its reversal refused, nothing given back). What the answer counts in usage is
+    counted at the same time, so its reversal gives it back to the same periods."""
+    if state is not None and now_ms <= state.usage_since_ms:
+        now_ms = state.usage_since_ms + 1
+    if account is not None and now_ms <= account.currency_since_ms:
+        now_ms = account.currency_since_ms + 1
+    return now_ms
+
+
 def claim_for_daemon(path: str | Path) -> int:
     """Take the ledger's daemon lock (`<ledger>/daemon.lock`), before the ledger is opened
     (an open may migrate it and replay its log), or raise LedgerError: one daemon per
@@ -1498,16 +1511,13 @@ class Writer(Reader):
         """Store a new answer at the head of its card's and its account's history chains.
 
         Its time is moved past a load's currency change (or a card's usage reset) that
-        committed before it: the batch read its clock before it waited for the writer lock,
-        and an answer stamped before the change would read as one of the old currency (its
-        reversal refused, nothing given back). Nothing moves but on the first batches after
-        such a load."""
+        committed before it (answer_time). Nothing moves but on the first batches after such
+        a load."""
         if answer.card_id is not None:
             card = self.card_of(answer.card_id, card_key_hint)
             if card is not None:
                 state = self.changed_card_state(card)
-                if answer.answered_ms <= state.usage_since_ms:
-                    answer.answered_ms = state.usage_since_ms + 1
+                answer.answered_ms = answer_time(answer.answered_ms, state, None)
                 # Never itself: a key pruned and then used again (field 7 has no year) would
                 # make the chain a loop.
                 answer.previous_for_card = (
@@ -1517,8 +1527,7 @@ class Writer(Reader):
         if answer.account_id is not None:
             account = self.account(answer.account_id)
             if account is not None:
-                if answer.answered_ms <= account.currency_since_ms:
-                    answer.answered_ms = account.currency_since_ms + 1
+                answer.answered_ms = answer_time(answer.answered_ms, None, account)
                 previous = account.last_answer
                 if previous == identity:
                     previous = None
@@ -1607,6 +1616,11 @@ class Writer(Reader):
                     return None
                 found = self._answers_read[key] = self._codecs.answer.decode(raw)
         return found
+
+    def replacing_answer(self, identity: bytes) -> None:
+        """The answer read under `identity` is to be replaced by a new one (put_answer next),
+        not changed: another card's reversal mark (Authorizer._process)."""
+        self._answers_read.pop(stored_answer_key(identity), None)
 
     def put_answer(self, identity: bytes, answer: StoredAnswer) -> None:
         """Kept until `flush`, which writes the batch's answers in key order (see there).
@@ -1714,13 +1728,14 @@ class Writer(Reader):
             self.put_answer(original_key, original)
 
     def mark_reversed_unseen(
-        self, original_key: bytes, *, card_id: str | None, account_id: str | None, now_ms: int
+        self, original_key: bytes, *, card_id: str, account_id: str, now_ms: int
     ) -> None:
         """A reversal named `original_key` before its original came (a network sends its
         0420 when the original timed out, and the two may cross): a marker answer under that
         key, so the original, arriving late, is refused as a conflict (94; an advice
         acknowledged) instead of holding the cardholder's money until the hold expired.
-        Nothing when an answer is there already."""
+        Nothing when an answer is there already. Only the card's own original is refused
+        (Authorizer._process): another card's request of the same identity is decided."""
         if self.answer(original_key) is not None:
             return
         self.put_answer(

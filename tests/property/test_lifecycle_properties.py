@@ -1017,8 +1017,8 @@ class LifecycleMachine(RuleBasedStateMachine):
             if answer.reason in ("orphan_reversal", "original_not_found") and card.account:
                 # About a known card all the same: in its account's stream and history.
                 answer.account, answer.card_id = card.account, self.card_ids.get(card.pan)
-            if answer.reason in ("orphan_reversal", "original_not_found"):
-                self.mark_reversed_unseen(fields, answer)
+            if answer.reason in ("orphan_reversal", "original_not_found") and answer.card_id:
+                self.mark_reversed_unseen(fields, answer)  # a known card's reversal only
         return answer, response
 
     def mark_reversed_unseen(self, fields: dict[str, str], orphan: ModelAnswer) -> None:
@@ -1147,6 +1147,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         self, fields: dict[str, str], message_class: str, answer: ModelAnswer
     ) -> tuple[str, str]:
         found = self.lookup(fields)
+        if found is not None and self.answers[found].reason == "reversed_before_original":
+            found = None  # an earlier reversal's mark: the original is still unseen
         if found is None:
             return (
                 ("00", "orphan_reversal")
@@ -1197,6 +1199,12 @@ class LifecycleMachine(RuleBasedStateMachine):
         """Apply one request to the model, in batch order, and say what it must be answered."""
         key = answer_key(fields)
         stored = self.answers.get(key)
+        if (
+            stored is not None
+            and stored.reason == "reversed_before_original"
+            and stored.card_id != self.card_ids.get(card.pan)
+        ):
+            stored = None  # another card's reversal mark: decided as new, in its place
         self.sent.append(Sent(fields, card))
         if stored is not None:
             if stored.content == content(fields):

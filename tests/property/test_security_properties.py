@@ -4,6 +4,7 @@ leaves no card number in it."""
 import hashlib
 import hmac
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -50,3 +51,27 @@ def test_a_message_quoting_a_card_number_shows_at_most_its_first_six_and_last_fo
     run = before + with_check_digit(body) + after
     masked = run[:6] + "*" * (len(run) - 10) + run[-4:]
     assert mask_card_numbers(around[0] + run + around[1]) == around[0] + masked + around[1]
+
+
+@pytest.mark.parametrize(
+    ("written", "shown"),
+    [
+        # Card numbers in fours by any separator an id allows, the last group shorter for a
+        # 13-, 17-, 18- or 19-digit number: its last group was left in clear, or all of it.
+        ("4222.2222.2222.2", "4222.22**.*222.2"),
+        ("6011.0000.9990.0000.4", "6011.00**.****.*000.4"),
+        ("6011.0000.9990.0000.15", "6011.00**.****.**00.15"),
+        ("4761:7390:0101:0010", "4761:73**:****:0010"),
+        # Not card numbers: times, file names, bounds in thousands, addresses.
+        ("1765100000.123456", "1765100000.123456"),
+        ("backup_20261124_120000.tar", "backup_20261124_120000.tar"),
+        ("1_000_000_000_000_000", "1_000_000_000_000_000"),
+        ("2026-12-07 10:00:00.123456+00:00", "2026-12-07 10:00:00.123456+00:00"),
+        ("192.168.100.200:8080", "192.168.100.200:8080"),
+    ],
+)
+def test_grouped_numbers_are_masked_as_card_numbers_and_nothing_else(
+    written: str, shown: str
+) -> None:
+    assert mask_card_numbers(written) == shown
+    assert mask_card_numbers(written, every_run=True) == shown

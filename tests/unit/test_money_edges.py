@@ -902,3 +902,74 @@ def test_an_original_after_its_reversal_holds_nothing(tmp_path: Path) -> None:
     [late] = answer(authorizer, request(**{"4": "000000003000", "11": "000001"}))
     assert (late.response_code, late.reason) == ("94", "late_original")
     assert balances(ledger, "acct-a") == (10000, 0)
+
+
+def test_a_reversal_mark_refuses_its_own_cards_original_only_and_stays_an_orphan(
+    tmp_path: Path,
+) -> None:
+    """The mark an early reversal leaves: another card's 0100 of the same identity was
+    declined 94 for it, and a second reversal of the unseen original took the mark for a
+    declined original (00 original_declined instead of 25, or an orphan's acknowledgement)."""
+    ledger, authorizer = build(tmp_path)
+    names_it = {"4": "000000003000", "90": original_data("0100", "000001")}
+    [orphan] = answer(authorizer, request("0420", **names_it, **{"11": "000002"}))
+    assert orphan.reason == "orphan_reversal"
+    [again] = answer(authorizer, request("0400", **names_it, **{"11": "000003"}))
+    assert (again.response_code, again.reason) == ("25", "original_not_found")
+    [advice] = answer(authorizer, request("0420", **names_it, **{"11": "000004"}))
+    assert (advice.response_code, advice.reason) == ("00", "orphan_reversal")
+    [other] = answer(authorizer, request(**{"2": PAN_B, "4": "000000003000", "11": "000001"}))
+    assert (other.response_code, other.reason) == ("00", "approved")
+    assert balances(ledger, "acct-b") == (10000, 3000)
+    assert balances(ledger, "acct-a") == (10000, 0)
+
+
+def test_a_reversal_gives_back_the_days_count_it_was_counted_in_after_a_currency_change(
+    tmp_path: Path,
+) -> None:
+    """The approval's usage was counted on the 24th at the batch's clock, its answer timed on
+    the 25th past a load of 00:00:04; its reversal gave the count back to the 25th, and the
+    card's one approval a day then let two through on the 25th. Now the usage is counted when
+    the answer says, and given back there."""
+    controlled = LOAD.replace(
+        b'account = "acct-a"\nexpiry = "3012"\n',
+        b'account = "acct-a"\nexpiry = "3012"\n'
+        b'controls.count_limits = [{ count = 1, interval = "daily" }]\n',
+        1,
+    )
+    midnight = datetime(2026, 11, 25, tzinfo=UTC)
+    midnight_ms = int(midnight.timestamp() * 1000)
+    ledger = Ledger(tmp_path / "ledger", durability="process", map_size_bytes=64 << 20)
+    apply_load_file(
+        ledger, parse_load_file(controlled, "test"), HASHER, "test", now_ms=midnight_ms - 60_000
+    )
+    dollars = controlled.replace(
+        b'id = "acct-a"\ncurrency = "EUR"', b'id = "acct-a"\ncurrency = "USD"'
+    )
+    apply_load_file(
+        ledger, parse_load_file(dollars, "test"), HASHER, "test", now_ms=midnight_ms + 4000
+    )
+    authorizer = Authorizer(
+        ledger, HASHER, ProgrammeRules(catalog=default_catalog()), hold_lifetime_seconds=86400
+    )
+    usd = {"49": "840", "4": "000000001000"}
+    before = midnight - timedelta(seconds=1)  # the batch's clock, read before the load
+    [first] = authorizer.authorize_batch([request(**usd, **{"11": "000001"})], before)
+    # It counts on the day its answer says: the 25th, as the load's time.
+    [second] = authorizer.authorize_batch(
+        [request(**usd, **{"11": "000002"})], midnight + timedelta(seconds=10)
+    )
+    assert [first.reason, second.reason] == ["approved", "daily_count_limit"]
+    [reversed_] = authorizer.authorize_batch(
+        [request("0400", **usd, **{"11": "000003", "90": original_data("0100", "000001")})],
+        midnight + timedelta(seconds=20),
+    )
+    assert reversed_.reason == "reversed"
+    # Given back to the 25th, where it counted: one approval that day again, and no more.
+    third, fourth = (
+        authorizer.authorize_batch(
+            [request(**usd, **{"11": stan})], midnight + timedelta(seconds=seconds)
+        )[0]
+        for stan, seconds in (("000004", 30), ("000005", 40))
+    )
+    assert (third.reason, fourth.reason) == ("approved", "daily_count_limit")
