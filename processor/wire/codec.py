@@ -9,6 +9,7 @@ field at fault.
 from __future__ import annotations
 
 import re
+from itertools import takewhile
 from typing import Final
 
 import iso8583
@@ -194,7 +195,19 @@ class Codec:
         except DecodeError as error:
             # Never quote the error itself: its document holds whatever decoded, PAN included.
             partial = {k: v for k, v in error.doc_dec.items() if isinstance(v, str)}
-            failure = self._invalid(mti, partial, error.msg, error.field, error.pos)
+            malformed = self._malformed(error.doc_enc)
+            if malformed is None:
+                failure = self._invalid(mti, partial, error.msg, error.field, error.pos)
+            else:
+                # A bad prefix whose value was not the length sent put every later field out
+                # of step, and the decode failed further on: the field blamed was innocent,
+                # and the STAN, the PAN's digits and the rest read after it were pieces of
+                # other fields. Only what was read before it is the sender's; without the
+                # STAN among it, nothing can be answered.
+                key, reason = malformed
+                earlier = takewhile(lambda each: each != key, error.doc_enc)
+                before = {k: partial[k] for k in earlier if k in partial}
+                failure = self._invalid(mti, before, reason, key, 0)
         except KeyError:
             # Bit 65 set: pyiso8583 then reads a tertiary bitmap and looks up fields 129-192,
             # which a 1987 spec does not define. Nothing past field 128 can be read: drop it.
@@ -211,16 +224,25 @@ class Codec:
         """What pyiso8583 takes and the wire format does not: it reads a length prefix with
         int() (" 9", "+9", "0_8" and "-00" all pass) and a bitmap with bytes.fromhex()
         (which skips spaces). A message written so is malformed, whatever it decoded to."""
+        malformed = self._malformed(encoded)
+        if malformed is None:
+            return None
+        key, reason = malformed
+        return self._invalid(mti, fields, reason, key, 0)
+
+    def _malformed(self, encoded: dict[str, dict[str, bytes]]) -> tuple[str, str] | None:
+        """The first field, in the order decoded, whose length prefix or bitmap pyiso8583
+        read though it breaks the wire format (see _lenient), and why."""
         for key, parts in encoded.items():
             length = parts.get("len", b"")
             if length and not length.isdigit():
-                return self._invalid(mti, fields, "length prefix is not ASCII digits", key, 0)
+                return key, "length prefix is not ASCII digits"
             if (
                 key in ("p", "1")
                 and self._iso[key]["data_enc"] == "ascii"
                 and not _HEX_DIGITS.fullmatch(parts.get("data", b""))
             ):
-                return self._invalid(mti, fields, "bitmap is not hex digits", key, 0)
+                return key, "bitmap is not hex digits"
         return None
 
     def _invalid(

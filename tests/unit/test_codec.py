@@ -286,6 +286,28 @@ def test_a_length_prefix_that_is_not_digits_is_a_format_error(
     assert str(field) not in caught.value.echo
 
 
+def test_a_bad_prefix_that_puts_later_fields_out_of_step_trusts_nothing_after_it(
+    codec: Codec,
+) -> None:
+    """A PAN of 16 digits sent with the prefix " 9": pyiso8583 read 9 digits, every field
+    after from the wrong place, and failed at the end; the 30 then blamed field 49 and
+    echoed the misread fields: a STAN made of field 7's digits, PAN digits as field 3. Past
+    a prefix so malformed nothing read is the sender's: without the STAN before it, no answer
+    (counted and dropped); with it, a 30 of what came before."""
+    shifted = with_field(2, b" 9" + PAN.encode())
+    with pytest.raises(UndecodableMessage) as dropped:
+        codec.decode(build(b"0100", shifted))
+    assert dropped.value.field == "2"
+    assert_no_pan(dropped.value)
+    # Field 32 of 3 digits where 6 were sent: 49 read "456", then 3 bytes left over.
+    late = with_field(32, b" 3123456")
+    with pytest.raises(InvalidMessage, match="length prefix") as caught:
+        codec.decode(build(b"0100", late))
+    assert caught.value.field == "32"
+    assert caught.value.echo["11"] == "004711"
+    assert not {"32", "37", "41", "42", "49", "51"} & set(caught.value.echo)
+
+
 def test_a_bitmap_with_spaces_is_a_format_error(codec: Codec) -> None:
     """bytes.fromhex() skips spaces: a bitmap ending in two was read as one ending in 00."""
     message = build(b"0100", FIELDS_0100)
