@@ -210,6 +210,24 @@ def check_controls(
     `levels`: (controls, the usage its limits count) for programme, account and card, in that
     order. `amount` is in `currency`, the account's currency.
     """
+    return place_refusal(
+        levels, mcc=mcc, country=country, channels=channels, catalog=catalog
+    ) or limit_refusal(
+        levels, mcc=mcc, amount=amount, currency=currency, periods=periods, catalog=catalog
+    )
+
+
+def place_refusal(
+    levels: Sequence[tuple[Controls, Usage]],
+    *,
+    mcc: str,
+    country: str | None,
+    channels: Sequence[str],
+    catalog: Catalog,
+) -> Refusal | None:
+    """The first of the controls on where a card may be used (channel, merchant category,
+    country) that refuses this request: what an account verification is checked against too
+    (a card verified where it may not be used would be declined at its first purchase)."""
     category = catalog.category(mcc)
     for controls, _ in levels:
         switches = controls.channels
@@ -238,6 +256,20 @@ def check_controls(
                 return Refusal("57", "country_unknown")
             if not catalog.names_country(controls.allowed_countries, country):
                 return Refusal("57", f"country_not_allowed:{country}")
+    return None
+
+
+def limit_refusal(
+    levels: Sequence[tuple[Controls, Usage]],
+    *,
+    mcc: str,
+    amount: int,
+    currency: str,
+    periods: Periods,
+    catalog: Catalog,
+) -> Refusal | None:
+    """The first amount or count limit that refuses `amount` (in `currency`, the account's)."""
+    category = catalog.category(mcc)
     current = periods.numbers
     for controls, usage in levels:
         for limit in controls.amount_limits:

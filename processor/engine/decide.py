@@ -19,8 +19,9 @@ from processor.engine.controls import (
     Catalog,
     Periods,
     channels_of,
-    check_controls,
     country_of,
+    limit_refusal,
+    place_refusal,
 )
 from processor.engine.fx import convert
 from processor.ledger.controls import Controls, Usage, with_shorthands
@@ -166,6 +167,27 @@ def yymm(now: datetime) -> int:
     return (now.year % 100) * 100 + now.month
 
 
+def _control_levels(
+    spend: Spend | None, card: Card, account: Account
+) -> list[tuple[Controls, Usage]]:
+    """(controls, the usage its limits count) of the programme, the account and the card that
+    have any, in that order."""
+    levels: list[tuple[Controls, Usage]] = []
+    if spend is None:
+        return levels
+    if spend.programme is not None:
+        levels.append((spend.programme, spend.card_usage))
+    if account.controls is not None:
+        levels.append((account.controls, spend.account_usage))
+    own = card.controls
+    if card.per_transaction_limit is not None or card.blocked_mccs:
+        # A record from before card controls: its shorthands are its controls.
+        own = with_shorthands(own, card.per_transaction_limit, card.blocked_mccs, account.currency)
+    if own is not None:
+        levels.append((own, spend.card_usage))
+    return levels
+
+
 def decide(
     request: AuthorizationRequest,
     card: Card | None,
@@ -221,11 +243,26 @@ def decide(
         return UNKNOWN_CURRENCY
     if transaction_type == BALANCE_INQUIRY:
         return BALANCE
+    levels = _control_levels(spend, card, account)
+    if levels:
+        refusal = place_refusal(
+            levels,
+            mcc=request.mcc,
+            country=country_of(request.merchant_name_location),
+            channels=channels_of(
+                request.processing_code, request.pos_entry_mode, request.pos_condition
+            ),
+            catalog=rules.catalog,
+        )
+        if refusal is not None:
+            return Decision(refusal.response_code, refusal.reason)
     amount = request.amount
     if amount == 0 and transaction_type == PURCHASE:
         # A purchase of zero is an account verification (a card stored on file, added to a
-        # wallet): status, expiry and CVC2 passed above. 85, nothing held or counted; a 13
-        # declined every merchant that checks a card before it keeps it.
+        # wallet): status, expiry, CVC2 and where the card may be used passed above (a card
+        # verified at a merchant its controls block was declined at its first purchase). 85,
+        # nothing held or counted; a 13 declined every merchant that checks a card before it
+        # keeps it.
         return ACCOUNT_VERIFIED
     if not amount:  # absent, or zero outside a purchase
         return INVALID_AMOUNT
@@ -240,35 +277,18 @@ def decide(
             # carries, the approval would be held with an answer that cannot be encoded,
             # never sent (nor any repeat's).
             return INVALID_AMOUNT
-    if spend is not None:
-        levels: list[tuple[Controls, Usage]] = []
-        if spend.programme is not None:
-            levels.append((spend.programme, spend.card_usage))
-        if account.controls is not None:
-            levels.append((account.controls, spend.account_usage))
-        own = card.controls
-        if card.per_transaction_limit is not None or card.blocked_mccs:
-            # A record from before card controls: its shorthands are its controls.
-            own = with_shorthands(
-                own, card.per_transaction_limit, card.blocked_mccs, account.currency
-            )
-        if own is not None:
-            levels.append((own, spend.card_usage))
-        if levels:
-            refusal = check_controls(
-                levels,
-                mcc=request.mcc,
-                country=country_of(request.merchant_name_location),
-                channels=channels_of(
-                    request.processing_code, request.pos_entry_mode, request.pos_condition
-                ),
-                amount=amount,
-                currency=account.currency,
-                periods=spend.periods,
-                catalog=rules.catalog,
-            )
-            if refusal is not None:
-                return Decision(refusal.response_code, refusal.reason)
+    if levels:
+        assert spend is not None  # levels come from it
+        refusal = limit_refusal(
+            levels,
+            mcc=request.mcc,
+            amount=amount,
+            currency=account.currency,
+            periods=spend.periods,
+            catalog=rules.catalog,
+        )
+        if refusal is not None:
+            return Decision(refusal.response_code, refusal.reason)
     available = account.posted + account.credit_limit - account.held
     # Partial approvals answer an amount in field 4, the transaction currency: only offered
     # when no conversion stands between the two.

@@ -965,13 +965,14 @@ class LifecycleMachine(RuleBasedStateMachine):
             blocks = balance_blocks(fields["3"][2:4], account.posted, account.available)
             # An approval carries its code, an inquiry's too (it holds nothing).
             return "00", "balance_inquiry", 0, {"54": blocks, "38": self.give_code(card.pan)}
+        # Where the card may be used before the amount: an account verification too.
+        if fields["18"] in PROGRAMME_BLOCKED_MCCS:
+            return "57", "mcc_blocked", 0, {}
         amount = int(fields.get("4", "0"))
         if amount == 0 and "4" in fields and transaction_type == "00":
             return "85", "account_verified", 0, {}  # an account verification: nothing held
         if amount == 0:
             return "13", "invalid_amount", 0, {}
-        if fields["18"] in PROGRAMME_BLOCKED_MCCS:
-            return "57", "mcc_blocked", 0, {}
         if card.limit is not None and amount > card.limit:
             return "61", "per_authorization_amount_limit", 0, {}
         available = account.available

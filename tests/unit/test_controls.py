@@ -1358,13 +1358,38 @@ def test_controls_come_before_the_balance_and_after_the_card() -> None:
     assert decide_with(make_request(amount=10**9), card_controls=blocked) == refused("mcc_blocked")
     frozen = decide_with(make_request(), card_controls=blocked, card_status="frozen")
     assert frozen == Decision("62", "card_frozen")
-    assert decide_with(make_request(amount=None), card_controls=blocked) == Decision(
+    # Where the card may be used is checked before the amount is looked at.
+    assert decide_with(make_request(amount=None), card_controls=blocked) == refused("mcc_blocked")
+    limits = Controls(
+        amount_limits=(AmountLimit(interval="per_authorization", amount=0, currency="EUR"),),
+        count_limits=(CountLimit(count=0, interval="daily"),),
+    )
+    assert decide_with(make_request(amount=None), card_controls=limits) == Decision(
         "13", "invalid_amount"
     )
-    # An account verification spends nothing: the controls on spend do not refuse it.
-    assert decide_with(make_request(amount=0), card_controls=blocked) == Decision(
-        "85", "account_verified"
+
+
+def test_an_account_verification_is_refused_where_the_card_may_not_be_used() -> None:
+    """A card verified (a purchase of zero: stored on file, added to a wallet) at a merchant,
+    in a country or through a channel its controls block was answered 85, and declined at
+    its first purchase there. It spends nothing: no amount or count limit refuses it."""
+    verification = make_request(amount=0)
+    for controls, reason in (
+        (Controls(blocked_mccs=("5411",)), "mcc_blocked"),
+        (Controls(allowed_countries=("FR",)), "country_not_allowed:DE"),
+        (Controls(channels=Channels(**dict.fromkeys(CHANNELS, False))), None),
+    ):
+        decision = decide_with(verification, card_controls=controls)
+        if reason is None:
+            assert decision.response_code == "57", decision
+            assert decision.reason.startswith("channel_blocked:"), decision
+        else:
+            assert decision == refused(reason), controls
+    spent_out = Controls(
+        amount_limits=(AmountLimit(interval="per_authorization", amount=0, currency="EUR"),),
+        count_limits=(CountLimit(count=0, interval="daily"),),
     )
+    assert decide_with(verification, card_controls=spent_out) == Decision("85", "account_verified")
 
 
 def test_balance_inquiry_is_not_subject_to_controls() -> None:
