@@ -583,6 +583,8 @@ class Daemon:
                 if data:
                     link.write(data)
                 link.requests_finished(len(frames))
+            # The answers are written: their latency ends here, before the wake below.
+            done_ns = time.perf_counter_ns()
         finally:
             # After the answers left (and whatever became of them: the batch is committed):
             # waking the delivery process (a pipe write, and the kernel waking a process on
@@ -590,7 +592,6 @@ class Daemon:
             # that process reads, at the checkpoint: the wake comes then (`_checkpointed`).
             if self.on_commit is not None and not self.ledger.last_write_logged:
                 self.on_commit()
-        done_ns = time.perf_counter_ns()
         self.metrics.answered_batch(
             [(outcome.mti, outcome.response_code, outcome.reason) for outcome in outcomes],
             [(done_ns - received_ns) / 1e9 for _, _, _, received_ns in batch],
