@@ -127,11 +127,11 @@ PROBLEM_CHARS_MAX: Final = 300  # a printed problem or record id, after masking
 
 
 def shown(text: str) -> str:
-    """`text` fit for a person: on one line, printable, every run of 13 digits or more
-    (grouped by spaces or dashes, or in fours by `._:/`, or not) masked like a PAN, first 6
-    and last 4, whether it is one or not; cut to PROBLEM_CHARS_MAX. An acquirer reference
-    number (23 digits) shows its ends only: a PAN and its expiry make a run as long, and the
-    line number says which record it is."""
+    """`text` fit for a person: on one line, printable, every run of 13 digits or more (grouped
+    by spaces or dashes, or as card numbers are by `._:/`, or not) masked like a PAN, first 6
+    and last 4, whether it is one or not; cut to PROBLEM_CHARS_MAX. An acquirer reference number
+    (23 digits) shows its ends only: a PAN and its expiry make a run as long, and the line
+    number says which record it is."""
     return mask_card_numbers(_CONTROL.sub("?", text), every_run=True)[:PROBLEM_CHARS_MAX]
 
 

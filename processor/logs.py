@@ -8,7 +8,7 @@ every `extra=` field of the call whose value JSON can carry (others are left out
 
 The masking is a safety net, not the protection: code must not log PANs at all. Every string that
 leaves (message, traceback, logger name, extra keys and values, numbers written out) has each run
-of 13 digits or more, grouped by spaces or dashes (or in fours by `._:/`) or not, masked
+of 13 digits or more, grouped by spaces or dashes (or as card numbers are, by `._:/`) or not, masked
 (`processor.security.mask_card_numbers`: first six, stars, last four), so a PAN that slips into
 a log call or an exception message still never reaches a log line.
 

@@ -94,15 +94,17 @@ def mask_pan(pan: str) -> str:
 
 
 # Digits a card number may be written with: one run, or groups split by single spaces or
-# dashes ("4111 1111 1111 1111", "4111-1111-1111-1111"); 13 digits at least. Or in fours (the
-# last group of a 13-, 17-, 18- or 19-digit number shorter) split by any character an id
-# allows besides ("4111.1111.1111.1111", "4111_1111_...", "4111/1111/..."): an account id or a
-# path segment may be written so, and its error quoted it in clear. Only fours: times
-# ("1765100000.123456", "20261124_120000"), addresses and bounds written in thousands
-# ("1_000_000_000_000_000") would read as card numbers (logs mask every long run; a run of
-# zeros passes the Luhn check).
+# dashes ("4111 1111 1111 1111", "4111-1111-1111-1111"); 13 digits at least. Or, split by any
+# character an id allows besides ("4111.1111.1111.1111", "3782_822463_10005", "4111/1111/..."),
+# as card numbers are grouped: four digits, then groups of four to six, the last maybe of one
+# to three (13-, 17-, 18- and 19-digit numbers): an account id or a path segment may be written
+# so, and its error quoted it in clear. Not a group of another size nor one that starts or ends
+# inside a run of digits: times ("1765100000.123456", "20261124_120000"), addresses and bounds
+# written in thousands ("1_000_000_000_000_000") would read as card numbers (logs mask every
+# long run; a run of zeros passes the Luhn check).
 _DIGIT_RUN: Final = re.compile(
-    r"\d(?:[ -]?\d){12,}|\d{4}(?:[ ._:/-]\d{4}){2,}(?:[ ._:/-]\d{1,3})?(?!\d)"
+    r"\d(?:[ -]?\d){12,}"
+    r"|(?<!\d)\d{4}(?:[ ._:/-]\d{4,6}){1,3}(?:[ ._:/-]\d{1,3})?(?!\d)"
 )
 _SEPARATORS: Final = str.maketrans("", "", " ._:/-")
 # A run of more digits than most PANs have is masked whole (but for its first six and last
@@ -135,10 +137,10 @@ def _holds_a_pan(digits: str) -> bool:
 
 def mask_card_numbers(text: str, *, every_run: bool = False) -> str:
     """`text` with every card number in it masked, written as one run or grouped by spaces or
-    dashes (or in fours by `._:/`), alone or inside a longer run of digits (a
-    PAN followed by its expiry): for messages that quote what was sent (an enum value msgspec
-    names, an id, a catalog entry), where a card number put in the wrong place must not come
-    back in clear.
+    dashes (or as card numbers are grouped, by `._:/` too), alone or inside a longer run of
+    digits (a PAN followed by its expiry): for messages that quote what was sent (an enum value
+    msgspec names, an id, a catalog entry), where a card number put in the wrong place must not
+    come back in clear.
 
     A run of 13-16 digits is masked when any 13 or more consecutive digits of it pass the Luhn
     check (a short PAN with its expiry month after it, or a length prefix before it), or,

@@ -62,6 +62,10 @@ def test_a_message_quoting_a_card_number_shows_at_most_its_first_six_and_last_fo
         ("6011.0000.9990.0000.4", "6011.00**.****.*000.4"),
         ("6011.0000.9990.0000.15", "6011.00**.****.**00.15"),
         ("4761:7390:0101:0010", "4761:73**:****:0010"),
+        # As American Express (4-6-5) and Diners (4-6-4) print them, or a last group longer.
+        ("acct:3782_822463_10005", "acct:3782_82****_*0005"),
+        ("acct:3056.930902.5904", "acct:3056.93****.5904"),
+        ("4111.1111.1111.11112", "4111.11**.****.*1112"),
         # Not card numbers: times, file names, bounds in thousands, addresses.
         ("1765100000.123456", "1765100000.123456"),
         ("backup_20261124_120000.tar", "backup_20261124_120000.tar"),
