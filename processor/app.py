@@ -178,11 +178,21 @@ async def serve(settings: StartSettings) -> int:
         )
     shared = config.server.workers > 1
     sockets = []
+    bound: dict[tuple[str, int], str] = {}
     try:
         for each in config.listeners:
-            sockets.append(
-                listen(each.host, each.port, shared=shared, name=f"listener {each.name}")
-            )
+            sock = listen(each.host, each.port, shared=shared, name=f"listener {each.name}")
+            sockets.append(sock)
+            # Two listeners on one address: the config compares host names, and SO_REUSEPORT
+            # (workers > 1) let "localhost" bind where "127.0.0.1" had, the kernel then
+            # handing each network's links to either dialect at random.
+            host, port = sock.getsockname()[:2]
+            if (host, port) in bound:
+                raise StartupError(
+                    f"listeners {bound[host, port]!r} and {each.name!r} both listen on "
+                    f"{host}:{port}: give each its own port"
+                )
+            bound[host, port] = each.name
     except StartupError:
         for sock in sockets:
             sock.close()

@@ -59,10 +59,14 @@ def _writable_ledger(config: Config) -> tuple[Ledger, PanHasher]:
     """The ledger and PAN hasher a tool writes with (no demo seeding; the PAN key checked)."""
     from processor.app import open_ledger
     from processor.development_keys import is_published
-    from processor.security import hasher_from_environment, pan_key_weakness
+    from processor.security import (
+        hasher_from_environment,
+        key_from_environment,
+        pan_key_weakness,
+    )
 
     variable = config.security.pan_key_env
-    key = os.environ.get(variable, "").encode("utf-8")
+    key = key_from_environment(variable)
     hasher = hasher_from_environment(variable)
     weakness = pan_key_weakness(variable, key)
     if weakness is not None:

@@ -28,9 +28,10 @@ Mcc = Annotated[str, Meta(pattern=MCC_PATTERN)]
 Seconds = Annotated[int, Meta(gt=0, le=limits.config_seconds_max)]
 # The name of an environment variable holding a secret (never the secret: see the module).
 EnvironmentVariable = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")]
-# Sizes of the ledger's files: 256 TiB at most. LMDB takes a 64-bit size; past it a value
-# failed inside LMDB (OverflowError), and a huge log size was written out in zeros first.
-FileBytes = Annotated[int, Meta(ge=1 << 20, le=1 << 48)]
+# Sizes of the ledger's files: 64 TiB at most. LMDB maps the whole size: past what an x86-64
+# process can map (128 TiB) the open failed ("Cannot allocate memory") without naming the key;
+# past 64 bits inside LMDB (OverflowError); and a huge log size was written out in zeros first.
+FileBytes = Annotated[int, Meta(ge=1 << 20, le=1 << 46)]
 
 
 class ConfigError(Exception):
@@ -61,7 +62,11 @@ class ListenerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     bitmap: Bitmap = "ascii"
     # bad_messages_max bad messages within bad_message_window_seconds close a link: a rate, so
     # a link that sends a malformed message now and then for weeks is never cut.
-    bad_messages_max: Annotated[int, Meta(ge=1)] = limits.bad_messages_per_window_default
+    # Bounded: the count is a window of that many times (2^63 passed, and every link then
+    # failed as it opened, silently).
+    bad_messages_max: Annotated[int, Meta(ge=1, le=limits.bad_messages_per_window_max)] = (
+        limits.bad_messages_per_window_default
+    )
     bad_message_window_seconds: Annotated[float, Meta(gt=0, le=86400)] = (
         limits.bad_message_window_seconds_default
     )
@@ -191,7 +196,7 @@ class RetentionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # Clearing records applied: a presentment file ingested again is recognised this long.
     clearing_seconds: Seconds = 120 * 86400
     # Idempotency-Key responses of the control API: honoured at least 24 hours.
-    idempotency_seconds: Annotated[int, Meta(ge=86400)] = 2 * 86400
+    idempotency_seconds: Annotated[int, Meta(ge=86400, le=limits.config_seconds_max)] = 2 * 86400
 
     def __post_init__(self) -> None:
         if self.events_seconds > self.answers_seconds:

@@ -12,6 +12,7 @@ frame_bytes_ceiling: Final = 65535  # what a len2 prefix can express at all
 header_bytes_max: Final = 64  # optional fixed-length network header echoed back
 # A link sending this many bad messages within the window is closed (a listener's default).
 bad_messages_per_window_default: Final = 20
+bad_messages_per_window_max: Final = 100_000  # a window of this many times per link at most
 bad_message_window_seconds_default: Final = 60.0
 # A link's first frame, if it does not decode, is tried in neighbouring dialects to name the
 # cause; longer frames are not (processor/wire/dialect.py).
@@ -161,6 +162,8 @@ approval_code_draws_max: Final = 64  # at most 1000 of 10^6 taken: 64 collisions
 
 # Secrets checked at start (outside --demo)
 pan_key_bytes_min: Final = 32  # the PAN-hashing HMAC-SHA256 key: at least its output size
+# Fewer distinct byte values than this is a repeated character, not a secret (40 spaces passed).
+pan_key_distinct_bytes_min: Final = 8
 api_token_chars_min: Final = 16  # the control API's bearer token
 
 # Ledger

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import os
 import re
+from collections.abc import Mapping
 from typing import Final
 
 from processor import limits
@@ -71,6 +72,12 @@ def pan_key_weakness(variable: str, key: bytes) -> str | None:
             f"{variable} {what}: the PAN-hashing key must be a secret of at least "
             f"{limits.pan_key_bytes_min} bytes (e.g. openssl rand -hex 32)"
         )
+    distinct = len(set(key))
+    if distinct < limits.pan_key_distinct_bytes_min:
+        return (
+            f"{variable} holds only {distinct} distinct byte values: the PAN-hashing key must "
+            "be a secret, not a repeated character (e.g. openssl rand -hex 32)"
+        )
     if is_published(key):
         return (
             f"{variable} holds a published development key: with it anyone can recover a "
@@ -79,10 +86,17 @@ def pan_key_weakness(variable: str, key: bytes) -> str | None:
     return None
 
 
+def key_from_environment(variable: str, environ: Mapping[str, str] = os.environ) -> bytes:
+    """The variable's bytes as the process got them: os.environ decodes them with
+    surrogateescape, and a key that is not UTF-8 crashed the start with a traceback when
+    encoded back strictly. Any bytes make an HMAC key."""
+    return environ.get(variable, "").encode("utf-8", "surrogateescape")
+
+
 def hasher_from_environment(variable: str) -> PanHasher:
-    value = os.environ.get(variable, "")
+    value = key_from_environment(variable)
     if value:
-        return PanHasher(value.encode("utf-8"))
+        return PanHasher(value)
     return PanHasher(INSECURE_DEVELOPMENT_KEY, insecure=True)
 
 

@@ -22,7 +22,12 @@ from processor.cvc2 import keys_from_environment as card_keys_from_environment
 from processor.development_keys import is_published
 from processor.pan_vault import PanVault, VaultError, vault_from_environment
 from processor.personal_data import PersonalDataCipher, PersonalDataError, cipher_from_environment
-from processor.security import INSECURE_DEVELOPMENT_KEY, PanHasher, pan_key_weakness
+from processor.security import (
+    INSECURE_DEVELOPMENT_KEY,
+    PanHasher,
+    key_from_environment,
+    pan_key_weakness,
+)
 
 log = logging.getLogger("processor.daemon")
 
@@ -188,7 +193,7 @@ def _pan_hasher(
     config: Config, environ: dict[str, str], demo: bool, problems: list[str]
 ) -> PanHasher | None:
     variable = config.security.pan_key_env
-    key = environ.get(variable, "").encode("utf-8")
+    key = key_from_environment(variable, environ)
     if not key and demo:
         log.warning(
             "--demo: %s is not set: using the INSECURE built-in development PAN key; card keys "

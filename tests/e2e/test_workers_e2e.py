@@ -161,6 +161,37 @@ def test_a_bad_worker_count_names_the_key(tmp_path: Path) -> None:
     assert "$.server.workers" in result.stderr
 
 
+def test_two_listeners_on_one_address_are_refused_with_workers_too(tmp_path: Path) -> None:
+    """The config compares host names: "localhost" and "127.0.0.1" on one port passed it,
+    SO_REUSEPORT (workers > 1) let both bind, and the kernel handed each network's links to
+    either dialect at random. The start now fails naming both listeners."""
+    import socket
+
+    with socket.socket() as probe:  # a port free now (no listener is on it)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "twice.toml"
+    config.write_text(
+        f"[server]\nworkers = {WORKERS}\n"
+        f"[[listeners]]\nname = 'a'\nhost = '127.0.0.1'\nport = {port}\n"
+        f"[[listeners]]\nname = 'b'\nhost = 'localhost'\nport = {port}\n"
+        "framing = 'ascii4'\nbitmap = 'binary'\n"
+    )
+    result = run_cli(
+        "serve",
+        "--demo",
+        "--config",
+        str(config),
+        "--ledger",
+        str(tmp_path / "ledger"),
+        "--http-port",
+        "0",
+    )
+    assert result.returncode == 2, result.stderr
+    assert "listeners 'a' and 'b' both listen on 127.0.0.1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_worker_serves_every_listener_in_its_own_dialect(tmp_path: Path) -> None:
     from harness import Link
 

@@ -83,6 +83,14 @@ def test_no_file_means_defaults() -> None:
         ("[programme.hold_lifetime_by_mcc]\n7011 = 10000000000000\n", "hold_lifetime_by_mcc"),
         ("[ledger]\nwrite_ahead_log_bytes = 1099511627776000\n", "write_ahead_log_bytes"),
         ("[ledger]\nmap_size_bytes = 18446744073709551616\n", "$.ledger.map_size_bytes"),
+        # Past what an x86-64 process can map: the open failed without naming the key.
+        ("[ledger]\nmap_size_bytes = 281474976710656\n", "$.ledger.map_size_bytes"),
+        # A window of 2^63 times: every link failed as it opened, silently.
+        (
+            "[[listeners]]\nname = 'n'\nport = 0\nbad_messages_max = 9223372036854775808\n",
+            "$.listeners[0].bad_messages_max",
+        ),
+        ("[retention]\nidempotency_seconds = 1000000000000\n", "$.retention.idempotency_seconds"),
         ("[ledger]\npath = ''\n", "$.ledger.path"),
         ("[security]\npan_key_env = ''\n", "$.security.pan_key_env"),
         ("[http]\napi_token_env = 'MY TOKEN'\n", "$.http.api_token_env"),

@@ -14,7 +14,7 @@ from processor.ledger.store import LedgerError, claim_for_daemon
 from processor.security import INSECURE_DEVELOPMENT_KEY, PanHasher
 from processor.server.startup import Unready, start_settings
 
-KEY = "k" * limits.pan_key_bytes_min
+KEY = "startup-test-pan-key-of-32-bytes+"  # a secret of the minimum length, not one character
 TOKEN = "t" * limits.api_token_chars_min
 CVK = "89ABCDEF0123456776543210FEDCBA98"
 WITH_BIN = parse_config(
@@ -59,6 +59,23 @@ def test_a_pan_key_one_byte_short_is_refused() -> None:
     message = unready(WITH_BIN, dict(READY, PROCESSOR_PAN_KEY=secret))
     assert f"PROCESSOR_PAN_KEY holds {limits.pan_key_bytes_min - 1} bytes" in message
     assert secret[:8] not in message  # a secret is never quoted, not even in part
+
+
+def test_a_pan_key_of_one_repeated_character_is_refused() -> None:
+    """Forty spaces passed: a ledger keyed so has card ids anyone can recompute."""
+    for weak in (" " * 40, "a" * 64, "ab" * 32):
+        message = unready(WITH_BIN, dict(READY, PROCESSOR_PAN_KEY=weak))
+        assert "PROCESSOR_PAN_KEY holds only" in message and "distinct" in message, weak
+
+
+def test_a_pan_key_that_is_not_utf8_is_used_as_the_bytes_it_is() -> None:
+    """os.environ decodes a variable with surrogateescape; encoding it back strictly crashed
+    the start with a traceback. Its bytes are the key."""
+    raw = bytes(range(128, 168))
+    settings = start_settings(
+        WITH_BIN, dict(READY, PROCESSOR_PAN_KEY=raw.decode("utf-8", "surrogateescape")), demo=False
+    )
+    assert settings.hasher.fingerprint == PanHasher(raw).fingerprint
 
 
 def test_the_settings_never_show_the_token() -> None:
