@@ -45,6 +45,8 @@ from processor.webhooks.supervisor import SAMPLES_INDEX as DELIVERY_SAMPLES
 from processor.webhooks.supervisor import DeliveryError, DeliveryProcess
 
 log = logging.getLogger("processor.daemon")
+# What a listener bound to every address of a family reports as its own.
+_EVERY_ADDRESS = frozenset(("0.0.0.0", "::"))
 
 
 def open_ledger(
@@ -178,21 +180,25 @@ async def serve(settings: StartSettings) -> int:
         )
     shared = config.server.workers > 1
     sockets = []
-    bound: dict[tuple[str, int], str] = {}
+    bound: list[tuple[str, int, str]] = []
     try:
         for each in config.listeners:
             sock = listen(each.host, each.port, shared=shared, name=f"listener {each.name}")
             sockets.append(sock)
-            # Two listeners on one address: the config compares host names, and SO_REUSEPORT
-            # (workers > 1) let "localhost" bind where "127.0.0.1" had, the kernel then
-            # handing each network's links to either dialect at random.
+            # Two listeners on one port and address, or one of them on every address: the
+            # config compares host names, and SO_REUSEPORT (workers > 1) let "localhost" bind
+            # where "127.0.0.1" had, or "0.0.0.0" where "" had, the kernel then handing each
+            # network's links to one dialect or the other. Without workers the bind refuses.
             host, port = sock.getsockname()[:2]
-            if (host, port) in bound:
-                raise StartupError(
-                    f"listeners {bound[host, port]!r} and {each.name!r} both listen on "
-                    f"{host}:{port}: give each its own port"
-                )
-            bound[host, port] = each.name
+            for other_host, other_port, other in bound:
+                if port == other_port and (
+                    host == other_host or _EVERY_ADDRESS & {host, other_host}
+                ):
+                    raise StartupError(
+                        f"listeners {other!r} and {each.name!r} both listen on port {port} "
+                        f"({other_host or '*'} and {host or '*'}): give each its own port"
+                    )
+            bound.append((host, port, each.name))
     except StartupError:
         for sock in sockets:
             sock.close()

@@ -162,8 +162,6 @@ approval_code_draws_max: Final = 64  # at most 1000 of 10^6 taken: 64 collisions
 
 # Secrets checked at start (outside --demo)
 pan_key_bytes_min: Final = 32  # the PAN-hashing HMAC-SHA256 key: at least its output size
-# Fewer distinct byte values than this is a repeated character, not a secret (40 spaces passed).
-pan_key_distinct_bytes_min: Final = 8
 api_token_chars_min: Final = 16  # the control API's bearer token
 
 # Ledger

@@ -161,10 +161,16 @@ def test_a_bad_worker_count_names_the_key(tmp_path: Path) -> None:
     assert "$.server.workers" in result.stderr
 
 
-def test_two_listeners_on_one_address_are_refused_with_workers_too(tmp_path: Path) -> None:
-    """The config compares host names: "localhost" and "127.0.0.1" on one port passed it,
-    SO_REUSEPORT (workers > 1) let both bind, and the kernel handed each network's links to
-    either dialect at random. The start now fails naming both listeners."""
+@pytest.mark.parametrize(
+    ("first", "second"), [("127.0.0.1", "localhost"), ("", "0.0.0.0"), ("0.0.0.0", "127.0.0.1")]
+)
+def test_two_listeners_on_one_address_are_refused_with_workers_too(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    """The config compares host names: "localhost" and "127.0.0.1" (or "" and "0.0.0.0", or
+    every address and one of them) on one port passed it, SO_REUSEPORT (workers > 1) let both
+    bind, and the kernel handed each network's links to one dialect or the other. The start
+    now fails naming both listeners, as it does without workers."""
     import socket
 
     with socket.socket() as probe:  # a port free now (no listener is on it)
@@ -173,8 +179,8 @@ def test_two_listeners_on_one_address_are_refused_with_workers_too(tmp_path: Pat
     config = tmp_path / "twice.toml"
     config.write_text(
         f"[server]\nworkers = {WORKERS}\n"
-        f"[[listeners]]\nname = 'a'\nhost = '127.0.0.1'\nport = {port}\n"
-        f"[[listeners]]\nname = 'b'\nhost = 'localhost'\nport = {port}\n"
+        f"[[listeners]]\nname = 'a'\nhost = '{first}'\nport = {port}\n"
+        f"[[listeners]]\nname = 'b'\nhost = '{second}'\nport = {port}\n"
         "framing = 'ascii4'\nbitmap = 'binary'\n"
     )
     result = run_cli(
@@ -188,7 +194,7 @@ def test_two_listeners_on_one_address_are_refused_with_workers_too(tmp_path: Pat
         "0",
     )
     assert result.returncode == 2, result.stderr
-    assert "listeners 'a' and 'b' both listen on 127.0.0.1" in result.stderr
+    assert f"listeners 'a' and 'b' both listen on port {port}" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -66,6 +66,10 @@ def test_a_message_quoting_a_card_number_shows_at_most_its_first_six_and_last_fo
         ("acct:3782_822463_10005", "acct:3782_82****_*0005"),
         ("acct:3056.930902.5904", "acct:3056.93****.5904"),
         ("4111.1111.1111.11112", "4111.11**.****.*1112"),
+        # A group in front (an expiry, a year): the whole run masked, not the number's tail
+        # left in clear (a 16-digit cap started the match at the group in front).
+        ("ref 0001_5555_5555_5555_4444", "ref 0001_55**_****_****_4444"),
+        ("/v1/cards/2026/4111/1111/1111/1111", "/v1/cards/2026/41**/****/****/1111"),
         # Not card numbers: times, file names, bounds in thousands, addresses.
         ("1765100000.123456", "1765100000.123456"),
         ("backup_20261124_120000.tar", "backup_20261124_120000.tar"),

@@ -61,13 +61,6 @@ def test_a_pan_key_one_byte_short_is_refused() -> None:
     assert secret[:8] not in message  # a secret is never quoted, not even in part
 
 
-def test_a_pan_key_of_one_repeated_character_is_refused() -> None:
-    """Forty spaces passed: a ledger keyed so has card ids anyone can recompute."""
-    for weak in (" " * 40, "a" * 64, "ab" * 32):
-        message = unready(WITH_BIN, dict(READY, PROCESSOR_PAN_KEY=weak))
-        assert "PROCESSOR_PAN_KEY holds only" in message and "distinct" in message, weak
-
-
 def test_a_pan_key_that_is_not_utf8_is_used_as_the_bytes_it_is() -> None:
     """os.environ decodes a variable with surrogateescape; encoding it back strictly crashed
     the start with a traceback. Its bytes are the key."""
