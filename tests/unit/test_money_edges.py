@@ -828,6 +828,29 @@ def test_a_reversal_of_a_0200_still_credits_it_back(tmp_path: Path) -> None:
     assert balances(ledger, "acct-a") == (10000, 0)
 
 
+def in_dollars_since(
+    tmp_path: Path, count_limit: str, loaded_ms: int, changed_ms: int
+) -> Authorizer:
+    """acct-a loaded in EUR at `loaded_ms` with its card's one `count_limit`, then changed to
+    USD by a load at `changed_ms`: an Authorizer on that ledger."""
+    controlled = LOAD.replace(
+        b'account = "acct-a"\nexpiry = "3012"\n',
+        b'account = "acct-a"\nexpiry = "3012"\n'
+        + f"controls.count_limits = [{count_limit}]\n".encode(),
+        1,
+    )
+    assert controlled != LOAD
+    ledger = Ledger(tmp_path / "ledger", durability="process", map_size_bytes=64 << 20)
+    apply_load_file(ledger, parse_load_file(controlled, "test"), HASHER, "test", now_ms=loaded_ms)
+    dollars = controlled.replace(
+        b'id = "acct-a"\ncurrency = "EUR"', b'id = "acct-a"\ncurrency = "USD"'
+    )
+    apply_load_file(ledger, parse_load_file(dollars, "test"), HASHER, "test", now_ms=changed_ms)
+    return Authorizer(
+        ledger, HASHER, ProgrammeRules(catalog=default_catalog()), hold_lifetime_seconds=86400
+    )
+
+
 def test_a_reversal_gives_back_the_approval_to_a_trailing_window_after_a_currency_change(
     tmp_path: Path,
 ) -> None:
@@ -835,24 +858,9 @@ def test_a_reversal_gives_back_the_approval_to_a_trailing_window_after_a_currenc
     the approval's answer was timed past the load (so that it reads as of the new currency)
     but its usage at the batch's clock, and the full reversal, looking for that exact time,
     left the approval in the card's one-an-hour window: the next purchase was declined 65."""
-    controlled = LOAD.replace(
-        b'account = "acct-a"\nexpiry = "3012"\n',
-        b'account = "acct-a"\nexpiry = "3012"\n'
-        b"controls.count_limits = [{ count = 1, window_seconds = 3600 }]\n",
-        1,
-    )
-    assert controlled != LOAD
-    ledger = Ledger(tmp_path / "ledger", durability="process", map_size_bytes=64 << 20)
     start_ms = int(START.timestamp() * 1000)
-    apply_load_file(ledger, parse_load_file(controlled, "test"), HASHER, "test", now_ms=start_ms)
-    dollars = controlled.replace(
-        b'id = "acct-a"\ncurrency = "EUR"', b'id = "acct-a"\ncurrency = "USD"'
-    )
-    apply_load_file(
-        ledger, parse_load_file(dollars, "test"), HASHER, "test", now_ms=start_ms + 5000
-    )
-    authorizer = Authorizer(
-        ledger, HASHER, ProgrammeRules(catalog=default_catalog()), hold_lifetime_seconds=86400
+    authorizer = in_dollars_since(
+        tmp_path, "{ count = 1, window_seconds = 3600 }", start_ms, start_ms + 5000
     )
     usd = {"49": "840", "4": "000000003000"}
     [approved] = authorizer.authorize_batch([request(**usd, **{"11": "000001"})], START)
@@ -931,26 +939,10 @@ def test_a_reversal_gives_back_the_days_count_it_was_counted_in_after_a_currency
     the 25th past a load of 00:00:04; its reversal gave the count back to the 25th, and the
     card's one approval a day then let two through on the 25th. Now the usage is counted when
     the answer says, and given back there."""
-    controlled = LOAD.replace(
-        b'account = "acct-a"\nexpiry = "3012"\n',
-        b'account = "acct-a"\nexpiry = "3012"\n'
-        b'controls.count_limits = [{ count = 1, interval = "daily" }]\n',
-        1,
-    )
     midnight = datetime(2026, 11, 25, tzinfo=UTC)
     midnight_ms = int(midnight.timestamp() * 1000)
-    ledger = Ledger(tmp_path / "ledger", durability="process", map_size_bytes=64 << 20)
-    apply_load_file(
-        ledger, parse_load_file(controlled, "test"), HASHER, "test", now_ms=midnight_ms - 60_000
-    )
-    dollars = controlled.replace(
-        b'id = "acct-a"\ncurrency = "EUR"', b'id = "acct-a"\ncurrency = "USD"'
-    )
-    apply_load_file(
-        ledger, parse_load_file(dollars, "test"), HASHER, "test", now_ms=midnight_ms + 4000
-    )
-    authorizer = Authorizer(
-        ledger, HASHER, ProgrammeRules(catalog=default_catalog()), hold_lifetime_seconds=86400
+    authorizer = in_dollars_since(
+        tmp_path, '{ count = 1, interval = "daily" }', midnight_ms - 60_000, midnight_ms + 4000
     )
     usd = {"49": "840", "4": "000000001000"}
     before = midnight - timedelta(seconds=1)  # the batch's clock, read before the load
