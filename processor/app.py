@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from processor.api.http import start_http
 from processor.channel import stop_signals
@@ -45,8 +47,33 @@ from processor.webhooks.supervisor import SAMPLES_INDEX as DELIVERY_SAMPLES
 from processor.webhooks.supervisor import DeliveryError, DeliveryProcess
 
 log = logging.getLogger("processor.daemon")
-# What a listener bound to every address of a family reports as its own.
-_EVERY_ADDRESS = frozenset(("0.0.0.0", "::"))
+
+
+class Reach(NamedTuple):
+    """Which connections a listening socket takes: its port, the address families, and its
+    address (None: every address of those families)."""
+
+    port: int
+    families: frozenset[int]
+    host: str
+    address: str | None
+
+    def overlaps(self, other: Reach) -> bool:
+        return (
+            self.port == other.port
+            and bool(self.families & other.families)
+            and (self.address is None or other.address is None or self.address == other.address)
+        )
+
+
+def reach_of(sock: socket.socket) -> Reach:
+    host, port = sock.getsockname()[:2]
+    if sock.family == socket.AF_INET6:
+        v6_only = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+        # "" binds "::" for both families; an explicit "::" binds IPv6 only.
+        families = frozenset((socket.AF_INET6,) if v6_only else (socket.AF_INET6, socket.AF_INET))
+        return Reach(port, families, host, None if host == "::" else host)
+    return Reach(port, frozenset((socket.AF_INET,)), host, None if host == "0.0.0.0" else host)
 
 
 def open_ledger(
@@ -180,25 +207,24 @@ async def serve(settings: StartSettings) -> int:
         )
     shared = config.server.workers > 1
     sockets = []
-    bound: list[tuple[str, int, str]] = []
+    bound: list[tuple[Reach, str]] = []
     try:
         for each in config.listeners:
             sock = listen(each.host, each.port, shared=shared, name=f"listener {each.name}")
             sockets.append(sock)
-            # Two listeners on one port and address, or one of them on every address: the
-            # config compares host names, and SO_REUSEPORT (workers > 1) let "localhost" bind
-            # where "127.0.0.1" had, or "0.0.0.0" where "" had, the kernel then handing each
-            # network's links to one dialect or the other. Without workers the bind refuses.
-            host, port = sock.getsockname()[:2]
-            for other_host, other_port, other in bound:
-                if port == other_port and (
-                    host == other_host or _EVERY_ADDRESS & {host, other_host}
-                ):
+            # Two listeners where one reaches the other's address: the config compares host
+            # names, and SO_REUSEPORT (workers > 1) let "localhost" bind where "127.0.0.1"
+            # had, or "0.0.0.0" where "" had, the kernel then handing each network's links to
+            # one dialect or the other. Without workers the bind refuses.
+            reach = reach_of(sock)
+            for other_reach, other in bound:
+                if reach.overlaps(other_reach):
                     raise StartupError(
-                        f"listeners {other!r} and {each.name!r} both listen on port {port} "
-                        f"({other_host or '*'} and {host or '*'}): give each its own port"
+                        f"listeners {other!r} and {each.name!r} both listen on port "
+                        f"{reach.port} ({other_reach.host} and {reach.host}): give each its "
+                        "own port"
                     )
-            bound.append((host, port, each.name))
+            bound.append((reach, each.name))
     except StartupError:
         for sock in sockets:
             sock.close()

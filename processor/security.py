@@ -101,19 +101,18 @@ def mask_pan(pan: str) -> str:
     return f"{pan[:6]}{'*' * (len(pan) - 10)}{pan[-4:]}"
 
 
-# Digits a card number may be written with: one run, or groups split by single spaces or
-# dashes ("4111 1111 1111 1111", "4111-1111-1111-1111"); 13 digits at least. Or, split by any
-# character an id allows besides ("4111.1111.1111.1111", "3782_822463_10005", "4111/1111/..."),
-# as card numbers are grouped: four digits, then groups of four to six, the last maybe of one
-# to three (13-, 17-, 18- and 19-digit numbers): an account id or a path segment may be written
-# so, and its error quoted it in clear. Not a group of another size nor one that starts or ends
-# inside a run of digits: times ("1765100000.123456", "20261124_120000"), addresses and bounds
-# written in thousands ("1_000_000_000_000_000") would read as card numbers (logs mask every
-# long run; a run of zeros passes the Luhn check).
-_DIGIT_RUN: Final = re.compile(
-    r"\d(?:[ -]?\d){12,}"
-    r"|(?<!\d)\d{4}(?:[ ._:/-]\d{4,6})+(?:[ ._:/-]\d{1,3})?(?!\d)"
-)
+# Digits as card numbers are grouped, split by a space, a dash or any character an id allows
+# ("4111.1111.1111.1111", "3782_822463_10005", "4111/1111/..."): four digits, then groups of
+# four to six, the last maybe of one to three (13-, 17-, 18- and 19-digit numbers). An account
+# id or a path segment may be written so, and its error quoted it in clear. Not a group of
+# another size nor one that starts or ends inside a run of digits: times ("1765100000.123456",
+# "20261124_120000"), addresses and bounds written in thousands ("1_000_000_000_000_000")
+# would read as card numbers (logs mask every long run; a run of zeros passes the Luhn check).
+# Looked for first: a run of the kind below could take a grouped number's first group (as in
+# "txn 123456789 4111.1111.1111.1111") and leave 12 digits, too few to be masked.
+_GROUPED: Final = re.compile(r"(?<!\d)\d{4}(?:[ ._:/-]\d{4,6})+(?:[ ._:/-]\d{1,3})?(?!\d)")
+# Then any run of digits, or of digits split by single spaces or dashes, 13 at least.
+_DIGIT_RUN: Final = re.compile(r"\d(?:[ -]?\d){12,}")
 _SEPARATORS: Final = str.maketrans("", "", " ._:/-")
 # A run of more digits than most PANs have is masked whole (but for its first six and last
 # four): a card number may sit inside it, followed by its expiry (15 + 4 digits pass no Luhn
@@ -165,7 +164,7 @@ def mask_card_numbers(text: str, *, every_run: bool = False) -> str:
             return _masked_run(run)
         return run
 
-    return _DIGIT_RUN.sub(masked, text)
+    return _DIGIT_RUN.sub(masked, _GROUPED.sub(masked, text))
 
 
 # Digits as a card number may be typed into an id or a reason: one run, or groups split by

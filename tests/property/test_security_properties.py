@@ -83,3 +83,12 @@ def test_grouped_numbers_are_masked_as_card_numbers_and_nothing_else(
 ) -> None:
     assert mask_card_numbers(written) == shown
     assert mask_card_numbers(written, every_run=True) == shown
+
+
+def test_a_number_in_front_takes_no_group_of_a_grouped_card_number() -> None:
+    """Split from it by a space, a 9-digit number took the card's first group as its own
+    (13 digits), and the 12 left were too few to be masked: the card number came out whole."""
+    text = "txn 123456789 4111.1111.1111.1111"
+    assert mask_card_numbers(text) == "txn 123456789 4111.11**.****.1111"
+    # Logs mask every long run besides, the number in front with the group after it.
+    assert mask_card_numbers(text, every_run=True).endswith(" 4111.11**.****.1111")
