@@ -342,7 +342,6 @@ class Authorizer:
         if (
             stored is not None
             and stored.reason == REVERSED_BEFORE_ORIGINAL
-            and not stored.fingerprint
             and self._card_id(writer, card_key) != stored.card_id
         ):
             # Another card's reversal marked this identity: decided as new, its answer in
