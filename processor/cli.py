@@ -311,7 +311,8 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
         )
         return 1
     counts = (
-        f"{found.accounts} accounts, {found.holds} holds ({found.open_holds} open), "
+        f"{found.accounts} accounts, {found.cards} cards, {found.holds} holds "
+        f"({found.open_holds} open), "
         f"{found.answers} answers, {found.events} events"
     )
     if not found.problems_total:

@@ -1302,6 +1302,37 @@ class Reader:
             if b"\x00" not in key:
                 yield self._codecs.account.decode(raw)
 
+    def card_state_owners(self) -> Iterator[tuple[str, str]]:
+        """(account id, card id) of every card state kept beside an account: for checks."""
+        for key in self._txn.cursor(db=self._dbs["accounts"]).iternext(keys=True, values=False):
+            account_id, nul, card_id = bytes(key).partition(b"\x00")
+            if nul:
+                yield account_id.decode(errors="replace"), card_id.decode(errors="replace")
+
+    def cards_by_key(self) -> Iterator[tuple[bytes, Card]]:
+        """(card key, card) of every card: for checks."""
+        for key, raw in self._txn.cursor(db=self._dbs["cards"]):
+            yield bytes(key), self._codecs.card.decode(raw)
+
+    def card_id_index(self) -> Iterator[tuple[str, bytes]]:
+        """(card id, card key) of every entry of the card-id index: for checks."""
+        for card_id, key in self._txn.cursor(db=self._dbs["card_ids"]):
+            yield bytes(card_id).decode(errors="replace"), bytes(key)
+
+    def account_card_index(self) -> Iterator[tuple[str, bytes]]:
+        """(account id, card key) of every entry of the account-cards index: for checks."""
+        for key in self._txn.cursor(db=self._dbs["account_cards"]).iternext(values=False):
+            account_id, _, card_key = bytes(key).partition(b"\x00")
+            yield account_id.decode(errors="replace"), card_key
+
+    def all_entries(self) -> Iterator[tuple[str, int, LedgerEntry]]:
+        """(account id, sequence in its key, entry) of every ledger entry, in key order (an
+        account's in sequence order): for checks."""
+        for key, raw in self._txn.cursor(db=self._dbs["entries"]):
+            account_id, _, sequence = bytes(key).partition(b"\x00")
+            number = _U64.unpack(sequence)[0] if len(sequence) == _U64.size else -1
+            yield account_id.decode(errors="replace"), number, self._codecs.entry.decode(raw)
+
     def all_holds(self) -> Iterator[Hold]:
         """Every hold, in the order of its answer's key; walks the answers: for checks."""
         for stored_key, raw in self._txn.cursor(db=self._dbs["answers"]):

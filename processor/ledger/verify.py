@@ -14,7 +14,13 @@ a kill -9, after a migration):
   the account's `event_sequence`, none missing or repeated; the event counter is not behind
   the last event (the next write would fail on it);
 - every RRN index entry names an answer that is kept (a reversal without field 90 would
-  find nothing, or a key used again a year on).
+  find nothing, or a key used again a year on);
+- every card's account exists, and the card-id and account-cards indexes list exactly the
+  cards (the API finds a card by id, an account's cards by the second: an entry missing hides
+  a card, one too many shows another's), and each card state beside an account is of a card
+  of that account (one left behind by a move would be read again if the card came back);
+- each account's ledger entries (funding, debits; never pruned) are numbered 1, 2, ... up to
+  its `entry_sequence`, none missing or repeated, each of a positive amount.
 
 A read transaction does not block the daemon's writers, so this runs beside a serving daemon;
 it walks every record, so it takes time on a large ledger and keeps the pages it reads from
@@ -24,9 +30,11 @@ being reused until it ends.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import msgspec
 
+from processor.ledger.records import Account
 from processor.ledger.store import Reader
 
 PROBLEMS_LISTED_MAX = 50  # problems named one by one; the rest are counted
@@ -38,6 +46,7 @@ class Verified(msgspec.Struct, frozen=True, kw_only=True):
     open_holds: int
     answers: int
     events: int
+    cards: int
     problems: list[str]  # at most PROBLEMS_LISTED_MAX, named
     problems_total: int
 
@@ -152,12 +161,72 @@ def verify(reader: Reader) -> Verified:
                 f"RRN index: {lookup.decode(errors='replace')} names "
                 f"{answer_key.decode(errors='replace')}, which is not kept"
             )
+    cards = _check_cards(reader, accounts, problem)
+    _check_entries(reader, accounts, problem)
     return Verified(
         accounts=len(accounts),
         holds=holds,
         open_holds=sum(open_count.values()),
         answers=answers,
         events=events,
+        cards=cards,
         problems=problems,
         problems_total=total,
     )
+
+
+def _check_cards(
+    reader: Reader, accounts: dict[str, Account], problem: Callable[[str], None]
+) -> int:
+    """The cards against their accounts, their two indexes and the card states; their count."""
+    by_key = dict(reader.cards_by_key())
+    by_id = {card.card_id: card for card in by_key.values()}
+    listed = set(reader.account_card_index())
+    for key, card in by_key.items():
+        if card.account_id not in accounts:
+            problem(f"card {card.card_id}: its account {card.account_id!r} does not exist")
+        if (card.account_id, key) not in listed:
+            problem(f"card {card.card_id}: not listed among its account's cards")
+    for account_id, key in sorted(listed):
+        of_key = by_key.get(key)
+        if of_key is None or of_key.account_id != account_id:
+            named = "no card" if of_key is None else f"card {of_key.card_id}"
+            problem(f"account {account_id}: its cards list {named}, not one of its own")
+    indexed: set[str] = set()
+    for card_id, key in reader.card_id_index():
+        indexed.add(card_id)
+        of_key = by_key.get(key)
+        if of_key is None or of_key.card_id != card_id:
+            problem(f"card id index: {card_id} names no card of that id")
+    for card_id in sorted(by_id.keys() - indexed):
+        problem(f"card {card_id}: missing from the card id index")
+    for account_id, card_id in reader.card_state_owners():
+        owner = by_id.get(card_id)
+        if owner is None or owner.account_id != account_id:
+            problem(f"account {account_id}: keeps a state of card {card_id}, not one of its cards")
+    return len(by_key)
+
+
+def _check_entries(
+    reader: Reader, accounts: dict[str, Account], problem: Callable[[str], None]
+) -> None:
+    """Each account's ledger entries numbered 1 up to its entry_sequence, none missing."""
+    last: dict[str, int] = {}
+    for account_id, number, entry in reader.all_entries():
+        before = last.get(account_id, 0)
+        if number != before + 1 or entry.sequence != number:
+            problem(
+                f"account {account_id}: ledger entry {entry.sequence} (kept as {number}) "
+                f"follows {before}"
+            )
+        if entry.amount <= 0:
+            problem(f"account {account_id}: ledger entry {entry.sequence} of {entry.amount}")
+        last[account_id] = number
+    for account_id in sorted(last.keys() - accounts.keys()):
+        problem(f"account {account_id}: has ledger entries but no record")
+    for account in accounts.values():
+        if last.get(account.id, 0) != account.entry_sequence:
+            problem(
+                f"account {account.id}: its ledger entries go up to {last.get(account.id, 0)}, "
+                f"the account says {account.entry_sequence}"
+            )

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import pytest
 from support import DEMO_LOAD_EVENTS, authorization
 
@@ -61,8 +62,10 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
 def test_a_ledger_the_processor_wrote_verifies(ledger: Ledger) -> None:
     with ledger.read() as reader:
         found = verify(reader)
+        cards = sum(1 for _ in reader.cards())
     assert found.problems == [] and found.problems_total == 0
     assert found.holds >= 2 and found.open_holds >= 1 and found.answers == 6
+    assert found.cards == cards > 0
     assert found.events == DEMO_LOAD_EVENTS + 6
 
 
@@ -139,6 +142,64 @@ def test_an_rrn_entry_naming_no_answer_and_an_event_counter_behind_are_named(
     text = "\n".join(found.problems)
     assert "RRN index: 633012000777|123456|000777 names 0100|123456|000777|1124120000" in text
     assert f"outbox: events up to {DEMO_LOAD_EVENTS + 6}, but the ledger has numbered 2" in text
+
+
+def test_cards_out_of_step_with_their_indexes_and_states_are_named(ledger: Ledger) -> None:
+    """A card the card-id index misses (the API cannot find it), one listed under another
+    account, a card state left beside an account not its own, and a card of no account."""
+    with ledger.write() as writer:
+        txn, dbs = writer._txn, writer._dbs  # damage no processor path could do
+        cards = sorted(writer.cards_by_key(), key=lambda each: each[1].card_id)
+        (_, gone), (moved_key, moved), (orphan_key, orphan) = cards[:3]
+        assert txn.delete(gone.card_id.encode(), db=dbs["card_ids"])
+        assert txn.put(b"demo-low\x00" + moved_key, b"", db=dbs["account_cards"])
+        assert txn.put(b"demo-low\x00" + moved.card_id.encode(), b"\x90", db=dbs["accounts"])
+        orphan.account_id = "nobody"
+        txn.put(orphan_key, msgspec.msgpack.encode(orphan), db=dbs["cards"])
+    with ledger.read() as reader:
+        found = verify(reader)
+    text = "\n".join(found.problems)
+    assert f"card {gone.card_id}: missing from the card id index" in text
+    assert f"account demo-low: its cards list card {moved.card_id}, not one of its own" in text
+    assert f"account demo-low: keeps a state of card {moved.card_id}, not one of its cards" in text
+    assert f"card {orphan.card_id}: its account 'nobody' does not exist" in text
+    assert f"card {orphan.card_id}: not listed among its account's cards" in text
+    # ... and its own account's listing names a card of another account now.
+    assert f"its cards list card {orphan.card_id}, not one of its own" in text
+    assert found.problems_total == 6, found.problems
+
+
+def test_ledger_entries_out_of_step_with_their_account_are_named(ledger: Ledger) -> None:
+    with ledger.write() as writer:
+        txn, dbs = writer._txn, writer._dbs  # damage no processor path could do
+        account = writer.account("demo-main")
+        assert account is not None and account.entry_sequence == 1  # the load's funding
+        assert txn.delete(b"demo-main\x00" + struct.pack(">Q", 1), db=dbs["entries"])
+        low = writer.account("demo-low")
+        assert low is not None
+        low.entry_sequence += 1
+        writer.put_account(low)
+    with ledger.read() as reader:
+        found = verify(reader)
+    text = "\n".join(found.problems)
+    assert "account demo-main: its ledger entries go up to 0, the account says 1" in text
+    assert "account demo-low: its ledger entries go up to 1, the account says 2" in text
+    assert found.problems_total == 2, found.problems
+
+
+def test_a_gap_in_an_accounts_ledger_entries_is_named(ledger: Ledger) -> None:
+    with ledger.write() as writer:
+        account = writer.account("demo-main")
+        assert account is not None
+        for amount in (100, -50, 25):
+            writer.append_entry(account, "fund" if amount > 0 else "debit", amount, "test", 1)
+        writer.put_account(account)
+        assert writer._txn.delete(
+            b"demo-main\x00" + struct.pack(">Q", 2), db=writer._dbs["entries"]
+        )
+    with ledger.read() as reader:
+        found = verify(reader)
+    assert found.problems == ["account demo-main: ledger entry 3 (kept as 3) follows 1"]
 
 
 def test_stats_count_each_database_and_date_the_ones_in_time_order(ledger: Ledger) -> None:
