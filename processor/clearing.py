@@ -30,7 +30,7 @@ from processor.engine.settle import capture_verdict
 from processor.ledger.records import Account, Card, ClearedRecord, OutboxRecord, StoredAnswer
 from processor.ledger.store import Ledger, Writer
 from processor.lifecycle import confirmed_original
-from processor.schemas import readable
+from processor.schemas import readable, repeated_key
 from processor.security import PanHasher, luhn_valid, mask_card_numbers, mask_pan
 from processor.types import CURRENCY_PATTERN, PAN_PATTERN
 from processor.wire.messages import acquirer_number, rrn_key, transaction_key
@@ -139,12 +139,17 @@ def parse_record(line: bytes) -> ClearingRecord:
     """One JSON Lines record; InvalidRecord names what is wrong (msgspec's `$.field` path)."""
     try:
         record = _DECODER.decode(line)
+        repeated = repeated_key(line)
     except (msgspec.ValidationError, msgspec.DecodeError) as error:
         # msgspec names the path ($.amount) and never echoes a string value; an unknown key is
         # named, though, and could be a PAN: mask anything shaped like one.
         raise InvalidRecord(shown(readable(error))) from None
     except RecursionError:  # arrays nested thousands deep, under a key msgspec skips
         raise InvalidRecord("nested too deeply") from None
+    if repeated is not None:
+        # msgspec keeps the last of the two; a network's or a reconciler's reader may take
+        # the first: an amount or a card number must have one reading.
+        raise InvalidRecord(f"{repeated} is given twice")
     if not luhn_valid(record.pan):
         raise InvalidRecord("$.pan fails the Luhn check")
     if record.pan in record.record_id.translate(_NOT_DIGITS):

@@ -10,6 +10,7 @@ same rule as `inspect.cleandoc`: a library's whitespace change must not read as 
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from typing import Any
 
@@ -45,3 +46,33 @@ def readable(error: Exception) -> str:
     its long bounds grouped (1_000_000_000_000_000), so no masking takes them for a PAN."""
     text = str(error).replace("\\\\Z", "$")
     return _LONG_BOUND.sub(lambda found: f"{int(found[1]):_}", text)
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object as the parser met it: its keys in order, repeats kept."""
+
+
+def repeated_key(document: bytes) -> str | None:
+    """The path ($.amount, $.controls.amount_limits[0].amount) of the first key given twice
+    in one object of a JSON document msgspec has read, or None. msgspec keeps the last of a
+    repeated key without a word; money and card fields must not depend on which of two
+    readings a reader takes. The documents are small (an API body, a clearing line); the
+    standard parser keeps every pair for this. RecursionError (nested too deeply for it) is
+    the caller's to refuse: a repeat could hide beside the depth."""
+    try:
+        parsed = json.loads(document, object_pairs_hook=_Pairs)
+    except ValueError:
+        return None  # what msgspec read and this parser cannot (a number of 5,000 digits)
+    stack: list[tuple[str, Any]] = [("$", parsed)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, _Pairs):
+            seen: set[str] = set()
+            for key, item in value:
+                if key in seen:
+                    return f"{path}.{key}"
+                seen.add(key)
+                stack.append((f"{path}.{key}", item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{index}]", item) for index, item in enumerate(value))
+    return None

@@ -62,7 +62,7 @@ from processor.ledger.controls import NO_CONTROLS, Controls, account_scope, card
 from processor.ledger.records import Card
 from processor.ledger.store import LedgerError, LedgerFull, Reader
 from processor.personal_data import PersonalDataCipher, PersonalDataError
-from processor.schemas import readable
+from processor.schemas import readable, repeated_key
 from processor.security import PanHasher, luhn_valid, typed_card_numbers
 
 log = logging.getLogger("processor.api")
@@ -135,11 +135,22 @@ async def json_body(request: web.Request, of: type[T]) -> tuple[bytes, T]:
         )
     raw = await request.read()  # client_max_size bounds it: 413 beyond BODY_BYTES_MAX
     try:
-        return raw, msgspec.json.decode(raw, type=of)
+        decoded = msgspec.json.decode(raw, type=of)
     except msgspec.ValidationError as error:
         raise validation_error(error) from None
     except msgspec.DecodeError as error:
         raise ApiError(400, "invalid_json", f"body is not valid JSON: {error}", field="$") from None
+    try:
+        repeated = repeated_key(raw)
+    except RecursionError:
+        raise ApiError(400, "invalid_body", "the body is nested too deeply", field="$") from None
+    if repeated is not None:
+        # A gateway or signer in front that reads the first of the two would have passed
+        # another request than the one applied (msgspec, like most parsers, keeps the last).
+        raise ApiError(
+            400, "invalid_body", f"{repeated} is given twice; send each key once", field=repeated
+        )
+    return raw, decoded
 
 
 def _first_error(errors: list[str]) -> ApiError:

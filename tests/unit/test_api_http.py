@@ -797,3 +797,44 @@ def test_a_movement_reason_with_control_characters_is_refused(
         assert fine.status == 200, await fine.text()
 
     with_app(tmp_path, monkeypatch, "s3cret", check)
+
+
+def test_a_key_sent_twice_in_one_object_is_refused_and_nothing_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """msgspec reads the last of a repeated key; a proxy or signer in front may read the
+    first. The body is refused (naming where), never applied as either reading."""
+    bearer = {"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
+
+    async def check(client: TestClient[web.Request, web.Application]) -> None:
+        created = await client.post("/v1/accounts", json={"currency": "EUR"}, headers=bearer)
+        account_id = (await created.json())["id"]
+        fund = f"/v1/accounts/{account_id}/fund"
+        twice = await client.post(
+            fund, data=b'{"amount": 1, "reason": "test", "amount": 100000}', headers=bearer
+        )
+        error = (await twice.json())["error"]
+        assert twice.status == 400 and (error["code"], error["field"]) == (
+            "invalid_body",
+            "$.amount",
+        )
+        nested = await client.post(
+            "/v1/cards/virtual",
+            data=(
+                b'{"account_id": "%s", "controls": {"amount_limits": '
+                b'[{"amount": 5, "interval": "daily", "currency": "EUR", "amount": 9}]}}'
+            )
+            % account_id.encode(),
+            headers=bearer,
+        )
+        assert nested.status == 400
+        assert (await nested.json())["error"]["field"] == "$.controls.amount_limits[0].amount"
+        account = await client.get(f"/v1/accounts/{account_id}", headers=bearer)
+        assert (await account.json())["posted"] == 0
+        # The same keys in different objects are no repeat.
+        once = await client.post(fund, data=b'{"amount": 7, "reason": "test"}', headers=bearer)
+        assert once.status == 200
+        account = await client.get(f"/v1/accounts/{account_id}", headers=bearer)
+        assert (await account.json())["posted"] == 7
+
+    with_app(tmp_path, monkeypatch, "s3cret", check)

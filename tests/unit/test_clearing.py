@@ -860,6 +860,25 @@ def test_a_line_nested_too_deeply_is_rejected_and_the_file_goes_on(ledger: Ledge
     assert summary.rejections[0].line == 2
 
 
+def test_a_line_giving_a_key_twice_is_rejected_and_the_file_goes_on(ledger: Ledger) -> None:
+    """msgspec read the last of the two (an amount of 5 where another reader sees 1,000, or
+    another card's number) without a word."""
+    twice_amount = json.dumps(record(record_id="bad-2"))[:-1] + ', "amount": 5}'
+    twice_pan = json.dumps(record(record_id="bad-3", stan="000003"))[:-1] + f', "pan": "{OTHER}"}}'
+    summary = ingest(
+        ledger,
+        record(record_id="ok-1"),
+        twice_amount,
+        twice_pan,
+        record(record_id="ok-4", stan="000004"),
+    )
+    assert counts(summary) == {"force_posted": 2, "rejected": 2}
+    assert [(each.line, each.reason) for each in summary.rejections] == [
+        (2, "invalid_record: $.amount is given twice"),
+        (3, "invalid_record: $.pan is given twice"),
+    ]
+
+
 def test_a_record_id_holding_its_pan_in_any_form_is_refused_and_not_shown() -> None:
     dashed = "-".join(MAIN[i : i + 4] for i in range(0, 16, 4))
     for record_id in (MAIN + "0001", dashed, "x" * 116 + MAIN):
