@@ -33,10 +33,10 @@ KEEPALIVE_SECONDS: Final = 30.0
 IDLE_CONNECTIONS_PER_ORIGIN_MAX: Final = 64
 HEADER_VALUE_KEPT_BYTES_MAX: Final = 2048  # of Location and Retry-After; the rest is dropped
 ANSWER_HEADERS_BYTES_MAX: Final = 64 * 1024  # an answer whose headers run longer is refused
-# All of an answer (its body and chunked trailers too): nothing of it is read but its status
-# and two headers, and trailers, after the headers, were gathered without bound (httptools
-# joins a header value by repeated concatenation: quadratic, a hostile receiver pinned a
-# core and 200 MiB in 10 s on one connection).
+# Of an answer after its headers (its body and chunked trailers): nothing of it is read, and
+# trailers were gathered without bound (httptools joins a header value by repeated
+# concatenation: quadratic, a hostile receiver pinned a core and 200 MiB in 10 s on one
+# connection). Beyond it the answer is its status, and the connection is closed.
 ANSWER_BYTES_MAX: Final = 1024 * 1024
 
 
@@ -65,6 +65,7 @@ class _Target(msgspec.Struct, frozen=True):
 class _Connection(asyncio.Protocol):
     __slots__ = (
         "_answer",
+        "_answer_bytes",
         "_delimited",
         "_header_bytes",
         "_headers_done",
@@ -87,6 +88,7 @@ class _Connection(asyncio.Protocol):
         self._location: str | None = None
         self._retry_after: str | None = None
         self._header_bytes = 0
+        self._answer_bytes = 0  # after the headers: body and trailers
         self._headers_done = False
         self._delimited = False
 
@@ -100,18 +102,43 @@ class _Connection(asyncio.Protocol):
         if self._parser is None:
             self._fail(HttpError("bad_answer", "bytes from the server with no request out"))
             return
-        # httptools gathers a header line before it calls back, unbounded: count here.
-        self._header_bytes += len(data)
-        if not self._headers_done and self._header_bytes > ANSWER_HEADERS_BYTES_MAX:
-            self._fail(HttpError("bad_answer", "headers over 64 KiB"))
+        if not self._headers_done:
+            # httptools gathers a header line before it calls back, unbounded: it is fed no
+            # more than the headers may still take. Only that counts against their bound: a
+            # 200 whose body came in the same read was failed as "headers over 64 KiB", and
+            # the event it delivered sent again until it was a dead letter.
+            room = ANSWER_HEADERS_BYTES_MAX - self._header_bytes
+            head, data = data[:room], data[room:]
+            self._header_bytes += len(head)
+            if not self._feed(head) or not data:
+                return
+            if self._parser is None:  # a whole answer, and more bytes after it
+                self._fail(HttpError("bad_answer", "bytes from the server with no request out"))
+                return
+            if not self._headers_done:
+                self._fail(HttpError("bad_answer", "headers over 64 KiB"))
+                return
+        self._answer_bytes += len(data)
+        if self._answer_bytes > ANSWER_BYTES_MAX:
+            # Nothing of the body is read, and its status is known: that is the answer. The
+            # connection goes, with what is left of the body unread.
+            parser, answer = self._parser, self._answer
+            if parser is not None and answer is not None and not answer.done():
+                answer.set_result(self._reply(parser))
+            self._parser = None
+            self.close()
             return
-        if self._header_bytes > ANSWER_BYTES_MAX:
-            self._fail(HttpError("bad_answer", "answer over 1 MiB"))
-            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> bool:
+        """Feed the parser; False when the answer is not HTTP (the connection is closed)."""
+        assert self._parser is not None
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
             self._fail(HttpError("bad_answer", f"{type(error).__name__}: {error}"))
+            return False
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -145,7 +172,7 @@ class _Connection(asyncio.Protocol):
             # An interim answer (100 Continue, 103 Early Hints): the final one follows, read
             # by the same parser.
             self._location = self._retry_after = None
-            self._header_bytes = 0
+            self._header_bytes = self._answer_bytes = 0
             self._headers_done = self._delimited = False
             return
         keep = parser.should_keep_alive()
@@ -162,7 +189,7 @@ class _Connection(asyncio.Protocol):
         self._answer = asyncio.get_running_loop().create_future()
         self._parser = httptools.HttpResponseParser(self)
         self._location = self._retry_after = None
-        self._header_bytes = 0
+        self._header_bytes = self._answer_bytes = 0
         self._headers_done = self._delimited = False
         self.received_any = False
         self.transport.write(data)
