@@ -232,7 +232,7 @@ def _sync_tree(root: Path) -> None:
 def _back_up(config: Config, target: Path) -> tuple[str, int]:
     """The ledger (and the delivery state) copied into the empty directory `target`: what was
     copied and the last event in the copy."""
-    from processor.ledger.store import Ledger
+    from processor.ledger.store import Ledger, Writer
     from processor.webhooks.state import DeliveryState, state_path
 
     copied = "the ledger"
@@ -259,8 +259,14 @@ def _back_up(config: Config, target: Path) -> tuple[str, int]:
         map_size_bytes=config.ledger.map_size_bytes,
         map_size_max_bytes=config.ledger.map_ceiling_bytes,
     )
+
+    def part(writer: Writer) -> None:
+        writer.name_events_from(last_event + 1)
+        # Restored over the ledger's directory, its log beside it: not this copy's records.
+        writer.part_from_the_log()
+
     try:
-        copy.write_growing(lambda writer: writer.name_events_from(last_event + 1))
+        copy.write_growing(part)
     finally:
         copy.close()
     # LMDB's copy makes its file as the umask says (0644, often): the owner's alone.

@@ -211,6 +211,7 @@ class Ledger:
         # committed into it as a nested transaction once its log record was flushed.
         self._pending: lmdb.Transaction | None = None
         self._generation = 0  # of the log records the pending checkpoint's batches wrote
+        self._log_epoch = b""  # this run of the log's (wal.py), drawn when it is opened
         self._broken: str | None = None  # why writes stopped (a checkpoint was lost)
         self._retired_wal: WriteAheadLog | None = None  # logging stopped; its lock kept
         self._daemon_lock: int | None = None  # the daemon's claim (claim_for_daemon)
@@ -269,6 +270,12 @@ class Ledger:
                             f"ledger {self.path}: cannot open its write-ahead log "
                             f"{self._wal_path}: {error.strerror}"
                         ) from None
+                    try:
+                        self._start_epoch()
+                    except BaseException:
+                        self._wal.close()
+                        self._wal = None
+                        raise
         except lmdb.MapFullError:
             mapped = self.env.info()["map_size"]
             self.env.close()
@@ -359,9 +366,9 @@ class Ledger:
         if held(self._wal_path):
             return
         with self.env.begin(write=False) as txn:
-            generation = self._next_generation(txn)
+            generation, epoch = self._next_generation(txn), self._epoch(txn)
         try:
-            self.unreplayed = sum(1 for _ in logged_records(self._wal_path, generation))
+            self.unreplayed = sum(1 for _ in logged_records(self._wal_path, generation, epoch))
         except CorruptLog as error:
             log.error("ledger %s: %s", self.path, error)  # a read-write open refuses it
             return
@@ -402,16 +409,42 @@ class Ledger:
         raw = txn.get(b"wal_generation", db=self._dbs["meta"])
         return (0 if raw is None else GENERATION.unpack(raw)[0]) + 1
 
+    def _epoch(self, txn: lmdb.Transaction) -> bytes:
+        """The random epoch of the log's latest run (wal.py: its checksums cover it); empty
+        for a ledger whose log ran before epochs."""
+        raw = txn.get(b"wal_epoch", db=self._dbs["meta"])
+        return b"" if raw is None else bytes(raw)
+
+    def _start_epoch(self) -> None:
+        """A new run of the log: a random epoch, durable in LMDB before any record carries
+        it. Only the one process that logs sets it (it holds the log's lock), after this
+        open's replay: the records of the last run are then replayed, or in LMDB."""
+        epoch = os.urandom(8)
+        with self.env.begin(write=True) as txn:
+            txn.put(b"wal_epoch", epoch, db=self._dbs["meta"])
+        self._log_epoch = epoch
+
     def _replay(self, txn: lmdb.Transaction) -> int:
         """Apply, in `txn`, the log records of the generation after the last checkpointed one;
         their number. In a write transaction: no other writer can log meanwhile."""
         meta = self._dbs["meta"]
         generation = self._next_generation(txn)
         count = 0
+        torn: list[int] = []
         try:
-            logged = list(logged_records(self._wal_path, generation))
+            logged = list(logged_records(self._wal_path, generation, self._epoch(txn), torn))
         except CorruptLog as error:
             raise LedgerError(f"ledger {self.path}: {error}") from None
+        for offset in torn:
+            log.warning(
+                "ledger %s: write-ahead log record %d of generation %d (byte %d) is torn or "
+                "damaged and was not replayed: a write a crash cut short (its batch was never "
+                "answered), or a record of another run of the log",
+                self.path,
+                len(logged) + 1,
+                generation,
+                offset,
+            )
         for payload in logged:
             try:
                 changes = decode_changes(payload)
@@ -644,7 +677,7 @@ class Ledger:
         fits = True
         if logged.changes:
             try:
-                fits = wal.append(self._generation, encode_changes(logged.changes))
+                fits = wal.append(self._generation, encode_changes(logged.changes), self._log_epoch)
                 if fits:
                     try:
                         wal.sync()
@@ -1580,6 +1613,12 @@ class Writer(Reader):
             b"event_ids", self._codecs.encoder.encode(EventIds(ranges)), db=self._dbs["meta"]
         )
         return fresh
+
+    def part_from_the_log(self) -> None:
+        """A copy (a backup) starts a history of its own: a new epoch for the log (wal.py),
+        so that, restored where the ledger it was copied from logged on, none of that
+        ledger's later records passes for one of its own and is replayed over it."""
+        self._txn.put(b"wal_epoch", os.urandom(8), db=self._dbs["meta"])
 
     def put_cvc2_attempts_max(self, limit: int) -> None:
         self._txn.put(b"cvc2_attempts_max", _U64.pack(limit), db=self._dbs["meta"])

@@ -11,13 +11,22 @@ once; the answers leave; LMDB's durable commit (a checkpoint) follows within
 
 The file is preallocated and rewritten from its start after every checkpoint. A record:
 
-    payload length (u32) | CRC-32 of generation and payload (u32) | generation (u64) | payload
+    payload length (u32) | CRC-32 of epoch, generation and payload (u32) | generation (u64)
+    | payload
 
 Each checkpoint's LMDB transaction stores the generation its records carry (`wal_generation`
 in the meta database). Recovery replays, in order, the records of the generation after the
 one LMDB has, from the start of the file up to the first record that is not of that
 generation or whose checksum fails (a torn write, or an older generation's record beyond the
 newest one's end). Replaying is idempotent: the records hold the values written, not deltas.
+
+Generations count checkpoints, so they repeat: a backup restored over a ledger whose log is
+still there, or another ledger's log copied beside one, holds records numbered as the ones
+the ledger goes on to write. Those were replayed (batches of a discarded past applied over
+the restored state) or, beside the new ones, taken for a corrupt device. So the daemon draws
+a random epoch (`wal_epoch` in meta) each time it opens the log, and the checksum covers it:
+a record of another run of the log never passes for one of this run. A ledger from before
+epochs has none (the checksum then covers generation and payload, as it did).
 """
 
 from __future__ import annotations
@@ -50,10 +59,10 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[Change])
 
 
-def _checksum(generation: int, payload: bytes) -> int:
-    """CRC-32 of the record's generation and payload: a record of another generation, or a
-    torn one, does not pass."""
-    return zlib.crc32(payload, zlib.crc32(GENERATION.pack(generation)))
+def _checksum(epoch: bytes, generation: int, payload: bytes) -> int:
+    """CRC-32 of the log's epoch and the record's generation and payload: a record of another
+    run of the log or of another generation, or a torn one, does not pass."""
+    return zlib.crc32(payload, zlib.crc32(epoch + GENERATION.pack(generation)))
 
 
 def encode_changes(changes: list[Change]) -> bytes:
@@ -122,13 +131,13 @@ class WriteAheadLog:
             os.ftruncate(self._fd, start)
             raise
 
-    def append(self, generation: int, payload: bytes) -> bool:
+    def append(self, generation: int, payload: bytes, epoch: bytes = b"") -> bool:
         """Write one record (not yet flushed: `sync`); False, writing nothing, when it does
         not fit in what is left of the file before the next checkpoint."""
         end = self._offset + HEADER.size + len(payload)
         if end > self.size_bytes:
             return False
-        header = HEADER.pack(len(payload), _checksum(generation, payload), generation)
+        header = HEADER.pack(len(payload), _checksum(epoch, generation, payload), generation)
         written = os.pwritev(self._fd, [header, payload], self._offset)
         if written != end - self._offset:
             raise OSError(f"write-ahead log {self.path}: short write ({written} bytes)")
@@ -196,13 +205,17 @@ class CorruptLog(Exception):
         )
 
 
-def records(path: Path, generation: int) -> Iterator[bytes]:
-    """The payloads of `generation`'s records in `path`, in order (none when it is absent).
+def records(
+    path: Path, generation: int, epoch: bytes = b"", torn: list[int] | None = None
+) -> Iterator[bytes]:
+    """The payloads of `generation`'s records of the log's run `epoch` in `path`, in order
+    (none when it is absent).
 
     They end at the first record that is not of `generation` or fails its checksum: a crash
-    tears at most the last one (each is flushed before the next is written). A record of
-    `generation` that passes its checksum after a failing one can only mean the device
-    corrupted flushed data: CorruptLog, rather than a silent loss of every batch after it."""
+    tears at most the last one (each is flushed before the next is written); where a record
+    that says it is of `generation` ends them, its offset goes into `torn`. A record that
+    passes its checksum after a failing one can only mean the device corrupted flushed data:
+    CorruptLog, rather than a silent loss of every batch after it."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -214,22 +227,26 @@ def records(path: Path, generation: int) -> Iterator[bytes]:
         if found != generation or start + length > len(data):
             break
         payload = data[start : start + length]
-        if _checksum(found, payload) != checksum:
+        if _checksum(epoch, found, payload) != checksum:
             break
         yield payload
         offset = start + length
     else:
         return  # the file ends with a whole record
-    # Only within the generation's own records: a file whose first record is of another
-    # generation holds none of this one (each starts at the beginning of the file).
-    follower = (
-        _whole_record_after(data, offset, generation) if offset or found == generation else None
-    )
+    if found == generation and torn is not None:
+        torn.append(offset)
+    # A generation's records start at the beginning of the file, so one of them further on
+    # means the record here was damaged, the first one too (a bit of its generation flipped
+    # passed it over, and every batch after it with it). Without an epoch (a ledger from
+    # before them) a record of another run may carry the same generation: only within the
+    # generation's own records then.
+    searched = bool(epoch) or offset > 0 or found == generation
+    follower = _whole_record_after(data, offset, generation, epoch) if searched else None
     if follower is not None:
         raise CorruptLog(path, generation, offset, follower)
 
 
-def _whole_record_after(data: bytes, offset: int, generation: int) -> int | None:
+def _whole_record_after(data: bytes, offset: int, generation: int, epoch: bytes) -> int | None:
     """Where a record of `generation` that passes its checksum starts after `offset`, if one
     does: found by its generation's bytes (a C search), each candidate checked whole."""
     tag = GENERATION.pack(generation)
@@ -238,7 +255,8 @@ def _whole_record_after(data: bytes, offset: int, generation: int) -> int | None
         start = at - 8
         length, checksum = HEADER.unpack_from(data, start)[:2]
         end = start + HEADER.size + length
-        if end <= len(data) and _checksum(generation, data[start + HEADER.size : end]) == checksum:
+        payload = data[start + HEADER.size : end]
+        if end <= len(data) and _checksum(epoch, generation, payload) == checksum:
             return start
         at = data.find(tag, at + 1)
     return None

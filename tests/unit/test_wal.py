@@ -8,6 +8,7 @@ before (every batch answered) must be the state the reopened ledger has, byte fo
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import random
 import shutil
@@ -43,7 +44,8 @@ from processor.resources import demo_data_path
 from processor.security import PanHasher
 from processor.wire.messages import AuthorizationRequest
 
-HASHER = PanHasher(b"write-ahead-log-test-key")
+PAN_KEY = "write-ahead-log-test-key"
+HASHER = PanHasher(PAN_KEY.encode())
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 LOG_BYTES = 1 << 20
 SMALL = limits.logged_batch_requests_max - 1  # the largest batch the log takes
@@ -148,8 +150,9 @@ def logging_ledger(directory: Path, log_bytes: int = LOG_BYTES) -> Ledger:
 
 
 def dump(txn: lmdb.Transaction, ledger: Ledger) -> dict[str, list[tuple[bytes, bytes]]]:
+    """Every record, but the log's epoch: each open of the log draws its own (wal.py)."""
     return {
-        name: [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db)]
+        name: [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db) if bytes(k) != b"wal_epoch"]
         for name, db in ledger._dbs.items()
     }
 
@@ -249,6 +252,110 @@ def test_a_log_corrupt_before_answered_batches_keeps_the_ledger_from_opening(
         assert reopened.replayed == 4
     finally:
         reopened.close()
+
+
+def test_a_flipped_generation_in_the_first_record_keeps_the_ledger_from_opening(
+    loaded: Path,
+) -> None:
+    """The search for whole records after a damaged one ran only past the first record: a
+    bit of the first header's generation flipped passed every answered batch over, silently."""
+    ledger = logging_ledger(loaded)
+    for stan in range(1, 5):
+        approve(ledger, range(stan, stan + 1))
+    crash(ledger)
+    wal = loaded / "wal"
+    data = bytearray(wal.read_bytes())
+    data[8] ^= 0x01  # the first header's generation
+    wal.write_bytes(bytes(data))
+    with pytest.raises(LedgerError, match=r"generation \d+ at byte 0 is corrupt and a whole"):
+        logging_ledger(loaded)
+
+
+def test_a_torn_last_record_is_said_when_it_is_passed_over(
+    loaded: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = logging_ledger(loaded)
+    for stan in range(1, 4):
+        approve(ledger, range(stan, stan + 1))
+    crash(ledger)
+    wal = loaded / "wal"
+    data = bytearray(wal.read_bytes())
+    first = HEADER.unpack_from(data, 0)[0]
+    second = HEADER.unpack_from(data, HEADER.size + first)[0]
+    third = 2 * HEADER.size + first + second
+    data[third + HEADER.size + 3] ^= 0xFF  # the last record's payload: a write cut short
+    wal.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="processor.ledger"):
+        reopened = logging_ledger(loaded)
+    try:
+        assert reopened.replayed == 2
+    finally:
+        reopened.close()
+    assert f"record 3 of generation 2 (byte {third}) is torn or damaged" in caplog.text
+
+
+def test_a_backup_restored_beside_the_log_replays_nothing_of_the_discarded_past(
+    loaded: Path, tmp_path: Path
+) -> None:
+    """Generations count checkpoints, so a restored copy numbers its next records as the
+    log's discarded ones are numbered: those were replayed over the restored state, or,
+    mixed with new ones, refused as a corrupt device (moving the log aside then lost an
+    answered batch)."""
+    ledger = logging_ledger(loaded)
+    approve(ledger, range(1, 2))
+    assert ledger.checkpoint()
+    backup = tmp_path / "backup"
+    # `processor ledger backup` beside the serving daemon (this process): its own process.
+    command = [sys.executable, "-m", "processor", "ledger", "backup", "--ledger", str(loaded)]
+    subprocess.run(
+        [*command, str(backup)],
+        env={**os.environ, "PROCESSOR_PAN_KEY": PAN_KEY},
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    for stan in range(2, 6):  # the past the restore discards: four records of one generation
+        approve(ledger, range(stan, stan + 1))
+    assert ledger.checkpoint()
+    ledger.close()
+    shutil.copy(backup / "data.mdb", loaded / "data.mdb")  # restored, its log left there
+
+    restored = logging_ledger(loaded)
+    try:
+        assert restored.replayed == 0
+        with restored.read() as reader:
+            assert reader.answer(b"0100|123456|000002|1124120000") is None
+        approve(restored, range(10, 11))  # its first batch: in the log, at its start
+        expected = crash(restored)
+    finally:
+        if restored._wal is not None:
+            restored.close()
+    reopened = logging_ledger(loaded)
+    try:
+        assert reopened.replayed == 1  # its own batch, none of the discarded ones after it
+        assert lmdb_state(reopened) == expected
+    finally:
+        reopened.close()
+
+
+def test_another_ledgers_log_is_not_replayed(loaded: Path, tmp_path: Path) -> None:
+    ledger = logging_ledger(loaded)
+    before = lmdb_state(ledger)
+    ledger.close()
+    # Another ledger from the same start (a copy of it): its records' generations are this
+    # one's next.
+    other_path = tmp_path / "other"
+    shutil.copytree(loaded, other_path)
+    other = logging_ledger(other_path)
+    approve(other, range(1, 4))
+    crash(other)
+    shutil.copy(other_path / "wal", loaded / "wal")
+    opened = logging_ledger(loaded)
+    try:
+        assert opened.replayed == 0
+        assert lmdb_state(opened) == before
+    finally:
+        opened.close()
 
 
 def test_any_read_write_open_replays_not_only_a_logging_one(loaded: Path) -> None:
@@ -580,7 +687,7 @@ def test_a_rebuild_that_cannot_read_the_log_stops_every_write(
         pending, _ = pending_after_a_logged_batch(ledger)
         refuse_the_checkpoint(ledger, pending, monkeypatch)
 
-        def unreadable(path: Path, generation: int) -> object:
+        def unreadable(path: Path, generation: int, *epoch_and_torn: object) -> object:
             raise OSError(5, "Input/output error")
 
         monkeypatch.setattr("processor.ledger.store.logged_records", unreadable)
@@ -792,9 +899,9 @@ def test_a_torn_first_record_of_a_dead_daemon_is_passed_over_once(
             os.close(fd)
         read: list[object] = []
 
-        def reading(path: Path, generation: int) -> Iterator[bytes]:
+        def reading(path: Path, generation: int, epoch: bytes, torn: list[int]) -> Iterator[bytes]:
             read.append(generation)
-            return records(path, generation)  # the real reader: the torn record ends it
+            return records(path, generation, epoch, torn)  # the real one: the torn record ends it
 
         monkeypatch.setattr("processor.ledger.store.logged_records", reading)
         for _ in range(3):
@@ -936,7 +1043,7 @@ def test_a_logged_batch_whose_rebuild_fails_is_answered_as_logged(
         ledger.checkpoint()
         monkeypatch.setattr(ledger, "env", _NestedCommitFails(real_env))
 
-        def unreadable(path: Path, generation: int) -> object:
+        def unreadable(path: Path, generation: int, *epoch_and_torn: object) -> object:
             raise OSError(5, "Input/output error")
 
         monkeypatch.setattr("processor.ledger.store.logged_records", unreadable)
@@ -970,7 +1077,7 @@ def test_a_batch_the_log_had_no_room_for_fails_when_its_nested_commit_does(
     try:
         approve(ledger, range(1, 2))  # pending, logged
         monkeypatch.setattr(ledger, "env", _NestedCommitFails(real_env))
-        monkeypatch.setattr(WriteAheadLog, "append", lambda self, generation, payload: False)
+        monkeypatch.setattr(WriteAheadLog, "append", lambda self, generation, payload, epoch: False)
         outcomes = authorize(ledger, requests(range(2, 3)))
         assert [(o.response_code, o.reason) for o in outcomes] == [("96", "ledger_error:DiskError")]
         monkeypatch.undo()
