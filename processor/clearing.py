@@ -26,7 +26,7 @@ from msgspec import Meta
 
 from processor import limits
 from processor.currency import UnknownCurrency, exponent, numeric_code
-from processor.engine.settle import capture_verdict
+from processor.engine.settle import capture_verdict, repost_amount
 from processor.ledger.records import Account, Card, ClearedRecord, OutboxRecord, StoredAnswer
 from processor.ledger.store import Ledger, Writer
 from processor.lifecycle import confirmed_original
@@ -271,6 +271,24 @@ def _purchase(
             if account is not None and account.currency == record.currency:
                 return "already_posted", posted_on, None, found
         raise _Rejected("currency_mismatch")
+    if verdict == "repost":
+        # A purchase posted at once (0200) and reversed since: the hold-less version of a
+        # presentment after a reversal released its hold. Posted on the original's account,
+        # in its currency, as it was.
+        assert original is not None and original.account_id is not None
+        account = writer.account(original.account_id)
+        if (
+            account is None
+            or account.currency != record.currency
+            or not account.counts_in_its_currency(original.answered_ms)
+        ):
+            raise _Rejected("currency_mismatch")
+        debit = repost_amount(original, record.amount)
+        if not debit:
+            return "already_posted", account.id, None, found
+        _debit_allowed(account, debit)
+        writer.post_again(account, debit, original_key, original)
+        return "force_posted", account.id, None, found
     if verdict in ("already_captured", "capture"):
         assert hold is not None
         if hold.currency != record.currency:

@@ -32,7 +32,7 @@ from processor.engine.decide import (
     network_billing,
 )
 from processor.engine.fx import scale
-from processor.engine.settle import capture_verdict, void_verdict
+from processor.engine.settle import capture_verdict, repost_amount, void_verdict
 from processor.ledger.controls import Controls, Usage
 from processor.ledger.records import (
     Account,
@@ -721,6 +721,8 @@ class Lifecycle:
             return Result(
                 "00", "already_posted", account_id=original.account_id, card_id=original.card_id
             )
+        if verdict == "repost":
+            return self._post_again(writer, request, original_key, original, batch)
         if verdict == "already_captured":
             assert hold is not None
             return Result(
@@ -804,6 +806,40 @@ class Lifecycle:
             card_id=card.card_id,
             posted_amount=amount,
             billed=_billed(request, account, amount),
+        )
+
+    def _post_again(
+        self,
+        writer: Writer,
+        request: AuthorizationRequest,
+        original_key: bytes,
+        original: StoredAnswer | None,
+        batch: Batch,
+    ) -> Result:
+        """A completion of a purchase posted at once (0200) and reversed since (settle's
+        `repost`): the network's word stands over the reversal, as it does over a released
+        hold; what its amount is above what still stands of the original is posted."""
+        assert original is not None and original.account_id is not None
+        account = writer.account(original.account_id)
+        assert account is not None, original.account_id
+        card_id = original.card_id
+        if not account.counts_in_its_currency(original.answered_ms):
+            return Result("00", "currency_changed", account_id=account.id, card_id=card_id)
+        amount = billing_amount(request, account, self._rules)
+        if amount is None:
+            reason = "completion_currency_not_supported"
+            return Result("00", reason, account_id=account.id, card_id=card_id)
+        debit = repost_amount(original, amount)
+        if not debit:
+            return Result("00", "already_posted", account_id=account.id, card_id=card_id)
+        writer.post_again(account, debit, original_key, original)
+        return Result(
+            "00",
+            "force_post",
+            account_id=account.id,
+            card_id=card_id,
+            posted_amount=debit,
+            billed=_billed(request, account, debit),
         )
 
     # --- 0400 / 0420: reversal and reversal advice ----------------------------------------------

@@ -17,22 +17,31 @@ from processor.ledger.records import Hold, StoredAnswer
 
 # What posting a transaction does, given its original authorisation (if one was found):
 #   already_posted   a single-message original (0200) posted at once: posting again doubles it
+#   repost           one posted, then reversed in whole or in part: the network's word stands
+#                    over the reversal, and what the final amount is above what still stands
+#                    of it is posted (repost_amount; nothing when it is not above)
 #   already_captured a completion or presentment of the same authorisation posted it already
 #   capture          the original's hold is open: close it and post the final amount
 #   post             no original, or its hold was released or expired: the network's word stands
-Capture = Literal["already_posted", "already_captured", "capture", "post"]
+Capture = Literal["already_posted", "repost", "already_captured", "capture", "post"]
 
 
 def capture_verdict(original: StoredAnswer | None, hold: Hold | None) -> Capture:
     """How to post a transaction whose original answer is `original` and its hold `hold`."""
     if original is not None and original.posted_amount:
-        return "already_posted"
+        return "repost" if original.reversed_amount else "already_posted"
     if hold is not None:
         if hold.status == "captured":
             return "already_captured"
         if hold.status == "open":
             return "capture"
     return "post"
+
+
+def repost_amount(original: StoredAnswer, final: int) -> int:
+    """What a `repost` posts: the final amount (the account's currency) less what still stands
+    of the original's posting after its reversals; 0 when that is not less."""
+    return max(0, final - (original.posted_amount - original.reversed_amount))
 
 
 class Void(msgspec.Struct, frozen=True, gc=False):

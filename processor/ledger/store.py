@@ -1797,6 +1797,18 @@ class Writer(Reader):
             original.posted_amount = amount
             self.put_answer(original_key, original)
 
+    def post_again(
+        self, account: Account, amount: int, original_key: bytes, original: StoredAnswer
+    ) -> None:
+        """Post `amount` more of a purchase posted at once and reversed since (settle's
+        `repost`): what the network settles, above what still stands of it. The original's
+        posting grows by it, so what stands of it is the final amount: another completion or
+        presentment posts nothing more, and a later reversal credits what was posted."""
+        account.posted -= amount
+        self.put_account(account)
+        original.posted_amount += amount
+        self.put_answer(original_key, original)
+
     def mark_reversed_unseen(
         self, original_key: bytes, *, card_id: str, account_id: str, now_ms: int
     ) -> None:

@@ -683,7 +683,8 @@ class ModelAnswer:
     detail: str = ""  # for the statistics: which branch the model took
     pan: str | None = None  # the card of an original (0100/0200/0120)
     marker: bool = False  # left by a force post under an original nobody answered
-    moved: int | None = None  # what a reversal released or credited back (its event says)
+    # What a reversal released or credited back, or a completion posted again (its event says).
+    moved: int | None = None
 
 
 @dataclass
@@ -1073,7 +1074,14 @@ class LifecycleMachine(RuleBasedStateMachine):
         original = self.answers[found] if found is not None else None
         if original is not None and original.posted_amount:  # a 0200: posted when approved
             answer.account, answer.card_id = original.account, original.card_id
-            return "already_posted"
+            # Reversed since, in whole or in part: posted again up to field 4, once.
+            debit = amount - (original.posted_amount - original.reversed_amount)
+            if not original.reversed_amount or debit <= 0:
+                return "already_posted"
+            self.debit(original.account, debit)
+            original.posted_amount += debit
+            answer.posted_amount = answer.moved = debit  # its event says it beside field 4
+            return "force_post"
         if original is not None and original.hold_id is not None:
             hold = self.holds[original.hold_id]
             answer.detail = f"of a {hold.status} hold"
@@ -1614,9 +1622,14 @@ class LifecycleMachine(RuleBasedStateMachine):
                     return "rejected", "currency_mismatch"
                 outcome, account_id = "already_posted", original.account or card.account
                 if original.reversed_amount:
-                    # The spec's table: an approved 0200 is already_posted, reversed or not
-                    # (a reversed 0100's released hold, by contrast, is force-posted).
+                    # The spec's table (row 1a): a 0200 reversed since is posted again up to
+                    # the presented amount, once, as a reversed 0100's released hold is.
                     detail = "after a reversal"
+                    debit = amount - (original.posted_amount - original.reversed_amount)
+                    if debit > 0:
+                        self.debit(account_id, debit)
+                        original.posted_amount += debit
+                        outcome = "force_posted"
             elif original is not None:  # declined, a balance inquiry, an advice of decline
                 if original.pan != pan and not no_card:
                     # The spec: the original must belong to the record's card. Known bug 3: the

@@ -442,6 +442,39 @@ def test_purchase_of_a_0200_changes_nothing(ledger: Ledger, authorizer: Authoriz
     assert state(ledger) == (99_300, 0)
 
 
+def test_purchase_of_a_reversed_0200_posts_what_no_longer_stands(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    """Counted as already posted, the reversal's credit stood: the network settled a purchase
+    the cardholder kept the money of (the event said cleared). As for a reversed hold, the
+    network's word stands: posted up to the presented amount, once."""
+    reversal = request(mti="0400", stan="000002", **{"90": field_90(mti="0200")})
+    assert authorise(authorizer, request(mti="0200", amount=700), reversal) == ["00", "00"]
+    assert state(ledger) == (100_000, 0)
+    summary = ingest(ledger, record(original_mti="0200", amount=700))
+    assert counts(summary) == {"force_posted": 1}
+    assert state(ledger) == (99_300, 0)
+    # Presented again (another record id): what stands is what was presented.
+    again = record(record_id="clr-2", original_mti="0200", amount=700)
+    assert counts(ingest(ledger, again)) == {"already_posted": 1}
+    assert state(ledger) == (99_300, 0)
+
+
+def test_purchase_of_a_0200_reversed_in_part_posts_the_rest(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    replaced = f"{400:012d}" + "0" * 30
+    reversal = request(mti="0400", stan="000002", **{"90": field_90(mti="0200"), "95": replaced})
+    assert authorise(authorizer, request(mti="0200", amount=700), reversal) == ["00", "00"]
+    assert state(ledger) == (99_600, 0)
+    assert counts(ingest(ledger, record(original_mti="0200", amount=700))) == {"force_posted": 1}
+    assert state(ledger) == (99_300, 0)
+    # A presentment of less than what stands credits nothing (a refund is its own record).
+    less = record(record_id="clr-2", original_mti="0200", amount=100)
+    assert counts(ingest(ledger, less)) == {"already_posted": 1}
+    assert state(ledger) == (99_300, 0)
+
+
 def test_purchase_without_an_original_is_force_posted(ledger: Ledger) -> None:
     summary = ingest(ledger, record(amount=2_000, rrn="633012999999"))
     assert counts(summary) == {"force_posted": 1}

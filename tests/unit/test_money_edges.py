@@ -965,3 +965,26 @@ def test_a_reversal_gives_back_the_days_count_it_was_counted_in_after_a_currency
         for stan, seconds in (("000004", 30), ("000005", 40))
     )
     assert (third.reason, fourth.reason) == ("approved", "daily_count_limit")
+
+
+def test_a_completion_of_a_reversed_0200_posts_what_no_longer_stands(tmp_path: Path) -> None:
+    """Acknowledged as already posted, the reversal's credit stood though the network says the
+    purchase completed: as over a released hold, its word stands, once."""
+    ledger, authorizer = build(tmp_path)
+    answer(authorizer, request("0200", **{"4": "000000003000", "11": "000001"}))
+    answer(
+        authorizer,
+        request(
+            "0400", **{"4": "000000003000", "11": "000002", "90": original_data("0200", "000001")}
+        ),
+    )
+    assert balances(ledger, "acct-a") == (10000, 0)
+    for stan, reason in (("000003", "force_post"), ("000004", "already_posted")):
+        [completion] = answer(
+            authorizer,
+            request(
+                "0220", **{"4": "000000003000", "11": stan, "90": original_data("0200", "000001")}
+            ),
+        )
+        assert completion.reason == reason
+        assert balances(ledger, "acct-a") == (7000, 0)

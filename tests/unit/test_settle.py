@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from processor.engine.settle import Void, capture_verdict, void_verdict
+from processor.engine.settle import Void, capture_verdict, repost_amount, void_verdict
 from processor.ledger.records import Hold, StoredAnswer
 
 
@@ -51,6 +51,8 @@ def hold(status: str = "open", amount: int = 1000) -> Hold:
     [
         (None, None, "post"),  # no original: the network's word stands
         (answer(posted=500), None, "already_posted"),  # a 0200 posted at once
+        (answer(posted=500, reversed_=500), None, "repost"),  # ... and reversed since
+        (answer(posted=500, reversed_=1), None, "repost"),  # ... or reversed in part
         (answer(hold_id=7), hold("open"), "capture"),
         (answer(hold_id=7), hold("captured"), "already_captured"),
         (answer(hold_id=7), hold("released"), "post"),  # reversed before it was completed
@@ -61,6 +63,22 @@ def hold(status: str = "open", amount: int = 1000) -> Hold:
 )
 def test_capture_ladder(original, its_hold, verdict) -> None:  # type: ignore[no-untyped-def]
     assert capture_verdict(original, its_hold) == verdict
+
+
+@pytest.mark.parametrize(
+    ("posted", "reversed_", "final", "posts"),
+    [
+        (700, 700, 700, 700),  # reversed whole, presented whole: all of it again
+        (700, 300, 700, 300),  # reversed to 400: the 300 that no longer stands
+        (700, 300, 400, 0),  # presented at what stands: nothing
+        (700, 300, 100, 0),  # below it: nothing (a refund is a record of its own)
+        (1400, 700, 700, 0),  # posted again once already: what stands is the final amount
+    ],
+)
+def test_a_repost_posts_what_the_final_amount_is_above_what_stands(
+    posted: int, reversed_: int, final: int, posts: int
+) -> None:
+    assert repost_amount(answer(posted=posted, reversed_=reversed_), final) == posts
 
 
 @pytest.mark.parametrize(
