@@ -171,8 +171,9 @@ class _Connection(asyncio.Protocol):
         if 100 <= parser.get_status_code() < 200:
             # An interim answer (100 Continue, 103 Early Hints): the final one follows, read
             # by the same parser.
+            # Its bytes stay counted: the final answer's headers may have come in the same
+            # read, counted with it, and forgetting them let those run to twice the bound.
             self._location = self._retry_after = None
-            self._header_bytes = self._answer_bytes = 0
             self._headers_done = self._delimited = False
             return
         keep = parser.should_keep_alive()

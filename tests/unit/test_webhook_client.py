@@ -285,6 +285,36 @@ def test_a_close_before_a_delimited_body_ends_is_a_disconnect() -> None:
     assert failure_of(answering(answer, close=True))[0] == "disconnected"
 
 
+def test_an_interim_answer_does_not_give_the_final_headers_a_second_bound() -> None:
+    """The interim answer's end set the count back to 0, forgetting the final headers that
+    came in the same read: they ran to twice the bound. The two share it now."""
+
+    async def body() -> HttpError:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nX: " + b"a" * 60_000)
+            await writer.drain()
+            await asyncio.sleep(0.05)  # a read of its own
+            writer.write(b"a" * 60_000 + b"\r\nContent-Length: 0\r\n\r\n")
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = HttpClient()
+        try:
+            with pytest.raises(HttpError) as failure:
+                await client.post(f"http://127.0.0.1:{port}/", b"{}", {}, 10.0)
+        finally:
+            await client.close()
+            server.close()
+        return failure.value
+
+    failure = asyncio.run(body())
+    assert (failure.kind, "headers over 64 KiB" in str(failure)) == ("bad_answer", True)
+
+
 def test_headers_that_never_end_are_refused_without_waiting_for_the_timeout() -> None:
     async def script(request: bytes, served: int) -> tuple[bytes, bool]:
         return b"HTTP/1.1 200 OK\r\nX-Endless: " + b"a" * 100_000, False  # and no line end
