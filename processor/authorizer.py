@@ -206,12 +206,17 @@ class Authorizer:
 
         def apply(writer: Writer) -> tuple[list[Outcome], list[object]]:
             results: list[object] = []
+            at_ms = writer.ledger_time(now_ms)  # not behind an earlier batch's
+            batch_periods, batch_yymm = periods, now_yymm
+            if at_ms != now_ms:
+                batch_periods = periods_at(at_ms, self._zone)
+                batch_yymm = yymm(datetime.fromtimestamp(at_ms / 1000, UTC))
             for index, command in enumerate(commands):
                 if index in failed:
                     results.append(failed[index])
                     continue
                 try:
-                    results.append(command(writer, now_ms))
+                    results.append(command(writer, at_ms))
                 except CommandRefused as refused:
                     results.append(refused)
                 except (lmdb.MapFullError, LedgerError, AssertionError):
@@ -223,16 +228,16 @@ class Authorizer:
                     # whose requests are then answered 96 as before. Raised through, a
                     # command's own mistake cost every authorisation in its batch a 96.
                     raise _CommandFailed(index, error) from error
-            batch = Batch(now_ms, now_yymm, periods, writer.programme_controls())
+            batch = Batch(at_ms, batch_yymm, batch_periods, writer.programme_controls())
             outcomes = [self._process(writer, *each, batch) for each in prepared]
             changes = len(prepared) + len(commands)
             expired[0] = 0
             if self._expire_in_batches:
                 # Not guarded like retention: half a release would leave held out of step with
                 # the holds, so a bug in it fails the batch as a whole, as one in a request does.
-                expired[0] = self._expire(writer, now_ms, limits.expiry_per_change * changes)
+                expired[0] = self._expire(writer, at_ms, limits.expiry_per_change * changes)
             swept.clear()
-            swept.extend(self._sweep(writer, now_ms))
+            swept.extend(self._sweep(writer, at_ms))
             return outcomes, results
 
         swept: list[SweepStep] = []  # of the attempt that committed
@@ -414,14 +419,14 @@ class Authorizer:
         get their events (Lifecycle.apply_cvc2_limit). One write transaction at start."""
         now_ms = int(now.timestamp() * 1000)
         return self._ledger.write_growing(
-            lambda writer: self._lifecycle.apply_cvc2_limit(writer, now_ms)
+            lambda writer: self._lifecycle.apply_cvc2_limit(writer, writer.ledger_time(now_ms))
         )
 
     def sweep_expired(self, now: datetime, limit: int) -> int:
         """Release at most `limit` holds whose expiry has passed, in one write transaction."""
         now_ms = int(now.timestamp() * 1000)
         with self._ledger.write() as writer:
-            return self._expire(writer, now_ms, limit)
+            return self._expire(writer, writer.ledger_time(now_ms), limit)
 
     def _expire(self, writer: Writer, now_ms: int, limit: int) -> int:
         """Release at most `limit` holds whose expiry has passed, in `writer`'s transaction."""

@@ -438,12 +438,13 @@ def apply_clearing(
         def apply(writer: Writer) -> tuple[list[tuple[Entry, str]], list[str]]:
             rejected: list[tuple[Entry, str]] = []  # entry, reason
             outcomes: list[str] = []
+            at_ms = writer.ledger_time(now_ms)  # not behind the answers and events before
             for entry in chunk:
                 if entry.record is None:
                     rejected.append((entry, f"invalid_record: {entry.problem}"))
                     continue
                 try:
-                    outcomes.append(_apply_record(writer, entry.record, hasher, now_ms))
+                    outcomes.append(_apply_record(writer, entry.record, hasher, at_ms))
                 except _Rejected as error:
                     rejected.append((entry, error.reason))
             return rejected, outcomes

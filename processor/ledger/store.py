@@ -1888,6 +1888,20 @@ class Writer(Reader):
         self._next_hold_id += 1
         return hold_id
 
+    def ledger_time(self, wall_ms: int) -> int:
+        """The time this transaction stamps its answers and events with: `wall_ms`, but
+        never behind a time an earlier transaction used (meta `clock_ms`). A system clock
+        stepped back (NTP, a VM restored) made an answer older than the one before it on its
+        card, which ended every history walk there for good (a reused key looks so), and an
+        event older than the events before it, whose answer retention then pruned while the
+        event waited for delivery. The ledger's time waits for the wall clock instead."""
+        raw = self._txn.get(b"clock_ms", db=self._dbs["meta"])
+        last = 0 if raw is None else _U64.unpack(raw)[0]
+        if wall_ms <= last:
+            return last
+        self._txn.put(b"clock_ms", _U64.pack(wall_ms), db=self._dbs["meta"])
+        return wall_ms
+
     def next_event_sequence(self) -> int:
         if self._next_event is None:
             raw = self._txn.get(b"seq:event", db=self._dbs["meta"])

@@ -745,6 +745,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.stans = dict.fromkeys(map(number, ACQUIRERS), 0)
         self.serial = 0
         self.now = START
+        self.clock_ms = 0  # the ledger's clock (meta clock_ms): the last time a write used
         self.cleared: dict[str, ModelCleared] = {}  # record id -> what the ledger remembers
         self.never_cleared: set[str] = set()  # record ids rejected (maybe applied later)
         self.clearing_sent: list[dict[str, Any]] = []  # every parseable record, for repeats
@@ -1724,6 +1725,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         posted_before = self.ledger_posted()
 
         outcomes = self.authorizer.authorize_batch(requests, self.now)
+        self.clock_ms = self.now_ms  # the ledger's clock: time here only moves on
 
         assert not self.draws, f"approval codes given but never drawn: {list(self.draws)}"
         assert len(outcomes) == len(requests)  # every request answered exactly once
@@ -1829,6 +1831,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             )
         event(f"sweep released {min(len(due), 3)}{'+' if len(due) > 3 else ''}")
         assert self.authorizer.sweep_expired(self.now, limit) == len(due)
+        self.clock_ms = self.now_ms
         assert self.ledger_posted() == posted_before, "the sweeper moved posted"
 
     @precondition(lambda self: self.originals)  # something to point at
@@ -1856,6 +1859,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         summary = apply_clearing(
             self.ledger, parse_lines(lines), HASHER, self.now, chunk_size=chunk_size
         )
+        self.clock_ms = self.now_ms
 
         assert summary.records == len(lines)
         assert summary.transactions == -(-len(lines) // chunk_size)
@@ -2086,6 +2090,8 @@ class LifecycleMachine(RuleBasedStateMachine):
             expected_meta[b"seq:hold"] = BIG_U64.pack(self.next_hold_id)
         if self.events:
             expected_meta[b"seq:event"] = BIG_U64.pack(len(self.events) + 1)
+        if self.clock_ms:
+            expected_meta[b"clock_ms"] = BIG_U64.pack(self.clock_ms)
         assert meta == expected_meta
         assert entries == {
             b"accounts": len(ACCOUNTS) + len(states),

@@ -527,6 +527,39 @@ def test_a_history_walk_goes_past_an_answer_stamped_a_little_earlier(ledger: Led
         assert {first.answer_key, behind.answer_key} <= {hold.identity for hold in holds}
 
 
+def test_a_clock_stepped_back_keeps_histories_and_the_answers_of_kept_events(
+    ledger: Ledger,
+) -> None:
+    """A system clock stepped back ten minutes (NTP, a VM restored) stamped the next answer
+    older than the one before it on its card: every history walk and hold listing ended
+    there for good; and its event, stamped older than the events before it, lost its answer
+    to retention while it waited for delivery. The ledger's time waits for the clock."""
+    authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=3 * HOUR)
+    first = message("0100", "000101", 10)
+    behind = message("0200", "000102", 20)
+    after = NOW + timedelta(minutes=5)
+    assert authorizer.authorize_batch([first], after)[0].response_code == "00"
+    stepped_back = after - timedelta(minutes=10)
+    assert authorizer.authorize_batch([behind], stepped_back)[0].response_code == "00"
+    with ledger.read() as reader:
+        last = reader.outbox_last_sequence()
+        answer = reader.answer(behind.answer_key)
+        assert answer is not None and answer.answered_ms == int(after.timestamp() * 1000)
+        card = reader.card(HASHER.card_key(MAIN))
+        assert card is not None
+        listed = [key for key, _ in reader.card_history(card.card_id, 100)]
+        assert listed[:2] == [behind.answer_key, first.answer_key]
+        listed = [key for key, _, _ in reader.history("account", card.account_id, 100)]
+        assert listed[:2] == [behind.answer_key, first.answer_key]
+        assert first.answer_key in {hold.identity for hold in reader.account_holds("demo-main")}
+    # Neither event delivered yet; past the answers' horizon.
+    step(ledger, retention(floor=last - 1), after + timedelta(hours=2, minutes=30))
+    with ledger.read() as reader:
+        assert reader.answer(behind.answer_key) is not None
+        [event] = reader.outbox(last, 1)
+        assert (event.mti, event.amount, event.response_code) == ("0200", 20, "00")
+
+
 def test_a_posting_marker_leaves_the_rrn_index_with_it(ledger: Ledger) -> None:
     """A force post with no original leaves a marker answer and an RRN entry naming it; the
     marker kept no RRN, so retention pruned it and left the entry behind."""
