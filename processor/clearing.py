@@ -32,7 +32,7 @@ from processor.ledger.store import Ledger, Writer
 from processor.lifecycle import confirmed_original
 from processor.schemas import readable, repeated_key
 from processor.security import PanHasher, luhn_valid, mask_card_numbers, mask_pan
-from processor.types import CURRENCY_PATTERN, PAN_PATTERN
+from processor.types import CURRENCY_PATTERN, PAN_PATTERN, TRANSMISSION_DATETIME_PATTERN
 from processor.wire.messages import acquirer_number, rrn_key, transaction_key
 
 CHUNK_RECORDS: Final = 500  # records applied per write transaction
@@ -60,7 +60,9 @@ class ClearingRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     pan: Annotated[str, Meta(pattern=PAN_PATTERN)]
     acquirer: Annotated[str, Meta(pattern=r"^[0-9]{1,11}\Z")]  # field 32
     stan: Annotated[str, Meta(pattern=r"^[0-9]{6}\Z")]  # field 11
-    transmission_datetime: Annotated[str, Meta(pattern=r"^[0-9]{10}\Z")]  # field 7, MMDDhhmmss
+    # Field 7 of the original, MMDDhhmmss: a month 13 matched nothing and was force-posted
+    # while the hold it was for stayed open, the cardholder's money counted twice.
+    transmission_datetime: Annotated[str, Meta(pattern=TRANSMISSION_DATETIME_PATTERN)]
     amount: Annotated[int, Meta(gt=0, le=10**15)]  # final amount, minor units of `currency`
     currency: Annotated[str, Meta(pattern=CURRENCY_PATTERN)]  # ISO 4217 alphabetic
     rrn: Annotated[str, Meta(pattern=r"^[0-9A-Za-z]{12}\Z")] | None = None  # field 37

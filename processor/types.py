@@ -58,6 +58,15 @@ PAN_PATTERN: Final = r"^[0-9]{13,19}\Z"
 CURRENCY_PATTERN: Final = r"^[A-Z]{3}\Z"  # ISO 4217 alphabetic
 EXPIRY_PATTERN: Final = r"^[0-9]{2}(0[1-9]|1[0-2])\Z"  # YYMM
 MCC_PATTERN: Final = r"^[0-9]{4}\Z"
+# Field 7 and its parts, each within its range (days up to 31 in any month: the ranges, not
+# the calendar): the wire checks a message's, clearing a record's with the same parts.
+MONTH_PART: Final = "(0[1-9]|1[0-2])"
+DAY_PART: Final = "(0[1-9]|[12][0-9]|3[01])"
+HOUR_PART: Final = "([01][0-9]|2[0-3])"
+MINUTE_OR_SECOND_PART: Final = "[0-5][0-9]"
+TRANSMISSION_DATETIME_PATTERN: Final = (
+    f"^{MONTH_PART}{DAY_PART}{HOUR_PART}{MINUTE_OR_SECOND_PART}{MINUTE_OR_SECOND_PART}\\Z"
+)
 # Text a person typed (names, addresses): no control characters (C0, DEL, C1), which break the
 # card bureau's labels and every log or screen that shows them, and which no name has.
 TEXT_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f]*\Z"

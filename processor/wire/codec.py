@@ -16,6 +16,13 @@ import iso8583
 from iso8583.decoder import DecodeError
 from iso8583.encoder import EncodeError
 
+from processor.types import (
+    DAY_PART,
+    HOUR_PART,
+    MINUTE_OR_SECOND_PART,
+    MONTH_PART,
+    TRANSMISSION_DATETIME_PATTERN,
+)
 from processor.wire.errors import InvalidMessage, UndecodableMessage
 from processor.wire.fastcodec import FastCodec
 from processor.wire.messages import (
@@ -69,13 +76,11 @@ MANDATORY: Final[dict[str, tuple[str, ...]]] = {
 # error, not a time. One compiled pattern per field (the check runs on every request: parsing
 # the parts as integers cost 3 us per message). Each part within its range; days up to 31 in
 # any month: the contract checks ranges, not the calendar.
-_MONTH, _DAY = "(0[1-9]|1[0-2])", "(0[1-9]|[12][0-9]|3[01])"
-_HOUR, _MINUTE_OR_SECOND = "([01][0-9]|2[0-3])", "[0-5][0-9]"
 _CALENDAR_FIELDS: Final = {
-    "7": ("MMDDhhmmss", re.compile(_MONTH + _DAY + _HOUR + _MINUTE_OR_SECOND * 2).fullmatch),
-    "12": ("hhmmss", re.compile(_HOUR + _MINUTE_OR_SECOND * 2).fullmatch),
-    "13": ("MMDD", re.compile(_MONTH + _DAY).fullmatch),
-    "14": ("YYMM", re.compile("[0-9][0-9]" + _MONTH).fullmatch),
+    "7": ("MMDDhhmmss", re.compile(TRANSMISSION_DATETIME_PATTERN).search),
+    "12": ("hhmmss", re.compile(HOUR_PART + MINUTE_OR_SECOND_PART * 2).fullmatch),
+    "13": ("MMDD", re.compile(MONTH_PART + DAY_PART).fullmatch),
+    "14": ("YYMM", re.compile("[0-9][0-9]" + MONTH_PART).fullmatch),
 }
 _CALENDAR_SEEN_MAX: Final = 4096  # valid values remembered per field, forgotten all at once
 

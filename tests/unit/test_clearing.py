@@ -665,7 +665,7 @@ def mixed_file(authorizer: Authorizer) -> list[dict[str, Any] | str]:
             record_id="c7",
             pan=OTHER,
             stan="000006",
-            transmission_datetime="0000000000",
+            transmission_datetime="0101000000",  # not the original's: found by its RRN
             rrn="633012000001",
             amount=100,
         ),
@@ -891,6 +891,17 @@ def test_a_line_nested_too_deeply_is_rejected_and_the_file_goes_on(ledger: Ledge
     )
     assert counts(summary) == {"force_posted": 2, "rejected": 1}
     assert summary.rejections[0].line == 2
+
+
+@pytest.mark.parametrize("field_7", ["1324120000", "1132120000", "1124240000", "1124126000"])
+def test_a_transmission_time_that_is_no_time_is_rejected(ledger: Ledger, field_7: str) -> None:
+    """Ten digits were enough: a month 13 matched nothing and was force-posted, while the
+    hold it was meant for stayed open (the cardholder's money counted twice until expiry)."""
+    summary = ingest(ledger, record(transmission_datetime=field_7))
+    assert counts(summary) == {"rejected": 1}
+    [rejection] = summary.rejections
+    assert "$.transmission_datetime" in rejection.reason
+    assert state(ledger) == (100_000, 0)
 
 
 def test_a_line_giving_a_key_twice_is_rejected_and_the_file_goes_on(ledger: Ledger) -> None:
