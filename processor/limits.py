@@ -150,6 +150,11 @@ reveal_addresses_remembered_max: Final = 10_000
 # more: with short horizons every second kept is live data (a clock stepped back further
 # loses those events' facts from their answers; the events keep their own).
 event_order_skew_ms: Final = 2_000
+# How far behind the ledger's clock (meta clock_ms) the wall clock may be and still be waited
+# for (Writer.ledger_time): an NTP step or a restored VM, seconds to minutes. Further behind,
+# the ledger's clock was the wrong one (set ahead once): waiting for the wall clock would stop
+# usage windows, hold expiry and card expiry for as long; the wall clock is followed instead.
+ledger_clock_held_max_ms: Final = 3_600_000
 retention_idle_seconds: Final = 1.0
 retention_busy_seconds: Final = 0.01
 retention_failure_pause_seconds: Final = 60  # after a failed step (a bug): logged once a minute

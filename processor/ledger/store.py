@@ -835,6 +835,24 @@ class Ledger:
         return (info["last_pgno"] + 1) * stat["psize"], info["map_size"]
 
 
+def _clock_went_back(by_ms: int) -> None:
+    """Said at most once an hour, not per batch: each batch after the step would say it."""
+    global _clock_back_said_at
+    now = time.monotonic()
+    if now - _clock_back_said_at >= 3600:
+        _clock_back_said_at = now
+        log.warning(
+            "the wall clock is %d s behind the latest time the ledger used, more than the "
+            "%d s it waits for: that time was wrong (a clock set ahead), and the ledger "
+            "follows the wall clock from here; histories of answers stamped since may end there",
+            by_ms // 1000,
+            limits.ledger_clock_held_max_ms // 1000,
+        )
+
+
+_clock_back_said_at = -float("inf")
+
+
 def stored_answer_key(answer_key: bytes) -> bytes:
     """Where an answer is kept: its answer key (class|acquirer|STAN|field 7) with field 7 first.
 
@@ -1894,11 +1912,15 @@ class Writer(Reader):
         stepped back (NTP, a VM restored) made an answer older than the one before it on its
         card, which ended every history walk there for good (a reused key looks so), and an
         event older than the events before it, whose answer retention then pruned while the
-        event waited for delivery. The ledger's time waits for the wall clock instead."""
+        event waited for delivery. The ledger's time waits for the wall clock instead, up to
+        limits.ledger_clock_held_max_ms: further behind, it is the ledger's clock that was
+        wrong (set ahead once), and the wall clock is followed again (logged)."""
         raw = self._txn.get(b"clock_ms", db=self._dbs["meta"])
         last = 0 if raw is None else _U64.unpack(raw)[0]
-        if wall_ms <= last:
+        if wall_ms == last or 0 < last - wall_ms <= limits.ledger_clock_held_max_ms:
             return last
+        if wall_ms < last:
+            _clock_went_back(last - wall_ms)
         self._txn.put(b"clock_ms", _U64.pack(wall_ms), db=self._dbs["meta"])
         return wall_ms
 

@@ -16,6 +16,7 @@ from support import DEMO_LOAD_EVENTS, authorization
 from processor.authorizer import Authorizer
 from processor.config import RetentionConfig
 from processor.engine import ProgrammeRules
+from processor.ledger import store
 from processor.ledger.load import load_path
 from processor.ledger.records import AnswerTime, ClearedRecord, IdempotentResponse, StoredAnswer
 from processor.ledger.retention import Retention, SweepStep
@@ -558,6 +559,28 @@ def test_a_clock_stepped_back_keeps_histories_and_the_answers_of_kept_events(
         assert reader.answer(behind.answer_key) is not None
         [event] = reader.outbox(last, 1)
         assert (event.mti, event.amount, event.response_code) == ("0200", 20, "00")
+
+
+def test_a_ledger_clock_once_set_far_ahead_is_not_waited_for(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waited for whatever the distance, a clock once set a year ahead froze the ledger's
+    time for that year: usage windows never rolled over, holds never expired, valid cards
+    were expired. Beyond an hour behind, the wall clock is followed again, and it is said."""
+    authorizer = Authorizer(ledger, HASHER, ProgrammeRules(), hold_lifetime_seconds=HOUR)
+    monkeypatch.setattr(store, "_clock_back_said_at", -float("inf"))  # said once an hour
+    ahead = NOW + timedelta(days=365)
+    authorizer.authorize_batch([message("0100", "000101", 10)], ahead)
+    back = NOW + timedelta(minutes=1)
+    with caplog.at_level("WARNING", logger="processor.ledger"):
+        request = message("0100", "000102", 10)
+        assert authorizer.authorize_batch([request], back)[0].response_code == "00"
+    assert "the wall clock is 31535940 s behind the latest time the ledger used" in caplog.text
+    back_ms = int(back.timestamp() * 1000)
+    with ledger.read() as reader:
+        answer = reader.answer(request.answer_key)
+        assert answer is not None and answer.answered_ms == back_ms
+        assert answer.hold is not None and answer.hold.expires_ms == back_ms + HOUR * 1000
 
 
 def test_a_posting_marker_leaves_the_rrn_index_with_it(ledger: Ledger) -> None:
