@@ -246,9 +246,9 @@ def _original(writer: Writer, record: ClearingRecord) -> tuple[bytes, StoredAnsw
 
 def _purchase(
     writer: Writer, record: ClearingRecord, card: Card, now_ms: int
-) -> tuple[Outcome, str, int | None, bytes | None]:
+) -> tuple[Outcome, str, int | None, bytes | None, int | None]:
     """(outcome, account posted to or found, hold id, the original's answer key when one was
-    found) of a purchase on `card`."""
+    found, what was debited when that is not the record's amount) of a purchase on `card`."""
     original_key, original = _original(writer, record)
     if original is not None and original.card_id not in (None, card.card_id):
         # The original is another card's, whatever became of it (held, posted or declined):
@@ -271,7 +271,7 @@ def _purchase(
         for posted_on in (original.account_id or card.account_id, card.account_id):
             account = writer.account(posted_on)
             if account is not None and account.currency == record.currency:
-                return "already_posted", posted_on, None, found
+                return "already_posted", posted_on, None, found, None
         raise _Rejected("currency_mismatch")
     if verdict == "repost":
         # A purchase posted at once (0200) and reversed since: the hold-less version of a
@@ -287,17 +287,18 @@ def _purchase(
             raise _Rejected("currency_mismatch")
         debit = repost_amount(original, record.amount)
         if not debit:
-            return "already_posted", account.id, None, found
+            return "already_posted", account.id, None, found, None
         _debit_allowed(account, debit)
-        writer.post_again(account, debit, original_key, original)
-        return "force_posted", account.id, None, found
+        writer.post_again(account, debit, original_key, original, now_ms)
+        # What still stood of it was not debited again: the event says what was.
+        return "force_posted", account.id, None, found, debit
     if verdict in ("already_captured", "capture"):
         assert hold is not None
         if hold.currency != record.currency:
             raise _Rejected("currency_mismatch")
     if verdict == "already_captured":
         assert hold is not None
-        return "already_captured", hold.account_id, hold.hold_id, found
+        return "already_captured", hold.account_id, hold.hold_id, found, None
     if verdict == "capture":
         assert hold is not None
         account = writer.account(hold.account_id)
@@ -305,7 +306,7 @@ def _purchase(
         _debit_allowed(account, record.amount)
         writer.capture_hold(account, hold, record.amount, now_ms)
         writer.put_account(account)
-        return "matched", account.id, hold.hold_id, found
+        return "matched", account.id, hold.hold_id, found, None
     # No original, or its hold was released (reversed) or expired: the hold is gone but the
     # network says the money was spent. Its word stands: post it like an unmatched purchase.
     account = _same_currency(writer, card.account_id, record)
@@ -320,7 +321,7 @@ def _purchase(
         rrn=record.rrn,
         rrn_lookup=record.rrn_lookup(),
     )
-    return "force_posted", account.id, None, found
+    return "force_posted", account.id, None, found, None
 
 
 def _same_currency(writer: Writer, account_id: str, record: ClearingRecord) -> Account:
@@ -358,6 +359,7 @@ def _apply_record(
         raise _Rejected("account_missing")
     hold_id: int | None = None
     original_key: bytes | None = None
+    debited: int | None = None
     outcome: Outcome
     if record.type == "refund":
         if record.currency != account.currency:
@@ -368,7 +370,9 @@ def _apply_record(
         writer.put_account(account)
         outcome, account_id = "refund", account.id
     else:
-        outcome, account_id, hold_id, original_key = _purchase(writer, record, card, now_ms)
+        outcome, account_id, hold_id, original_key, debited = _purchase(
+            writer, record, card, now_ms
+        )
     writer.emit(
         OutboxRecord(
             sequence=0,
@@ -384,6 +388,7 @@ def _apply_record(
             else None,
             amount=record.amount,
             currency=numeric_code(record.currency),
+            billing_amount=debited if debited != record.amount else None,
             reason=outcome,
             stan=record.stan,
             rrn=record.rrn,

@@ -832,7 +832,7 @@ class Lifecycle:
         debit = repost_amount(original, amount)
         if not debit:
             return Result("00", "already_posted", account_id=account.id, card_id=card_id)
-        writer.post_again(account, debit, original_key, original)
+        writer.post_again(account, debit, original_key, original, batch.now_ms)
         return Result(
             "00",
             "force_post",

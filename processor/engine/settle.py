@@ -77,6 +77,9 @@ def void_verdict(original: StoredAnswer, hold: Hold | None, target: int) -> Void
             return Void("shrink", amount=hold.amount - target, remaining=target)
         return Void("no_change", remaining=hold.amount)
     if original.posted_amount:
+        if original.settled_ms:
+            # Posted again over an earlier reversal by a presentment or completion: settled.
+            return Void("already_resolved")
         if not original.mti.startswith("020"):
             # Not a purchase posted at once (0200): a completion or presentment posted it
             # without a hold to capture (no authorisation seen, or a balance inquiry's). The

@@ -210,11 +210,13 @@ class AnswerTime(msgspec.Struct, array_like=True, gc=False):
     answered_ms: int
 
 
-class StoredAnswer(msgspec.Struct, array_like=True, kw_only=True, gc=False):
+class StoredAnswer(msgspec.Struct, array_like=True, kw_only=True, omit_defaults=True, gc=False):
     """The answer given to a request, replayed byte for byte on retransmission.
 
     `response` holds the response's fields without the PAN (field 2), which the replay takes
     from the retransmitted request itself: its content must match `fingerprint` anyway.
+    Trailing fields at their defaults are left out (omit_defaults: a build from before reads
+    them as their defaults), so a field appended costs nothing where it is not used.
     """
 
     fingerprint: bytes
@@ -241,6 +243,10 @@ class StoredAnswer(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     # Schema 4: the hold this request opened, kept in its answer rather than in a record of
     # its own (an answer naming `hold_id` without one is about another request's hold).
     hold: HoldState | None = None
+    # A purchase posted at once (0200), reversed, then posted again by a presentment or a
+    # completion (settle's repost): when. The network settled it over the reversal, and a
+    # reversal after that changes nothing, as one after a capture does.
+    settled_ms: int = 0
 
     @property
     def previous_in_account(self) -> bytes | None:

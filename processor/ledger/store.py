@@ -1816,15 +1816,22 @@ class Writer(Reader):
             self.put_answer(original_key, original)
 
     def post_again(
-        self, account: Account, amount: int, original_key: bytes, original: StoredAnswer
+        self,
+        account: Account,
+        amount: int,
+        original_key: bytes,
+        original: StoredAnswer,
+        now_ms: int,
     ) -> None:
         """Post `amount` more of a purchase posted at once and reversed since (settle's
         `repost`): what the network settles, above what still stands of it. The original's
         posting grows by it, so what stands of it is the final amount: another completion or
-        presentment posts nothing more, and a later reversal credits what was posted."""
+        presentment posts nothing more; and it is settled: a later reversal credits nothing
+        (it credited the settled purchase back)."""
         account.posted -= amount
         self.put_account(account)
         original.posted_amount += amount
+        original.settled_ms = now_ms
         self.put_answer(original_key, original)
 
     def mark_reversed_unseen(

@@ -673,6 +673,7 @@ class ModelAnswer:
     card_id: str | None = None
     posted_amount: int = 0
     reversed_amount: int = 0
+    settled_ms: int = 0  # a 0200 posted again over its reversal: a reversal credits nothing
     usage_amount: int = 0  # what it still counts in its card's and account's usage
     usage_mcc: str = ""  # its MCC while it counts at all
     previous_for_card: bytes | None = None
@@ -1081,6 +1082,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                 return "already_posted"
             self.debit(original.account, debit)
             original.posted_amount += debit
+            original.settled_ms = self.now_ms
             answer.posted_amount = answer.moved = debit  # its event says it beside field 4
             return "force_post"
         if original is not None and original.hold_id is not None:
@@ -1188,6 +1190,9 @@ class LifecycleMachine(RuleBasedStateMachine):
                 hold.amount = target
                 return "00", "partially_reversed"
             return "00", "reversal_no_change"
+        if original.posted_amount and original.settled_ms:
+            answer.detail = "of a settled posting"  # posted again over its reversal
+            return "00", "already_resolved"
         if original.posted_amount and not original.mti.startswith("020"):
             answer.detail = "of a force post"  # posted later, by a completion or presentment
             return "00", "already_resolved"
@@ -1586,6 +1591,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         # to be this card's (the currency is that of the account it is about).
         mismatch = record["currency"] != "EUR"
         outcome, account_id, hold_id, detail = "", card.account, None, ""
+        moved: int | None = None  # what was debited, when not the record's amount
         found: bytes | None = None
         if record["type"] == "refund":
             if mismatch:
@@ -1630,7 +1636,9 @@ class LifecycleMachine(RuleBasedStateMachine):
                     if debit > 0:
                         self.debit(account_id, debit)
                         original.posted_amount += debit
+                        original.settled_ms = self.now_ms
                         outcome = "force_posted"
+                        moved = debit if debit != amount else None  # the event says it
             elif original is not None:  # declined, a balance inquiry, an advice of decline
                 if original.pan != pan and not no_card:
                     # The spec: the original must belong to the record's card. Known bug 3: the
@@ -1687,7 +1695,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             processing_code=None,
             amount=amount,
             currency="978",  # EUR: records in other currencies are rejected
-            billing_amount=None,
+            billing_amount=moved,
             mcc=None,
             merchant_name_location=None,
             terminal=None,
@@ -2005,6 +2013,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                 previous_for_card=model.previous_for_card,
                 previous_for_account=model.previous_for_account,
                 hold=self.hold_state(key, model),
+                settled_ms=model.settled_ms,
             )
             assert_stored(stored, expected, key)
 

@@ -469,9 +469,27 @@ def test_purchase_of_a_0200_reversed_in_part_posts_the_rest(
     assert state(ledger) == (99_600, 0)
     assert counts(ingest(ledger, record(original_mti="0200", amount=700))) == {"force_posted": 1}
     assert state(ledger) == (99_300, 0)
+    with ledger.read() as reader:
+        event = reader.outbox(0, 10_000)[-1]
+    # The event says what was debited beside the presented amount: 300 of the 700.
+    assert (event.reason, event.amount, event.billing_amount) == ("force_posted", 700, 300)
     # A presentment of less than what stands credits nothing (a refund is its own record).
     less = record(record_id="clr-2", original_mti="0200", amount=100)
     assert counts(ingest(ledger, less)) == {"already_posted": 1}
+    assert state(ledger) == (99_300, 0)
+
+
+def test_a_reversal_after_a_reversed_0200_was_presented_credits_nothing(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    """The presentment posted it again over the first reversal; a second reversal then
+    credited the settled purchase back (the merchant paid, the cardholder not), where after
+    a hold's capture it changes nothing."""
+    reversal = request(mti="0400", stan="000002", **{"90": field_90(mti="0200")})
+    assert authorise(authorizer, request(mti="0200", amount=700), reversal) == ["00", "00"]
+    assert counts(ingest(ledger, record(original_mti="0200", amount=700))) == {"force_posted": 1}
+    again = request(mti="0420", stan="000003", **{"90": field_90(mti="0200")})
+    assert authorise(authorizer, again) == ["00"]
     assert state(ledger) == (99_300, 0)
 
 

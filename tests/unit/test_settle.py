@@ -14,6 +14,7 @@ def answer(  # type: ignore[no-untyped-def]
     posted: int = 0,
     reversed_: int = 0,
     mti: str = "0200",
+    settled: int = 0,
 ):
     return StoredAnswer(
         fingerprint=b"f" * 16,
@@ -27,6 +28,7 @@ def answer(  # type: ignore[no-untyped-def]
         posted_amount=posted,
         reversed_amount=reversed_,
         mti=mti,
+        settled_ms=settled,
     )
 
 
@@ -105,6 +107,8 @@ def test_a_repost_posts_what_the_final_amount_is_above_what_stands(
         # of a balance inquiry, or the marker of an authorisation never seen (no MTI).
         (answer(posted=1000, mti="0100"), None, 0, Void("already_resolved")),
         (answer(posted=1000, mti=""), None, 0, Void("already_resolved")),
+        # Posted again over its reversal by a presentment (settled): nothing goes back.
+        (answer(posted=1400, reversed_=700, settled=5), None, 0, Void("already_resolved")),
         (answer(), None, 0, Void("nothing_to_reverse")),  # approved, neither held nor posted
     ],
 )
