@@ -163,8 +163,20 @@ def card_not_present(request: AuthorizationRequest) -> bool:
 
 
 def yymm(now: datetime) -> int:
-    """2026-11-24 -> 2611, comparable with a card expiry read as an integer."""
+    """2026-11-24 -> 2611: the form of a card's expiry (see expired)."""
     return (now.year % 100) * 100 + now.month
+
+
+def expired(expiry: str, now_yymm: int) -> bool:
+    """Whether a card valid through `expiry` (YYMM) has expired by the month `now_yymm`.
+
+    YYMM has no century: compared as numbers, a card valid through 2100 ("0012") was expired
+    from 2099 on (9912 > 12), and from about 2095 a card issued for five years was declined at
+    its first use. The months from now to the expiry are taken modulo a century instead:
+    under fifty years ahead is valid, and behind it expired (no card is issued for longer)."""
+    value = int(expiry)
+    months = (value // 100 * 12 + value % 100) - (now_yymm // 100 * 12 + now_yymm % 100)
+    return months % 1200 >= 600
 
 
 def _control_levels(
@@ -217,7 +229,7 @@ def decide(
     if holder_rejected:
         return CARDHOLDER_REJECTED
     # A card is valid through the last day of its expiry month.
-    if int(card.expiry) < now_yymm:
+    if expired(card.expiry, now_yymm):
         return CARD_EXPIRED
     if request.expiry is not None and request.expiry != card.expiry:
         return EXPIRY_MISMATCH

@@ -637,3 +637,24 @@ def test_expiry_comparison_across_year_boundary_uses_yymm() -> None:
 
     assert decide(request, card, account, NO_RULES, last_second).response_code == "00"
     assert decide(request, card, account, NO_RULES, first_second).reason == "card_expired"
+
+
+@pytest.mark.parametrize(
+    ("expiry", "now", "is_expired"),
+    [
+        ("0012", datetime(2099, 12, 1, tzinfo=UTC), False),  # valid through December 2100
+        ("0101", datetime(2097, 1, 1, tzinfo=UTC), False),  # issued for four years in 2097
+        ("9912", datetime(2100, 1, 1, tzinfo=UTC), True),
+        ("2611", datetime(2026, 11, 30, tzinfo=UTC), False),  # its own month
+        ("2610", datetime(2026, 11, 1, tzinfo=UTC), True),
+        ("7610", datetime(2026, 11, 1, tzinfo=UTC), False),  # under fifty years ahead
+        ("7611", datetime(2026, 11, 1, tzinfo=UTC), True),  # fifty: read as a century ago
+    ],
+)
+def test_a_card_expiry_is_read_across_the_century(
+    expiry: str, now: datetime, is_expired: bool
+) -> None:
+    """YYMM compared as a number: a card valid through 2100 was expired from 2099 on."""
+    request, card, account = make_request(), make_card(expiry=expiry), make_account()
+    decision = decide(request, card, account, NO_RULES, yymm(now))
+    assert (decision.reason == "card_expired") == is_expired, decision
