@@ -208,6 +208,15 @@ def approve(ledger: Ledger, stans: range, amount: int = 100) -> None:
     }
 
 
+def crashed_log(loaded: Path, batches: int) -> bytearray:
+    """The log's bytes after `batches` batches of one request each, logged, then a crash."""
+    ledger = logging_ledger(loaded)
+    for stan in range(1, batches + 1):
+        approve(ledger, range(stan, stan + 1))
+    crash(ledger)
+    return bytearray((loaded / "wal").read_bytes())
+
+
 def test_batches_since_the_last_checkpoint_are_replayed_on_open(loaded: Path) -> None:
     ledger = logging_ledger(loaded)
     approve(ledger, range(1, 1 + SMALL))
@@ -235,12 +244,7 @@ def test_a_log_corrupt_before_answered_batches_keeps_the_ledger_from_opening(
 ) -> None:
     """Replayed up to the corrupt record, and that generation then marked done: the batches
     after it, answered, were lost for good. The open is refused, naming the record."""
-    ledger = logging_ledger(loaded)
-    for stan in range(1, 5):
-        approve(ledger, range(stan, stan + 1))  # four batches, a record each
-    crash(ledger)
-    wal = loaded / "wal"
-    data = bytearray(wal.read_bytes())
+    data, wal = crashed_log(loaded, 4), loaded / "wal"  # four batches, a record each
     data[HEADER.size + 5] ^= 0x40  # inside the first record's payload
     wal.write_bytes(bytes(data))
     with pytest.raises(LedgerError, match="is corrupt and a whole record of it follows"):
@@ -259,12 +263,7 @@ def test_a_flipped_generation_in_the_first_record_keeps_the_ledger_from_opening(
 ) -> None:
     """The search for whole records after a damaged one ran only past the first record: a
     bit of the first header's generation flipped passed every answered batch over, silently."""
-    ledger = logging_ledger(loaded)
-    for stan in range(1, 5):
-        approve(ledger, range(stan, stan + 1))
-    crash(ledger)
-    wal = loaded / "wal"
-    data = bytearray(wal.read_bytes())
+    data, wal = crashed_log(loaded, 4), loaded / "wal"
     data[8] ^= 0x01  # the first header's generation
     wal.write_bytes(bytes(data))
     with pytest.raises(LedgerError, match=r"generation \d+ at byte 0 is corrupt and a whole"):
@@ -274,12 +273,7 @@ def test_a_flipped_generation_in_the_first_record_keeps_the_ledger_from_opening(
 def test_a_torn_last_record_is_said_when_it_is_passed_over(
     loaded: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ledger = logging_ledger(loaded)
-    for stan in range(1, 4):
-        approve(ledger, range(stan, stan + 1))
-    crash(ledger)
-    wal = loaded / "wal"
-    data = bytearray(wal.read_bytes())
+    data, wal = crashed_log(loaded, 3), loaded / "wal"
     first = HEADER.unpack_from(data, 0)[0]
     second = HEADER.unpack_from(data, HEADER.size + first)[0]
     third = 2 * HEADER.size + first + second
