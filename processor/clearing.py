@@ -27,7 +27,14 @@ from msgspec import Meta
 from processor import limits
 from processor.currency import UnknownCurrency, exponent, numeric_code
 from processor.engine.settle import capture_verdict, repost_amount
-from processor.ledger.records import Account, Card, ClearedRecord, OutboxRecord, StoredAnswer
+from processor.ledger.records import (
+    Account,
+    Card,
+    ClearedRecord,
+    Hold,
+    OutboxRecord,
+    StoredAnswer,
+)
 from processor.ledger.store import Ledger, Writer
 from processor.lifecycle import confirmed_original
 from processor.schemas import readable, repeated_key
@@ -67,6 +74,10 @@ class ClearingRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     currency: Annotated[str, Meta(pattern=CURRENCY_PATTERN)]  # ISO 4217 alphabetic
     rrn: Annotated[str, Meta(pattern=r"^[0-9A-Za-z]{12}\Z")] | None = None  # field 37
     original_mti: Annotated[str, Meta(pattern=r"^(0100|0120|0200)\Z")] = "0100"
+    # A presentment in parts (a shipment in parts: the networks' multiple clearing sequence
+    # number and count): part `clearing_sequence` of `clearing_count`, both or neither.
+    clearing_sequence: Annotated[int, Meta(ge=1, le=99)] | None = None
+    clearing_count: Annotated[int, Meta(ge=1, le=99)] | None = None
 
     def __repr__(self) -> str:  # a record in a traceback or a log shows no PAN
         return f"ClearingRecord(record_id={self.record_id!r}, pan={mask_pan(self.pan)!r}, ...)"
@@ -152,6 +163,10 @@ def parse_record(line: bytes) -> ClearingRecord:
         # msgspec keeps the last of the two; a network's or a reconciler's reader may take
         # the first: an amount or a card number must have one reading.
         raise InvalidRecord(f"{repeated} is given twice")
+    if (record.clearing_sequence is None) != (record.clearing_count is None):
+        raise InvalidRecord("$.clearing_sequence and $.clearing_count come together")
+    if (record.clearing_sequence or 0) > (record.clearing_count or 0):
+        raise InvalidRecord("$.clearing_sequence is above $.clearing_count")
     if not luhn_valid(record.pan):
         raise InvalidRecord("$.pan fails the Luhn check")
     if record.pan in record.record_id.translate(_NOT_DIGITS):
@@ -215,7 +230,7 @@ class _Rejected(Exception):
 
 
 def _fingerprint(hasher: PanHasher, card_key: bytes, record: ClearingRecord) -> bytes:
-    content = (
+    content: tuple[object, ...] = (
         card_key,
         record.type,
         acquirer_number(record.acquirer),
@@ -226,6 +241,8 @@ def _fingerprint(hasher: PanHasher, card_key: bytes, record: ClearingRecord) -> 
         record.amount,
         record.currency,
     )
+    if record.clearing_count is not None:  # only then: records ingested before keep theirs
+        content += (record.clearing_sequence, record.clearing_count)
     return hasher.digest(msgspec.msgpack.encode(content))
 
 
@@ -258,6 +275,8 @@ def _purchase(
         raise _Rejected("card_mismatch")
     found = None if original is None else original_key
     hold = writer.hold_of(original_key, original)
+    if hold is not None and record.clearing_count is not None and record.clearing_count > 1:
+        return _part(writer, record, hold, original, found, now_ms)
     verdict = capture_verdict(original, hold)
     # Each outcome checks the currency against the account it is about: the one the original
     # held or posted on, which need not be the card's account now (a load or the API may have
@@ -322,6 +341,35 @@ def _purchase(
         rrn_lookup=record.rrn_lookup(),
     )
     return "force_posted", account.id, None, found, None
+
+
+def _part(
+    writer: Writer,
+    record: ClearingRecord,
+    hold: Hold,
+    original: StoredAnswer | None,
+    found: bytes | None,
+    now_ms: int,
+) -> tuple[Outcome, str, int | None, bytes | None, int | None]:
+    """One part of a presentment in parts against the hold of its authorisation: each part
+    is posted once, the hold lowered by it until the last part (a single presentment closed
+    it at the first, and the parts after it were already_captured: never debited)."""
+    assert record.clearing_sequence is not None and record.clearing_count is not None
+    if hold.currency != record.currency:
+        raise _Rejected("currency_mismatch")
+    parts = [] if original is None or original.hold is None else original.hold.cleared_parts
+    if record.clearing_sequence in parts or (hold.status == "captured" and not parts):
+        # This part came before under another record id; or a completion or a single
+        # presentment captured the hold: the whole of it, as a second presentment would be.
+        return "already_captured", hold.account_id, hold.hold_id, found, None
+    account = writer.account(hold.account_id)
+    assert account is not None, hold.account_id
+    _debit_allowed(account, record.amount)
+    outcome: Outcome = "matched" if hold.status in ("open", "captured") else "force_posted"
+    last = record.clearing_sequence == record.clearing_count
+    writer.clear_part(account, hold, record.amount, record.clearing_sequence, last, now_ms)
+    writer.put_account(account)
+    return outcome, account.id, hold.hold_id, found, None
 
 
 def _same_currency(writer: Writer, account_id: str, record: ClearingRecord) -> Account:

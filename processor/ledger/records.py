@@ -147,7 +147,7 @@ class Hold(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     captured_amount: int = 0  # the final amount a completion posted for it
 
 
-class HoldState(msgspec.Struct, array_like=True, kw_only=True, gc=False):
+class HoldState(msgspec.Struct, array_like=True, kw_only=True, omit_defaults=True, gc=False):
     """A hold as its authorisation's stored answer keeps it (schema 4).
 
     Only what the answer does not hold already: the hold id, account, card, identity (the
@@ -163,8 +163,12 @@ class HoldState(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     mcc: str
     status: HoldStatus = "open"
     resolved_ms: int = 0
-    captured_amount: int = 0
+    captured_amount: int = 0  # posted for it: a completion's or presentment's, or its parts'
     approval_code: str = ""  # only when the answer's field 38 is not it
+    # A presentment in parts (multi-clearing: a shipment in parts): the parts presented so
+    # far, by sequence number, so that one sent again under another record id posts nothing.
+    # Trailing defaults are left out (omit_defaults): a hold without them costs no byte.
+    cleared_parts: list[int] = msgspec.field(default_factory=list)
 
 
 class EventIds(msgspec.Struct, frozen=True):

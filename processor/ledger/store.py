@@ -1772,6 +1772,26 @@ class Writer(Reader):
         self.close_hold(account, hold, "captured", now_ms)
         account.posted -= amount
 
+    def clear_part(
+        self, account: Account, hold: Hold, amount: int, sequence: int, last: bool, now_ms: int
+    ) -> None:
+        """Post one part of a presentment in parts (multi-clearing) against `hold`: the hold
+        shrinks by it and stays open for the parts to come, closed as captured by the last
+        part or when nothing is held any more; a part after that (or of a hold released or
+        expired) is posted as the network says. The part is remembered on the hold."""
+        state = self._changed_hold(hold)
+        state.cleared_parts.append(sequence)
+        account.posted -= amount
+        if hold.status == "open" and (last or amount >= hold.amount):
+            hold.captured_amount = state.captured_amount + amount
+            self.close_hold(account, hold, "captured", now_ms)
+        elif hold.status == "open":
+            account.held -= amount
+            hold.amount = state.amount = hold.amount - amount
+            hold.captured_amount = state.captured_amount = state.captured_amount + amount
+        elif hold.status == "captured":
+            hold.captured_amount = state.captured_amount = state.captured_amount + amount
+
     def force_post(
         self,
         account: Account,

@@ -2034,6 +2034,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             resolved_ms=hold.resolved_ms,
             captured_amount=hold.captured_amount,
             approval_code="" if approval_code == hold.approval_code else hold.approval_code,
+            cleared_parts=[],  # the machine presents no record in parts
         )
 
     def check_clearing(self, reader: Reader) -> None:

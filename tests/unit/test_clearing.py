@@ -36,6 +36,7 @@ from processor.engine import ProgrammeRules
 from processor.ledger.load import apply_load_file, card_id_for, parse_load_file
 from processor.ledger.records import Card
 from processor.ledger.store import Ledger
+from processor.ledger.verify import verify
 from processor.security import PanHasher, mask_pan
 from processor.wire.codec import Codec
 from processor.wire.messages import AuthorizationRequest
@@ -491,6 +492,71 @@ def test_a_reversal_after_a_reversed_0200_was_presented_credits_nothing(
     again = request(mti="0420", stan="000003", **{"90": field_90(mti="0200")})
     assert authorise(authorizer, again) == ["00"]
     assert state(ledger) == (99_300, 0)
+
+
+def test_a_presentment_in_parts_posts_each_part_once(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    """A shipment in parts: the first part captured the whole hold, and the rest were
+    already_captured, never debited (the network settles every part with the issuer)."""
+    assert authorise(authorizer, request(amount=1_000)) == ["00"]
+
+    def part(sequence: int, amount: int, record_id: str) -> dict[str, Any]:
+        return record(
+            record_id=record_id, amount=amount, clearing_sequence=sequence, clearing_count=3
+        )
+
+    assert counts(ingest(ledger, part(1, 400, "p1"))) == {"matched": 1}
+    assert state(ledger) == (99_600, 600)  # the hold lowered by the part, still open
+    # The same part again under another record id posts nothing.
+    assert counts(ingest(ledger, part(1, 400, "p1-again"))) == {"already_captured": 1}
+    assert counts(ingest(ledger, part(2, 700, "p2"))) == {"matched": 1}
+    assert state(ledger) == (98_900, 0)  # more than was held: the hold is captured
+    assert counts(ingest(ledger, part(3, 100, "p3"))) == {"matched": 1}
+    assert state(ledger) == (98_800, 0)  # the last part posts all the same
+    with ledger.read() as reader:
+        cleared = reader.clearing_record("p3")
+        assert cleared is not None and cleared.hold_id is not None
+        assert verify(reader).problems == []
+    hold = hold_of(ledger, cleared.hold_id)
+    assert (hold.status, hold.captured_amount) == ("captured", 1_200)
+
+
+def test_the_last_part_of_a_presentment_releases_what_is_left_held(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    assert authorise(authorizer, request(amount=1_000)) == ["00"]
+    first = record(record_id="p1", amount=300, clearing_sequence=1, clearing_count=2)
+    last = record(record_id="p2", amount=300, clearing_sequence=2, clearing_count=2)
+    assert counts(ingest(ledger, first, last)) == {"matched": 2}
+    assert state(ledger) == (99_400, 0)
+
+
+def test_parts_after_a_completion_captured_the_hold_post_nothing(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    completion = request(mti="0220", amount=1_000, stan="000002", **{"90": field_90()})
+    assert authorise(authorizer, request(amount=1_000), completion) == ["00", "00"]
+    part = record(record_id="p1", amount=400, clearing_sequence=1, clearing_count=2)
+    assert counts(ingest(ledger, part)) == {"already_captured": 1}
+    assert state(ledger) == (99_000, 0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"clearing_sequence": 1}, "come together"),
+        ({"clearing_count": 2}, "come together"),
+        ({"clearing_sequence": 3, "clearing_count": 2}, "is above"),
+        ({"clearing_sequence": 0, "clearing_count": 2}, "$.clearing_sequence"),
+    ],
+)
+def test_parts_that_do_not_add_up_are_rejected(
+    ledger: Ledger, fields: dict[str, int], problem: str
+) -> None:
+    summary = ingest(ledger, record(**fields))
+    assert counts(summary) == {"rejected": 1}
+    assert problem in summary.rejections[0].reason
 
 
 def test_purchase_without_an_original_is_force_posted(ledger: Ledger) -> None:
