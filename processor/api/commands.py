@@ -247,6 +247,10 @@ def close_account(account_id: str) -> Operation:
                 f"account {account_id!r} has posted {account.posted} and held {account.held} "
                 "minor units; debit or fund it to zero and wait for its holds to close first",
             )
+        # Its cards close with it: a closed account is never reopened, and they kept their
+        # sealed PANs and reveal tokens for good (shown on request) though none could be used.
+        for card in writer.account_cards(account.id):
+            _stop(writer, now_ms, card.card_id, "closed")
         account.status = "closed"
         writer.put_account(account)
         writer.emit_change(now_ms, "account.updated", "account_closed", account_id=account.id)
@@ -793,6 +797,8 @@ def create_reveal_token(card_id: str, digest: bytes, expires_ms: int) -> Operati
         # issued was then said never to have been issued with its PAN kept.
         if card.status in CARD_STATUSES_FINAL:
             raise Refused(409, "card_not_revealable", f"card {card_id} is {card.status}")
+        if _account_closed(writer, card):
+            raise Refused(409, "card_not_revealable", f"card {card_id}: its account is closed")
         if writer.card_secret(card.card_id) is None:
             raise Refused(
                 409,
@@ -827,9 +833,16 @@ def take_reveal_token(card_id: str, digest: bytes) -> Command:
         secret = writer.card_secret(card_id)
         if found is None or secret is None or found[1].status in CARD_STATUSES_FINAL:
             return None
+        if _account_closed(writer, found[1]):  # closed by a load, say, with its cards left
+            return None
         return Revealed(card=found[1], secret=secret)
 
     return run
+
+
+def _account_closed(writer: Writer, card: Card) -> bool:
+    account = writer.account(card.account_id)
+    return account is None or account.status == "closed"
 
 
 def _card_reply(writer: Writer, card: Card) -> Reply:

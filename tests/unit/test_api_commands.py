@@ -27,7 +27,7 @@ from processor.config import CardIssuingConfig
 from processor.events import render
 from processor.ledger.controls import AmountLimit, Controls
 from processor.ledger.load import card_id_for
-from processor.ledger.records import Account, Card
+from processor.ledger.records import Account, Card, CardSecret
 from processor.ledger.store import Ledger
 from processor.security import PanHasher, luhn_valid
 
@@ -191,6 +191,45 @@ def test_close_needs_an_empty_account(ledger: Ledger) -> None:
         assert [(r.type, r.reason) for r in reader.outbox(before + 1, 10)] == [
             ("account.updated", "account_closed")
         ]
+
+
+def test_closing_an_account_closes_its_cards_and_forgets_their_numbers(ledger: Ledger) -> None:
+    """The account closed, its cards stayed active with their sealed PANs and reveal tokens
+    kept for good, and shown on request, though no closed account is ever reopened."""
+    open_account(ledger)
+    issued = body(run(ledger, commands.issue_virtual_card("a1", None, HASHER, ISSUING)))
+    with ledger.write() as writer:  # as a vault seals it (processor/pan_vault.py)
+        secret = CardSecret(key_id="k1", wrapped_key=b"w" * 40, sealed_pan=b"s" * 44)
+        writer.put_card_secret(issued["id"], secret)
+    assert run(ledger, commands.create_reveal_token(issued["id"], b"d" * 32, NOW_MS + 60_000))
+    assert body(run(ledger, commands.close_account("a1")))["status"] == "closed"
+    with ledger.read() as reader:
+        found = reader.card_by_id(issued["id"])
+        assert found is not None and found[1].status == "closed"
+        assert reader.card_secret(issued["id"]) is None
+        assert reader.reveal_token(issued["id"]) is None
+        events = [(r.type, r.reason) for r in reader.outbox(1, 100)][-2:]
+    assert events == [("card.status_changed", "card_closed"), ("account.updated", "account_closed")]
+    refused = run(ledger, commands.create_reveal_token(issued["id"], b"d" * 32, NOW_MS + 60_000))
+    assert isinstance(refused, Refused) and refused.code == "card_not_revealable"
+
+
+def test_a_card_of_a_closed_account_is_never_revealed(ledger: Ledger) -> None:
+    """An account closed another way (a load) with its cards left as they were."""
+    open_account(ledger)
+    issued = body(run(ledger, commands.issue_virtual_card("a1", None, HASHER, ISSUING)))
+    with ledger.write() as writer:
+        secret = CardSecret(key_id="k1", wrapped_key=b"w" * 40, sealed_pan=b"s" * 44)
+        writer.put_card_secret(issued["id"], secret)
+    assert run(ledger, commands.create_reveal_token(issued["id"], b"d" * 32, NOW_MS + 60_000))
+    with ledger.write() as writer:
+        account = writer.account("a1")
+        assert account is not None
+        account.status = "closed"
+        writer.put_account(account)
+    assert run(ledger, commands.take_reveal_token(issued["id"], b"d" * 32)) is None
+    refused = run(ledger, commands.create_reveal_token(issued["id"], b"d" * 32, NOW_MS + 60_000))
+    assert isinstance(refused, Refused) and refused.code == "card_not_revealable"
 
 
 def test_empty_controls_are_stored_as_none(ledger: Ledger) -> None:

@@ -534,11 +534,13 @@ def test_a_card_is_activated_only_while_its_cardholder_is_approved_and_its_accou
     ok(run(ledger, commands.set_kyc_status(HOLDER, "approved")))
     ok(run(ledger, commands.move_funds("a1", "debit", 100_000, "test")))
     ok(run(ledger, commands.close_account("a1")))
+    # The card closed with its account: never to be activated.
     closed = run(ledger, commands.activate_card(card_id))
-    assert isinstance(closed, Refused) and closed.code == "account_closed"
+    assert isinstance(closed, Refused) and closed.code == "card_not_activatable"
     assert event_reasons(ledger) == [
         ("card.created", "physical_card"),
         ("card.fulfilment_updated", "fulfilment_shipped"),
+        ("card.status_changed", "card_closed"),
     ]
 
 
