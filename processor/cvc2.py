@@ -21,7 +21,7 @@ import psec
 from cryptography.utils import CryptographyDeprecationWarning
 
 from processor.config import CardVerificationRange
-from processor.development_keys import CARD_VERIFICATION_KEY, is_published
+from processor.development_keys import CARD_VERIFICATION_KEY, is_published, without_parity
 
 # psec reaches 3DES through pyca/cryptography's primitives module, which warns that 3DES has
 # moved to its `decrepit` module and that two-key 3DES is deprecated. Two-key 3DES is what the
@@ -153,9 +153,10 @@ def _key_from(value: str, variable: str, where: str) -> bytes:
             f"{where}: {variable} holds a published development key (check value "
             f"{key_check_value(key)}): anyone can compute its CVC2s"
         )
-    if key[:8] == key[8:]:
+    if without_parity(key[:8]) == without_parity(key[8:]):
+        # DES ignores the parity bits: halves that differ only there are single DES too.
         raise CardVerificationError(
-            f"{where}: {variable} is single-length DES repeated (both halves equal), which "
-            "the schemes do not accept for a card verification key"
+            f"{where}: {variable} is single-length DES repeated (both halves equal, parity "
+            "bits aside), which the schemes do not accept for a card verification key"
         )
     return key

@@ -26,18 +26,18 @@ _PUBLISHED: Final = frozenset(
 )
 
 
-def _without_parity(key: bytes) -> bytes:
+def without_parity(key: bytes) -> bytes:
     """A DES key's bytes without their parity bits (the lowest of each), which DES ignores:
     keys that differ only there are one key."""
     return bytes(byte & 0xFE for byte in key)
 
 
-_CVK_WITHOUT_PARITY: Final = _without_parity(CARD_VERIFICATION_KEY)
+_CVK_WITHOUT_PARITY: Final = without_parity(CARD_VERIFICATION_KEY)
 
 
 def is_published(key: bytes) -> bool:
     """Whether `key` is one of the published development keys, of any purpose (the card
     verification key also with other parity bits)."""
     return key in _PUBLISHED or (
-        len(key) == len(CARD_VERIFICATION_KEY) and _without_parity(key) == _CVK_WITHOUT_PARITY
+        len(key) == len(CARD_VERIFICATION_KEY) and without_parity(key) == _CVK_WITHOUT_PARITY
     )

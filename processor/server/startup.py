@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import resource
 import secrets
+import string
 
 import msgspec
 
@@ -148,7 +149,9 @@ def _one_role_per_secret(config: Config, environ: dict[str, str], problems: list
             value = environ.get(variable, "")
             if not value:
                 continue
-            other_role, other_variable = role_of_value.setdefault(value, (role, variable))
+            # A key written in hex is the same key in either case: compared as one.
+            same = value.lower() if all(char in string.hexdigits for char in value) else value
+            other_role, other_variable = role_of_value.setdefault(same, (role, variable))
             if other_role != role:
                 problems.append(
                     f"{variable} ({role}) holds the same value as {other_variable} "

@@ -85,6 +85,8 @@ def test_the_narrowest_range_issues() -> None:
         ({"CVK": "xyz"}, "key_envs[0]: CVK is not hexadecimal"),
         ({"CVK": "00" * 8}, "key_envs[0]: CVK holds 8 bytes"),
         ({"CVK": "0123456789ABCDEF" * 2}, "single-length DES repeated"),
+        # Halves apart by a parity bit only: single DES all the same (it was accepted).
+        ({"CVK": "2345678923456789" + "2245678923456789"}, "single-length DES repeated"),
         ({"CVK": PUBLISHED_KEY.hex()}, "a published development key (check value 08D7B4)"),
         # The same key with other parity bits (DES ignores them) is the same key.
         (

@@ -316,6 +316,11 @@ def test_one_secret_serves_one_role() -> None:
         "PROCESSOR_DATA_KEY (security.personal_data_key_envs)" in message
     )
     assert DATA_KEY not in message
+    # The same key in hex of the other case is the same key (it passed as another secret).
+    other_case = DATA_KEY.upper()  # "aa" * 32 as "AA" * 32
+    assert other_case != DATA_KEY
+    message = unready(WITH_BIN, dict(READY, PROCESSOR_PAN_VAULT_KEY=other_case))
+    assert "PROCESSOR_PAN_VAULT_KEY (security.pan_vault_key_envs) holds the same value" in message
     # Rotation lists and a secret shared within a role are not a second role.
     hook = "[[webhooks.endpoints]]\nname = '{}'\nurl = 'http://127.0.0.1:9/'\nsecret_envs = ['H']\n"
     shared = parse_config(
