@@ -15,7 +15,7 @@ to a person goes through `shown`, which masks anything shaped like a PAN.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from itertools import islice
 from pathlib import Path
@@ -474,26 +474,31 @@ def apply_clearing(
     ledger: Ledger,
     entries: Iterable[Entry],
     hasher: PanHasher,
-    now: datetime,
+    now: datetime | Callable[[], datetime],
     *,
     chunk_size: int = CHUNK_RECORDS,
 ) -> ClearingSummary:
     """Apply `entries` in order, `chunk_size` per write transaction; counts only what committed.
 
+    `now`: the time of every chunk, or a clock read for each (a file may take longer to
+    ingest than the ledger's clock waits for a time behind it: read once, the chunks of its
+    second hour were stamped an hour behind the authorisations answered meanwhile).
     A failure (ledger full, file unreadable midway) aborts the current chunk only: the chunks
     before it stay applied, and ingesting the file again skips them as duplicates.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size {chunk_size}: must be at least 1")
-    now_ms = int(now.timestamp() * 1000)
     summary = ClearingSummary()
     iterator = iter(entries)
     while chunk := list(islice(iterator, chunk_size)):
+        wall_ms = int((now if isinstance(now, datetime) else now()).timestamp() * 1000)
 
-        def apply(writer: Writer) -> tuple[list[tuple[Entry, str]], list[str]]:
+        def apply(
+            writer: Writer, wall_ms: int = wall_ms
+        ) -> tuple[list[tuple[Entry, str]], list[str]]:
             rejected: list[tuple[Entry, str]] = []  # entry, reason
             outcomes: list[str] = []
-            at_ms = writer.ledger_time(now_ms)  # not behind the answers and events before
+            at_ms = writer.ledger_time(wall_ms)  # not behind the answers and events before
             for entry in chunk:
                 if entry.record is None:
                     rejected.append((entry, f"invalid_record: {entry.problem}"))
@@ -522,7 +527,7 @@ def ingest_path(
     ledger: Ledger,
     path: str | Path,
     hasher: PanHasher,
-    now: datetime,
+    now: datetime | Callable[[], datetime],
     *,
     chunk_size: int = CHUNK_RECORDS,
 ) -> ClearingSummary:

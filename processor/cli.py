@@ -449,7 +449,7 @@ def cmd_clearing_ingest(args: argparse.Namespace) -> int:
         return 1
     ledger, hasher = _writable_ledger(config)
     try:
-        summary = ingest_path(ledger, args.file, hasher, datetime.now(UTC))
+        summary = ingest_path(ledger, args.file, hasher, lambda: datetime.now(UTC))
     except ClearingError as error:
         print(f"processor: {error}", file=sys.stderr)
         return 1

@@ -147,7 +147,7 @@ class Hold(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     captured_amount: int = 0  # the final amount a completion posted for it
 
 
-class HoldState(msgspec.Struct, array_like=True, kw_only=True, omit_defaults=True, gc=False):
+class HoldState(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     """A hold as its authorisation's stored answer keeps it (schema 4).
 
     Only what the answer does not hold already: the hold id, account, card, identity (the
@@ -167,7 +167,7 @@ class HoldState(msgspec.Struct, array_like=True, kw_only=True, omit_defaults=Tru
     approval_code: str = ""  # only when the answer's field 38 is not it
     # A presentment in parts (multi-clearing: a shipment in parts): the parts presented so
     # far, by sequence number, so that one sent again under another record id posts nothing.
-    # Trailing defaults are left out (omit_defaults): a hold without them costs no byte.
+    # One byte (an empty array) in every hold.
     cleared_parts: list[int] = msgspec.field(default_factory=list)
 
 
@@ -214,13 +214,11 @@ class AnswerTime(msgspec.Struct, array_like=True, gc=False):
     answered_ms: int
 
 
-class StoredAnswer(msgspec.Struct, array_like=True, kw_only=True, omit_defaults=True, gc=False):
+class StoredAnswer(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     """The answer given to a request, replayed byte for byte on retransmission.
 
     `response` holds the response's fields without the PAN (field 2), which the replay takes
     from the retransmitted request itself: its content must match `fingerprint` anyway.
-    Trailing fields at their defaults are left out (omit_defaults: a build from before reads
-    them as their defaults), so a field appended costs nothing where it is not used.
     """
 
     fingerprint: bytes
@@ -249,7 +247,9 @@ class StoredAnswer(msgspec.Struct, array_like=True, kw_only=True, omit_defaults=
     hold: HoldState | None = None
     # A purchase posted at once (0200), reversed, then posted again by a presentment or a
     # completion (settle's repost): when. The network settled it over the reversal, and a
-    # reversal after that changes nothing, as one after a capture does.
+    # reversal after that changes nothing, as one after a capture does. One byte in every
+    # answer (msgspec's omit_defaults does not apply to arrays; a build from before ignores
+    # the extra element).
     settled_ms: int = 0
 
     @property

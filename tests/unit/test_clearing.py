@@ -494,6 +494,23 @@ def test_a_reversal_after_a_reversed_0200_was_presented_credits_nothing(
     assert state(ledger) == (99_300, 0)
 
 
+def test_a_long_ingest_reads_the_clock_for_each_chunk(ledger: Ledger) -> None:
+    """Read once, the chunks of a file's second hour were stamped an hour behind what the
+    daemon answered meanwhile, and the ledger's clock taken for one set ahead."""
+    times = iter([LATER, LATER + timedelta(hours=2)])
+    records = [record(record_id="r1"), record(record_id="r2", stan="000002")]
+    summary = apply_clearing(
+        ledger, parse_lines(lines_of(*records)), HASHER, lambda: next(times), chunk_size=1
+    )
+    assert counts(summary) == {"force_posted": 2}
+    with ledger.read() as reader:
+        stamped = [reader.clearing_record(each) for each in ("r1", "r2")]
+    assert [each.processed_ms for each in stamped if each is not None] == [
+        int(LATER.timestamp() * 1000),
+        int((LATER + timedelta(hours=2)).timestamp() * 1000),
+    ]
+
+
 def test_a_presentment_in_parts_posts_each_part_once(
     ledger: Ledger, authorizer: Authorizer
 ) -> None:
