@@ -12,6 +12,7 @@ import logging
 import resource
 import secrets
 import string
+from typing import Final
 
 import msgspec
 
@@ -118,6 +119,11 @@ def start_settings(config: Config, environ: dict[str, str], *, demo: bool) -> St
     )
 
 
+_HEX_KEY_ROLES: Final = frozenset(
+    {"security.personal_data_key_envs", "security.pan_vault_key_envs"}
+)
+
+
 def _one_role_per_secret(config: Config, environ: dict[str, str], problems: list[str]) -> None:
     """Each secret does one job. One variable named for two (http.api_token_env =
     "PROCESSOR_PAN_KEY") sent the PAN-hashing key in every API call's header, where anyone
@@ -149,8 +155,10 @@ def _one_role_per_secret(config: Config, environ: dict[str, str], problems: list
             value = environ.get(variable, "")
             if not value:
                 continue
-            # A key written in hex is the same key in either case: compared as one.
-            same = value.lower() if all(char in string.hexdigits for char in value) else value
+            # The AES keys are read as hex: one in either case is one key. The others are
+            # used as the text they are (the PAN key's bytes, a token compared as sent).
+            hex_role = role in _HEX_KEY_ROLES and all(char in string.hexdigits for char in value)
+            same = value.lower() if hex_role else value
             other_role, other_variable = role_of_value.setdefault(same, (role, variable))
             if other_role != role:
                 problems.append(

@@ -12,6 +12,7 @@ from processor.config import DEMO_BIN_PREFIX, Config, parse_config
 from processor.cvc2 import INSECURE_DEVELOPMENT_CVK
 from processor.ledger.store import LedgerError, claim_for_daemon
 from processor.security import INSECURE_DEVELOPMENT_KEY, PanHasher
+from processor.server import startup
 from processor.server.startup import Unready, start_settings
 
 KEY = "startup-test-pan-key-of-32-bytes+"  # a secret of the minimum length, not one character
@@ -321,6 +322,14 @@ def test_one_secret_serves_one_role() -> None:
     assert other_case != DATA_KEY
     message = unready(WITH_BIN, dict(READY, PROCESSOR_PAN_VAULT_KEY=other_case))
     assert "PROCESSOR_PAN_VAULT_KEY (security.pan_vault_key_envs) holds the same value" in message
+    # Secrets used as the text they are differ in another case: the PAN key's bytes, a token.
+    hex_text = "ab" * 32  # a PAN key that happens to be hex is still used as its text
+    token_in_other_case = dict(
+        READY, PROCESSOR_PAN_KEY=hex_text, PROCESSOR_API_TOKEN=hex_text.upper()
+    )
+    problems: list[str] = []
+    startup._one_role_per_secret(WITH_BIN, token_in_other_case, problems)
+    assert problems == []
     # Rotation lists and a secret shared within a role are not a second role.
     hook = "[[webhooks.endpoints]]\nname = '{}'\nurl = 'http://127.0.0.1:9/'\nsecret_envs = ['H']\n"
     shared = parse_config(
