@@ -358,9 +358,10 @@ def _part(
     if hold.currency != record.currency:
         raise _Rejected("currency_mismatch")
     parts = [] if original is None or original.hold is None else original.hold.cleared_parts
-    if record.clearing_sequence in parts or (hold.status == "captured" and not parts):
+    captured_whole = hold.status == "captured" and (not parts or 0 in parts)
+    if record.clearing_sequence in parts or captured_whole:
         # This part came before under another record id; or a completion or a single
-        # presentment captured the hold: the whole of it, as a second presentment would be.
+        # presentment captured the hold (before the parts, or after some: a 0 among them).
         return "already_captured", hold.account_id, hold.hold_id, found, None
     account = writer.account(hold.account_id)
     assert account is not None, hold.account_id

@@ -73,8 +73,13 @@ def void_verdict(original: StoredAnswer, hold: Hold | None, target: int) -> Void
             return Void("already_resolved")
         if target == 0:
             return Void("release", amount=hold.amount, whole=True)
-        if target < hold.amount:
-            return Void("shrink", amount=hold.amount - target, remaining=target)
+        # Parts of a presentment may have posted some of it (captured_amount of an open
+        # hold): the hold is what the transaction is worth less that.
+        held_target = target - hold.captured_amount
+        if held_target <= 0:
+            return Void("release", amount=hold.amount)
+        if held_target < hold.amount:
+            return Void("shrink", amount=hold.amount - held_target, remaining=held_target)
         return Void("no_change", remaining=hold.amount)
     if original.posted_amount:
         if original.settled_ms:

@@ -166,8 +166,9 @@ class HoldState(msgspec.Struct, array_like=True, kw_only=True, gc=False):
     captured_amount: int = 0  # posted for it: a completion's or presentment's, or its parts'
     approval_code: str = ""  # only when the answer's field 38 is not it
     # A presentment in parts (multi-clearing: a shipment in parts): the parts presented so
-    # far, by sequence number, so that one sent again under another record id posts nothing.
-    # One byte (an empty array) in every hold.
+    # far, by sequence number, so that one sent again under another record id posts nothing;
+    # 0 when a completion or a single presentment then captured the rest (no part after it
+    # posts). One byte (an empty array) in every hold.
     cleared_parts: list[int] = msgspec.field(default_factory=list)
 
 

@@ -1768,9 +1768,18 @@ class Writer(Reader):
 
         The one way a completion and a clearing presentment post against a hold.
         """
-        hold.captured_amount = amount
+        state = self._changed_hold(hold)
+        if state.cleared_parts:
+            # Parts of a presentment posted some of it already (clear_part): the final amount
+            # counts them (it posted the whole again before), and a part after this posts
+            # nothing (the 0 among the parts says a whole capture came).
+            posted = max(0, amount - state.captured_amount)
+            hold.captured_amount = max(amount, state.captured_amount)
+            state.cleared_parts.append(0)
+        else:
+            posted = hold.captured_amount = amount
         self.close_hold(account, hold, "captured", now_ms)
-        account.posted -= amount
+        account.posted -= posted
 
     def clear_part(
         self, account: Account, hold: Hold, amount: int, sequence: int, last: bool, now_ms: int

@@ -559,6 +559,35 @@ def test_parts_after_a_completion_captured_the_hold_post_nothing(
     assert state(ledger) == (99_000, 0)
 
 
+def test_a_completion_between_parts_posts_what_the_parts_did_not(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    """The completion captured what was left held and posted its whole amount, and the part
+    after it posted again: 2,000 debited for a purchase of 1,000."""
+    assert authorise(authorizer, request(amount=1_000)) == ["00"]
+    first = record(record_id="p1", amount=400, clearing_sequence=1, clearing_count=2)
+    assert counts(ingest(ledger, first)) == {"matched": 1}
+    completion = request(mti="0220", amount=1_000, stan="000002", **{"90": field_90()})
+    assert authorise(authorizer, completion) == ["00"]
+    assert state(ledger) == (99_000, 0)
+    last = record(record_id="p2", amount=600, clearing_sequence=2, clearing_count=2)
+    assert counts(ingest(ledger, last)) == {"already_captured": 1}
+    assert state(ledger) == (99_000, 0)
+
+
+def test_a_partial_reversal_between_parts_counts_what_they_posted(
+    ledger: Ledger, authorizer: Authorizer
+) -> None:
+    """Lowered to 500 with 400 of it posted by a part, the hold kept 500: 900 tied up."""
+    assert authorise(authorizer, request(amount=1_000)) == ["00"]
+    first = record(record_id="p1", amount=400, clearing_sequence=1, clearing_count=3)
+    assert counts(ingest(ledger, first)) == {"matched": 1}
+    replaced = f"{500:012d}" + "0" * 30
+    reversal = request(mti="0400", stan="000002", **{"90": field_90(), "95": replaced})
+    assert authorise(authorizer, reversal) == ["00"]
+    assert state(ledger) == (99_600, 100)
+
+
 @pytest.mark.parametrize(
     ("fields", "problem"),
     [
