@@ -1795,8 +1795,7 @@ class Writer(Reader):
             hold.captured_amount = state.captured_amount + amount
             self.close_hold(account, hold, "captured", now_ms)
         elif hold.status == "open":
-            account.held -= amount
-            hold.amount = state.amount = hold.amount - amount
+            self.shrink_hold(account, hold, hold.amount - amount)
             hold.captured_amount = state.captured_amount = state.captured_amount + amount
         elif hold.status == "captured":
             hold.captured_amount = state.captured_amount = state.captured_amount + amount
